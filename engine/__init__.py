@@ -1,0 +1,1 @@
+"""callsentry's runtime: receive, decode, store, track, detect, alert."""

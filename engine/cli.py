@@ -1,0 +1,184 @@
+"""The `callsentry` command. Errors are one clear sentence on stderr and an exit code:
+0 fine, 1 the work ran but something was rejected or failed, 2 bad usage or config."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from engine.config import ConfigError, Settings, load_settings
+from engine.store import StoreError
+
+T = TypeVar("T")
+log = logging.getLogger("callsentry")
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where installed (about 5x the stock loop's datagram rate)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"callsentry: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
+    try:
+        return load_settings(config, overrides)
+    except ConfigError as error:
+        _fail("configuration error:\n  " + str(error).replace("\n", "\n  "), 2)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # The scheduler logs every job run at INFO; that is noise in an engine log.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+config_option = click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TOML settings file (CALLSENTRY_SECTION__KEY variables and flags override it).",
+)
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where the journal, the lake and callsentry.duckdb live (default: data).",
+)
+log_level_option = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="callsentry")
+def main() -> None:
+    """callsentry: fraud and anomaly detection for a VOS3000 IVR's call-state reports."""
+
+
+@main.command()
+@config_option
+@click.option("--listen", multiple=True, help="UDP HOST:PORT to receive on (repeatable).")
+@data_dir_option
+@click.option("--allow", multiple=True, help="Sender CIDR allowed to report (repeatable).")
+@click.option("--metrics", default=None, help="HOST:PORT for Prometheus metrics over HTTP.")
+@log_level_option
+def serve(
+    config: Path | None,
+    listen: tuple[str, ...],
+    data_dir: Path | None,
+    allow: tuple[str, ...],
+    metrics: str | None,
+    log_level: str,
+) -> None:
+    """Receive, store and answer the switch's reports until SIGTERM or SIGINT."""
+    overrides: dict[str, Any] = {}
+    if listen:
+        overrides.setdefault("receiver", {})["listen"] = list(listen)
+    if allow:
+        overrides.setdefault("receiver", {})["allow"] = list(allow)
+    if data_dir is not None:
+        overrides.setdefault("store", {})["data_dir"] = str(data_dir)
+    if metrics is not None:
+        overrides.setdefault("metrics", {})["listen"] = metrics
+    settings = _settings(config, overrides)
+    _setup_logging(log_level)
+    from engine.service import serve as serve_forever
+
+    try:
+        code = run_async(serve_forever(settings))
+    except StoreError as error:
+        _fail(str(error))
+    except OSError as error:
+        _fail(str(error))
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@config_option
+@data_dir_option
+@click.option("--show", default=20, show_default=True, help="Rejected rows to list.")
+@log_level_option
+def replay(
+    files: tuple[Path, ...],
+    config: Path | None,
+    data_dir: Path | None,
+    show: int,
+    log_level: str,
+) -> None:
+    """Feed event files (CSV, JSONL, Parquet) through the pipeline in event time.
+
+    Exit code 0: every row stored; 1: some rows were rejected (listed, and kept
+    in the rejects table) or a file could not be read.
+    """
+    overrides: dict[str, Any] = {}
+    if data_dir is not None:
+        overrides["store"] = {"data_dir": str(data_dir)}
+    settings = _settings(config, overrides)
+    _setup_logging(log_level)
+    from engine.replay import replay as run_replay
+
+    try:
+        report = run_replay(list(files), settings)
+    except StoreError as error:
+        _fail(str(error))
+    for problem in report.file_errors:
+        click.echo(f"{problem}", err=True)
+    for reject in report.rejects[:show]:
+        click.echo(f"{reject.source}: {reject.reason.value}: {reject.detail}", err=True)
+    if len(report.rejects) > show:
+        click.echo(
+            f"... and {len(report.rejects) - show} more rejected rows (see the rejects table)",
+            err=True,
+        )
+    stats = report.stats
+    click.echo(
+        f"replayed {report.read} rows: {stats.stored - len(report.rejects)} events stored, "
+        f"{len(report.rejects)} rejected, {report.duplicates} duplicates skipped, "
+        f"{len(report.file_errors)} files unreadable"
+    )
+    click.echo(f"query them: duckdb -readonly {settings.store.data_dir / 'callsentry.duckdb'}")
+    sys.exit(0 if report.clean else 1)
+
+
+@main.group()
+def config() -> None:
+    """Settings."""
+
+
+@config.command("check")
+@config_option
+def config_check(config: Path | None) -> None:
+    """Validate settings (file, environment) and print the result."""
+    settings = _settings(config, {})
+    for section, values in settings.model_dump(mode="json").items():
+        click.echo(f"[{section}]")
+        for key, value in values.items():
+            click.echo(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+    click.echo("configuration OK", err=True)

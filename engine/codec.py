@@ -1,0 +1,280 @@
+"""Input codecs: bytes of one datagram -> `CallEvent` or `Reject`, and the answer bytes.
+
+A codec never raises past `decode`: every problem becomes a `Reject` with a
+reason code and a sentence that says what was wrong.
+
+>>> codec = Vos3000TextCodec()
+>>> decoded = codec.decode(b"7f3a9c01@10.0.0.5,2,OK,8613800000001,4420719460000,,12,Main menu", 0.0)
+>>> decoded.item.state, decoded.item.menu_name, decoded.answer
+(<CallState.ANSWERED: 'ANSWERED'>, 'Main menu', b'7f3a9c01@10.0.0.5,2')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from engine.events import (
+    MAX_CALL_ID_BYTES,
+    MAX_SERIAL_DIGITS,
+    STATE_TOKENS,
+    CallEvent,
+    CallState,
+    Reject,
+    RejectReason,
+)
+
+MAX_DATAGRAM_BYTES = 2048
+SEPARATORS = (",", "|", ";", "\t")
+FIELD_COUNT = 8
+_TRAILER = b"\r\n\x00"
+_DIGITS = frozenset("0123456789")
+
+
+class Decoded(NamedTuple):
+    item: CallEvent | Reject
+    # Bytes to send back to the switch, or None when call_id and serial are unreadable.
+    answer: bytes | None
+
+
+class Codec(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def decode(self, data: bytes, ts: float, source: str = "") -> Decoded: ...
+
+    def encode(self, event: CallEvent) -> bytes: ...
+
+    def answer(self, call_id: str, serial: int) -> bytes: ...
+
+
+class FieldError(ValueError):
+    """A field of a report is invalid; `reason` is the quarantine reason code."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_call_id(text: str) -> str:
+    call_id = text.strip()
+    if not call_id:
+        raise FieldError(RejectReason.BAD_CALL_ID, "call_id is empty")
+    if len(call_id.encode("utf-8", "surrogatepass")) > MAX_CALL_ID_BYTES:
+        raise FieldError(
+            RejectReason.BAD_CALL_ID, f"call_id is longer than {MAX_CALL_ID_BYTES} bytes"
+        )
+    if not call_id.isprintable():
+        raise FieldError(
+            RejectReason.BAD_CALL_ID, f"call_id {_clip(call_id)!r} has unprintable characters"
+        )
+    return call_id
+
+
+def parse_serial(text: str) -> int:
+    serial = text.strip()
+    # str.isdigit() accepts non-ASCII digits such as '²'; the wire format does not.
+    if not serial or not _DIGITS.issuperset(serial):
+        raise FieldError(
+            RejectReason.BAD_SERIAL, f"serial {_clip(serial)!r} is not a non-negative integer"
+        )
+    if len(serial) > MAX_SERIAL_DIGITS:
+        raise FieldError(
+            RejectReason.BAD_SERIAL, f"serial has more than {MAX_SERIAL_DIGITS} digits"
+        )
+    return int(serial)
+
+
+def parse_state(text: str) -> tuple[CallState, int | None]:
+    token = text.strip().lower()
+    try:
+        return STATE_TOKENS[token]
+    except KeyError:
+        raise FieldError(
+            RejectReason.BAD_STATE,
+            f"unknown state {_clip(text.strip())!r} (expected 180, 183, ringing, ok, 200 or bye)",
+        ) from None
+
+
+def make_event(ts: float, fields: Sequence[str], source: str) -> CallEvent:
+    """Validate the 8 text fields (from a datagram or an event file) into a `CallEvent`,
+    in protocol order: call_id, serial, state, caller, callee, forward, menu_id, menu_name."""
+    call_id, serial, state, caller, callee, forward, menu_id, menu_name = fields
+    # Key fields first: a report whose key is bad is rejected for that, whatever else is wrong.
+    parsed_call_id = parse_call_id(call_id)
+    parsed_serial = parse_serial(serial)
+    parsed_state, code = parse_state(state)
+    return CallEvent(
+        ts,
+        parsed_call_id,
+        parsed_serial,
+        parsed_state,
+        code,
+        caller.strip(),
+        callee.strip(),
+        forward.strip(),
+        menu_id.strip(),
+        menu_name.strip(),
+        source,
+    )
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+@dataclass(frozen=True, slots=True)
+class Vos3000TextCodec:
+    """The `vos3000-text` codec of protocol.md: 8 text fields, menu_name takes the rest."""
+
+    separator: str = ","
+    encodings: tuple[str, ...] = ("utf-8", "gbk")
+    max_bytes: int = MAX_DATAGRAM_BYTES
+    name: str = "vos3000-text"
+
+    def __post_init__(self) -> None:
+        if self.separator not in SEPARATORS:
+            raise ValueError(
+                f"separator {self.separator!r} is not one of "
+                + ", ".join(repr(s) for s in SEPARATORS)
+            )
+        if not self.encodings:
+            raise ValueError("at least one encoding is needed")
+        for encoding in self.encodings:
+            try:
+                self.separator.encode(encoding)
+            except LookupError:
+                raise ValueError(f"unknown encoding {encoding!r}") from None
+
+    def decode(self, data: bytes, ts: float, source: str = "") -> Decoded:
+        if not data:
+            return Decoded(
+                Reject(ts, RejectReason.EMPTY, "empty datagram", data, source=source), None
+            )
+        if len(data) > self.max_bytes:
+            return self._reject(
+                data,
+                ts,
+                source,
+                RejectReason.OVERSIZED,
+                f"datagram of {len(data)} bytes is over the {self.max_bytes}-byte limit",
+            )
+        body = data.rstrip(_TRAILER)
+        text: str | None = None
+        encoding = ""
+        for encoding in self.encodings:
+            try:
+                text = body.decode(encoding)
+                break
+            except UnicodeDecodeError:
+                continue
+        if text is None:
+            return self._reject(
+                data,
+                ts,
+                source,
+                RejectReason.UNDECODABLE,
+                "datagram is not valid " + " or ".join(self.encodings),
+            )
+        fields = text.split(self.separator, FIELD_COUNT - 1)
+        if len(fields) < FIELD_COUNT:
+            return self._reject_fields(
+                data,
+                ts,
+                source,
+                fields,
+                encoding,
+                RejectReason.MISSING_FIELDS,
+                f"{len(fields)} of {FIELD_COUNT} fields "
+                f"(call_id,serial,state,caller,callee,forward,menu_id,menu_name "
+                f"separated by {self.separator!r})",
+            )
+        try:
+            event = make_event(ts, fields, source)
+        except FieldError as error:
+            return self._reject_fields(
+                data, ts, source, fields, encoding, error.reason, error.detail
+            )
+        return Decoded(event, self._answer(event.call_id, event.serial, encoding))
+
+    def encode(self, event: CallEvent) -> bytes:
+        """The datagram a switch would send for `event` (first encoding)."""
+        state = str(event.code) if event.code is not None else _STATE_WORDS[event.state]
+        fields = (
+            event.call_id,
+            str(event.serial),
+            state,
+            event.caller,
+            event.callee,
+            event.forward,
+            event.menu_id,
+            event.menu_name,
+        )
+        return self.separator.join(fields).encode(self.encodings[0])
+
+    def answer(self, call_id: str, serial: int) -> bytes:
+        return self._answer(call_id, serial, self.encodings[0])
+
+    def _answer(self, call_id: str, serial: int, encoding: str) -> bytes:
+        return f"{call_id}{self.separator}{serial}".encode(encoding, "replace")
+
+    def _reject(
+        self, data: bytes, ts: float, source: str, reason: RejectReason, detail: str
+    ) -> Decoded:
+        """Reject with only raw bytes at hand: the key may still be readable from them."""
+        parts = data[: self.max_bytes].split(self.separator.encode("ascii"), 2)
+        call_id = serial = None
+        if len(parts) == 3:
+            for encoding in self.encodings:
+                try:
+                    call_id = parse_call_id(parts[0].decode(encoding))
+                    serial = parse_serial(parts[1].decode("ascii"))
+                    break
+                except (UnicodeDecodeError, FieldError):
+                    call_id = serial = None
+        reject = Reject(ts, reason, detail, data, call_id, serial, source)
+        if call_id is None or serial is None:
+            return Decoded(reject, None)
+        # Echo the key bytes as they came, so the switch recognises its own call_id.
+        return Decoded(reject, parts[0].strip() + self.separator.encode("ascii") + parts[1].strip())
+
+    def _reject_fields(
+        self,
+        data: bytes,
+        ts: float,
+        source: str,
+        fields: Sequence[str],
+        encoding: str,
+        reason: RejectReason,
+        detail: str,
+    ) -> Decoded:
+        call_id = serial = None
+        if len(fields) >= 2 and reason is not RejectReason.BAD_CALL_ID:
+            try:
+                call_id = parse_call_id(fields[0])
+                serial = parse_serial(fields[1])
+            except FieldError:
+                call_id = serial = None
+        reject = Reject(ts, reason, detail, data, call_id, serial, source)
+        if call_id is None or serial is None:
+            return Decoded(reject, None)
+        return Decoded(reject, self._answer(call_id, serial, encoding))
+
+
+_STATE_WORDS = {
+    CallState.RINGING: "Ringing",
+    CallState.ANSWERED: "OK",
+    CallState.HANGUP: "Bye",
+}
+
+CODECS: dict[str, Callable[..., Codec]] = {"vos3000-text": Vos3000TextCodec}
+
+
+def build_codec(name: str, separator: str, encodings: Sequence[str]) -> Codec:
+    try:
+        factory = CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r} (known: {', '.join(sorted(CODECS))})") from None
+    return factory(separator=separator, encodings=tuple(encodings))

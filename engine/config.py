@@ -1,0 +1,224 @@
+"""Settings: defaults, then a TOML file, then CALLSENTRY_* environment variables, then flags.
+
+Every protocol choice that protocol.md marks [ours] is a setting here, so a site
+whose switch differs changes configuration, not code. Errors name the key, the
+source it came from and the reason:
+
+>>> try:
+...     load_settings(overrides={"store": {"flush_interval_s": -1}})
+... except ConfigError as error:
+...     print(error)
+store.flush_interval_s (from a flag): Input should be greater than 0
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "CALLSENTRY_"
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message names where it came from and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """'0.0.0.0:8000', '[::]:8000', 'localhost:9100' -> (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{text!r} is not [IPv6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+        elif ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets, as [::1]:8000")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port (HOST:PORT)")
+        return host, default_port
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number from 0 to 65535")
+    return host or "0.0.0.0", int(port_text)
+
+
+class ReceiverSettings(_Section):
+    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:8000"], min_length=1)
+    # Default: loopback only, so a fresh install answers nobody it was not told about.
+    allow: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    socket_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=65536)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_hostport(item)
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _check_allow(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+        return value
+
+
+class CodecSettings(_Section):
+    name: Literal["vos3000-text"] = "vos3000-text"
+    separator: Literal[",", "|", ";", "\t"] = ","
+    encodings: list[str] = Field(default_factory=lambda: ["utf-8", "gbk"], min_length=1)
+
+    @field_validator("encodings")
+    @classmethod
+    def _check_encodings(cls, value: list[str]) -> list[str]:
+        import codecs
+
+        for name in value:
+            try:
+                codecs.lookup(name)
+            except LookupError:
+                raise ValueError(f"unknown encoding {name!r}") from None
+        return value
+
+
+class StoreSettings(_Section):
+    data_dir: Path = Path("data")
+    # Group commit: a batch is made durable when it holds this many reports or
+    # when its oldest report has waited this long, whichever comes first.
+    commit_max_reports: int = Field(default=4096, ge=1)
+    commit_max_delay_ms: float = Field(default=2.0, ge=0, le=1000)
+    # Reports accepted but not yet durable. Past this the receiver stops
+    # answering new reports: the switch's retries are the back-pressure.
+    max_pending_reports: int = Field(default=50_000, ge=1)
+    fsync: bool = True
+    flush_interval_s: float = Field(default=2.0, gt=0, le=5)
+    compact_interval_s: float = Field(default=60.0, gt=0)
+    compact_target_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Copies of one report arrive within the switch's retry span (18 s by
+    # default); keys are remembered far longer than that.
+    dedup_horizon_s: float = Field(default=3600.0, ge=60)
+    # Reports whose call_id and serial are unreadable are stored at most this
+    # many times per minute; the rest are only counted (a garbage flood must
+    # not fill the disk).
+    quarantine_unkeyed_per_minute: int = Field(default=600, ge=0)
+
+
+class MetricsSettings(_Section):
+    listen: str = ""
+    log_interval_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        if value:
+            parse_hostport(value)
+        return value
+
+
+class Settings(_Section):
+    receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
+    codec: CodecSettings = Field(default_factory=CodecSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+
+
+def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """CALLSENTRY_STORE__DATA_DIR=/x -> {"store": {"data_dir": "/x"}}; values are TOML literals
+    when they parse as one (numbers, booleans, ["lists"]), plain strings otherwise."""
+    layer: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        try:
+            value: Any = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = layer
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: {'.'.join(path)} conflicts with another variable")
+        node[path[-1]] = value
+        origin[".".join(path)] = f"environment variable {name}"
+    return layer, origin
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        keys.extend(_flatten(value, path + ".") if isinstance(value, Mapping) else [path])
+    return keys
+
+
+def load_settings(
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Defaults < TOML file < environment < flags (`overrides`), validated once."""
+    tree: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read config file: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+        try:
+            tree = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: {error}") from None
+        origin.update((key, str(path)) for key in _flatten(tree))
+    env_layer, env_origin = _env_layer(os.environ if environ is None else environ)
+    tree = _merge(tree, env_layer)
+    origin.update(env_origin)
+    if overrides:
+        tree = _merge(tree, overrides)
+        origin.update((key, "a flag") for key in _flatten(overrides))
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors():
+            key = ".".join(str(part) for part in problem["loc"])
+            source = next(
+                (src for k, src in origin.items() if key == k or key.startswith(k + ".")),
+                None,
+            )
+            message = problem["msg"].removeprefix("Value error, ")
+            if problem["type"] == "extra_forbidden":
+                message = "unknown setting"
+            where = f" (from {source})" if source else ""
+            lines.append(f"{key}{where}: {message}")
+        raise ConfigError("\n".join(lines)) from None

@@ -1,0 +1,190 @@
+"""Event files (CSV, JSONL, Parquet) -> `CallEvent`s and `Reject`s, sorted by event time.
+
+Columns per protocol.md: ts (ISO-8601 with a UTC offset, or epoch seconds),
+call_id, serial, state, caller, callee, forward, menu_id, menu_name. A bad row
+becomes a `Reject` whose source names the file and line; a file that cannot be
+read at all raises `EventFileError` naming the file and why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from engine.codec import FieldError, make_event, parse_call_id, parse_serial
+from engine.events import CallEvent, Reject, RejectReason
+
+COLUMNS = (
+    "ts",
+    "call_id",
+    "serial",
+    "state",
+    "caller",
+    "callee",
+    "forward",
+    "menu_id",
+    "menu_name",
+)
+REQUIRED = ("ts", "call_id", "serial", "state")
+SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+
+
+class EventFileError(Exception):
+    """A whole event file cannot be read; the message names the file and why."""
+
+
+def parse_ts(value: Any) -> float:
+    """Epoch seconds (number or numeric text) or ISO-8601 text with an offset -> epoch seconds."""
+    if isinstance(value, bool) or value is None:
+        raise FieldError(RejectReason.BAD_TS, f"ts {value!r} is not a time")
+    if isinstance(value, int | float):
+        ts = float(value)
+    elif isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise FieldError(RejectReason.BAD_TS, f"ts {value} has no UTC offset")
+        ts = value.timestamp()
+    else:
+        text = str(value).strip()
+        try:
+            ts = float(text)
+        except ValueError:
+            try:
+                moment = datetime.fromisoformat(text)
+            except ValueError:
+                raise FieldError(
+                    RejectReason.BAD_TS,
+                    f"ts {text[:40]!r} is neither ISO-8601 with an offset nor epoch seconds",
+                ) from None
+            if moment.tzinfo is None:
+                raise FieldError(
+                    RejectReason.BAD_TS, f"ts {text!r} has no UTC offset (write +00:00 or Z)"
+                ) from None
+            ts = moment.timestamp()
+    if not math.isfinite(ts) or not 0 <= ts < 32_503_680_000:  # before year 3000
+        raise FieldError(RejectReason.BAD_TS, f"ts {value!r} is out of range")
+    return ts
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def row_to_item(row: Mapping[str, Any], source: str, fallback_ts: float) -> CallEvent | Reject:
+    try:
+        ts = parse_ts(row.get("ts"))
+        return make_event(ts, [_text(row.get(column)) for column in COLUMNS[1:]], source)
+    except FieldError as error:
+        return _reject(row, source, fallback_ts, error.reason, error.detail)
+
+
+def _reject(
+    row: Mapping[str, Any], source: str, ts: float, reason: RejectReason, detail: str
+) -> Reject:
+    raw = json.dumps(dict(row), default=str, ensure_ascii=False).encode("utf-8")
+    call_id: str | None = None
+    serial: int | None = None
+    try:
+        call_id = parse_call_id(_text(row.get("call_id")))
+        serial = parse_serial(_text(row.get("serial")))
+    except FieldError:
+        call_id = serial = None
+    return Reject(ts, reason, detail, raw, call_id, serial, source)
+
+
+def _check_columns(path: Path, columns: Iterable[str]) -> None:
+    present = set(columns)
+    missing = [c for c in REQUIRED if c not in present]
+    if missing:
+        raise EventFileError(
+            f"{path}: missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"(event files have {', '.join(COLUMNS)})"
+        )
+
+
+def _rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
+    """(line or row number, row) pairs; a str row is a line that is not a JSON object."""
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise EventFileError(
+            f"{path}: unknown event file type {path.suffix!r} (expected .csv, .jsonl or .parquet)"
+        )
+    try:
+        if kind == "jsonl":
+            with path.open("r", encoding="utf-8", errors="strict") as handle:
+                checked = False
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        yield number, f"line is not JSON: {error.msg}"
+                        continue
+                    if not isinstance(row, dict):
+                        yield number, "line is not a JSON object"
+                        continue
+                    if not checked:
+                        _check_columns(path, row)
+                        checked = True
+                    yield number, row
+            return
+        if kind == "csv":
+            # Everything as text: the row validator decides, so a bad cell is a
+            # quarantined row, not a failed file. Line = row + 2 (header line).
+            frame = pl.read_csv(path, infer_schema=False, encoding="utf8")
+            first_line = 2
+        else:
+            frame = pl.read_parquet(path)
+            first_line = 1
+    except UnicodeDecodeError as error:
+        raise EventFileError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    except OSError as error:
+        raise EventFileError(f"{path}: {error.strerror or error}") from None
+    except pl.exceptions.PolarsError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise EventFileError(f"{path}: cannot read as {kind}: {first}") from None
+    _check_columns(path, frame.columns)
+    keep = [c for c in COLUMNS if c in frame.columns]
+    for number, row in enumerate(frame.select(keep).iter_rows(named=True), start=first_line):
+        yield number, row
+
+
+def read_event_file(path: Path) -> list[CallEvent | Reject]:
+    items: list[CallEvent | Reject] = []
+    fallback_ts = 0.0
+    label = path.name
+    for number, row in _rows(path):
+        source = f"{label}:{number}"
+        if isinstance(row, str):
+            items.append(Reject(fallback_ts, RejectReason.BAD_FIELD, row, b"", source=source))
+            continue
+        item = row_to_item(row, source, fallback_ts)
+        if isinstance(item, CallEvent):
+            fallback_ts = item.ts
+        items.append(item)
+    return items
+
+
+def read_event_files(paths: Iterable[Path]) -> tuple[list[CallEvent | Reject], list[str]]:
+    """All rows of all files in event-time order (file order breaks ties), and file errors."""
+    items: list[CallEvent | Reject] = []
+    errors: list[str] = []
+    for path in paths:
+        try:
+            items.extend(read_event_file(path))
+        except EventFileError as error:
+            errors.append(str(error))
+    items.sort(key=lambda item: item.ts)
+    return items, errors

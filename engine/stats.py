@@ -1,0 +1,105 @@
+"""Outcome counters: plain integers on the hot path, read by Prometheus at scrape time.
+
+A prometheus_client Counter takes a lock per increment; a datagram path that
+counts several outcomes would pay that tens of thousands of times a second. So
+the pipeline bumps attributes and a custom collector reports them when scraped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+
+@dataclass
+class Stats:
+    received: int = 0
+    stored: int = 0
+    answered: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    # Unkeyed rejects past the per-minute quarantine quota: counted, not stored.
+    quarantine_overflow: int = 0
+    dropped_sender: int = 0
+    dropped_overload: int = 0
+    dropped_shutdown: int = 0
+    commits: int = 0
+    store_stalls: int = 0
+    store_failures: int = 0
+    flushed: int = 0
+    flush_failures: int = 0
+    pending: int = 0
+
+    def line(self) -> str:
+        rejected = sum(self.rejected.values())
+        return (
+            f"received={self.received} stored={self.stored} answered={self.answered} "
+            f"duplicates={self.duplicates} rejected={rejected} "
+            f"dropped_sender={self.dropped_sender} dropped_overload={self.dropped_overload} "
+            f"store_stalls={self.store_stalls} store_failures={self.store_failures} "
+            f"flushed={self.flushed} pending={self.pending}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "stored": self.stored,
+            "answered": self.answered,
+            "duplicates": self.duplicates,
+            "rejected": dict(self.rejected),
+            "quarantine_overflow": self.quarantine_overflow,
+            "dropped_sender": self.dropped_sender,
+            "dropped_overload": self.dropped_overload,
+            "store_stalls": self.store_stalls,
+            "store_failures": self.store_failures,
+        }
+
+
+_COUNTERS = {
+    "received": "Datagrams received, from any sender",
+    "stored": "Reports (events and quarantined rejects) made durable",
+    "answered": "Answers sent to the switch",
+    "duplicates": "Copies of an already accepted report (answered again, not processed)",
+    "quarantine_overflow": "Unreadable datagrams counted but not stored (quota reached)",
+    "dropped_sender": "Datagrams from senders outside the allow-list (unanswered)",
+    "dropped_overload": "Reports left unanswered because the store was behind",
+    "dropped_shutdown": "Reports left unanswered because the engine was stopping",
+    "commits": "Group commits of the journal",
+    "store_stalls": "Group commits slower than 100 ms",
+    "store_failures": "Group commits that failed (disk full, read-only, I/O error)",
+    "flushed": "Reports written to the Parquet lake",
+    "flush_failures": "Lake flushes that failed and will be retried",
+}
+
+
+class StatsCollector(Collector):
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        for name, help_text in _COUNTERS.items():
+            yield CounterMetricFamily(
+                f"callsentry_{name}", help_text, value=getattr(self.stats, name)
+            )
+        rejected = CounterMetricFamily(
+            "callsentry_rejected", "Reports quarantined, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(self.stats.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield GaugeMetricFamily(
+            "callsentry_pending_reports",
+            "Reports accepted and waiting for their group commit",
+            value=self.stats.pending,
+        )
+
+
+def registry_for(stats: Stats) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(stats))
+    return registry

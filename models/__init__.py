@@ -1,0 +1,1 @@
+"""Online River models per caller and per IVR menu (see issue: models)."""

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, load_settings, parse_hostport
+
+
+def test_defaults_listen_on_8000_and_accept_loopback_only() -> None:
+    settings = load_settings(environ={})
+    assert settings.receiver.listen == ["0.0.0.0:8000"]
+    assert settings.receiver.allow == ["127.0.0.0/8", "::1/128"]
+    assert settings.codec.encodings == ["utf-8", "gbk"]
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "callsentry.toml"
+    path.write_text(
+        '[store]\ndata_dir = "/srv/a"\nflush_interval_s = 3\n[codec]\nseparator = "|"\n'
+    )
+    settings = load_settings(
+        path,
+        overrides={"store": {"data_dir": "/srv/c"}},
+        environ={"CALLSENTRY_STORE__FLUSH_INTERVAL_S": "4", "CALLSENTRY_STORE__DATA_DIR": "/srv/b"},
+    )
+    assert str(settings.store.data_dir) == "/srv/c"
+    assert settings.store.flush_interval_s == 4
+    assert settings.codec.separator == "|"
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "message"),
+    [
+        (
+            "[store]\nflush_interval_s = 0\n",
+            {},
+            "store.flush_interval_s (from {path}): Input should be greater than 0",
+        ),
+        (
+            "[store]\nflush_intervals = 1\n",
+            {},
+            "store.flush_intervals (from {path}): unknown setting",
+        ),
+        (
+            "[receiver]\nallow = ['10.0.0.300/8']\n",
+            {},
+            "receiver.allow (from {path}): '10.0.0.300/8' is not an IP address",
+        ),
+        ("[receiver]\nlisten = ['::1:80']\n", {}, "write an IPv6 address in brackets"),
+        ("[codec]\nencodings = ['utf-8', 'klingon']\n", {}, "unknown encoding 'klingon'"),
+        ("[codec]\nseparator = ':'\n", {}, "codec.separator (from {path}): Input should be ','"),
+        (
+            "",
+            {"CALLSENTRY_STORE__FSYNC": "maybe"},
+            "store.fsync (from environment variable CALLSENTRY_STORE__FSYNC)",
+        ),
+        ("[store\n", {}, "{path}: Expected ']'"),
+    ],
+)
+def test_errors_name_the_key_where_it_came_from_and_why(
+    tmp_path: Path, text: str, environ: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ=environ)
+    assert message.format(path=path) in str(caught.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: cannot read config file"):
+        load_settings(Path("nope.toml"), environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0.0.0.0:8000", ("0.0.0.0", 8000)), ("[::]:9", ("::", 9)), (":7", ("0.0.0.0", 7))],
+)
+def test_hostport(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text) == expected
+
+
+def test_cli_config_check_and_bad_flags(tmp_path: Path) -> None:
+    ok = subprocess.run(
+        [sys.executable, "-m", "engine", "config", "check"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "configuration OK" in ok.stderr
+    assert 'listen = ["0.0.0.0:8000"]' in ok.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "serve",
+            "--listen",
+            "nowhere",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "receiver.listen (from a flag): 'nowhere' has no port" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -1,0 +1,135 @@
+"""kill -9 under load: every report that was answered is in the store after a restart."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import duckdb
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    log_path = data_dir.parent / "serve.log"
+    with log_path.open("ab") as log:
+        process = _spawn(data_dir, port, log)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.settimeout(0.2)
+    deadline = time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            probe.sendto(b"probe,0,OK,1,2,,,", ("127.0.0.1", port))
+            try:
+                if probe.recv(100) == b"probe,0":
+                    return process
+            except OSError:
+                pass
+            if process.poll() is not None:
+                raise AssertionError(log_path.read_text())
+        raise AssertionError("engine did not start answering")
+    finally:
+        probe.close()
+
+
+def _spawn(data_dir: Path, port: int, log: BinaryIO) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+
+
+class Load:
+    """Distinct reports as fast as a window of 256 outstanding allows; keeps answered keys."""
+
+    def __init__(self, port: int, prefix: str) -> None:
+        self.port = port
+        self.prefix = prefix
+        self.answered: set[str] = set()
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        sock.settimeout(0.05)
+        try:
+            while not self._stop.is_set():
+                for _ in range(256):
+                    call_id = f"{self.prefix}-{self.sent}"
+                    self.sent += 1
+                    payload = f"{call_id},1,OK,100,200,,7,menu".encode()
+                    with contextlib.suppress(OSError):  # refused while the engine is down
+                        sock.sendto(payload, ("127.0.0.1", self.port))
+                while True:
+                    try:
+                        answer = sock.recv(200)
+                    except (TimeoutError, OSError):
+                        break
+                    self.answered.add(answer.decode().rsplit(",", 1)[0])
+        finally:
+            sock.close()
+
+
+def stored_call_ids(data_dir: Path) -> list[str]:
+    with duckdb.connect(str(data_dir / "callsentry.duckdb"), read_only=True) as con:
+        return [row[0] for row in con.execute("SELECT call_id FROM events").fetchall()]
+
+
+def test_kill_9_under_load_loses_no_answered_report(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    answered: set[str] = set()
+    for round_number in range(3):
+        process = start_serve(data_dir, port)
+        load = Load(port, f"r{round_number}")
+        load.start()
+        time.sleep(0.8 + 0.3 * round_number)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        load.stop()
+        assert load.answered, "no report was answered before the kill"
+        answered |= load.answered
+
+    process = start_serve(data_dir, port)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    stored = stored_call_ids(data_dir)
+    missing = answered - set(stored)
+    assert not missing, f"{len(missing)} answered reports lost, e.g. {sorted(missing)[:5]}"
+    assert len(stored) == len(set(stored)), "a report was stored twice"

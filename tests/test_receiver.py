@@ -1,0 +1,261 @@
+"""The receiver's obligations (protocol.md 1-6) over real UDP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from engine.codec import Vos3000TextCodec
+from engine.events import CallEvent, CallState
+from engine.switch import SwitchSettings, SwitchStandIn
+from tests.conftest import RunningEngine, Switch
+
+EngineFactory = Callable[..., RunningEngine]
+SwitchFactory = Callable[..., Switch]
+
+
+def report(call_id: str, serial: int, state: str = "OK", menu: str = "Main menu") -> bytes:
+    return f"{call_id},{serial},{state},8613800000001,4420719460000,,12,{menu}".encode()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def stored_count(data_dir: Path, table: str = "events", where: str = "true") -> int:
+    with duckdb.connect(str(data_dir / "callsentry.duckdb"), read_only=True) as con:
+        row = con.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_answer_leaves_only_after_the_report_is_in_the_journal(
+    engine_factory: EngineFactory, switch_factory: SwitchFactory
+) -> None:
+    running = engine_factory()
+    switch = switch_factory(running.address)
+    # Occupy the single committer thread so the next group commit must wait.
+    gate = threading.Event()
+    running.engine.server._committer.submit(gate.wait)
+
+    switch.send(report("held-1", 1))
+    assert switch.answer(timeout=0.5) is None
+    assert ("held-1", 1) not in running.journal_keys()
+
+    gate.set()
+    assert switch.answer(timeout=5) == b"held-1,1"
+    assert ("held-1", 1) in running.journal_keys()
+
+
+def test_duplicate_is_answered_again_and_stored_once(
+    engine_factory: EngineFactory, switch_factory: SwitchFactory, tmp_path: Path
+) -> None:
+    running = engine_factory()
+    switch = switch_factory(running.address)
+    for _ in range(3):
+        assert switch.ask(report("dup-1", 4)) == b"dup-1,4"
+    running.stop()
+    assert stored_count(tmp_path / "data", where="call_id = 'dup-1'") == 1
+    assert running.engine.stats.duplicates == 2
+    assert running.engine.stats.answered == 3
+
+
+def test_copies_of_a_report_still_in_its_commit_are_all_answered_after_it(
+    engine_factory: EngineFactory, switch_factory: SwitchFactory
+) -> None:
+    running = engine_factory()
+    gate = threading.Event()
+    running.engine.server._committer.submit(gate.wait)
+    first, second = switch_factory(running.address), switch_factory(running.address)
+    first.send(report("pending-1", 1))
+    second.send(report("pending-1", 1))
+    time.sleep(0.2)
+    gate.set()
+    assert first.answer() == b"pending-1,1"
+    assert second.answer() == b"pending-1,1"
+    wait_for(lambda: running.engine.stats.stored == 1)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason", "answer"),
+    [
+        (b"", "empty", None),
+        (b"\x00\x01\x02\xff\xfe", "undecodable", None),
+        (b"bad-1,1,OK,a,b,,m," + b"x" * 3000, "oversized", b"bad-1,1"),
+        (b"bad-2,1,RING,a,b,,m,menu", "bad_state", b"bad-2,1"),
+        (b"bad-3,2,OK,a", "missing_fields", b"bad-3,2"),
+        (b"bad-4,x,OK,a,b,,m,menu", "bad_serial", None),
+        (b"bad-5,1,OK,a,b,,9,\xff\xfe\xfd", "undecodable", b"bad-5,1"),
+        (b",1,OK,a,b,,m,menu", "bad_call_id", None),
+    ],
+)
+def test_malformed_reports_are_quarantined_with_their_reason(
+    engine_factory: EngineFactory,
+    switch_factory: SwitchFactory,
+    tmp_path: Path,
+    payload: bytes,
+    reason: str,
+    answer: bytes | None,
+) -> None:
+    running = engine_factory()
+    switch = switch_factory(running.address)
+    assert switch.ask(payload, timeout=1.0 if answer is None else 3.0) == answer
+    wait_for(lambda: running.engine.stats.stored == 1)
+    running.stop()
+    with duckdb.connect(str(tmp_path / "data" / "callsentry.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT reason, detail, raw, call_id FROM rejects").fetchall()
+    assert len(rows) == 1
+    got_reason, detail, raw, call_id = rows[0]
+    assert got_reason == reason and detail
+    assert raw == payload
+    assert (call_id is not None) == (answer is not None)
+    assert stored_count(tmp_path / "data") == 0
+    assert running.engine.stats.rejected[reason] == 1
+
+
+def test_unreadable_garbage_is_quarantined_only_up_to_its_quota(
+    engine_factory: EngineFactory, switch_factory: SwitchFactory, tmp_path: Path
+) -> None:
+    running = engine_factory(store={"quarantine_unkeyed_per_minute": 5})
+    switch = switch_factory(running.address)
+    for n in range(20):
+        switch.send(b"\xff" * (n + 1))
+    wait_for(lambda: running.engine.stats.received == 20)
+    running.stop()
+    assert stored_count(tmp_path / "data", "rejects") == 5
+    assert running.engine.stats.quarantine_overflow == 15
+
+
+def test_sender_outside_the_allow_list_gets_no_answer_and_nothing_is_stored(
+    engine_factory: EngineFactory, switch_factory: SwitchFactory, tmp_path: Path
+) -> None:
+    running = engine_factory(receiver={"allow": ["10.20.0.0/16"]})
+    switch = switch_factory(running.address)
+    assert switch.ask(report("spoof-1", 1), timeout=0.5) is None
+    wait_for(lambda: running.engine.stats.dropped_sender == 1)
+    running.stop()
+    assert stored_count(tmp_path / "data") == 0
+    assert running.engine.stats.answered == 0
+
+
+def test_ipv6_listener(engine_factory: EngineFactory, switch_factory: SwitchFactory) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        probe.bind(("::1", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    running = engine_factory(receiver={"listen": ["[::1]:0", "127.0.0.1:0"]})
+    v6 = switch_factory(running.engine.server.addresses[0], bind="::1")
+    v4 = switch_factory(running.engine.server.addresses[1])
+    assert v6.ask(report("v6-1", 1)) == b"v6-1,1"
+    assert v4.ask(report("v4-1", 1)) == b"v4-1,1"
+
+
+def test_store_failure_stops_answers_and_recovery_resumes_them(
+    engine_factory: EngineFactory, switch_factory: SwitchFactory, tmp_path: Path
+) -> None:
+    running = engine_factory()
+    switch = switch_factory(running.address)
+    assert switch.ask(report("before", 1)) == b"before,1"
+    journal = running.engine.store.journal
+    folder = journal.directory
+    # Break the disk under the engine, as root can't be refused a write: the open
+    # segment becomes read-only (writes fail with EBADF) and the journal folder
+    # is replaced by a file, so no new segment can be opened either.
+    read_only = os.open(folder / f"{journal.segment:012d}.wal", os.O_RDONLY)
+
+    def break_disk() -> None:
+        assert journal._fd is not None
+        os.dup2(read_only, journal._fd)
+        folder.rename(folder.with_name("journal.away"))
+        folder.write_text("not a folder")
+
+    running.call(break_disk)
+    assert switch.ask(report("during", 1), timeout=1.0) is None
+    assert running.engine.stats.store_failures >= 1
+    assert ("during", 1) not in running.journal_keys()
+
+    def mend_disk() -> None:
+        folder.unlink()
+        folder.with_name("journal.away").rename(folder)
+
+    running.call(mend_disk)
+    os.close(read_only)
+    # The switch retries; the batch that failed is committed and then answered.
+    assert switch.answer(timeout=5) == b"during,1"
+    running.stop()
+    assert stored_count(tmp_path / "data") == 2
+
+
+def test_twenty_percent_loss_each_way_ends_with_every_report_stored_once(
+    engine_factory: EngineFactory, tmp_path: Path
+) -> None:
+    running = engine_factory()
+    host, port = running.address
+    events = [
+        CallEvent(0.0, f"loss-{n}", serial, state, None, "100", "200", "", "1", "m")
+        for n in range(300)
+        for serial, state in enumerate((CallState.RINGING, CallState.ANSWERED, CallState.HANGUP))
+    ]
+    switch = SwitchStandIn(
+        Vos3000TextCodec(),
+        SwitchSettings(
+            host=host,
+            port=port,
+            retry_interval_s=0.1,
+            window=200,
+            request_loss=0.2,
+            answer_loss=0.2,
+            seed=7,
+        ),
+    )
+    summary = asyncio.run(switch.send(events))
+    assert summary.answered + summary.given_up == 900
+    # Seven copies each lost with 1-(0.8*0.8) = 0.36: giving up is below one in a thousand.
+    assert summary.given_up <= 2
+    assert summary.lost_requests > 0 and summary.lost_answers > 0
+    running.stop()
+    with duckdb.connect(str(tmp_path / "data" / "callsentry.duckdb"), read_only=True) as con:
+        stored = con.execute("SELECT call_id, serial FROM events").fetchall()
+    # Every answered report is stored, and no report is stored twice.
+    answered = {event.key for event in events} - set(summary.given_up_keys)
+    assert answered <= set(stored)
+    assert len(stored) == len(set(stored))
+
+
+def test_analysts_read_while_the_engine_writes(
+    engine_factory: EngineFactory, switch_factory: SwitchFactory, tmp_path: Path
+) -> None:
+    running = engine_factory(store={"flush_interval_s": 0.3})
+    switch = switch_factory(running.address)
+    database = tmp_path / "data" / "callsentry.duckdb"
+    seen: list[int] = []
+    for n in range(50):
+        assert switch.ask(report(f"live-{n}", 1)) == f"live-{n},1".encode()
+        if n % 10 == 9:
+            time.sleep(0.4)
+            with duckdb.connect(str(database), read_only=True) as con:
+                row = con.execute("SELECT count(*) FROM events").fetchone()
+                assert row is not None
+                seen.append(int(row[0]))
+    # A read-only connection held open does not stop the engine either.
+    held = duckdb.connect(str(database), read_only=True)
+    assert switch.ask(report("live-last", 1)) == b"live-last,1"
+    wait_for(lambda: held.execute("SELECT count(*) FROM events").fetchone() == (51,))
+    held.close()
+    assert seen == sorted(seen) and seen[-1] >= 40

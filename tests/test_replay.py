@@ -1,0 +1,185 @@
+"""Replay: event files through the same intake and store, bad rows quarantined with file:line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+
+from engine.codec import FieldError
+from engine.eventfiles import EventFileError, parse_ts, read_event_file
+from engine.events import CallEvent, Reject, RejectReason
+from engine.replay import replay
+from tests.conftest import make_settings
+
+HEADER = "ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def query(data_dir: Path, sql: str) -> list[tuple[object, ...]]:
+    with duckdb.connect(str(data_dir / "callsentry.duckdb"), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_csv_jsonl_and_parquet_replay_in_event_time_order(tmp_path: Path) -> None:
+    csv = tmp_path / "a.csv"
+    csv.write_text(
+        HEADER
+        + "2026-11-28T10:00:05+00:00,c1,3,bye,100,200,,7,Main\n"
+        + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n"
+    )
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text(
+        json.dumps(
+            {
+                "ts": 1795860002.0,
+                "call_id": "c1",
+                "serial": 2,
+                "state": "OK",
+                "caller": "100",
+                "callee": "200",
+                "forward": None,
+                "menu_id": "7",
+                "menu_name": "Main",
+            }
+        )
+        + "\n"
+    )
+    parquet = tmp_path / "c.parquet"
+    pl.DataFrame(
+        {
+            "ts": ["2026-11-28T10:00:01+08:00"],
+            "call_id": ["c2"],
+            "serial": [1],
+            "state": ["ringing"],
+            "caller": ["300"],
+            "callee": ["200"],
+            "forward": [""],
+            "menu_id": ["8"],
+            "menu_name": ["客服"],
+        }
+    ).write_parquet(parquet)
+    data_dir = tmp_path / "data"
+    report = replay([csv, jsonl, parquet], make_settings(data_dir))
+    assert report.clean and report.read == 4
+    rows = query(
+        data_dir, "SELECT call_id, serial, state, code, menu_name FROM events ORDER BY seq"
+    )
+    assert rows == [
+        ("c2", 1, "RINGING", None, "客服"),
+        ("c1", 1, "RINGING", 180, "Main"),
+        ("c1", 2, "ANSWERED", None, "Main"),
+        ("c1", 3, "HANGUP", None, "Main"),
+    ]
+
+
+def test_bad_rows_are_reported_with_file_and_line_and_quarantined(tmp_path: Path) -> None:
+    csv = tmp_path / "events.csv"
+    csv.write_text(
+        HEADER
+        + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n"
+        + "2026-11-28T10:00:01,c1,2,OK,100,200,,7,Main\n"
+        + "2026-11-28T10:00:02Z,c1,3,HANGUP,100,200,,7,Main\n"
+        + "yesterday,c1,4,bye,100,200,,7,Main\n"
+        + "2026-11-28T10:00:03Z,,5,bye,100,200,,7,Main\n"
+    )
+    data_dir = tmp_path / "data"
+    result = run_cli("replay", str(csv), "--data-dir", str(data_dir))
+    assert result.returncode == 1, result.stderr
+    assert "events.csv:3: bad_ts: ts '2026-11-28T10:00:01' has no UTC offset" in result.stderr
+    assert "events.csv:4: bad_state: unknown state 'HANGUP'" in result.stderr
+    assert "events.csv:5: bad_ts:" in result.stderr
+    assert "events.csv:6: bad_call_id: call_id is empty" in result.stderr
+    assert "1 events stored, 4 rejected" in result.stdout
+    rows = query(data_dir, "SELECT source, reason FROM rejects ORDER BY source")
+    assert rows == [
+        ("events.csv:3", "bad_ts"),
+        ("events.csv:4", "bad_state"),
+        ("events.csv:5", "bad_ts"),
+        ("events.csv:6", "bad_call_id"),
+    ]
+
+
+def test_replaying_the_same_file_twice_stores_each_report_once(tmp_path: Path) -> None:
+    csv = tmp_path / "events.csv"
+    csv.write_text(HEADER + "1795860000,c1,1,180,100,200,,7,Main\n1795860003,c1,2,ok,1,2,,7,M\n")
+    data_dir = tmp_path / "data"
+    first = run_cli("replay", str(csv), "--data-dir", str(data_dir))
+    assert first.returncode == 0, first.stderr
+    second = run_cli("replay", str(csv), "--data-dir", str(data_dir))
+    assert second.returncode == 0, second.stderr
+    assert "0 events stored, 0 rejected, 2 duplicates skipped" in second.stdout
+    assert query(data_dir, "SELECT count(*) FROM events") == [(2,)]
+
+
+def test_jsonl_lines_that_are_not_objects_are_rejected_with_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_text(
+        '{"ts": 1795860000, "call_id": "c1", "serial": 1, "state": "OK"}\n'
+        "not json\n"
+        "\n"
+        "[1, 2]\n"
+        '{"ts": true, "call_id": "c1", "serial": 2, "state": "OK"}\n'
+    )
+    items = read_event_file(path)
+    assert isinstance(items[0], CallEvent)
+    rejects = [item for item in items if isinstance(item, Reject)]
+    assert [(r.source, r.reason) for r in rejects] == [
+        ("e.jsonl:2", RejectReason.BAD_FIELD),
+        ("e.jsonl:4", RejectReason.BAD_FIELD),
+        ("e.jsonl:5", RejectReason.BAD_TS),
+    ]
+    assert rejects[2].key == ("c1", 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("x.txt", "whatever", "unknown event file type '.txt'"),
+        ("x.csv", "a,b\n1,2\n", "missing columns ts, call_id, serial, state"),
+        ("x.parquet", "not parquet", "cannot read as parquet"),
+    ],
+)
+def test_unreadable_files_are_named_with_the_reason(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(EventFileError, match=message):
+        read_event_file(path)
+
+
+def test_cli_reports_a_missing_file_and_exits_non_zero(tmp_path: Path) -> None:
+    result = run_cli("replay", str(tmp_path / "nope.csv"), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 1
+    assert "nope.csv" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (1795860000, 1795860000.0),
+        ("1795860000.5", 1795860000.5),
+        ("2026-11-28T10:00:00+00:00", 1795860000.0),
+        ("2026-11-28T18:00:00+08:00", 1795860000.0),
+        ("2026-11-28T10:00:00Z", 1795860000.0),
+    ],
+)
+def test_ts_forms(value: object, expected: float) -> None:
+    assert parse_ts(value) == expected
+
+
+@pytest.mark.parametrize("value", ["2026-11-28 10:00:00", "", "nan", "-5", None, True, "1e400"])
+def test_bad_ts(value: object) -> None:
+    with pytest.raises(FieldError):
+        parse_ts(value)

@@ -157,9 +157,8 @@ def replay(
             f"... and {len(report.rejects) - show} more rejected rows (see the rejects table)",
             err=True,
         )
-    stats = report.stats
     click.echo(
-        f"replayed {report.read} rows: {stats.stored - len(report.rejects)} events stored, "
+        f"replayed {report.read} rows: {report.stored - len(report.rejects)} events stored, "
         f"{len(report.rejects)} rejected, {report.duplicates} duplicates skipped, "
         f"{len(report.file_errors)} files unreadable"
     )
@@ -182,3 +181,69 @@ def config_check(config: Path | None) -> None:
         for key, value in values.items():
             click.echo(f"{key} = {json.dumps(value, ensure_ascii=False)}")
     click.echo("configuration OK", err=True)
+
+
+@main.command()
+@click.option(
+    "--scenario",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Scenario YAML (benign traffic and labelled incidents).",
+)
+@click.option(
+    "--events",
+    "events_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Send an existing event file instead of a scenario.",
+)
+@click.option(
+    "--to-file",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write events and labels to this folder; send nothing.",
+)
+@click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(["csv", "parquet", "jsonl"]),
+    default="csv",
+    show_default=True,
+)
+@click.option("--send", is_flag=True, help="Send the reports over UDP, as the switch would.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--allow-remote",
+    is_flag=True,
+    help="Allow a target that is not a loopback address (a real receiver).",
+)
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Time compression: 60 sends an hour of events in a minute; 0 sends as fast as "
+    "the window of unanswered reports allows.",
+)
+@click.option("--rate", type=click.FloatRange(min=0), default=0.0, help="Reports per second.")
+@click.option("--window", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--retries", type=click.IntRange(min=0), default=6, show_default=True)
+@click.option("--retry-interval", type=click.FloatRange(min=0.001), default=3.0, show_default=True)
+@click.option("--request-loss", type=click.FloatRange(0, 1, max_open=True), default=0.0)
+@click.option("--answer-loss", type=click.FloatRange(0, 1, max_open=True), default=0.0)
+@click.option("--separator", type=click.Choice([",", "|", ";", "tab"]), default=",")
+@click.option("--encoding", default="utf-8", show_default=True)
+@click.option("--seed", type=int, default=None, help="Override the scenario's seed.")
+def simulate(**options: Any) -> None:
+    """Stand in for the switch: generate a scenario's traffic, write it, or send it.
+
+    Exit code 0 when every report sent was answered; 1 when any was given up
+    after its retries (so it doubles as a deployment check).
+    """
+    from engine.simulator.run import SimulateError, SimulateOptions, run_simulate
+
+    if options["separator"] == "tab":
+        options["separator"] = "\t"
+    try:
+        code = run_simulate(SimulateOptions(**options), click.echo)
+    except SimulateError as error:
+        _fail(str(error), 2)
+    sys.exit(code)

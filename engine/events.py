@@ -7,8 +7,8 @@ time of a report's first copy in live mode, or the `ts` column of an event file.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 MAX_CALL_ID_BYTES = 128
 # Serials are stored as BIGINT; 18 digits always fit.
@@ -46,9 +46,13 @@ class RejectReason(enum.StrEnum):
     BAD_FIELD = "bad_field"
 
 
-@dataclass(frozen=True, slots=True)
-class CallEvent:
-    """One call-state report, decoded and validated."""
+class CallEvent(NamedTuple):
+    """One call-state report, decoded and validated.
+
+    A NamedTuple rather than a dataclass: tens of thousands are made per second
+    on the datagram path, and a tuple is built, journaled (as a JSON array) and
+    turned into columns several times faster.
+    """
 
     ts: float
     call_id: str
@@ -71,8 +75,7 @@ class CallEvent:
         return datetime.fromtimestamp(self.ts, tz=UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class Reject:
+class Reject(NamedTuple):
     """A report that could not be turned into a `CallEvent`, kept raw in quarantine.
 
     `call_id` and `serial` are set when they could still be read; such a report

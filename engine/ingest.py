@@ -1,6 +1,6 @@
 """Dedup and group commit, without I/O: the part of ingest that live and replay share.
 
-The receiver (or replay) offers each decoded report; `Intake` decides whether
+The receiver (or replay) offers each report by its key; `Intake` decides whether
 it is new (joins the open batch), a copy of a stored report (answer again now),
 a copy of a report still waiting for its commit (answer once that commit is
 durable), or more than the store can take (left unanswered for the switch to
@@ -15,10 +15,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from engine.codec import Decoded
-from engine.events import CallEvent, Reject
-from engine.journal import Record
-from engine.lake import event_record, reject_record
 from engine.stats import Stats
 
 Key = tuple[str, int]
@@ -33,25 +29,26 @@ class SeenReports:
 
     def __init__(self, horizon_s: float) -> None:
         self.horizon_s = horizon_s
-        self._keys: set[Key] = set()
+        # Public so the intake can test membership without a method call per report.
+        self.keys: set[Key] = set()
         self._order: deque[tuple[float, Key]] = deque()
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._keys
+        return key in self.keys
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self.keys)
 
     def add(self, key: Key, ts: float) -> None:
-        if key not in self._keys:
-            self._keys.add(key)
+        if key not in self.keys:
+            self.keys.add(key)
             self._order.append((ts, key))
 
     def forget_before(self, ts: float) -> None:
         cutoff = ts - self.horizon_s
         order = self._order
         while order and order[0][0] < cutoff:
-            self._keys.discard(order.popleft()[1])
+            self.keys.discard(order.popleft()[1])
 
 
 class Outcome(Enum):
@@ -64,18 +61,18 @@ class Outcome(Enum):
 
 @dataclass
 class Batch:
-    records: list[Record] = field(default_factory=list)
-    items: list[CallEvent | Reject] = field(default_factory=list)
+    """Records for one group commit; their sequence numbers run on from `first_seq`.
+
+    A record is what the journal keeps: a raw datagram (live) or a decoded
+    report (replay). The intake never looks inside one.
+    """
+
+    first_seq: int
+    records: list[Any] = field(default_factory=list)
     keys: list[Key] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records)
-
-
-@dataclass
-class _Waiting:
-    answer: bytes | None
-    replies: list[ReplyTo]
 
 
 class Intake:
@@ -86,16 +83,18 @@ class Intake:
         *,
         next_seq: int = 1,
         max_pending: int = 50_000,
-        unkeyed_per_minute: int = 600,
+        unkeyed_per_minute: int | None = 600,
     ) -> None:
         self.stats = stats
         self.seen = seen
+        self._seen_keys = seen.keys
         self.next_seq = next_seq
         self.max_pending = max_pending
         self.unkeyed_per_minute = unkeyed_per_minute
-        self.open = Batch()
+        self.open = Batch(next_seq)
         self.in_flight: Batch | None = None
-        self._waiting: dict[Key, _Waiting] = {}
+        # Per key waiting for its commit: [answer bytes, reply-to, reply-to, ...]
+        self._waiting: dict[Key, list[Any]] = {}
         self._quota_minute = -1
         self._quota_used = 0
         self._latest_ts = 0.0
@@ -105,44 +104,47 @@ class Intake:
         return len(self.open) + (len(self.in_flight) if self.in_flight else 0)
 
     def offer(
-        self, decoded: Decoded, reply_to: ReplyTo | None = None
+        self,
+        key: Key | None,
+        answer: bytes | None,
+        record: Any,
+        ts: float,
+        reply_to: ReplyTo | None = None,
     ) -> tuple[Outcome, bytes | None]:
-        """Returns the outcome and, for a copy of a stored report, the answer to send now."""
-        item = decoded.item
-        key = item.key
+        """Returns the outcome and, for a copy of a stored report, the answer to send now.
+
+        `key` and `answer` are None for a report whose call_id and serial are
+        unreadable: it is stored (within its quota) and never answered.
+        """
         if key is not None:
-            if key in self.seen:
+            if key in self._seen_keys:
                 self.stats.duplicates += 1
-                return Outcome.DUPLICATE, decoded.answer
+                return Outcome.DUPLICATE, answer
             waiting = self._waiting.get(key)
             if waiting is not None:
                 self.stats.duplicates += 1
                 if (
                     reply_to is not None
-                    and reply_to not in waiting.replies
-                    and len(waiting.replies) < _MAX_REPLY_ADDRESSES
+                    and reply_to not in waiting
+                    and len(waiting) <= _MAX_REPLY_ADDRESSES
                 ):
-                    waiting.replies.append(reply_to)
+                    waiting.append(reply_to)
                 return Outcome.DUPLICATE_PENDING, None
-        if self.pending >= self.max_pending:
-            self.stats.dropped_overload += 1
-            return Outcome.OVERLOADED, None
-        if isinstance(item, Reject):
-            self.stats.rejected[item.reason.value] += 1
-            if key is None and not self._quarantine_quota(item.ts):
-                self.stats.quarantine_overflow += 1
-                return Outcome.QUARANTINE_FULL, None
-            record = reject_record(self.next_seq, item)
-        else:
-            record = event_record(self.next_seq, item)
+            # Keyed reports waiting for their commit; unkeyed ones are capped by their quota.
+            if len(self._waiting) >= self.max_pending:
+                self.stats.dropped_overload += 1
+                return Outcome.OVERLOADED, None
+        elif self.unkeyed_per_minute is not None and not self._quarantine_quota(ts):
+            self.stats.quarantine_overflow += 1
+            return Outcome.QUARANTINE_FULL, None
         self.next_seq += 1
-        self.open.records.append(record)
-        self.open.items.append(item)
+        batch = self.open
+        batch.records.append(record)
         if key is not None:
-            self.open.keys.append(key)
-            self._waiting[key] = _Waiting(decoded.answer, [reply_to] if reply_to else [])
-        if item.ts > self._latest_ts:
-            self._latest_ts = item.ts
+            batch.keys.append(key)
+            self._waiting[key] = [answer, reply_to] if reply_to else [answer]
+        if ts > self._latest_ts:
+            self._latest_ts = ts
         return Outcome.ACCEPTED, None
 
     def _quarantine_quota(self, ts: float) -> bool:
@@ -150,7 +152,7 @@ class Intake:
         if minute != self._quota_minute:
             self._quota_minute = minute
             self._quota_used = 0
-        if self._quota_used >= self.unkeyed_per_minute:
+        if self._quota_used >= (self.unkeyed_per_minute or 0):
             return False
         self._quota_used += 1
         return True
@@ -159,7 +161,7 @@ class Intake:
         """Hand the open batch to the committer (one batch in flight at a time)."""
         if self.in_flight is not None or not self.open.records:
             return None
-        self.in_flight, self.open = self.open, Batch()
+        self.in_flight, self.open = self.open, Batch(self.next_seq)
         return self.in_flight
 
     def durable(self, batch: Batch) -> list[tuple[bytes, ReplyTo]]:
@@ -167,11 +169,15 @@ class Intake:
         assert batch is self.in_flight
         self.in_flight = None
         answers: list[tuple[bytes, ReplyTo]] = []
+        waiting_for = self._waiting.pop
+        remember = self.seen.add
+        latest = self._latest_ts
         for key in batch.keys:
-            waiting = self._waiting.pop(key)
-            self.seen.add(key, self._latest_ts)
-            if waiting.answer is not None:
-                answers.extend((waiting.answer, reply) for reply in waiting.replies)
+            answer, *replies = waiting_for(key)
+            remember(key, latest)
+            if answer is not None:
+                for reply in replies:
+                    answers.append((answer, reply))
         self.stats.stored += len(batch)
-        self.seen.forget_before(self._latest_ts)
+        self.seen.forget_before(latest)
         return answers

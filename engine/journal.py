@@ -1,16 +1,20 @@
 """The write-ahead journal: what makes an answer safe to send.
 
-One file per segment (`000000000042.wal`), appended one group-commit batch at a
-time and fsync'd before the batch's answers leave. A batch is one frame:
+The receiver appends one frame per group commit and fsyncs it before the
+batch's answers leave. Every few seconds it seals the segment (`N.wal` ->
+`N.sealed`); the lake writer, a process of its own, decodes sealed segments
+into Parquet and deletes them. So the answer path never waits on decoding,
+Parquet or DuckDB (whose checkpoints stall a commit for hundreds of ms).
 
-    magic b"CSJ1" | payload length (u32) | crc32 of payload (u32) | payload
+A frame:
 
-and the payload is a JSON list of records. A frame cut short by a crash was
-never fsync'd, so it was never answered: recovery drops it and the switch's
-retries bring those reports again.
+    b"CSJ2" | kind (1 byte) | payload length (u32) | crc32 (u32) | first_seq (u64) | payload
 
-DuckDB commits stay off this path on purpose (design.md: its checkpoints stall
-a commit for hundreds of milliseconds); Parquet is fed from here asynchronously.
+kinds: `H` segment header (JSON: the codec that reads its datagrams), `D` raw
+datagrams as received (ts, source, bytes each), `J` decoded reports as JSON
+(replay). Records of a frame have consecutive sequence numbers from first_seq.
+A frame cut short by a crash was never fsync'd, so never answered: recovery
+drops it and the switch's retries bring those reports again.
 """
 
 from __future__ import annotations
@@ -21,24 +25,116 @@ import os
 import struct
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"CSJ1"
-_HEADER = struct.Struct("<4sII")
-SUFFIX = ".wal"
+MAGIC = b"CSJ2"
+_HEADER = struct.Struct("<4scIIQ")
+_DATAGRAM = struct.Struct("<dHH")
+OPEN_SUFFIX = ".wal"
+SEALED_SUFFIX = ".sealed"
 
-Record = list[Any]
+HEADER, DATAGRAMS, JSON_RECORDS = b"H", b"D", b"J"
+
+# A datagram as journaled: arrival time, "ip:port", the bytes.
+Datagram = tuple[float, str, bytes]
 
 
 class JournalError(OSError):
     """The journal could not make a batch durable (disk full, read-only, I/O error)."""
 
 
-def segment_path(directory: Path, segment: int) -> Path:
-    return directory / f"{segment:012d}{SUFFIX}"
+@dataclass(frozen=True)
+class Frame:
+    kind: bytes
+    first_seq: int
+    payload: bytes
+
+    def datagrams(self) -> Iterator[Datagram]:
+        payload, offset, unpack = self.payload, 0, _DATAGRAM.unpack_from
+        size = _DATAGRAM.size
+        while offset < len(payload):
+            ts, source_len, raw_len = unpack(payload, offset)
+            offset += size
+            source = payload[offset : offset + source_len].decode("utf-8", "replace")
+            offset += source_len
+            yield ts, source, payload[offset : offset + raw_len]
+            offset += raw_len
+
+    def records(self) -> list[Any]:
+        records: list[Any] = json.loads(self.payload)
+        return records
+
+
+def encode_frame(kind: bytes, first_seq: int, payload: bytes) -> bytes:
+    crc = zlib.crc32(payload, zlib.crc32(kind + first_seq.to_bytes(8, "little")))
+    return _HEADER.pack(MAGIC, kind, len(payload), crc, first_seq) + payload
+
+
+def datagram_payload(datagrams: list[Datagram]) -> bytes:
+    pack = _DATAGRAM.pack
+    parts: list[bytes] = []
+    append = parts.append
+    for ts, source, raw in datagrams:
+        source_bytes = source.encode("utf-8")
+        append(pack(ts, len(source_bytes), len(raw)))
+        append(source_bytes)
+        append(raw)
+    return b"".join(parts)
+
+
+def json_payload(records: list[Any]) -> bytes:
+    return json.dumps(records, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Segment:
+    header: dict[str, Any]
+    frames: list[Frame]
+    length: int
+    problem: str | None
+    torn: bool
+
+
+def read_segment(path: Path) -> Segment:
+    """Every whole frame, the bytes they span, why reading stopped early (if it
+    did), and whether that was only a torn last frame."""
+    data = path.read_bytes()
+    frames: list[Frame] = []
+    header: dict[str, Any] = {}
+    offset = 0
+    problem: str | None = None
+    torn = False
+    while offset < len(data):
+        if len(data) - offset < _HEADER.size:
+            problem, torn = f"{len(data) - offset} bytes of a cut-off frame header", True
+            break
+        magic, kind, length, crc, first_seq = _HEADER.unpack_from(data, offset)
+        start = offset + _HEADER.size
+        payload = data[start : start + length]
+        if magic != MAGIC:
+            problem = f"no frame marker at byte {offset}"
+            break
+        if len(payload) < length:
+            problem = f"frame at byte {offset} cut off ({len(payload)} of {length} bytes)"
+            torn = True
+            break
+        if zlib.crc32(payload, zlib.crc32(kind + first_seq.to_bytes(8, "little"))) != crc:
+            problem = f"frame at byte {offset} fails its checksum"
+            break
+        if kind == HEADER:
+            header = json.loads(payload)
+        else:
+            frames.append(Frame(kind, first_seq, payload))
+        offset = start + length
+    return Segment(header, frames, offset, problem, torn)
+
+
+def segment_number(path: Path) -> int | None:
+    return int(path.stem) if path.stem.isdigit() else None
 
 
 def fsync_dir(directory: Path) -> None:
@@ -49,89 +145,74 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def encode_frame(records: list[Record]) -> bytes:
-    payload = json.dumps(records, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return _HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
-
-
-def read_segment(path: Path) -> tuple[list[Record], int, str | None, bool]:
-    """Records of every whole frame, the byte length they span, why reading stopped
-    early, and whether that was only a torn (cut-off) last frame."""
-    data = path.read_bytes()
-    records: list[Record] = []
-    offset = 0
-    problem: str | None = None
-    torn = False
-    while offset < len(data):
-        if len(data) - offset < _HEADER.size:
-            problem = f"{len(data) - offset} bytes of a cut-off frame header"
-            torn = True
-            break
-        magic, length, crc = _HEADER.unpack_from(data, offset)
-        start = offset + _HEADER.size
-        payload = data[start : start + length]
-        if magic != MAGIC:
-            problem = f"no frame marker at byte {offset}"
-            break
-        if len(payload) < length:
-            problem = f"frame at byte {offset} cut off ({len(payload)} of {length} bytes)"
-            torn = True
-            break
-        if zlib.crc32(payload) != crc:
-            problem = f"frame at byte {offset} fails its checksum"
-            break
-        try:
-            batch = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            problem = f"frame at byte {offset} is not a JSON batch"
-            break
-        records.extend(batch)
-        offset = start + length
-    return records, offset, problem, torn
+def sealed_segments(directory: Path) -> list[Path]:
+    found = [
+        (number, path)
+        for path in directory.glob(f"*{SEALED_SUFFIX}")
+        if (number := segment_number(path)) is not None
+    ]
+    return [path for _, path in sorted(found)]
 
 
 class Journal:
-    """Append-only segments in one directory; not thread-safe (the store serialises calls)."""
+    """The writer's side: append frames to `N.wal`, seal it as `N.sealed`.
 
-    def __init__(self, directory: Path, fsync: bool = True) -> None:
+    Not thread-safe; the store serialises calls.
+    """
+
+    def __init__(self, directory: Path, header: dict[str, Any], fsync: bool = True) -> None:
         self.directory = directory
+        self.header = header
         self.fsync = fsync
         self.segment = 0
         self._fd: int | None = None
         self._size = 0
-        self._appended = 0
+        self._frames = 0
 
-    def leftover_segments(self) -> list[int]:
-        return sorted(int(p.stem) for p in self.directory.glob(f"*{SUFFIX}") if p.stem.isdigit())
+    def path(self, segment: int, suffix: str = OPEN_SUFFIX) -> Path:
+        return self.directory / f"{segment:012d}{suffix}"
 
-    def recover(self, segment: int) -> list[Record]:
-        """Read a segment left by an earlier run; cut a torn tail, set a corrupt rest aside."""
-        path = segment_path(self.directory, segment)
-        records, good, problem, torn = read_segment(path)
-        if problem is not None:
-            size = path.stat().st_size
-            if not torn:
-                aside = path.with_suffix(".corrupt")
-                with path.open("rb") as src:
-                    src.seek(good)
-                    aside.write_bytes(src.read())
-                log.error(
-                    "journal %s: %s; %d bytes after it moved to %s for inspection",
-                    path.name,
-                    problem,
-                    size - good,
-                    aside.name,
-                )
-            else:
-                log.warning(
-                    "journal %s: dropped a torn tail (%s); it was never acknowledged",
-                    path.name,
-                    problem,
-                )
-            with path.open("r+b") as handle:
-                handle.truncate(good)
-                os.fsync(handle.fileno())
-        return records
+    def seal_leftovers(self) -> int:
+        """Seal segments an earlier run left open: cut a torn tail, set a corrupt rest aside.
+
+        Returns the highest segment number seen (sealed or open), 0 if none.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        highest = 0
+        for path in sorted(self.directory.glob(f"*{OPEN_SUFFIX}")):
+            number = segment_number(path)
+            if number is None:
+                continue
+            highest = max(highest, number)
+            segment = read_segment(path)
+            if segment.problem is not None:
+                size = path.stat().st_size
+                if segment.torn:
+                    log.warning(
+                        "journal %s: dropped a torn tail (%s); it was never acknowledged",
+                        path.name,
+                        segment.problem,
+                    )
+                else:
+                    aside = path.with_suffix(".corrupt")
+                    with path.open("rb") as source:
+                        source.seek(segment.length)
+                        aside.write_bytes(source.read())
+                    log.error(
+                        "journal %s: %s; %d bytes after it moved to %s for inspection",
+                        path.name,
+                        segment.problem,
+                        size - segment.length,
+                        aside.name,
+                    )
+                with path.open("r+b") as handle:
+                    handle.truncate(segment.length)
+                    os.fsync(handle.fileno())
+            os.replace(path, path.with_suffix(SEALED_SUFFIX))
+        for path in sealed_segments(self.directory):
+            highest = max(highest, segment_number(path) or 0)
+        fsync_dir(self.directory)
+        return highest
 
     def start(self, segment: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -139,20 +220,24 @@ class Journal:
         self._open_current()
 
     def _open_current(self) -> None:
-        path = segment_path(self.directory, self.segment)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._size = os.fstat(self._fd).st_size
-        self._appended = 0
+        path = self.path(self.segment)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._size = 0
+        self._frames = 0
+        header = encode_frame(HEADER, 0, json.dumps(self.header).encode("utf-8"))
+        os.write(self._fd, header)
+        self._size = len(header)
         if self.fsync:
+            os.fdatasync(self._fd)
             fsync_dir(self.directory)
 
     @property
     def current_is_empty(self) -> bool:
-        return self._appended == 0
+        return self._frames == 0
 
-    def append(self, records: list[Record]) -> None:
+    def append(self, kind: bytes, first_seq: int, payload: bytes) -> None:
         """Write one batch as one frame and make it durable, or raise JournalError."""
-        frame = encode_frame(records)
+        frame = encode_frame(kind, first_seq, payload)
         try:
             if self._fd is None:
                 self._open_current()
@@ -169,7 +254,7 @@ class Journal:
                 error.errno, f"journal segment {self.segment}: {error.strerror}"
             ) from error
         self._size += len(frame)
-        self._appended += 1
+        self._frames += 1
 
     def _undo_partial_write(self) -> None:
         """Leave no half frame behind, so a retried batch starts on a frame boundary."""
@@ -178,27 +263,39 @@ class Journal:
         try:
             os.ftruncate(self._fd, self._size)
         except OSError:
-            # Cannot even truncate: abandon this file; recovery will cut its torn tail.
+            # Cannot even truncate: abandon this file (sealed as it is at the next
+            # start, its torn tail cut) and write the next batch to a new segment.
             os.close(self._fd)
             self._fd = None
             self.segment += 1
 
-    def rotate(self) -> int:
-        """Seal the current segment and start the next; returns the sealed segment number."""
+    def seal(self) -> int | None:
+        """Seal the current segment (if it holds any batch) and start the next one.
+
+        Returns the sealed segment's number, or None when there was nothing to seal.
+        Earlier segments abandoned after a write error are sealed too.
+        """
+        if self._frames == 0 and self._fd is not None:
+            return None
         sealed = self.segment
         self.close()
+        for path in sorted(self.directory.glob(f"*{OPEN_SUFFIX}")):
+            number = segment_number(path)
+            if number is not None and number <= sealed:
+                os.replace(path, path.with_suffix(SEALED_SUFFIX))
+        if self.fsync:
+            fsync_dir(self.directory)
         self.segment = sealed + 1
         self._open_current()
         return sealed
-
-    def remove(self, segment: int) -> None:
-        segment_path(self.directory, segment).unlink(missing_ok=True)
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def iter_all(self) -> Iterator[Record]:
-        for segment in self.leftover_segments():
-            yield from read_segment(segment_path(self.directory, segment))[0]
+    def discard_if_empty(self) -> None:
+        """At shutdown: an open segment with no batch in it is not worth keeping."""
+        if self._frames == 0:
+            self.close()
+            self.path(self.segment).unlink(missing_ok=True)

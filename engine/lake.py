@@ -23,17 +23,20 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import polars as pl
 
 from engine.events import CallEvent, CallState, Reject, RejectReason
-from engine.journal import Record, fsync_dir
+from engine.journal import fsync_dir
 
 log = logging.getLogger(__name__)
 
-EVENT, REJECT = 0, 1
+# Journal records: a CallEvent is journaled as its own JSON array (its fields in
+# order); a Reject as a list starting with this marker, its raw bytes as latin-1
+# (which maps every byte to one code point, so they survive JSON exactly).
+REJECT_MARK = "R"
 
 EVENT_SCHEMA: dict[str, Any] = {
     "seq": pl.Int64,
@@ -65,30 +68,17 @@ _SEGMENT_NAME = re.compile(r"^(?:seg-(\d{12})|cmp-(\d{12})-(\d{12}))\.parquet$")
 _PLACEHOLDER_DAY = "day=1970-01-01"
 _PLACEHOLDER = "empty.parquet"
 
+Item = CallEvent | Reject
+# A report as journaled in a JSON frame (see record_of).
+Record = Any
 
-def event_record(seq: int, event: CallEvent) -> Record:
+
+def record_of(item: Item) -> Record:
+    if type(item) is CallEvent:
+        return item
+    reject = cast(Reject, item)
     return [
-        EVENT,
-        seq,
-        event.ts,
-        event.call_id,
-        event.serial,
-        event.state.value,
-        event.code,
-        event.caller,
-        event.callee,
-        event.forward,
-        event.menu_id,
-        event.menu_name,
-        event.source,
-    ]
-
-
-def reject_record(seq: int, reject: Reject) -> Record:
-    # latin-1 maps every byte to one code point, so raw bytes survive JSON exactly.
-    return [
-        REJECT,
-        seq,
+        REJECT_MARK,
         reject.ts,
         reject.reason.value,
         reject.detail,
@@ -99,46 +89,64 @@ def reject_record(seq: int, reject: Reject) -> Record:
     ]
 
 
-def item_of(record: Record) -> CallEvent | Reject:
-    if record[0] == EVENT:
-        return CallEvent(
-            record[2],
-            record[3],
-            record[4],
-            CallState(record[5]),
-            record[6],
-            *record[7:13],
+def item_of(record: Record) -> Item:
+    if record[0] == REJECT_MARK:
+        _, ts, reason, detail, call_id, serial, source, raw = record
+        return Reject(
+            ts, RejectReason(reason), detail, raw.encode("latin-1"), call_id, serial, source
         )
-    return Reject(
-        record[2],
-        RejectReason(record[3]),
-        record[4],
-        record[8].encode("latin-1"),
-        record[5],
-        record[6],
-        record[7],
-    )
+    return CallEvent(record[0], record[1], record[2], CallState(record[3]), *record[4:11])
 
 
-def _frame(rows: list[Record], schema: dict[str, Any]) -> pl.DataFrame:
-    columns = list(zip(*rows, strict=True)) if rows else [() for _ in range(len(schema) + 1)]
-    data: dict[str, Any] = {}
-    for name, values in zip(schema, columns[1:], strict=True):
-        if name == "ts":
-            data[name] = pl.Series(name, [round(v * 1_000_000) for v in values], pl.Int64).cast(
-                schema[name]
-            )
-        elif name == "raw":
-            data[name] = pl.Series(name, [v.encode("latin-1") for v in values], pl.Binary)
-        else:
-            data[name] = pl.Series(name, values, schema[name])
-    return pl.DataFrame(data)
+def _ts_series(values: Sequence[float]) -> pl.Series:
+    micros = (pl.Series("ts", values, pl.Float64) * 1_000_000).round().cast(pl.Int64)
+    return micros.cast(pl.Datetime("us", "UTC"))
 
 
-def frames_of(records: Sequence[Record]) -> dict[str, pl.DataFrame]:
-    events = [r for r in records if r[0] == EVENT]
-    rejects = [r for r in records if r[0] == REJECT]
-    return {"events": _frame(events, EVENT_SCHEMA), "rejects": _frame(rejects, REJECT_SCHEMA)}
+def frames_of(batches: Iterable[tuple[int, Sequence[Item]]]) -> dict[str, pl.DataFrame]:
+    """Columns of the events and rejects tables from batches of (first_seq, items)."""
+    event_seqs: list[int] = []
+    events: list[CallEvent] = []
+    reject_seqs: list[int] = []
+    rejects: list[Reject] = []
+    for first_seq, items in batches:
+        for offset, item in enumerate(items):
+            if type(item) is CallEvent:
+                event_seqs.append(first_seq + offset)
+                events.append(item)
+            else:
+                reject_seqs.append(first_seq + offset)
+                rejects.append(cast(Reject, item))
+    if events:
+        columns = list(zip(*events, strict=True))
+        event_frame = pl.DataFrame(
+            [
+                pl.Series("seq", event_seqs, pl.Int64),
+                _ts_series(columns[0]),
+                *(
+                    pl.Series(name, column, EVENT_SCHEMA[name])
+                    for name, column in zip(list(EVENT_SCHEMA)[2:], columns[1:], strict=True)
+                ),
+            ]
+        )
+    else:
+        event_frame = pl.DataFrame(schema=EVENT_SCHEMA)
+    if rejects:
+        reject_frame = pl.DataFrame(
+            [
+                pl.Series("seq", reject_seqs, pl.Int64),
+                _ts_series([r.ts for r in rejects]),
+                pl.Series("reason", [r.reason.value for r in rejects], pl.String),
+                pl.Series("detail", [r.detail for r in rejects], pl.String),
+                pl.Series("call_id", [r.call_id for r in rejects], pl.String),
+                pl.Series("serial", [r.serial for r in rejects], pl.Int64),
+                pl.Series("source", [r.source for r in rejects], pl.String),
+                pl.Series("raw", [r.raw for r in rejects], pl.Binary),
+            ]
+        )
+    else:
+        reject_frame = pl.DataFrame(schema=REJECT_SCHEMA)
+    return {"events": event_frame, "rejects": reject_frame}
 
 
 def _segment_range(name: str) -> tuple[int, int] | None:
@@ -183,14 +191,14 @@ class Lake:
                 _write_atomic(pl.DataFrame(schema=schema), placeholder)
         self._finish_interrupted_compactions()
 
-    def write_segment(self, segment: int, records: Sequence[Record]) -> int:
-        """Write the records of one journal segment, one file per table and day.
+    def write_segment(self, segment: int, batches: Iterable[tuple[int, Sequence[Item]]]) -> int:
+        """Write the reports of one journal segment, one file per table and day.
 
         Durable (fsync'd) before it returns, so the journal segment may then go.
         """
         written = 0
         touched: set[Path] = set()
-        for table, frame in frames_of(records).items():
+        for table, frame in frames_of(batches).items():
             if frame.is_empty():
                 continue
             days = frame.with_columns(pl.col("ts").dt.date().cast(pl.String).alias("_day"))
@@ -209,6 +217,16 @@ class Lake:
         for table in TABLES:
             for path in (self.root / table).glob(f"day=*/{name}"):
                 path.unlink()
+
+    def highest_segment(self) -> int:
+        """The highest journal segment number any lake file is named after (0 if none)."""
+        highest = 0
+        for table in TABLES:
+            for path in self.files(table):
+                rng = _segment_range(path.name)
+                if rng is not None:
+                    highest = max(highest, rng[1])
+        return highest
 
     def files(self, table: str) -> list[Path]:
         return sorted((self.root / table).glob("day=*/*.parquet"))
@@ -235,7 +253,11 @@ class Lake:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         partial = self.data_dir / f".callsentry.{uuid.uuid4().hex}.duckdb"
         try:
-            with duckdb.connect(str(partial)) as con:
+            with duckdb.connect() as con:
+                # The oldest storage format that has what we use, so analysts' DuckDB
+                # CLIs and libraries from 1.0 on can open the file too.
+                con.execute(f"ATTACH '{partial}' AS analytics (STORAGE_VERSION 'v1.0.0')")
+                con.execute("USE analytics")
                 for table in TABLES:
                     con.execute(
                         f"CREATE VIEW {table} AS SELECT * FROM read_parquet("

@@ -18,17 +18,16 @@ from typing import Any, cast
 
 from engine.codec import Codec
 from engine.config import parse_hostport
-from engine.events import CallEvent, Reject
 from engine.ingest import Batch, Intake, Outcome
+from engine.journal import DATAGRAMS, datagram_payload
 from engine.stats import Stats
 from engine.store import EventStore
 
 log = logging.getLogger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# Called on the event loop with each durable batch, in commit order.
-BatchListener = Callable[[Sequence[CallEvent | Reject]], None]
 
+_ACCEPTED = Outcome.ACCEPTED
 _SLOW_COMMIT_S = 0.1
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 2.0
@@ -39,10 +38,10 @@ class AllowList:
 
     def __init__(self, networks: Sequence[str]) -> None:
         self.networks: list[IPNetwork] = [ipaddress.ip_network(n, strict=False) for n in networks]
-        self._cache: dict[str, bool] = {}
+        self.cache: dict[str, bool] = {}
 
     def __contains__(self, host: str) -> bool:
-        allowed = self._cache.get(host)
+        allowed = self.cache.get(host)
         if allowed is None:
             try:
                 address = ipaddress.ip_address(host.split("%", 1)[0])
@@ -52,9 +51,9 @@ class AllowList:
                 address = address.ipv4_mapped
             allowed = any(address in network for network in self.networks)
             # A spoofing flood must not grow this cache without bound.
-            if len(self._cache) > 65_536:
-                self._cache.clear()
-            self._cache[host] = allowed
+            if len(self.cache) > 65_536:
+                self.cache.clear()
+            self.cache[host] = allowed
         return allowed
 
     def describe(self) -> str:
@@ -96,19 +95,20 @@ class ReportServer:
         commit_max_reports: int,
         commit_max_delay_ms: float,
         socket_buffer_bytes: int = 8 * 1024 * 1024,
-        on_durable: BatchListener | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.codec = codec
+        self._read_key = codec.read_key
         self.store = store
         self.intake = intake
         self.stats = stats
         self.allow = allow
+        # The allow-list's own cache, read directly on the datagram path.
+        self._allowed = allow.cache
         self.listen = list(listen)
         self.commit_max_reports = commit_max_reports
         self.commit_max_delay_s = commit_max_delay_ms / 1000.0
         self.socket_buffer_bytes = socket_buffer_bytes
-        self.on_durable = on_durable
         self.clock = clock
         self.addresses: list[tuple[str, int]] = []
         self._transports: list[asyncio.DatagramTransport] = []
@@ -159,7 +159,7 @@ class ReportServer:
         stats = self.stats
         stats.received += 1
         host = addr[0]
-        if host not in self.allow:
+        if not self._allowed.get(host, False) and host not in self.allow:
             stats.dropped_sender += 1
             if host not in self._warned_senders and len(self._warned_senders) < 100:
                 self._warned_senders.add(host)
@@ -173,17 +173,20 @@ class ReportServer:
         if now < self._last_ts:
             now = self._last_ts
         self._last_ts = now
-        decoded = self.codec.decode(data, now, f"{host}:{addr[1]}")
-        outcome, answer = self.intake.offer(decoded, (transport, addr))
-        if answer is not None:
-            transport.sendto(answer, addr)
+        # Only the key is read here; the full decode happens in the lake writer.
+        read = self._read_key(data)
+        key, answer = read if read is not None else (None, None)
+        outcome, answer_now = self.intake.offer(
+            key, answer, (now, f"{host}:{addr[1]}", data), now, (transport, addr)
+        )
+        if answer_now is not None:
+            transport.sendto(answer_now, addr)
             stats.answered += 1
-        if outcome is Outcome.ACCEPTED:
+        if outcome is _ACCEPTED and self.intake.in_flight is None:
             self._schedule_commit()
 
     def _schedule_commit(self) -> None:
-        if self.intake.in_flight is not None:
-            return  # the commit in flight will pick this batch up when it is done
+        # (With a commit in flight, its completion picks the open batch up.)
         if len(self.intake.open) >= self.commit_max_reports:
             self._commit()
         elif self._timer is None:
@@ -205,8 +208,12 @@ class ReportServer:
         assert self._loop is not None
         self.stats.pending = self.intake.pending
         started = time.monotonic()
-        future = self._loop.run_in_executor(self._committer, self.store.commit, batch.records)
+        future = self._loop.run_in_executor(self._committer, self._write, batch)
         future.add_done_callback(lambda f: self._committed(f, batch, started))
+
+    def _write(self, batch: Batch) -> None:
+        """On the committer thread: encode the batch and make it durable."""
+        self.store.commit(DATAGRAMS, batch.first_seq, datagram_payload(batch.records))
 
     def _committed(self, future: asyncio.Future[None], batch: Batch, started: float) -> None:
         elapsed = time.monotonic() - started
@@ -235,8 +242,6 @@ class ReportServer:
                 transport.sendto(answer, addr)
                 self.stats.answered += 1
         self.stats.pending = self.intake.pending
-        if self.on_durable is not None:
-            self.on_durable(batch.items)
         if self.intake.open.records:
             self._commit()
 

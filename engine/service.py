@@ -1,5 +1,9 @@
-"""`callsentry serve`: the receiver, the store and the housekeeping jobs, started and
-stopped in order (SIGTERM/SIGINT: stop receiving, commit, answer, flush, exit 0)."""
+"""`callsentry serve`: the receiver, the journal, the lake writer process and the
+housekeeping jobs, started and stopped in order.
+
+SIGTERM/SIGINT: stop receiving, commit and answer what was accepted, seal the
+journal, let the lake writer write it, exit 0.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +15,31 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import start_http_server
 
-from engine.codec import build_codec
+from engine.codec import Codec, build_codec
 from engine.config import Settings, parse_hostport
 from engine.ingest import Intake, SeenReports
-from engine.receiver import AllowList, BatchListener, ReportServer
+from engine.lakewriter import LakeWriterProcess
+from engine.receiver import AllowList, ReportServer
 from engine.stats import Stats, registry_for
 from engine.store import EventStore
 
 log = logging.getLogger(__name__)
 
 
-def open_store(settings: Settings) -> tuple[EventStore, Intake, Stats]:
+def settings_codec(settings: Settings) -> Codec:
+    return build_codec(settings.codec.name, settings.codec.separator, settings.codec.encodings)
+
+
+def open_store(
+    settings: Settings, codec: Codec, *, unkeyed_quota: bool = True
+) -> tuple[EventStore, Intake, Stats]:
     """The store and an intake primed from it (next seq, keys within the dedup horizon)."""
     store_settings = settings.store
     store = EventStore(
         store_settings.data_dir,
+        codec,
         fsync=store_settings.fsync,
         dedup_horizon_s=store_settings.dedup_horizon_s,
-        compact_target_bytes=store_settings.compact_target_bytes,
     )
     recovery = store.open()
     stats = Stats()
@@ -40,30 +51,38 @@ def open_store(settings: Settings) -> tuple[EventStore, Intake, Stats]:
         seen,
         next_seq=recovery.next_seq,
         max_pending=store_settings.max_pending_reports,
-        unkeyed_per_minute=store_settings.quarantine_unkeyed_per_minute,
+        unkeyed_per_minute=(
+            store_settings.quarantine_unkeyed_per_minute if unkeyed_quota else None
+        ),
     )
     return store, intake, stats
 
 
 class Housekeeping:
-    """Wall-clock jobs only (flush, compaction, stats). Never detection timers."""
+    """Wall-clock jobs only (sealing the journal, watching the lake writer, stats).
+    Never detection timers: those run on event time."""
 
-    def __init__(self, store: EventStore, stats: Stats, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        stats: Stats,
+        writer: LakeWriterProcess,
+        settings: Settings,
+    ) -> None:
         self.store = store
         self.stats = stats
+        self.writer = writer
         self.scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
         )
         self.scheduler.add_job(
-            self.flush, "interval", seconds=settings.store.flush_interval_s, id="flush"
+            self.seal, "interval", seconds=settings.store.flush_interval_s, id="seal"
         )
-        self.scheduler.add_job(
-            self.compact, "interval", seconds=settings.store.compact_interval_s, id="compact"
-        )
+        self.scheduler.add_job(self.writer.check, "interval", seconds=2.0, id="lake-writer")
         self.scheduler.add_job(
             self.log_stats, "interval", seconds=settings.metrics.log_interval_s, id="stats"
         )
-        self._flush_failing = False
+        self._seal_failing = False
 
     def start(self) -> None:
         self.scheduler.start()
@@ -72,29 +91,16 @@ class Housekeeping:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
 
-    def flush(self) -> None:
+    def seal(self) -> None:
+        """Hand the journal's current segment to the lake writer (analysts see it next)."""
         try:
-            self.stats.flushed += self.store.flush()
+            self.store.seal()
         except OSError as error:
-            self.stats.flush_failures += 1
-            if not self._flush_failing:
-                log.error("lake flush failed (%s); the journal keeps the reports, retrying", error)
-            self._flush_failing = True
+            if not self._seal_failing:
+                log.error("cannot seal the journal segment (%s); retrying", error)
+            self._seal_failing = True
             return
-        if self._flush_failing:
-            log.warning("lake flush works again")
-            self._flush_failing = False
-
-    def compact(self) -> None:
-        try:
-            result = self.store.compact()
-        except OSError as error:
-            log.error("compaction failed (%s); will try again", error)
-            return
-        if result.written_files:
-            log.info(
-                "compacted %d segments into %d files", result.merged_files, result.written_files
-            )
+        self._seal_failing = False
 
     def log_stats(self) -> None:
         log.info("stats: %s", self.stats.line())
@@ -103,12 +109,10 @@ class Housekeeping:
 class Engine:
     """Everything `serve` runs, started and stopped in order; tests drive it directly."""
 
-    def __init__(self, settings: Settings, on_durable: BatchListener | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store, self.intake, self.stats = open_store(settings)
-        self.codec = build_codec(
-            settings.codec.name, settings.codec.separator, settings.codec.encodings
-        )
+        self.codec = settings_codec(settings)
+        self.store, self.intake, self.stats = open_store(settings, self.codec)
         self.allow = AllowList(settings.receiver.allow)
         self.server = ReportServer(
             codec=self.codec,
@@ -120,13 +124,19 @@ class Engine:
             commit_max_reports=settings.store.commit_max_reports,
             commit_max_delay_ms=settings.store.commit_max_delay_ms,
             socket_buffer_bytes=settings.receiver.socket_buffer_bytes,
-            on_durable=on_durable,
         )
-        self.housekeeping = Housekeeping(self.store, self.stats, settings)
+        self.writer = LakeWriterProcess(
+            settings.store.data_dir,
+            compact_target_bytes=settings.store.compact_target_bytes,
+            compact_interval_s=settings.store.compact_interval_s,
+        )
+        self.stats.lake = self.writer.counters
+        self.housekeeping = Housekeeping(self.store, self.stats, self.writer, settings)
         self._metrics_server: Any = None
 
     async def start(self) -> None:
         try:
+            self.writer.start()
             await self.server.start()
             if self.settings.metrics.listen:
                 host, port = parse_hostport(self.settings.metrics.listen)
@@ -149,7 +159,7 @@ class Engine:
         log.info("analysts: duckdb -readonly %s", data_dir / "callsentry.duckdb")
 
     async def stop(self) -> None:
-        """Stop receiving, answer what was accepted, flush the lake, release the data dir."""
+        """Stop receiving, answer what was accepted, seal, let the lake writer finish."""
         try:
             await self.server.stop()
         finally:
@@ -158,11 +168,12 @@ class Engine:
                 self._metrics_server.shutdown()
                 self._metrics_server = None
             self.store.close()
+            self.writer.stop()
         log.info("stopped: %s", self.stats.line())
 
 
-async def serve(settings: Settings, on_durable: BatchListener | None = None) -> int:
-    engine = Engine(settings, on_durable)
+async def serve(settings: Settings) -> int:
+    engine = Engine(settings)
     await engine.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -170,7 +181,7 @@ async def serve(settings: Settings, on_durable: BatchListener | None = None) -> 
         loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
-        log.info("stopping: answering what was accepted, then flushing")
+        log.info("stopping: answering what was accepted, then writing the lake")
     finally:
         await engine.stop()
     return 0

@@ -7,9 +7,8 @@ the pipeline bumps attributes and a custom collector reports them when scraped.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -22,7 +21,6 @@ class Stats:
     stored: int = 0
     answered: int = 0
     duplicates: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
     # Unkeyed rejects past the per-minute quarantine quota: counted, not stored.
     quarantine_overflow: int = 0
     dropped_sender: int = 0
@@ -31,12 +29,29 @@ class Stats:
     commits: int = 0
     store_stalls: int = 0
     store_failures: int = 0
-    flushed: int = 0
-    flush_failures: int = 0
     pending: int = 0
+    # The lake writer's counters (another process), when it runs.
+    lake: Any = None
+
+    def lake_count(self, name: str) -> int:
+        return int(self.lake.get(name)) if self.lake is not None else 0
+
+    @property
+    def flushed(self) -> int:
+        return self.lake_count("flushed")
+
+    @property
+    def flush_failures(self) -> int:
+        return self.lake_count("flush_failures")
+
+    def rejected_by_reason(self) -> dict[str, int]:
+        from engine.events import RejectReason
+
+        counts = {r.value: self.lake_count(f"rejected_{r.value}") for r in RejectReason}
+        return {reason: count for reason, count in counts.items() if count}
 
     def line(self) -> str:
-        rejected = sum(self.rejected.values())
+        rejected = sum(self.rejected_by_reason().values())
         return (
             f"received={self.received} stored={self.stored} answered={self.answered} "
             f"duplicates={self.duplicates} rejected={rejected} "
@@ -51,7 +66,7 @@ class Stats:
             "stored": self.stored,
             "answered": self.answered,
             "duplicates": self.duplicates,
-            "rejected": dict(self.rejected),
+            "rejected": self.rejected_by_reason(),
             "quarantine_overflow": self.quarantine_overflow,
             "dropped_sender": self.dropped_sender,
             "dropped_overload": self.dropped_overload,
@@ -62,7 +77,7 @@ class Stats:
 
 _COUNTERS = {
     "received": "Datagrams received, from any sender",
-    "stored": "Reports (events and quarantined rejects) made durable",
+    "stored": "Reports made durable in the journal (events and quarantined rejects)",
     "answered": "Answers sent to the switch",
     "duplicates": "Copies of an already accepted report (answered again, not processed)",
     "quarantine_overflow": "Unreadable datagrams counted but not stored (quota reached)",
@@ -72,8 +87,8 @@ _COUNTERS = {
     "commits": "Group commits of the journal",
     "store_stalls": "Group commits slower than 100 ms",
     "store_failures": "Group commits that failed (disk full, read-only, I/O error)",
-    "flushed": "Reports written to the Parquet lake",
-    "flush_failures": "Lake flushes that failed and will be retried",
+    "flushed": "Reports decoded and written to the Parquet lake",
+    "flush_failures": "Lake writes that failed and will be retried",
 }
 
 
@@ -89,7 +104,7 @@ class StatsCollector(Collector):
         rejected = CounterMetricFamily(
             "callsentry_rejected", "Reports quarantined, by reason", labels=["reason"]
         )
-        for reason, count in sorted(self.stats.rejected.items()):
+        for reason, count in sorted(self.stats.rejected_by_reason().items()):
             rejected.add_metric([reason], count)
         yield rejected
         yield GaugeMetricFamily(

@@ -1,7 +1,9 @@
-"""The durable event store: journal for the acknowledgement, lake for the analysts.
+"""The receiver's side of the store: the data-dir lock, the journal, and what a restart
+needs to know (the next sequence number, the keys seen within the dedup horizon).
 
 `commit()` runs on the committer thread and returns once a batch is fsync'd;
-`flush()` and `compact()` run as scheduler jobs. One lock orders them.
+`seal()` runs as a scheduler job. One lock orders them. The lake side lives in
+`lakewriter.py`, in a process of its own.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ import fcntl
 import logging
 import os
 import threading
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from engine.journal import Journal, JournalError, Record
-from engine.lake import EVENT, REJECT, CompactionResult, Lake
+from engine.codec import Codec, build_codec
+from engine.journal import DATAGRAMS, Journal, JournalError, read_segment, sealed_segments
+from engine.lake import Lake, item_of
 
 log = logging.getLogger(__name__)
+
+Key = tuple[str, int]
 
 
 class StoreError(Exception):
@@ -27,12 +31,11 @@ class StoreError(Exception):
 
 @dataclass
 class Recovery:
-    """What `open()` found and repaired."""
+    """What `open()` found."""
 
-    journal_segments: int = 0
-    recovered_records: int = 0
+    sealed_segments: int = 0
     next_seq: int = 1
-    # (call_id, serial, ts) of reports stored within the dedup horizon.
+    # (call_id, serial, ts) of reports stored within the dedup horizon, oldest first.
     recent_keys: list[tuple[str, int, float]] = field(default_factory=list)
 
 
@@ -64,25 +67,42 @@ class DataDirLock:
             self._fd = None
 
 
+def codec_header(codec: Codec) -> dict[str, Any]:
+    """What a reader needs to decode a segment's datagrams exactly as they were meant."""
+    return {
+        "codec": {
+            "name": codec.name,
+            "separator": getattr(codec, "separator", ","),
+            "encodings": list(getattr(codec, "encodings", ("utf-8",))),
+        }
+    }
+
+
+def codec_of(header: dict[str, Any]) -> Codec:
+    spec = header.get("codec") or {}
+    return build_codec(
+        spec.get("name", "vos3000-text"),
+        spec.get("separator", ","),
+        spec.get("encodings", ["utf-8", "gbk"]),
+    )
+
+
 class EventStore:
     def __init__(
         self,
         data_dir: Path,
+        codec: Codec,
         *,
         fsync: bool = True,
         dedup_horizon_s: float = 3600.0,
-        compact_target_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.data_dir = data_dir
+        self.codec = codec
         self.lake = Lake(data_dir)
-        self.journal = Journal(data_dir / "journal", fsync=fsync)
+        self.journal = Journal(data_dir / "journal", codec_header(codec), fsync=fsync)
         self.dedup_horizon_s = dedup_horizon_s
-        self.compact_target_bytes = compact_target_bytes
         self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
         self._dir_lock = DataDirLock(data_dir)
-        # Committed records per journal segment, waiting for the next flush.
-        self._buffered: dict[int, list[Record]] = {}
         self._opened = False
 
     def open(self) -> Recovery:
@@ -92,126 +112,79 @@ class EventStore:
         except OSError as error:
             raise StoreError(f"data dir {self.data_dir}: {error.strerror}") from None
         try:
-            return self._recover()
+            recovery = self._recover()
         except OSError as error:
             self._dir_lock.release()
             raise StoreError(f"data dir {self.data_dir}: {error}") from None
+        self._opened = True
+        return recovery
 
     def _recover(self) -> Recovery:
         recovery = Recovery()
         self.lake.prepare()
-        leftovers = self.journal.leftover_segments()
-        recovered: list[Record] = []
-        for segment in leftovers:
-            records = self.journal.recover(segment)
-            # A crash may have left part of this segment's Parquet; write it whole again.
-            self.lake.drop_segment(segment)
-            self.lake.write_segment(segment, records)
-            self.journal.remove(segment)
-            recovered.extend(records)
-        recovery.journal_segments = len(leftovers)
-        recovery.recovered_records = len(recovered)
-        if leftovers:
-            log.info(
-                "recovered %d reports from %d journal segments into the lake",
-                len(recovered),
-                len(leftovers),
-            )
-        seq_rows = self.lake.query(
+        highest_segment = self.journal.seal_leftovers()
+        # Reports in sealed segments are durable but maybe not in the lake yet.
+        journaled: list[tuple[int, Key | None, float]] = []
+        sealed = sealed_segments(self.journal.directory)
+        for path in sealed:
+            segment = read_segment(path)
+            codec = codec_of(segment.header)
+            for frame in segment.frames:
+                if frame.kind == DATAGRAMS:
+                    for offset, (ts, _, raw) in enumerate(frame.datagrams()):
+                        read = codec.read_key(raw)
+                        journaled.append((frame.first_seq + offset, read and read[0], ts))
+                else:
+                    for offset, record in enumerate(frame.records()):
+                        item = item_of(record)
+                        journaled.append((frame.first_seq + offset, item.key, item.ts))
+        recovery.sealed_segments = len(sealed)
+        max_seq, max_ts_us = self.lake.query(
             "SELECT max(seq), max(epoch_us(ts)) FROM (SELECT seq, ts FROM events "
             "UNION ALL SELECT seq, ts FROM rejects)"
+        )[0]
+        latest = max([(max_ts_us or 0) / 1_000_000] + [ts for _, _, ts in journaled])
+        recovery.next_seq = max([max_seq or 0] + [seq for seq, _, _ in journaled]) + 1
+        since = latest - self.dedup_horizon_s
+        lake_keys = self.lake.query(
+            "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
+            "SELECT call_id, serial, ts FROM events WHERE ts >= to_timestamp(?) "
+            "UNION ALL SELECT call_id, serial, ts FROM rejects "
+            "WHERE ts >= to_timestamp(?) AND call_id IS NOT NULL) ORDER BY t",
+            (since, since),
         )
-        max_seq, max_ts_us = seq_rows[0]
-        recovery.next_seq = (max_seq or 0) + 1
-        if max_ts_us is not None:
-            since = max_ts_us / 1_000_000 - self.dedup_horizon_s
-            recovery.recent_keys = [
-                (call_id, serial, ts_us / 1_000_000)
-                for call_id, serial, ts_us in self.lake.query(
-                    "SELECT call_id, serial, epoch_us(ts) AS t FROM ("
-                    "SELECT call_id, serial, ts FROM events WHERE ts >= to_timestamp(?) "
-                    "UNION ALL SELECT call_id, serial, ts FROM rejects "
-                    "WHERE ts >= to_timestamp(?) AND call_id IS NOT NULL) ORDER BY t",
-                    (since, since),
-                )
-            ]
-        # Never reuse a segment number: recovery deletes a leftover segment's Parquet by it.
-        self.journal.start(max((leftovers[-1] + 1) if leftovers else 0, self._next_segment()))
+        recovery.recent_keys = [(c, s, t) for c, s, t in lake_keys] + [
+            (key[0], key[1], ts) for _, key, ts in journaled if key is not None and ts >= since
+        ]
+        # Never reuse a segment number: the lake names its files after them.
+        self.journal.start(max(highest_segment, self.lake.highest_segment()) + 1)
         self.lake.publish_views()
-        self._opened = True
         return recovery
 
-    def _next_segment(self) -> int:
-        highest = 0
-        for table in ("events", "rejects"):
-            for path in self.lake.files(table):
-                stem = path.stem
-                if stem.startswith(("seg-", "cmp-")):
-                    highest = max(highest, int(stem.rsplit("-", 1)[1]))
-        return highest + 1
-
-    def commit(self, records: list[Record]) -> None:
+    def commit(self, kind: bytes, first_seq: int, payload: bytes) -> None:
         """Make a batch durable; raises JournalError (the batch is then not stored)."""
         with self._lock:
-            self.journal.append(records)
-            self._buffered.setdefault(self.journal.segment, []).extend(records)
+            self.journal.append(kind, first_seq, payload)
 
-    def flush(self) -> int:
-        """Seal the journal segment and write everything sealed to the lake.
-
-        Returns the number of records written. On a failed lake write the
-        records stay buffered (and journaled) and the next flush tries again.
-        """
-        with self._flush_lock:
-            with self._lock:
-                if not self.journal.current_is_empty:
-                    self.journal.rotate()
-                current = self.journal.segment
-                sealed = sorted(s for s in self._buffered if s < current)
-            written = 0
-            for segment in sealed:
-                with self._lock:
-                    records = self._buffered[segment]
-                self.lake.write_segment(segment, records)
-                with self._lock:
-                    del self._buffered[segment]
-                    self.journal.remove(segment)
-                written += len(records)
-            return written
-
-    def compact(self) -> CompactionResult:
-        with self._flush_lock:
-            return self.lake.compact(self.compact_target_bytes)
+    def seal(self) -> int | None:
+        with self._lock:
+            return self.journal.seal()
 
     def close(self) -> None:
+        """Seal what was written (the lake writer takes it from there) and unlock."""
         if not self._opened:
             return
         try:
-            for attempt in range(3):
-                try:
-                    self.flush()
-                    break
-                except OSError as error:
-                    log.error("flush at shutdown failed (%s); the journal keeps the reports", error)
-                    time.sleep(0.2 * (attempt + 1))
-        finally:
             with self._lock:
-                empty = self.journal.current_is_empty and not self._buffered
+                try:
+                    self.journal.seal()
+                except OSError as error:
+                    log.error("cannot seal the journal at shutdown (%s); next start will", error)
+                self.journal.discard_if_empty()
                 self.journal.close()
-                if empty:
-                    self.journal.remove(self.journal.segment)
+        finally:
             self._dir_lock.release()
             self._opened = False
 
-    def pending_records(self) -> int:
-        with self._lock:
-            return sum(len(records) for records in self._buffered.values())
 
-    def iter_buffered(self) -> Iterator[Record]:
-        with self._lock:
-            snapshot = [list(r) for r in self._buffered.values()]
-        for records in snapshot:
-            yield from records
-
-
-__all__ = ["EVENT", "REJECT", "EventStore", "JournalError", "Recovery", "StoreError"]
+__all__ = ["EventStore", "JournalError", "Recovery", "StoreError", "codec_header", "codec_of"]

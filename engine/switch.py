@@ -186,7 +186,13 @@ class SwitchStandIn:
             await asyncio.sleep(tick)
             self._retry_due(time.monotonic())
 
-    async def send(self, events: Sequence[CallEvent]) -> SendSummary:
+    async def send(
+        self, events: Sequence[CallEvent], offsets: Sequence[float] | None = None
+    ) -> SendSummary:
+        """Send every report; `offsets` (seconds after the start, one per event) paces
+        them as the switch would, otherwise `rate` or the window does."""
+        if offsets is not None and len(offsets) != len(events):
+            raise ValueError("one offset per event is needed")
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -200,9 +206,14 @@ class SwitchStandIn:
         started = time.monotonic()
         try:
             for number, event in enumerate(events):
-                if self.settings.rate > 0:
-                    delay = started + number / self.settings.rate - time.monotonic()
-                    if delay > 0:
+                due = None
+                if offsets is not None:
+                    due = started + offsets[number]
+                elif self.settings.rate > 0:
+                    due = started + number / self.settings.rate
+                if due is not None:
+                    delay = due - time.monotonic()
+                    if delay > 0.001:
                         await asyncio.sleep(delay)
                 while len(self._outstanding) >= self.settings.window:
                     self._room.clear()

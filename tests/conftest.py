@@ -59,13 +59,18 @@ class RunningEngine:
         self.thread.join(timeout=10)
 
     def journal_keys(self) -> set[tuple[str, int]]:
-        """(call_id, serial) of every record in the journal files right now."""
+        """(call_id, serial) of every report in the journal files (open or sealed) right now."""
         keys: set[tuple[str, int]] = set()
         journal = self.engine.store.journal
-        for segment in journal.leftover_segments():
-            for record in read_segment(journal.directory / f"{segment:012d}.wal")[0]:
-                key = (record[3], record[4]) if record[0] == 0 else (record[5], record[6])
-                keys.add(key)
+        codec = self.engine.codec
+        for path in sorted(journal.directory.glob("*.*")):
+            if path.suffix not in (".wal", ".sealed"):
+                continue
+            for frame in read_segment(path).frames:
+                for _, _, raw in frame.datagrams():
+                    read = codec.read_key(raw)
+                    if read is not None:
+                        keys.add(read[0])
         return keys
 
 

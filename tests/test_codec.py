@@ -189,3 +189,29 @@ def test_round_trip(
     item, answer = codec.decode(data, 7.5, "x")
     assert item == event
     assert answer == codec.answer(call_id, serial)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=120),
+        st.builds(
+            lambda a, b, rest: a + b"," + b + b"," + rest,
+            st.binary(max_size=12),
+            st.sampled_from([b"1", b" 7 ", b"007", b"", b"x", b"\xb2", b"1" * 19]),
+            st.binary(max_size=40),
+        ),
+    ),
+    st.sampled_from(SEPARATORS),
+)
+def test_read_key_agrees_with_decode(data: bytes, separator: str) -> None:
+    codec = Vos3000TextCodec(separator=separator)
+    item, answer = codec.decode(data, 0.0)
+    expected = None if item.key is None or answer is None else (item.key, answer)
+    assert codec.read_key(data) == expected
+
+
+def test_read_key_of_an_oversized_report_and_of_gbk() -> None:
+    assert CODEC.read_key(b"c1, 9 ,OK," + b"x" * 3000) == (("c1", 9), b"c1,9")
+    data = "亅|4|OK|1|2||9|菜单".encode("gbk")
+    assert Vos3000TextCodec(separator="|").read_key(data) == (("亅", 4), "亅|4".encode("gbk"))

@@ -122,7 +122,7 @@ def test_malformed_reports_are_quarantined_with_their_reason(
     assert raw == payload
     assert (call_id is not None) == (answer is not None)
     assert stored_count(tmp_path / "data") == 0
-    assert running.engine.stats.rejected[reason] == 1
+    assert running.engine.stats.rejected_by_reason() == {reason: 1}
 
 
 def test_unreadable_garbage_is_quarantined_only_up_to_its_quota(

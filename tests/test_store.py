@@ -6,23 +6,30 @@ import json
 from pathlib import Path
 
 import duckdb
+import polars as pl
 import pytest
 
-from engine.codec import Decoded
+from engine.codec import Vos3000TextCodec
 from engine.events import CallEvent, CallState
-from engine.journal import encode_frame, read_segment, segment_path
-from engine.lake import event_record
+from engine.journal import DATAGRAMS, HEADER, datagram_payload, encode_frame, read_segment
+from engine.lakewriter import LakeWriter
 from engine.service import open_store
-from engine.store import EventStore, StoreError
+from engine.store import EventStore, StoreError, codec_header
 from tests.conftest import make_settings
 
 T0 = 1795860000.0
+CODEC = Vos3000TextCodec()
 
 
 def event(n: int, serial: int = 1, ts: float = T0) -> CallEvent:
     return CallEvent(
         ts + n, f"call-{n}", serial, CallState.RINGING, 180, "100", "200", "", "7", "m"
     )
+
+
+def datagram(n: int) -> tuple[float, str, bytes]:
+    e = event(n)
+    return (e.ts, "127.0.0.1:5060", CODEC.encode(e))
 
 
 def count(data_dir: Path, sql: str = "SELECT count(*) FROM events") -> int:
@@ -32,40 +39,55 @@ def count(data_dir: Path, sql: str = "SELECT count(*) FROM events") -> int:
         return int(row[0])
 
 
-def test_leftover_journal_is_recovered_into_the_lake_and_a_torn_tail_dropped(
-    tmp_path: Path,
-) -> None:
+def open_segment_bytes(*frames: bytes) -> bytes:
+    header = encode_frame(HEADER, 0, json.dumps(codec_header(CODEC)).encode())
+    return header + b"".join(frames)
+
+
+def store_at(data_dir: Path) -> EventStore:
+    return EventStore(data_dir, CODEC)
+
+
+def write_lake(data_dir: Path) -> int:
+    return LakeWriter(data_dir).drain().reports
+
+
+def test_leftover_journal_is_sealed_recovered_and_a_torn_tail_dropped(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     journal = data_dir / "journal"
     journal.mkdir(parents=True)
-    whole = encode_frame([event_record(n + 1, event(n)) for n in range(3)])
-    torn = encode_frame([event_record(4, event(3))])[:-5]
-    segment_path(journal, 5).write_bytes(whole + torn)
-    store = EventStore(data_dir)
+    whole = encode_frame(DATAGRAMS, 1, datagram_payload([datagram(n) for n in range(3)]))
+    torn = encode_frame(DATAGRAMS, 4, datagram_payload([datagram(3)]))[:-5]
+    (journal / "000000000005.wal").write_bytes(open_segment_bytes(whole, torn))
+    store = store_at(data_dir)
     recovery = store.open()
-    assert recovery.recovered_records == 3
+    assert recovery.sealed_segments == 1
     assert recovery.next_seq == 4
     assert [key[:2] for key in recovery.recent_keys] == [
         ("call-0", 1),
         ("call-1", 1),
         ("call-2", 1),
     ]
-    assert not segment_path(journal, 5).exists()
+    assert (journal / "000000000005.sealed").exists()
+    assert store.journal.segment == 6
     store.close()
+    assert write_lake(data_dir) == 3
     assert count(data_dir) == 3
+    assert not list(journal.glob("*.sealed"))
 
 
 def test_corrupt_frame_is_set_aside_for_inspection(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     journal = data_dir / "journal"
     journal.mkdir(parents=True)
-    good = encode_frame([event_record(1, event(0))])
-    bad = bytearray(encode_frame([event_record(2, event(1))]))
+    good = encode_frame(DATAGRAMS, 1, datagram_payload([datagram(0)]))
+    bad = bytearray(encode_frame(DATAGRAMS, 2, datagram_payload([datagram(1)])))
     bad[-3] ^= 0xFF
-    segment_path(journal, 1).write_bytes(good + bytes(bad) + good)
-    store = EventStore(data_dir)
+    (journal / "000000000001.wal").write_bytes(open_segment_bytes(good, bytes(bad), good))
+    store = store_at(data_dir)
     store.open()
     store.close()
+    write_lake(data_dir)
     assert count(data_dir) == 1
     aside = journal / "000000000001.corrupt"
     assert aside.exists() and aside.stat().st_size == len(bad) + len(good)
@@ -73,84 +95,91 @@ def test_corrupt_frame_is_set_aside_for_inspection(tmp_path: Path) -> None:
 
 def test_keys_and_sequence_survive_a_restart(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data")
-    store, intake, _ = open_store(settings)
+    store, intake, _ = open_store(settings, CODEC)
     for n in range(5):
-        intake.offer(Decoded(event(n), b""))
+        (key, answer) = CODEC.read_key(datagram(n)[2]) or (None, None)
+        intake.offer(key, answer, datagram(n), T0 + n)
     batch = intake.seal()
     assert batch is not None
-    store.commit(batch.records)
+    store.commit(DATAGRAMS, batch.first_seq, datagram_payload(batch.records))
     intake.durable(batch)
     store.close()
-
-    store, intake, _ = open_store(settings)
-    outcome, answer = intake.offer(Decoded(event(2), b"call-2,1"))
-    assert outcome.value == "duplicate" and answer == b"call-2,1"
-    assert intake.next_seq == 6
-    store.close()
+    # Before and after the lake writer has taken the segment.
+    for drain in (False, True):
+        if drain:
+            write_lake(tmp_path / "data")
+        store, intake, _ = open_store(settings, CODEC)
+        outcome, answer = intake.offer(("call-2", 1), b"call-2,1", datagram(2), T0)
+        assert outcome.value == "duplicate" and answer == b"call-2,1"
+        assert intake.next_seq == 6
+        store.close()
 
 
 def test_compaction_merges_segments_and_keeps_every_row(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    store = EventStore(data_dir)
+    store = store_at(data_dir)
     store.open()
     for n in range(6):
-        store.commit([event_record(n + 1, event(n))])
-        store.flush()
+        store.commit(DATAGRAMS, n + 1, datagram_payload([datagram(n)]))
+        store.seal()
+    store.close()
+    writer = LakeWriter(data_dir)
+    writer.drain()
     day = data_dir / "lake" / "events" / "day=2026-11-28"
     assert len(list(day.glob("*.parquet"))) == 6
-    result = store.compact()
+    result = writer.lake.compact(64 << 20)
     assert result.merged_files == 6 and result.written_files == 1
-    assert [p.name for p in day.glob("*.parquet")] == ["cmp-000000000001-000000000006.parquet"]
-    store.close()
+    names = [p.name for p in day.glob("*.parquet")]
+    assert len(names) == 1 and names[0].startswith("cmp-")
     assert count(data_dir) == 6
 
 
 def test_an_interrupted_compaction_is_finished_on_the_next_start(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    store = EventStore(data_dir)
+    store = store_at(data_dir)
     store.open()
     for n in range(2):
-        store.commit([event_record(n + 1, event(n))])
-        store.flush()
+        store.commit(DATAGRAMS, n + 1, datagram_payload([datagram(n)]))
+        store.seal()
+    store.close()
+    writer = LakeWriter(data_dir)
+    writer.drain()
     day = data_dir / "lake" / "events" / "day=2026-11-28"
     inputs = sorted(p.name for p in day.glob("*.parquet"))
-    store.compact()
-    store.close()
+    writer.lake.compact(64 << 20)
     # Put the inputs back as a crash between writing the merged file and deleting them would.
     merged = next(day.glob("cmp-*.parquet"))
-    import polars as pl
-
     for name in inputs:
         pl.read_parquet(merged, hive_partitioning=False).head(1).write_parquet(day / name)
     (day / "compaction.intent.json").write_text(
         json.dumps({"target": merged.name, "inputs": inputs})
     )
-    store = EventStore(data_dir)
+    store = store_at(data_dir)
     store.open()
     store.close()
     assert count(data_dir) == 2
 
 
 def test_one_process_per_data_dir(tmp_path: Path) -> None:
-    first = EventStore(tmp_path / "data")
+    first = store_at(tmp_path / "data")
     first.open()
     with pytest.raises(StoreError, match="in use by another callsentry process"):
-        EventStore(tmp_path / "data").open()
+        store_at(tmp_path / "data").open()
     first.close()
-    second = EventStore(tmp_path / "data")
+    second = store_at(tmp_path / "data")
     second.open()
     second.close()
 
 
 def test_views_are_republished_while_an_analyst_holds_the_database_open(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    store = EventStore(data_dir)
+    store = store_at(data_dir)
     store.open()
-    store.commit([event_record(1, event(0))])
-    store.flush()
-    analyst = duckdb.connect(str(data_dir / "callsentry.duckdb"), read_only=True)
+    store.commit(DATAGRAMS, 1, datagram_payload([datagram(0)]))
     store.close()
-    again = EventStore(data_dir)
+    write_lake(data_dir)
+    analyst = duckdb.connect(str(data_dir / "callsentry.duckdb"), read_only=True)
+    again = store_at(data_dir)
     again.open()  # rewrites callsentry.duckdb while the analyst is connected
     again.close()
     assert analyst.execute("SELECT count(*) FROM events").fetchone() == (1,)
@@ -161,12 +190,51 @@ def test_unusable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(StoreError, match="data dir"):
-        EventStore(blocker / "data").open()
+        store_at(blocker / "data").open()
 
 
 def test_frames_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "x.wal"
-    records = [event_record(1, event(0)), event_record(2, event(1))]
-    path.write_bytes(encode_frame(records[:1]) + encode_frame(records[1:]))
-    read, length, problem, torn = read_segment(path)
-    assert read == records and length == path.stat().st_size and problem is None and not torn
+    grams = [datagram(0), datagram(1)]
+    path.write_bytes(
+        open_segment_bytes(
+            encode_frame(DATAGRAMS, 1, datagram_payload(grams[:1])),
+            encode_frame(DATAGRAMS, 2, datagram_payload(grams[1:])),
+        )
+    )
+    segment = read_segment(path)
+    assert segment.header == codec_header(CODEC)
+    assert [(f.first_seq, list(f.datagrams())) for f in segment.frames] == [
+        (1, grams[:1]),
+        (2, grams[1:]),
+    ]
+    assert segment.length == path.stat().st_size and segment.problem is None
+
+
+def test_the_stock_duckdb_cli_reads_the_analysts_database(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).with_name("duckdb")
+    assert cli.exists() or shutil.which("duckdb"), "the duckdb CLI is a dependency"
+    data_dir = tmp_path / "data"
+    store = store_at(data_dir)
+    store.open()
+    store.commit(DATAGRAMS, 1, datagram_payload([datagram(0), datagram(1)]))
+    store.close()
+    write_lake(data_dir)
+    result = subprocess.run(
+        [
+            str(cli if cli.exists() else "duckdb"),
+            "-readonly",
+            "-csv",
+            str(data_dir / "callsentry.duckdb"),
+            "SELECT count(*) AS n FROM events",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["n", "2"]

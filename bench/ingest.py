@@ -1,0 +1,238 @@
+"""Ingest benchmark: `callsentry serve` against a bare uvloop echo, under the same load.
+
+(a) baseline: a uvloop UDP server that answers `call_id,serial` and stores nothing;
+(b) callsentry serve with its durable store (journal fsync per group commit, lake flush).
+
+The load generator runs in its own process: distinct reports, a window of
+outstanding ones, at full speed and at paced rates. It reports answered
+reports/s and answer latency; the figure that matters is the ratio b/a.
+
+    .venv/bin/python bench/ingest.py [--reports 200000] [--window 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+ECHO = """
+import asyncio, socket, sys, uvloop
+class Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+    def datagram_received(self, data, addr):
+        call_id, serial, _ = data.split(b",", 2)
+        self.transport.sendto(call_id + b"," + serial, addr)
+async def main(port):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sock.bind(("127.0.0.1", port))
+    await asyncio.get_running_loop().create_datagram_endpoint(Echo, sock=sock)
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main(int(sys.argv[1])))
+"""
+
+
+def start_echo(port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", ECHO, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert process.stdout is not None
+    process.stdout.readline()
+    return process
+
+
+def start_engine(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+    log = (data_dir.parent / "engine.log").open("wb")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "info",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 60
+    while "callsentry serving on" not in (data_dir.parent / "engine.log").read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit((data_dir.parent / "engine.log").read_text())
+        time.sleep(0.05)
+    return process
+
+
+def load(port: int, reports: int, window: int, rate: float, prefix: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    """Send `reports` distinct reports keeping at most `window` unanswered; pace at `rate`/s."""
+    payloads = [
+        f"{prefix}-{n}@10.0.0.5,1,OK,8613800000001,4420719460000,,12,Main menu".encode()
+        for n in range(reports)
+    ]
+    expected = [p.split(b",", 2) for p in payloads]
+    answers = [a + b"," + b for a, b, _ in expected]
+    sent_at: dict[bytes, float] = {}
+    latencies: list[float] = []
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    sent = 0
+    clock = time.perf_counter
+    start = clock()
+    last_answer = start
+    while sent < reports or sent_at:
+        now = clock()
+        room = window - len(sent_at)
+        if rate > 0:
+            room = min(room, int((now - start) * rate) - sent)
+        room = min(room, reports - sent)
+        for _ in range(max(0, room)):
+            try:
+                sock.send(payloads[sent])
+            except BlockingIOError:
+                break
+            sent_at[answers[sent]] = clock()
+            sent += 1
+        ready, _, _ = select.select([sock], [], [], 0.0005 if rate > 0 else 0.05)
+        if ready:
+            while True:
+                try:
+                    data = sock.recv(256)
+                except BlockingIOError:
+                    break
+                at = sent_at.pop(data, None)
+                if at is not None:
+                    now = clock()
+                    latencies.append(now - at)
+                    last_answer = now
+        if clock() - last_answer > 3.0:
+            break  # what is still outstanding was lost
+    elapsed = (last_answer if latencies else clock()) - start
+    sock.close()
+    latencies.sort()
+
+    def pct(share: float) -> float:
+        return (
+            latencies[min(len(latencies) - 1, int(share * len(latencies)))] * 1000
+            if latencies
+            else float("nan")
+        )
+
+    out.put(
+        {
+            "sent": sent,
+            "answered": len(latencies),
+            "lost": len(sent_at),
+            "elapsed_s": elapsed,
+            "rate": len(latencies) / elapsed if elapsed > 0 else 0.0,
+            "p50_ms": pct(0.5),
+            "p99_ms": pct(0.99),
+            "max_ms": latencies[-1] * 1000 if latencies else float("nan"),
+        }
+    )
+
+
+def run_load(port: int, reports: int, window: int, rate: float, prefix: str) -> dict[str, float]:
+    queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    process = mp.Process(target=load, args=(port, reports, window, rate, prefix, queue))
+    process.start()
+    result = queue.get(timeout=600)
+    process.join()
+    return dict(result)
+
+
+def engine_stats(log: Path) -> str:
+    lines = [line for line in log.read_text().splitlines() if "stopped:" in line]
+    return lines[-1].split("stopped: ", 1)[1] if lines else "?"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--reports", type=int, default=200_000, help="reports per full-speed run")
+    parser.add_argument("--window", type=int, default=1000)
+    parser.add_argument("--paced", type=float, nargs="*", default=[5000.0, 20000.0])
+    parser.add_argument("--paced-seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    results: dict[str, dict[str, float]] = {}
+    work = Path(tempfile.mkdtemp(prefix="callsentry-bench-"))
+    try:
+        runs = [("full", 0.0, args.reports)] + [
+            (f"paced {rate:g}/s", rate, int(rate * args.paced_seconds)) for rate in args.paced
+        ]
+        for label, rate, reports in runs:
+            port = free_port()
+            echo = start_echo(port)
+            try:
+                results[f"a echo, {label}"] = run_load(port, reports, args.window, rate, "a")
+            finally:
+                echo.kill()
+                echo.wait()
+            port = free_port()
+            data_dir = work / f"data-{len(results)}"
+            data_dir.mkdir()
+            engine = start_engine(port, data_dir)
+            try:
+                results[f"b serve, {label}"] = run_load(port, reports, args.window, rate, "b")
+            finally:
+                engine.send_signal(signal.SIGTERM)
+                engine.wait(timeout=120)
+            results[f"b serve, {label}"]["engine"] = engine_stats(data_dir.parent / "engine.log")  # type: ignore[assignment]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"{'run':28} {'answered/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'lost':>6}")
+    for name, r in results.items():
+        print(
+            f"{name:28} {r['rate']:11.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+            f"{r['max_ms']:8.1f} {r['lost']:6.0f}"
+        )
+    ratio = results["b serve, full"]["rate"] / results["a echo, full"]["rate"]
+    print()
+    print(f"ratio b/a at full speed: {ratio:.2f} (goal >= 0.70)")
+    for rate in args.paced:
+        p99 = results[f"b serve, paced {rate:g}/s"]["p99_ms"]
+        print(f"serve p99 answer latency at {rate:g}/s: {p99:.1f} ms (goal <= 25 ms at 5000/s)")
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "ingest.json").write_text(json.dumps({"results": results, "ratio": ratio}, indent=2))
+    print(
+        f"details: {out / 'ingest.json'}; engine counters: {results['b serve, full'].get('engine')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

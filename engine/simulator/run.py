@@ -1,0 +1,137 @@
+"""`callsentry simulate`: generate a scenario, write it to files, or send it over UDP."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.codec import Vos3000TextCodec
+from engine.eventfiles import EventFileError, read_event_file
+from engine.events import CallEvent
+from engine.simulator.scenario import generate, load_scenario, write_files
+from engine.switch import SwitchSettings, SwitchStandIn
+from engine.yamlfile import YamlFileError
+
+
+class SimulateError(Exception):
+    """Bad arguments or inputs for simulate; the message says which and why."""
+
+
+def _check_target(host: str, allow_remote: bool) -> None:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)}
+    except socket.gaierror as error:
+        raise SimulateError(f"--host {host!r}: {error.strerror}") from None
+    if allow_remote:
+        return
+    for address in addresses:
+        if not ipaddress.ip_address(str(address).split("%", 1)[0]).is_loopback:
+            raise SimulateError(
+                f"--host {host} is not a loopback address; simulate sends only to this "
+                "machine unless you pass --allow-remote"
+            )
+
+
+@dataclass(frozen=True)
+class SimulateOptions:
+    """The `simulate` command's options, one field per flag."""
+
+    scenario: Path | None
+    events_file: Path | None
+    to_file: Path | None
+    file_format: str
+    send: bool
+    host: str
+    port: int
+    allow_remote: bool
+    speed: float
+    rate: float
+    window: int
+    retries: int
+    retry_interval: float
+    request_loss: float
+    answer_loss: float
+    separator: str
+    encoding: str
+    seed: int | None
+
+
+def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
+    scenario, events_file, to_file = options.scenario, options.events_file, options.to_file
+    send, seed = options.send, options.seed
+    if (scenario is None) == (events_file is None):
+        raise SimulateError("give exactly one of --scenario FILE or --events FILE")
+    if not send and to_file is None:
+        raise SimulateError("say what to do: --to-file DIR, --send, or both")
+    if events_file is not None and to_file is not None:
+        raise SimulateError("--to-file writes a scenario's files; --events already is one")
+    try:
+        codec = Vos3000TextCodec(separator=options.separator, encodings=(options.encoding,))
+    except ValueError as error:
+        raise SimulateError(str(error)) from None
+
+    events: list[CallEvent]
+    if scenario is not None:
+        try:
+            spec = load_scenario(scenario)
+        except YamlFileError as error:
+            raise SimulateError(str(error)) from None
+        if seed is not None:
+            spec = spec.model_copy(update={"seed": seed})
+        generated = generate(spec)
+        events = generated.events
+        echo(
+            f"scenario {spec.name}: {generated.calls} calls, {len(events)} reports, "
+            f"{len(generated.labels)} labelled incidents"
+        )
+        if to_file is not None:
+            events_path, labels_path = write_files(generated, to_file, options.file_format)
+            echo(f"wrote {events_path} and {labels_path}")
+    else:
+        assert events_file is not None
+        try:
+            items = read_event_file(events_file)
+        except EventFileError as error:
+            raise SimulateError(str(error)) from None
+        events = [item for item in items if isinstance(item, CallEvent)]
+        skipped = len(items) - len(events)
+        events.sort(key=lambda e: e.ts)
+        echo(
+            f"{events_file}: {len(events)} reports"
+            + (f", {skipped} bad rows skipped" if skipped else "")
+        )
+    if not send:
+        return 0
+
+    _check_target(options.host, options.allow_remote)
+    try:
+        settings = SwitchSettings(
+            host=options.host,
+            port=options.port,
+            retries=options.retries,
+            retry_interval_s=options.retry_interval,
+            rate=options.rate,
+            window=options.window,
+            request_loss=options.request_loss,
+            answer_loss=options.answer_loss,
+        )
+    except ValueError as error:
+        raise SimulateError(str(error)) from None
+    offsets = None
+    if options.speed > 0 and events:
+        first = events[0].ts
+        offsets = [(event.ts - first) / options.speed for event in events]
+        echo(f"sending at {options.speed:g}x: {offsets[-1]:.0f} s of wall time")
+    from engine.cli import run_async
+
+    summary = run_async(SwitchStandIn(codec, settings).send(events, offsets))
+    for line in summary.lines():
+        echo(line)
+    if summary.given_up:
+        echo(f"FAILED: {summary.given_up} reports were never answered")
+        return 1
+    echo("OK: every report was answered")
+    return 0

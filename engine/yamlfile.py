@@ -1,0 +1,103 @@
+"""YAML with line numbers: load a file and map a key path back to the line it is on.
+
+Scenario and rule files are validated by pydantic models; their errors carry a
+key path (`incidents.2.params.calls`), and this turns it into
+`data/scenarios/day.yaml:31`. A tuner reads a place, not a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class YamlFileError(Exception):
+    """A YAML file is unreadable or invalid; each problem is `path:line: reason`."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class YamlDocument:
+    path: Path
+    data: Any
+    lines: dict[tuple[str | int, ...], int]
+
+    def line_of(self, loc: Sequence[str | int]) -> int:
+        """The line of the deepest known key along `loc` (1-based)."""
+        key = tuple(loc)
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            key = key[:-1]
+        return self.lines.get((), 1)
+
+    def where(self, loc: Sequence[str | int]) -> str:
+        return f"{self.path}:{self.line_of(loc)}"
+
+
+def _walk(
+    node: yaml.Node, path: tuple[str | int, ...], lines: dict[tuple[str | int, ...], int]
+) -> None:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            _walk(value_node, (*path, key), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[(*path, index)] = item.start_mark.line + 1
+            _walk(item, (*path, index), lines)
+
+
+def load_yaml(path: Path) -> YamlDocument:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise YamlFileError([f"{path}: cannot read: {error.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise YamlFileError([f"{path}: not UTF-8 text"]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        line = mark.line + 1 if mark is not None else 1
+        raise YamlFileError([f"{path}:{line}: invalid YAML: {error.problem}"]) from None
+    except yaml.YAMLError as error:
+        raise YamlFileError([f"{path}: invalid YAML: {error}"]) from None
+    lines: dict[tuple[str | int, ...], int] = {}
+    if node is not None:
+        _walk(node, (), lines)
+    return YamlDocument(path, data, lines)
+
+
+def validation_problems(document: YamlDocument, error: ValidationError) -> list[str]:
+    problems = []
+    for problem in error.errors():
+        loc = [part for part in problem["loc"] if not str(part).startswith("function-")]
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{document.where(loc)}: {key}: {message}")
+    return problems
+
+
+def parse_model(document: YamlDocument, model: type[M]) -> M:
+    if not isinstance(document.data, dict):
+        raise YamlFileError([f"{document.path}:1: expected a mapping of keys at the top level"])
+    try:
+        return model.model_validate(document.data)
+    except ValidationError as error:
+        raise YamlFileError(validation_problems(document, error)) from None

@@ -25,13 +25,17 @@ _MAX_REPLY_ADDRESSES = 4
 
 
 class SeenReports:
-    """Keys of stored reports, remembered for `horizon_s` of event time."""
+    """Keys of stored reports, remembered for `horizon_s` of event time.
+
+    Kept per commit batch (one deque entry per batch, not per key), so
+    remembering a batch is one C-level set update.
+    """
 
     def __init__(self, horizon_s: float) -> None:
         self.horizon_s = horizon_s
         # Public so the intake can test membership without a method call per report.
         self.keys: set[Key] = set()
-        self._order: deque[tuple[float, Key]] = deque()
+        self._batches: deque[tuple[float, list[Key]]] = deque()
 
     def __contains__(self, key: Key) -> bool:
         return key in self.keys
@@ -40,15 +44,17 @@ class SeenReports:
         return len(self.keys)
 
     def add(self, key: Key, ts: float) -> None:
-        if key not in self.keys:
-            self.keys.add(key)
-            self._order.append((ts, key))
+        self.add_batch([key], ts)
+
+    def add_batch(self, keys: list[Key], ts: float) -> None:
+        self.keys.update(keys)
+        self._batches.append((ts, keys))
 
     def forget_before(self, ts: float) -> None:
         cutoff = ts - self.horizon_s
-        order = self._order
-        while order and order[0][0] < cutoff:
-            self.keys.discard(order.popleft()[1])
+        batches = self._batches
+        while batches and batches[0][0] < cutoff:
+            self.keys.difference_update(batches.popleft()[1])
 
 
 class Outcome(Enum):
@@ -168,16 +174,17 @@ class Intake:
         """The batch is fsync'd: remember its keys and return the answers now due."""
         assert batch is self.in_flight
         self.in_flight = None
-        answers: list[tuple[bytes, ReplyTo]] = []
         waiting_for = self._waiting.pop
-        remember = self.seen.add
-        latest = self._latest_ts
+        answers: list[tuple[bytes, ReplyTo]] = []
+        append = answers.append
         for key in batch.keys:
-            answer, *replies = waiting_for(key)
-            remember(key, latest)
+            waiting = waiting_for(key)
+            answer = waiting[0]
             if answer is not None:
-                for reply in replies:
-                    answers.append((answer, reply))
+                for index in range(1, len(waiting)):
+                    append((answer, waiting[index]))
+        latest = self._latest_ts
+        self.seen.add_batch(batch.keys, latest)
         self.stats.stored += len(batch)
         self.seen.forget_before(latest)
         return answers

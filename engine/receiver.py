@@ -118,6 +118,7 @@ class ReportServer:
         self._retry_s = _RETRY_FIRST_S
         self._failing_since: float | None = None
         self._closing = False
+        self._stopped = False
         self._last_ts = 0.0
         self._warned_senders: set[str] = set()
 
@@ -237,10 +238,11 @@ class ReportServer:
         self.stats.commits += 1
         if elapsed > _SLOW_COMMIT_S:
             self.stats.store_stalls += 1
-        for answer, (transport, addr) in self.intake.durable(batch):
-            if not transport.is_closing():
+        answers = self.intake.durable(batch)
+        if not self._stopped:
+            for answer, (transport, addr) in answers:
                 transport.sendto(answer, addr)
-                self.stats.answered += 1
+            self.stats.answered += len(answers)
         self.stats.pending = self.intake.pending
         if self.intake.open.records:
             self._commit()
@@ -263,6 +265,7 @@ class ReportServer:
 
     async def stop(self) -> None:
         await self.drain()
+        self._stopped = True
         for transport in self._transports:
             transport.close()
         self._committer.shutdown(wait=True)

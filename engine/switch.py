@@ -41,6 +41,8 @@ class SendSummary:
     lost_answers: int = 0
     latencies_s: list[float] = field(default_factory=list)
     given_up_keys: list[tuple[str, int]] = field(default_factory=list)
+    # Reports of which at least one copy left (was not dropped by simulated loss).
+    delivered_keys: set[tuple[str, int]] = field(default_factory=set)
     elapsed_s: float = 0.0
 
     def percentile(self, share: float) -> float | None:
@@ -160,6 +162,7 @@ class SwitchStandIn:
         if self.settings.request_loss and self._random.random() < self.settings.request_loss:
             self.summary.lost_requests += 1
             return
+        self.summary.delivered_keys.add(key)
         self._transport.sendto(entry.payload)
 
     def _retry_due(self, now: float) -> None:

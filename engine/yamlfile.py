@@ -32,9 +32,27 @@ class YamlDocument:
     data: Any
     lines: dict[tuple[str | int, ...], int]
 
+    def path_of(self, loc: Sequence[str | int]) -> tuple[str | int, ...]:
+        """`loc` without the parts that are not in the file (pydantic inserts the
+        tag of a tagged union, e.g. `incidents.0.callback_abuse.calls`)."""
+        path: tuple[str | int, ...] = ()
+        for part in loc:
+            if (*path, part) in self.lines or not self._is_tag(path, part):
+                path = (*path, part)
+        return path
+
+    def _is_tag(self, path: tuple[str | int, ...], part: str | int) -> bool:
+        node: Any = self.data
+        for step in path:
+            try:
+                node = node[step]
+            except (KeyError, IndexError, TypeError):
+                return False
+        return isinstance(node, dict) and part in node.values() and part not in node
+
     def line_of(self, loc: Sequence[str | int]) -> int:
-        """The line of the deepest known key along `loc` (1-based)."""
-        key = tuple(loc)
+        """The line of the deepest key along `loc` that is in the file (1-based)."""
+        key = self.path_of(loc)
         while key:
             if key in self.lines:
                 return self.lines[key]
@@ -85,11 +103,16 @@ def load_yaml(path: Path) -> YamlDocument:
 def validation_problems(document: YamlDocument, error: ValidationError) -> list[str]:
     problems = []
     for problem in error.errors():
-        loc = [part for part in problem["loc"] if not str(part).startswith("function-")]
-        key = ".".join(str(part) for part in loc) or "(top level)"
+        loc = document.path_of(problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
+        elif problem["type"] == "union_tag_invalid":
+            ctx = problem.get("ctx", {})
+            tag = str(ctx.get("discriminator", "")).strip("'")
+            loc = (*loc, tag)
+            message = f"unknown {tag} {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
+        key = ".".join(str(part) for part in loc) or "(top level)"
         problems.append(f"{document.where(loc)}: {key}: {message}")
     return problems
 

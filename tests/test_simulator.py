@@ -1,0 +1,311 @@
+"""The switch stand-in and the scenario library."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from engine.codec import Vos3000TextCodec
+from engine.events import CallEvent, CallState
+from engine.simulator.calls import parse_duration
+from engine.simulator.scenario import Scenario, generate, load_scenario, write_files
+from engine.switch import SwitchSettings, SwitchStandIn
+from engine.yamlfile import YamlFileError
+from tests.conftest import RunningEngine
+
+SCENARIOS = sorted(Path("data/scenarios").glob("*.yaml"))
+CODEC = Vos3000TextCodec()
+
+
+class NthCopyReceiver:
+    """Answers a report only at its Nth copy; records when each copy arrived."""
+
+    def __init__(self, answer_at_copy: int | None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.answer_at_copy = answer_at_copy
+        self.arrivals: dict[bytes, list[float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            key = data.split(b",", 2)
+            answer = key[0] + b"," + key[1]
+            copies = self.arrivals.setdefault(answer, [])
+            copies.append(time.monotonic())
+            if self.answer_at_copy is not None and len(copies) == self.answer_at_copy:
+                self.sock.sendto(answer, addr)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def one_report(call_id: str = "c1") -> list[CallEvent]:
+    return [CallEvent(0.0, call_id, 1, CallState.ANSWERED, None, "1", "2", "", "9", "m")]
+
+
+@pytest.mark.parametrize("answer_at_copy", [1, 3])
+def test_retry_schedule_resends_every_interval_until_answered(answer_at_copy: int) -> None:
+    receiver = NthCopyReceiver(answer_at_copy)
+    try:
+        switch = SwitchStandIn(
+            CODEC, SwitchSettings(port=receiver.port, retries=6, retry_interval_s=0.2)
+        )
+        summary = asyncio.run(switch.send(one_report()))
+    finally:
+        receiver.close()
+    copies = receiver.arrivals[b"c1,1"]
+    assert len(copies) == answer_at_copy
+    gaps = [b - a for a, b in itertools.pairwise(copies)]
+    assert all(0.15 <= gap <= 0.35 for gap in gaps), gaps
+    assert summary.answered == 1 and summary.given_up == 0
+    assert summary.retried == answer_at_copy - 1
+
+
+def test_gives_up_after_the_retries_and_says_so() -> None:
+    receiver = NthCopyReceiver(None)
+    try:
+        switch = SwitchStandIn(
+            CODEC, SwitchSettings(port=receiver.port, retries=6, retry_interval_s=0.05)
+        )
+        summary = asyncio.run(switch.send(one_report()))
+    finally:
+        receiver.close()
+    assert len(receiver.arrivals[b"c1,1"]) == 7  # the first send and six retries
+    assert summary.given_up == 1 and summary.given_up_keys == [("c1", 1)]
+
+
+def test_request_loss_gives_the_expected_retries_statistically() -> None:
+    receiver = NthCopyReceiver(1)
+    events = [
+        CallEvent(0.0, f"c{n}", 1, CallState.RINGING, 180, "1", "2", "", "9", "m")
+        for n in range(500)
+    ]
+    try:
+        switch = SwitchStandIn(
+            CODEC,
+            SwitchSettings(
+                port=receiver.port,
+                retry_interval_s=0.5,
+                request_loss=0.3,
+                window=100,
+                seed=3,
+            ),
+        )
+        summary = asyncio.run(switch.send(events))
+    finally:
+        receiver.close()
+    # Copies per report are geometric: expected retries = p / (1 - p) per report
+    # (standard deviation about 17 here; the bound is three of them).
+    expected = 500 * 0.3 / 0.7
+    assert abs(summary.retried - expected) < 0.25 * expected
+    assert summary.lost_requests == summary.retried + summary.given_up
+    assert summary.answered + summary.given_up == 500
+
+
+def test_simulate_cli_sends_a_scenario_and_reports_everything_answered(
+    engine_factory: Callable[..., RunningEngine], tmp_path: Path
+) -> None:
+    running = engine_factory()
+    host, port = running.address
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "simulate",
+            "--scenario",
+            "data/scenarios/demo.yaml",
+            "--send",
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: every report was answered" in result.stdout
+    sent = int(result.stdout.split("reports sent")[1].split()[0])
+    running.stop()
+    assert running.engine.stats.stored == sent
+
+
+def test_scenario_at_twenty_percent_loss_each_way_is_stored_exactly_once(
+    engine_factory: Callable[..., RunningEngine], tmp_path: Path
+) -> None:
+    running = engine_factory()
+    host, port = running.address
+    events = generate(load_scenario(Path("data/scenarios/demo.yaml"))).events
+    switch = SwitchStandIn(
+        CODEC,
+        SwitchSettings(
+            host=host, port=port, retry_interval_s=0.2, request_loss=0.2, answer_loss=0.2
+        ),
+    )
+    summary = asyncio.run(switch.send(events))
+    assert summary.retried > 0.3 * len(events)
+    running.stop()
+    stored = pl.read_parquet(
+        tmp_path / "data" / "lake" / "events" / "*" / "*.parquet", hive_partitioning=False
+    ).select("call_id", "serial")
+    assert stored.is_unique().all(), "a report was stored twice"
+    # Everything that reached the engine at least once is stored; with seven
+    # copies at 20 % loss, almost every report does.
+    assert set(stored.iter_rows()) == summary.delivered_keys
+    assert len(summary.delivered_keys) >= len(events) - 2
+
+
+def test_simulate_refuses_a_remote_target_without_the_flag() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "simulate",
+            "--scenario",
+            "data/scenarios/demo.yaml",
+            "--send",
+            "--host",
+            "192.0.2.10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "not a loopback address" in result.stderr
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def test_scenarios_are_deterministic_and_labels_match_the_events(
+    path: Path, tmp_path: Path
+) -> None:
+    scenario = load_scenario(path)
+    first, second = generate(scenario), generate(scenario)
+    assert first.events == second.events and first.labels == second.labels
+    events_path, labels_path = write_files(first, tmp_path)
+    frame = pl.read_csv(events_path, infer_schema=False)
+    call_ids = set(frame["call_id"])
+    labels = [json.loads(line) for line in labels_path.read_text().splitlines()]
+    assert len(labels) == len(scenario.incidents)
+    for label in labels:
+        assert set(label["call_ids"]) <= call_ids
+    # (call_id, serial) unique, times within the scenario (calls may end after it).
+    assert frame.select("call_id", "serial").is_unique().all()
+
+
+def calls_of(path: str, incident: str) -> tuple[dict[str, list[CallEvent]], dict[str, object]]:
+    generated = generate(load_scenario(Path(path)))
+    label = next(label for label in generated.labels if label.incident == incident)
+    wanted = set(label.call_ids)
+    calls: dict[str, list[CallEvent]] = {}
+    for event in generated.events:
+        if event.call_id in wanted:
+            calls.setdefault(event.call_id, []).append(event)
+    return calls, label.as_json()
+
+
+def talk_seconds(events: list[CallEvent]) -> float | None:
+    answered = [e.ts for e in events if e.state is CallState.ANSWERED]
+    bye = [e.ts for e in events if e.state is CallState.HANGUP]
+    return bye[0] - answered[0] if answered and bye else None
+
+
+def test_incident_families_have_the_property_they_claim() -> None:
+    calls, label = calls_of("data/scenarios/fraud-mix.yaml", "wg-1")
+    assert all(talk_seconds(c) is None for c in calls.values()), "Wangiri calls are never answered"
+    assert len({c[0].callee for c in calls.values()}) == len(calls), "to distinct callees"
+    assert len({c[0].caller for c in calls.values()}) == 1
+
+    calls, label = calls_of("data/scenarios/fraud-mix.yaml", "cb-1")
+    talks = [talk_seconds(c) for c in calls.values()]
+    assert all(t is not None and t <= 4.0 for t in talks), "callback abuse: short answered calls"
+
+    calls, label = calls_of("data/scenarios/fraud-mix.yaml", "irsf-1")
+    assert {c[0].forward for c in calls.values()} == {label["entity"]}
+    assert str(label["entity"]).startswith("+882")
+    assert len({c[0].caller for c in calls.values()}) > 10, "from many callers"
+    assert all((talk_seconds(c) or 0) >= 480 for c in calls.values()), "long calls"
+
+    calls, _ = calls_of("data/scenarios/fraud-mix.yaml", "seq-1")
+    callees = [int(c[0].callee) for c in sorted(calls.values(), key=lambda c: c[0].ts)]
+    assert callees == list(range(callees[0], callees[0] + len(callees)))
+
+    calls, _ = calls_of("data/scenarios/fraud-mix.yaml", "sim-1")
+    starts = sorted(c[0].ts for c in calls.values())
+    ends = [c[-1].ts for c in calls.values()]
+    assert starts[-1] - starts[0] <= 60 and min(ends) > starts[-1], "all in progress at once"
+
+    calls, label = calls_of("data/scenarios/lookalikes.yaml", "campaign-1")
+    answered = sum(talk_seconds(c) is not None for c in calls.values())
+    assert label["must_alert"] is False and answered / len(calls) > 0.85
+
+
+def test_scenario_errors_name_file_line_and_reason(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "name: bad\n"
+        "duration: 1h\n"
+        "incidents:\n"
+        "  - id: a\n"
+        "    family: callback_abuse\n"
+        "    calls: -3\n"
+        "  - id: b\n"
+        "    family: no_such_family\n"
+        "    colour: blue\n"
+    )
+    with pytest.raises(YamlFileError) as caught:
+        load_scenario(path)
+    problems = caught.value.problems
+    assert any(
+        p.startswith(f"{path}:6: incidents.0.calls: Input should be greater") for p in problems
+    ), problems
+    assert any(p.startswith(f"{path}:8:") and "no_such_family" in p for p in problems), problems
+
+
+def test_durations() -> None:
+    assert parse_duration("1h30m") == 5400.0
+    assert parse_duration("250ms") == 0.25
+    for bad in ("soon", "1x", "", "-5s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_scenario_defaults_generate_benign_traffic_with_a_daily_rhythm() -> None:
+    generated = generate(Scenario(name="day", duration=86400.0, benign={"calls_per_hour": 600}))
+    hours = [0] * 24
+    for event in generated.events:
+        if event.serial == 1:
+            hours[int(event.ts % 86400 // 3600)] += 1
+    assert max(hours[13:18]) > 2.5 * min(hours[2:6])
+    callers: dict[str, int] = {}
+    for event in generated.events:
+        if event.serial == 1:
+            callers[event.caller] = callers.get(event.caller, 0) + 1
+    counts = sorted(callers.values(), reverse=True)
+    assert counts[0] > 20 * counts[len(counts) // 2], "a heavy tail: trunks and busy callers"

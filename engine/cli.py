@@ -232,6 +232,7 @@ def config_check(config: Path | None) -> None:
 @click.option("--separator", type=click.Choice([",", "|", ";", "tab"]), default=",")
 @click.option("--encoding", default="utf-8", show_default=True)
 @click.option("--seed", type=int, default=None, help="Override the scenario's seed.")
+@click.option("--duration", default=None, help="Override the scenario's duration (e.g. 10m, 2h).")
 def simulate(**options: Any) -> None:
     """Stand in for the switch: generate a scenario's traffic, write it, or send it.
 

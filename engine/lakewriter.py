@@ -14,11 +14,12 @@ import multiprocessing as mp
 import multiprocessing.synchronize
 import os
 import signal
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
 
 from engine.events import CallEvent, Reject, RejectReason
 from engine.journal import DATAGRAMS, read_segment, sealed_segments, segment_number
@@ -184,15 +185,21 @@ def run(
         compact_target_bytes=compact_target_bytes,
         counters=SharedCounters(counters_array),
     )
-    next_compaction = time.monotonic() + compact_interval_s
-    while not stop.wait(poll_interval_s):
-        writer.drain_logged()
-        if time.monotonic() >= next_compaction:
-            writer.compact()
-            next_compaction = time.monotonic() + compact_interval_s
-        if os.getppid() != parent:
-            log.error("the receiver is gone (killed?); writing what is sealed and exiting")
-            break
+    # Wall-clock housekeeping of the lake: drain sealed segments, compact.
+    scheduler = BackgroundScheduler(
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
+    )
+    scheduler.add_job(writer.drain_logged, "interval", seconds=poll_interval_s, id="drain")
+    scheduler.add_job(writer.compact, "interval", seconds=compact_interval_s, id="compact")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    scheduler.start()
+    try:
+        while not stop.wait(1.0):
+            if os.getppid() != parent:
+                log.error("the receiver is gone (killed?); writing what is sealed and exiting")
+                break
+    finally:
+        scheduler.shutdown(wait=True)
     writer.drain_logged()
 
 

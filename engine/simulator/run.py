@@ -8,10 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from engine.codec import Vos3000TextCodec
 from engine.eventfiles import EventFileError, read_event_file
 from engine.events import CallEvent
-from engine.simulator.scenario import generate, load_scenario, write_files
+from engine.simulator.calls import parse_duration
+from engine.simulator.scenario import Scenario, generate, load_scenario, write_files
 from engine.switch import SwitchSettings, SwitchStandIn
 from engine.yamlfile import YamlFileError
 
@@ -57,6 +60,7 @@ class SimulateOptions:
     separator: str
     encoding: str
     seed: int | None
+    duration: str | None = None
 
 
 def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
@@ -81,6 +85,18 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
             raise SimulateError(str(error)) from None
         if seed is not None:
             spec = spec.model_copy(update={"seed": seed})
+        if options.duration is not None:
+            try:
+                duration = parse_duration(options.duration)
+            except ValueError as error:
+                raise SimulateError(f"--duration: {error}") from None
+            try:
+                spec = Scenario.model_validate(
+                    {**spec.model_dump(by_alias=True), "duration": duration}
+                )
+            except ValidationError as error:
+                problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
+                raise SimulateError(f"--duration {options.duration}: {problems}") from None
         generated = generate(spec)
         events = generated.events
         echo(

@@ -38,6 +38,13 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def _fail_rules(error: Exception) -> NoReturn:
+    problems = getattr(error, "problems", [str(error)])
+    for problem in problems:
+        click.echo(problem, err=True)
+    _fail(f"the rules are invalid ({len(problems)} problem(s)); nothing was run", 2)
+
+
 def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     try:
         return load_settings(config, overrides)
@@ -87,6 +94,13 @@ def main() -> None:
 @data_dir_option
 @click.option("--allow", multiple=True, help="Sender CIDR allowed to report (repeatable).")
 @click.option("--metrics", default=None, help="HOST:PORT for Prometheus metrics over HTTP.")
+@click.option(
+    "--rules",
+    "rules_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Rule folder (default: rules). Edits are picked up while serving, and on SIGHUP.",
+)
 @log_level_option
 def serve(
     config: Path | None,
@@ -94,6 +108,7 @@ def serve(
     data_dir: Path | None,
     allow: tuple[str, ...],
     metrics: str | None,
+    rules_dir: Path | None,
     log_level: str,
 ) -> None:
     """Receive, store and answer the switch's reports until SIGTERM or SIGINT."""
@@ -106,14 +121,19 @@ def serve(
         overrides.setdefault("store", {})["data_dir"] = str(data_dir)
     if metrics is not None:
         overrides.setdefault("metrics", {})["listen"] = metrics
+    if rules_dir is not None:
+        overrides.setdefault("detection", {})["rules_dir"] = str(rules_dir)
     settings = _settings(config, overrides)
     _setup_logging(log_level)
     from engine.service import serve as serve_forever
+    from engine.yamlfile import YamlFileError
 
     try:
         code = run_async(serve_forever(settings))
     except StoreError as error:
         _fail(str(error))
+    except YamlFileError as error:
+        _fail_rules(error)
     except OSError as error:
         _fail(str(error))
     sys.exit(code)
@@ -123,12 +143,20 @@ def serve(
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
 @config_option
 @data_dir_option
-@click.option("--show", default=20, show_default=True, help="Rejected rows to list.")
+@click.option(
+    "--rules",
+    "rules_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Rule folder (default: detection.rules_dir, i.e. rules).",
+)
+@click.option("--show", default=20, show_default=True, help="Rejected rows and alerts to list.")
 @log_level_option
 def replay(
     files: tuple[Path, ...],
     config: Path | None,
     data_dir: Path | None,
+    rules_dir: Path | None,
     show: int,
     log_level: str,
 ) -> None:
@@ -143,11 +171,14 @@ def replay(
     settings = _settings(config, overrides)
     _setup_logging(log_level)
     from engine.replay import replay as run_replay
+    from engine.yamlfile import YamlFileError
 
     try:
-        report = run_replay(list(files), settings)
+        report = run_replay(list(files), settings, rules_dir)
     except StoreError as error:
         _fail(str(error))
+    except YamlFileError as error:
+        _fail_rules(error)
     for problem in report.file_errors:
         click.echo(f"{problem}", err=True)
     for reject in report.rejects[:show]:
@@ -162,6 +193,15 @@ def replay(
         f"{len(report.rejects)} rejected, {report.duplicates} duplicates skipped, "
         f"{len(report.file_errors)} files unreadable"
     )
+    live = [a for a in report.alerts if a.mode == "alert"]
+    click.echo(
+        f"{report.calls} calls rebuilt; {len(live)} alerts, "
+        f"{len(report.alerts) - len(live)} shadow alerts"
+    )
+    for alert in live[:show]:
+        click.echo(f"  [{alert.severity}] {alert.rule_id}: {alert.summary}")
+    if len(live) > show:
+        click.echo(f"  ... and {len(live) - show} more (SELECT * FROM alerts)")
     click.echo(f"query them: duckdb -readonly {settings.store.data_dir / 'callsentry.duckdb'}")
     sys.exit(0 if report.clean else 1)
 
@@ -248,3 +288,58 @@ def simulate(**options: Any) -> None:
     except SimulateError as error:
         _fail(str(error), 2)
     sys.exit(code)
+
+
+@main.group()
+def rules() -> None:
+    """The YAML detection rules: validate and test them before they go live."""
+
+
+rules_path_argument = click.argument(
+    "path", required=False, default="rules", type=click.Path(path_type=Path)
+)
+
+
+@rules.command("validate")
+@rules_path_argument
+def rules_validate(path: Path) -> None:
+    """Check every rule file (and the lists) under PATH; list every problem as file:line."""
+    from engine.detect.rules import load_rules
+    from engine.yamlfile import YamlFileError
+
+    try:
+        loaded = load_rules(path)
+    except YamlFileError as error:
+        for problem in error.problems:
+            click.echo(problem, err=True)
+        _fail(f"{len(error.problems)} problem(s) in {path}", 1)
+    modes = [r.spec.mode for r in loaded.rules.rules]
+    click.echo(
+        f"{path}: {len(modes)} rules valid ({modes.count('alert')} alerting, "
+        f"{modes.count('shadow')} shadow), {len(loaded.rules.lists)} lists"
+    )
+
+
+@rules.command("test")
+@rules_path_argument
+def rules_test(path: Path) -> None:
+    """Run each rule's inline tests through the pipeline in event time."""
+    from engine.detect.ruletest import run_rule_tests
+    from engine.yamlfile import YamlFileError
+
+    try:
+        results = run_rule_tests(path)
+    except YamlFileError as error:
+        for problem in error.problems:
+            click.echo(problem, err=True)
+        _fail(f"{len(error.problems)} problem(s) in {path}; fix them before testing", 1)
+    failed = [r for r in results if not r.passed]
+    for result in results:
+        mark = "ok  " if result.passed else "FAIL"
+        click.echo(f"{mark} {result.rule_id}: {result.test}")
+        if not result.passed:
+            click.echo(f"       expected alerts per entity: {result.expected or 'none'}")
+            click.echo(f"       actual alerts per entity:   {result.actual or 'none'}")
+    click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    if failed:
+        sys.exit(1)

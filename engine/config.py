@@ -120,6 +120,35 @@ class StoreSettings(_Section):
     quarantine_unkeyed_per_minute: int = Field(default=600, ge=0)
 
 
+class DetectionSettings(_Section):
+    enabled: bool = True
+    rules_dir: Path = Path("rules")
+    # How often a running engine looks for edited rule files (0: only on SIGHUP).
+    reload_interval_s: float = Field(default=5.0, ge=0)
+    max_keys_per_rule: int = Field(default=200_000, ge=100)
+    # Call tracking, in event time: a call is finished `settle_s` after its Bye
+    # (a retried OK may still come), after `ring_timeout_s` of only ringing, or
+    # after `max_call_s` without a Bye once answered.
+    settle_s: float = Field(default=6.0, ge=0)
+    ring_timeout_s: float = Field(default=180.0, gt=0)
+    max_call_s: float = Field(default=4 * 3600.0, gt=0)
+    abandon_s: float = Field(default=10.0, ge=0)
+    # With no report for this long, the receiver journals a tick so event time
+    # (and call timeouts) move on while traffic is quiet.
+    tick_s: float = Field(default=5.0, gt=0)
+    # Alerts also go to this JSON-lines file ("" = DATA_DIR/alerts.jsonl, "off" = none)
+    # and, when set, are POSTed to this URL.
+    alerts_jsonl: str = ""
+    webhook_url: str = ""
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
+
+
 class MetricsSettings(_Section):
     listen: str = ""
     log_interval_s: float = Field(default=30.0, gt=0)
@@ -136,6 +165,7 @@ class Settings(_Section):
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     codec: CodecSettings = Field(default_factory=CodecSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    detection: DetectionSettings = Field(default_factory=DetectionSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
 

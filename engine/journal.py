@@ -12,7 +12,8 @@ A frame:
 
 kinds: `H` segment header (JSON: the codec that reads its datagrams), `D` raw
 datagrams as received (ts, source, bytes each), `J` decoded reports as JSON
-(replay). Records of a frame have consecutive sequence numbers from first_seq.
+(replay), `T` a tick (event time moving on while no report comes). Records of
+a frame have consecutive sequence numbers from first_seq.
 A frame cut short by a crash was never fsync'd, so never answered: recovery
 drops it and the switch's retries bring those reports again.
 """
@@ -37,7 +38,8 @@ _DATAGRAM = struct.Struct("<dHH")
 OPEN_SUFFIX = ".wal"
 SEALED_SUFFIX = ".sealed"
 
-HEADER, DATAGRAMS, JSON_RECORDS = b"H", b"D", b"J"
+HEADER, DATAGRAMS, JSON_RECORDS, TICK = b"H", b"D", b"J", b"T"
+_TICK = struct.Struct("<d")
 
 # A datagram as journaled: arrival time, "ip:port", the bytes.
 Datagram = tuple[float, str, bytes]
@@ -84,6 +86,14 @@ def datagram_payload(datagrams: list[Datagram]) -> bytes:
         append(source_bytes)
         append(raw)
     return b"".join(parts)
+
+
+def tick_payload(ts: float) -> bytes:
+    return _TICK.pack(ts)
+
+
+def tick_of(frame: Frame) -> float:
+    return float(_TICK.unpack(frame.payload)[0])
 
 
 def json_payload(records: list[Any]) -> bytes:

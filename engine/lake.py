@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -62,7 +62,77 @@ REJECT_SCHEMA: dict[str, Any] = {
     "source": pl.String,
     "raw": pl.Binary,
 }
-TABLES = {"events": EVENT_SCHEMA, "rejects": REJECT_SCHEMA}
+CALL_SCHEMA: dict[str, Any] = {
+    "call_id": pl.String,
+    "caller": pl.String,
+    "callee": pl.String,
+    "forward": pl.String,
+    "menu_id": pl.String,
+    "menu_name": pl.String,
+    "started_at": pl.Datetime("us", "UTC"),
+    "ringing_at": pl.Datetime("us", "UTC"),
+    "answered_at": pl.Datetime("us", "UTC"),
+    "ended_at": pl.Datetime("us", "UTC"),
+    "ring_s": pl.Float64,
+    "talk_s": pl.Float64,
+    "outcome": pl.String,
+    "ring_code": pl.Int16,
+    "reports": pl.Int32,
+    "finished_at": pl.Datetime("us", "UTC"),
+}
+ALERT_SCHEMA: dict[str, Any] = {
+    "alert_id": pl.String,
+    "rule_id": pl.String,
+    "detector": pl.String,
+    "severity": pl.String,
+    "entity_type": pl.String,
+    "entity": pl.String,
+    "window_start": pl.Datetime("us", "UTC"),
+    "window_end": pl.Datetime("us", "UTC"),
+    "raised_at": pl.Datetime("us", "UTC"),
+    "value": pl.Float64,
+    "threshold": pl.Float64,
+    "summary": pl.String,
+    "evidence": pl.List(pl.String),
+    "rule_version": pl.String,
+}
+REVIEW_SCHEMA: dict[str, Any] = {
+    "review_id": pl.String,
+    "alert_id": pl.String,
+    "status": pl.String,
+    "note": pl.String,
+    "reviewer": pl.String,
+    "reviewed_at": pl.Datetime("us", "UTC"),
+}
+TABLES = {
+    "events": EVENT_SCHEMA,
+    "rejects": REJECT_SCHEMA,
+    "calls": CALL_SCHEMA,
+    "alerts": ALERT_SCHEMA,
+    # Would-be alerts of rules in shadow mode: recorded, never notified.
+    "shadow_alerts": ALERT_SCHEMA,
+    "alert_reviews": REVIEW_SCHEMA,
+}
+# The time column a table is partitioned by day on, and sorted by.
+TIME_COLUMN = {
+    "events": "ts",
+    "rejects": "ts",
+    "calls": "started_at",
+    "alerts": "raised_at",
+    "shadow_alerts": "raised_at",
+    "alert_reviews": "reviewed_at",
+}
+SORT_COLUMN = {"events": "seq", "rejects": "seq"}
+# Each alert with its latest review (status 'open' until someone reviews it).
+ALERTS_CURRENT = """
+SELECT a.*, coalesce(r.status, 'open') AS status, r.note AS review_note,
+       r.reviewer, r.reviewed_at
+FROM alerts a
+LEFT JOIN (
+    SELECT * FROM alert_reviews
+    QUALIFY row_number() OVER (PARTITION BY alert_id ORDER BY reviewed_at DESC, review_id DESC) = 1
+) r USING (alert_id)
+"""
 
 _SEGMENT_NAME = re.compile(r"^(?:seg-(\d{12})|cmp-(\d{12})-(\d{12}))\.parquet$")
 _PLACEHOLDER_DAY = "day=1970-01-01"
@@ -191,25 +261,37 @@ class Lake:
                 _write_atomic(pl.DataFrame(schema=schema), placeholder)
         self._finish_interrupted_compactions()
 
-    def write_segment(self, segment: int, batches: Iterable[tuple[int, Sequence[Item]]]) -> int:
-        """Write the reports of one journal segment, one file per table and day.
+    def write_segment(
+        self,
+        segment: int,
+        batches: Iterable[tuple[int, Sequence[Item]]],
+        derived: Mapping[str, pl.DataFrame] | None = None,
+    ) -> int:
+        """Write one journal segment's reports (and what detection derived from them:
+        calls, alerts), one file per table and day, named after the segment.
 
         Durable (fsync'd) before it returns, so the journal segment may then go.
+        Returns the number of reports (events and rejects) written.
         """
-        written = 0
+        reports = 0
         touched: set[Path] = set()
-        for table, frame in frames_of(batches).items():
+        tables = dict(frames_of(batches))
+        tables.update(derived or {})
+        for table, frame in tables.items():
             if frame.is_empty():
                 continue
-            days = frame.with_columns(pl.col("ts").dt.date().cast(pl.String).alias("_day"))
+            column = TIME_COLUMN[table]
+            days = frame.with_columns(pl.col(column).dt.date().cast(pl.String).alias("_day"))
             for (day,), part in days.partition_by("_day", as_dict=True).items():
                 folder = self.root / table / f"day={day}"
-                _write_atomic(part.drop("_day").sort("seq"), folder / f"seg-{segment:012d}.parquet")
+                ordered = part.drop("_day").sort(SORT_COLUMN.get(table, column))
+                _write_atomic(ordered, folder / f"seg-{segment:012d}.parquet")
                 touched.add(folder)
-                written += part.height
+                if table in ("events", "rejects"):
+                    reports += part.height
         for folder in touched:
             fsync_dir(folder)
-        return written
+        return reports
 
     def drop_segment(self, segment: int) -> None:
         """Remove whatever an interrupted earlier write of `segment` left."""
@@ -237,12 +319,16 @@ class Lake:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run SQL over the lake in a private in-memory DuckDB (never the analysts' file)."""
         with duckdb.connect() as con:
-            for table in TABLES:
-                con.execute(
-                    f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{self.glob(table)}', "
-                    "hive_partitioning = true, union_by_name = true)"
-                )
+            self._create_views(con)
             return con.execute(sql, list(params)).fetchall()
+
+    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        for table in TABLES:
+            con.execute(
+                f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{self.glob(table)}', "
+                "hive_partitioning = true, union_by_name = true)"
+            )
+        con.execute(f"CREATE VIEW alerts_current AS {ALERTS_CURRENT}")
 
     def publish_views(self, extra_views: Iterable[tuple[str, str]] = ()) -> None:
         """Write `callsentry.duckdb` (views only) and swap it in atomically.
@@ -258,11 +344,7 @@ class Lake:
                 # CLIs and libraries from 1.0 on can open the file too.
                 con.execute(f"ATTACH '{partial}' AS analytics (STORAGE_VERSION 'v1.0.0')")
                 con.execute("USE analytics")
-                for table in TABLES:
-                    con.execute(
-                        f"CREATE VIEW {table} AS SELECT * FROM read_parquet("
-                        f"'{self.glob(table)}', hive_partitioning = true, union_by_name = true)"
-                    )
+                self._create_views(con)
                 for name, sql in extra_views:
                     con.execute(f"CREATE VIEW {name} AS {sql}")
                 con.execute("CHECKPOINT")
@@ -294,7 +376,9 @@ class Lake:
                 last = max(rng[1] for rng, _ in small)
                 inputs = [path for _, path in small]
                 target = folder / f"cmp-{first:012d}-{last:012d}.parquet"
-                frame = pl.read_parquet(inputs, hive_partitioning=False).sort("seq")
+                frame = pl.read_parquet(inputs, hive_partitioning=False).sort(
+                    SORT_COLUMN.get(table, TIME_COLUMN[table])
+                )
                 intent = folder / "compaction.intent.json"
                 intent.write_text(
                     json.dumps({"target": target.name, "inputs": [p.name for p in inputs]})

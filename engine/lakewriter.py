@@ -14,22 +14,28 @@ import multiprocessing as mp
 import multiprocessing.synchronize
 import os
 import signal
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from engine.config import DetectionSettings, Settings
+from engine.detect.alerts import Alert, AlertSink, JsonLinesSink, LogSink, WebhookSink
+from engine.detect.calls import Call, CallTracker
+from engine.detect.pipeline import Output, Pipeline
+from engine.detect.rules import load_rules
 from engine.events import CallEvent, Reject, RejectReason
-from engine.journal import DATAGRAMS, read_segment, sealed_segments, segment_number
-from engine.lake import Item, Lake, item_of
-from engine.store import codec_of
+from engine.journal import DATAGRAMS, TICK, read_segment, sealed_segments, segment_number, tick_of
+from engine.lake import ALERT_SCHEMA, CALL_SCHEMA, Item, Lake, item_of
+from engine.store import codec_of, lake_writer_lock
+from engine.yamlfile import YamlFileError
 
 log = logging.getLogger(__name__)
 
-# Called with each segment's reports, in sequence order (the detection pipeline's seam).
-ItemListener = Callable[[Sequence[Item]], None]
 
 # Counters shared with the receiver's process for its metrics (one int64 each).
 COUNTERS = (
@@ -37,6 +43,8 @@ COUNTERS = (
     "flushed_segments",
     "flush_failures",
     "compacted_files",
+    "calls",
+    "alerts",
     *(f"rejected_{reason.value}" for reason in RejectReason),
 )
 
@@ -61,6 +69,67 @@ class DrainResult:
     segments: int = 0
     reports: int = 0
     rejects: list[Reject] | None = None
+    alerts: list[Alert] = field(default_factory=list)
+    calls: int = 0
+
+
+# A decoded segment, step by step: batches of reports, and ticks (event time moving on).
+Step = tuple[int, list[Item]] | float
+
+
+@dataclass
+class _Written:
+    """A segment decoded and run through detection, waiting for its lake write."""
+
+    steps: list[Step]
+    output: Output
+
+
+def calls_frame(calls: Sequence[Call]) -> pl.DataFrame:
+    def ts(value: float | None) -> int | None:
+        return None if value is None else round(value * 1_000_000)
+
+    return pl.DataFrame(
+        {
+            "call_id": [c.call_id for c in calls],
+            "caller": [c.caller for c in calls],
+            "callee": [c.callee for c in calls],
+            "forward": [c.forward for c in calls],
+            "menu_id": [c.menu_id for c in calls],
+            "menu_name": [c.menu_name for c in calls],
+            "started_at": [ts(c.started_at) for c in calls],
+            "ringing_at": [ts(c.ringing_at) for c in calls],
+            "answered_at": [ts(c.answered_at) for c in calls],
+            "ended_at": [ts(c.ended_at) for c in calls],
+            "ring_s": [c.ring_s for c in calls],
+            "talk_s": [c.talk_s for c in calls],
+            "outcome": [c.outcome for c in calls],
+            "ring_code": [c.ring_code for c in calls],
+            "reports": [c.reports for c in calls],
+            "finished_at": [ts(c.deadline) for c in calls],
+        },
+        schema={
+            name: (pl.Int64 if dtype == pl.Datetime("us", "UTC") else dtype)
+            for name, dtype in CALL_SCHEMA.items()
+        },
+    ).with_columns(
+        pl.col(name).cast(pl.Datetime("us", "UTC"))
+        for name, dtype in CALL_SCHEMA.items()
+        if dtype == pl.Datetime("us", "UTC")
+    )
+
+
+def alerts_frame(alerts: Sequence[Alert]) -> pl.DataFrame:
+    times = ("window_start", "window_end", "raised_at")
+    data: dict[str, list[Any]] = {name: [] for name in ALERT_SCHEMA}
+    for alert in alerts:
+        for name in ALERT_SCHEMA:
+            value = getattr(alert, name)
+            data[name].append(round(value * 1_000_000) if name in times else value)
+    schema = {name: (pl.Int64 if name in times else dtype) for name, dtype in ALERT_SCHEMA.items()}
+    return pl.DataFrame(data, schema=schema).with_columns(
+        pl.col(name).cast(pl.Datetime("us", "UTC")) for name in times
+    )
 
 
 class LakeWriter:
@@ -70,57 +139,96 @@ class LakeWriter:
         *,
         compact_target_bytes: int = 64 * 1024 * 1024,
         counters: SharedCounters | None = None,
-        on_items: ItemListener | None = None,
+        pipeline: Pipeline | None = None,
+        sinks: Sequence[AlertSink] = (),
     ) -> None:
         self.data_dir = data_dir
         self.lake = Lake(data_dir)
         self.journal_dir = data_dir / "journal"
         self.compact_target_bytes = compact_target_bytes
         self.counters = counters
-        self.on_items = on_items
+        self.pipeline = pipeline
+        self.sinks = list(sinks)
+        # Detection must see each report once: a segment whose lake write failed is
+        # kept here, already run through the pipeline, and written again as it is.
+        self._decoded: dict[int, _Written] = {}
+        self._lock = threading.Lock()
         self._failing = False
 
     def _count(self, name: str, value: int = 1) -> None:
         if self.counters is not None:
             self.counters.add(name, value)
 
-    def prepare(self) -> None:
-        self.lake.prepare()
-        self.lake.publish_views()
-
-    def decode_segment(self, path: Path) -> list[tuple[int, list[Item]]]:
+    def decode_segment(self, path: Path) -> list[Step]:
         segment = read_segment(path)
         if segment.problem is not None:
             # The receiver seals only whole frames; a problem here is damage after the fact.
             log.error("journal %s: %s; reading the frames before it", path.name, segment.problem)
         codec = codec_of(segment.header)
-        batches: list[tuple[int, list[Item]]] = []
+        steps: list[Step] = []
         for frame in segment.frames:
             if frame.kind == DATAGRAMS:
                 decode = codec.decode
                 items: list[Item] = [
                     decode(raw, ts, source)[0] for ts, source, raw in frame.datagrams()
                 ]
+            elif frame.kind == TICK:
+                steps.append(tick_of(frame))
+                continue
             else:
                 items = [item_of(record) for record in frame.records()]
-            batches.append((frame.first_seq, items))
-        return batches
+            steps.append((frame.first_seq, items))
+        return steps
+
+    def _detect(self, steps: list[Step]) -> Output:
+        output = Output()
+        if self.pipeline is None:
+            return output
+        for step in steps:
+            if isinstance(step, float):
+                output.extend(self.pipeline.advance(step))
+            else:
+                output.extend(self.pipeline.feed(step[1]))
+        return output
 
     def drain(self, collect_rejects: bool = False) -> DrainResult:
-        """Write every sealed segment to the lake, oldest first."""
+        """Write every sealed segment to the lake, oldest first, with what detection made of it."""
         result = DrainResult(rejects=[] if collect_rejects else None)
-        for path in sealed_segments(self.journal_dir):
+        paths = sealed_segments(self.journal_dir)
+        for path in paths:
             number = segment_number(path)
             assert number is not None
-            batches = self.decode_segment(path)
+            with self._lock:
+                written = self._decoded.get(number)
+                if written is None:
+                    steps = self.decode_segment(path)
+                    output = self._detect(steps)
+                    written = self._decoded[number] = _Written(steps, output)
+            batches = [step for step in written.steps if not isinstance(step, float)]
+            alerts = written.output.alerts
+            derived = {
+                "calls": calls_frame(written.output.calls),
+                "alerts": alerts_frame([a for a in alerts if a.mode == "alert"]),
+                "shadow_alerts": alerts_frame([a for a in alerts if a.mode != "alert"]),
+            }
             # A crash may have left part of this segment's Parquet; write it whole again.
             self.lake.drop_segment(number)
-            written = self.lake.write_segment(number, batches)
+            reports = self.lake.write_segment(number, batches, derived)
             path.unlink()
+            del self._decoded[number]
+            for sink in self.sinks:
+                try:
+                    sink.deliver(alerts)
+                except OSError as error:
+                    log.error("alert sink %s failed: %s", type(sink).__name__, error)
             result.segments += 1
-            result.reports += written
-            self._count("flushed", written)
+            result.reports += reports
+            result.calls += len(written.output.calls)
+            result.alerts.extend(alerts)
+            self._count("flushed", reports)
             self._count("flushed_segments")
+            self._count("calls", len(written.output.calls))
+            self._count("alerts", sum(1 for a in alerts if a.mode == "alert"))
             for _, items in batches:
                 for item in items:
                     if type(item) is not CallEvent:
@@ -128,9 +236,28 @@ class LakeWriter:
                         self._count(f"rejected_{reject.reason.value}")
                         if result.rejects is not None:
                             result.rejects.append(reject)
-                if self.on_items is not None:
-                    self.on_items(items)
         return result
+
+    def reload_rules(self, path: Path, max_keys: int) -> bool:
+        """Load the rule files again; swap them in whole only if every file is valid."""
+        if self.pipeline is None:
+            return False
+        try:
+            loaded = load_rules(path, max_keys=max_keys)
+        except YamlFileError as error:
+            log.error(
+                "rules not reloaded, the running rules stay:\n  %s",
+                "\n  ".join(error.problems),
+            )
+            return False
+        with self._lock:
+            kept = self.pipeline.swap_rules(loaded.rules)
+        log.info(
+            "rules reloaded: %d rules (window state kept for %d unchanged)",
+            len(loaded.rules.rules),
+            len(kept),
+        )
+        return True
 
     def drain_logged(self) -> None:
         try:
@@ -158,12 +285,66 @@ class LakeWriter:
             )
 
 
+def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -> Pipeline:
+    """The detection pipeline with the rules under `rules_dir`; raises YamlFileError."""
+    loaded = load_rules(rules_dir or detection.rules_dir, max_keys=detection.max_keys_per_rule)
+    tracker = CallTracker(
+        settle_s=detection.settle_s,
+        ring_timeout_s=detection.ring_timeout_s,
+        max_call_s=detection.max_call_s,
+        abandon_s=detection.abandon_s,
+    )
+    return Pipeline(loaded.rules, tracker)
+
+
+def make_sinks(settings: Settings) -> list[AlertSink]:
+    detection = settings.detection
+    sinks: list[AlertSink] = [LogSink()]
+    if detection.alerts_jsonl != "off":
+        path = Path(detection.alerts_jsonl or settings.store.data_dir / "alerts.jsonl")
+        sinks.append(JsonLinesSink(path))
+    if detection.webhook_url:
+        sinks.append(WebhookSink(detection.webhook_url))
+    return sinks
+
+
+class _RuleWatcher:
+    """Reloads the rules when their files change, or when asked (SIGHUP to serve)."""
+
+    def __init__(self, writer: LakeWriter, detection: DetectionSettings, asked: Any) -> None:
+        self.writer = writer
+        self.detection = detection
+        self.asked = asked
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        folder = self.detection.rules_dir
+        files = [*folder.glob("*.y*ml"), *(folder / "lists").glob("*.y*ml")]
+        stats = []
+        for path in sorted(files):
+            try:
+                info = path.stat()
+            except OSError:
+                continue
+            stats.append((str(path), info.st_mtime_ns, info.st_size))
+        return tuple(stats)
+
+    def check(self) -> None:
+        asked = self.asked.is_set()
+        fingerprint = self._fingerprint()
+        changed = self.detection.reload_interval_s > 0 and fingerprint != self.fingerprint
+        if not (asked or changed):
+            return
+        self.asked.clear()
+        self.fingerprint = fingerprint
+        self.writer.reload_rules(self.detection.rules_dir, self.detection.max_keys_per_rule)
+
+
 def run(
-    data_dir: str,
-    compact_target_bytes: int,
-    compact_interval_s: float,
+    settings: Settings,
     poll_interval_s: float,
     stop: multiprocessing.synchronize.Event,
+    reload: multiprocessing.synchronize.Event,
     counters_array: Any,
     log_level: int,
 ) -> None:
@@ -172,6 +353,7 @@ def run(
     # Ctrl-C or a SIGTERM sent to the whole process group must not cut us short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     parent = os.getppid()
     # Answers first: under CPU contention the receiver runs, and the lake (a few
     # seconds behind at most) catches up in the gaps.
@@ -180,18 +362,37 @@ def run(
         level=log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    detection = settings.detection
+    pipeline = None
+    if detection.enabled:
+        try:
+            pipeline = make_pipeline(detection)
+        except YamlFileError as error:
+            # The receiver checked these before starting us; they changed since.
+            log.error("rules are invalid, detection is off:\n  %s", "\n  ".join(error.problems))
+    lock = lake_writer_lock(settings.store.data_dir)
+    lock.acquire(wait_s=600)
+    sinks = make_sinks(settings)
     writer = LakeWriter(
-        Path(data_dir),
-        compact_target_bytes=compact_target_bytes,
+        settings.store.data_dir,
+        compact_target_bytes=settings.store.compact_target_bytes,
         counters=SharedCounters(counters_array),
+        pipeline=pipeline,
+        sinks=sinks,
     )
-    # Wall-clock housekeeping of the lake: drain sealed segments, compact.
+    # Wall-clock housekeeping of the lake: drain sealed segments, compact, reload rules.
     scheduler = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
     )
     scheduler.add_job(writer.drain_logged, "interval", seconds=poll_interval_s, id="drain")
-    scheduler.add_job(writer.compact, "interval", seconds=compact_interval_s, id="compact")
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    scheduler.add_job(
+        writer.compact, "interval", seconds=settings.store.compact_interval_s, id="compact"
+    )
+    if pipeline is not None:
+        watcher = _RuleWatcher(writer, detection, reload)
+        every = detection.reload_interval_s or 1.0
+        scheduler.add_job(watcher.check, "interval", seconds=every, id="rules")
     scheduler.start()
     try:
         while not stop.wait(1.0):
@@ -201,39 +402,42 @@ def run(
     finally:
         scheduler.shutdown(wait=True)
     writer.drain_logged()
+    for sink in sinks:
+        sink.close()
+    lock.release()
 
 
 class LakeWriterProcess:
     """Starts, watches and stops the lake writer process for `serve`."""
 
-    def __init__(
-        self,
-        data_dir: Path,
-        *,
-        compact_target_bytes: int,
-        compact_interval_s: float,
-        poll_interval_s: float = 0.2,
-    ) -> None:
+    def __init__(self, settings: Settings, *, poll_interval_s: float = 0.2) -> None:
         self._context = mp.get_context("spawn")
         self.counters = SharedCounters.create(self._context)
         self._stop = self._context.Event()
-        self._args = (
-            str(data_dir),
-            compact_target_bytes,
-            compact_interval_s,
-            poll_interval_s,
-        )
+        self._reload = self._context.Event()
+        self.settings = settings
+        self.poll_interval_s = poll_interval_s
         self._process: Any = None
         self.restarts = 0
 
     def start(self) -> None:
         self._process = self._context.Process(
             target=run,
-            args=(*self._args, self._stop, self.counters.array, logging.getLogger().level),
+            args=(
+                self.settings,
+                self.poll_interval_s,
+                self._stop,
+                self._reload,
+                self.counters.array,
+                logging.getLogger().level,
+            ),
             name="callsentry-lake-writer",
             daemon=False,
         )
         self._process.start()
+
+    def reload_rules(self) -> None:
+        self._reload.set()
 
     def check(self) -> None:
         """Restart the writer if it died; sealed segments wait for it meanwhile."""

@@ -13,13 +13,13 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, cast
 
 from engine.codec import Codec
 from engine.config import parse_hostport
 from engine.ingest import Batch, Intake, Outcome
-from engine.journal import DATAGRAMS, datagram_payload
+from engine.journal import DATAGRAMS, TICK, datagram_payload, tick_payload
 from engine.stats import Stats
 from engine.store import EventStore
 
@@ -31,6 +31,12 @@ _ACCEPTED = Outcome.ACCEPTED
 _SLOW_COMMIT_S = 0.1
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 2.0
+
+
+def _log_tick_failure(future: Future[None]) -> None:
+    error = future.exception()
+    if error is not None:
+        log.debug("tick not journaled: %s", error)
 
 
 class AllowList:
@@ -95,6 +101,7 @@ class ReportServer:
         commit_max_reports: int,
         commit_max_delay_ms: float,
         socket_buffer_bytes: int = 8 * 1024 * 1024,
+        tick_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.codec = codec
@@ -110,6 +117,7 @@ class ReportServer:
         self.commit_max_delay_s = commit_max_delay_ms / 1000.0
         self.socket_buffer_bytes = socket_buffer_bytes
         self.clock = clock
+        self.tick_s = tick_s
         self.addresses: list[tuple[str, int]] = []
         self._transports: list[asyncio.DatagramTransport] = []
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="committer")
@@ -153,6 +161,7 @@ class ReportServer:
             self._transports.append(transport)
             bound = transport.get_extra_info("sockname")
             self.addresses.append((bound[0], bound[1]))
+        self._loop.call_later(self.tick_s, self._heartbeat)
 
     # -- the datagram path (hot) ------------------------------------------------
 
@@ -193,6 +202,20 @@ class ReportServer:
         elif self._timer is None:
             assert self._loop is not None
             self._timer = self._loop.call_later(self.commit_max_delay_s, self._commit)
+
+    def _heartbeat(self) -> None:
+        """While no report comes, journal a tick now and then, so event time (and with
+        it call timeouts) moves on in detection; replays of the journal see the same."""
+        if self._closing:
+            return
+        assert self._loop is not None
+        self._loop.call_later(self.tick_s, self._heartbeat)
+        now = self.clock()
+        if now - self._last_ts < self.tick_s:
+            return
+        self._last_ts = now
+        future = self._committer.submit(self.store.commit, TICK, 0, tick_payload(now))
+        future.add_done_callback(_log_tick_failure)
 
     # -- group commit -----------------------------------------------------------
 

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 
 from engine.codec import Codec, build_codec
 from engine.config import Settings, parse_hostport
+from engine.detect.rules import load_rules
 from engine.ingest import Intake, SeenReports
 from engine.lakewriter import LakeWriterProcess
 from engine.receiver import AllowList, ReportServer
@@ -111,6 +112,10 @@ class Engine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        if settings.detection.enabled:
+            # Refuse to start on invalid rules (file:line for each problem); the
+            # lake writer loads them again in its own process.
+            load_rules(settings.detection.rules_dir, max_keys=100)
         self.codec = settings_codec(settings)
         self.store, self.intake, self.stats = open_store(settings, self.codec)
         self.allow = AllowList(settings.receiver.allow)
@@ -124,12 +129,9 @@ class Engine:
             commit_max_reports=settings.store.commit_max_reports,
             commit_max_delay_ms=settings.store.commit_max_delay_ms,
             socket_buffer_bytes=settings.receiver.socket_buffer_bytes,
+            tick_s=settings.detection.tick_s,
         )
-        self.writer = LakeWriterProcess(
-            settings.store.data_dir,
-            compact_target_bytes=settings.store.compact_target_bytes,
-            compact_interval_s=settings.store.compact_interval_s,
-        )
+        self.writer = LakeWriterProcess(settings)
         self.stats.lake = self.writer.counters
         self.housekeeping = Housekeeping(self.store, self.stats, self.writer, settings)
         self._metrics_server: Any = None
@@ -179,6 +181,7 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, engine.writer.reload_rules)
     try:
         await stop.wait()
         log.info("stopping: answering what was accepted, then writing the lake")

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,21 +43,30 @@ class Recovery:
 class DataDirLock:
     """One engine process per data directory (serve or replay), told apart by pid."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / ".lock"
+    def __init__(self, data_dir: Path, name: str = ".lock") -> None:
+        self.path = data_dir / name
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait_s: float = 0.0) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreError(
-                f"data dir {self.path.parent} is in use by another callsentry process "
-                f"(pid {holder}); stop it or choose another --data-dir"
-            ) from None
+        deadline = time.monotonic() + wait_s
+        warned = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise StoreError(
+                        f"data dir {self.path.parent} is in use by another callsentry process "
+                        f"(pid {holder}); stop it or choose another --data-dir"
+                    ) from None
+                if not warned:
+                    log.warning("waiting for pid %s to release %s", holder, self.path)
+                    warned = True
+                time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -65,6 +75,11 @@ class DataDirLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def lake_writer_lock(data_dir: Path) -> DataDirLock:
+    """Held by whoever turns sealed journal segments into the lake (one at a time)."""
+    return DataDirLock(data_dir, ".lake-writer.lock")
 
 
 def codec_header(codec: Codec) -> dict[str, Any]:
@@ -111,11 +126,17 @@ class EventStore:
             self._dir_lock.acquire()
         except OSError as error:
             raise StoreError(f"data dir {self.data_dir}: {error.strerror}") from None
+        # A lake writer left by a receiver that was killed may still be writing what
+        # was sealed; recovery reads the same files, so it waits for that writer.
+        writer_lock = lake_writer_lock(self.data_dir)
         try:
+            writer_lock.acquire(wait_s=300)
             recovery = self._recover()
-        except OSError as error:
+        except (OSError, StoreError) as error:
             self._dir_lock.release()
             raise StoreError(f"data dir {self.data_dir}: {error}") from None
+        finally:
+            writer_lock.release()
         self._opened = True
         return recovery
 

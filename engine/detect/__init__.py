@@ -1,0 +1,1 @@
+"""Detection: calls rebuilt from reports, sliding event-time windows, YAML rules, alerts."""

@@ -1,0 +1,186 @@
+"""From findings to alerts: one per incident (suppression per rule and entity), with
+evidence and a sentence a person understands; and the sinks that deliver them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.detect.rules import Finding, summary_of
+
+log = logging.getLogger(__name__)
+
+# Alert ids are derived from what the alert is, so replay and live agree on them.
+_ALERT_NAMESPACE = uuid.UUID("6f1c2a52-9d0e-4c55-8a57-2c1f4b0e9a11")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A row of the `alerts` table (the contract columns) plus the rule's mode."""
+
+    alert_id: str
+    rule_id: str
+    detector: str
+    severity: str
+    entity_type: str
+    entity: str
+    window_start: float
+    window_end: float
+    raised_at: float
+    value: float
+    threshold: float
+    summary: str
+    evidence: list[str]
+    rule_version: str
+    mode: str = "alert"
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("window_start", "window_end", "raised_at"):
+            data[key] = datetime.fromtimestamp(data[key], tz=UTC).isoformat()
+        return data
+
+
+class AlertManager:
+    """Suppression per (rule, entity): after an alert, the same rule stays quiet for that
+    entity for its suppression duration, so an incident is one alert, not one per event."""
+
+    def __init__(self) -> None:
+        self._quiet_until: dict[tuple[str, str], float] = {}
+        self.suppressed = 0
+
+    def offer(self, finding: Finding) -> Alert | None:
+        rule = finding.rule
+        key = (rule.id, finding.entity)
+        until = self._quiet_until.get(key)
+        if until is not None and finding.raised_at < until:
+            self.suppressed += 1
+            return None
+        self._quiet_until[key] = finding.raised_at + rule.spec.suppression.duration
+        spec = rule.spec
+        return Alert(
+            alert_id=str(
+                uuid.uuid5(_ALERT_NAMESPACE, f"{rule.id}|{finding.entity}|{finding.raised_at:.6f}")
+            ),
+            rule_id=rule.id,
+            detector="rule",
+            severity=spec.severity,
+            entity_type=spec.aggregate.group_by,
+            entity=finding.entity,
+            window_start=finding.window_start,
+            window_end=finding.window_end,
+            raised_at=finding.raised_at,
+            value=finding.value,
+            threshold=spec.condition.threshold,
+            summary=summary_of(finding),
+            evidence=list(finding.evidence),
+            rule_version=rule.version,
+            mode=spec.mode,
+        )
+
+    def forget_before(self, now: float) -> None:
+        expired = [key for key, until in self._quiet_until.items() if until <= now]
+        for key in expired:
+            del self._quiet_until[key]
+
+
+class AlertSink(Protocol):
+    def deliver(self, alerts: Sequence[Alert]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LogSink:
+    def deliver(self, alerts: Sequence[Alert]) -> None:
+        for alert in alerts:
+            if alert.mode == "alert":
+                log.warning("ALERT %s [%s] %s", alert.rule_id, alert.severity, alert.summary)
+
+    def close(self) -> None:
+        pass
+
+
+class JsonLinesSink:
+    """Appends one JSON object per alert (shadow ones too, marked) to a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def deliver(self, alerts: Sequence[Alert]) -> None:
+        if not alerts:
+            return
+        with self.path.open("a", encoding="utf-8") as handle:
+            for alert in alerts:
+                handle.write(json.dumps(alert.as_json(), ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+class WebhookSink:
+    """POSTs each alert as JSON from a thread of its own, retrying with back-off;
+    a slow or dead endpoint never blocks the pipeline (a bounded queue drops and counts)."""
+
+    def __init__(
+        self, url: str, *, timeout_s: float = 5.0, retries: int = 5, queue_size: int = 10_000
+    ) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.dropped = 0
+        self.delivered = 0
+        self.failed = 0
+        self._queue: queue.Queue[Alert | None] = queue.Queue(queue_size)
+        self._thread = threading.Thread(target=self._run, name="webhook", daemon=True)
+        self._thread.start()
+
+    def deliver(self, alerts: Sequence[Alert]) -> None:
+        for alert in alerts:
+            if alert.mode != "alert":
+                continue
+            try:
+                self._queue.put_nowait(alert)
+            except queue.Full:
+                self.dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            alert = self._queue.get()
+            if alert is None:
+                return
+            body = json.dumps(alert.as_json(), ensure_ascii=False).encode("utf-8")
+            delay = 0.5
+            for attempt in range(self.retries + 1):
+                request = urllib.request.Request(
+                    self.url, data=body, headers={"Content-Type": "application/json"}
+                )
+                try:
+                    with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                        if 200 <= response.status < 300:
+                            self.delivered += 1
+                            break
+                except (urllib.error.URLError, OSError, ValueError) as error:
+                    if attempt == self.retries:
+                        self.failed += 1
+                        log.error(
+                            "webhook %s: giving up on alert %s: %s", self.url, alert.alert_id, error
+                        )
+                        break
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)

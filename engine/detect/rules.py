@@ -1,0 +1,675 @@
+"""YAML rules: a strict schema, loading with file:line errors, and compiled evaluators.
+
+One rule per file in `rules/`, shared lists in `rules/lists/`. A rule says which
+facts it watches (`on: call` for finished calls, `on: call_start` for a call's
+first report), which of them count (`selection`), how they add up per entity
+over a sliding event-time window (`aggregate`), when that is an alert
+(`condition`), how long to stay quiet afterwards per entity (`suppression`),
+and which entities never alert (`exceptions`). Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from engine.detect.calls import Call
+from engine.detect.windows import EwBaseline, KeyedState, SlidingWindow
+from engine.simulator.calls import Duration
+from engine.yamlfile import YamlDocument, YamlFileError, load_yaml, validation_problems
+
+FIELDS = (
+    "caller",
+    "callee",
+    "forward",
+    "menu_id",
+    "menu_name",
+    "outcome",
+    "ring_s",
+    "talk_s",
+    "answered",
+    "ring_code",
+)
+ENTITY_FIELDS = {"caller": "caller", "menu": "menu_id", "forward": "forward", "callee": "callee"}
+OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Matcher(_Strict):
+    """Conditions on one field; all given must hold."""
+
+    in_: list[str | int | float | bool] | None = Field(default=None, alias="in")
+    not_in: list[str | int | float | bool] | None = None
+    in_list: str | None = None
+    not_in_list: str | None = None
+    prefix: list[str] | None = None
+    prefix_list: str | None = None
+    not_prefix_list: str | None = None
+    lt: float | None = None
+    le: float | None = None
+    gt: float | None = None
+    ge: float | None = None
+    eq: str | int | float | bool | None = None
+    ne: str | int | float | bool | None = None
+    empty: bool | None = None
+
+
+def _matcher(value: Any) -> Any:
+    # A bare value means equality: `outcome: answered`.
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list):
+        return {"in": value}
+    return {"eq": value}
+
+
+Selection = dict[
+    Literal[
+        "caller",
+        "callee",
+        "forward",
+        "menu_id",
+        "menu_name",
+        "outcome",
+        "ring_s",
+        "talk_s",
+        "answered",
+        "ring_code",
+    ],
+    Annotated[Matcher, BeforeValidator(_matcher)],
+]
+
+
+class Aggregate(_Strict):
+    type: Literal[
+        "count",
+        "distinct",
+        "sum",
+        "ratio",
+        "baseline_spike",
+        "first_seen",
+        "sequential",
+        "concurrent",
+    ]
+    group_by: Literal["caller", "menu", "forward", "callee"]
+    window: Duration | None = None
+    field: Literal["caller", "callee", "forward", "menu_id", "ring_s", "talk_s"] | None = None
+    numerator: Selection | None = None
+    min_volume: int = Field(default=1, ge=1)
+    baseline_alpha: float = Field(default=0.2, gt=0, le=1)
+    baseline_warmup: int = Field(default=6, ge=1)
+    new_for: Duration | None = None
+    warmup: Duration = 3600.0
+    max_step: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Aggregate:
+        if self.type != "concurrent" and not self.window:
+            raise ValueError(f"aggregate type {self.type} needs a window")
+        if self.type in ("distinct", "sum") and self.field is None:
+            raise ValueError(f"aggregate type {self.type} needs a field")
+        if self.type == "sum" and self.field not in ("ring_s", "talk_s"):
+            raise ValueError("sum needs a numeric field (ring_s or talk_s)")
+        if self.type == "ratio" and not self.numerator:
+            raise ValueError("aggregate type ratio needs a numerator selection")
+        if self.type == "first_seen" and not self.new_for:
+            raise ValueError("aggregate type first_seen needs new_for (how long a key is new)")
+        if self.type == "sequential" and self.group_by != "caller":
+            raise ValueError("sequential dialling is grouped by caller")
+        return self
+
+
+class Condition(_Strict):
+    op: Literal[">=", ">", "<=", "<"] = ">="
+    threshold: float
+
+
+class Suppression(_Strict):
+    duration: Duration = 1800.0
+
+
+class ExceptionRule(_Strict):
+    name: str = Field(min_length=1)
+    values: list[str] = Field(default_factory=list)
+    list_: str | None = Field(default=None, alias="list")
+    reason: str = Field(min_length=1)
+    expires: date | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ExceptionRule:
+        if not self.values and not self.list_:
+            raise ValueError("an exception needs values or a list")
+        return self
+
+
+class TestCalls(_Strict):
+    """A series of calls for an inline test: `repeat` calls, `every` seconds apart."""
+
+    at: Duration = 0.0
+    every: Duration = 60.0
+    repeat: int = Field(default=1, ge=1, le=10_000)
+    caller: str = "8613800000001"
+    callee: str = "4008001000"
+    callee_step: int = 0
+    forward: str = ""
+    menu_id: str = "1"
+    menu_name: str = "Main menu"
+    ring: Duration = 3.0
+    talk: Duration = 60.0
+    answered: bool = True
+    hangup: bool = True
+
+
+class TestExpect(_Strict):
+    entity: str
+    min_alerts: int = Field(default=1, ge=1)
+
+
+class RuleTest(_Strict):
+    name: str = Field(min_length=1)
+    calls: list[TestCalls] = Field(min_length=1)
+    expect: list[TestExpect] = Field(default_factory=list)
+
+
+class RuleSpec(_Strict):
+    id: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    title: str = Field(min_length=1)
+    description: str = ""
+    severity: Literal["low", "medium", "high", "critical"]
+    status: Literal["experimental", "stable", "deprecated"] = "experimental"
+    mode: Literal["alert", "shadow"] = "alert"
+    tags: list[str] = Field(default_factory=list)
+    on: Literal["call", "call_start"] = "call"
+    selection: Selection = Field(default_factory=dict)
+    aggregate: Aggregate
+    condition: Condition
+    suppression: Suppression = Field(default_factory=Suppression)
+    exceptions: list[ExceptionRule] = Field(default_factory=list)
+    summary: str | None = None
+    tests: list[RuleTest] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> RuleSpec:
+        if self.aggregate.type == "concurrent" and self.on != "call_start":
+            raise ValueError("concurrent calls are counted on call_start")
+        window = self.aggregate.window or 0.0
+        if self.suppression.duration < window:
+            raise ValueError(
+                f"suppression ({self.suppression.duration:.0f} s) is shorter than the window "
+                f"({window:.0f} s): one incident would raise several alerts"
+            )
+        return self
+
+
+class ListSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9_]+$")
+    description: str = ""
+    values: list[str] = Field(min_length=1)
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A rule's condition held for an entity at a moment of event time."""
+
+    rule: CompiledRule
+    entity: str
+    raised_at: float
+    window_start: float
+    window_end: float
+    value: float
+    evidence: list[str]
+
+
+def _numeric_check(op: Callable[[Any, Any], bool], bound: float) -> Callable[[Any], bool]:
+    # A missing number (an unanswered call's talk_s) never satisfies a comparison.
+    return lambda v: isinstance(v, int | float) and not isinstance(v, bool) and op(v, bound)
+
+
+def _compile_matcher(
+    name: str, matcher: Matcher, lists: Mapping[str, frozenset[str]]
+) -> Callable[[Call], bool]:
+    checks: list[Callable[[Any], bool]] = []
+
+    def members(list_name: str) -> frozenset[str]:
+        return lists[list_name]
+
+    if matcher.in_ is not None:
+        allowed = set(matcher.in_)
+        checks.append(lambda v: v in allowed)
+    if matcher.not_in is not None:
+        banned = set(matcher.not_in)
+        checks.append(lambda v: v not in banned)
+    if matcher.in_list is not None:
+        in_values = members(matcher.in_list)
+        checks.append(lambda v: v in in_values)
+    if matcher.not_in_list is not None:
+        out_values = members(matcher.not_in_list)
+        checks.append(lambda v: v not in out_values)
+    if matcher.prefix is not None:
+        prefixes = tuple(matcher.prefix)
+        checks.append(lambda v: isinstance(v, str) and v.startswith(prefixes))
+    if matcher.prefix_list is not None:
+        list_prefixes = tuple(sorted(members(matcher.prefix_list)))
+        checks.append(lambda v: isinstance(v, str) and bool(v) and v.startswith(list_prefixes))
+    if matcher.not_prefix_list is not None:
+        skip_prefixes = tuple(sorted(members(matcher.not_prefix_list)))
+        checks.append(lambda v: not (isinstance(v, str) and v.startswith(skip_prefixes)))
+    for op_name, op in (
+        ("lt", operator.lt),
+        ("le", operator.le),
+        ("gt", operator.gt),
+        ("ge", operator.ge),
+    ):
+        bound = getattr(matcher, op_name)
+        if bound is not None:
+            checks.append(_numeric_check(op, bound))
+    if matcher.eq is not None:
+        expected = matcher.eq
+        checks.append(lambda v: v == expected)
+    if matcher.ne is not None:
+        unexpected = matcher.ne
+        checks.append(lambda v: v != unexpected)
+    if matcher.empty is not None:
+        want_empty = matcher.empty
+        checks.append(lambda v: (v in ("", None)) == want_empty)
+
+    def match(call: Call) -> bool:
+        value = getattr(call, name)
+        return all(check(value) for check in checks)
+
+    return match
+
+
+def compile_selection(
+    selection: Mapping[Any, Matcher], lists: Mapping[str, frozenset[str]]
+) -> Callable[[Call], bool]:
+    matchers = [_compile_matcher(name, matcher, lists) for name, matcher in selection.items()]
+    return lambda call: all(match(call) for match in matchers)
+
+
+def _list_references(spec: RuleSpec) -> list[str]:
+    names = []
+    selections = [spec.selection, spec.aggregate.numerator or {}]
+    for selection in selections:
+        for matcher in selection.values():
+            for ref in (
+                matcher.in_list,
+                matcher.not_in_list,
+                matcher.prefix_list,
+                matcher.not_prefix_list,
+            ):
+                if ref:
+                    names.append(ref)
+    names.extend(e.list_ for e in spec.exceptions if e.list_)
+    return names
+
+
+class _KeyState:
+    __slots__ = ("baseline", "first_seen", "last_callee", "last_ts", "run", "window")
+
+    def __init__(self, window: SlidingWindow, baseline: EwBaseline | None) -> None:
+        self.window = window
+        self.baseline = baseline
+        self.last_ts = 0.0
+        self.first_seen = 0.0
+        self.last_callee: int | None = None
+        self.run = 0
+
+
+class CompiledRule:
+    """A rule ready to evaluate, with its per-entity state."""
+
+    def __init__(
+        self,
+        spec: RuleSpec,
+        lists: Mapping[str, frozenset[str]],
+        *,
+        source: str,
+        version: str,
+        max_keys: int,
+    ) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.source = source
+        self.version = version
+        self.logic = _logic_hash(spec)
+        self.selects = compile_selection(spec.selection, lists)
+        aggregate = spec.aggregate
+        self.numerator = compile_selection(aggregate.numerator or {}, lists)
+        self.entity_field = ENTITY_FIELDS[aggregate.group_by]
+        self.window_s = aggregate.window or 0.0
+        self.compare = OPS[spec.condition.op]
+        self.threshold = spec.condition.threshold
+        self.exceptions: list[tuple[frozenset[str], date | None]] = [
+            (frozenset(e.values) | (lists[e.list_] if e.list_ else frozenset()), e.expires)
+            for e in spec.exceptions
+        ]
+        self.state: KeyedState[_KeyState] = KeyedState(max_keys)
+        self.started_at: float | None = None
+
+    def adopt_state(self, other: CompiledRule) -> None:
+        """Keep the window state of the rule this one replaces (its logic is unchanged)."""
+        self.state = other.state
+        self.started_at = other.started_at
+
+    def excepted(self, entity: str, ts: float) -> bool:
+        today = datetime.fromtimestamp(ts, tz=UTC).date() if self.exceptions else None
+        for values, expires in self.exceptions:
+            if entity in values and (expires is None or (today is not None and today <= expires)):
+                return True
+        return False
+
+    def _key_state(self, entity: str, ts: float) -> _KeyState:
+        state = self.state.get(entity)
+        if state is None:
+            aggregate = self.spec.aggregate
+            baseline = (
+                EwBaseline(self.window_s, aggregate.baseline_alpha)
+                if aggregate.type == "baseline_spike"
+                else None
+            )
+            state = _KeyState(SlidingWindow(self.window_s), baseline)
+            state.first_seen = ts
+            self.state.put(entity, state)
+        return state
+
+    def evaluate(
+        self, call: Call, ts: float, open_calls: Callable[[str], list[Call]]
+    ) -> Finding | None:
+        if self.started_at is None:
+            self.started_at = ts
+        if not self.selects(call):
+            return None
+        entity = getattr(call, self.entity_field)
+        if not entity:
+            return None
+        aggregate = self.spec.aggregate
+        state = self._key_state(entity, ts)
+        state.last_ts = ts
+        kind = aggregate.type
+        window = state.window
+        if kind == "concurrent":
+            # In progress right now, from the call tracker's open calls (no counters to
+            # drift); with a window, only those that started within it.
+            since = ts - self.window_s if self.window_s else float("-inf")
+            live = [c for c in open_calls(entity) if c.started_at > since]
+            value = float(len(live))
+            if not self.compare(value, self.threshold) or self.excepted(entity, ts):
+                return None
+            start = min(c.started_at for c in live) if live else ts
+            return Finding(self, entity, ts, start, ts, value, [c.call_id for c in live][-200:])
+        item: object = None
+        if kind in ("distinct", "sum"):
+            item = getattr(call, aggregate.field or "")
+            if item is None:
+                return None
+        elif kind == "ratio":
+            item = self.numerator(call)
+        if state.baseline is not None:
+            state.baseline.observe(ts)
+        window.add(ts, call.call_id, item)
+        window.expire(ts)
+        measured = self._value(kind, state, call)
+        if measured is None or not self.compare(measured, self.threshold):
+            return None
+        if self.excepted(entity, ts):
+            return None
+        start = window.start() or ts
+        return Finding(self, entity, ts, start, ts, measured, window.live_call_ids()[-200:])
+
+    def _value(self, kind: str, state: _KeyState, call: Call) -> float | None:
+        window = state.window
+        aggregate = self.spec.aggregate
+        if kind == "count":
+            return float(len(window))
+        if kind == "distinct":
+            return float(window.distinct())
+        if kind == "sum":
+            return window.total
+        if kind == "ratio":
+            total = len(window)
+            if total < aggregate.min_volume:
+                return None
+            hits = sum(1 for v in window.live_values() if v)
+            return hits / total
+        if kind == "baseline_spike":
+            baseline = state.baseline
+            assert baseline is not None
+            count = len(window)
+            if baseline.buckets < aggregate.baseline_warmup or count < aggregate.min_volume:
+                return None
+            return count / max(baseline.mean, 1.0)
+        if kind == "first_seen":
+            started = self.started_at or 0.0
+            if state.first_seen < started + aggregate.warmup:
+                return None  # seen while the rule was still learning what is normal
+            if window.times[-1] - state.first_seen > (aggregate.new_for or 0.0):
+                return None
+            return float(len(window))
+        if kind == "sequential":
+            # A run of callees each one step (at most max_step) beyond the last, in one
+            # direction and never back: a scan. Alternating between two neighbouring IVR
+            # numbers (a busy trunk's pattern) is no run.
+            try:
+                callee = int(call.callee)
+            except ValueError:
+                state.run, state.last_callee = 0, None
+                return 0.0
+            previous = state.last_callee
+            step = 0 if previous is None else callee - previous
+            direction = 1 if step > 0 else -1
+            if (
+                step
+                and abs(step) <= aggregate.max_step
+                and (state.run == 0 or direction * state.run > 0)
+            ):
+                state.run += direction
+            else:
+                state.run = 0
+            state.last_callee = callee
+            return float(abs(state.run) + 1 if state.run else 0)
+        raise AssertionError(kind)
+
+    def drop_idle(self, now: float) -> int:
+        """Forget entities quiet for longer than the window (first_seen keeps them longer)."""
+        keep = self.window_s
+        if self.spec.aggregate.type == "first_seen":
+            keep = max(keep, 30 * 86400.0)
+        elif self.spec.aggregate.type == "baseline_spike":
+            keep = max(keep * 50, 86400.0)
+        return self.state.drop_idle(lambda s: s.last_ts < now - keep)
+
+
+def _logic_hash(spec: RuleSpec) -> str:
+    logic = {"on": spec.on, "selection": spec.selection, "aggregate": spec.aggregate}
+    text = json.dumps(
+        json.loads(
+            json.dumps(logic, default=lambda o: o.model_dump(by_alias=True, exclude_none=True))
+        ),
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RuleSet:
+    rules: list[CompiledRule] = field(default_factory=list)
+    lists: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def by_id(self) -> dict[str, CompiledRule]:
+        return {rule.id: rule for rule in self.rules}
+
+    def adopt_state_from(self, previous: RuleSet) -> list[str]:
+        """Keep window state for rules whose logic did not change; returns their ids."""
+        old = previous.by_id()
+        kept = []
+        for rule in self.rules:
+            before = old.get(rule.id)
+            if before is not None and before.logic == rule.logic:
+                rule.adopt_state(before)
+                kept.append(rule.id)
+        return kept
+
+
+@dataclass
+class LoadedRules:
+    rules: RuleSet
+    specs: list[tuple[RuleSpec, YamlDocument]]
+
+
+def rule_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.glob("*.yaml") if p.is_file()) + sorted(
+        p for p in path.glob("*.yml") if p.is_file()
+    )
+
+
+def _lists_dir(path: Path) -> Path:
+    return (path.parent if path.is_file() else path) / "lists"
+
+
+def load_lists(folder: Path, problems: list[str]) -> dict[str, frozenset[str]]:
+    lists: dict[str, frozenset[str]] = {}
+    if not folder.is_dir():
+        return lists
+    for path in sorted(folder.glob("*.yaml")):
+        try:
+            document = load_yaml(path)
+        except YamlFileError as error:
+            problems.extend(error.problems)
+            continue
+        if not isinstance(document.data, dict):
+            problems.append(f"{path}:1: expected a mapping with name and values")
+            continue
+        try:
+            spec = ListSpec.model_validate(document.data)
+        except ValidationError as error:
+            problems.extend(validation_problems(document, error))
+            continue
+        if spec.name in lists:
+            problems.append(f"{document.where(('name',))}: list {spec.name!r} is defined twice")
+        lists[spec.name] = frozenset(str(v) for v in spec.values)
+    return lists
+
+
+def load_rules(path: Path, *, max_keys: int = 200_000) -> LoadedRules:
+    """Load every rule under `path` (a folder or one file), or raise YamlFileError listing
+    every problem at once, each as `file:line: key: reason`."""
+    problems: list[str] = []
+    if not path.exists():
+        raise YamlFileError([f"{path}: no such rule file or folder"])
+    lists = load_lists(_lists_dir(path), problems)
+    specs: list[tuple[RuleSpec, YamlDocument]] = []
+    seen: dict[str, str] = {}
+    for file in rule_files(path):
+        try:
+            document = load_yaml(file)
+        except YamlFileError as error:
+            problems.extend(error.problems)
+            continue
+        if not isinstance(document.data, dict):
+            problems.append(f"{file}:1: expected a rule (a mapping of keys)")
+            continue
+        try:
+            spec = RuleSpec.model_validate(document.data)
+        except ValidationError as error:
+            problems.extend(validation_problems(document, error))
+            continue
+        for name in _list_references(spec):
+            if name not in lists:
+                known = ", ".join(sorted(lists)) or "none"
+                problems.append(
+                    f"{file}:{_line_of_value(document, name)}: list {name!r} is not in "
+                    f"{_lists_dir(path)} (known: {known})"
+                )
+        if spec.id in seen:
+            problems.append(
+                f"{document.where(('id',))}: rule id {spec.id!r} is also in {seen[spec.id]}"
+            )
+        seen[spec.id] = str(file)
+        specs.append((spec, document))
+    if problems:
+        raise YamlFileError(problems)
+    compiled = []
+    for spec, document in specs:
+        version = hashlib.sha256(document.path.read_bytes()).hexdigest()[:12]
+        compiled.append(
+            CompiledRule(spec, lists, source=str(document.path), version=version, max_keys=max_keys)
+        )
+    return LoadedRules(RuleSet(compiled, lists), specs)
+
+
+def _line_of_value(document: YamlDocument, value: str) -> int:
+    for number, line in enumerate(document.path.read_text(encoding="utf-8").splitlines(), 1):
+        if value in line:
+            return number
+    return 1
+
+
+def describe_window(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{seconds / 3600:g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
+
+
+def summary_of(finding: Finding) -> str:
+    rule = finding.rule
+    spec = rule.spec
+    value = finding.value
+    if spec.aggregate.type == "ratio":
+        shown = f"{value:.0%}"
+    elif spec.aggregate.type == "baseline_spike":
+        shown = f"{value:.1f}"
+    else:
+        shown = f"{value:.2f}" if not float(value).is_integer() else f"{int(value)}"
+    values = {
+        "entity": finding.entity,
+        "entity_type": spec.aggregate.group_by,
+        "value": shown,
+        "threshold": f"{spec.condition.threshold:g}",
+        "window": describe_window(rule.window_s),
+        "title": spec.title,
+    }
+    if spec.summary:
+        try:
+            return spec.summary.format(**values)
+        except (KeyError, IndexError, ValueError):
+            pass
+    return (
+        f"{values['entity_type']} {finding.entity}: {spec.title.lower()}: {shown} "
+        f"({spec.aggregate.type}) within {values['window']}, threshold {spec.condition.op} "
+        f"{values['threshold']}"
+    )
+
+
+__all__ = [
+    "CompiledRule",
+    "Finding",
+    "LoadedRules",
+    "RuleSet",
+    "RuleSpec",
+    "load_rules",
+    "summary_of",
+]

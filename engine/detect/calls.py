@@ -56,9 +56,13 @@ class Call:
         """Seconds from Ringing to OK (answered) or to Bye (not answered)."""
         if self.ringing_at is None:
             return None
-        if self.answered_at is not None and self.ended_at is not None:
-            if self.answered_at > self.ended_at:
-                return None  # the OK came late (a retry): when it was answered is unknown
+        late_answer = (
+            self.answered_at is not None
+            and self.ended_at is not None
+            and self.answered_at > self.ended_at
+        )
+        if late_answer:
+            return None  # the OK came late (a retry): when it was answered is unknown
         until = self.answered_at if self.answered_at is not None else self.ended_at
         if until is None or until < self.ringing_at:
             return None

@@ -68,7 +68,8 @@ def parse_ts(value: Any) -> float:
             ts = moment.timestamp()
     if not math.isfinite(ts) or not 0 <= ts < 32_503_680_000:  # before year 3000
         raise FieldError(RejectReason.BAD_TS, f"ts {value!r} is out of range")
-    return ts
+    # Whole microseconds, as the lake stores them: replaying stored events is exact.
+    return round(ts, 6)
 
 
 def _text(value: Any) -> str:
@@ -79,10 +80,17 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+# Besides the switch's tokens, files may use the `events` table's own state names,
+# so an export of the table replays as it is.
+_TABLE_STATES = {"answered": "ok", "hangup": "bye"}
+
+
 def row_to_item(row: Mapping[str, Any], source: str, fallback_ts: float) -> CallEvent | Reject:
     try:
         ts = parse_ts(row.get("ts"))
-        return make_event(ts, [_text(row.get(column)) for column in COLUMNS[1:]], source)
+        fields = [_text(row.get(column)) for column in COLUMNS[1:]]
+        fields[2] = _TABLE_STATES.get(fields[2].strip().lower(), fields[2])
+        return make_event(ts, fields, source)
     except FieldError as error:
         return _reject(row, source, fallback_ts, error.reason, error.detail)
 

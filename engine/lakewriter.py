@@ -447,7 +447,8 @@ class LakeWriterProcess:
             self.start()
 
     def stop(self, timeout: float = 120.0) -> None:
-        if self._process is None:
+        if self._process is None or self._process.pid is None:
+            self._process = None  # never started
             return
         self._stop.set()
         self._process.join(timeout)

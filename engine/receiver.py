@@ -178,8 +178,9 @@ class ReportServer:
         if self._closing:
             stats.dropped_shutdown += 1
             return
-        # Event time never runs backwards, even if the wall clock is stepped back.
-        now = self.clock()
+        # Event time never runs backwards, even if the wall clock is stepped back; in
+        # whole microseconds, as the lake stores it, so a replay of it is exact.
+        now = round(self.clock(), 6)
         if now < self._last_ts:
             now = self._last_ts
         self._last_ts = now
@@ -210,7 +211,7 @@ class ReportServer:
             return
         assert self._loop is not None
         self._loop.call_later(self.tick_s, self._heartbeat)
-        now = self.clock()
+        now = round(self.clock(), 6)
         if now - self._last_ts < self.tick_s:
             return
         self._last_ts = now

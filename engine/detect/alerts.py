@@ -71,7 +71,10 @@ class AlertManager:
         spec = rule.spec
         return Alert(
             alert_id=str(
-                uuid.uuid5(_ALERT_NAMESPACE, f"{rule.id}|{finding.entity}|{finding.raised_at:.6f}")
+                uuid.uuid5(
+                    _ALERT_NAMESPACE,
+                    f"{rule.id}|{finding.entity}|{round(finding.raised_at * 1_000_000)}",
+                )
             ),
             rule_id=rule.id,
             detector="rule",

@@ -1,0 +1,325 @@
+"""Detection: windows at their edges, calls from out-of-order reports, bounded state,
+rules and their errors, hot reload, and the scenario library caught as labelled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from engine.codec import Vos3000TextCodec
+from engine.detect.calls import CallTracker
+from engine.detect.pipeline import Pipeline
+from engine.detect.rules import load_rules
+from engine.detect.windows import EwBaseline, SlidingWindow
+from engine.events import CallEvent, CallState
+from engine.lakewriter import LakeWriter, make_pipeline
+from engine.replay import replay
+from engine.simulator.scenario import generate, load_scenario, write_files
+from engine.switch import SwitchSettings, SwitchStandIn
+from engine.yamlfile import YamlFileError
+from tests.conftest import RunningEngine, make_settings
+
+RULES = Path("rules")
+
+
+def report(
+    ts: float, call_id: str, serial: int, state: CallState, caller: str = "100"
+) -> CallEvent:
+    return CallEvent(ts, call_id, serial, state, None, caller, "200", "", "7", "Main", "t")
+
+
+# -- windows --------------------------------------------------------------------------
+
+
+def test_window_holds_entries_newer_than_its_length() -> None:
+    # window 30 s, evaluated at t=30:  0 is out (exactly 30 old), 10, 20, 30 are in
+    window = SlidingWindow(30.0)
+    for ts in (0.0, 10.0, 20.0, 30.0):
+        window.add(ts, f"c{ts:.0f}", 1.0)
+    window.expire(30.0)
+    assert len(window) == 3 and window.live_call_ids() == ["c10", "c20", "c30"]
+    assert window.total == 3.0
+    window.expire(59.999)
+    assert window.live_call_ids() == ["c30"]
+    window.expire(60.0)
+    assert len(window) == 0 and window.total == 0.0
+
+
+def test_window_slides_rather_than_resetting_in_buckets() -> None:
+    # 5 events at 50..54 and 5 at 61..65: a fixed 60 s bucket would split them; a 30 s
+    # sliding window at 65 sees all ten.
+    window = SlidingWindow(30.0)
+    for ts in [50, 51, 52, 53, 54, 61, 62, 63, 64, 65]:
+        window.add(float(ts), "c")
+    window.expire(65.0)
+    assert len(window) == 10
+
+
+def test_baseline_counts_quiet_buckets_as_zero() -> None:
+    baseline = EwBaseline(60.0, alpha=0.5)
+    for ts in (0, 1, 2, 3):
+        baseline.observe(float(ts))
+    baseline.roll(300.0)  # five buckets closed by t=300: 4, 0, 0, 0, 0
+    assert baseline.buckets == 5
+    assert baseline.mean == pytest.approx(0.25)  # 4 -> 2 -> 1 -> 0.5 -> 0.25
+
+
+# -- calls ----------------------------------------------------------------------------
+
+
+def test_call_rebuilt_from_reports_in_order() -> None:
+    tracker = CallTracker(settle_s=5)
+    tracker.observe(report(0, "a", 1, CallState.RINGING))
+    tracker.observe(report(4, "a", 2, CallState.ANSWERED))
+    tracker.observe(report(64, "a", 3, CallState.HANGUP))
+    assert tracker.advance(68.9) == []
+    (call,) = tracker.advance(69.0)
+    assert (call.outcome, call.ring_s, call.talk_s, call.reports) == ("answered", 4, 60, 3)
+
+
+def test_retried_ok_after_bye_still_makes_the_call_answered() -> None:
+    tracker = CallTracker(settle_s=6)
+    tracker.observe(report(0, "a", 1, CallState.RINGING))
+    tracker.observe(report(10, "a", 3, CallState.HANGUP))
+    tracker.observe(report(12, "a", 2, CallState.ANSWERED))  # the OK's first copies were lost
+    (call,) = tracker.advance(20)
+    assert call.outcome == "answered" and call.talk_s is None and call.ring_s is None
+
+
+def test_outcomes_unanswered_abandoned_and_timed_out() -> None:
+    tracker = CallTracker(abandon_s=10, ring_timeout_s=60, settle_s=0)
+    tracker.observe(report(0, "abandoned", 1, CallState.RINGING))
+    tracker.observe(report(3, "abandoned", 2, CallState.HANGUP))
+    tracker.observe(report(0, "unanswered", 1, CallState.RINGING))
+    tracker.observe(report(30, "unanswered", 2, CallState.HANGUP))
+    tracker.observe(report(0, "ringing", 1, CallState.RINGING))
+    outcomes = {c.call_id: c.outcome for c in tracker.advance(59)}
+    assert outcomes == {"abandoned": "abandoned", "unanswered": "unanswered"}
+    assert [c.outcome for c in tracker.advance(60)] == ["timed_out"]
+
+
+def test_concurrency_comes_from_open_calls_and_cannot_drift() -> None:
+    tracker = CallTracker(ring_timeout_s=60)
+    for n in range(5):
+        tracker.observe(report(n, f"c{n}", 1, CallState.RINGING, caller="X"))
+    assert len(tracker.open_calls("X")) == 5
+    tracker.observe(report(10, "c0", 2, CallState.HANGUP, caller="X"))
+    # A Bye retried after the call is gone, and a Bye of a call never seen open:
+    tracker.observe(report(11, "c0", 2, CallState.HANGUP, caller="X"))
+    tracker.observe(report(11, "ghost", 2, CallState.HANGUP, caller="X"))
+    assert len(tracker.open_calls("X")) == 4
+    tracker.advance(1000)  # everything else times out
+    assert tracker.open_calls("X") == [] and tracker.open == {}
+
+
+# -- bounded state --------------------------------------------------------------------
+
+
+def test_a_flood_of_invented_callers_is_bounded_and_counted() -> None:
+    loaded = load_rules(RULES / "ringing-without-ok-caller.yaml", max_keys=1000)
+    pipeline = Pipeline(loaded.rules, CallTracker(ring_timeout_s=30, settle_s=0))
+    events = []
+    for n in range(20_000):
+        events.append(report(n * 0.01, f"f{n}", 1, CallState.RINGING, caller=f"9{n:09d}"))
+        events.append(report(n * 0.01 + 0.005, f"f{n}", 2, CallState.HANGUP, caller=f"9{n:09d}"))
+    pipeline.feed(events)
+    pipeline.advance(1000)
+    (rule,) = pipeline.rules.rules
+    assert len(rule.state) <= 1000
+    assert rule.state.evicted >= 19_000
+    assert pipeline.tracker.open == {}
+
+
+# -- rules ----------------------------------------------------------------------------
+
+
+def test_shipped_rules_are_valid_and_their_inline_tests_pass() -> None:
+    from engine.detect.ruletest import run_rule_tests
+
+    results = run_rule_tests(RULES)
+    assert results and all(r.passed for r in results), [r for r in results if not r.passed]
+    rule_ids = {r.rule_id for r in results}
+    loaded = load_rules(RULES)
+    assert rule_ids == {r.id for r in loaded.rules.rules}, "every rule has inline tests"
+    for rule in loaded.rules.rules:
+        assert any(not t.expect for t in rule.spec.tests), f"{rule.id} has no negative test"
+        assert any(t.expect for t in rule.spec.tests), f"{rule.id} has no positive test"
+
+
+def test_rule_errors_are_all_reported_with_file_and_line(tmp_path: Path) -> None:
+    folder = tmp_path / "rules"
+    shutil.copytree(RULES, folder)
+    (folder / "short-calls-caller.yaml").write_text(
+        (folder / "short-calls-caller.yaml")
+        .read_text()
+        .replace("severity: high", "severity: severe")
+        .replace("window: 3m", "window: 3m, colour: red")
+    )
+    (folder / "broken.yaml").write_text("id: broken\ntitle: [unclosed\n")
+    (folder / "dup.yaml").write_text(
+        (folder / "sequential-dialling.yaml").read_text().replace("known_trunks", "no_such")
+    )
+    (folder / "lists-missing.yaml").write_text(
+        (folder / "risky-destination-callee.yaml")
+        .read_text()
+        .replace("id: risky-destination-callee", "id: risky-two")
+        .replace("risky_prefixes", "no_such_list")
+    )
+    with pytest.raises(YamlFileError) as caught:
+        load_rules(folder)
+    text = "\n".join(caught.value.problems)
+    assert f"{folder}/short-calls-caller.yaml:7: severity: Input should be 'low'" in text
+    assert f"{folder}/short-calls-caller.yaml:" in text and "colour: unknown key" in text
+    assert (
+        f"{folder}/broken.yaml:2: invalid YAML" in text
+        or f"{folder}/broken.yaml:3: invalid YAML" in text
+    )
+    assert "rule id 'sequential-dialling' is also in" in text
+    assert "list 'no_such_list' is not in" in text
+    assert len(caught.value.problems) >= 5
+
+
+def test_suppression_shorter_than_the_window_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        (RULES / "short-calls-low-and-slow.yaml")
+        .read_text()
+        .replace("duration: 12h", "duration: 1h")
+    )
+    (tmp_path / "lists").mkdir()
+    with pytest.raises(YamlFileError, match="suppression .* is shorter than the window"):
+        load_rules(path)
+
+
+def test_hot_reload_swaps_whole_sets_and_keeps_state_of_unchanged_rules(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "rules"
+    shutil.copytree(RULES, folder)
+    settings = make_settings(tmp_path / "data")
+    pipeline = make_pipeline(settings.detection, folder)
+    writer = LakeWriter(tmp_path / "data", pipeline=pipeline)
+    before = {rule.id: rule for rule in pipeline.rules.rules}
+    before["short-calls-caller"].state.put("someone", object())  # type: ignore[arg-type]
+
+    (folder / "short-calls-caller.yaml").write_text("id: [broken\n")
+    assert writer.reload_rules(folder, 1000) is False
+    assert pipeline.rules.rules[0] is before[pipeline.rules.rules[0].id], "running set kept"
+    assert "rules not reloaded, the running rules stay" in caplog.text
+
+    shutil.copy(RULES / "short-calls-caller.yaml", folder / "short-calls-caller.yaml")
+    text = (folder / "fanout-callee-caller.yaml").read_text()
+    (folder / "fanout-callee-caller.yaml").write_text(text.replace("window: 10m", "window: 20m"))
+    (folder / "sequential-dialling.yaml").write_text(
+        (folder / "sequential-dialling.yaml").read_text().replace("threshold: 10", "threshold: 12")
+    )
+    assert writer.reload_rules(folder, 1000) is True
+    after = {rule.id: rule for rule in pipeline.rules.rules}
+    assert after["short-calls-caller"].state.get("someone") is not None, "same logic: state kept"
+    assert after["sequential-dialling"].state is before["sequential-dialling"].state
+    assert after["fanout-callee-caller"].state is not before["fanout-callee-caller"].state
+
+
+# -- the scenario library -------------------------------------------------------------
+
+
+def replay_scenario(
+    name: str, tmp_path: Path
+) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    generated = generate(load_scenario(Path(f"data/scenarios/{name}.yaml")))
+    events_path, labels_path = write_files(generated, tmp_path / name)
+    settings = make_settings(tmp_path / f"data-{name}", detection={"alerts_jsonl": "off"})
+    result = replay([events_path], settings)
+    alerts = [a.as_json() for a in result.alerts if a.mode == "alert"]
+    labels = [json.loads(line) for line in labels_path.read_text().splitlines()]
+    return alerts, labels
+
+
+@pytest.mark.parametrize("name", ["fraud-mix", "lookalikes", "low-and-slow", "demo"])
+def test_scenarios_incidents_caught_and_lookalikes_silent(name: str, tmp_path: Path) -> None:
+    alerts, labels = replay_scenario(name, tmp_path)
+    by_incident: dict[str, list[str]] = {}
+    unexplained = []
+    for alert in alerts:
+        evidence = set(alert["evidence"])  # type: ignore[arg-type]
+        owners = [label["incident"] for label in labels if evidence & set(label["call_ids"])]  # type: ignore[arg-type]
+        if not owners:
+            unexplained.append(alert["summary"])
+        for owner in owners:
+            by_incident.setdefault(str(owner), []).append(str(alert["rule_id"]))
+    for label in labels:
+        if label["must_alert"]:
+            assert label["incident"] in by_incident, (
+                f"{label['incident']} ({label['family']}) missed"
+            )
+        else:
+            assert label["incident"] not in by_incident, f"look-alike {label['incident']} alerted"
+    assert not unexplained, f"alerts that belong to no incident: {unexplained}"
+
+
+def test_replaying_twice_gives_identical_alerts(tmp_path: Path) -> None:
+    first, _ = replay_scenario("demo", tmp_path / "one")
+    second, _ = replay_scenario("demo", tmp_path / "two")
+    assert first and first == second
+
+
+def test_alerts_table_has_exactly_the_contract_columns(tmp_path: Path) -> None:
+    replay_scenario("demo", tmp_path)
+    database = tmp_path / "data-demo" / "callsentry.duckdb"
+    with duckdb.connect(str(database), read_only=True) as con:
+        columns = [row[0] for row in con.execute("DESCRIBE alerts").fetchall()]
+        current = con.execute("SELECT DISTINCT status FROM alerts_current").fetchall()
+        calls = con.execute("SELECT count(*), count(DISTINCT call_id) FROM calls").fetchone()
+    assert columns[:14] == [
+        "alert_id",
+        "rule_id",
+        "detector",
+        "severity",
+        "entity_type",
+        "entity",
+        "window_start",
+        "window_end",
+        "raised_at",
+        "value",
+        "threshold",
+        "summary",
+        "evidence",
+        "rule_version",
+    ]
+    assert set(columns[14:]) <= {"day"}
+    assert current == [("open",)]
+    assert calls is not None and calls[0] == calls[1] > 3000
+
+
+def test_live_over_udp_and_replay_of_what_was_stored_give_the_same_alerts(
+    engine_factory: Callable[..., RunningEngine], tmp_path: Path
+) -> None:
+    running = engine_factory(detection={"tick_s": 0.5, "alerts_jsonl": "off"})
+    host, port = running.address
+    events = generate(load_scenario(Path("data/scenarios/demo.yaml"))).events
+    switch = SwitchStandIn(Vos3000TextCodec(), SwitchSettings(host=host, port=port, window=500))
+    summary = asyncio.run(switch.send(events))
+    assert summary.answered == len(events)
+    time.sleep(12)  # quiet: ticks move event time past the last calls' settling
+    running.stop()
+    live_db = tmp_path / "data" / "callsentry.duckdb"
+    exported = tmp_path / "stored.parquet"
+    with duckdb.connect(str(live_db), read_only=True) as con:
+        live = {row[0] for row in con.execute("SELECT alert_id FROM alerts").fetchall()}
+        con.execute(
+            "COPY (SELECT ts, call_id, serial, coalesce(CAST(code AS VARCHAR), state) AS state, "
+            "caller, callee, forward, menu_id, menu_name FROM events ORDER BY seq) "
+            f"TO '{exported}' (FORMAT parquet)"
+        )
+    assert live, "the compressed demo raises alerts"
+    result = replay(
+        [exported], make_settings(tmp_path / "again", detection={"alerts_jsonl": "off"})
+    )
+    assert {a.alert_id for a in result.alerts if a.mode == "alert"} == live

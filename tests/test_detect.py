@@ -194,7 +194,7 @@ def test_suppression_shorter_than_the_window_is_refused(tmp_path: Path) -> None:
         .replace("duration: 12h", "duration: 1h")
     )
     (tmp_path / "lists").mkdir()
-    with pytest.raises(YamlFileError, match="suppression .* is shorter than the window"):
+    with pytest.raises(YamlFileError, match=r"suppression .* is shorter than the window"):
         load_rules(path)
 
 

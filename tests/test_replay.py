@@ -89,7 +89,7 @@ def test_bad_rows_are_reported_with_file_and_line_and_quarantined(tmp_path: Path
         HEADER
         + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n"
         + "2026-11-28T10:00:01,c1,2,OK,100,200,,7,Main\n"
-        + "2026-11-28T10:00:02Z,c1,3,HANGUP,100,200,,7,Main\n"
+        + "2026-11-28T10:00:02Z,c1,3,HUNGUP,100,200,,7,Main\n"
         + "yesterday,c1,4,bye,100,200,,7,Main\n"
         + "2026-11-28T10:00:03Z,,5,bye,100,200,,7,Main\n"
     )
@@ -97,7 +97,7 @@ def test_bad_rows_are_reported_with_file_and_line_and_quarantined(tmp_path: Path
     result = run_cli("replay", str(csv), "--data-dir", str(data_dir))
     assert result.returncode == 1, result.stderr
     assert "events.csv:3: bad_ts: ts '2026-11-28T10:00:01' has no UTC offset" in result.stderr
-    assert "events.csv:4: bad_state: unknown state 'HANGUP'" in result.stderr
+    assert "events.csv:4: bad_state: unknown state 'HUNGUP'" in result.stderr
     assert "events.csv:5: bad_ts:" in result.stderr
     assert "events.csv:6: bad_call_id: call_id is empty" in result.stderr
     assert "1 events stored, 4 rejected" in result.stdout

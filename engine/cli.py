@@ -343,3 +343,83 @@ def rules_test(path: Path) -> None:
     click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if failed:
         sys.exit(1)
+
+
+@main.group()
+def alerts() -> None:
+    """Review alerts: list them, open one with its calls, record a verdict (append-only)."""
+
+
+@alerts.command("list")
+@data_dir_option
+@config_option
+@click.option(
+    "--status",
+    default="open",
+    show_default=True,
+    help="open, confirmed, false_positive, ... or 'all'.",
+)
+@click.option("--limit", default=50, show_default=True)
+def alerts_list(data_dir: Path | None, config: Path | None, status: str, limit: int) -> None:
+    """Alerts with their latest review status, newest first."""
+    from engine.review import list_alerts
+
+    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    rows = list_alerts(settings.store.data_dir, status, limit)
+    if not rows:
+        click.echo(f"no {status} alerts" if status != "all" else "no alerts")
+    for row in rows:
+        click.echo(
+            f"{row['alert_id']}  {row['raised_at']:%Y-%m-%d %H:%M:%S}  {row['status']:<14} "
+            f"[{row['severity']}] {row['rule_id']}: {row['summary']}"
+        )
+
+
+@alerts.command("show")
+@click.argument("alert_id")
+@data_dir_option
+@config_option
+def alerts_show(alert_id: str, data_dir: Path | None, config: Path | None) -> None:
+    """One alert, its review trail and the calls behind it."""
+    from engine.review import ReviewError, show_alert
+
+    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    try:
+        for line in show_alert(settings.store.data_dir, alert_id):
+            click.echo(line)
+    except ReviewError as error:
+        _fail(str(error))
+
+
+@alerts.command("review")
+@click.argument("alert_id")
+@click.option(
+    "--status",
+    required=True,
+    type=click.Choice(["open", "investigating", "confirmed", "false_positive", "closed"]),
+)
+@click.option("--note", required=True, help="Why: what was checked, what was found.")
+@click.option("--reviewer", default=None, help="Who (default: the login name).")
+@data_dir_option
+@config_option
+def alerts_review(
+    alert_id: str,
+    status: str,
+    note: str,
+    reviewer: str | None,
+    data_dir: Path | None,
+    config: Path | None,
+) -> None:
+    """Record a verdict on an alert. Earlier reviews are kept; the latest one counts."""
+    import getpass
+
+    from engine.review import ReviewError, add_review
+
+    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    try:
+        review_id = add_review(
+            settings.store.data_dir, alert_id, status, note, reviewer or getpass.getuser()
+        )
+    except ReviewError as error:
+        _fail(str(error))
+    click.echo(f"review {review_id} recorded: {alert_id} is {status}")

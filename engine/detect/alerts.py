@@ -169,18 +169,24 @@ class WebhookSink:
                 request = urllib.request.Request(
                     self.url, data=body, headers={"Content-Type": "application/json"}
                 )
+                error: Exception | None = None
                 try:
                     with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                         if 200 <= response.status < 300:
                             self.delivered += 1
                             break
-                except (urllib.error.URLError, OSError, ValueError) as error:
-                    if attempt == self.retries:
-                        self.failed += 1
-                        log.error(
-                            "webhook %s: giving up on alert %s: %s", self.url, alert.alert_id, error
-                        )
-                        break
+                        error = ValueError(f"HTTP {response.status}")
+                except urllib.error.HTTPError as http_error:
+                    http_error.close()
+                    error = http_error
+                except (urllib.error.URLError, OSError, ValueError) as other:
+                    error = other
+                if attempt == self.retries:
+                    self.failed += 1
+                    log.error(
+                        "webhook %s: giving up on alert %s: %s", self.url, alert.alert_id, error
+                    )
+                    break
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 

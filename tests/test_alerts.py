@@ -1,0 +1,142 @@
+"""Alerts after detection: suppression, the review trail, the sinks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import duckdb
+import pytest
+
+from engine.detect.alerts import Alert, AlertManager, JsonLinesSink, WebhookSink
+from engine.detect.rules import Finding, load_rules
+from engine.replay import replay
+from engine.review import ReviewError, add_review, list_alerts
+from tests.conftest import make_settings
+
+
+def finding(raised_at: float, entity: str = "8613900000001") -> Finding:
+    rule = load_rules(Path("rules/short-calls-caller.yaml")).rules.rules[0]
+    return Finding(rule, entity, raised_at, raised_at - 100, raised_at, 20.0, ["a", "b"])
+
+
+def test_one_alert_per_incident_then_quiet_for_the_suppression() -> None:
+    manager = AlertManager()
+    first = manager.offer(finding(1000.0))
+    assert first is not None and first.evidence == ["a", "b"]
+    assert manager.offer(finding(1000.0 + 1799)) is None  # suppression: 30 min
+    assert manager.offer(finding(1005.0, entity="other")) is not None
+    assert manager.offer(finding(1000.0 + 1800)) is not None
+    assert manager.suppressed == 1
+
+
+@pytest.fixture(scope="module")
+def reviewed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("review")
+    from engine.simulator.scenario import generate, load_scenario, write_files
+
+    events, _ = write_files(generate(load_scenario(Path("data/scenarios/demo.yaml"))), tmp / "sc")
+    replay([events], make_settings(tmp / "data", detection={"alerts_jsonl": "off"}))
+    return tmp / "data"
+
+
+def test_reviews_append_and_the_latest_one_counts(reviewed_data: Path) -> None:
+    alert_id = list_alerts(reviewed_data, "open", 1)[0]["alert_id"]
+    add_review(reviewed_data, alert_id[:8], "investigating", "looking at the CDRs", "ana")
+    time.sleep(0.01)
+    add_review(reviewed_data, alert_id, "false_positive", "a test campaign we ran", "bo")
+    assert alert_id not in {a["alert_id"] for a in list_alerts(reviewed_data, "open", 100)}
+    assert [a["alert_id"] for a in list_alerts(reviewed_data, "false_positive", 10)] == [alert_id]
+    with duckdb.connect(str(reviewed_data / "callsentry.duckdb"), read_only=True) as con:
+        trail = con.execute(
+            "SELECT reviewer, status FROM alert_reviews WHERE alert_id = ? ORDER BY reviewed_at",
+            [alert_id],
+        ).fetchall()
+    assert trail == [("ana", "investigating"), ("bo", "false_positive")]
+
+
+def test_review_errors(reviewed_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ReviewError, match="no alert 'nope'"):
+        add_review(reviewed_data, "nope", "confirmed", "x", "me")
+    with pytest.raises(ReviewError, match="has no alerts yet"):
+        list_alerts(tmp_path, "open", 10)
+
+
+def test_alerts_cli_show_lists_the_calls_behind_an_alert(reviewed_data: Path) -> None:
+    alert_id = list_alerts(reviewed_data, "all", 1)[0]["alert_id"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "alerts",
+            "show",
+            alert_id,
+            "--data-dir",
+            str(reviewed_data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "evidence:" in result.stdout and "@10.0.0.5" in result.stdout
+
+
+def sample_alert(n: int) -> Alert:
+    return Alert(
+        f"id-{n}", "r", "rule", "high", "caller", "c", 0.0, 1.0, 1.0, 5.0, 3.0, "s", ["x"], "v"
+    )
+
+
+def test_json_lines_sink(tmp_path: Path) -> None:
+    sink = JsonLinesSink(tmp_path / "a" / "alerts.jsonl")
+    sink.deliver([sample_alert(1), sample_alert(2)])
+    lines = (tmp_path / "a" / "alerts.jsonl").read_text().splitlines()
+    assert [json.loads(line)["alert_id"] for line in lines] == ["id-1", "id-2"]
+    assert json.loads(lines[0])["raised_at"] == "1970-01-01T00:00:01+00:00"
+
+
+class _Collector(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, object]]] = []
+    failures_left = 2
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if _Collector.failures_left > 0:
+            _Collector.failures_left -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        _Collector.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_webhook_retries_with_back_off_and_never_blocks() -> None:
+    server = HTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        sink = WebhookSink(f"http://127.0.0.1:{server.server_port}/alerts", retries=5)
+        sink.deliver([sample_alert(1)])
+        # deliver() only queues: the endpoint is still failing when it returns.
+        assert _Collector.received == []
+        deadline = time.monotonic() + 15
+        while not _Collector.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sink.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [a["alert_id"] for a in _Collector.received] == ["id-1"]
+    assert sink.delivered == 1 and sink.failed == 0 and _Collector.failures_left == 0

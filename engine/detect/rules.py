@@ -244,34 +244,26 @@ def _numeric_check(op: Callable[[Any, Any], bool], bound: float) -> Callable[[An
     return lambda v: isinstance(v, int | float) and not isinstance(v, bool) and op(v, bound)
 
 
-def _compile_matcher(
-    name: str, matcher: Matcher, lists: Mapping[str, frozenset[str]]
-) -> Callable[[Call], bool]:
+def _checks(matcher: Matcher, lists: Mapping[str, frozenset[str]]) -> list[Callable[[Any], bool]]:
     checks: list[Callable[[Any], bool]] = []
-
-    def members(list_name: str) -> frozenset[str]:
-        return lists[list_name]
-
     if matcher.in_ is not None:
-        allowed = set(matcher.in_)
-        checks.append(lambda v: v in allowed)
+        checks.append(frozenset(matcher.in_).__contains__)
     if matcher.not_in is not None:
-        banned = set(matcher.not_in)
+        banned = frozenset(matcher.not_in)
         checks.append(lambda v: v not in banned)
     if matcher.in_list is not None:
-        in_values = members(matcher.in_list)
-        checks.append(lambda v: v in in_values)
+        checks.append(lists[matcher.in_list].__contains__)
     if matcher.not_in_list is not None:
-        out_values = members(matcher.not_in_list)
+        out_values = lists[matcher.not_in_list]
         checks.append(lambda v: v not in out_values)
     if matcher.prefix is not None:
         prefixes = tuple(matcher.prefix)
         checks.append(lambda v: isinstance(v, str) and v.startswith(prefixes))
     if matcher.prefix_list is not None:
-        list_prefixes = tuple(sorted(members(matcher.prefix_list)))
+        list_prefixes = tuple(sorted(lists[matcher.prefix_list]))
         checks.append(lambda v: isinstance(v, str) and bool(v) and v.startswith(list_prefixes))
     if matcher.not_prefix_list is not None:
-        skip_prefixes = tuple(sorted(members(matcher.not_prefix_list)))
+        skip_prefixes = tuple(sorted(lists[matcher.not_prefix_list]))
         checks.append(lambda v: not (isinstance(v, str) and v.startswith(skip_prefixes)))
     for op_name, op in (
         ("lt", operator.lt),
@@ -291,19 +283,29 @@ def _compile_matcher(
     if matcher.empty is not None:
         want_empty = matcher.empty
         checks.append(lambda v: (v in ("", None)) == want_empty)
+    return checks
 
-    def match(call: Call) -> bool:
-        value = getattr(call, name)
-        return all(check(value) for check in checks)
 
-    return match
+def _always(call: Call) -> bool:
+    return True
 
 
 def compile_selection(
     selection: Mapping[Any, Matcher], lists: Mapping[str, frozenset[str]]
 ) -> Callable[[Call], bool]:
-    matchers = [_compile_matcher(name, matcher, lists) for name, matcher in selection.items()]
-    return lambda call: all(match(call) for match in matchers)
+    """One function testing every condition in turn, stopping at the first that fails
+    (a loop over (field, check) pairs: the hot path of rule evaluation)."""
+    tests = [(name, check) for name, m in selection.items() for check in _checks(m, lists)]
+    if not tests:
+        return _always
+
+    def match(call: Call) -> bool:
+        for name, check in tests:
+            if check(getattr(call, name)) is not True:
+                return False
+        return True
+
+    return match
 
 
 def _list_references(spec: RuleSpec) -> list[str]:
@@ -387,7 +389,8 @@ class CompiledRule:
                 if aggregate.type == "baseline_spike"
                 else None
             )
-            state = _KeyState(SlidingWindow(self.window_s), baseline)
+            window = SlidingWindow(self.window_s, distinct=aggregate.type == "distinct")
+            state = _KeyState(window, baseline)
             state.first_seen = ts
             self.state.put(entity, state)
         return state
@@ -423,7 +426,7 @@ class CompiledRule:
             if item is None:
                 return None
         elif kind == "ratio":
-            item = self.numerator(call)
+            item = bool(self.numerator(call))
         if state.baseline is not None:
             state.baseline.observe(ts)
         window.add(ts, call.call_id, item)
@@ -434,7 +437,7 @@ class CompiledRule:
         if self.excepted(entity, ts):
             return None
         start = window.start() or ts
-        return Finding(self, entity, ts, start, ts, measured, window.live_call_ids()[-200:])
+        return Finding(self, entity, ts, start, ts, measured, window.live_call_ids())
 
     def _value(self, kind: str, state: _KeyState, call: Call) -> float | None:
         window = state.window
@@ -449,8 +452,7 @@ class CompiledRule:
             total = len(window)
             if total < aggregate.min_volume:
                 return None
-            hits = sum(1 for v in window.live_values() if v)
-            return hits / total
+            return window.hits / total
         if kind == "baseline_spike":
             baseline = state.baseline
             assert baseline is not None

@@ -25,32 +25,52 @@ S = TypeVar("S")
 
 
 class SlidingWindow:
-    """Entries (ts, call_id, value) of one key within the last `length` seconds."""
+    """Entries (ts, call_id, value) of one key within the last `length` seconds.
 
-    __slots__ = ("call_ids", "head", "length", "times", "total", "values")
+    The aggregate is kept up to date as entries come and go, so reading it is
+    O(1) whatever the window holds: `total` (sum of numeric values), `hits`
+    (truthy values, for ratios) and, when `distinct` is asked for, a count per value.
+    """
 
-    def __init__(self, length: float) -> None:
+    __slots__ = ("call_ids", "counts", "head", "hits", "length", "times", "total", "values")
+
+    def __init__(self, length: float, distinct: bool = False) -> None:
         self.length = length
         self.times: list[float] = []
         self.call_ids: list[str] = []
         self.values: list[object] = []
         self.head = 0
         self.total = 0.0
+        self.hits = 0
+        self.counts: dict[object, int] | None = {} if distinct else None
 
     def add(self, ts: float, call_id: str, value: object = None) -> None:
         self.times.append(ts)
         self.call_ids.append(call_id)
         self.values.append(value)
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if value is True:
+            self.hits += 1
+        elif isinstance(value, int | float) and not isinstance(value, bool):
             self.total += value
+        if self.counts is not None:
+            self.counts[value] = self.counts.get(value, 0) + 1
 
     def expire(self, now: float) -> None:
         cutoff = now - self.length
         times, head = self.times, self.head
+        counts = self.counts
         while head < len(times) and times[head] <= cutoff:
             value = self.values[head]
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if value is True:
+                self.hits -= 1
+            elif isinstance(value, int | float) and not isinstance(value, bool):
                 self.total -= value
+            if counts is not None:
+                left = counts[value] - 1
+                if left:
+                    counts[value] = left
+                else:
+                    del counts[value]
             head += 1
         if head > 64 and head * 2 > len(times):
             # Compact now and then; amortised O(1) per entry.
@@ -64,14 +84,16 @@ class SlidingWindow:
     def live_values(self) -> list[object]:
         return self.values[self.head :]
 
-    def live_call_ids(self) -> list[str]:
-        return self.call_ids[self.head :]
+    def live_call_ids(self, last: int = 200) -> list[str]:
+        return self.call_ids[max(self.head, len(self.call_ids) - last) :]
 
     def start(self) -> float | None:
         return self.times[self.head] if len(self) else None
 
     def distinct(self) -> int:
-        return len(set(self.values[self.head :]))
+        if self.counts is None:
+            return len(set(self.values[self.head :]))
+        return len(self.counts)
 
 
 class EwBaseline:

@@ -1,0 +1,182 @@
+"""Replay benchmark: events per second through the rule pipeline, and memory per caller.
+
+In one run, on the same generated events:
+  (a) baseline: DuckDB loads the event file and runs an hourly-style SQL threshold
+      query (short answered calls per caller), what a team without this engine runs;
+  (b) the detection pipeline alone (call tracker + the shipped rules), in memory;
+  (c) `replay` end to end (read, journal, decode, detect, Parquet lake).
+Then memory per tracked caller: a flood of distinct callers (one unanswered call
+each) through the pipeline, resident memory measured before and after.
+
+    .venv/bin/python bench/replay.py [--calls-per-hour 15000] [--callers 1000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import duckdb  # noqa: E402
+
+from engine.config import load_settings  # noqa: E402
+from engine.detect.calls import CallTracker  # noqa: E402
+from engine.detect.pipeline import Pipeline  # noqa: E402
+from engine.detect.rules import load_rules  # noqa: E402
+from engine.events import CallEvent, CallState  # noqa: E402
+from engine.replay import replay  # noqa: E402
+from engine.simulator.scenario import generate, load_scenario, write_files  # noqa: E402
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * resource.getpagesize()
+
+
+def baseline_sql(events_file: Path) -> float:
+    started = time.perf_counter()
+    with duckdb.connect() as con:
+        con.execute(f"CREATE TABLE events AS SELECT * FROM read_parquet('{events_file}')")
+        con.execute(
+            """
+            WITH calls AS (
+                SELECT call_id, any_value(caller) AS caller,
+                       max(ts) FILTER (WHERE state = 'Bye') AS ended,
+                       min(ts) FILTER (WHERE state = 'OK') AS answered
+                FROM events GROUP BY call_id)
+            SELECT caller, date_trunc('hour', CAST(answered AS TIMESTAMPTZ)) AS hour, count(*)
+            FROM calls
+            WHERE answered IS NOT NULL
+              AND CAST(ended AS TIMESTAMPTZ) - CAST(answered AS TIMESTAMPTZ) < INTERVAL 5 SECOND
+            GROUP BY ALL HAVING count(*) >= 15
+            """
+        ).fetchall()
+    return time.perf_counter() - started
+
+
+def flood_memory(callers: int) -> tuple[float, float, int]:
+    """Bytes of resident memory per tracked caller, events/s, keys tracked."""
+    loaded = load_rules(ROOT / "rules", max_keys=2 * callers)
+    pipeline = Pipeline(loaded.rules, CallTracker())
+    gc.collect()
+    before = rss_bytes()
+    started = time.perf_counter()
+    chunk: list[CallEvent] = []
+    for n in range(callers):
+        caller = f"86{n:011d}"
+        ts = 1_790_000_000.0 + n * 0.01
+        chunk.append(
+            CallEvent(
+                ts, f"m{n}", 1, CallState.RINGING, 180, caller, "4008001000", "", "1", "M", ""
+            )
+        )
+        chunk.append(
+            CallEvent(
+                ts + 0.004,
+                f"m{n}",
+                2,
+                CallState.HANGUP,
+                None,
+                caller,
+                "4008001000",
+                "",
+                "1",
+                "M",
+                "",
+            )
+        )
+        if len(chunk) >= 20_000:
+            pipeline.feed(chunk)
+            chunk = []
+    pipeline.feed(chunk)
+    elapsed = time.perf_counter() - started
+    gc.collect()
+    after = rss_bytes()
+    tracked = max(len(rule.state) for rule in pipeline.rules.rules)
+    return (after - before) / callers, 2 * callers / elapsed, tracked
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls-per-hour", type=float, default=15_000)
+    parser.add_argument("--callers", type=int, default=1_000_000)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="callsentry-bench-replay-"))
+    try:
+        scenario = load_scenario(ROOT / "data" / "scenarios" / "fraud-mix.yaml")
+        benign = scenario.benign.model_copy(update={"calls_per_hour": args.calls_per_hour})
+        generated = generate(scenario.model_copy(update={"benign": benign}))
+        events_file, _ = write_files(generated, work / "scenario", "parquet")
+        count = len(generated.events)
+
+        sql_s = baseline_sql(events_file)
+
+        pipeline = Pipeline(load_rules(ROOT / "rules").rules, CallTracker())
+        started = time.perf_counter()
+        pipeline.feed(generated.events)
+        pipeline_s = time.perf_counter() - started
+
+        settings = load_settings(
+            None,
+            {"store": {"data_dir": str(work / "data")}, "detection": {"alerts_jsonl": "off"}},
+            environ={},
+        )
+        started = time.perf_counter()
+        report = replay([events_file], settings)
+        replay_s = time.perf_counter() - started
+
+        per_caller, flood_rate, tracked = flood_memory(args.callers)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    results = {
+        "events": count,
+        "baseline_sql_events_per_s": count / sql_s,
+        "pipeline_events_per_s": count / pipeline_s,
+        "replay_events_per_s": count / replay_s,
+        "replay_alerts": len(report.alerts),
+        "flood_callers": args.callers,
+        "flood_keys_tracked": tracked,
+        "flood_events_per_s": flood_rate,
+        "bytes_per_tracked_caller": per_caller,
+    }
+    print(f"events in the scenario:               {count}")
+    print(
+        f"(a) baseline: DuckDB load + SQL query  {results['baseline_sql_events_per_s']:>10,.0f} events/s"
+    )
+    print(
+        f"(b) detection pipeline alone          {results['pipeline_events_per_s']:>10,.0f} events/s"
+    )
+    print(
+        f"(c) replay end to end                  {results['replay_events_per_s']:>10,.0f} events/s"
+        f"  ({len(report.alerts)} alerts)   goal >= 100,000"
+    )
+    print(
+        f"    ratio (c)/(a): {results['replay_events_per_s'] / results['baseline_sql_events_per_s']:.3f}"
+    )
+    print(
+        f"memory per tracked caller ({args.callers:,} distinct callers, {tracked:,} tracked): "
+        f"{per_caller:,.0f} bytes   goal <= 1,024"
+    )
+    print(f"    flood through the pipeline at {flood_rate:,.0f} events/s")
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "replay.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -385,7 +385,6 @@ def run(
     scheduler = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
     )
-    scheduler.add_job(writer.drain_logged, "interval", seconds=poll_interval_s, id="drain")
     scheduler.add_job(
         writer.compact, "interval", seconds=settings.store.compact_interval_s, id="compact"
     )
@@ -395,7 +394,9 @@ def run(
         scheduler.add_job(watcher.check, "interval", seconds=every, id="rules")
     scheduler.start()
     try:
-        while not stop.wait(1.0):
+        # Draining is the main loop (one pass at a time, however long a pass takes).
+        while not stop.wait(poll_interval_s):
+            writer.drain_logged()
             if os.getppid() != parent:
                 log.error("the receiver is gone (killed?); writing what is sealed and exiting")
                 break

@@ -126,17 +126,11 @@ class EventStore:
             self._dir_lock.acquire()
         except OSError as error:
             raise StoreError(f"data dir {self.data_dir}: {error.strerror}") from None
-        # A lake writer left by a receiver that was killed may still be writing what
-        # was sealed; recovery reads the same files, so it waits for that writer.
-        writer_lock = lake_writer_lock(self.data_dir)
         try:
-            writer_lock.acquire(wait_s=300)
             recovery = self._recover()
-        except (OSError, StoreError) as error:
+        except OSError as error:
             self._dir_lock.release()
             raise StoreError(f"data dir {self.data_dir}: {error}") from None
-        finally:
-            writer_lock.release()
         self._opened = True
         return recovery
 
@@ -145,10 +139,17 @@ class EventStore:
         self.lake.prepare()
         highest_segment = self.journal.seal_leftovers()
         # Reports in sealed segments are durable but maybe not in the lake yet.
+        # A lake writer left behind by a receiver that was killed may still be turning
+        # sealed segments into Parquet (and deleting them) while we start: we must not
+        # wait for it, the switch retries for 18 s only. So read the sealed segments
+        # first and the lake after: a segment gone in between is in the lake by then.
         journaled: list[tuple[int, Key | None, float]] = []
         sealed = sealed_segments(self.journal.directory)
         for path in sealed:
-            segment = read_segment(path)
+            try:
+                segment = read_segment(path)
+            except FileNotFoundError:
+                continue
             codec = codec_of(segment.header)
             for frame in segment.frames:
                 if frame.kind == DATAGRAMS:

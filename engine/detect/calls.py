@@ -104,13 +104,26 @@ class CallTracker:
     def __post_init__(self) -> None:
         self.open: dict[str, Call] = {}
         self._deadlines: list[tuple[float, str]] = []
-        self._by_caller: dict[str, set[str]] = {}
+        # Open calls per caller, in the order they started (dicts keep insertion order).
+        self._by_caller: dict[str, dict[str, Call]] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         self.now = 0.0
 
-    def open_calls(self, caller: str) -> list[Call]:
-        """Calls of `caller` in progress (started, no Bye, not timed out) right now."""
-        return [self.open[call_id] for call_id in sorted(self._by_caller.get(caller, ()))]
+    def open_calls(
+        self, caller: str, since: float = float("-inf"), limit: int = 1000
+    ) -> list[Call]:
+        """Calls of `caller` in progress (started, no Bye, not timed out) that started
+        after `since`, newest first, at most `limit` of them (a flood from one caller
+        must not make every evaluation scan all its calls)."""
+        calls = self._by_caller.get(caller)
+        if not calls:
+            return []
+        found: list[Call] = []
+        for call in reversed(calls.values()):
+            if call.started_at <= since or len(found) >= limit:
+                break
+            found.append(call)
+        return found
 
     def observe(self, event: CallEvent) -> list[Call]:
         """Take one report; returns the call if this report opened it."""
@@ -132,7 +145,7 @@ class CallTracker:
                 started_at=event.ts,
             )
             self.open[event.call_id] = call
-            self._by_caller.setdefault(call.caller, set()).add(call.call_id)
+            self._by_caller.setdefault(call.caller, {})[call.call_id] = call
             self.stats.calls_started += 1
             started.append(call)
         call.reports += 1
@@ -157,7 +170,7 @@ class CallTracker:
         """The call is no longer in progress for concurrency."""
         calls = self._by_caller.get(call.caller)
         if calls is not None:
-            calls.discard(call.call_id)
+            calls.pop(call.call_id, None)
             if not calls:
                 del self._by_caller[call.caller]
 

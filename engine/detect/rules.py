@@ -396,7 +396,7 @@ class CompiledRule:
         return state
 
     def evaluate(
-        self, call: Call, ts: float, open_calls: Callable[[str], list[Call]]
+        self, call: Call, ts: float, open_calls: Callable[[str, float], list[Call]]
     ) -> Finding | None:
         if self.started_at is None:
             self.started_at = ts
@@ -414,12 +414,13 @@ class CompiledRule:
             # In progress right now, from the call tracker's open calls (no counters to
             # drift); with a window, only those that started within it.
             since = ts - self.window_s if self.window_s else float("-inf")
-            live = [c for c in open_calls(entity) if c.started_at > since]
+            live = open_calls(entity, since)
             value = float(len(live))
             if not self.compare(value, self.threshold) or self.excepted(entity, ts):
                 return None
             start = min(c.started_at for c in live) if live else ts
-            return Finding(self, entity, ts, start, ts, value, [c.call_id for c in live][-200:])
+            evidence = [c.call_id for c in reversed(live[:200])]
+            return Finding(self, entity, ts, start, ts, value, evidence)
         item: object = None
         if kind in ("distinct", "sum"):
             item = getattr(call, aggregate.field or "")

@@ -158,7 +158,8 @@ def main() -> int:
     }
     print(f"events in the scenario:               {count}")
     print(
-        f"(a) baseline: DuckDB load + SQL query  {results['baseline_sql_events_per_s']:>10,.0f} events/s"
+        "(a) baseline: DuckDB load + SQL query  "
+        f"{results['baseline_sql_events_per_s']:>10,.0f} events/s"
     )
     print(
         f"(b) detection pipeline alone          {results['pipeline_events_per_s']:>10,.0f} events/s"
@@ -168,7 +169,8 @@ def main() -> int:
         f"  ({len(report.alerts)} alerts)   goal >= 100,000"
     )
     print(
-        f"    ratio (c)/(a): {results['replay_events_per_s'] / results['baseline_sql_events_per_s']:.3f}"
+        "    ratio (c)/(a): "
+        f"{results['replay_events_per_s'] / results['baseline_sql_events_per_s']:.3f}"
     )
     print(
         f"memory per tracked caller ({args.callers:,} distinct callers, {tracked:,} tracked): "

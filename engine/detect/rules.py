@@ -300,7 +300,8 @@ def compile_selection(
         return _always
 
     def match(call: Call) -> bool:
-        for name, check in tests:
+        # A plain loop: all() over a generator costs about twice as much here.
+        for name, check in tests:  # noqa: SIM110
             if check(getattr(call, name)) is not True:
                 return False
         return True

@@ -323,3 +323,83 @@ def test_live_over_udp_and_replay_of_what_was_stored_give_the_same_alerts(
         [exported], make_settings(tmp_path / "again", detection={"alerts_jsonl": "off"})
     )
     assert {a.alert_id for a in result.alerts if a.mode == "alert"} == live
+
+
+def test_serve_picks_up_rule_edits_and_keeps_running_rules_on_a_bad_edit(
+    engine_factory: Callable[..., RunningEngine], tmp_path: Path
+) -> None:
+    folder = tmp_path / "rules"
+    (folder / "lists").mkdir(parents=True)
+    shutil.copy(RULES / "lists" / "known_trunks.yaml", folder / "lists")
+    shutil.copy(RULES / "risky-destination-callee.yaml", folder)
+    shutil.copy(RULES / "lists" / "risky_prefixes.yaml", folder / "lists")
+    running = engine_factory(
+        detection={
+            "rules_dir": str(folder),
+            "reload_interval_s": 0.3,
+            "tick_s": 0.3,
+            "settle_s": 0.5,
+            "alerts_jsonl": "off",
+        }
+    )
+    host, port = running.address
+    database = tmp_path / "data" / "callsentry.duckdb"
+
+    def burst(caller: str) -> None:
+        now = time.time()
+        events = []
+        for n in range(4):
+            call_id = f"{caller}-{n}"
+            for serial, state, at in (
+                (1, CallState.RINGING, 0.0),
+                (2, CallState.ANSWERED, 0.1),
+                (3, CallState.HANGUP, 0.6),
+            ):
+                events.append(
+                    CallEvent(
+                        now + n * 0.05 + at,
+                        call_id,
+                        serial,
+                        state,
+                        None,
+                        caller,
+                        "400",
+                        "",
+                        "1",
+                        "m",
+                    )
+                )
+        events.sort(key=lambda e: e.ts)
+        offsets = [e.ts - now for e in events]
+        switch = SwitchStandIn(Vos3000TextCodec(), SwitchSettings(host=host, port=port))
+        assert asyncio.run(switch.send(events, offsets)).answered == len(events)
+
+    def alerted(caller: str) -> bool:
+        with duckdb.connect(str(database), read_only=True) as con:
+            rows = con.execute("SELECT count(*) FROM alerts WHERE entity = ?", [caller]).fetchone()
+        return rows is not None and rows[0] > 0
+
+    def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.2)
+        return False
+
+    burst("1111")
+    time.sleep(3)
+    assert not alerted("1111"), "no short-call rule yet"
+
+    quick = (RULES / "short-calls-caller.yaml").read_text().replace("threshold: 15", "threshold: 3")
+    (folder / "short-calls-caller.yaml").write_text(quick)
+    time.sleep(2)  # the writer looks every 0.3 s
+    burst("2222")
+    assert wait_for(lambda: alerted("2222")), "the added rule is running"
+
+    (folder / "short-calls-caller.yaml").write_text(
+        quick.replace("severity: high", "severity: [oops")
+    )
+    time.sleep(2)
+    burst("3333")
+    assert wait_for(lambda: alerted("3333")), "a bad edit leaves the running rules in place"

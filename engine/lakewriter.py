@@ -45,6 +45,7 @@ COUNTERS = (
     "compacted_files",
     "calls",
     "alerts",
+    "evicted_keys",
     *(f"rejected_{reason.value}" for reason in RejectReason),
 )
 
@@ -229,6 +230,9 @@ class LakeWriter:
             self._count("flushed_segments")
             self._count("calls", len(written.output.calls))
             self._count("alerts", sum(1 for a in alerts if a.mode == "alert"))
+            if self.pipeline is not None and self.counters is not None:
+                evicted = sum(rule.state.evicted for rule in self.pipeline.rules.rules)
+                self.counters.array[COUNTERS.index("evicted_keys")] = evicted
             for _, items in batches:
                 for item in items:
                     if type(item) is not CallEvent:

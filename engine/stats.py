@@ -44,6 +44,18 @@ class Stats:
     def flush_failures(self) -> int:
         return self.lake_count("flush_failures")
 
+    @property
+    def calls(self) -> int:
+        return self.lake_count("calls")
+
+    @property
+    def alerts(self) -> int:
+        return self.lake_count("alerts")
+
+    @property
+    def evicted_keys(self) -> int:
+        return self.lake_count("evicted_keys")
+
     def rejected_by_reason(self) -> dict[str, int]:
         from engine.events import RejectReason
 
@@ -57,7 +69,8 @@ class Stats:
             f"duplicates={self.duplicates} rejected={rejected} "
             f"dropped_sender={self.dropped_sender} dropped_overload={self.dropped_overload} "
             f"store_stalls={self.store_stalls} store_failures={self.store_failures} "
-            f"flushed={self.flushed} pending={self.pending}"
+            f"flushed={self.flushed} calls={self.calls} alerts={self.alerts} "
+            f"pending={self.pending}"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -89,6 +102,9 @@ _COUNTERS = {
     "store_failures": "Group commits that failed (disk full, read-only, I/O error)",
     "flushed": "Reports decoded and written to the Parquet lake",
     "flush_failures": "Lake writes that failed and will be retried",
+    "calls": "Calls rebuilt and finished by the call tracker",
+    "alerts": "Alerts raised (not counting shadow rules)",
+    "evicted_keys": "Entities dropped from rule state because max_keys_per_rule was reached",
 }
 
 

@@ -141,3 +141,23 @@ def parse_model(document: YamlDocument, model: type[M]) -> M:
         return model.model_validate(document.data)
     except ValidationError as error:
         raise YamlFileError(validation_problems(document, error)) from None
+
+
+def parse_file(
+    path: Path, model: type[M], problems: list[str], what: str = "a mapping of keys"
+) -> tuple[M, YamlDocument] | None:
+    """Load and validate one file, adding every problem to `problems` (linting mode:
+    keep going and report them all) instead of raising."""
+    try:
+        document = load_yaml(path)
+    except YamlFileError as error:
+        problems.extend(error.problems)
+        return None
+    if not isinstance(document.data, dict):
+        problems.append(f"{path}:1: expected {what}")
+        return None
+    try:
+        return model.model_validate(document.data), document
+    except ValidationError as error:
+        problems.extend(validation_problems(document, error))
+        return None

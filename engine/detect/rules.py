@@ -19,12 +19,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from engine.detect.calls import Call
 from engine.detect.windows import EwBaseline, KeyedState, SlidingWindow
 from engine.simulator.calls import Duration
-from engine.yamlfile import YamlDocument, YamlFileError, load_yaml, validation_problems
+from engine.yamlfile import YamlDocument, YamlFileError, parse_file
 
 FIELDS = (
     "caller",
@@ -557,19 +557,10 @@ def load_lists(folder: Path, problems: list[str]) -> dict[str, frozenset[str]]:
     if not folder.is_dir():
         return lists
     for path in sorted(folder.glob("*.yaml")):
-        try:
-            document = load_yaml(path)
-        except YamlFileError as error:
-            problems.extend(error.problems)
+        parsed = parse_file(path, ListSpec, problems, "a list (name, description, values)")
+        if parsed is None:
             continue
-        if not isinstance(document.data, dict):
-            problems.append(f"{path}:1: expected a mapping with name and values")
-            continue
-        try:
-            spec = ListSpec.model_validate(document.data)
-        except ValidationError as error:
-            problems.extend(validation_problems(document, error))
-            continue
+        spec, document = parsed
         if spec.name in lists:
             problems.append(f"{document.where(('name',))}: list {spec.name!r} is defined twice")
         lists[spec.name] = frozenset(str(v) for v in spec.values)
@@ -586,19 +577,10 @@ def load_rules(path: Path, *, max_keys: int = 200_000) -> LoadedRules:
     specs: list[tuple[RuleSpec, YamlDocument]] = []
     seen: dict[str, str] = {}
     for file in rule_files(path):
-        try:
-            document = load_yaml(file)
-        except YamlFileError as error:
-            problems.extend(error.problems)
+        parsed = parse_file(file, RuleSpec, problems, "a rule (a mapping of keys)")
+        if parsed is None:
             continue
-        if not isinstance(document.data, dict):
-            problems.append(f"{file}:1: expected a rule (a mapping of keys)")
-            continue
-        try:
-            spec = RuleSpec.model_validate(document.data)
-        except ValidationError as error:
-            problems.extend(validation_problems(document, error))
-            continue
+        spec, document = parsed
         for name in _list_references(spec):
             if name not in lists:
                 known = ", ".join(sorted(lists)) or "none"

@@ -7,7 +7,6 @@ time of a report's first copy in live mode, or the `ts` column of an event file.
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
 from typing import NamedTuple
 
 MAX_CALL_ID_BYTES = 128
@@ -69,10 +68,6 @@ class CallEvent(NamedTuple):
     @property
     def key(self) -> tuple[str, int]:
         return (self.call_id, self.serial)
-
-    @property
-    def when(self) -> datetime:
-        return datetime.fromtimestamp(self.ts, tz=UTC)
 
 
 class Reject(NamedTuple):

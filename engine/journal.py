@@ -241,10 +241,6 @@ class Journal:
             os.fdatasync(self._fd)
             fsync_dir(self.directory)
 
-    @property
-    def current_is_empty(self) -> bool:
-        return self._frames == 0
-
     def append(self, kind: bytes, first_seq: int, payload: bytes) -> None:
         """Write one batch as one frame and make it durable, or raise JournalError."""
         frame = encode_frame(kind, first_seq, payload)

@@ -73,20 +73,6 @@ class Stats:
             f"pending={self.pending}"
         )
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "received": self.received,
-            "stored": self.stored,
-            "answered": self.answered,
-            "duplicates": self.duplicates,
-            "rejected": self.rejected_by_reason(),
-            "quarantine_overflow": self.quarantine_overflow,
-            "dropped_sender": self.dropped_sender,
-            "dropped_overload": self.dropped_overload,
-            "store_stalls": self.store_stalls,
-            "store_failures": self.store_failures,
-        }
-
 
 _COUNTERS = {
     "received": "Datagrams received, from any sender",

@@ -81,9 +81,6 @@ class SlidingWindow:
     def __len__(self) -> int:
         return len(self.times) - self.head
 
-    def live_values(self) -> list[object]:
-        return self.values[self.head :]
-
     def live_call_ids(self, last: int = 200) -> list[str]:
         return self.call_ids[max(self.head, len(self.call_ids) - last) :]
 

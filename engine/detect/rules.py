@@ -326,11 +326,16 @@ def _list_references(spec: RuleSpec) -> list[str]:
     return names
 
 
-class _KeyState:
-    __slots__ = ("baseline", "first_seen", "last_callee", "last_ts", "run", "window")
+_VALUE_KINDS = frozenset({"sum", "ratio", "distinct"})
 
-    def __init__(self, window: SlidingWindow, baseline: EwBaseline | None) -> None:
-        self.window = window
+
+class _KeyState(SlidingWindow):
+    """One entity's state for one rule: its window, and what some aggregates add."""
+
+    __slots__ = ("baseline", "first_seen", "last_callee", "last_ts", "run")
+
+    def __init__(self, length: float, kind: str, baseline: EwBaseline | None) -> None:
+        super().__init__(length, distinct=kind == "distinct", keep_values=kind in _VALUE_KINDS)
         self.baseline = baseline
         self.last_ts = 0.0
         self.first_seen = 0.0
@@ -390,8 +395,7 @@ class CompiledRule:
                 if aggregate.type == "baseline_spike"
                 else None
             )
-            window = SlidingWindow(self.window_s, distinct=aggregate.type == "distinct")
-            state = _KeyState(window, baseline)
+            state = _KeyState(self.window_s, aggregate.type, baseline)
             state.first_seen = ts
             self.state.put(entity, state)
         return state
@@ -407,10 +411,7 @@ class CompiledRule:
         if not entity:
             return None
         aggregate = self.spec.aggregate
-        state = self._key_state(entity, ts)
-        state.last_ts = ts
         kind = aggregate.type
-        window = state.window
         if kind == "concurrent":
             # In progress right now, from the call tracker's open calls (no counters to
             # drift); with a window, only those that started within it.
@@ -422,6 +423,9 @@ class CompiledRule:
             start = min(c.started_at for c in live) if live else ts
             evidence = [c.call_id for c in reversed(live[:200])]
             return Finding(self, entity, ts, start, ts, value, evidence)
+        state = self._key_state(entity, ts)
+        state.last_ts = ts
+        window = state
         item: object = None
         if kind in ("distinct", "sum"):
             item = getattr(call, aggregate.field or "")
@@ -442,7 +446,7 @@ class CompiledRule:
         return Finding(self, entity, ts, start, ts, measured, window.live_call_ids())
 
     def _value(self, kind: str, state: _KeyState, call: Call) -> float | None:
-        window = state.window
+        window = state
         aggregate = self.spec.aggregate
         if kind == "count":
             return float(len(window))

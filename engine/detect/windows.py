@@ -30,15 +30,17 @@ class SlidingWindow:
     The aggregate is kept up to date as entries come and go, so reading it is
     O(1) whatever the window holds: `total` (sum of numeric values), `hits`
     (truthy values, for ratios) and, when `distinct` is asked for, a count per value.
+    Values are kept only when an aggregate needs them (`keep_values`): a plain count
+    holds times and call ids alone, which matters with a million tracked callers.
     """
 
     __slots__ = ("call_ids", "counts", "head", "hits", "length", "times", "total", "values")
 
-    def __init__(self, length: float, distinct: bool = False) -> None:
+    def __init__(self, length: float, distinct: bool = False, keep_values: bool = True) -> None:
         self.length = length
         self.times: list[float] = []
         self.call_ids: list[str] = []
-        self.values: list[object] = []
+        self.values: list[object] | None = [] if keep_values or distinct else None
         self.head = 0
         self.total = 0.0
         self.hits = 0
@@ -47,7 +49,10 @@ class SlidingWindow:
     def add(self, ts: float, call_id: str, value: object = None) -> None:
         self.times.append(ts)
         self.call_ids.append(call_id)
-        self.values.append(value)
+        values = self.values
+        if values is None:
+            return
+        values.append(value)
         if value is True:
             self.hits += 1
         elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -58,23 +63,26 @@ class SlidingWindow:
     def expire(self, now: float) -> None:
         cutoff = now - self.length
         times, head = self.times, self.head
-        counts = self.counts
+        values, counts = self.values, self.counts
         while head < len(times) and times[head] <= cutoff:
-            value = self.values[head]
-            if value is True:
-                self.hits -= 1
-            elif isinstance(value, int | float) and not isinstance(value, bool):
-                self.total -= value
-            if counts is not None:
-                left = counts[value] - 1
-                if left:
-                    counts[value] = left
-                else:
-                    del counts[value]
+            if values is not None:
+                value = values[head]
+                if value is True:
+                    self.hits -= 1
+                elif isinstance(value, int | float) and not isinstance(value, bool):
+                    self.total -= value
+                if counts is not None:
+                    left = counts[value] - 1
+                    if left:
+                        counts[value] = left
+                    else:
+                        del counts[value]
             head += 1
         if head > 64 and head * 2 > len(times):
             # Compact now and then; amortised O(1) per entry.
-            del self.times[:head], self.call_ids[:head], self.values[:head]
+            del self.times[:head], self.call_ids[:head]
+            if values is not None:
+                del values[:head]
             head = 0
         self.head = head
 
@@ -88,9 +96,9 @@ class SlidingWindow:
         return self.times[self.head] if len(self) else None
 
     def distinct(self) -> int:
-        if self.counts is None:
-            return len(set(self.values[self.head :]))
-        return len(self.counts)
+        if self.counts is not None:
+            return len(self.counts)
+        return len(set((self.values or [])[self.head :]))
 
 
 class EwBaseline:

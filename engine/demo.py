@@ -173,7 +173,9 @@ def main() -> int:
         f"  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{database}', read_only=True)"
         ".sql('SELECT * FROM events LIMIT 5'))\""
     )
-    print(f'  .venv/bin/duckdb -readonly {database} "SELECT state, count(*) FROM events GROUP BY ALL"')
+    print(
+        f'  .venv/bin/duckdb -readonly {database} "SELECT state, count(*) FROM events GROUP BY ALL"'
+    )
     print(f"the scenario's event file and incident labels: {data_dir / 'scenario'}/")
     return 0 if sent.returncode == 0 else 1
 

@@ -46,9 +46,7 @@ def _iso(text: str) -> datetime | None:
     except ValueError:
         return None
     if moment.tzinfo is None:
-        raise FieldError(
-            RejectReason.BAD_TS, f"ts {text!r} has no UTC offset (write +00:00 or Z)"
-        )
+        raise FieldError(RejectReason.BAD_TS, f"ts {text!r} has no UTC offset (write +00:00 or Z)")
     return moment
 
 

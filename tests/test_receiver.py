@@ -226,8 +226,9 @@ def test_twenty_percent_loss_each_way_ends_with_every_report_stored_once(
     )
     summary = asyncio.run(switch.send(events))
     assert summary.answered + summary.given_up == 900
-    # Seven copies each lost with 1-(0.8*0.8) = 0.36: giving up is below one in a thousand.
-    assert summary.given_up <= 2
+    # A round trip fails with 1 - 0.8 * 0.8 = 0.36; all seven copies with 0.36**7, about
+    # 0.7 reports in 900 on average; eight or more happens less than once in 10**7 runs.
+    assert summary.given_up <= 8
     assert summary.lost_requests > 0 and summary.lost_answers > 0
     running.stop()
     with duckdb.connect(str(tmp_path / "data" / "callsentry.duckdb"), read_only=True) as con:

@@ -307,9 +307,20 @@ def test_live_over_udp_and_replay_of_what_was_stored_give_the_same_alerts(
     switch = SwitchStandIn(Vos3000TextCodec(), SwitchSettings(host=host, port=port, window=500))
     summary = asyncio.run(switch.send(events))
     assert summary.answered == len(events)
-    time.sleep(12)  # quiet: ticks move event time past the last calls' settling
-    running.stop()
+    calls = len({e.call_id for e in events})
     live_db = tmp_path / "data" / "callsentry.duckdb"
+
+    def finished() -> int:
+        with duckdb.connect(str(live_db), read_only=True) as con:
+            row = con.execute("SELECT count(*) FROM calls").fetchone()
+        return int(row[0]) if row else 0
+
+    # Quiet now: journaled ticks move event time past the last calls' settling.
+    deadline = time.monotonic() + 60
+    while finished() < calls and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert finished() == calls
+    running.stop()
     exported = tmp_path / "stored.parquet"
     with duckdb.connect(str(live_db), read_only=True) as con:
         live = {row[0] for row in con.execute("SELECT alert_id FROM alerts").fetchall()}

@@ -38,11 +38,16 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def _fail_rules(error: Exception) -> NoReturn:
+def _fail_with_problems(error: Exception, message: str, code: int) -> NoReturn:
+    """Each problem (file:line: key: reason) on its own line, then the verdict."""
     problems = getattr(error, "problems", [str(error)])
     for problem in problems:
         click.echo(problem, err=True)
-    _fail(f"the rules are invalid ({len(problems)} problem(s)); nothing was run", 2)
+    _fail(message.replace("{count}", str(len(problems))), code)
+
+
+def _fail_rules(error: Exception) -> NoReturn:
+    _fail_with_problems(error, "the rules are invalid ({count} problem(s)); nothing was run", 2)
 
 
 def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
@@ -310,9 +315,7 @@ def rules_validate(path: Path) -> None:
     try:
         loaded = load_rules(path)
     except YamlFileError as error:
-        for problem in error.problems:
-            click.echo(problem, err=True)
-        _fail(f"{len(error.problems)} problem(s) in {path}", 1)
+        _fail_with_problems(error, f"{{count}} problem(s) in {path}", 1)
     modes = [r.spec.mode for r in loaded.rules.rules]
     click.echo(
         f"{path}: {len(modes)} rules valid ({modes.count('alert')} alerting, "
@@ -330,9 +333,7 @@ def rules_test(path: Path) -> None:
     try:
         results = run_rule_tests(path)
     except YamlFileError as error:
-        for problem in error.problems:
-            click.echo(problem, err=True)
-        _fail(f"{len(error.problems)} problem(s) in {path}; fix them before testing", 1)
+        _fail_with_problems(error, f"{{count}} problem(s) in {path}; fix them before testing", 1)
     failed = [r for r in results if not r.passed]
     for result in results:
         mark = "ok  " if result.passed else "FAIL"

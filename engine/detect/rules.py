@@ -26,7 +26,7 @@ from engine.detect.windows import EwBaseline, KeyedState, SlidingWindow
 from engine.simulator.calls import Duration
 from engine.yamlfile import YamlDocument, YamlFileError, parse_file
 
-FIELDS = (
+FieldName = Literal[
     "caller",
     "callee",
     "forward",
@@ -37,7 +37,7 @@ FIELDS = (
     "talk_s",
     "answered",
     "ring_code",
-)
+]
 ENTITY_FIELDS = {"caller": "caller", "menu": "menu_id", "forward": "forward", "callee": "callee"}
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
@@ -80,18 +80,7 @@ def _matcher(value: Any) -> Any:
 
 
 Selection = dict[
-    Literal[
-        "caller",
-        "callee",
-        "forward",
-        "menu_id",
-        "menu_name",
-        "outcome",
-        "ring_s",
-        "talk_s",
-        "answered",
-        "ring_code",
-    ],
+    FieldName,
     Annotated[Matcher, BeforeValidator(_matcher)],
 ]
 

@@ -358,6 +358,8 @@ class Lake:
 
         An intent file names the inputs before any is deleted; a crash in between
         is finished by `prepare()` on the next start (no row shown twice for long).
+        An analyst query that listed the inputs just before they were deleted fails
+        with a missing-file error and succeeds when run again.
         """
         merged = written = 0
         for table in TABLES:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import logging
 import sys
@@ -412,8 +413,6 @@ def alerts_review(
     config: Path | None,
 ) -> None:
     """Record a verdict on an alert. Earlier reviews are kept; the latest one counts."""
-    import getpass
-
     from engine.review import ReviewError, add_review
 
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})

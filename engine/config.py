@@ -13,6 +13,7 @@ store.flush_interval_s (from a flag): Input should be greater than 0
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import os
 import tomllib
@@ -88,8 +89,6 @@ class CodecSettings(_Section):
     @field_validator("encodings")
     @classmethod
     def _check_encodings(cls, value: list[str]) -> list[str]:
-        import codecs
-
         for name in value:
             try:
                 codecs.lookup(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -96,6 +97,4 @@ def new_call_id(rng: random.Random, switch_ip: str = "10.0.0.5") -> str:
 
 
 def lognormal(rng: random.Random, median: float, sigma: float, low: float, high: float) -> float:
-    import math
-
     return min(high, max(low, rng.lognormvariate(math.log(median), sigma)))

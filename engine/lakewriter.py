@@ -31,7 +31,7 @@ from engine.detect.rules import load_rules
 from engine.events import CallEvent, Reject, RejectReason
 from engine.journal import DATAGRAMS, TICK, read_segment, sealed_segments, segment_number, tick_of
 from engine.lake import ALERT_SCHEMA, CALL_SCHEMA, Item, Lake, item_of
-from engine.store import codec_of, lake_writer_lock
+from engine.store import StoreError, codec_of, lake_writer_lock
 from engine.yamlfile import YamlFileError
 
 log = logging.getLogger(__name__)
@@ -351,6 +351,7 @@ def run(
     reload: multiprocessing.synchronize.Event,
     counters_array: Any,
     log_level: int,
+    receiver_pid: int,
 ) -> None:
     """The lake writer process: drain sealed segments until told to stop, then once more."""
     # The receiver decides when we stop (after sealing its last segment), so a
@@ -358,7 +359,8 @@ def run(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    parent = os.getppid()
+    # The receiver's pid comes as an argument: if it was killed while this process
+    # was still starting, getppid() would already name init and never change.
     # Answers first: under CPU contention the receiver runs, and the lake (a few
     # seconds behind at most) catches up in the gaps.
     os.nice(10)
@@ -376,7 +378,15 @@ def run(
             # The receiver checked these before starting us; they changed since.
             log.error("rules are invalid, detection is off:\n  %s", "\n  ".join(error.problems))
     lock = lake_writer_lock(settings.store.data_dir)
-    lock.acquire(wait_s=600)
+    while True:
+        # An earlier writer (left by a receiver that was killed) finishes first.
+        try:
+            lock.acquire(wait_s=5)
+            break
+        except StoreError:
+            if os.getppid() != receiver_pid:
+                log.error("the receiver is gone before this lake writer could start")
+                return
     sinks = make_sinks(settings)
     writer = LakeWriter(
         settings.store.data_dir,
@@ -401,7 +411,7 @@ def run(
         # Draining is the main loop (one pass at a time, however long a pass takes).
         while not stop.wait(poll_interval_s):
             writer.drain_logged()
-            if os.getppid() != parent:
+            if os.getppid() != receiver_pid:
                 log.error("the receiver is gone (killed?); writing what is sealed and exiting")
                 break
     finally:
@@ -435,6 +445,7 @@ class LakeWriterProcess:
                 self._reload,
                 self.counters.array,
                 logging.getLogger().level,
+                os.getpid(),
             ),
             name="callsentry-lake-writer",
             daemon=False,

@@ -16,6 +16,8 @@ from typing import BinaryIO
 import duckdb
 import pytest
 
+from engine.store import lake_writer_lock
+
 pytestmark = pytest.mark.slow
 
 
@@ -133,3 +135,7 @@ def test_kill_9_under_load_loses_no_answered_report(tmp_path: Path) -> None:
     missing = answered - set(stored)
     assert not missing, f"{len(missing)} answered reports lost, e.g. {sorted(missing)[:5]}"
     assert len(stored) == len(set(stored)), "a report was stored twice"
+    # No lake writer outlives its receiver (orphans notice and exit).
+    lock = lake_writer_lock(data_dir)
+    lock.acquire(wait_s=20)
+    lock.release()

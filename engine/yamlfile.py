@@ -161,3 +161,24 @@ def parse_file(
     except ValidationError as error:
         problems.extend(validation_problems(document, error))
         return None
+
+
+def parse_files_with_ids(
+    paths: Sequence[Path], model: type[M], problems: list[str], kind: str
+) -> list[tuple[M, YamlDocument]]:
+    """Load and validate each file (a `kind` with an `id`); an id used twice is a problem."""
+    found: list[tuple[M, YamlDocument]] = []
+    seen: dict[str, Path] = {}
+    for path in paths:
+        parsed = parse_file(path, model, problems, f"a {kind} (a mapping of keys)")
+        if parsed is None:
+            continue
+        spec, document = parsed
+        spec_id = str(getattr(spec, "id", ""))
+        if spec_id in seen:
+            problems.append(
+                f"{document.where(('id',))}: {kind} id {spec_id!r} is also in {seen[spec_id]}"
+            )
+        seen[spec_id] = path
+        found.append((spec, document))
+    return found

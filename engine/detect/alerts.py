@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engine.detect.rules import Finding, summary_of
+from models.base import ModelFinding
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,41 @@ class Alert:
         return data
 
 
+def alert_id(source: str, entity: str, raised_at: float) -> str:
+    return str(uuid.uuid5(_ALERT_NAMESPACE, f"{source}|{entity}|{round(raised_at * 1_000_000)}"))
+
+
+def _alert(
+    finding: Finding | ModelFinding,
+    *,
+    source: str,
+    detector: str,
+    severity: str,
+    entity_type: str,
+    threshold: float,
+    summary: str,
+    version: str,
+    mode: str,
+) -> Alert:
+    return Alert(
+        alert_id=alert_id(source, finding.entity, finding.raised_at),
+        rule_id=source,
+        detector=detector,
+        severity=severity,
+        entity_type=entity_type,
+        entity=finding.entity,
+        window_start=finding.window_start,
+        window_end=finding.window_end,
+        raised_at=finding.raised_at,
+        value=finding.value,
+        threshold=threshold,
+        summary=summary,
+        evidence=list(finding.evidence),
+        rule_version=version,
+        mode=mode,
+    )
+
+
 class AlertManager:
     """Suppression per (rule, entity): after an alert, the same rule stays quiet for that
     entity for its suppression duration, so an incident is one alert, not one per event."""
@@ -60,35 +96,45 @@ class AlertManager:
         self._quiet_until: dict[tuple[str, str], float] = {}
         self.suppressed = 0
 
+    def _open(self, source: str, entity: str, raised_at: float, quiet_for: float) -> bool:
+        key = (source, entity)
+        until = self._quiet_until.get(key)
+        if until is not None and raised_at < until:
+            self.suppressed += 1
+            return False
+        self._quiet_until[key] = raised_at + quiet_for
+        return True
+
     def offer(self, finding: Finding) -> Alert | None:
         rule = finding.rule
-        key = (rule.id, finding.entity)
-        until = self._quiet_until.get(key)
-        if until is not None and finding.raised_at < until:
-            self.suppressed += 1
-            return None
-        self._quiet_until[key] = finding.raised_at + rule.spec.suppression.duration
         spec = rule.spec
-        return Alert(
-            alert_id=str(
-                uuid.uuid5(
-                    _ALERT_NAMESPACE,
-                    f"{rule.id}|{finding.entity}|{round(finding.raised_at * 1_000_000)}",
-                )
-            ),
-            rule_id=rule.id,
+        if not self._open(rule.id, finding.entity, finding.raised_at, spec.suppression.duration):
+            return None
+        return _alert(
+            finding,
+            source=rule.id,
             detector="rule",
             severity=spec.severity,
             entity_type=spec.aggregate.group_by,
-            entity=finding.entity,
-            window_start=finding.window_start,
-            window_end=finding.window_end,
-            raised_at=finding.raised_at,
-            value=finding.value,
             threshold=spec.condition.threshold,
             summary=summary_of(finding),
-            evidence=list(finding.evidence),
-            rule_version=rule.version,
+            version=rule.version,
+            mode=spec.mode,
+        )
+
+    def offer_model(self, finding: ModelFinding) -> Alert | None:
+        spec = finding.spec
+        if not self._open(spec.id, finding.entity, finding.raised_at, spec.suppression):
+            return None
+        return _alert(
+            finding,
+            source=spec.id,
+            detector="model",
+            severity=spec.severity,
+            entity_type=finding.entity_type,
+            threshold=finding.threshold,
+            summary=finding.summary,
+            version=finding.version,
             mode=spec.mode,
         )
 

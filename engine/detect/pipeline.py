@@ -14,6 +14,7 @@ from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
 from engine.detect.rules import CompiledRule, RuleSet
 from engine.events import CallEvent, Reject
+from models.base import ModelFinding
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,47 @@ class Pipeline:
         output = Output()
         if now > self.now:
             self.now = now
-        for call in self.tracker.advance(self.now):
+        finished = self.tracker.advance(self.now)
+        models = self.rules.models
+        for call in finished:
             output.calls.append(call)
             self._evaluate(self._on_call, call, call.deadline, output)
+            if models.models:
+                # After the rules: a rule's window holds this call when the model asks
+                # for the calls behind its finding.
+                for model_finding in models.observe((call,), self.recent_calls):
+                    self._raise_model(model_finding, output)
+        if models.models:
+            for model_finding in models.advance(self.now):
+                self._raise_model(model_finding, output)
         if self.now - self._last_housekeeping > 300:
             self._last_housekeeping = self.now
             for rule in self.rules.rules:
                 rule.drop_idle(self.now)
+            models.drop_idle(self.now)
             self.alerts.forget_before(self.now)
         return output
+
+    def _raise_model(self, finding: ModelFinding, output: Output) -> None:
+        alert = self.alerts.offer_model(finding)
+        if alert is not None:
+            output.alerts.append(alert)
+
+    def recent_calls(self, entity_type: str, entity: str, last: int = 200) -> list[str]:
+        """The call ids the rules' windows hold for an entity, oldest first (evidence
+        for a model's finding; the models themselves keep no call ids per caller)."""
+        seen: dict[str, float] = {}
+        for rule in self.rules.rules:
+            if rule.spec.aggregate.group_by != entity_type:
+                continue
+            window = rule.state.states.get(entity)
+            if window is None:
+                continue
+            for ts, call_id in zip(
+                window.times[window.head :], window.call_ids[window.head :], strict=True
+            ):
+                seen[call_id] = ts
+        return sorted(seen, key=seen.__getitem__)[-last:]
 
     def _evaluate(self, rules: list[CompiledRule], call: Call, ts: float, output: Output) -> None:
         for rule in rules:

@@ -24,7 +24,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from engine.detect.calls import Call
 from engine.detect.windows import EwBaseline, KeyedState, SlidingWindow
 from engine.simulator.calls import Duration
-from engine.yamlfile import YamlDocument, YamlFileError, parse_file
+from engine.yamlfile import YamlDocument, YamlFileError, parse_file, parse_files_with_ids
+from models.registry import ModelSet, build_models, load_model_specs, models_dir
+from models.spec import ModelSpec
 
 FieldName = Literal[
     "caller",
@@ -170,6 +172,14 @@ class TestExpect(_Strict):
     min_alerts: int = Field(default=1, ge=1)
 
 
+class ModelGate(_Strict):
+    """The rule fires only while a model's latest score for the call's caller or menu
+    (the model's kind decides which) is above a running quantile of its scores."""
+
+    model: str = Field(min_length=1)
+    above_quantile: float = Field(gt=0.5, lt=1)
+
+
 class RuleTest(_Strict):
     name: str = Field(min_length=1)
     calls: list[TestCalls] = Field(min_length=1)
@@ -188,6 +198,7 @@ class RuleSpec(_Strict):
     selection: Selection = Field(default_factory=dict)
     aggregate: Aggregate
     condition: Condition
+    model: ModelGate | None = None
     suppression: Suppression = Field(default_factory=Suppression)
     exceptions: list[ExceptionRule] = Field(default_factory=list)
     summary: str | None = None
@@ -362,6 +373,8 @@ class CompiledRule:
         ]
         self.state: KeyedState[_KeyState] = KeyedState(max_keys)
         self.started_at: float | None = None
+        # Set by the rule set when the rule has a `model:` condition.
+        self.gate: Callable[[Call], bool] | None = None
 
     def adopt_state(self, other: CompiledRule) -> None:
         """Keep the window state of the rule this one replaces (its logic is unchanged)."""
@@ -409,6 +422,8 @@ class CompiledRule:
             value = float(len(live))
             if not self.compare(value, self.threshold) or self.excepted(entity, ts):
                 return None
+            if self.gate is not None and not self.gate(call):
+                return None
             start = min(c.started_at for c in live) if live else ts
             evidence = [c.call_id for c in reversed(live[:200])]
             return Finding(self, entity, ts, start, ts, value, evidence)
@@ -430,6 +445,8 @@ class CompiledRule:
         if measured is None or not self.compare(measured, self.threshold):
             return None
         if self.excepted(entity, ts):
+            return None
+        if self.gate is not None and not self.gate(call):
             return None
         start = window.start() or ts
         return Finding(self, entity, ts, start, ts, measured, window.live_call_ids())
@@ -497,7 +514,12 @@ class CompiledRule:
 
 
 def _logic_hash(spec: RuleSpec) -> str:
-    logic = {"on": spec.on, "selection": spec.selection, "aggregate": spec.aggregate}
+    logic = {
+        "on": spec.on,
+        "selection": spec.selection,
+        "aggregate": spec.aggregate,
+        "model": spec.model,
+    }
     text = json.dumps(
         json.loads(
             json.dumps(logic, default=lambda o: o.model_dump(by_alias=True, exclude_none=True))
@@ -511,6 +533,13 @@ def _logic_hash(spec: RuleSpec) -> str:
 class RuleSet:
     rules: list[CompiledRule] = field(default_factory=list)
     lists: dict[str, frozenset[str]] = field(default_factory=dict)
+    models: ModelSet = field(default_factory=ModelSet)
+
+    def __post_init__(self) -> None:
+        for rule in self.rules:
+            gate = rule.spec.model
+            if gate is not None:
+                rule.gate = self.models.gate(gate.model, gate.above_quantile)
 
     def by_id(self) -> dict[str, CompiledRule]:
         return {rule.id: rule for rule in self.rules}
@@ -518,7 +547,7 @@ class RuleSet:
     def adopt_state_from(self, previous: RuleSet) -> list[str]:
         """Keep window state for rules whose logic did not change; returns their ids."""
         old = previous.by_id()
-        kept = []
+        kept = self.models.adopt_state_from(previous.models)
         for rule in self.rules:
             before = old.get(rule.id)
             if before is not None and before.logic == rule.logic:
@@ -531,6 +560,7 @@ class RuleSet:
 class LoadedRules:
     rules: RuleSet
     specs: list[tuple[RuleSpec, YamlDocument]]
+    models: list[tuple[ModelSpec, YamlDocument]] = field(default_factory=list)
 
 
 def rule_files(path: Path) -> list[Path]:
@@ -567,26 +597,34 @@ def load_rules(path: Path, *, max_keys: int = 200_000) -> LoadedRules:
     if not path.exists():
         raise YamlFileError([f"{path}: no such rule file or folder"])
     lists = load_lists(_lists_dir(path), problems)
-    specs: list[tuple[RuleSpec, YamlDocument]] = []
-    seen: dict[str, str] = {}
-    for file in rule_files(path):
-        parsed = parse_file(file, RuleSpec, problems, "a rule (a mapping of keys)")
-        if parsed is None:
-            continue
-        spec, document = parsed
+    specs = parse_files_with_ids(rule_files(path), RuleSpec, problems, "rule")
+    for spec, document in specs:
         for name in _list_references(spec):
             if name not in lists:
                 known = ", ".join(sorted(lists)) or "none"
                 problems.append(
-                    f"{file}:{_line_of_value(document, name)}: list {name!r} is not in "
-                    f"{_lists_dir(path)} (known: {known})"
+                    f"{document.path}:{_line_of_value(document, name)}: list {name!r} is not "
+                    f"in {_lists_dir(path)} (known: {known})"
                 )
-        if spec.id in seen:
+    model_specs = load_model_specs(models_dir(path), problems)
+    known_models = {spec.id: spec for spec, _ in model_specs}
+    for spec, document in specs:
+        if spec.model is None:
+            continue
+        target = known_models.get(spec.model.model)
+        if target is None or not target.enabled:
+            state = "disabled" if target is not None else "unknown"
+            enabled = sorted(m for m, s in known_models.items() if s.enabled)
             problems.append(
-                f"{document.where(('id',))}: rule id {spec.id!r} is also in {seen[spec.id]}"
+                f"{document.where(('model', 'model'))}: model.model: {state} model "
+                f"{spec.model.model!r} (enabled: {', '.join(enabled) or 'none'})"
             )
-        seen[spec.id] = str(file)
-        specs.append((spec, document))
+        elif spec.model.above_quantile not in target.threshold.quantiles():
+            problems.append(
+                f"{document.where(('model', 'above_quantile'))}: model.above_quantile: model "
+                f"{target.id!r} tracks the quantiles {target.threshold.quantiles()}; add "
+                f"{spec.model.above_quantile} to its threshold.also_track"
+            )
     if problems:
         raise YamlFileError(problems)
     compiled = []
@@ -595,7 +633,8 @@ def load_rules(path: Path, *, max_keys: int = 200_000) -> LoadedRules:
         compiled.append(
             CompiledRule(spec, lists, source=str(document.path), version=version, max_keys=max_keys)
         )
-    return LoadedRules(RuleSet(compiled, lists), specs)
+    models = build_models(model_specs, max_keys)
+    return LoadedRules(RuleSet(compiled, lists, models), specs, model_specs)
 
 
 def _line_of_value(document: YamlDocument, value: str) -> int:

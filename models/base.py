@@ -1,0 +1,54 @@
+"""The one small interface between the engine and a model.
+
+A model is fed finished calls (`observe`) and told when event time moves on
+(`advance`); either may return findings. Its state (River objects and plain
+numbers) pickles, which is how snapshots keep it across restarts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from engine.detect.calls import Call
+from models.spec import ModelSpec
+
+# The pipeline's way to find the calls behind an entity (for an alert's evidence).
+RecentCalls = Callable[[str, str], list[str]]
+
+
+@dataclass(frozen=True)
+class ModelFinding:
+    """A model judged an entity unusual at a moment of event time."""
+
+    spec: ModelSpec
+    version: str
+    entity_type: str
+    entity: str
+    raised_at: float
+    window_start: float
+    window_end: float
+    value: float
+    threshold: float
+    summary: str
+    evidence: list[str]
+
+
+class Model(Protocol):
+    spec: ModelSpec
+    version: str
+
+    def observe(self, call: Call, recent_calls: RecentCalls) -> ModelFinding | None: ...
+
+    def advance(self, now: float) -> list[ModelFinding]: ...
+
+    def score(self, entity: str) -> float | None:
+        """The latest score of `entity` (None before it has one)."""
+        ...
+
+    def quantile(self, q: float) -> float | None:
+        """The running `q` quantile of this model's scores (None while unknown)."""
+        ...
+
+    def drop_idle(self, now: float) -> int: ...

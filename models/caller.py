@@ -1,0 +1,269 @@
+"""Per-caller behaviour: light state per caller, one River model over all of them.
+
+A River HalfSpaceTrees costs about 1.3 MiB, so one per caller is out of the
+question with 100k callers. Each caller keeps a few numbers in one `array('d')`
+(about 200 bytes): for the yes/no facts of its calls (short, unanswered,
+forwarded, to another callee than the last) the last `recent_calls` answers as
+bits, for ring and talk time an exponentially weighted mean, and a slow mean of
+each (its own history). One global River model (scaled HalfSpaceTrees) learns
+what callers' recent mixes look like.
+
+How far a caller is from normal is measured as a surprise, not a raw share:
+"7 short calls out of the last 8 when 3 % of calls are short" has a binomial
+tail probability, shown as the equivalent number of standard deviations. Three
+unanswered calls in a row from a busy caller happen every day; eight in eight
+from a new caller do not. A caller is compared with the population while it is
+new and with its own history once it has `own_history_calls` calls (a caller
+that was always odd, a test robot, is normal for itself). An alert needs a
+feature at least `min_deviation` spreads out *and* a global model score above
+its running quantile: two views agreeing before anyone is paged.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from statistics import NormalDist
+
+from river import stats
+
+from engine.detect.calls import Call
+from engine.detect.windows import KeyedState
+from models.base import ModelFinding, RecentCalls
+from models.scoring import AdaptiveThreshold, anomaly_model, strongest
+from models.spec import FEATURE_NAMES, ModelSpec
+
+# Yes/no facts of a call, kept as bit histories; then means kept as EW.
+FLAGS = ("short_share", "unanswered_share", "forward_share", "callee_change_share")
+MEANS = ("ring_mean", "talk_log")
+FEATURES = FLAGS + MEANS
+_N, _LAST_TS, _LAST_CALLEE, _SCORE, _FIRST_TS = 0, 1, 2, 3, 4
+_BITS = 5  # one history per flag
+_EW = _BITS + len(FLAGS)  # recent EW per mean
+_SLOW = _EW + len(MEANS)  # own-history mean per feature
+_SIZE = _SLOW + len(FEATURES)
+# The own-history mean moves by this much per call (about the last 50 calls).
+_SLOW_ALPHA = 0.02
+# A short hash of the callee fits a double exactly (53-bit mantissa).
+_HASH_MASK = (1 << 52) - 1
+_NORMAL = NormalDist()
+
+
+def surprise(hits: int, n: int, rate: float) -> float:
+    """`hits` or more out of `n` when each happens with probability `rate`, as the
+    number of standard deviations of a normal tail that is just as unlikely.
+
+    Eight in eight at 5 % is far out; three in twelve at 10 % happens all the time:
+
+    >>> round(surprise(8, 8, 0.05), 1), round(surprise(3, 12, 0.1), 1)
+    (6.5, 1.2)
+    """
+    if n == 0 or hits <= n * rate:
+        return 0.0
+    tail = sum(math.comb(n, k) * rate**k * (1 - rate) ** (n - k) for k in range(hits, n + 1))
+    return -_NORMAL.inv_cdf(max(tail, 1e-300)) if tail < 0.5 else 0.0
+
+
+class CallerModel:
+    def __init__(self, spec: ModelSpec, version: str, max_keys: int) -> None:
+        self.spec = spec
+        self.version = version
+        self.flags = [i for i, name in enumerate(FLAGS) if name in spec.features]
+        self.means = [i for i, name in enumerate(MEANS) if name in spec.features]
+        self.window = min(spec.recent_calls, 52)
+        self.mask = (1 << self.window) - 1
+        self.alpha = 2.0 / (spec.recent_calls + 1)
+        self.state: KeyedState[array[float]] = KeyedState(max_keys)
+        self.population = anomaly_model(spec.trees)
+        # How often each flag is set over all calls, and callers' usual mean values
+        # (slowly: over about a thousand calls).
+        self.rates = {name: stats.EWMean(0.001) for name in FLAGS}
+        self.usual_means = {name: stats.EWMean(0.001) for name in MEANS}
+        self.usual_spread = {name: stats.EWVar(0.001) for name in MEANS}
+        self.thresholds = AdaptiveThreshold(spec.threshold.quantiles())
+        self.learned = 0
+
+    def _facts(self, call: Call, state: array[float] | None) -> tuple[list[bool], list[float]]:
+        talk = call.talk_s
+        ring = call.ring_s
+        answered = call.answered_at is not None
+        callee_hash = float(hash(call.callee) & _HASH_MASK)
+        flags = [
+            answered and talk is not None and talk < self.spec.short_s,
+            not answered,
+            bool(call.forward),
+            state is not None and state[_LAST_CALLEE] != callee_hash,
+        ]
+        means = [
+            min(ring, 60.0) if ring is not None else 0.0,
+            math.log10(1.0 + talk) if answered and talk is not None else 0.0,
+        ]
+        return flags, means
+
+    def observe(self, call: Call, recent_calls: RecentCalls) -> ModelFinding | None:
+        caller = call.caller
+        if not caller:
+            return None
+        state = self.state.get(caller)
+        flags, means = self._facts(call, state)
+        if state is None:
+            state = array("d", bytes(8 * _SIZE))
+            state[_FIRST_TS] = call.deadline
+            for i, value in enumerate(means):
+                state[_EW + i] = value
+            for i, name in enumerate(FLAGS):
+                state[_SLOW + i] = float(self.rates[name].get() or 0.0)
+            for i, value in enumerate(means):
+                state[_SLOW + len(FLAGS) + i] = value
+            self.state.put(caller, state)
+        mask = self.mask
+        for i, flag in enumerate(flags):
+            state[_BITS + i] = float(((int(state[_BITS + i]) << 1) | flag) & mask)
+            state[_SLOW + i] += _SLOW_ALPHA * (flag - state[_SLOW + i])
+        alpha = self.alpha
+        for i, value in enumerate(means):
+            state[_EW + i] += alpha * (value - state[_EW + i])
+            state[_SLOW + len(FLAGS) + i] += _SLOW_ALPHA * (value - state[_SLOW + len(FLAGS) + i])
+        state[_LAST_CALLEE] = float(hash(call.callee) & _HASH_MASK)
+        state[_N] += 1
+        state[_LAST_TS] = call.deadline
+        if state[_N] < self.spec.min_calls:
+            self._learn_rates(flags)
+            return None
+        return self._judge(call, state, flags, recent_calls)
+
+    def _learn_rates(self, flags: list[bool]) -> None:
+        for name, flag in zip(FLAGS, flags, strict=True):
+            self.rates[name].update(float(flag))
+
+    def _recent(self, state: array[float]) -> dict[str, float]:
+        n = min(int(state[_N]), self.window)
+        vector = {FLAGS[i]: int(state[_BITS + i]).bit_count() / n for i in self.flags}
+        for i in self.means:
+            vector[MEANS[i]] = state[_EW + i]
+        return vector
+
+    def _deviations(self, state: array[float], own_history: bool) -> dict[str, float]:
+        spec = self.spec
+        n = min(int(state[_N]), self.window)
+        deviations = {}
+        for i in self.flags:
+            name = FLAGS[i]
+            usual = state[_SLOW + i] if own_history else float(self.rates[name].get() or 0.0)
+            rate = min(max(usual, spec.floor(name) / 4), 0.95)
+            deviations[name] = surprise(int(state[_BITS + i]).bit_count(), n, rate)
+        for i in self.means:
+            name = MEANS[i]
+            if own_history:
+                usual, spread = state[_SLOW + len(FLAGS) + i], spec.floor(name)
+            else:
+                usual = float(self.usual_means[name].get() or 0.0)
+                variance = max(float(self.usual_spread[name].get() or 0.0), 0.0)
+                spread = max(variance**0.5, spec.floor(name))
+            deviations[name] = (state[_EW + i] - usual) / spread
+        return deviations
+
+    def _judge(
+        self, call: Call, state: array[float], flags: list[bool], recent_calls: RecentCalls
+    ) -> ModelFinding | None:
+        spec = self.spec
+        recent = self._recent(state)
+        score = float(self.population.score_one(recent))
+        state[_SCORE] = score
+        threshold = self.thresholds.get(spec.threshold.quantile)
+        own_history = state[_N] >= spec.own_history_calls
+        deviations = self._deviations(state, own_history)
+        _, z = strongest(deviations, spec, alone_only=True)
+        alerting = (
+            self.learned >= spec.warmup
+            and threshold is not None
+            and z >= spec.threshold.min_deviation
+            and score >= threshold
+        )
+        if self.learned >= spec.trees.window_size:
+            # HalfSpaceTrees scores 0 until its first window is full: not a score to learn.
+            self.thresholds.learn(score)
+        if not alerting:
+            # What is usual is learned from what is not alarming, so an incident does
+            # not teach the model that it is normal while it goes on.
+            self.population.learn_one(recent)
+            self._learn_rates(flags)
+            for name in MEANS:
+                if name in recent:
+                    self.usual_means[name].update(recent[name])
+                    self.usual_spread[name].update(recent[name])
+            self.learned += 1
+            return None
+        assert threshold is not None
+        evidence = recent_calls("caller", call.caller)
+        if call.call_id not in evidence:
+            evidence.append(call.call_id)
+        return ModelFinding(
+            spec=spec,
+            version=self.version,
+            entity_type="caller",
+            entity=call.caller,
+            raised_at=call.deadline,
+            window_start=state[_FIRST_TS],
+            window_end=call.deadline,
+            value=round(z, 3),
+            threshold=spec.threshold.min_deviation,
+            summary=self._summary(call.caller, state, deviations, own_history, score, threshold),
+            evidence=evidence,
+        )
+
+    def _summary(
+        self,
+        caller: str,
+        state: array[float],
+        deviations: dict[str, float],
+        own_history: bool,
+        score: float,
+        threshold: float,
+    ) -> str:
+        n = min(int(state[_N]), self.window)
+        parts: list[str] = []
+        for name in sorted(deviations, key=lambda f: -abs(deviations[f])):
+            if abs(deviations[name]) < 2 or len(parts) == 3:
+                continue
+            if name in FLAGS:
+                i = FLAGS.index(name)
+                usual = state[_SLOW + i] if own_history else float(self.rates[name].get() or 0)
+                hits = int(state[_BITS + i]).bit_count()
+                parts.append(
+                    f"{FEATURE_NAMES[name]} {hits} of its last {n} calls vs usual {usual:.0%} "
+                    f"({deviations[name]:.1f} sd)"
+                )
+            else:
+                i = MEANS.index(name)
+                usual = (
+                    state[_SLOW + len(FLAGS) + i]
+                    if own_history
+                    else float(self.usual_means[name].get() or 0)
+                )
+                parts.append(
+                    f"{FEATURE_NAMES[name]} {state[_EW + i]:.1f} vs usual {usual:.1f} "
+                    f"({deviations[name]:+.1f} sd)"
+                )
+        against = "its own history" if own_history else "callers at large"
+        return (
+            f"caller {caller} behaves unlike {against}: {'; '.join(parts)} "
+            f"(model score {score:.2f} above its threshold {threshold:.2f})"
+        )
+
+    def advance(self, now: float) -> list[ModelFinding]:
+        return []
+
+    def score(self, entity: str) -> float | None:
+        state = self.state.states.get(entity)
+        if state is None or state[_N] < self.spec.min_calls:
+            return None
+        return state[_SCORE]
+
+    def quantile(self, q: float) -> float | None:
+        return self.thresholds.get(q)
+
+    def drop_idle(self, now: float) -> int:
+        # A caller quiet for a day starts over; its history is what the rules' windows
+        # and the lake remember.
+        return self.state.drop_idle(lambda s: s[_LAST_TS] < now - 86400.0)

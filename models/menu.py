@@ -1,0 +1,205 @@
+"""Per-menu traffic: one River anomaly model per IVR menu, fed on an event-time step.
+
+Every `step` of event time, each menu's calls finished within the last `window`
+become one feature vector: volume against what is usual for that hour of the
+day (a seasonal baseline, so the daily rhythm is not an anomaly), answer share,
+short-call share, mean ring time, talk time, how concentrated the callers are,
+and the forwarded share. A scaled HalfSpaceTrees learns the menu's usual
+vectors; an EW baseline per feature says which features moved and how far.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from engine.detect.calls import Call
+from models.base import ModelFinding, RecentCalls
+from models.scoring import AdaptiveThreshold, Baseline, anomaly_model, explain, strongest
+from models.spec import FEATURE_NAMES, ModelSpec
+
+
+@dataclass(slots=True)
+class _Seen:
+    ts: float
+    call_id: str
+    caller: str
+    answered: bool
+    short: bool
+    ring_s: float | None
+    talk_s: float | None
+    forwarded: bool
+
+
+class SeasonalVolume:
+    """Usual calls per window for each hour of the day (EW over days), falling back
+    to the menu's overall usual volume for hours not seen yet."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.by_hour: list[float | None] = [None] * 24
+        self.overall: float | None = None
+
+    def expected(self, ts: float) -> float | None:
+        hour = datetime.fromtimestamp(ts, tz=UTC).hour
+        value = self.by_hour[hour]
+        return value if value is not None else self.overall
+
+    def learn(self, ts: float, volume: float) -> None:
+        hour = datetime.fromtimestamp(ts, tz=UTC).hour
+        # Within an hour the step feeds many windows; a small alpha keeps each hour
+        # slot an average over the days rather than over the last few minutes.
+        current = self.by_hour[hour]
+        self.by_hour[hour] = volume if current is None else current + 0.02 * (volume - current)
+        self.overall = (
+            volume if self.overall is None else self.overall + 0.01 * (volume - self.overall)
+        )
+
+
+@dataclass
+class _MenuState:
+    model: Any
+    usual: Baseline
+    seasonal: SeasonalVolume = field(default_factory=SeasonalVolume)
+    calls: deque[_Seen] = field(default_factory=deque)
+    learned: int = 0
+    score: float | None = None
+    name: str = ""
+
+
+class MenuModel:
+    def __init__(self, spec: ModelSpec, version: str) -> None:
+        self.spec = spec
+        self.version = version
+        self.menus: dict[str, _MenuState] = {}
+        self.thresholds = AdaptiveThreshold(spec.threshold.quantiles())
+        self.next_step: float | None = None
+
+    def observe(self, call: Call, recent_calls: RecentCalls) -> ModelFinding | None:
+        if not call.menu_id:
+            return None
+        state = self.menus.get(call.menu_id)
+        if state is None:
+            state = self.menus[call.menu_id] = _MenuState(
+                model=anomaly_model(self.spec.trees),
+                # A menu's usual values move over about a hundred steps (~an hour).
+                usual=Baseline(self.spec, fading_factor=0.02),
+            )
+        state.name = call.menu_name
+        talk = call.talk_s
+        state.calls.append(
+            _Seen(
+                call.deadline,
+                call.call_id,
+                call.caller,
+                call.answered_at is not None,
+                call.answered_at is not None and talk is not None and talk < self.spec.short_s,
+                call.ring_s,
+                talk,
+                bool(call.forward),
+            )
+        )
+        return None
+
+    def advance(self, now: float) -> list[ModelFinding]:
+        step = self.spec.step
+        if self.next_step is None:
+            if not self.menus:
+                return []
+            self.next_step = math.floor(now / step) * step + step
+        findings: list[ModelFinding] = []
+        # A long quiet gap is not hundreds of empty steps to learn from: catch up at most
+        # a window's worth.
+        if now - self.next_step > self.spec.window:
+            self.next_step = math.floor((now - self.spec.window) / step) * step + step
+        while self.next_step <= now:
+            at = self.next_step
+            for menu_id in sorted(self.menus):
+                finding = self._step(menu_id, self.menus[menu_id], at)
+                if finding is not None:
+                    findings.append(finding)
+            self.next_step = at + step
+        return findings
+
+    def _vector(self, state: _MenuState, at: float) -> dict[str, float] | None:
+        calls = state.calls
+        cutoff = at - self.spec.window
+        while calls and calls[0].ts <= cutoff:
+            calls.popleft()
+        live = [c for c in calls if c.ts <= at]
+        total = len(live)
+        expected = state.seasonal.expected(at)
+        state.seasonal.learn(at, float(total))
+        if total < self.spec.min_calls_in_window:
+            return None
+        answered = [c for c in live if c.answered]
+        rings = [c.ring_s for c in live if c.ring_s is not None]
+        talks = [c.talk_s for c in answered if c.talk_s is not None]
+        everything = {
+            "volume": total / max(expected or total, 1.0),
+            "answer_share": len(answered) / total,
+            "short_share": sum(1 for c in live if c.short) / total,
+            "ring_mean": min(sum(rings) / len(rings), 60.0) if rings else 0.0,
+            "talk_log": (sum(math.log10(1.0 + t) for t in talks) / len(talks) if talks else 0.0),
+            "caller_concentration": 1.0 - len({c.caller for c in live}) / total,
+            "forward_share": sum(1 for c in live if c.forwarded) / total,
+        }
+        return {name: everything[name] for name in self.spec.features}
+
+    def _step(self, menu_id: str, state: _MenuState, at: float) -> ModelFinding | None:
+        spec = self.spec
+        vector = self._vector(state, at)
+        if vector is None:
+            return None
+        score = float(state.model.score_one(vector))
+        state.score = score
+        deviations = state.usual.deviations(vector)
+        feature, z = strongest(deviations, spec, alone_only=True)
+        threshold = self.thresholds.get(spec.threshold.quantile)
+        warm = state.learned >= spec.warmup and threshold is not None
+        alerting = (
+            warm
+            and threshold is not None
+            and abs(z) >= spec.threshold.min_deviation
+            and score >= threshold
+        )
+        if state.learned >= spec.trees.window_size:
+            # HalfSpaceTrees scores 0 until its first window is full: not a score to learn.
+            self.thresholds.learn(score)
+        if not alerting:
+            state.model.learn_one(vector)
+            state.usual.learn(vector)
+            state.learned += 1
+            return None
+        live = [c for c in state.calls if c.ts <= at]
+        summary = (
+            f"menu {menu_id} ({state.name}) looks unlike itself over the last "
+            f"{len(live)} calls: {explain(vector, deviations, state.usual)} (model score "
+            f"{score:.2f}, threshold {threshold:.2f}; strongest: {FEATURE_NAMES[feature]})"
+        )
+        return ModelFinding(
+            spec=spec,
+            version=self.version,
+            entity_type="menu",
+            entity=menu_id,
+            raised_at=at,
+            window_start=live[0].ts if live else at - spec.window,
+            window_end=at,
+            value=round(abs(z), 3),
+            threshold=spec.threshold.min_deviation,
+            summary=summary,
+            evidence=[c.call_id for c in live[-200:]],
+        )
+
+    def score(self, entity: str) -> float | None:
+        state = self.menus.get(entity)
+        return None if state is None else state.score
+
+    def quantile(self, q: float) -> float | None:
+        return self.thresholds.get(q)
+
+    def drop_idle(self, now: float) -> int:
+        return 0  # a handful of menus; each keeps its model

@@ -1,0 +1,126 @@
+"""Loading the model files and running the enabled models side by side.
+
+`rules/models/*.yaml`, one model per file, validated like rules (every problem
+at once, each with file:line). A reload keeps the learned state of models whose
+file did not change in substance, like rules keep their windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.detect.calls import Call
+from engine.yamlfile import YamlDocument, parse_files_with_ids
+from models.base import Model, ModelFinding, RecentCalls
+from models.caller import CallerModel
+from models.menu import MenuModel
+from models.spec import ModelSpec
+
+MODELS_FOLDER = "models"
+
+
+def models_dir(rules_path: Path) -> Path:
+    return (rules_path.parent if rules_path.is_file() else rules_path) / MODELS_FOLDER
+
+
+def model_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+
+
+def _logic(spec: ModelSpec) -> str:
+    # What the model learns from and how: a changed title or threshold keeps its state.
+    logic = spec.model_dump(
+        include={
+            "kind",
+            "features",
+            "trees",
+            "recent_calls",
+            "short_s",
+            "step",
+            "window",
+            "min_calls",
+            "min_calls_in_window",
+        }
+    )
+    return hashlib.sha256(json.dumps(logic, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build(spec: ModelSpec, version: str, max_keys: int) -> Model:
+    if spec.kind == "caller":
+        return CallerModel(spec, version, max_keys)
+    return MenuModel(spec, version)
+
+
+@dataclass
+class ModelSet:
+    models: list[Model] = field(default_factory=list)
+    specs: dict[str, ModelSpec] = field(default_factory=dict)
+
+    def by_id(self) -> dict[str, Model]:
+        return {model.spec.id: model for model in self.models}
+
+    def gate(self, model_id: str, q: float) -> Callable[[Call], bool]:
+        """A rule condition: the model's latest score for the call's caller (caller
+        models) or menu (menu models) is above the model's running `q` quantile."""
+
+        def above(call: Call) -> bool:
+            model = self.by_id().get(model_id)
+            if model is None:
+                return False
+            entity = call.caller if model.spec.kind == "caller" else call.menu_id
+            score = model.score(entity)
+            bound = model.quantile(q)
+            return score is not None and bound is not None and score >= bound
+
+        return above
+
+    def observe(self, calls: Iterable[Call], recent_calls: RecentCalls) -> list[ModelFinding]:
+        findings = []
+        for call in calls:
+            for model in self.models:
+                finding = model.observe(call, recent_calls)
+                if finding is not None:
+                    findings.append(finding)
+        return findings
+
+    def advance(self, now: float) -> list[ModelFinding]:
+        findings: list[ModelFinding] = []
+        for model in self.models:
+            findings.extend(model.advance(now))
+        return findings
+
+    def drop_idle(self, now: float) -> int:
+        return sum(model.drop_idle(now) for model in self.models)
+
+    def adopt_state_from(self, previous: ModelSet) -> list[str]:
+        old = previous.by_id()
+        kept = []
+        for index, model in enumerate(self.models):
+            before = old.get(model.spec.id)
+            if before is not None and _logic(before.spec) == _logic(model.spec):
+                # Same learning, new wording or thresholds: keep what it learned.
+                before.spec = model.spec
+                before.version = model.version
+                self.models[index] = before
+                kept.append(model.spec.id)
+        return kept
+
+
+def load_model_specs(folder: Path, problems: list[str]) -> list[tuple[ModelSpec, YamlDocument]]:
+    return parse_files_with_ids(model_files(folder), ModelSpec, problems, "model")
+
+
+def build_models(documents: list[tuple[ModelSpec, YamlDocument]], max_keys: int) -> ModelSet:
+    models: list[Model] = []
+    for spec, document in documents:
+        if not spec.enabled:
+            continue
+        version = hashlib.sha256(document.path.read_bytes()).hexdigest()[:12]
+        models.append(build(spec, version, max_keys))
+    return ModelSet(models, {spec.id: spec for spec, _ in documents})

@@ -1,0 +1,116 @@
+"""From feature vectors to scores, thresholds and explanations (shared by every model).
+
+- `Baseline`: what is usual for each feature (River exponentially weighted mean and
+  variance), and how many spreads a new vector sits from it; the spread has a floor
+  per feature so a feature that never moved does not make a wobble look huge.
+- `AdaptiveThreshold`: running quantiles of a model's own scores (River's P²
+  estimator), so "unusual" means unusual for this model, not a fixed cut-off.
+- `explain`: the features that moved, in words ("unanswered share 0.83 vs usual 0.22").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from river import anomaly, preprocessing, stats
+
+from models.spec import FEATURE_NAMES, HalfSpaceTreesSpec, ModelSpec
+
+
+def anomaly_model(trees: HalfSpaceTreesSpec) -> Any:
+    """HalfSpaceTrees wants features in [0, 1]: scale with the running min and max first."""
+    return preprocessing.MinMaxScaler() | anomaly.HalfSpaceTrees(
+        n_trees=trees.n_trees, height=trees.height, window_size=trees.window_size, seed=trees.seed
+    )
+
+
+class Baseline:
+    """The usual value and spread of each feature, learned online."""
+
+    def __init__(self, spec: ModelSpec, fading_factor: float) -> None:
+        self.floors = {name: spec.floor(name) for name in spec.features}
+        self.means = {name: stats.EWMean(fading_factor) for name in spec.features}
+        self.variances = {name: stats.EWVar(fading_factor) for name in spec.features}
+        self.learned = 0
+
+    def learn(self, vector: Mapping[str, float]) -> None:
+        for name, value in vector.items():
+            self.means[name].update(value)
+            self.variances[name].update(value)
+        self.learned += 1
+
+    def usual(self, name: str) -> float:
+        return float(self.means[name].get())
+
+    def deviations(self, vector: Mapping[str, float]) -> dict[str, float]:
+        """Signed distance of each feature from its usual value, in spreads."""
+        out = {}
+        for name, value in vector.items():
+            # River's EW variance can come out a hair below zero by rounding.
+            variance = max(float(self.variances[name].get()), 0.0)
+            spread = max(variance**0.5, self.floors[name])
+            out[name] = (value - float(self.means[name].get())) / spread
+        return out
+
+
+class AdaptiveThreshold:
+    """Running quantiles of one model's scores."""
+
+    def __init__(self, quantiles: Iterable[float]) -> None:
+        self.quantiles = {q: stats.Quantile(q) for q in quantiles}
+        self.seen = 0
+
+    def learn(self, score: float) -> None:
+        for estimator in self.quantiles.values():
+            estimator.update(score)
+        self.seen += 1
+
+    def get(self, q: float) -> float | None:
+        estimator = self.quantiles.get(q)
+        if estimator is None:
+            return None
+        value = estimator.get()
+        return None if value is None else float(value)
+
+
+def strongest(
+    deviations: Mapping[str, float], spec: ModelSpec, *, alone_only: bool = False
+) -> tuple[str, float]:
+    """The feature furthest from usual (optionally among those that may alert alone)."""
+    best, best_z = "", 0.0
+    for name, z in deviations.items():
+        if alone_only and not spec.features[name].alone:
+            continue
+        if abs(z) > abs(best_z):
+            best, best_z = name, z
+    return best, best_z
+
+
+def _shown(name: str, value: float) -> str:
+    if name.endswith("share") or name == "caller_concentration":
+        return f"{value:.2f}"
+    if name == "volume":
+        return f"{value:.1f}x"
+    return f"{value:.1f}"
+
+
+def explain(
+    vector: Mapping[str, float],
+    deviations: Mapping[str, float],
+    baseline: Baseline,
+    *,
+    min_z: float = 2.0,
+    limit: int = 3,
+) -> str:
+    """The features that moved most, each as `name value vs usual u (z spreads)`."""
+    moved = sorted(
+        (name for name, z in deviations.items() if abs(z) >= min_z),
+        key=lambda name: -abs(deviations[name]),
+    )[:limit]
+    parts = [
+        f"{FEATURE_NAMES[name]} {_shown(name, vector[name])} vs usual "
+        f"{_shown(name, baseline.usual(name))} ({deviations[name]:+.1f} sd)"
+        for name in moved
+    ]
+    return "; ".join(parts) if parts else "no single feature moved far"

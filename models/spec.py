@@ -1,0 +1,148 @@
+"""What a tuner writes in `rules/models/*.yaml`: one model per file, strict like rules.
+
+A model file names the model (its `id` is the alerts' `rule_id`), which entity it
+watches (`kind: caller` or `kind: menu`), the features it looks at, how far a
+feature must move before it may explain an alert, the adaptive threshold (a
+running quantile of the model's own scores), the warm-up, and suppression.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from engine.simulator.calls import Duration
+
+CallerFeature = Literal[
+    "short_share",
+    "unanswered_share",
+    "ring_mean",
+    "talk_log",
+    "forward_share",
+    "callee_change_share",
+]
+MenuFeature = Literal[
+    "volume",
+    "answer_share",
+    "short_share",
+    "ring_mean",
+    "talk_log",
+    "caller_concentration",
+    "forward_share",
+]
+
+CALLER_FEATURES: tuple[str, ...] = get_args(CallerFeature)
+MENU_FEATURES: tuple[str, ...] = get_args(MenuFeature)
+
+# What each feature is, for summaries and explanations.
+FEATURE_NAMES: dict[str, str] = {
+    "short_share": "short-call share",
+    "unanswered_share": "unanswered share",
+    "ring_mean": "mean ring time (s)",
+    "talk_log": "talk time (log10 s)",
+    "forward_share": "forwarded share",
+    "callee_change_share": "share of calls to a different callee than the last",
+    "volume": "volume against its usual for the hour",
+    "answer_share": "answer share",
+    "caller_concentration": "caller concentration",
+}
+
+# Smallest spread a feature's baseline is allowed, so a feature that never moved
+# (a share that was always 0) does not turn the first small wobble into a huge z.
+DEFAULT_FLOORS: dict[str, float] = {
+    "short_share": 0.08,
+    "unanswered_share": 0.08,
+    "ring_mean": 1.5,
+    "talk_log": 0.25,
+    "forward_share": 0.08,
+    "callee_change_share": 0.1,
+    "volume": 0.5,
+    "answer_share": 0.08,
+    "caller_concentration": 0.08,
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeatureSpec(_Strict):
+    # A feature with `alone: false` may back up an alert but never make one by itself
+    # (a menu's volume: a marketing campaign triples it, and that is no fraud).
+    alone: bool = True
+    floor: float | None = Field(default=None, gt=0)
+
+
+class HalfSpaceTreesSpec(_Strict):
+    n_trees: int = Field(default=15, ge=1, le=100)
+    height: int = Field(default=4, ge=1, le=15)
+    window_size: int = Field(default=60, ge=10, le=10_000)
+    seed: int = 42
+
+
+class ThresholdSpec(_Strict):
+    # A score must be above this running quantile of the model's own scores...
+    quantile: float = Field(default=0.99, gt=0.5, lt=1)
+    # ...and some feature at least this many spreads from its usual value.
+    min_deviation: float = Field(default=4.0, gt=0)
+    # Further quantiles that rules may refer to (`model: {quantile: ...}`).
+    also_track: list[float] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> ThresholdSpec:
+        for q in self.also_track:
+            if not 0.5 < q < 1:
+                raise ValueError(f"tracked quantile {q} must be between 0.5 and 1")
+        return self
+
+    def quantiles(self) -> list[float]:
+        return sorted({self.quantile, *self.also_track})
+
+
+class ModelSpec(_Strict):
+    id: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    title: str = Field(min_length=1)
+    description: str = ""
+    kind: Literal["caller", "menu"]
+    enabled: bool = True
+    severity: Literal["low", "medium", "high", "critical"] = "medium"
+    mode: Literal["alert", "shadow"] = "alert"
+    features: dict[str, FeatureSpec] = Field(min_length=1)
+    threshold: ThresholdSpec = Field(default_factory=ThresholdSpec)
+    trees: HalfSpaceTreesSpec = Field(default_factory=HalfSpaceTreesSpec)
+    # Caller models: a caller is judged once it made this many calls, on its last
+    # `recent_calls` calls (at most 52: they are kept as bits of a double).
+    min_calls: int = Field(default=8, ge=2)
+    recent_calls: int = Field(default=12, ge=2, le=52)
+    # Past this many calls a caller is judged against its own history, not the
+    # population's (a robot that always makes short calls is normal for itself).
+    own_history_calls: int = Field(default=50, ge=10)
+    # An answered call shorter than this is a short call.
+    short_s: Duration = 5.0
+    # Menu models: a feature vector every `step` over the last `window` of calls,
+    # judged when that window holds at least `min_calls_in_window` calls.
+    step: Duration = 30.0
+    window: Duration = 300.0
+    min_calls_in_window: int = Field(default=20, ge=1)
+    # Before this much has been learned (vectors), the model scores but never alerts.
+    warmup: int = Field(default=120, ge=10)
+    suppression: Duration = 3600.0
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        allowed = CALLER_FEATURES if self.kind == "caller" else MENU_FEATURES
+        for name in self.features:
+            if name not in allowed:
+                raise ValueError(
+                    f"feature {name!r} is not a {self.kind} feature (known: {', '.join(allowed)})"
+                )
+        if not any(f.alone for f in self.features.values()):
+            raise ValueError("at least one feature must be able to raise an alert alone")
+        if self.kind == "menu" and self.window < self.step:
+            raise ValueError("the window must be at least one step long")
+        return self
+
+    def floor(self, feature: str) -> float:
+        spec = self.features[feature]
+        return spec.floor if spec.floor is not None else DEFAULT_FLOORS[feature]

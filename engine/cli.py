@@ -309,7 +309,8 @@ rules_path_argument = click.argument(
 @rules.command("validate")
 @rules_path_argument
 def rules_validate(path: Path) -> None:
-    """Check every rule file (and the lists) under PATH; list every problem as file:line."""
+    """Check every rule file, list and model file under PATH; list every problem as
+    file:line."""
     from engine.detect.rules import load_rules
     from engine.yamlfile import YamlFileError
 
@@ -318,9 +319,12 @@ def rules_validate(path: Path) -> None:
     except YamlFileError as error:
         _fail_with_problems(error, f"{{count}} problem(s) in {path}", 1)
     modes = [r.spec.mode for r in loaded.rules.rules]
+    models = [spec for spec, _ in loaded.models]
+    enabled = sum(1 for spec in models if spec.enabled)
     click.echo(
         f"{path}: {len(modes)} rules valid ({modes.count('alert')} alerting, "
-        f"{modes.count('shadow')} shadow), {len(loaded.rules.lists)} lists"
+        f"{modes.count('shadow')} shadow), {len(loaded.rules.lists)} lists, "
+        f"{len(models)} models ({enabled} enabled)"
     )
 
 

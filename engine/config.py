@@ -139,6 +139,12 @@ class DetectionSettings(_Section):
     # and, when set, are POSTed to this URL.
     alerts_jsonl: str = ""
     webhook_url: str = ""
+    # Detection state (call tracker, windows, models) is saved to
+    # DATA_DIR/state/detection.snapshot this often and on shutdown, and restored on
+    # start (0: only on shutdown).
+    snapshot_interval_s: float = Field(default=300.0, ge=0)
+    # Off: models in rules/models are not run (rules only).
+    models_enabled: bool = True
 
     @field_validator("webhook_url")
     @classmethod

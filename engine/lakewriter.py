@@ -15,11 +15,13 @@ import multiprocessing.synchronize
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import polars as pl
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -27,8 +29,11 @@ from engine.config import DetectionSettings, Settings
 from engine.detect.alerts import Alert, AlertSink, JsonLinesSink, LogSink, WebhookSink
 from engine.detect.calls import Call, CallTracker
 from engine.detect.pipeline import Output, Pipeline
-from engine.detect.rules import load_rules
-from engine.events import CallEvent, Reject, RejectReason
+from engine.detect.rules import LoadedRules, load_rules
+from engine.detect.snapshot import Position, Snapshot, snapshot_path
+from engine.detect.snapshot import load as snapshot_load
+from engine.detect.snapshot import save as snapshot_save
+from engine.events import CallEvent, CallState, Reject, RejectReason
 from engine.journal import DATAGRAMS, TICK, read_segment, sealed_segments, segment_number, tick_of
 from engine.lake import ALERT_SCHEMA, CALL_SCHEMA, Item, Lake, item_of
 from engine.store import StoreError, codec_of, lake_writer_lock
@@ -142,6 +147,7 @@ class LakeWriter:
         counters: SharedCounters | None = None,
         pipeline: Pipeline | None = None,
         sinks: Sequence[AlertSink] = (),
+        snapshots: bool = True,
     ) -> None:
         self.data_dir = data_dir
         self.lake = Lake(data_dir)
@@ -155,6 +161,72 @@ class LakeWriter:
         self._decoded: dict[int, _Written] = {}
         self._lock = threading.Lock()
         self._failing = False
+        self.position = Position(0, 0)
+        self.snapshot_file = snapshot_path(data_dir) if snapshots and pipeline else None
+        if self.snapshot_file is not None:
+            self._restore(self.snapshot_file)
+
+    def _restore(self, path: Path) -> None:
+        assert self.pipeline is not None
+        snapshot = snapshot_load(path)
+        if snapshot is None:
+            return
+        restored = self.pipeline.restore(snapshot.state)
+        self.position = snapshot.position
+        caught_up = self._catch_up(snapshot.position.seq)
+        log.info(
+            "detection state restored from %s (up to report %d; %d rules and models; "
+            "%d later reports from the lake fed again)",
+            path.name,
+            snapshot.position.seq,
+            len(restored),
+            caught_up,
+        )
+
+    def _catch_up(self, after_seq: int) -> int:
+        """Reports the lake took after the snapshot (a crash between snapshots) go
+        through detection again so its state is whole; what they raised is already
+        in the lake, so the output is dropped."""
+        assert self.pipeline is not None
+        try:
+            rows = self.lake.query(
+                "SELECT seq, epoch_us(ts), call_id, serial, state, code, caller, callee, "
+                "forward, menu_id, menu_name, source FROM events WHERE seq > ? ORDER BY seq",
+                [after_seq],
+            )
+        except duckdb.Error as error:
+            log.error("could not read the lake to catch detection up: %s", error)
+            return 0
+        events = [
+            CallEvent(us / 1e6, call_id, serial, CallState(state), code, *rest)
+            for _, us, call_id, serial, state, code, *rest in rows
+        ]
+        self.pipeline.feed(events)
+        if rows:
+            self.position = Position(self.position.segment, rows[-1][0])
+        return len(events)
+
+    def snapshot(self) -> bool:
+        """Save detection state between segments (see engine.detect.snapshot)."""
+        if self.pipeline is None or self.snapshot_file is None:
+            return False
+        with self._lock:
+            if self._decoded:
+                return False  # a segment is detected but not yet in the lake: next time
+            started = time.monotonic()
+            snapshot = Snapshot(self.position, self.pipeline.state(), time.time())
+            try:
+                size = snapshot_save(self.snapshot_file, snapshot)
+            except OSError as error:
+                log.error("detection snapshot failed: %s; the previous one stays", error)
+                return False
+        log.info(
+            "detection state saved (%.1f MiB in %.1f s, up to report %d)",
+            size / 2**20,
+            time.monotonic() - started,
+            self.position.seq,
+        )
+        return True
 
     def _count(self, name: str, value: int = 1) -> None:
         if self.counters is not None:
@@ -205,6 +277,11 @@ class LakeWriter:
                     steps = self.decode_segment(path)
                     output = self._detect(steps)
                     written = self._decoded[number] = _Written(steps, output)
+                    last_seq = max(
+                        (s[0] + len(s[1]) - 1 for s in steps if not isinstance(s, float) and s[1]),
+                        default=self.position.seq,
+                    )
+                    self.position = Position(number, max(last_seq, self.position.seq))
             batches = [step for step in written.steps if not isinstance(step, float)]
             alerts = written.output.alerts
             derived = {
@@ -242,12 +319,13 @@ class LakeWriter:
                             result.rejects.append(reject)
         return result
 
-    def reload_rules(self, path: Path, max_keys: int) -> bool:
-        """Load the rule files again; swap them in whole only if every file is valid."""
+    def reload_rules(self, path: Path, max_keys: int, *, models: bool = True) -> bool:
+        """Load the rule and model files again; swap them in whole only if every file
+        is valid."""
         if self.pipeline is None:
             return False
         try:
-            loaded = load_rules(path, max_keys=max_keys)
+            loaded = load_detectors(path, max_keys, models=models)
         except YamlFileError as error:
             log.error(
                 "rules not reloaded, the running rules stay:\n  %s",
@@ -289,9 +367,27 @@ class LakeWriter:
             )
 
 
+def load_detectors(path: Path, max_keys: int, *, models: bool) -> LoadedRules:
+    """Rules and models under `path`; raises YamlFileError listing every problem."""
+    loaded = load_rules(path, max_keys=max_keys)
+    if not models:
+        # Rules that ask for a model's score then never fire; say so.
+        for rule in loaded.rules.rules:
+            if rule.spec.model is not None:
+                log.warning(
+                    "rule %s needs model %s, and models are off", rule.id, rule.spec.model.model
+                )
+        loaded.rules.models.models.clear()
+    return loaded
+
+
 def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -> Pipeline:
     """The detection pipeline with the rules under `rules_dir`; raises YamlFileError."""
-    loaded = load_rules(rules_dir or detection.rules_dir, max_keys=detection.max_keys_per_rule)
+    loaded = load_detectors(
+        rules_dir or detection.rules_dir,
+        detection.max_keys_per_rule,
+        models=detection.models_enabled,
+    )
     tracker = CallTracker(
         settle_s=detection.settle_s,
         ring_timeout_s=detection.ring_timeout_s,
@@ -323,7 +419,11 @@ class _RuleWatcher:
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         folder = self.detection.rules_dir
-        files = [*folder.glob("*.y*ml"), *(folder / "lists").glob("*.y*ml")]
+        files = [
+            *folder.glob("*.y*ml"),
+            *(folder / "lists").glob("*.y*ml"),
+            *(folder / "models").glob("*.y*ml"),
+        ]
         stats = []
         for path in sorted(files):
             try:
@@ -341,7 +441,11 @@ class _RuleWatcher:
             return
         self.asked.clear()
         self.fingerprint = fingerprint
-        self.writer.reload_rules(self.detection.rules_dir, self.detection.max_keys_per_rule)
+        self.writer.reload_rules(
+            self.detection.rules_dir,
+            self.detection.max_keys_per_rule,
+            models=self.detection.models_enabled,
+        )
 
 
 def run(
@@ -402,6 +506,10 @@ def run(
     scheduler.add_job(
         writer.compact, "interval", seconds=settings.store.compact_interval_s, id="compact"
     )
+    if pipeline is not None and detection.snapshot_interval_s > 0:
+        scheduler.add_job(
+            writer.snapshot, "interval", seconds=detection.snapshot_interval_s, id="snapshot"
+        )
     if pipeline is not None:
         watcher = _RuleWatcher(writer, detection, reload)
         every = detection.reload_interval_s or 1.0
@@ -417,6 +525,7 @@ def run(
     finally:
         scheduler.shutdown(wait=True)
     writer.drain_logged()
+    writer.snapshot()
     for sink in sinks:
         sink.close()
     lock.release()

@@ -88,6 +88,7 @@ def replay(
             store.seal()
             drain()
         writer.compact()
+        writer.snapshot()
     finally:
         store.close()
         writer_lock.release()

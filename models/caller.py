@@ -15,13 +15,15 @@ unanswered calls in a row from a busy caller happen every day; eight in eight
 from a new caller do not. A caller is compared with the population while it is
 new and with its own history once it has `own_history_calls` calls (a caller
 that was always odd, a test robot, is normal for itself). An alert needs a
-feature at least `min_deviation` spreads out *and* a global model score above
-its running quantile: two views agreeing before anyone is paged.
+feature at least `min_deviation` spreads out; for a caller judged against the
+population also a global model score above its running quantile (two views
+agreeing before anyone is paged).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from array import array
 from statistics import NormalDist
 
@@ -44,8 +46,6 @@ _SLOW = _EW + len(MEANS)  # own-history mean per feature
 _SIZE = _SLOW + len(FEATURES)
 # The own-history mean moves by this much per call (about the last 50 calls).
 _SLOW_ALPHA = 0.02
-# A short hash of the callee fits a double exactly (53-bit mantissa).
-_HASH_MASK = (1 << 52) - 1
 _NORMAL = NormalDist()
 
 
@@ -87,7 +87,9 @@ class CallerModel:
         talk = call.talk_s
         ring = call.ring_s
         answered = call.answered_at is not None
-        callee_hash = float(hash(call.callee) & _HASH_MASK)
+        # A stable checksum, not hash(): str hashes change from process to process, and
+        # a restored snapshot must compare equal to what this process computes.
+        callee_hash = float(zlib.crc32(call.callee.encode()))
         flags = [
             answered and talk is not None and talk < self.spec.short_s,
             not answered,
@@ -124,7 +126,7 @@ class CallerModel:
         for i, value in enumerate(means):
             state[_EW + i] += alpha * (value - state[_EW + i])
             state[_SLOW + len(FLAGS) + i] += _SLOW_ALPHA * (value - state[_SLOW + len(FLAGS) + i])
-        state[_LAST_CALLEE] = float(hash(call.callee) & _HASH_MASK)
+        state[_LAST_CALLEE] = float(zlib.crc32(call.callee.encode()))
         state[_N] += 1
         state[_LAST_TS] = call.deadline
         if state[_N] < self.spec.min_calls:
@@ -174,11 +176,15 @@ class CallerModel:
         own_history = state[_N] >= spec.own_history_calls
         deviations = self._deviations(state, own_history)
         _, z = strongest(deviations, spec, alone_only=True)
+        # Against the population, the global model must agree that this mix is rare.
+        # Against its own history it need not: a change to a mix other callers have
+        # (a busy trunk's) is still a change for this caller, and the surprise is a
+        # test against the caller's own rates already.
         alerting = (
             self.learned >= spec.warmup
             and threshold is not None
             and z >= spec.threshold.min_deviation
-            and score >= threshold
+            and (own_history or score >= threshold)
         )
         if self.learned >= spec.trees.window_size:
             # HalfSpaceTrees scores 0 until its first window is full: not a score to learn.

@@ -33,7 +33,7 @@ def model_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
-def _logic(spec: ModelSpec) -> str:
+def model_logic(spec: ModelSpec) -> str:
     # What the model learns from and how: a changed title or threshold keeps its state.
     logic = spec.model_dump(
         include={
@@ -55,6 +55,12 @@ def build(spec: ModelSpec, version: str, max_keys: int) -> Model:
     if spec.kind == "caller":
         return CallerModel(spec, version, max_keys)
     return MenuModel(spec, version)
+
+
+def carry_over(learned: Model, loaded: Model) -> Model:
+    """Same learning, new wording or thresholds: keep what the old one learned."""
+    learned.spec, learned.version = loaded.spec, loaded.version
+    return learned
 
 
 @dataclass
@@ -103,11 +109,8 @@ class ModelSet:
         kept = []
         for index, model in enumerate(self.models):
             before = old.get(model.spec.id)
-            if before is not None and _logic(before.spec) == _logic(model.spec):
-                # Same learning, new wording or thresholds: keep what it learned.
-                before.spec = model.spec
-                before.version = model.version
-                self.models[index] = before
+            if before is not None and model_logic(before.spec) == model_logic(model.spec):
+                self.models[index] = carry_over(before, model)
                 kept.append(model.spec.id)
         return kept
 

@@ -17,6 +17,7 @@ from engine.codec import Vos3000TextCodec
 from engine.detect.calls import CallTracker
 from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
+from engine.detect.snapshot import snapshot_path
 from engine.detect.windows import EwBaseline, SlidingWindow
 from engine.events import CallEvent, CallState
 from engine.lakewriter import LakeWriter, make_pipeline
@@ -321,6 +322,7 @@ def test_live_over_udp_and_replay_of_what_was_stored_give_the_same_alerts(
         time.sleep(0.5)
     assert finished() == calls
     running.stop()
+    assert snapshot_path(tmp_path / "data").exists(), "detection state saved on shutdown"
     exported = tmp_path / "stored.parquet"
     with duckdb.connect(str(live_db), read_only=True) as con:
         live = {row[0] for row in con.execute("SELECT alert_id FROM alerts").fetchall()}

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
 from engine.detect.rules import CompiledRule, RuleSet
 from engine.events import CallEvent, Reject
 from models.base import ModelFinding
+from models.registry import carry_over, model_logic
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,44 @@ class Pipeline:
         self.rules = rules
         self._split_rules()
         return kept
+
+    def state(self) -> dict[str, Any]:
+        """Everything detection has learned, for a snapshot (see engine.detect.snapshot)."""
+        return {
+            "now": self.now,
+            "last_housekeeping": self._last_housekeeping,
+            "tracker": self.tracker,
+            "alerts": self.alerts,
+            "rules": {r.id: (r.logic, r.state, r.started_at) for r in self.rules.rules},
+            "models": {m.spec.id: (model_logic(m.spec), m) for m in self.rules.models.models},
+        }
+
+    def restore(self, state: dict[str, Any]) -> list[str]:
+        """Take up a snapshot's state; rules and models whose logic changed since start
+        cold. Returns what was restored, for the log."""
+        fresh = self.tracker
+        tracker: CallTracker = state["tracker"]
+        # The settings of this run apply to the restored calls.
+        tracker.settle_s, tracker.ring_timeout_s = fresh.settle_s, fresh.ring_timeout_s
+        tracker.max_call_s, tracker.abandon_s = fresh.max_call_s, fresh.abandon_s
+        self.tracker = tracker
+        self.alerts = state["alerts"]
+        self.now = state["now"]
+        self._last_housekeeping = state["last_housekeeping"]
+        restored = []
+        saved_rules = state["rules"]
+        for rule in self.rules.rules:
+            saved = saved_rules.get(rule.id)
+            if saved is not None and saved[0] == rule.logic:
+                _, rule.state, rule.started_at = saved
+                restored.append(rule.id)
+        models = self.rules.models.models
+        for index, model in enumerate(models):
+            saved = state["models"].get(model.spec.id)
+            if saved is not None and saved[0] == model_logic(model.spec):
+                models[index] = carry_over(saved[1], model)
+                restored.append(model.spec.id)
+        return restored
 
     def feed(self, items: Iterable[CallEvent | Reject]) -> Output:
         output = Output()

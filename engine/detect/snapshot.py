@@ -1,0 +1,110 @@
+"""Detection state on disk: call tracker, rule windows, suppression and models.
+
+A snapshot is taken between journal segments (never in the middle of one), so
+it says exactly which reports it has seen: everything up to `position.seq`.
+On start the lake writer restores it and carries on with the segments after
+it; a restart therefore gives the same alerts as a run that never stopped.
+
+The file is written to a temporary name, fsync'd and renamed over the old one,
+so a crash leaves the old snapshot or the new one, never half of one. It starts
+with a magic line and a SHA-256 of the rest; a file that fails either check, or
+does not unpickle, is reported, set aside as `*.corrupt`, and detection starts
+cold (the lake still holds every event). Snapshots are pickles: they are read
+only from the engine's own data directory, never from elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"CALLSENTRY-DETECTION-SNAPSHOT v1\n"
+SNAPSHOT_NAME = "detection.snapshot"
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far the state goes: the last journal segment and report sequence fed to it."""
+
+    segment: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    position: Position
+    state: dict[str, Any]
+    taken_at: float
+
+
+def snapshot_path(data_dir: Path) -> Path:
+    return data_dir / "state" / SNAPSHOT_NAME
+
+
+def save(path: Path, snapshot: Snapshot) -> int:
+    """Write atomically; returns the size in bytes."""
+    payload = pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as out:
+        out.write(MAGIC)
+        out.write(hashlib.sha256(payload).digest())
+        out.write(payload)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(partial, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return len(MAGIC) + 32 + len(payload)
+
+
+class SnapshotError(Exception):
+    pass
+
+
+def _read(path: Path) -> Snapshot:
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        raise SnapshotError("not a detection snapshot (bad magic line)")
+    digest, payload = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
+    if hashlib.sha256(payload).digest() != digest:
+        raise SnapshotError("checksum mismatch (truncated or damaged)")
+    try:
+        snapshot = pickle.loads(payload)
+    except Exception as error:  # an unpickling failure can be almost any exception
+        raise SnapshotError(f"cannot be unpickled ({type(error).__name__}: {error})") from None
+    if not isinstance(snapshot, Snapshot):
+        raise SnapshotError(f"holds a {type(snapshot).__name__}, not a snapshot")
+    return snapshot
+
+
+def load(path: Path) -> Snapshot | None:
+    """The snapshot at `path`, or None (none yet, or unusable: reported and set aside)."""
+    if not path.exists():
+        return None
+    try:
+        return _read(path)
+    except (OSError, SnapshotError) as error:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        log.error(
+            "detection snapshot %s is unusable: %s; starting detection cold (kept as %s)",
+            path,
+            error,
+            aside.name,
+        )
+        try:
+            os.replace(path, aside)
+        except OSError as rename_error:
+            log.error("could not set the snapshot aside: %s", rename_error)
+        return None

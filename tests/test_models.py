@@ -1,0 +1,407 @@
+"""Models: their YAML, what they flag and what they leave alone, rules that use their
+scores, and detection state that survives a restart (snapshots)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from engine.detect.calls import Call
+from engine.detect.rules import load_rules
+from engine.detect.snapshot import snapshot_path
+from engine.replay import replay
+from engine.simulator.scenario import Generated, generate, load_scenario, write_files
+from engine.yamlfile import YamlFileError
+from models.caller import CallerModel, surprise
+from models.menu import MenuModel
+from models.spec import ModelSpec
+from tests.conftest import make_settings
+
+RULES = Path("rules")
+T0 = 1_790_000_000.0  # 2026-09-21, a whole hour
+
+
+def call(
+    n: int,
+    at: float,
+    caller: str,
+    *,
+    answered: bool = True,
+    talk: float = 90.0,
+    ring: float = 4.0,
+    menu: str = "1",
+    callee: str = "4008001000",
+) -> Call:
+    end = at + ring + (talk if answered else 0.0)
+    return Call(
+        call_id=f"c{n}",
+        caller=caller,
+        callee=callee,
+        forward="",
+        menu_id=menu,
+        menu_name="Main",
+        started_at=at,
+        ringing_at=at,
+        answered_at=at + ring if answered else None,
+        ended_at=end,
+        outcome="answered" if answered else "unanswered",
+        deadline=end + 6,
+    )
+
+
+def no_evidence(entity_type: str, entity: str) -> list[str]:
+    return []
+
+
+def caller_spec(**overrides: object) -> ModelSpec:
+    data: dict[str, object] = {
+        "id": "test.caller",
+        "title": "test",
+        "kind": "caller",
+        "features": {"short_share": {}, "unanswered_share": {}, "talk_log": {"alone": False}},
+        "warmup": 50,
+        "threshold": {"quantile": 0.9, "min_deviation": 5},
+        "trees": {"window_size": 50},
+    }
+    data.update(overrides)
+    return ModelSpec.model_validate(data)
+
+
+def benign_population(model: CallerModel, callers: int = 150, calls_each: int = 10) -> int:
+    """Ordinary callers: mostly answered calls of a minute or two, a few unanswered."""
+    n = 0
+    for round_ in range(calls_each):
+        for c in range(callers):
+            n += 1
+            answered = n % 13 != 0  # about 8 % unanswered, spread over callers
+            finding = model.observe(
+                call(
+                    n, T0 + round_ * 600 + c, f"86138{c:06d}", answered=answered, talk=60 + c % 90
+                ),
+                no_evidence,
+            )
+            assert finding is None, finding.summary
+    return n
+
+
+# -- model files ------------------------------------------------------------------------
+
+
+def copy_rules(tmp_path: Path) -> Path:
+    folder = tmp_path / "rules"
+    shutil.copytree(RULES, folder)
+    return folder
+
+
+def test_model_files_are_checked_like_rules_with_file_and_line(tmp_path: Path) -> None:
+    folder = copy_rules(tmp_path)
+    (folder / "models" / "broken.yaml").write_text(
+        "id: model.broken\n"
+        "title: broken\n"
+        "kind: menu\n"
+        "features:\n"
+        "  short_share: {}\n"
+        "  distinct_callees: {}\n"
+        "threshold: {quantile: 1.5}\n"
+        "colour: blue\n",
+        encoding="utf-8",
+    )
+    (folder / "gated.yaml").write_text(
+        (folder / "short-calls-caller.yaml")
+        .read_text(encoding="utf-8")
+        .replace("id: short-calls-caller", "id: gated")
+        .replace(
+            "suppression:", "model: {model: model.nowhere, above_quantile: 0.99}\nsuppression:"
+        ),
+        encoding="utf-8",
+    )
+    with pytest.raises(YamlFileError) as caught:
+        load_rules(folder)
+    problems = "\n".join(caught.value.problems)
+    assert "broken.yaml:4: features: Value error" not in problems
+    assert "broken.yaml:7: threshold.quantile: Input should be less than 1" in problems
+    assert "broken.yaml:8: colour: unknown key" in problems
+    assert "gated.yaml:" in problems and "unknown model 'model.nowhere'" in problems
+
+
+def test_a_rule_may_only_ask_for_a_quantile_the_model_tracks(tmp_path: Path) -> None:
+    folder = copy_rules(tmp_path)
+    (folder / "gated.yaml").write_text(
+        (folder / "short-calls-caller.yaml")
+        .read_text(encoding="utf-8")
+        .replace("id: short-calls-caller", "id: gated")
+        .replace(
+            "suppression:",
+            "model: {model: model.caller-behaviour, above_quantile: 0.97}\nsuppression:",
+        ),
+        encoding="utf-8",
+    )
+    with pytest.raises(YamlFileError) as caught:
+        load_rules(folder)
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{folder / 'gated.yaml'}:")
+    assert "tracks the quantiles [0.95, 0.99]; add 0.97 to its threshold.also_track" in problem
+
+
+def test_unknown_features_are_named() -> None:
+    with pytest.raises(ValueError, match="'distinct_callees' is not a caller feature"):
+        caller_spec(features={"distinct_callees": {}})
+    with pytest.raises(ValueError, match="at least one feature must be able to raise"):
+        caller_spec(features={"talk_log": {"alone": False}})
+
+
+# -- what the models flag ---------------------------------------------------------------
+
+
+def test_surprise_grows_with_how_unlikely_a_run_is() -> None:
+    assert surprise(1, 12, 0.1) == 0.0
+    assert surprise(4, 12, 0.1) < surprise(8, 12, 0.1) < surprise(12, 12, 0.1)
+    assert surprise(12, 12, 0.95) == 0.0
+
+
+def test_caller_model_flags_a_new_caller_making_only_short_calls_and_says_why() -> None:
+    model = CallerModel(caller_spec(), "v1", max_keys=10_000)
+    n = benign_population(model)
+    findings = []
+    for k in range(12):
+        finding = model.observe(
+            call(n + k, T0 + 7000 + k * 5, "8613900000001", talk=2.0), no_evidence
+        )
+        if finding is not None:
+            findings.append(finding)
+    assert findings, "twelve 2-second calls in a row from a new caller"
+    first = findings[0]
+    assert first.entity == "8613900000001" and first.entity_type == "caller"
+    assert "unlike callers at large" in first.summary
+    assert "short-call share" in first.summary and "of its last" in first.summary
+    assert first.value >= 5
+    assert len(first.evidence) == 1 and first.evidence[0].startswith("c"), "the call that tipped it"
+
+
+def test_caller_model_judges_a_caller_with_a_history_against_itself() -> None:
+    model = CallerModel(caller_spec(own_history_calls=30), "v1", max_keys=10_000)
+    n = benign_population(model)
+    # A robot that always rang without answer: odd for callers at large, normal for itself.
+    robot_findings = []
+    for k in range(60):
+        finding = model.observe(
+            call(n + k, T0 + 8000 + k * 60, "8613900000002", answered=k % 2 == 0),
+            no_evidence,
+        )
+        robot_findings.append(finding)
+    late = [f for f in robot_findings[40:] if f is not None]
+    assert not late, [f.summary for f in late]
+    # An ordinary caller with a long history whose calls all go unanswered: a change.
+    n += 100
+    turned = []
+    for k in range(75):
+        finding = model.observe(
+            call(n + k, T0 + 20000 + k * 60, "8613900000003", answered=k < 45), no_evidence
+        )
+        if finding is not None:
+            turned.append(finding)
+    assert turned and "unlike its own history" in turned[0].summary
+
+
+def test_caller_state_is_bounded_and_counts_evictions() -> None:
+    model = CallerModel(caller_spec(), "v1", max_keys=1000)
+    for k in range(5000):
+        model.observe(call(k, T0 + k, f"8613{k:09d}"), no_evidence)
+    assert len(model.state) == 1000 and model.state.evicted == 4000
+
+
+def menu_spec(**overrides: object) -> ModelSpec:
+    data: dict[str, object] = {
+        "id": "test.menu",
+        "title": "test",
+        "kind": "menu",
+        "features": {
+            "volume": {"alone": False},
+            "answer_share": {},
+            "talk_log": {"alone": False},
+        },
+        "warmup": 40,
+        "min_calls_in_window": 10,
+        "threshold": {"quantile": 0.6, "min_deviation": 4},
+        "trees": {"window_size": 20},
+    }
+    data.update(overrides)
+    return ModelSpec.model_validate(data)
+
+
+def feed_menu(
+    model: MenuModel, start: float, minutes: int, per_minute: int, answered_every: int, n0: int
+) -> list[str]:
+    summaries = []
+    n = n0
+    for minute in range(minutes):
+        for k in range(per_minute):
+            n += 1
+            at = start + minute * 60 + k * (60 / per_minute)
+            model.observe(
+                call(n, at, f"8613{n:09d}", answered=n % answered_every != 0), no_evidence
+            )
+        summaries += [f.summary for f in model.advance(start + (minute + 1) * 60)]
+    return summaries
+
+
+def test_menu_model_flags_an_answer_share_collapse_but_not_volume_alone() -> None:
+    model = MenuModel(menu_spec(), "v1")
+    assert feed_menu(model, T0, 90, 6, 10, 0) == [], "ninety quiet minutes to learn from"
+    campaign = feed_menu(model, T0 + 90 * 60, 20, 18, 10, 10_000)
+    assert campaign == [], "three times the volume, the same answer share: a campaign"
+    collapse = feed_menu(model, T0 + 110 * 60, 10, 6, 1, 20_000)
+    assert collapse, "every call unanswered"
+    assert "menu 1 (Main) looks unlike itself" in collapse[0]
+    assert re.search(r"answer share 0\.[0-5]\d vs usual 0\.[89]\d \(-\d", collapse[0])
+
+
+# -- models in the pipeline -------------------------------------------------------------
+
+
+def replay_generated(generated: Generated, folder: Path, data_dir: Path, rules: Path = RULES):
+    events_path, _ = write_files(generated, folder)
+    settings = make_settings(data_dir, detection={"alerts_jsonl": "off"})
+    return replay([events_path], settings, rules)
+
+
+@pytest.fixture(scope="module")
+def fraud_mix() -> Generated:
+    return generate(load_scenario(Path("data/scenarios/fraud-mix.yaml")))
+
+
+def test_model_alerts_land_in_the_alerts_table_with_their_explanation(
+    fraud_mix: Generated, tmp_path: Path
+) -> None:
+    replay_generated(fraud_mix, tmp_path / "events", tmp_path / "data")
+    with duckdb.connect(str(tmp_path / "data" / "callsentry.duckdb"), read_only=True) as con:
+        rows = con.execute(
+            "SELECT rule_id, entity_type, summary, len(evidence) FROM alerts "
+            "WHERE detector = 'model' ORDER BY raised_at"
+        ).fetchall()
+    kinds = {(rule_id, entity_type) for rule_id, entity_type, _, _ in rows}
+    assert ("model.caller-behaviour", "caller") in kinds
+    assert ("model.menu-traffic", "menu") in kinds
+    for _, _, summary, evidence in rows:
+        assert " vs usual " in summary and evidence > 0
+
+
+LATE_ABUSE = """
+name: late-abuse
+seed: 5
+start: 2026-11-06T08:00:00+00:00
+duration: 3h
+benign: {calls_per_hour: 1500}
+incidents:
+  - {id: cb-late, family: callback_abuse, at: 150m, calls: 40, spacing: 4s}
+"""
+
+
+def test_a_rule_with_a_model_condition_fires_only_with_the_model_agreeing(
+    tmp_path: Path,
+) -> None:
+    scenario = tmp_path / "late-abuse.yaml"
+    scenario.write_text(LATE_ABUSE, encoding="utf-8")
+    generated = generate(load_scenario(scenario))
+    folder = copy_rules(tmp_path)
+    plain = (folder / "short-calls-caller.yaml").read_text(encoding="utf-8")
+    for name, gate in (("gated-low", 0.95), ("gated-high", 0.99)):
+        (folder / f"{name}.yaml").write_text(
+            plain.replace("id: short-calls-caller", f"id: {name}").replace(
+                "suppression:",
+                f"model: {{model: model.caller-behaviour, above_quantile: {gate}}}\nsuppression:",
+            ),
+            encoding="utf-8",
+        )
+    result = replay_generated(generated, tmp_path / "events", tmp_path / "data", folder)
+    by_rule: dict[str, set[str]] = {}
+    for alert in result.alerts:
+        by_rule.setdefault(alert.rule_id, set()).add(alert.entity)
+    (abuser,) = {label.entity for label in generated.labels}
+    assert by_rule["short-calls-caller"] == {abuser}
+    assert by_rule.get("gated-low") == {abuser}, "the abuser's mix is rare for the model"
+    assert by_rule.get("gated-high", set()) <= {abuser}
+
+
+# -- state across restarts --------------------------------------------------------------
+
+
+def split(generated: Generated, fraction: float) -> tuple[Generated, Generated]:
+    events = generated.events
+    cut = events[int(len(events) * fraction)].ts
+    first = [e for e in events if e.ts < cut]
+    second = [e for e in events if e.ts >= cut]
+    return (
+        Generated(first, generated.labels, generated.calls),
+        Generated(second, generated.labels, generated.calls),
+    )
+
+
+def alert_keys(alerts: list) -> list[tuple[str, str, float]]:  # type: ignore[type-arg]
+    return sorted((a.rule_id, a.entity, round(a.raised_at, 6)) for a in alerts)
+
+
+def test_a_restart_mid_stream_gives_the_alerts_of_one_uninterrupted_run(
+    fraud_mix: Generated, tmp_path: Path
+) -> None:
+    whole = replay_generated(fraud_mix, tmp_path / "whole", tmp_path / "one-run")
+    first, second = split(fraud_mix, 0.45)
+    part1 = replay_generated(first, tmp_path / "first", tmp_path / "two-runs")
+    assert snapshot_path(tmp_path / "two-runs").exists()
+    part2 = replay_generated(second, tmp_path / "second", tmp_path / "two-runs")
+    models = {a.rule_id for a in whole.alerts if a.detector == "model"}
+    assert models, "the comparison covers model alerts too"
+    assert alert_keys(part1.alerts + part2.alerts) == alert_keys(whole.alerts)
+
+
+def test_a_crash_between_snapshots_is_caught_up_from_the_lake(
+    fraud_mix: Generated, tmp_path: Path
+) -> None:
+    whole = replay_generated(fraud_mix, tmp_path / "whole", tmp_path / "one-run")
+    first, rest = split(fraud_mix, 0.3)
+    second, third = split(rest, 0.4)
+    data = tmp_path / "crashed"
+    part1 = replay_generated(first, tmp_path / "first", data)
+    early = snapshot_path(data).read_bytes()
+    part2 = replay_generated(second, tmp_path / "second", data)
+    # The process died after the lake took part two but before its snapshot.
+    snapshot_path(data).write_bytes(early)
+    part3 = replay_generated(third, tmp_path / "third", data)
+    assert alert_keys(part1.alerts + part2.alerts + part3.alerts) == alert_keys(whole.alerts)
+
+
+def test_a_corrupt_snapshot_is_reported_set_aside_and_detection_starts_cold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    generated = generate(load_scenario(Path("data/scenarios/sample.yaml")))
+    first, second = split(generated, 0.5)
+    data = tmp_path / "data"
+    replay_generated(first, tmp_path / "first", data)
+    path = snapshot_path(data)
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.ERROR):
+        result = replay_generated(second, tmp_path / "second", data)
+    assert "is unusable: checksum mismatch" in caplog.text
+    assert "starting detection cold" in caplog.text
+    assert list(path.parent.glob("detection.snapshot.corrupt-*"))
+    assert result.stored == len(second.events)
+    assert path.exists(), "a fresh snapshot replaces the damaged one"
+
+
+def test_snapshot_that_is_not_one_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    generated = generate(load_scenario(Path("data/scenarios/sample.yaml")))
+    data = tmp_path / "data"
+    snapshot_path(data).parent.mkdir(parents=True)
+    snapshot_path(data).write_bytes(b"hello")
+    with caplog.at_level(logging.ERROR):
+        replay_generated(generated, tmp_path / "events", data)
+    assert "bad magic line" in caplog.text

@@ -39,8 +39,8 @@ from models.spec import FEATURE_NAMES, ModelSpec
 FLAGS = ("short_share", "unanswered_share", "forward_share", "callee_change_share")
 MEANS = ("ring_mean", "talk_log")
 FEATURES = FLAGS + MEANS
-_N, _LAST_TS, _LAST_CALLEE, _SCORE, _FIRST_TS = 0, 1, 2, 3, 4
-_BITS = 5  # one history per flag
+_N, _LAST_TS, _LAST_CALLEE, _FIRST_TS = 0, 1, 2, 3
+_BITS = 4  # one history per flag
 _EW = _BITS + len(FLAGS)  # recent EW per mean
 _SLOW = _EW + len(MEANS)  # own-history mean per feature
 _SIZE = _SLOW + len(FEATURES)
@@ -58,8 +58,8 @@ def surprise(hits: int, n: int, rate: float) -> float:
     >>> round(surprise(8, 8, 0.05), 1), round(surprise(3, 12, 0.1), 1)
     (6.5, 1.2)
     """
-    if n == 0 or hits <= n * rate:
-        return 0.0
+    if n == 0 or hits < 2 or hits <= n * rate:
+        return 0.0  # one hit, or no more than expected: nothing to say (and most calls)
     tail = sum(math.comb(n, k) * rate**k * (1 - rate) ** (n - k) for k in range(hits, n + 1))
     return -_NORMAL.inv_cdf(max(tail, 1e-300)) if tail < 0.5 else 0.0
 
@@ -81,6 +81,7 @@ class CallerModel:
         self.usual_means = {name: stats.EWMean(0.001) for name in MEANS}
         self.usual_spread = {name: stats.EWVar(0.001) for name in MEANS}
         self.thresholds = AdaptiveThreshold(spec.threshold.quantiles())
+        self.judged = 0
         self.learned = 0
 
     def _facts(self, call: Call, state: array[float] | None) -> tuple[list[bool], list[float]]:
@@ -169,36 +170,46 @@ class CallerModel:
         self, call: Call, state: array[float], flags: list[bool], recent_calls: RecentCalls
     ) -> ModelFinding | None:
         spec = self.spec
-        recent = self._recent(state)
-        score = float(self.population.score_one(recent))
-        state[_SCORE] = score
-        threshold = self.thresholds.get(spec.threshold.quantile)
         own_history = state[_N] >= spec.own_history_calls
         deviations = self._deviations(state, own_history)
         _, z = strongest(deviations, spec, alone_only=True)
+        unusual = z >= spec.threshold.min_deviation
+        self.judged += 1
+        # Once it has learned two windows' worth, the global model learns from a sample
+        # of the judged vectors (one in `learn_every`, by count, so replay and restarts
+        # sample the same ones): it learns a distribution, and scoring every call
+        # would cost more than all the rules.
+        sampled = self.learned < 2 * spec.trees.window_size or self.judged % spec.learn_every == 0
+        if not (unusual or sampled):
+            self._learn_rates(flags)
+            return None
+        recent = self._recent(state)
+        score = float(self.population.score_one(recent))
+        threshold = self.thresholds.get(spec.threshold.quantile)
         # Against the population, the global model must agree that this mix is rare.
         # Against its own history it need not: a change to a mix other callers have
         # (a busy trunk's) is still a change for this caller, and the surprise is a
         # test against the caller's own rates already.
         alerting = (
-            self.learned >= spec.warmup
+            unusual
+            and self.judged >= spec.warmup
             and threshold is not None
-            and z >= spec.threshold.min_deviation
             and (own_history or score >= threshold)
         )
-        if self.learned >= spec.trees.window_size:
+        if sampled and self.learned >= spec.trees.window_size:
             # HalfSpaceTrees scores 0 until its first window is full: not a score to learn.
             self.thresholds.learn(score)
         if not alerting:
             # What is usual is learned from what is not alarming, so an incident does
             # not teach the model that it is normal while it goes on.
-            self.population.learn_one(recent)
             self._learn_rates(flags)
-            for name in MEANS:
-                if name in recent:
-                    self.usual_means[name].update(recent[name])
-                    self.usual_spread[name].update(recent[name])
-            self.learned += 1
+            if sampled:
+                self.population.learn_one(recent)
+                for name in MEANS:
+                    if name in recent:
+                        self.usual_means[name].update(recent[name])
+                        self.usual_spread[name].update(recent[name])
+                self.learned += 1
             return None
         assert threshold is not None
         evidence = recent_calls("caller", call.caller)
@@ -261,10 +272,12 @@ class CallerModel:
         return []
 
     def score(self, entity: str) -> float | None:
+        """The global model's score of the caller's recent mix, now (scored on demand:
+        only rules that ask for it pay for it)."""
         state = self.state.states.get(entity)
         if state is None or state[_N] < self.spec.min_calls:
             return None
-        return state[_SCORE]
+        return float(self.population.score_one(self._recent(state)))
 
     def quantile(self, q: float) -> float | None:
         return self.thresholds.get(q)

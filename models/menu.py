@@ -105,6 +105,8 @@ class MenuModel:
         return None
 
     def advance(self, now: float) -> list[ModelFinding]:
+        if self.next_step is not None and now < self.next_step:
+            return []  # called at every report: the common case first
         step = self.spec.step
         if self.next_step is None:
             if not self.menus:

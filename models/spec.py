@@ -115,6 +115,8 @@ class ModelSpec(_Strict):
     # `recent_calls` calls (at most 52: they are kept as bits of a double).
     min_calls: int = Field(default=8, ge=2)
     recent_calls: int = Field(default=12, ge=2, le=52)
+    # The global model over callers learns from one judged vector in this many.
+    learn_every: int = Field(default=4, ge=1)
     # Past this many calls a caller is judged against its own history, not the
     # population's (a robot that always makes short calls is normal for itself).
     own_history_calls: int = Field(default=50, ge=10)
@@ -125,7 +127,8 @@ class ModelSpec(_Strict):
     step: Duration = 30.0
     window: Duration = 300.0
     min_calls_in_window: int = Field(default=20, ge=1)
-    # Before this much has been learned (vectors), the model scores but never alerts.
+    # Before it has judged this many vectors (menu models: per menu), a model scores
+    # but never alerts.
     warmup: int = Field(default=120, ge=10)
     suppression: Duration = 3600.0
 

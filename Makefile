@@ -36,6 +36,7 @@ test: setup lint
 bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/replay.py
+	$(BIN)/python bench/detection.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

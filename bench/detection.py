@@ -160,7 +160,7 @@ def main() -> int:
     parser.add_argument("--scenarios", type=Path, default=Path("data/scenarios"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    engine, baseline = Score(), Score()
+    engine, baseline, models_only = Score(), Score(), Score()
     per_scenario = []
     with tempfile.TemporaryDirectory(prefix="callsentry-detection-") as tmp:
         for path in sorted(args.scenarios.glob("*.yaml")):
@@ -179,6 +179,11 @@ def main() -> int:
             found = [Found(a.rule_id, a.entity, a.raised_at, set(a.evidence)) for a in alerts]
             before = (engine.alerts, engine.true_alerts)
             score(found, labels, engine)
+            score(
+                [f for f, a in zip(found, alerts, strict=True) if a.detector == "model"],
+                labels,
+                models_only,
+            )
             start = scenario.start.timestamp()
             sql = run_baseline(
                 settings.store.data_dir / "callsentry.duckdb", start, start + scenario.duration
@@ -199,11 +204,19 @@ def main() -> int:
                 shown = ", ".join(owners) or "no incident"
                 print(f"  {scenario.name:14} {alert.source:32} {alert.entity:16} -> {shown}")
     print()
-    print(f"{'incident':16} {'family':22} {'callsentry':>12} {'SQL hourly':>12}")
+    print(
+        f"{'incident':16} {'family':22} {'callsentry':>12} {'SQL hourly':>12}"
+        f" {'(models alone)':>16}"
+    )
     for incident, family in sorted(engine.families.items()):
         ours, theirs = engine.detected[incident], baseline.detected.get(incident)
+        model = models_only.detected.get(incident)
         show = lambda t: "missed" if t is None else f"{t / 60:.1f} min"  # noqa: E731
-        print(f"{incident:16} {family:22} {show(ours):>12} {show(theirs):>12}")
+        print(f"{incident:16} {family:22} {show(ours):>12} {show(theirs):>12} {show(model):>16}")
+    print(
+        f"models alone: {models_only.alerts} alerts, precision {models_only.precision:.2f}, "
+        f"recall {models_only.recall:.0%}"
+    )
     rows = [
         ("recall", f"{engine.recall:.0%}", f"{baseline.recall:.0%}"),
         ("precision", f"{engine.precision:.2f}", f"{baseline.precision:.2f}"),

@@ -14,6 +14,7 @@ from engine.detect.calls import CallTracker
 from engine.detect.pipeline import Pipeline
 from engine.detect.rules import CompiledRule, RuleSet, RuleTest, TestCalls, load_rules
 from engine.events import CallEvent, CallState
+from models.registry import ModelSet, build
 
 # Tests run from a fixed moment so exception expiry dates behave the same every run.
 TEST_EPOCH = 1_790_000_000.0  # 2026-09-21T14:13:20Z
@@ -55,11 +56,23 @@ class TestResult:
     actual: dict[str, int]
 
 
-def run_test(rule: CompiledRule, test: RuleTest, lists: dict[str, frozenset[str]]) -> TestResult:
+def run_test(
+    rule: CompiledRule,
+    test: RuleTest,
+    lists: dict[str, frozenset[str]],
+    models: ModelSet | None = None,
+) -> TestResult:
+    """Run one inline test on a fresh copy of the rule (and, when the rule asks for
+    a model's agreement, a fresh copy of that model, learning from the test's calls)."""
     fresh = CompiledRule(
         rule.spec, lists, source=rule.source, version=rule.version, max_keys=10_000
     )
-    pipeline = Pipeline(RuleSet([fresh], lists), CallTracker())
+    needed = ModelSet()
+    if rule.spec.model is not None and models is not None:
+        for model in models.models:
+            if model.spec.id == rule.spec.model.model:
+                needed.models.append(build(model.spec, model.version, 10_000))
+    pipeline = Pipeline(RuleSet([fresh], lists, needed), CallTracker())
     events = [e for i, s in enumerate(test.calls) for e in expand(s, test.name, i)]
     events.sort(key=lambda e: (e.ts, e.call_id, e.serial))
     output = pipeline.feed(events)
@@ -68,6 +81,8 @@ def run_test(rule: CompiledRule, test: RuleTest, lists: dict[str, frozenset[str]
     output.extend(pipeline.advance(last + max(tracker.settle_s, tracker.ring_timeout_s) + 1))
     actual: dict[str, int] = {}
     for alert in output.alerts:
+        if alert.rule_id != rule.id:
+            continue  # the model's own alerts are not what this test is about
         actual[alert.entity] = actual.get(alert.entity, 0) + 1
     expected = {e.entity: e.min_alerts for e in test.expect}
     passed = set(actual) == set(expected) and all(actual[k] >= v for k, v in expected.items())
@@ -79,5 +94,5 @@ def run_rule_tests(path: Path) -> list[TestResult]:
     results = []
     for rule in loaded.rules.rules:
         for test in rule.spec.tests:
-            results.append(run_test(rule, test, loaded.rules.lists))
+            results.append(run_test(rule, test, loaded.rules.lists, loaded.rules.models))
     return results

@@ -18,7 +18,7 @@ from engine.detect.calls import CallTracker
 from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
 from engine.detect.snapshot import snapshot_path
-from engine.detect.windows import EwBaseline, SlidingWindow
+from engine.detect.windows import EwBaseline, SlidingWindow, ValueWindow
 from engine.events import CallEvent, CallState
 from engine.lakewriter import LakeWriter, make_pipeline
 from engine.replay import replay
@@ -41,7 +41,7 @@ def report(
 
 def test_window_holds_entries_newer_than_its_length() -> None:
     # window 30 s, evaluated at t=30:  0 is out (exactly 30 old), 10, 20, 30 are in
-    window = SlidingWindow(30.0)
+    window = ValueWindow(30.0)
     for ts in (0.0, 10.0, 20.0, 30.0):
         window.add(ts, f"c{ts:.0f}", 1.0)
     window.expire(30.0)
@@ -51,6 +51,20 @@ def test_window_holds_entries_newer_than_its_length() -> None:
     assert window.live_call_ids() == ["c30"]
     window.expire(60.0)
     assert len(window) == 0 and window.total == 0.0
+
+
+def test_distinct_count_stays_right_as_the_window_grows_and_slides() -> None:
+    # Small windows count afresh, large ones keep a count per value: both must agree
+    # with counting by hand at every step.
+    window = ValueWindow(100.0)
+    added: list[tuple[float, str]] = []
+    for n in range(300):
+        ts, value = float(n), f"callee{(n * 7) % 23 if n < 150 else n % 3}"
+        window.add(ts, f"c{n}", value)
+        added.append((ts, value))
+        window.expire(ts)
+        expected = len({v for t, v in added if t > ts - 100.0})
+        assert window.distinct() == expected, n
 
 
 def test_window_slides_rather_than_resetting_in_buckets() -> None:

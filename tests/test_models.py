@@ -212,7 +212,8 @@ def test_caller_state_is_bounded_and_counts_evictions() -> None:
     model = CallerModel(caller_spec(), "v1", max_keys=1000)
     for k in range(5000):
         model.observe(call(k, T0 + k, f"8613{k:09d}"), no_evidence)
-    assert len(model.state) == 1000 and model.state.evicted == 4000
+    assert 900 <= len(model.state) <= 1000
+    assert model.state.evicted == 5000 - len(model.state)
 
 
 def menu_spec(**overrides: object) -> ModelSpec:

@@ -143,9 +143,8 @@ class Pipeline:
             window = rule.state.states.get(entity)
             if window is None:
                 continue
-            for ts, call_id in zip(
-                window.times[window.head :], window.call_ids[window.head :], strict=True
-            ):
+            live = window.entries[window.head :]
+            for ts, call_id in zip(live[::2], live[1::2], strict=True):
                 seen[call_id] = ts
         return sorted(seen, key=seen.__getitem__)[-last:]
 

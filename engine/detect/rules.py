@@ -17,12 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from engine.detect.calls import Call
-from engine.detect.windows import EwBaseline, KeyedState, SlidingWindow
+from engine.detect.windows import EwBaseline, KeyedState, SlidingWindow, ValueWindow
 from engine.simulator.calls import Duration
 from engine.yamlfile import YamlDocument, YamlFileError, parse_file, parse_files_with_ids
 from models.registry import ModelSet, build_models, load_model_specs, models_dir
@@ -326,21 +326,54 @@ def _list_references(spec: RuleSpec) -> list[str]:
     return names
 
 
-_VALUE_KINDS = frozenset({"sum", "ratio", "distinct"})
+class _CountState(SlidingWindow):
+    """One entity's state for a rule that counts: its window and when it last counted."""
 
+    __slots__ = ("last_ts",)
 
-class _KeyState(SlidingWindow):
-    """One entity's state for one rule: its window, and what some aggregates add."""
-
-    __slots__ = ("baseline", "first_seen", "last_callee", "last_ts", "run")
-
-    def __init__(self, length: float, kind: str, baseline: EwBaseline | None) -> None:
-        super().__init__(length, distinct=kind == "distinct", keep_values=kind in _VALUE_KINDS)
-        self.baseline = baseline
+    def __init__(self, length: float) -> None:
+        super().__init__(length)
         self.last_ts = 0.0
-        self.first_seen = 0.0
+
+
+class _ValueState(ValueWindow):
+    """For sum, ratio and distinct: a window whose entries carry values."""
+
+    __slots__ = ("last_ts",)
+
+    def __init__(self, length: float) -> None:
+        super().__init__(length)
+        self.last_ts = 0.0
+
+
+class _SpikeState(_CountState):
+    __slots__ = ("baseline",)
+
+    def __init__(self, length: float, alpha: float) -> None:
+        super().__init__(length)
+        self.baseline = EwBaseline(length, alpha)
+
+
+class _FirstSeenState(_CountState):
+    __slots__ = ("first_seen",)
+
+    def __init__(self, length: float, first_seen: float) -> None:
+        super().__init__(length)
+        self.first_seen = first_seen
+
+
+class _SequentialState(_CountState):
+    __slots__ = ("last_callee", "run")
+
+    def __init__(self, length: float) -> None:
+        super().__init__(length)
         self.last_callee: int | None = None
         self.run = 0
+
+
+# Each aggregate keeps only what it needs per entity: with a million tracked callers
+# a few unused slots per state add up to a hundred megabytes.
+_KeyState = _CountState | _ValueState
 
 
 class CompiledRule:
@@ -392,13 +425,18 @@ class CompiledRule:
         state = self.state.get(entity)
         if state is None:
             aggregate = self.spec.aggregate
-            baseline = (
-                EwBaseline(self.window_s, aggregate.baseline_alpha)
-                if aggregate.type == "baseline_spike"
-                else None
-            )
-            state = _KeyState(self.window_s, aggregate.type, baseline)
-            state.first_seen = ts
+            kind = aggregate.type
+            length = self.window_s
+            if kind in ("sum", "ratio", "distinct"):
+                state = _ValueState(length)
+            elif kind == "baseline_spike":
+                state = _SpikeState(length, aggregate.baseline_alpha)
+            elif kind == "first_seen":
+                state = _FirstSeenState(length, ts)
+            elif kind == "sequential":
+                state = _SequentialState(length)
+            else:
+                state = _CountState(length)
             self.state.put(entity, state)
         return state
 
@@ -437,8 +475,8 @@ class CompiledRule:
                 return None
         elif kind == "ratio":
             item = bool(self.numerator(call))
-        if state.baseline is not None:
-            state.baseline.observe(ts)
+        if kind == "baseline_spike":
+            cast(_SpikeState, state).baseline.observe(ts)
         window.add(ts, call.call_id, item)
         window.expire(ts)
         measured = self._value(kind, state, call)
@@ -452,37 +490,37 @@ class CompiledRule:
         return Finding(self, entity, ts, start, ts, measured, window.live_call_ids())
 
     def _value(self, kind: str, state: _KeyState, call: Call) -> float | None:
-        window = state
         aggregate = self.spec.aggregate
         if kind == "count":
-            return float(len(window))
+            return float(len(state))
         if kind == "distinct":
-            return float(window.distinct())
+            return float(cast(_ValueState, state).distinct())
         if kind == "sum":
-            return window.total
+            return cast(_ValueState, state).total
         if kind == "ratio":
-            total = len(window)
+            total = len(state)
             if total < aggregate.min_volume:
                 return None
-            return window.hits / total
+            return cast(_ValueState, state).hits / total
         if kind == "baseline_spike":
-            baseline = state.baseline
-            assert baseline is not None
-            count = len(window)
+            baseline = cast(_SpikeState, state).baseline
+            count = len(state)
             if baseline.buckets < aggregate.baseline_warmup or count < aggregate.min_volume:
                 return None
             return count / max(baseline.mean, 1.0)
         if kind == "first_seen":
             started = self.started_at or 0.0
-            if state.first_seen < started + aggregate.warmup:
+            first_seen = cast(_FirstSeenState, state).first_seen
+            if first_seen < started + aggregate.warmup:
                 return None  # seen while the rule was still learning what is normal
-            if window.times[-1] - state.first_seen > (aggregate.new_for or 0.0):
+            if (state.last_time() or first_seen) - first_seen > (aggregate.new_for or 0.0):
                 return None
-            return float(len(window))
+            return float(len(state))
         if kind == "sequential":
             # A run of callees each one step (at most max_step) beyond the last, in one
             # direction and never back: a scan. Alternating between two neighbouring IVR
             # numbers (a busy trunk's pattern) is no run.
+            state = cast(_SequentialState, state)
             try:
                 callee = int(call.callee)
             except ValueError:

@@ -16,43 +16,87 @@ bounded amount of memory.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections import OrderedDict
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 S = TypeVar("S")
 
+# Up to this many entries a distinct count is counted afresh when asked (cheap),
+# beyond it kept up to date in a dict.
+_SMALL_WINDOW = 16
+
 
 class SlidingWindow:
-    """Entries (ts, call_id, value) of one key within the last `length` seconds.
+    """Entries (ts, call_id) of one key within the last `length` seconds.
 
-    The aggregate is kept up to date as entries come and go, so reading it is
-    O(1) whatever the window holds: `total` (sum of numeric values), `hits`
-    (truthy values, for ratios) and, when `distinct` is asked for, a count per value.
-    Values are kept only when an aggregate needs them (`keep_values`): a plain count
-    holds times and call ids alone, which matters with a million tracked callers.
+    One flat list `[ts, call_id, ts, call_id, ...]` rather than two lists: with a
+    million tracked callers, each holding a window or three of one or two entries,
+    the second list's header would cost more than the entries.
     """
 
-    __slots__ = ("call_ids", "counts", "head", "hits", "length", "times", "total", "values")
+    __slots__ = ("entries", "head", "length")
 
-    def __init__(self, length: float, distinct: bool = False, keep_values: bool = True) -> None:
+    def __init__(self, length: float) -> None:
         self.length = length
-        self.times: list[float] = []
-        self.call_ids: list[str] = []
-        self.values: list[object] | None = [] if keep_values or distinct else None
-        self.head = 0
-        self.total = 0.0
-        self.hits = 0
-        self.counts: dict[object, int] | None = {} if distinct else None
+        self.entries: list[Any] = []
+        self.head = 0  # index in `entries` of the oldest live timestamp
 
     def add(self, ts: float, call_id: str, value: object = None) -> None:
-        self.times.append(ts)
-        self.call_ids.append(call_id)
-        values = self.values
-        if values is None:
-            return
-        values.append(value)
+        self.entries += (ts, call_id)
+
+    def expire(self, now: float) -> None:
+        cutoff = now - self.length
+        entries, head = self.entries, self.head
+        while head < len(entries) and entries[head] <= cutoff:
+            self._leaving(head >> 1)
+            head += 2
+        if head > 128 and head > len(entries) // 2:
+            # Compact now and then; amortised O(1) per entry.
+            self._compact(head)
+            head = 0
+        self.head = head
+
+    def _leaving(self, index: int) -> None:
+        """The entry at `index` (counted in entries) leaves the window."""
+
+    def _compact(self, head: int) -> None:
+        del self.entries[:head]
+
+    def __len__(self) -> int:
+        return (len(self.entries) - self.head) >> 1
+
+    def last_time(self) -> float | None:
+        return self.entries[-2] if self.entries else None
+
+    def live_call_ids(self, last: int = 200) -> list[str]:
+        return self.entries[max(self.head, len(self.entries) - 2 * last) + 1 :: 2]
+
+    def start(self) -> float | None:
+        return self.entries[self.head] if len(self) else None
+
+
+class ValueWindow(SlidingWindow):
+    """A window whose entries carry a value, with aggregates kept up to date as entries
+    come and go, so reading them is O(1) whatever the window holds: `total` (sum of
+    numeric values), `hits` (true values, for ratios), and a distinct count."""
+
+    __slots__ = ("counts", "hits", "total", "values")
+
+    def __init__(self, length: float) -> None:
+        super().__init__(length)
+        self.values: list[object] = []
+        self.total = 0.0
+        self.hits = 0
+        # The count per value (for distinct counts) is made only once the window holds
+        # more than a few entries: most keys in a flood of callers hold one or two,
+        # and a dict per key would be the largest thing they keep.
+        self.counts: dict[object, int] | None = None
+
+    def add(self, ts: float, call_id: str, value: object = None) -> None:
+        self.entries += (ts, call_id)
+        self.values.append(value)
         if value is True:
             self.hits += 1
         elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -60,45 +104,35 @@ class SlidingWindow:
         if self.counts is not None:
             self.counts[value] = self.counts.get(value, 0) + 1
 
-    def expire(self, now: float) -> None:
-        cutoff = now - self.length
-        times, head = self.times, self.head
-        values, counts = self.values, self.counts
-        while head < len(times) and times[head] <= cutoff:
-            if values is not None:
-                value = values[head]
-                if value is True:
-                    self.hits -= 1
-                elif isinstance(value, int | float) and not isinstance(value, bool):
-                    self.total -= value
-                if counts is not None:
-                    left = counts[value] - 1
-                    if left:
-                        counts[value] = left
-                    else:
-                        del counts[value]
-            head += 1
-        if head > 64 and head * 2 > len(times):
-            # Compact now and then; amortised O(1) per entry.
-            del self.times[:head], self.call_ids[:head]
-            if values is not None:
-                del values[:head]
-            head = 0
-        self.head = head
+    def _leaving(self, index: int) -> None:
+        value = self.values[index]
+        if value is True:
+            self.hits -= 1
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            self.total -= value
+        counts = self.counts
+        if counts is not None:
+            left = counts[value] - 1
+            if left:
+                counts[value] = left
+            else:
+                del counts[value]
 
-    def __len__(self) -> int:
-        return len(self.times) - self.head
-
-    def live_call_ids(self, last: int = 200) -> list[str]:
-        return self.call_ids[max(self.head, len(self.call_ids) - last) :]
-
-    def start(self) -> float | None:
-        return self.times[self.head] if len(self) else None
+    def _compact(self, head: int) -> None:
+        del self.entries[:head]
+        del self.values[: head >> 1]
 
     def distinct(self) -> int:
-        if self.counts is not None:
-            return len(self.counts)
-        return len(set((self.values or [])[self.head :]))
+        counts = self.counts
+        if counts is not None:
+            return len(counts)
+        live = self.values[self.head >> 1 :]
+        if len(live) <= _SMALL_WINDOW:
+            return len(set(live))
+        counts = self.counts = {}
+        for value in live:
+            counts[value] = counts.get(value, 0) + 1
+        return len(counts)
 
 
 class EwBaseline:
@@ -142,37 +176,47 @@ class EwBaseline:
 
 
 class KeyedState(Generic[S]):
-    """Per-key state in least-recently-used order, at most `max_keys` of them."""
+    """Per-key state in least-recently-used order, at most `max_keys` of them.
+
+    A plain dict, not an OrderedDict: a dict keeps insertion order, a key used is
+    moved to the end by taking it out and putting it back, and each entry costs
+    about half of an OrderedDict's (which matters with a million callers).
+    """
 
     def __init__(self, max_keys: int) -> None:
         self.max_keys = max_keys
-        self.states: OrderedDict[Hashable, S] = OrderedDict()
+        self.states: dict[Hashable, S] = {}
         self.evicted = 0
 
     def get(self, key: Hashable) -> S | None:
-        state = self.states.get(key)
+        states = self.states
+        state = states.pop(key, None)
         if state is not None:
-            self.states.move_to_end(key)
+            states[key] = state
         return state
 
     def put(self, key: Hashable, state: S) -> None:
-        self.states[key] = state
-        self.states.move_to_end(key)
-        while len(self.states) > self.max_keys:
-            self.states.popitem(last=False)
-            self.evicted += 1
+        states = self.states
+        states.pop(key, None)
+        states[key] = state
+        if len(states) > self.max_keys:
+            # Evict a sixteenth at a time: finding the oldest keys walks past the
+            # holes that moved keys left at the front of the dict, so do it rarely.
+            excess = len(states) - self.max_keys + max(1, self.max_keys // 16)
+            for old in list(itertools.islice(states, excess)):
+                del states[old]
+            self.evicted += excess
 
     def drop_idle(self, is_idle: object) -> int:
         """Drop keys from the least recently used end while `is_idle(state)` holds."""
-        dropped = 0
-        states = self.states
-        while states:
-            key = next(iter(states))
-            if not is_idle(states[key]):  # type: ignore[operator]
+        idle = []
+        for key, state in self.states.items():
+            if not is_idle(state):  # type: ignore[operator]
                 break
-            del states[key]
-            dropped += 1
-        return dropped
+            idle.append(key)
+        for key in idle:
+            del self.states[key]
+        return len(idle)
 
     def __len__(self) -> int:
         return len(self.states)

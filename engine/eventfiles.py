@@ -131,33 +131,17 @@ def _check_columns(path: Path, columns: Iterable[str]) -> None:
         )
 
 
-def _rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
-    """(line or row number, row) pairs; a str row is a line that is not a JSON object."""
+def _frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[tuple[int, Mapping[str, Any] | str]]:
+    """The file as a frame and the line number of its first row; JSON lines as rows
+    (line or row number, row), where a str row is a line that is not a JSON object."""
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise EventFileError(
             f"{path}: unknown event file type {path.suffix!r} (expected .csv, .jsonl or .parquet)"
         )
+    if kind == "jsonl":
+        return _json_rows(path)
     try:
-        if kind == "jsonl":
-            with path.open("r", encoding="utf-8", errors="strict") as handle:
-                checked = False
-                for number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        yield number, f"line is not JSON: {error.msg}"
-                        continue
-                    if not isinstance(row, dict):
-                        yield number, "line is not a JSON object"
-                        continue
-                    if not checked:
-                        _check_columns(path, row)
-                        checked = True
-                    yield number, row
-            return
         if kind == "csv":
             # Everything as text: the row validator decides, so a bad cell is a
             # quarantined row, not a failed file. Line = row + 2 (header line).
@@ -176,17 +160,109 @@ def _rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise EventFileError(f"{path}: cannot read as {kind}: {first}") from None
     _check_columns(path, frame.columns)
-    keep = [c for c in COLUMNS if c in frame.columns]
-    # Tuples, zipped with the names once per row: cheaper than polars' named rows.
-    for number, values in enumerate(frame.select(keep).iter_rows(), start=first_line):
-        yield number, dict(zip(keep, values, strict=True))
+    return frame.select([c for c in COLUMNS if c in frame.columns]), first_line
 
 
-def read_event_file(path: Path) -> list[CallEvent | Reject]:
+def _json_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
+    try:
+        with path.open("r", encoding="utf-8", errors="strict") as handle:
+            checked = False
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield number, f"line is not JSON: {error.msg}"
+                    continue
+                if not isinstance(row, dict):
+                    yield number, "line is not a JSON object"
+                    continue
+                if not checked:
+                    _check_columns(path, row)
+                    checked = True
+                yield number, row
+    except UnicodeDecodeError as error:
+        raise EventFileError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from None
+    except OSError as error:
+        raise EventFileError(f"{path}: {error.strerror or error}") from None
+
+
+# Column types the fast path turns into text exactly as `_text` would.
+_PLAIN_TEXT = (pl.String, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32)
+
+
+def _epoch_seconds(column: pl.Series) -> pl.Series:
+    """Event times as epoch seconds, column-wise; null where the row needs a closer look
+    (the row-by-row parser then says exactly what is wrong with it)."""
+    if column.dtype == pl.String:
+        text = column.str.strip_chars()
+        iso = text.str.to_datetime(
+            format="%Y-%m-%dT%H:%M:%S%.f%:z", time_zone="UTC", strict=False, time_unit="us"
+        )
+        seconds = iso.dt.epoch("us").cast(pl.Float64) / 1e6
+        numeric = text.cast(pl.Float64, strict=False)
+        seconds = seconds.fill_null(numeric)
+    elif isinstance(column.dtype, pl.Datetime) and column.dtype.time_zone is not None:
+        seconds = column.dt.epoch("us").cast(pl.Float64) / 1e6
+    elif column.dtype.is_numeric():
+        seconds = column.cast(pl.Float64)
+    else:
+        return pl.Series([None] * len(column), dtype=pl.Float64)
+    in_range = seconds.is_finite() & (seconds >= 0) & (seconds < 32_503_680_000)
+    return seconds.round(6).zip_with(in_range.fill_null(False), pl.Series([None], dtype=pl.Float64))
+
+
+def _items_of_frame(frame: pl.DataFrame, label: str, first_line: int) -> list[CallEvent | Reject]:
+    """Rows to items column by column: times parsed by polars, texts taken as columns;
+    a row the fast path cannot vouch for goes through `row_to_item` like any row."""
+    columns = frame.columns
+    plain = all(frame[c].dtype in _PLAIN_TEXT for c in columns if c != "ts")
+    if not plain:
+        rows = frame.iter_rows()
+        return _items_of_rows(
+            ((n, dict(zip(columns, v, strict=True))) for n, v in enumerate(rows, first_line)),
+            label,
+        )
+    seconds = _epoch_seconds(frame["ts"]).to_list()
+    texts = [
+        frame[c].cast(pl.String).fill_null("").to_list() if c in columns else [""] * len(frame)
+        for c in COLUMNS[1:]
+    ]
+    states = texts[2]
+    for index, state in enumerate(states):
+        table_state = _TABLE_STATES.get(state.strip().lower())
+        if table_state is not None:
+            states[index] = table_state
     items: list[CallEvent | Reject] = []
     fallback_ts = 0.0
-    label = path.name
-    for number, row in _rows(path):
+    for index, (ts, *fields) in enumerate(zip(seconds, *texts, strict=True)):
+        source = f"{label}:{index + first_line}"
+        item: CallEvent | Reject
+        if ts is None:
+            item = row_to_item(
+                dict(zip(columns, frame.row(index), strict=True)), source, fallback_ts
+            )
+        else:
+            try:
+                item = make_event(ts, fields, source)
+            except FieldError as error:
+                row = dict(zip(columns, frame.row(index), strict=True))
+                item = _reject(row, source, fallback_ts, error.reason, error.detail)
+        if type(item) is CallEvent:
+            fallback_ts = item.ts
+        items.append(item)
+    return items
+
+
+def _items_of_rows(
+    rows: Iterable[tuple[int, Mapping[str, Any] | str]], label: str
+) -> list[CallEvent | Reject]:
+    items: list[CallEvent | Reject] = []
+    fallback_ts = 0.0
+    for number, row in rows:
         source = f"{label}:{number}"
         if isinstance(row, str):
             items.append(Reject(fallback_ts, RejectReason.BAD_FIELD, row, b"", source=source))
@@ -196,6 +272,14 @@ def read_event_file(path: Path) -> list[CallEvent | Reject]:
             fallback_ts = item.ts
         items.append(item)
     return items
+
+
+def read_event_file(path: Path) -> list[CallEvent | Reject]:
+    read = _frame(path)
+    if isinstance(read, tuple):
+        frame, first_line = read
+        return _items_of_frame(frame, path.name, first_line)
+    return _items_of_rows(read, path.name)
 
 
 def read_event_files(paths: Iterable[Path]) -> tuple[list[CallEvent | Reject], list[str]]:

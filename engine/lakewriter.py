@@ -161,6 +161,9 @@ class LakeWriter:
         self._decoded: dict[int, _Written] = {}
         self._lock = threading.Lock()
         self._failing = False
+        # Segments whose reports the caller still holds decoded (replay): no need to
+        # read them back from the journal.
+        self._primed: dict[int, list[Step]] = {}
         self.position = Position(0, 0)
         self.snapshot_file = snapshot_path(data_dir) if snapshots and pipeline else None
         if self.snapshot_file is not None:
@@ -232,6 +235,11 @@ class LakeWriter:
         if self.counters is not None:
             self.counters.add(name, value)
 
+    def prime(self, segment: int, steps: list[Step]) -> None:
+        """Hand over the decoded content of a segment just sealed (exactly what
+        `decode_segment` would read back from it)."""
+        self._primed[segment] = steps
+
     def decode_segment(self, path: Path) -> list[Step]:
         segment = read_segment(path)
         if segment.problem is not None:
@@ -274,7 +282,8 @@ class LakeWriter:
             with self._lock:
                 written = self._decoded.get(number)
                 if written is None:
-                    steps = self.decode_segment(path)
+                    primed = self._primed.pop(number, None)
+                    steps = primed if primed is not None else self.decode_segment(path)
                     output = self._detect(steps)
                     written = self._decoded[number] = _Written(steps, output)
                     last_seq = max(

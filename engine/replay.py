@@ -11,9 +11,9 @@ from pathlib import Path
 from engine.config import Settings
 from engine.detect.alerts import Alert
 from engine.eventfiles import read_event_files
-from engine.events import Reject
+from engine.events import CallEvent, Reject
 from engine.journal import JSON_RECORDS, TICK, json_payload, tick_payload
-from engine.lake import record_of
+from engine.lake import item_of, record_of
 from engine.lakewriter import LakeWriter, make_pipeline
 from engine.service import open_store, settings_codec
 from engine.stats import Stats
@@ -78,7 +78,12 @@ def replay(
                 continue
             store.commit(JSON_RECORDS, batch.first_seq, json_payload(batch.records))
             intake.durable(batch)
-            store.seal()
+            segment = store.seal()
+            if segment is not None:
+                # The lake writer takes the batch as it is, rather than reading back
+                # and decoding the JSON just written: the same reports, in the same order.
+                stored = [r if type(r) is CallEvent else item_of(r) for r in batch.records]
+                writer.prime(segment, [(batch.first_seq, stored)])
             drain()
         if items:
             # End of input: move event time past the last Bye's settling time, as a

@@ -44,7 +44,12 @@ class SlidingWindow:
         self.head = 0  # index in `entries` of the oldest live timestamp
 
     def add(self, ts: float, call_id: str, value: object = None) -> None:
-        self.entries += (ts, call_id)
+        if self.entries:
+            self.entries += (ts, call_id)
+        else:
+            # A list made whole is allocated to size; one grown from empty gets room
+            # for eight entries, and most windows in a flood of callers hold one.
+            self.entries = [ts, call_id]
 
     def expire(self, now: float) -> None:
         cutoff = now - self.length
@@ -95,8 +100,11 @@ class ValueWindow(SlidingWindow):
         self.counts: dict[object, int] | None = None
 
     def add(self, ts: float, call_id: str, value: object = None) -> None:
-        self.entries += (ts, call_id)
-        self.values.append(value)
+        if self.entries:
+            self.entries += (ts, call_id)
+            self.values.append(value)
+        else:
+            self.entries, self.values = [ts, call_id], [value]
         if value is True:
             self.hits += 1
         elif isinstance(value, int | float) and not isinstance(value, bool):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.detect.calls import Call
+from models.scoring import AdaptiveThreshold
 from models.spec import ModelSpec
 
 # The pipeline's way to find the calls behind an entity (for an alert's evidence).
@@ -38,6 +39,7 @@ class ModelFinding:
 class Model(Protocol):
     spec: ModelSpec
     version: str
+    thresholds: AdaptiveThreshold
 
     def observe(self, call: Call, recent_calls: RecentCalls) -> ModelFinding | None: ...
 

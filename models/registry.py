@@ -60,6 +60,7 @@ def build(spec: ModelSpec, version: str, max_keys: int) -> Model:
 def carry_over(learned: Model, loaded: Model) -> Model:
     """Same learning, new wording or thresholds: keep what the old one learned."""
     learned.spec, learned.version = loaded.spec, loaded.version
+    learned.thresholds.track(loaded.spec.threshold.quantiles())
     return learned
 
 

@@ -61,6 +61,12 @@ class AdaptiveThreshold:
         self.quantiles = {q: stats.Quantile(q) for q in quantiles}
         self.seen = 0
 
+    def track(self, quantiles: Iterable[float]) -> None:
+        """Also track these quantiles from now on (a reloaded spec may ask for more)."""
+        for q in quantiles:
+            if q not in self.quantiles:
+                self.quantiles[q] = stats.Quantile(q)
+
     def learn(self, score: float) -> None:
         for estimator in self.quantiles.values():
             estimator.update(score)

@@ -406,3 +406,23 @@ def test_snapshot_that_is_not_one_is_refused(
     with caplog.at_level(logging.ERROR):
         replay_generated(generated, tmp_path / "events", data)
     assert "bad magic line" in caplog.text
+
+
+def test_a_reload_keeps_what_a_model_learned_unless_its_logic_changed(tmp_path: Path) -> None:
+    folder = copy_rules(tmp_path)
+    first = load_rules(folder).rules
+    model_file = folder / "models" / "menu-traffic.yaml"
+    text = model_file.read_text(encoding="utf-8")
+    edited = text.replace("also_track: [0.99]", "also_track: [0.99, 0.999]").replace(
+        "title: An IVR", "title: Edited, an IVR"
+    )
+    assert edited != text
+    model_file.write_text(edited, encoding="utf-8")
+    second = load_rules(folder).rules
+    assert "model.menu-traffic" in second.adopt_state_from(first)
+    menu = second.models.by_id()["model.menu-traffic"]
+    assert menu is first.models.by_id()["model.menu-traffic"], "what it learned is kept"
+    assert menu.spec.title.startswith("Edited") and 0.999 in menu.thresholds.quantiles
+    model_file.write_text(text.replace("window: 5m", "window: 10m"), encoding="utf-8")
+    third = load_rules(folder).rules
+    assert "model.menu-traffic" not in third.adopt_state_from(second), "new logic starts cold"

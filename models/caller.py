@@ -22,6 +22,7 @@ agreeing before anyone is paged).
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from array import array
@@ -32,7 +33,7 @@ from river import stats
 from engine.detect.calls import Call
 from engine.detect.windows import KeyedState
 from models.base import ModelFinding, RecentCalls
-from models.scoring import AdaptiveThreshold, anomaly_model, strongest
+from models.scoring import AdaptiveThreshold, anomaly_model
 from models.spec import FEATURE_NAMES, ModelSpec
 
 # Yes/no facts of a call, kept as bit histories; then means kept as EW.
@@ -46,7 +47,15 @@ _SLOW = _EW + len(MEANS)  # own-history mean per feature
 _SIZE = _SLOW + len(FEATURES)
 # The own-history mean moves by this much per call (about the last 50 calls).
 _SLOW_ALPHA = 0.02
+# The population's flag rates move by this much per call.
+_RATE_ALPHA = 0.001
 _NORMAL = NormalDist()
+
+
+@functools.lru_cache(maxsize=8192)
+def _tail_z(hits: int, n: int, rate: float) -> float:
+    tail = sum(math.comb(n, k) * rate**k * (1 - rate) ** (n - k) for k in range(hits, n + 1))
+    return -_NORMAL.inv_cdf(max(tail, 1e-300)) if tail < 0.5 else 0.0
 
 
 def surprise(hits: int, n: int, rate: float) -> float:
@@ -60,8 +69,9 @@ def surprise(hits: int, n: int, rate: float) -> float:
     """
     if n == 0 or hits < 2 or hits <= n * rate:
         return 0.0  # one hit, or no more than expected: nothing to say (and most calls)
-    tail = sum(math.comb(n, k) * rate**k * (1 - rate) ** (n - k) for k in range(hits, n + 1))
-    return -_NORMAL.inv_cdf(max(tail, 1e-300)) if tail < 0.5 else 0.0
+    # Rates to three decimals: the answer moves by far less than that, and the
+    # same few (hits, n, rate) come up again and again.
+    return _tail_z(hits, n, round(rate, 3))
 
 
 class CallerModel:
@@ -70,21 +80,29 @@ class CallerModel:
         self.version = version
         self.flags = [i for i, name in enumerate(FLAGS) if name in spec.features]
         self.means = [i for i, name in enumerate(MEANS) if name in spec.features]
+        # The features that may raise an alert alone: the quick look at every call.
+        self.alone_flags = [i for i in self.flags if spec.features[FLAGS[i]].alone]
+        self.alone_means = [i for i in self.means if spec.features[MEANS[i]].alone]
         self.window = min(spec.recent_calls, 52)
         self.mask = (1 << self.window) - 1
         self.alpha = 2.0 / (spec.recent_calls + 1)
         self.state: KeyedState[array[float]] = KeyedState(max_keys)
         self.population = anomaly_model(spec.trees)
-        # How often each flag is set over all calls, and callers' usual mean values
-        # (slowly: over about a thousand calls).
-        self.rates = {name: stats.EWMean(0.001) for name in FLAGS}
+        # How often each flag is set over all calls (plain floats: updated at every
+        # call, where a River statistic per flag would cost more than the rest), and
+        # callers' usual mean values (River, learned from the sampled vectors); both
+        # move slowly: over about a thousand calls.
+        self.rates: list[float | None] = [None] * len(FLAGS)
+        self.floors = [spec.floor(name) if name in spec.features else 1.0 for name in FEATURES]
         self.usual_means = {name: stats.EWMean(0.001) for name in MEANS}
         self.usual_spread = {name: stats.EWVar(0.001) for name in MEANS}
         self.thresholds = AdaptiveThreshold(spec.threshold.quantiles())
         self.judged = 0
         self.learned = 0
 
-    def _facts(self, call: Call, state: array[float] | None) -> tuple[list[bool], list[float]]:
+    def _facts(
+        self, call: Call, state: array[float] | None
+    ) -> tuple[list[bool], list[float], float]:
         talk = call.talk_s
         ring = call.ring_s
         answered = call.answered_at is not None
@@ -101,21 +119,21 @@ class CallerModel:
             min(ring, 60.0) if ring is not None else 0.0,
             math.log10(1.0 + talk) if answered and talk is not None else 0.0,
         ]
-        return flags, means
+        return flags, means, callee_hash
 
     def observe(self, call: Call, recent_calls: RecentCalls) -> ModelFinding | None:
         caller = call.caller
         if not caller:
             return None
         state = self.state.get(caller)
-        flags, means = self._facts(call, state)
+        flags, means, callee_hash = self._facts(call, state)
         if state is None:
             state = array("d", bytes(8 * _SIZE))
             state[_FIRST_TS] = call.deadline
             for i, value in enumerate(means):
                 state[_EW + i] = value
-            for i, name in enumerate(FLAGS):
-                state[_SLOW + i] = float(self.rates[name].get() or 0.0)
+            for i in range(len(FLAGS)):
+                state[_SLOW + i] = self.rate(i)
             for i, value in enumerate(means):
                 state[_SLOW + len(FLAGS) + i] = value
             self.state.put(caller, state)
@@ -127,7 +145,7 @@ class CallerModel:
         for i, value in enumerate(means):
             state[_EW + i] += alpha * (value - state[_EW + i])
             state[_SLOW + len(FLAGS) + i] += _SLOW_ALPHA * (value - state[_SLOW + len(FLAGS) + i])
-        state[_LAST_CALLEE] = float(zlib.crc32(call.callee.encode()))
+        state[_LAST_CALLEE] = callee_hash
         state[_N] += 1
         state[_LAST_TS] = call.deadline
         if state[_N] < self.spec.min_calls:
@@ -135,9 +153,15 @@ class CallerModel:
             return None
         return self._judge(call, state, flags, recent_calls)
 
+    def rate(self, flag: int) -> float:
+        value = self.rates[flag]
+        return 0.0 if value is None else value
+
     def _learn_rates(self, flags: list[bool]) -> None:
-        for name, flag in zip(FLAGS, flags, strict=True):
-            self.rates[name].update(float(flag))
+        rates = self.rates
+        for i, flag in enumerate(flags):
+            rate = rates[i]
+            rates[i] = float(flag) if rate is None else rate + _RATE_ALPHA * (flag - rate)
 
     def _recent(self, state: array[float]) -> dict[str, float]:
         n = min(int(state[_N]), self.window)
@@ -146,14 +170,33 @@ class CallerModel:
             vector[MEANS[i]] = state[_EW + i]
         return vector
 
+    def _strongest(self, state: array[float], own_history: bool) -> float:
+        """The largest deviation among the features that may alert alone (what
+        `_deviations` would give, without building it for every call)."""
+        n = min(int(state[_N]), self.window)
+        best = 0.0
+        for i in self.alone_flags:
+            hits = int(state[_BITS + i]).bit_count()
+            if hits < 2:
+                continue
+            usual = state[_SLOW + i] if own_history else self.rate(i)
+            z = surprise(hits, n, min(max(usual, self.floors[i] / 4), 0.95))
+            if z > best:
+                best = z
+        if self.alone_means:
+            deviations = self._deviations(state, own_history)
+            for i in self.alone_means:
+                best = max(best, abs(deviations[MEANS[i]]))
+        return best
+
     def _deviations(self, state: array[float], own_history: bool) -> dict[str, float]:
         spec = self.spec
         n = min(int(state[_N]), self.window)
         deviations = {}
         for i in self.flags:
             name = FLAGS[i]
-            usual = state[_SLOW + i] if own_history else float(self.rates[name].get() or 0.0)
-            rate = min(max(usual, spec.floor(name) / 4), 0.95)
+            usual = state[_SLOW + i] if own_history else self.rate(i)
+            rate = min(max(usual, self.floors[i] / 4), 0.95)
             deviations[name] = surprise(int(state[_BITS + i]).bit_count(), n, rate)
         for i in self.means:
             name = MEANS[i]
@@ -171,8 +214,7 @@ class CallerModel:
     ) -> ModelFinding | None:
         spec = self.spec
         own_history = state[_N] >= spec.own_history_calls
-        deviations = self._deviations(state, own_history)
-        _, z = strongest(deviations, spec, alone_only=True)
+        z = self._strongest(state, own_history)
         unusual = z >= spec.threshold.min_deviation
         self.judged += 1
         # Once it has learned two windows' worth, the global model learns from a sample
@@ -199,7 +241,9 @@ class CallerModel:
         if sampled and self.learned >= spec.trees.window_size:
             # HalfSpaceTrees scores 0 until its first window is full: not a score to learn.
             self.thresholds.learn(score)
-        if not alerting:
+        if alerting:
+            deviations = self._deviations(state, own_history)
+        else:
             # What is usual is learned from what is not alarming, so an incident does
             # not teach the model that it is normal while it goes on.
             self._learn_rates(flags)
@@ -245,7 +289,7 @@ class CallerModel:
                 continue
             if name in FLAGS:
                 i = FLAGS.index(name)
-                usual = state[_SLOW + i] if own_history else float(self.rates[name].get() or 0)
+                usual = state[_SLOW + i] if own_history else self.rate(i)
                 hits = int(state[_BITS + i]).bit_count()
                 parts.append(
                     f"{FEATURE_NAMES[name]} {hits} of its last {n} calls vs usual {usual:.0%} "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from engine.detect.calls import Call
@@ -34,6 +33,16 @@ class _Seen:
     forwarded: bool
 
 
+def _hour_of_day(ts: float) -> int:
+    """The UTC hour of an epoch time (no leap seconds in epoch time: plain arithmetic).
+
+    >>> from datetime import UTC, datetime
+    >>> _hour_of_day(1_790_000_000.0) == datetime.fromtimestamp(1_790_000_000, tz=UTC).hour
+    True
+    """
+    return int(ts // 3600) % 24
+
+
 class SeasonalVolume:
     """Usual calls per window for each hour of the day (EW over days), falling back
     to the menu's overall usual volume for hours not seen yet."""
@@ -44,12 +53,12 @@ class SeasonalVolume:
         self.overall: float | None = None
 
     def expected(self, ts: float) -> float | None:
-        hour = datetime.fromtimestamp(ts, tz=UTC).hour
+        hour = _hour_of_day(ts)
         value = self.by_hour[hour]
         return value if value is not None else self.overall
 
     def learn(self, ts: float, volume: float) -> None:
-        hour = datetime.fromtimestamp(ts, tz=UTC).hour
+        hour = _hour_of_day(ts)
         # Within an hour the step feeds many windows; a small alpha keeps each hour
         # slot an average over the days rather than over the last few minutes.
         current = self.by_hour[hour]
@@ -131,23 +140,40 @@ class MenuModel:
         cutoff = at - self.spec.window
         while calls and calls[0].ts <= cutoff:
             calls.popleft()
-        live = [c for c in calls if c.ts <= at]
-        total = len(live)
+        # One pass over the window (a step sees a few hundred calls at most).
+        total = answered = short = forwarded = rings = 0
+        ring_sum = talk_sum = 0.0
+        talks = 0
+        callers: set[str] = set()
+        for c in calls:
+            if c.ts > at:
+                break
+            total += 1
+            callers.add(c.caller)
+            if c.answered:
+                answered += 1
+                if c.talk_s is not None:
+                    talks += 1
+                    talk_sum += math.log10(1.0 + c.talk_s)
+            if c.short:
+                short += 1
+            if c.forwarded:
+                forwarded += 1
+            if c.ring_s is not None:
+                rings += 1
+                ring_sum += c.ring_s
         expected = state.seasonal.expected(at)
         state.seasonal.learn(at, float(total))
         if total < self.spec.min_calls_in_window:
             return None
-        answered = [c for c in live if c.answered]
-        rings = [c.ring_s for c in live if c.ring_s is not None]
-        talks = [c.talk_s for c in answered if c.talk_s is not None]
         everything = {
             "volume": total / max(expected or total, 1.0),
-            "answer_share": len(answered) / total,
-            "short_share": sum(1 for c in live if c.short) / total,
-            "ring_mean": min(sum(rings) / len(rings), 60.0) if rings else 0.0,
-            "talk_log": (sum(math.log10(1.0 + t) for t in talks) / len(talks) if talks else 0.0),
-            "caller_concentration": 1.0 - len({c.caller for c in live}) / total,
-            "forward_share": sum(1 for c in live if c.forwarded) / total,
+            "answer_share": answered / total,
+            "short_share": short / total,
+            "ring_mean": min(ring_sum / rings, 60.0) if rings else 0.0,
+            "talk_log": talk_sum / talks if talks else 0.0,
+            "caller_concentration": 1.0 - len(callers) / total,
+            "forward_share": forwarded / total,
         }
         return {name: everything[name] for name in self.spec.features}
 

@@ -41,8 +41,8 @@ FLAGS = ("short_share", "unanswered_share", "forward_share", "callee_change_shar
 MEANS = ("ring_mean", "talk_log")
 FEATURES = FLAGS + MEANS
 _N, _LAST_TS, _LAST_CALLEE, _FIRST_TS = 0, 1, 2, 3
-_BITS = 4  # one history per flag
-_EW = _BITS + len(FLAGS)  # recent EW per mean
+_BITS = 4  # the flags' histories, side by side in one number
+_EW = _BITS + 1  # recent EW per mean
 _SLOW = _EW + len(MEANS)  # own-history mean per feature
 _SIZE = _SLOW + len(FEATURES)
 # The own-history mean moves by this much per call (about the last 50 calls).
@@ -83,8 +83,11 @@ class CallerModel:
         # The features that may raise an alert alone: the quick look at every call.
         self.alone_flags = [i for i in self.flags if spec.features[FLAGS[i]].alone]
         self.alone_means = [i for i in self.means if spec.features[MEANS[i]].alone]
-        self.window = min(spec.recent_calls, 52)
-        self.mask = (1 << self.window) - 1
+        # Four histories of `window` bits share one double (52 exact bits): lane i
+        # holds flag i; shifting all lanes at once, the top bit of each is dropped.
+        self.window = min(spec.recent_calls, 13)
+        self.lane = (1 << self.window) - 1
+        self.keep = sum((self.lane >> 1) << (i * self.window) for i in range(len(FLAGS)))
         self.alpha = 2.0 / (spec.recent_calls + 1)
         self.state: KeyedState[array[float]] = KeyedState(max_keys)
         self.population = anomaly_model(spec.trees)
@@ -137,10 +140,13 @@ class CallerModel:
             for i, value in enumerate(means):
                 state[_SLOW + len(FLAGS) + i] = value
             self.state.put(caller, state)
-        mask = self.mask
+        slow = _SLOW_ALPHA
+        new_bits = 0
         for i, flag in enumerate(flags):
-            state[_BITS + i] = float(((int(state[_BITS + i]) << 1) | flag) & mask)
-            state[_SLOW + i] += _SLOW_ALPHA * (flag - state[_SLOW + i])
+            if flag:
+                new_bits |= 1 << (i * self.window)
+            state[_SLOW + i] += slow * (flag - state[_SLOW + i])
+        state[_BITS] = float(((int(state[_BITS]) & self.keep) << 1) | new_bits)
         alpha = self.alpha
         for i, value in enumerate(means):
             state[_EW + i] += alpha * (value - state[_EW + i])
@@ -152,6 +158,10 @@ class CallerModel:
             self._learn_rates(flags)
             return None
         return self._judge(call, state, flags, recent_calls)
+
+    def _hits(self, state: array[float], flag: int) -> int:
+        """How many of the caller's last calls had this flag."""
+        return ((int(state[_BITS]) >> (flag * self.window)) & self.lane).bit_count()
 
     def rate(self, flag: int) -> float:
         value = self.rates[flag]
@@ -165,7 +175,7 @@ class CallerModel:
 
     def _recent(self, state: array[float]) -> dict[str, float]:
         n = min(int(state[_N]), self.window)
-        vector = {FLAGS[i]: int(state[_BITS + i]).bit_count() / n for i in self.flags}
+        vector = {FLAGS[i]: self._hits(state, i) / n for i in self.flags}
         for i in self.means:
             vector[MEANS[i]] = state[_EW + i]
         return vector
@@ -176,7 +186,7 @@ class CallerModel:
         n = min(int(state[_N]), self.window)
         best = 0.0
         for i in self.alone_flags:
-            hits = int(state[_BITS + i]).bit_count()
+            hits = self._hits(state, i)
             if hits < 2:
                 continue
             usual = state[_SLOW + i] if own_history else self.rate(i)
@@ -197,7 +207,7 @@ class CallerModel:
             name = FLAGS[i]
             usual = state[_SLOW + i] if own_history else self.rate(i)
             rate = min(max(usual, self.floors[i] / 4), 0.95)
-            deviations[name] = surprise(int(state[_BITS + i]).bit_count(), n, rate)
+            deviations[name] = surprise(self._hits(state, i), n, rate)
         for i in self.means:
             name = MEANS[i]
             if own_history:
@@ -290,7 +300,7 @@ class CallerModel:
             if name in FLAGS:
                 i = FLAGS.index(name)
                 usual = state[_SLOW + i] if own_history else self.rate(i)
-                hits = int(state[_BITS + i]).bit_count()
+                hits = self._hits(state, i)
                 parts.append(
                     f"{FEATURE_NAMES[name]} {hits} of its last {n} calls vs usual {usual:.0%} "
                     f"({deviations[name]:.1f} sd)"

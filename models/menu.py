@@ -10,6 +10,7 @@ vectors; an EW baseline per feature says which features moved and how far.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,8 +30,55 @@ class _Seen:
     answered: bool
     short: bool
     ring_s: float | None
-    talk_s: float | None
+    talk_log: float | None
     forwarded: bool
+
+
+class _Traffic:
+    """A menu's calls within the last window, with their counts and sums kept up to
+    date as calls come and go: a step reads them instead of walking the window."""
+
+    def __init__(self) -> None:
+        self.pending: deque[_Seen] = deque()  # finished after the last step
+        self.live: deque[_Seen] = deque()
+        self.total = self.answered = self.short = self.forwarded = 0
+        self.rings = self.talks = 0
+        self.ring_sum = self.talk_sum = 0.0
+        self.callers: dict[str, int] = {}
+
+    def _count(self, seen: _Seen, sign: int) -> None:
+        self.total += sign
+        if seen.answered:
+            self.answered += sign
+            if seen.talk_log is not None:
+                self.talks += sign
+                self.talk_sum += sign * seen.talk_log
+        if seen.short:
+            self.short += sign
+        if seen.forwarded:
+            self.forwarded += sign
+        if seen.ring_s is not None:
+            self.rings += sign
+            self.ring_sum += sign * seen.ring_s
+        left = self.callers.get(seen.caller, 0) + sign
+        if left:
+            self.callers[seen.caller] = left
+        else:
+            del self.callers[seen.caller]
+
+    def move_to(self, at: float, window: float) -> None:
+        """The window is now (at - window, at]."""
+        pending, live = self.pending, self.live
+        while pending and pending[0].ts <= at:
+            seen = pending.popleft()
+            self._count(seen, 1)
+            live.append(seen)
+        cutoff = at - window
+        while live and live[0].ts <= cutoff:
+            self._count(live.popleft(), -1)
+        if not live:
+            # Sums of floats added and taken away drift; start an empty window clean.
+            self.ring_sum = self.talk_sum = 0.0
 
 
 def _hour_of_day(ts: float) -> int:
@@ -73,7 +121,7 @@ class _MenuState:
     model: Any
     usual: Baseline
     seasonal: SeasonalVolume = field(default_factory=SeasonalVolume)
-    calls: deque[_Seen] = field(default_factory=deque)
+    traffic: _Traffic = field(default_factory=_Traffic)
     learned: int = 0
     score: float | None = None
     name: str = ""
@@ -99,15 +147,16 @@ class MenuModel:
             )
         state.name = call.menu_name
         talk = call.talk_s
-        state.calls.append(
+        answered = call.answered_at is not None
+        state.traffic.pending.append(
             _Seen(
                 call.deadline,
                 call.call_id,
                 call.caller,
-                call.answered_at is not None,
-                call.answered_at is not None and talk is not None and talk < self.spec.short_s,
+                answered,
+                answered and talk is not None and talk < self.spec.short_s,
                 call.ring_s,
-                talk,
+                math.log10(1.0 + talk) if answered and talk is not None else None,
                 bool(call.forward),
             )
         )
@@ -136,44 +185,21 @@ class MenuModel:
         return findings
 
     def _vector(self, state: _MenuState, at: float) -> dict[str, float] | None:
-        calls = state.calls
-        cutoff = at - self.spec.window
-        while calls and calls[0].ts <= cutoff:
-            calls.popleft()
-        # One pass over the window (a step sees a few hundred calls at most).
-        total = answered = short = forwarded = rings = 0
-        ring_sum = talk_sum = 0.0
-        talks = 0
-        callers: set[str] = set()
-        for c in calls:
-            if c.ts > at:
-                break
-            total += 1
-            callers.add(c.caller)
-            if c.answered:
-                answered += 1
-                if c.talk_s is not None:
-                    talks += 1
-                    talk_sum += math.log10(1.0 + c.talk_s)
-            if c.short:
-                short += 1
-            if c.forwarded:
-                forwarded += 1
-            if c.ring_s is not None:
-                rings += 1
-                ring_sum += c.ring_s
+        traffic = state.traffic
+        traffic.move_to(at, self.spec.window)
+        total = traffic.total
         expected = state.seasonal.expected(at)
         state.seasonal.learn(at, float(total))
         if total < self.spec.min_calls_in_window:
             return None
         everything = {
             "volume": total / max(expected or total, 1.0),
-            "answer_share": answered / total,
-            "short_share": short / total,
-            "ring_mean": min(ring_sum / rings, 60.0) if rings else 0.0,
-            "talk_log": talk_sum / talks if talks else 0.0,
-            "caller_concentration": 1.0 - len(callers) / total,
-            "forward_share": forwarded / total,
+            "answer_share": traffic.answered / total,
+            "short_share": traffic.short / total,
+            "ring_mean": min(traffic.ring_sum / traffic.rings, 60.0) if traffic.rings else 0.0,
+            "talk_log": traffic.talk_sum / traffic.talks if traffic.talks else 0.0,
+            "caller_concentration": 1.0 - len(traffic.callers) / total,
+            "forward_share": traffic.forwarded / total,
         }
         return {name: everything[name] for name in self.spec.features}
 
@@ -202,7 +228,7 @@ class MenuModel:
             state.usual.learn(vector)
             state.learned += 1
             return None
-        live = [c for c in state.calls if c.ts <= at]
+        live = state.traffic.live
         summary = (
             f"menu {menu_id} ({state.name}) looks unlike itself over the last "
             f"{len(live)} calls: {explain(vector, deviations, state.usual)} (model score "
@@ -219,7 +245,7 @@ class MenuModel:
             value=round(abs(z), 3),
             threshold=spec.threshold.min_deviation,
             summary=summary,
-            evidence=[c.call_id for c in live[-200:]],
+            evidence=[c.call_id for c in itertools.islice(live, max(0, len(live) - 200), None)],
         )
 
     def score(self, entity: str) -> float | None:

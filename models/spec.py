@@ -112,9 +112,10 @@ class ModelSpec(_Strict):
     threshold: ThresholdSpec = Field(default_factory=ThresholdSpec)
     trees: HalfSpaceTreesSpec = Field(default_factory=HalfSpaceTreesSpec)
     # Caller models: a caller is judged once it made this many calls, on its last
-    # `recent_calls` calls (at most 52: they are kept as bits of a double).
+    # `recent_calls` calls (at most 13: four flags' histories share the 52 exact
+    # bits of one double).
     min_calls: int = Field(default=8, ge=2)
-    recent_calls: int = Field(default=12, ge=2, le=52)
+    recent_calls: int = Field(default=12, ge=2, le=13)
     # The global model over callers learns from one judged vector in this many.
     learn_every: int = Field(default=4, ge=1)
     # Past this many calls a caller is judged against its own history, not the

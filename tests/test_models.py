@@ -426,3 +426,20 @@ def test_a_reload_keeps_what_a_model_learned_unless_its_logic_changed(tmp_path: 
     model_file.write_text(text.replace("window: 5m", "window: 10m"), encoding="utf-8")
     third = load_rules(folder).rules
     assert "model.menu-traffic" not in third.adopt_state_from(second), "new logic starts cold"
+
+
+def test_a_callers_flags_are_counted_over_exactly_its_last_calls() -> None:
+    # The four flags' histories share one number; each must count its own last calls.
+    model = CallerModel(caller_spec(recent_calls=12), "v1", max_keys=100)
+    pattern = [k % 3 == 0 for k in range(30)]
+    for k, unanswered in enumerate(pattern):
+        model.observe(
+            call(k, T0 + k * 60, "8613900000009", answered=not unanswered, talk=2.0 + k % 2 * 60),
+            no_evidence,
+        )
+        state = model.state.states["8613900000009"]
+        last = pattern[max(0, k - 11) : k + 1]
+        shorts = [not u and j % 2 == 0 for j, u in enumerate(pattern[: k + 1])][-12:]
+        assert model._hits(state, 1) == sum(last), k  # unanswered
+        assert model._hits(state, 0) == sum(shorts), k  # short
+        assert model._hits(state, 2) == 0, k  # forwarded: never

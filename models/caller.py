@@ -44,6 +44,7 @@ _N, _LAST_TS, _LAST_CALLEE, _FIRST_TS = 0, 1, 2, 3
 _BITS = 4  # the flags' histories, side by side in one number
 _EW = _BITS + 1  # recent EW per mean
 _SLOW = _EW + len(MEANS)  # own-history mean per feature
+_SLOW_MEANS = _SLOW + len(FLAGS)  # where the means' own-history values start
 _SIZE = _SLOW + len(FEATURES)
 # The own-history mean moves by this much per call (about the last 50 calls).
 _SLOW_ALPHA = 0.02
@@ -103,54 +104,47 @@ class CallerModel:
         self.judged = 0
         self.learned = 0
 
-    def _facts(
-        self, call: Call, state: array[float] | None
-    ) -> tuple[list[bool], list[float], float]:
+    def observe(self, call: Call, recent_calls: RecentCalls) -> ModelFinding | None:
+        caller = call.caller
+        if not caller:
+            return None
+        state = self.state.get(caller)
         talk = call.talk_s
         ring = call.ring_s
         answered = call.answered_at is not None
         # A stable checksum, not hash(): str hashes change from process to process, and
         # a restored snapshot must compare equal to what this process computes.
         callee_hash = float(zlib.crc32(call.callee.encode()))
+        ring_value = min(ring, 60.0) if ring is not None else 0.0
+        talk_value = math.log10(1.0 + talk) if answered and talk is not None else 0.0
+        if state is None:
+            state = array("d", bytes(8 * _SIZE))
+            state[_FIRST_TS] = call.deadline
+            state[_EW], state[_EW + 1] = ring_value, talk_value
+            for i in range(len(FLAGS)):
+                state[_SLOW + i] = self.rate(i)
+            state[_SLOW_MEANS], state[_SLOW_MEANS + 1] = ring_value, talk_value
+            self.state.put(caller, state)
+            changed = False
+        else:
+            changed = state[_LAST_CALLEE] != callee_hash
         flags = [
             answered and talk is not None and talk < self.spec.short_s,
             not answered,
             bool(call.forward),
-            state is not None and state[_LAST_CALLEE] != callee_hash,
+            changed,
         ]
-        means = [
-            min(ring, 60.0) if ring is not None else 0.0,
-            math.log10(1.0 + talk) if answered and talk is not None else 0.0,
-        ]
-        return flags, means, callee_hash
-
-    def observe(self, call: Call, recent_calls: RecentCalls) -> ModelFinding | None:
-        caller = call.caller
-        if not caller:
-            return None
-        state = self.state.get(caller)
-        flags, means, callee_hash = self._facts(call, state)
-        if state is None:
-            state = array("d", bytes(8 * _SIZE))
-            state[_FIRST_TS] = call.deadline
-            for i, value in enumerate(means):
-                state[_EW + i] = value
-            for i in range(len(FLAGS)):
-                state[_SLOW + i] = self.rate(i)
-            for i, value in enumerate(means):
-                state[_SLOW + len(FLAGS) + i] = value
-            self.state.put(caller, state)
-        slow = _SLOW_ALPHA
-        new_bits = 0
+        width, slow, new_bits = self.window, _SLOW_ALPHA, 0
         for i, flag in enumerate(flags):
             if flag:
-                new_bits |= 1 << (i * self.window)
+                new_bits |= 1 << (i * width)
             state[_SLOW + i] += slow * (flag - state[_SLOW + i])
         state[_BITS] = float(((int(state[_BITS]) & self.keep) << 1) | new_bits)
         alpha = self.alpha
-        for i, value in enumerate(means):
-            state[_EW + i] += alpha * (value - state[_EW + i])
-            state[_SLOW + len(FLAGS) + i] += _SLOW_ALPHA * (value - state[_SLOW + len(FLAGS) + i])
+        state[_EW] += alpha * (ring_value - state[_EW])
+        state[_EW + 1] += alpha * (talk_value - state[_EW + 1])
+        state[_SLOW_MEANS] += slow * (ring_value - state[_SLOW_MEANS])
+        state[_SLOW_MEANS + 1] += slow * (talk_value - state[_SLOW_MEANS + 1])
         state[_LAST_CALLEE] = callee_hash
         state[_N] += 1
         state[_LAST_TS] = call.deadline
@@ -184,12 +178,14 @@ class CallerModel:
         """The largest deviation among the features that may alert alone (what
         `_deviations` would give, without building it for every call)."""
         n = min(int(state[_N]), self.window)
+        bits, width, lane = int(state[_BITS]), self.window, self.lane
         best = 0.0
         for i in self.alone_flags:
-            hits = self._hits(state, i)
+            hits = ((bits >> (i * width)) & lane).bit_count()
             if hits < 2:
                 continue
-            usual = state[_SLOW + i] if own_history else self.rate(i)
+            rate = self.rates[i] if not own_history else state[_SLOW + i]
+            usual = rate if rate is not None else 0.0
             z = surprise(hits, n, min(max(usual, self.floors[i] / 4), 0.95))
             if z > best:
                 best = z
@@ -211,7 +207,7 @@ class CallerModel:
         for i in self.means:
             name = MEANS[i]
             if own_history:
-                usual, spread = state[_SLOW + len(FLAGS) + i], spec.floor(name)
+                usual, spread = state[_SLOW_MEANS + i], spec.floor(name)
             else:
                 usual = float(self.usual_means[name].get() or 0.0)
                 variance = max(float(self.usual_spread[name].get() or 0.0), 0.0)
@@ -224,9 +220,12 @@ class CallerModel:
     ) -> ModelFinding | None:
         spec = self.spec
         own_history = state[_N] >= spec.own_history_calls
-        z = self._strongest(state, own_history)
-        unusual = z >= spec.threshold.min_deviation
         self.judged += 1
+        # A flag's surprise rises only with a call that has the flag: a call with none
+        # of the alerting flags (most calls) cannot make the caller newly unusual.
+        raised = self.alone_means or any(flags[i] for i in self.alone_flags)
+        z = self._strongest(state, own_history) if raised else 0.0
+        unusual = z >= spec.threshold.min_deviation
         # Once it has learned two windows' worth, the global model learns from a sample
         # of the judged vectors (one in `learn_every`, by count, so replay and restarts
         # sample the same ones): it learns a distribution, and scoring every call
@@ -308,7 +307,7 @@ class CallerModel:
             else:
                 i = MEANS.index(name)
                 usual = (
-                    state[_SLOW + len(FLAGS) + i]
+                    state[_SLOW_MEANS + i]
                     if own_history
                     else float(self.usual_means[name].get() or 0)
                 )

@@ -38,6 +38,7 @@ from engine.detect.pipeline import Pipeline  # noqa: E402
 from engine.detect.rules import load_rules  # noqa: E402
 from engine.events import CallEvent, CallState  # noqa: E402
 from engine.replay import replay  # noqa: E402
+from engine.runtime import tune_gc_for_detection  # noqa: E402
 from engine.simulator.scenario import generate, load_scenario, write_files  # noqa: E402
 
 
@@ -137,6 +138,8 @@ def main() -> int:
     parser.add_argument("--flood", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--models", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # As `callsentry replay` and the lake writer process run.
+    tune_gc_for_detection()
     if args.flood:
         print(json.dumps(flood_memory(args.flood, models=bool(args.models))))
         return 0

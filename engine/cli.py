@@ -177,8 +177,10 @@ def replay(
     settings = _settings(config, overrides)
     _setup_logging(log_level)
     from engine.replay import replay as run_replay
+    from engine.runtime import tune_gc_for_detection
     from engine.yamlfile import YamlFileError
 
+    tune_gc_for_detection()
     try:
         report = run_replay(list(files), settings, rules_dir)
     except StoreError as error:

@@ -36,6 +36,7 @@ from engine.detect.snapshot import save as snapshot_save
 from engine.events import CallEvent, CallState, Reject, RejectReason
 from engine.journal import DATAGRAMS, TICK, read_segment, sealed_segments, segment_number, tick_of
 from engine.lake import ALERT_SCHEMA, CALL_SCHEMA, Item, Lake, item_of
+from engine.runtime import tune_gc_for_detection
 from engine.store import StoreError, codec_of, lake_writer_lock
 from engine.yamlfile import YamlFileError
 
@@ -482,6 +483,7 @@ def run(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    tune_gc_for_detection()
     detection = settings.detection
     pipeline = None
     if detection.enabled:

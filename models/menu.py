@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import zlib
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +23,32 @@ from models.base import ModelFinding, RecentCalls
 from models.scoring import AdaptiveThreshold, Baseline, anomaly_model, explain, strongest
 from models.spec import FEATURE_NAMES, ModelSpec
 
+# Distinct callers in a menu's window are estimated from counts in this many
+# buckets of caller numbers (linear counting): exact enough up to tens of
+# thousands of callers, and a flood of invented callers costs the same 64 KiB per
+# menu as a quiet day, where a set of callers would grow with the flood.
+CALLER_BUCKETS = 16_384
+
+
+def distinct_estimate(empty_buckets: int, total: int) -> float:
+    """Linear counting: distinct callers from how many buckets are still empty.
+
+    >>> round(distinct_estimate(CALLER_BUCKETS - 1000, 2000))  # 1,000 buckets in use
+    1032
+    >>> distinct_estimate(0, 1_000_000)   # saturated: as many as there were calls
+    1000000.0
+    """
+    if empty_buckets == 0:
+        return float(total)
+    estimate = -CALLER_BUCKETS * math.log(empty_buckets / CALLER_BUCKETS)
+    return float(min(estimate, total))
+
 
 @dataclass(slots=True)
 class _Seen:
     ts: float
     call_id: str
-    caller: str
+    bucket: int
     answered: bool
     short: bool
     ring_s: float | None
@@ -44,7 +66,8 @@ class _Traffic:
         self.total = self.answered = self.short = self.forwarded = 0
         self.rings = self.talks = 0
         self.ring_sum = self.talk_sum = 0.0
-        self.callers: dict[str, int] = {}
+        self.callers = array("I", bytes(4 * CALLER_BUCKETS))
+        self.empty_buckets = CALLER_BUCKETS
 
     def _count(self, seen: _Seen, sign: int) -> None:
         self.total += sign
@@ -60,11 +83,13 @@ class _Traffic:
         if seen.ring_s is not None:
             self.rings += sign
             self.ring_sum += sign * seen.ring_s
-        left = self.callers.get(seen.caller, 0) + sign
-        if left:
-            self.callers[seen.caller] = left
-        else:
-            del self.callers[seen.caller]
+        callers, bucket = self.callers, seen.bucket
+        before = callers[bucket]
+        callers[bucket] = before + sign
+        if before == 0:
+            self.empty_buckets -= 1
+        elif before + sign == 0:
+            self.empty_buckets += 1
 
     def move_to(self, at: float, window: float) -> None:
         """The window is now (at - window, at]."""
@@ -152,7 +177,7 @@ class MenuModel:
             _Seen(
                 call.deadline,
                 call.call_id,
-                call.caller,
+                zlib.crc32(call.caller.encode()) % CALLER_BUCKETS,
                 answered,
                 answered and talk is not None and talk < self.spec.short_s,
                 call.ring_s,
@@ -198,7 +223,7 @@ class MenuModel:
             "short_share": traffic.short / total,
             "ring_mean": min(traffic.ring_sum / traffic.rings, 60.0) if traffic.rings else 0.0,
             "talk_log": traffic.talk_sum / traffic.talks if traffic.talks else 0.0,
-            "caller_concentration": 1.0 - len(traffic.callers) / total,
+            "caller_concentration": 1.0 - distinct_estimate(traffic.empty_buckets, total) / total,
             "forward_share": traffic.forwarded / total,
         }
         return {name: everything[name] for name in self.spec.features}

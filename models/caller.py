@@ -39,6 +39,13 @@ from models.spec import FEATURE_NAMES, ModelSpec
 # Yes/no facts of a call, kept as bit histories; then means kept as EW.
 FLAGS = ("short_share", "unanswered_share", "forward_share", "callee_change_share")
 MEANS = ("ring_mean", "talk_log")
+# How a flag reads in a summary: "unanswered calls 10 of its last 12 against a usual 13%".
+FLAG_WORDS = {
+    "short_share": "short calls",
+    "unanswered_share": "unanswered calls",
+    "forward_share": "forwarded calls",
+    "callee_change_share": "calls to another callee than the last",
+}
 FEATURES = FLAGS + MEANS
 _N, _LAST_TS, _LAST_CALLEE, _FIRST_TS = 0, 1, 2, 3
 _BITS = 4  # the flags' histories, side by side in one number
@@ -301,7 +308,7 @@ class CallerModel:
                 usual = state[_SLOW + i] if own_history else self.rate(i)
                 hits = self._hits(state, i)
                 parts.append(
-                    f"{FEATURE_NAMES[name]} {hits} of its last {n} calls vs usual {usual:.0%} "
+                    f"{FLAG_WORDS[name]} {hits} of its last {n} against a usual {usual:.0%} "
                     f"({deviations[name]:.1f} sd)"
                 )
             else:
@@ -315,9 +322,10 @@ class CallerModel:
                     f"{FEATURE_NAMES[name]} {state[_EW + i]:.1f} vs usual {usual:.1f} "
                     f"({deviations[name]:+.1f} sd)"
                 )
-        against = "its own history" if own_history else "callers at large"
+        if own_history:
+            return f"caller {caller} behaves unlike its own history: {'; '.join(parts)}"
         return (
-            f"caller {caller} behaves unlike {against}: {'; '.join(parts)} "
+            f"caller {caller} behaves unlike callers at large: {'; '.join(parts)} "
             f"(model score {score:.2f} above its threshold {threshold:.2f})"
         )
 

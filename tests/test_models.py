@@ -178,7 +178,7 @@ def test_caller_model_flags_a_new_caller_making_only_short_calls_and_says_why() 
     first = findings[0]
     assert first.entity == "8613900000001" and first.entity_type == "caller"
     assert "unlike callers at large" in first.summary
-    assert "short-call share" in first.summary and "of its last" in first.summary
+    assert re.search(r"short calls \d+ of its last \d+ against a usual \d+%", first.summary)
     assert first.value >= 5
     assert len(first.evidence) == 1 and first.evidence[0].startswith("c"), "the call that tipped it"
 

@@ -61,6 +61,8 @@ def carry_over(learned: Model, loaded: Model) -> Model:
     """Same learning, new wording or thresholds: keep what the old one learned."""
     learned.spec, learned.version = loaded.spec, loaded.version
     learned.thresholds.track(loaded.spec.threshold.quantiles())
+    if isinstance(learned, CallerModel) and isinstance(loaded, CallerModel):
+        learned.state.max_keys = loaded.state.max_keys  # the current setting applies
     return learned
 
 

@@ -81,9 +81,9 @@ class Pipeline:
         for rule in self.rules.rules:
             saved = saved_rules.get(rule.id)
             if saved is not None and saved[0] == rule.logic:
-                _, state, rule.started_at = saved
-                state.max_keys = rule.state.max_keys  # this run's setting applies
-                rule.state = state
+                _, kept, rule.started_at = saved
+                kept.max_keys = rule.state.max_keys  # this run's setting applies
+                rule.state = kept
                 restored.append(rule.id)
         models = self.rules.models.models
         for index, model in enumerate(models):

@@ -289,7 +289,13 @@ def test_model_alerts_land_in_the_alerts_table_with_their_explanation(
     assert ("model.caller-behaviour", "caller") in kinds
     assert ("model.menu-traffic", "menu") in kinds
     for _, _, summary, evidence in rows:
-        assert " vs usual " in summary and evidence > 0
+        assert "usual" in summary and evidence > 0
+    with duckdb.connect(str(tmp_path / "data" / "callsentry.duckdb"), read_only=True) as con:
+        repeated = con.execute(
+            "SELECT rule_id, entity, count(*) FROM alerts WHERE detector = 'model' "
+            "GROUP BY ALL HAVING count(*) > 1"
+        ).fetchall()
+    assert repeated == [], "suppression: one alert per incident and entity"
 
 
 LATE_ABUSE = """

@@ -117,6 +117,9 @@ class StoreSettings(_Section):
     # many times per minute; the rest are only counted (a garbage flood must
     # not fill the disk).
     quarantine_unkeyed_per_minute: int = Field(default=600, ge=0)
+    # Events, rejects and calls older than this many days are deleted once a day
+    # (0: kept for ever). Alerts and reviews are always kept.
+    retention_days: int = Field(default=0, ge=0)
 
 
 class DetectionSettings(_Section):

@@ -22,6 +22,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, cast
 
@@ -241,6 +242,11 @@ def _write_atomic(frame: pl.DataFrame, target: Path) -> None:
     os.replace(partial, target)
 
 
+# Raw data that retention may remove; alerts and their reviews are the audit trail
+# and are kept.
+RETAINED_TABLES = ("events", "rejects", "calls")
+
+
 @dataclass(frozen=True)
 class CompactionResult:
     merged_files: int
@@ -352,6 +358,50 @@ class Lake:
         finally:
             partial.unlink(missing_ok=True)
             Path(str(partial) + ".wal").unlink(missing_ok=True)
+
+    def expire(self, before: date) -> list[Path]:
+        """Delete the day partitions of events, rejects and calls older than `before`.
+
+        The newest day of each table always stays, whatever its age, and so does
+        the day holding the highest report sequence number (history replayed into
+        a live data directory can put it on an old day): the store recovers its
+        numbering from the lake. Returns the folders removed.
+        """
+        removed = []
+        top = self.query(
+            "SELECT max(seq) FROM (SELECT seq FROM events UNION ALL SELECT seq FROM rejects)"
+        )[0][0]
+        for table in RETAINED_TABLES:
+            days = sorted(
+                folder
+                for folder in (self.root / table).glob("day=*")
+                if folder.name != _PLACEHOLDER_DAY and folder.is_dir()
+            )
+            for folder in days[:-1]:
+                try:
+                    day = date.fromisoformat(folder.name.removeprefix("day="))
+                except ValueError:
+                    continue  # not ours: leave it
+                if day >= before:
+                    break
+                if top is not None and table != "calls" and self._holds_seq(folder, top):
+                    continue
+                for path in folder.iterdir():
+                    path.unlink()
+                folder.rmdir()
+                removed.append(folder)
+            if removed:
+                fsync_dir(self.root / table)
+        return removed
+
+    def _holds_seq(self, folder: Path, seq: int) -> bool:
+        files = str(folder.resolve() / "*.parquet")
+        with duckdb.connect() as con:
+            row = con.execute(
+                "SELECT count(*) FROM read_parquet(?, hive_partitioning = false) WHERE seq = ?",
+                [files, seq],
+            ).fetchone()
+        return bool(row and row[0])
 
     def compact(self, target_bytes: int) -> CompactionResult:
         """Merge each day's small segments into one file, so file counts stay bounded.

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,8 @@ class LakeWriter:
         # kept here, already run through the pipeline, and written again as it is.
         self._decoded: dict[int, _Written] = {}
         self._lock = threading.Lock()
+        # Compaction and retention run on the scheduler's threads: one at a time.
+        self._housekeeping = threading.Lock()
         self._failing = False
         # Segments whose reports the caller still holds decoded (replay): no need to
         # read them back from the journal.
@@ -364,9 +367,24 @@ class LakeWriter:
             log.warning("lake writes work again")
             self._failing = False
 
+    def expire(self, retention_days: int) -> None:
+        """Retention: wall-clock housekeeping, like compaction (detection is unaffected)."""
+        if retention_days <= 0:
+            return
+        before = datetime.now(UTC).date() - timedelta(days=retention_days)
+        try:
+            with self._housekeeping:
+                removed = self.lake.expire(before)
+        except OSError as error:
+            log.error("retention failed (%s); will try again", error)
+            return
+        if removed:
+            log.info("retention: removed %d day partitions before %s", len(removed), before)
+
     def compact(self) -> None:
         try:
-            result = self.lake.compact(self.compact_target_bytes)
+            with self._housekeeping:
+                result = self.lake.compact(self.compact_target_bytes)
         except OSError as error:
             log.error("compaction failed (%s); will try again", error)
             return
@@ -517,6 +535,10 @@ def run(
     scheduler.add_job(
         writer.compact, "interval", seconds=settings.store.compact_interval_s, id="compact"
     )
+    retention = settings.store.retention_days
+    if retention > 0:
+        writer.expire(retention)
+        scheduler.add_job(writer.expire, "interval", hours=24, args=[retention], id="retention")
     if pipeline is not None and detection.snapshot_interval_s > 0:
         scheduler.add_job(
             writer.snapshot, "interval", seconds=detection.snapshot_interval_s, id="snapshot"

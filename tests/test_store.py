@@ -238,3 +238,67 @@ def test_the_stock_duckdb_cli_reads_the_analysts_database(tmp_path: Path) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["n", "2"]
+
+
+def test_retention_removes_old_days_of_raw_data_and_keeps_alerts_and_the_newest_day(
+    tmp_path: Path,
+) -> None:
+    from datetime import date, timedelta
+
+    data_dir = tmp_path / "data"
+    store = store_at(data_dir)
+    store.open()
+    day = 86400.0
+    # Reports on four days, ten days apart from the newest back.
+    for n, age_days in enumerate((30, 20, 10, 0)):
+        e = event(n, ts=T0 - age_days * day)
+        store.commit(
+            DATAGRAMS, n + 1, datagram_payload([(e.ts, "127.0.0.1:5060", CODEC.encode(e))])
+        )
+        store.seal()
+    store.close()
+    writer = LakeWriter(data_dir)
+    writer.drain()
+    writer.lake.publish_views()
+    events = data_dir / "lake" / "events"
+    alerts_placeholder = data_dir / "lake" / "alerts" / "day=1970-01-01" / "empty.parquet"
+    assert count(data_dir) == 4
+    newest = date(2026, 11, 28)
+    removed = writer.lake.expire(newest - timedelta(days=15))
+    assert sorted(p.name for p in removed) == ["day=2026-10-29", "day=2026-11-08"]
+    assert sorted(p.name for p in events.glob("day=*")) == [
+        "day=1970-01-01",
+        "day=2026-11-18",
+        "day=2026-11-28",
+    ]
+    assert count(data_dir) == 2, "analysts see what is left, nothing breaks"
+    # However old, the newest day stays (the store recovers its numbering from it).
+    writer.lake.expire(newest + timedelta(days=365))
+    assert sorted(p.name for p in events.glob("day=*")) == ["day=1970-01-01", "day=2026-11-28"]
+    assert alerts_placeholder.exists()
+    again, intake, _ = open_store(make_settings(data_dir), CODEC)
+    assert intake.next_seq == 5, "numbering carries on after the last stored report"
+    again.close()
+
+
+def test_retention_keeps_the_day_that_holds_the_highest_sequence_number(tmp_path: Path) -> None:
+    from datetime import date
+
+    data_dir = tmp_path / "data"
+    store = store_at(data_dir)
+    store.open()
+    # A live day first, then last month's history replayed into the same directory:
+    # the highest sequence number lands on the old day.
+    for n, ts in enumerate((T0, T0 - 30 * 86400.0)):
+        e = event(n, ts=ts)
+        store.commit(
+            DATAGRAMS, n + 1, datagram_payload([(e.ts, "127.0.0.1:5060", CODEC.encode(e))])
+        )
+        store.seal()
+    store.close()
+    writer = LakeWriter(data_dir)
+    writer.drain()
+    assert writer.lake.expire(date(2026, 11, 20)) == []
+    again, intake, _ = open_store(make_settings(data_dir), CODEC)
+    assert intake.next_seq == 3
+    again.close()

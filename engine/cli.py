@@ -227,6 +227,8 @@ def config_check(config: Path | None) -> None:
     for section, values in settings.model_dump(mode="json").items():
         click.echo(f"[{section}]")
         for key, value in values.items():
+            if key.endswith("_token") and value:
+                value = "(set, not shown)"  # secrets stay out of terminals and logs
             click.echo(f"{key} = {json.dumps(value, ensure_ascii=False)}")
     click.echo("configuration OK", err=True)
 

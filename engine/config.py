@@ -142,6 +142,9 @@ class DetectionSettings(_Section):
     # and, when set, are POSTed to this URL.
     alerts_jsonl: str = ""
     webhook_url: str = ""
+    # Sent as `Authorization: Bearer <token>`; better given as the environment
+    # variable CALLSENTRY_DETECTION__WEBHOOK_TOKEN than written in a file.
+    webhook_token: str = Field(default="", repr=False)
     # Detection state (call tracker, windows, models) is saved to
     # DATA_DIR/state/detection.snapshot this often and on shutdown, and restored on
     # start (0: only on shutdown).

@@ -432,7 +432,7 @@ def make_sinks(settings: Settings) -> list[AlertSink]:
         path = Path(detection.alerts_jsonl or settings.store.data_dir / "alerts.jsonl")
         sinks.append(JsonLinesSink(path))
     if detection.webhook_url:
-        sinks.append(WebhookSink(detection.webhook_url))
+        sinks.append(WebhookSink(detection.webhook_url, token=detection.webhook_token))
     return sinks
 
 

@@ -105,10 +105,12 @@ def test_json_lines_sink(tmp_path: Path) -> None:
 
 class _Collector(BaseHTTPRequestHandler):
     received: ClassVar[list[dict[str, object]]] = []
+    authorizations: ClassVar[list[str | None]] = []
     failures_left = 2
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Collector.authorizations.append(self.headers.get("Authorization"))
         if _Collector.failures_left > 0:
             _Collector.failures_left -= 1
             self.send_response(503)
@@ -127,7 +129,9 @@ def test_webhook_retries_with_back_off_and_never_blocks() -> None:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        sink = WebhookSink(f"http://127.0.0.1:{server.server_port}/alerts", retries=5)
+        sink = WebhookSink(
+            f"http://127.0.0.1:{server.server_port}/alerts", token="s3cret", retries=5
+        )
         sink.deliver([sample_alert(1)])
         # deliver() only queues: the endpoint is still failing when it returns.
         assert _Collector.received == []
@@ -140,3 +144,4 @@ def test_webhook_retries_with_back_off_and_never_blocks() -> None:
         server.server_close()
     assert [a["alert_id"] for a in _Collector.received] == ["id-1"]
     assert sink.delivered == 1 and sink.failed == 0 and _Collector.failures_left == 0
+    assert set(_Collector.authorizations) == {"Bearer s3cret"}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,16 @@ def test_cli_config_check_and_bad_flags(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "receiver.listen (from a flag): 'nowhere' has no port" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_config_check_does_not_print_the_webhook_token() -> None:
+    env = {**os.environ, "CALLSENTRY_DETECTION__WEBHOOK_TOKEN": '"very-secret"'}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "config", "check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert 'webhook_token = "(set, not shown)"' in done.stdout
+    assert "very-secret" not in done.stdout + done.stderr

@@ -183,9 +183,19 @@ class WebhookSink:
     a slow or dead endpoint never blocks the pipeline (a bounded queue drops and counts)."""
 
     def __init__(
-        self, url: str, *, timeout_s: float = 5.0, retries: int = 5, queue_size: int = 10_000
+        self,
+        url: str,
+        *,
+        token: str = "",
+        timeout_s: float = 5.0,
+        retries: int = 5,
+        queue_size: int = 10_000,
     ) -> None:
         self.url = url
+        self.headers = {"Content-Type": "application/json"}
+        if token:
+            # Most alert receivers (SOAR, chat, ticketing) take a bearer token.
+            self.headers["Authorization"] = f"Bearer {token}"
         self.timeout_s = timeout_s
         self.retries = retries
         self.dropped = 0
@@ -212,9 +222,7 @@ class WebhookSink:
             body = json.dumps(alert.as_json(), ensure_ascii=False).encode("utf-8")
             delay = 0.5
             for attempt in range(self.retries + 1):
-                request = urllib.request.Request(
-                    self.url, data=body, headers={"Content-Type": "application/json"}
-                )
+                request = urllib.request.Request(self.url, data=body, headers=self.headers)
                 error: Exception | None = None
                 try:
                     with urllib.request.urlopen(request, timeout=self.timeout_s) as response:

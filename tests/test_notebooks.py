@@ -1,0 +1,51 @@
+"""Every analyst notebook runs, top to bottom, against a database that replay wrote."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from engine.replay import replay
+from engine.simulator.scenario import generate, load_scenario, write_files
+from tests.conftest import make_settings
+
+NOTEBOOKS = sorted(Path("notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("notebooks")
+    generated = generate(load_scenario(Path("data/scenarios/fraud-mix.yaml")))
+    events_path, _ = write_files(generated, work / "scenario")
+    settings = make_settings(work / "data", detection={"alerts_jsonl": "off"})
+    replay([events_path], settings)
+    return work / "data" / "callsentry.duckdb"
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs_against_a_replayed_database(
+    path: Path, database: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notebook = nbformat.read(path, as_version=4)
+    monkeypatch.setenv("CALLSENTRY_DB", str(database))
+    client = NotebookClient(
+        notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": "."}}
+    )
+    client.execute(env={**os.environ})
+    printed = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+    )
+    assert "model alerts" in printed
+
+
+def test_there_is_a_notebook() -> None:
+    assert NOTEBOOKS, "notebooks/ ships at least one analyst notebook"

@@ -62,6 +62,8 @@ class ReceiverSettings(_Section):
     # Default: loopback only, so a fresh install answers nobody it was not told about.
     allow: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     socket_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=65536)
+    # Read and answer datagrams in batches (recvmmsg/sendmmsg) where the platform has them.
+    batched_io: bool = True
 
     @field_validator("listen")
     @classmethod

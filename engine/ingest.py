@@ -4,8 +4,10 @@ The receiver (or replay) offers each report by its key; `Intake` decides whether
 it is new (joins the open batch), a copy of a stored report (answer again now),
 a copy of a report still waiting for its commit (answer once that commit is
 durable), or more than the store can take (left unanswered for the switch to
-retry). `seal()` hands the open batch to the committer; `durable()` says what to
-answer and which events go on to detection.
+retry). `seal()` hands the open batch to the committer. A batch carries the first
+answer of each of its reports (`Batch.answers`), which the committer sends as soon
+as its fsync returns; `durable()` then returns the answers owed to copies that
+came in while the batch was being written.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class Batch:
     first_seq: int
     records: list[Any] = field(default_factory=list)
     keys: list[Key] = field(default_factory=list)
+    # (answer, reply-to) for each report that came with an address to answer.
+    answers: list[tuple[bytes, ReplyTo]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -90,6 +94,7 @@ class Intake:
         next_seq: int = 1,
         max_pending: int = 50_000,
         unkeyed_per_minute: int | None = 600,
+        max_in_flight: int = 2,
     ) -> None:
         self.stats = stats
         self.seen = seen
@@ -98,8 +103,12 @@ class Intake:
         self.max_pending = max_pending
         self.unkeyed_per_minute = unkeyed_per_minute
         self.open = Batch(next_seq)
-        self.in_flight: Batch | None = None
-        # Per key waiting for its commit: [answer bytes, reply-to, reply-to, ...]
+        # Sealed batches not yet durable, oldest first; they become durable in this
+        # order. Two, so the next batch is ready the moment an fsync returns.
+        self.in_flight: deque[Batch] = deque()
+        self.max_in_flight = max_in_flight
+        # Per key waiting for its commit: [answer bytes, first reply-to (answered
+        # from the batch), further reply-to, ...]
         self._waiting: dict[Key, list[Any]] = {}
         self._quota_minute = -1
         self._quota_used = 0
@@ -107,7 +116,11 @@ class Intake:
 
     @property
     def pending(self) -> int:
-        return len(self.open) + (len(self.in_flight) if self.in_flight else 0)
+        return len(self.open) + sum(len(batch) for batch in self.in_flight)
+
+    @property
+    def can_seal(self) -> bool:
+        return len(self.in_flight) < self.max_in_flight
 
     def offer(
         self,
@@ -129,10 +142,12 @@ class Intake:
             waiting = self._waiting.get(key)
             if waiting is not None:
                 self.stats.duplicates += 1
+                # A retry from the first address too: that answer may have left
+                # already and been lost, so it is owed another once durable.
                 if (
                     reply_to is not None
-                    and reply_to not in waiting
-                    and len(waiting) <= _MAX_REPLY_ADDRESSES
+                    and reply_to not in waiting[2:]
+                    and len(waiting) <= _MAX_REPLY_ADDRESSES + 1
                 ):
                     waiting.append(reply_to)
                 return Outcome.DUPLICATE_PENDING, None
@@ -148,7 +163,9 @@ class Intake:
         batch.records.append(record)
         if key is not None:
             batch.keys.append(key)
-            self._waiting[key] = [answer, reply_to] if reply_to else [answer]
+            self._waiting[key] = [answer, reply_to]
+            if reply_to is not None and answer is not None:
+                batch.answers.append((answer, reply_to))
         if ts > self._latest_ts:
             self._latest_ts = ts
         return Outcome.ACCEPTED, None
@@ -164,16 +181,18 @@ class Intake:
         return True
 
     def seal(self) -> Batch | None:
-        """Hand the open batch to the committer (one batch in flight at a time)."""
-        if self.in_flight is not None or not self.open.records:
+        """Hand the open batch to the committer (at most `max_in_flight` at a time)."""
+        if len(self.in_flight) >= self.max_in_flight or not self.open.records:
             return None
-        self.in_flight, self.open = self.open, Batch(self.next_seq)
-        return self.in_flight
+        sealed, self.open = self.open, Batch(self.next_seq)
+        self.in_flight.append(sealed)
+        return sealed
 
     def durable(self, batch: Batch) -> list[tuple[bytes, ReplyTo]]:
-        """The batch is fsync'd: remember its keys and return the answers now due."""
-        assert batch is self.in_flight
-        self.in_flight = None
+        """The batch is fsync'd: remember its keys and return the answers due to
+        copies that came while it was written (`batch.answers` has the rest)."""
+        assert self.in_flight and batch is self.in_flight[0], "batches become durable in order"
+        self.in_flight.popleft()
         waiting_for = self._waiting.pop
         answers: list[tuple[bytes, ReplyTo]] = []
         append = answers.append
@@ -181,7 +200,7 @@ class Intake:
             waiting = waiting_for(key)
             answer = waiting[0]
             if answer is not None:
-                for index in range(1, len(waiting)):
+                for index in range(2, len(waiting)):
                     append((answer, waiting[index]))
         latest = self._latest_ts
         self.seen.add_batch(batch.keys, latest)

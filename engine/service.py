@@ -21,6 +21,7 @@ from engine.detect.rules import load_rules
 from engine.ingest import Intake, SeenReports
 from engine.lakewriter import LakeWriterProcess
 from engine.receiver import AllowList, ReportServer
+from engine.runtime import freeze_startup_objects
 from engine.stats import Stats, registry_for
 from engine.store import EventStore
 
@@ -129,6 +130,7 @@ class Engine:
             commit_max_reports=settings.store.commit_max_reports,
             commit_max_delay_ms=settings.store.commit_max_delay_ms,
             socket_buffer_bytes=settings.receiver.socket_buffer_bytes,
+            batched_io=settings.receiver.batched_io,
             tick_s=settings.detection.tick_s,
         )
         self.writer = LakeWriterProcess(settings)
@@ -177,6 +179,7 @@ class Engine:
 async def serve(settings: Settings) -> int:
     engine = Engine(settings)
     await engine.start()
+    freeze_startup_objects()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -20,6 +20,8 @@ class Stats:
     received: int = 0
     stored: int = 0
     answered: int = 0
+    # Answers the socket refused (send buffer full, sender unreachable); retried by the switch.
+    answer_failures: int = 0
     duplicates: int = 0
     # Unkeyed rejects past the per-minute quarantine quota: counted, not stored.
     quarantine_overflow: int = 0
@@ -78,6 +80,7 @@ _COUNTERS = {
     "received": "Datagrams received, from any sender",
     "stored": "Reports made durable in the journal (events and quarantined rejects)",
     "answered": "Answers sent to the switch",
+    "answer_failures": "Answers the socket could not send (the switch retries the report)",
     "duplicates": "Copies of an already accepted report (answered again, not processed)",
     "quarantine_overflow": "Unreadable datagrams counted but not stored (quota reached)",
     "dropped_sender": "Datagrams from senders outside the allow-list (unanswered)",

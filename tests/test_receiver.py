@@ -59,10 +59,11 @@ def test_answer_leaves_only_after_the_report_is_in_the_journal(
     assert ("held-1", 1) in running.journal_keys()
 
 
+@pytest.mark.parametrize("batched_io", [True, False], ids=["recvmmsg", "per-datagram"])
 def test_duplicate_is_answered_again_and_stored_once(
-    engine_factory: EngineFactory, switch_factory: SwitchFactory, tmp_path: Path
+    engine_factory: EngineFactory, switch_factory: SwitchFactory, tmp_path: Path, batched_io: bool
 ) -> None:
-    running = engine_factory()
+    running = engine_factory(receiver={"batched_io": batched_io})
     switch = switch_factory(running.address)
     for _ in range(3):
         assert switch.ask(report("dup-1", 4)) == b"dup-1,4"
@@ -72,10 +73,11 @@ def test_duplicate_is_answered_again_and_stored_once(
     assert running.engine.stats.answered == 3
 
 
+@pytest.mark.parametrize("batched_io", [True, False], ids=["recvmmsg", "per-datagram"])
 def test_copies_of_a_report_still_in_its_commit_are_all_answered_after_it(
-    engine_factory: EngineFactory, switch_factory: SwitchFactory
+    engine_factory: EngineFactory, switch_factory: SwitchFactory, batched_io: bool
 ) -> None:
-    running = engine_factory()
+    running = engine_factory(receiver={"batched_io": batched_io})
     gate = threading.Event()
     running.engine.server._committer.submit(gate.wait)
     first, second = switch_factory(running.address), switch_factory(running.address)
@@ -150,7 +152,10 @@ def test_sender_outside_the_allow_list_gets_no_answer_and_nothing_is_stored(
     assert running.engine.stats.answered == 0
 
 
-def test_ipv6_listener(engine_factory: EngineFactory, switch_factory: SwitchFactory) -> None:
+@pytest.mark.parametrize("batched_io", [True, False], ids=["recvmmsg", "per-datagram"])
+def test_ipv6_listener(
+    engine_factory: EngineFactory, switch_factory: SwitchFactory, batched_io: bool
+) -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 on this machine")
     try:
@@ -159,7 +164,9 @@ def test_ipv6_listener(engine_factory: EngineFactory, switch_factory: SwitchFact
         probe.close()
     except OSError:
         pytest.skip("no IPv6 loopback on this machine")
-    running = engine_factory(receiver={"listen": ["[::1]:0", "127.0.0.1:0"]})
+    running = engine_factory(
+        receiver={"listen": ["[::1]:0", "127.0.0.1:0"], "batched_io": batched_io}
+    )
     v6 = switch_factory(running.engine.server.addresses[0], bind="::1")
     v4 = switch_factory(running.engine.server.addresses[1])
     assert v6.ask(report("v6-1", 1)) == b"v6-1,1"
@@ -200,6 +207,51 @@ def test_store_failure_stops_answers_and_recovery_resumes_them(
     assert switch.answer(timeout=5) == b"during,1"
     running.stop()
     assert stored_count(tmp_path / "data") == 2
+
+
+def test_a_failed_commit_is_written_before_the_batch_sealed_after_it(
+    engine_factory: EngineFactory, switch_factory: SwitchFactory, tmp_path: Path
+) -> None:
+    running = engine_factory()
+    engine = running.engine
+    switch = switch_factory(running.address)
+    assert switch.ask(report("before", 1)) == b"before,1"
+    # (Its answer may leave before the loop has marked its batch durable.)
+    wait_for(lambda: not engine.intake.in_flight)
+    written: list[int] = []
+    commit = engine.store.commit
+
+    def recording_commit(kind: bytes, first_seq: int, payload: bytes) -> None:
+        commit(kind, first_seq, payload)
+        if first_seq:
+            written.append(first_seq)
+
+    engine.store.commit = recording_commit  # type: ignore[method-assign]
+    journal = engine.store.journal
+    failures = {"left": 1}
+
+    def failing_once(kind: bytes, first_seq: int, payload: bytes) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(28, "No space left on device (injected)")
+        journal_append(kind, first_seq, payload)
+
+    journal_append = journal.append
+    journal.append = failing_once  # type: ignore[method-assign]
+    # Hold the committer so two batches are sealed and queued behind each other.
+    gate = threading.Event()
+    engine.server._committer.submit(gate.wait)
+    switch.send(report("older", 1))
+    wait_for(lambda: len(engine.intake.in_flight) == 1)
+    switch.send(report("newer", 1))
+    wait_for(lambda: len(engine.intake.in_flight) == 2)
+    gate.set()
+    # The older batch fails once, the newer is refused until the older is written.
+    assert {switch.answer(timeout=5), switch.answer(timeout=5)} == {b"older,1", b"newer,1"}
+    assert engine.stats.store_failures == 1
+    assert written == sorted(written) and len(written) == 2
+    running.stop()
+    assert stored_count(tmp_path / "data") == 3
 
 
 def test_twenty_percent_loss_each_way_ends_with_every_report_stored_once(

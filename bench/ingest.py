@@ -82,8 +82,10 @@ def start_engine(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.STDOUT,
         cwd=ROOT,
     )
+    # Load starts once the engine is whole: the lake writer's start (imports,
+    # rules, models) takes seconds of CPU that are not ingest.
     deadline = time.monotonic() + 60
-    while "callsentry serving on" not in (data_dir.parent / "engine.log").read_text():
+    while "lake writer running" not in (data_dir.parent / "engine.log").read_text():
         if process.poll() is not None or time.monotonic() > deadline:
             raise SystemExit((data_dir.parent / "engine.log").read_text())
         time.sleep(0.05)

@@ -278,7 +278,23 @@ class Vos3000TextCodec:
 
         The receiver answers on this alone; the full decode happens off the answer path.
         """
-        parts = data[: self.max_bytes].split(self._separator_bytes, 2)
+        separator = self._separator_bytes
+        parts = data.split(separator, 2)
+        if len(parts) == 3:
+            # The usual report: ASCII call_id and digits, no padding; its answer is
+            # its own first two fields. (Both fit well inside the size limit, so
+            # reading past it changes nothing.)
+            raw_id, raw_serial = parts[0], parts[1]
+            if (
+                raw_serial.isdigit()
+                and len(raw_serial) <= MAX_SERIAL_DIGITS
+                and 0 < len(raw_id) <= MAX_CALL_ID_BYTES
+                and raw_id.isascii()
+            ):
+                call_id = raw_id.decode("ascii")
+                if call_id.isprintable() and call_id[0] != " " and call_id[-1] != " ":
+                    return (call_id, int(raw_serial)), raw_id + separator + raw_serial
+        parts = data[: self.max_bytes].split(separator, 2)
         if len(parts) == 3 and parts[0].isascii() and parts[1].isascii():
             # An ASCII prefix decodes the same in every allowed encoding, and no
             # multi-byte GBK character can hide a separator inside it.

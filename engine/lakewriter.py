@@ -548,6 +548,7 @@ def run(
         every = detection.reload_interval_s or 1.0
         scheduler.add_job(watcher.check, "interval", seconds=every, id="rules")
     scheduler.start()
+    log.info("lake writer running (detection %s)", "on" if pipeline is not None else "off")
     try:
         # Draining is the main loop (one pass at a time, however long a pass takes).
         while not stop.wait(poll_interval_s):

@@ -51,6 +51,11 @@ class Codec(Protocol):
 
     def read_key(self, data: bytes) -> tuple[tuple[str, int], bytes] | None: ...
 
+    @property
+    def key_separator(self) -> bytes | None:
+        """The byte that ends call_id and serial in the usual report, for a reader
+        that reads those keys itself exactly as `read_key` would (None: no such)."""
+
 
 class FieldError(ValueError):
     """A field of a report is invalid; `reason` is the quarantine reason code."""
@@ -271,6 +276,11 @@ class Vos3000TextCodec:
     def _answer(self, call_id: str, serial: str, encoding: str) -> bytes:
         # The serial goes back as the switch wrote it ("007" stays "007").
         return f"{call_id}{self.separator}{serial}".encode(encoding, "replace")
+
+    @property
+    def key_separator(self) -> bytes:
+        # engine/_fastio.c reads the usual key as the first branch of read_key does.
+        return self._separator_bytes
 
     def read_key(self, data: bytes) -> tuple[tuple[str, int], bytes] | None:
         """(call_id, serial) and the answer bytes, exactly as `decode` would give them,

@@ -122,6 +122,11 @@ class StoreSettings(_Section):
     # Events, rejects and calls older than this many days are deleted once a day
     # (0: kept for ever). Alerts and reviews are always kept.
     retention_days: int = Field(default=0, ge=0)
+    # The lake writer's CPU priority. "idle": it runs only when no other process
+    # wants the CPU, so answers never wait for it (under a flood the lake and
+    # detection fall behind and catch up after). "low": nice 10, for a machine
+    # busy with other work, where "idle" could leave the lake behind for long.
+    lake_writer_priority: Literal["idle", "low"] = "idle"
 
 
 class DetectionSettings(_Section):

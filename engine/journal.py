@@ -25,12 +25,23 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def _compiled_durable_write() -> Callable[..., tuple[int, int]] | None:
+    try:
+        from engine._fastio import durable_write
+    except ImportError:  # not built here (no C compiler, not Linux): plain system calls
+        return None
+    return durable_write
+
+
+durable_write = _compiled_durable_write()
 
 MAGIC = b"CSJ2"
 _HEADER = struct.Struct("<4scIIQ")
@@ -43,6 +54,8 @@ _TICK = struct.Struct("<d")
 
 # A datagram as journaled: arrival time, "ip:port", the bytes.
 Datagram = tuple[float, str, bytes]
+# Answers to send once a frame is durable: a UDP socket's fd and (answer, raw sockaddr) pairs.
+AnswersOn = tuple[int, list[tuple[bytes, bytes]]]
 
 
 class JournalError(OSError):
@@ -241,19 +254,33 @@ class Journal:
             os.fdatasync(self._fd)
             fsync_dir(self.directory)
 
-    def append(self, kind: bytes, first_seq: int, payload: bytes) -> None:
-        """Write one batch as one frame and make it durable, or raise JournalError."""
+    def append(
+        self, kind: bytes, first_seq: int, payload: bytes, answers: AnswersOn | None = None
+    ) -> tuple[int, int] | None:
+        """Write one batch as one frame and make it durable, or raise JournalError.
+
+        With `answers`, and the compiled helper built, they are sent the moment the
+        fsync returns, without going back to Python in between; returns (sent, errno
+        of the last failed send or 0). None when the caller has them to send.
+        """
         frame = encode_frame(kind, first_seq, payload)
+        sent: tuple[int, int] | None = None
         try:
             if self._fd is None:
                 self._open_current()
             assert self._fd is not None
-            view = memoryview(frame)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            if self.fsync:
-                os.fdatasync(self._fd)
+            if durable_write is not None:
+                sock_fd, pairs = answers if answers is not None else (-1, [])
+                sent = durable_write(self._fd, frame, self.fsync, sock_fd, pairs)
+                if answers is None:
+                    sent = None
+            else:
+                view = memoryview(frame)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+                if self.fsync:
+                    os.fdatasync(self._fd)
         except OSError as error:
             self._undo_partial_write()
             raise JournalError(
@@ -261,6 +288,7 @@ class Journal:
             ) from error
         self._size += len(frame)
         self._frames += 1
+        return sent
 
     def _undo_partial_write(self) -> None:
         """Leave no half frame behind, so a retried batch starts on a frame boundary."""

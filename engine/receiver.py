@@ -14,17 +14,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, cast
 
-from engine import udpbatch
+from engine import journal, udpbatch
 from engine.codec import Codec
 from engine.config import parse_hostport
-from engine.ingest import Batch, Intake, Outcome, ReplyTo
-from engine.journal import DATAGRAMS, TICK, datagram_payload, tick_payload
+from engine.ingest import Batch, Intake, Key, Outcome, ReplyTo
+from engine.journal import DATAGRAMS, TICK, AnswersOn, datagram_payload, tick_payload
 from engine.stats import Stats
 from engine.store import EventStore
 from engine.udpbatch import BatchSocket, peer_of
@@ -51,7 +52,7 @@ class _OutOfOrder(Exception):
     """
 
 
-def _log_tick_failure(future: Future[None]) -> None:
+def _log_tick_failure(future: Future[Any]) -> None:
     error = future.exception()
     if error is not None:
         log.debug("tick not journaled: %s", error)
@@ -100,8 +101,8 @@ class _Endpoint:
 class _BatchEndpoint(_Endpoint):
     """recvmmsg/sendmmsg (Linux): addresses are raw sockaddr bytes."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.io = BatchSocket(sock)
+    def __init__(self, sock: socket.socket, key_separator: bytes | None) -> None:
+        self.io = BatchSocket(sock, key_separator=key_separator)
         self.sock = sock
 
     def peer(self, addr: Any) -> tuple[str, int] | None:
@@ -130,7 +131,7 @@ class _TransportEndpoint(_Endpoint, asyncio.DatagramProtocol):
             transport.max_size = 4096
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.server.on_datagrams([(data, addr)], self)
+        self.server.on_datagrams([(data, addr, None, None)], self)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable for an answer to a vanished sender: nothing to do.
@@ -200,8 +201,10 @@ class ReportServer:
         # The journal takes batches strictly in sequence: after a failed commit the
         # batches behind it are refused until it is written (see `_OutOfOrder`).
         self._next_seq_to_write = intake.open.first_seq
-        # Set at start: whether every socket may be answered from the committer thread.
+        # Set at start: whether every socket may be answered from the committer thread,
+        # and the socket answered within the commit itself, if that can be done.
         self._answers_from_committer = False
+        self._answer_fd: int | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -233,7 +236,7 @@ class ReportServer:
             bound = sock.getsockname()
             if self.batched_io:
                 sock.setblocking(False)
-                endpoint = _BatchEndpoint(sock)
+                endpoint = _BatchEndpoint(sock, self.codec.key_separator)
                 self._loop.add_reader(sock.fileno(), self._on_readable, endpoint)
                 self._endpoints.append(endpoint)
             else:
@@ -243,6 +246,13 @@ class ReportServer:
                 self._endpoints.append(protocol)
             self.addresses.append((bound[0], bound[1]))
         self._answers_from_committer = all(isinstance(e, _BatchEndpoint) for e in self._endpoints)
+        # One batched socket: its answers leave with the commit's fsync (compiled helper).
+        if (
+            self._answers_from_committer
+            and len(self._endpoints) == 1
+            and journal.durable_write is not None
+        ):
+            self._answer_fd = cast(_BatchEndpoint, self._endpoints[0]).io.fd
         self._loop.call_later(self.tick_s, self._heartbeat)
 
     # -- the datagram path (hot) ------------------------------------------------
@@ -274,8 +284,11 @@ class ReportServer:
                 log.warning("dropping datagrams from %s: not in the sender allow-list", host)
         return self._peers[addr]
 
-    def on_datagrams(self, received: list[tuple[bytes, Any]], endpoint: _Endpoint) -> None:
-        """Datagrams that arrived together: (bytes, sender address as the endpoint has it)."""
+    def on_datagrams(
+        self, received: list[tuple[bytes, Any, Key | None, bytes | None]], endpoint: _Endpoint
+    ) -> None:
+        """Datagrams that arrived together: (bytes, sender address as the endpoint has
+        it, and the key and answer if the endpoint read them, else None)."""
         stats = self.stats
         stats.received += len(received)
         # Event time never runs backwards, even if the wall clock is stepped back; in
@@ -289,7 +302,7 @@ class ReportServer:
         closing = self._closing
         answers_now: list[tuple[bytes, Any]] = []
         accepted = False
-        for data, addr in received:
+        for data, addr, key, answer in received:
             source = peers.get(addr, _UNKNOWN)
             if source is _UNKNOWN:
                 source = self._learn_peer(addr, endpoint)
@@ -300,8 +313,10 @@ class ReportServer:
                 stats.dropped_shutdown += 1
                 continue
             # Only the key is read here; the full decode happens in the lake writer.
-            read = read_key(data)
-            key, answer = read if read is not None else (None, None)
+            if key is None:
+                read = read_key(data)
+                if read is not None:
+                    key, answer = read
             outcome, answer_now = offer(key, answer, (now, source, data), now, (endpoint, addr))
             if answer_now is not None:
                 answers_now.append((answer_now, addr))
@@ -367,10 +382,26 @@ class ReportServer:
         getting round to the next batch, and this thread is free for its fsync."""
         if batch.first_seq != self._next_seq_to_write:
             raise _OutOfOrder(batch.first_seq)
-        self.store.commit(DATAGRAMS, batch.first_seq, datagram_payload(batch.records))
+        answers_on: AnswersOn | None = None
+        if self._answer_fd is not None and batch.answers:
+            answers_on = (self._answer_fd, [(answer, to[1]) for answer, to in batch.answers])
+        sent = self.store.commit(
+            DATAGRAMS, batch.first_seq, datagram_payload(batch.records), answers_on
+        )
         self._next_seq_to_write = batch.first_seq + len(batch)
-        if self._answers_from_committer and batch.answers:
+        if sent is not None:
+            # Already on their way: the fsync and the send were one step without the GIL.
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._count_sent, len(batch.answers), *sent)
+        elif self._answers_from_committer and batch.answers:
             self._answerer.submit(self._answer_batch, batch.answers)
+
+    def _count_sent(self, due: int, sent: int, send_errno: int) -> None:
+        if send_errno and isinstance(self._endpoints[0], _BatchEndpoint):
+            io = self._endpoints[0].io
+            io.send_failures += due - sent
+            io.last_error = OSError(send_errno, f"sendmmsg: {os.strerror(send_errno)}")
+        self._count_answers(due, sent)
 
     def _answer_batch(self, answers: list[tuple[bytes, ReplyTo]]) -> None:
         """On the answerer thread: send a stored batch's answers, count them on the loop."""

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from engine.codec import Codec, build_codec
-from engine.journal import DATAGRAMS, Journal, JournalError, read_segment, sealed_segments
+from engine.journal import (
+    DATAGRAMS,
+    AnswersOn,
+    Journal,
+    JournalError,
+    read_segment,
+    sealed_segments,
+)
 from engine.lake import Lake, item_of
 
 log = logging.getLogger(__name__)
@@ -183,10 +190,15 @@ class EventStore:
         self.lake.publish_views()
         return recovery
 
-    def commit(self, kind: bytes, first_seq: int, payload: bytes) -> None:
-        """Make a batch durable; raises JournalError (the batch is then not stored)."""
+    def commit(
+        self, kind: bytes, first_seq: int, payload: bytes, answers: AnswersOn | None = None
+    ) -> tuple[int, int] | None:
+        """Make a batch durable; raises JournalError (the batch is then not stored).
+
+        `answers` may leave straight after the fsync: see `Journal.append`.
+        """
         with self._lock:
-            self.journal.append(kind, first_seq, payload)
+            return self.journal.append(kind, first_seq, payload, answers)
 
     def seal(self) -> int | None:
         with self._lock:

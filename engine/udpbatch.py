@@ -25,7 +25,10 @@ import socket
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
+
+from engine.events import MAX_CALL_ID_BYTES, MAX_SERIAL_DIGITS
 
 # struct mmsghdr on LP64 Linux: msghdr {name*, namelen u32 (+4), iov*, iovlen,
 # control*, controllen, flags i32 (+4)} then msg_len u32 (+4): 64 bytes.
@@ -116,10 +119,36 @@ class _Slots:
         self.iovec_u64 = memoryview(self.iovecs).cast("B").cast("Q")
 
 
-class BatchSocket:
-    """A bound, non-blocking UDP socket read and answered in batches."""
+# A datagram read: its bytes, the sender's raw sockaddr, and its (call_id, serial)
+# key and answer when read on the way in (else None: the caller reads them).
+Received = tuple[bytes, bytes, tuple[str, int] | None, bytes | None]
 
-    def __init__(self, sock: socket.socket, slots: int = 256, datagram_bytes: int = 4096) -> None:
+
+def _compiled_receive() -> Callable[..., tuple[list[Received], int]] | None:
+    try:
+        from engine._fastio import receive
+    except ImportError:  # not built here: the ctypes path below
+        return None
+    return receive
+
+
+_RECEIVE = _compiled_receive()
+
+
+class BatchSocket:
+    """A bound, non-blocking UDP socket read and answered in batches.
+
+    With `key_separator` (and the compiled helper), each datagram's usual key is
+    read as it is copied out of the buffer, as `Codec.read_key` would read it.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        slots: int = 256,
+        datagram_bytes: int = 4096,
+        key_separator: bytes | None = None,
+    ) -> None:
         if _FUNCTIONS is None:
             raise OSError(errno.ENOSYS, "recvmmsg/sendmmsg are not available here")
         self._recvmmsg, self._sendmmsg = _FUNCTIONS
@@ -134,14 +163,28 @@ class BatchSocket:
         # Answers that could not be sent (send buffer full, unreachable sender).
         self.send_failures = 0
         self.last_error: OSError | None = None
+        self._separator = key_separator[0] if key_separator and len(key_separator) == 1 else -1
 
-    def receive(self) -> list[tuple[bytes, bytes]]:
-        """Up to `slots` waiting datagrams as (bytes, raw sockaddr); [] when none wait.
+    def receive(self) -> list[Received]:
+        """Up to `slots` waiting datagrams; [] when none wait.
 
         A datagram longer than the slot comes back cut to the slot size, which is
         still longer than any report may be, so the codec rejects it as oversized.
         """
         slots = self._in
+        if _RECEIVE is not None:
+            batch, code = _RECEIVE(
+                self.fd,
+                slots.address,
+                slots.count,
+                _NAME_BYTES,
+                self._separator,
+                MAX_CALL_ID_BYTES,
+                MAX_SERIAL_DIGITS,
+            )
+            if code and code != errno.EINTR:
+                self.last_error = OSError(code, f"recvmmsg: {errno.errorcode.get(code, code)}")
+            return batch
         got = self._recvmmsg(self.fd, slots.address, slots.count, _MSG_DONTWAIT, None)
         if got <= 0:
             if got < 0:
@@ -151,7 +194,7 @@ class BatchSocket:
             return []
         header, data, names = slots.header_u32, slots.data_view, slots.name_view
         size, per = slots.slot_bytes, _U32_PER_HEADER
-        received: list[tuple[bytes, bytes]] = []
+        received: list[Received] = []
         append = received.append
         for i in range(got):
             at = i * per
@@ -159,8 +202,10 @@ class BatchSocket:
             name_start = i * _NAME_BYTES
             append(
                 (
-                    bytes(data[start : start + header[at + _MSG_LEN]]),
+                    bytes(data[start : start + min(header[at + _MSG_LEN], size)]),
                     bytes(names[name_start : name_start + header[at + _NAMELEN]]),
+                    None,
+                    None,
                 )
             )
             # The kernel wrote the sender's address length over the buffer size.

@@ -5,7 +5,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.codec import SEPARATORS, Vos3000TextCodec
-from engine.events import CallEvent, CallState, Reject, RejectReason
+from engine.events import (
+    MAX_CALL_ID_BYTES,
+    MAX_SERIAL_DIGITS,
+    CallEvent,
+    CallState,
+    Reject,
+    RejectReason,
+)
+
+try:
+    from engine import _fastio as fastio
+except ImportError:
+    fastio = None  # type: ignore[assignment]
 
 CODEC = Vos3000TextCodec()
 
@@ -209,6 +221,39 @@ def test_read_key_agrees_with_decode(data: bytes, separator: str) -> None:
     item, answer = codec.decode(data, 0.0)
     expected = None if item.key is None or answer is None else (item.key, answer)
     assert codec.read_key(data) == expected
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=120),
+        st.builds(
+            lambda a, b, rest: a + b"," + b + b"," + rest,
+            st.one_of(st.binary(max_size=12), st.text(max_size=12).map(str.encode)),
+            st.sampled_from([b"1", b" 7 ", b"007", b"", b"x", b"\xb2", b"1" * 18, b"9" * 19]),
+            st.binary(max_size=40),
+        ),
+    ),
+)
+def test_the_compiled_key_reader_agrees_with_read_key(data: bytes) -> None:
+    # The receiver reads the usual key in C as datagrams come off the socket; it
+    # must answer exactly what read_key answers, or leave the datagram to it.
+    if fastio is None:
+        pytest.skip("compiled helper not built")
+    read = fastio.read_usual_key(data, ord(","), MAX_CALL_ID_BYTES, MAX_SERIAL_DIGITS)
+    if read is not None:
+        assert read == CODEC.read_key(data)
+
+
+def test_the_compiled_key_reader_takes_the_usual_report() -> None:
+    if fastio is None:
+        pytest.skip("compiled helper not built")
+    usual = b"7f3a9c01@10.0.0.5,2,OK,8613800000001,4420719460000,,12,Main menu"
+    assert fastio.read_usual_key(usual, ord(","), 128, 18) == CODEC.read_key(usual)
+    assert fastio.read_usual_key(b"a,123456789012345678,", ord(","), 128, 18) == (
+        ("a", 123456789012345678),
+        b"a,123456789012345678",
+    )
 
 
 def test_read_key_of_an_oversized_report_and_of_gbk() -> None:

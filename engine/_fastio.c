@@ -276,6 +276,82 @@ receive(PyObject *Py_UNUSED(module), PyObject *args)
     return Py_BuildValue("(Ni)", received, 0);
 }
 
+/* The common case of Intake.offer for a run of received datagrams, from `start`:
+   a sender already known and allowed (peers[addr] is its "host:port"), a key read
+   on the way in, not among the stored keys, not waiting for a commit, and room
+   for it. Each such report joins the open batch exactly as Intake.offer would
+   add it. Stops at the first datagram that is anything else and returns its
+   index (len(received) when all were taken); Python decides that one. */
+static PyObject *
+take_usual(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *received, *peers, *seen, *waiting, *now, *endpoint, *records, *keys, *answers;
+    Py_ssize_t start, max_pending;
+    if (!PyArg_ParseTuple(args, "O!nO!O!O!nOOO!O!O!:take_usual", &PyList_Type, &received, &start,
+                          &PyDict_Type, &peers, &PySet_Type, &seen, &PyDict_Type, &waiting,
+                          &max_pending, &now, &endpoint, &PyList_Type, &records, &PyList_Type,
+                          &keys, &PyList_Type, &answers)) {
+        return NULL;
+    }
+    Py_ssize_t size = PyList_GET_SIZE(received), at = start;
+    for (; at < size; at++) {
+        PyObject *item = PyList_GET_ITEM(received, at);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4) {
+            break;
+        }
+        PyObject *data = PyTuple_GET_ITEM(item, 0), *addr = PyTuple_GET_ITEM(item, 1);
+        PyObject *key = PyTuple_GET_ITEM(item, 2), *answer = PyTuple_GET_ITEM(item, 3);
+        if (key == Py_None || answer == Py_None) {
+            break;
+        }
+        PyObject *source = PyDict_GetItemWithError(peers, addr);
+        if (source == NULL) {
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            break;
+        }
+        if (!PyUnicode_Check(source) || PyDict_GET_SIZE(waiting) >= max_pending) {
+            break;
+        }
+        int stored = PySet_Contains(seen, key);
+        if (stored != 0) {
+            if (stored < 0) {
+                return NULL;
+            }
+            break;
+        }
+        int pending = PyDict_Contains(waiting, key);
+        if (pending != 0) {
+            if (pending < 0) {
+                return NULL;
+            }
+            break;
+        }
+        PyObject *record = PyTuple_Pack(3, now, source, data);
+        PyObject *reply_to = record != NULL ? PyTuple_Pack(2, endpoint, addr) : NULL;
+        PyObject *state = reply_to != NULL ? PyList_New(2) : NULL;
+        PyObject *reply = state != NULL ? PyTuple_Pack(2, answer, reply_to) : NULL;
+        int failed = reply == NULL;
+        if (!failed) {
+            Py_INCREF(answer);
+            PyList_SET_ITEM(state, 0, answer);
+            Py_INCREF(reply_to);
+            PyList_SET_ITEM(state, 1, reply_to);
+            failed = PyList_Append(records, record) < 0 || PyList_Append(keys, key) < 0 ||
+                     PyDict_SetItem(waiting, key, state) < 0 || PyList_Append(answers, reply) < 0;
+        }
+        Py_XDECREF(record);
+        Py_XDECREF(reply_to);
+        Py_XDECREF(state);
+        Py_XDECREF(reply);
+        if (failed) {
+            return NULL;
+        }
+    }
+    return PyLong_FromSsize_t(at);
+}
+
 static PyMethodDef methods[] = {
     {"durable_write", durable_write, METH_VARARGS,
      "durable_write(fd, data, sync, sock_fd, answers) -> (sent, send_errno)\n\n"
@@ -293,6 +369,10 @@ static PyMethodDef methods[] = {
     {"read_usual_key", read_usual_key, METH_VARARGS,
      "read_usual_key(data, separator, max_call_id, max_serial) -> (key, answer) | None\n\n"
      "The key `receive` reads from one datagram (for tests)."},
+    {"take_usual", take_usual, METH_VARARGS,
+     "take_usual(received, start, peers, seen, waiting, max_pending, now, endpoint, records,\n"
+     "keys, answers) -> index of the first datagram not taken\n\n"
+     "Intake.offer's common case over a run of received datagrams (see engine/ingest.py)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -300,9 +300,21 @@ class ReportServer:
         self._last_ts = now
         peers, read_key, offer = self._peers, self._read_key, self.intake.offer
         closing = self._closing
+        take_usual = None if closing else self.intake.take_usual
         answers_now: list[tuple[bytes, Any]] = []
         accepted = False
-        for data, addr, key, answer in received:
+        index, count = 0, len(received)
+        while index < count:
+            if take_usual is not None:
+                # Runs of new reports from known senders join the batch in one call.
+                taken_to = take_usual(received, index, peers, now, endpoint)
+                if taken_to > index:
+                    accepted = True
+                    index = taken_to
+                    if index == count:
+                        break
+            data, addr, key, answer = received[index]
+            index += 1
             source = peers.get(addr, _UNKNOWN)
             if source is _UNKNOWN:
                 source = self._learn_peer(addr, endpoint)

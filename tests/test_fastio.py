@@ -8,11 +8,16 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import journal
+from engine.ingest import Intake, SeenReports
 from engine.journal import DATAGRAMS, Journal, read_segment
+from engine.stats import Stats
 from engine.udpbatch import sockaddr_of
 
 linux = sys.platform.startswith("linux")
@@ -116,3 +121,60 @@ def test_the_lake_writer_yields_the_cpu(priority: str, expected: str) -> None:
         check=True,
     )
     assert done.stdout.strip() == expected
+
+
+PEERS: dict[Any, str | None] = {"a": "10.0.0.1:5060", "b": "10.0.0.2:5060", "refused": None}
+
+
+def offer_each(intake: Intake, received: list[Any], fast: bool) -> None:
+    """The receiver's loop over a batch, with or without the compiled run-taker."""
+    index = 0
+    while index < len(received):
+        if fast:
+            index = intake.take_usual(received, index, PEERS, 5.0, "endpoint")
+            if index == len(received):
+                break
+        data, addr, key, answer = received[index]
+        index += 1
+        source = PEERS.get(addr)
+        if source is None:
+            continue
+        intake.offer(key, answer, (5.0, source, data), 5.0, ("endpoint", addr))
+
+
+@needs_helper
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 6), st.sampled_from(["a", "b", "refused", "unknown"]), st.booleans()
+        ),
+        max_size=40,
+    ),
+    st.integers(1, 8),
+    st.sets(st.integers(0, 6), max_size=3),
+)
+def test_taking_runs_of_usual_reports_is_offering_each(
+    reports: list[tuple[int, str, bool]], max_pending: int, stored: set[int]
+) -> None:
+    def received() -> list[Any]:
+        # Same call_id in several reports: copies of one report, pending or stored.
+        return [
+            (f"c{n},1,OK".encode(), addr, (f"c{n}", 1) if read else None, f"c{n},1".encode())
+            for n, addr, read in reports
+        ]
+
+    intakes = []
+    for fast in (False, True):
+        seen = SeenReports(3600)
+        seen.add_batch([(f"c{n}", 1) for n in stored], 1.0)
+        intake = Intake(Stats(), seen, max_pending=max_pending, unkeyed_per_minute=3)
+        offer_each(intake, received(), fast)
+        intakes.append(intake)
+    plain, fast = intakes
+    assert fast.open.records == plain.open.records
+    assert fast.open.keys == plain.open.keys
+    assert fast.open.answers == plain.open.answers
+    assert fast._waiting == plain._waiting
+    assert fast.next_seq == plain.next_seq
+    assert fast.stats.line() == plain.stats.line()

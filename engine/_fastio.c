@@ -352,6 +352,54 @@ take_usual(PyObject *Py_UNUSED(module), PyObject *args)
     return PyLong_FromSsize_t(at);
 }
 
+/* Intake.durable's loop: each key of a durable batch leaves `waiting`; the
+   answers owed to copies that came while it was written ([answer, first
+   reply-to, further reply-to...]: the further ones) are returned. */
+static PyObject *
+release_waiting(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    PyObject *keys, *waiting;
+    if (!PyArg_ParseTuple(args, "O!O!:release_waiting", &PyList_Type, &keys, &PyDict_Type,
+                          &waiting)) {
+        return NULL;
+    }
+    PyObject *owed = PyList_New(0);
+    if (owed == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *state = PyDict_GetItemWithError(waiting, PyList_GET_ITEM(keys, i));
+        if (state == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_KeyError, "a durable key was not waiting");
+            }
+            Py_DECREF(owed);
+            return NULL;
+        }
+        Py_INCREF(state);
+        if (PyDict_DelItem(waiting, PyList_GET_ITEM(keys, i)) < 0) {
+            Py_DECREF(state);
+            Py_DECREF(owed);
+            return NULL;
+        }
+        if (PyList_Check(state) && PyList_GET_SIZE(state) > 2 &&
+            PyList_GET_ITEM(state, 0) != Py_None) {
+            for (Py_ssize_t j = 2; j < PyList_GET_SIZE(state); j++) {
+                PyObject *reply = PyTuple_Pack(2, PyList_GET_ITEM(state, 0), PyList_GET_ITEM(state, j));
+                if (reply == NULL || PyList_Append(owed, reply) < 0) {
+                    Py_XDECREF(reply);
+                    Py_DECREF(state);
+                    Py_DECREF(owed);
+                    return NULL;
+                }
+                Py_DECREF(reply);
+            }
+        }
+        Py_DECREF(state);
+    }
+    return owed;
+}
+
 static PyMethodDef methods[] = {
     {"durable_write", durable_write, METH_VARARGS,
      "durable_write(fd, data, sync, sock_fd, answers) -> (sent, send_errno)\n\n"
@@ -373,6 +421,8 @@ static PyMethodDef methods[] = {
      "take_usual(received, start, peers, seen, waiting, max_pending, now, endpoint, records,\n"
      "keys, answers) -> index of the first datagram not taken\n\n"
      "Intake.offer's common case over a run of received datagrams (see engine/ingest.py)."},
+    {"release_waiting", release_waiting, METH_VARARGS,
+     "release_waiting(keys, waiting) -> answers owed to copies (see engine/ingest.py)"},
     {NULL, NULL, 0, NULL},
 };
 

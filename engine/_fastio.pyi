@@ -28,3 +28,6 @@ def take_usual(
     keys: list[tuple[str, int]],
     answers: list[tuple[bytes, tuple[Any, Any]]],
 ) -> int: ...
+def release_waiting(
+    keys: list[tuple[str, int]], waiting: dict[tuple[str, int], list[Any]]
+) -> list[tuple[bytes, Any]]: ...

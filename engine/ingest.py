@@ -23,15 +23,19 @@ from engine.stats import Stats
 Key = tuple[str, int]
 
 
-def _compiled_take_usual() -> Callable[..., int] | None:
+def _compiled(name: str) -> Callable[..., Any] | None:
+    """A function of the compiled helper; None where it is not built (the Python
+    below then does the same)."""
     try:
-        from engine._fastio import take_usual
-    except ImportError:  # not built here: every report goes through Intake.offer
+        from engine import _fastio
+    except ImportError:
         return None
-    return take_usual
+    function: Callable[..., Any] = getattr(_fastio, name)
+    return function
 
 
-_take_usual = _compiled_take_usual()
+_take_usual = _compiled("take_usual")
+_release_waiting = _compiled("release_waiting")
 
 # Where an answer goes: (transport, address). Opaque here.
 ReplyTo = tuple[Any, Any]
@@ -199,7 +203,7 @@ class Intake:
         if _take_usual is None:
             return start
         batch = self.open
-        end = _take_usual(
+        end: int = _take_usual(
             received,
             start,
             peers,
@@ -241,15 +245,19 @@ class Intake:
         copies that came while it was written (`batch.answers` has the rest)."""
         assert self.in_flight and batch is self.in_flight[0], "batches become durable in order"
         self.in_flight.popleft()
-        waiting_for = self._waiting.pop
-        answers: list[tuple[bytes, ReplyTo]] = []
-        append = answers.append
-        for key in batch.keys:
-            waiting = waiting_for(key)
-            answer = waiting[0]
-            if answer is not None:
-                for index in range(2, len(waiting)):
-                    append((answer, waiting[index]))
+        answers: list[tuple[bytes, ReplyTo]]
+        if _release_waiting is not None:
+            answers = _release_waiting(batch.keys, self._waiting)
+        else:
+            waiting_for = self._waiting.pop
+            answers = []
+            append = answers.append
+            for key in batch.keys:
+                waiting = waiting_for(key)
+                answer = waiting[0]
+                if answer is not None:
+                    for index in range(2, len(waiting)):
+                        append((answer, waiting[index]))
         latest = self._latest_ts
         self.seen.add_batch(batch.keys, latest)
         self.stats.stored += len(batch)

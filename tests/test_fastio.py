@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import journal
+from engine import ingest, journal
 from engine.ingest import Intake, SeenReports
 from engine.journal import DATAGRAMS, Journal, read_segment
 from engine.stats import Stats
@@ -164,13 +164,20 @@ def test_taking_runs_of_usual_reports_is_offering_each(
             for n, addr, read in reports
         ]
 
-    intakes = []
+    intakes, owed = [], []
     for fast in (False, True):
         seen = SeenReports(3600)
         seen.add_batch([(f"c{n}", 1) for n in stored], 1.0)
         intake = Intake(Stats(), seen, max_pending=max_pending, unkeyed_per_minute=3)
         offer_each(intake, received(), fast)
         intakes.append(intake)
+        # Copies that came while the batch was written are owed answers once it is durable.
+        with pytest.MonkeyPatch.context() as patch:
+            if not fast:
+                patch.setattr(ingest, "_release_waiting", None)
+            sealed = intake.seal()
+            offer_each(intake, received(), fast)
+            owed.append(intake.durable(sealed) if sealed is not None else [])
     plain, fast = intakes
     assert fast.open.records == plain.open.records
     assert fast.open.keys == plain.open.keys
@@ -178,3 +185,4 @@ def test_taking_runs_of_usual_reports_is_offering_each(
     assert fast._waiting == plain._waiting
     assert fast.next_seq == plain.next_seq
     assert fast.stats.line() == plain.stats.line()
+    assert owed[0] == owed[1]

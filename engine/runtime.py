@@ -5,16 +5,24 @@ from __future__ import annotations
 import gc
 
 
-def freeze_startup_objects() -> None:
+def tune_gc_for_receiver() -> None:
     """Take everything made while starting (modules, settings, the codec) out of the
-    collector's sight, leaving its thresholds alone.
+    collector's sight, and collect the young generation every 50,000 allocations
+    rather than every 700.
 
-    For the receiver: its young collections stay small and frequent, but each
-    full collection would otherwise walk every object the imports made (a
-    hundred milliseconds and more, during which no answer leaves). Measured under
-    load: p99 answer latency from about 140 ms to about 35 ms.
+    Without the freeze, each full collection walks every object the imports
+    made (a hundred milliseconds and more, during which no answer leaves;
+    measured under load: p99 answer latency from about 140 ms to about 35 ms).
+    The receiver makes a few short-lived containers per report (the address and
+    key tuples, the entry waiting for its commit) that are gone within a group
+    commit: at the default threshold most are walked once or twice before they
+    go; at 50,000 most are gone before a collection comes, and one walks only
+    what is still waiting (a few thousand entries at full speed, so no longer a
+    pause). Measured under full-speed load: main-thread CPU per report about
+    10 % lower.
     """
     gc.freeze()
+    gc.set_threshold(50_000, 10, 10)
 
 
 def tune_gc_for_detection() -> None:

@@ -21,7 +21,7 @@ from engine.detect.rules import load_rules
 from engine.ingest import Intake, SeenReports
 from engine.lakewriter import LakeWriterProcess
 from engine.receiver import AllowList, ReportServer
-from engine.runtime import freeze_startup_objects
+from engine.runtime import tune_gc_for_receiver
 from engine.stats import Stats, registry_for
 from engine.store import EventStore
 
@@ -179,7 +179,7 @@ class Engine:
 async def serve(settings: Settings) -> int:
     engine = Engine(settings)
     await engine.start()
-    freeze_startup_objects()
+    tune_gc_for_receiver()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -108,6 +108,12 @@ class StoreSettings(_Section):
     # Reports accepted but not yet durable. Past this the receiver stops
     # answering new reports: the switch's retries are the back-pressure.
     max_pending_reports: int = Field(default=50_000, ge=1)
+    # Reports stored but not yet in the lake (the lake writer behind, under a
+    # flood that leaves it no CPU). Past this the receiver stops taking new
+    # reports until the lake writer is within half of it: the journal does not
+    # grow without bound, and what analysts see stays minutes fresh, not hours.
+    # 0: no bound.
+    max_lake_backlog: int = Field(default=2_000_000, ge=0)
     fsync: bool = True
     flush_interval_s: float = Field(default=2.0, gt=0, le=5)
     compact_interval_s: float = Field(default=60.0, gt=0)
@@ -142,6 +148,9 @@ class DetectionSettings(_Section):
     ring_timeout_s: float = Field(default=180.0, gt=0)
     max_call_s: float = Field(default=4 * 3600.0, gt=0)
     abandon_s: float = Field(default=10.0, ge=0)
+    # At most this many calls in progress are tracked; past it the oldest are
+    # finished as timed out (a flood of calls that never end costs bounded memory).
+    max_open_calls: int = Field(default=1_000_000, ge=1000)
     # With no report for this long, the receiver journals a tick so event time
     # (and call timeouts) move on while traffic is quiet.
     tick_s: float = Field(default=5.0, gt=0)

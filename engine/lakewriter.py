@@ -53,6 +53,7 @@ COUNTERS = (
     "calls",
     "alerts",
     "evicted_keys",
+    "evicted_calls",
     *(f"rejected_{reason.value}" for reason in RejectReason),
 )
 
@@ -323,6 +324,8 @@ class LakeWriter:
             if self.pipeline is not None and self.counters is not None:
                 evicted = sum(rule.state.evicted for rule in self.pipeline.rules.rules)
                 self.counters.array[COUNTERS.index("evicted_keys")] = evicted
+                evicted_calls = self.pipeline.tracker.stats.evicted_calls
+                self.counters.array[COUNTERS.index("evicted_calls")] = evicted_calls
             for _, items in batches:
                 for item in items:
                     if type(item) is not CallEvent:
@@ -421,6 +424,7 @@ def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -
         ring_timeout_s=detection.ring_timeout_s,
         max_call_s=detection.max_call_s,
         abandon_s=detection.abandon_s,
+        max_open_calls=detection.max_open_calls,
     )
     return Pipeline(loaded.rules, tracker)
 

@@ -40,6 +40,8 @@ _BATCHES_PER_WAKEUP = 1
 _SLOW_COMMIT_S = 0.1
 _RETRY_FIRST_S = 0.1
 _RETRY_MAX_S = 2.0
+# How often the receiver compares the lake writer's progress with store.max_lake_backlog.
+_BACKLOG_CHECK_S = 0.5
 
 
 class _OutOfOrder(Exception):
@@ -167,6 +169,7 @@ class ReportServer:
         socket_buffer_bytes: int = 8 * 1024 * 1024,
         batched_io: bool = True,
         tick_s: float = 5.0,
+        max_lake_backlog: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.codec = codec
@@ -182,6 +185,9 @@ class ReportServer:
         self.batched_io = batched_io and udpbatch.supported()
         self.clock = clock
         self.tick_s = tick_s
+        self.max_lake_backlog = max_lake_backlog
+        # The intake's max_pending while new reports are held back for the lake writer.
+        self._held_max_pending: int | None = None
         self.addresses: list[tuple[str, int]] = []
         self._endpoints: list[_Endpoint] = []
         # Per sender address (as its socket reports it): "host:port" when allowed,
@@ -254,6 +260,8 @@ class ReportServer:
         ):
             self._answer_fd = cast(_BatchEndpoint, self._endpoints[0]).io.fd
         self._loop.call_later(self.tick_s, self._heartbeat)
+        if self.max_lake_backlog:
+            self._loop.call_later(_BACKLOG_CHECK_S, self._watch_backlog)
 
     # -- the datagram path (hot) ------------------------------------------------
 
@@ -363,6 +371,32 @@ class ReportServer:
         self._last_ts = now
         future = self._committer.submit(self.store.commit, TICK, 0, tick_payload(now))
         future.add_done_callback(_log_tick_failure)
+
+    def _watch_backlog(self) -> None:
+        """Stop taking new reports while the lake writer is too far behind; take them
+        again once it is within half of the bound. Copies of stored reports are
+        still answered; new ones are left for the switch to retry."""
+        if self._closing:
+            return
+        assert self._loop is not None
+        self._loop.call_later(_BACKLOG_CHECK_S, self._watch_backlog)
+        backlog = self.stats.lake_backlog
+        if self._held_max_pending is None:
+            if backlog > self.max_lake_backlog:
+                self._held_max_pending = self.intake.max_pending
+                self.intake.max_pending = 0
+                self.stats.backlog_holds += 1
+                log.warning(
+                    "the lake writer is %d reports behind (store.max_lake_backlog = %d); "
+                    "not taking new reports until it is within half of that (the switch "
+                    "retries them)",
+                    backlog,
+                    self.max_lake_backlog,
+                )
+        elif backlog <= self.max_lake_backlog // 2:
+            self.intake.max_pending = self._held_max_pending
+            self._held_max_pending = None
+            log.warning("the lake writer caught up (%d reports behind); taking reports", backlog)
 
     # -- group commit -----------------------------------------------------------
 

@@ -132,6 +132,7 @@ class Engine:
             socket_buffer_bytes=settings.receiver.socket_buffer_bytes,
             batched_io=settings.receiver.batched_io,
             tick_s=settings.detection.tick_s,
+            max_lake_backlog=settings.store.max_lake_backlog,
         )
         self.writer = LakeWriterProcess(settings)
         self.stats.lake = self.writer.counters

@@ -31,6 +31,9 @@ class Stats:
     commits: int = 0
     store_stalls: int = 0
     store_failures: int = 0
+    # Times the receiver stopped taking new reports because the lake writer was
+    # more than store.max_lake_backlog reports behind.
+    backlog_holds: int = 0
     pending: int = 0
     # The lake writer's counters (another process), when it runs.
     lake: Any = None
@@ -58,6 +61,15 @@ class Stats:
     def evicted_keys(self) -> int:
         return self.lake_count("evicted_keys")
 
+    @property
+    def evicted_calls(self) -> int:
+        return self.lake_count("evicted_calls")
+
+    @property
+    def lake_backlog(self) -> int:
+        """Reports stored in the journal and not yet in the lake (read by analysts)."""
+        return max(0, self.stored - self.flushed) if self.lake is not None else 0
+
     def rejected_by_reason(self) -> dict[str, int]:
         from engine.events import RejectReason
 
@@ -72,7 +84,7 @@ class Stats:
             f"dropped_sender={self.dropped_sender} dropped_overload={self.dropped_overload} "
             f"store_stalls={self.store_stalls} store_failures={self.store_failures} "
             f"flushed={self.flushed} calls={self.calls} alerts={self.alerts} "
-            f"pending={self.pending}"
+            f"pending={self.pending} lake_backlog={self.lake_backlog}"
         )
 
 
@@ -89,11 +101,13 @@ _COUNTERS = {
     "commits": "Group commits of the journal",
     "store_stalls": "Group commits slower than 100 ms",
     "store_failures": "Group commits that failed (disk full, read-only, I/O error)",
+    "backlog_holds": "Times new reports were left unanswered because the lake writer was behind",
     "flushed": "Reports decoded and written to the Parquet lake",
     "flush_failures": "Lake writes that failed and will be retried",
     "calls": "Calls rebuilt and finished by the call tracker",
     "alerts": "Alerts raised (not counting shadow rules)",
     "evicted_keys": "Entities dropped from rule state because max_keys_per_rule was reached",
+    "evicted_calls": "Calls in progress finished early because max_open_calls was reached",
 }
 
 
@@ -116,6 +130,11 @@ class StatsCollector(Collector):
             "callsentry_pending_reports",
             "Reports accepted and waiting for their group commit",
             value=self.stats.pending,
+        )
+        yield GaugeMetricFamily(
+            "callsentry_lake_backlog_reports",
+            "Reports stored in the journal and not yet written to the lake",
+            value=self.stats.lake_backlog,
         )
 
 

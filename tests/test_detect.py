@@ -14,7 +14,7 @@ import duckdb
 import pytest
 
 from engine.codec import Vos3000TextCodec
-from engine.detect.calls import CallTracker
+from engine.detect.calls import Call, CallTracker
 from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
 from engine.detect.snapshot import snapshot_path
@@ -150,6 +150,49 @@ def test_a_flood_of_invented_callers_is_bounded_and_counted() -> None:
     assert len(rule.state) <= 1000
     assert rule.state.evicted >= 19_000
     assert pipeline.tracker.open == {}
+
+
+def test_a_flood_of_calls_that_never_end_is_bounded_and_counted() -> None:
+    # A million OKs with no Bye would otherwise stay open for max_call_s (4 h).
+    tracker = CallTracker(max_open_calls=1000)
+    for n in range(5000):
+        tracker.observe(report(n * 0.01, f"o{n}", 1, CallState.ANSWERED, caller="X"))
+        assert len(tracker.open) <= 1000
+    assert tracker.stats.evicted_calls == 5000 - len(tracker.open)
+    evicted = tracker.advance(tracker.now)
+    # The oldest went first, finished as timed out at the event time they were evicted.
+    assert len(evicted) == tracker.stats.evicted_calls
+    assert evicted[0].call_id == "o0" and {c.outcome for c in evicted} == {"timed_out"}
+    assert all(c.deadline <= tracker.now for c in evicted)
+    assert len(tracker.open_calls("X")) == len(tracker.open)
+    # A late report of an evicted call opens nothing.
+    assert tracker.observe(report(60, "o0", 2, CallState.HANGUP, caller="X")) == []
+    assert tracker.stats.late_reports == 1
+
+
+def test_a_suppressed_incident_costs_no_scans_of_open_calls() -> None:
+    loaded = load_rules(RULES / "simultaneous-calls-caller.yaml")
+    tracker = CallTracker()
+    scans: list[str] = []
+    scan = tracker.open_calls
+
+    def counted_scan(caller: str, since: float = float("-inf"), limit: int = 1000) -> list[Call]:
+        scans.append(caller)
+        return scan(caller, since, limit)
+
+    tracker.open_calls = counted_scan  # type: ignore[method-assign]
+    pipeline = Pipeline(loaded.rules, tracker)
+    events = [
+        report(n * 0.05, f"s{n}", 1, CallState.ANSWERED, caller="8613900000009")
+        for n in range(3000)
+    ]
+    alerts = pipeline.feed(events).alerts
+    # One incident, one alert; every later call that met the condition was suppressed
+    # (asked before the scan of open calls and the evidence, which made a flood slow).
+    assert [a.entity for a in alerts] == ["8613900000009"]
+    threshold = int(loaded.rules.rules[0].threshold)
+    assert pipeline.alerts.suppressed == 3000 - threshold
+    assert len(scans) == threshold
 
 
 # -- rules ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import threading
 import time
@@ -208,6 +209,38 @@ def test_store_failure_stops_answers_and_recovery_resumes_them(
     assert switch.answer(timeout=5) == b"during,1"
     running.stop()
     assert stored_count(tmp_path / "data") == 2
+
+
+def test_a_lake_writer_far_behind_holds_new_reports_until_it_catches_up(
+    engine_factory: EngineFactory, switch_factory: SwitchFactory, tmp_path: Path
+) -> None:
+    running = engine_factory(store={"max_lake_backlog": 100, "flush_interval_s": 0.2})
+    stats = running.engine.stats
+    switch = switch_factory(running.address)
+    assert switch.ask(report("first", 1)) == b"first,1"
+    wait_for(lambda: stats.flushed == 1)
+    # The lake writer gets no CPU (as under a flood at idle priority): freeze it.
+    writer = running.engine.writer._process.pid
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        for n in range(150):
+            switch.send(report(f"behind-{n}", 1))
+        wait_for(lambda: stats.backlog_holds == 1)
+        answered = 0
+        while switch.answer(timeout=0.5) is not None:
+            answered += 1
+        assert answered == 150
+        # Held: a new report is not taken (nor answered); a copy of a stored one is.
+        assert switch.ask(report("held", 1), timeout=1.0) is None
+        assert ("held", 1) not in running.journal_keys()
+        assert switch.ask(report("behind-7", 1)) == b"behind-7,1"
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    # Caught up: the switch's retry is taken and answered.
+    wait_for(lambda: stats.lake_backlog <= 50)
+    wait_for(lambda: switch.ask(report("held", 1), timeout=0.5) == b"held,1")
+    running.stop()
+    assert stored_count(tmp_path / "data") == 152
 
 
 def test_a_failed_commit_is_written_before_the_batch_sealed_after_it(

@@ -105,6 +105,16 @@ class AlertManager:
         self._quiet_until[key] = raised_at + quiet_for
         return True
 
+    def quiet(self, source: str, entity: str, ts: float) -> bool:
+        """Whether `source` is quiet for `entity` at `ts` (a finding then is suppressed,
+        and counted as such): asked before a finding is made, so an incident that
+        goes on for hours costs no evidence lists while it is suppressed."""
+        until = self._quiet_until.get((source, entity))
+        if until is not None and ts < until:
+            self.suppressed += 1
+            return True
+        return False
+
     def offer(self, finding: Finding) -> Alert | None:
         rule = finding.rule
         spec = rule.spec

@@ -21,6 +21,7 @@ Nothing here reads the wall clock.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -88,6 +89,8 @@ class TrackerStats:
     calls_started: int = 0
     calls_finished: int = 0
     late_reports: int = 0
+    # Finished early because more than `max_open_calls` were in progress.
+    evicted_calls: int = 0
 
 
 @dataclass
@@ -99,6 +102,10 @@ class CallTracker:
     abandon_s: float = 10.0
     # Finished call ids remembered so a late report does not open a new call.
     remember_finished: int = 100_000
+    # Calls in progress kept at most: past it the calls that started first are
+    # finished as timed out (and counted), so a flood of calls that never end (a
+    # million OKs with no Bye) costs a bounded amount of memory.
+    max_open_calls: int = 1_000_000
     stats: TrackerStats = field(default_factory=TrackerStats)
 
     def __post_init__(self) -> None:
@@ -107,7 +114,15 @@ class CallTracker:
         # Open calls per caller, in the order they started (dicts keep insertion order).
         self._by_caller: dict[str, dict[str, Call]] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
+        # Calls finished early for the bound, handed out by the next `advance`.
+        self._evicted: list[Call] = []
         self.now = 0.0
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # A snapshot from an engine before a field was added has no value for it:
+        # those of a fresh tracker fill in.
+        self.__post_init__()
+        self.__dict__.update(state)
 
     def open_calls(
         self, caller: str, since: float = float("-inf"), limit: int = 1000
@@ -148,6 +163,8 @@ class CallTracker:
             self._by_caller.setdefault(call.caller, {})[call.call_id] = call
             self.stats.calls_started += 1
             started.append(call)
+            if len(self.open) > self.max_open_calls:
+                self._evict()
         call.reports += 1
         call.last_at = max(call.last_at, event.ts)
         call.started_at = min(call.started_at, event.ts)
@@ -165,6 +182,16 @@ class CallTracker:
             self._leave(call)
         self._schedule(call)
         return started
+
+    def _evict(self) -> None:
+        """Finish the calls that started first (a sixteenth of the bound at a time, so
+        a flood pays for this rarely), as timed out at the current event time."""
+        count = len(self.open) - self.max_open_calls + max(1, self.max_open_calls // 16)
+        # `open` keeps the order calls opened in; the oldest are at its front.
+        for call in list(itertools.islice(self.open.values(), count)):
+            call.deadline = self.now
+            self._evicted.append(self._finish(call))
+        self.stats.evicted_calls += count
 
     def _leave(self, call: Call) -> None:
         """The call is no longer in progress for concurrency."""
@@ -190,6 +217,8 @@ class CallTracker:
         if now > self.now:
             self.now = now
         finished: list[Call] = []
+        if self._evicted:
+            finished, self._evicted = self._evicted, []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= self.now:
             deadline, call_id = heapq.heappop(deadlines)

@@ -72,6 +72,7 @@ class Pipeline:
         # The settings of this run apply to the restored calls.
         tracker.settle_s, tracker.ring_timeout_s = fresh.settle_s, fresh.ring_timeout_s
         tracker.max_call_s, tracker.abandon_s = fresh.max_call_s, fresh.abandon_s
+        tracker.max_open_calls = fresh.max_open_calls
         self.tracker = tracker
         self.alerts = state["alerts"]
         self.now = state["now"]
@@ -152,7 +153,7 @@ class Pipeline:
 
     def _evaluate(self, rules: list[CompiledRule], call: Call, ts: float, output: Output) -> None:
         for rule in rules:
-            finding = rule.evaluate(call, ts, self.tracker.open_calls)
+            finding = rule.evaluate(call, ts, self.tracker.open_calls, self.alerts.quiet)
             if finding is None:
                 continue
             alert = self.alerts.offer(finding)

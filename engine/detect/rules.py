@@ -290,6 +290,10 @@ def _always(call: Call) -> bool:
     return True
 
 
+def _never_quiet(rule_id: str, entity: str, ts: float) -> bool:
+    return False
+
+
 def compile_selection(
     selection: Mapping[Any, Matcher], lists: Mapping[str, frozenset[str]]
 ) -> Callable[[Call], bool]:
@@ -441,8 +445,15 @@ class CompiledRule:
         return state
 
     def evaluate(
-        self, call: Call, ts: float, open_calls: Callable[[str, float], list[Call]]
+        self,
+        call: Call,
+        ts: float,
+        open_calls: Callable[[str, float], list[Call]],
+        quiet: Callable[[str, str, float], bool] = _never_quiet,
     ) -> Finding | None:
+        """The finding this call makes, if any. `quiet(rule_id, entity, ts)` says
+        whether an alert would be suppressed: the window still takes the call, but
+        no finding (scan of open calls, evidence) is made for a quiet entity."""
         if self.started_at is None:
             self.started_at = ts
         if not self.selects(call):
@@ -455,6 +466,8 @@ class CompiledRule:
         if kind == "concurrent":
             # In progress right now, from the call tracker's open calls (no counters to
             # drift); with a window, only those that started within it.
+            if quiet(self.id, entity, ts):
+                return None
             since = ts - self.window_s if self.window_s else float("-inf")
             live = open_calls(entity, since)
             value = float(len(live))
@@ -482,7 +495,7 @@ class CompiledRule:
         measured = self._value(kind, state, call)
         if measured is None or not self.compare(measured, self.threshold):
             return None
-        if self.excepted(entity, ts):
+        if quiet(self.id, entity, ts) or self.excepted(entity, ts):
             return None
         if self.gate is not None and not self.gate(call):
             return None

@@ -7,7 +7,7 @@ The load generator runs in its own process: distinct reports, a window of
 outstanding ones, at full speed and at paced rates. It reports answered
 reports/s and answer latency; the figure that matters is the ratio b/a.
 
-    .venv/bin/python bench/ingest.py [--reports 200000] [--rounds 3] [--window 1000]
+    .venv/bin/python bench/ingest.py [--reports 200000] [--rounds 5] [--window 1000]
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def main() -> int:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=5,
         help="full-speed rounds, echo and serve alternating; the ratio is their median",
     )
     parser.add_argument("--window", type=int, default=1000)

@@ -163,6 +163,24 @@ def _frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[tuple[int, Mapping
     return frame.select([c for c in COLUMNS if c in frame.columns]), first_line
 
 
+def _lone_surrogate(line: str, row: Mapping[str, Any]) -> str | None:
+    """Why a JSON row is not text, when an escape in it (\\ud800 to \\udfff) stands
+    for half of a character: no UTF-8 store can take it."""
+    if "\\u" not in line:
+        return None
+    for key, value in row.items():
+        for text in (key, value):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as error:
+                    return (
+                        f"field {key!r} holds a lone surrogate \\u{ord(text[error.start]):04x} "
+                        "(half of a character), not text"
+                    )
+    return None
+
+
 def _json_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
     try:
         with path.open("r", encoding="utf-8", errors="strict") as handle:
@@ -181,6 +199,10 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
                 if not checked:
                     _check_columns(path, row)
                     checked = True
+                surrogate = _lone_surrogate(line, row)
+                if surrogate is not None:
+                    yield number, surrogate
+                    continue
                 yield number, row
     except UnicodeDecodeError as error:
         raise EventFileError(

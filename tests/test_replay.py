@@ -142,6 +142,24 @@ def test_jsonl_lines_that_are_not_objects_are_rejected_with_their_line(tmp_path:
     assert rejects[2].key == ("c1", 2)
 
 
+def test_a_lone_surrogate_escape_in_jsonl_is_quarantined_not_a_crash(tmp_path: Path) -> None:
+    # "\\ud800" is valid JSON but half of a character: no UTF-8 store can hold it.
+    path = tmp_path / "e.jsonl"
+    row = {"ts": 1795860000, "call_id": "c1", "serial": 1, "state": "OK", "callee": "2"}
+    lines = [
+        json.dumps(row | {"caller": "8613800000001\ud800"}),
+        json.dumps(row | {"call_id": "c2", "caller": "8613800000001", "menu_name": "主菜单"}),
+        json.dumps(row | {"call_id": "c3", "caller": "1", "\udfff": "x"}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    done = run_cli("replay", str(path), "--data-dir", str(tmp_path / "data"))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "e.jsonl:1: bad_field: field 'caller' holds a lone surrogate \\ud800" in done.stderr
+    assert "e.jsonl:3: bad_field: field '\\udfff' holds a lone surrogate" in done.stderr
+    assert query(tmp_path / "data", "SELECT call_id, menu_name FROM events") == [("c2", "主菜单")]
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [

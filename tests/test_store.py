@@ -8,10 +8,21 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.codec import Vos3000TextCodec
 from engine.events import CallEvent, CallState
-from engine.journal import DATAGRAMS, HEADER, datagram_payload, encode_frame, read_segment
+from engine.journal import (
+    DATAGRAMS,
+    HEADER,
+    JSON_RECORDS,
+    Frame,
+    datagram_payload,
+    encode_frame,
+    json_payload,
+    read_segment,
+)
 from engine.lakewriter import LakeWriter
 from engine.service import open_store
 from engine.store import EventStore, StoreError, codec_header
@@ -302,3 +313,40 @@ def test_retention_keeps_the_day_that_holds_the_highest_sequence_number(tmp_path
     again, intake, _ = open_store(make_settings(data_dir), CODEC)
     assert intake.next_seq == 3
     again.close()
+
+
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.builds(
+                CallEvent,
+                st.floats(min_value=0, max_value=4e9, allow_nan=False),
+                _TEXT,
+                st.integers(min_value=0, max_value=10**18),
+                st.sampled_from(list(CallState)),
+                st.one_of(st.none(), st.sampled_from([180, 183, 200])),
+                _TEXT,
+                _TEXT,
+                _TEXT,
+                _TEXT,
+                _TEXT,
+                _TEXT,
+            ),
+            st.lists(st.one_of(_TEXT, st.integers(0, 10**18), st.none()), max_size=8),
+        ),
+        max_size=20,
+    )
+)
+def test_journal_records_are_the_json_they_always_were(records: list[object]) -> None:
+    # One format whichever library writes or reads it: journals written with the
+    # standard library read back the same, and what orjson writes any JSON reader reads
+    # to the same values (floats exactly; only the spelling of an exponent may differ).
+    payload = json_payload(records)
+    before = json.dumps(records, ensure_ascii=False, separators=(",", ":")).encode()
+    expected = json.loads(before)
+    assert json.loads(payload) == expected
+    assert Frame(JSON_RECORDS, 1, payload).records() == expected
+    assert Frame(JSON_RECORDS, 1, before).records() == expected

@@ -473,3 +473,18 @@ def test_serve_picks_up_rule_edits_and_keeps_running_rules_on_a_bad_edit(
     time.sleep(2)
     burst("3333")
     assert wait_for(lambda: alerted("3333")), "a bad edit leaves the running rules in place"
+
+
+def test_evidence_for_a_model_is_the_newest_calls_of_the_entity_oldest_first() -> None:
+    loaded = load_rules(RULES / "short-calls-caller.yaml")
+    pipeline = Pipeline(loaded.rules, CallTracker(settle_s=0))
+    events = []
+    for n in range(500):
+        ts = n * 0.2
+        events.append(report(ts, f"e{n:03d}", 1, CallState.ANSWERED, caller="8613900000007"))
+        events.append(report(ts + 0.1, f"e{n:03d}", 2, CallState.HANGUP, caller="8613900000007"))
+    pipeline.feed(events)
+    pipeline.advance(100.0)
+    evidence = pipeline.recent_calls("caller", "8613900000007", last=200)
+    assert evidence == [f"e{n:03d}" for n in range(300, 500)]
+    assert pipeline.recent_calls("caller", "nobody") == []

@@ -146,7 +146,10 @@ class Pipeline:
             window = rule.state.states.get(entity)
             if window is None:
                 continue
-            live = window.entries[window.head :]
+            # Only each window's newest `last` entries: a window in a flood holds
+            # tens of thousands, and a model may ask for every call it judges.
+            entries = window.entries
+            live = entries[max(window.head, len(entries) - 2 * last) :]
             for ts, call_id in zip(live[::2], live[1::2], strict=True):
                 seen[call_id] = ts
         return sorted(seen, key=seen.__getitem__)[-last:]

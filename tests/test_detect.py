@@ -12,11 +12,19 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.codec import Vos3000TextCodec
 from engine.detect.calls import Call, CallTracker
 from engine.detect.pipeline import Pipeline
-from engine.detect.rules import load_rules
+from engine.detect.rules import (
+    Matcher,
+    RuleGroup,
+    compile_selection,
+    load_rules,
+    selection_tests,
+)
 from engine.detect.snapshot import snapshot_path
 from engine.detect.windows import EwBaseline, SlidingWindow, ValueWindow
 from engine.events import CallEvent, CallState
@@ -166,7 +174,7 @@ def test_a_flood_of_calls_that_never_end_is_bounded_and_counted() -> None:
     assert all(c.deadline <= tracker.now for c in evicted)
     assert len(tracker.open_calls("X")) == len(tracker.open)
     # A late report of an evicted call opens nothing.
-    assert tracker.observe(report(60, "o0", 2, CallState.HANGUP, caller="X")) == []
+    assert tracker.observe(report(60, "o0", 2, CallState.HANGUP, caller="X")) is None
     assert tracker.stats.late_reports == 1
 
 
@@ -488,3 +496,115 @@ def test_evidence_for_a_model_is_the_newest_calls_of_the_entity_oldest_first() -
     evidence = pipeline.recent_calls("caller", "8613900000007", last=200)
     assert evidence == [f"e{n:03d}" for n in range(300, 500)]
     assert pipeline.recent_calls("caller", "nobody") == []
+
+
+# -- generated selections ---------------------------------------------------------------
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 8),
+    st.sampled_from([0.0, 2.5, 5.0, 7.25]),
+    st.sampled_from(["", "answered", "unanswered", "0900", "09001", "4420", "88216", "x"]),
+)
+
+
+def _reference(matcher: Matcher, lists: dict[str, frozenset[str]], v: object) -> bool:
+    """What each condition of a matcher means, read plainly from the schema's words."""
+
+    def number(op: Callable[[float, float], bool], bound: float) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and op(v, bound)
+
+    def starts(prefixes: object) -> bool:
+        return isinstance(v, str) and any(v.startswith(p) for p in prefixes)  # type: ignore[attr-defined]
+
+    checks = [
+        matcher.in_ is None or v in matcher.in_,
+        matcher.not_in is None or v not in matcher.not_in,
+        matcher.in_list is None or v in lists[matcher.in_list],
+        matcher.not_in_list is None or v not in lists[matcher.not_in_list],
+        matcher.prefix is None or starts(matcher.prefix),
+        matcher.prefix_list is None or (v != "" and starts(lists[matcher.prefix_list])),
+        matcher.not_prefix_list is None or not starts(lists[matcher.not_prefix_list]),
+        matcher.lt is None or number(lambda a, b: a < b, matcher.lt),
+        matcher.le is None or number(lambda a, b: a <= b, matcher.le),
+        matcher.gt is None or number(lambda a, b: a > b, matcher.gt),
+        matcher.ge is None or number(lambda a, b: a >= b, matcher.ge),
+        matcher.eq is None or v == matcher.eq,
+        matcher.ne is None or v != matcher.ne,
+        matcher.empty is None or (v in ("", None)) == matcher.empty,
+    ]
+    return all(checks)
+
+
+# Bounds the values meet exactly now and then: the edges are where < and <= differ.
+_BOUNDS = st.sampled_from([-1, 0, 2.5, 5, 5.0])
+
+_CONDITIONS = {
+    "in": st.lists(st.sampled_from(["answered", "unanswered", "x", 5, True]), max_size=3),
+    "not_in": st.lists(st.sampled_from(["answered", "", 5]), max_size=2),
+    "in_list": st.just("risky"),
+    "not_in_list": st.just("risky"),
+    "prefix": st.lists(st.sampled_from(["09", "44", ""]), min_size=1, max_size=2),
+    "prefix_list": st.just("risky"),
+    "not_prefix_list": st.just("risky"),
+    "lt": _BOUNDS,
+    "le": _BOUNDS,
+    "gt": _BOUNDS,
+    "ge": _BOUNDS,
+    "eq": st.sampled_from(["answered", 5, True, 2.5]),
+    "ne": st.sampled_from(["answered", 0, False]),
+    "empty": st.booleans(),
+}
+# One or two conditions a matcher: with more, nearly every value fails one of them and
+# the others are never put to the test.
+_MATCHERS = st.lists(
+    st.one_of([st.tuples(st.just(k), v) for k, v in _CONDITIONS.items()]), min_size=1, max_size=2
+).map(lambda pairs: Matcher.model_validate(dict(pairs)))
+
+
+class _Facts:
+    """Stands for a call: the selection reads its fields as attributes."""
+
+    def __init__(self, values: dict[str, object]) -> None:
+        self.__dict__.update(values)
+
+
+@given(
+    selections=st.lists(
+        st.dictionaries(
+            st.sampled_from(["outcome", "callee", "talk_s", "forward"]), _MATCHERS, max_size=2
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    facts=st.lists(
+        st.fixed_dictionaries({f: _VALUES for f in ("outcome", "callee", "talk_s", "forward")}),
+        min_size=1,
+        max_size=5,
+    ),
+)
+@settings(max_examples=300, deadline=None)
+def test_generated_selections_mean_what_their_conditions_say(
+    selections: list[dict[str, Matcher]], facts: list[dict[str, object]]
+) -> None:
+    # The selection of one rule, and a rule group's choice among several rules, are
+    # generated Python; both must agree with the conditions read one by one.
+    lists = {"risky": frozenset({"0900", "88216"})}
+
+    class Rule:
+        def __init__(self, selection: dict[str, Matcher]) -> None:
+            self.tests = selection_tests(selection, lists)
+            self.started_at = 0.0
+
+    rules = [Rule(selection) for selection in selections]
+    group = RuleGroup(rules)  # type: ignore[arg-type]
+    for values in facts:
+        call = _Facts(values)
+        wanted = [
+            all(_reference(m, lists, values[name]) for name, m in selection.items())
+            for selection in selections
+        ]
+        for selection, want in zip(selections, wanted, strict=True):
+            assert compile_selection(selection, lists)(call) is want  # type: ignore[arg-type]
+        assert group.selected(call) == [r for r, w in zip(rules, wanted, strict=True) if w]  # type: ignore[arg-type]

@@ -10,8 +10,8 @@ Nothing here reads the wall clock.
 >>> from engine.events import CallEvent, CallState
 >>> def report(ts, serial, state):
 ...     return CallEvent(ts, "c1", serial, state, None, "100", "200", "", "7", "Main")
->>> [s.call_id for s in tracker.observe(report(0.0, 1, CallState.RINGING))]
-['c1']
+>>> tracker.observe(report(0.0, 1, CallState.RINGING)).call_id   # the call it opened
+'c1'
 >>> _ = tracker.observe(report(30.0, 3, CallState.HANGUP))
 >>> _ = tracker.observe(report(31.0, 2, CallState.ANSWERED))   # a retried OK, late
 >>> [(c.outcome, c.ring_s, c.talk_s) for c in tracker.advance(60.0)]
@@ -110,18 +110,23 @@ class CallTracker:
 
     def __post_init__(self) -> None:
         self.open: dict[str, Call] = {}
-        self._deadlines: list[tuple[float, str]] = []
+        # (deadline, call_id), a heap; entries superseded by a later deadline stay
+        # until they come up (cheaper than removing them).
+        self.deadlines: list[tuple[float, str]] = []
         # Open calls per caller, in the order they started (dicts keep insertion order).
         self._by_caller: dict[str, dict[str, Call]] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
         # Calls finished early for the bound, handed out by the next `advance`.
-        self._evicted: list[Call] = []
+        self.evicted: list[Call] = []
         self.now = 0.0
 
     def __setstate__(self, state: dict[str, object]) -> None:
         # A snapshot from an engine before a field was added has no value for it:
         # those of a fresh tracker fill in.
         self.__post_init__()
+        for old, new in (("_deadlines", "deadlines"), ("_evicted", "evicted")):
+            if old in state:  # named so before 2026-12-02
+                state[new] = state.pop(old)
         self.__dict__.update(state)
 
     def open_calls(
@@ -140,16 +145,17 @@ class CallTracker:
             found.append(call)
         return found
 
-    def observe(self, event: CallEvent) -> list[Call]:
+    def observe(self, event: CallEvent) -> Call | None:
         """Take one report; returns the call if this report opened it."""
-        if event.ts > self.now:
-            self.now = event.ts
+        ts = event.ts
+        if ts > self.now:
+            self.now = ts
         call = self.open.get(event.call_id)
-        started: list[Call] = []
+        started: Call | None = None
         if call is None:
             if event.call_id in self._finished:
                 self.stats.late_reports += 1
-                return started
+                return None
             call = Call(
                 event.call_id,
                 event.caller,
@@ -157,27 +163,30 @@ class CallTracker:
                 event.forward,
                 event.menu_id,
                 event.menu_name,
-                started_at=event.ts,
+                started_at=ts,
             )
             self.open[event.call_id] = call
             self._by_caller.setdefault(call.caller, {})[call.call_id] = call
             self.stats.calls_started += 1
-            started.append(call)
+            started = call
             if len(self.open) > self.max_open_calls:
                 self._evict()
         call.reports += 1
-        call.last_at = max(call.last_at, event.ts)
-        call.started_at = min(call.started_at, event.ts)
-        if event.state is CallState.RINGING:
-            if call.ringing_at is None or event.ts < call.ringing_at:
-                call.ringing_at = event.ts
+        if ts > call.last_at:
+            call.last_at = ts
+        if ts < call.started_at:
+            call.started_at = ts
+        state = event.state
+        if state is CallState.RINGING:
+            if call.ringing_at is None or ts < call.ringing_at:
+                call.ringing_at = ts
                 call.ring_code = event.code
-        elif event.state is CallState.ANSWERED:
-            if call.answered_at is None or event.ts < call.answered_at:
-                call.answered_at = event.ts
+        elif state is CallState.ANSWERED:
+            if call.answered_at is None or ts < call.answered_at:
+                call.answered_at = ts
                 call.answer_serial = event.serial
-        elif call.ended_at is None or event.ts < call.ended_at:
-            call.ended_at = event.ts
+        elif call.ended_at is None or ts < call.ended_at:
+            call.ended_at = ts
             call.end_serial = event.serial
             self._leave(call)
         self._schedule(call)
@@ -190,7 +199,7 @@ class CallTracker:
         # `open` keeps the order calls opened in; the oldest are at its front.
         for call in list(itertools.islice(self.open.values(), count)):
             call.deadline = self.now
-            self._evicted.append(self._finish(call))
+            self.evicted.append(self._finish(call))
         self.stats.evicted_calls += count
 
     def _leave(self, call: Call) -> None:
@@ -210,16 +219,16 @@ class CallTracker:
             deadline = call.last_at + self.ring_timeout_s
         if deadline != call.deadline:
             call.deadline = deadline
-            heapq.heappush(self._deadlines, (deadline, call.call_id))
+            heapq.heappush(self.deadlines, (deadline, call.call_id))
 
     def advance(self, now: float) -> list[Call]:
         """Event time is now `now`: finish every call whose deadline has passed, in order."""
         if now > self.now:
             self.now = now
         finished: list[Call] = []
-        if self._evicted:
-            finished, self._evicted = self._evicted, []
-        deadlines = self._deadlines
+        if self.evicted:
+            finished, self.evicted = self.evicted, []
+        deadlines = self.deadlines
         while deadlines and deadlines[0][0] <= self.now:
             deadline, call_id = heapq.heappop(deadlines)
             call = self.open.get(call_id)

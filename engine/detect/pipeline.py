@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
-from engine.detect.rules import CompiledRule, RuleSet
+from engine.detect.rules import RuleGroup, RuleSet
 from engine.events import CallEvent, Reject
 from models.base import ModelFinding
 from models.registry import carry_over, model_logic
@@ -41,10 +41,8 @@ class Pipeline:
         self._last_housekeeping = 0.0
 
     def _split_rules(self) -> None:
-        self._on_call: list[CompiledRule] = [r for r in self.rules.rules if r.spec.on == "call"]
-        self._on_start: list[CompiledRule] = [
-            r for r in self.rules.rules if r.spec.on == "call_start"
-        ]
+        self._on_call = RuleGroup([r for r in self.rules.rules if r.spec.on == "call"])
+        self._on_start = RuleGroup([r for r in self.rules.rules if r.spec.on == "call_start"])
 
     def swap_rules(self, rules: RuleSet) -> list[str]:
         """Put a new rule set in place whole; rules whose logic is unchanged keep their state."""
@@ -92,22 +90,36 @@ class Pipeline:
             if saved is not None and saved[0] == model_logic(model.spec):
                 models[index] = carry_over(saved[1], model)
                 restored.append(model.spec.id)
+        self._split_rules()  # which rules have started changed
         return restored
 
     def feed(self, items: Iterable[CallEvent | Reject]) -> Output:
         output = Output()
+        tracker = self.tracker
+        observe = tracker.observe
+        deadlines = tracker.deadlines
         for item in items:
             if type(item) is not CallEvent:
                 continue
             event: CallEvent = item
-            output.extend(self.advance(event.ts))
-            for call in self.tracker.observe(event):
-                self._evaluate(self._on_start, call, event.ts, output)
+            ts = event.ts
+            # `advance` only when event time moves on or a call's time is up (a late
+            # report can set a deadline that has passed already): its checks and the
+            # models' cost more than the report itself.
+            if ts > self.now or (deadlines and deadlines[0][0] <= self.now) or tracker.evicted:
+                self._advance(ts, output)
+            started = observe(event)
+            if started is not None and self._on_start.rules:
+                self._evaluate(self._on_start, started, ts, output)
         return output
 
     def advance(self, now: float) -> Output:
         """Event time moves to `now`: finish calls whose time is up and evaluate them."""
         output = Output()
+        self._advance(now, output)
+        return output
+
+    def _advance(self, now: float, output: Output) -> None:
         if now > self.now:
             self.now = now
         finished = self.tracker.advance(self.now)
@@ -129,7 +141,6 @@ class Pipeline:
                 rule.drop_idle(self.now)
             models.drop_idle(self.now)
             self.alerts.forget_before(self.now)
-        return output
 
     def _raise_model(self, finding: ModelFinding, output: Output) -> None:
         alert = self.alerts.offer_model(finding)
@@ -154,9 +165,12 @@ class Pipeline:
                 seen[call_id] = ts
         return sorted(seen, key=seen.__getitem__)[-last:]
 
-    def _evaluate(self, rules: list[CompiledRule], call: Call, ts: float, output: Output) -> None:
-        for rule in rules:
-            finding = rule.evaluate(call, ts, self.tracker.open_calls, self.alerts.quiet)
+    def _evaluate(self, group: RuleGroup, call: Call, ts: float, output: Output) -> None:
+        if group.unstarted:
+            group.start(ts)
+        open_calls, quiet = self.tracker.open_calls, self.alerts.quiet
+        for rule in group.selected(call):
+            finding = rule.evaluate(call, ts, open_calls, quiet)
             if finding is None:
                 continue
             alert = self.alerts.offer(finding)

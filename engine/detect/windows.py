@@ -26,6 +26,8 @@ S = TypeVar("S")
 # Up to this many entries a distinct count is counted afresh when asked (cheap),
 # beyond it kept up to date in a dict.
 _SMALL_WINDOW = 16
+# A tuple, not `int | float`: that makes a new union object at every call.
+_NUMBERS = (int, float)
 
 
 class SlidingWindow:
@@ -54,6 +56,8 @@ class SlidingWindow:
     def expire(self, now: float) -> None:
         cutoff = now - self.length
         entries, head = self.entries, self.head
+        if head < len(entries) and entries[head] > cutoff:
+            return  # nothing leaves: the common case, for every call a window takes
         while head < len(entries) and entries[head] <= cutoff:
             self._leaving(head >> 1)
             head += 2
@@ -107,7 +111,7 @@ class ValueWindow(SlidingWindow):
             self.entries, self.values = [ts, call_id], [value]
         if value is True:
             self.hits += 1
-        elif isinstance(value, int | float) and not isinstance(value, bool):
+        elif isinstance(value, _NUMBERS) and not isinstance(value, bool):
             self.total += value
         if self.counts is not None:
             self.counts[value] = self.counts.get(value, 0) + 1
@@ -116,7 +120,7 @@ class ValueWindow(SlidingWindow):
         value = self.values[index]
         if value is True:
             self.hits -= 1
-        elif isinstance(value, int | float) and not isinstance(value, bool):
+        elif isinstance(value, _NUMBERS) and not isinstance(value, bool):
             self.total -= value
         counts = self.counts
         if counts is not None:

@@ -18,7 +18,14 @@ from typing import Any
 import polars as pl
 
 from engine.codec import FieldError, make_event, parse_call_id, parse_serial
-from engine.events import CallEvent, Reject, RejectReason
+from engine.events import (
+    MAX_CALL_ID_BYTES,
+    MAX_SERIAL_DIGITS,
+    STATE_TOKENS,
+    CallEvent,
+    Reject,
+    RejectReason,
+)
 
 COLUMNS = (
     "ts",
@@ -237,6 +244,41 @@ def _epoch_seconds(column: pl.Series) -> pl.Series:
     return seconds.round(6).zip_with(in_range.fill_null(False), pl.Series([None], dtype=pl.Float64))
 
 
+# Python's whitespace (what str.strip() removes; none is above U+3000), as a class
+# for polars' regular expressions, whose own \s is a little different.
+_WHITESPACE = "".join(f"\\x{{{n:x}}}" for n in range(0x3001) if chr(n).isspace())
+_STRIPPED = f"^[{_WHITESPACE}]|[{_WHITESPACE}]$"
+# A call id make_event takes as it is: printable ASCII, no surrounding spaces.
+_PLAIN_CALL_ID = rf"^[\x21-\x7e](?:[\x20-\x7e]{{0,{MAX_CALL_ID_BYTES - 2}}}[\x21-\x7e])?$"
+_PLAIN_SERIAL = rf"^[0-9]{{1,{MAX_SERIAL_DIGITS}}}$"
+# The state spellings taken without a closer look (the protocol's tokens and the
+# events table's names, in the usual cases).
+_EXACT_STATES = {
+    spelling: STATE_TOKENS[_TABLE_STATES.get(token, token)]
+    for token in (*STATE_TOKENS, *_TABLE_STATES)
+    for spelling in {token, token.upper(), token.capitalize()}
+}
+_new_tuple = tuple.__new__
+
+
+def _plain_rows(frame: pl.DataFrame, columns: list[str]) -> pl.Series:
+    """Rows whose fields make_event would take as they are: call id and serial well
+    formed, no text field with spaces to strip. Checked column by column in polars;
+    every other row goes through make_event, which says what is wrong with it."""
+
+    def text(name: str) -> pl.Expr:
+        if name not in columns:
+            return pl.lit("")
+        return pl.col(name).cast(pl.String).fill_null("")
+
+    checks = [
+        text("call_id").str.contains(_PLAIN_CALL_ID),
+        text("serial").str.contains(_PLAIN_SERIAL),
+        *(~text(name).str.contains(_STRIPPED) for name in COLUMNS[4:]),
+    ]
+    return frame.select(pl.all_horizontal(checks).alias("plain"))["plain"]
+
+
 def _items_of_frame(frame: pl.DataFrame, label: str, first_line: int) -> list[CallEvent | Reject]:
     """Rows to items column by column: times parsed by polars, texts taken as columns;
     a row the fast path cannot vouch for goes through `row_to_item` like any row."""
@@ -253,21 +295,57 @@ def _items_of_frame(frame: pl.DataFrame, label: str, first_line: int) -> list[Ca
         frame[c].cast(pl.String).fill_null("").to_list() if c in columns else [""] * len(frame)
         for c in COLUMNS[1:]
     ]
-    states = texts[2]
-    for index, state in enumerate(states):
-        table_state = _TABLE_STATES.get(state.strip().lower())
-        if table_state is not None:
-            states[index] = table_state
+    plain_rows = _plain_rows(frame, columns).to_list()
+    serials = frame["serial"].cast(pl.Int64, strict=False).to_list() if "serial" in columns else []
     items: list[CallEvent | Reject] = []
+    append = items.append
     fallback_ts = 0.0
-    for index, (ts, *fields) in enumerate(zip(seconds, *texts, strict=True)):
+    exact_state = _EXACT_STATES.get
+    rows = zip(seconds, plain_rows, *texts, strict=True)
+    for index, (
+        ts,
+        plain_row,
+        call_id,
+        _,
+        state,
+        caller,
+        callee,
+        forward,
+        menu_id,
+        menu_name,
+    ) in enumerate(rows):
         source = f"{label}:{index + first_line}"
+        # A row checked column-wise (see _plain_rows) needs only its state looked up.
+        parsed = exact_state(state) if plain_row and ts is not None else None
+        if parsed is not None:
+            fallback_ts = ts
+            append(
+                _new_tuple(
+                    CallEvent,
+                    (
+                        ts,
+                        call_id,
+                        serials[index],
+                        parsed[0],
+                        parsed[1],
+                        caller,
+                        callee,
+                        forward,
+                        menu_id,
+                        menu_name,
+                        source,
+                    ),
+                )
+            )
+            continue
         item: CallEvent | Reject
         if ts is None:
             item = row_to_item(
                 dict(zip(columns, frame.row(index), strict=True)), source, fallback_ts
             )
         else:
+            fields = [text[index] for text in texts]
+            fields[2] = _TABLE_STATES.get(state.strip().lower(), state)
             try:
                 item = make_event(ts, fields, source)
             except FieldError as error:
@@ -275,7 +353,7 @@ def _items_of_frame(frame: pl.DataFrame, label: str, first_line: int) -> list[Ca
                 item = _reject(row, source, fallback_ts, error.reason, error.detail)
         if type(item) is CallEvent:
             fallback_ts = item.ts
-        items.append(item)
+        append(item)
     return items
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.codec import FieldError
 from engine.eventfiles import EventFileError, parse_ts, read_event_file
@@ -241,3 +243,51 @@ def test_column_wise_reading_agrees_with_row_by_row_validation(fmt: str, tmp_pat
     assert fast == slow
     kinds = [type(item).__name__ for item in fast]
     assert kinds.count("CallEvent") == 6 and kinds.count("Reject") == 8
+
+
+_PADDING = st.sampled_from([" ", "\t", "\x1c", "\xa0", "\u3000", "\x85", "\x00", "x"])
+_CALL_IDS = st.one_of(
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=8),
+    st.sampled_from(["a" * 127, "a" * 128, "a" * 129, "é" * 70, "a b", "a\x7fb", "ид"]),
+)
+_SERIALS = st.one_of(
+    st.integers(0, 10**20).map(str),
+    st.sampled_from(["", "007", "-1", "1.0", "٣", "²", "1 2", "9" * 18, "9" * 19]),
+)
+_STATES = st.sampled_from(
+    ["180", "183", "Ringing", "RINGING", "rInGiNg", "OK", "ok", "Ok", "200", "Bye", "BYE",
+     "Answered", "HANGUP", "hangup", "Busy", "", "O K"]
+)  # fmt: skip
+_ROWS = st.tuples(
+    _CALL_IDS,
+    _SERIALS,
+    _STATES,
+    st.lists(st.text(max_size=6), min_size=5, max_size=5),
+    # Which field (0-7; more: none) gets padding, the padding, before or after.
+    st.tuples(st.integers(0, 11), _PADDING, st.booleans()),
+)
+
+
+@given(rows=st.lists(_ROWS, min_size=1, max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_rows_taken_as_they_are_agree_with_validating_each(
+    rows: list[tuple[str, str, str, list[str], tuple[int, str, bool]]],
+) -> None:
+    # Rows whose fields need no stripping or closer look skip the validator: for any
+    # mix of padding, call ids, serials and state spellings the result is the same.
+    from engine.eventfiles import _items_of_frame, _items_of_rows
+
+    columns = ["ts", "call_id", "serial", "state", "caller", "callee", "forward", "menu_id",
+               "menu_name"]  # fmt: skip
+    table = []
+    for call_id, serial, state, texts, (where, pad, before) in rows:
+        fields = [call_id, serial, state, *texts]
+        if where < len(fields):
+            fields[where] = pad + fields[where] if before else fields[where] + pad
+        table.append(("1793692800.5", *fields))
+    frame = pl.DataFrame(table, schema=columns, orient="row")
+    fast = _items_of_frame(frame, "rows", 1)
+    slow = _items_of_rows(
+        ((n, dict(zip(columns, row, strict=True))) for n, row in enumerate(table, 1)), "rows"
+    )
+    assert fast == slow

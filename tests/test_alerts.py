@@ -15,7 +15,8 @@ import duckdb
 import pytest
 
 from engine.detect.alerts import Alert, AlertManager, JsonLinesSink, WebhookSink
-from engine.detect.rules import Finding, load_rules
+from engine.detect.evaluate import Finding
+from engine.detect.rules import load_rules
 from engine.replay import replay
 from engine.review import ReviewError, add_review, list_alerts
 from tests.conftest import make_settings

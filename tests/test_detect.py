@@ -17,14 +17,10 @@ from hypothesis import strategies as st
 
 from engine.codec import Vos3000TextCodec
 from engine.detect.calls import Call, CallTracker
+from engine.detect.evaluate import RuleGroup, compile_selection, selection_tests
 from engine.detect.pipeline import Pipeline
-from engine.detect.rules import (
-    Matcher,
-    RuleGroup,
-    compile_selection,
-    load_rules,
-    selection_tests,
-)
+from engine.detect.rules import load_rules
+from engine.detect.schema import Matcher
 from engine.detect.snapshot import snapshot_path
 from engine.detect.windows import EwBaseline, SlidingWindow, ValueWindow
 from engine.events import CallEvent, CallState

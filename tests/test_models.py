@@ -402,16 +402,27 @@ def test_a_corrupt_snapshot_is_reported_set_aside_and_detection_starts_cold(
     assert path.exists(), "a fresh snapshot replaces the damaged one"
 
 
-def test_snapshot_that_is_not_one_is_refused(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"hello", "not a detection snapshot (bad magic line)"),
+        (
+            b"CALLSENTRY-DETECTION-SNAPSHOT v1\n" + bytes(40),
+            "written by another version of callsentry (snapshot v1; this one reads v2)",
+        ),
+    ],
+)
+def test_a_file_that_is_no_snapshot_of_this_version_is_set_aside_by_name(
+    content: bytes, reason: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     generated = generate(load_scenario(Path("data/scenarios/sample.yaml")))
     data = tmp_path / "data"
     snapshot_path(data).parent.mkdir(parents=True)
-    snapshot_path(data).write_bytes(b"hello")
+    snapshot_path(data).write_bytes(content)
     with caplog.at_level(logging.ERROR):
-        replay_generated(generated, tmp_path / "events", data)
-    assert "bad magic line" in caplog.text
+        result = replay_generated(generated, tmp_path / "events", data)
+    assert reason in caplog.text and "starting detection cold" in caplog.text
+    assert result.stored == len(generated.events)
 
 
 def test_a_reload_keeps_what_a_model_learned_unless_its_logic_changed(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.detect.rules import Finding, summary_of
+from engine.detect.evaluate import Finding
+from engine.detect.rules import summary_of
 from models.base import ModelFinding
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from typing import Any
 
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
-from engine.detect.rules import RuleGroup, RuleSet
+from engine.detect.evaluate import RuleGroup
+from engine.detect.rules import RuleSet
 from engine.events import CallEvent, Reject
 from models.base import ModelFinding
 from models.registry import carry_over, model_logic

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.detect.calls import CallTracker
+from engine.detect.evaluate import CompiledRule
 from engine.detect.pipeline import Pipeline
-from engine.detect.rules import CompiledRule, RuleSet, RuleTest, TestCalls, load_rules
+from engine.detect.rules import RuleSet, load_rules
+from engine.detect.schema import RuleTest, TestCalls
 from engine.events import CallEvent, CallState
 from models.registry import ModelSet, build
 

@@ -26,7 +26,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"CALLSENTRY-DETECTION-SNAPSHOT v1\n"
+# The version changes whenever the classes pickled in a snapshot move or change
+# shape (v2: rule state classes in engine.detect.windows, detection compiled).
+_MAGIC_PREFIX = b"CALLSENTRY-DETECTION-SNAPSHOT "
+MAGIC = _MAGIC_PREFIX + b"v2\n"
 SNAPSHOT_NAME = "detection.snapshot"
 
 
@@ -76,6 +79,12 @@ class SnapshotError(Exception):
 def _read(path: Path) -> Snapshot:
     data = path.read_bytes()
     if not data.startswith(MAGIC):
+        if data.startswith(_MAGIC_PREFIX):
+            version = data[len(_MAGIC_PREFIX) :].split(b"\n", 1)[0].decode("ascii", "replace")
+            raise SnapshotError(
+                f"written by another version of callsentry (snapshot {version}; this one "
+                f"reads {MAGIC[len(_MAGIC_PREFIX) :].decode().strip()})"
+            )
         raise SnapshotError("not a detection snapshot (bad magic line)")
     digest, payload = data[len(MAGIC) : len(MAGIC) + 32], data[len(MAGIC) + 32 :]
     if hashlib.sha256(payload).digest() != digest:

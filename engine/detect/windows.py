@@ -232,3 +232,51 @@ class KeyedState(Generic[S]):
 
     def __len__(self) -> int:
         return len(self.states)
+
+
+# -- per-entity state of a rule: its window and what its aggregate needs besides ------
+
+
+class CountState(SlidingWindow):
+    """One entity's state for a rule that counts: its window and when it last counted."""
+
+    __slots__ = ("last_ts",)
+
+    def __init__(self, length: float) -> None:
+        super().__init__(length)
+        self.last_ts = 0.0
+
+
+class ValueState(ValueWindow):
+    """For sum, ratio and distinct: a window whose entries carry values."""
+
+    __slots__ = ("last_ts",)
+
+    def __init__(self, length: float) -> None:
+        super().__init__(length)
+        self.last_ts = 0.0
+
+
+class SpikeState(CountState):
+    __slots__ = ("baseline",)
+
+    def __init__(self, length: float, alpha: float) -> None:
+        super().__init__(length)
+        self.baseline = EwBaseline(length, alpha)
+
+
+class FirstSeenState(CountState):
+    __slots__ = ("first_seen",)
+
+    def __init__(self, length: float, first_seen: float) -> None:
+        super().__init__(length)
+        self.first_seen = first_seen
+
+
+class SequentialState(CountState):
+    __slots__ = ("last_callee", "run")
+
+    def __init__(self, length: float) -> None:
+        super().__init__(length)
+        self.last_callee: int | None = None
+        self.run = 0

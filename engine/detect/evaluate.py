@@ -1,0 +1,428 @@
+"""Rules compiled for evaluation: selections as generated Python, aggregates over
+each entity's sliding window, and the findings they make.
+
+This module, the windows and the call tracker are the detection's hot path: setup.py
+compiles them with mypyc where it can (see engine/detect/__init__.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from typing import Any, cast
+
+from engine.detect.calls import Call
+from engine.detect.schema import FieldName, Matcher, RuleSpec
+from engine.detect.windows import (
+    CountState,
+    FirstSeenState,
+    KeyedState,
+    SequentialState,
+    SpikeState,
+    ValueState,
+)
+
+ENTITY_FIELDS = {"caller": "caller", "menu": "menu_id", "forward": "forward", "callee": "callee"}
+OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A rule's condition held for an entity at a moment of event time."""
+
+    rule: CompiledRule
+    entity: str
+    raised_at: float
+    window_start: float
+    window_end: float
+    value: float
+    evidence: list[str]
+
+
+# Each condition of a matcher as a Python expression on `v` (the field's value), the
+# names c0, c1, ... standing for its constants. A missing number (an unanswered call's
+# talk_s) never satisfies a comparison; every expression is a bool.
+_NUMBER = "isinstance(v, (int, float)) and not isinstance(v, bool) and "
+
+
+def _conditions(matcher: Matcher, lists: Mapping[str, frozenset[str]]) -> list[tuple[str, object]]:
+    """(expression with `{c}` where its constant goes, constant), in the order tested."""
+    found: list[tuple[str, object]] = []
+    if matcher.in_ is not None:
+        found.append(("v in {c}", frozenset(matcher.in_)))
+    if matcher.not_in is not None:
+        found.append(("v not in {c}", frozenset(matcher.not_in)))
+    if matcher.in_list is not None:
+        found.append(("v in {c}", lists[matcher.in_list]))
+    if matcher.not_in_list is not None:
+        found.append(("v not in {c}", lists[matcher.not_in_list]))
+    if matcher.prefix is not None:
+        found.append(("isinstance(v, str) and v.startswith({c})", tuple(matcher.prefix)))
+    if matcher.prefix_list is not None:
+        found.append(
+            (
+                'isinstance(v, str) and v != "" and v.startswith({c})',
+                tuple(sorted(lists[matcher.prefix_list])),
+            )
+        )
+    if matcher.not_prefix_list is not None:
+        found.append(
+            (
+                "not (isinstance(v, str) and v.startswith({c}))",
+                tuple(sorted(lists[matcher.not_prefix_list])),
+            )
+        )
+    for name, op in (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">=")):
+        bound = getattr(matcher, name)
+        if bound is not None:
+            found.append((_NUMBER + "v " + op + " {c}", bound))
+    if matcher.eq is not None:
+        found.append(("v == {c}", matcher.eq))
+    if matcher.ne is not None:
+        found.append(("v != {c}", matcher.ne))
+    if matcher.empty is not None:
+        found.append(("(v in ('', None)) == {c}", matcher.empty))
+    return found
+
+
+def _always(call: Call) -> bool:
+    return True
+
+
+def _never_quiet(rule_id: str, entity: str, ts: float) -> bool:
+    return False
+
+
+_CALL_FIELDS = frozenset(FieldName.__args__)  # type: ignore[attr-defined]
+
+# One condition of a selection: the call's field, an expression on its value `v` with
+# `{c}` where the constant goes, and the constant.
+Test = tuple[str, str, object]
+
+
+def selection_tests(
+    selection: Mapping[Any, Matcher], lists: Mapping[str, frozenset[str]]
+) -> list[Test]:
+    tests: list[Test] = []
+    for name, matcher in selection.items():
+        if name not in _CALL_FIELDS:
+            raise ValueError(f"selection on unknown field {name!r}")
+        for expression, constant in _conditions(matcher, lists):
+            tests.append((name, expression, constant))
+    return tests
+
+
+def _generated(source: list[str], namespace: dict[str, Any], name: str) -> Any:
+    """A function from generated source. Selections are written out as Python: they
+    run for every rule on every call, and a loop over one closure per condition cost
+    four times as much as the same tests written out. Only field names (checked
+    against the schema's) and placeholders go into the source; every value from a
+    rule file is a constant in `namespace`."""
+    exec(compile("\n".join(source), f"<rule {name}>", "exec"), namespace)
+    return namespace[name]
+
+
+def _tests_source(
+    tests: list[Test], constants: dict[str, object], indent: str, *, nested: bool
+) -> tuple[list[str], str]:
+    """Source testing `tests` in order: nested `if`s (the last indent is where code
+    runs when all hold), or guard clauses returning False."""
+    lines: list[str] = []
+    field_loaded = None
+    for name, expression, constant in tests:
+        if name != field_loaded:
+            lines.append(f"{indent}v = call.{name}")
+            field_loaded = name
+        placeholder = f"c{len(constants)}"
+        constants[placeholder] = constant
+        test = expression.format(c=placeholder)
+        if nested:
+            lines.append(f"{indent}if {test}:")
+            indent += "    "
+        else:
+            lines.append(f"{indent}if not ({test}):")
+            lines.append(f"{indent}    return False")
+    return lines, indent
+
+
+def compile_selection(
+    selection: Mapping[Any, Matcher], lists: Mapping[str, frozenset[str]]
+) -> Callable[[Call], bool]:
+    """One function testing every condition in turn, stopping at the first that fails."""
+    tests = selection_tests(selection, lists)
+    if not tests:
+        return _always
+    constants: dict[str, object] = {}
+    body, _ = _tests_source(tests, constants, "    ", nested=False)
+    source = ["def match(call):", *body, "    return True"]
+    match: Callable[[Call], bool] = _generated(source, dict(constants), "match")
+    return match
+
+
+# Each aggregate keeps only what it needs per entity: with a million tracked callers
+# a few unused slots per state add up to a hundred megabytes.
+_KeyState = CountState | ValueState
+
+
+class CompiledRule:
+    """A rule ready to evaluate, with its per-entity state."""
+
+    def __init__(
+        self,
+        spec: RuleSpec,
+        lists: Mapping[str, frozenset[str]],
+        *,
+        source: str,
+        version: str,
+        max_keys: int,
+    ) -> None:
+        self.spec = spec
+        self.id = spec.id
+        self.source = source
+        self.version = version
+        self.logic = _logic_hash(spec)
+        self.tests = selection_tests(spec.selection, lists)
+        aggregate = spec.aggregate
+        self.numerator = compile_selection(aggregate.numerator or {}, lists)
+        self.entity_field = ENTITY_FIELDS[aggregate.group_by]
+        self.window_s = aggregate.window or 0.0
+        self.compare = OPS[spec.condition.op]
+        self.threshold = spec.condition.threshold
+        self.exceptions: list[tuple[frozenset[str], date | None]] = [
+            (frozenset(e.values) | (lists[e.list_] if e.list_ else frozenset()), e.expires)
+            for e in spec.exceptions
+        ]
+        self.state: KeyedState[_KeyState] = KeyedState(max_keys)
+        # The aggregate, read once here rather than from the spec on every call.
+        self.kind = aggregate.type
+        self.min_volume = aggregate.min_volume
+        self.spike = self.kind == "baseline_spike"
+        self.concurrent = self.kind == "concurrent"
+        # The value a window entry carries: a field (distinct, sum), whether the
+        # numerator selects the call (ratio), or nothing.
+        self.item_field = aggregate.field if self.kind in ("distinct", "sum") else None
+        self.ratio = self.kind == "ratio"
+        self._measure: Callable[[Any, Call], float | None] = getattr(
+            self, "_" + ("count" if self.kind == "concurrent" else self.kind)
+        )
+        self.started_at: float | None = None
+        # Set by the rule set when the rule has a `model:` condition.
+        self.gate: Callable[[Call], bool] | None = None
+
+    def adopt_state(self, other: CompiledRule) -> None:
+        """Keep the window state of the rule this one replaces (its logic is unchanged)."""
+        self.state = other.state
+        self.started_at = other.started_at
+
+    def excepted(self, entity: str, ts: float) -> bool:
+        today = datetime.fromtimestamp(ts, tz=UTC).date() if self.exceptions else None
+        for values, expires in self.exceptions:
+            if entity in values and (expires is None or (today is not None and today <= expires)):
+                return True
+        return False
+
+    def _new_state(self, ts: float) -> _KeyState:
+        kind = self.kind
+        length = self.window_s
+        if kind in ("sum", "ratio", "distinct"):
+            return ValueState(length)
+        if kind == "baseline_spike":
+            return SpikeState(length, self.spec.aggregate.baseline_alpha)
+        if kind == "first_seen":
+            return FirstSeenState(length, ts)
+        if kind == "sequential":
+            return SequentialState(length)
+        return CountState(length)
+
+    def evaluate(
+        self,
+        call: Call,
+        ts: float,
+        open_calls: Callable[[str, float], list[Call]],
+        quiet: Callable[[str, str, float], bool] = _never_quiet,
+    ) -> Finding | None:
+        """The finding a call this rule selects makes, if any (`RuleGroup.selected`
+        says which rules select a call, and starts them). `quiet(rule_id, entity, ts)`
+        says whether an alert would be suppressed: the window still takes the call,
+        but no finding (scan of open calls, evidence) is made for a quiet entity."""
+        entity = getattr(call, self.entity_field)
+        if not entity:
+            return None
+        if self.concurrent:
+            return self._concurrent(call, entity, ts, open_calls, quiet)
+        # The entity's state, made the most recently used (KeyedState.get, inlined:
+        # this runs for every selected call of every rule).
+        keyed = self.state
+        states = keyed.states
+        state = states.pop(entity, None)
+        if state is None:
+            state = self._new_state(ts)
+            keyed.put(entity, state)
+        else:
+            states[entity] = state
+        state.last_ts = ts
+        item: object = None
+        if self.item_field is not None:
+            item = getattr(call, self.item_field)
+            if item is None:
+                return None
+        elif self.ratio:
+            item = bool(self.numerator(call))
+        if self.spike:
+            cast(SpikeState, state).baseline.observe(ts)
+        state.add(ts, call.call_id, item)
+        state.expire(ts)
+        measured = self._measure(state, call)
+        if measured is None or not self.compare(measured, self.threshold):
+            return None
+        if quiet(self.id, entity, ts) or self.excepted(entity, ts):
+            return None
+        if self.gate is not None and not self.gate(call):
+            return None
+        start = state.start() or ts
+        return Finding(self, entity, ts, start, ts, measured, state.live_call_ids())
+
+    def _concurrent(
+        self,
+        call: Call,
+        entity: str,
+        ts: float,
+        open_calls: Callable[[str, float], list[Call]],
+        quiet: Callable[[str, str, float], bool],
+    ) -> Finding | None:
+        # In progress right now, from the call tracker's open calls (no counters to
+        # drift); with a window, only those that started within it.
+        if quiet(self.id, entity, ts):
+            return None
+        since = ts - self.window_s if self.window_s else float("-inf")
+        live = open_calls(entity, since)
+        value = float(len(live))
+        if not self.compare(value, self.threshold) or self.excepted(entity, ts):
+            return None
+        if self.gate is not None and not self.gate(call):
+            return None
+        start = min(c.started_at for c in live) if live else ts
+        evidence = [c.call_id for c in reversed(live[:200])]
+        return Finding(self, entity, ts, start, ts, value, evidence)
+
+    # What each aggregate measures once the call is in the window; None: not yet
+    # enough to judge.
+
+    def _count(self, state: _KeyState, call: Call) -> float | None:
+        return float(len(state))
+
+    def _distinct(self, state: ValueState, call: Call) -> float | None:
+        return float(state.distinct())
+
+    def _sum(self, state: ValueState, call: Call) -> float | None:
+        return state.total
+
+    def _ratio(self, state: ValueState, call: Call) -> float | None:
+        total = len(state)
+        if total < self.min_volume:
+            return None
+        return state.hits / total
+
+    def _baseline_spike(self, state: SpikeState, call: Call) -> float | None:
+        baseline = state.baseline
+        count = len(state)
+        if baseline.buckets < self.spec.aggregate.baseline_warmup or count < self.min_volume:
+            return None
+        return count / max(baseline.mean, 1.0)
+
+    def _first_seen(self, state: FirstSeenState, call: Call) -> float | None:
+        aggregate = self.spec.aggregate
+        started = self.started_at or 0.0
+        first_seen = state.first_seen
+        if first_seen < started + aggregate.warmup:
+            return None  # seen while the rule was still learning what is normal
+        if (state.last_time() or first_seen) - first_seen > (aggregate.new_for or 0.0):
+            return None
+        return float(len(state))
+
+    def _sequential(self, state: SequentialState, call: Call) -> float | None:
+        # A run of callees each one step (at most max_step) beyond the last, in one
+        # direction and never back: a scan. Alternating between two neighbouring IVR
+        # numbers (a busy trunk's pattern) is no run.
+        try:
+            callee = int(call.callee)
+        except ValueError:
+            state.run, state.last_callee = 0, None
+            return 0.0
+        previous = state.last_callee
+        step = 0 if previous is None else callee - previous
+        direction = 1 if step > 0 else -1
+        if (
+            step
+            and abs(step) <= self.spec.aggregate.max_step
+            and (state.run == 0 or direction * state.run > 0)
+        ):
+            state.run += direction
+        else:
+            state.run = 0
+        state.last_callee = callee
+        return float(abs(state.run) + 1 if state.run else 0)
+
+    def drop_idle(self, now: float) -> int:
+        """Forget entities quiet for longer than the window (first_seen keeps them longer)."""
+        keep = self.window_s
+        if self.spec.aggregate.type == "first_seen":
+            keep = max(keep, 30 * 86400.0)
+        elif self.spec.aggregate.type == "baseline_spike":
+            keep = max(keep * 50, 86400.0)
+        return self.state.drop_idle(lambda s: s.last_ts < now - keep)
+
+
+class RuleGroup:
+    """The rules that watch one kind of fact (finished calls, or calls starting), with
+    one generated function that returns those whose selection takes a call: asking
+    each rule in turn cost a method call per rule per call, and most rules select
+    few calls."""
+
+    def __init__(self, rules: list[CompiledRule]) -> None:
+        self.rules = rules
+        # Rules that have not seen a call yet; each starts at the first it is asked about.
+        self.unstarted = [rule for rule in rules if rule.started_at is None]
+        constants: dict[str, object] = {}
+        source = ["def selected(call):", "    found = []"]
+        for index, rule in enumerate(rules):
+            body, indent = _tests_source(rule.tests, constants, "    ", nested=True)
+            source.extend(body)
+            source.append(f"{indent}found.append(r{index})")
+        source.append("    return found")
+        namespace: dict[str, Any] = dict(constants)
+        namespace.update((f"r{index}", rule) for index, rule in enumerate(rules))
+        self.selected: Callable[[Call], list[CompiledRule]] = _generated(
+            source, namespace, "selected"
+        )
+
+    def start(self, ts: float) -> None:
+        for rule in self.unstarted:
+            if rule.started_at is None:
+                rule.started_at = ts
+        self.unstarted = []
+
+
+def _logic_hash(spec: RuleSpec) -> str:
+    logic = {
+        "on": spec.on,
+        "selection": spec.selection,
+        "aggregate": spec.aggregate,
+        "model": spec.model,
+    }
+    text = json.dumps(
+        json.loads(
+            json.dumps(logic, default=lambda o: o.model_dump(by_alias=True, exclude_none=True))
+        ),
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

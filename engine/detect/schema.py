@@ -1,0 +1,205 @@
+"""The rule files' schema: strict (unknown keys are errors), checked by pydantic.
+
+One rule per file in `rules/`, shared lists in `rules/lists/`. A rule says which
+facts it watches (`on: call` for finished calls, `on: call_start` for a call's
+first report), which of them count (`selection`), how they add up per entity
+over a sliding event-time window (`aggregate`), when that is an alert
+(`condition`), how long to stay quiet afterwards per entity (`suppression`),
+and which entities never alert (`exceptions`).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from engine.simulator.calls import Duration
+
+FieldName = Literal[
+    "caller",
+    "callee",
+    "forward",
+    "menu_id",
+    "menu_name",
+    "outcome",
+    "ring_s",
+    "talk_s",
+    "answered",
+    "ring_code",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Matcher(_Strict):
+    """Conditions on one field; all given must hold."""
+
+    in_: list[str | int | float | bool] | None = Field(default=None, alias="in")
+    not_in: list[str | int | float | bool] | None = None
+    in_list: str | None = None
+    not_in_list: str | None = None
+    prefix: list[str] | None = None
+    prefix_list: str | None = None
+    not_prefix_list: str | None = None
+    lt: float | None = None
+    le: float | None = None
+    gt: float | None = None
+    ge: float | None = None
+    eq: str | int | float | bool | None = None
+    ne: str | int | float | bool | None = None
+    empty: bool | None = None
+
+
+def _matcher(value: Any) -> Any:
+    # A bare value means equality: `outcome: answered`.
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, list):
+        return {"in": value}
+    return {"eq": value}
+
+
+Selection = dict[
+    FieldName,
+    Annotated[Matcher, BeforeValidator(_matcher)],
+]
+
+
+class Aggregate(_Strict):
+    type: Literal[
+        "count",
+        "distinct",
+        "sum",
+        "ratio",
+        "baseline_spike",
+        "first_seen",
+        "sequential",
+        "concurrent",
+    ]
+    group_by: Literal["caller", "menu", "forward", "callee"]
+    window: Duration | None = None
+    field: Literal["caller", "callee", "forward", "menu_id", "ring_s", "talk_s"] | None = None
+    numerator: Selection | None = None
+    min_volume: int = Field(default=1, ge=1)
+    baseline_alpha: float = Field(default=0.2, gt=0, le=1)
+    baseline_warmup: int = Field(default=6, ge=1)
+    new_for: Duration | None = None
+    warmup: Duration = 3600.0
+    max_step: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Aggregate:
+        if self.type != "concurrent" and not self.window:
+            raise ValueError(f"aggregate type {self.type} needs a window")
+        if self.type in ("distinct", "sum") and self.field is None:
+            raise ValueError(f"aggregate type {self.type} needs a field")
+        if self.type == "sum" and self.field not in ("ring_s", "talk_s"):
+            raise ValueError("sum needs a numeric field (ring_s or talk_s)")
+        if self.type == "ratio" and not self.numerator:
+            raise ValueError("aggregate type ratio needs a numerator selection")
+        if self.type == "first_seen" and not self.new_for:
+            raise ValueError("aggregate type first_seen needs new_for (how long a key is new)")
+        if self.type == "sequential" and self.group_by != "caller":
+            raise ValueError("sequential dialling is grouped by caller")
+        return self
+
+
+class Condition(_Strict):
+    op: Literal[">=", ">", "<=", "<"] = ">="
+    threshold: float
+
+
+class Suppression(_Strict):
+    duration: Duration = 1800.0
+
+
+class ExceptionRule(_Strict):
+    name: str = Field(min_length=1)
+    values: list[str] = Field(default_factory=list)
+    list_: str | None = Field(default=None, alias="list")
+    reason: str = Field(min_length=1)
+    expires: date | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ExceptionRule:
+        if not self.values and not self.list_:
+            raise ValueError("an exception needs values or a list")
+        return self
+
+
+class TestCalls(_Strict):
+    """A series of calls for an inline test: `repeat` calls, `every` seconds apart."""
+
+    at: Duration = 0.0
+    every: Duration = 60.0
+    repeat: int = Field(default=1, ge=1, le=10_000)
+    caller: str = "8613800000001"
+    callee: str = "4008001000"
+    callee_step: int = 0
+    forward: str = ""
+    menu_id: str = "1"
+    menu_name: str = "Main menu"
+    ring: Duration = 3.0
+    talk: Duration = 60.0
+    answered: bool = True
+    hangup: bool = True
+
+
+class TestExpect(_Strict):
+    entity: str
+    min_alerts: int = Field(default=1, ge=1)
+
+
+class ModelGate(_Strict):
+    """The rule fires only while a model's latest score for the call's caller or menu
+    (the model's kind decides which) is above a running quantile of its scores."""
+
+    model: str = Field(min_length=1)
+    above_quantile: float = Field(gt=0.5, lt=1)
+
+
+class RuleTest(_Strict):
+    name: str = Field(min_length=1)
+    calls: list[TestCalls] = Field(min_length=1)
+    expect: list[TestExpect] = Field(default_factory=list)
+
+
+class RuleSpec(_Strict):
+    id: str = Field(min_length=1, pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    title: str = Field(min_length=1)
+    description: str = ""
+    severity: Literal["low", "medium", "high", "critical"]
+    status: Literal["experimental", "stable", "deprecated"] = "experimental"
+    mode: Literal["alert", "shadow"] = "alert"
+    tags: list[str] = Field(default_factory=list)
+    on: Literal["call", "call_start"] = "call"
+    selection: Selection = Field(default_factory=dict)
+    aggregate: Aggregate
+    condition: Condition
+    model: ModelGate | None = None
+    suppression: Suppression = Field(default_factory=Suppression)
+    exceptions: list[ExceptionRule] = Field(default_factory=list)
+    summary: str | None = None
+    tests: list[RuleTest] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> RuleSpec:
+        if self.aggregate.type == "concurrent" and self.on != "call_start":
+            raise ValueError("concurrent calls are counted on call_start")
+        window = self.aggregate.window or 0.0
+        if self.suppression.duration < window:
+            raise ValueError(
+                f"suppression ({self.suppression.duration:.0f} s) is shorter than the window "
+                f"({window:.0f} s): one incident would raise several alerts"
+            )
+        return self
+
+
+class ListSpec(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9_]+$")
+    description: str = ""
+    values: list[str] = Field(min_length=1)

@@ -8,11 +8,16 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py engine/_fastio.c
+# The detection's hot path is compiled by mypyc from these sources (setup.py).
+COMPILED := $(foreach m,windows calls evaluate pipeline,engine/detect/$(m).py)
+
+$(STAMP): pyproject.toml setup.py engine/_fastio.c $(COMPILED)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "callsentry needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@echo "compiling the detection with mypyc (a minute or two)"
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	@touch $@
 
 demo: setup

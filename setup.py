@@ -1,12 +1,91 @@
-"""The one compiled helper (engine/_fastio.c); everything else is in pyproject.toml.
+"""The compiled parts; everything else is in pyproject.toml.
 
-Optional: where it cannot be built (no C compiler, not Linux) the receiver uses
-its plain-Python path and says so at start.
+- engine/_fastio.c: the receiver's batched socket and journal calls (Linux).
+- the detection's hot path (engine.detect.COMPILED), compiled by mypyc from the same
+  Python source when mypyc is installed in the environment that builds (`make setup`
+  installs once, then builds again without isolation, with the venv's mypy).
+
+Both are optional: without a C compiler, off Linux, or without mypyc, the engine runs
+the same code as Python (slower) and says so. A record of the compiled sources'
+SHA-256 lets engine/detect/__init__.py refuse compiled code its source has outgrown.
 """
 
+import hashlib
+import os
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+COMPILED = ("windows", "calls", "evaluate", "pipeline")  # as engine/detect/__init__.py
+RECORD = "_compiled.sha256"
+DETECT = Path("engine") / "detect"
+_MYPYC: list[list[Extension]] = []
+_DIGESTS: dict[str, str] = {}
+
+
+class BuildWithDetection(build_ext):
+    def finalize_options(self) -> None:
+        # Here, not in setup(): mypyc type-checks and writes C when asked, which takes a
+        # minute, and only a build needs it (not the metadata steps of an install).
+        self.detection = self.detection_extensions()
+        self.distribution.ext_modules = [*(self.distribution.ext_modules or []), *self.detection]
+        super().finalize_options()
+
+    def run(self) -> None:
+        if self.detection:
+            # A module that fails to build (optional) must not leave last build's file
+            # to be taken for this one's.
+            for extension in self.detection:
+                Path(self.get_ext_fullpath(extension.name)).unlink(missing_ok=True)
+        super().run()
+        self.record(bool(self.detection))
+
+    def detection_extensions(self) -> list[Extension]:
+        # An editable install makes build_ext more than once: mypyc runs once.
+        if not _MYPYC:
+            _MYPYC.append(self.mypycify())
+        return _MYPYC[0]
+
+    def mypycify(self) -> list[Extension]:
+        if os.environ.get("CALLSENTRY_COMPILE", "1") == "0":
+            return []
+        try:
+            from mypyc.build import mypycify
+        except ImportError:
+            print("mypyc is not installed here: detection runs as Python", file=sys.stderr)
+            return []
+        # The sources as mypyc reads them (an edit during the build must not be
+        # recorded as compiled).
+        for name in COMPILED:
+            _DIGESTS[name] = hashlib.sha256((DETECT / f"{name}.py").read_bytes()).hexdigest()
+        extensions: list[Extension] = mypycify(
+            [str(DETECT / f"{name}.py") for name in COMPILED],
+            opt_level="3",
+            group_name="engine.detect._native",
+        )
+        for extension in extensions:
+            # Like _fastio: no compiler here means Python, not a failed install.
+            extension.optional = True
+        return extensions
+
+    def record(self, compiled: bool) -> None:
+        """Write which sources were compiled, only when every module was built; otherwise
+        remove the record (compiled files of an earlier build are then not used)."""
+        target = Path(self.get_ext_fullpath("engine.detect.windows")).parent / RECORD
+        built = compiled and all(
+            Path(self.get_ext_fullpath(f"engine.detect.{name}")).exists() for name in COMPILED
+        )
+        if not built:
+            target.unlink(missing_ok=True)
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(
+            "".join(f"{digest}  {name}.py\n" for name, digest in _DIGESTS.items()),
+            encoding="ascii",
+        )
+
 
 extensions = []
 if sys.platform.startswith("linux"):
@@ -19,4 +98,4 @@ if sys.platform.startswith("linux"):
         )
     )
 
-setup(ext_modules=extensions)
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildWithDetection})

@@ -6,16 +6,10 @@ still counts), `ring_timeout_s` after its last report while it only rang
 (Ringing without OK), or `max_call_s` after its last report once answered.
 Nothing here reads the wall clock.
 
->>> tracker = CallTracker(settle_s=20)
->>> from engine.events import CallEvent, CallState
->>> def report(ts, serial, state):
-...     return CallEvent(ts, "c1", serial, state, None, "100", "200", "", "7", "Main")
->>> tracker.observe(report(0.0, 1, CallState.RINGING)).call_id   # the call it opened
-'c1'
->>> _ = tracker.observe(report(30.0, 3, CallState.HANGUP))
->>> _ = tracker.observe(report(31.0, 2, CallState.ANSWERED))   # a retried OK, late
->>> [(c.outcome, c.ring_s, c.talk_s) for c in tracker.advance(60.0)]
-[('answered', None, None)]
+A retried OK that arrives after its Bye still makes the call answered (with no ring
+or talk time, since when it was answered is unknown): tests/test_detect.py shows
+this and the other outcomes. This module is compiled by mypyc where built, so it
+keeps no doctests (pytest cannot collect them from a compiled module).
 """
 
 from __future__ import annotations
@@ -24,14 +18,16 @@ import heapq
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
+from engine.detect.windows import Snapshotted
 from engine.events import CallEvent, CallState
 
 OUTCOMES = ("answered", "unanswered", "abandoned", "timed_out", "in_progress")
 
 
 @dataclass(slots=True)
-class Call:
+class Call(Snapshotted):
     """A call as rebuilt so far; `outcome` is `in_progress` until it is finished."""
 
     call_id: str
@@ -51,6 +47,25 @@ class Call:
     reports: int = 0
     outcome: str = "in_progress"
     deadline: float = 0.0
+
+    def state_fields(self) -> tuple[str, ...]:
+        return (
+            "ringing_at",
+            "ring_code",
+            "answered_at",
+            "answer_serial",
+            "ended_at",
+            "end_serial",
+            "last_at",
+            "reports",
+            "outcome",
+            "deadline",
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # What a call is made with, then the rest (see Snapshotted).
+        made_with = (self.call_id, self.caller, self.callee, self.forward, self.menu_id)
+        return (Call, (*made_with, self.menu_name, self.started_at), self.__getstate__())
 
     @property
     def ring_s(self) -> float | None:
@@ -85,16 +100,27 @@ class Call:
 
 
 @dataclass
-class TrackerStats:
+class TrackerStats(Snapshotted):
     calls_started: int = 0
     calls_finished: int = 0
     late_reports: int = 0
     # Finished early because more than `max_open_calls` were in progress.
     evicted_calls: int = 0
+    # Times a rule looked through a caller's calls in progress (concurrency).
+    open_call_scans: int = 0
+
+    def state_fields(self) -> tuple[str, ...]:
+        return (
+            "calls_started",
+            "calls_finished",
+            "late_reports",
+            "evicted_calls",
+            "open_call_scans",
+        )
 
 
 @dataclass
-class CallTracker:
+class CallTracker(Snapshotted):
     settle_s: float = 6.0
     ring_timeout_s: float = 180.0
     max_call_s: float = 4 * 3600.0
@@ -108,6 +134,23 @@ class CallTracker:
     max_open_calls: int = 1_000_000
     stats: TrackerStats = field(default_factory=TrackerStats)
 
+    def state_fields(self) -> tuple[str, ...]:
+        return (
+            "settle_s",
+            "ring_timeout_s",
+            "max_call_s",
+            "abandon_s",
+            "remember_finished",
+            "max_open_calls",
+            "stats",
+            "open",
+            "deadlines",
+            "_by_caller",
+            "_finished",
+            "evicted",
+            "now",
+        )
+
     def __post_init__(self) -> None:
         self.open: dict[str, Call] = {}
         # (deadline, call_id), a heap; entries superseded by a later deadline stay
@@ -120,21 +163,13 @@ class CallTracker:
         self.evicted: list[Call] = []
         self.now = 0.0
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        # A snapshot from an engine before a field was added has no value for it:
-        # those of a fresh tracker fill in.
-        self.__post_init__()
-        for old, new in (("_deadlines", "deadlines"), ("_evicted", "evicted")):
-            if old in state:  # named so before 2026-12-02
-                state[new] = state.pop(old)
-        self.__dict__.update(state)
-
     def open_calls(
         self, caller: str, since: float = float("-inf"), limit: int = 1000
     ) -> list[Call]:
         """Calls of `caller` in progress (started, no Bye, not timed out) that started
         after `since`, newest first, at most `limit` of them (a flood from one caller
         must not make every evaluation scan all its calls)."""
+        self.stats.open_call_scans += 1
         calls = self._by_caller.get(caller)
         if not calls:
             return []

@@ -30,7 +30,27 @@ _SMALL_WINDOW = 16
 _NUMBERS = (int, float)
 
 
-class SlidingWindow:
+class Snapshotted:
+    """Pickled into detection snapshots as a dict of its `state_fields`, whether this module
+    runs compiled by mypyc (see engine/detect/__init__.py) or as Python: compiled
+    classes have no `__dict__` for pickle to take, and both must read one snapshot.
+    Unpickling calls `__init__` with no arguments first (a compiled class's `__new__`
+    does), so every argument has a default."""
+
+    __slots__ = ()
+
+    def state_fields(self) -> tuple[str, ...]:
+        return ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.state_fields()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
+
+class SlidingWindow(Snapshotted):
     """Entries (ts, call_id) of one key within the last `length` seconds.
 
     One flat list `[ts, call_id, ts, call_id, ...]` rather than two lists: with a
@@ -40,7 +60,10 @@ class SlidingWindow:
 
     __slots__ = ("entries", "head", "length")
 
-    def __init__(self, length: float) -> None:
+    def state_fields(self) -> tuple[str, ...]:
+        return ("entries", "head", "length")
+
+    def __init__(self, length: float = 0.0) -> None:
         self.length = length
         self.entries: list[Any] = []
         self.head = 0  # index in `entries` of the oldest live timestamp
@@ -93,7 +116,10 @@ class ValueWindow(SlidingWindow):
 
     __slots__ = ("counts", "hits", "total", "values")
 
-    def __init__(self, length: float) -> None:
+    def state_fields(self) -> tuple[str, ...]:
+        return (*super().state_fields(), "counts", "hits", "total", "values")
+
+    def __init__(self, length: float = 0.0) -> None:
         super().__init__(length)
         self.values: list[object] = []
         self.total = 0.0
@@ -147,13 +173,24 @@ class ValueWindow(SlidingWindow):
         return len(counts)
 
 
-class EwBaseline:
+class EwBaseline(Snapshotted):
     """Exponentially weighted mean and variance of a key's past window counts,
     closed every `bucket_s` seconds of event time (buckets with nothing count as 0)."""
 
     __slots__ = ("alpha", "bucket_s", "buckets", "current", "current_start", "mean", "var")
 
-    def __init__(self, bucket_s: float, alpha: float = 0.2) -> None:
+    def state_fields(self) -> tuple[str, ...]:
+        return (
+            "alpha",
+            "bucket_s",
+            "buckets",
+            "current",
+            "current_start",
+            "mean",
+            "var",
+        )
+
+    def __init__(self, bucket_s: float = 0.0, alpha: float = 0.2) -> None:
         self.bucket_s = bucket_s
         self.alpha = alpha
         self.mean = 0.0
@@ -187,7 +224,7 @@ class EwBaseline:
         self.buckets += 1
 
 
-class KeyedState(Generic[S]):
+class KeyedState(Snapshotted, Generic[S]):
     """Per-key state in least-recently-used order, at most `max_keys` of them.
 
     A plain dict, not an OrderedDict: a dict keeps insertion order, a key used is
@@ -195,7 +232,10 @@ class KeyedState(Generic[S]):
     about half of an OrderedDict's (which matters with a million callers).
     """
 
-    def __init__(self, max_keys: int) -> None:
+    def state_fields(self) -> tuple[str, ...]:
+        return ("max_keys", "states", "evicted")
+
+    def __init__(self, max_keys: int = 0) -> None:
         self.max_keys = max_keys
         self.states: dict[Hashable, S] = {}
         self.evicted = 0
@@ -242,7 +282,10 @@ class CountState(SlidingWindow):
 
     __slots__ = ("last_ts",)
 
-    def __init__(self, length: float) -> None:
+    def state_fields(self) -> tuple[str, ...]:
+        return (*super().state_fields(), "last_ts")
+
+    def __init__(self, length: float = 0.0) -> None:
         super().__init__(length)
         self.last_ts = 0.0
 
@@ -252,7 +295,10 @@ class ValueState(ValueWindow):
 
     __slots__ = ("last_ts",)
 
-    def __init__(self, length: float) -> None:
+    def state_fields(self) -> tuple[str, ...]:
+        return (*super().state_fields(), "last_ts")
+
+    def __init__(self, length: float = 0.0) -> None:
         super().__init__(length)
         self.last_ts = 0.0
 
@@ -260,7 +306,10 @@ class ValueState(ValueWindow):
 class SpikeState(CountState):
     __slots__ = ("baseline",)
 
-    def __init__(self, length: float, alpha: float) -> None:
+    def state_fields(self) -> tuple[str, ...]:
+        return (*super().state_fields(), "baseline")
+
+    def __init__(self, length: float = 0.0, alpha: float = 0.2) -> None:
         super().__init__(length)
         self.baseline = EwBaseline(length, alpha)
 
@@ -268,7 +317,10 @@ class SpikeState(CountState):
 class FirstSeenState(CountState):
     __slots__ = ("first_seen",)
 
-    def __init__(self, length: float, first_seen: float) -> None:
+    def state_fields(self) -> tuple[str, ...]:
+        return (*super().state_fields(), "first_seen")
+
+    def __init__(self, length: float = 0.0, first_seen: float = 0.0) -> None:
         super().__init__(length)
         self.first_seen = first_seen
 
@@ -276,7 +328,10 @@ class FirstSeenState(CountState):
 class SequentialState(CountState):
     __slots__ = ("last_callee", "run")
 
-    def __init__(self, length: float) -> None:
+    def state_fields(self) -> tuple[str, ...]:
+        return (*super().state_fields(), "last_callee", "run")
+
+    def __init__(self, length: float = 0.0) -> None:
         super().__init__(length)
         self.last_callee: int | None = None
         self.run = 0

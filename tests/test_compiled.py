@@ -1,0 +1,197 @@
+"""The detection's hot path compiled by mypyc: in use where built, never used when its
+source has changed since, and pickled into snapshots the same way either way."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import engine.detect
+from engine.detect import COMPILED, RECORD, calls, compiled_modules, stale_reason, windows
+from engine.events import CallEvent, CallState
+
+DETECT = Path(engine.detect.__file__).parent
+
+
+def test_detection_is_compiled_and_in_use_on_linux() -> None:
+    # Optional at install time (a machine without a compiler runs it as Python); on
+    # the machines `make setup` builds for it must be there, or detection quietly
+    # runs at half its speed.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("compiled on Linux")
+    if os.environ.get("CALLSENTRY_DETECTION_AS_PYTHON", "") not in ("", "0"):
+        pytest.skip("detection asked to run as Python")
+    assert compiled_modules() == list(COMPILED), "make setup compiles engine/detect"
+    assert stale_reason() is None
+    for name in COMPILED:
+        module = sys.modules.get(f"engine.detect.{name}") or __import__(
+            f"engine.detect.{name}", fromlist=["_"]
+        )
+        assert module.__file__ is not None
+        assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), name
+
+
+def _copy_of_detect(tmp_path: Path) -> Path:
+    folder = tmp_path / "detect"
+    folder.mkdir()
+    for path in DETECT.iterdir():
+        if path.is_file():
+            shutil.copy2(path, folder / path.name)
+    return folder
+
+
+def test_a_source_changed_since_compiling_is_run_as_python(tmp_path: Path) -> None:
+    folder = _copy_of_detect(tmp_path)
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in COMPILED:
+        (folder / f"{name}{suffix}").touch()  # stands for a compiled module
+    (folder / RECORD).write_text(
+        "".join(f"{engine.detect.source_digest(folder / f'{n}.py')}  {n}.py\n" for n in COMPILED)
+    )
+    assert stale_reason(folder) is None
+    with (folder / "calls.py").open("a") as source:
+        source.write("\n# an edit\n")
+    assert stale_reason(folder) == "calls.py changed since compiled"
+    (folder / RECORD).unlink()
+    assert stale_reason(folder) == f"no readable record of what was compiled ({RECORD})"
+    (folder / f"pipeline{suffix}").unlink()
+    assert stale_reason(folder) == "only some are compiled (pipeline is not)"
+    for name in COMPILED:
+        (folder / f"{name}{suffix}").unlink(missing_ok=True)
+    assert stale_reason(folder) is None, "nothing compiled: the sources run, nothing to say"
+
+
+def test_stale_compiled_modules_are_passed_over_for_their_sources(tmp_path: Path) -> None:
+    # A package whose compiled files are stale imports its .py sources instead, and says
+    # why in the log.
+    root = tmp_path / "root"
+    shutil.copytree(DETECT.parent.parent / "engine", root / "engine", symlinks=False)
+    shutil.copytree(DETECT.parent.parent / "models", root / "models")
+    copied = root / "engine" / "detect"
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in COMPILED:
+        (copied / f"{name}{suffix}").write_bytes(b"not a module")  # would fail to load
+    (copied / RECORD).unlink(missing_ok=True)
+    probe = (
+        "import engine.detect.pipeline as p, engine.detect.calls as c; "
+        "print(p.__file__.endswith('.py'), c.__file__.endswith('.py'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CALLSENTRY_DETECTION_AS_PYTHON"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True, env=env
+    )
+    assert done.stdout.split() == ["True", "True"]
+    assert "compiled detection not used: no readable record" in done.stderr
+
+
+def _report(ts: float, call_id: str, serial: int, state: CallState) -> CallEvent:
+    return CallEvent(ts, call_id, serial, state, 180, "100", "200", "", "7", "M", "t")
+
+
+def test_detection_state_survives_pickling_whole() -> None:
+    tracker = calls.CallTracker(settle_s=3.0, max_open_calls=5_000)
+    tracker.observe(_report(1.0, "a", 1, CallState.RINGING))
+    tracker.observe(_report(2.0, "a", 2, CallState.ANSWERED))
+    tracker.observe(_report(2.5, "b", 1, CallState.RINGING))
+    tracker.observe(_report(9.0, "b", 2, CallState.HANGUP))
+    tracker.advance(20.0)
+    keyed: windows.KeyedState[windows.SlidingWindow] = windows.KeyedState(10)
+    states: list[windows.SlidingWindow] = [
+        windows.CountState(30.0),
+        windows.ValueState(60.0),
+        windows.SpikeState(30.0, 0.3),
+        windows.FirstSeenState(30.0, 5.0),
+        windows.SequentialState(30.0),
+    ]
+    for index, state in enumerate(states):
+        state.add(1.0 + index, f"c{index}", 2.5)
+        state.add(40.0 + index, f"d{index}", 2.5)
+        state.expire(41.0 + index)
+        keyed.put(f"k{index}", state)
+    copy = pickle.loads(pickle.dumps((tracker, keyed), protocol=pickle.HIGHEST_PROTOCOL))
+    restored_tracker, restored_keyed = copy
+    assert restored_tracker.__getstate__().keys() == tracker.__getstate__().keys()
+    assert restored_tracker.open == tracker.open and restored_tracker.now == tracker.now
+    assert restored_tracker.deadlines == tracker.deadlines
+    assert restored_tracker.stats == tracker.stats
+    assert restored_tracker.settle_s == 3.0 and restored_tracker.max_open_calls == 5_000
+    for key, state in keyed.states.items():
+        again = restored_keyed.states[key]
+        assert type(again) is type(state) and again.__getstate__().keys() == (
+            state.__getstate__().keys()
+        )
+        assert again.live_call_ids() == state.live_call_ids() and len(again) == len(state)
+    spike = restored_keyed.states["k2"]
+    assert isinstance(spike, windows.SpikeState) and spike.baseline.alpha == 0.3
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        windows.SlidingWindow,
+        windows.ValueWindow,
+        windows.EwBaseline,
+        windows.CountState,
+        windows.ValueState,
+        windows.SpikeState,
+        windows.FirstSeenState,
+        windows.SequentialState,
+    ],
+)
+def test_what_a_snapshot_keeps_is_every_attribute(kind: type[windows.Snapshotted]) -> None:
+    # A slot added without adding it to state_fields would be lost in every snapshot.
+    slots = {name for klass in kind.__mro__ for name in getattr(klass, "__slots__", ())}
+    attributes = set(getattr(kind, "__mypyc_attrs__", ())) - {"__dict__", "__weakref__"}
+    assert set(kind().state_fields()) == (attributes or slots)
+
+
+_PICKLE_STATE = """
+import pickle, sys
+from engine.detect import calls, windows
+from engine.events import CallEvent, CallState
+if sys.argv[1] == "write":
+    tracker = calls.CallTracker(settle_s=4.0)
+    tracker.observe(CallEvent(1.0, "a", 1, CallState.RINGING, 183, "1", "2", "", "7", "M", ""))
+    tracker.observe(CallEvent(2.0, "a", 2, CallState.ANSWERED, None, "1", "2", "", "7", "M", ""))
+    keyed = windows.KeyedState(4)
+    spike = windows.SpikeState(30.0, 0.4)
+    spike.add(1.0, "a", None)
+    spike.baseline.observe(1.0)
+    keyed.put("1", spike)
+    open(sys.argv[2], "wb").write(pickle.dumps((tracker, keyed)))
+tracker, keyed = pickle.loads(open(sys.argv[2], "rb").read())
+print(calls.__file__.endswith(".py"), tracker.open["a"].answered_at, tracker.settle_s,
+      keyed.states["1"].baseline.alpha, keyed.states["1"].live_call_ids())
+"""
+
+
+@pytest.mark.parametrize("writer_as_python", [True, False])
+def test_compiled_and_python_builds_read_each_others_snapshots(
+    writer_as_python: bool, tmp_path: Path
+) -> None:
+    if compiled_modules() != list(COMPILED) or stale_reason() is not None:
+        pytest.skip("needs a compiled build of these sources (make setup)")
+    path = tmp_path / "state.pickle"
+
+    def run(step: str, as_python: bool) -> list[str]:
+        env = {**os.environ, "CALLSENTRY_DETECTION_AS_PYTHON": "1" if as_python else "0"}
+        done = subprocess.run(
+            [sys.executable, "-c", _PICKLE_STATE, step, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        return done.stdout.split()
+
+    written = run("write", writer_as_python)
+    read = run("read", not writer_as_python)
+    assert written[0] == str(writer_as_python) and read[0] == str(not writer_as_python)
+    assert written[1:] == read[1:] == ["2.0", "4.0", "0.4", "['a']"]

@@ -102,18 +102,20 @@ def test_detection_state_survives_pickling_whole() -> None:
     tracker.observe(_report(2.5, "b", 1, CallState.RINGING))
     tracker.observe(_report(9.0, "b", 2, CallState.HANGUP))
     tracker.advance(20.0)
-    keyed: windows.KeyedState[windows.SlidingWindow] = windows.KeyedState(10)
-    states: list[windows.SlidingWindow] = [
-        windows.CountState(30.0),
-        windows.ValueState(60.0),
+    keyed: windows.KeyedState[windows.Entries] = windows.KeyedState(10)
+    states: list[windows.Entries] = [
+        windows.CountState(),
+        windows.ValueState(),
         windows.SpikeState(30.0, 0.3),
-        windows.FirstSeenState(30.0, 5.0),
-        windows.SequentialState(30.0),
+        windows.FirstSeenState(5.0),
+        windows.SequentialState(),
+        windows.Entries(),
+        windows.ValueEntries(),
     ]
     for index, state in enumerate(states):
         state.add(1.0 + index, f"c{index}", 2.5)
         state.add(40.0 + index, f"d{index}", 2.5)
-        state.expire(41.0 + index)
+        state.leave_until(11.0 + index)
         keyed.put(f"k{index}", state)
     copy = pickle.loads(pickle.dumps((tracker, keyed), protocol=pickle.HIGHEST_PROTOCOL))
     restored_tracker, restored_keyed = copy
@@ -135,8 +137,8 @@ def test_detection_state_survives_pickling_whole() -> None:
 @pytest.mark.parametrize(
     "kind",
     [
-        windows.SlidingWindow,
-        windows.ValueWindow,
+        windows.Entries,
+        windows.ValueEntries,
         windows.EwBaseline,
         windows.CountState,
         windows.ValueState,

@@ -22,7 +22,7 @@ from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
 from engine.detect.schema import Matcher, RuleSpec
 from engine.detect.snapshot import snapshot_path
-from engine.detect.windows import EwBaseline, SlidingWindow, ValueWindow
+from engine.detect.windows import Entries, EwBaseline, ValueEntries
 from engine.events import CallEvent, CallState
 from engine.lakewriter import LakeWriter, make_pipeline
 from engine.replay import replay
@@ -45,28 +45,29 @@ def report(
 
 def test_window_holds_entries_newer_than_its_length() -> None:
     # window 30 s, evaluated at t=30:  0 is out (exactly 30 old), 10, 20, 30 are in
-    window = ValueWindow(30.0)
+    # (a rule keeps the length and lets out what is that old: leave_until(t - 30))
+    window = ValueEntries()
     for ts in (0.0, 10.0, 20.0, 30.0):
         window.add(ts, f"c{ts:.0f}", 1.0)
-    window.expire(30.0)
+    window.leave_until(30.0 - 30.0)
     assert len(window) == 3 and window.live_call_ids() == ["c10", "c20", "c30"]
     assert window.total == 3.0
-    window.expire(59.999)
+    window.leave_until(59.999 - 30.0)
     assert window.live_call_ids() == ["c30"]
-    window.expire(60.0)
+    window.leave_until(60.0 - 30.0)
     assert len(window) == 0 and window.total == 0.0
 
 
 def test_distinct_count_stays_right_as_the_window_grows_and_slides() -> None:
     # Small windows count afresh, large ones keep a count per value: both must agree
     # with counting by hand at every step.
-    window = ValueWindow(100.0)
+    window = ValueEntries()
     added: list[tuple[float, str]] = []
     for n in range(300):
         ts, value = float(n), f"callee{(n * 7) % 23 if n < 150 else n % 3}"
         window.add(ts, f"c{n}", value)
         added.append((ts, value))
-        window.expire(ts)
+        window.leave_until(ts - 100.0)
         expected = len({v for t, v in added if t > ts - 100.0})
         assert window.distinct() == expected, n
 
@@ -74,10 +75,10 @@ def test_distinct_count_stays_right_as_the_window_grows_and_slides() -> None:
 def test_window_slides_rather_than_resetting_in_buckets() -> None:
     # 5 events at 50..54 and 5 at 61..65: a fixed 60 s bucket would split them; a 30 s
     # sliding window at 65 sees all ten.
-    window = SlidingWindow(30.0)
+    window = Entries()
     for ts in [50, 51, 52, 53, 54, 61, 62, 63, 64, 65]:
         window.add(float(ts), "c")
-    window.expire(65.0)
+    window.leave_until(65.0 - 30.0)
     assert len(window) == 10
 
 

@@ -23,6 +23,7 @@ from engine.detect.windows import (
     KeyedState,
     SequentialState,
     SpikeState,
+    Timestamp,
     ValueState,
 )
 
@@ -233,21 +234,20 @@ class CompiledRule:
 
     def _new_state(self, ts: float) -> _KeyState:
         kind = self.kind
-        length = self.window_s
         if kind in ("sum", "ratio", "distinct"):
-            return ValueState(length)
+            return ValueState()
         if kind == "baseline_spike":
-            return SpikeState(length, self.spec.aggregate.baseline_alpha)
+            return SpikeState(self.window_s, self.spec.aggregate.baseline_alpha)
         if kind == "first_seen":
-            return FirstSeenState(length, ts)
+            return FirstSeenState(ts)
         if kind == "sequential":
-            return SequentialState(length)
-        return CountState(length)
+            return SequentialState()
+        return CountState()
 
     def evaluate(
         self,
         call: Call,
-        ts: float,
+        ts: Timestamp,
         open_calls: Callable[[str, float], list[Call]],
         quiet: Callable[[str, str, float], bool] = _never_quiet,
     ) -> Finding | None:
@@ -281,7 +281,7 @@ class CompiledRule:
         if self.spike:
             cast(SpikeState, state).baseline.observe(ts)
         state.add(ts, call.call_id, item)
-        state.expire(ts)
+        state.leave_until(ts - self.window_s)
         measured = self._measure(state, call)
         if measured is None or not self.compare(measured, self.threshold):
             return None

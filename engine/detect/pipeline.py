@@ -15,6 +15,7 @@ from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
 from engine.detect.evaluate import RuleGroup
 from engine.detect.rules import RuleSet
+from engine.detect.windows import Timestamp
 from engine.events import CallEvent, Reject
 from models.base import ModelFinding
 from models.registry import carry_over, model_logic
@@ -166,7 +167,7 @@ class Pipeline:
                 seen[call_id] = ts
         return sorted(seen, key=seen.__getitem__)[-last:]
 
-    def _evaluate(self, group: RuleGroup, call: Call, ts: float, output: Output) -> None:
+    def _evaluate(self, group: RuleGroup, call: Call, ts: Timestamp, output: Output) -> None:
         if group.unstarted:
             group.start(ts)
         open_calls, quiet = self.tracker.open_calls, self.alerts.quiet

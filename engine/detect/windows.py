@@ -1,9 +1,10 @@
 """Sliding event-time windows per key, with a bound on how many keys are tracked.
 
 A window of length W at event time t holds the entries with ts in (t - W, t]:
-an entry exactly W old has just left. Entries arrive in event-time order (the
+an entry exactly W old has just left (a rule keeps W, one for all its entities'
+windows, and calls `leave_until(t - W)`). Entries arrive in event-time order (the
 pipeline feeds facts in that order); one that is older than the newest is
-still added and expires by its own time.
+still added and leaves by its own time.
 
     t=0   t=10  t=20  t=30           window 30 s, evaluated at t=30:
     |-----x-----x-----x              the entry at 0 is out, 10, 20, 30 are in
@@ -28,6 +29,11 @@ S = TypeVar("S")
 _SMALL_WINDOW = 16
 # A tuple, not `int | float`: that makes a new union object at every call.
 _NUMBERS = (int, float)
+# An entry's time as it was given (a float object), typed so: compiled by mypyc, a
+# `float` parameter is unboxed, and storing it again makes a float object per window
+# entry; as given, every window that takes a call shares the one object (24 bytes a
+# window for each of a million tracked callers).
+Timestamp = Any
 
 
 class Snapshotted:
@@ -50,25 +56,25 @@ class Snapshotted:
             setattr(self, name, value)
 
 
-class SlidingWindow(Snapshotted):
-    """Entries (ts, call_id) of one key within the last `length` seconds.
+class Entries(Snapshotted):
+    """Entries (ts, call_id) of one key, oldest first, that leave when told.
 
     One flat list `[ts, call_id, ts, call_id, ...]` rather than two lists: with a
     million tracked callers, each holding a window or three of one or two entries,
-    the second list's header would cost more than the entries.
+    the second list's header would cost more than the entries. The window's length
+    is the caller's to keep (a rule keeps one for all its entities' windows).
     """
 
-    __slots__ = ("entries", "head", "length")
+    __slots__ = ("entries", "head")
 
     def state_fields(self) -> tuple[str, ...]:
-        return ("entries", "head", "length")
+        return ("entries", "head")
 
-    def __init__(self, length: float = 0.0) -> None:
-        self.length = length
+    def __init__(self) -> None:
         self.entries: list[Any] = []
         self.head = 0  # index in `entries` of the oldest live timestamp
 
-    def add(self, ts: float, call_id: str, value: object = None) -> None:
+    def add(self, ts: Timestamp, call_id: str, value: object = None) -> None:
         if self.entries:
             self.entries += (ts, call_id)
         else:
@@ -76,8 +82,8 @@ class SlidingWindow(Snapshotted):
             # for eight entries, and most windows in a flood of callers hold one.
             self.entries = [ts, call_id]
 
-    def expire(self, now: float) -> None:
-        cutoff = now - self.length
+    def leave_until(self, cutoff: float) -> None:
+        """Entries at `cutoff` or before leave."""
         entries, head = self.entries, self.head
         if head < len(entries) and entries[head] > cutoff:
             return  # nothing leaves: the common case, for every call a window takes
@@ -109,18 +115,18 @@ class SlidingWindow(Snapshotted):
         return self.entries[self.head] if len(self) else None
 
 
-class ValueWindow(SlidingWindow):
-    """A window whose entries carry a value, with aggregates kept up to date as entries
-    come and go, so reading them is O(1) whatever the window holds: `total` (sum of
-    numeric values), `hits` (true values, for ratios), and a distinct count."""
+class ValueEntries(Entries):
+    """Entries that carry a value, with aggregates kept up to date as entries come and
+    go, so reading them is O(1) whatever the window holds: `total` (sum of numeric
+    values), `hits` (true values, for ratios), and a distinct count."""
 
     __slots__ = ("counts", "hits", "total", "values")
 
     def state_fields(self) -> tuple[str, ...]:
         return (*super().state_fields(), "counts", "hits", "total", "values")
 
-    def __init__(self, length: float = 0.0) -> None:
-        super().__init__(length)
+    def __init__(self) -> None:
+        super().__init__()
         self.values: list[object] = []
         self.total = 0.0
         self.hits = 0
@@ -129,7 +135,7 @@ class ValueWindow(SlidingWindow):
         # and a dict per key would be the largest thing they keep.
         self.counts: dict[object, int] | None = None
 
-    def add(self, ts: float, call_id: str, value: object = None) -> None:
+    def add(self, ts: Timestamp, call_id: str, value: object = None) -> None:
         if self.entries:
             self.entries += (ts, call_id)
             self.values.append(value)
@@ -277,29 +283,30 @@ class KeyedState(Snapshotted, Generic[S]):
 # -- per-entity state of a rule: its window and what its aggregate needs besides ------
 
 
-class CountState(SlidingWindow):
-    """One entity's state for a rule that counts: its window and when it last counted."""
+class CountState(Entries):
+    """One entity's state for a rule that counts: its window's entries (the rule keeps
+    the window's length, one for all its entities) and when it last counted."""
 
     __slots__ = ("last_ts",)
 
     def state_fields(self) -> tuple[str, ...]:
         return (*super().state_fields(), "last_ts")
 
-    def __init__(self, length: float = 0.0) -> None:
-        super().__init__(length)
+    def __init__(self) -> None:
+        super().__init__()
         self.last_ts = 0.0
 
 
-class ValueState(ValueWindow):
-    """For sum, ratio and distinct: a window whose entries carry values."""
+class ValueState(ValueEntries):
+    """For sum, ratio and distinct: entries that carry values."""
 
     __slots__ = ("last_ts",)
 
     def state_fields(self) -> tuple[str, ...]:
         return (*super().state_fields(), "last_ts")
 
-    def __init__(self, length: float = 0.0) -> None:
-        super().__init__(length)
+    def __init__(self) -> None:
+        super().__init__()
         self.last_ts = 0.0
 
 
@@ -309,9 +316,9 @@ class SpikeState(CountState):
     def state_fields(self) -> tuple[str, ...]:
         return (*super().state_fields(), "baseline")
 
-    def __init__(self, length: float = 0.0, alpha: float = 0.2) -> None:
-        super().__init__(length)
-        self.baseline = EwBaseline(length, alpha)
+    def __init__(self, bucket_s: float = 0.0, alpha: float = 0.2) -> None:
+        super().__init__()
+        self.baseline = EwBaseline(bucket_s, alpha)
 
 
 class FirstSeenState(CountState):
@@ -320,8 +327,8 @@ class FirstSeenState(CountState):
     def state_fields(self) -> tuple[str, ...]:
         return (*super().state_fields(), "first_seen")
 
-    def __init__(self, length: float = 0.0, first_seen: float = 0.0) -> None:
-        super().__init__(length)
+    def __init__(self, first_seen: float = 0.0) -> None:
+        super().__init__()
         self.first_seen = first_seen
 
 
@@ -331,7 +338,7 @@ class SequentialState(CountState):
     def state_fields(self) -> tuple[str, ...]:
         return (*super().state_fields(), "last_callee", "run")
 
-    def __init__(self, length: float = 0.0) -> None:
-        super().__init__(length)
+    def __init__(self) -> None:
+        super().__init__()
         self.last_callee: int | None = None
         self.run = 0

@@ -175,6 +175,10 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def sealed_path(directory: Path, segment: int) -> Path:
+    return directory / f"{segment:012d}{SEALED_SUFFIX}"
+
+
 def sealed_segments(directory: Path) -> list[Path]:
     found = [
         (number, path)

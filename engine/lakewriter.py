@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +28,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from engine.config import DetectionSettings, Settings
 from engine.detect.alerts import Alert, AlertSink, JsonLinesSink, LogSink, WebhookSink
-from engine.detect.calls import Call, CallTracker
+from engine.detect.calls import CallTracker, call_columns
 from engine.detect.pipeline import Output, Pipeline
 from engine.detect.rules import LoadedRules, load_rules
 from engine.detect.snapshot import Position, Snapshot, snapshot_path
@@ -87,36 +87,23 @@ Step = tuple[int, list[Item]] | float
 
 
 @dataclass
-class _Written:
-    """A segment decoded and run through detection, waiting for its lake write."""
+class DetectedSegment:
+    """A segment decoded and run through detection, waiting for its lake write:
+    its reports, and the calls (columns, see `call_columns`) and alerts they made."""
 
     steps: list[Step]
-    output: Output
+    calls: dict[str, list[Any]]
+    alerts: list[Alert]
+
+    @property
+    def call_count(self) -> int:
+        return len(self.calls["call_id"])
 
 
-def calls_frame(calls: Sequence[Call]) -> pl.DataFrame:
-    def ts(value: float | None) -> int | None:
-        return None if value is None else round(value * 1_000_000)
-
+def calls_frame(columns: dict[str, list[Any]]) -> pl.DataFrame:
+    """The calls table from `call_columns` (times in microseconds)."""
     return pl.DataFrame(
-        {
-            "call_id": [c.call_id for c in calls],
-            "caller": [c.caller for c in calls],
-            "callee": [c.callee for c in calls],
-            "forward": [c.forward for c in calls],
-            "menu_id": [c.menu_id for c in calls],
-            "menu_name": [c.menu_name for c in calls],
-            "started_at": [ts(c.started_at) for c in calls],
-            "ringing_at": [ts(c.ringing_at) for c in calls],
-            "answered_at": [ts(c.answered_at) for c in calls],
-            "ended_at": [ts(c.ended_at) for c in calls],
-            "ring_s": [c.ring_s for c in calls],
-            "talk_s": [c.talk_s for c in calls],
-            "outcome": [c.outcome for c in calls],
-            "ring_code": [c.ring_code for c in calls],
-            "reports": [c.reports for c in calls],
-            "finished_at": [ts(c.deadline) for c in calls],
-        },
+        columns,
         schema={
             name: (pl.Int64 if dtype == pl.Datetime("us", "UTC") else dtype)
             for name, dtype in CALL_SCHEMA.items()
@@ -161,7 +148,7 @@ class LakeWriter:
         self.sinks = list(sinks)
         # Detection must see each report once: a segment whose lake write failed is
         # kept here, already run through the pipeline, and written again as it is.
-        self._decoded: dict[int, _Written] = {}
+        self._decoded: dict[int, DetectedSegment] = {}
         self._lock = threading.Lock()
         # Compaction and retention run on the scheduler's threads: one at a time.
         self._housekeeping = threading.Lock()
@@ -280,60 +267,89 @@ class LakeWriter:
     def drain(self, collect_rejects: bool = False) -> DrainResult:
         """Write every sealed segment to the lake, oldest first, with what detection made of it."""
         result = DrainResult(rejects=[] if collect_rejects else None)
-        paths = sealed_segments(self.journal_dir)
-        for path in paths:
+        for number, path, written in self.detect_sealed():
+            self.write_detected(number, path, written, result)
+        return result
+
+    def detect_sealed(
+        self, exclude: Container[int] = ()
+    ) -> list[tuple[int, Path, DetectedSegment]]:
+        """Run every sealed segment not yet detected through detection, oldest first;
+        each stays held (`_decoded`) until `write_detected` has put it in the lake.
+        `exclude`: segments already handed to `write_detected` (being written)."""
+        detected: list[tuple[int, Path, DetectedSegment]] = []
+        for path in sealed_segments(self.journal_dir):
             number = segment_number(path)
             assert number is not None
+            if number in exclude:
+                continue
             with self._lock:
                 written = self._decoded.get(number)
                 if written is None:
                     primed = self._primed.pop(number, None)
                     steps = primed if primed is not None else self.decode_segment(path)
                     output = self._detect(steps)
-                    written = self._decoded[number] = _Written(steps, output)
-                    last_seq = max(
-                        (s[0] + len(s[1]) - 1 for s in steps if not isinstance(s, float) and s[1]),
-                        default=self.position.seq,
-                    )
-                    self.position = Position(number, max(last_seq, self.position.seq))
-            batches = [step for step in written.steps if not isinstance(step, float)]
-            alerts = written.output.alerts
-            derived = {
-                "calls": calls_frame(written.output.calls),
-                "alerts": alerts_frame([a for a in alerts if a.mode == "alert"]),
-                "shadow_alerts": alerts_frame([a for a in alerts if a.mode != "alert"]),
-            }
-            # A crash may have left part of this segment's Parquet; write it whole again.
-            self.lake.drop_segment(number)
-            reports = self.lake.write_segment(number, batches, derived)
-            path.unlink()
+                    written = self.hold(number, steps, call_columns(output.calls), output.alerts)
+            detected.append((number, path, written))
+        return detected
+
+    def hold(
+        self, number: int, steps: list[Step], calls: dict[str, list[Any]], alerts: list[Alert]
+    ) -> DetectedSegment:
+        """Keep a detected segment until `write_detected` (detection must see each report
+        once: a segment whose lake write fails is written again as it is), and move the
+        position detection has reached past it."""
+        written = self._decoded[number] = DetectedSegment(steps, calls, alerts)
+        last_seq = max(
+            (s[0] + len(s[1]) - 1 for s in steps if not isinstance(s, float) and s[1]),
+            default=self.position.seq,
+        )
+        self.position = Position(number, max(last_seq, self.position.seq))
+        return written
+
+    def write_detected(
+        self, number: int, path: Path, written: DetectedSegment, result: DrainResult
+    ) -> None:
+        """Put one detected segment in the lake, then let its journal segment go.
+        Segments must be written in the order `detect_sealed` gave them."""
+        batches = [step for step in written.steps if not isinstance(step, float)]
+        alerts = written.alerts
+        derived = {
+            "calls": calls_frame(written.calls),
+            "alerts": alerts_frame([a for a in alerts if a.mode == "alert"]),
+            "shadow_alerts": alerts_frame([a for a in alerts if a.mode != "alert"]),
+        }
+        # A crash may have left part of this segment's Parquet; write it whole again.
+        self.lake.drop_segment(number)
+        reports = self.lake.write_segment(number, batches, derived)
+        path.unlink()
+        with self._lock:
             del self._decoded[number]
-            for sink in self.sinks:
-                try:
-                    sink.deliver(alerts)
-                except OSError as error:
-                    log.error("alert sink %s failed: %s", type(sink).__name__, error)
-            result.segments += 1
-            result.reports += reports
-            result.calls += len(written.output.calls)
-            result.alerts.extend(alerts)
-            self._count("flushed", reports)
-            self._count("flushed_segments")
-            self._count("calls", len(written.output.calls))
-            self._count("alerts", sum(1 for a in alerts if a.mode == "alert"))
-            if self.pipeline is not None and self.counters is not None:
-                evicted = sum(rule.state.evicted for rule in self.pipeline.rules.rules)
-                self.counters.array[COUNTERS.index("evicted_keys")] = evicted
-                evicted_calls = self.pipeline.tracker.stats.evicted_calls
-                self.counters.array[COUNTERS.index("evicted_calls")] = evicted_calls
-            for _, items in batches:
-                for item in items:
-                    if type(item) is not CallEvent:
-                        reject: Reject = item  # type: ignore[assignment]
-                        self._count(f"rejected_{reject.reason.value}")
-                        if result.rejects is not None:
-                            result.rejects.append(reject)
-        return result
+        for sink in self.sinks:
+            try:
+                sink.deliver(alerts)
+            except OSError as error:
+                log.error("alert sink %s failed: %s", type(sink).__name__, error)
+        result.segments += 1
+        result.reports += reports
+        result.calls += written.call_count
+        result.alerts.extend(alerts)
+        self._count("flushed", reports)
+        self._count("flushed_segments")
+        self._count("calls", written.call_count)
+        self._count("alerts", sum(1 for a in alerts if a.mode == "alert"))
+        if self.pipeline is not None and self.counters is not None:
+            evicted = sum(rule.state.evicted for rule in self.pipeline.rules.rules)
+            self.counters.array[COUNTERS.index("evicted_keys")] = evicted
+            evicted_calls = self.pipeline.tracker.stats.evicted_calls
+            self.counters.array[COUNTERS.index("evicted_calls")] = evicted_calls
+        for _, items in batches:
+            for item in items:
+                if type(item) is not CallEvent:
+                    reject: Reject = item  # type: ignore[assignment]
+                    self._count(f"rejected_{reject.reason.value}")
+                    if result.rejects is not None:
+                        result.rejects.append(reject)
 
     def reload_rules(self, path: Path, max_keys: int, *, models: bool = True) -> bool:
         """Load the rule and model files again; swap them in whole only if every file

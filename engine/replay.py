@@ -4,17 +4,20 @@ detection pipeline as live traffic, minus the socket. Rows are taken in event-ti
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config import Settings
 from engine.detect.alerts import Alert
+from engine.detectfork import DetectionProcess, StepSpec, skipped_bitmap
+from engine.detectfork import available as detectfork_available
 from engine.eventfiles import read_event_files
 from engine.events import CallEvent, Reject
-from engine.journal import JSON_RECORDS, TICK, json_payload, tick_payload
+from engine.journal import JSON_RECORDS, TICK, json_payload, sealed_path, tick_payload
 from engine.lake import item_of, record_of
-from engine.lakewriter import LakeWriter, make_pipeline
+from engine.lakewriter import DrainResult, LakeWriter, Step, make_pipeline
 from engine.service import open_store, settings_codec
 from engine.stats import Stats
 from engine.store import lake_writer_lock
@@ -23,6 +26,9 @@ log = logging.getLogger(__name__)
 
 # Replay commits in large batches: one fsync per this many rows.
 REPLAY_BATCH = 20_000
+# Segments the detection process may have in hand while this one journals the next:
+# bounds what is held twice (decoded here, detected there).
+MAX_SEGMENTS_DETECTING = 2
 
 
 @dataclass
@@ -42,9 +48,16 @@ class ReplayReport:
 
 
 def replay(
-    paths: Sequence[Path], settings: Settings, rules_dir: Path | None = None
+    paths: Sequence[Path],
+    settings: Settings,
+    rules_dir: Path | None = None,
+    *,
+    detect_in_child: bool | None = None,
 ) -> ReplayReport:
-    """Raises YamlFileError (before touching the store) when the rules are invalid."""
+    """Raises YamlFileError (before touching the store) when the rules are invalid.
+
+    `detect_in_child`: run detection in a forked process (see engine.detectfork);
+    by default wherever that is available. The alerts are the same either way."""
     pipeline = None
     if settings.detection.enabled:
         pipeline = make_pipeline(settings.detection, rules_dir)
@@ -58,20 +71,50 @@ def replay(
         compact_target_bytes=settings.store.compact_target_bytes,
         pipeline=pipeline,
     )
+    written = DrainResult(rejects=[])
 
     def drain() -> None:
         result = writer.drain(collect_rejects=True)
-        report.stored += result.reports
-        report.calls += result.calls
-        report.rejects.extend(result.rejects or [])
-        report.alerts.extend(result.alerts)
+        written.reports += result.reports
+        written.calls += result.calls
+        written.alerts.extend(result.alerts)
+        assert written.rejects is not None
+        written.rejects.extend(result.rejects or [])
+
+    detection: DetectionProcess | None = None
+    # Segments handed to the detection process, oldest first, with their reports.
+    detecting: deque[tuple[int, list[Step]]] = deque()
+
+    def write_oldest() -> None:
+        assert detection is not None
+        number, steps = detecting.popleft()
+        _, calls, alerts = detection.result()
+        held = writer.hold(number, steps, calls, alerts)
+        writer.write_detected(number, sealed_path(writer.journal_dir, number), held, written)
+
+    def hand_over(segment: int, steps: list[Step], specs: list[StepSpec]) -> None:
+        if detection is None:
+            # The lake writer takes the batch as it is, rather than reading back and
+            # decoding the JSON just written: the same reports, in the same order.
+            writer.prime(segment, steps)
+            drain()
+            return
+        detection.submit(segment, specs)
+        detecting.append((segment, steps))
+        while len(detecting) > MAX_SEGMENTS_DETECTING:
+            write_oldest()
 
     try:
         # Anything a crashed run left sealed goes first, as it would under serve.
         drain()
+        if pipeline is not None and (
+            detect_in_child if detect_in_child is not None else detectfork_available()
+        ):
+            detection = DetectionProcess(pipeline, items, writer.snapshot_file)
         size = min(REPLAY_BATCH, settings.store.max_pending_reports)
         for start in range(0, len(items), size):
-            for item in items[start : start + size]:
+            rows = items[start : start + size]
+            for item in rows:
                 intake.offer(item.key, None, record_of(item), item.ts)
             batch = intake.seal()
             if batch is None:
@@ -80,22 +123,36 @@ def replay(
             intake.durable(batch)
             segment = store.seal()
             if segment is not None:
-                # The lake writer takes the batch as it is, rather than reading back
-                # and decoding the JSON just written: the same reports, in the same order.
                 stored = [r if type(r) is CallEvent else item_of(r) for r in batch.records]
-                writer.prime(segment, [(batch.first_seq, stored)])
-            drain()
+                skipped = skipped_bitmap(rows, stored)
+                spec = (batch.first_seq, start, start + len(rows), skipped)
+                hand_over(segment, [(batch.first_seq, stored)], [spec])
         if items:
             # End of input: move event time past the last Bye's settling time, as a
             # quiet switch's ticks would, so the calls that ended are finished.
-            last = max(item.ts for item in items)
-            store.commit(TICK, 0, tick_payload(last + settings.detection.settle_s))
-            store.seal()
-            drain()
-        writer.compact()
-        writer.snapshot()
+            until = max(item.ts for item in items) + settings.detection.settle_s
+            store.commit(TICK, 0, tick_payload(until))
+            segment = store.seal()
+            if segment is not None:
+                hand_over(segment, [until], [until])
+        if detection is None:
+            writer.compact()
+            writer.snapshot()
+        else:
+            while detecting:
+                write_oldest()
+            # The child pickles its state while this process compacts the lake.
+            detection.begin_snapshot(writer.position)
+            writer.compact()
+            detection.end_snapshot()
     finally:
+        if detection is not None:
+            detection.close()
         store.close()
         writer_lock.release()
+    report.stored = written.reports
+    report.calls = written.calls
+    report.alerts = written.alerts
+    report.rejects = written.rejects or []
     report.duplicates = stats.duplicates
     return report

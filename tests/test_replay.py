@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine import detectfork
 from engine.codec import FieldError
+from engine.detect.calls import CallTracker
+from engine.detect.pipeline import Pipeline
+from engine.detect.rules import load_rules
 from engine.eventfiles import EventFileError, parse_ts, read_event_file
-from engine.events import CallEvent, Reject, RejectReason
+from engine.events import CallEvent, CallState, Reject, RejectReason
+from engine.lake import Item
 from engine.replay import replay
+from engine.simulator.scenario import generate, load_scenario, write_files
 from tests.conftest import make_settings
 
 HEADER = "ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
@@ -291,3 +299,92 @@ def test_rows_taken_as_they_are_agree_with_validating_each(
         ((n, dict(zip(columns, row, strict=True))) for n, row in enumerate(table, 1)), "rows"
     )
     assert fast == slow
+
+
+# -- detection in a forked process ------------------------------------------------------
+
+
+def _replay_in(data_dir: Path, files: list[Path], forked: bool) -> dict[str, object]:
+    settings = make_settings(data_dir, detection={"alerts_jsonl": "off"})
+    reports = [replay([path], settings, detect_in_child=forked) for path in files]
+    calls = query(data_dir, "SELECT * EXCLUDE (day) FROM calls ORDER BY call_id")
+    return {
+        "alerts": [a.as_json() for report in reports for a in report.alerts],
+        "stored": [report.stored for report in reports],
+        "rejects": [len(report.rejects) for report in reports],
+        "duplicates": [report.duplicates for report in reports],
+        "calls": calls,
+        "events": query(data_dir, "SELECT count(*), max(seq) FROM events"),
+    }
+
+
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+def test_detection_in_a_forked_process_gives_what_detecting_in_process_gives(
+    tmp_path: Path,
+) -> None:
+    generated = generate(load_scenario(Path("data/scenarios/demo.yaml")))
+    events_path, _ = write_files(generated, tmp_path / "demo", "parquet")
+    frame = pl.read_parquet(events_path)
+    half = frame.height // 2
+    bad = frame.head(1).with_columns(
+        pl.lit("Hold").alias("state"), pl.lit("bad-1").alias("call_id")
+    )
+    # The first file repeats some of its own rows (duplicates within a segment) and
+    # has a bad row; the second repeats 200 rows of the first (stored by the earlier
+    # run) and 200 of its own, and goes on from the first one's snapshot.
+    first, second = tmp_path / "first.parquet", tmp_path / "second.parquet"
+    pl.concat([frame.head(half), frame.slice(100, 300), bad]).write_parquet(first)
+    pl.concat([frame.slice(half - 200, 400), frame.slice(half)]).write_parquet(second)
+
+    forked = _replay_in(tmp_path / "forked", [first, second], forked=True)
+    in_process = _replay_in(tmp_path / "in-process", [first, second], forked=False)
+    assert forked == in_process
+    assert forked["alerts"], "the demo raises alerts"
+    assert forked["rejects"] == [1, 0]
+    assert forked["duplicates"] == [300, 400]
+
+
+def _demo_pipeline() -> Pipeline:
+    return Pipeline(load_rules(Path("rules")).rules, CallTracker())
+
+
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+def test_a_failure_in_the_detection_process_is_reported_with_its_traceback() -> None:
+    process = detectfork.DetectionProcess(_demo_pipeline(), [], None)
+    try:
+        process.submit(1, ["not a step"])  # type: ignore[list-item]
+        with pytest.raises(detectfork.DetectionProcessError, match="Traceback"):
+            process.result()
+    finally:
+        process.close()
+
+
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+def test_a_killed_detection_process_is_reported_not_waited_for() -> None:
+    process = detectfork.DetectionProcess(_demo_pipeline(), [], None)
+    try:
+        pid = process._process.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        process._process.join(10)
+        with pytest.raises(detectfork.DetectionProcessError, match="killed by signal 9"):
+            process.submit(1, [1.0])
+            process.result()
+    finally:
+        process.close()
+
+
+@given(rows=st.integers(0, 40), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_a_segments_rows_are_found_again_from_its_bitmap(rows: int, data: st.DataObject) -> None:
+    items: list[Item] = [
+        CallEvent(float(n), f"c{n % 7}", n, CallState.RINGING, 180, "1", "2", "", "m", "M")
+        for n in range(rows)
+    ]
+    start = data.draw(st.integers(0, rows))
+    end = data.draw(st.integers(start, rows))
+    kept = data.draw(st.lists(st.booleans(), min_size=end - start, max_size=end - start))
+    stored = [item for item, keep in zip(items[start:end], kept, strict=True) if keep]
+    bitmap = detectfork.skipped_bitmap(items[start:end], stored)
+    assert detectfork.rows_of(items, (1, start, end, bitmap)) == stored
+    assert (bitmap == b"") == all(kept)

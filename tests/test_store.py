@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.codec import Vos3000TextCodec
+from engine.detect.calls import CALL_COLUMNS, Call, call_columns
 from engine.events import CallEvent, CallState
 from engine.journal import (
     DATAGRAMS,
@@ -23,7 +24,8 @@ from engine.journal import (
     json_payload,
     read_segment,
 )
-from engine.lakewriter import LakeWriter
+from engine.lake import CALL_SCHEMA
+from engine.lakewriter import LakeWriter, calls_frame
 from engine.service import open_store
 from engine.store import EventStore, StoreError, codec_header
 from tests.conftest import make_settings
@@ -350,3 +352,16 @@ def test_journal_records_are_the_json_they_always_were(records: list[object]) ->
     assert json.loads(payload) == expected
     assert Frame(JSON_RECORDS, 1, payload).records() == expected
     assert Frame(JSON_RECORDS, 1, before).records() == expected
+
+
+def test_the_calls_columns_detection_hands_over_are_the_calls_table() -> None:
+    assert tuple(CALL_SCHEMA) == CALL_COLUMNS
+    call = Call("c1", "100", "200", "", "7", "Main", 1_795_860_000.0, ringing_at=1_795_860_000.5)
+    call.outcome, call.deadline = "unanswered", 1_795_860_030.0
+    frame = calls_frame(call_columns([call]))
+    assert frame.schema == pl.Schema(CALL_SCHEMA)
+    row = frame.row(0, named=True)
+    assert row["ringing_at"].timestamp() == 1_795_860_000.5
+    assert row["finished_at"].timestamp() == 1_795_860_030.0
+    assert row["ring_s"] is None and row["outcome"] == "unanswered"
+    assert calls_frame(call_columns([])).is_empty()

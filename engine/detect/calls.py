@@ -99,6 +99,64 @@ class Call(Snapshotted):
         return getattr(self, name)
 
 
+def _micros(value: float | None) -> int | None:
+    return None if value is None else round(value * 1_000_000)
+
+
+CALL_COLUMNS = (
+    "call_id",
+    "caller",
+    "callee",
+    "forward",
+    "menu_id",
+    "menu_name",
+    "started_at",
+    "ringing_at",
+    "answered_at",
+    "ended_at",
+    "ring_s",
+    "talk_s",
+    "outcome",
+    "ring_code",
+    "reports",
+    "finished_at",
+)
+
+
+def call_columns(calls: list[Call]) -> dict[str, list[Any]]:
+    """The `calls` table's columns for these calls, named and ordered as
+    engine.lake.CALL_SCHEMA (CALL_COLUMNS), times in microseconds since the epoch.
+    Plain lists, built here (compiled where built) for the lake writer's frame,
+    and cheap to pickle from a process that runs detection."""
+    rows = [
+        (
+            call.call_id,
+            call.caller,
+            call.callee,
+            call.forward,
+            call.menu_id,
+            call.menu_name,
+            _micros(call.started_at),
+            _micros(call.ringing_at),
+            _micros(call.answered_at),
+            _micros(call.ended_at),
+            call.ring_s,
+            call.talk_s,
+            call.outcome,
+            call.ring_code,
+            call.reports,
+            _micros(call.deadline),
+        )
+        for call in calls
+    ]
+    if not rows:
+        return {name: [] for name in CALL_COLUMNS}
+    return {
+        name: list(column)
+        for name, column in zip(CALL_COLUMNS, zip(*rows, strict=True), strict=True)
+    }
+
+
 @dataclass
 class TrackerStats(Snapshotted):
     calls_started: int = 0

@@ -1,0 +1,222 @@
+"""Replay's detection in a forked process, beside the one that reads, journals and
+writes the lake: the machine's second core, for the half of replay that detection is.
+
+The child is forked once the event files are read and detection state is
+restored, so it starts with both in memory: no imports, no rules to load, no
+reports to send. The parent tells it which reports each journal segment stored (a
+range of the rows read, and a bitmap of the few it did not: duplicates) and
+receives the calls (as columns) and alerts detection made of them, then writes
+both to the lake with the segment, exactly as the in-process lake writer does.
+At the end the child saves the detection snapshot while the parent compacts.
+
+It runs the same `Pipeline` on the same reports in the same order, so replay's
+alerts do not depend on where detection ran (tests/test_replay.py compares both).
+The child touches no polars and no DuckDB (neither is safe to use after a fork
+from a process whose thread pools have started), only detection, pickle and files.
+Used on Linux only; elsewhere, and when detection is off, replay detects in process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import signal
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.detect.alerts import Alert
+from engine.detect.calls import call_columns
+from engine.detect.pipeline import Output, Pipeline
+from engine.detect.snapshot import Position, Snapshot
+from engine.detect.snapshot import save as snapshot_save
+from engine.lake import Item
+
+log = logging.getLogger(__name__)
+
+# One step of a segment as the parent describes it: a tick (event time moves on), or
+# (first_seq, start, end, skipped): rows[start:end] of what was read, less those whose
+# bit is set in `skipped` (empty when the segment stored every one of them).
+StepSpec = float | tuple[int, int, int, bytes]
+
+# How long the parent waits for the child to finish after asking it to stop.
+_JOIN_TIMEOUT_S = 30.0
+
+
+class DetectionProcessError(Exception):
+    """The detection process failed or died; the message says how."""
+
+
+def available() -> bool:
+    return sys.platform == "linux" and "fork" in mp.get_all_start_methods()
+
+
+def skipped_bitmap(rows: Sequence[Item], stored: Sequence[Item]) -> bytes:
+    """Bits set for the rows not in `stored` (a subsequence of `rows`, in order)."""
+    if len(stored) == len(rows):
+        return b""
+    bits = bytearray((len(rows) + 7) // 8)
+    kept = 0
+    for offset, row in enumerate(rows):
+        if kept < len(stored) and stored[kept] == row:
+            kept += 1
+        else:
+            bits[offset >> 3] |= 1 << (offset & 7)
+    return bytes(bits)
+
+
+def rows_of(rows: Sequence[Item], spec: tuple[int, int, int, bytes]) -> list[Item]:
+    _, start, end, skipped = spec
+    if not skipped:
+        return list(rows[start:end])
+    return [
+        rows[start + offset]
+        for offset in range(end - start)
+        if not skipped[offset >> 3] & (1 << (offset & 7))
+    ]
+
+
+def _serve(
+    conn: mp.connection.Connection,
+    pipeline: Pipeline,
+    rows: Sequence[Item],
+    snapshot_file: Path | None,
+) -> None:
+    """The child: detect segment after segment until told to stop (None) or orphaned."""
+    # Ctrl-C reaches the whole process group; the parent decides, and closes the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                return
+            if message is None:
+                return
+            if message[0] == "detect":
+                _, number, specs = message
+                output = Output()
+                for spec in specs:
+                    if isinstance(spec, float):
+                        output.extend(pipeline.advance(spec))
+                    else:
+                        output.extend(pipeline.feed(rows_of(rows, spec)))
+                conn.send(("detected", number, call_columns(output.calls), output.alerts))
+            elif message[0] == "snapshot":
+                _, position = message
+                if snapshot_file is None:
+                    conn.send(("saved", None, "no snapshot file"))
+                    continue
+                started = time.monotonic()
+                try:
+                    size = snapshot_save(
+                        snapshot_file, Snapshot(position, pipeline.state(), time.time())
+                    )
+                except OSError as error:
+                    conn.send(("saved", None, str(error)))
+                    continue
+                conn.send(("saved", size, (time.monotonic() - started, position.seq)))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            conn.send(("failed", traceback.format_exc()))
+
+
+class DetectionProcess:
+    """The parent's handle: `submit` segments in order, take each one's `result` in
+    the same order, `snapshot`, then `close` (also after an error)."""
+
+    def __init__(
+        self, pipeline: Pipeline, rows: Sequence[Item], snapshot_file: Path | None
+    ) -> None:
+        context = mp.get_context("fork")
+        self._conn, child_conn = context.Pipe(duplex=True)
+        self._process = context.Process(
+            target=_serve,
+            args=(child_conn, pipeline, rows, snapshot_file),
+            name="callsentry-replay-detection",
+            daemon=True,
+        )
+        # Frozen, what the child inherits is left alone by its collector, so the pages
+        # holding the rows are shared rather than copied as the collector walks them.
+        gc.freeze()
+        try:
+            self._process.start()
+        finally:
+            gc.unfreeze()
+        child_conn.close()
+        self._submitted: deque[int] = deque()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._submitted)
+
+    def submit(self, number: int, specs: list[StepSpec]) -> None:
+        self._send(("detect", number, specs))
+        self._submitted.append(number)
+
+    def result(self) -> tuple[int, dict[str, list[Any]], list[Alert]]:
+        """(segment, call columns, alerts) of the oldest segment submitted."""
+        expected = self._submitted.popleft()
+        message = self._receive()
+        if message[0] != "detected" or message[1] != expected:
+            raise DetectionProcessError(f"answered {message[:2]!r} for segment {expected}")
+        return expected, message[2], message[3]
+
+    def begin_snapshot(self, position: Position) -> None:
+        """Ask for the snapshot; `end_snapshot` waits for it (the parent works meanwhile)."""
+        self._send(("snapshot", position))
+
+    def end_snapshot(self) -> bool:
+        message = self._receive()
+        if message[0] != "saved":
+            raise DetectionProcessError(f"answered {message[0]!r} to a snapshot")
+        _, size, detail = message
+        if size is None:
+            log.error("detection snapshot failed: %s; the previous one stays", detail)
+            return False
+        took, seq = detail
+        log.info(
+            "detection state saved (%.1f MiB in %.1f s, up to report %d)",
+            size / 2**20,
+            took,
+            seq,
+        )
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # the child may be gone already
+            self._conn.send(None)
+        self._conn.close()
+        self._process.join(_JOIN_TIMEOUT_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+
+    def _send(self, message: Any) -> None:
+        try:
+            self._conn.send(message)
+        except OSError as error:
+            raise DetectionProcessError(self._why_gone(f"could not be reached ({error})")) from None
+
+    def _receive(self) -> Any:
+        try:
+            message = self._conn.recv()
+        except (EOFError, OSError):
+            raise DetectionProcessError(self._why_gone("stopped without answering")) from None
+        if message[0] == "failed":
+            raise DetectionProcessError(f"failed:\n{message[1]}")
+        return message
+
+    def _why_gone(self, what: str) -> str:
+        self._process.join(1.0)
+        code = self._process.exitcode
+        if code is not None and code < 0:
+            return f"{what}: killed by signal {-code}"
+        return f"{what} (exit code {code})"

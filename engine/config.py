@@ -115,6 +115,11 @@ class StoreSettings(_Section):
     # 0: no bound.
     max_lake_backlog: int = Field(default=2_000_000, ge=0)
     fsync: bool = True
+    # Under load, start each journal segment as a file of zeros made ahead of time:
+    # an fdatasync then changes no file size and needs no filesystem journal commit
+    # (about half the time, far fewer slow ones). Costs writing those zeros, up to
+    # twice the journal's own bytes, and only past a MiB per segment.
+    preallocate_journal: bool = True
     flush_interval_s: float = Field(default=2.0, gt=0, le=5)
     compact_interval_s: float = Field(default=60.0, gt=0)
     compact_target_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

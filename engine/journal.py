@@ -16,6 +16,12 @@ datagrams as received (ts, source, bytes each), `J` decoded reports as JSON
 a frame have consecutive sequence numbers from first_seq.
 A frame cut short by a crash was never fsync'd, so never answered: recovery
 drops it and the switch's retries bring those reports again.
+
+Under load a segment starts as a file already filled with zeros (made ahead by a
+thread, `Spares`): an `fdatasync` that changes no file size or extent map needs
+no filesystem journal commit, which halves its time and takes most of its
+outliers away. So zeros after the last frame are the clean end of a segment, and
+a frame whose bytes run into them is a torn one. Sealing cuts the zeros off.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import logging
 import os
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -139,6 +146,8 @@ def read_segment(path: Path) -> Segment:
     problem: str | None = None
     torn = False
     while offset < len(data):
+        if data[offset] == 0 and _zeros_from(data, offset):
+            break  # the unused, preallocated rest of the segment
         if len(data) - offset < _HEADER.size:
             problem, torn = f"{len(data) - offset} bytes of a cut-off frame header", True
             break
@@ -147,6 +156,8 @@ def read_segment(path: Path) -> Segment:
         payload = data[start : start + length]
         if magic != MAGIC:
             problem = f"no frame marker at byte {offset}"
+            # Only zeros after a partly written header: the last write, cut short.
+            torn = _zeros_from(data, start)
             break
         if len(payload) < length:
             problem = f"frame at byte {offset} cut off ({len(payload)} of {length} bytes)"
@@ -154,6 +165,9 @@ def read_segment(path: Path) -> Segment:
             break
         if zlib.crc32(payload, zlib.crc32(kind + first_seq.to_bytes(8, "little"))) != crc:
             problem = f"frame at byte {offset} fails its checksum"
+            # In a preallocated segment a cut-off last frame runs into zeros instead
+            # of the end of the file; nothing written after it: torn, not corrupt.
+            torn = _zeros_from(data, start + length)
             break
         if kind == HEADER:
             header = json.loads(payload)
@@ -161,6 +175,10 @@ def read_segment(path: Path) -> Segment:
             frames.append(Frame(kind, first_seq, payload))
         offset = start + length
     return Segment(header, frames, offset, problem, torn)
+
+
+def _zeros_from(data: bytes, offset: int) -> bool:
+    return data.count(0, offset) == len(data) - offset
 
 
 def segment_number(path: Path) -> int | None:
@@ -194,7 +212,14 @@ class Journal:
     Not thread-safe; the store serialises calls.
     """
 
-    def __init__(self, directory: Path, header: dict[str, Any], fsync: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        header: dict[str, Any],
+        fsync: bool = True,
+        *,
+        preallocate: bool = False,
+    ) -> None:
         self.directory = directory
         self.header = header
         self.fsync = fsync
@@ -202,6 +227,9 @@ class Journal:
         self._fd: int | None = None
         self._size = 0
         self._frames = 0
+        # Bytes of zeros the current segment was given (0: it grows as written).
+        self._allocated = 0
+        self.spares = Spares(directory) if preallocate and fsync else None
 
     def path(self, segment: int, suffix: str = OPEN_SUFFIX) -> Path:
         return self.directory / f"{segment:012d}{suffix}"
@@ -219,8 +247,8 @@ class Journal:
                 continue
             highest = max(highest, number)
             segment = read_segment(path)
+            size = path.stat().st_size
             if segment.problem is not None:
-                size = path.stat().st_size
                 if segment.torn:
                     log.warning(
                         "journal %s: dropped a torn tail (%s); it was never acknowledged",
@@ -231,7 +259,8 @@ class Journal:
                     aside = path.with_suffix(".corrupt")
                     with path.open("rb") as source:
                         source.seek(segment.length)
-                        aside.write_bytes(source.read())
+                        # Without the preallocated zeros after what was written.
+                        aside.write_bytes(source.read().rstrip(b"\0"))
                     log.error(
                         "journal %s: %s; %d bytes after it moved to %s for inspection",
                         path.name,
@@ -239,6 +268,8 @@ class Journal:
                         size - segment.length,
                         aside.name,
                     )
+            if size > segment.length:
+                # A torn or corrupt tail, or the unused zeros of a preallocated segment.
                 with path.open("r+b") as handle:
                     handle.truncate(segment.length)
                     os.fsync(handle.fileno())
@@ -250,12 +281,18 @@ class Journal:
 
     def start(self, segment: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.spares is not None:
+            self.spares.start()
         self.segment = segment
         self._open_current()
 
-    def _open_current(self) -> None:
+    def _open_current(self, take_spare: bool = False) -> None:
         path = self.path(self.segment)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._allocated = 0
+        if take_spare and self.spares is not None:
+            self._allocated = self.spares.take(path)
+        flags = os.O_WRONLY | os.O_CREAT | (0 if self._allocated else os.O_TRUNC)
+        self._fd = os.open(path, flags, 0o644)
         self._size = 0
         self._frames = 0
         header = encode_frame(HEADER, 0, json.dumps(self.header).encode("utf-8"))
@@ -294,12 +331,29 @@ class Journal:
                     os.fdatasync(self._fd)
         except OSError as error:
             self._undo_partial_write()
+            if self.spares is not None:
+                self.spares.discard()  # its space may be what the next commit needs
             raise JournalError(
                 error.errno, f"journal segment {self.segment}: {error.strerror}"
             ) from error
         self._size += len(frame)
         self._frames += 1
+        if (
+            self.spares is not None
+            and self._size >= max(self._allocated, Spares.MIN_SEGMENT_BYTES)
+            and self.spares.ready
+        ):
+            self._switch_to_spare()
         return sent
+
+    def _switch_to_spare(self) -> None:
+        """Load came to a segment that was given no zeros, or outgrew them, and a spare
+        is ready: seal it now rather than at the next interval. This batch is durable
+        already, so a failure here only leaves the segment open a while longer."""
+        try:
+            self.seal()
+        except OSError as error:
+            log.warning("journal segment %d not switched to a spare: %s", self.segment, error)
 
     def _undo_partial_write(self) -> None:
         """Leave no half frame behind, so a retried batch starts on a frame boundary."""
@@ -307,6 +361,9 @@ class Journal:
             return
         try:
             os.ftruncate(self._fd, self._size)
+            # The next frame goes where this one started, not after its written part.
+            os.lseek(self._fd, self._size, os.SEEK_SET)
+            self._allocated = 0
         except OSError:
             # Cannot even truncate: abandon this file (sealed as it is at the next
             # start, its torn tail cut) and write the next batch to a new segment.
@@ -323,6 +380,12 @@ class Journal:
         if self._frames == 0 and self._fd is not None:
             return None
         sealed = self.segment
+        sealed_bytes = self._size
+        if self._fd is not None and self._allocated > self._size:
+            # Not fsync'd: should a crash undo it, readers stop at the zeros anyway.
+            os.ftruncate(self._fd, self._size)
+        if self.spares is not None:
+            self.spares.want(sealed_bytes)
         self.close()
         for path in sorted(self.directory.glob(f"*{OPEN_SUFFIX}")):
             number = segment_number(path)
@@ -331,7 +394,9 @@ class Journal:
         if self.fsync:
             fsync_dir(self.directory)
         self.segment = sealed + 1
-        self._open_current()
+        # Under load the next segment starts from the spare; a quiet one (ticks, a
+        # trickle of reports) leaves it for when load comes, so idle time writes no zeros.
+        self._open_current(take_spare=sealed_bytes >= Spares.MIN_SEGMENT_BYTES)
         return sealed
 
     def close(self) -> None:
@@ -344,3 +409,140 @@ class Journal:
         if self._frames == 0:
             self.close()
             self.path(self.segment).unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """At shutdown, after the last seal: no more spares, and none left on disk."""
+        self.close()
+        if self.spares is not None:
+            self.spares.stop()
+
+
+class Spares:
+    """One zero-filled file kept ready for the journal's next segment, made by a
+    thread of its own so the commit path never writes the zeros.
+
+    Wanted once a segment of at least MIN_SEGMENT_BYTES is sealed (load), sized on
+    it (twice its size, whole MiB, between MIN_SPARE_BYTES and MAX_SPARE_BYTES).
+    Only a segment under load takes it; at a trickle of reports an fsync is quick
+    anyway, and a spare for every segment sealed every couple of seconds would
+    write zeros for nothing. So one spare waits on disk through quiet hours, and a
+    burst switches to it as soon as its segment passes MIN_SEGMENT_BYTES. Never
+    made when the disk would keep less than four times its size free.
+    """
+
+    READY = "spare.ready"
+    PARTIAL = "spare.partial"
+    MIN_SEGMENT_BYTES = 1 << 20
+    MIN_SPARE_BYTES = 16 << 20
+    MAX_SPARE_BYTES = 256 << 20
+    _CHUNK = 1 << 20
+    _SYNC_EVERY = 8 << 20  # bytes of zeros between fdatasyncs, so no flush is long
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._ready = directory / self.READY
+        self._partial = directory / self.PARTIAL
+        self._condition = threading.Condition()
+        self._wanted = 0
+        self._ready_bytes = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.made = 0
+        self.used = 0
+
+    def start(self) -> None:
+        # What an earlier run left: only zeros, and of unknown size.
+        self._partial.unlink(missing_ok=True)
+        self._ready.unlink(missing_ok=True)
+        self._thread = threading.Thread(target=self._run, name="journal-spares", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> int:
+        """Bytes of the spare ready to be taken (0: none)."""
+        with self._condition:
+            return self._ready_bytes
+
+    def want(self, sealed_bytes: int) -> None:
+        """The segment just sealed held `sealed_bytes`: under load, size the next spare
+        on it (twice that, at least MIN_SPARE_BYTES); a quiet one changes nothing."""
+        if sealed_bytes < self.MIN_SEGMENT_BYTES:
+            return
+        wanted = max(-(-2 * sealed_bytes // self._CHUNK) * self._CHUNK, self.MIN_SPARE_BYTES)
+        with self._condition:
+            self._wanted = min(wanted, self.MAX_SPARE_BYTES)
+            self._condition.notify()
+
+    def take(self, path: Path) -> int:
+        """Move the ready spare to `path`; returns its size, 0 when none is ready."""
+        with self._condition:
+            if not self._ready_bytes:
+                return 0
+            size, self._ready_bytes = self._ready_bytes, 0
+            try:
+                os.replace(self._ready, path)
+            except OSError as error:
+                log.warning("journal spare could not be used: %s", error)
+                return 0
+            self.used += 1
+            self._condition.notify()
+            return size
+
+    def discard(self) -> None:
+        with self._condition:
+            self._ready_bytes = 0
+            self._wanted = 0
+            self._ready.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._partial.unlink(missing_ok=True)
+        self._ready.unlink(missing_ok=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopping and (self._ready_bytes or not self._wanted):
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                size = self._wanted
+            try:
+                self._make(size)
+            except OSError as error:
+                self._partial.unlink(missing_ok=True)
+                if self._stopping:
+                    return
+                log.warning("journal spare of %d MiB not made: %s", size >> 20, error)
+                with self._condition:
+                    self._wanted = 0  # asked again at the next seal
+                continue
+            with self._condition:
+                if self._stopping:
+                    return
+                os.replace(self._partial, self._ready)
+                self._ready_bytes = size
+                self.made += 1
+
+    def _make(self, size: int) -> None:
+        free = os.statvfs(self.directory)
+        if free.f_bavail * free.f_frsize < 4 * size:
+            raise OSError(f"less than {4 * size >> 20} MiB free")
+        fd = os.open(self._partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            zeros = bytes(self._CHUNK)
+            written = 0
+            while written < size:
+                if self._stopping:
+                    raise OSError("stopping")
+                written += os.write(fd, zeros)
+                if written % self._SYNC_EVERY == 0:
+                    os.fdatasync(fd)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)

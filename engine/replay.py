@@ -62,7 +62,10 @@ def replay(
     if settings.detection.enabled:
         pipeline = make_pipeline(settings.detection, rules_dir)
     items, file_errors = read_event_files(paths)
-    store, intake, stats = open_store(settings, settings_codec(settings), unkeyed_quota=False)
+    # Replay answers nobody: one fsync per large batch, no preallocated segments.
+    store, intake, stats = open_store(
+        settings, settings_codec(settings), unkeyed_quota=False, live=False
+    )
     writer_lock = lake_writer_lock(settings.store.data_dir)
     writer_lock.acquire(wait_s=300)
     report = ReplayReport(stats, read=len(items), file_errors=file_errors)

@@ -33,15 +33,17 @@ def settings_codec(settings: Settings) -> Codec:
 
 
 def open_store(
-    settings: Settings, codec: Codec, *, unkeyed_quota: bool = True
+    settings: Settings, codec: Codec, *, unkeyed_quota: bool = True, live: bool = True
 ) -> tuple[EventStore, Intake, Stats]:
-    """The store and an intake primed from it (next seq, keys within the dedup horizon)."""
+    """The store and an intake primed from it (next seq, keys within the dedup horizon).
+    `live`: for the receiver, whose answers wait for each commit's fsync."""
     store_settings = settings.store
     store = EventStore(
         store_settings.data_dir,
         codec,
         fsync=store_settings.fsync,
         dedup_horizon_s=store_settings.dedup_horizon_s,
+        preallocate=live and store_settings.preallocate_journal,
     )
     recovery = store.open()
     stats = Stats()

@@ -117,11 +117,14 @@ class EventStore:
         *,
         fsync: bool = True,
         dedup_horizon_s: float = 3600.0,
+        preallocate: bool = False,
     ) -> None:
         self.data_dir = data_dir
         self.codec = codec
         self.lake = Lake(data_dir)
-        self.journal = Journal(data_dir / "journal", codec_header(codec), fsync=fsync)
+        self.journal = Journal(
+            data_dir / "journal", codec_header(codec), fsync=fsync, preallocate=preallocate
+        )
         self.dedup_horizon_s = dedup_horizon_s
         self._lock = threading.Lock()
         self._dir_lock = DataDirLock(data_dir)
@@ -215,7 +218,7 @@ class EventStore:
                 except OSError as error:
                     log.error("cannot seal the journal at shutdown (%s); next start will", error)
                 self.journal.discard_if_empty()
-                self.journal.close()
+                self.journal.stop()
         finally:
             self._dir_lock.release()
             self._opened = False

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import duckdb
@@ -19,6 +21,8 @@ from engine.journal import (
     HEADER,
     JSON_RECORDS,
     Frame,
+    Journal,
+    Spares,
     datagram_payload,
     encode_frame,
     json_payload,
@@ -365,3 +369,118 @@ def test_the_calls_columns_detection_hands_over_are_the_calls_table() -> None:
     assert row["finished_at"].timestamp() == 1_795_860_030.0
     assert row["ring_s"] is None and row["outcome"] == "unanswered"
     assert calls_frame(call_columns([])).is_empty()
+
+
+# -- preallocated journal segments ------------------------------------------------------
+
+
+def test_zeros_after_the_last_frame_are_the_clean_end_of_a_preallocated_segment(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    journal = data_dir / "journal"
+    journal.mkdir(parents=True)
+    frames = [encode_frame(DATAGRAMS, 1 + n, datagram_payload([datagram(n)])) for n in range(3)]
+    written = open_segment_bytes(*frames)
+    path = journal / "000000000002.wal"
+    path.write_bytes(written + bytes(1 << 16))
+    segment = read_segment(path)
+    assert segment.problem is None and segment.length == len(written)
+    assert [frame.first_seq for frame in segment.frames] == [1, 2, 3]
+    store = store_at(data_dir)
+    assert store.open().next_seq == 4
+    store.close()
+    assert (journal / "000000000002.sealed").stat().st_size == len(written), "zeros cut off"
+
+
+def test_a_last_frame_cut_short_into_the_zeros_is_torn_not_corrupt(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    journal = data_dir / "journal"
+    journal.mkdir(parents=True)
+    whole = encode_frame(DATAGRAMS, 1, datagram_payload([datagram(0)]))
+    cut = encode_frame(DATAGRAMS, 2, datagram_payload([datagram(n) for n in range(1, 40)]))
+    # The page cache wrote the frame's start and not its end: zeros where the rest was.
+    written = open_segment_bytes(whole) + cut[: len(cut) // 2]
+    path = journal / "000000000003.wal"
+    path.write_bytes(written + bytes(len(cut) + 4096))
+    segment = read_segment(path)
+    assert segment.problem is not None and segment.torn
+    store = store_at(data_dir)
+    assert store.open().next_seq == 2
+    store.close()
+    assert not list(journal.glob("*.corrupt"))
+    # The same frame with written bytes after it is damage, set aside as before.
+    path = journal / "000000000009.wal"
+    path.write_bytes(written + bytes(len(cut)) + whole)
+    assert read_segment(path).problem is not None and not read_segment(path).torn
+
+
+def test_segments_start_from_spares_under_load_and_are_read_back_whole(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    journal = Journal(directory, codec_header(CODEC), preallocate=True)
+    journal.start(1)
+    spares = journal.spares
+    assert spares is not None
+    big = datagram_payload([datagram(n) for n in range(24_000)])
+    assert len(big) > Spares.MIN_SEGMENT_BYTES
+
+    def spare_ready() -> None:
+        deadline = time.monotonic() + 30
+        while not spares.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert spares.ready >= Spares.MIN_SPARE_BYTES
+
+    # Load with no spare yet: the segment grows as written; sealing it asks for one.
+    journal.append(DATAGRAMS, 1, big)
+    assert journal.seal() == 1 and spares.used == 0
+    spare_ready()
+    # The next loaded segment switches to the spare as soon as it passes a MiB.
+    journal.append(DATAGRAMS, 24_001, big)
+    assert journal.segment == 3 and spares.used == 1
+    opened = journal.path(3)
+    assert opened.stat().st_size >= Spares.MIN_SPARE_BYTES, "the open segment is the spare"
+    journal.append(DATAGRAMS, 48_001, big)
+    journal.append(DATAGRAMS, 72_001, big)
+    assert journal.segment == 3, "within its zeros: no switch"
+    assert [f.first_seq for f in read_segment(opened).frames] == [48_001, 72_001]
+    spare_ready()
+    # A crash now: the next start cuts the zeros off and keeps every frame.
+    journal.close()
+    again = Journal(directory, codec_header(CODEC), preallocate=True)
+    again.seal_leftovers()
+    recovered = read_segment(opened.with_suffix(".sealed"))
+    assert recovered.problem is None
+    assert [f.first_seq for f in recovered.frames] == [48_001, 72_001]
+    for path in sorted(directory.glob("*.sealed")):
+        assert path.stat().st_size == read_segment(path).length, "sealed without the zeros"
+    journal.stop()
+    # A quiet segment leaves a spare where it is, for when load comes.
+    again.start(4)
+    spares = again.spares
+    assert spares is not None
+    again.append(DATAGRAMS, 96_001, big)
+    assert again.seal() == 4
+    spare_ready()
+    again.append(DATAGRAMS, 120_001, datagram_payload([datagram(0)]))
+    assert again.seal() == 5
+    assert spares.used == 0 and spares.ready, "the quiet segment left the spare alone"
+    assert again.path(6).stat().st_size < 4096, "and the next one starts small"
+    again.stop()
+    assert not list(directory.glob("spare*")), "no spare left behind"
+
+
+def test_a_frame_undone_after_a_failed_write_leaves_no_gap_before_the_next(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "journal", codec_header(CODEC))
+    journal.start(1)
+    first = datagram_payload([datagram(0)])
+    journal.append(DATAGRAMS, 1, first)
+    assert journal._fd is not None
+    os.write(journal._fd, b"CSJ2 half a frame, then the disk failed")
+    journal._undo_partial_write()
+    journal.append(DATAGRAMS, 2, datagram_payload([datagram(1)]))
+    segment = read_segment(journal.path(1))
+    assert segment.problem is None
+    assert [f.first_seq for f in segment.frames] == [1, 2]
+    journal.stop()

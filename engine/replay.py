@@ -57,7 +57,8 @@ def replay(
     """Raises YamlFileError (before touching the store) when the rules are invalid.
 
     `detect_in_child`: run detection in a forked process (see engine.detectfork);
-    by default wherever that is available. The alerts are the same either way."""
+    by default wherever that is available and the files hold more than one batch.
+    The alerts are the same either way."""
     pipeline = None
     if settings.detection.enabled:
         pipeline = make_pipeline(settings.detection, rules_dir)
@@ -110,9 +111,10 @@ def replay(
     try:
         # Anything a crashed run left sealed goes first, as it would under serve.
         drain()
-        if pipeline is not None and (
-            detect_in_child if detect_in_child is not None else detectfork_available()
-        ):
+        if detect_in_child is None:
+            # One batch or less: nothing to do side by side.
+            detect_in_child = detectfork_available() and len(items) > REPLAY_BATCH
+        if pipeline is not None and detect_in_child:
             detection = DetectionProcess(pipeline, items, writer.snapshot_file)
         size = min(REPLAY_BATCH, settings.store.max_pending_reports)
         for start in range(0, len(items), size):

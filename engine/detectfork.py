@@ -48,6 +48,9 @@ StepSpec = float | tuple[int, int, int, bytes]
 
 # How long the parent waits for the child to finish after asking it to stop.
 _JOIN_TIMEOUT_S = 30.0
+# A segment takes the child a second or so; one it has not answered in this long
+# means it hangs, and replay stops with that rather than waiting for ever.
+ANSWER_TIMEOUT_S = 600.0
 
 
 class DetectionProcessError(Exception):
@@ -207,6 +210,8 @@ class DetectionProcess:
 
     def _receive(self) -> Any:
         try:
+            if not self._conn.poll(ANSWER_TIMEOUT_S):
+                raise DetectionProcessError(f"gave no answer in {ANSWER_TIMEOUT_S:g} s")
             message = self._conn.recv()
         except (EOFError, OSError):
             raise DetectionProcessError(self._why_gone("stopped without answering")) from None

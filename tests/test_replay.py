@@ -374,6 +374,22 @@ def test_a_killed_detection_process_is_reported_not_waited_for() -> None:
         process.close()
 
 
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+def test_a_hung_detection_process_is_given_up_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    process = detectfork.DetectionProcess(_demo_pipeline(), [], None)
+    try:
+        pid = process._process.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        monkeypatch.setattr(detectfork, "ANSWER_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(detectfork, "_JOIN_TIMEOUT_S", 0.5)
+        process.submit(1, [1.0])
+        with pytest.raises(detectfork.DetectionProcessError, match=r"no answer in 0\.5 s"):
+            process.result()
+    finally:
+        process.close()  # kills it: a stopped process does not take the request to stop
+
+
 @given(rows=st.integers(0, 40), data=st.data())
 @settings(max_examples=200, deadline=None)
 def test_a_segments_rows_are_found_again_from_its_bitmap(rows: int, data: st.DataObject) -> None:

@@ -16,6 +16,7 @@ from typing import BinaryIO
 import duckdb
 import pytest
 
+from engine.journal import Spares
 from engine.store import lake_writer_lock
 
 pytestmark = pytest.mark.slow
@@ -27,10 +28,12 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start_serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def start_serve(
+    data_dir: Path, port: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     log_path = data_dir.parent / "serve.log"
     with log_path.open("ab") as log:
-        process = _spawn(data_dir, port, log)
+        process = _spawn(data_dir, port, log, env)
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.settimeout(0.2)
     deadline = time.monotonic() + 30
@@ -49,7 +52,9 @@ def start_serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         probe.close()
 
 
-def _spawn(data_dir: Path, port: int, log: BinaryIO) -> subprocess.Popen[bytes]:
+def _spawn(
+    data_dir: Path, port: int, log: BinaryIO, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -65,15 +70,20 @@ def _spawn(data_dir: Path, port: int, log: BinaryIO) -> subprocess.Popen[bytes]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=log,
+        env={**os.environ, **(env or {})},
     )
 
 
 class Load:
     """Distinct reports as fast as a window of 256 outstanding allows; keeps answered keys."""
 
-    def __init__(self, port: int, prefix: str) -> None:
+    def __init__(
+        self, port: int, prefix: str, menu_name: str = "menu", wait_s: float = 0.05
+    ) -> None:
         self.port = port
         self.prefix = prefix
+        self.menu_name = menu_name
+        self.wait_s = wait_s
         self.answered: set[str] = set()
         self.sent = 0
         self._stop = threading.Event()
@@ -89,13 +99,13 @@ class Load:
     def _run(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        sock.settimeout(0.05)
+        sock.settimeout(self.wait_s)
         try:
             while not self._stop.is_set():
                 for _ in range(256):
                     call_id = f"{self.prefix}-{self.sent}"
                     self.sent += 1
-                    payload = f"{call_id},1,OK,100,200,,7,menu".encode()
+                    payload = f"{call_id},1,OK,100,200,,7,{self.menu_name}".encode()
                     with contextlib.suppress(OSError):  # refused while the engine is down
                         sock.sendto(payload, ("127.0.0.1", self.port))
                 while True:
@@ -139,3 +149,48 @@ def test_kill_9_under_load_loses_no_answered_report(tmp_path: Path) -> None:
     lock = lake_writer_lock(data_dir)
     lock.acquire(wait_s=20)
     lock.release()
+
+
+def test_kill_9_in_a_preallocated_journal_segment_loses_no_answered_report(
+    tmp_path: Path,
+) -> None:
+    """The crash lands while the open segment is a spare of zeros: recovery must take
+    every answered frame before the zeros and nothing after them."""
+    data_dir = tmp_path / "data"
+    journal = data_dir / "journal"
+    port = free_port()
+    # A loaded segment sealed each second, so the next one starts from a spare.
+    env = {"CALLSENTRY_STORE__FLUSH_INTERVAL_S": "1.0"}
+    process = start_serve(data_dir, port, env)
+    # Long menu names and little waiting: megabytes a second of journal.
+    load = Load(port, "pre", menu_name="m" * 400, wait_s=0.002)
+    load.start()
+
+    def in_a_spare() -> bool:
+        for path in journal.glob("*.wal"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size >= Spares.MIN_SPARE_BYTES:
+                    return True
+        return False
+
+    deadline = time.monotonic() + 60
+    preallocated = False
+    while not preallocated and time.monotonic() < deadline:
+        time.sleep(0.02)
+        preallocated = in_a_spare()
+    time.sleep(0.1)  # some group commits into it
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    load.stop()
+    assert preallocated, "the load never reached a preallocated segment"
+    assert load.answered
+
+    process = start_serve(data_dir, port, env)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=180) == 0
+    stored = stored_call_ids(data_dir)
+    missing = load.answered - set(stored)
+    assert not missing, f"{len(missing)} answered reports lost, e.g. {sorted(missing)[:5]}"
+    assert len(stored) == len(set(stored)), "a report was stored twice"
+    assert not list(journal.glob("spare*")), "spares removed at shutdown"
+    assert not list(journal.glob("*.corrupt")), "a torn tail is not corruption"

@@ -17,6 +17,13 @@ from models.spec import ModelSpec
 
 # The pipeline's way to find the calls behind an entity (for an alert's evidence).
 RecentCalls = Callable[[str, str], list[str]]
+# Whether alerts of a source (a model's id) about an entity are suppressed at a time:
+# asked before a finding is made, so a suppressed incident costs no evidence or text.
+Quiet = Callable[[str, str, float], bool]
+
+
+def never_quiet(source: str, entity: str, ts: float) -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,9 @@ class Model(Protocol):
     version: str
     thresholds: AdaptiveThreshold
 
-    def observe(self, call: Call, recent_calls: RecentCalls) -> ModelFinding | None: ...
+    def observe(
+        self, call: Call, recent_calls: RecentCalls, quiet: Quiet = never_quiet
+    ) -> ModelFinding | None: ...
 
     def advance(self, now: float) -> list[ModelFinding]: ...
 

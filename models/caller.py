@@ -32,7 +32,7 @@ from river import stats
 
 from engine.detect.calls import Call
 from engine.detect.windows import KeyedState
-from models.base import ModelFinding, RecentCalls
+from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
 from models.scoring import AdaptiveThreshold, anomaly_model
 from models.spec import FEATURE_NAMES, ModelSpec
 
@@ -111,7 +111,9 @@ class CallerModel:
         self.judged = 0
         self.learned = 0
 
-    def observe(self, call: Call, recent_calls: RecentCalls) -> ModelFinding | None:
+    def observe(
+        self, call: Call, recent_calls: RecentCalls, quiet: Quiet = never_quiet
+    ) -> ModelFinding | None:
         caller = call.caller
         if not caller:
             return None
@@ -158,7 +160,7 @@ class CallerModel:
         if state[_N] < self.spec.min_calls:
             self._learn_rates(flags)
             return None
-        return self._judge(call, state, flags, recent_calls)
+        return self._judge(call, state, flags, recent_calls, quiet)
 
     def _hits(self, state: array[float], flag: int) -> int:
         """How many of the caller's last calls had this flag."""
@@ -223,7 +225,12 @@ class CallerModel:
         return deviations
 
     def _judge(
-        self, call: Call, state: array[float], flags: list[bool], recent_calls: RecentCalls
+        self,
+        call: Call,
+        state: array[float],
+        flags: list[bool],
+        recent_calls: RecentCalls,
+        quiet: Quiet,
     ) -> ModelFinding | None:
         spec = self.spec
         own_history = state[_N] >= spec.own_history_calls
@@ -258,6 +265,10 @@ class CallerModel:
             # HalfSpaceTrees scores 0 until its first window is full: not a score to learn.
             self.thresholds.learn(score)
         if alerting:
+            if quiet(spec.id, call.caller, call.deadline):
+                # Alerted on already and suppressed: no evidence, no sentence. As when
+                # the alert is dropped after it is made, the model learns nothing from it.
+                return None
             deviations = self._deviations(state, own_history)
         else:
             # What is usual is learned from what is not alarming, so an incident does

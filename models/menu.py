@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.detect.calls import Call
-from models.base import ModelFinding, RecentCalls
+from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
 from models.scoring import AdaptiveThreshold, Baseline, anomaly_model, explain, strongest
 from models.spec import FEATURE_NAMES, ModelSpec
 
@@ -160,7 +160,9 @@ class MenuModel:
         self.thresholds = AdaptiveThreshold(spec.threshold.quantiles())
         self.next_step: float | None = None
 
-    def observe(self, call: Call, recent_calls: RecentCalls) -> ModelFinding | None:
+    def observe(
+        self, call: Call, recent_calls: RecentCalls, quiet: Quiet = never_quiet
+    ) -> ModelFinding | None:
         if not call.menu_id:
             return None
         state = self.menus.get(call.menu_id)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.detect.calls import Call
 from engine.yamlfile import YamlDocument, parse_files_with_ids
-from models.base import Model, ModelFinding, RecentCalls
+from models.base import Model, ModelFinding, Quiet, RecentCalls, never_quiet
 from models.caller import CallerModel
 from models.menu import MenuModel
 from models.spec import ModelSpec
@@ -89,11 +89,13 @@ class ModelSet:
 
         return above
 
-    def observe(self, calls: Iterable[Call], recent_calls: RecentCalls) -> list[ModelFinding]:
+    def observe(
+        self, calls: Iterable[Call], recent_calls: RecentCalls, quiet: Quiet = never_quiet
+    ) -> list[ModelFinding]:
         findings = []
         for call in calls:
             for model in self.models:
-                finding = model.observe(call, recent_calls)
+                finding = model.observe(call, recent_calls, quiet)
                 if finding is not None:
                     findings.append(finding)
         return findings

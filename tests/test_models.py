@@ -4,6 +4,7 @@ scores, and detection state that survives a restart (snapshots)."""
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from engine.detect.snapshot import snapshot_path
 from engine.replay import replay
 from engine.simulator.scenario import Generated, generate, load_scenario, write_files
 from engine.yamlfile import YamlFileError
+from models.base import ModelFinding, never_quiet
 from models.caller import CallerModel, surprise
 from models.menu import MenuModel
 from models.spec import ModelSpec
@@ -181,6 +183,37 @@ def test_caller_model_flags_a_new_caller_making_only_short_calls_and_says_why() 
     assert re.search(r"short calls \d+ of its last \d+ against a usual \d+%", first.summary)
     assert first.value >= 5
     assert len(first.evidence) == 1 and first.evidence[0].startswith("c"), "the call that tipped it"
+
+
+def test_a_suppressed_caller_costs_the_model_no_evidence_and_teaches_it_the_same() -> None:
+    """What the alert manager would drop is not made; the model ends in the same state."""
+    asked: list[str] = []
+    alerted: list[ModelFinding] = []
+
+    def evidence(entity_type: str, entity: str) -> list[str]:
+        asked.append(entity)
+        return []
+
+    def quiet_after_first(source: str, entity: str, ts: float) -> bool:
+        return bool(alerted)
+
+    outcomes = []
+    for quiet in (never_quiet, quiet_after_first):
+        model = CallerModel(caller_spec(), "v1", max_keys=10_000)
+        n = benign_population(model)
+        asked.clear()
+        alerted.clear()
+        for k in range(12):
+            finding = model.observe(
+                call(n + k, T0 + 7000 + k * 5, "8613900000001", talk=2.0), evidence, quiet
+            )
+            if finding is not None:
+                alerted.append(finding)
+        outcomes.append((len(alerted), len(asked), pickle.dumps(model.state.states)))
+    (made, asked_unsuppressed, state), (kept, asked_suppressed, state_suppressed) = outcomes
+    assert made > 1 and kept == 1
+    assert asked_unsuppressed == made and asked_suppressed == 1
+    assert state_suppressed == state
 
 
 def test_caller_model_judges_a_caller_with_a_history_against_itself() -> None:

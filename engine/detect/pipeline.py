@@ -132,7 +132,7 @@ class Pipeline:
             if models.models:
                 # After the rules: a rule's window holds this call when the model asks
                 # for the calls behind its finding.
-                for model_finding in models.observe((call,), self.recent_calls):
+                for model_finding in models.observe((call,), self.recent_calls, self.alerts.quiet):
                     self._raise_model(model_finding, output)
         if models.models:
             for model_finding in models.advance(self.now):

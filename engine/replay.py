@@ -4,6 +4,7 @@ detection pipeline as live traffic, minus the socket. Rows are taken in event-ti
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,29 @@ REPLAY_BATCH = 20_000
 # Segments the detection process may have in hand while this one journals the next:
 # bounds what is held twice (decoded here, detected there).
 MAX_SEGMENTS_DETECTING = 2
+PROGRESS_EVERY_S = 10.0
+
+
+class Progress:
+    """A log line every PROGRESS_EVERY_S seconds of a long replay: how far, how fast."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.started = self.last = time.monotonic()
+
+    def at(self, done: int, alerts: int) -> None:
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        log.info(
+            "replay: %d of %d rows (%.0f %%), %.0f rows/s, %d alerts so far",
+            done,
+            self.rows,
+            100 * done / self.rows,
+            done / (now - self.started),
+            alerts,
+        )
 
 
 @dataclass
@@ -117,7 +141,9 @@ def replay(
         if pipeline is not None and detect_in_child:
             detection = DetectionProcess(pipeline, items, writer.snapshot_file)
         size = min(REPLAY_BATCH, settings.store.max_pending_reports)
+        progress = Progress(len(items))
         for start in range(0, len(items), size):
+            progress.at(start, len(written.alerts))
             rows = items[start : start + size]
             for item in rows:
                 intake.offer(item.key, None, record_of(item), item.ts)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import detectfork
+from engine import replay as replay_module
 from engine.codec import FieldError
 from engine.detect.calls import CallTracker
 from engine.detect.pipeline import Pipeline
@@ -404,3 +407,17 @@ def test_a_segments_rows_are_found_again_from_its_bitmap(rows: int, data: st.Dat
     bitmap = detectfork.skipped_bitmap(items[start:end], stored)
     assert detectfork.rows_of(items, (1, start, end, bitmap)) == stored
     assert (bitmap == b"") == all(kept)
+
+
+def test_a_long_replay_logs_how_far_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    csv = tmp_path / "events.csv"
+    csv.write_text(HEADER + "1795860000,c1,1,180,100,200,,7,Main\n1795860003,c1,2,ok,1,2,,7,M\n")
+    monkeypatch.setattr(replay_module, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(replay_module, "REPLAY_BATCH", 1)
+    with caplog.at_level(logging.INFO, logger="engine.replay"):
+        replay([csv], make_settings(tmp_path / "data"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("replay: ")]
+    assert len(lines) == 2
+    assert re.fullmatch(r"replay: 1 of 2 rows \(50 %\), \d+ rows/s, 0 alerts so far", lines[1])

@@ -446,6 +446,7 @@ class Spares:
         self._wanted = 0
         self._ready_bytes = 0
         self._stopping = False
+        self._failing = False
         self._thread: threading.Thread | None = None
         self.made = 0
         self.used = 0
@@ -518,7 +519,9 @@ class Spares:
                 self._partial.unlink(missing_ok=True)
                 if self._stopping:
                     return
-                log.warning("journal spare of %d MiB not made: %s", size >> 20, error)
+                if not self._failing:  # once until one is made again (a nearly full disk)
+                    log.warning("journal spare of %d MiB not made: %s", size >> 20, error)
+                self._failing = True
                 with self._condition:
                     self._wanted = 0  # asked again at the next seal
                 continue
@@ -528,6 +531,7 @@ class Spares:
                 os.replace(self._partial, self._ready)
                 self._ready_bytes = size
                 self.made += 1
+                self._failing = False
 
     def _make(self, size: int) -> None:
         free = os.statvfs(self.directory)

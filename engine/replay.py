@@ -173,9 +173,11 @@ def replay(
             while detecting:
                 write_oldest()
             # The child pickles its state while this process compacts the lake.
-            detection.begin_snapshot(writer.position)
+            if writer.snapshot_file is not None:
+                detection.begin_snapshot(writer.position)
             writer.compact()
-            detection.end_snapshot()
+            if writer.snapshot_file is not None:
+                detection.end_snapshot()
     finally:
         if detection is not None:
             detection.close()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import duckdb
 import polars as pl
@@ -13,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine import journal as journal_module
 from engine.codec import Vos3000TextCodec
 from engine.detect.calls import CALL_COLUMNS, Call, call_columns
 from engine.events import CallEvent, CallState
@@ -484,3 +487,26 @@ def test_a_frame_undone_after_a_failed_write_leaves_no_gap_before_the_next(
     assert segment.problem is None
     assert [f.first_seq for f in segment.frames] == [1, 2]
     journal.stop()
+
+
+def test_a_spare_the_disk_has_no_room_for_is_not_made_and_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    spares = Spares(tmp_path)
+    spares.start()
+    monkeypatch.setattr(
+        journal_module.os, "statvfs", lambda path: SimpleNamespace(f_bavail=10, f_frsize=4096)
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="engine.journal"):
+            for _ in range(3):
+                spares.want(2 * Spares.MIN_SEGMENT_BYTES)
+                deadline = time.monotonic() + 10
+                while spares._wanted and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert not spares._wanted, "given up until the next loaded seal"
+    finally:
+        spares.stop()
+    said = [r.getMessage() for r in caplog.records if "spare" in r.getMessage()]
+    assert len(said) == 1 and "MiB free" in said[0]
+    assert spares.made == 0 and not list(tmp_path.glob("spare*"))

@@ -19,7 +19,7 @@ drops it and the switch's retries bring those reports again.
 
 Under load a segment starts as a file already filled with zeros (made ahead by a
 thread, `Spares`): an `fdatasync` that changes no file size or extent map needs
-no filesystem journal commit, which halves its time and takes most of its
+no filesystem journal commit, which takes a third to half off its time and most of its
 outliers away. So zeros after the last frame are the clean end of a segment, and
 a frame whose bytes run into them is a torn one. Sealing cuts the zeros off.
 """

@@ -170,6 +170,9 @@ def compile_selection(
     return match
 
 
+# The aggregates in the order `CompiledRule._measure` numbers them.
+_MEASURES = ("count", "distinct", "sum", "ratio", "baseline_spike", "first_seen", "sequential")
+
 # Each aggregate keeps only what it needs per entity: with a million tracked callers
 # a few unused slots per state add up to a hundred megabytes.
 _KeyState = CountState | ValueState
@@ -196,6 +199,7 @@ class CompiledRule:
         aggregate = spec.aggregate
         self.numerator = compile_selection(aggregate.numerator or {}, lists)
         self.entity_field = ENTITY_FIELDS[aggregate.group_by]
+        self._entity_index = ("caller", "menu_id", "forward", "callee").index(self.entity_field)
         self.window_s = aggregate.window or 0.0
         self.compare = OPS[spec.condition.op]
         self.threshold = spec.condition.threshold
@@ -213,12 +217,22 @@ class CompiledRule:
         # numerator selects the call (ratio), or nothing.
         self.item_field = aggregate.field if self.kind in ("distinct", "sum") else None
         self.ratio = self.kind == "ratio"
-        self._measure: Callable[[Any, Call], float | None] = getattr(
-            self, "_" + ("count" if self.kind == "concurrent" else self.kind)
-        )
+        self._measure_kind = _MEASURES.index("count" if self.kind == "concurrent" else self.kind)
         self.started_at: float | None = None
         # Set by the rule set when the rule has a `model:` condition.
         self.gate: Callable[[Call], bool] | None = None
+
+    def entity_of(self, call: Call) -> str:
+        # Attributes by name, not getattr(call, name): compiled, each is a read at a
+        # fixed offset, where getattr looks the name up on the class every time.
+        group = self._entity_index
+        if group == 0:
+            return call.caller
+        if group == 1:
+            return call.menu_id
+        if group == 2:
+            return call.forward
+        return call.callee
 
     def adopt_state(self, other: CompiledRule) -> None:
         """Keep the window state of the rule this one replaces (its logic is unchanged)."""
@@ -255,7 +269,7 @@ class CompiledRule:
         says which rules select a call, and starts them). `quiet(rule_id, entity, ts)`
         says whether an alert would be suppressed: the window still takes the call,
         but no finding (scan of open calls, evidence) is made for a quiet entity."""
-        entity = getattr(call, self.entity_field)
+        entity = self.entity_of(call)
         if not entity:
             return None
         if self.concurrent:
@@ -318,8 +332,23 @@ class CompiledRule:
     # What each aggregate measures once the call is in the window; None: not yet
     # enough to judge.
 
-    def _count(self, state: _KeyState, call: Call) -> float | None:
-        return float(len(state))
+    def _measure(self, state: _KeyState, call: Call) -> float | None:
+        # Chosen by number, each called by name: compiled, these are direct calls,
+        # where a bound method kept per rule was a Python call every time.
+        kind = self._measure_kind
+        if kind == 0:
+            return float(len(state))
+        if kind == 1:
+            return self._distinct(cast(ValueState, state), call)
+        if kind == 2:
+            return self._sum(cast(ValueState, state), call)
+        if kind == 3:
+            return self._ratio(cast(ValueState, state), call)
+        if kind == 4:
+            return self._baseline_spike(cast(SpikeState, state), call)
+        if kind == 5:
+            return self._first_seen(cast(FirstSeenState, state), call)
+        return self._sequential(cast(SequentialState, state), call)
 
     def _distinct(self, state: ValueState, call: Call) -> float | None:
         return float(state.distinct())

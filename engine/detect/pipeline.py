@@ -108,7 +108,7 @@ class Pipeline:
             # `advance` only when event time moves on or a call's time is up (a late
             # report can set a deadline that has passed already): its checks and the
             # models' cost more than the report itself.
-            if ts > self.now or (deadlines and deadlines[0][0] <= self.now) or tracker.evicted:
+            if ts > self.now or (deadlines and deadlines[0] <= self.now) or tracker.evicted:
                 self._advance(ts, output)
             started = observe(event)
             if started is not None and self._on_start.rules:

@@ -75,8 +75,11 @@ class Entries(Snapshotted):
         self.head = 0  # index in `entries` of the oldest live timestamp
 
     def add(self, ts: Timestamp, call_id: str, value: object = None) -> None:
-        if self.entries:
-            self.entries += (ts, call_id)
+        entries = self.entries
+        if entries:
+            # Two appends, not `+= (ts, call_id)`: no tuple made per entry.
+            entries.append(ts)
+            entries.append(call_id)
         else:
             # A list made whole is allocated to size; one grown from empty gets room
             # for eight entries, and most windows in a flood of callers hold one.
@@ -85,8 +88,11 @@ class Entries(Snapshotted):
     def leave_until(self, cutoff: float) -> None:
         """Entries at `cutoff` or before leave."""
         entries, head = self.entries, self.head
-        if head < len(entries) and entries[head] > cutoff:
-            return  # nothing leaves: the common case, for every call a window takes
+        if head < len(entries):
+            # Typed, so compiled code compares two doubles rather than two objects.
+            oldest: float = entries[head]
+            if oldest > cutoff:
+                return  # nothing leaves: the common case, for every call a window takes
         while head < len(entries) and entries[head] <= cutoff:
             self._leaving(head >> 1)
             head += 2
@@ -136,8 +142,10 @@ class ValueEntries(Entries):
         self.counts: dict[object, int] | None = None
 
     def add(self, ts: Timestamp, call_id: str, value: object = None) -> None:
-        if self.entries:
-            self.entries += (ts, call_id)
+        entries = self.entries
+        if entries:
+            entries.append(ts)
+            entries.append(call_id)
             self.values.append(value)
         else:
             self.entries, self.values = [ts, call_id], [value]

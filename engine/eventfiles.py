@@ -8,6 +8,7 @@ read at all raises `EventFileError` naming the file and why.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -258,7 +259,11 @@ _EXACT_STATES = {
     for token in (*STATE_TOKENS, *_TABLE_STATES)
     for spelling in {token, token.upper(), token.capitalize()}
 }
+_EXACT_STATE = {spelling: parsed[0] for spelling, parsed in _EXACT_STATES.items()}
+_EXACT_CODE = {spelling: parsed[1] for spelling, parsed in _EXACT_STATES.items()}
 _new_tuple = tuple.__new__
+# A CallEvent from a tuple of its fields, called from C (map) with no Python frame.
+_new_event = functools.partial(_new_tuple, CallEvent)
 
 
 def _plain_rows(frame: pl.DataFrame, columns: list[str]) -> pl.Series:
@@ -280,8 +285,9 @@ def _plain_rows(frame: pl.DataFrame, columns: list[str]) -> pl.Series:
 
 
 def _items_of_frame(frame: pl.DataFrame, label: str, first_line: int) -> list[CallEvent | Reject]:
-    """Rows to items column by column: times parsed by polars, texts taken as columns;
-    a row the fast path cannot vouch for goes through `row_to_item` like any row."""
+    """Rows to items column by column: times parsed by polars, texts taken as columns,
+    each usual row made a `CallEvent` in C (zip and map, no Python per row); a row the
+    fast path cannot vouch for goes through `row_to_item` like any row."""
     columns = frame.columns
     plain = all(frame[c].dtype in _PLAIN_TEXT for c in columns if c != "ts")
     if not plain:
@@ -290,71 +296,79 @@ def _items_of_frame(frame: pl.DataFrame, label: str, first_line: int) -> list[Ca
             ((n, dict(zip(columns, v, strict=True))) for n, v in enumerate(rows, first_line)),
             label,
         )
-    seconds = _epoch_seconds(frame["ts"]).to_list()
+    count = len(frame)
+    seconds = _epoch_seconds(frame["ts"])
     texts = [
-        frame[c].cast(pl.String).fill_null("").to_list() if c in columns else [""] * len(frame)
+        frame[c].cast(pl.String).fill_null("").to_list() if c in columns else [""] * count
         for c in COLUMNS[1:]
     ]
-    plain_rows = _plain_rows(frame, columns).to_list()
-    serials = frame["serial"].cast(pl.Int64, strict=False).to_list() if "serial" in columns else []
-    items: list[CallEvent | Reject] = []
-    append = items.append
+    state_texts = texts[2]
+    states = list(map(_EXACT_STATE.get, state_texts))
+    # The rows made as they are: checked column-wise (see _plain_rows), a time, and a
+    # state spelled as usual. Every other row gets a closer look below.
+    usual = (
+        _plain_rows(frame, columns)
+        & seconds.is_not_null()
+        & frame["state"].cast(pl.String).is_in(list(_EXACT_STATE))
+    ).fill_null(False)
+    slow = (~usual).arg_true().to_list()
+    serials = frame["serial"].cast(pl.Int64, strict=False).to_list()
+    sources = list(map(f"{label}:".__add__, map(str, range(first_line, first_line + count))))
+    times = seconds.to_list()
+    items: list[CallEvent | Reject] = list(
+        map(
+            _new_event,
+            zip(
+                times,
+                texts[0],
+                serials,
+                states,
+                map(_EXACT_CODE.get, state_texts),
+                *texts[3:],
+                sources,
+                strict=True,
+            ),
+        )
+    )
+    if slow:
+        _closer_look(frame, items, slow, times, texts, sources)
+    return items
+
+
+def _closer_look(
+    frame: pl.DataFrame,
+    items: list[CallEvent | Reject],
+    slow: list[int],
+    times: list[float | None],
+    texts: list[list[str]],
+    sources: list[str],
+) -> None:
+    """Remake the rows at `slow` (ascending) through the validator: a field to strip,
+    a state spelled otherwise, or something wrong that a reject must name."""
+    columns = frame.columns
     fallback_ts = 0.0
-    exact_state = _EXACT_STATES.get
-    rows = zip(seconds, plain_rows, *texts, strict=True)
-    for index, (
-        ts,
-        plain_row,
-        call_id,
-        _,
-        state,
-        caller,
-        callee,
-        forward,
-        menu_id,
-        menu_name,
-    ) in enumerate(rows):
-        source = f"{label}:{index + first_line}"
-        # A row checked column-wise (see _plain_rows) needs only its state looked up.
-        parsed = exact_state(state) if plain_row and ts is not None else None
-        if parsed is not None:
-            fallback_ts = ts
-            append(
-                _new_tuple(
-                    CallEvent,
-                    (
-                        ts,
-                        call_id,
-                        serials[index],
-                        parsed[0],
-                        parsed[1],
-                        caller,
-                        callee,
-                        forward,
-                        menu_id,
-                        menu_name,
-                        source,
-                    ),
-                )
-            )
-            continue
+    previous = -1
+    for index in slow:
+        if index - 1 > previous:
+            # The row before was made by the fast path: a CallEvent.
+            fallback_ts = items[index - 1].ts
+        previous = index
+        ts = times[index]
         item: CallEvent | Reject
         if ts is None:
-            item = row_to_item(
-                dict(zip(columns, frame.row(index), strict=True)), source, fallback_ts
-            )
+            row = dict(zip(columns, frame.row(index), strict=True))
+            item = row_to_item(row, sources[index], fallback_ts)
         else:
             fields = [text[index] for text in texts]
-            fields[2] = _TABLE_STATES.get(state.strip().lower(), state)
+            fields[2] = _TABLE_STATES.get(fields[2].strip().lower(), fields[2])
             try:
-                item = make_event(ts, fields, source)
+                item = make_event(ts, fields, sources[index])
             except FieldError as error:
                 row = dict(zip(columns, frame.row(index), strict=True))
-                item = _reject(row, source, fallback_ts, error.reason, error.detail)
+                item = _reject(row, sources[index], fallback_ts, error.reason, error.detail)
         if type(item) is CallEvent:
             fallback_ts = item.ts
-        append(item)
-    return items
+        items[index] = item
 
 
 def _items_of_rows(

@@ -13,11 +13,12 @@ came in while the batch was being written.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from engine.events import CallEvent, Reject
 from engine.stats import Stats
 
 Key = tuple[str, int]
@@ -186,6 +187,33 @@ class Intake:
         if ts > self._latest_ts:
             self._latest_ts = ts
         return Outcome.ACCEPTED, None
+
+    def offer_read(
+        self, items: Iterable[CallEvent | Reject], record_of: Callable[[Any], Any]
+    ) -> None:
+        """`offer` for each row read from an event file (replay: no answers, no
+        senders), in one loop: a decoded report is its own record and keyed by
+        (call_id, serial); a quarantined one goes through `offer` with
+        `record_of(item)`. The same batch, waiting set and counters as `offer`."""
+        seen, waiting, batch, stats = self._seen_keys, self._waiting, self.open, self.stats
+        records, keys = batch.records, batch.keys
+        for item in items:
+            if type(item) is not CallEvent:
+                self.offer(item.key, None, record_of(item), item.ts)
+                continue
+            key = (item.call_id, item.serial)
+            if key in seen or key in waiting:
+                stats.duplicates += 1
+                continue
+            if len(waiting) >= self.max_pending:
+                stats.dropped_overload += 1
+                continue
+            self.next_seq += 1
+            records.append(item)
+            keys.append(key)
+            waiting[key] = [None, None]
+            if item.ts > self._latest_ts:
+                self._latest_ts = item.ts
 
     def take_usual(
         self,

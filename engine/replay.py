@@ -145,8 +145,7 @@ def replay(
         for start in range(0, len(items), size):
             progress.at(start, len(written.alerts))
             rows = items[start : start + size]
-            for item in rows:
-                intake.offer(item.key, None, record_of(item), item.ts)
+            intake.offer_read(rows, record_of)
             batch = intake.seal()
             if batch is None:
                 continue

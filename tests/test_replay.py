@@ -269,7 +269,11 @@ _STATES = st.sampled_from(
     ["180", "183", "Ringing", "RINGING", "rInGiNg", "OK", "ok", "Ok", "200", "Bye", "BYE",
      "Answered", "HANGUP", "hangup", "Busy", "", "O K"]
 )  # fmt: skip
+_TIMES = st.sampled_from(
+    ["1793692800.5", "1793692801", "2026-11-03T08:00:05+00:00", " 1793692802", "yesterday", ""]
+)
 _ROWS = st.tuples(
+    _TIMES,
     _CALL_IDS,
     _SERIALS,
     _STATES,
@@ -282,26 +286,73 @@ _ROWS = st.tuples(
 @given(rows=st.lists(_ROWS, min_size=1, max_size=12))
 @settings(max_examples=300, deadline=None)
 def test_rows_taken_as_they_are_agree_with_validating_each(
-    rows: list[tuple[str, str, str, list[str], tuple[int, str, bool]]],
+    rows: list[tuple[str, str, str, str, list[str], tuple[int, str, bool]]],
 ) -> None:
     # Rows whose fields need no stripping or closer look skip the validator: for any
-    # mix of padding, call ids, serials and state spellings the result is the same.
+    # mix of padding, call ids, serials, state spellings and bad times (a reject takes
+    # the time of the last good row before it) the result is the same.
     from engine.eventfiles import _items_of_frame, _items_of_rows
 
     columns = ["ts", "call_id", "serial", "state", "caller", "callee", "forward", "menu_id",
                "menu_name"]  # fmt: skip
     table = []
-    for call_id, serial, state, texts, (where, pad, before) in rows:
+    for ts, call_id, serial, state, texts, (where, pad, before) in rows:
         fields = [call_id, serial, state, *texts]
         if where < len(fields):
             fields[where] = pad + fields[where] if before else fields[where] + pad
-        table.append(("1793692800.5", *fields))
+        table.append((ts, *fields))
     frame = pl.DataFrame(table, schema=columns, orient="row")
     fast = _items_of_frame(frame, "rows", 1)
     slow = _items_of_rows(
         ((n, dict(zip(columns, row, strict=True))) for n, row in enumerate(table, 1)), "rows"
     )
     assert fast == slow
+
+
+_READ_ITEMS = st.lists(
+    st.one_of(
+        st.tuples(st.integers(0, 5), st.integers(1, 2), st.floats(0.0, 9.0)).map(
+            lambda r: CallEvent(
+                r[2], f"c{r[0]}", r[1], CallState.RINGING, 180, "1", "2", "", "1", "M", "x:1"
+            )
+        ),
+        st.tuples(st.integers(0, 5), st.booleans(), st.floats(0.0, 9.0)).map(
+            lambda r: Reject(
+                r[2], RejectReason.BAD_STATE, "bad", b"raw", f"c{r[0]}" if r[1] else None, 1
+            )
+        ),
+    ),
+    max_size=30,
+)
+
+
+@given(items=_READ_ITEMS, stored=st.sets(st.integers(0, 5), max_size=3), room=st.integers(1, 8))
+@settings(max_examples=300, deadline=None)
+def test_offering_rows_read_at_once_is_offering_each(
+    items: list[CallEvent | Reject], stored: set[int], room: int
+) -> None:
+    # Replay offers a batch of rows in one loop; it must take what offering them one
+    # by one takes: duplicates (stored already, or earlier in the batch), quarantined
+    # rows with and without a key, and a full intake.
+    from engine.ingest import Intake, SeenReports
+    from engine.lake import record_of
+    from engine.stats import Stats
+
+    intakes = []
+    for at_once in (False, True):
+        seen = SeenReports(3600)
+        seen.add_batch([(f"c{n}", 1) for n in stored], 1.0)
+        intake = Intake(Stats(), seen, max_pending=room, unkeyed_per_minute=3)
+        if at_once:
+            intake.offer_read(items, record_of)
+        else:
+            for item in items:
+                intake.offer(item.key, None, record_of(item), item.ts)
+        intakes.append(intake)
+    each, at_once = intakes
+    assert at_once.open.records == each.open.records and at_once.open.keys == each.open.keys
+    assert at_once._waiting == each._waiting and at_once.next_seq == each.next_seq
+    assert at_once.stats == each.stats and at_once._latest_ts == each._latest_ts
 
 
 # -- detection in a forked process ------------------------------------------------------

@@ -197,3 +197,30 @@ def test_compiled_and_python_builds_read_each_others_snapshots(
     read = run("read", not writer_as_python)
     assert written[0] == str(writer_as_python) and read[0] == str(not writer_as_python)
     assert written[1:] == read[1:] == ["2.0", "4.0", "0.4", "['a']"]
+
+
+def test_a_tracker_saved_with_its_deadlines_as_tuples_carries_on() -> None:
+    # Snapshots taken before the heap held floats keep (deadline, call_id) pairs; such
+    # a tracker, restored, finishes the same calls at the same moments.
+    def fed() -> calls.CallTracker:
+        tracker = calls.CallTracker(settle_s=3.0, ring_timeout_s=30.0)
+        tracker.observe(_report(1.0, "a", 1, CallState.RINGING))
+        tracker.observe(_report(2.0, "a", 2, CallState.ANSWERED))
+        tracker.observe(_report(2.5, "b", 1, CallState.RINGING))
+        tracker.observe(_report(3.0, "c", 1, CallState.RINGING))
+        tracker.observe(_report(9.0, "b", 2, CallState.HANGUP))
+        return tracker
+
+    state = fed().__getstate__()
+    due = state.pop("_due")
+    state["deadlines"] = sorted((d, call_id) for d, ids in due.items() for call_id in ids)
+    restored = calls.CallTracker()
+    restored.__setstate__(state)
+    tracker = fed()
+    for now in (10.0, 12.5, 40.0, 20_000.0):
+        restored.observe(_report(now, f"n{now}", 1, CallState.RINGING))
+        tracker.observe(_report(now, f"n{now}", 1, CallState.RINGING))
+        finished = [(c.call_id, c.outcome) for c in tracker.advance(now)]
+        assert [(c.call_id, c.outcome) for c in restored.advance(now)] == finished
+    assert list(restored.open) == list(tracker.open) == ["n20000.0"]
+    assert restored.stats == tracker.stats

@@ -209,11 +209,17 @@ def test_a_tracker_saved_with_its_deadlines_as_tuples_carries_on() -> None:
         tracker.observe(_report(2.5, "b", 1, CallState.RINGING))
         tracker.observe(_report(3.0, "c", 1, CallState.RINGING))
         tracker.observe(_report(9.0, "b", 2, CallState.HANGUP))
+        tracker.observe(_report(9.0, "d", 1, CallState.RINGING))
+        tracker.observe(_report(9.0, "d", 2, CallState.HANGUP))
         return tracker
 
     state = fed().__getstate__()
     due = state.pop("_due")
-    state["deadlines"] = sorted((d, call_id) for d, ids in due.items() for call_id in ids)
+    state["deadlines"] = sorted(
+        (d, call_id)
+        for d, ids in due.items()
+        for call_id in ([ids] if isinstance(ids, str) else ids)
+    )
     restored = calls.CallTracker()
     restored.__setstate__(state)
     tracker = fed()
@@ -224,3 +230,12 @@ def test_a_tracker_saved_with_its_deadlines_as_tuples_carries_on() -> None:
         assert [(c.call_id, c.outcome) for c in restored.advance(now)] == finished
     assert list(restored.open) == list(tracker.open) == ["n20000.0"]
     assert restored.stats == tracker.stats
+
+
+def test_calls_due_at_the_same_moment_finish_in_call_id_order() -> None:
+    tracker = calls.CallTracker(settle_s=3.0)
+    for call_id in ("z", "b", "m"):
+        tracker.observe(_report(1.0, call_id, 1, CallState.RINGING))
+        tracker.observe(_report(5.0, call_id, 2, CallState.HANGUP))
+    tracker.observe(_report(4.0, "a", 1, CallState.HANGUP))  # due at 7.0, sooner
+    assert [c.call_id for c in tracker.advance(8.0)] == ["a", "b", "m", "z"]

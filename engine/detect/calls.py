@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.detect.windows import Snapshotted
+from engine.detect.windows import Snapshotted, Timestamp
 from engine.events import CallEvent, CallState
 
 OUTCOMES = ("answered", "unanswered", "abandoned", "timed_out", "in_progress")
@@ -256,8 +256,10 @@ class CallTracker(Snapshotted):
         # an entry no later than its deadline (see `_schedule`); entries that no longer
         # match stay until they come up (cheaper than removing them). Floats, not
         # (deadline, call_id) tuples: comparing tuples was most of the heap's cost.
+        # One call id due at a moment is kept as it is, several in a list: a ring
+        # timeout is pending for every call of the last few minutes.
         self.deadlines: list[float] = []
-        self._due: dict[float, list[str]] = {}
+        self._due: dict[float, str | list[str]] = {}
         # Open calls per caller, in the order they started (dicts keep insertion order).
         self._by_caller: dict[str, dict[str, Call]] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
@@ -268,9 +270,15 @@ class CallTracker(Snapshotted):
     def __setstate__(self, state: dict[str, Any]) -> None:
         if "_due" not in state:
             # A snapshot from before the float heap: (deadline, call_id) entries.
-            due: dict[float, list[str]] = {}
+            due: dict[float, str | list[str]] = {}
             for deadline, call_id in state["deadlines"]:
-                due.setdefault(deadline, []).append(call_id)
+                earlier = due.get(deadline)
+                if earlier is None:
+                    due[deadline] = call_id
+                elif isinstance(earlier, str):
+                    due[deadline] = [earlier, call_id]
+                else:
+                    earlier.append(call_id)
             state = {**state, "deadlines": sorted(due), "_due": due}
         super().__setstate__(state)
 
@@ -372,13 +380,20 @@ class CallTracker(Snapshotted):
         if deadline != previous:
             call.deadline = deadline
             if deadline < previous or previous == 0.0:
+                if self._due.get(previous) == call.call_id:
+                    # Its entry at the later deadline would only be skipped when it
+                    # comes up (most calls end within their ring timeout): drop it now.
+                    del self._due[previous]
                 self._push(deadline, call.call_id)
 
-    def _push(self, deadline: float, call_id: str) -> None:
+    def _push(self, deadline: Timestamp, call_id: str) -> None:
+        # `deadline` as given (a float object), so the heap and the dict share it.
         due = self._due.get(deadline)
         if due is None:
-            self._due[deadline] = [call_id]
+            self._due[deadline] = call_id
             heapq.heappush(self.deadlines, deadline)
+        elif isinstance(due, str):
+            self._due[deadline] = [due, call_id]
         else:
             due.append(call_id)
 
@@ -392,10 +407,11 @@ class CallTracker(Snapshotted):
         deadlines = self.deadlines
         while deadlines and deadlines[0] <= self.now:
             deadline = heapq.heappop(deadlines)
-            due = self._due.pop(deadline)
-            if len(due) > 1:
-                due.sort()  # calls due at the same moment finish in call_id order
-            for call_id in due:
+            due = self._due.pop(deadline, None)
+            if due is None:
+                continue  # its call ended sooner (see `_schedule`)
+            # Calls due at the same moment finish in call_id order.
+            for call_id in (due,) if isinstance(due, str) else sorted(due):
                 call = self.open.get(call_id)
                 if call is None or call.deadline < deadline:
                     continue  # finished already, or superseded by an earlier deadline

@@ -19,7 +19,12 @@ from pydantic import BaseModel, ValidationError
 M = TypeVar("M", bound=BaseModel)
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's parser where PyYAML was built with it (the wheels are): ten times faster
+# than the pure-Python one, with the same nodes, marks and errors.
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_SafeLoader):  # type: ignore[valid-type,misc]
     """YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as
     booleans, which would turn a rule's `on:` key into `True`."""
 
@@ -102,15 +107,19 @@ def load_yaml(path: Path) -> YamlDocument:
         raise YamlFileError([f"{path}: cannot read: {error.strerror}"]) from None
     except UnicodeDecodeError:
         raise YamlFileError([f"{path}: not UTF-8 text"]) from None
+    loader = _Loader(text)
     try:
-        node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)
+        # One parse: the node tree gives the lines, and the data is built from it.
+        node = loader.get_single_node()
+        data = None if node is None else loader.construct_document(node)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         line = mark.line + 1 if mark is not None else 1
         raise YamlFileError([f"{path}:{line}: invalid YAML: {error.problem}"]) from None
     except yaml.YAMLError as error:
         raise YamlFileError([f"{path}: invalid YAML: {error}"]) from None
+    finally:
+        loader.dispose()
     lines: dict[tuple[str | int, ...], int] = {}
     if node is not None:
         _walk(node, (), lines)

@@ -7,6 +7,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,11 +87,15 @@ def replay(
     pipeline = None
     if settings.detection.enabled:
         pipeline = make_pipeline(settings.detection, rules_dir)
-    items, file_errors = read_event_files(paths)
-    # Replay answers nobody: one fsync per large batch, no preallocated segments.
-    store, intake, stats = open_store(
-        settings, settings_codec(settings), unkeyed_quota=False, live=False
-    )
+    # The files are read on a thread while the store opens (DuckDB's queries and
+    # polars' parsing leave the GIL): nothing below needs the rows before the fork.
+    with ThreadPoolExecutor(1, thread_name_prefix="replay-read") as reader:
+        reading = reader.submit(read_event_files, paths)
+        # Replay answers nobody: one fsync per large batch, no preallocated segments.
+        store, intake, stats = open_store(
+            settings, settings_codec(settings), unkeyed_quota=False, live=False
+        )
+        items, file_errors = reading.result()
     writer_lock = lake_writer_lock(settings.store.data_dir)
     writer_lock.acquire(wait_s=300)
     report = ReplayReport(stats, read=len(items), file_errors=file_errors)

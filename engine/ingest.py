@@ -12,6 +12,8 @@ came in while the batch was being written.
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +24,10 @@ from engine.events import CallEvent, Reject
 from engine.stats import Stats
 
 Key = tuple[str, int]
+
+_TS = operator.itemgetter(CallEvent._fields.index("ts"))
+_CALL_ID = operator.itemgetter(CallEvent._fields.index("call_id"))
+_SERIAL = operator.itemgetter(CallEvent._fields.index("serial"))
 
 
 def _compiled(name: str) -> Callable[..., Any] | None:
@@ -195,6 +201,9 @@ class Intake:
         senders), in one loop: a decoded report is its own record and keyed by
         (call_id, serial); a quarantined one goes through `offer` with
         `record_of(item)`. The same batch, waiting set and counters as `offer`."""
+        items = list(items)
+        if self._take_all_new(items):
+            return
         seen, waiting, batch, stats = self._seen_keys, self._waiting, self.open, self.stats
         records, keys = batch.records, batch.keys
         for item in items:
@@ -214,6 +223,33 @@ class Intake:
             waiting[key] = [None, None]
             if item.ts > self._latest_ts:
                 self._latest_ts = item.ts
+
+    def _take_all_new(self, items: list[CallEvent | Reject]) -> bool:
+        """The usual run of rows read from a file, taken whole with no Python per row
+        (a tenth of the reading process's time went to the loop in `offer_read`):
+        each a decoded report, none a copy of a stored or waiting one or of another
+        in the run, and room for them all. False, with nothing taken, otherwise."""
+        if not items or set(map(type, items)) != {CallEvent}:
+            return False
+        run = dict.fromkeys(zip(map(_CALL_ID, items), map(_SERIAL, items), strict=True))
+        waiting = self._waiting
+        if (
+            len(run) != len(items)
+            or len(waiting) + len(run) > self.max_pending
+            or not self._seen_keys.isdisjoint(run)
+            or not waiting.keys().isdisjoint(run)
+        ):
+            return False
+        batch = self.open
+        batch.records.extend(items)
+        batch.keys.extend(run)
+        # [answer, reply-to]: none for a row read from a file.
+        waiting.update(zip(run, map(list, itertools.repeat((None, None), len(run))), strict=True))
+        self.next_seq += len(items)
+        latest = max(map(_TS, items))
+        if latest > self._latest_ts:
+            self._latest_ts = latest
+        return True
 
     def take_usual(
         self,

@@ -326,14 +326,21 @@ _READ_ITEMS = st.lists(
 )
 
 
-@given(items=_READ_ITEMS, stored=st.sets(st.integers(0, 5), max_size=3), room=st.integers(1, 8))
-@settings(max_examples=300, deadline=None)
+@given(
+    items=_READ_ITEMS,
+    stored=st.sets(st.integers(0, 5), max_size=3),
+    room=st.integers(1, 40),
+    split=st.integers(0, 30),
+)
+@settings(max_examples=400, deadline=None)
 def test_offering_rows_read_at_once_is_offering_each(
-    items: list[CallEvent | Reject], stored: set[int], room: int
+    items: list[CallEvent | Reject], stored: set[int], room: int, split: int
 ) -> None:
-    # Replay offers a batch of rows in one loop; it must take what offering them one
-    # by one takes: duplicates (stored already, or earlier in the batch), quarantined
-    # rows with and without a key, and a full intake.
+    # Replay offers a batch of rows at once (in two runs here: the second meets the
+    # first's keys still waiting for their commit); it must take what offering them
+    # one by one takes: duplicates (stored already, waiting, or earlier in the run),
+    # quarantined rows with and without a key, and a full intake. Runs of new
+    # reports only are taken whole, the rest row by row.
     from engine.ingest import Intake, SeenReports
     from engine.lake import record_of
     from engine.stats import Stats
@@ -344,7 +351,9 @@ def test_offering_rows_read_at_once_is_offering_each(
         seen.add_batch([(f"c{n}", 1) for n in stored], 1.0)
         intake = Intake(Stats(), seen, max_pending=room, unkeyed_per_minute=3)
         if at_once:
-            intake.offer_read(items, record_of)
+            first = split % (len(items) + 1)
+            intake.offer_read(items[:first], record_of)
+            intake.offer_read(iter(items[first:]), record_of)
         else:
             for item in items:
                 intake.offer(item.key, None, record_of(item), item.ts)

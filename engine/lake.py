@@ -181,6 +181,11 @@ def frames_of(batches: Iterable[tuple[int, Sequence[Item]]]) -> dict[str, pl.Dat
     reject_seqs: list[int] = []
     rejects: list[Reject] = []
     for first_seq, items in batches:
+        if set(map(type, items)) == {CallEvent}:
+            # The usual batch, reports only: taken whole, no Python per report.
+            event_seqs.extend(range(first_seq, first_seq + len(items)))
+            events.extend(cast(Sequence[CallEvent], items))
+            continue
         for offset, item in enumerate(items):
             if type(item) is CallEvent:
                 event_seqs.append(first_seq + offset)

@@ -9,6 +9,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -200,8 +201,9 @@ def test_compiled_and_python_builds_read_each_others_snapshots(
 
 
 def test_a_tracker_saved_with_its_deadlines_as_tuples_carries_on() -> None:
-    # Snapshots taken before the heap held floats keep (deadline, call_id) pairs; such
-    # a tracker, restored, finishes the same calls at the same moments.
+    # Snapshots taken before the heap held floats keep (deadline, call_id) pairs, and
+    # the finished call ids in an OrderedDict; such a tracker, restored, finishes the
+    # same calls at the same moments and knows the same late reports.
     def fed() -> calls.CallTracker:
         tracker = calls.CallTracker(settle_s=3.0, ring_timeout_s=30.0)
         tracker.observe(_report(1.0, "a", 1, CallState.RINGING))
@@ -220,6 +222,7 @@ def test_a_tracker_saved_with_its_deadlines_as_tuples_carries_on() -> None:
         for d, ids in due.items()
         for call_id in ([ids] if isinstance(ids, str) else ids)
     )
+    state["_finished"] = OrderedDict(state["_finished"])
     restored = calls.CallTracker()
     restored.__setstate__(state)
     tracker = fed()
@@ -229,7 +232,24 @@ def test_a_tracker_saved_with_its_deadlines_as_tuples_carries_on() -> None:
         finished = [(c.call_id, c.outcome) for c in tracker.advance(now)]
         assert [(c.call_id, c.outcome) for c in restored.advance(now)] == finished
     assert list(restored.open) == list(tracker.open) == ["n20000.0"]
-    assert restored.stats == tracker.stats
+    for late in (restored, tracker):
+        assert late.observe(_report(20_001.0, "b", 3, CallState.HANGUP)) is None
+    assert restored.stats == tracker.stats and tracker.stats.late_reports == 1
+    assert type(restored._finished) is dict and restored._finished == tracker._finished
+
+
+def test_finished_call_ids_are_remembered_up_to_the_bound() -> None:
+    tracker = calls.CallTracker(settle_s=1.0, remember_finished=32)
+    for n in range(100):
+        tracker.observe(_report(float(n), f"c{n:03d}", 1, CallState.HANGUP))
+    tracker.advance(200.0)
+    # At most a sixteenth over the bound, the newest kept in the order they finished.
+    assert 32 <= len(tracker._finished) <= 34
+    assert list(tracker._finished)[-32:] == [f"c{n:03d}" for n in range(68, 100)]
+    assert tracker.observe(_report(201.0, "c099", 2, CallState.HANGUP)) is None
+    assert tracker.stats.late_reports == 1
+    # A call forgotten long ago is a new call again.
+    assert tracker.observe(_report(201.0, "c000", 2, CallState.HANGUP)) is not None
 
 
 def test_calls_due_at_the_same_moment_finish_in_call_id_order() -> None:

@@ -610,3 +610,21 @@ def test_generated_selections_mean_what_their_conditions_say(
         for selection, want in zip(selections, wanted, strict=True):
             assert compile_selection(selection, lists)(call) is want  # type: ignore[arg-type]
         assert group.selected(call) == [r for r, w in zip(rules, wanted, strict=True) if w]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("op", [">=", ">", "<=", "<"])
+def test_a_condition_holds_as_its_operator_says(op: str) -> None:
+    spec = RuleSpec.model_validate(
+        {
+            "id": "r",
+            "title": "t",
+            "severity": "low",
+            "aggregate": {"type": "count", "group_by": "caller", "window": 60},
+            "condition": {"op": op, "threshold": 5},
+        }
+    )
+    rule = CompiledRule(spec, {}, source="t", version="t", max_keys=10)
+    expected = {">=": [False, True, True], ">": [False, False, True]}.get(op)
+    if expected is None:
+        expected = {"<=": [True, True, False], "<": [True, False, False]}[op]
+    assert [rule.holds(value) for value in (4.999, 5.0, 5.001)] == expected

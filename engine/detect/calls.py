@@ -18,12 +18,19 @@ import heapq
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from engine.detect.windows import Snapshotted, Timestamp
 from engine.events import CallEvent, CallState
 
 OUTCOMES = ("answered", "unanswered", "abandoned", "timed_out", "in_progress")
+
+# Final: compiled, each is a C static, where `CallState.RINGING` or `heapq.heappush`
+# was a lookup in the module's namespace and another on the class or module.
+_RINGING: Final = CallState.RINGING
+_ANSWERED: Final = CallState.ANSWERED
+_heappush: Final = heapq.heappush
+_heappop: Final = heapq.heappop
 
 
 @dataclass(slots=True)
@@ -288,7 +295,8 @@ class CallTracker(Snapshotted):
         self._due: dict[float, str | list[str]] = {}
         # Open calls per caller, in the order they started (dicts keep insertion order).
         self._by_caller: dict[str, dict[str, Call]] = {}
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        # Insertion order is age: the oldest are forgotten first (see `_finish`).
+        self._finished: dict[str, None] = {}
         # Calls finished early for the bound, handed out by the next `advance`.
         self.evicted: list[Call] = []
         self.now = 0.0
@@ -306,6 +314,9 @@ class CallTracker(Snapshotted):
                 else:
                     earlier.append(call_id)
             state = {**state, "deadlines": sorted(due), "_due": due}
+        if type(state["_finished"]) is OrderedDict:
+            # Snapshots from before the plain dict: the same ids in the same order.
+            state = {**state, "_finished": dict(state["_finished"])}
         super().__setstate__(state)
 
     def open_calls(
@@ -357,11 +368,11 @@ class CallTracker(Snapshotted):
         if ts < call.started_at:
             call.started_at = ts
         state = event.state
-        if state is CallState.RINGING:
+        if state is _RINGING:
             if call.ringing_at is None or ts < call.ringing_at:
                 call.ringing_at = ts
                 call.ring_code = event.code
-        elif state is CallState.ANSWERED:
+        elif state is _ANSWERED:
             if call.answered_at is None or ts < call.answered_at:
                 call.answered_at = ts
                 call.answer_serial = event.serial
@@ -417,7 +428,7 @@ class CallTracker(Snapshotted):
         due = self._due.get(deadline)
         if due is None:
             self._due[deadline] = call_id
-            heapq.heappush(self.deadlines, deadline)
+            _heappush(self.deadlines, deadline)
         elif isinstance(due, str):
             self._due[deadline] = [due, call_id]
         else:
@@ -432,7 +443,7 @@ class CallTracker(Snapshotted):
             finished, self.evicted = self.evicted, []
         deadlines = self.deadlines
         while deadlines and deadlines[0] <= self.now:
-            deadline = heapq.heappop(deadlines)
+            deadline = _heappop(deadlines)
             due = self._due.pop(deadline, None)
             if due is None:
                 continue  # its call ended sooner (see `_schedule`)
@@ -461,8 +472,13 @@ class CallTracker(Snapshotted):
             call.outcome = (
                 "abandoned" if ring is not None and ring < self.abandon_s else "unanswered"
             )
-        self._finished[call.call_id] = None
-        if len(self._finished) > self.remember_finished:
-            self._finished.popitem(last=False)
+        finished = self._finished
+        finished[call.call_id] = None
+        if len(finished) > self.remember_finished + self.remember_finished // 16:
+            # The oldest sixteenth at once: a plain dict costs half an OrderedDict's
+            # upkeep per call, and finding its oldest keys walks past the holes that
+            # earlier deletions left, so do it rarely.
+            for old in list(itertools.islice(finished, len(finished) - self.remember_finished)):
+                del finished[old]
         self.stats.calls_finished += 1
         return call

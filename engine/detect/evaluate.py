@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, cast
 
-from engine.detect.calls import Call
+from engine.detect.calls import Call, CallTracker
 from engine.detect.schema import FieldName, Matcher, RuleSpec
 from engine.detect.windows import (
     CountState,
@@ -202,7 +202,9 @@ class CompiledRule:
         self._entity_index = ("caller", "menu_id", "forward", "callee").index(self.entity_field)
         self.window_s = aggregate.window or 0.0
         self.compare = OPS[spec.condition.op]
-        self.threshold = spec.condition.threshold
+        # The same comparison by number, made in `holds` without a call per finding.
+        self._op = tuple(OPS).index(spec.condition.op)
+        self.threshold: float = spec.condition.threshold
         self.exceptions: list[tuple[frozenset[str], date | None]] = [
             (frozenset(e.values) | (lists[e.list_] if e.list_ else frozenset()), e.expires)
             for e in spec.exceptions
@@ -262,7 +264,7 @@ class CompiledRule:
         self,
         call: Call,
         ts: Timestamp,
-        open_calls: Callable[[str, float], list[Call]],
+        tracker: CallTracker,
         quiet: Callable[[str, str, float], bool] = _never_quiet,
     ) -> Finding | None:
         """The finding a call this rule selects makes, if any (`RuleGroup.selected`
@@ -273,7 +275,7 @@ class CompiledRule:
         if not entity:
             return None
         if self.concurrent:
-            return self._concurrent(call, entity, ts, open_calls, quiet)
+            return self._concurrent(call, entity, ts, tracker, quiet)
         # The entity's state, made the most recently used (KeyedState.get, inlined:
         # this runs for every selected call of every rule).
         keyed = self.state
@@ -297,7 +299,7 @@ class CompiledRule:
         state.add(ts, call.call_id, item)
         state.leave_until(ts - self.window_s)
         measured = self._measure(state, call)
-        if measured is None or not self.compare(measured, self.threshold):
+        if measured is None or not self.holds(measured):
             return None
         if quiet(self.id, entity, ts) or self.excepted(entity, ts):
             return None
@@ -311,7 +313,7 @@ class CompiledRule:
         call: Call,
         entity: str,
         ts: float,
-        open_calls: Callable[[str, float], list[Call]],
+        tracker: CallTracker,
         quiet: Callable[[str, str, float], bool],
     ) -> Finding | None:
         # In progress right now, from the call tracker's open calls (no counters to
@@ -319,15 +321,26 @@ class CompiledRule:
         if quiet(self.id, entity, ts):
             return None
         since = ts - self.window_s if self.window_s else float("-inf")
-        live = open_calls(entity, since)
+        live = tracker.open_calls(entity, since)
         value = float(len(live))
-        if not self.compare(value, self.threshold) or self.excepted(entity, ts):
+        if not self.holds(value) or self.excepted(entity, ts):
             return None
         if self.gate is not None and not self.gate(call):
             return None
         start = min(c.started_at for c in live) if live else ts
         evidence = [c.call_id for c in reversed(live[:200])]
         return Finding(self, entity, ts, start, ts, value, evidence)
+
+    def holds(self, value: float) -> bool:
+        """The condition (`op` against `threshold`) holds for a measured value."""
+        op = self._op
+        if op == 0:
+            return value >= self.threshold
+        if op == 1:
+            return value > self.threshold
+        if op == 2:
+            return value <= self.threshold
+        return value < self.threshold
 
     # What each aggregate measures once the call is in the window; None: not yet
     # enough to judge.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
@@ -21,6 +21,9 @@ from models.base import ModelFinding
 from models.registry import carry_over, model_logic
 
 log = logging.getLogger(__name__)
+
+# A C static when compiled, not a lookup in the module's namespace per report.
+_CALL_EVENT: Final = CallEvent
 
 
 @dataclass
@@ -98,10 +101,9 @@ class Pipeline:
     def feed(self, items: Iterable[CallEvent | Reject]) -> Output:
         output = Output()
         tracker = self.tracker
-        observe = tracker.observe
         deadlines = tracker.deadlines
         for item in items:
-            if type(item) is not CallEvent:
+            if type(item) is not _CALL_EVENT:
                 continue
             event: CallEvent = item
             ts = event.ts
@@ -110,7 +112,9 @@ class Pipeline:
             # models' cost more than the report itself.
             if ts > self.now or (deadlines and deadlines[0] <= self.now) or tracker.evicted:
                 self._advance(ts, output)
-            started = observe(event)
+            # Called on the tracker, not through a bound method kept in a local:
+            # compiled, that is a direct call rather than a Python one.
+            started = tracker.observe(event)
             if started is not None and self._on_start.rules:
                 self._evaluate(self._on_start, started, ts, output)
         return output
@@ -170,9 +174,9 @@ class Pipeline:
     def _evaluate(self, group: RuleGroup, call: Call, ts: Timestamp, output: Output) -> None:
         if group.unstarted:
             group.start(ts)
-        open_calls, quiet = self.tracker.open_calls, self.alerts.quiet
+        tracker, quiet = self.tracker, self.alerts.quiet
         for rule in group.selected(call):
-            finding = rule.evaluate(call, ts, open_calls, quiet)
+            finding = rule.evaluate(call, ts, tracker, quiet)
             if finding is None:
                 continue
             alert = self.alerts.offer(finding)

@@ -20,15 +20,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Hashable
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 S = TypeVar("S")
 
 # Up to this many entries a distinct count is counted afresh when asked (cheap),
 # beyond it kept up to date in a dict.
-_SMALL_WINDOW = 16
-# A tuple, not `int | float`: that makes a new union object at every call.
-_NUMBERS = (int, float)
+_SMALL_WINDOW: Final = 16
 # An entry's time as it was given (a float object), typed so: compiled by mypyc, a
 # `float` parameter is unboxed, and storing it again makes a float object per window
 # entry; as given, every window that takes a call shares the one object (24 bytes a
@@ -151,7 +149,7 @@ class ValueEntries(Entries):
             self.entries, self.values = [ts, call_id], [value]
         if value is True:
             self.hits += 1
-        elif isinstance(value, _NUMBERS) and not isinstance(value, bool):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             self.total += value
         if self.counts is not None:
             self.counts[value] = self.counts.get(value, 0) + 1
@@ -160,7 +158,7 @@ class ValueEntries(Entries):
         value = self.values[index]
         if value is True:
             self.hits -= 1
-        elif isinstance(value, _NUMBERS) and not isinstance(value, bool):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             self.total -= value
         counts = self.counts
         if counts is not None:

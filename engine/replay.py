@@ -165,7 +165,8 @@ def replay(
         if items:
             # End of input: move event time past the last Bye's settling time, as a
             # quiet switch's ticks would, so the calls that ended are finished.
-            until = max(item.ts for item in items) + settings.detection.settle_s
+            # The rows are in event-time order: the last is the latest.
+            until = items[-1].ts + settings.detection.settle_s
             store.commit(TICK, 0, tick_payload(until))
             segment = store.seal()
             if segment is not None:

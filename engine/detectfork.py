@@ -23,12 +23,15 @@ import gc
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
+import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
 from collections.abc import Sequence
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,39 @@ def rows_of(rows: Sequence[Item], spec: tuple[int, int, int, bytes]) -> list[Ite
     ]
 
 
+class _Outbox:
+    """The child's answers, written to the pipe by a thread of their own: a segment's
+    calls are about a megabyte, more than the pipe holds, and written from the main
+    thread they kept detection waiting until the parent, busy with the lake, read
+    them (a tenth of the child's time). Pickled here, in order; sent in order."""
+
+    def __init__(self, conn: mp.connection.Connection) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._send_all, name="answers", daemon=True)
+        self._thread.start()
+
+    def send(self, message: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put(bytes(ForkingPickler.dumps(message)))
+
+    def close(self) -> None:
+        """Wait until everything posted is written (or the parent is gone)."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _send_all(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self.error is not None:
+                continue  # the parent is gone: drop the rest, let close() return
+            try:
+                self._conn.send_bytes(data)
+            except OSError as error:
+                self.error = error
+
+
 def _serve(
     conn: mp.connection.Connection,
     pipeline: Pipeline,
@@ -95,40 +131,53 @@ def _serve(
     """The child: detect segment after segment until told to stop (None) or orphaned."""
     # Ctrl-C reaches the whole process group; the parent decides, and closes the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    outbox = _Outbox(conn)
     try:
-        while True:
-            try:
-                message = conn.recv()
-            except EOFError:
-                return
-            if message is None:
-                return
-            if message[0] == "detect":
-                _, number, specs = message
-                output = Output()
-                for spec in specs:
-                    if isinstance(spec, float):
-                        output.extend(pipeline.advance(spec))
-                    else:
-                        output.extend(pipeline.feed(rows_of(rows, spec)))
-                conn.send(("detected", number, call_columns(output.calls), output.alerts))
-            elif message[0] == "snapshot":
-                _, position = message
-                if snapshot_file is None:
-                    conn.send(("saved", None, "no snapshot file"))
-                    continue
-                started = time.monotonic()
-                try:
-                    size = snapshot_save(
-                        snapshot_file, Snapshot(position, pipeline.state(), time.time())
-                    )
-                except OSError as error:
-                    conn.send(("saved", None, str(error)))
-                    continue
-                conn.send(("saved", size, (time.monotonic() - started, position.seq)))
+        _detect_segments(conn, outbox, pipeline, rows, snapshot_file)
     except BaseException:
         with contextlib.suppress(OSError):
-            conn.send(("failed", traceback.format_exc()))
+            outbox.send(("failed", traceback.format_exc()))
+    finally:
+        outbox.close()
+
+
+def _detect_segments(
+    conn: mp.connection.Connection,
+    outbox: _Outbox,
+    pipeline: Pipeline,
+    rows: Sequence[Item],
+    snapshot_file: Path | None,
+) -> None:
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        if message[0] == "detect":
+            _, number, specs = message
+            output = Output()
+            for spec in specs:
+                if isinstance(spec, float):
+                    output.extend(pipeline.advance(spec))
+                else:
+                    output.extend(pipeline.feed(rows_of(rows, spec)))
+            outbox.send(("detected", number, call_columns(output.calls), output.alerts))
+        elif message[0] == "snapshot":
+            _, position = message
+            if snapshot_file is None:
+                outbox.send(("saved", None, "no snapshot file"))
+                continue
+            started = time.monotonic()
+            try:
+                size = snapshot_save(
+                    snapshot_file, Snapshot(position, pipeline.state(), time.time())
+                )
+            except OSError as error:
+                outbox.send(("saved", None, str(error)))
+                continue
+            outbox.send(("saved", size, (time.monotonic() - started, position.seq)))
 
 
 class DetectionProcess:

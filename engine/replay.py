@@ -158,7 +158,10 @@ def replay(
             intake.durable(batch)
             segment = store.seal()
             if segment is not None:
-                stored = [r if type(r) is CallEvent else item_of(r) for r in batch.records]
+                if set(map(type, batch.records)) == {CallEvent}:
+                    stored = batch.records  # reports only, the usual batch
+                else:
+                    stored = [r if type(r) is CallEvent else item_of(r) for r in batch.records]
                 skipped = skipped_bitmap(rows, stored)
                 spec = (batch.first_seq, start, start + len(rows), skipped)
                 hand_over(segment, [(batch.first_seq, stored)], [spec])

@@ -17,7 +17,15 @@ from hypothesis import strategies as st
 
 from engine.codec import Vos3000TextCodec
 from engine.detect.calls import CallTracker
-from engine.detect.evaluate import CompiledRule, RuleGroup, compile_selection, selection_tests
+from engine.detect.evaluate import (
+    EQ,
+    FIELDS,
+    CompiledRule,
+    RuleGroup,
+    Selector,
+    compile_selection,
+    selection_tests,
+)
 from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
 from engine.detect.schema import Matcher, RuleSpec
@@ -552,13 +560,6 @@ _MATCHERS = st.lists(
 ).map(lambda pairs: Matcher.model_validate(dict(pairs)))
 
 
-class _Facts:
-    """Stands for a call: the selection reads its fields as attributes."""
-
-    def __init__(self, values: dict[str, object]) -> None:
-        self.__dict__.update(values)
-
-
 @given(
     selections=st.lists(
         st.dictionaries(
@@ -599,17 +600,44 @@ def test_generated_selections_mean_what_their_conditions_say(
         assert compiled.tests == selection_tests(selection, lists)
         return compiled
 
+    def fields(selector: Selector, values: dict[str, object]) -> list[object]:
+        # What `selector.values_of(call)` gives for a call with these field values.
+        return [values[FIELDS[field]] for field in selector.fields]
+
     rules = [rule(number, selection) for number, selection in enumerate(selections)]
     group = RuleGroup(rules)
     for values in facts:
-        call = _Facts(values)
         wanted = [
             all(_reference(m, lists, values[name]) for name, m in selection.items())
             for selection in selections
         ]
         for selection, want in zip(selections, wanted, strict=True):
-            assert compile_selection(selection, lists)(call) is want  # type: ignore[arg-type]
-        assert group.selected(call) == [r for r, w in zip(rules, wanted, strict=True) if w]  # type: ignore[arg-type]
+            one = compile_selection(selection, lists)
+            assert one.select(fields(one, values)) == ([True] if want else [])
+        chosen = group.selector.select(fields(group.selector, values))
+        assert chosen == [r for r, w in zip(rules, wanted, strict=True) if w]
+
+
+def test_a_selector_reads_each_field_of_a_call_as_it_is() -> None:
+    tracker = CallTracker(settle_s=1.0, abandon_s=5.0)
+    reports = [
+        (0.0, "a", 1, CallState.RINGING, "8613800000001", "0900123", "44207000"),
+        (4.0, "a", 2, CallState.ANSWERED, "8613800000001", "0900123", "44207000"),
+        (9.5, "a", 3, CallState.HANGUP, "8613800000001", "0900123", "44207000"),
+        (1.0, "b", 1, CallState.RINGING, "8613800000002", "4008001000", ""),
+        (3.0, "b", 2, CallState.HANGUP, "8613800000002", "4008001000", ""),
+        (2.0, "c", 1, CallState.RINGING, "8613800000003", "4008001000", ""),
+    ]
+    for ts, call_id, serial, state, caller, callee, forward in reports:
+        tracker.observe(
+            CallEvent(ts, call_id, serial, state, 183, caller, callee, forward, "7", "Main", "t")
+        )
+    calls = tracker.advance(1_000.0)
+    assert {c.outcome for c in calls} == {"answered", "abandoned", "timed_out"}
+    every = Selector([(True, [(name, EQ, None) for name in FIELDS])])
+    assert every.fields == list(range(len(FIELDS)))
+    for call in calls:
+        assert every.values_of(call) == [getattr(call, name) for name in FIELDS]
 
 
 @pytest.mark.parametrize("op", [">=", ">", "<=", "<"])

@@ -1,4 +1,4 @@
-"""Rules compiled for evaluation: selections as generated Python, aggregates over
+"""Rules compiled for evaluation: selections tested field by field, aggregates over
 each entity's sliding window, and the findings they make.
 
 This module, the windows and the call tracker are the detection's hot path: setup.py
@@ -13,7 +13,7 @@ import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from engine.detect.calls import Call, CallTracker
 from engine.detect.schema import FieldName, Matcher, RuleSpec
@@ -49,66 +49,100 @@ class Finding:
     evidence: list[str]
 
 
-# Each condition of a matcher as a Python expression on `v` (the field's value), the
-# names c0, c1, ... standing for its constants. A missing number (an unanswered call's
-# talk_s) never satisfies a comparison; every expression is a bool.
-_NUMBER = "isinstance(v, (int, float)) and not isinstance(v, bool) and "
+# What a condition tests, by number (see `Condition.holds`): Final, so compiled
+# these are constants in the C.
+IN: Final = 0
+NOT_IN: Final = 1
+PREFIX: Final = 2
+PREFIX_NOT_EMPTY: Final = 3
+NOT_PREFIX: Final = 4
+LT: Final = 5
+LE: Final = 6
+GT: Final = 7
+GE: Final = 8
+EQ: Final = 9
+NE: Final = 10
+EMPTY: Final = 11
 
 
-def _conditions(matcher: Matcher, lists: Mapping[str, frozenset[str]]) -> list[tuple[str, object]]:
-    """(expression with `{c}` where its constant goes, constant), in the order tested."""
-    found: list[tuple[str, object]] = []
+def _conditions(matcher: Matcher, lists: Mapping[str, frozenset[str]]) -> list[tuple[int, Any]]:
+    """(what is tested, constant), in the order tested."""
+    found: list[tuple[int, Any]] = []
     if matcher.in_ is not None:
-        found.append(("v in {c}", frozenset(matcher.in_)))
+        found.append((IN, frozenset(matcher.in_)))
     if matcher.not_in is not None:
-        found.append(("v not in {c}", frozenset(matcher.not_in)))
+        found.append((NOT_IN, frozenset(matcher.not_in)))
     if matcher.in_list is not None:
-        found.append(("v in {c}", lists[matcher.in_list]))
+        found.append((IN, lists[matcher.in_list]))
     if matcher.not_in_list is not None:
-        found.append(("v not in {c}", lists[matcher.not_in_list]))
+        found.append((NOT_IN, lists[matcher.not_in_list]))
     if matcher.prefix is not None:
-        found.append(("isinstance(v, str) and v.startswith({c})", tuple(matcher.prefix)))
+        found.append((PREFIX, tuple(matcher.prefix)))
     if matcher.prefix_list is not None:
-        found.append(
-            (
-                'isinstance(v, str) and v != "" and v.startswith({c})',
-                tuple(sorted(lists[matcher.prefix_list])),
-            )
-        )
+        found.append((PREFIX_NOT_EMPTY, tuple(sorted(lists[matcher.prefix_list]))))
     if matcher.not_prefix_list is not None:
-        found.append(
-            (
-                "not (isinstance(v, str) and v.startswith({c}))",
-                tuple(sorted(lists[matcher.not_prefix_list])),
-            )
-        )
-    for name, op in (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">=")):
+        found.append((NOT_PREFIX, tuple(sorted(lists[matcher.not_prefix_list]))))
+    for name, kind in (("lt", LT), ("le", LE), ("gt", GT), ("ge", GE)):
         bound = getattr(matcher, name)
         if bound is not None:
-            found.append((_NUMBER + "v " + op + " {c}", bound))
+            found.append((kind, bound))
     if matcher.eq is not None:
-        found.append(("v == {c}", matcher.eq))
+        found.append((EQ, matcher.eq))
     if matcher.ne is not None:
-        found.append(("v != {c}", matcher.ne))
+        found.append((NE, matcher.ne))
     if matcher.empty is not None:
-        found.append(("(v in ('', None)) == {c}", matcher.empty))
+        found.append((EMPTY, matcher.empty))
     return found
-
-
-def _always(call: object) -> bool:
-    # Any object: compiled, a `Call` here would be checked on every call.
-    return True
 
 
 def _never_quiet(rule_id: str, entity: str, ts: float) -> bool:
     return False
 
 
-_CALL_FIELDS = frozenset(FieldName.__args__)  # type: ignore[attr-defined]
+# The call fields a selection may test (the schema's FieldName), in the order
+# `field_of` numbers them.
+FIELDS: tuple[str, ...] = (
+    "caller",
+    "callee",
+    "forward",
+    "menu_id",
+    "menu_name",
+    "outcome",
+    "ring_s",
+    "talk_s",
+    "answered",
+    "ring_code",
+)
+if set(FIELDS) != set(FieldName.__args__):  # type: ignore[attr-defined]
+    raise RuntimeError("evaluate.FIELDS and schema.FieldName name different fields")
 
-# One condition of a selection: the call's field, an expression on its value `v` with
-# `{c}` where the constant goes, and the constant.
-Test = tuple[str, str, object]
+
+def field_of(call: Call, index: int) -> object:
+    """A call's field by number: compiled, a read at a fixed offset (or a compiled
+    property), where getattr looks the name up every time."""
+    if index == 0:
+        return call.caller
+    if index == 1:
+        return call.callee
+    if index == 2:
+        return call.forward
+    if index == 3:
+        return call.menu_id
+    if index == 4:
+        return call.menu_name
+    if index == 5:
+        return call.outcome
+    if index == 6:
+        return call.ring_s
+    if index == 7:
+        return call.talk_s
+    if index == 8:
+        return call.answered
+    return call.ring_code
+
+
+# One condition of a selection: the call's field, what is tested, and the constant.
+Test = tuple[str, int, Any]
 
 
 def selection_tests(
@@ -116,58 +150,98 @@ def selection_tests(
 ) -> list[Test]:
     tests: list[Test] = []
     for name, matcher in selection.items():
-        if name not in _CALL_FIELDS:
+        if name not in FIELDS:
             raise ValueError(f"selection on unknown field {name!r}")
-        for expression, constant in _conditions(matcher, lists):
-            tests.append((name, expression, constant))
+        for kind, constant in _conditions(matcher, lists):
+            tests.append((name, kind, constant))
     return tests
 
 
-def _generated(source: list[str], namespace: dict[str, Any], name: str) -> Any:
-    """A function from generated source. Selections are written out as Python: they
-    run for every rule on every call, and a loop over one closure per condition cost
-    four times as much as the same tests written out. Only field names (checked
-    against the schema's) and placeholders go into the source; every value from a
-    rule file is a constant in `namespace`."""
-    exec(compile("\n".join(source), f"<rule {name}>", "exec"), namespace)
-    return namespace[name]
+class Condition:
+    """One test of one field's value. A missing number (an unanswered call's talk_s)
+    never satisfies a comparison."""
+
+    def __init__(self, slot: int, kind: int, constant: Any) -> None:
+        self.slot = slot  # where the value is in `Selector.values_of`
+        self.kind = kind
+        self.constant: Any = constant
+        self.members: frozenset[object] = constant if kind in (IN, NOT_IN) else frozenset()
+        self.prefixes: tuple[str, ...] = (
+            constant if kind in (PREFIX, PREFIX_NOT_EMPTY, NOT_PREFIX) else ()
+        )
+
+    def holds(self, v: Any) -> bool:
+        kind = self.kind
+        if kind == IN:
+            return v in self.members
+        if kind == NOT_IN:
+            return v not in self.members
+        if kind == PREFIX:
+            return isinstance(v, str) and v.startswith(self.prefixes)
+        if kind == PREFIX_NOT_EMPTY:
+            return isinstance(v, str) and v != "" and v.startswith(self.prefixes)
+        if kind == NOT_PREFIX:
+            return not (isinstance(v, str) and v.startswith(self.prefixes))
+        if kind <= GE:
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                return False
+            if kind == LT:
+                return bool(v < self.constant)
+            if kind == LE:
+                return bool(v <= self.constant)
+            if kind == GT:
+                return bool(v > self.constant)
+            return bool(v >= self.constant)
+        if kind == EQ:
+            return bool(v == self.constant)
+        if kind == NE:
+            return bool(v != self.constant)
+        return bool((v in ("", None)) == self.constant)
 
 
-def _tests_source(
-    tests: list[Test], constants: dict[str, object], indent: str, *, nested: bool
-) -> tuple[list[str], str]:
-    """Source testing `tests` in order: nested `if`s (the last indent is where code
-    runs when all hold), or guard clauses returning False."""
-    lines: list[str] = []
-    field_loaded = None
-    for name, expression, constant in tests:
-        if name != field_loaded:
-            lines.append(f"{indent}v = call.{name}")
-            field_loaded = name
-        placeholder = f"c{len(constants)}"
-        constants[placeholder] = constant
-        test = expression.format(c=placeholder)
-        if nested:
-            lines.append(f"{indent}if {test}:")
-            indent += "    "
-        else:
-            lines.append(f"{indent}if not ({test}):")
-            lines.append(f"{indent}    return False")
-    return lines, indent
+class Selector:
+    """Which of several rules a call's fields select (each rule's tests all hold),
+    tested in compiled code. Selections were generated Python until this: as Python,
+    asking each rule in turn cost a method call per rule per call; generated, they
+    were the one interpreted part of detection's hot path (a tenth of it)."""
+
+    def __init__(self, rules: list[tuple[Any, list[Test]]]) -> None:
+        # Only the fields some test reads, each read once per call.
+        self.fields: list[int] = sorted(
+            {FIELDS.index(name) for _, tests in rules for name, _, _ in tests}
+        )
+        slot = {field: index for index, field in enumerate(self.fields)}
+        self.rules: list[Any] = [rule for rule, _ in rules]
+        self.conditions: list[list[Condition]] = [
+            [Condition(slot[FIELDS.index(name)], kind, constant) for name, kind, constant in tests]
+            for _, tests in rules
+        ]
+
+    def values_of(self, call: Call) -> list[object]:
+        return [field_of(call, field) for field in self.fields]
+
+    def select(self, values: list[object]) -> list[Any]:
+        """The rules whose tests all hold for these values (as `values_of` gives them)."""
+        found: list[Any] = []
+        for index, conditions in enumerate(self.conditions):
+            for condition in conditions:
+                if not condition.holds(values[condition.slot]):
+                    break
+            else:
+                found.append(self.rules[index])
+        return found
+
+    def takes(self, call: Call) -> bool:
+        """For a selector of one rule: whether it selects the call."""
+        return bool(self.select(self.values_of(call)))
 
 
 def compile_selection(
     selection: Mapping[Any, Matcher], lists: Mapping[str, frozenset[str]]
-) -> Callable[[Call], bool]:
-    """One function testing every condition in turn, stopping at the first that fails."""
-    tests = selection_tests(selection, lists)
-    if not tests:
-        return _always
-    constants: dict[str, object] = {}
-    body, _ = _tests_source(tests, constants, "    ", nested=False)
-    source = ["def match(call):", *body, "    return True"]
-    match: Callable[[Call], bool] = _generated(source, dict(constants), "match")
-    return match
+) -> Selector:
+    """A selector of one rule: `takes(call)` tests every condition in turn, stopping
+    at the first that fails."""
+    return Selector([(True, selection_tests(selection, lists))])
 
 
 # The aggregates in the order `CompiledRule._measure` numbers them.
@@ -293,7 +367,7 @@ class CompiledRule:
             if item is None:
                 return None
         elif self.ratio:
-            item = bool(self.numerator(call))
+            item = self.numerator.takes(call)
         if self.spike:
             cast(SpikeState, state).baseline.observe(ts)
         state.add(ts, call.call_id, item)
@@ -427,26 +501,18 @@ class CompiledRule:
 
 class RuleGroup:
     """The rules that watch one kind of fact (finished calls, or calls starting), with
-    one generated function that returns those whose selection takes a call: asking
-    each rule in turn cost a method call per rule per call, and most rules select
-    few calls."""
+    one selector that returns those whose selection takes a call: most rules select
+    few calls, and asking each rule in turn cost a method call per rule per call."""
 
     def __init__(self, rules: list[CompiledRule]) -> None:
         self.rules = rules
         # Rules that have not seen a call yet; each starts at the first it is asked about.
         self.unstarted = [rule for rule in rules if rule.started_at is None]
-        constants: dict[str, object] = {}
-        source = ["def selected(call):", "    found = []"]
-        for index, rule in enumerate(rules):
-            body, indent = _tests_source(rule.tests, constants, "    ", nested=True)
-            source.extend(body)
-            source.append(f"{indent}found.append(r{index})")
-        source.append("    return found")
-        namespace: dict[str, Any] = dict(constants)
-        namespace.update((f"r{index}", rule) for index, rule in enumerate(rules))
-        self.selected: Callable[[Call], list[CompiledRule]] = _generated(
-            source, namespace, "selected"
-        )
+        self.selector = Selector([(rule, rule.tests) for rule in rules])
+
+    def selected(self, call: Call) -> list[CompiledRule]:
+        selector = self.selector
+        return selector.select(selector.values_of(call))
 
     def start(self, ts: float) -> None:
         for rule in self.unstarted:

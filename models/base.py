@@ -54,6 +54,11 @@ class Model(Protocol):
 
     def advance(self, now: float) -> list[ModelFinding]: ...
 
+    def wakes_at(self) -> float:
+        """The event time from which `advance` may have work (it returns nothing
+        before): -inf when it may at any time, inf when it never has."""
+        ...
+
     def score(self, entity: str) -> float | None:
         """The latest score of `entity` (None before it has one)."""
         ...

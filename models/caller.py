@@ -343,6 +343,9 @@ class CallerModel:
     def advance(self, now: float) -> list[ModelFinding]:
         return []
 
+    def wakes_at(self) -> float:
+        return math.inf  # judged call by call, never on a step
+
     def score(self, entity: str) -> float | None:
         """The global model's score of the caller's recent mix, now (scored on demand:
         only rules that ask for it pay for it)."""

@@ -211,6 +211,9 @@ class MenuModel:
             self.next_step = at + step
         return findings
 
+    def wakes_at(self) -> float:
+        return -math.inf if self.next_step is None else self.next_step
+
     def _vector(self, state: _MenuState, at: float) -> dict[str, float] | None:
         traffic = state.traffic
         traffic.move_to(at, self.spec.window)

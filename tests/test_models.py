@@ -4,6 +4,7 @@ scores, and detection state that survives a restart (snapshots)."""
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import re
 import shutil
@@ -21,6 +22,7 @@ from engine.yamlfile import YamlFileError
 from models.base import ModelFinding, never_quiet
 from models.caller import CallerModel, surprise
 from models.menu import MenuModel
+from models.registry import ModelSet
 from models.spec import ModelSpec
 from tests.conftest import make_settings
 
@@ -293,6 +295,26 @@ def test_menu_model_flags_an_answer_share_collapse_but_not_volume_alone() -> Non
     assert collapse, "every call unanswered"
     assert "menu 1 (Main) looks unlike itself" in collapse[0]
     assert re.search(r"answer share 0\.[0-5]\d vs usual 0\.[89]\d \(-\d", collapse[0])
+
+
+def test_models_are_asked_to_advance_only_when_one_has_a_step_due() -> None:
+    caller = CallerModel(caller_spec(), "v1", max_keys=100)
+    menu = MenuModel(menu_spec(), "v1")
+    models = ModelSet([caller, menu])
+    assert caller.wakes_at() == math.inf and menu.wakes_at() == -math.inf
+    assert models.advance(T0) == [] and models.due == -math.inf, "no menu yet: no step"
+    menu.observe(call(1, T0, "861300000001", answered=True), no_evidence)
+    models.advance(T0 + 1)
+    step = menu.spec.step
+    assert models.due == menu.wakes_at() == math.floor((T0 + 1) / step) * step + step
+    # Before it, advance is nothing to do; from it, the menu steps as it always did.
+    before = menu.next_step
+    assert models.advance(models.due - 0.001) == [] and menu.next_step == before
+    models.advance(models.due)
+    assert menu.next_step == before + step and models.due == menu.next_step
+    # A model put in place (a restore, a reload) may be due sooner: ask again.
+    models.adopt_state_from(ModelSet([MenuModel(menu_spec(), "v1")]))
+    assert models.due == -math.inf
 
 
 # -- models in the pipeline -------------------------------------------------------------

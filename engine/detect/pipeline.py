@@ -7,6 +7,7 @@ Deterministic: its only clock is the event time of what it is fed, so live
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -95,6 +96,7 @@ class Pipeline:
             if saved is not None and saved[0] == model_logic(model.spec):
                 models[index] = carry_over(saved[1], model)
                 restored.append(model.spec.id)
+        self.rules.models.due = -math.inf  # the restored models say when they are due
         self._split_rules()  # which rules have started changed
         return restored
 
@@ -138,7 +140,7 @@ class Pipeline:
                 # for the calls behind its finding.
                 for model_finding in models.observe((call,), self.recent_calls, self.alerts.quiet):
                     self._raise_model(model_finding, output)
-        if models.models:
+        if models.models and self.now >= models.due:
             for model_finding in models.advance(self.now):
                 self._raise_model(model_finding, output)
         if self.now - self._last_housekeeping > 300:

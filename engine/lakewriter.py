@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import polars as pl
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -100,19 +101,21 @@ class DetectedSegment:
         return len(self.calls["call_id"])
 
 
-def calls_frame(columns: dict[str, list[Any]]) -> pl.DataFrame:
-    """The calls table from `call_columns` (times in microseconds)."""
-    return pl.DataFrame(
-        columns,
-        schema={
-            name: (pl.Int64 if dtype == pl.Datetime("us", "UTC") else dtype)
-            for name, dtype in CALL_SCHEMA.items()
-        },
-    ).with_columns(
-        pl.col(name).cast(pl.Datetime("us", "UTC"))
-        for name, dtype in CALL_SCHEMA.items()
-        if dtype == pl.Datetime("us", "UTC")
-    )
+def calls_frame(columns: dict[str, Any]) -> pl.DataFrame:
+    """The calls table from `call_columns` (texts as lists, numbers as doubles with
+    NaN for unknown, times in epoch seconds)."""
+    series = []
+    for name, dtype in CALL_SCHEMA.items():
+        values = columns[name]
+        if dtype == pl.String:
+            series.append(pl.Series(name, values, pl.String))
+            continue
+        numbers = pl.Series(name, np.frombuffer(values, dtype=np.float64)).fill_nan(None)
+        if dtype == pl.Datetime("us", "UTC"):
+            # As the events table's times: microseconds, rounded half to even.
+            numbers = (numbers * 1_000_000).round().cast(pl.Int64).cast(dtype)
+        series.append(numbers.cast(dtype))
+    return pl.DataFrame(series)
 
 
 def alerts_frame(alerts: Sequence[Alert]) -> pl.DataFrame:

@@ -235,6 +235,33 @@ def _segment_range(name: str) -> tuple[int, int] | None:
     return int(match.group(2)), int(match.group(3))
 
 
+def _days(frame: pl.DataFrame, column: str) -> list[tuple[str, pl.DataFrame]]:
+    """The frame's rows by the UTC day of `column` ("YYYY-MM-DD", the folder's name).
+    A frame within one day, as nearly every segment is, is taken whole: adding a day
+    column and partitioning copied every row of every table of every segment."""
+    first, last, nulls = frame.select(
+        pl.col(column).dt.date().min().alias("first"),
+        pl.col(column).dt.date().max().alias("last"),
+        pl.col(column).null_count().alias("nulls"),
+    ).row(0)
+    if nulls == 0 and first == last:
+        return [(str(first), frame)]
+    days = frame.with_columns(pl.col(column).dt.date().cast(pl.String).alias("_day"))
+    return [
+        (str(day), part.drop("_day"))
+        for (day,), part in days.partition_by("_day", as_dict=True).items()
+    ]
+
+
+def _sorted(frame: pl.DataFrame, column: str) -> pl.DataFrame:
+    """Sorted by `column`; as it is when it already is (events by seq, nearly always):
+    sorting moves every column's values even when none changes place."""
+    values = frame[column]
+    if values.null_count() == 0 and values.is_sorted():
+        return frame
+    return frame.sort(column)
+
+
 def _write_atomic(frame: pl.DataFrame, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
@@ -294,10 +321,9 @@ class Lake:
             if frame.is_empty():
                 continue
             column = TIME_COLUMN[table]
-            days = frame.with_columns(pl.col(column).dt.date().cast(pl.String).alias("_day"))
-            for (day,), part in days.partition_by("_day", as_dict=True).items():
+            for day, part in _days(frame, column):
                 folder = self.root / table / f"day={day}"
-                ordered = part.drop("_day").sort(SORT_COLUMN.get(table, column))
+                ordered = _sorted(part, SORT_COLUMN.get(table, column))
                 _write_atomic(ordered, folder / f"seg-{segment:012d}.parquet")
                 touched.add(folder)
                 if table in ("events", "rejects"):
@@ -435,8 +461,9 @@ class Lake:
                 last = max(rng[1] for rng, _ in small)
                 inputs = [path for _, path in small]
                 target = folder / f"cmp-{first:012d}-{last:012d}.parquet"
-                frame = pl.read_parquet(inputs, hive_partitioning=False).sort(
-                    SORT_COLUMN.get(table, TIME_COLUMN[table])
+                frame = _sorted(
+                    pl.read_parquet(inputs, hive_partitioning=False),
+                    SORT_COLUMN.get(table, TIME_COLUMN[table]),
                 )
                 intent = folder / "compaction.intent.json"
                 intent.write_text(

@@ -31,7 +31,7 @@ from engine.journal import (
     json_payload,
     read_segment,
 )
-from engine.lake import CALL_SCHEMA
+from engine.lake import CALL_SCHEMA, Lake
 from engine.lakewriter import LakeWriter, calls_frame
 from engine.service import open_store
 from engine.store import EventStore, StoreError, codec_header
@@ -372,6 +372,35 @@ def test_the_calls_columns_detection_hands_over_are_the_calls_table() -> None:
     assert row["finished_at"].timestamp() == 1_795_860_030.0
     assert row["ring_s"] is None and row["outcome"] == "unanswered"
     assert calls_frame(call_columns([])).is_empty()
+
+
+def test_a_segment_across_midnight_is_split_by_day_each_file_in_order(tmp_path: Path) -> None:
+    midnight = 1_795_910_400.0  # 2026-11-29T00:00:00Z
+    lake = Lake(tmp_path / "data")
+    lake.prepare()
+    # Seconds either side of midnight, in seq order; the calls come in finish order.
+    reports = [event(n, ts=midnight - 2) for n in range(4)]
+    calls = []
+    for n, started_at in enumerate((midnight + 1, midnight - 30, midnight + 0.5, midnight - 40)):
+        call = Call(f"c{n}", "100", "200", "", "7", "Main", started_at)
+        call.outcome, call.deadline = "unanswered", midnight + 60
+        calls.append(call)
+    assert lake.write_segment(7, [(10, reports)], {"calls": calls_frame(call_columns(calls))}) == 4
+    for second in (8, 9):  # a later segment of the same two days, for compaction
+        later = [event(n, ts=midnight - 2 - 4 * second) for n in range(4 * second, 4 * second + 4)]
+        lake.write_segment(second, [(4 * second + 100, later)])
+
+    def rows(table: str, day: str, column: str) -> list[object]:
+        files = sorted((lake.root / table / f"day={day}").glob("*.parquet"))
+        return [value for f in files for value in pl.read_parquet(f)[column].to_list()]
+
+    assert rows("events", "2026-11-28", "seq") == [10, 11, 132, 133, 136, 137]
+    assert rows("events", "2026-11-29", "seq") == [12, 13, 134, 135, 138, 139]
+    assert rows("calls", "2026-11-28", "call_id") == ["c3", "c1"]
+    assert rows("calls", "2026-11-29", "call_id") == ["c2", "c0"]
+    assert lake.compact(64 << 20).written_files == 2
+    assert rows("events", "2026-11-28", "seq") == [10, 11, 132, 133, 136, 137]
+    assert rows("events", "2026-11-29", "seq") == [12, 13, 134, 135, 138, 139]
 
 
 # -- preallocated journal segments ------------------------------------------------------

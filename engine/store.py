@@ -20,6 +20,7 @@ from typing import Any
 from engine.codec import Codec, build_codec
 from engine.journal import (
     DATAGRAMS,
+    TICK,
     AnswersOn,
     Journal,
     JournalError,
@@ -166,6 +167,8 @@ class EventStore:
                     for offset, (ts, _, raw) in enumerate(frame.datagrams()):
                         read = codec.read_key(raw)
                         journaled.append((frame.first_seq + offset, read and read[0], ts))
+                elif frame.kind == TICK:
+                    continue  # event time moving on: no report, no key
                 else:
                     for offset, record in enumerate(frame.records()):
                         item = item_of(record)

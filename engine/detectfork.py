@@ -7,7 +7,8 @@ reports to send. The parent tells it which reports each journal segment stored (
 range of the rows read, and a bitmap of the few it did not: duplicates) and
 receives the calls (as columns) and alerts detection made of them, then writes
 both to the lake with the segment, exactly as the in-process lake writer does.
-At the end the child saves the detection snapshot while the parent compacts.
+At the end the child writes the detection snapshot while the parent writes the
+lake, and the parent puts it in place once the lake holds everything it has seen.
 
 It runs the same `Pipeline` on the same reports in the same order, so replay's
 alerts do not depend on where detection ran (tests/test_replay.py compares both).
@@ -38,8 +39,8 @@ from typing import Any
 from engine.detect.alerts import Alert
 from engine.detect.calls import call_columns
 from engine.detect.pipeline import Output, Pipeline
-from engine.detect.snapshot import Position, Snapshot
-from engine.detect.snapshot import save as snapshot_save
+from engine.detect.snapshot import Position, Snapshot, put_in_place
+from engine.detect.snapshot import prepare as snapshot_prepare
 from engine.lake import Item
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def _detect_segments(
                 continue
             started = time.monotonic()
             try:
-                size = snapshot_save(
+                size = snapshot_prepare(
                     snapshot_file, Snapshot(position, pipeline.state(), time.time())
                 )
             except OSError as error:
@@ -187,6 +188,7 @@ class DetectionProcess:
     def __init__(
         self, pipeline: Pipeline, rows: Sequence[Item], snapshot_file: Path | None
     ) -> None:
+        self._snapshot_file = snapshot_file
         context = mp.get_context("fork")
         self._conn, child_conn = context.Pipe(duplex=True)
         self._process = context.Process(
@@ -222,7 +224,11 @@ class DetectionProcess:
         return expected, message[2], message[3]
 
     def begin_snapshot(self, position: Position) -> None:
-        """Ask for the snapshot; `end_snapshot` waits for it (the parent works meanwhile)."""
+        """Ask for the snapshot once the segments submitted so far are detected (it
+        is written beside the snapshot file); `end_snapshot` waits for it and puts
+        it in place. Meanwhile the parent writes the lake: the snapshot may only
+        take effect once the lake holds every report detection saw (a restart would
+        otherwise detect the journal's segments a second time)."""
         self._send(("snapshot", position))
 
     def end_snapshot(self) -> bool:
@@ -230,8 +236,13 @@ class DetectionProcess:
         if message[0] != "saved":
             raise DetectionProcessError(f"answered {message[0]!r} to a snapshot")
         _, size, detail = message
-        if size is None:
+        if size is None or self._snapshot_file is None:
             log.error("detection snapshot failed: %s; the previous one stays", detail)
+            return False
+        try:
+            put_in_place(self._snapshot_file)
+        except OSError as error:
+            log.error("detection snapshot failed: %s; the previous one stays", error)
             return False
         took, seq = detail
         log.info(

@@ -4,6 +4,7 @@ Layout under the data directory:
 
     lake/events/day=2026-11-28/seg-000000000042.parquet   one per journal segment and day
     lake/events/day=2026-11-28/cmp-000000000040-000000000045.parquet   after compaction
+    lake/events/day=2026-11-28/grp-000000000001-000000000050.parquet   replay: many at once
     lake/rejects/...                                        the quarantine, same scheme
     callsentry.duckdb                                       views only, never held open
 
@@ -15,6 +16,7 @@ time.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -135,7 +137,8 @@ LEFT JOIN (
 ) r USING (alert_id)
 """
 
-_SEGMENT_NAME = re.compile(r"^(?:seg-(\d{12})|cmp-(\d{12})-(\d{12}))\.parquet$")
+_SEGMENT_NAME = re.compile(r"^(?:seg-(\d{12})|(?:cmp|grp)-(\d{12})-(\d{12}))\.parquet$")
+_GROUP_NAME = re.compile(r"^grp-(\d{12})-(\d{12})\.parquet$")
 _PLACEHOLDER_DAY = "day=1970-01-01"
 _PLACEHOLDER = "empty.parquet"
 
@@ -313,6 +316,47 @@ class Lake:
         Durable (fsync'd) before it returns, so the journal segment may then go.
         Returns the number of reports (events and rejects) written.
         """
+        return self._write(f"seg-{segment:012d}.parquet", batches, derived)
+
+    def write_group(
+        self,
+        first: int,
+        last: int,
+        batches: Iterable[tuple[int, Sequence[Item]]],
+        derived: Mapping[str, pl.DataFrame] | None = None,
+    ) -> int:
+        """`write_segment` for the journal segments `first` to `last` at once, in files
+        named grp-FIRST-LAST (replay: one write instead of one per segment and a
+        compaction after). May be called more than once for the same group, one
+        table at a time; the group is whole when every call has returned, and its
+        journal segments may go only then, the last one first (see
+        LakeWriter.settle, which a restart runs)."""
+        return self._write(f"grp-{first:012d}-{last:012d}.parquet", batches, derived)
+
+    def groups(self) -> list[tuple[int, int]]:
+        """(first, last) of every group any table has a file of."""
+        found = {
+            (int(match.group(1)), int(match.group(2)))
+            for table in TABLES
+            for path in self.files(table)
+            if (match := _GROUP_NAME.match(path.name)) is not None
+        }
+        return sorted(found)
+
+    def drop_group(self, first: int, last: int) -> None:
+        """Remove every file of a group (a restart found it possibly partial)."""
+        name = f"grp-{first:012d}-{last:012d}.parquet"
+        for table in TABLES:
+            for path in (self.root / table).glob(f"day=*/{name}"):
+                path.unlink()
+                fsync_dir(path.parent)
+
+    def _write(
+        self,
+        name: str,
+        batches: Iterable[tuple[int, Sequence[Item]]],
+        derived: Mapping[str, pl.DataFrame] | None,
+    ) -> int:
         reports = 0
         touched: set[Path] = set()
         tables = dict(frames_of(batches))
@@ -324,7 +368,7 @@ class Lake:
             for day, part in _days(frame, column):
                 folder = self.root / table / f"day={day}"
                 ordered = _sorted(part, SORT_COLUMN.get(table, column))
-                _write_atomic(ordered, folder / f"seg-{segment:012d}.parquet")
+                _write_atomic(ordered, folder / name)
                 touched.add(folder)
                 if table in ("events", "rejects"):
                     reports += part.height
@@ -436,25 +480,37 @@ class Lake:
             ).fetchone()
         return bool(row and row[0])
 
-    def compact(self, target_bytes: int) -> CompactionResult:
+    def compact(self, target_bytes: int, journaled: Iterable[int] = ()) -> CompactionResult:
         """Merge each day's small segments into one file, so file counts stay bounded.
+
+        `journaled`: segments still in the journal. Their files are left alone: the
+        journal segment goes only once the lake holds it whole, and a restart writes
+        whatever it still holds again (merged, a segment's rows would be there twice).
 
         An intent file names the inputs before any is deleted; a crash in between
         is finished by `prepare()` on the next start (no row shown twice for long).
         An analyst query that listed the inputs just before they were deleted fails
         with a missing-file error and succeeds when run again.
         """
+        pending = sorted(journaled)
+
+        def settled(rng: tuple[int, int]) -> bool:
+            at = bisect.bisect_left(pending, rng[0])
+            return at == len(pending) or pending[at] > rng[1]
+
         merged = written = 0
         for table in TABLES:
             for folder in sorted((self.root / table).glob("day=*")):
                 if folder.name == _PLACEHOLDER_DAY:
                     continue
-                small = [
+                # In segment order, so that the events are usually in seq order already.
+                small = sorted(
                     (rng, path)
-                    for path in sorted(folder.glob("*.parquet"))
+                    for path in folder.glob("*.parquet")
                     if (rng := _segment_range(path.name)) is not None
+                    and settled(rng)
                     and path.stat().st_size < target_bytes
-                ]
+                )
                 if len(small) < 2:
                     continue
                 first = min(rng[0] for rng, _ in small)

@@ -3,7 +3,7 @@
 It runs in a process of its own beside the receiver (`serve`), so decoding,
 Parquet and compaction never hold the receiver's interpreter lock; `replay`
 runs the same code inline. A segment is deleted only after its Parquet files
-are durable; a crash in between is repaired on the next pass (the segment's
+are durable; a crash in between is repaired on the next start (the segment's
 partial files are dropped and written again), so every report lands once.
 """
 
@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,7 +36,16 @@ from engine.detect.snapshot import Position, Snapshot, snapshot_path
 from engine.detect.snapshot import load as snapshot_load
 from engine.detect.snapshot import save as snapshot_save
 from engine.events import CallEvent, CallState, Reject, RejectReason
-from engine.journal import DATAGRAMS, TICK, read_segment, sealed_segments, segment_number, tick_of
+from engine.journal import (
+    DATAGRAMS,
+    TICK,
+    fsync_dir,
+    read_segment,
+    sealed_path,
+    sealed_segments,
+    segment_number,
+    tick_of,
+)
 from engine.lake import ALERT_SCHEMA, CALL_SCHEMA, Item, Lake, item_of
 from engine.runtime import tune_gc_for_detection
 from engine.store import StoreError, codec_of, lake_writer_lock
@@ -161,8 +170,39 @@ class LakeWriter:
         self._primed: dict[int, list[Step]] = {}
         self.position = Position(0, 0)
         self.snapshot_file = snapshot_path(data_dir) if snapshots and pipeline else None
+        # Before the restore: its catch-up feeds detection what the lake holds.
+        self.settle()
         if self.snapshot_file is not None:
             self._restore(self.snapshot_file)
+
+    def _journaled(self) -> list[int]:
+        numbers = map(segment_number, sealed_segments(self.journal_dir))
+        return [n for n in numbers if n is not None]
+
+    def settle(self) -> None:
+        """Put right what a crash left between the lake and the journal: the lake files
+        of a segment still in the journal may be partial, and are written again from
+        it, so they go now (and detection's catch-up does not see their reports
+        twice). A group (`write_group`) lets its journal segments go once every file
+        is durable, the last segment first and alone: with that one gone the group
+        is whole and the rest of its segments go too; with it there, the group's
+        files go and its segments are written again."""
+        journaled = set(self._journaled())
+        if not journaled:
+            return
+        for first, last in self.lake.groups():
+            if last in journaled:
+                log.info("lake files of segments %d-%d may be partial: written again", first, last)
+                self.lake.drop_group(first, last)
+                continue
+            done = [n for n in range(first, last) if n in journaled]
+            for number in done:
+                sealed_path(self.journal_dir, number).unlink()
+                journaled.discard(number)
+            if done:
+                fsync_dir(self.journal_dir)
+        for number in sorted(journaled):
+            self.lake.drop_segment(number)
 
     def _restore(self, path: Path) -> None:
         assert self.pipeline is not None
@@ -303,12 +343,19 @@ class LakeWriter:
         once: a segment whose lake write fails is written again as it is), and move the
         position detection has reached past it."""
         written = self._decoded[number] = DetectedSegment(steps, calls, alerts)
-        last_seq = max(
-            (s[0] + len(s[1]) - 1 for s in steps if not isinstance(s, float) and s[1]),
-            default=self.position.seq,
-        )
-        self.position = Position(number, max(last_seq, self.position.seq))
+        self.position = self.position_after([(number, steps)])
         return written
+
+    def position_after(self, segments: list[tuple[int, list[Step]]]) -> Position:
+        """Where detection will be once it has seen these segments, in order."""
+        position = self.position
+        for number, steps in segments:
+            last_seq = max(
+                (s[0] + len(s[1]) - 1 for s in steps if not isinstance(s, float) and s[1]),
+                default=position.seq,
+            )
+            position = Position(number, max(last_seq, position.seq))
+        return position
 
     def write_detected(
         self, number: int, path: Path, written: DetectedSegment, result: DrainResult
@@ -328,18 +375,78 @@ class LakeWriter:
         path.unlink()
         with self._lock:
             del self._decoded[number]
+        self._written(alerts, batches, reports, written.call_count, result, segments=1)
+
+    def write_group(
+        self,
+        segments: list[tuple[int, list[Step]]],
+        detected: Callable[[], tuple[int, dict[str, list[Any]], list[Alert]]],
+        result: DrainResult,
+    ) -> None:
+        """Replay's lake write: journal segments just sealed, in order, written to the
+        lake as one group (Lake.write_group), their reports while detection works
+        on them, then what `detected` returns for each segment in turn (its
+        number, calls as columns, alerts), then the journal segments go. One write
+        for many segments instead of one each and a compaction after: compaction
+        re-encoded every row at the end of a replay, when nothing else was left."""
+        first, last = segments[0][0], segments[-1][0]
+        batches = [step for _, steps in segments for step in steps if not isinstance(step, float)]
+        reports = self.lake.write_group(first, last, batches)
+        held: list[DetectedSegment] = []
+        calls: list[pl.DataFrame] = []
+        for number, steps in segments:
+            answered, columns, alerts = detected()
+            if answered != number:
+                raise RuntimeError(f"detection answered segment {answered} for {number}")
+            held.append(self.hold(number, steps, columns, alerts))
+            # Framed now, while detection works on the next segment.
+            calls.append(calls_frame(columns))
+        alerts = [alert for segment in held for alert in segment.alerts]
+        self.lake.write_group(
+            first,
+            last,
+            [],
+            {
+                "calls": pl.concat(calls),
+                "alerts": alerts_frame([a for a in alerts if a.mode == "alert"]),
+                "shadow_alerts": alerts_frame([a for a in alerts if a.mode != "alert"]),
+            },
+        )
+        # The last segment first and on its own: gone, it says the group is whole.
+        sealed_path(self.journal_dir, last).unlink()
+        fsync_dir(self.journal_dir)
+        for number, _ in segments[:-1]:
+            sealed_path(self.journal_dir, number).unlink()
+        fsync_dir(self.journal_dir)
+        with self._lock:
+            for number, _ in segments:
+                del self._decoded[number]
+        call_count = sum(segment.call_count for segment in held)
+        self._written(alerts, batches, reports, call_count, result, segments=len(segments))
+
+    def _written(
+        self,
+        alerts: list[Alert],
+        batches: list[tuple[int, list[Item]]],
+        reports: int,
+        calls: int,
+        result: DrainResult,
+        *,
+        segments: int,
+    ) -> None:
+        """What follows a lake write: sinks, the result, counters, rejects."""
         for sink in self.sinks:
             try:
                 sink.deliver(alerts)
             except OSError as error:
                 log.error("alert sink %s failed: %s", type(sink).__name__, error)
-        result.segments += 1
+        result.segments += segments
         result.reports += reports
-        result.calls += written.call_count
+        result.calls += calls
         result.alerts.extend(alerts)
         self._count("flushed", reports)
-        self._count("flushed_segments")
-        self._count("calls", written.call_count)
+        self._count("flushed_segments", segments)
+        self._count("calls", calls)
         self._count("alerts", sum(1 for a in alerts if a.mode == "alert"))
         if self.pipeline is not None and self.counters is not None:
             evicted = sum(rule.state.evicted for rule in self.pipeline.rules.rules)
@@ -406,7 +513,10 @@ class LakeWriter:
     def compact(self) -> None:
         try:
             with self._housekeeping:
-                result = self.lake.compact(self.compact_target_bytes)
+                # Listed before the lake's files (see Lake.compact): a segment whose
+                # files are written meanwhile is still in this list.
+                journaled = self._journaled()
+                result = self.lake.compact(self.compact_target_bytes, journaled)
         except OSError as error:
             log.error("compaction failed (%s); will try again", error)
             return

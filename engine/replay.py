@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from engine.detectfork import DetectionProcess, StepSpec, skipped_bitmap
 from engine.detectfork import available as detectfork_available
 from engine.eventfiles import read_event_files
 from engine.events import CallEvent, Reject
-from engine.journal import JSON_RECORDS, TICK, json_payload, sealed_path, tick_payload
+from engine.journal import JSON_RECORDS, TICK, json_payload, tick_payload
 from engine.lake import item_of, record_of
 from engine.lakewriter import DrainResult, LakeWriter, Step, make_pipeline
 from engine.service import open_store, settings_codec
@@ -28,9 +27,10 @@ log = logging.getLogger(__name__)
 
 # Replay commits in large batches: one fsync per this many rows.
 REPLAY_BATCH = 20_000
-# Segments the detection process may have in hand while this one journals the next:
-# bounds what is held twice (decoded here, detected there).
-MAX_SEGMENTS_DETECTING = 2
+# With detection in a second process, this many journal segments (a million
+# reports) are written to the lake as one group (LakeWriter.write_group): the
+# journal keeps them until then, and a crash redoes at most that much.
+GROUP_SEGMENTS = 50
 PROGRESS_EVERY_S = 10.0
 
 
@@ -115,15 +115,13 @@ def replay(
         written.rejects.extend(result.rejects or [])
 
     detection: DetectionProcess | None = None
-    # Segments handed to the detection process, oldest first, with their reports.
-    detecting: deque[tuple[int, list[Step]]] = deque()
+    # Segments handed to the detection process and not yet in the lake, in order.
+    group: list[tuple[int, list[Step]]] = []
 
-    def write_oldest() -> None:
+    def write_group() -> None:
         assert detection is not None
-        number, steps = detecting.popleft()
-        _, calls, alerts = detection.result()
-        held = writer.hold(number, steps, calls, alerts)
-        writer.write_detected(number, sealed_path(writer.journal_dir, number), held, written)
+        writer.write_group(group, detection.result, written)
+        group.clear()
 
     def hand_over(segment: int, steps: list[Step], specs: list[StepSpec]) -> None:
         if detection is None:
@@ -133,9 +131,9 @@ def replay(
             drain()
             return
         detection.submit(segment, specs)
-        detecting.append((segment, steps))
-        while len(detecting) > MAX_SEGMENTS_DETECTING:
-            write_oldest()
+        group.append((segment, steps))
+        if len(group) >= GROUP_SEGMENTS:
+            write_group()
 
     try:
         # Anything a crashed run left sealed goes first, as it would under serve.
@@ -178,11 +176,12 @@ def replay(
             writer.compact()
             writer.snapshot()
         else:
-            while detecting:
-                write_oldest()
-            # The child pickles its state while this process compacts the lake.
+            # The child writes its state once it has detected the last segment, while
+            # this process writes the lake; it takes effect after (end_snapshot).
             if writer.snapshot_file is not None:
-                detection.begin_snapshot(writer.position)
+                detection.begin_snapshot(writer.position_after(group))
+            if group:
+                write_group()
             writer.compact()
             if writer.snapshot_file is not None:
                 detection.end_snapshot()

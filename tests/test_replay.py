@@ -18,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import detectfork
+from engine import lake as lake_module
+from engine import lakewriter as lakewriter_module
 from engine import replay as replay_module
 from engine.codec import FieldError
 from engine.detect.calls import CallTracker
@@ -383,8 +385,12 @@ def _replay_in(data_dir: Path, files: list[Path], forked: bool) -> dict[str, obj
 
 @pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
 def test_detection_in_a_forked_process_gives_what_detecting_in_process_gives(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Segments of 1,000 reports, written to the lake three at a time when forked:
+    # several groups and a last one that is not full.
+    monkeypatch.setattr(replay_module, "REPLAY_BATCH", 1000)
+    monkeypatch.setattr(replay_module, "GROUP_SEGMENTS", 3)
     generated = generate(load_scenario(Path("data/scenarios/demo.yaml")))
     events_path, _ = write_files(generated, tmp_path / "demo", "parquet")
     frame = pl.read_parquet(events_path)
@@ -405,6 +411,67 @@ def test_detection_in_a_forked_process_gives_what_detecting_in_process_gives(
     assert forked["alerts"], "the demo raises alerts"
     assert forked["rejects"] == [1, 0]
     assert forked["duplicates"] == [300, 400]
+
+
+def _lake_tables(data_dir: Path) -> dict[str, object]:
+    return {
+        "events": query(data_dir, "SELECT * EXCLUDE (day) FROM events ORDER BY seq"),
+        "calls": query(data_dir, "SELECT * EXCLUDE (day) FROM calls ORDER BY call_id"),
+        "alerts": query(data_dir, "SELECT * EXCLUDE (day) FROM alerts ORDER BY alert_id"),
+    }
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+@pytest.mark.parametrize("crash", ["before the calls", "after the last segment went"])
+def test_a_replay_that_dies_writing_a_group_is_made_whole_once_by_the_next_start(
+    crash: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay writes many journal segments to the lake as one group, then lets them go,
+    the last one first. Dying before the group is whole, its files go and the
+    journal is written again; dying after its last segment went, the group stands
+    and the rest of its journal goes. Either way every row is there once."""
+    monkeypatch.setattr(replay_module, "REPLAY_BATCH", 1000)
+    generated = generate(load_scenario(Path("data/scenarios/demo.yaml")))
+    events_path, _ = write_files(generated, tmp_path / "demo", "parquet")
+    clean = make_settings(tmp_path / "clean", detection={"alerts_jsonl": "off"})
+    replay([events_path], clean, detect_in_child=True)
+
+    settings = make_settings(tmp_path / "data", detection={"alerts_jsonl": "off"})
+    journal = tmp_path / "data" / "journal"
+    with monkeypatch.context() as patch:
+        if crash == "before the calls":
+            write_group = lake_module.Lake.write_group
+
+            def dies_at_the_calls(lake: lake_module.Lake, *args: object, **kw: object) -> int:
+                if args[2] == []:  # no reports: the calls and alerts
+                    raise _Crash
+                return write_group(lake, *args, **kw)  # type: ignore[arg-type]
+
+            patch.setattr(lake_module.Lake, "write_group", dies_at_the_calls)
+        else:
+
+            def dies_after_the_first_unlink(directory: Path) -> None:
+                raise _Crash
+
+            patch.setattr(lakewriter_module, "fsync_dir", dies_after_the_first_unlink)
+        with pytest.raises(_Crash):
+            replay([events_path], settings, detect_in_child=True)
+    left = sorted(p.name for p in journal.glob("*.sealed"))
+    assert len(left) >= 3, "several segments were left in the journal"
+    groups = lake_module.Lake(tmp_path / "data").groups()
+    assert len(groups) == 1
+    _, last = groups[0]
+    assert (f"{last:012d}.sealed" in left) == (crash == "before the calls")
+
+    # The next start (here a replay of nothing) finds what was left.
+    again = replay([], settings)
+    assert again.stored == (len(generated.events) if crash == "before the calls" else 0)
+    assert not list(journal.glob("*.sealed"))
+    assert _lake_tables(tmp_path / "data") == _lake_tables(tmp_path / "clean")
 
 
 def _demo_pipeline() -> Pipeline:

@@ -54,22 +54,37 @@ def snapshot_path(data_dir: Path) -> Path:
 
 def save(path: Path, snapshot: Snapshot) -> int:
     """Write atomically; returns the size in bytes."""
+    size = prepare(path, snapshot)
+    put_in_place(path)
+    return size
+
+
+def prepare(path: Path, snapshot: Snapshot) -> int:
+    """The first half of `save`: the snapshot written durably beside `path`, where
+    `put_in_place` makes it the one a restart loads (replay prepares it while the
+    lake is written, and puts it in place once the lake holds all it has seen)."""
     payload = pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as out:
+    with _partial(path).open("wb") as out:
         out.write(MAGIC)
         out.write(hashlib.sha256(payload).digest())
         out.write(payload)
         out.flush()
         os.fsync(out.fileno())
-    os.replace(partial, path)
+    return len(MAGIC) + 32 + len(payload)
+
+
+def put_in_place(path: Path) -> None:
+    os.replace(_partial(path), path)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
-    return len(MAGIC) + 32 + len(payload)
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
 
 
 class SnapshotError(Exception):

@@ -206,6 +206,7 @@ class DetectionProcess:
             gc.unfreeze()
         child_conn.close()
         self._submitted: deque[int] = deque()
+        self._finished = False
 
     @property
     def outstanding(self) -> int:
@@ -253,9 +254,18 @@ class DetectionProcess:
         )
         return True
 
+    def finish(self) -> None:
+        """Nothing more will be asked: the child ends once it has answered everything
+        asked before, rather than when `close` says so (its exit, the freeing of a
+        few hundred MiB, then overlaps the parent's last lake write)."""
+        if not self._finished:
+            self._finished = True
+            self._send(None)
+
     def close(self) -> None:
-        with contextlib.suppress(OSError):  # the child may be gone already
-            self._conn.send(None)
+        if not self._finished:
+            with contextlib.suppress(OSError):  # the child may be gone already
+                self._conn.send(None)
         self._conn.close()
         self._process.join(_JOIN_TIMEOUT_S)
         if self._process.is_alive():
@@ -263,6 +273,8 @@ class DetectionProcess:
             self._process.join()
 
     def _send(self, message: Any) -> None:
+        if self._finished and message is not None:
+            raise DetectionProcessError("asked for more after finish()")
         try:
             self._conn.send(message)
         except OSError as error:

@@ -180,6 +180,7 @@ def replay(
             # this process writes the lake; it takes effect after (end_snapshot).
             if writer.snapshot_file is not None:
                 detection.begin_snapshot(writer.position_after(group))
+            detection.finish()
             if group:
                 write_group()
             writer.compact()

@@ -490,6 +490,21 @@ def test_a_failure_in_the_detection_process_is_reported_with_its_traceback() -> 
 
 
 @pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+def test_a_finished_detection_process_answers_what_it_was_asked_and_ends() -> None:
+    process = detectfork.DetectionProcess(_demo_pipeline(), [], None)
+    try:
+        process.submit(1, [1.0])
+        process.finish()
+        assert process.result()[0] == 1
+        process._process.join(10)
+        assert process._process.exitcode == 0
+        with pytest.raises(detectfork.DetectionProcessError, match="after finish"):
+            process.submit(2, [2.0])
+    finally:
+        process.close()
+
+
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
 def test_a_killed_detection_process_is_reported_not_waited_for() -> None:
     process = detectfork.DetectionProcess(_demo_pipeline(), [], None)
     try:

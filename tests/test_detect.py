@@ -249,6 +249,19 @@ def test_rule_errors_are_all_reported_with_file_and_line(tmp_path: Path) -> None
     assert len(caught.value.problems) >= 5
 
 
+def test_a_missing_rule_folder_is_named_with_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default, `rules`, is relative to where the engine was started.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(YamlFileError) as caught:
+        load_rules(Path("rules"))
+    assert caught.value.problems == [f"rules: no such rule file or folder (looked in {tmp_path})"]
+    with pytest.raises(YamlFileError) as caught:
+        load_rules(tmp_path / "none")
+    assert caught.value.problems == [f"{tmp_path / 'none'}: no such rule file or folder"]
+
+
 def test_suppression_shorter_than_the_window_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text(

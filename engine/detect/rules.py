@@ -99,7 +99,9 @@ def load_rules(path: Path, *, max_keys: int = 200_000) -> LoadedRules:
     every problem at once, each as `file:line: key: reason`."""
     problems: list[str] = []
     if not path.exists():
-        raise YamlFileError([f"{path}: no such rule file or folder"])
+        # The default, `rules`, is relative: run from elsewhere, say where it looked.
+        where = "" if path.is_absolute() else f" (looked in {Path.cwd()})"
+        raise YamlFileError([f"{path}: no such rule file or folder{where}"])
     lists = load_lists(_lists_dir(path), problems)
     specs = parse_files_with_ids(rule_files(path), RuleSpec, problems, "rule")
     for spec, document in specs:

@@ -16,12 +16,13 @@ from engine.detectfork import DetectionProcess, StepSpec, skipped_bitmap
 from engine.detectfork import available as detectfork_available
 from engine.eventfiles import read_event_files
 from engine.events import CallEvent, Reject
+from engine.ingest import Intake
 from engine.journal import JSON_RECORDS, TICK, json_payload, tick_payload
 from engine.lake import item_of, record_of
 from engine.lakewriter import DrainResult, LakeWriter, Step, make_pipeline
 from engine.service import open_store, settings_codec
 from engine.stats import Stats
-from engine.store import lake_writer_lock
+from engine.store import EventStore, lake_writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ REPLAY_BATCH = 20_000
 # journal keeps them until then, and a crash redoes at most that much.
 GROUP_SEGMENTS = 50
 PROGRESS_EVERY_S = 10.0
+_REMEMBER_RUN = 10_000
 
 
 class Progress:
@@ -70,6 +72,29 @@ class ReplayReport:
     @property
     def clean(self) -> bool:
         return not self.rejects and not self.file_errors
+
+
+def _remember_stored(
+    store: EventStore, intake: Intake, first_ts: float, last_ts: float, horizon_s: float
+) -> None:
+    """Make the intake know every report the lake holds from the files' span of event
+    time. The store remembers keys for the dedup horizon only (an hour before the
+    latest report: the switch retries for 18 s), but a replay goes back further: a
+    file replayed twice, or one overlapping what is stored, must not store a report
+    again however old it is."""
+    rows = store.lake.query(
+        "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
+        "SELECT call_id, serial, ts FROM events "
+        "WHERE ts BETWEEN to_timestamp(?) AND to_timestamp(?) "
+        "UNION ALL SELECT call_id, serial, ts FROM rejects "
+        "WHERE ts BETWEEN to_timestamp(?) AND to_timestamp(?) AND call_id IS NOT NULL"
+        ") ORDER BY t",
+        (first_ts - horizon_s, last_ts + horizon_s) * 2,
+    )
+    # In runs of keys, each remembered until replay's event time is past its last.
+    for start in range(0, len(rows), _REMEMBER_RUN):
+        run = rows[start : start + _REMEMBER_RUN]
+        intake.seen.add_batch([(call_id, serial) for call_id, serial, _ in run], run[-1][2])
 
 
 def replay(
@@ -138,6 +163,9 @@ def replay(
     try:
         # Anything a crashed run left sealed goes first, as it would under serve.
         drain()
+        if items:
+            horizon_s = settings.store.dedup_horizon_s
+            _remember_stored(store, intake, items[0].ts, items[-1].ts, horizon_s)
         if detect_in_child is None:
             # One batch or less: nothing to do side by side.
             detect_in_child = detectfork_available() and len(items) > REPLAY_BATCH

@@ -137,6 +137,26 @@ def test_replaying_the_same_file_twice_stores_each_report_once(tmp_path: Path) -
     assert query(data_dir, "SELECT count(*) FROM events") == [(2,)]
 
 
+def test_a_replay_stores_nothing_the_lake_holds_however_long_ago(tmp_path: Path) -> None:
+    # The store remembers keys for the dedup horizon (here a minute) before its
+    # latest report; a replay reaches back to the start of its files.
+    rows = [f"{1795860000 + 20 * n},c{n},1,180,100,200,,7,Main\n" for n in range(30)]
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    first.write_text(HEADER + "".join(rows[:20]))
+    second.write_text(HEADER + "".join(rows[10:]))  # ten stored ones, three minutes back
+    settings = make_settings(
+        tmp_path / "data", store={"dedup_horizon_s": 60}, detection={"alerts_jsonl": "off"}
+    )
+    assert replay([first], settings).stored == 20
+    again = replay([first], settings)
+    assert (again.stored, again.duplicates) == (0, 20)
+    overlapping = replay([second], settings)
+    assert (overlapping.stored, overlapping.duplicates) == (10, 10)
+    assert query(tmp_path / "data", "SELECT count(*), count(DISTINCT call_id) FROM events") == [
+        (30, 30)
+    ]
+
+
 def test_jsonl_lines_that_are_not_objects_are_rejected_with_their_line(tmp_path: Path) -> None:
     path = tmp_path / "e.jsonl"
     path.write_text(

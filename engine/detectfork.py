@@ -20,10 +20,12 @@ Used on Linux only; elsewhere, and when detection is off, replay detects in proc
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
+import os
 import queue
 import signal
 import sys
@@ -123,13 +125,29 @@ class _Outbox:
                 self.error = error
 
 
+# prctl(2): the signal the calling process gets when its parent ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with(parent: int) -> None:
+    """The child ends when the parent does, killed or not. Left running it would
+    detect for nobody and hold what it inherited, the data dir's locks among them:
+    replay run again at once would find the data dir in use."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)  # the parent ended before the above took effect
+
+
 def _serve(
     conn: mp.connection.Connection,
     pipeline: Pipeline,
     rows: Sequence[Item],
     snapshot_file: Path | None,
+    parent: int,
 ) -> None:
     """The child: detect segment after segment until told to stop (None) or orphaned."""
+    _end_with(parent)
     # Ctrl-C reaches the whole process group; the parent decides, and closes the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     outbox = _Outbox(conn)
@@ -193,7 +211,7 @@ class DetectionProcess:
         self._conn, child_conn = context.Pipe(duplex=True)
         self._process = context.Process(
             target=_serve,
-            args=(child_conn, pipeline, rows, snapshot_file),
+            args=(child_conn, pipeline, rows, snapshot_file, os.getpid()),
             name="callsentry-replay-detection",
             daemon=True,
         )

@@ -194,3 +194,46 @@ def test_kill_9_in_a_preallocated_journal_segment_loses_no_answered_report(
     assert len(stored) == len(set(stored)), "a report was stored twice"
     assert not list(journal.glob("spare*")), "spares removed at shutdown"
     assert not list(journal.glob("*.corrupt")), "a torn tail is not corruption"
+
+
+def _tables(data_dir: Path) -> dict[str, list[tuple[object, ...]]]:
+    with duckdb.connect(str(data_dir / "callsentry.duckdb"), read_only=True) as con:
+        return {
+            table: con.execute(f"SELECT * EXCLUDE (day) FROM {table} ORDER BY ALL").fetchall()
+            for table in ("events", "calls", "alerts")
+        }
+
+
+def test_kill_9_during_a_replay_then_replaying_again_is_a_clean_replay(tmp_path: Path) -> None:
+    """Killed while it journals, while it writes a group of segments to the lake, or
+    as it lets them go: the same file replayed again leaves the events, calls and
+    alerts of a replay that was never killed, nothing twice and nothing missing."""
+    from engine.replay import replay
+    from engine.simulator.scenario import generate, load_scenario, write_files
+    from tests.conftest import make_settings
+
+    scenario = load_scenario(Path("data/scenarios/fraud-mix.yaml"))
+    benign = scenario.benign.model_copy(update={"calls_per_hour": 5_000})
+    generated = generate(scenario.model_copy(update={"benign": benign}))
+    events_file, _ = write_files(generated, tmp_path / "scenario", "parquet")
+    assert len(generated.events) > 3 * 20_000, "several journal segments"
+    replay([events_file], make_settings(tmp_path / "clean", detection={"alerts_jsonl": "off"}))
+    clean = _tables(tmp_path / "clean")
+
+    command = [sys.executable, "-m", "engine", "replay", str(events_file), "--data-dir"]
+    env = dict(os.environ, CALLSENTRY_DETECTION__ALERTS_JSONL="off")
+    # Kill once a first segment is sealed, and once the lake has a group's file.
+    for round_number, ready in enumerate(("journal/*.sealed", "lake/events/day=2*/grp-*")):
+        data_dir = tmp_path / f"killed-{round_number}"
+        process = subprocess.Popen([*command, str(data_dir)], env=env, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not list(data_dir.glob(ready)) and process.poll() is None:
+            assert time.monotonic() < deadline, f"no {ready} within a minute"
+            time.sleep(0.005)
+        process.kill()
+        process.wait(10)
+        again = subprocess.run(
+            [*command, str(data_dir)], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert again.returncode == 0, again.stderr
+        assert _tables(data_dir) == clean, f"killed at the first {ready}"

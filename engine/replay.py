@@ -18,7 +18,7 @@ from engine.eventfiles import read_event_files
 from engine.events import CallEvent, Reject
 from engine.ingest import Intake
 from engine.journal import JSON_RECORDS, TICK, json_payload, tick_payload
-from engine.lake import item_of, record_of
+from engine.lake import Item, item_of, record_of
 from engine.lakewriter import DrainResult, LakeWriter, Step, make_pipeline
 from engine.service import open_store, settings_codec
 from engine.stats import Stats
@@ -75,21 +75,27 @@ class ReplayReport:
 
 
 def _remember_stored(
-    store: EventStore, intake: Intake, first_ts: float, last_ts: float, horizon_s: float
+    store: EventStore, intake: Intake, items: list[Item], horizon_s: float
 ) -> None:
-    """Make the intake know every report the lake holds from the files' span of event
-    time. The store remembers keys for the dedup horizon only (an hour before the
-    latest report: the switch retries for 18 s), but a replay goes back further: a
-    file replayed twice, or one overlapping what is stored, must not store a report
-    again however old it is."""
+    """Make the intake know the reports of these rows that the lake holds. The store
+    remembers keys for the dedup horizon only (an hour before the latest report: the
+    switch retries for 18 s), but a replay goes back further: a file replayed twice,
+    or one overlapping what is stored, must not store a report again however old it
+    is. Only the rows' own call ids are looked up, so what is kept grows with the
+    files, not with the lake."""
+    span = (items[0].ts - horizon_s, items[-1].ts + horizon_s)
+    stored = (
+        "SELECT call_id, serial, ts FROM events WHERE ts BETWEEN to_timestamp(?) AND "
+        "to_timestamp(?) UNION ALL SELECT call_id, serial, ts FROM rejects WHERE ts BETWEEN "
+        "to_timestamp(?) AND to_timestamp(?) AND call_id IS NOT NULL"
+    )
+    if not store.lake.query(f"SELECT count(*) FROM ({stored})", span * 2)[0][0]:
+        return  # nothing stored from then: the usual replay into a new data dir
+    call_ids = sorted({item.call_id for item in items if item.call_id is not None})
     rows = store.lake.query(
-        "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
-        "SELECT call_id, serial, ts FROM events "
-        "WHERE ts BETWEEN to_timestamp(?) AND to_timestamp(?) "
-        "UNION ALL SELECT call_id, serial, ts FROM rejects "
-        "WHERE ts BETWEEN to_timestamp(?) AND to_timestamp(?) AND call_id IS NOT NULL"
-        ") ORDER BY t",
-        (first_ts - horizon_s, last_ts + horizon_s) * 2,
+        f"SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ({stored}) "
+        "WHERE call_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY t",
+        (*span, *span, call_ids),
     )
     # In runs of keys, each remembered until replay's event time is past its last.
     for start in range(0, len(rows), _REMEMBER_RUN):
@@ -164,8 +170,7 @@ def replay(
         # Anything a crashed run left sealed goes first, as it would under serve.
         drain()
         if items:
-            horizon_s = settings.store.dedup_horizon_s
-            _remember_stored(store, intake, items[0].ts, items[-1].ts, horizon_s)
+            _remember_stored(store, intake, items, settings.store.dedup_horizon_s)
         if detect_in_child is None:
             # One batch or less: nothing to do side by side.
             detect_in_child = detectfork_available() and len(items) > REPLAY_BATCH

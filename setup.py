@@ -1,11 +1,12 @@
 """The compiled parts; everything else is in pyproject.toml.
 
 - engine/_fastio.c: the receiver's batched socket and journal calls (Linux).
+- engine/_seen.c: the dedup keys of stored reports as a compact fingerprint set.
 - the detection's hot path (engine.detect.COMPILED), compiled by mypyc from the same
   Python source when mypyc is installed in the environment that builds (`make setup`
   installs once, then builds again without isolation, with the venv's mypy).
 
-Both are optional: without a C compiler, off Linux, or without mypyc, the engine runs
+All are optional: without a C compiler, off Linux, or without mypyc, the engine runs
 the same code as Python (slower) and says so. A record of the compiled sources'
 SHA-256 lets engine/detect/__init__.py refuse compiled code its source has outgrown.
 """
@@ -87,15 +88,19 @@ class BuildWithDetection(build_ext):
         )
 
 
-extensions = []
-if sys.platform.startswith("linux"):
-    extensions.append(
-        Extension(
-            "engine._fastio",
-            ["engine/_fastio.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
-            optional=True,
-        )
+def c_helper(name: str) -> Extension:
+    # Optional: no compiler means the engine's Python equivalent, not a failed install.
+    return Extension(
+        f"engine.{name}",
+        [f"engine/{name}.c"],
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+        optional=True,
     )
+
+
+# The dedup keys' compact set is portable C; the receiver's system calls are Linux's.
+extensions = [c_helper("_seen")]
+if sys.platform.startswith("linux"):
+    extensions.append(c_helper("_fastio"))
 
 setup(ext_modules=extensions, cmdclass={"build_ext": BuildWithDetection})

@@ -64,6 +64,11 @@ def start_echo(port: int) -> subprocess.Popen[bytes]:
     return process
 
 
+def resident_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def start_engine(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
     log = (data_dir.parent / "engine.log").open("wb")
     process = subprocess.Popen(
@@ -222,6 +227,9 @@ def main() -> int:
             results[f"b serve, {label}"] = run_load(
                 engine_port, reports, args.window, rate, f"b-{rate:g}"
             )
+        # What the receiver holds after the load (the dedup keys of every report
+        # taken, for an hour): its own memory, not the lake writer's.
+        engine_rss = resident_bytes(engine.pid)
     finally:
         echo.kill()
         echo.wait()
@@ -246,8 +254,13 @@ def main() -> int:
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     (out / "ingest.json").write_text(
-        json.dumps({"results": results, "ratios": ratios, "ratio": ratio}, indent=2)
+        json.dumps(
+            {"results": results, "ratios": ratios, "ratio": ratio, "engine_rss": engine_rss},
+            indent=2,
+        )
     )
+    stored = dict(part.split("=", 1) for part in counters.split() if "=" in part).get("stored")
+    print(f"receiver resident memory after {stored or '?'} reports: {engine_rss / 2**20:,.0f} MiB")
     print(f"details: {out / 'ingest.json'}; engine counters: {counters}")
     return 0
 

@@ -287,8 +287,8 @@ take_usual(PyObject *Py_UNUSED(module), PyObject *args)
 {
     PyObject *received, *peers, *seen, *waiting, *now, *endpoint, *records, *keys, *answers;
     Py_ssize_t start, max_pending;
-    if (!PyArg_ParseTuple(args, "O!nO!O!O!nOOO!O!O!:take_usual", &PyList_Type, &received, &start,
-                          &PyDict_Type, &peers, &PySet_Type, &seen, &PyDict_Type, &waiting,
+    if (!PyArg_ParseTuple(args, "O!nO!OO!nOOO!O!O!:take_usual", &PyList_Type, &received, &start,
+                          &PyDict_Type, &peers, &seen, &PyDict_Type, &waiting,
                           &max_pending, &now, &endpoint, &PyList_Type, &records, &PyList_Type,
                           &keys, &PyList_Type, &answers)) {
         return NULL;
@@ -314,7 +314,8 @@ take_usual(PyObject *Py_UNUSED(module), PyObject *args)
         if (!PyUnicode_Check(source) || PyDict_GET_SIZE(waiting) >= max_pending) {
             break;
         }
-        int stored = PySet_Contains(seen, key);
+        /* The stored keys: a set, or engine._seen's table (its C lookup, no frame). */
+        int stored = PySequence_Contains(seen, key);
         if (stored != 0) {
             if (stored < 0) {
                 return NULL;

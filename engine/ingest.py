@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,18 +51,70 @@ ReplyTo = tuple[Any, Any]
 _MAX_REPLY_ADDRESSES = 4
 
 
+def _key_table() -> Any:
+    """An empty set of report keys that forgets them oldest first: the compiled
+    fingerprint table (engine/_seen.c, about 45 bytes a key) where built, else
+    `KeySet` (a Python set, about 190)."""
+    try:
+        from engine._seen import KeyTable
+    except ImportError:
+        return KeySet()
+    # A key of the process's own: fingerprints cannot be chosen from outside to collide.
+    return KeyTable(os.urandom(16))
+
+
+class KeySet:
+    """`engine._seen.KeyTable`'s behaviour with a Python set (where it is not built):
+    `add_batch(keys)`, `forget_oldest(count)` of the keys added first, `in`,
+    `len`, `isdisjoint`."""
+
+    def __init__(self) -> None:
+        self._keys: set[Key] = set()
+        self._order: deque[list[Key]] = deque()
+        self._forgotten = 0  # of the oldest batch in _order, already forgotten
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def isdisjoint(self, keys: Iterable[Key]) -> bool:
+        return self._keys.isdisjoint(keys)
+
+    def add_batch(self, keys: list[Key]) -> int:
+        self._keys.update(keys)
+        self._order.append(keys)
+        return len(keys)
+
+    def forget_oldest(self, count: int) -> None:
+        held = sum(map(len, self._order)) - self._forgotten
+        if not 0 <= count <= held:
+            raise ValueError(f"cannot forget {count} keys of {held} added")
+        while count:
+            oldest = self._order[0]
+            taken = min(count, len(oldest) - self._forgotten)
+            self._keys.difference_update(oldest[self._forgotten : self._forgotten + taken])
+            self._forgotten += taken
+            count -= taken
+            if self._forgotten == len(oldest):
+                self._order.popleft()
+                self._forgotten = 0
+
+
 class SeenReports:
     """Keys of stored reports, remembered for `horizon_s` of event time.
 
     Kept per commit batch (one deque entry per batch, not per key), so
-    remembering a batch is one C-level set update.
+    remembering a batch is one C-level call.
     """
 
     def __init__(self, horizon_s: float) -> None:
         self.horizon_s = horizon_s
         # Public so the intake can test membership without a method call per report.
-        self.keys: set[Key] = set()
-        self._batches: deque[tuple[float, list[Key]]] = deque()
+        self.keys = _key_table()
+        # (event time, number of keys) of each batch, oldest first.
+        self._batches: deque[tuple[float, int]] = deque()
 
     def __contains__(self, key: Key) -> bool:
         return key in self.keys
@@ -73,14 +126,16 @@ class SeenReports:
         self.add_batch([key], ts)
 
     def add_batch(self, keys: list[Key], ts: float) -> None:
-        self.keys.update(keys)
-        self._batches.append((ts, keys))
+        self._batches.append((ts, self.keys.add_batch(keys)))
 
     def forget_before(self, ts: float) -> None:
         cutoff = ts - self.horizon_s
         batches = self._batches
+        forget = 0
         while batches and batches[0][0] < cutoff:
-            self.keys.difference_update(batches.popleft()[1])
+            forget += batches.popleft()[1]
+        if forget:
+            self.keys.forget_oldest(forget)
 
 
 class Outcome(Enum):

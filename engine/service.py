@@ -27,6 +27,9 @@ from engine.store import EventStore
 
 log = logging.getLogger(__name__)
 
+# Keys brought back from the store at start-up, remembered in runs of this many.
+_RECOVERED_RUN = 10_000
+
 
 def settings_codec(settings: Settings) -> Codec:
     return build_codec(settings.codec.name, settings.codec.separator, settings.codec.encodings)
@@ -48,8 +51,12 @@ def open_store(
     recovery = store.open()
     stats = Stats()
     seen = SeenReports(store_settings.dedup_horizon_s)
-    for call_id, serial, ts in recovery.recent_keys:
-        seen.add((call_id, serial), ts)
+    # In runs, each remembered until event time is past the latest of its run: one
+    # entry per run rather than per key (recovery can bring back millions).
+    recent = recovery.recent_keys
+    for start in range(0, len(recent), _RECOVERED_RUN):
+        run = recent[start : start + _RECOVERED_RUN]
+        seen.add_batch([(call_id, serial) for call_id, serial, _ in run], max(t for *_, t in run))
     intake = Intake(
         stats,
         seen,

@@ -53,7 +53,7 @@ _MAX_REPLY_ADDRESSES = 4
 
 def _key_table() -> Any:
     """An empty set of report keys that forgets them oldest first: the compiled
-    fingerprint table (engine/_seen.c, about 45 bytes a key) where built, else
+    fingerprint table (engine/_seen.c, 43 to 85 bytes a key) where built, else
     `KeySet` (a Python set, about 190)."""
     try:
         from engine._seen import KeyTable

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -302,7 +303,7 @@ def simulate(**options: Any) -> None:
 
 @main.group()
 def rules() -> None:
-    """The YAML detection rules: validate and test them before they go live."""
+    """The YAML detection rules: validate, test and backtest them before they go live."""
 
 
 rules_path_argument = click.argument(
@@ -353,6 +354,107 @@ def rules_test(path: Path) -> None:
     click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if failed:
         sys.exit(1)
+
+
+@rules.command("backtest")
+@rules_path_argument
+@click.option(
+    "--against",
+    "current_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The rules to compare with (default: detection.rules_dir, the ones in use).",
+)
+@data_dir_option
+@config_option
+@click.option("--since", default=None, help="Start, ISO-8601 (default: --days before --until).")
+@click.option("--until", default=None, help="End, ISO-8601 (default: the last stored report).")
+@click.option("--days", default=7.0, show_default=True, help="Span when --since is not given.")
+@click.option("--show", default=20, show_default=True, help="Added and removed alerts to list.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write every alert of both runs here as JSON lines, each with its change.",
+)
+@log_level_option
+def rules_backtest(
+    path: Path,
+    current_dir: Path | None,
+    data_dir: Path | None,
+    config: Path | None,
+    since: str | None,
+    until: str | None,
+    days: float,
+    show: int,
+    out: Path | None,
+    log_level: str,
+) -> None:
+    """What the rules under PATH would have raised on the stored events, against the
+    rules in use on the same events. Both run from a fresh start, in memory: the
+    data dir is only read."""
+    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    _setup_logging(log_level)
+    from engine.backtest import BacktestError, backtest, parse_time, stored_span
+    from engine.runtime import tune_gc_for_detection
+    from engine.yamlfile import YamlFileError
+
+    tune_gc_for_detection()
+    against = current_dir or settings.detection.rules_dir
+    try:
+        if days <= 0:
+            raise BacktestError(f"--days {days:g}: must be more than 0")
+        end = parse_time(until, "--until") if until else stored_span(settings.store.data_dir)[1]
+        # The last stored report is in the span, not on its open end.
+        end = end if until else end + 1e-6
+        start = parse_time(since, "--since") if since else end - days * 86_400
+        report = backtest(settings.store.data_dir, path, against, settings.detection, start, end)
+    except BacktestError as error:
+        _fail(str(error))
+    except YamlFileError as error:
+        _fail_rules(error)
+
+    def when(ts: float) -> str:
+        return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    click.echo(
+        f"backtest of {path} against {against} on {report.events:,} stored events, "
+        f"{when(report.since)} to {when(report.until)} UTC (both from a fresh start)"
+    )
+    click.echo(f"{'rule':40} {'now':>6} {'with change':>12} {'added':>6} {'removed':>8}")
+    for change in report.rules:
+        click.echo(
+            f"{change.rule_id:40} {change.current:6} {change.candidate:12} "
+            f"{len(change.added):6} {len(change.removed):8}"
+        )
+    for title, listed in (("added", report.added), ("removed", report.removed)):
+        if listed:
+            click.echo(f"{title} ({len(listed)}):")
+        for alert in sorted(listed, key=lambda a: a.raised_at)[:show]:
+            click.echo(
+                f"  {when(alert.raised_at)} [{alert.severity}] {alert.rule_id}: {alert.summary}"
+            )
+        if len(listed) > show:
+            click.echo(f"  ... and {len(listed) - show} more (--out FILE lists them all)")
+    if out is not None:
+        added = {id(alert) for alert in report.added}
+        removed = {id(alert) for alert in report.removed}
+        try:
+            with out.open("w", encoding="utf-8") as handle:
+                for run, alerts in (("now", report.current), ("with_change", report.candidate)):
+                    for alert in alerts:
+                        verdict = (
+                            "added"
+                            if id(alert) in added
+                            else "removed"
+                            if id(alert) in removed
+                            else "same"
+                        )
+                        row = {"run": run, "change": verdict, **alert.as_json()}
+                        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        except OSError as error:
+            _fail(f"cannot write {out}: {error.strerror or error}")
+        click.echo(f"every alert of both runs: {out}")
 
 
 @main.group()

@@ -408,6 +408,14 @@ def _items_of_rows(
     return items
 
 
+def read_frame_items(frame: pl.DataFrame, label: str) -> list[CallEvent | Reject]:
+    """Rows of a frame with the event-file columns (stored events read back, for a
+    backtest) as a file's rows are read: each a `CallEvent`, or a `Reject` saying
+    what is wrong with it at "label:row"."""
+    _check_columns(Path(label), frame.columns)
+    return _items_of_frame(frame, label, 1)
+
+
 def read_event_file(path: Path) -> list[CallEvent | Reject]:
     read = _frame(path)
     if isinstance(read, tuple):

@@ -402,10 +402,10 @@ class Lake:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run SQL over the lake in a private in-memory DuckDB (never the analysts' file)."""
         with duckdb.connect() as con:
-            self._create_views(con)
+            self.create_views(con)
             return con.execute(sql, list(params)).fetchall()
 
-    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+    def create_views(self, con: duckdb.DuckDBPyConnection) -> None:
         for table in TABLES:
             con.execute(
                 f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{self.glob(table)}', "
@@ -427,7 +427,7 @@ class Lake:
                 # CLIs and libraries from 1.0 on can open the file too.
                 con.execute(f"ATTACH '{partial}' AS analytics (STORAGE_VERSION 'v1.0.0')")
                 con.execute("USE analytics")
-                self._create_views(con)
+                self.create_views(con)
                 for name, sql in extra_views:
                     con.execute(f"CREATE VIEW {name} AS {sql}")
                 con.execute("CHECKPOINT")

@@ -2,6 +2,7 @@
 
 - engine/_fastio.c: the receiver's batched socket and journal calls (Linux).
 - engine/_seen.c: the dedup keys of stored reports as a compact fingerprint set.
+- engine/_rows.c: event files' rows made as tuples from their columns.
 - the detection's hot path (engine.detect.COMPILED), compiled by mypyc from the same
   Python source when mypyc is installed in the environment that builds (`make setup`
   installs once, then builds again without isolation, with the venv's mypy).
@@ -98,8 +99,9 @@ def c_helper(name: str) -> Extension:
     )
 
 
-# The dedup keys' compact set is portable C; the receiver's system calls are Linux's.
-extensions = [c_helper("_seen")]
+# The dedup keys' compact set and the row maker are portable C; the receiver's system
+# calls are Linux's.
+extensions = [c_helper("_seen"), c_helper("_rows")]
 if sys.platform.startswith("linux"):
     extensions.append(c_helper("_fastio"))
 

@@ -8,16 +8,17 @@ read at all raises `EventFileError` naming the file and why.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import math
 import operator
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 
@@ -267,8 +268,14 @@ _EXACT_STATES = {
 _EXACT_STATE = {spelling: parsed[0] for spelling, parsed in _EXACT_STATES.items()}
 _EXACT_CODE = {spelling: parsed[1] for spelling, parsed in _EXACT_STATES.items()}
 _new_tuple = tuple.__new__
-# A CallEvent from a tuple of its fields, called from C (map) with no Python frame.
+# A CallEvent from a tuple of its fields, called from C (map) with no Python frame,
+# where engine/_rows.c is not built; with it, each is one allocation filled in C.
 _new_event = functools.partial(_new_tuple, CallEvent)
+_zip_as: Callable[..., list[CallEvent]] | None
+try:
+    from engine._rows import zip_as as _zip_as
+except ImportError:
+    _zip_as = None
 
 
 def _plain_rows(frame: pl.DataFrame, columns: list[str]) -> pl.Series:
@@ -308,48 +315,66 @@ def _checked_columns(
     return seconds, slow, sources
 
 
-def _items_of_frame(frame: pl.DataFrame, label: str, first_line: int) -> list[CallEvent | Reject]:
+# What _checked_columns makes of a frame.
+Checked = tuple[pl.Series, list[int], list[str]]
+
+
+def _plain(frame: pl.DataFrame) -> bool:
+    """Whether every column but ts has a type the fast path takes as text."""
+    return all(frame[c].dtype in _PLAIN_TEXT for c in frame.columns if c != "ts")
+
+
+def _items_of_frame(
+    frame: pl.DataFrame,
+    label: str,
+    first_line: int,
+    checked: Callable[[], Checked] | None = None,
+) -> list[CallEvent | Reject]:
     """Rows to items column by column: times parsed by polars, texts taken as columns,
-    each usual row made a `CallEvent` in C (zip and map, no Python per row); a row the
-    fast path cannot vouch for goes through `row_to_item` like any row."""
+    each usual row made a `CallEvent` in C (engine/_rows.c, or zip and map: no Python
+    per row); a row the fast path cannot vouch for goes through `row_to_item` like any
+    row. `checked` gives what _checked_columns makes of the frame when another thread
+    is at it."""
     columns = frame.columns
-    plain = all(frame[c].dtype in _PLAIN_TEXT for c in columns if c != "ts")
-    if not plain:
+    if not _plain(frame):
         rows = frame.iter_rows()
         return _items_of_rows(
             ((n, dict(zip(columns, v, strict=True))) for n, v in enumerate(rows, first_line)),
             label,
         )
     count = len(frame)
-    # Polars' part (times, checks, "file:line" sources) leaves the interpreter lock:
-    # on a thread, it runs beside the texts' conversion to Python strings, which
-    # holds it (measured: a read of 188,000 rows about 15 % shorter).
-    with ThreadPoolExecutor(1, thread_name_prefix="event-file-columns") as helper:
-        checking = helper.submit(_checked_columns, frame, label, first_line)
+    with contextlib.ExitStack() as stack:
+        if checked is None:
+            # Polars' part (times, checks, "file:line" sources) leaves the interpreter
+            # lock: on a thread, it runs beside the texts' conversion to Python
+            # strings, which holds it (a read of 188,000 rows about 15 % shorter).
+            helper = stack.enter_context(
+                ThreadPoolExecutor(1, thread_name_prefix="event-file-columns")
+            )
+            checked = helper.submit(_checked_columns, frame, label, first_line).result
         texts = [
             frame[c].cast(pl.String).fill_null("").to_list() if c in columns else [""] * count
             for c in COLUMNS[1:]
         ]
         state_texts = texts[2]
         states = list(map(_EXACT_STATE.get, state_texts))
-        seconds, slow, sources = checking.result()
+        seconds, slow, sources = checked()
     serials = frame["serial"].cast(pl.Int64, strict=False).to_list()
     times = seconds.to_list()
-    items: list[CallEvent | Reject] = list(
-        map(
-            _new_event,
-            zip(
-                times,
-                texts[0],
-                serials,
-                states,
-                map(_EXACT_CODE.get, state_texts),
-                *texts[3:],
-                sources,
-                strict=True,
-            ),
-        )
+    fields = (
+        times,
+        texts[0],
+        serials,
+        states,
+        list(map(_EXACT_CODE.get, state_texts)),
+        *texts[3:],
+        sources,
     )
+    items: list[CallEvent | Reject]
+    if _zip_as is not None:
+        items = cast(list[CallEvent | Reject], _zip_as(CallEvent, *fields))
+    else:
+        items = list(map(_new_event, zip(*fields, strict=True)))
     if slow:
         _closer_look(frame, items, slow, times, texts, sources)
     return items
@@ -424,15 +449,62 @@ def read_event_file(path: Path) -> list[CallEvent | Reject]:
     return _items_of_rows(read, path.name)
 
 
-def read_event_files(paths: Iterable[Path]) -> tuple[list[CallEvent | Reject], list[str]]:
-    """All rows of all files in event-time order (file order breaks ties), and file errors."""
-    items: list[CallEvent | Reject] = []
+# A file as polars read it (frame, label, first line, its checks to come), or its
+# rows when it was read row by row (JSON lines, or a frame of unusual column types).
+_Part = tuple[pl.DataFrame, str, int, "Future[Checked]"] | list[CallEvent | Reject]
+
+
+def _load(paths: list[Path], errors: list[str], loaded: Future[list[_Part]]) -> None:
+    """Polars' share of reading, for a thread of its own: read each file (`loaded`
+    as soon as all are), then check each frame column-wise (its future in the part)."""
+    parts: list[_Part] = []
+    try:
+        for path in paths:
+            try:
+                read = _frame(path)
+                if not isinstance(read, tuple):
+                    parts.append(_items_of_rows(read, path.name))
+                elif not _plain(read[0]):
+                    parts.append(_items_of_frame(read[0], path.name, read[1]))
+                else:
+                    parts.append((read[0], path.name, read[1], Future()))
+            except EventFileError as error:
+                errors.append(str(error))
+    except BaseException as error:
+        loaded.set_exception(error)
+        raise
+    loaded.set_result(parts)
+    for part in parts:
+        if isinstance(part, tuple):
+            frame, label, first_line, checks = part
+            try:
+                checks.set_result(_checked_columns(frame, label, first_line))
+            except BaseException as error:
+                checks.set_exception(error)
+
+
+def read_event_files(
+    paths: Iterable[Path], meanwhile: Callable[[], None] | None = None
+) -> tuple[list[CallEvent | Reject], list[str]]:
+    """All rows of all files in event-time order (file order breaks ties), and file
+    errors. `meanwhile` runs on this thread while polars reads and checks the files
+    on another (replay opens the store then); the rows are made here, after it: made
+    on the other thread they held the interpreter lock in long C calls while
+    `meanwhile` needed it (replay's store took four times as long to open)."""
     errors: list[str] = []
-    for path in paths:
-        try:
-            items.extend(read_event_file(path))
-        except EventFileError as error:
-            errors.append(str(error))
+    loaded: Future[list[_Part]] = Future()
+    with ThreadPoolExecutor(1, thread_name_prefix="event-files") as helper:
+        loading = helper.submit(_load, list(paths), errors, loaded)
+        if meanwhile is not None:
+            meanwhile()
+        items: list[CallEvent | Reject] = []
+        for part in loaded.result():
+            if isinstance(part, list):
+                items.extend(part)
+            else:
+                frame, label, first_line, checks = part
+                items.extend(_items_of_frame(frame, label, first_line, checks.result))
+        loading.result()
     # Both CallEvent and Reject are tuples led by ts. A file written in event-time order
     # (the usual case) is checked, not sorted: a third of the cost.
     times = list(map(_TS, items))

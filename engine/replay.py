@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,15 +117,18 @@ def replay(
     pipeline = None
     if settings.detection.enabled:
         pipeline = make_pipeline(settings.detection, rules_dir)
-    # The files are read on a thread while the store opens (DuckDB's queries and
-    # polars' parsing leave the GIL): nothing below needs the rows before the fork.
-    with ThreadPoolExecutor(1, thread_name_prefix="replay-read") as reader:
-        reading = reader.submit(read_event_files, paths)
+    opened: list[tuple[EventStore, Intake, Stats]] = []
+
+    def open_the_store() -> None:
         # Replay answers nobody: one fsync per large batch, no preallocated segments.
-        store, intake, stats = open_store(
-            settings, settings_codec(settings), unkeyed_quota=False, live=False
+        opened.append(
+            open_store(settings, settings_codec(settings), unkeyed_quota=False, live=False)
         )
-        items, file_errors = reading.result()
+
+    # The store opens while polars reads and checks the files (both leave the
+    # interpreter lock most of the time): nothing below needs the rows before the fork.
+    items, file_errors = read_event_files(paths, meanwhile=open_the_store)
+    store, intake, stats = opened[0]
     writer_lock = lake_writer_lock(settings.store.data_dir)
     writer_lock.acquire(wait_s=300)
     report = ReplayReport(stats, read=len(items), file_errors=file_errors)
@@ -169,13 +171,15 @@ def replay(
     try:
         # Anything a crashed run left sealed goes first, as it would under serve.
         drain()
-        if items:
-            _remember_stored(store, intake, items, settings.store.dedup_horizon_s)
         if detect_in_child is None:
             # One batch or less: nothing to do side by side.
             detect_in_child = detectfork_available() and len(items) > REPLAY_BATCH
         if pipeline is not None and detect_in_child:
+            # Detection's state is whole (restored, leftovers fed): its process starts
+            # now, and this one finds out meanwhile what the lake holds already.
             detection = DetectionProcess(pipeline, items, writer.snapshot_file)
+        if items:
+            _remember_stored(store, intake, items, settings.store.dedup_horizon_s)
         size = min(REPLAY_BATCH, settings.store.max_pending_reports)
         progress = Progress(len(items))
         for start in range(0, len(items), size):

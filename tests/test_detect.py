@@ -194,10 +194,12 @@ def test_a_suppressed_incident_costs_no_scans_of_open_calls() -> None:
     alerts = pipeline.feed(events).alerts
     # One incident, one alert; every later call that met the condition was suppressed
     # (asked before the scan of open calls and the evidence, which made a flood slow).
+    # Before the alert, calls while the caller had fewer in progress than the
+    # threshold were not scanned at all.
     assert [a.entity for a in alerts] == ["8613900000009"]
     threshold = int(loaded.rules.rules[0].threshold)
     assert pipeline.alerts.suppressed == 3000 - threshold
-    assert tracker.stats.open_call_scans == threshold
+    assert tracker.stats.open_call_scans == 1
 
 
 # -- rules ----------------------------------------------------------------------------
@@ -271,6 +273,20 @@ def test_suppression_shorter_than_the_window_is_refused(tmp_path: Path) -> None:
     )
     (tmp_path / "lists").mkdir()
     with pytest.raises(YamlFileError, match=r"suppression .* is shorter than the window"):
+        load_rules(path)
+
+
+def test_concurrent_calls_are_counted_per_caller_only(tmp_path: Path) -> None:
+    # The call tracker knows calls in progress per caller: grouped otherwise, the
+    # rule would never fire, so it is refused.
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        (RULES / "simultaneous-calls-caller.yaml")
+        .read_text()
+        .replace("group_by: caller", "group_by: menu")
+    )
+    (tmp_path / "lists").mkdir()
+    with pytest.raises(YamlFileError, match=r"concurrent calls are counted per caller"):
         load_rules(path)
 
 

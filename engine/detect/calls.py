@@ -347,6 +347,11 @@ class CallTracker(Snapshotted):
             found.append(call)
         return found
 
+    def open_count(self, caller: str) -> int:
+        """How many calls of `caller` are in progress (`open_calls` with no window)."""
+        calls = self._by_caller.get(caller)
+        return 0 if calls is None else len(calls)
+
     def observe(self, event: CallEvent) -> Call | None:
         """Take one report; returns the call if this report opened it."""
         ts = event.ts
@@ -368,7 +373,12 @@ class CallTracker(Snapshotted):
                 started_at=ts,
             )
             self.open[event.call_id] = call
-            self._by_caller.setdefault(call.caller, {})[call.call_id] = call
+            # Not setdefault(caller, {}): that makes a dict for every call opened.
+            by_caller = self._by_caller.get(call.caller)
+            if by_caller is None:
+                self._by_caller[call.caller] = {call.call_id: call}
+            else:
+                by_caller[call.call_id] = call
             self.stats.calls_started += 1
             started = call
             if len(self.open) > self.max_open_calls:

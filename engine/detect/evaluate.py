@@ -391,7 +391,12 @@ class CompiledRule:
         quiet: Callable[[str, str, float], bool],
     ) -> Finding | None:
         # In progress right now, from the call tracker's open calls (no counters to
-        # drift); with a window, only those that started within it.
+        # drift); with a window, only those that started within it. All of the
+        # caller's calls in progress are at least that many: when even they are too
+        # few for the condition, nothing is measured (nor asked of the alert manager,
+        # a call into Python for every call started).
+        if self._op < 2 and not self.holds(float(tracker.open_count(entity))):
+            return None
         if quiet(self.id, entity, ts):
             return None
         since = ts - self.window_s if self.window_s else float("-inf")

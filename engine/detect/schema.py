@@ -105,6 +105,9 @@ class Aggregate(_Strict):
             raise ValueError("aggregate type first_seen needs new_for (how long a key is new)")
         if self.type == "sequential" and self.group_by != "caller":
             raise ValueError("sequential dialling is grouped by caller")
+        if self.type == "concurrent" and self.group_by != "caller":
+            # The call tracker knows the calls in progress per caller only.
+            raise ValueError("concurrent calls are counted per caller (group_by: caller)")
         return self
 
 

@@ -1,0 +1,96 @@
+/*
+ * Rows of event files as tuples, made from their columns in one C loop.
+ *
+ * Reading an event file ends with a `CallEvent` (a NamedTuple) per row made of the
+ * columns polars has turned into lists. In Python that is
+ * `map(partial(tuple.__new__, CallEvent), zip(*columns))`: a zip tuple per row, then
+ * `tuple.__new__` for a subclass, which builds a plain tuple and copies it into the
+ * subclass's own (three allocations and a Python-level call per row, about half a
+ * microsecond: 0.1 s of a 188,000-row file, before replay's detection can start).
+ * Here each row is one allocation filled in place.
+ *
+ * Portable C; optional at install (setup.py): without it engine/eventfiles.py does
+ * the same with map and zip.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+PyDoc_STRVAR(zip_as_doc,
+             "zip_as(cls, *columns) -> list\n\n"
+             "[cls(*row) for row in zip(*columns, strict=True)] for a tuple subclass `cls`\n"
+             "whose fields are the columns (lists of equal length), without calling its\n"
+             "__new__: the tuples are made directly, as tuple.__new__(cls, row) makes them.");
+
+static PyObject *
+zip_as(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || !PyType_Check(args[0]) ||
+        !PyType_IsSubtype((PyTypeObject *)args[0], &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "zip_as: the first argument must be a tuple subclass");
+        return NULL;
+    }
+    PyTypeObject *cls = (PyTypeObject *)args[0];
+    Py_ssize_t width = nargs - 1;
+    Py_ssize_t rows = 0;
+    for (Py_ssize_t column = 0; column < width; column++) {
+        PyObject *values = args[column + 1];
+        if (!PyList_CheckExact(values)) {
+            PyErr_Format(PyExc_TypeError, "zip_as: column %zd is not a list", column);
+            return NULL;
+        }
+        if (column == 0) {
+            rows = PyList_GET_SIZE(values);
+        }
+        else if (PyList_GET_SIZE(values) != rows) {
+            PyErr_Format(PyExc_ValueError, "zip_as: column %zd has %zd values, column 0 has %zd",
+                         column, PyList_GET_SIZE(values), rows);
+            return NULL;
+        }
+    }
+    PyObject *result = PyList_New(rows);
+    if (result == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t row = 0; row < rows; row++) {
+        /* tp_alloc of a tuple subclass: zeroed slots, tracked by the collector (which
+           skips the slots still empty if an allocation below collects). */
+        PyObject *item = cls->tp_alloc(cls, width);
+        if (item == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        for (Py_ssize_t column = 0; column < width; column++) {
+            /* An allocation may collect, and a finalizer run Python code: a column
+               that shrank meanwhile is an error, not a read past its end. */
+            PyObject *values = args[column + 1];
+            if (PyList_GET_SIZE(values) <= row) {
+                Py_DECREF(item);
+                Py_DECREF(result);
+                PyErr_Format(PyExc_RuntimeError, "zip_as: column %zd changed size", column);
+                return NULL;
+            }
+            PyObject *value = PyList_GET_ITEM(values, row);
+            Py_INCREF(value);
+            PyTuple_SET_ITEM(item, column, value);
+        }
+        PyList_SET_ITEM(result, row, item);
+    }
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"zip_as", (PyCFunction)(void (*)(void))zip_as, METH_FASTCALL, zip_as_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "engine._rows",
+    "Rows of event files as tuples, made from their columns in C.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__rows(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,78 @@
+"""Event files' rows made in C from their columns (engine/_rows.c): the same tuples as
+`tuple.__new__(CallEvent, row)` for each row of zip(*columns), and a clear error
+for anything else."""
+
+from __future__ import annotations
+
+import gc
+import sys
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.events import CallEvent, CallState
+
+try:
+    from engine import _rows
+except ImportError:  # not built here: engine/eventfiles.py uses map and zip
+    _rows = None  # type: ignore[assignment]
+
+needs_rows = pytest.mark.skipif(_rows is None, reason="engine._rows not built")
+
+
+def test_the_row_maker_is_built_on_linux() -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("checked where we ship")
+    assert _rows is not None
+
+
+_FIELDS = st.tuples(
+    st.floats(allow_nan=False),
+    st.text(max_size=4),
+    st.integers(0, 10**18),
+    st.sampled_from(list(CallState)),
+    st.sampled_from([None, 180, 183]),
+    *(st.text(max_size=3) for _ in range(6)),
+)
+
+
+@needs_rows
+@given(rows=st.lists(_FIELDS, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_rows_are_the_tuples_zip_makes(rows: list[tuple[Any, ...]]) -> None:
+    columns = [list(column) for column in zip(*rows, strict=True)] or [[] for _ in range(11)]
+    made = _rows.zip_as(CallEvent, *columns)
+    assert made == [tuple.__new__(CallEvent, row) for row in rows]
+    assert all(type(row) is CallEvent for row in made)
+    assert [row.caller for row in made] == [row[5] for row in rows]
+
+
+@needs_rows
+def test_rows_survive_collections_while_they_are_made() -> None:
+    # Allocating rows may run the collector over the ones half made.
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1)
+    try:
+        columns = [[f"v{n}" for n in range(5000)] for _ in range(3)]
+        made = _rows.zip_as(tuple, *columns)
+    finally:
+        gc.set_threshold(*thresholds)
+    gc.collect()
+    assert made[4999] == ("v4999", "v4999", "v4999")
+
+
+@needs_rows
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((), TypeError, "first argument must be a tuple subclass"),
+        ((list, [1]), TypeError, "first argument must be a tuple subclass"),
+        ((tuple, (1, 2)), TypeError, "column 0 is not a list"),
+        ((tuple, [1], [1, 2]), ValueError, "column 1 has 2 values, column 0 has 1"),
+    ],
+)
+def test_bad_columns_are_named(args: tuple[Any, ...], error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        _rows.zip_as(*args)

@@ -271,11 +271,11 @@ _new_tuple = tuple.__new__
 # A CallEvent from a tuple of its fields, called from C (map) with no Python frame,
 # where engine/_rows.c is not built; with it, each is one allocation filled in C.
 _new_event = functools.partial(_new_tuple, CallEvent)
-_zip_as: Callable[..., list[CallEvent]] | None
+_take_rows: Callable[..., list[CallEvent]] | None
 try:
-    from engine._rows import zip_as as _zip_as
+    from engine._rows import take_rows as _take_rows
 except ImportError:
-    _zip_as = None
+    _take_rows = None
 
 
 def _plain_rows(frame: pl.DataFrame, columns: list[str]) -> pl.Series:
@@ -352,10 +352,14 @@ def _items_of_frame(
                 ThreadPoolExecutor(1, thread_name_prefix="event-file-columns")
             )
             checked = helper.submit(_checked_columns, frame, label, first_line).result
+        # The serial as text is for the closer look alone (its rows are taken below):
+        # made for every row, those strings were made and freed for nothing.
         texts = [
             frame[c].cast(pl.String).fill_null("").to_list() if c in columns else [""] * count
             for c in COLUMNS[1:]
+            if c != "serial"
         ]
+        texts.insert(1, [])  # (in place: the columns' order stays COLUMNS[1:])
         state_texts = texts[2]
         states = list(map(_EXACT_STATE.get, state_texts))
         seconds, slow, sources = checked()
@@ -370,47 +374,55 @@ def _items_of_frame(
         *texts[3:],
         sources,
     )
+    # What the closer look needs of the rows it remakes, taken before the columns' values
+    # move into the rows.
+    serial_texts = frame["serial"].cast(pl.String).fill_null("").gather(slow).to_list()
+    unusual = [
+        (
+            index,
+            times[index],
+            [texts[0][index], serial_text, *(text[index] for text in texts[2:])],
+            sources[index],
+        )
+        for index, serial_text in zip(slow, serial_texts, strict=True)
+    ]
     items: list[CallEvent | Reject]
-    if _zip_as is not None:
-        items = cast(list[CallEvent | Reject], _zip_as(CallEvent, *fields))
+    if _take_rows is not None:
+        items = cast(list[CallEvent | Reject], _take_rows(CallEvent, *fields))
     else:
         items = list(map(_new_event, zip(*fields, strict=True)))
-    if slow:
-        _closer_look(frame, items, slow, times, texts, sources)
+    if unusual:
+        _closer_look(frame, items, unusual)
     return items
 
 
 def _closer_look(
     frame: pl.DataFrame,
     items: list[CallEvent | Reject],
-    slow: list[int],
-    times: list[float | None],
-    texts: list[list[str]],
-    sources: list[str],
+    unusual: list[tuple[int, float | None, list[str], str]],
 ) -> None:
-    """Remake the rows at `slow` (ascending) through the validator: a field to strip,
-    a state spelled otherwise, or something wrong that a reject must name."""
+    """Remake the rows at the `unusual` indexes (ascending; with each its time, texts
+    and source) through the validator: a field to strip, a state spelled otherwise, or
+    something wrong that a reject must name."""
     columns = frame.columns
     fallback_ts = 0.0
     previous = -1
-    for index in slow:
+    for index, ts, fields, source in unusual:
         if index - 1 > previous:
             # The row before was made by the fast path: a CallEvent.
             fallback_ts = items[index - 1].ts
         previous = index
-        ts = times[index]
         item: CallEvent | Reject
         if ts is None:
             row = dict(zip(columns, frame.row(index), strict=True))
-            item = row_to_item(row, sources[index], fallback_ts)
+            item = row_to_item(row, source, fallback_ts)
         else:
-            fields = [text[index] for text in texts]
             fields[2] = _TABLE_STATES.get(fields[2].strip().lower(), fields[2])
             try:
-                item = make_event(ts, fields, sources[index])
+                item = make_event(ts, fields, source)
             except FieldError as error:
                 row = dict(zip(columns, frame.row(index), strict=True))
-                item = _reject(row, sources[index], fallback_ts, error.reason, error.detail)
+                item = _reject(row, source, fallback_ts, error.reason, error.detail)
         if type(item) is CallEvent:
             fallback_ts = item.ts
         items[index] = item
@@ -498,16 +510,32 @@ def read_event_files(
         if meanwhile is not None:
             meanwhile()
         items: list[CallEvent | Reject] = []
+        # Whether the rows are known to be in event-time order without a look at each.
+        ordered = True
         for part in loaded.result():
             if isinstance(part, list):
                 items.extend(part)
-            else:
-                frame, label, first_line, checks = part
-                items.extend(_items_of_frame(frame, label, first_line, checks.result))
+                ordered = False
+                continue
+            frame, label, first_line, checks = part
+            part_items = _items_of_frame(frame, label, first_line, checks.result)
+            if part_items:
+                # Every row's time read by polars and in order: then so are the items (a
+                # row's item has that time; a reject the time of the last good row
+                # before it, or 0 before any), unless the file starts before the last.
+                seconds = checks.result()[0]
+                ordered = (
+                    ordered
+                    and not seconds.null_count()
+                    and seconds.is_sorted()
+                    and (not items or items[-1].ts <= part_items[0].ts)
+                )
+            items.extend(part_items)
         loading.result()
-    # Both CallEvent and Reject are tuples led by ts. A file written in event-time order
-    # (the usual case) is checked, not sorted: a third of the cost.
-    times = list(map(_TS, items))
-    if not all(map(operator.le, times, itertools.islice(times, 1, None))):
-        items.sort(key=_TS)
+    if not ordered:
+        # Both CallEvent and Reject are tuples led by ts. Rows in event-time order are
+        # checked, not sorted: a third of the cost.
+        times = list(map(_TS, items))
+        if not all(map(operator.le, times, itertools.islice(times, 1, None))):
+            items.sort(key=_TS)
     return items, errors

@@ -393,6 +393,11 @@ class Lake:
                     highest = max(highest, rng[1])
         return highest
 
+    def holds_reports(self) -> bool:
+        """Whether the events or rejects table has a file besides its empty placeholder."""
+        tables = ("events", "rejects")
+        return any(path.name != _PLACEHOLDER for t in tables for path in self.files(t))
+
     def files(self, table: str) -> list[Path]:
         return sorted((self.root / table).glob("day=*/*.parquet"))
 

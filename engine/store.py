@@ -174,20 +174,27 @@ class EventStore:
                         item = item_of(record)
                         journaled.append((frame.first_seq + offset, item.key, item.ts))
         recovery.sealed_segments = len(sealed)
-        max_seq, max_ts_us = self.lake.query(
-            "SELECT max(seq), max(epoch_us(ts)) FROM (SELECT seq, ts FROM events "
-            "UNION ALL SELECT seq, ts FROM rejects)"
-        )[0]
+        # A new data dir (its lake holding placeholders only) asks DuckDB nothing: two
+        # queries over empty files took half of opening the store.
+        max_seq = max_ts_us = None
+        lake_keys: list[tuple[Any, ...]] = []
+        holds_reports = self.lake.holds_reports()
+        if holds_reports:
+            max_seq, max_ts_us = self.lake.query(
+                "SELECT max(seq), max(epoch_us(ts)) FROM (SELECT seq, ts FROM events "
+                "UNION ALL SELECT seq, ts FROM rejects)"
+            )[0]
         latest = max([(max_ts_us or 0) / 1_000_000] + [ts for _, _, ts in journaled])
         recovery.next_seq = max([max_seq or 0] + [seq for seq, _, _ in journaled]) + 1
         since = latest - self.dedup_horizon_s
-        lake_keys = self.lake.query(
-            "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
-            "SELECT call_id, serial, ts FROM events WHERE ts >= to_timestamp(?) "
-            "UNION ALL SELECT call_id, serial, ts FROM rejects "
-            "WHERE ts >= to_timestamp(?) AND call_id IS NOT NULL) ORDER BY t",
-            (since, since),
-        )
+        if holds_reports:
+            lake_keys = self.lake.query(
+                "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
+                "SELECT call_id, serial, ts FROM events WHERE ts >= to_timestamp(?) "
+                "UNION ALL SELECT call_id, serial, ts FROM rejects "
+                "WHERE ts >= to_timestamp(?) AND call_id IS NOT NULL) ORDER BY t",
+                (since, since),
+            )
         recovery.recent_keys = [(c, s, t) for c, s, t in lake_keys] + [
             (key[0], key[1], ts) for _, key, ts in journaled if key is not None and ts >= since
         ]

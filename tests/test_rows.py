@@ -1,6 +1,6 @@
 """Event files' rows made in C from their columns (engine/_rows.c): the same tuples as
-`tuple.__new__(CallEvent, row)` for each row of zip(*columns), and a clear error
-for anything else."""
+`tuple.__new__(CallEvent, row)` for each row of zip(*columns), the values moved out
+of the columns, and a clear error for anything else."""
 
 from __future__ import annotations
 
@@ -43,10 +43,30 @@ _FIELDS = st.tuples(
 @settings(max_examples=200, deadline=None)
 def test_rows_are_the_tuples_zip_makes(rows: list[tuple[Any, ...]]) -> None:
     columns = [list(column) for column in zip(*rows, strict=True)] or [[] for _ in range(11)]
-    made = _rows.zip_as(CallEvent, *columns)
+    made = _rows.take_rows(CallEvent, *columns)
     assert made == [tuple.__new__(CallEvent, row) for row in rows]
     assert all(type(row) is CallEvent for row in made)
     assert [row.caller for row in made] == [row[5] for row in rows]
+    assert all(value is None for column in columns for value in column)
+
+
+@needs_rows
+def test_values_move_into_the_rows_not_copied() -> None:
+    columns = [[object() for _ in range(50)] for _ in range(3)]
+    values = [value for column in columns for value in column]
+    counts = [sys.getrefcount(value) for value in values]
+    made = _rows.take_rows(tuple, *columns)
+    # The columns hold None; each value has as many references as before (the row's
+    # is the column's).
+    assert columns == [[None] * 50] * 3
+    assert [sys.getrefcount(value) for value in values] == counts
+    assert [value for row in made for value in row] == [
+        columns_value for row in zip(*_chunks(values, 50), strict=True) for columns_value in row
+    ]
+
+
+def _chunks(values: list[object], size: int) -> list[list[object]]:
+    return [values[start : start + size] for start in range(0, len(values), size)]
 
 
 @needs_rows
@@ -56,11 +76,14 @@ def test_rows_survive_collections_while_they_are_made() -> None:
     gc.set_threshold(1)
     try:
         columns = [[f"v{n}" for n in range(5000)] for _ in range(3)]
-        made = _rows.zip_as(tuple, *columns)
+        made = _rows.take_rows(tuple, *columns)
     finally:
         gc.set_threshold(*thresholds)
     gc.collect()
     assert made[4999] == ("v4999", "v4999", "v4999")
+
+
+_SAME = [2]
 
 
 @needs_rows
@@ -71,8 +94,10 @@ def test_rows_survive_collections_while_they_are_made() -> None:
         ((list, [1]), TypeError, "first argument must be a tuple subclass"),
         ((tuple, (1, 2)), TypeError, "column 0 is not a list"),
         ((tuple, [1], [1, 2]), ValueError, "column 1 has 2 values, column 0 has 1"),
+        ((tuple, [1], _SAME, _SAME), ValueError, "column 2 is column 1 again"),
     ],
 )
 def test_bad_columns_are_named(args: tuple[Any, ...], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
-        _rows.zip_as(*args)
+        _rows.take_rows(*args)
+    assert _SAME == [2], "nothing moved"

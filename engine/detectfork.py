@@ -4,9 +4,11 @@ writes the lake: the machine's second core, for the half of replay that detectio
 The child is forked once the event files are read and detection state is
 restored, so it starts with both in memory: no imports, no rules to load, no
 reports to send. The parent tells it which reports each journal segment stored (a
-range of the rows read, and a bitmap of the few it did not: duplicates) and
-receives the calls (as columns) and alerts detection made of them, then writes
-both to the lake with the segment, exactly as the in-process lake writer does.
+range of the rows read, and a bitmap of the few it did not: duplicates) as soon
+as it knows, before it journals them, so the two work side by side from the
+first segment on. It receives the calls (as columns) and alerts detection made
+of them, then writes both to the lake with the segment, exactly as the in-process
+lake writer does.
 At the end the child writes the detection snapshot while the parent writes the
 lake, and the parent puts it in place once the lake holds everything it has seen.
 
@@ -229,23 +231,26 @@ class DetectionProcess:
             raise
         child_conn.close()
         self._submitted: deque[int] = deque()
+        self._asked = 0
         self._finished = False
 
     @property
     def outstanding(self) -> int:
         return len(self._submitted)
 
-    def submit(self, number: int, specs: list[StepSpec]) -> None:
-        self._send(("detect", number, specs))
-        self._submitted.append(number)
+    def submit(self, specs: list[StepSpec]) -> None:
+        """Detect the next segment: its steps, in order."""
+        self._asked += 1
+        self._send(("detect", self._asked, specs))
+        self._submitted.append(self._asked)
 
-    def result(self) -> tuple[int, dict[str, list[Any]], list[Alert]]:
-        """(segment, call columns, alerts) of the oldest segment submitted."""
+    def result(self) -> tuple[dict[str, list[Any]], list[Alert]]:
+        """(call columns, alerts) of the oldest segment submitted and not yet answered."""
         expected = self._submitted.popleft()
         message = self._receive()
         if message[0] != "detected" or message[1] != expected:
-            raise DetectionProcessError(f"answered {message[:2]!r} for segment {expected}")
-        return expected, message[2], message[3]
+            raise DetectionProcessError(f"answered {message[:2]!r} for request {expected}")
+        return message[2], message[3]
 
     def begin_snapshot(self, position: Position) -> None:
         """Ask for the snapshot once the segments submitted so far are detected (it

@@ -380,13 +380,13 @@ class LakeWriter:
     def write_group(
         self,
         segments: list[tuple[int, list[Step]]],
-        detected: Callable[[], tuple[int, dict[str, list[Any]], list[Alert]]],
+        detected: Callable[[], tuple[dict[str, list[Any]], list[Alert]]],
         result: DrainResult,
     ) -> None:
         """Replay's lake write: journal segments just sealed, in order, written to the
         lake as one group (Lake.write_group), their reports while detection works
         on them, then what `detected` returns for each segment in turn (its
-        number, calls as columns, alerts), then the journal segments go. One write
+        calls as columns, and alerts), then the journal segments go. One write
         for many segments instead of one each and a compaction after: compaction
         re-encoded every row at the end of a replay, when nothing else was left."""
         first, last = segments[0][0], segments[-1][0]
@@ -395,9 +395,7 @@ class LakeWriter:
         held: list[DetectedSegment] = []
         calls: list[pl.DataFrame] = []
         for number, steps in segments:
-            answered, columns, alerts = detected()
-            if answered != number:
-                raise RuntimeError(f"detection answered segment {answered} for {number}")
+            columns, alerts = detected()
             held.append(self.hold(number, steps, columns, alerts))
             # Framed now, while detection works on the next segment.
             calls.append(calls_frame(columns))

@@ -21,7 +21,7 @@ from engine.lake import Item, item_of, record_of
 from engine.lakewriter import DrainResult, LakeWriter, Step, make_pipeline
 from engine.service import open_store, settings_codec
 from engine.stats import Stats
-from engine.store import EventStore, lake_writer_lock
+from engine.store import EventStore, StoreError, lake_writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ def _remember_stored(
     or one overlapping what is stored, must not store a report again however old it
     is. Only the rows' own call ids are looked up, so what is kept grows with the
     files, not with the lake."""
+    if not store.lake.holds_reports():
+        # A new data dir: nothing to ask DuckDB (a query costs more than the first
+        # segment's journaling, and the detection process waits for that segment).
+        return
     span = (items[0].ts - horizon_s, items[-1].ts + horizon_s)
     stored = (
         "SELECT call_id, serial, ts FROM events WHERE ts BETWEEN to_timestamp(?) AND "
@@ -156,14 +160,23 @@ def replay(
         writer.write_group(group, detection.result, written)
         group.clear()
 
-    def hand_over(segment: int, steps: list[Step], specs: list[StepSpec]) -> None:
+    def detect(specs: list[StepSpec]) -> None:
+        # Before the reports are journaled: the detection process works on them
+        # meanwhile. Nothing it finds reaches the lake before they are in the journal.
+        if detection is not None:
+            detection.submit(specs)
+
+    def hand_over(segment: int | None, steps: list[Step]) -> None:
+        if segment is None:
+            # Each commit above writes a frame, so sealing finds one; without its
+            # segment, what detection was given would be out of step with the lake.
+            raise StoreError("the journal had nothing to seal after a commit")
         if detection is None:
             # The lake writer takes the batch as it is, rather than reading back and
             # decoding the JSON just written: the same reports, in the same order.
             writer.prime(segment, steps)
             drain()
             return
-        detection.submit(segment, specs)
         group.append((segment, steps))
         if len(group) >= GROUP_SEGMENTS:
             write_group()
@@ -189,26 +202,24 @@ def replay(
             batch = intake.seal()
             if batch is None:
                 continue
+            if set(map(type, batch.records)) == {CallEvent}:
+                stored = batch.records  # reports only, the usual batch
+            else:
+                stored = [r if type(r) is CallEvent else item_of(r) for r in batch.records]
+            if detection is not None:
+                skipped = skipped_bitmap(rows, stored)
+                detect([(batch.first_seq, start, start + len(rows), skipped)])
             store.commit(JSON_RECORDS, batch.first_seq, json_payload(batch.records))
             intake.durable(batch)
-            segment = store.seal()
-            if segment is not None:
-                if set(map(type, batch.records)) == {CallEvent}:
-                    stored = batch.records  # reports only, the usual batch
-                else:
-                    stored = [r if type(r) is CallEvent else item_of(r) for r in batch.records]
-                skipped = skipped_bitmap(rows, stored)
-                spec = (batch.first_seq, start, start + len(rows), skipped)
-                hand_over(segment, [(batch.first_seq, stored)], [spec])
+            hand_over(store.seal(), [(batch.first_seq, stored)])
         if items:
             # End of input: move event time past the last Bye's settling time, as a
             # quiet switch's ticks would, so the calls that ended are finished.
             # The rows are in event-time order: the last is the latest.
             until = items[-1].ts + settings.detection.settle_s
+            detect([until])
             store.commit(TICK, 0, tick_payload(until))
-            segment = store.seal()
-            if segment is not None:
-                hand_over(segment, [until], [until])
+            hand_over(store.seal(), [until])
         if detection is None:
             writer.compact()
             writer.snapshot()

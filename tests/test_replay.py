@@ -544,7 +544,7 @@ def _demo_pipeline() -> Pipeline:
 def test_a_failure_in_the_detection_process_is_reported_with_its_traceback() -> None:
     process = detectfork.DetectionProcess(_demo_pipeline(), [], None)
     try:
-        process.submit(1, ["not a step"])  # type: ignore[list-item]
+        process.submit(["not a step"])  # type: ignore[list-item]
         with pytest.raises(detectfork.DetectionProcessError, match="Traceback"):
             process.result()
     finally:
@@ -555,13 +555,14 @@ def test_a_failure_in_the_detection_process_is_reported_with_its_traceback() -> 
 def test_a_finished_detection_process_answers_what_it_was_asked_and_ends() -> None:
     process = detectfork.DetectionProcess(_demo_pipeline(), [], None)
     try:
-        process.submit(1, [1.0])
+        process.submit([1.0])
         process.finish()
-        assert process.result()[0] == 1
+        columns, alerts = process.result()
+        assert alerts == [] and len(columns["call_id"]) == 0
         process._process.join(10)
         assert process._process.exitcode == 0
         with pytest.raises(detectfork.DetectionProcessError, match="after finish"):
-            process.submit(2, [2.0])
+            process.submit([2.0])
     finally:
         process.close()
 
@@ -575,7 +576,7 @@ def test_a_killed_detection_process_is_reported_not_waited_for() -> None:
         os.kill(pid, signal.SIGKILL)
         process._process.join(10)
         with pytest.raises(detectfork.DetectionProcessError, match="killed by signal 9"):
-            process.submit(1, [1.0])
+            process.submit([1.0])
             process.result()
     finally:
         process.close()
@@ -590,7 +591,7 @@ def test_a_hung_detection_process_is_given_up_on(monkeypatch: pytest.MonkeyPatch
         os.kill(pid, signal.SIGSTOP)
         monkeypatch.setattr(detectfork, "ANSWER_TIMEOUT_S", 0.5)
         monkeypatch.setattr(detectfork, "_JOIN_TIMEOUT_S", 0.5)
-        process.submit(1, [1.0])
+        process.submit([1.0])
         with pytest.raises(detectfork.DetectionProcessError, match=r"no answer in 0\.5 s"):
             process.result()
     finally:

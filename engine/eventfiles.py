@@ -112,13 +112,17 @@ _TABLE_STATES = {"answered": "ok", "hangup": "bye"}
 
 
 def row_to_item(row: Mapping[str, Any], source: str, fallback_ts: float) -> CallEvent | Reject:
+    """The row's event, or its reject: at the row's own time when that much of it is
+    good, else at `fallback_ts` (the last good row's, so it stays in its place)."""
+    ts: float | None = None
     try:
         ts = parse_ts(row.get("ts"))
         fields = [_text(row.get(column)) for column in COLUMNS[1:]]
         fields[2] = _TABLE_STATES.get(fields[2].strip().lower(), fields[2])
         return make_event(ts, fields, source)
     except FieldError as error:
-        return _reject(row, source, fallback_ts, error.reason, error.detail)
+        at = fallback_ts if ts is None else ts
+        return _reject(row, source, at, error.reason, error.detail)
 
 
 def _reject(
@@ -422,7 +426,7 @@ def _closer_look(
                 item = make_event(ts, fields, source)
             except FieldError as error:
                 row = dict(zip(columns, frame.row(index), strict=True))
-                item = _reject(row, source, fallback_ts, error.reason, error.detail)
+                item = _reject(row, source, ts, error.reason, error.detail)
         if type(item) is CallEvent:
             fallback_ts = item.ts
         items[index] = item

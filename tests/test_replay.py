@@ -117,12 +117,14 @@ def test_bad_rows_are_reported_with_file_and_line_and_quarantined(tmp_path: Path
     assert "events.csv:5: bad_ts:" in result.stderr
     assert "events.csv:6: bad_call_id: call_id is empty" in result.stderr
     assert "1 events stored, 4 rejected" in result.stdout
-    rows = query(data_dir, "SELECT source, reason FROM rejects ORDER BY source")
+    rows = query(data_dir, "SELECT source, reason, epoch(ts) FROM rejects ORDER BY source")
+    # A reject is at its own time when that parses; else at the last good row's.
+    at = datetime(2026, 11, 28, 10, tzinfo=UTC).timestamp()
     assert rows == [
-        ("events.csv:3", "bad_ts"),
-        ("events.csv:4", "bad_state"),
-        ("events.csv:5", "bad_ts"),
-        ("events.csv:6", "bad_call_id"),
+        ("events.csv:3", "bad_ts", at),
+        ("events.csv:4", "bad_state", at + 2),
+        ("events.csv:5", "bad_ts", at),
+        ("events.csv:6", "bad_call_id", at + 3),
     ]
 
 

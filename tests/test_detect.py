@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.codec import Vos3000TextCodec
-from engine.detect.calls import CallTracker
+from engine.detect.calls import Call, CallTracker
 from engine.detect.evaluate import (
     EQ,
     FIELDS,
@@ -163,6 +163,32 @@ def test_a_flood_of_invented_callers_is_bounded_and_counted() -> None:
     assert len(rule.state) <= 1000
     assert rule.state.evicted >= 19_000
     assert pipeline.tracker.open == {}
+
+
+def test_an_entity_used_within_its_window_stays_however_late_its_place() -> None:
+    """A rule moves an entity to the recently used end only when its place is more
+    than `touch_s` behind (an eighth of its window): one lookup per call rather than
+    a removal and an insertion. Dropping idle entities allows for that lag."""
+    (rule,) = load_rules(RULES / "ringing-without-ok-caller.yaml").rules.rules
+    window, lag = rule.window_s, rule.touch_s
+    assert 0 < lag < window
+    tracker = CallTracker()
+
+    def use(caller: str, ts: float) -> None:
+        rule.evaluate(Call(f"c{caller}{ts}", caller, "200", "", "7", "Main", ts), ts, tracker)
+
+    use("A", 0.0)
+    use("B", 1.0)
+    use("A", 0.9 * lag)  # not moved: A's place stays ahead of B's
+    assert list(rule.state.states) == ["A", "B"]
+    rule.drop_idle(0.9 * lag + window - 1)  # A's last call is still in its window
+    assert list(rule.state.states) == ["A", "B"]
+    assert len(rule.state.states["A"]) == 2
+    use("B", 1.0 + 1.5 * lag)  # moved: B's place was more than touch_s behind
+    use("A", 2.5 * lag)
+    assert list(rule.state.states) == ["B", "A"]
+    rule.drop_idle(1.0 + 1.5 * lag + window + lag + 1)  # B's window is empty
+    assert list(rule.state.states) == ["A"]
 
 
 def test_a_flood_of_calls_that_never_end_is_bounded_and_counted() -> None:

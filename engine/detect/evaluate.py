@@ -232,8 +232,14 @@ class Selector:
         return found
 
     def takes(self, call: Call) -> bool:
-        """For a selector of one rule: whether it selects the call."""
-        return bool(self.select(self.values_of(call)))
+        """For a selector of one rule: whether it selects the call. Each condition in
+        turn, stopping at the first that fails, and no lists made: a ratio rule asks
+        this of every call it counts."""
+        fields = self.fields
+        for condition in self.conditions[0]:
+            if not condition.holds(field_of(call, fields[condition.slot])):
+                return False
+        return True
 
 
 def compile_selection(
@@ -275,6 +281,9 @@ class CompiledRule:
         self.entity_field = ENTITY_FIELDS[aggregate.group_by]
         self._entity_index = ("caller", "menu_id", "forward", "callee").index(self.entity_field)
         self.window_s = aggregate.window or 0.0
+        # How far behind an entity's place in the least-recently-used order may fall
+        # before a call moves it to the end (see `evaluate`).
+        self.touch_s = self.window_s / 8
         self.compare = OPS[spec.condition.op]
         # The same comparison by number, made in `holds` without a call per finding.
         self._op = tuple(OPS).index(spec.condition.op)
@@ -350,17 +359,24 @@ class CompiledRule:
             return None
         if self.concurrent:
             return self._concurrent(call, entity, ts, tracker, quiet)
-        # The entity's state, made the most recently used (KeyedState.get, inlined:
-        # this runs for every selected call of every rule).
+        # The entity's state. Its `last_ts` is when it was last put at the most
+        # recently used end, not when last used: it is moved there again (taken out
+        # and put back) only once that is more than `touch_s` ago, so the order of the
+        # keys is least-recently-used to within `touch_s`, and most calls of a busy
+        # entity cost one lookup rather than a removal and an insertion.
+        # `drop_idle` allows for the lag. Inlined: this runs for every selected call
+        # of every rule.
         keyed = self.state
         states = keyed.states
-        state = states.pop(entity, None)
+        state = states.get(entity)
         if state is None:
             state = self._new_state(ts)
+            state.last_ts = ts
             keyed.put(entity, state)
-        else:
+        elif ts - state.last_ts > self.touch_s:
+            del states[entity]
             states[entity] = state
-        state.last_ts = ts
+            state.last_ts = ts
         item: object = None
         if self.item_field is not None:
             item = getattr(call, self.item_field)
@@ -501,6 +517,9 @@ class CompiledRule:
             keep = max(keep, 30 * 86400.0)
         elif self.spec.aggregate.type == "baseline_spike":
             keep = max(keep * 50, 86400.0)
+        # An entity's last use may be up to `touch_s` after its `last_ts` (see
+        # `evaluate`): only one whose window is surely empty goes.
+        keep += self.touch_s
         return self.state.drop_idle(lambda s: s.last_ts < now - keep)
 
 

@@ -5,6 +5,10 @@ Both rule sets run from a fresh start over the same stored reports (the `events`
 table, a day at a time, in the order they were stored, which is the order live
 detection saw them), through the same pipeline as `serve` and `replay`, in memory:
 nothing is written to the data dir, so a backtest is safe beside a running engine.
+A warm-up feeds both the history just before the span first, its alerts not
+counted: windows, baselines, first-seen numbers and models then start the span
+as live detection did, rather than empty (cold, a baseline rule cannot fire for
+its first hours and every forward number is new).
 An incident of one run is the same incident in the other when the rule, the
 entity and the windows overlap; the rest were added or removed by the change.
 """
@@ -53,6 +57,9 @@ class BacktestReport:
     since: float
     until: float
     events: int = 0
+    warmup_s: float = 0.0
+    # Stored reports fed before the span (their alerts are not counted).
+    warmup_events: int = 0
     current: list[Alert] = field(default_factory=list)
     candidate: list[Alert] = field(default_factory=list)
     rules: list[RuleChange] = field(default_factory=list)
@@ -98,14 +105,25 @@ def backtest(
     detection: DetectionSettings,
     since: float,
     until: float,
+    warmup_s: float = 0.0,
 ) -> BacktestReport:
-    """Raises YamlFileError (either rule set invalid) or BacktestError."""
+    """Raises YamlFileError (either rule set invalid) or BacktestError. `warmup_s`:
+    this much stored history before `since` is fed to both first, its alerts not
+    counted (an incident alerted then stays suppressed into the span, as live)."""
     if until <= since:
         raise BacktestError("the span is empty: --until must be later than --since")
+    if warmup_s < 0:
+        raise BacktestError(f"the warm-up ({warmup_s:g} s) must not be negative")
     current = make_pipeline(detection, current_dir)
     candidate = make_pipeline(detection, candidate_dir)
-    report = BacktestReport(since, until)
-    for items in _stored_items(_lake(data_dir), since, until):
+    report = BacktestReport(since, until, warmup_s=warmup_s)
+    lake = _lake(data_dir)
+    if warmup_s:
+        for items in _stored_items(lake, since - warmup_s, since):
+            report.warmup_events += len(items)
+            current.feed(items)
+            candidate.feed(items)
+    for items in _stored_items(lake, since, until):
         report.events += len(items)
         report.current.extend(current.feed(items).alerts)
         report.candidate.extend(candidate.feed(items).alerts)

@@ -370,6 +370,14 @@ def rules_test(path: Path) -> None:
 @click.option("--since", default=None, help="Start, ISO-8601 (default: --days before --until).")
 @click.option("--until", default=None, help="End, ISO-8601 (default: the last stored report).")
 @click.option("--days", default=7.0, show_default=True, help="Span when --since is not given.")
+@click.option(
+    "--warmup",
+    default="0s",
+    show_default=True,
+    help="Stored history before the span fed to both rule sets first, its alerts not "
+    "counted, so windows, baselines, first-seen numbers and models start the span warm "
+    "(e.g. 1d, 6h).",
+)
 @click.option("--show", default=20, show_default=True, help="Added and removed alerts to list.")
 @click.option(
     "--out",
@@ -386,17 +394,19 @@ def rules_backtest(
     since: str | None,
     until: str | None,
     days: float,
+    warmup: str,
     show: int,
     out: Path | None,
     log_level: str,
 ) -> None:
     """What the rules under PATH would have raised on the stored events, against the
-    rules in use on the same events. Both run from a fresh start, in memory: the
-    data dir is only read."""
+    rules in use on the same events. Both run from a fresh start (or after the same
+    --warmup), in memory: the data dir is only read."""
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     _setup_logging(log_level)
     from engine.backtest import BacktestError, backtest, parse_time, stored_span
     from engine.runtime import tune_gc_for_detection
+    from engine.simulator.calls import parse_duration
     from engine.yamlfile import YamlFileError
 
     tune_gc_for_detection()
@@ -408,7 +418,15 @@ def rules_backtest(
         # The last stored report is in the span, not on its open end.
         end = end if until else end + 1e-6
         start = parse_time(since, "--since") if since else end - days * 86_400
-        report = backtest(settings.store.data_dir, path, against, settings.detection, start, end)
+        try:
+            # A bare number is seconds, as in the rules' YAML.
+            numeric = warmup.strip().replace(".", "", 1).isdigit()
+            warmup_s = parse_duration(float(warmup) if numeric else warmup)
+        except ValueError as error:
+            raise BacktestError(f"--warmup: {error}") from None
+        report = backtest(
+            settings.store.data_dir, path, against, settings.detection, start, end, warmup_s
+        )
     except BacktestError as error:
         _fail(str(error))
     except YamlFileError as error:
@@ -419,7 +437,13 @@ def rules_backtest(
 
     click.echo(
         f"backtest of {path} against {against} on {report.events:,} stored events, "
-        f"{when(report.since)} to {when(report.until)} UTC (both from a fresh start)"
+        f"{when(report.since)} to {when(report.until)} UTC "
+        + (
+            f"(both after a warm-up on the {report.warmup_events:,} stored events of the "
+            f"{report.warmup_s / 3600:g} h before)"
+            if report.warmup_s
+            else "(both from a fresh start)"
+        )
     )
     click.echo(f"{'rule':40} {'now':>6} {'with change':>12} {'added':>6} {'removed':>8}")
     for change in report.rules:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.backtest import backtest, stored_span
+from engine.backtest import BacktestReport, backtest, stored_span
+from engine.detect.alerts import Alert
 from engine.replay import ReplayReport, replay
 from tests.conftest import make_settings
 
@@ -102,6 +103,30 @@ def test_a_lowered_threshold_adds_an_incident_and_a_dropped_rule_removes_its_own
     assert {a.rule_id for a in report.added} == {"short-calls-caller"}
 
 
+def test_a_warm_up_starts_the_span_with_the_history_before_it(tmp_path: Path) -> None:
+    events = tmp_path / "short.csv"
+    # 20 short calls, one every 6 s: the shipped burst rule (15 in 3 min) fires at
+    # the 15th. The span holds the last 10; the 10 before it are the warm-up's.
+    short_calls(events, {"8613900000001": 20})
+    data_dir = tmp_path / "data"
+    replay([events], make_settings(data_dir))
+    first, last = stored_span(data_dir)
+    since = first + 10 * 6 - 1
+    detection = make_settings(data_dir).detection
+    cold = backtest(data_dir, RULES, RULES, detection, since, last + 1)
+    warm = backtest(data_dir, RULES, RULES, detection, since, last + 1, warmup_s=3600)
+
+    def bursts(report: BacktestReport) -> list[Alert]:
+        return [a for a in report.candidate if a.rule_id == "short-calls-caller"]
+
+    assert bursts(cold) == []
+    (alert,) = bursts(warm)
+    assert alert.raised_at >= since
+    assert (cold.warmup_events, warm.warmup_events) == (0, 30)
+    assert warm.events == cold.events == 30
+    assert [a.alert_id for a in warm.current] == [a.alert_id for a in warm.candidate]
+
+
 def test_a_span_before_any_event_backtests_nothing(sample: tuple[Path, ReplayReport]) -> None:
     data_dir, _ = sample
     first, _ = stored_span(data_dir)
@@ -150,6 +175,7 @@ def test_the_command_says_what_is_wrong(sample: tuple[Path, ReplayReport], tmp_p
     for option, value, says in (
         ("--since", "last tuesday", "--since 'last tuesday': not an ISO-8601"),
         ("--days", "0", "--days 0: must be more than 0"),
+        ("--warmup", "soon", "--warmup: 'soon' is not a duration"),
         ("--until", "2020-01-01", "--until must be later than --since"),
     ):
         args = [option, value] + (["--since", "2021-01-01"] if option == "--until" else [])

@@ -40,7 +40,7 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python bench/ingest.py
-	$(BIN)/python bench/replay.py
+	$(BIN)/python bench/replay.py --rounds 5
 	$(BIN)/python bench/detection.py
 
 clean:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 from engine.config import Settings
 from engine.detect.alerts import Alert
@@ -154,11 +155,29 @@ def replay(
     detection: DetectionProcess | None = None
     # Segments handed to the detection process and not yet in the lake, in order.
     group: list[tuple[int, list[Step]]] = []
+    # Rows (from the first) of the segments handed over; of the groups in the lake,
+    # which this process needs no more; and of those, how many it has let go.
+    handed_over = in_lake = freed = 0
+
+    def detected() -> tuple[dict[str, list[Any]], list[Alert]]:
+        # Before waiting for the detection process, let go of rows an earlier group
+        # put in the lake, in shares that are all gone by the group's last answer:
+        # held to the end, they were freed as replay returned (a second per million
+        # rows, with nothing else left to do).
+        nonlocal freed
+        assert detection is not None
+        if freed < in_lake:
+            share = -(-(in_lake - freed) // max(detection.outstanding, 1))
+            end = min(in_lake, freed + max(share, REPLAY_BATCH))
+            items[freed:end] = cast(list[Item], [None] * (end - freed))
+            freed = end
+        return detection.result()
 
     def write_group() -> None:
-        assert detection is not None
-        writer.write_group(group, detection.result, written)
+        nonlocal in_lake
+        writer.write_group(group, detected, written)
         group.clear()
+        in_lake = handed_over
 
     def detect(specs: list[StepSpec]) -> None:
         # Before the reports are journaled: the detection process works on them
@@ -187,6 +206,8 @@ def replay(
         if detect_in_child is None:
             # One batch or less: nothing to do side by side.
             detect_in_child = detectfork_available() and len(items) > REPLAY_BATCH
+        # The rows of written groups are let go (see `detected`): the last one's time now.
+        last_ts = items[-1].ts if items else 0.0
         if pipeline is not None and detect_in_child:
             # Detection's state is whole (restored, leftovers fed): its process starts
             # now, and this one finds out meanwhile what the lake holds already.
@@ -211,12 +232,13 @@ def replay(
                 detect([(batch.first_seq, start, start + len(rows), skipped)])
             store.commit(JSON_RECORDS, batch.first_seq, json_payload(batch.records))
             intake.durable(batch)
+            handed_over = start + len(rows)
             hand_over(store.seal(), [(batch.first_seq, stored)])
         if items:
             # End of input: move event time past the last Bye's settling time, as a
             # quiet switch's ticks would, so the calls that ended are finished.
             # The rows are in event-time order: the last is the latest.
-            until = items[-1].ts + settings.detection.settle_s
+            until = last_ts + settings.detection.settle_s
             detect([until])
             store.commit(TICK, 0, tick_payload(until))
             hand_over(store.seal(), [until])

@@ -447,14 +447,18 @@ def _replay_in(data_dir: Path, files: list[Path], forked: bool) -> dict[str, obj
     }
 
 
+def _small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segments of 1,000 reports, written to the lake three at a time when forked:
+    the demo makes several groups and a last one that is not full."""
+    monkeypatch.setattr(replay_module, "REPLAY_BATCH", 1000)
+    monkeypatch.setattr(replay_module, "GROUP_SEGMENTS", 3)
+
+
 @pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
 def test_detection_in_a_forked_process_gives_what_detecting_in_process_gives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Segments of 1,000 reports, written to the lake three at a time when forked:
-    # several groups and a last one that is not full.
-    monkeypatch.setattr(replay_module, "REPLAY_BATCH", 1000)
-    monkeypatch.setattr(replay_module, "GROUP_SEGMENTS", 3)
+    _small_groups(monkeypatch)
     generated = generate(load_scenario(Path("data/scenarios/demo.yaml")))
     events_path, _ = write_files(generated, tmp_path / "demo", "parquet")
     frame = pl.read_parquet(events_path)
@@ -475,6 +479,33 @@ def test_detection_in_a_forked_process_gives_what_detecting_in_process_gives(
     assert forked["alerts"], "the demo raises alerts"
     assert forked["rejects"] == [1, 0]
     assert forked["duplicates"] == [300, 400]
+
+
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+def test_a_long_replay_lets_go_of_the_rows_its_lake_groups_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every group but the last is in the lake before the replay ends, and its rows
+    # are no longer held.
+    _small_groups(monkeypatch)
+    handed: list[list[Item]] = []
+    start = detectfork.DetectionProcess.__init__
+
+    def keeps_the_rows(
+        process: detectfork.DetectionProcess, pipeline: Pipeline, rows: list[Item], *rest: Path
+    ) -> None:
+        handed.append(rows)
+        start(process, pipeline, rows, *rest)
+
+    monkeypatch.setattr(detectfork.DetectionProcess, "__init__", keeps_the_rows)
+    generated = generate(load_scenario(Path("data/scenarios/demo.yaml")))
+    events_path, _ = write_files(generated, tmp_path / "demo", "parquet")
+    report = replay([events_path], make_settings(tmp_path / "data"), detect_in_child=True)
+    (rows,) = handed
+    last_group = 3 * 1000
+    assert len(rows) == report.read > last_group
+    assert rows[: len(rows) - last_group] == [None] * (len(rows) - last_group)
+    assert report.stored == len(generated.events)
 
 
 def _lake_tables(data_dir: Path) -> dict[str, object]:

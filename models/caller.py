@@ -97,6 +97,7 @@ class CallerModel:
         self.lane = (1 << self.window) - 1
         self.keep = sum((self.lane >> 1) << (i * self.window) for i in range(len(FLAGS)))
         self.alpha = 2.0 / (spec.recent_calls + 1)
+        self._derive()
         self.state: KeyedState[array[float]] = KeyedState(max_keys)
         self.population = anomaly_model(spec.trees)
         # How often each flag is set over all calls (plain floats: updated at every
@@ -111,6 +112,20 @@ class CallerModel:
         self.judged = 0
         self.learned = 0
 
+    def _derive(self) -> None:
+        """What the per-call path looks up rather than works out (see `observe`)."""
+        # The alerting flags as a mask of a call's flags (bit i: flag i).
+        self.alone_mask = sum(1 << i for i in self.alone_flags)
+        # A call's flags (bit i: flag i) as new bits of the histories (lane i).
+        self.lane_bits = [
+            sum(1 << (i * self.window) for i in range(len(FLAGS)) if flagged >> i & 1)
+            for flagged in range(1 << len(FLAGS))
+        ]
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._derive()  # a snapshot from before these were kept lacks them
+
     def observe(
         self, call: Call, recent_calls: RecentCalls, quiet: Quiet = never_quiet
     ) -> ModelFinding | None:
@@ -124,8 +139,12 @@ class CallerModel:
         # A stable checksum, not hash(): str hashes change from process to process, and
         # a restored snapshot must compare equal to what this process computes.
         callee_hash = float(zlib.crc32(call.callee.encode()))
-        ring_value = min(ring, 60.0) if ring is not None else 0.0
-        talk_value = math.log10(1.0 + talk) if answered and talk is not None else 0.0
+        ring_value = 0.0 if ring is None else (60.0 if ring > 60.0 else ring)
+        if answered and talk is not None:
+            talk_value = math.log10(1.0 + talk)
+            short = talk < self.spec.short_s
+        else:
+            talk_value, short = 0.0, False
         if state is None:
             state = array("d", bytes(8 * _SIZE))
             state[_FIRST_TS] = call.deadline
@@ -134,33 +153,46 @@ class CallerModel:
                 state[_SLOW + i] = self.rate(i)
             state[_SLOW_MEANS], state[_SLOW_MEANS + 1] = ring_value, talk_value
             self.state.put(caller, state)
-            changed = False
-        else:
-            changed = state[_LAST_CALLEE] != callee_hash
-        flags = [
-            answered and talk is not None and talk < self.spec.short_s,
-            not answered,
-            bool(call.forward),
-            changed,
-        ]
-        width, slow, new_bits = self.window, _SLOW_ALPHA, 0
-        for i, flag in enumerate(flags):
-            if flag:
-                new_bits |= 1 << (i * width)
-            state[_SLOW + i] += slow * (flag - state[_SLOW + i])
-        state[_BITS] = float(((int(state[_BITS]) & self.keep) << 1) | new_bits)
+        # This runs for every finished call: the state is read whole into locals and
+        # written back field by field, the four flags unrolled (as a loop over a list of
+        # flags, it was most of the model's cost). The same arithmetic, in the same
+        # order, as one flag at a time.
+        (
+            n,
+            _last_ts,
+            last_callee,
+            _first_ts,
+            bits,
+            ew_ring,
+            ew_talk,
+            slow_short,
+            slow_unanswered,
+            slow_forward,
+            slow_change,
+            slow_ring,
+            slow_talk,
+        ) = state
+        changed = n > 0 and last_callee != callee_hash
+        forwarded = call.forward != ""
+        # Bit i: flag i (FLAGS) of this call.
+        flagged = short | (not answered) << 1 | forwarded << 2 | changed << 3
+        state[_SLOW] = slow_short + _SLOW_ALPHA * (short - slow_short)
+        state[_SLOW + 1] = slow_unanswered + _SLOW_ALPHA * ((not answered) - slow_unanswered)
+        state[_SLOW + 2] = slow_forward + _SLOW_ALPHA * (forwarded - slow_forward)
+        state[_SLOW + 3] = slow_change + _SLOW_ALPHA * (changed - slow_change)
+        state[_BITS] = float(((int(bits) & self.keep) << 1) | self.lane_bits[flagged])
         alpha = self.alpha
-        state[_EW] += alpha * (ring_value - state[_EW])
-        state[_EW + 1] += alpha * (talk_value - state[_EW + 1])
-        state[_SLOW_MEANS] += slow * (ring_value - state[_SLOW_MEANS])
-        state[_SLOW_MEANS + 1] += slow * (talk_value - state[_SLOW_MEANS + 1])
+        state[_EW] = ew_ring + alpha * (ring_value - ew_ring)
+        state[_EW + 1] = ew_talk + alpha * (talk_value - ew_talk)
+        state[_SLOW_MEANS] = slow_ring + _SLOW_ALPHA * (ring_value - slow_ring)
+        state[_SLOW_MEANS + 1] = slow_talk + _SLOW_ALPHA * (talk_value - slow_talk)
         state[_LAST_CALLEE] = callee_hash
-        state[_N] += 1
+        state[_N] = n = n + 1
         state[_LAST_TS] = call.deadline
-        if state[_N] < self.spec.min_calls:
-            self._learn_rates(flags)
+        if n < self.spec.min_calls:
+            self._learn_rates(flagged)
             return None
-        return self._judge(call, state, flags, recent_calls, quiet)
+        return self._judge(call, state, flagged, recent_calls, quiet)
 
     def _hits(self, state: array[float], flag: int) -> int:
         """How many of the caller's last calls had this flag."""
@@ -170,11 +202,19 @@ class CallerModel:
         value = self.rates[flag]
         return 0.0 if value is None else value
 
-    def _learn_rates(self, flags: list[bool]) -> None:
+    def _learn_rates(self, flagged: int) -> None:
+        """The population's rates learn a call's flags (bit i: flag i)."""
         rates = self.rates
-        for i, flag in enumerate(flags):
-            rate = rates[i]
-            rates[i] = float(flag) if rate is None else rate + _RATE_ALPHA * (flag - rate)
+        r0, r1, r2, r3 = rates
+        if r0 is None or r1 is None or r2 is None or r3 is None:
+            for i, rate in enumerate(rates):
+                flag = flagged >> i & 1
+                rates[i] = float(flag) if rate is None else rate + _RATE_ALPHA * (flag - rate)
+            return
+        rates[0] = r0 + _RATE_ALPHA * ((flagged & 1) - r0)
+        rates[1] = r1 + _RATE_ALPHA * ((flagged >> 1 & 1) - r1)
+        rates[2] = r2 + _RATE_ALPHA * ((flagged >> 2 & 1) - r2)
+        rates[3] = r3 + _RATE_ALPHA * ((flagged >> 3) - r3)
 
     def _recent(self, state: array[float]) -> dict[str, float]:
         n = min(int(state[_N]), self.window)
@@ -228,7 +268,7 @@ class CallerModel:
         self,
         call: Call,
         state: array[float],
-        flags: list[bool],
+        flagged: int,
         recent_calls: RecentCalls,
         quiet: Quiet,
     ) -> ModelFinding | None:
@@ -237,7 +277,7 @@ class CallerModel:
         self.judged += 1
         # A flag's surprise rises only with a call that has the flag: a call with none
         # of the alerting flags (most calls) cannot make the caller newly unusual.
-        raised = self.alone_means or any(flags[i] for i in self.alone_flags)
+        raised = self.alone_means or flagged & self.alone_mask
         z = self._strongest(state, own_history) if raised else 0.0
         unusual = z >= spec.threshold.min_deviation
         # Once it has learned two windows' worth, the global model learns from a sample
@@ -246,7 +286,7 @@ class CallerModel:
         # would cost more than all the rules.
         sampled = self.learned < 2 * spec.trees.window_size or self.judged % spec.learn_every == 0
         if not (unusual or sampled):
-            self._learn_rates(flags)
+            self._learn_rates(flagged)
             return None
         recent = self._recent(state)
         score = float(self.population.score_one(recent))
@@ -273,7 +313,7 @@ class CallerModel:
         else:
             # What is usual is learned from what is not alarming, so an incident does
             # not teach the model that it is normal while it goes on.
-            self._learn_rates(flags)
+            self._learn_rates(flagged)
             if sampled:
                 self.population.learn_one(recent)
                 for name in MEANS:

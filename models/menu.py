@@ -16,7 +16,7 @@ import zlib
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from engine.detect.calls import Call
 from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
@@ -44,8 +44,19 @@ def distinct_estimate(empty_buckets: int, total: int) -> float:
     return float(min(estimate, total))
 
 
+# A call as a menu's window keeps it: a plain tuple (made for every finished call,
+# and a tuple is made in a quarter of a class instance's time): ts, call id, caller bucket,
+# answered, short, ring seconds, log of talk seconds, forwarded.
+_Call = tuple[float, str, int, bool, bool, float | None, float | None, bool]
+_TS: Final = 0
+_CALL_ID: Final = 1
+
+
 @dataclass(slots=True)
 class _Seen:
+    """How snapshots from before the plain tuples kept a call (`_Traffic.__setstate__`
+    makes each a tuple); the name is what those snapshots refer to."""
+
     ts: float
     call_id: str
     bucket: int
@@ -61,49 +72,90 @@ class _Traffic:
     date as calls come and go: a step reads them instead of walking the window."""
 
     def __init__(self) -> None:
-        self.pending: deque[_Seen] = deque()  # finished after the last step
-        self.live: deque[_Seen] = deque()
+        self.pending: deque[_Call] = deque()  # finished after the last step
+        self.live: deque[_Call] = deque()
         self.total = self.answered = self.short = self.forwarded = 0
         self.rings = self.talks = 0
         self.ring_sum = self.talk_sum = 0.0
         self.callers = array("I", bytes(4 * CALLER_BUCKETS))
         self.empty_buckets = CALLER_BUCKETS
 
-    def _count(self, seen: _Seen, sign: int) -> None:
-        self.total += sign
-        if seen.answered:
-            self.answered += sign
-            if seen.talk_log is not None:
-                self.talks += sign
-                self.talk_sum += sign * seen.talk_log
-        if seen.short:
-            self.short += sign
-        if seen.forwarded:
-            self.forwarded += sign
-        if seen.ring_s is not None:
-            self.rings += sign
-            self.ring_sum += sign * seen.ring_s
-        callers, bucket = self.callers, seen.bucket
-        before = callers[bucket]
-        callers[bucket] = before + sign
-        if before == 0:
-            self.empty_buckets -= 1
-        elif before + sign == 0:
-            self.empty_buckets += 1
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in ("pending", "live"):
+            calls = state[name]
+            if calls and type(calls[0]) is not tuple:
+                state[name] = deque(
+                    (
+                        c.ts,
+                        c.call_id,
+                        c.bucket,
+                        c.answered,
+                        c.short,
+                        c.ring_s,
+                        c.talk_log,
+                        c.forwarded,
+                    )
+                    for c in calls
+                )
+        self.__dict__.update(state)
 
     def move_to(self, at: float, window: float) -> None:
-        """The window is now (at - window, at]."""
+        """The window is now (at - window, at]: calls come in from `pending` and leave
+        `live`, each counted as it does (one loop each, the counts in locals: this runs
+        twice for every call a menu takes)."""
         pending, live = self.pending, self.live
-        while pending and pending[0].ts <= at:
-            seen = pending.popleft()
-            self._count(seen, 1)
-            live.append(seen)
         cutoff = at - window
-        while live and live[0].ts <= cutoff:
-            self._count(live.popleft(), -1)
+        if not (pending and pending[0][0] <= at) and not (live and live[0][0] <= cutoff):
+            return
+        total, answered, short, forwarded = self.total, self.answered, self.short, self.forwarded
+        rings, talks, ring_sum, talk_sum = self.rings, self.talks, self.ring_sum, self.talk_sum
+        callers, empty = self.callers, self.empty_buckets
+        while pending and pending[0][0] <= at:
+            seen = pending.popleft()
+            _, _, bucket, was_answered, was_short, ring_s, talk_log, was_forwarded = seen
+            total += 1
+            if was_answered:
+                answered += 1
+                if talk_log is not None:
+                    talks += 1
+                    talk_sum += talk_log
+            if was_short:
+                short += 1
+            if was_forwarded:
+                forwarded += 1
+            if ring_s is not None:
+                rings += 1
+                ring_sum += ring_s
+            before = callers[bucket]
+            callers[bucket] = before + 1
+            if before == 0:
+                empty -= 1
+            live.append(seen)
+        while live and live[0][0] <= cutoff:
+            _, _, bucket, was_answered, was_short, ring_s, talk_log, was_forwarded = live.popleft()
+            total -= 1
+            if was_answered:
+                answered -= 1
+                if talk_log is not None:
+                    talks -= 1
+                    talk_sum -= talk_log
+            if was_short:
+                short -= 1
+            if was_forwarded:
+                forwarded -= 1
+            if ring_s is not None:
+                rings -= 1
+                ring_sum -= ring_s
+            left = callers[bucket] - 1
+            callers[bucket] = left
+            if left == 0:
+                empty += 1
         if not live:
             # Sums of floats added and taken away drift; start an empty window clean.
-            self.ring_sum = self.talk_sum = 0.0
+            ring_sum = talk_sum = 0.0
+        self.total, self.answered, self.short, self.forwarded = total, answered, short, forwarded
+        self.rings, self.talks, self.ring_sum, self.talk_sum = rings, talks, ring_sum, talk_sum
+        self.empty_buckets = empty
 
 
 def _hour_of_day(ts: float) -> int:
@@ -176,7 +228,7 @@ class MenuModel:
         talk = call.talk_s
         answered = call.answered_at is not None
         state.traffic.pending.append(
-            _Seen(
+            (
                 call.deadline,
                 call.call_id,
                 zlib.crc32(call.caller.encode()) % CALLER_BUCKETS,
@@ -270,12 +322,12 @@ class MenuModel:
             entity_type="menu",
             entity=menu_id,
             raised_at=at,
-            window_start=live[0].ts if live else at - spec.window,
+            window_start=live[0][_TS] if live else at - spec.window,
             window_end=at,
             value=round(abs(z), 3),
             threshold=spec.threshold.min_deviation,
             summary=summary,
-            evidence=[c.call_id for c in itertools.islice(live, max(0, len(live) - 200), None)],
+            evidence=[c[_CALL_ID] for c in itertools.islice(live, max(0, len(live) - 200), None)],
         )
 
     def score(self, entity: str) -> float | None:

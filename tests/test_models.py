@@ -515,3 +515,42 @@ def test_a_callers_flags_are_counted_over_exactly_its_last_calls() -> None:
         assert model._hits(state, 1) == sum(last), k  # unanswered
         assert model._hits(state, 0) == sum(shorts), k  # short
         assert model._hits(state, 2) == 0, k  # forwarded: never
+
+
+def test_models_restored_from_an_older_snapshot_judge_as_if_never_stopped() -> None:
+    # Snapshots from before a menu's window kept each call as a plain tuple (it kept
+    # `_Seen` objects), and before the caller model kept the masks it works out from
+    # its spec, must restore into models that go on exactly as ones that never stopped.
+    from collections import deque
+
+    from models.menu import _Seen
+
+    menu = MenuModel(menu_spec(), "v1")
+    assert feed_menu(menu, T0, 90, 6, 10, 0) == []
+    feed_menu(menu, T0 + 90 * 60, 3, 6, 10, 10_000)  # calls pending and live at the cut
+    traffic = menu.menus["1"].traffic
+    assert traffic.pending and traffic.live
+    older = pickle.loads(pickle.dumps(menu))
+    for name in ("pending", "live"):
+        setattr(older.menus["1"].traffic, name, deque(_Seen(*c) for c in getattr(traffic, name)))
+    restored = pickle.loads(pickle.dumps(older))
+    assert restored.menus["1"].traffic.live == traffic.live
+    collapse = (T0 + 93 * 60, 10, 6, 1, 20_000)
+    assert feed_menu(restored, *collapse) == feed_menu(menu, *collapse) != []
+
+    caller = CallerModel(caller_spec(), "v1", max_keys=1000)
+    benign_population(caller, callers=60)
+    older_caller = pickle.loads(pickle.dumps(caller))
+    del older_caller.alone_mask, older_caller.lane_bits
+    revived = pickle.loads(pickle.dumps(older_caller))
+    for n in range(12):  # a new caller whose calls are all short
+        findings = [
+            model.observe(
+                call(90_000 + n, T0 + 7000 + n * 30, "8613977777777", talk=1.0), no_evidence
+            )
+            for model in (caller, revived)
+        ]
+        assert (findings[0] is None) == (findings[1] is None), n
+        if findings[0] is not None and findings[1] is not None:
+            assert findings[0].summary == findings[1].summary
+    assert pickle.dumps(revived.state.states) == pickle.dumps(caller.state.states)

@@ -554,3 +554,31 @@ def test_models_restored_from_an_older_snapshot_judge_as_if_never_stopped() -> N
         if findings[0] is not None and findings[1] is not None:
             assert findings[0].summary == findings[1].summary
     assert pickle.dumps(revived.state.states) == pickle.dumps(caller.state.states)
+
+
+def test_event_time_brings_a_models_step_and_housekeeping_when_no_call_is_due() -> None:
+    # Most reports move event time on with no call due; a model's step (a rule may ask
+    # for its score) and the pipeline's housekeeping must still come on time.
+    from engine.detect.calls import CallTracker
+    from engine.detect.pipeline import Pipeline
+    from engine.events import CallEvent, CallState
+
+    def report(ts: float, call_id: str, state: CallState) -> CallEvent:
+        return CallEvent(ts, call_id, 1, state, None, "8613800000001", "400800", "", "1", "Main")
+
+    pipeline = Pipeline(load_rules(RULES).rules, CallTracker())
+    menu = next(m for m in pipeline.rules.models.models if isinstance(m, MenuModel))
+    pipeline.feed([report(T0, "c1", CallState.RINGING), report(T0 + 5, "c1", CallState.HANGUP)])
+    pipeline.feed([report(T0 + 200, "c2", CallState.RINGING)])  # c1 finished: a menu to step
+    step = menu.next_step
+    assert step is not None and T0 + 200 < step <= T0 + 230
+    pipeline.feed([report(step + 1, "c3", CallState.RINGING)])  # nothing due but the step
+    assert menu.next_step == step + menu.spec.step
+
+    rules = load_rules(RULES).rules
+    rules.models.models.clear()
+    quiet = Pipeline(rules, CallTracker(ring_timeout_s=3600.0))
+    quiet.feed([report(T0, "c1", CallState.RINGING)])
+    assert quiet._last_housekeeping == T0
+    quiet.feed([report(T0 + 301, "c2", CallState.RINGING)])  # no call due for an hour
+    assert quiet._last_housekeeping == T0 + 301

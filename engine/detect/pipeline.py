@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # A C static when compiled, not a lookup in the module's namespace per report.
 _CALL_EVENT: Final = CallEvent
+# Idle windows and entities, and old suppressions, are let go this often (event time).
+_HOUSEKEEPING_S: Final = 300.0
 
 
 @dataclass
@@ -104,15 +106,28 @@ class Pipeline:
         output = Output()
         tracker = self.tracker
         deadlines = tracker.deadlines
+        models = self.rules.models
         for item in items:
             if type(item) is not _CALL_EVENT:
                 continue
             event: CallEvent = item
             ts = event.ts
-            # `advance` only when event time moves on or a call's time is up (a late
-            # report can set a deadline that has passed already): its checks and the
-            # models' cost more than the report itself.
-            if ts > self.now or (deadlines and deadlines[0] <= self.now) or tracker.evicted:
+            # `advance` only when something is due by the report's time: a call's
+            # deadline (a late report can set one that has passed already), calls
+            # evicted, a model's step, or housekeeping. Otherwise only the time moves
+            # (the tracker's with the report): most reports move event time on with
+            # nothing due, and `advance` cost more than the report itself.
+            if ts > self.now:
+                if (
+                    (deadlines and deadlines[0] <= ts)
+                    or tracker.evicted
+                    or (models.models and ts >= models.due)
+                    or ts - self._last_housekeeping > _HOUSEKEEPING_S
+                ):
+                    self._advance(ts, output)
+                else:
+                    self.now = ts
+            elif (deadlines and deadlines[0] <= self.now) or tracker.evicted:
                 self._advance(ts, output)
             # Called on the tracker, not through a bound method kept in a local:
             # compiled, that is a direct call rather than a Python one.
@@ -143,7 +158,7 @@ class Pipeline:
         if models.models and self.now >= models.due:
             for model_finding in models.advance(self.now):
                 self._raise_model(model_finding, output)
-        if self.now - self._last_housekeeping > 300:
+        if self.now - self._last_housekeeping > _HOUSEKEEPING_S:
             self._last_housekeeping = self.now
             for rule in self.rules.rules:
                 rule.drop_idle(self.now)

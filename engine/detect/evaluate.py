@@ -459,6 +459,11 @@ class CompiledRule:
         return self._sequential(cast(SequentialState, state), call)
 
     def _distinct(self, state: ValueState, call: Call) -> float | None:
+        # No more distinct values than entries: when even that many cannot meet an
+        # at-least condition (most windows: a caller with a few calls), nothing is
+        # counted, where counting made a set of the window's values for every call.
+        if self._op < 2 and not self.holds(float(len(state))):
+            return None
         return float(state.distinct())
 
     def _sum(self, state: ValueState, call: Call) -> float | None:

@@ -112,6 +112,56 @@ def test_call_rebuilt_from_reports_in_order() -> None:
     assert (call.outcome, call.ring_s, call.talk_s, call.reports) == ("answered", 4, 60, 3)
 
 
+@given(
+    reports=st.lists(
+        st.tuples(
+            st.sampled_from("abcdefgh"),
+            st.sampled_from(list(CallState)),
+            st.integers(0, 400).map(float),
+        ),
+        max_size=60,
+    ),
+    cuts=st.lists(st.integers(0, 700).map(float), max_size=6),
+)
+@settings(max_examples=300, deadline=None)
+def test_calls_finish_at_their_deadlines_in_order_whatever_order_reports_come_in(
+    reports: list[tuple[str, CallState, float]], cuts: list[float]
+) -> None:
+    # Reports in any order (late ones set deadlines earlier than others queued before
+    # them), event time moved on now and then: after each move no call in progress is
+    # past its deadline, the calls finished are in (deadline, call id) order, each
+    # once, at the deadline its reports give it.
+    tracker = CallTracker(settle_s=6.0, ring_timeout_s=60.0, max_call_s=300.0)
+    finished: list[Call] = []
+
+    def advance(now: float) -> None:
+        batch = tracker.advance(now)
+        assert [(c.deadline, c.call_id) for c in batch] == sorted(
+            (c.deadline, c.call_id) for c in batch
+        )
+        assert all(c.deadline <= tracker.now for c in batch)
+        assert all(c.deadline > tracker.now for c in tracker.open.values())
+        finished.extend(batch)
+
+    pending_cuts = sorted(cuts)
+    for serial, (call_id, state, ts) in enumerate(reports):
+        while pending_cuts and pending_cuts[0] <= ts:
+            advance(pending_cuts.pop(0))
+        tracker.observe(report(ts, call_id, serial, state))
+    for cut in pending_cuts:
+        advance(cut)
+    advance(10_000.0)
+    assert not tracker.open
+    assert len({c.call_id for c in finished}) == len(finished)
+    for call in finished:
+        if call.ended_at is not None:
+            assert call.deadline == call.ended_at + 6.0
+        elif call.answered_at is not None:
+            assert call.deadline == call.last_at + 300.0
+        else:
+            assert call.deadline == call.last_at + 60.0
+
+
 def test_retried_ok_after_bye_still_makes_the_call_answered() -> None:
     tracker = CallTracker(settle_s=6)
     tracker.observe(report(0, "a", 1, CallState.RINGING))

@@ -241,6 +241,51 @@ def call_columns(calls: list[Call]) -> dict[str, Any]:
     }
 
 
+_INF: Final = math.inf
+# What a deadline is for: which of the tracker's in-order queues it may join.
+_RING_TIMEOUT: Final = 0
+_SETTLE: Final = 1
+_LONG_CALL: Final = 2
+_OUT_OF_ORDER: Final = 3
+
+
+class DeadlineQueue(Snapshotted):
+    """Deadlines of one kind, each pushed no earlier than the one before: a list read
+    from a moving head, where a heap compares its way down for every entry. Event
+    time mostly moves forward, so each kind's deadlines (a report's time plus that
+    kind's fixed delay) come in order; one that does not goes to the heap."""
+
+    def state_fields(self) -> tuple[str, ...]:
+        return ("items", "head")
+
+    def __init__(self) -> None:
+        # As given (float objects shared with `_due`); typed locals below make each
+        # comparison one of two doubles when compiled.
+        self.items: list[Timestamp] = []
+        self.head = 0
+
+    def first(self) -> float:
+        if self.head == len(self.items):
+            return _INF
+        first: float = self.items[self.head]
+        return first
+
+    def takes(self, deadline: float) -> bool:
+        items = self.items
+        if self.head == len(items):
+            return True
+        last: float = items[-1]
+        return deadline >= last
+
+    def pop(self) -> None:
+        head = self.head + 1
+        if head > 1024 and head > len(self.items) // 2:
+            # Compact now and then; amortised O(1) per entry.
+            del self.items[:head]
+            head = 0
+        self.head = head
+
+
 @dataclass
 class TrackerStats(Snapshotted):
     calls_started: int = 0
@@ -287,6 +332,8 @@ class CallTracker(Snapshotted):
             "stats",
             "open",
             "deadlines",
+            "_queues",
+            "next_due",
             "_due",
             "_by_caller",
             "_finished",
@@ -303,6 +350,12 @@ class CallTracker(Snapshotted):
         # One call id due at a moment is kept as it is, several in a list: a ring
         # timeout is pending for every call of the last few minutes.
         self.deadlines: list[float] = []
+        # Most deadlines go to the queue of their kind rather than the heap (see
+        # DeadlineQueue): ring timeouts, settles after a Bye, long calls' limits.
+        self._queues = [DeadlineQueue(), DeadlineQueue(), DeadlineQueue()]
+        # The earliest entry of the heap and the queues (inf: none): detection asks
+        # it for every report.
+        self.next_due = _INF
         self._due: dict[float, str | list[str]] = {}
         # Open calls per caller, in the order they started (dicts keep insertion order).
         self._by_caller: dict[str, dict[str, Call]] = {}
@@ -328,6 +381,11 @@ class CallTracker(Snapshotted):
         if type(state["_finished"]) is OrderedDict:
             # Snapshots from before the plain dict: the same ids in the same order.
             state = {**state, "_finished": dict(state["_finished"])}
+        if "_queues" not in state:
+            # Snapshots from before the queues: every deadline is in the heap.
+            heap = state["deadlines"]
+            queues = [DeadlineQueue(), DeadlineQueue(), DeadlineQueue()]
+            state = {**state, "_queues": queues, "next_due": heap[0] if heap else _INF}
         super().__setstate__(state)
 
     def open_calls(
@@ -424,11 +482,11 @@ class CallTracker(Snapshotted):
 
     def _schedule(self, call: Call) -> None:
         if call.ended_at is not None:
-            deadline = call.ended_at + self.settle_s
+            deadline, kind = call.ended_at + self.settle_s, _SETTLE
         elif call.answered_at is not None:
-            deadline = call.last_at + self.max_call_s
+            deadline, kind = call.last_at + self.max_call_s, _LONG_CALL
         else:
-            deadline = call.last_at + self.ring_timeout_s
+            deadline, kind = call.last_at + self.ring_timeout_s, _RING_TIMEOUT
         # The heap needs an entry no later than each open call's deadline, not one per
         # deadline: a later deadline is found when the earlier entry comes up (see
         # `advance`). An answered call's deadline moves four hours out at its OK and
@@ -442,14 +500,20 @@ class CallTracker(Snapshotted):
                     # Its entry at the later deadline would only be skipped when it
                     # comes up (most calls end within their ring timeout): drop it now.
                     del self._due[previous]
-                self._push(deadline, call.call_id)
+                self._push(deadline, call.call_id, kind)
 
-    def _push(self, deadline: Timestamp, call_id: str) -> None:
-        # `deadline` as given (a float object), so the heap and the dict share it.
+    def _push(self, deadline: Timestamp, call_id: str, kind: int) -> None:
+        # `deadline` as given (a float object), so the queue or heap and the dict
+        # share it.
         due = self._due.get(deadline)
         if due is None:
             self._due[deadline] = call_id
-            _heappush(self.deadlines, deadline)
+            if kind != _OUT_OF_ORDER and self._queues[kind].takes(deadline):
+                self._queues[kind].items.append(deadline)
+            else:
+                _heappush(self.deadlines, deadline)
+            if deadline < self.next_due:
+                self.next_due = deadline
         elif isinstance(due, str):
             self._due[deadline] = [due, call_id]
         else:
@@ -462,9 +526,8 @@ class CallTracker(Snapshotted):
         finished: list[Call] = []
         if self.evicted:
             finished, self.evicted = self.evicted, []
-        deadlines = self.deadlines
-        while deadlines and deadlines[0] <= self.now:
-            deadline = _heappop(deadlines)
+        while self.next_due <= self.now:
+            deadline = self._pop_earliest()
             due = self._due.pop(deadline, None)
             if due is None:
                 continue  # its call ended sooner (see `_schedule`)
@@ -476,10 +539,36 @@ class CallTracker(Snapshotted):
                 if call.deadline > deadline:
                     # Moved later since this entry was pushed: queued again at its
                     # deadline, so calls still finish in (deadline, call_id) order.
-                    self._push(call.deadline, call_id)
+                    self._push(call.deadline, call_id, _OUT_OF_ORDER)
                     continue
                 finished.append(self._finish(call))
         return finished
+
+    def _pop_earliest(self) -> Timestamp:
+        """Take the earliest entry of the heap and the queues (there is one: `next_due`
+        says when), and work out `next_due` again. Equal deadlines in two places are
+        one `_due` entry: whichever comes first finishes its calls, the other finds
+        nothing, as two equal entries of the heap did."""
+        heap, queues = self.deadlines, self._queues
+        earliest = heap[0] if heap else _INF
+        source = -1
+        for kind in range(3):
+            first = queues[kind].first()
+            if first < earliest:
+                earliest, source = first, kind
+        if source < 0:
+            deadline = _heappop(heap)
+        else:
+            queue = queues[source]
+            deadline = queue.items[queue.head]
+            queue.pop()
+        following = heap[0] if heap else _INF
+        for kind in range(3):
+            first = queues[kind].first()
+            if first < following:
+                following = first
+        self.next_due = following
+        return deadline
 
     def _finish(self, call: Call) -> Call:
         del self.open[call.call_id]

@@ -105,7 +105,6 @@ class Pipeline:
     def feed(self, items: Iterable[CallEvent | Reject]) -> Output:
         output = Output()
         tracker = self.tracker
-        deadlines = tracker.deadlines
         models = self.rules.models
         for item in items:
             if type(item) is not _CALL_EVENT:
@@ -119,7 +118,7 @@ class Pipeline:
             # nothing due, and `advance` cost more than the report itself.
             if ts > self.now:
                 if (
-                    (deadlines and deadlines[0] <= ts)
+                    tracker.next_due <= ts
                     or tracker.evicted
                     or (models.models and ts >= models.due)
                     or ts - self._last_housekeeping > _HOUSEKEEPING_S
@@ -127,7 +126,7 @@ class Pipeline:
                     self._advance(ts, output)
                 else:
                     self.now = ts
-            elif (deadlines and deadlines[0] <= self.now) or tracker.evicted:
+            elif tracker.next_due <= self.now or tracker.evicted:
                 self._advance(ts, output)
             # Called on the tracker, not through a bound method kept in a local:
             # compiled, that is a direct call rather than a Python one.

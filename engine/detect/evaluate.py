@@ -303,6 +303,12 @@ class CompiledRule:
         self.item_field = aggregate.field if self.kind in ("distinct", "sum") else None
         self.ratio = self.kind == "ratio"
         self._measure_kind = _MEASURES.index("count" if self.kind == "concurrent" else self.kind)
+        # What the aggregates read per call (the spec's are attributes of Python
+        # objects: a lookup by name each time, where these are fields of this one).
+        self.baseline_warmup = aggregate.baseline_warmup
+        self.warmup: float = aggregate.warmup
+        self.new_for: float = aggregate.new_for or 0.0
+        self.max_step = aggregate.max_step
         self.started_at: float | None = None
         # Set by the rule set when the rule has a `model:` condition.
         self.gate: Callable[[Call], bool] | None = None
@@ -478,17 +484,16 @@ class CompiledRule:
     def _baseline_spike(self, state: SpikeState, call: Call) -> float | None:
         baseline = state.baseline
         count = len(state)
-        if baseline.buckets < self.spec.aggregate.baseline_warmup or count < self.min_volume:
+        if baseline.buckets < self.baseline_warmup or count < self.min_volume:
             return None
         return count / max(baseline.mean, 1.0)
 
     def _first_seen(self, state: FirstSeenState, call: Call) -> float | None:
-        aggregate = self.spec.aggregate
         started = self.started_at or 0.0
         first_seen = state.first_seen
-        if first_seen < started + aggregate.warmup:
+        if first_seen < started + self.warmup:
             return None  # seen while the rule was still learning what is normal
-        if (state.last_time() or first_seen) - first_seen > (aggregate.new_for or 0.0):
+        if (state.last_time() or first_seen) - first_seen > self.new_for:
             return None
         return float(len(state))
 
@@ -504,11 +509,7 @@ class CompiledRule:
         previous = state.last_callee
         step = 0 if previous is None else callee - previous
         direction = 1 if step > 0 else -1
-        if (
-            step
-            and abs(step) <= self.spec.aggregate.max_step
-            and (state.run == 0 or direction * state.run > 0)
-        ):
+        if step and abs(step) <= self.max_step and (state.run == 0 or direction * state.run > 0):
             state.run += direction
         else:
             state.run = 0

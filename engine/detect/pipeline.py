@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -44,9 +44,14 @@ class Pipeline:
         self.rules = rules
         self.tracker = tracker or CallTracker()
         self.alerts = AlertManager()
+        # Its bound method, made once rather than for every call evaluated.
+        self._quiet: Callable[[str, str, float], bool] = self.alerts.quiet
         self.now = 0.0
         self._split_rules()
         self._last_housekeeping = 0.0
+        # Whether any model runs: asked at each entry (`feed`, `advance`), so the
+        # model set is looked at once per batch rather than for every report.
+        self._has_models = False
 
     def _split_rules(self) -> None:
         self._on_call = RuleGroup([r for r in self.rules.rules if r.spec.on == "call"])
@@ -81,6 +86,7 @@ class Pipeline:
         tracker.max_open_calls = fresh.max_open_calls
         self.tracker = tracker
         self.alerts = state["alerts"]
+        self._quiet = self.alerts.quiet
         self.now = state["now"]
         self._last_housekeeping = state["last_housekeeping"]
         restored = []
@@ -106,6 +112,7 @@ class Pipeline:
         output = Output()
         tracker = self.tracker
         models = self.rules.models
+        has_models = self._has_models = bool(models.models)
         for item in items:
             if type(item) is not _CALL_EVENT:
                 continue
@@ -120,7 +127,7 @@ class Pipeline:
                 if (
                     tracker.next_due <= ts
                     or tracker.evicted
-                    or (models.models and ts >= models.due)
+                    or (has_models and ts >= models.due)
                     or ts - self._last_housekeeping > _HOUSEKEEPING_S
                 ):
                     self._advance(ts, output)
@@ -138,6 +145,7 @@ class Pipeline:
     def advance(self, now: float) -> Output:
         """Event time moves to `now`: finish calls whose time is up and evaluate them."""
         output = Output()
+        self._has_models = bool(self.rules.models.models)
         self._advance(now, output)
         return output
 
@@ -145,23 +153,24 @@ class Pipeline:
         if now > self.now:
             self.now = now
         finished = self.tracker.advance(self.now)
-        models = self.rules.models
+        has_models = self._has_models
+        models = self.rules.models if has_models else None
         for call in finished:
             output.calls.append(call)
             self._evaluate(self._on_call, call, call.deadline, output)
-            if models.models:
+            if models is not None:
                 # After the rules: a rule's window holds this call when the model asks
                 # for the calls behind its finding.
-                for model_finding in models.observe((call,), self.recent_calls, self.alerts.quiet):
+                for model_finding in models.observe((call,), self.recent_calls, self._quiet):
                     self._raise_model(model_finding, output)
-        if models.models and self.now >= models.due:
+        if models is not None and self.now >= models.due:
             for model_finding in models.advance(self.now):
                 self._raise_model(model_finding, output)
         if self.now - self._last_housekeeping > _HOUSEKEEPING_S:
             self._last_housekeeping = self.now
             for rule in self.rules.rules:
                 rule.drop_idle(self.now)
-            models.drop_idle(self.now)
+            self.rules.models.drop_idle(self.now)
             self.alerts.forget_before(self.now)
 
     def _raise_model(self, finding: ModelFinding, output: Output) -> None:
@@ -190,7 +199,7 @@ class Pipeline:
     def _evaluate(self, group: RuleGroup, call: Call, ts: Timestamp, output: Output) -> None:
         if group.unstarted:
             group.start(ts)
-        tracker, quiet = self.tracker, self.alerts.quiet
+        tracker, quiet = self.tracker, self._quiet
         for rule in group.selected(call):
             finding = rule.evaluate(call, ts, tracker, quiet)
             if finding is None:

@@ -253,15 +253,18 @@ class KeyedState(Snapshotted, Generic[S]):
         self.evicted = 0
 
     def get(self, key: Hashable) -> S | None:
+        # get and del, not pop(key, None): see CallTracker.advance.
         states = self.states
-        state = states.pop(key, None)
+        state = states.get(key)
         if state is not None:
+            del states[key]
             states[key] = state
         return state
 
     def put(self, key: Hashable, state: S) -> None:
         states = self.states
-        states.pop(key, None)
+        if key in states:
+            del states[key]
         states[key] = state
         if len(states) > self.max_keys:
             # Evict a sixteenth at a time: finding the oldest keys walks past the

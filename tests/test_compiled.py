@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -200,35 +201,35 @@ def test_compiled_and_python_builds_read_each_others_snapshots(
     assert written[1:] == read[1:] == ["2.0", "4.0", "0.4", "['a']"]
 
 
-def test_a_tracker_saved_with_its_deadlines_as_tuples_carries_on() -> None:
-    # Snapshots taken before the heap held floats keep (deadline, call_id) pairs, and
-    # the finished call ids in an OrderedDict; such a tracker, restored, finishes the
-    # same calls at the same moments and knows the same late reports (and so does one
-    # from before the in-order queues, which had every deadline in the heap).
-    def fed() -> calls.CallTracker:
-        tracker = calls.CallTracker(settle_s=3.0, ring_timeout_s=30.0)
-        tracker.observe(_report(1.0, "a", 1, CallState.RINGING))
-        tracker.observe(_report(2.0, "a", 2, CallState.ANSWERED))
-        tracker.observe(_report(2.5, "b", 1, CallState.RINGING))
-        tracker.observe(_report(3.0, "c", 1, CallState.RINGING))
-        tracker.observe(_report(9.0, "b", 2, CallState.HANGUP))
-        tracker.observe(_report(9.0, "d", 1, CallState.RINGING))
-        tracker.observe(_report(9.0, "d", 2, CallState.HANGUP))
-        return tracker
-
-    state = fed().__getstate__()
-    # Nor did they have the in-order queues: every deadline was in the heap.
-    del state["_queues"], state["next_due"]
-    due = state.pop("_due")
-    state["deadlines"] = sorted(
-        (d, call_id)
-        for d, ids in due.items()
+def _pending(state: dict[str, Any]) -> list[tuple[float, str]]:
+    """A tracker state's deadline entries, wherever it keeps them, as (deadline, call_id)."""
+    pairs = [
+        (deadline, call_id)
+        for deadline, ids in state["_due"].items()
         for call_id in ([ids] if isinstance(ids, str) else ids)
-    )
-    state["_finished"] = OrderedDict(state["_finished"])
+    ]
+    for queue in state["_in_order"]:
+        live = queue.items[queue.head :]
+        pairs += zip(live[::2], live[1::2], strict=True)
+    return sorted(pairs)
+
+
+def _fed() -> calls.CallTracker:
+    tracker = calls.CallTracker(settle_s=3.0, ring_timeout_s=30.0)
+    tracker.observe(_report(1.0, "a", 1, CallState.RINGING))
+    tracker.observe(_report(2.0, "a", 2, CallState.ANSWERED))
+    tracker.observe(_report(2.5, "b", 1, CallState.RINGING))
+    tracker.observe(_report(3.0, "c", 1, CallState.RINGING))
+    tracker.observe(_report(9.0, "b", 2, CallState.HANGUP))
+    tracker.observe(_report(9.0, "d", 1, CallState.RINGING))
+    tracker.observe(_report(9.0, "d", 2, CallState.HANGUP))
+    return tracker
+
+
+def _carries_on_as_fed(state: dict[str, Any]) -> None:
     restored = calls.CallTracker()
     restored.__setstate__(state)
-    tracker = fed()
+    tracker = _fed()
     for now in (10.0, 12.5, 40.0, 20_000.0):
         restored.observe(_report(now, f"n{now}", 1, CallState.RINGING))
         tracker.observe(_report(now, f"n{now}", 1, CallState.RINGING))
@@ -239,6 +240,34 @@ def test_a_tracker_saved_with_its_deadlines_as_tuples_carries_on() -> None:
         assert late.observe(_report(20_001.0, "b", 3, CallState.HANGUP)) is None
     assert restored.stats == tracker.stats and tracker.stats.late_reports == 1
     assert type(restored._finished) is dict and restored._finished == tracker._finished
+
+
+def test_a_tracker_saved_with_its_deadlines_as_tuples_carries_on() -> None:
+    # Snapshots taken before the heap held floats keep (deadline, call_id) pairs, and
+    # the finished call ids in an OrderedDict (and no in-order queues: every deadline
+    # in the heap); such a tracker, restored, finishes the same calls at the same
+    # moments and knows the same late reports.
+    state = _fed().__getstate__()
+    assert state["_in_order"][0].items, "most deadlines are queued in order"
+    state["deadlines"] = _pending(state)
+    del state["_due"], state["_in_order"], state["next_due"]
+    state["_finished"] = OrderedDict(state["_finished"])
+    _carries_on_as_fed(state)
+
+
+def test_a_tracker_saved_with_queues_of_bare_deadlines_carries_on() -> None:
+    # For a while the in-order queues held deadlines alone, their calls in `_due`.
+    state = _fed().__getstate__()
+    pending = _pending(state)
+    queues = [calls.DeadlineQueue(), calls.DeadlineQueue(), calls.DeadlineQueue()]
+    due: dict[float, list[str]] = {}
+    for deadline, call_id in pending:
+        due.setdefault(deadline, []).append(call_id)
+    for n, deadline in enumerate(sorted(due)):
+        queues[n % 3].items.append(deadline)
+    del state["_in_order"]
+    state.update(_queues=queues, _due=due, deadlines=[], next_due=pending[0][0])
+    _carries_on_as_fed(state)
 
 
 def test_finished_call_ids_are_remembered_up_to_the_bound() -> None:

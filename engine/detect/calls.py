@@ -250,19 +250,20 @@ _OUT_OF_ORDER: Final = 3
 
 
 class DeadlineQueue(Snapshotted):
-    """Deadlines of one kind, each pushed no earlier than the one before: a list read
-    from a moving head, where a heap compares its way down for every entry. Event
-    time mostly moves forward, so each kind's deadlines (a report's time plus that
-    kind's fixed delay) come in order; one that does not goes to the heap."""
+    """Deadlines of one kind with their calls, each pushed no earlier than the one
+    before: a flat list `[deadline, call_id, ...]` read from a moving head, where a heap
+    compares its way down for every entry and needs a dict from each deadline to its
+    calls. Event time mostly moves forward, so each kind's deadlines (a report's time
+    plus that kind's fixed delay) come in order; one that does not goes to the heap."""
 
     def state_fields(self) -> tuple[str, ...]:
         return ("items", "head")
 
     def __init__(self) -> None:
-        # As given (float objects shared with `_due`); typed locals below make each
-        # comparison one of two doubles when compiled.
-        self.items: list[Timestamp] = []
-        self.head = 0
+        # Deadlines as given (float objects); typed locals below make each comparison
+        # one of two doubles when compiled.
+        self.items: list[Any] = []
+        self.head = 0  # index in `items` of the earliest deadline
 
     def first(self) -> float:
         if self.head == len(self.items):
@@ -274,16 +275,20 @@ class DeadlineQueue(Snapshotted):
         items = self.items
         if self.head == len(items):
             return True
-        last: float = items[-1]
+        last: float = items[-2]
         return deadline >= last
 
-    def pop(self) -> None:
-        head = self.head + 1
-        if head > 1024 and head > len(self.items) // 2:
+    def pop(self) -> str:
+        """The call id of the earliest entry, which leaves."""
+        items = self.items
+        call_id: str = items[self.head + 1]
+        head = self.head + 2
+        if head > 2048 and head > len(items) // 2:
             # Compact now and then; amortised O(1) per entry.
-            del self.items[:head]
+            del items[:head]
             head = 0
         self.head = head
+        return call_id
 
 
 @dataclass
@@ -332,7 +337,7 @@ class CallTracker(Snapshotted):
             "stats",
             "open",
             "deadlines",
-            "_queues",
+            "_in_order",
             "next_due",
             "_due",
             "_by_caller",
@@ -343,20 +348,19 @@ class CallTracker(Snapshotted):
 
     def __post_init__(self) -> None:
         self.open: dict[str, Call] = {}
-        # Deadlines, a heap of floats, and the call ids due at each: for each open call
-        # an entry no later than its deadline (see `_schedule`); entries that no longer
-        # match stay until they come up (cheaper than removing them). Floats, not
-        # (deadline, call_id) tuples: comparing tuples was most of the heap's cost.
-        # One call id due at a moment is kept as it is, several in a list: a ring
-        # timeout is pending for every call of the last few minutes.
+        # For each open call an entry no later than its deadline (see `_schedule`);
+        # entries that no longer match stay until they come up (cheaper than removing
+        # them). Most go to the queue of their kind (see DeadlineQueue): ring timeouts,
+        # settles after a Bye, long calls' limits.
+        self._in_order = [DeadlineQueue(), DeadlineQueue(), DeadlineQueue()]
+        # The rest (reports out of order), a heap of floats, and the call ids due at
+        # each. Floats, not (deadline, call_id) tuples: comparing tuples was most of the
+        # heap's cost. One call id due at a moment is kept as it is, several in a list.
         self.deadlines: list[float] = []
-        # Most deadlines go to the queue of their kind rather than the heap (see
-        # DeadlineQueue): ring timeouts, settles after a Bye, long calls' limits.
-        self._queues = [DeadlineQueue(), DeadlineQueue(), DeadlineQueue()]
-        # The earliest entry of the heap and the queues (inf: none): detection asks
+        self._due: dict[float, str | list[str]] = {}
+        # The earliest entry of the queues and the heap (inf: none): detection asks
         # it for every report.
         self.next_due = _INF
-        self._due: dict[float, str | list[str]] = {}
         # Open calls per caller, in the order they started (dicts keep insertion order).
         self._by_caller: dict[str, dict[str, Call]] = {}
         # Insertion order is age: the oldest are forgotten first (see `_finish`).
@@ -381,11 +385,16 @@ class CallTracker(Snapshotted):
         if type(state["_finished"]) is OrderedDict:
             # Snapshots from before the plain dict: the same ids in the same order.
             state = {**state, "_finished": dict(state["_finished"])}
-        if "_queues" not in state:
-            # Snapshots from before the queues: every deadline is in the heap.
-            heap = state["deadlines"]
+        if "_in_order" not in state:
+            # Snapshots from before the queues kept every deadline in the heap, and some
+            # had queues of bare deadlines (their calls in `_due`): those join the heap.
+            heap = list(state["deadlines"])
+            for queue in state.get("_queues", ()):
+                for deadline in queue.items[queue.head :]:
+                    _heappush(heap, deadline)
             queues = [DeadlineQueue(), DeadlineQueue(), DeadlineQueue()]
-            state = {**state, "_queues": queues, "next_due": heap[0] if heap else _INF}
+            state = {k: v for k, v in state.items() if k != "_queues"}
+            state.update(deadlines=heap, _in_order=queues, next_due=heap[0] if heap else _INF)
         super().__setstate__(state)
 
     def open_calls(
@@ -496,24 +505,25 @@ class CallTracker(Snapshotted):
         if deadline != previous:
             call.deadline = deadline
             if deadline < previous or previous == 0.0:
-                if self._due.get(previous) == call.call_id:
-                    # Its entry at the later deadline would only be skipped when it
-                    # comes up (most calls end within their ring timeout): drop it now.
-                    del self._due[previous]
+                # Its entry at the later deadline is skipped when it comes up (the
+                # call's deadline no longer matches; most calls end within their
+                # ring timeout).
                 self._push(deadline, call.call_id, kind)
 
     def _push(self, deadline: Timestamp, call_id: str, kind: int) -> None:
-        # `deadline` as given (a float object), so the queue or heap and the dict
-        # share it.
+        if deadline < self.next_due:
+            self.next_due = deadline
+        if kind != _OUT_OF_ORDER:
+            queue = self._in_order[kind]
+            if queue.takes(deadline):
+                # `deadline` as given (a float object), shared with the call's.
+                queue.items.append(deadline)
+                queue.items.append(call_id)
+                return
         due = self._due.get(deadline)
         if due is None:
             self._due[deadline] = call_id
-            if kind != _OUT_OF_ORDER and self._queues[kind].takes(deadline):
-                self._queues[kind].items.append(deadline)
-            else:
-                _heappush(self.deadlines, deadline)
-            if deadline < self.next_due:
-                self.next_due = deadline
+            _heappush(self.deadlines, deadline)
         elif isinstance(due, str):
             self._due[deadline] = [due, call_id]
         else:
@@ -527,15 +537,10 @@ class CallTracker(Snapshotted):
         if self.evicted:
             finished, self.evicted = self.evicted, []
         while self.next_due <= self.now:
-            deadline = self._pop_earliest()
-            # get and del, not pop(deadline, None): compiled, that is a method call
-            # looked up by name, several times the cost of the two lookups.
-            due = self._due.get(deadline)
-            if due is None:
-                continue  # its call ended sooner (see `_schedule`)
-            del self._due[deadline]
+            deadline = self.next_due
+            due = self._take_due(deadline)
             # Calls due at the same moment finish in call_id order.
-            for call_id in (due,) if isinstance(due, str) else sorted(due):
+            for call_id in due if len(due) == 1 else sorted(due):
                 call = self.open.get(call_id)
                 if call is None or call.deadline < deadline:
                     continue  # finished already, or superseded by an earlier deadline
@@ -547,31 +552,34 @@ class CallTracker(Snapshotted):
                 finished.append(self._finish(call))
         return finished
 
-    def _pop_earliest(self) -> Timestamp:
-        """Take the earliest entry of the heap and the queues (there is one: `next_due`
-        says when), and work out `next_due` again. Equal deadlines in two places are
-        one `_due` entry: whichever comes first finishes its calls, the other finds
-        nothing, as two equal entries of the heap did."""
-        heap, queues = self.deadlines, self._queues
-        earliest = heap[0] if heap else _INF
-        source = -1
-        for kind in range(3):
-            first = queues[kind].first()
-            if first < earliest:
-                earliest, source = first, kind
-        if source < 0:
-            deadline = _heappop(heap)
-        else:
-            queue = queues[source]
-            deadline = queue.items[queue.head]
-            queue.pop()
+    def _take_due(self, deadline: float) -> list[str]:
+        """Take every entry at `deadline` (the earliest: `next_due`) from the queues and
+        the heap, with their call ids (some may no longer be due: see `advance`), and
+        work out `next_due` again."""
+        due: list[str] = []
+        for queue in self._in_order:
+            while queue.first() == deadline:
+                due.append(queue.pop())
+        heap = self.deadlines
+        while heap and heap[0] == deadline:
+            _heappop(heap)
+            # get and del, not pop(deadline, None): compiled, that is a method call
+            # looked up by name, several times the cost of the two lookups.
+            ids = self._due.get(deadline)
+            if ids is None:
+                continue  # an equal entry came up already
+            del self._due[deadline]
+            if isinstance(ids, str):
+                due.append(ids)
+            else:
+                due.extend(ids)
         following = heap[0] if heap else _INF
-        for kind in range(3):
-            first = queues[kind].first()
+        for queue in self._in_order:
+            first = queue.first()
             if first < following:
                 following = first
         self.next_due = following
-        return deadline
+        return due
 
     def _finish(self, call: Call) -> Call:
         del self.open[call.call_id]

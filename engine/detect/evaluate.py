@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Final, cast
@@ -166,37 +166,72 @@ class Condition:
         self.kind = kind
         self.constant: Any = constant
         self.members: frozenset[object] = constant if kind in (IN, NOT_IN) else frozenset()
-        self.prefixes: tuple[str, ...] = (
+        prefixes: tuple[str, ...] = (
             constant if kind in (PREFIX, PREFIX_NOT_EMPTY, NOT_PREFIX) else ()
         )
+        # Prefixes by length: a text's first n characters looked up once for each
+        # length in use, where startswith tried every prefix in turn (a list of
+        # IRSF ranges runs to thousands).
+        self.prefixes = frozenset(prefixes)
+        self.prefix_lengths = sorted({len(prefix) for prefix in prefixes})
+        self.number: float = float(constant) if LT <= kind <= GE else 0.0
+        # A text compared with a text as two strings, not two objects.
+        self.text: str | None = constant if kind in (EQ, NE) and type(constant) is str else None
+        self.empty = bool(constant) if kind == EMPTY else False
 
     def holds(self, v: Any) -> bool:
+        # Exact type tests (`type(v) is str`), where isinstance walks the type's bases:
+        # a call's texts are str, its numbers float or int, and a bool (`answered`) is
+        # neither number nor text here, as before.
         kind = self.kind
         if kind == IN:
             return v in self.members
         if kind == NOT_IN:
             return v not in self.members
-        if kind == PREFIX:
-            return isinstance(v, str) and v.startswith(self.prefixes)
-        if kind == PREFIX_NOT_EMPTY:
-            return isinstance(v, str) and v != "" and v.startswith(self.prefixes)
-        if kind == NOT_PREFIX:
-            return not (isinstance(v, str) and v.startswith(self.prefixes))
+        if kind <= NOT_PREFIX:
+            if type(v) is not str:
+                return kind == NOT_PREFIX
+            text: str = v
+            if kind == PREFIX:
+                return self._prefixed(text)
+            if kind == PREFIX_NOT_EMPTY:
+                return text != "" and self._prefixed(text)
+            return not self._prefixed(text)
         if kind <= GE:
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
+            # Two doubles compared, not two objects.
+            number = type(v)
+            value: float
+            if number is float:
+                value = v
+            elif number is int:
+                value = float(cast(int, v))
+            else:
                 return False
             if kind == LT:
-                return bool(v < self.constant)
+                return value < self.number
             if kind == LE:
-                return bool(v <= self.constant)
+                return value <= self.number
             if kind == GT:
-                return bool(v > self.constant)
-            return bool(v >= self.constant)
-        if kind == EQ:
-            return bool(v == self.constant)
-        if kind == NE:
-            return bool(v != self.constant)
-        return bool((v in ("", None)) == self.constant)
+                return value > self.number
+            return value >= self.number
+        if kind <= NE:  # EQ or NE
+            expected = self.text
+            if expected is not None:
+                equal = type(v) is str and v == expected
+            else:
+                equal = bool(v == self.constant)
+            return equal if kind == EQ else not equal
+        # EMPTY: whether the field is empty (no text, or none at all) is as asked.
+        return (v is None or (type(v) is str and v == "")) == self.empty
+
+    def _prefixed(self, text: str) -> bool:
+        size = len(text)
+        for length in self.prefix_lengths:
+            if length > size:
+                return False
+            if text[:length] in self.prefixes:
+                return True
+        return False
 
 
 class Selector:
@@ -526,7 +561,19 @@ class CompiledRule:
         # An entity's last use may be up to `touch_s` after its `last_ts` (see
         # `evaluate`): only one whose window is surely empty goes.
         keep += self.touch_s
-        return self.state.drop_idle(lambda s: s.last_ts < now - keep)
+        # The keys' order is least recently used first (see `evaluate`): walked from
+        # the front until one is in use. A loop over typed states here, not a
+        # predicate handed to KeyedState.drop_idle (a Python call per key).
+        cutoff = now - keep
+        states = self.state.states
+        idle: list[Hashable] = []
+        for entity, state in states.items():
+            if state.last_ts >= cutoff:
+                break
+            idle.append(entity)
+        for entity in idle:
+            del states[entity]
+        return len(idle)
 
 
 class RuleGroup:

@@ -336,6 +336,7 @@ class CompiledRule:
         # The value a window entry carries: a field (distinct, sum), whether the
         # numerator selects the call (ratio), or nothing.
         self.item_field = aggregate.field if self.kind in ("distinct", "sum") else None
+        self._item_index = FIELDS.index(self.item_field) if self.item_field is not None else -1
         self.ratio = self.kind == "ratio"
         self._measure_kind = _MEASURES.index("count" if self.kind == "concurrent" else self.kind)
         # What the aggregates read per call (the spec's are attributes of Python
@@ -407,20 +408,23 @@ class CompiledRule:
         # entity cost one lookup rather than a removal and an insertion.
         # `drop_idle` allows for the lag. Inlined: this runs for every selected call
         # of every rule.
+        # The time as a double for the arithmetic below (on the object, each step was
+        # a generic operation and a new float); the object itself goes into the window.
+        now: float = ts
         keyed = self.state
         states = keyed.states
         state = states.get(entity)
         if state is None:
-            state = self._new_state(ts)
-            state.last_ts = ts
+            state = self._new_state(now)
+            state.last_ts = now
             keyed.put(entity, state)
-        elif ts - state.last_ts > self.touch_s:
+        elif now - state.last_ts > self.touch_s:
             del states[entity]
             states[entity] = state
-            state.last_ts = ts
+            state.last_ts = now
         item: object = None
         if self.item_field is not None:
-            item = getattr(call, self.item_field)
+            item = field_of(call, self._item_index)
             if item is None:
                 return None
         elif self.ratio:
@@ -428,7 +432,7 @@ class CompiledRule:
         if self.spike:
             cast(SpikeState, state).baseline.observe(ts)
         state.add(ts, call.call_id, item)
-        state.leave_until(ts - self.window_s)
+        state.leave_until(now - self.window_s)
         measured = self._measure(state, call)
         if measured is None or not self.holds(measured):
             return None

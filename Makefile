@@ -11,7 +11,7 @@ setup: $(STAMP)
 # The detection's hot path is compiled by mypyc from these sources (setup.py).
 COMPILED := $(foreach m,windows calls evaluate pipeline,engine/detect/$(m).py)
 
-$(STAMP): pyproject.toml setup.py $(wildcard engine/_*.c) $(COMPILED)
+$(STAMP): pyproject.toml setup.py $(wildcard engine/ingest/_*.c) $(COMPILED)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "callsentry needs Python 3.11 or newer")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard engine/_*.c) $(COMPILED)
 	@touch $@
 
 demo: setup
-	$(BIN)/python -m engine.demo
+	$(BIN)/python -m engine.apps.demo
 
 serve: setup
 	$(BIN)/callsentry serve

@@ -1,8 +1,8 @@
 """The compiled parts; everything else is in pyproject.toml.
 
-- engine/_fastio.c: the receiver's batched socket and journal calls (Linux).
-- engine/_seen.c: the dedup keys of stored reports as a compact fingerprint set.
-- engine/_rows.c: event files' rows made as tuples from their columns.
+- engine/ingest/_fastio.c: the receiver's batched socket and journal calls (Linux).
+- engine/ingest/_seen.c: the dedup keys of stored reports as a compact fingerprint set.
+- engine/ingest/_rows.c: event files' rows made as tuples from their columns.
 - the detection's hot path (engine.detect.COMPILED), compiled by mypyc from the same
   Python source when mypyc is installed in the environment that builds (`make setup`
   installs once, then builds again without isolation, with the venv's mypy).
@@ -92,8 +92,8 @@ class BuildWithDetection(build_ext):
 def c_helper(name: str) -> Extension:
     # Optional: no compiler means the engine's Python equivalent, not a failed install.
     return Extension(
-        f"engine.{name}",
-        [f"engine/{name}.c"],
+        f"engine.ingest.{name}",
+        [f"engine/ingest/{name}.c"],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
         optional=True,
     )

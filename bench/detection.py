@@ -27,8 +27,8 @@ import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import Settings
-from engine.replay import replay
+from engine.apps.replay import replay
+from engine.apps.settings import Settings
 from engine.simulator.scenario import generate, load_scenario, write_files
 
 # The cron jobs of a team without a streaming engine: once an hour, over the last

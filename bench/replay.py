@@ -38,13 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 import duckdb  # noqa: E402
 
-from engine.config import load_settings  # noqa: E402
+from engine.apps.replay import replay  # noqa: E402
+from engine.apps.settings import load_settings  # noqa: E402
+from engine.core.events import CallEvent, CallState  # noqa: E402
+from engine.core.runtime import tune_gc_for_detection  # noqa: E402
 from engine.detect.calls import CallTracker  # noqa: E402
 from engine.detect.pipeline import Pipeline  # noqa: E402
 from engine.detect.rules import load_rules  # noqa: E402
-from engine.events import CallEvent, CallState  # noqa: E402
-from engine.replay import replay  # noqa: E402
-from engine.runtime import tune_gc_for_detection  # noqa: E402
 from engine.simulator.scenario import generate, load_scenario, write_files  # noqa: E402
 
 

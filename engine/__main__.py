@@ -1,3 +1,3 @@
-from engine.cli import main
+from engine.apps.cli import main
 
 main()

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.core.yamlfile import YamlDocument, parse_files_with_ids
 from engine.detect.calls import Call
-from engine.yamlfile import YamlDocument, parse_files_with_ids
 from models.base import Model, ModelFinding, Quiet, RecentCalls, never_quiet
 from models.caller import CallerModel
 from models.menu import MenuModel

@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.simulator.calls import Duration
+from engine.core.durations import Duration
 
 CallerFeature = Literal[
     "short_share",

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from engine.config import Settings, load_settings
-from engine.journal import read_segment
-from engine.service import Engine
+from engine.apps.serve import Engine
+from engine.apps.settings import Settings, load_settings
+from engine.ingest.journal import read_segment
 
 
 def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:

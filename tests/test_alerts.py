@@ -14,11 +14,12 @@ from typing import ClassVar
 import duckdb
 import pytest
 
-from engine.detect.alerts import Alert, AlertManager, JsonLinesSink, WebhookSink
+from engine.alerts.sinks import JsonLinesSink, WebhookSink
+from engine.apps.replay import replay
+from engine.detect.alerts import Alert, AlertManager
 from engine.detect.evaluate import Finding
 from engine.detect.rules import load_rules
-from engine.replay import replay
-from engine.review import ReviewError, add_review, list_alerts
+from engine.lake.reviews import ReviewError, add_review, list_alerts
 from tests.conftest import make_settings
 
 

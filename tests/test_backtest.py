@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.backtest import BacktestReport, backtest, stored_span
+from engine.apps.backtest import BacktestReport, backtest, stored_span
+from engine.apps.replay import ReplayReport, replay
 from engine.detect.alerts import Alert
-from engine.replay import ReplayReport, replay
 from tests.conftest import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent

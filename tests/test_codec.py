@@ -4,8 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.codec import SEPARATORS, Vos3000TextCodec
-from engine.events import (
+from engine.core.events import (
     MAX_CALL_ID_BYTES,
     MAX_SERIAL_DIGITS,
     CallEvent,
@@ -13,9 +12,10 @@ from engine.events import (
     Reject,
     RejectReason,
 )
+from engine.ingest.codec import SEPARATORS, Vos3000TextCodec
 
 try:
-    from engine import _fastio as fastio
+    from engine.ingest import _fastio as fastio
 except ImportError:
     fastio = None  # type: ignore[assignment]
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 import engine.detect
+from engine.core.events import CallEvent, CallState
 from engine.detect import COMPILED, RECORD, calls, compiled_modules, stale_reason, windows
-from engine.events import CallEvent, CallState
 
 DETECT = Path(engine.detect.__file__).parent
 
@@ -159,7 +159,7 @@ def test_what_a_snapshot_keeps_is_every_attribute(kind: type[windows.Snapshotted
 _PICKLE_STATE = """
 import pickle, sys
 from engine.detect import calls, windows
-from engine.events import CallEvent, CallState
+from engine.core.events import CallEvent, CallState
 if sys.argv[1] == "write":
     tracker = calls.CallTracker(settle_s=4.0)
     tracker.observe(CallEvent(1.0, "a", 1, CallState.RINGING, 183, "1", "2", "", "7", "M", ""))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_settings, parse_hostport
+from engine.apps.settings import ConfigError, load_settings
+from engine.core.addresses import parse_hostport
 
 
 def test_defaults_listen_on_8000_and_accept_loopback_only() -> None:

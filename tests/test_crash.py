@@ -16,8 +16,8 @@ from typing import BinaryIO
 import duckdb
 import pytest
 
-from engine.journal import Spares
-from engine.store import lake_writer_lock
+from engine.ingest.journal import Spares
+from engine.ingest.store import lake_writer_lock
 
 pytestmark = pytest.mark.slow
 
@@ -208,7 +208,7 @@ def test_kill_9_during_a_replay_then_replaying_again_is_a_clean_replay(tmp_path:
     """Killed while it journals, while it writes a group of segments to the lake, or
     as it lets them go: the same file replayed again leaves the events, calls and
     alerts of a replay that was never killed, nothing twice and nothing missing."""
-    from engine.replay import replay
+    from engine.apps.replay import replay
     from engine.simulator.scenario import generate, load_scenario, write_files
     from tests.conftest import make_settings
 

@@ -15,7 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.codec import Vos3000TextCodec
+from engine.apps.lakewriter import load_detectors, make_pipeline
+from engine.apps.replay import replay
+from engine.core.events import CallEvent, CallState
+from engine.core.yamlfile import YamlFileError
 from engine.detect.calls import Call, CallTracker
 from engine.detect.evaluate import (
     EQ,
@@ -31,12 +34,10 @@ from engine.detect.rules import load_rules
 from engine.detect.schema import Matcher, RuleSpec
 from engine.detect.snapshot import snapshot_path
 from engine.detect.windows import Entries, EwBaseline, ValueEntries
-from engine.events import CallEvent, CallState
-from engine.lakewriter import LakeWriter, make_pipeline
-from engine.replay import replay
+from engine.ingest.codec import Vos3000TextCodec
+from engine.lake.writer import LakeWriter
 from engine.simulator.scenario import generate, load_scenario, write_files
-from engine.switch import SwitchSettings, SwitchStandIn
-from engine.yamlfile import YamlFileError
+from engine.simulator.switch import SwitchSettings, SwitchStandIn
 from tests.conftest import RunningEngine, make_settings
 
 RULES = Path("rules")
@@ -378,7 +379,7 @@ def test_hot_reload_swaps_whole_sets_and_keeps_state_of_unchanged_rules(
     before["short-calls-caller"].state.put("someone", object())  # type: ignore[arg-type]
 
     (folder / "short-calls-caller.yaml").write_text("id: [broken\n")
-    assert writer.reload_rules(folder, 1000) is False
+    assert writer.reload_rules(lambda: load_detectors(folder, 1000, models=True).rules) is False
     assert pipeline.rules.rules[0] is before[pipeline.rules.rules[0].id], "running set kept"
     assert "rules not reloaded, the running rules stay" in caplog.text
 
@@ -388,7 +389,7 @@ def test_hot_reload_swaps_whole_sets_and_keeps_state_of_unchanged_rules(
     (folder / "sequential-dialling.yaml").write_text(
         (folder / "sequential-dialling.yaml").read_text().replace("threshold: 10", "threshold: 12")
     )
-    assert writer.reload_rules(folder, 1000) is True
+    assert writer.reload_rules(lambda: load_detectors(folder, 1000, models=True).rules) is True
     after = {rule.id: rule for rule in pipeline.rules.rules}
     assert after["short-calls-caller"].state.get("someone") is not None, "same logic: state kept"
     assert after["sequential-dialling"].state is before["sequential-dialling"].state

@@ -14,11 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import ingest, journal
-from engine.ingest import Intake, SeenReports
-from engine.journal import DATAGRAMS, Journal, read_segment
-from engine.stats import Stats
-from engine.udpbatch import sockaddr_of
+from engine.ingest import intake as ingest
+from engine.ingest import journal
+from engine.ingest.intake import Intake, SeenReports
+from engine.ingest.journal import DATAGRAMS, Journal, read_segment
+from engine.ingest.stats import Stats
+from engine.ingest.udpbatch import sockaddr_of
 
 linux = sys.platform.startswith("linux")
 
@@ -106,7 +107,7 @@ def test_the_lake_writer_yields_the_cpu(priority: str, expected: str) -> None:
     # In a child: a policy once lowered cannot be raised back without privileges.
     script = (
         "import os, threading\n"
-        "from engine.lakewriter import lower_priority\n"
+        "from engine.apps.lakewriter import lower_priority\n"
         "lower_priority(os.environ['PRIORITY'])\n"
         "show = lambda: print(os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))\n"
         "t = threading.Thread(target=show)\n"

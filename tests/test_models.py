@@ -13,12 +13,12 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from engine.apps.replay import replay
+from engine.core.yamlfile import YamlFileError
 from engine.detect.calls import Call
 from engine.detect.rules import load_rules
 from engine.detect.snapshot import snapshot_path
-from engine.replay import replay
 from engine.simulator.scenario import Generated, generate, load_scenario, write_files
-from engine.yamlfile import YamlFileError
 from models.base import ModelFinding, never_quiet
 from models.caller import CallerModel, surprise
 from models.menu import MenuModel
@@ -559,9 +559,9 @@ def test_models_restored_from_an_older_snapshot_judge_as_if_never_stopped() -> N
 def test_event_time_brings_a_models_step_and_housekeeping_when_no_call_is_due() -> None:
     # Most reports move event time on with no call due; a model's step (a rule may ask
     # for its score) and the pipeline's housekeeping must still come on time.
+    from engine.core.events import CallEvent, CallState
     from engine.detect.calls import CallTracker
     from engine.detect.pipeline import Pipeline
-    from engine.events import CallEvent, CallState
 
     def report(ts: float, call_id: str, state: CallState) -> CallEvent:
         return CallEvent(ts, call_id, 1, state, None, "8613800000001", "400800", "", "1", "Main")

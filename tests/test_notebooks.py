@@ -9,7 +9,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from engine.replay import replay
+from engine.apps.replay import replay
 from engine.simulator.scenario import generate, load_scenario, write_files
 from tests.conftest import make_settings
 

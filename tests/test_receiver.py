@@ -15,9 +15,9 @@ from typing import Any
 import duckdb
 import pytest
 
-from engine.codec import Vos3000TextCodec
-from engine.events import CallEvent, CallState
-from engine.switch import SwitchSettings, SwitchStandIn
+from engine.core.events import CallEvent, CallState
+from engine.ingest.codec import Vos3000TextCodec
+from engine.simulator.switch import SwitchSettings, SwitchStandIn
 from tests.conftest import RunningEngine, Switch
 
 EngineFactory = Callable[..., RunningEngine]

@@ -18,18 +18,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import detectfork
-from engine import lake as lake_module
-from engine import lakewriter as lakewriter_module
-from engine import replay as replay_module
-from engine.codec import FieldError
+from engine.apps import detectfork
+from engine.apps import replay as replay_module
+from engine.apps.replay import replay
+from engine.core.events import CallEvent, CallState, Reject, RejectReason
 from engine.detect.calls import CallTracker
 from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
-from engine.eventfiles import EventFileError, parse_ts, read_event_file, read_event_files
-from engine.events import CallEvent, CallState, Reject, RejectReason
-from engine.lake import Item
-from engine.replay import replay
+from engine.ingest.codec import FieldError
+from engine.ingest.eventfiles import EventFileError, parse_ts, read_event_file, read_event_files
+from engine.lake import parquet as lake_module
+from engine.lake import writer as lakewriter_module
+from engine.lake.parquet import Item
 from engine.simulator.scenario import generate, load_scenario, write_files
 from tests.conftest import make_settings
 
@@ -263,7 +263,7 @@ MIXED_ROWS = [
 def test_column_wise_reading_agrees_with_row_by_row_validation(fmt: str, tmp_path: Path) -> None:
     # Files are read column-wise for speed; each row must come out exactly as the
     # row-by-row validator (the one datagrams and JSON lines go through) makes it.
-    from engine.eventfiles import _items_of_rows
+    from engine.ingest.eventfiles import _items_of_rows
 
     columns = ["ts", "call_id", "serial", "state", "caller", "callee", "forward", "menu_id",
                "menu_name"]  # fmt: skip
@@ -357,7 +357,7 @@ def test_rows_taken_as_they_are_agree_with_validating_each(
     # Rows whose fields need no stripping or closer look skip the validator: for any
     # mix of padding, call ids, serials, state spellings and bad times (a reject takes
     # the time of the last good row before it) the result is the same.
-    from engine.eventfiles import _items_of_frame, _items_of_rows
+    from engine.ingest.eventfiles import _items_of_frame, _items_of_rows
 
     columns = ["ts", "call_id", "serial", "state", "caller", "callee", "forward", "menu_id",
                "menu_name"]  # fmt: skip
@@ -407,9 +407,9 @@ def test_offering_rows_read_at_once_is_offering_each(
     # one by one takes: duplicates (stored already, waiting, or earlier in the run),
     # quarantined rows with and without a key, and a full intake. Runs of new
     # reports only are taken whole, the rest row by row.
-    from engine.ingest import Intake, SeenReports
-    from engine.lake import record_of
-    from engine.stats import Stats
+    from engine.ingest.intake import Intake, SeenReports
+    from engine.ingest.stats import Stats
+    from engine.lake.parquet import record_of
 
     intakes = []
     for at_once in (False, True):
@@ -654,7 +654,7 @@ def test_a_long_replay_logs_how_far_it_is(
     csv.write_text(HEADER + "1795860000,c1,1,180,100,200,,7,Main\n1795860003,c1,2,ok,1,2,,7,M\n")
     monkeypatch.setattr(replay_module, "PROGRESS_EVERY_S", 0.0)
     monkeypatch.setattr(replay_module, "REPLAY_BATCH", 1)
-    with caplog.at_level(logging.INFO, logger="engine.replay"):
+    with caplog.at_level(logging.INFO, logger="engine.apps.replay"):
         replay([csv], make_settings(tmp_path / "data"))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("replay: ")]
     assert len(lines) == 2

@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.events import CallEvent, CallState
+from engine.core.events import CallEvent, CallState
 
 try:
-    from engine import _rows
+    from engine.ingest import _rows
 except ImportError:  # not built here: engine/eventfiles.py uses map and zip
     _rows = None  # type: ignore[assignment]
 
-needs_rows = pytest.mark.skipif(_rows is None, reason="engine._rows not built")
+needs_rows = pytest.mark.skipif(_rows is None, reason="engine.ingest._rows not built")
 
 
 def test_the_row_maker_is_built_on_linux() -> None:

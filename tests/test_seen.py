@@ -11,14 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.ingest import KeySet, SeenReports
+from engine.ingest.intake import KeySet, SeenReports
 
 try:
-    from engine import _seen
+    from engine.ingest import _seen
 except ImportError:  # not built here: the Python set is what runs
     _seen = None  # type: ignore[assignment]
 
-needs_table = pytest.mark.skipif(_seen is None, reason="engine._seen not built")
+needs_table = pytest.mark.skipif(_seen is None, reason="engine.ingest._seen not built")
 KEY = bytes(range(16))
 
 
@@ -189,7 +189,7 @@ def test_a_key_costs_under_64_bytes() -> None:
 def test_seen_reports_forget_what_left_the_horizon(
     make: Callable[[], Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("engine.ingest._key_table", make)
+    monkeypatch.setattr("engine.ingest.intake._key_table", make)
     seen = SeenReports(60.0)
     seen.add_batch([("a", 1), ("b", 1)], 100.0)
     seen.add((("c", 1)), 130.0)

@@ -16,12 +16,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from engine.codec import Vos3000TextCodec
-from engine.events import CallEvent, CallState
-from engine.simulator.calls import parse_duration
+from engine.core.durations import parse_duration
+from engine.core.events import CallEvent, CallState
+from engine.core.yamlfile import YamlFileError
+from engine.ingest.codec import Vos3000TextCodec
 from engine.simulator.scenario import Scenario, generate, load_scenario, write_files
-from engine.switch import SwitchSettings, SwitchStandIn
-from engine.yamlfile import YamlFileError
+from engine.simulator.switch import SwitchSettings, SwitchStandIn
 from tests.conftest import RunningEngine
 
 SCENARIOS = sorted(Path("data/scenarios").glob("*.yaml"))

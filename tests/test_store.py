@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine import journal as journal_module
-from engine.codec import Vos3000TextCodec
+from engine.apps.serve import open_store
+from engine.core.events import CallEvent, CallState
 from engine.detect.calls import CALL_COLUMNS, Call, call_columns
-from engine.events import CallEvent, CallState
-from engine.journal import (
+from engine.ingest import journal as journal_module
+from engine.ingest.codec import Vos3000TextCodec
+from engine.ingest.journal import (
     DATAGRAMS,
     HEADER,
     JSON_RECORDS,
@@ -33,10 +34,9 @@ from engine.journal import (
     read_segment,
     tick_payload,
 )
-from engine.lake import CALL_SCHEMA, Lake
-from engine.lakewriter import LakeWriter, calls_frame
-from engine.service import open_store
-from engine.store import EventStore, StoreError, codec_header
+from engine.ingest.store import EventStore, StoreError, codec_header
+from engine.lake.parquet import CALL_SCHEMA, Lake
+from engine.lake.writer import LakeWriter, calls_frame
 from tests.conftest import make_settings
 
 T0 = 1795860000.0
@@ -560,7 +560,7 @@ def test_a_spare_the_disk_has_no_room_for_is_not_made_and_said_once(
         journal_module.os, "statvfs", lambda path: SimpleNamespace(f_bavail=10, f_frsize=4096)
     )
     try:
-        with caplog.at_level(logging.WARNING, logger="engine.journal"):
+        with caplog.at_level(logging.WARNING, logger="engine.ingest.journal"):
             for _ in range(3):
                 spares.want(2 * Spares.MIN_SEGMENT_BYTES)
                 deadline = time.monotonic() + 10

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine import udpbatch
-from engine.codec import build_codec
-from engine.udpbatch import BatchSocket, peer_of, sockaddr_of
+from engine.ingest import udpbatch
+from engine.ingest.codec import build_codec
+from engine.ingest.udpbatch import BatchSocket, peer_of, sockaddr_of
 
 pytestmark = pytest.mark.skipif(not udpbatch.supported(), reason="needs Linux recvmmsg")
 

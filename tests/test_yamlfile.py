@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.yamlfile import YamlFileError, load_yaml
+from engine.core.yamlfile import YamlFileError, load_yaml
 
 
 def test_values_and_the_line_of_every_key(tmp_path: Path) -> None:

@@ -22,8 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from engine.core.events import CallEvent, CallState
 from engine.detect.windows import Snapshotted, Timestamp
-from engine.events import CallEvent, CallState
 
 OUTCOMES = ("answered", "unanswered", "abandoned", "timed_out", "in_progress")
 
@@ -177,7 +177,7 @@ def _or_nan(value: float | None) -> float:
 
 def call_columns(calls: list[Call]) -> dict[str, Any]:
     """The `calls` table's columns for these calls, named and ordered as
-    engine.lake.CALL_SCHEMA (CALL_COLUMNS): texts as lists of str, numbers (times in
+    engine.lake.parquet.CALL_SCHEMA (CALL_COLUMNS): texts as lists of str, numbers (times in
     epoch seconds) as `array("d")` with NaN where unknown. Built here (compiled where
     built) for the lake writer's frame, and cheap to pickle from a process that runs
     detection: a column of doubles pickles as one block of bytes, where a list of

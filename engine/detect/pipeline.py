@@ -12,12 +12,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
 from engine.detect.evaluate import RuleGroup
 from engine.detect.rules import RuleSet
 from engine.detect.windows import Timestamp
-from engine.events import CallEvent, Reject
 from models.base import ModelFinding
 from models.registry import carry_over, model_logic
 

@@ -9,9 +9,9 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.core.yamlfile import YamlDocument, YamlFileError, parse_file, parse_files_with_ids
 from engine.detect.evaluate import CompiledRule, Finding, RuleGroup
 from engine.detect.schema import ListSpec, RuleSpec
-from engine.yamlfile import YamlDocument, YamlFileError, parse_file, parse_files_with_ids
 from models.registry import ModelSet, build_models, load_model_specs, models_dir
 from models.spec import ModelSpec
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.core.events import CallEvent, CallState
 from engine.detect.calls import CallTracker
 from engine.detect.evaluate import CompiledRule
 from engine.detect.pipeline import Pipeline
 from engine.detect.rules import RuleSet, load_rules
 from engine.detect.schema import RuleTest, TestCalls
-from engine.events import CallEvent, CallState
 from models.registry import ModelSet, build
 
 # Tests run from a fixed moment so exception expiry dates behave the same every run.

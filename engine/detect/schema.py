@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from engine.simulator.calls import Duration
+from engine.core.durations import Duration
 
 FieldName = Literal[
     "caller",

@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.simulator.calls import Call, Duration, lognormal, new_call_id
+from engine.core.durations import Duration
+from engine.simulator.calls import Call, lognormal, new_call_id
 from engine.simulator.traffic import BenignSpec, MenuSpec, Population, benign_call
 
 EntityType = Literal["caller", "menu", "forward", "callee"]

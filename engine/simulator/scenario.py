@@ -23,11 +23,12 @@ from typing import Any
 import polars as pl
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-from engine.events import CallEvent
-from engine.simulator.calls import Call, Duration
+from engine.core.durations import Duration
+from engine.core.events import CallEvent
+from engine.core.yamlfile import YamlFileError, load_yaml, parse_model
+from engine.simulator.calls import Call
 from engine.simulator.incidents import Context, Incident, entity_of
 from engine.simulator.traffic import BenignSpec, generate_benign, make_population
-from engine.yamlfile import YamlFileError, load_yaml, parse_model
 
 
 class Scenario(BaseModel):

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.simulator.calls import Call, Duration, lognormal, new_call_id
+from engine.core.durations import Duration
+from engine.simulator.calls import Call, lognormal, new_call_id
 
 
 class _Strict(BaseModel):

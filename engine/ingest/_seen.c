@@ -488,7 +488,7 @@ static PySequenceMethods KeyTable_as_sequence = {
 };
 
 static PyTypeObject KeyTableType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "engine._seen.KeyTable",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "engine.ingest._seen.KeyTable",
     .tp_basicsize = sizeof(KeyTable),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "KeyTable(key: 16 bytes): the (call_id, serial) keys of stored reports, as\n"
@@ -534,7 +534,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "engine._seen", "Compact sets of report keys for dedup.", -1,
+    PyModuleDef_HEAD_INIT, "engine.ingest._seen", "Compact sets of report keys for dedup.", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

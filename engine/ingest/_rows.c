@@ -99,7 +99,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "engine._rows",
+    PyModuleDef_HEAD_INIT, "engine.ingest._rows",
     "Rows of event files as tuples, made from their columns in C.", -1, methods,
     NULL, NULL, NULL, NULL,
 };

@@ -22,8 +22,7 @@ from typing import Any, cast
 
 import polars as pl
 
-from engine.codec import FieldError, make_event, parse_call_id, parse_serial
-from engine.events import (
+from engine.core.events import (
     MAX_CALL_ID_BYTES,
     MAX_SERIAL_DIGITS,
     STATE_TOKENS,
@@ -31,6 +30,7 @@ from engine.events import (
     Reject,
     RejectReason,
 )
+from engine.ingest.codec import FieldError, make_event, parse_call_id, parse_serial
 
 _TS = operator.itemgetter(0)
 
@@ -277,7 +277,7 @@ _new_tuple = tuple.__new__
 _new_event = functools.partial(_new_tuple, CallEvent)
 _take_rows: Callable[..., list[CallEvent]] | None
 try:
-    from engine._rows import take_rows as _take_rows
+    from engine.ingest._rows import take_rows as _take_rows
 except ImportError:
     _take_rows = None
 

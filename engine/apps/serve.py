@@ -15,15 +15,16 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import start_http_server
 
-from engine.codec import Codec, build_codec
-from engine.config import Settings, parse_hostport
+from engine.apps.lakewriter import LakeWriterProcess
+from engine.apps.settings import Settings
+from engine.core.addresses import parse_hostport
+from engine.core.runtime import tune_gc_for_receiver
 from engine.detect.rules import load_rules
-from engine.ingest import Intake, SeenReports
-from engine.lakewriter import LakeWriterProcess
-from engine.receiver import AllowList, ReportServer
-from engine.runtime import tune_gc_for_receiver
-from engine.stats import Stats, registry_for
-from engine.store import EventStore
+from engine.ingest.codec import Codec, build_codec
+from engine.ingest.intake import Intake, SeenReports
+from engine.ingest.receiver import AllowList, ReportServer
+from engine.ingest.stats import Stats, registry_for
+from engine.ingest.store import EventStore
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,6 @@ partial files are dropped and written again), so every report lands once.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
-import multiprocessing.synchronize
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Container, Sequence
@@ -25,18 +21,17 @@ from typing import Any
 import duckdb
 import numpy as np
 import polars as pl
-from apscheduler.schedulers.background import BackgroundScheduler
 
-from engine.config import DetectionSettings, Settings
-from engine.detect.alerts import Alert, AlertSink, JsonLinesSink, LogSink, WebhookSink
-from engine.detect.calls import CallTracker, call_columns
+from engine.core.events import CallEvent, CallState, Reject, RejectReason
+from engine.core.yamlfile import YamlFileError
+from engine.detect.alerts import Alert, AlertSink
+from engine.detect.calls import call_columns
 from engine.detect.pipeline import Output, Pipeline
-from engine.detect.rules import LoadedRules, load_rules
+from engine.detect.rules import RuleSet
 from engine.detect.snapshot import Position, Snapshot, snapshot_path
 from engine.detect.snapshot import load as snapshot_load
 from engine.detect.snapshot import save as snapshot_save
-from engine.events import CallEvent, CallState, Reject, RejectReason
-from engine.journal import (
+from engine.ingest.journal import (
     DATAGRAMS,
     TICK,
     fsync_dir,
@@ -46,10 +41,8 @@ from engine.journal import (
     segment_number,
     tick_of,
 )
-from engine.lake import ALERT_SCHEMA, CALL_SCHEMA, Item, Lake, item_of
-from engine.runtime import tune_gc_for_detection
-from engine.store import StoreError, codec_of, lake_writer_lock
-from engine.yamlfile import YamlFileError
+from engine.ingest.store import codec_of
+from engine.lake.parquet import ALERT_SCHEMA, CALL_SCHEMA, Item, Lake, item_of
 
 log = logging.getLogger(__name__)
 
@@ -459,13 +452,13 @@ class LakeWriter:
                     if result.rejects is not None:
                         result.rejects.append(reject)
 
-    def reload_rules(self, path: Path, max_keys: int, *, models: bool = True) -> bool:
-        """Load the rule and model files again; swap them in whole only if every file
-        is valid."""
+    def reload_rules(self, load: Callable[[], RuleSet]) -> bool:
+        """Load the rule and model files again (`load` raises YamlFileError listing
+        every problem); swap them in whole only if every file is valid."""
         if self.pipeline is None:
             return False
         try:
-            loaded = load_detectors(path, max_keys, models=models)
+            rules = load()
         except YamlFileError as error:
             log.error(
                 "rules not reloaded, the running rules stay:\n  %s",
@@ -473,10 +466,10 @@ class LakeWriter:
             )
             return False
         with self._lock:
-            kept = self.pipeline.swap_rules(loaded.rules)
+            kept = self.pipeline.swap_rules(rules)
         log.info(
             "rules reloaded: %d rules (window state kept for %d unchanged)",
-            len(loaded.rules.rules),
+            len(rules.rules),
             len(kept),
         )
         return True
@@ -523,250 +516,3 @@ class LakeWriter:
             log.info(
                 "compacted %d segments into %d files", result.merged_files, result.written_files
             )
-
-
-def load_detectors(path: Path, max_keys: int, *, models: bool) -> LoadedRules:
-    """Rules and models under `path`; raises YamlFileError listing every problem."""
-    loaded = load_rules(path, max_keys=max_keys)
-    if not models:
-        # Rules that ask for a model's score then never fire; say so.
-        for rule in loaded.rules.rules:
-            if rule.spec.model is not None:
-                log.warning(
-                    "rule %s needs model %s, and models are off", rule.id, rule.spec.model.model
-                )
-        loaded.rules.models.models.clear()
-    return loaded
-
-
-def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -> Pipeline:
-    """The detection pipeline with the rules under `rules_dir`; raises YamlFileError."""
-    loaded = load_detectors(
-        rules_dir or detection.rules_dir,
-        detection.max_keys_per_rule,
-        models=detection.models_enabled,
-    )
-    tracker = CallTracker(
-        settle_s=detection.settle_s,
-        ring_timeout_s=detection.ring_timeout_s,
-        max_call_s=detection.max_call_s,
-        abandon_s=detection.abandon_s,
-        max_open_calls=detection.max_open_calls,
-    )
-    return Pipeline(loaded.rules, tracker)
-
-
-def make_sinks(settings: Settings) -> list[AlertSink]:
-    detection = settings.detection
-    sinks: list[AlertSink] = [LogSink()]
-    if detection.alerts_jsonl != "off":
-        path = Path(detection.alerts_jsonl or settings.store.data_dir / "alerts.jsonl")
-        sinks.append(JsonLinesSink(path))
-    if detection.webhook_url:
-        sinks.append(WebhookSink(detection.webhook_url, token=detection.webhook_token))
-    return sinks
-
-
-class _RuleWatcher:
-    """Reloads the rules when their files change, or when asked (SIGHUP to serve)."""
-
-    def __init__(self, writer: LakeWriter, detection: DetectionSettings, asked: Any) -> None:
-        self.writer = writer
-        self.detection = detection
-        self.asked = asked
-        self.fingerprint = self._fingerprint()
-
-    def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
-        folder = self.detection.rules_dir
-        files = [
-            *folder.glob("*.y*ml"),
-            *(folder / "lists").glob("*.y*ml"),
-            *(folder / "models").glob("*.y*ml"),
-        ]
-        stats = []
-        for path in sorted(files):
-            try:
-                info = path.stat()
-            except OSError:
-                continue
-            stats.append((str(path), info.st_mtime_ns, info.st_size))
-        return tuple(stats)
-
-    def check(self) -> None:
-        asked = self.asked.is_set()
-        fingerprint = self._fingerprint()
-        changed = self.detection.reload_interval_s > 0 and fingerprint != self.fingerprint
-        if not (asked or changed):
-            return
-        self.asked.clear()
-        self.fingerprint = fingerprint
-        self.writer.reload_rules(
-            self.detection.rules_dir,
-            self.detection.max_keys_per_rule,
-            models=self.detection.models_enabled,
-        )
-
-
-def lower_priority(priority: str) -> None:
-    """Answers first: under CPU contention the receiver runs and the lake catches up
-    in the gaps.
-
-    The receiver is bound by latency more than by CPU: each report waits for a
-    group commit, and the switch (and the bench's load) keeps a bounded number
-    unanswered. At nice 10 this process still ran whenever a receiver thread
-    slept for an instant, and each wake-up of a receiver thread then waited for
-    it to be preempted. SCHED_IDLE is preempted at once: measured at full speed,
-    45,000-50,000 answered/s at nice 10 against 53,000-56,000 idle.
-    Policies are per thread on Linux: every thread that exists now is set, and
-    threads started later inherit it from the thread that starts them.
-    """
-    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
-        try:
-            for task in os.listdir("/proc/self/task"):
-                os.sched_setscheduler(int(task), os.SCHED_IDLE, os.sched_param(0))
-            return
-        except (OSError, ValueError) as error:
-            log.warning("cannot run the lake writer at idle priority (%s); nice 10", error)
-    os.nice(10)
-
-
-def run(
-    settings: Settings,
-    poll_interval_s: float,
-    stop: multiprocessing.synchronize.Event,
-    reload: multiprocessing.synchronize.Event,
-    counters_array: Any,
-    log_level: int,
-    receiver_pid: int,
-) -> None:
-    """The lake writer process: drain sealed segments until told to stop, then once more."""
-    # The receiver decides when we stop (after sealing its last segment), so a
-    # Ctrl-C or a SIGTERM sent to the whole process group must not cut us short.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # The receiver's pid comes as an argument: if it was killed while this process
-    # was still starting, getppid() would already name init and never change.
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    lower_priority(settings.store.lake_writer_priority)
-    tune_gc_for_detection()
-    detection = settings.detection
-    pipeline = None
-    if detection.enabled:
-        try:
-            pipeline = make_pipeline(detection)
-        except YamlFileError as error:
-            # The receiver checked these before starting us; they changed since.
-            log.error("rules are invalid, detection is off:\n  %s", "\n  ".join(error.problems))
-    lock = lake_writer_lock(settings.store.data_dir)
-    while True:
-        # An earlier writer (left by a receiver that was killed) finishes first.
-        try:
-            lock.acquire(wait_s=5)
-            break
-        except StoreError:
-            if os.getppid() != receiver_pid:
-                log.error("the receiver is gone before this lake writer could start")
-                return
-    sinks = make_sinks(settings)
-    writer = LakeWriter(
-        settings.store.data_dir,
-        compact_target_bytes=settings.store.compact_target_bytes,
-        counters=SharedCounters(counters_array),
-        pipeline=pipeline,
-        sinks=sinks,
-    )
-    # Wall-clock housekeeping of the lake: drain sealed segments, compact, reload rules.
-    scheduler = BackgroundScheduler(
-        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
-    )
-    scheduler.add_job(
-        writer.compact, "interval", seconds=settings.store.compact_interval_s, id="compact"
-    )
-    retention = settings.store.retention_days
-    if retention > 0:
-        writer.expire(retention)
-        scheduler.add_job(writer.expire, "interval", hours=24, args=[retention], id="retention")
-    if pipeline is not None and detection.snapshot_interval_s > 0:
-        scheduler.add_job(
-            writer.snapshot, "interval", seconds=detection.snapshot_interval_s, id="snapshot"
-        )
-    if pipeline is not None:
-        watcher = _RuleWatcher(writer, detection, reload)
-        every = detection.reload_interval_s or 1.0
-        scheduler.add_job(watcher.check, "interval", seconds=every, id="rules")
-    scheduler.start()
-    log.info("lake writer running (detection %s)", "on" if pipeline is not None else "off")
-    try:
-        # Draining is the main loop (one pass at a time, however long a pass takes).
-        while not stop.wait(poll_interval_s):
-            writer.drain_logged()
-            if os.getppid() != receiver_pid:
-                log.error("the receiver is gone (killed?); writing what is sealed and exiting")
-                break
-    finally:
-        scheduler.shutdown(wait=True)
-    writer.drain_logged()
-    writer.snapshot()
-    for sink in sinks:
-        sink.close()
-    lock.release()
-
-
-class LakeWriterProcess:
-    """Starts, watches and stops the lake writer process for `serve`."""
-
-    def __init__(self, settings: Settings, *, poll_interval_s: float = 0.2) -> None:
-        self._context = mp.get_context("spawn")
-        self.counters = SharedCounters.create(self._context)
-        self._stop = self._context.Event()
-        self._reload = self._context.Event()
-        self.settings = settings
-        self.poll_interval_s = poll_interval_s
-        self._process: Any = None
-        self.restarts = 0
-
-    def start(self) -> None:
-        self._process = self._context.Process(
-            target=run,
-            args=(
-                self.settings,
-                self.poll_interval_s,
-                self._stop,
-                self._reload,
-                self.counters.array,
-                logging.getLogger().level,
-                os.getpid(),
-            ),
-            name="callsentry-lake-writer",
-            daemon=False,
-        )
-        self._process.start()
-
-    def reload_rules(self) -> None:
-        self._reload.set()
-
-    def check(self) -> None:
-        """Restart the writer if it died; sealed segments wait for it meanwhile."""
-        if self._process is not None and not self._process.is_alive() and not self._stop.is_set():
-            log.error("lake writer exited with code %s; restarting it", self._process.exitcode)
-            self.restarts += 1
-            self.start()
-
-    def stop(self, timeout: float = 120.0) -> None:
-        if self._process is None or self._process.pid is None:
-            self._process = None  # never started
-            return
-        self._stop.set()
-        self._process.join(timeout)
-        if self._process.is_alive():
-            log.error(
-                "lake writer did not finish in %.0f s; sealed segments stay for next start", timeout
-            )
-            self._process.terminate()
-            self._process.join(5)
-        self._process = None

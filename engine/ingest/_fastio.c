@@ -314,7 +314,7 @@ take_usual(PyObject *Py_UNUSED(module), PyObject *args)
         if (!PyUnicode_Check(source) || PyDict_GET_SIZE(waiting) >= max_pending) {
             break;
         }
-        /* The stored keys: a set, or engine._seen's table (its C lookup, no frame). */
+        /* The stored keys: a set, or engine.ingest._seen's table (its C lookup, no frame). */
         int stored = PySequence_Contains(seen, key);
         if (stored != 0) {
             if (stored < 0) {
@@ -428,7 +428,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "engine._fastio", "System calls of the receiver made without the GIL.",
+    PyModuleDef_HEAD_INIT, "engine.ingest._fastio", "System calls of the receiver made without the GIL.",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 

@@ -4,7 +4,7 @@
 `Intake` (dedup, batching) and the codec. An answer for a report leaves only
 when the group commit holding it has returned from fsync.
 
-On Linux the sockets are read and answered in batches (`engine.udpbatch`);
+On Linux the sockets are read and answered in batches (`engine.ingest.udpbatch`);
 elsewhere, or with `receiver.batched_io = false`, through the event loop's
 datagram transport. Both feed `on_datagrams`, so the decisions are the same.
 """
@@ -21,14 +21,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, cast
 
-from engine import journal, udpbatch
-from engine.codec import Codec
-from engine.config import parse_hostport
-from engine.ingest import Batch, Intake, Key, Outcome, ReplyTo
-from engine.journal import DATAGRAMS, TICK, AnswersOn, datagram_payload, tick_payload
-from engine.stats import Stats
-from engine.store import EventStore
-from engine.udpbatch import BatchSocket, peer_of
+from engine.core.addresses import parse_hostport
+from engine.ingest import journal, udpbatch
+from engine.ingest.codec import Codec
+from engine.ingest.intake import Batch, Intake, Key, Outcome, ReplyTo
+from engine.ingest.journal import DATAGRAMS, TICK, AnswersOn, datagram_payload, tick_payload
+from engine.ingest.stats import Stats
+from engine.ingest.store import EventStore
+from engine.ingest.udpbatch import BatchSocket, peer_of
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from typing import Any, cast
 import duckdb
 import polars as pl
 
-from engine.events import CallEvent, CallState, Reject, RejectReason
-from engine.journal import fsync_dir
+from engine.core.events import CallEvent, CallState, Reject, RejectReason
+from engine.ingest.journal import fsync_dir
 
 log = logging.getLogger(__name__)
 

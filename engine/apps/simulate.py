@@ -10,13 +10,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from engine.codec import Vos3000TextCodec
-from engine.eventfiles import EventFileError, read_event_file
-from engine.events import CallEvent
-from engine.simulator.calls import parse_duration
+from engine.core.durations import parse_duration
+from engine.core.events import CallEvent
+from engine.core.yamlfile import YamlFileError
+from engine.ingest.codec import Vos3000TextCodec
+from engine.ingest.eventfiles import EventFileError, read_event_file
 from engine.simulator.scenario import Scenario, generate, load_scenario, write_files
-from engine.switch import SwitchSettings, SwitchStandIn
-from engine.yamlfile import YamlFileError
+from engine.simulator.switch import SwitchSettings, SwitchStandIn
 
 
 class SimulateError(Exception):
@@ -141,7 +141,7 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         first = events[0].ts
         offsets = [(event.ts - first) / options.speed for event in events]
         echo(f"sending at {options.speed:g}x: {offsets[-1]:.0f} s of wall time")
-    from engine.cli import run_async
+    from engine.apps.cli import run_async
 
     summary = run_async(SwitchStandIn(codec, settings).send(events, offsets))
     for line in summary.lines():

@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from engine.events import MAX_CALL_ID_BYTES, MAX_SERIAL_DIGITS
+from engine.core.events import MAX_CALL_ID_BYTES, MAX_SERIAL_DIGITS
 
 # struct mmsghdr on LP64 Linux: msghdr {name*, namelen u32 (+4), iov*, iovlen,
 # control*, controllen, flags i32 (+4)} then msg_len u32 (+4): 64 bytes.
@@ -126,7 +126,7 @@ Received = tuple[bytes, bytes, tuple[str, int] | None, bytes | None]
 
 def _compiled_receive() -> Callable[..., tuple[list[Received], int]] | None:
     try:
-        from engine._fastio import receive
+        from engine.ingest._fastio import receive
     except ImportError:  # not built here: the ctypes path below
         return None
     return receive

@@ -24,12 +24,12 @@ from typing import Any
 
 import duckdb
 
-from engine.config import DetectionSettings
+from engine.apps.lakewriter import make_pipeline
+from engine.apps.settings import DetectionSettings
+from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert
-from engine.eventfiles import read_frame_items
-from engine.events import CallEvent, Reject
-from engine.lake import Lake
-from engine.lakewriter import make_pipeline
+from engine.ingest.eventfiles import read_frame_items
+from engine.lake.parquet import Lake
 
 # As the README's export of `events` for replay: the switch's code where it sent one.
 _STORED_EVENTS = (

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from engine.events import (
+from engine.core.events import (
     MAX_CALL_ID_BYTES,
     MAX_SERIAL_DIGITS,
     STATE_TOKENS,

@@ -17,8 +17,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.codec import Codec
-from engine.events import CallEvent
+from engine.core.events import CallEvent
+from engine.ingest.codec import Codec
 
 
 @dataclass

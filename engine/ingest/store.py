@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.codec import Codec, build_codec
-from engine.journal import (
+from engine.ingest.codec import Codec, build_codec
+from engine.ingest.journal import (
     DATAGRAMS,
     TICK,
     AnswersOn,
@@ -27,7 +27,7 @@ from engine.journal import (
     read_segment,
     sealed_segments,
 )
-from engine.lake import Lake, item_of
+from engine.lake.parquet import Lake, item_of
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from engine.events import CallEvent, Reject
-from engine.stats import Stats
+from engine.core.events import CallEvent, Reject
+from engine.ingest.stats import Stats
 
 Key = tuple[str, int]
 
@@ -35,7 +35,7 @@ def _compiled(name: str) -> Callable[..., Any] | None:
     """A function of the compiled helper; None where it is not built (the Python
     below then does the same)."""
     try:
-        from engine import _fastio
+        from engine.ingest import _fastio
     except ImportError:
         return None
     function: Callable[..., Any] = getattr(_fastio, name)
@@ -56,7 +56,7 @@ def _key_table() -> Any:
     fingerprint table (engine/_seen.c, 43 to 85 bytes a key) where built, else
     `KeySet` (a Python set, about 190)."""
     try:
-        from engine._seen import KeyTable
+        from engine.ingest._seen import KeyTable
     except ImportError:
         return KeySet()
     # A key of the process's own: fingerprints cannot be chosen from outside to collide.
@@ -64,7 +64,7 @@ def _key_table() -> Any:
 
 
 class KeySet:
-    """`engine._seen.KeyTable`'s behaviour with a Python set (where it is not built):
+    """`engine.ingest._seen.KeyTable`'s behaviour with a Python set (where it is not built):
     `add_batch(keys)`, `forget_oldest(count)` of the keys added first, `in`,
     `len`, `isdisjoint`."""
 

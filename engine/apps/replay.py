@@ -10,19 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from engine.config import Settings
+from engine.apps.detectfork import DetectionProcess, StepSpec, skipped_bitmap
+from engine.apps.detectfork import available as detectfork_available
+from engine.apps.lakewriter import make_pipeline
+from engine.apps.serve import open_store, settings_codec
+from engine.apps.settings import Settings
+from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert
-from engine.detectfork import DetectionProcess, StepSpec, skipped_bitmap
-from engine.detectfork import available as detectfork_available
-from engine.eventfiles import read_event_files
-from engine.events import CallEvent, Reject
-from engine.ingest import Intake
-from engine.journal import JSON_RECORDS, TICK, json_payload, tick_payload
-from engine.lake import Item, item_of, record_of
-from engine.lakewriter import DrainResult, LakeWriter, Step, make_pipeline
-from engine.service import open_store, settings_codec
-from engine.stats import Stats
-from engine.store import EventStore, StoreError, lake_writer_lock
+from engine.ingest.eventfiles import read_event_files
+from engine.ingest.intake import Intake
+from engine.ingest.journal import JSON_RECORDS, TICK, json_payload, tick_payload
+from engine.ingest.stats import Stats
+from engine.ingest.store import EventStore, StoreError, lake_writer_lock
+from engine.lake.parquet import Item, item_of, record_of
+from engine.lake.writer import DrainResult, LakeWriter, Step
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def replay(
 ) -> ReplayReport:
     """Raises YamlFileError (before touching the store) when the rules are invalid.
 
-    `detect_in_child`: run detection in a forked process (see engine.detectfork);
+    `detect_in_child`: run detection in a forked process (see engine.apps.detectfork);
     by default wherever that is available and the files hold more than one batch.
     The alerts are the same either way."""
     pipeline = None

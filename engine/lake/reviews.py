@@ -10,7 +10,7 @@ from typing import Any
 
 import polars as pl
 
-from engine.lake import REVIEW_SCHEMA, Lake, _write_atomic
+from engine.lake.parquet import REVIEW_SCHEMA, Lake, _write_atomic
 
 
 class ReviewError(Exception):

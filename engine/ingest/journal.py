@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def _compiled_durable_write() -> Callable[..., tuple[int, int]] | None:
     try:
-        from engine._fastio import durable_write
+        from engine.ingest._fastio import durable_write
     except ImportError:  # not built here (no C compiler, not Linux): plain system calls
         return None
     return durable_write

@@ -15,8 +15,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from engine.config import ConfigError, Settings, load_settings
-from engine.store import StoreError
+from engine.apps.settings import ConfigError, Settings, load_settings
+from engine.ingest.store import StoreError
 
 T = TypeVar("T")
 log = logging.getLogger("callsentry")
@@ -132,8 +132,8 @@ def serve(
         overrides.setdefault("detection", {})["rules_dir"] = str(rules_dir)
     settings = _settings(config, overrides)
     _setup_logging(log_level)
-    from engine.service import serve as serve_forever
-    from engine.yamlfile import YamlFileError
+    from engine.apps.serve import serve as serve_forever
+    from engine.core.yamlfile import YamlFileError
 
     try:
         code = run_async(serve_forever(settings))
@@ -177,9 +177,9 @@ def replay(
         overrides["store"] = {"data_dir": str(data_dir)}
     settings = _settings(config, overrides)
     _setup_logging(log_level)
-    from engine.replay import replay as run_replay
-    from engine.runtime import tune_gc_for_detection
-    from engine.yamlfile import YamlFileError
+    from engine.apps.replay import replay as run_replay
+    from engine.core.runtime import tune_gc_for_detection
+    from engine.core.yamlfile import YamlFileError
 
     tune_gc_for_detection()
     try:
@@ -290,7 +290,7 @@ def simulate(**options: Any) -> None:
     Exit code 0 when every report sent was answered; 1 when any was given up
     after its retries (so it doubles as a deployment check).
     """
-    from engine.simulator.run import SimulateError, SimulateOptions, run_simulate
+    from engine.apps.simulate import SimulateError, SimulateOptions, run_simulate
 
     if options["separator"] == "tab":
         options["separator"] = "\t"
@@ -316,8 +316,8 @@ rules_path_argument = click.argument(
 def rules_validate(path: Path) -> None:
     """Check every rule file, list and model file under PATH; list every problem as
     file:line."""
+    from engine.core.yamlfile import YamlFileError
     from engine.detect.rules import load_rules
-    from engine.yamlfile import YamlFileError
 
     try:
         loaded = load_rules(path)
@@ -337,8 +337,8 @@ def rules_validate(path: Path) -> None:
 @rules_path_argument
 def rules_test(path: Path) -> None:
     """Run each rule's inline tests through the pipeline in event time."""
+    from engine.core.yamlfile import YamlFileError
     from engine.detect.ruletest import run_rule_tests
-    from engine.yamlfile import YamlFileError
 
     try:
         results = run_rule_tests(path)
@@ -404,10 +404,10 @@ def rules_backtest(
     --warmup), in memory: the data dir is only read."""
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     _setup_logging(log_level)
-    from engine.backtest import BacktestError, backtest, parse_time, stored_span
-    from engine.runtime import tune_gc_for_detection
-    from engine.simulator.calls import parse_duration
-    from engine.yamlfile import YamlFileError
+    from engine.apps.backtest import BacktestError, backtest, parse_time, stored_span
+    from engine.core.durations import parse_duration
+    from engine.core.runtime import tune_gc_for_detection
+    from engine.core.yamlfile import YamlFileError
 
     tune_gc_for_detection()
     against = current_dir or settings.detection.rules_dir
@@ -498,7 +498,7 @@ def alerts() -> None:
 @click.option("--limit", default=50, show_default=True)
 def alerts_list(data_dir: Path | None, config: Path | None, status: str, limit: int) -> None:
     """Alerts with their latest review status, newest first."""
-    from engine.review import list_alerts
+    from engine.lake.reviews import list_alerts
 
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     rows = list_alerts(settings.store.data_dir, status, limit)
@@ -517,7 +517,7 @@ def alerts_list(data_dir: Path | None, config: Path | None, status: str, limit: 
 @config_option
 def alerts_show(alert_id: str, data_dir: Path | None, config: Path | None) -> None:
     """One alert, its review trail and the calls behind it."""
-    from engine.review import ReviewError, show_alert
+    from engine.lake.reviews import ReviewError, show_alert
 
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:
@@ -547,7 +547,7 @@ def alerts_review(
     config: Path | None,
 ) -> None:
     """Record a verdict on an alert. Earlier reviews are kept; the latest one counts."""
-    from engine.review import ReviewError, add_review
+    from engine.lake.reviews import ReviewError, add_review
 
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:

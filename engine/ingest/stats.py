@@ -71,7 +71,7 @@ class Stats:
         return max(0, self.stored - self.flushed) if self.lake is not None else 0
 
     def rejected_by_reason(self) -> dict[str, int]:
-        from engine.events import RejectReason
+        from engine.core.events import RejectReason
 
         counts = {r.value: self.lake_count(f"rejected_{r.value}") for r in RejectReason}
         return {reason: count for reason, count in counts.items() if count}

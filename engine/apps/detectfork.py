@@ -45,7 +45,7 @@ from engine.detect.calls import call_columns
 from engine.detect.pipeline import Output, Pipeline
 from engine.detect.snapshot import Position, Snapshot, put_in_place
 from engine.detect.snapshot import prepare as snapshot_prepare
-from engine.lake import Item
+from engine.lake.parquet import Item
 
 log = logging.getLogger(__name__)
 

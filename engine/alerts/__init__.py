@@ -1,0 +1,1 @@
+"""Where raised alerts go: the log, a JSON-lines file, a webhook."""

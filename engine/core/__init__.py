@@ -1,0 +1,1 @@
+"""Small modules every layer may use: events, durations, addresses, YAML files, gc."""

@@ -220,9 +220,8 @@ class DetectionProcess:
         # Frozen, what the child inherits is left alone by its collector, so the pages
         # holding the rows are shared rather than copied as the collector walks them.
         # The parent stays frozen until close(): its collections would otherwise walk
-        # the same rows again and again while it journals and writes the lake (replay
-        # 2-4 % faster in alternating runs). Nothing frozen is lost: it is only left
-        # out of cycle collection until then.
+        # the same rows again and again while it journals and writes the lake. Nothing
+        # frozen is lost: it is only left out of cycle collection until then.
         gc.freeze()
         try:
             self._process.start()

@@ -162,9 +162,8 @@ def replay(
 
     def detected() -> tuple[dict[str, list[Any]], list[Alert]]:
         # Before waiting for the detection process, let go of rows an earlier group
-        # put in the lake, in shares that are all gone by the group's last answer:
-        # held to the end, they were freed as replay returned (a second per million
-        # rows, with nothing else left to do).
+        # put in the lake, in shares that are all gone by the group's last answer, so
+        # freeing them overlaps the detection process's work rather than following it.
         nonlocal freed
         assert detection is not None
         if freed < in_lake:

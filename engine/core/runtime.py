@@ -11,15 +11,11 @@ def tune_gc_for_receiver() -> None:
     rather than every 700.
 
     Without the freeze, each full collection walks every object the imports
-    made (a hundred milliseconds and more, during which no answer leaves;
-    measured under load: p99 answer latency from about 140 ms to about 35 ms).
-    The receiver makes a few short-lived containers per report (the address and
-    key tuples, the entry waiting for its commit) that are gone within a group
-    commit: at the default threshold most are walked once or twice before they
-    go; at 50,000 most are gone before a collection comes, and one walks only
-    what is still waiting (a few thousand entries at full speed, so no longer a
-    pause). Measured under full-speed load: main-thread CPU per report about
-    10 % lower.
+    made, and no answer leaves while it does. The receiver makes a few
+    short-lived containers per report (the address and key tuples, the entry
+    waiting for its commit) that are gone within a group commit: at 50,000 most
+    are gone before a collection comes, and one walks only what is still
+    waiting. (Figures: bench/README.md, "Garbage collection".)
     """
     gc.freeze()
     gc.set_threshold(50_000, 10, 10)
@@ -31,10 +27,9 @@ def tune_gc_for_detection() -> None:
     Detection keeps millions of long-lived objects (windows, calls in progress,
     models) and makes a few short-lived ones per report. CPython's default runs a
     young collection every 700 allocations, and every tenth of those walks the
-    middle generation too: measured on replay, a fifth of the time went to the
-    collector. Objects made while starting (modules, rules) are frozen out of it
-    altogether. Not for the receiver: its answers' latency would take the longer
-    pauses.
+    middle generation too, over objects that will live for hours. Objects made
+    while starting (modules, rules) are frozen out of it altogether. Not for the
+    receiver: its answers' latency would take the longer pauses.
     """
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 M = TypeVar("M", bound=BaseModel)
 
 
-# libyaml's parser where PyYAML was built with it (the wheels are): ten times faster
-# than the pure-Python one, with the same nodes, marks and errors.
+# libyaml's parser where PyYAML was built with it (the wheels are): faster than the
+# pure-Python one, with the same nodes, marks and errors.
 _SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 

@@ -351,13 +351,12 @@ def _items_of_frame(
         if checked is None:
             # Polars' part (times, checks, "file:line" sources) leaves the interpreter
             # lock: on a thread, it runs beside the texts' conversion to Python
-            # strings, which holds it (a read of 188,000 rows about 15 % shorter).
+            # strings, which holds it.
             helper = stack.enter_context(
                 ThreadPoolExecutor(1, thread_name_prefix="event-file-columns")
             )
             checked = helper.submit(_checked_columns, frame, label, first_line).result
-        # The serial as text is for the closer look alone (its rows are taken below):
-        # made for every row, those strings were made and freed for nothing.
+        # The serial as text is for the closer look alone (its rows are taken below).
         texts = [
             frame[c].cast(pl.String).fill_null("").to_list() if c in columns else [""] * count
             for c in COLUMNS[1:]
@@ -504,9 +503,9 @@ def read_event_files(
 ) -> tuple[list[CallEvent | Reject], list[str]]:
     """All rows of all files in event-time order (file order breaks ties), and file
     errors. `meanwhile` runs on this thread while polars reads and checks the files
-    on another (replay opens the store then); the rows are made here, after it: made
-    on the other thread they held the interpreter lock in long C calls while
-    `meanwhile` needed it (replay's store took four times as long to open)."""
+    on another (replay opens the store then); the rows are made here, after it, since
+    making them holds the interpreter lock in long C calls that `meanwhile` would
+    wait behind."""
     errors: list[str] = []
     loaded: Future[list[_Part]] = Future()
     with ThreadPoolExecutor(1, thread_name_prefix="event-files") as helper:

@@ -268,8 +268,8 @@ def _sorted(frame: pl.DataFrame, column: str) -> pl.DataFrame:
 def _write_atomic(frame: pl.DataFrame, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
-    # zstd at level 1, not polars' default of 3: on this data smaller (2.27 against
-    # 2.43 MB for the bench's 188,000 events) and a little faster to write.
+    # zstd at level 1 (polars' default is 3): on this data no larger and faster to
+    # write (bench/README.md, "Parquet compression").
     frame.write_parquet(partial, compression="zstd", compression_level=1, statistics=True)
     fd = os.open(partial, os.O_RDONLY)
     try:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.core.yamlfile import YamlFileError, load_yaml
+from engine.core.yamlfile import YamlFileError, YamlLimits, load_yaml
 
 
 def test_values_and_the_line_of_every_key(tmp_path: Path) -> None:
@@ -60,3 +60,63 @@ def test_unreadable_and_not_utf8(tmp_path: Path) -> None:
     path.write_bytes("title: 账单".encode("gbk"))
     with pytest.raises(YamlFileError, match="not UTF-8"):
         load_yaml(path)
+
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """`levels` anchors, each a list of `width` aliases of the one before: a few hundred
+    bytes that expand to width ** levels values when built (9 ** 9: 387 million)."""
+    lines = ["a0: &a0 [x]"]
+    for level in range(1, levels + 1):
+        aliases = ", ".join(f"*a{level - 1}" for _ in range(width))
+        lines.append(f"a{level}: &a{level} [{aliases}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_an_alias_bomb_is_refused_at_its_first_alias(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_alias_bomb(), encoding="utf-8")
+    assert path.stat().st_size < 500
+    with pytest.raises(YamlFileError) as raised:
+        load_yaml(path)
+    assert raised.value.problems == [
+        f"{path}:2: aliases (*a0) are not accepted; write the value out"
+    ]
+
+
+def test_a_file_over_the_size_limit_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "huge.yaml"
+    # Not even YAML: the size alone decides.
+    path.write_bytes(b"values: [" + b"'1'," * 300 + b"\x00")
+    with pytest.raises(YamlFileError, match=r"larger than 1,000 bytes"):
+        load_yaml(path, YamlLimits(max_bytes=1000))
+
+
+@pytest.mark.parametrize(
+    ("text", "limits", "message"),
+    [
+        ("values: [" + "1, " * 50 + "1]\n", YamlLimits(max_nodes=40), "more than 40 values"),
+        ("a: " + "[" * 70 + "]" * 70 + "\n", YamlLimits(), "nested deeper than 64 levels"),
+        ("a: " + "{b: " * 30 + "1" + "}" * 30 + "\n", YamlLimits(max_depth=10), "deeper than 10"),
+    ],
+)
+def test_values_and_nesting_are_bounded(
+    tmp_path: Path, text: str, limits: YamlLimits, message: str
+) -> None:
+    path = tmp_path / "shape.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(YamlFileError) as raised:
+        load_yaml(path, limits)
+    (problem,) = raised.value.problems
+    assert problem.startswith(f"{path}:1: ")
+    assert message in problem
+
+
+def test_a_list_of_a_hundred_thousand_prefixes_is_within_the_default_limits(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "prefixes.yaml"
+    values = "".join(f"  - '{882_000_000 + n}'\n" for n in range(100_000))
+    path.write_text(f"name: irsf\nvalues:\n{values}", encoding="utf-8")
+    document = load_yaml(path)
+    assert len(document.data["values"]) == 100_000
+    assert document.line_of(("values", 99_999)) == 100_002

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.core.text import shown
 from engine.detect.alerts import Alert
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ class LogSink:
     def deliver(self, alerts: Sequence[Alert]) -> None:
         for alert in alerts:
             if alert.mode == "alert":
-                log.warning("ALERT %s [%s] %s", alert.rule_id, alert.severity, alert.summary)
+                log.warning("ALERT %s [%s] %s", alert.rule_id, alert.severity, shown(alert.summary))
 
     def close(self) -> None:
         pass

@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from engine.apps.settings import ConfigError, Settings, load_settings
+from engine.core.text import shown
 from engine.ingest.store import StoreError
 
 T = TypeVar("T")
@@ -191,7 +192,7 @@ def replay(
     for problem in report.file_errors:
         click.echo(f"{problem}", err=True)
     for reject in report.rejects[:show]:
-        click.echo(f"{reject.source}: {reject.reason.value}: {reject.detail}", err=True)
+        click.echo(shown(f"{reject.source}: {reject.reason.value}: {reject.detail}"), err=True)
     if len(report.rejects) > show:
         click.echo(
             f"... and {len(report.rejects) - show} more rejected rows (see the rejects table)",
@@ -208,7 +209,7 @@ def replay(
         f"{len(report.alerts) - len(live)} shadow alerts"
     )
     for alert in live[:show]:
-        click.echo(f"  [{alert.severity}] {alert.rule_id}: {alert.summary}")
+        click.echo(f"  [{alert.severity}] {alert.rule_id}: {shown(alert.summary)}")
     if len(live) > show:
         click.echo(f"  ... and {len(live) - show} more (SELECT * FROM alerts)")
     click.echo(f"query them: duckdb -readonly {settings.store.data_dir / 'callsentry.duckdb'}")
@@ -456,7 +457,8 @@ def rules_backtest(
             click.echo(f"{title} ({len(listed)}):")
         for alert in sorted(listed, key=lambda a: a.raised_at)[:show]:
             click.echo(
-                f"  {when(alert.raised_at)} [{alert.severity}] {alert.rule_id}: {alert.summary}"
+                f"  {when(alert.raised_at)} [{alert.severity}] {alert.rule_id}: "
+                f"{shown(alert.summary)}"
             )
         if len(listed) > show:
             click.echo(f"  ... and {len(listed) - show} more (--out FILE lists them all)")
@@ -507,7 +509,7 @@ def alerts_list(data_dir: Path | None, config: Path | None, status: str, limit: 
     for row in rows:
         click.echo(
             f"{row['alert_id']}  {row['raised_at']:%Y-%m-%d %H:%M:%S}  {row['status']:<14} "
-            f"[{row['severity']}] {row['rule_id']}: {row['summary']}"
+            f"[{row['severity']}] {row['rule_id']}: {shown(row['summary'])}"
         )
 
 
@@ -522,7 +524,7 @@ def alerts_show(alert_id: str, data_dir: Path | None, config: Path | None) -> No
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:
         for line in show_alert(settings.store.data_dir, alert_id):
-            click.echo(line)
+            click.echo(shown(line))
     except ReviewError as error:
         _fail(str(error))
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator
+
+# The longest duration any setting, rule or scenario may name: ten years.
+MAX_DURATION_S = 3650 * 86400.0
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -34,8 +38,12 @@ def parse_duration(value: Any) -> float:
             raise ValueError(f"{value!r} is not a duration (write e.g. 90s, 30m, 1h30m)")
     else:
         raise ValueError(f"{value!r} is not a duration")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError(f"{value!r} is negative")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"{value!r} is longer than {MAX_DURATION_S / 86400:g} days")
     return seconds
 
 

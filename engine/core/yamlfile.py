@@ -3,6 +3,11 @@
 Scenario and rule files are validated by pydantic models; their errors carry a
 key path (`incidents.2.params.calls`), and this turns it into
 `data/scenarios/day.yaml:31`. A tuner reads a place, not a traceback.
+
+A file is read only within `YamlLimits`: its size, its number of nodes and how deep
+they nest are bounded before anything is built from it, and aliases (`*name`) are
+refused, so a small file cannot expand into gigabytes (an "alias bomb") and a huge
+one is refused before it is parsed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,23 @@ _Loader.add_implicit_resolver(
     re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
     list("tTfF"),
 )
+
+
+@dataclass(frozen=True)
+class YamlLimits:
+    """What a rule, list, model or scenario file may hold. The default size allows a
+    list of a few hundred thousand destination prefixes."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    max_nodes: int = 2_000_000
+    max_depth: int = 64
+
+    def __post_init__(self) -> None:
+        if min(self.max_bytes, self.max_nodes, self.max_depth) < 1:
+            raise ValueError("YAML limits must be positive")
+
+
+DEFAULT_LIMITS = YamlLimits()
 
 
 class YamlFileError(Exception):
@@ -100,13 +122,65 @@ def _walk(
             _walk(item, (*path, index), lines)
 
 
-def load_yaml(path: Path) -> YamlDocument:
+def _read_text(path: Path, limits: YamlLimits) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(limits.max_bytes + 1)
     except OSError as error:
-        raise YamlFileError([f"{path}: cannot read: {error.strerror}"]) from None
-    except UnicodeDecodeError:
-        raise YamlFileError([f"{path}: not UTF-8 text"]) from None
+        raise YamlFileError([f"{path}: cannot read: {error.strerror or error}"]) from None
+    if len(raw) > limits.max_bytes:
+        raise YamlFileError(
+            [f"{path}: larger than {limits.max_bytes:,} bytes, the most a file here may hold"]
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise YamlFileError([f"{path}:{line}: not UTF-8 text"]) from None
+
+
+def _line(event: yaml.Event) -> int:
+    mark = event.start_mark
+    return mark.line + 1 if mark is not None else 1
+
+
+def _check_shape(path: Path, text: str, limits: YamlLimits) -> None:
+    """Refuse aliases, and more nodes or deeper nesting than `limits` allow, from the
+    parser's events (flat: nothing is built, nothing recurses)."""
+    nodes = depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.AliasEvent):
+            line = _line(event)
+            raise YamlFileError(
+                [f"{path}:{line}: aliases (*{event.anchor}) are not accepted; write the value out"]
+            )
+        if isinstance(event, yaml.ScalarEvent):
+            nodes += 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            nodes += 1
+            depth += 1
+            if depth > limits.max_depth:
+                line = _line(event)
+                raise YamlFileError(
+                    [f"{path}:{line}: nested deeper than {limits.max_depth} levels"]
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        if nodes > limits.max_nodes:
+            line = _line(event)
+            raise YamlFileError([f"{path}:{line}: more than {limits.max_nodes:,} values"])
+
+
+def load_yaml(path: Path, limits: YamlLimits = DEFAULT_LIMITS) -> YamlDocument:
+    text = _read_text(path, limits)
+    try:
+        _check_shape(path, text, limits)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        line = mark.line + 1 if mark is not None else 1
+        raise YamlFileError([f"{path}:{line}: invalid YAML: {error.problem}"]) from None
+    except yaml.YAMLError as error:
+        raise YamlFileError([f"{path}: invalid YAML: {error}"]) from None
     loader = _Loader(text)
     try:
         # One parse: the node tree gives the lines, and the data is built from it.
@@ -153,12 +227,16 @@ def parse_model(document: YamlDocument, model: type[M]) -> M:
 
 
 def parse_file(
-    path: Path, model: type[M], problems: list[str], what: str = "a mapping of keys"
+    path: Path,
+    model: type[M],
+    problems: list[str],
+    what: str = "a mapping of keys",
+    limits: YamlLimits = DEFAULT_LIMITS,
 ) -> tuple[M, YamlDocument] | None:
     """Load and validate one file, adding every problem to `problems` (linting mode:
     keep going and report them all) instead of raising."""
     try:
-        document = load_yaml(path)
+        document = load_yaml(path, limits)
     except YamlFileError as error:
         problems.extend(error.problems)
         return None
@@ -173,13 +251,17 @@ def parse_file(
 
 
 def parse_files_with_ids(
-    paths: Sequence[Path], model: type[M], problems: list[str], kind: str
+    paths: Sequence[Path],
+    model: type[M],
+    problems: list[str],
+    kind: str,
+    limits: YamlLimits = DEFAULT_LIMITS,
 ) -> list[tuple[M, YamlDocument]]:
     """Load and validate each file (a `kind` with an `id`); an id used twice is a problem."""
     found: list[tuple[M, YamlDocument]] = []
     seen: dict[str, Path] = {}
     for path in paths:
-        parsed = parse_file(path, model, problems, f"a {kind} (a mapping of keys)")
+        parsed = parse_file(path, model, problems, f"a {kind} (a mapping of keys)", limits)
         if parsed is None:
             continue
         spec, document = parsed

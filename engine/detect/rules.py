@@ -179,7 +179,9 @@ def summary_of(finding: Finding) -> str:
     if spec.summary:
         try:
             return spec.summary.format(**values)
-        except (KeyError, IndexError, ValueError):
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError):
+            # Refused at validation (schema.SUMMARY_FIELDS); a rule object made
+            # without validation still gets a sentence rather than a crash.
             pass
     return (
         f"{values['entity_type']} {finding.entity}: {spec.title.lower()}: {shown} "

@@ -13,9 +13,17 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from engine.core.durations import Duration
+from engine.core.text import check_template
 
 FieldName = Literal[
     "caller",
@@ -31,8 +39,16 @@ FieldName = Literal[
 ]
 
 
+# The placeholders a rule's `summary` may name (engine.detect.rules.summary_of fills them).
+SUMMARY_FIELDS = ("entity", "entity_type", "value", "threshold", "window", "title")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # Numbers are finite: NaN or an infinity anywhere in a rule is an error, not a rule
+    # that silently never (or always) fires.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
 
 class Matcher(_Strict):
@@ -113,7 +129,9 @@ class Aggregate(_Strict):
 
 class Condition(_Strict):
     op: Literal[">=", ">", "<=", "<"] = ">="
-    threshold: float
+    # Finite (the model config refuses NaN and infinities: a NaN threshold would never
+    # hold, silently) and within what any aggregate can measure.
+    threshold: float = Field(ge=-1e9, le=1e9)
 
 
 class Suppression(_Strict):
@@ -188,6 +206,13 @@ class RuleSpec(_Strict):
     exceptions: list[ExceptionRule] = Field(default_factory=list)
     summary: str | None = None
     tests: list[RuleTest] = Field(default_factory=list)
+
+    @field_validator("summary")
+    @classmethod
+    def _check_summary(cls, summary: str | None) -> str | None:
+        if summary is not None:
+            check_template(summary, SUMMARY_FIELDS)
+        return summary
 
     @model_validator(mode="after")
     def _check(self) -> RuleSpec:

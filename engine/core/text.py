@@ -1,0 +1,93 @@
+"""Text that came from the network, shown safely; templates checked before they are used.
+
+Caller and callee numbers, forward numbers and menu names come from the switch (or
+from whoever can reach its port) and are stored as received, for forensics. Wherever
+they are shown (a terminal, a log line, later a web page or a message) they pass
+through one function for that kind of output, so an ESC sequence cannot clear a
+reviewer's screen, a newline cannot forge a log line, and a leading `=` cannot
+become a spreadsheet formula:
+
+>>> shown("8613800000001\\x1b[2J\\nALERT forged")
+'8613800000001\\\\x1b[2J\\\\x0aALERT forged'
+>>> shown("Menú principal 主菜单")
+'Menú principal 主菜单'
+>>> csv_cell("=HYPERLINK(\\"http://x\\")")
+'\\'=HYPERLINK("http://x")'
+
+Templates (a rule's `summary`, and every template added later) name fields in braces;
+`check_template` refuses, at validation, any placeholder that formatting would not
+fill, so a typo is a `file:line` error rather than a crash or a silent default:
+
+>>> check_template("caller {entity} made {value} calls", ("entity", "value"))
+>>> check_template("{entity.nope}", ("entity", "value"))
+Traceback (most recent call last):
+...
+ValueError: placeholder {entity.nope}: only plain names are accepted (known: entity, value)
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Collection
+
+# C0 controls, DEL, C1 controls; the Unicode line and paragraph separators; the
+# bidirectional embeddings, overrides and isolates (they reorder what follows them
+# on screen, so a number could be made to read as another).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def shown(text: str) -> str:
+    """`text` for a terminal or a log line: every control or reordering character
+    written as a visible escape (`\\x1b`, `\\x0a`, `\\u202e`), everything else as it is."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def csv_cell(text: str) -> str:
+    """`text` for a CSV cell a spreadsheet will open: escaped as by `shown`, and a
+    leading `=`, `+`, `-` or `@` quoted with `'` so it is not read as a formula."""
+    safe = shown(text)
+    if safe[:1] in ("=", "+", "-", "@"):
+        return "'" + safe
+    return safe
+
+
+def check_template(template: str, fields: Collection[str]) -> None:
+    """Raise ValueError naming the first placeholder of `template` that is not one of
+    `fields` as a plain `{name}` (no attribute, index or conversion, and a format spec
+    only if a text takes it)."""
+    known = ", ".join(fields)
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as error:
+        raise ValueError(f"{error} (write a literal brace as {{{{ or }}}})") from None
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        shown_name = "{" + name + "}"
+        if not name or name.isdigit():
+            raise ValueError(f"placeholder {shown_name}: name a field (known: {known})")
+        if not name.isidentifier():
+            raise ValueError(
+                f"placeholder {shown_name}: only plain names are accepted (known: {known})"
+            )
+        if name not in fields:
+            raise ValueError(f"unknown placeholder {shown_name} (known: {known})")
+        if conversion is not None:
+            raise ValueError(
+                f"placeholder {shown_name}: conversions (!{conversion}) are not accepted"
+            )
+        if spec:
+            if "{" in spec:
+                raise ValueError(f"placeholder {shown_name}: nested placeholders are not accepted")
+            try:
+                format("", spec)
+            except ValueError:
+                raise ValueError(
+                    f"placeholder {shown_name}: format {spec!r} does not apply to text"
+                ) from None

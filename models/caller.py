@@ -122,10 +122,6 @@ class CallerModel:
             for flagged in range(1 << len(FLAGS))
         ]
 
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
-        self._derive()  # a snapshot from before these were kept lacks them
-
     def observe(
         self, call: Call, recent_calls: RecentCalls, quiet: Quiet = never_quiet
     ) -> ModelFinding | None:

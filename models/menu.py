@@ -52,21 +52,6 @@ _TS: Final = 0
 _CALL_ID: Final = 1
 
 
-@dataclass(slots=True)
-class _Seen:
-    """How snapshots from before the plain tuples kept a call (`_Traffic.__setstate__`
-    makes each a tuple); the name is what those snapshots refer to."""
-
-    ts: float
-    call_id: str
-    bucket: int
-    answered: bool
-    short: bool
-    ring_s: float | None
-    talk_log: float | None
-    forwarded: bool
-
-
 class _Traffic:
     """A menu's calls within the last window, with their counts and sums kept up to
     date as calls come and go: a step reads them instead of walking the window."""
@@ -79,25 +64,6 @@ class _Traffic:
         self.ring_sum = self.talk_sum = 0.0
         self.callers = array("I", bytes(4 * CALLER_BUCKETS))
         self.empty_buckets = CALLER_BUCKETS
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        for name in ("pending", "live"):
-            calls = state[name]
-            if calls and type(calls[0]) is not tuple:
-                state[name] = deque(
-                    (
-                        c.ts,
-                        c.call_id,
-                        c.bucket,
-                        c.answered,
-                        c.short,
-                        c.ring_s,
-                        c.talk_log,
-                        c.forwarded,
-                    )
-                    for c in calls
-                )
-        self.__dict__.update(state)
 
     def move_to(self, at: float, window: float) -> None:
         """The window is now (at - window, at]: calls come in from `pending` and leave

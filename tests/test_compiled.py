@@ -18,6 +18,7 @@ import pytest
 import engine.detect
 from engine.core.events import CallEvent, CallState
 from engine.detect import COMPILED, RECORD, calls, compiled_modules, stale_reason, windows
+from engine.detect.migrations import tracker_fields
 
 DETECT = Path(engine.detect.__file__).parent
 
@@ -228,7 +229,7 @@ def _fed() -> calls.CallTracker:
 
 def _carries_on_as_fed(state: dict[str, Any]) -> None:
     restored = calls.CallTracker()
-    restored.__setstate__(state)
+    restored.__setstate__(tracker_fields(state))
     tracker = _fed()
     for now in (10.0, 12.5, 40.0, 20_000.0):
         restored.observe(_report(now, f"n{now}", 1, CallState.RINGING))

@@ -3,11 +3,13 @@ scores, and detection state that survives a restart (snapshots)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import pickle
 import re
 import shutil
+from collections import deque
 from pathlib import Path
 
 import duckdb
@@ -15,9 +17,10 @@ import pytest
 
 from engine.apps.replay import replay
 from engine.core.yamlfile import YamlFileError
+from engine.detect import migrations
 from engine.detect.calls import Call
 from engine.detect.rules import load_rules
-from engine.detect.snapshot import snapshot_path
+from engine.detect.snapshot import revive, snapshot_path
 from engine.simulator.scenario import Generated, generate, load_scenario, write_files
 from models.base import ModelFinding, never_quiet
 from models.caller import CallerModel, surprise
@@ -463,7 +466,7 @@ def test_a_corrupt_snapshot_is_reported_set_aside_and_detection_starts_cold(
         (b"hello", "not a detection snapshot (bad magic line)"),
         (
             b"CALLSENTRY-DETECTION-SNAPSHOT v1\n" + bytes(40),
-            "written by another version of callsentry (snapshot v1; this one reads v2)",
+            "written by another version of callsentry (snapshot v1; this one reads v2 and v3)",
         ),
     ],
 )
@@ -519,30 +522,37 @@ def test_a_callers_flags_are_counted_over_exactly_its_last_calls() -> None:
 
 def test_models_restored_from_an_older_snapshot_judge_as_if_never_stopped() -> None:
     # Snapshots from before a menu's window kept each call as a plain tuple (it kept
-    # `_Seen` objects), and before the caller model kept the masks it works out from
-    # its spec, must restore into models that go on exactly as ones that never stopped.
-    from collections import deque
-
-    from models.menu import _Seen
-
+    # `_Seen` objects), and before the caller model's masks were made again on restore
+    # (they were kept, or missing), go through the migrations into models that go on
+    # exactly as ones that never stopped.
     menu = MenuModel(menu_spec(), "v1")
     assert feed_menu(menu, T0, 90, 6, 10, 0) == []
     feed_menu(menu, T0 + 90 * 60, 3, 6, 10, 10_000)  # calls pending and live at the cut
     traffic = menu.menus["1"].traffic
     assert traffic.pending and traffic.live
-    older = pickle.loads(pickle.dumps(menu))
-    for name in ("pending", "live"):
-        setattr(older.menus["1"].traffic, name, deque(_Seen(*c) for c in getattr(traffic, name)))
-    restored = pickle.loads(pickle.dumps(older))
-    assert restored.menus["1"].traffic.live == traffic.live
+    seen = migrations._stand_in("models.menu._Seen")
+    names = ("ts", "call_id", "bucket", "answered", "short", "ring_s", "talk_log", "forwarded")
+    older = migrations._stand_in("models.menu._Traffic")()
+    older.__setstate__(
+        {
+            **vars(traffic),
+            "pending": deque(seen(**dict(zip(names, c, strict=True))) for c in traffic.pending),
+            "live": deque(seen(**dict(zip(names, c, strict=True))) for c in traffic.live),
+        }
+    )
+    converted = migrations._Converter().convert(older)
+    assert vars(converted) == vars(traffic)
+    menu.menus["1"].traffic = converted
+    twin = MenuModel(menu_spec(), "v1")
+    assert feed_menu(twin, T0, 90, 6, 10, 0) == []
+    feed_menu(twin, T0 + 90 * 60, 3, 6, 10, 10_000)
     collapse = (T0 + 93 * 60, 10, 6, 1, 20_000)
-    assert feed_menu(restored, *collapse) == feed_menu(menu, *collapse) != []
+    assert feed_menu(menu, *collapse) == feed_menu(twin, *collapse) != []
 
     caller = CallerModel(caller_spec(), "v1", max_keys=1000)
     benign_population(caller, callers=60)
-    older_caller = pickle.loads(pickle.dumps(caller))
-    del older_caller.alone_mask, older_caller.lane_bits
-    revived = pickle.loads(pickle.dumps(older_caller))
+    fields = {k: v for k, v in vars(caller).items() if k not in ("alone_mask", "lane_bits")}
+    revived = revive("model.caller", copy.deepcopy(fields))
     for n in range(12):  # a new caller whose calls are all short
         findings = [
             model.observe(
@@ -582,3 +592,56 @@ def test_event_time_brings_a_models_step_and_housekeeping_when_no_call_is_due() 
     assert quiet._last_housekeeping == T0
     quiet.feed([report(T0 + 301, "c2", CallState.RINGING)])  # no call due for an hour
     assert quiet._last_housekeeping == T0 + 301
+
+
+# -- snapshots of the previous format ---------------------------------------------------
+
+V2_SNAPSHOT = Path(__file__).resolve().parent / "data" / "detection-v2.snapshot.xz"
+# The release before format v3 wrote it (lzma-compressed here), replaying the reports of
+# data/samples/events.csv before this moment into a fresh data dir with the shipped rules.
+V2_CUT = "2026-11-02T14:11:00"
+
+
+def test_a_snapshot_written_by_the_previous_release_carries_on_as_one_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import lzma
+
+    import polars as pl
+
+    frame = pl.read_csv(Path("data/samples/events.csv"), infer_schema=False)
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    frame.filter(pl.col("ts") < V2_CUT).write_csv(first)
+    frame.filter(pl.col("ts") >= V2_CUT).write_csv(second)
+    settings = make_settings(tmp_path / "whole", detection={"alerts_jsonl": "off"})
+    whole = replay([Path("data/samples/events.csv")], settings)
+    data = tmp_path / "upgraded"
+    part1 = replay([first], make_settings(data, detection={"alerts_jsonl": "off"}))
+    path = snapshot_path(data)
+    assert path.read_bytes().startswith(b"CALLSENTRY-DETECTION-SNAPSHOT v3\n")
+    path.write_bytes(lzma.decompress(V2_SNAPSHOT.read_bytes()))
+    with caplog.at_level(logging.INFO):
+        part2 = replay([second], make_settings(data, detection={"alerts_jsonl": "off"}))
+    assert "detection state restored" in caplog.text and "unusable" not in caplog.text
+    assert part2.alerts, "the incident that spans the cut is alerted after it"
+    assert alert_keys(part1.alerts + part2.alerts) == alert_keys(whole.alerts)
+    assert path.read_bytes().startswith(b"CALLSENTRY-DETECTION-SNAPSHOT v3\n")
+
+
+def test_a_snapshot_naming_anything_but_state_types_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import hashlib
+    import os
+
+    payload = pickle.dumps({"format": 3, "state": os.system})  # what a snapshot must not run
+    content = b"CALLSENTRY-DETECTION-SNAPSHOT v3\n" + hashlib.sha256(payload).digest() + payload
+    generated = generate(load_scenario(Path("data/scenarios/sample.yaml")))
+    data = tmp_path / "data"
+    snapshot_path(data).parent.mkdir(parents=True)
+    snapshot_path(data).write_bytes(content)
+    with caplog.at_level(logging.ERROR):
+        result = replay_generated(generated, tmp_path / "events", data)
+    assert "which a snapshot may not hold" in caplog.text
+    assert "starting detection cold" in caplog.text
+    assert result.stored == len(generated.events)

@@ -27,6 +27,7 @@ from engine.detect.pipeline import Pipeline
 from engine.detect.rules import LoadedRules, load_rules
 from engine.ingest.store import StoreError, lake_writer_lock
 from engine.lake.writer import LakeWriter, SharedCounters
+from models import state_types  # noqa: F401  (the models' state in snapshots)
 
 log = logging.getLogger(__name__)
 

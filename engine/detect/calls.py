@@ -18,7 +18,6 @@ import heapq
 import itertools
 import math
 from array import array
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -368,34 +367,6 @@ class CallTracker(Snapshotted):
         # Calls finished early for the bound, handed out by the next `advance`.
         self.evicted: list[Call] = []
         self.now = 0.0
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if "_due" not in state:
-            # A snapshot from before the float heap: (deadline, call_id) entries.
-            due: dict[float, str | list[str]] = {}
-            for deadline, call_id in state["deadlines"]:
-                earlier = due.get(deadline)
-                if earlier is None:
-                    due[deadline] = call_id
-                elif isinstance(earlier, str):
-                    due[deadline] = [earlier, call_id]
-                else:
-                    earlier.append(call_id)
-            state = {**state, "deadlines": sorted(due), "_due": due}
-        if type(state["_finished"]) is OrderedDict:
-            # Snapshots from before the plain dict: the same ids in the same order.
-            state = {**state, "_finished": dict(state["_finished"])}
-        if "_in_order" not in state:
-            # Snapshots from before the queues kept every deadline in the heap, and some
-            # had queues of bare deadlines (their calls in `_due`): those join the heap.
-            heap = list(state["deadlines"])
-            for queue in state.get("_queues", ()):
-                for deadline in queue.items[queue.head :]:
-                    _heappush(heap, deadline)
-            queues = [DeadlineQueue(), DeadlineQueue(), DeadlineQueue()]
-            state = {k: v for k, v in state.items() if k != "_queues"}
-            state.update(deadlines=heap, _in_order=queues, next_due=heap[0] if heap else _INF)
-        super().__setstate__(state)
 
     def open_calls(
         self, caller: str, since: float = float("-inf"), limit: int = 1000

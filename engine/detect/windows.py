@@ -35,11 +35,11 @@ Timestamp = Any
 
 
 class Snapshotted:
-    """Pickled into detection snapshots as a dict of its `state_fields`, whether this module
-    runs compiled by mypyc (see engine/detect/__init__.py) or as Python: compiled
-    classes have no `__dict__` for pickle to take, and both must read one snapshot.
-    Unpickling calls `__init__` with no arguments first (a compiled class's `__new__`
-    does), so every argument has a default."""
+    """Written into detection snapshots as a dict of its `state_fields` (under its state
+    type, engine.detect.snapshot), whether this module runs compiled by mypyc (see
+    engine/detect/__init__.py) or as Python: compiled classes have no `__dict__`, and
+    both must read one snapshot. A snapshot makes the object with no arguments and
+    then sets its fields, so every argument of `__init__` has a default."""
 
     __slots__ = ()
 

@@ -1,0 +1,272 @@
+"""Snapshots of earlier formats, read once into today's state (see engine.detect.snapshot).
+
+Format v2 (the releases of 2026-12-02 to 2026-12-05) pickled the pipeline's state as
+Python objects by class path. It is read here, and only here, with an unpickler that
+resolves each of callsentry's class paths to a stand-in recording what the pickle
+gave it (constructor arguments, state); the standard containers and River's objects
+load as themselves. The stand-ins are then turned into today's objects through the
+state types of engine.detect.snapshot, after each older shape is brought to today's
+(the conversions below, oldest first). So an upgrade carries on from the last
+snapshot rather than starting detection cold.
+
+Anything a v2 file names beyond those classes is refused, as in v3.
+"""
+
+from __future__ import annotations
+
+import heapq
+import io
+import math
+import pickle
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+from engine.detect.snapshot import Position, Snapshot, SnapshotError, allowed_global, revive
+
+# v2 class paths -> today's state type names.
+V2_STATE_TYPES = {
+    "engine.detect.calls.Call": "call",
+    "engine.detect.calls.CallTracker": "call-tracker",
+    "engine.detect.calls.TrackerStats": "call-tracker-stats",
+    "engine.detect.calls.DeadlineQueue": "deadline-queue",
+    "engine.detect.alerts.AlertManager": "alert-manager",
+    "engine.detect.windows.KeyedState": "keyed-state",
+    "engine.detect.windows.CountState": "count-window",
+    "engine.detect.windows.ValueState": "value-window",
+    "engine.detect.windows.SpikeState": "spike-window",
+    "engine.detect.windows.FirstSeenState": "first-seen-window",
+    "engine.detect.windows.SequentialState": "sequential-window",
+    "engine.detect.windows.EwBaseline": "ew-baseline",
+    "models.caller.CallerModel": "model.caller",
+    "models.menu.MenuModel": "model.menu",
+    "models.menu._MenuState": "model.menu-state",
+    "models.menu._Traffic": "model.menu-traffic",
+    "models.menu.SeasonalVolume": "model.seasonal-volume",
+    "models.scoring.Baseline": "model.baseline",
+    "models.scoring.AdaptiveThreshold": "model.adaptive-threshold",
+}
+# v2 classes whose objects are not kept as such (converted where they are used).
+_V2_OTHERS = {
+    "engine.detect.snapshot.Snapshot",
+    "engine.detect.snapshot.Position",
+    "models.menu._Seen",
+    "models.spec.ModelSpec",
+    "models.spec.FeatureSpec",
+    "models.spec.HalfSpaceTreesSpec",
+    "models.spec.ThresholdSpec",
+}
+
+
+class _Recorded:
+    """What a v2 pickle gave one of callsentry's objects: the arguments it was made
+    with (when it was made by a call) and its state."""
+
+    path = ""
+    args: tuple[Any, ...] = ()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+        self.fields.update(kwargs)
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        # Made on first use: an object unpickled by `__new__` alone never ran __init__.
+        found: dict[str, Any] = self.__dict__.setdefault("_fields", {})
+        return found
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:
+            # (dict state, slots state) from a class with __slots__ and no __getstate__.
+            first, second = state
+            state = {**(first or {}), **(second or {})}
+        self.fields.update(state)
+
+
+_STAND_INS: dict[str, type[_Recorded]] = {}
+
+
+def _stand_in(path: str) -> type[_Recorded]:
+    cls = _STAND_INS.get(path)
+    if cls is None:
+        cls = type(f"Recorded[{path}]", (_Recorded,), {"path": path})
+        _STAND_INS[path] = cls
+    return cls
+
+
+class _V2Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        path = f"{module}.{name}"
+        if path in V2_STATE_TYPES or path in _V2_OTHERS:
+            return _stand_in(path)
+        if not allowed_global(module, name):
+            raise SnapshotError(f"refers to {path}, which a snapshot may not hold")
+        return super().find_class(module, name)
+
+
+# -- older shapes brought to today's, by state type ------------------------------------
+
+_INF = math.inf
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.fields[name] if isinstance(obj, _Recorded) else getattr(obj, name)
+
+
+def tracker_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A call tracker's fields as written by any release, in today's shape."""
+    if "_due" not in fields:
+        # Before the float heap: (deadline, call_id) entries.
+        due: dict[float, str | list[str]] = {}
+        for deadline, call_id in fields["deadlines"]:
+            earlier = due.get(deadline)
+            if earlier is None:
+                due[deadline] = call_id
+            elif isinstance(earlier, str):
+                due[deadline] = [earlier, call_id]
+            else:
+                earlier.append(call_id)
+        fields = {**fields, "deadlines": sorted(due), "_due": due}
+    if type(fields["_finished"]) is OrderedDict:
+        # Before the plain dict: the same ids in the same order.
+        fields = {**fields, "_finished": dict(fields["_finished"])}
+    if "_in_order" not in fields:
+        # Before the queues every deadline was in the heap, and some releases had
+        # queues of bare deadlines (their calls in `_due`): those join the heap.
+        heap = list(fields["deadlines"])
+        for queue in fields.get("_queues", ()):
+            for deadline in _field(queue, "items")[_field(queue, "head") :]:
+                heapq.heappush(heap, deadline)
+        empty = [revive("deadline-queue", {"items": [], "head": 0}) for _ in range(3)]
+        fields = {k: v for k, v in fields.items() if k != "_queues"}
+        fields.update(deadlines=heap, _in_order=empty, next_due=heap[0] if heap else _INF)
+    return fields
+
+
+def _menu_traffic(fields: dict[str, Any]) -> dict[str, Any]:
+    for name in ("pending", "live"):
+        calls = fields[name]
+        if calls and isinstance(calls[0], _Recorded):
+            # Before plain tuples: each call an object of its own (models.menu._Seen).
+            fields[name] = deque(
+                tuple(
+                    seen.fields[key]
+                    for key in (
+                        "ts",
+                        "call_id",
+                        "bucket",
+                        "answered",
+                        "short",
+                        "ring_s",
+                        "talk_log",
+                        "forwarded",
+                    )
+                )
+                for seen in calls
+            )
+    return fields
+
+
+def _caller_model(fields: dict[str, Any]) -> dict[str, Any]:
+    # The spec comes from the model's file on restore; what was derived from it is
+    # derived again then (models.caller.CallerModel.restored).
+    fields.pop("spec", None)
+    return fields
+
+
+def _menu_model(fields: dict[str, Any]) -> dict[str, Any]:
+    fields.pop("spec", None)
+    return fields
+
+
+_SHAPES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "call-tracker": tracker_fields,
+    "model.menu-traffic": _menu_traffic,
+    "model.caller": _caller_model,
+    "model.menu": _menu_model,
+}
+
+
+def _fields_of(recorded: _Recorded) -> dict[str, Any]:
+    if recorded.path == "engine.detect.calls.Call":
+        # Made with (call_id, caller, callee, forward, menu_id, menu_name, started_at).
+        return {"made_with": recorded.args, **recorded.fields}
+    return dict(recorded.fields)
+
+
+class _Converter:
+    """Today's objects for a tree of v2 stand-ins (each converted once, shared as before)."""
+
+    def __init__(self) -> None:
+        self.done: dict[int, Any] = {}
+
+    def convert(self, value: Any) -> Any:
+        kind = type(value)
+        if kind in (str, float, int, bool, bytes, type(None), array):
+            return value
+        key = id(value)
+        if key in self.done:
+            return self.done[key]
+        if isinstance(value, _Recorded):
+            return self._object(value)
+        if kind is dict or kind is OrderedDict:
+            converted_dict: dict[Any, Any] = kind()
+            self.done[key] = converted_dict
+            for k, v in value.items():
+                converted_dict[self.convert(k)] = self.convert(v)
+            return converted_dict
+        if kind is list:
+            converted_list: list[Any] = []
+            self.done[key] = converted_list
+            converted_list.extend(self.convert(v) for v in value)
+            return converted_list
+        if kind is tuple:
+            converted_tuple = tuple(self.convert(v) for v in value)
+            self.done[key] = converted_tuple
+            return converted_tuple
+        if kind is deque:
+            converted_deque: deque[Any] = deque(maxlen=value.maxlen)
+            self.done[key] = converted_deque
+            converted_deque.extend(self.convert(v) for v in value)
+            return converted_deque
+        if kind is set or kind is frozenset:
+            return kind(self.convert(v) for v in value)
+        return value  # River's objects and other allowed types: as they loaded
+
+    def _object(self, recorded: _Recorded) -> Any:
+        name = V2_STATE_TYPES.get(recorded.path)
+        if name is None:
+            # Kept as a stand-in: only its owner reads it (a _Seen in a menu's traffic).
+            return recorded
+        fields = {k: self.convert(v) for k, v in _fields_of(recorded).items()}
+        shape = _SHAPES.get(name)
+        if shape is not None:
+            fields = shape(fields)
+        obj = revive(name, fields)
+        self.done[id(recorded)] = obj
+        return obj
+
+
+def migrate(version: str, payload: bytes) -> Snapshot:
+    """Today's snapshot from the payload of an earlier format `version` (e.g. "v2")."""
+    if version != "v2":
+        raise SnapshotError(
+            f"written by another version of callsentry (snapshot {version}; this one "
+            f"reads v2 and v3)"
+        )
+    try:
+        document = _V2Unpickler(io.BytesIO(payload)).load()
+    except SnapshotError:
+        raise
+    except Exception as error:  # a damaged payload can fail in almost any way
+        raise SnapshotError(f"cannot be read as v2 ({type(error).__name__}: {error})") from None
+    if not isinstance(document, _Recorded) or document.path != "engine.detect.snapshot.Snapshot":
+        raise SnapshotError("holds no v2 snapshot")
+    position = document.fields["position"].fields
+    state = _Converter().convert(document.fields["state"])
+    return Snapshot(
+        Position(int(position["segment"]), int(position["seq"])),
+        state,
+        float(document.fields["taken_at"]),
+    )

@@ -265,3 +265,46 @@ def test_an_unclosed_quote_swallows_no_more_than_one_report(tmp_path: Path) -> N
     events, rejects = events_and_rejects(path)
     assert events == 99
     assert rejects == [("events.csv:42", "bad_field", "a quoted field is never closed")]
+
+
+def test_a_parquet_column_of_lists_or_bytes_is_refused_by_name(tmp_path: Path) -> None:
+    import polars as pl
+
+    from engine.ingest.eventfiles import EventFileError, read_event_file
+
+    row = {
+        "ts": ["2026-11-28T10:00:00+00:00"],
+        "call_id": ["c1"],
+        "serial": [1],
+        "state": ["180"],
+        "callee": ["200"],
+        "forward": [""],
+        "menu_id": ["7"],
+        "menu_name": ["Main"],
+    }
+    for name, values in (("caller", [[1, 2]]), ("caller", [b"\x1b[2J"])):
+        path = tmp_path / "events.parquet"
+        pl.DataFrame({**row, name: values}).write_parquet(path)
+        with pytest.raises(EventFileError, match=rf"{path}: column {name} holds"):
+            read_event_file(path)
+
+
+def test_empty_csv_and_jsonl_files_are_alike_no_rows(tmp_path: Path) -> None:
+    for name in ("empty.csv", "empty.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(b"")
+        assert events_and_rejects(path) == (0, [])
+        done = run_cli("replay", str(path), "--data-dir", str(tmp_path / f"data-{name}"))
+        assert done.returncode == 0, (name, done.stderr)
+
+
+def test_a_data_dir_whose_path_holds_a_quote_works(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    path.write_text(CSV_HEADER + "".join(csv_row(n) for n in range(5)), encoding="utf-8")
+    data = tmp_path / "it's data"
+    done = run_cli("replay", str(path), "--data-dir", str(data))
+    assert done.returncode == 0, done.stderr
+    import duckdb
+
+    with duckdb.connect(str(data / "callsentry.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM events").fetchone() == (5,)

@@ -176,7 +176,14 @@ def _frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[Row]:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise EventFileError(f"{path}: cannot read as {kind}: {first}") from None
     _check_columns(path, frame.columns)
-    return frame.select([c for c in COLUMNS if c in frame.columns]), first_line
+    frame = frame.select([c for c in COLUMNS if c in frame.columns])
+    for name, dtype in frame.schema.items():
+        if dtype.is_nested() or dtype in (pl.Binary, pl.Object):
+            # Its values would be stored as Python's text of a list or of bytes.
+            raise EventFileError(
+                f"{path}: column {name} holds {dtype}; event files hold text, numbers and times"
+            )
+    return frame, first_line
 
 
 # Rows read one at a time: (line number, the row's fields by column) or (line number,
@@ -196,6 +203,8 @@ def _csv_frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[Row]:
         data = path.read_bytes()
     except OSError as error:
         raise EventFileError(f"{path}: {error.strerror or error}") from None
+    if not data.strip():
+        return iter(())  # no rows, as an empty JSON-lines file
     try:
         # Everything as text: the row validator decides, so a bad cell is a quarantined
         # row, not a failed file.

@@ -189,3 +189,122 @@ def test_network_text_reaches_the_reviewers_terminal_escaped(tmp_path: Path) -> 
     assert "8613900000001\\x1b[2J\\x1b]0;owned\\x07 -> 4008001000" in show.stdout
     for output in (replayed.stdout, replayed.stderr):
         assert "\x1b" not in output
+
+
+# -- event files: one bad row costs that row ---------------------------------------------
+
+CSV_HEADER = "ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
+
+
+def csv_row(n: int, menu_name: str = "Main") -> str:
+    return f"2026-11-28T10:00:{n % 60:02d}+00:00,c{n},1,180,100{n},200,,7,{menu_name}\n"
+
+
+def events_and_rejects(path: Path) -> tuple[int, list[tuple[str, str, str]]]:
+    from engine.core.events import CallEvent
+    from engine.ingest.eventfiles import read_event_file
+
+    items = read_event_file(path)
+    events = sum(1 for item in items if isinstance(item, CallEvent))
+    rejects = [
+        (item.source, item.reason.value, item.detail)
+        for item in items
+        if not isinstance(item, CallEvent)
+    ]
+    return events, rejects
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason", "detail"),
+    [
+        ("2026-11-28T10:00:00+00:00,x,1,180,1,2,,7,Main,extra\n", "bad_field", "10 fields"),
+        ("2026-11-28T10:00:00+00:00,x,1,180\n", "missing_fields", "4 fields"),
+    ],
+)
+def test_a_row_with_the_wrong_number_of_fields_costs_that_row_alone(
+    tmp_path: Path, bad: str, reason: str, detail: str
+) -> None:
+    path = tmp_path / "events.csv"
+    rows = [csv_row(n) for n in range(1000)]
+    rows[500] = bad
+    path.write_text(CSV_HEADER + "".join(rows), encoding="utf-8")
+    events, rejects = events_and_rejects(path)
+    assert events == 999
+    ((source, got_reason, got_detail),) = rejects
+    assert (source, got_reason) == ("events.csv:502", reason)
+    assert detail in got_detail
+
+
+def test_a_line_that_is_not_utf8_costs_that_line_alone(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    rows = [csv_row(n).encode() for n in range(1000)]
+    rows[10] = rows[10].replace(b"Main", b"M\xffin")
+    path.write_bytes(CSV_HEADER.encode() + b"".join(rows))
+    events, rejects = events_and_rejects(path)
+    assert events == 999
+    assert [(s, r) for s, r, _ in rejects] == [("events.csv:12", "undecodable")]
+
+
+def test_rows_after_a_quoted_field_across_lines_keep_their_true_lines(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    rows = [csv_row(n) for n in range(20)]
+    rows[3] = csv_row(3, '"Main\nmenu, second line"')
+    rows[10] = "2026-11-28T10:00:10+00:00,c10,1,RINGRING,1,2,,7,Main\n"
+    path.write_text(CSV_HEADER + "".join(rows), encoding="utf-8")
+    events, rejects = events_and_rejects(path)
+    assert events == 19
+    # Row 10 starts on line 13: the header, ten rows before it, one of them two lines.
+    assert [(s, r) for s, r, _ in rejects] == [("events.csv:13", "bad_state")]
+
+
+def test_an_unclosed_quote_swallows_no_more_than_one_report(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    rows = [csv_row(n) for n in range(100)]
+    rows[40] = csv_row(40, '"Main')
+    path.write_text(CSV_HEADER + "".join(rows), encoding="utf-8")
+    events, rejects = events_and_rejects(path)
+    assert events == 99
+    assert rejects == [("events.csv:42", "bad_field", "a quoted field is never closed")]
+
+
+def test_a_parquet_column_of_lists_or_bytes_is_refused_by_name(tmp_path: Path) -> None:
+    import polars as pl
+
+    from engine.ingest.eventfiles import EventFileError, read_event_file
+
+    row = {
+        "ts": ["2026-11-28T10:00:00+00:00"],
+        "call_id": ["c1"],
+        "serial": [1],
+        "state": ["180"],
+        "callee": ["200"],
+        "forward": [""],
+        "menu_id": ["7"],
+        "menu_name": ["Main"],
+    }
+    for name, values in (("caller", [[1, 2]]), ("caller", [b"\x1b[2J"])):
+        path = tmp_path / "events.parquet"
+        pl.DataFrame({**row, name: values}).write_parquet(path)
+        with pytest.raises(EventFileError, match=rf"{path}: column {name} holds"):
+            read_event_file(path)
+
+
+def test_empty_csv_and_jsonl_files_are_alike_no_rows(tmp_path: Path) -> None:
+    for name in ("empty.csv", "empty.jsonl"):
+        path = tmp_path / name
+        path.write_bytes(b"")
+        assert events_and_rejects(path) == (0, [])
+        done = run_cli("replay", str(path), "--data-dir", str(tmp_path / f"data-{name}"))
+        assert done.returncode == 0, (name, done.stderr)
+
+
+def test_a_data_dir_whose_path_holds_a_quote_works(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    path.write_text(CSV_HEADER + "".join(csv_row(n) for n in range(5)), encoding="utf-8")
+    data = tmp_path / "it's data"
+    done = run_cli("replay", str(path), "--data-dir", str(data))
+    assert done.returncode == 0, done.stderr
+    import duckdb
+
+    with duckdb.connect(str(data / "callsentry.duckdb"), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM events").fetchone() == (5,)

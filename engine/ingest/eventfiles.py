@@ -9,7 +9,9 @@ read at all raises `EventFileError` naming the file and why.
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
+import io
 import itertools
 import json
 import math
@@ -149,7 +151,7 @@ def _check_columns(path: Path, columns: Iterable[str]) -> None:
         )
 
 
-def _frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[tuple[int, Mapping[str, Any] | str]]:
+def _frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[Row]:
     """The file as a frame and the line number of its first row; JSON lines as rows
     (line or row number, row), where a str row is a line that is not a JSON object."""
     kind = SUFFIXES.get(path.suffix.lower())
@@ -159,15 +161,11 @@ def _frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[tuple[int, Mapping
         )
     if kind == "jsonl":
         return _json_rows(path)
+    if kind == "csv":
+        return _csv_frame(path)
     try:
-        if kind == "csv":
-            # Everything as text: the row validator decides, so a bad cell is a
-            # quarantined row, not a failed file. Line = row + 2 (header line).
-            frame = pl.read_csv(path, infer_schema=False, encoding="utf8")
-            first_line = 2
-        else:
-            frame = pl.read_parquet(path)
-            first_line = 1
+        frame = pl.read_parquet(path)
+        first_line = 1
     except UnicodeDecodeError as error:
         raise EventFileError(
             f"{path}: not UTF-8 text ({error.reason} at byte {error.start})"
@@ -178,7 +176,112 @@ def _frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[tuple[int, Mapping
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise EventFileError(f"{path}: cannot read as {kind}: {first}") from None
     _check_columns(path, frame.columns)
-    return frame.select([c for c in COLUMNS if c in frame.columns]), first_line
+    frame = frame.select([c for c in COLUMNS if c in frame.columns])
+    for name, dtype in frame.schema.items():
+        if dtype.is_nested() or dtype in (pl.Binary, pl.Object):
+            # Its values would be stored as Python's text of a list or of bytes.
+            raise EventFileError(
+                f"{path}: column {name} holds {dtype}; event files hold text, numbers and times"
+            )
+    return frame, first_line
+
+
+# Rows read one at a time: (line number, the row's fields by column) or (line number,
+# why it is no row: a reason, a sentence and the row's bytes).
+Row = tuple[int, Mapping[str, Any] | tuple[RejectReason, str, bytes] | str]
+
+# The most a CSV row may take: a report's own limit (docs/protocol.md). A quoted field
+# may run across lines only within it, so a stray quote swallows no more than that.
+MAX_ROW_BYTES = 2048
+
+
+def _csv_frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[Row]:
+    """A CSV file as a frame (line = row + 2, after the header) when every row is one
+    well-formed line; otherwise row by row (`_csv_rows`), so one bad row costs that
+    row, each reported at its true line."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise EventFileError(f"{path}: {error.strerror or error}") from None
+    if not data.strip():
+        return iter(())  # no rows, as an empty JSON-lines file
+    try:
+        # Everything as text: the row validator decides, so a bad cell is a quarantined
+        # row, not a failed file.
+        frame = pl.read_csv(data, infer_schema=False, encoding="utf8")
+    except (UnicodeDecodeError, pl.exceptions.PolarsError):
+        return _csv_rows(path, data)
+    _check_columns(path, frame.columns)
+    if not _one_line_rows(data, frame.width, frame.height):
+        return _csv_rows(path, data)
+    return frame.select([c for c in COLUMNS if c in frame.columns]), 2
+
+
+def _one_line_rows(data: bytes, width: int, height: int) -> bool:
+    """Whether each of the `height` rows polars read is one line holding `width` fields
+    (polars pads a short row and reads a quoted field across lines; line numbers and
+    missing fields would then be wrong). Without quotes, separators are counted in C;
+    with them, the csv module counts each row's fields."""
+    if b"\n\n" in data or b"\n\r\n" in data:
+        return False  # blank lines: polars skips them, so its rows are not lines
+    lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    if lines != height + 1:
+        return False
+    if b'"' not in data:
+        return data.count(b",") == (width - 1) * lines
+    reader = csv.reader(io.StringIO(data.decode("utf-8")))
+    return all(len(row) == width for row in reader) and reader.line_num == lines
+
+
+def _csv_rows(path: Path, data: bytes) -> Iterator[Row]:
+    """Rows of a CSV file one at a time, each from the line it starts on: a line that
+    is not UTF-8 is rejected alone, a row with more or fewer fields than the header is
+    rejected with its counts, and an unclosed quote is rejected at the line it opened,
+    reading going on at the next line, once the row it makes passes MAX_ROW_BYTES."""
+    lines = data.splitlines(keepends=True)
+    header = next(csv.reader([lines[0].decode("utf-8", "replace")])) if lines else []
+    _check_columns(path, [name.strip() for name in header])
+    columns = [name.strip() for name in header]
+    index = 1
+    while index < len(lines):
+        number, raw = index + 1, lines[index]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            index += 1
+            yield number, (RejectReason.UNDECODABLE, f"not UTF-8 text ({error.reason})", raw)
+            continue
+        end = index + 1
+        while text.count('"') % 2 and end < len(lines) and len(raw) <= MAX_ROW_BYTES:
+            try:
+                text += lines[end].decode("utf-8")
+            except UnicodeDecodeError:
+                break
+            raw += lines[end]
+            end += 1
+        if text.count('"') % 2:
+            # Unclosed: this line alone is rejected; the lines it swallowed are read.
+            index += 1
+            yield (
+                number,
+                (RejectReason.BAD_FIELD, "a quoted field is never closed", lines[index - 1]),
+            )
+            continue
+        index = end
+        if not text.strip():
+            continue
+        try:
+            (fields,) = list(csv.reader([text.rstrip("\r\n")], strict=True))
+        except (csv.Error, ValueError) as error:
+            yield number, (RejectReason.BAD_FIELD, f"not a CSV row: {error}", raw)
+            continue
+        counts = f"{len(fields)} fields where the header names {len(columns)}"
+        if len(fields) > len(columns):
+            yield number, (RejectReason.BAD_FIELD, counts, raw)
+        elif len(fields) < len(columns):
+            yield number, (RejectReason.MISSING_FIELDS, counts, raw)
+        else:
+            yield number, dict(zip(columns, fields, strict=True))
 
 
 def _lone_surrogate(line: str, row: Mapping[str, Any]) -> str | None:
@@ -199,7 +302,7 @@ def _lone_surrogate(line: str, row: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _json_rows(path: Path) -> Iterator[tuple[int, Mapping[str, Any] | str]]:
+def _json_rows(path: Path) -> Iterator[Row]:
     try:
         with path.open("r", encoding="utf-8", errors="strict") as handle:
             checked = False
@@ -431,15 +534,17 @@ def _closer_look(
         items[index] = item
 
 
-def _items_of_rows(
-    rows: Iterable[tuple[int, Mapping[str, Any] | str]], label: str
-) -> list[CallEvent | Reject]:
+def _items_of_rows(rows: Iterable[Row], label: str) -> list[CallEvent | Reject]:
     items: list[CallEvent | Reject] = []
     fallback_ts = 0.0
     for number, row in rows:
         source = f"{label}:{number}"
         if isinstance(row, str):
             items.append(Reject(fallback_ts, RejectReason.BAD_FIELD, row, b"", source=source))
+            continue
+        if isinstance(row, tuple):
+            reason, detail, raw = row
+            items.append(Reject(fallback_ts, reason, detail, raw, source=source))
             continue
         item = row_to_item(row, source, fallback_ts)
         if isinstance(item, CallEvent):

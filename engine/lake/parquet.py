@@ -265,6 +265,12 @@ def _sorted(frame: pl.DataFrame, column: str) -> pl.DataFrame:
     return frame.sort(column)
 
 
+def sql_text(value: str) -> str:
+    """`value` as an SQL string literal (a path may hold a quote; views cannot take
+    parameters, so the path is written into their SQL)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _write_atomic(frame: pl.DataFrame, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
@@ -413,7 +419,7 @@ class Lake:
     def create_views(self, con: duckdb.DuckDBPyConnection) -> None:
         for table in TABLES:
             con.execute(
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{self.glob(table)}', "
+                f"CREATE VIEW {table} AS SELECT * FROM read_parquet({sql_text(self.glob(table))}, "
                 "hive_partitioning = true, union_by_name = true)"
             )
         con.execute(f"CREATE VIEW alerts_current AS {ALERTS_CURRENT}")
@@ -430,7 +436,9 @@ class Lake:
             with duckdb.connect() as con:
                 # The oldest storage format that has what we use, so analysts' DuckDB
                 # CLIs and libraries from 1.0 on can open the file too.
-                con.execute(f"ATTACH '{partial}' AS analytics (STORAGE_VERSION 'v1.0.0')")
+                con.execute(
+                    f"ATTACH {sql_text(str(partial))} AS analytics (STORAGE_VERSION 'v1.0.0')"
+                )
                 con.execute("USE analytics")
                 self.create_views(con)
                 for name, sql in extra_views:

@@ -229,8 +229,11 @@ def _one_line_rows(data: bytes, width: int, height: int) -> bool:
         return False
     if b'"' not in data:
         return data.count(b",") == (width - 1) * lines
-    reader = csv.reader(io.StringIO(data.decode("utf-8")))
-    return all(len(row) == width for row in reader) and reader.line_num == lines
+    try:
+        reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""), strict=True)
+        return all(len(row) == width for row in reader) and reader.line_num == lines
+    except (csv.Error, UnicodeDecodeError):
+        return False
 
 
 def _csv_rows(path: Path, data: bytes) -> Iterator[Row]:

@@ -1,9 +1,11 @@
-"""The detection's hot path compiled by mypyc: in use where built, never used when its
-source has changed since, and pickled into snapshots the same way either way."""
+"""The compiled parts: the detection's hot path compiled by mypyc and the C helpers of
+ingest, each in use where built, never used when its source has changed since; the
+detection pickled into snapshots the same way either way."""
 
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import os
 import pickle
 import shutil
@@ -18,6 +20,7 @@ import pytest
 import engine.detect
 from engine.core.events import CallEvent, CallState
 from engine.detect import COMPILED, RECORD, calls, compiled_modules, stale_reason, windows
+from engine.ingest import native
 
 DETECT = Path(engine.detect.__file__).parent
 
@@ -291,3 +294,82 @@ def test_calls_due_at_the_same_moment_finish_in_call_id_order() -> None:
         tracker.observe(_report(5.0, call_id, 2, CallState.HANGUP))
     tracker.observe(_report(4.0, "a", 1, CallState.HANGUP))  # due at 7.0, sooner
     assert [c.call_id for c in tracker.advance(8.0)] == ["a", "b", "m", "z"]
+
+
+def test_the_c_helpers_are_built_and_in_use_on_linux() -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("built on Linux")
+    for name in native.HELPERS:
+        assert native.stale_reason(name) is None, "make setup builds engine/ingest/*.c"
+        module = native.load(name)
+        assert module is not None and module.__file__ is not None, name
+        assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+_LOAD_HELPERS = """
+import json
+from engine.ingest import native
+from engine.ingest.eventfiles import _take_rows
+from engine.ingest.intake import SeenReports
+from engine.ingest.journal import durable_write
+loaded = {name: native.load(name) is not None for name in native.HELPERS}
+in_use = {
+    "_fastio": durable_write is not None,
+    "_seen": type(SeenReports(60).keys).__name__ == "KeyTable",
+    "_rows": _take_rows is not None,
+}
+assert in_use == loaded, (in_use, loaded)  # every import site goes through the loader
+print(native.__file__)
+print(json.dumps(loaded))
+"""
+
+
+def test_a_c_helper_whose_source_changed_since_its_build_is_not_loaded(tmp_path: Path) -> None:
+    # A copy of the package with its builds: as built, every helper loads; with a
+    # source edited (or its record), that helper's Python equivalent runs and one
+    # warning names the file and says what to run.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("built on Linux")
+    root = tmp_path / "root"
+    shutil.copytree(
+        DETECT.parent.parent / "engine",
+        root / "engine",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    shutil.copytree(DETECT.parent.parent / "models", root / "models")
+    ingest = root / "engine" / "ingest"
+
+    def load() -> tuple[dict[str, bool], str]:
+        env = {k: v for k, v in os.environ.items() if k != "CALLSENTRY_DETECTION_AS_PYTHON"}
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_HELPERS],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        where, loaded = done.stdout.splitlines()
+        assert Path(where).is_relative_to(root), where
+        return json.loads(loaded), done.stderr
+
+    loaded, said = load()
+    assert loaded == dict.fromkeys(native.HELPERS, True), said
+    assert "C helper" not in said
+
+    with (ingest / "_seen.c").open("a") as source:
+        source.write("/* an edit */\n")
+    record = (ingest / native.RECORD).read_text()
+    digest = native.recorded_digests(ingest)["_rows.c"]
+    (ingest / native.RECORD).write_text(record.replace(digest, "0" * 64))
+    loaded, said = load()
+    assert loaded == {"_fastio": True, "_seen": False, "_rows": False}
+    for name in ("_seen", "_rows"):
+        warning = f"C helper {name} not used: {name}.c changed since it was built"
+        assert said.count(warning) == 1, said
+    assert said.count("`make setup` builds it again") == 2
+
+    (ingest / native.RECORD).unlink()
+    loaded, said = load()
+    assert loaded == dict.fromkeys(native.HELPERS, False)
+    assert f"C helper _fastio not used: no record ({native.RECORD}) of building _fastio.c" in said

@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Any
 
 from engine.core.events import CallEvent, Reject
+from engine.ingest import native
 from engine.ingest.stats import Stats
 
 Key = tuple[str, int]
@@ -32,13 +33,12 @@ _SERIAL = operator.itemgetter(CallEvent._fields.index("serial"))
 
 
 def _compiled(name: str) -> Callable[..., Any] | None:
-    """A function of the compiled helper; None where it is not built (the Python
-    below then does the same)."""
-    try:
-        from engine.ingest import _fastio
-    except ImportError:
+    """A function of the compiled helper; None where it is not built or is stale (the
+    Python below then does the same)."""
+    fastio = native.load("_fastio")
+    if fastio is None:
         return None
-    function: Callable[..., Any] = getattr(_fastio, name)
+    function: Callable[..., Any] = getattr(fastio, name)
     return function
 
 
@@ -53,14 +53,13 @@ _MAX_REPLY_ADDRESSES = 4
 
 def _key_table() -> Any:
     """An empty set of report keys that forgets them oldest first: the compiled
-    fingerprint table (engine/_seen.c, 43 to 85 bytes a key) where built, else
+    fingerprint table (engine/ingest/_seen.c, 43 to 85 bytes a key) where built, else
     `KeySet` (a Python set, about 190)."""
-    try:
-        from engine.ingest._seen import KeyTable
-    except ImportError:
+    seen = native.load("_seen")
+    if seen is None:
         return KeySet()
     # A key of the process's own: fingerprints cannot be chosen from outside to collide.
-    return KeyTable(os.urandom(16))
+    return seen.KeyTable(os.urandom(16))
 
 
 class KeySet:

@@ -1,4 +1,4 @@
-"""The receiver's obligations (protocol.md 1-6) over real UDP on loopback."""
+"""The receiver's obligations (docs/protocol.md, 1-6) over real UDP on loopback."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Event files (CSV, JSONL, Parquet) -> `CallEvent`s and `Reject`s, sorted by event time.
 
-Columns per protocol.md: ts (ISO-8601 with a UTC offset, or epoch seconds),
+Columns per docs/protocol.md ("Event files"): ts (ISO-8601 with a UTC offset, or epoch seconds),
 call_id, serial, state, caller, callee, forward, menu_id, menu_name. A bad row
 becomes a `Reject` whose source names the file and line; a file that cannot be
 read at all raises `EventFileError` naming the file and why.

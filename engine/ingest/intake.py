@@ -7,7 +7,9 @@ durable), or more than the store can take (left unanswered for the switch to
 retry). `seal()` hands the open batch to the committer. A batch carries the first
 answer of each of its reports (`Batch.answers`), which the committer sends as soon
 as its fsync returns; `durable()` then returns the answers owed to copies that
-came in while the batch was being written.
+came in while the batch was being written. These are obligations 1 (no answer
+before the report is durable; a bounded backlog) and 2 (a copy is answered again,
+never stored twice) of docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -229,7 +231,8 @@ class Intake:
                 ):
                     waiting.append(reply_to)
                 return Outcome.DUPLICATE_PENDING, None
-            # Keyed reports waiting for their commit; unkeyed ones are capped by their quota.
+            # Keyed reports waiting for their commit; unkeyed ones are capped by their
+            # quota (docs/protocol.md, obligation 3).
             if len(self._waiting) >= self.max_pending:
                 self.stats.dropped_overload += 1
                 return Outcome.OVERLOADED, None

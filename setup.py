@@ -8,8 +8,9 @@
   installs once, then builds again without isolation, with the venv's mypy).
 
 All are optional: without a C compiler, off Linux, or without mypyc, the engine runs
-the same code as Python (slower) and says so. A record of the compiled sources'
-SHA-256 lets engine/detect/__init__.py refuse compiled code its source has outgrown.
+the same code as Python (slower) and says so. Records of the compiled sources'
+SHA-256 let engine/detect/__init__.py and engine/ingest/native.py refuse compiled code
+its source has outgrown.
 """
 
 import hashlib
@@ -23,6 +24,7 @@ from setuptools.command.build_ext import build_ext
 COMPILED = ("windows", "calls", "evaluate", "pipeline")  # as engine/detect/__init__.py
 RECORD = "_compiled.sha256"
 DETECT = Path("engine") / "detect"
+HELPERS_RECORD = "_c_helpers.sha256"  # as engine/ingest/native.py
 _MYPYC: list[list[Extension]] = []
 _DIGESTS: dict[str, str] = {}
 
@@ -36,13 +38,18 @@ class BuildWithDetection(build_ext):
         super().finalize_options()
 
     def run(self) -> None:
-        if self.detection:
-            # A module that fails to build (optional) must not leave last build's file
-            # to be taken for this one's.
-            for extension in self.detection:
-                Path(self.get_ext_fullpath(extension.name)).unlink(missing_ok=True)
+        # A module that fails to build (optional) must not leave last build's file to be
+        # taken for this one's; every module is built from its source as it is now.
+        for extension in self.extensions:
+            Path(self.get_ext_fullpath(extension.name)).unlink(missing_ok=True)
+        helpers = {
+            extension.name: hashlib.sha256(Path(extension.sources[0]).read_bytes()).hexdigest()
+            for extension in self.extensions
+            if extension not in self.detection
+        }
         super().run()
         self.record(bool(self.detection))
+        self.record_helpers(helpers)
 
     def detection_extensions(self) -> list[Extension]:
         # An editable install makes build_ext more than once: mypyc runs once.
@@ -87,6 +94,18 @@ class BuildWithDetection(build_ext):
             "".join(f"{digest}  {name}.py\n" for name, digest in _DIGESTS.items()),
             encoding="ascii",
         )
+
+    def record_helpers(self, digests: dict[str, str]) -> None:
+        """Write the digest of each C helper's source (taken before its build began) for
+        the helpers that were built; one that failed has no line, so no build is used."""
+        lines = [
+            f"{digest}  {name.rpartition('.')[2]}.c\n"
+            for name, digest in digests.items()
+            if Path(self.get_ext_fullpath(name)).exists()
+        ]
+        target = Path(self.get_ext_fullpath("engine.ingest._seen")).parent / HELPERS_RECORD
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(lines), encoding="ascii")
 
 
 def c_helper(name: str) -> Extension:

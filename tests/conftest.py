@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -16,6 +17,16 @@ import pytest
 from engine.apps.serve import Engine
 from engine.apps.settings import Settings, load_settings
 from engine.ingest.journal import read_segment
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
+    """Return as soon as `condition()` holds; fail if it has not within `timeout` seconds
+    (a bound on a hang, generous for a loaded machine, never a measurement)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what or 'condition'} not met within {timeout:g} s")
+        time.sleep(0.01)
 
 
 def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import threading
-import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -20,7 +20,7 @@ from engine.detect.alerts import Alert, AlertManager
 from engine.detect.evaluate import Finding
 from engine.detect.rules import load_rules
 from engine.lake.reviews import ReviewError, add_review, list_alerts
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_for
 
 
 def finding(raised_at: float, entity: str = "8613900000001") -> Finding:
@@ -51,7 +51,10 @@ def reviewed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_reviews_append_and_the_latest_one_counts(reviewed_data: Path) -> None:
     alert_id = list_alerts(reviewed_data, "open", 1)[0]["alert_id"]
     add_review(reviewed_data, alert_id[:8], "investigating", "looking at the CDRs", "ana")
-    time.sleep(0.01)
+    # The trail is ordered by the time of each review: the second is made once the
+    # clock has moved past the first (on a coarse clock two could share an instant).
+    first_done = datetime.now(tz=UTC)
+    wait_for(lambda: datetime.now(tz=UTC) > first_done)
     add_review(reviewed_data, alert_id, "false_positive", "a test campaign we ran", "bo")
     assert alert_id not in {a["alert_id"] for a in list_alerts(reviewed_data, "open", 100)}
     assert [a["alert_id"] for a in list_alerts(reviewed_data, "false_positive", 10)] == [alert_id]
@@ -137,9 +140,7 @@ def test_webhook_retries_with_back_off_and_never_blocks() -> None:
         sink.deliver([sample_alert(1)])
         # deliver() only queues: the endpoint is still failing when it returns.
         assert _Collector.received == []
-        deadline = time.monotonic() + 15
-        while not _Collector.received and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: bool(_Collector.received), what="the alert delivered")
         sink.close()
     finally:
         server.shutdown()

@@ -77,7 +77,8 @@ def test_a_lowered_threshold_adds_an_incident_and_a_dropped_rule_removes_its_own
     tmp_path: Path,
 ) -> None:
     events = tmp_path / "short.csv"
-    # 20 short calls: over the shipped threshold (15 in 3 min); 8: only over 6.
+    # 20 short calls: over the shipped threshold (15 in 3 min), and all of the first
+    # caller's answered calls (at least 20) are short (low and slow); 8: only over 6.
     short_calls(events, {"8613900000001": 20, "8613900000002": 8})
     data_dir = tmp_path / "data"
     replay([events], make_settings(data_dir))
@@ -97,10 +98,12 @@ def test_a_lowered_threshold_adds_an_incident_and_a_dropped_rule_removes_its_own
     burst = changes["short-calls-caller"]
     assert (burst.current, burst.candidate) == (1, 2)
     assert [a.entity for a in burst.added] == ["8613900000002"] and not burst.removed
-    slow = changes.get("short-calls-low-and-slow")
-    if slow is not None:  # whatever it raised now is gone with the rule
-        assert slow.candidate == 0 and len(slow.removed) == slow.current
+    # What the dropped rule raises now is gone with it.
+    slow = changes["short-calls-low-and-slow"]
+    assert (slow.current, slow.candidate) == (1, 0) and not slow.added
+    assert [a.entity for a in slow.removed] == ["8613900000001"]
     assert {a.rule_id for a in report.added} == {"short-calls-caller"}
+    assert {a.rule_id for a in report.removed} == {"short-calls-low-and-slow"}
 
 
 def test_a_warm_up_starts_the_span_with_the_history_before_it(tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
-"""The detection's hot path compiled by mypyc: in use where built, never used when its
-source has changed since, and pickled into snapshots the same way either way."""
+"""The compiled parts: the detection's hot path compiled by mypyc and the C helpers of
+ingest, each in use where built, never used when its source has changed since; the
+detection pickled into snapshots the same way either way, and giving the same calls
+and alerts compiled and as Python."""
 
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import os
 import pickle
 import shutil
@@ -19,6 +22,7 @@ import engine.detect
 from engine.core.events import CallEvent, CallState
 from engine.detect import COMPILED, RECORD, calls, compiled_modules, stale_reason, windows
 from engine.detect.migrations import tracker_fields
+from engine.ingest import native
 
 DETECT = Path(engine.detect.__file__).parent
 
@@ -292,3 +296,174 @@ def test_calls_due_at_the_same_moment_finish_in_call_id_order() -> None:
         tracker.observe(_report(5.0, call_id, 2, CallState.HANGUP))
     tracker.observe(_report(4.0, "a", 1, CallState.HANGUP))  # due at 7.0, sooner
     assert [c.call_id for c in tracker.advance(8.0)] == ["a", "b", "m", "z"]
+
+
+# Runs detection over pickled events with the shipped rules and models, as a fresh
+# process does (the compiled-or-Python choice is made when engine.detect is imported),
+# and writes every call finished and every alert raised, one JSON line each.
+_DETECT_EVENTS = """
+import dataclasses, json, pickle, sys
+import engine.detect
+from engine.apps.lakewriter import make_pipeline
+from engine.apps.settings import DetectionSettings
+
+modules = [__import__(f"engine.detect.{n}", fromlist=["_"]) for n in engine.detect.COMPILED]
+print(json.dumps([m.__file__ for m in modules]))
+for events_path in sys.argv[1:]:
+    with open(events_path, "rb") as file:
+        events = pickle.load(file)
+    pipeline = make_pipeline(DetectionSettings())
+    lines = []
+    def keep(output):
+        lines.extend(json.dumps(["call", c.__getstate__()]) for c in output.calls)
+        lines.extend(json.dumps(["alert", dataclasses.asdict(a)]) for a in output.alerts)
+    for start in range(0, len(events), 4096):  # in batches, as the lake writer feeds it
+        keep(pipeline.feed(events[start : start + 4096]))
+    keep(pipeline.advance(events[-1].ts + 86_400.0))  # every call finished
+    with open(events_path + ".out", "w") as file:
+        file.write("\\n".join(lines))
+"""
+
+# Each scenario as written and with another seed (other callers, other timings): about
+# 140,000 reports, some 10 s a process on a 2-core machine with both running at once.
+_SEEDS_ADDED = 1_000
+
+
+def test_every_scenario_gives_the_same_calls_and_alerts_compiled_and_as_python(
+    tmp_path: Path,
+) -> None:
+    # CI always compiles: a missing or stale build fails here rather than comparing
+    # Python with Python.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("compiled on Linux")
+    from engine.simulator.scenario import generate, load_scenario
+
+    scenarios = sorted((DETECT.parent.parent / "data" / "scenarios").glob("*.yaml"))
+    assert len(scenarios) >= 5, scenarios
+    paths = []
+    for path in scenarios:
+        scenario = load_scenario(path)
+        for seed in (scenario.seed, scenario.seed + _SEEDS_ADDED):
+            events = generate(scenario.model_copy(update={"seed": seed})).events
+            paths.append(tmp_path / f"{path.stem}-{seed}.pickle")
+            paths[-1].write_bytes(pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def start(as_python: bool, folder: str) -> subprocess.Popen[str]:
+        env = {**os.environ, "CALLSENTRY_DETECTION_AS_PYTHON": "1" if as_python else "0"}
+        (tmp_path / folder).mkdir()
+        copies = [shutil.copy(p, tmp_path / folder / p.name) for p in paths]
+        return subprocess.Popen(
+            [sys.executable, "-c", _DETECT_EVENTS, *map(str, copies)],
+            cwd=DETECT.parent.parent,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    # Both at once: one core each.
+    runs = {"compiled": start(False, "compiled"), "python": start(True, "python")}
+    files = {}
+    for name, run in runs.items():
+        stdout, stderr = run.communicate(timeout=240)
+        assert run.returncode == 0, stderr
+        assert "compiled detection not used" not in stderr, stderr
+        files[name] = [Path(f) for f in json.loads(stdout.splitlines()[0])]
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    assert all(f.name.endswith(suffixes) for f in files["compiled"]), (
+        f"make setup compiles engine/detect: {files['compiled']}"
+    )
+    assert all(f.suffix == ".py" for f in files["python"]), files["python"]
+
+    detectors = set()
+    for path in paths:
+        compiled = (tmp_path / "compiled" / f"{path.name}.out").read_text().splitlines()
+        python = (tmp_path / "python" / f"{path.name}.out").read_text().splitlines()
+        assert len(compiled) == len(python), path.stem
+        # In order, field by field (ids, times, values, evidence), as JSON text: floats
+        # written shortest-exact, so any difference in a last bit shows.
+        for line_compiled, line_python in zip(compiled, python, strict=True):
+            assert line_compiled == line_python, path.stem
+        records = [json.loads(line) for line in compiled]
+        assert any(kind == "call" for kind, _ in records), path.stem
+        detectors |= {fields["detector"] for kind, fields in records if kind == "alert"}
+    assert detectors == {"rule", "model"}, "what is compared has alerts of both kinds"
+
+
+def test_the_c_helpers_are_built_and_in_use_on_linux() -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("built on Linux")
+    for name in native.HELPERS:
+        assert native.stale_reason(name) is None, "make setup builds engine/ingest/*.c"
+        module = native.load(name)
+        assert module is not None and module.__file__ is not None, name
+        assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+_LOAD_HELPERS = """
+import json
+from engine.ingest import native
+from engine.ingest.eventfiles import _take_rows
+from engine.ingest.intake import SeenReports
+from engine.ingest.journal import durable_write
+loaded = {name: native.load(name) is not None for name in native.HELPERS}
+in_use = {
+    "_fastio": durable_write is not None,
+    "_seen": type(SeenReports(60).keys).__name__ == "KeyTable",
+    "_rows": _take_rows is not None,
+}
+assert in_use == loaded, (in_use, loaded)  # every import site goes through the loader
+print(native.__file__)
+print(json.dumps(loaded))
+"""
+
+
+def test_a_c_helper_whose_source_changed_since_its_build_is_not_loaded(tmp_path: Path) -> None:
+    # A copy of the package with its builds: as built, every helper loads; with a
+    # source edited (or its record), that helper's Python equivalent runs and one
+    # warning names the file and says what to run.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("built on Linux")
+    root = tmp_path / "root"
+    shutil.copytree(
+        DETECT.parent.parent / "engine",
+        root / "engine",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    shutil.copytree(DETECT.parent.parent / "models", root / "models")
+    ingest = root / "engine" / "ingest"
+
+    def load() -> tuple[dict[str, bool], str]:
+        env = {k: v for k, v in os.environ.items() if k != "CALLSENTRY_DETECTION_AS_PYTHON"}
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_HELPERS],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
+        where, loaded = done.stdout.splitlines()
+        assert Path(where).is_relative_to(root), where
+        return json.loads(loaded), done.stderr
+
+    loaded, said = load()
+    assert loaded == dict.fromkeys(native.HELPERS, True), said
+    assert "C helper" not in said
+
+    with (ingest / "_seen.c").open("a") as source:
+        source.write("/* an edit */\n")
+    record = (ingest / native.RECORD).read_text()
+    digest = native.recorded_digests(ingest)["_rows.c"]
+    (ingest / native.RECORD).write_text(record.replace(digest, "0" * 64))
+    loaded, said = load()
+    assert loaded == {"_fastio": True, "_seen": False, "_rows": False}
+    for name in ("_seen", "_rows"):
+        warning = f"C helper {name} not used: {name}.c changed since it was built"
+        assert said.count(warning) == 1, said
+    assert said.count("`make setup` builds it again") == 2
+
+    (ingest / native.RECORD).unlink()
+    loaded, said = load()
+    assert loaded == dict.fromkeys(native.HELPERS, False)
+    assert f"C helper _fastio not used: no record ({native.RECORD}) of building _fastio.c" in said

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -18,6 +19,7 @@ import pytest
 
 from engine.ingest.journal import Spares
 from engine.ingest.store import lake_writer_lock
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +94,10 @@ class Load:
     def start(self) -> None:
         self._thread.start()
 
+    def has_answered(self, count: int) -> Callable[[], bool]:
+        """Whether `count` of its reports have been answered (to wait on)."""
+        return lambda: len(self.answered) >= count
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
@@ -131,7 +137,8 @@ def test_kill_9_under_load_loses_no_answered_report(tmp_path: Path) -> None:
         process = start_serve(data_dir, port)
         load = Load(port, f"r{round_number}")
         load.start()
-        time.sleep(0.8 + 0.3 * round_number)
+        # Killed under load, a little further into it each round.
+        wait_for(load.has_answered(1_000 * (1 + round_number)), 60, "answers under load")
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
         load.stop()
@@ -173,16 +180,12 @@ def test_kill_9_in_a_preallocated_journal_segment_loses_no_answered_report(
                     return True
         return False
 
-    deadline = time.monotonic() + 60
-    preallocated = False
-    while not preallocated and time.monotonic() < deadline:
-        time.sleep(0.02)
-        preallocated = in_a_spare()
-    time.sleep(0.1)  # some group commits into it
+    wait_for(in_a_spare, 60, "the load reaching a preallocated segment")
+    # Some group commits answered into it before the kill.
+    wait_for(load.has_answered(len(load.answered) + 512), 60, "answers from the spare")
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
     load.stop()
-    assert preallocated, "the load never reached a preallocated segment"
     assert load.answered
 
     process = start_serve(data_dir, port, env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from engine.ingest.codec import Vos3000TextCodec
 from engine.lake.writer import LakeWriter
 from engine.simulator.scenario import generate, load_scenario, write_files
 from engine.simulator.switch import SwitchSettings, SwitchStandIn
-from tests.conftest import RunningEngine, make_settings
+from tests.conftest import RunningEngine, make_settings, wait_for
 
 RULES = Path("rules")
 
@@ -485,9 +486,7 @@ def test_live_over_udp_and_replay_of_what_was_stored_give_the_same_alerts(
         return int(row[0]) if row else 0
 
     # Quiet now: journaled ticks move event time past the last calls' settling.
-    deadline = time.monotonic() + 60
-    while finished() < calls and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_for(lambda: finished() >= calls, 60, "every call finished")
     assert finished() == calls
     running.stop()
     assert snapshot_path(tmp_path / "data").exists(), "detection state saved on shutdown"
@@ -507,8 +506,14 @@ def test_live_over_udp_and_replay_of_what_was_stored_give_the_same_alerts(
 
 
 def test_serve_picks_up_rule_edits_and_keeps_running_rules_on_a_bad_edit(
-    engine_factory: Callable[..., RunningEngine], tmp_path: Path
+    engine_factory: Callable[..., RunningEngine],
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    # The lake writer process logs at this process's level, to the stderr it inherits:
+    # what it says about reloading is read there.
+    caplog.set_level(logging.INFO)
     folder = tmp_path / "rules"
     (folder / "lists").mkdir(parents=True)
     shutil.copy(RULES / "lists" / "known_trunks.yaml", folder / "lists")
@@ -555,35 +560,40 @@ def test_serve_picks_up_rule_edits_and_keeps_running_rules_on_a_bad_edit(
         switch = SwitchStandIn(Vos3000TextCodec(), SwitchSettings(host=host, port=port))
         assert asyncio.run(switch.send(events, offsets)).answered == len(events)
 
-    def alerted(caller: str) -> bool:
+    def count(table: str, caller: str) -> int:
+        column = "caller" if table == "calls" else "entity"
         with duckdb.connect(str(database), read_only=True) as con:
-            rows = con.execute("SELECT count(*) FROM alerts WHERE entity = ?", [caller]).fetchone()
-        return rows is not None and rows[0] > 0
+            row = con.execute(
+                f"SELECT count(*) FROM {table} WHERE {column} = ?", [caller]
+            ).fetchone()
+        return int(row[0]) if row else 0
 
-    def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return True
-            time.sleep(0.2)
-        return False
+    said = ""
+
+    def writer_said(text: str) -> bool:
+        nonlocal said
+        said += capfd.readouterr().err
+        return text in said
 
     burst("1111")
-    time.sleep(3)
-    assert not alerted("1111"), "no short-call rule yet"
+    # Judged (its calls finished) by the rules as they were, before the edit below.
+    wait_for(lambda: count("calls", "1111") == 4, 60, "1111's calls finished")
 
     quick = (RULES / "short-calls-caller.yaml").read_text().replace("threshold: 15", "threshold: 3")
     (folder / "short-calls-caller.yaml").write_text(quick)
-    time.sleep(2)  # the writer looks every 0.3 s
+    wait_for(lambda: writer_said("rules reloaded"), 30, "the edit read")
     burst("2222")
-    assert wait_for(lambda: alerted("2222")), "the added rule is running"
+    wait_for(lambda: count("alerts", "2222") > 0, 60, "the added rule raising an alert")
 
     (folder / "short-calls-caller.yaml").write_text(
         quick.replace("severity: high", "severity: [oops")
     )
-    time.sleep(2)
+    wait_for(lambda: writer_said("rules not reloaded"), 30, "the bad edit refused")
     burst("3333")
-    assert wait_for(lambda: alerted("3333")), "a bad edit leaves the running rules in place"
+    wait_for(lambda: count("alerts", "3333") > 0, 60, "the running rules raising an alert")
+    # Written after 1111's calls (the lake is written in journal order), so 1111's
+    # alerts would be in by now: there are none, there was no short-call rule yet.
+    assert count("alerts", "1111") == 0, "no short-call rule yet"
 
 
 def test_evidence_for_a_model_is_the_newest_calls_of_the_entity_oldest_first() -> None:

@@ -1,4 +1,4 @@
-"""The receiver's obligations (protocol.md 1-6) over real UDP on loopback."""
+"""The receiver's obligations (docs/protocol.md, 1-6) over real UDP on loopback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from engine.core.events import CallEvent, CallState
 from engine.ingest.codec import Vos3000TextCodec
 from engine.simulator.switch import SwitchSettings, SwitchStandIn
-from tests.conftest import RunningEngine, Switch
+from tests.conftest import RunningEngine, Switch, wait_for
 
 EngineFactory = Callable[..., RunningEngine]
 SwitchFactory = Callable[..., Switch]
@@ -26,14 +25,6 @@ SwitchFactory = Callable[..., Switch]
 
 def report(call_id: str, serial: int, state: str = "OK", menu: str = "Main menu") -> bytes:
     return f"{call_id},{serial},{state},8613800000001,4420719460000,,12,{menu}".encode()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def stored_count(data_dir: Path, table: str = "events", where: str = "true") -> int:
@@ -85,7 +76,10 @@ def test_copies_of_a_report_still_in_its_commit_are_all_answered_after_it(
     first, second = switch_factory(running.address), switch_factory(running.address)
     first.send(report("pending-1", 1))
     second.send(report("pending-1", 1))
-    time.sleep(0.2)
+    # Both taken in while the commit cannot run: the second as a copy of the first,
+    # owed its answer once that commit is durable.
+    wait_for(lambda: running.engine.stats.duplicates == 1, 10, "the copy taken in")
+    assert running.engine.stats.answered == 0
     gate.set()
     assert first.answer() == b"pending-1,1"
     assert second.answer() == b"pending-1,1"

@@ -1,4 +1,4 @@
-"""Event files' rows made in C from their columns (engine/_rows.c): the same tuples as
+"""Event files' rows made in C from their columns (engine/ingest/_rows.c): the same tuples as
 `tuple.__new__(CallEvent, row)` for each row of zip(*columns), the values moved out
 of the columns, and a clear error for anything else."""
 
@@ -13,11 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.events import CallEvent, CallState
+from engine.ingest import native
 
-try:
-    from engine.ingest import _rows
-except ImportError:  # not built here: engine/eventfiles.py uses map and zip
-    _rows = None  # type: ignore[assignment]
+# As event files load it: None where it is not built or is stale (map and zip run).
+_rows = native.load("_rows")
 
 needs_rows = pytest.mark.skipif(_rows is None, reason="engine.ingest._rows not built")
 

@@ -1,4 +1,4 @@
-"""The dedup keys of stored reports: the compiled fingerprint table (engine/_seen.c)
+"""The dedup keys of stored reports: the compiled fingerprint table (engine/ingest/_seen.c)
 behaves as the Python set it replaces, in much less memory."""
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.ingest import native
 from engine.ingest.intake import KeySet, SeenReports
 
-try:
-    from engine.ingest import _seen
-except ImportError:  # not built here: the Python set is what runs
-    _seen = None  # type: ignore[assignment]
+# As the receiver loads it: None where it is not built or is stale (the Python set runs).
+_seen = native.load("_seen")
 
 needs_table = pytest.mark.skipif(_seen is None, reason="engine.ingest._seen not built")
 KEY = bytes(range(16))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +36,7 @@ from engine.ingest.journal import (
 from engine.ingest.store import EventStore, StoreError, codec_header
 from engine.lake.parquet import CALL_SCHEMA, Lake
 from engine.lake.writer import LakeWriter, calls_frame
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_for
 
 T0 = 1795860000.0
 CODEC = Vos3000TextCodec()
@@ -490,9 +489,7 @@ def test_segments_start_from_spares_under_load_and_are_read_back_whole(tmp_path:
     assert len(big) > Spares.MIN_SEGMENT_BYTES
 
     def spare_ready() -> None:
-        deadline = time.monotonic() + 30
-        while not spares.ready and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: bool(spares.ready), 30, "a spare made")
         assert spares.ready >= Spares.MIN_SPARE_BYTES
 
     # Load with no spare yet: the segment grows as written; sealing it asks for one.
@@ -563,10 +560,7 @@ def test_a_spare_the_disk_has_no_room_for_is_not_made_and_said_once(
         with caplog.at_level(logging.WARNING, logger="engine.ingest.journal"):
             for _ in range(3):
                 spares.want(2 * Spares.MIN_SEGMENT_BYTES)
-                deadline = time.monotonic() + 10
-                while spares._wanted and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                assert not spares._wanted, "given up until the next loaded seal"
+                wait_for(lambda: not spares._wanted, 10, "given up until the next loaded seal")
     finally:
         spares.stop()
     said = [r.getMessage() for r in caplog.records if "spare" in r.getMessage()]

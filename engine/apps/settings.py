@@ -1,6 +1,6 @@
 """Settings: defaults, then a TOML file, then CALLSENTRY_* environment variables, then flags.
 
-Every protocol choice that protocol.md marks [ours] is a setting here, so a site
+Every protocol choice that docs/protocol.md marks [ours] is a setting here, so a site
 whose switch differs changes configuration, not code. Errors name the key, the
 source it came from and the reason:
 

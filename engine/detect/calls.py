@@ -1,4 +1,5 @@
-"""Rebuilding calls from their reports, in event time and whatever the arrival order.
+"""Rebuilding calls from their reports, in event time and whatever the arrival order
+(docs/protocol.md, obligation 5).
 
 A call opens with its first report and is finished when event time passes a
 deadline: `settle_s` after its Bye (so a retried OK that arrives after the Bye

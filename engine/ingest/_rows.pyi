@@ -1,4 +1,4 @@
-# Types of the compiled row maker (engine/_rows.c).
+# Types of the compiled row maker (engine/ingest/_rows.c).
 from typing import Any, TypeVar
 
 T = TypeVar("T", bound=tuple[Any, ...])

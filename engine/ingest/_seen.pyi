@@ -1,4 +1,4 @@
-# Types of the compiled dedup key table (engine/_seen.c).
+# Types of the compiled dedup key table (engine/ingest/_seen.c).
 from collections.abc import Iterable, Sequence
 
 class KeyTable:

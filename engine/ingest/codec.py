@@ -1,7 +1,8 @@
 """Input codecs: bytes of one datagram -> `CallEvent` or `Reject`, and the answer bytes.
 
 A codec never raises past `decode`: every problem becomes a `Reject` with a
-reason code and a sentence that says what was wrong.
+reason code and a sentence that says what was wrong, and with the answer when
+call_id and serial can still be read (docs/protocol.md, obligation 3).
 
 >>> codec = Vos3000TextCodec()
 >>> decoded = codec.decode(b"7f3a9c01@10.0.0.5,2,OK,8613800000001,4420719460000,,12,Main menu", 0.0)
@@ -135,7 +136,7 @@ def _clip(text: str, limit: int = 40) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Vos3000TextCodec:
-    """The `vos3000-text` codec of protocol.md: 8 text fields, menu_name takes the rest."""
+    """The `vos3000-text` codec of docs/protocol.md: 8 text fields, menu_name the rest."""
 
     separator: str = ","
     encodings: tuple[str, ...] = ("utf-8", "gbk")
@@ -279,7 +280,7 @@ class Vos3000TextCodec:
 
     @property
     def key_separator(self) -> bytes:
-        # engine/_fastio.c reads the usual key as the first branch of read_key does.
+        # engine/ingest/_fastio.c reads the usual key as the first branch of read_key does.
         return self._separator_bytes
 
     def read_key(self, data: bytes) -> tuple[tuple[str, int], bytes] | None:

@@ -1,6 +1,6 @@
 """Event files (CSV, JSONL, Parquet) -> `CallEvent`s and `Reject`s, sorted by event time.
 
-Columns per protocol.md: ts (ISO-8601 with a UTC offset, or epoch seconds),
+Columns per docs/protocol.md ("Event files"): ts (ISO-8601 with a UTC offset, or epoch seconds),
 call_id, serial, state, caller, callee, forward, menu_id, menu_name. A bad row
 becomes a `Reject` whose source names the file and line; a file that cannot be
 read at all raises `EventFileError` naming the file and why.
@@ -32,6 +32,7 @@ from engine.core.events import (
     Reject,
     RejectReason,
 )
+from engine.ingest import native
 from engine.ingest.codec import FieldError, make_event, parse_call_id, parse_serial
 
 _TS = operator.itemgetter(0)
@@ -229,8 +230,11 @@ def _one_line_rows(data: bytes, width: int, height: int) -> bool:
         return False
     if b'"' not in data:
         return data.count(b",") == (width - 1) * lines
-    reader = csv.reader(io.StringIO(data.decode("utf-8")))
-    return all(len(row) == width for row in reader) and reader.line_num == lines
+    try:
+        reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""), strict=True)
+        return all(len(row) == width for row in reader) and reader.line_num == lines
+    except (csv.Error, UnicodeDecodeError):
+        return False
 
 
 def _csv_rows(path: Path, data: bytes) -> Iterator[Row]:
@@ -376,13 +380,11 @@ _EXACT_STATE = {spelling: parsed[0] for spelling, parsed in _EXACT_STATES.items(
 _EXACT_CODE = {spelling: parsed[1] for spelling, parsed in _EXACT_STATES.items()}
 _new_tuple = tuple.__new__
 # A CallEvent from a tuple of its fields, called from C (map) with no Python frame,
-# where engine/_rows.c is not built; with it, each is one allocation filled in C.
+# where engine/ingest/_rows.c is not built (or is stale); with it, each is one
+# allocation filled in C.
 _new_event = functools.partial(_new_tuple, CallEvent)
-_take_rows: Callable[..., list[CallEvent]] | None
-try:
-    from engine.ingest._rows import take_rows as _take_rows
-except ImportError:
-    _take_rows = None
+_rows = native.load("_rows")
+_take_rows: Callable[..., list[CallEvent]] | None = None if _rows is None else _rows.take_rows
 
 
 def _plain_rows(frame: pl.DataFrame, columns: list[str]) -> pl.Series:
@@ -438,7 +440,7 @@ def _items_of_frame(
     checked: Callable[[], Checked] | None = None,
 ) -> list[CallEvent | Reject]:
     """Rows to items column by column: times parsed by polars, texts taken as columns,
-    each usual row made a `CallEvent` in C (engine/_rows.c, or zip and map: no Python
+    each usual row made a `CallEvent` in C (engine/ingest/_rows.c, or zip and map: no Python
     per row); a row the fast path cannot vouch for goes through `row_to_item` like any
     row. `checked` gives what _checked_columns makes of the frame when another thread
     is at it."""

@@ -7,7 +7,9 @@ durable), or more than the store can take (left unanswered for the switch to
 retry). `seal()` hands the open batch to the committer. A batch carries the first
 answer of each of its reports (`Batch.answers`), which the committer sends as soon
 as its fsync returns; `durable()` then returns the answers owed to copies that
-came in while the batch was being written.
+came in while the batch was being written. These are obligations 1 (no answer
+before the report is durable; a bounded backlog) and 2 (a copy is answered again,
+never stored twice) of docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from enum import Enum
 from typing import Any
 
 from engine.core.events import CallEvent, Reject
+from engine.ingest import native
 from engine.ingest.stats import Stats
 
 Key = tuple[str, int]
@@ -32,13 +35,12 @@ _SERIAL = operator.itemgetter(CallEvent._fields.index("serial"))
 
 
 def _compiled(name: str) -> Callable[..., Any] | None:
-    """A function of the compiled helper; None where it is not built (the Python
-    below then does the same)."""
-    try:
-        from engine.ingest import _fastio
-    except ImportError:
+    """A function of the compiled helper; None where it is not built or is stale (the
+    Python below then does the same)."""
+    fastio = native.load("_fastio")
+    if fastio is None:
         return None
-    function: Callable[..., Any] = getattr(_fastio, name)
+    function: Callable[..., Any] = getattr(fastio, name)
     return function
 
 
@@ -53,14 +55,13 @@ _MAX_REPLY_ADDRESSES = 4
 
 def _key_table() -> Any:
     """An empty set of report keys that forgets them oldest first: the compiled
-    fingerprint table (engine/_seen.c, 43 to 85 bytes a key) where built, else
+    fingerprint table (engine/ingest/_seen.c, 43 to 85 bytes a key) where built, else
     `KeySet` (a Python set, about 190)."""
-    try:
-        from engine.ingest._seen import KeyTable
-    except ImportError:
+    seen = native.load("_seen")
+    if seen is None:
         return KeySet()
     # A key of the process's own: fingerprints cannot be chosen from outside to collide.
-    return KeyTable(os.urandom(16))
+    return seen.KeyTable(os.urandom(16))
 
 
 class KeySet:
@@ -230,7 +231,8 @@ class Intake:
                 ):
                     waiting.append(reply_to)
                 return Outcome.DUPLICATE_PENDING, None
-            # Keyed reports waiting for their commit; unkeyed ones are capped by their quota.
+            # Keyed reports waiting for their commit; unkeyed ones are capped by their
+            # quota (docs/protocol.md, obligation 3).
             if len(self._waiting) >= self.max_pending:
                 self.stats.dropped_overload += 1
                 return Outcome.OVERLOADED, None

@@ -39,15 +39,17 @@ from typing import Any
 
 import orjson
 
+from engine.ingest import native
+
 log = logging.getLogger(__name__)
 
 
 def _compiled_durable_write() -> Callable[..., tuple[int, int]] | None:
-    try:
-        from engine.ingest._fastio import durable_write
-    except ImportError:  # not built here (no C compiler, not Linux): plain system calls
+    fastio = native.load("_fastio")
+    if fastio is None:  # not built here (no C compiler, not Linux) or stale: system calls
         return None
-    return durable_write
+    function: Callable[..., tuple[int, int]] = fastio.durable_write
+    return function
 
 
 durable_write = _compiled_durable_write()

@@ -2,7 +2,8 @@
 
 `ReportServer` owns the sockets and the committer thread; the decisions live in
 `Intake` (dedup, batching) and the codec. An answer for a report leaves only
-when the group commit holding it has returned from fsync.
+when the group commit holding it has returned from fsync (docs/protocol.md,
+obligation 1); a sender outside the allow-list is never answered (obligation 4).
 
 On Linux the sockets are read and answered in batches (`engine.ingest.udpbatch`);
 elsewhere, or with `receiver.batched_io = false`, through the event loop's
@@ -299,9 +300,10 @@ class ReportServer:
         it, and the key and answer if the endpoint read them, else None)."""
         stats = self.stats
         stats.received += len(received)
-        # Event time never runs backwards, even if the wall clock is stepped back; in
-        # whole microseconds, as the lake stores it, so a replay of it is exact. One
-        # reading per batch: its datagrams were all waiting at this instant.
+        # Event time is the arrival time (docs/protocol.md, obligation 6). It never runs
+        # backwards, even if the wall clock is stepped back; in whole microseconds, as
+        # the lake stores it, so a replay of it is exact. One reading per batch: its
+        # datagrams were all waiting at this instant.
         now = round(self.clock(), 6)
         if now < self._last_ts:
             now = self._last_ts

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.core.events import MAX_CALL_ID_BYTES, MAX_SERIAL_DIGITS
+from engine.ingest import native
 
 # struct mmsghdr on LP64 Linux: msghdr {name*, namelen u32 (+4), iov*, iovlen,
 # control*, controllen, flags i32 (+4)} then msg_len u32 (+4): 64 bytes.
@@ -125,11 +126,11 @@ Received = tuple[bytes, bytes, tuple[str, int] | None, bytes | None]
 
 
 def _compiled_receive() -> Callable[..., tuple[list[Received], int]] | None:
-    try:
-        from engine.ingest._fastio import receive
-    except ImportError:  # not built here: the ctypes path below
+    fastio = native.load("_fastio")
+    if fastio is None:  # not built here, or stale: the ctypes path below
         return None
-    return receive
+    function: Callable[..., tuple[list[Received], int]] = fastio.receive
+    return function
 
 
 _RECEIVE = _compiled_receive()

@@ -164,7 +164,7 @@ _TOKENS = {"RINGING": "Ringing", "ANSWERED": "OK", "HANGUP": "Bye"}
 
 
 def write_files(generated: Generated, directory: Path, fmt: str = "csv") -> tuple[Path, Path]:
-    """Write `events.<fmt>` (protocol.md columns, replayable) and `labels.jsonl`."""
+    """Write `events.<fmt>` (docs/protocol.md's columns, replayable) and `labels.jsonl`."""
     directory.mkdir(parents=True, exist_ok=True)
     frame = events_frame(generated.events)
     events_path = directory / f"events.{fmt}"

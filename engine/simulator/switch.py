@@ -2,7 +2,7 @@
 
 Each report is sent, then sent again every `retry_interval_s` until answered,
 at most `retries` more times (VOS3000 defaults: 6 retries, 3 s apart), then
-given up for good, exactly as protocol.md describes the switch. Used by
+given up for good, as docs/protocol.md describes the switch. Used by
 `callsentry simulate --send`, by `make demo` and by the tests; the summary it
 returns doubles as a deployment check.
 """

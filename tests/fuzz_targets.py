@@ -1,0 +1,382 @@
+"""Fuzz targets: every input that reaches callsentry from outside, with what it may do.
+
+Each target takes one input drawn by hypothesis and checks the contract of its
+reader: the input becomes a result (an event, a reject with its reason, a rule set,
+settings), or the reader's documented error type, whose message names where (a
+`file:line`, a key, a file). Any other exception escapes the target: that is a bug,
+and so is a documented error without a location. `tests/test_fuzz.py` runs each for
+a short budget in `make test`; `bench/fuzz.py` runs them for the soak's budget.
+
+A later input (a web form, an action template, relay settings) adds its target here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hypothesis import strategies as st
+
+from engine.apps.settings import ConfigError, load_settings
+from engine.core.events import CallEvent, Reject
+from engine.core.yamlfile import YamlFileError
+from engine.detect.rules import load_rules
+from engine.ingest.codec import Vos3000TextCodec
+from engine.ingest.eventfiles import EventFileError, read_event_file
+from engine.simulator.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "rules"
+
+
+class Escape(AssertionError):
+    """An input made a reader fail outside its contract."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    strategy: st.SearchStrategy[Any]
+    run: Callable[[Any], None]
+
+
+# -- datagrams -----------------------------------------------------------------------
+
+CODECS = (
+    Vos3000TextCodec(),
+    Vos3000TextCodec(separator="|", encodings=("gbk",)),
+    Vos3000TextCodec(separator="\t", encodings=("utf-8", "gbk")),
+)
+
+_report_parts = st.lists(
+    st.one_of(
+        st.sampled_from(["180", "183", "ok", "OK", "200", "bye", "Ringing", "", " ", "7"]),
+        st.text(max_size=20),
+        st.from_regex(r"[0-9a-f@.]{1,40}", fullmatch=True),
+        st.integers(-5, 10**20).map(str),
+    ),
+    max_size=12,
+)
+datagrams = st.one_of(
+    st.binary(max_size=2200),
+    st.tuples(_report_parts, st.sampled_from([",", "|", "\t", ";"])).map(
+        lambda parts: parts[1].join(parts[0]).encode("utf-8", "surrogatepass")
+    ),
+)
+
+
+def decode_datagram(data: bytes) -> None:
+    for codec in CODECS:
+        try:
+            decoded = codec.decode(data, 1_790_000_000.0, "10.0.0.5:5060")
+        except Exception as error:
+            raise Escape(f"decode raised {error!r} on {data!r}") from error
+        item = decoded.item
+        if not isinstance(item, CallEvent | Reject):
+            raise Escape(f"decode gave {item!r}")
+        if isinstance(item, Reject) and not item.detail:
+            raise Escape(f"a reject without a reason's detail for {data!r}")
+
+
+def read_key(data: bytes) -> None:
+    try:
+        from engine.ingest import _fastio as fastio
+    except ImportError:
+        fastio = None
+    for codec in CODECS:
+        try:
+            key = codec.read_key(data)
+        except Exception as error:
+            raise Escape(f"read_key raised {error!r} on {data!r}") from error
+        if key is not None:
+            (call_id, serial), answer = key
+            if not call_id or serial < 0 or not isinstance(answer, bytes):
+                raise Escape(f"read_key gave {key!r} for {data!r}")
+    if fastio is not None:
+        from engine.core.events import MAX_CALL_ID_BYTES, MAX_SERIAL_DIGITS
+
+        fast = fastio.read_usual_key(data, ord(","), MAX_CALL_ID_BYTES, MAX_SERIAL_DIGITS)
+        if fast is not None and fast != CODECS[0].read_key(data):
+            raise Escape(f"the compiled key reader disagrees on {data!r}: {fast!r}")
+
+
+# -- event files ---------------------------------------------------------------------
+
+HEADER = "ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
+_cells = st.one_of(
+    st.sampled_from(
+        ["2026-11-28T10:00:00+00:00", "1790000000", "c1", "1", "180", "OK", "bye", '"', '""']
+    ),
+    st.text(max_size=12),
+)
+_csv_lines = st.lists(
+    st.lists(_cells, max_size=11).map(lambda cells: ",".join(cells)), max_size=30
+).map(lambda lines: "\n".join(lines))
+csv_files = st.one_of(
+    st.binary(max_size=3000),
+    _csv_lines.map(lambda body: (HEADER + body).encode("utf-8", "surrogatepass")),
+    st.tuples(_csv_lines, st.binary(max_size=40)).map(
+        lambda parts: HEADER.encode() + parts[0].encode("utf-8", "surrogatepass") + parts[1]
+    ),
+)
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=8,
+)
+_json_rows = st.dictionaries(
+    st.sampled_from(["ts", "call_id", "serial", "state", "caller", "menu_name", "x"]),
+    _json_values,
+)
+jsonl_files = st.one_of(
+    st.binary(max_size=3000),
+    st.lists(_json_rows.map(json.dumps), max_size=30).map(lambda rows: "\n".join(rows).encode()),
+)
+
+
+def _read_file(suffix: str, data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"events{suffix}"
+        path.write_bytes(data)
+        try:
+            items = read_event_file(path)
+        except EventFileError as error:
+            if not str(error).startswith(str(path)):
+                raise Escape(f"an event file error without its file: {error}") from error
+            return
+        except Exception as error:
+            raise Escape(f"reading {suffix} raised {error!r} on {data[:200]!r}") from error
+        for item in items:
+            if isinstance(item, Reject) and not re.fullmatch(r"events\.\w+:\d+", item.source):
+                raise Escape(f"a reject without its line: {item.source!r}")
+
+
+def read_csv(data: bytes) -> None:
+    _read_file(".csv", data)
+
+
+def read_jsonl(data: bytes) -> None:
+    _read_file(".jsonl", data)
+
+
+def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
+    import io
+
+    import polars as pl
+
+    buffer = io.BytesIO()
+    try:
+        pl.DataFrame(rows).write_parquet(buffer)
+    except Exception:  # a frame polars cannot make is no input to us
+        return b""
+    return buffer.getvalue()
+
+
+parquet_files = st.one_of(
+    st.binary(max_size=2000),
+    st.lists(
+        st.fixed_dictionaries(
+            {
+                "ts": st.one_of(st.integers(), st.floats(), st.text(max_size=26)),
+                "call_id": st.text(max_size=10),
+                "serial": st.one_of(st.integers(-3, 10**6), st.text(max_size=4)),
+                "state": st.sampled_from(["180", "OK", "bye", "?", ""]),
+                "caller": st.one_of(st.text(max_size=10), st.binary(max_size=5)),
+                "callee": st.text(max_size=10),
+                "forward": st.text(max_size=4),
+                "menu_id": st.text(max_size=4),
+                "menu_name": st.text(max_size=10),
+            }
+        ),
+        min_size=1,
+        max_size=10,
+    ).map(_parquet_bytes),
+)
+
+
+def read_parquet(data: bytes) -> None:
+    _read_file(".parquet", data)
+
+
+# -- YAML: rules, lists, scenarios ------------------------------------------------------
+
+_yaml_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(),
+    st.text(max_size=15),
+    st.sampled_from(["3m", "1h30m", ".nan", "-1", "{entity}", "*a", "&a x", "0x10"]),
+)
+_yaml_values = st.recursive(
+    _yaml_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+_SHIPPED_RULES = sorted(RULES.glob("*.yaml"))
+
+
+def _mutated(document: Any, draw: st.DrawFn) -> Any:
+    """A parsed document with a few keys changed, dropped or added."""
+    if not isinstance(document, dict) or not document:
+        return document
+    out = dict(document)
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from([*sorted(out, key=str), "unknown"]))
+        action = draw(st.sampled_from(["replace", "drop", "recurse"]))
+        if action == "drop":
+            out.pop(key, None)
+        elif action == "recurse" and isinstance(out.get(key), dict):
+            out[key] = _mutated(out[key], draw)
+        else:
+            out[key] = draw(_yaml_values)
+    return out
+
+
+@st.composite
+def rule_files(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["mutated", "text", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=1500))
+    if kind == "text":
+        return draw(st.text(max_size=600)).encode("utf-8", "surrogatepass")
+    source = draw(st.sampled_from(_SHIPPED_RULES))
+    document = yaml.safe_load(source.read_text(encoding="utf-8"))
+    return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
+
+
+def _located(error: YamlFileError, path: Path) -> None:
+    for problem in error.problems:
+        if not problem.startswith(str(path.parent)):
+            raise Escape(f"a problem without its file: {problem!r}")
+
+
+def load_rule_file(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        rules = Path(folder) / "rules"
+        (rules / "lists").mkdir(parents=True)
+        for shipped in (RULES / "lists").glob("*.yaml"):
+            (rules / "lists" / shipped.name).write_bytes(shipped.read_bytes())
+        path = rules / "fuzzed.yaml"
+        path.write_bytes(data)
+        try:
+            load_rules(rules)
+        except YamlFileError as error:
+            _located(error, path)
+        except Exception as error:
+            raise Escape(f"loading a rule raised {error!r} on {data[:300]!r}") from error
+
+
+@st.composite
+def list_files(draw: st.DrawFn) -> bytes:
+    document = {"name": draw(st.sampled_from(["extra", "Bad Name", ""])), "values": []}
+    return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
+
+
+def load_list_file(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        rules = Path(folder) / "rules"
+        (rules / "lists").mkdir(parents=True)
+        (rules / "r.yaml").write_bytes((RULES / "short-calls-caller.yaml").read_bytes())
+        for shipped in (RULES / "lists").glob("*.yaml"):
+            (rules / "lists" / shipped.name).write_bytes(shipped.read_bytes())
+        path = rules / "lists" / "fuzzed.yaml"
+        path.write_bytes(data)
+        try:
+            load_rules(rules / "r.yaml")
+        except YamlFileError as error:
+            _located(error, path)
+        except Exception as error:
+            raise Escape(f"loading a list raised {error!r} on {data[:300]!r}") from error
+
+
+_SCENARIOS = sorted((ROOT / "data" / "scenarios").glob("*.yaml"))
+
+
+@st.composite
+def scenario_files(draw: st.DrawFn) -> bytes:
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=800))
+    source = draw(st.sampled_from(_SCENARIOS))
+    document = yaml.safe_load(source.read_text(encoding="utf-8"))
+    return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
+
+
+def load_scenario_file(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "scenario.yaml"
+        path.write_bytes(data)
+        try:
+            scenario = load_scenario(path)
+        except YamlFileError as error:
+            _located(error, path)
+            return
+        except Exception as error:
+            raise Escape(f"loading a scenario raised {error!r} on {data[:300]!r}") from error
+        if scenario.duration > 6 * 3600:
+            return  # valid, but too long to generate inside a fuzz run
+
+
+# -- settings ------------------------------------------------------------------------
+
+_SECTIONS = {
+    "receiver": ["listen", "allow", "socket_buffer_bytes", "batched_io"],
+    "codec": ["name", "separator", "encodings"],
+    "store": ["data_dir", "fsync", "flush_interval_s", "dedup_horizon_s", "retention_days"],
+    "detection": ["enabled", "rules_dir", "tick_s", "max_keys_per_rule", "webhook_url"],
+    "metrics": ["listen", "log_interval_s"],
+    "nope": ["x"],
+}
+_toml_values = st.one_of(
+    st.integers(-(10**20), 10**20).map(str),
+    st.floats(allow_nan=False).map(repr),
+    st.sampled_from(["true", "false", "nan", "inf", "-inf", '""', "[]", "{}", "1979-05-27"]),
+    st.text(max_size=20).map(json.dumps),
+    st.lists(st.text(max_size=12).map(json.dumps), max_size=3).map(
+        lambda items: "[" + ", ".join(items) + "]"
+    ),
+)
+
+
+@st.composite
+def settings_files(draw: st.DrawFn) -> bytes:
+    if draw(st.integers(0, 5)) == 0:
+        return draw(st.binary(max_size=400))
+    lines = []
+    for section in draw(st.lists(st.sampled_from(sorted(_SECTIONS)), max_size=4, unique=True)):
+        lines.append(f"[{section}]")
+        for key in draw(st.lists(st.sampled_from(_SECTIONS[section]), max_size=4, unique=True)):
+            lines.append(f"{key} = {draw(_toml_values)}")
+    return "\n".join(lines).encode("utf-8", "surrogatepass")
+
+
+def load_settings_file(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "callsentry.toml"
+        path.write_bytes(data)
+        try:
+            load_settings(path, environ={})
+        except ConfigError as error:
+            if not str(error):
+                raise Escape("a settings error without a message") from error
+        except Exception as error:
+            raise Escape(f"loading settings raised {error!r} on {data[:300]!r}") from error
+
+
+TARGETS = (
+    Target("codec", datagrams, decode_datagram),
+    Target("key-reader", datagrams, read_key),
+    Target("csv", csv_files, read_csv),
+    Target("jsonl", jsonl_files, read_jsonl),
+    Target("parquet", parquet_files, read_parquet),
+    Target("rule-yaml", rule_files(), load_rule_file),
+    Target("list-yaml", list_files(), load_list_file),
+    Target("scenario-yaml", scenario_files(), load_scenario_file),
+    Target("settings", settings_files(), load_settings_file),
+)

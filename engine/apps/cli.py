@@ -3,37 +3,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
 
 from engine.apps.settings import ConfigError, Settings, load_settings
+from engine.core.runtime import run_async
 from engine.core.text import shown
 from engine.ingest.store import StoreError
 
-T = TypeVar("T")
 log = logging.getLogger("callsentry")
-
-
-def run_async(main: Coroutine[Any, Any, T]) -> T:
-    """Run on uvloop where installed (about 5x the stock loop's datagram rate)."""
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    try:
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:

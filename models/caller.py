@@ -327,8 +327,11 @@ class CallerModel:
         if call.call_id not in evidence:
             evidence.append(call.call_id)
         return ModelFinding(
-            spec=spec,
+            model_id=spec.id,
             version=self.version,
+            severity=spec.severity,
+            mode=spec.mode,
+            suppression=spec.suppression,
             entity_type="caller",
             entity=call.caller,
             raised_at=call.deadline,

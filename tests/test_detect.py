@@ -286,7 +286,7 @@ def test_a_suppressed_incident_costs_no_scans_of_open_calls() -> None:
 def test_shipped_rules_are_valid_and_their_inline_tests_pass() -> None:
     from engine.detect.ruletest import run_rule_tests
 
-    results = run_rule_tests(RULES)
+    results = run_rule_tests(load_detectors(RULES, 10_000, models=True).rules)
     assert results and all(r.passed for r in results), [r for r in results if not r.passed]
     rule_ids = {r.rule_id for r in results}
     loaded = load_rules(RULES)

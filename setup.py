@@ -3,9 +3,10 @@
 - engine/ingest/_fastio.c: the receiver's batched socket and journal calls (Linux).
 - engine/ingest/_seen.c: the dedup keys of stored reports as a compact fingerprint set.
 - engine/ingest/_rows.c: event files' rows made as tuples from their columns.
-- the detection's hot path (engine.detect.COMPILED), compiled by mypyc from the same
-  Python source when mypyc is installed in the environment that builds (`make setup`
-  installs once, then builds again without isolation, with the venv's mypy).
+- the detection's hot path and the caller model's per-caller state
+  (engine.detect.COMPILED), compiled by mypyc from the same Python source when mypyc
+  is installed in the environment that builds (`make setup` installs once, then
+  builds again without isolation, with the venv's mypy).
 
 All are optional: without a C compiler, off Linux, or without mypyc, the engine runs
 the same code as Python (slower) and says so. A record of the compiled sources'
@@ -28,6 +29,7 @@ COMPILED = (
     "engine/detect/aggregates.py",
     "engine/detect/evaluate.py",
     "engine/detect/pipeline.py",
+    "models/caller_state.py",
 )
 RECORD = "engine/detect/_compiled.sha256"
 _MYPYC: list[list[Extension]] = []

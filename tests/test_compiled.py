@@ -27,6 +27,7 @@ from engine.detect import (
     stale_reason,
     windows,
 )
+from models.caller_state import CallerState
 
 DETECT = Path(engine.detect.__file__).parent
 ROOT = DETECT.parent.parent
@@ -65,9 +66,9 @@ def test_a_source_changed_since_compiling_is_run_as_python(tmp_path: Path) -> No
         "".join(f"{engine.detect.source_digest(root / s)}  {s}\n" for s in COMPILED)
     )
     assert stale_reason(root) is None
-    with (root / "engine" / "detect" / "calls.py").open("a") as source:
+    with (root / "models" / "caller_state.py").open("a") as source:
         source.write("\n# an edit\n")
-    assert stale_reason(root) == "engine/detect/calls.py changed since compiled"
+    assert stale_reason(root) == "models/caller_state.py changed since compiled"
     (root / RECORD).unlink()
     assert stale_reason(root) == f"no readable record of what was compiled ({RECORD})"
     (root / "engine" / "detect" / "pipeline.py").with_suffix(suffix).unlink()
@@ -87,15 +88,17 @@ def test_stale_compiled_modules_are_passed_over_for_their_sources(tmp_path: Path
     for source in COMPILED:
         (root / source).with_suffix(suffix).write_bytes(b"not a module")  # would fail to load
     (root / RECORD).unlink(missing_ok=True)
+    # The models' compiled module first: its package must put the finder in place.
     probe = (
-        "import engine.detect.pipeline as p, engine.detect.calls as c; "
-        "print(p.__file__.endswith('.py'), c.__file__.endswith('.py'))"
+        "import models.caller_state as m, engine.detect.pipeline as p, engine.detect.calls as c; "
+        "print(m.__file__.endswith('.py'), p.__file__.endswith('.py'), "
+        "c.__file__.endswith('.py'))"
     )
     env = {k: v for k, v in os.environ.items() if k != "CALLSENTRY_DETECTION_AS_PYTHON"}
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True, env=env
     )
-    assert done.stdout.split() == ["True", "True"]
+    assert done.stdout.split() == ["True", "True", "True"]
     assert "compiled detection not used: no readable record" in done.stderr
 
 
@@ -153,6 +156,7 @@ def test_detection_state_survives_pickling_whole() -> None:
         aggregates.SpikeState,
         aggregates.FirstSeenState,
         aggregates.SequentialState,
+        CallerState,
     ],
 )
 def test_what_a_snapshot_keeps_is_every_attribute(kind: type[windows.Snapshotted]) -> None:
@@ -166,6 +170,7 @@ _PICKLE_STATE = """
 import pickle, sys
 from engine.detect import aggregates, calls, windows
 from engine.core.events import CallEvent, CallState
+from models.caller_state import CallerState
 if sys.argv[1] == "write":
     tracker = calls.CallTracker(settle_s=4.0)
     tracker.observe(CallEvent(1.0, "a", 1, CallState.RINGING, 183, "1", "2", "", "7", "M", ""))
@@ -175,10 +180,13 @@ if sys.argv[1] == "write":
     spike.add(1.0, "a", None)
     spike.baseline.observe(1.0)
     keyed.put("1", spike)
-    open(sys.argv[2], "wb").write(pickle.dumps((tracker, keyed)))
-tracker, keyed = pickle.loads(open(sys.argv[2], "rb").read())
+    caller = CallerState(5.0, 1.0, 2.0)
+    caller.learn(3, 8193, 0, 4.0, 1.5, 0.5, 77, 9.0)
+    open(sys.argv[2], "wb").write(pickle.dumps((tracker, keyed, caller)))
+tracker, keyed, caller = pickle.loads(open(sys.argv[2], "rb").read())
 print(calls.__file__.endswith(".py"), tracker.open["a"].answered_at, tracker.settle_s,
-      keyed.states["1"].baseline.alpha, keyed.states["1"].live_call_ids())
+      keyed.states["1"].baseline.alpha, keyed.states["1"].live_call_ids(),
+      caller.calls, caller.histories, caller.ring, caller.own_unanswered, caller.last_callee)
 """
 
 
@@ -204,7 +212,9 @@ def test_compiled_and_python_builds_read_each_others_snapshots(
     written = run("write", writer_as_python)
     read = run("read", not writer_as_python)
     assert written[0] == str(writer_as_python) and read[0] == str(not writer_as_python)
-    assert written[1:] == read[1:] == ["2.0", "4.0", "0.4", "['a']"]
+    assert (
+        written[1:] == read[1:] == ["2.0", "4.0", "0.4", "['a']", "1", "8193", "2.5", "0.02", "77"]
+    )
 
 
 def _pending(state: dict[str, Any]) -> list[tuple[float, str]]:

@@ -1,8 +1,9 @@
 """Detection: calls rebuilt from reports, sliding event-time windows, YAML rules, alerts.
 
-The hot path (`COMPILED`) is compiled by mypyc when `make setup` installs the engine
-(setup.py): the same source, about twice as fast. Where it could not be compiled it
-runs as Python. setup.py records the SHA-256 of each source
+The hot path (`COMPILED`: the detection's modules and the caller model's per-caller
+state, which the models layer keeps beside its model) is compiled by mypyc when `make
+setup` installs the engine (setup.py): the same source, about twice as fast. Where it
+could not be compiled it runs as Python. setup.py records the SHA-256 of each source
 it compiled; if any of them has changed since (an edit without `make setup`), or only
 some were compiled, all of them run from their source here rather than compiled code
 that no longer says what the source says (a warning in the log tells which).
@@ -30,6 +31,7 @@ COMPILED = (
     "engine/detect/aggregates.py",
     "engine/detect/evaluate.py",
     "engine/detect/pipeline.py",
+    "models/caller_state.py",
 )
 # Beside this file, written by setup.py: `<sha256>  <source>` for each of COMPILED.
 RECORD = "engine/detect/_compiled.sha256"
@@ -82,7 +84,9 @@ def stale_reason(root: Path = _ROOT) -> str | None:
 
 
 class _FromSource(importlib.abc.MetaPathFinder):
-    """Finds the `COMPILED` modules as their .py sources, ahead of the compiled files."""
+    """Finds the `COMPILED` modules as their .py sources, ahead of the compiled files.
+    (models/__init__.py imports this package first, so the finder is in place before
+    the models' compiled module is looked for.)"""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None

@@ -464,7 +464,11 @@ def test_a_corrupt_snapshot_is_reported_set_aside_and_detection_starts_cold(
         (b"hello", "not a detection snapshot (bad magic line)"),
         (
             b"CALLSENTRY-DETECTION-SNAPSHOT v1\n" + bytes(40),
-            "written by another version of callsentry (snapshot v1; this one reads v2)",
+            "written by another version of callsentry (snapshot v1; this one reads v3)",
+        ),
+        (
+            b"CALLSENTRY-DETECTION-SNAPSHOT v2\n" + bytes(40),
+            "written by another version of callsentry (snapshot v2; this one reads v3)",
         ),
     ],
 )

@@ -27,9 +27,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # The version changes whenever the classes pickled in a snapshot move or change
-# shape (v2: rule state classes in engine.detect.windows, detection compiled).
+# shape (v2: rule state classes in engine.detect.windows, detection compiled; v3: the
+# aggregates' own state classes in engine.detect.aggregates, the caller model's state
+# a CallerState). A snapshot of another version is set aside and detection starts cold.
 _MAGIC_PREFIX = b"CALLSENTRY-DETECTION-SNAPSHOT "
-MAGIC = _MAGIC_PREFIX + b"v2\n"
+MAGIC = _MAGIC_PREFIX + b"v3\n"
 SNAPSHOT_NAME = "detection.snapshot"
 
 

@@ -8,8 +8,10 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# The detection's hot path is compiled by mypyc from these sources (setup.py).
-COMPILED := $(foreach m,windows calls evaluate pipeline,engine/detect/$(m).py)
+# The detection's hot path is compiled by mypyc from these sources (setup.py,
+# engine.detect.COMPILED).
+COMPILED := $(foreach m,windows calls fields aggregates evaluate pipeline,engine/detect/$(m).py) \
+	models/caller_state.py
 
 $(STAMP): pyproject.toml setup.py $(wildcard engine/ingest/_*.c) $(COMPILED)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "callsentry needs Python 3.11 or newer")'
@@ -30,6 +32,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff check --fix .

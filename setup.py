@@ -3,9 +3,10 @@
 - engine/ingest/_fastio.c: the receiver's batched socket and journal calls (Linux).
 - engine/ingest/_seen.c: the dedup keys of stored reports as a compact fingerprint set.
 - engine/ingest/_rows.c: event files' rows made as tuples from their columns.
-- the detection's hot path (engine.detect.COMPILED), compiled by mypyc from the same
-  Python source when mypyc is installed in the environment that builds (`make setup`
-  installs once, then builds again without isolation, with the venv's mypy).
+- the detection's hot path and the caller model's per-caller state
+  (engine.detect.COMPILED), compiled by mypyc from the same Python source when mypyc
+  is installed in the environment that builds (`make setup` installs once, then
+  builds again without isolation, with the venv's mypy).
 
 All are optional: without a C compiler, off Linux, or without mypyc, the engine runs
 the same code as Python (slower) and says so. Records of the compiled sources'
@@ -21,9 +22,17 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-COMPILED = ("windows", "calls", "evaluate", "pipeline")  # as engine/detect/__init__.py
-RECORD = "_compiled.sha256"
-DETECT = Path("engine") / "detect"
+# As engine/detect/__init__.py: the sources, from the project's root.
+COMPILED = (
+    "engine/detect/windows.py",
+    "engine/detect/calls.py",
+    "engine/detect/fields.py",
+    "engine/detect/aggregates.py",
+    "engine/detect/evaluate.py",
+    "engine/detect/pipeline.py",
+    "models/caller_state.py",
+)
+RECORD = "engine/detect/_compiled.sha256"
 HELPERS_RECORD = "_c_helpers.sha256"  # as engine/ingest/native.py
 _MYPYC: list[list[Extension]] = []
 _DIGESTS: dict[str, str] = {}
@@ -67,10 +76,10 @@ class BuildWithDetection(build_ext):
             return []
         # The sources as mypyc reads them (an edit during the build must not be
         # recorded as compiled).
-        for name in COMPILED:
-            _DIGESTS[name] = hashlib.sha256((DETECT / f"{name}.py").read_bytes()).hexdigest()
+        for source in COMPILED:
+            _DIGESTS[source] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
         extensions: list[Extension] = mypycify(
-            [str(DETECT / f"{name}.py") for name in COMPILED],
+            list(COMPILED),
             opt_level="3",
             group_name="engine.detect._native",
         )
@@ -82,16 +91,18 @@ class BuildWithDetection(build_ext):
     def record(self, compiled: bool) -> None:
         """Write which sources were compiled, only when every module was built; otherwise
         remove the record (compiled files of an earlier build are then not used)."""
-        target = Path(self.get_ext_fullpath("engine.detect.windows")).parent / RECORD
+        # The record's place from the build's root, as a module's compiled file's is.
+        root = Path(self.get_ext_fullpath("engine.detect.windows")).parent.parent.parent
+        target = root / RECORD
         built = compiled and all(
-            Path(self.get_ext_fullpath(f"engine.detect.{name}")).exists() for name in COMPILED
+            Path(self.get_ext_fullpath(module_name(source))).exists() for source in COMPILED
         )
         if not built:
             target.unlink(missing_ok=True)
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(
-            "".join(f"{digest}  {name}.py\n" for name, digest in _DIGESTS.items()),
+            "".join(f"{digest}  {source}\n" for source, digest in _DIGESTS.items()),
             encoding="ascii",
         )
 
@@ -106,6 +117,10 @@ class BuildWithDetection(build_ext):
         target = Path(self.get_ext_fullpath("engine.ingest._seen")).parent / HELPERS_RECORD
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text("".join(lines), encoding="ascii")
+
+
+def module_name(source: str) -> str:
+    return source.removesuffix(".py").replace("/", ".")
 
 
 def c_helper(name: str) -> Extension:

@@ -38,13 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 import duckdb  # noqa: E402
 
+from engine.apps.lakewriter import load_detectors  # noqa: E402
 from engine.apps.replay import replay  # noqa: E402
 from engine.apps.settings import load_settings  # noqa: E402
 from engine.core.events import CallEvent, CallState  # noqa: E402
 from engine.core.runtime import tune_gc_for_detection  # noqa: E402
 from engine.detect.calls import CallTracker  # noqa: E402
 from engine.detect.pipeline import Pipeline  # noqa: E402
-from engine.detect.rules import load_rules  # noqa: E402
 from engine.simulator.scenario import generate, load_scenario, write_files  # noqa: E402
 
 
@@ -80,9 +80,7 @@ def flood_memory(callers: int, models: bool = True) -> tuple[float, float, int]:
 
     The flood spans less event time than the rules' windows, so no caller goes idle
     and every one stays tracked: the memory is that of `callers` live entities."""
-    loaded = load_rules(ROOT / "rules", max_keys=2 * callers)
-    if not models:
-        loaded.rules.models.models.clear()
+    loaded = load_detectors(ROOT / "rules", 2 * callers, models=models)
     pipeline = Pipeline(loaded.rules, CallTracker())
     gc.collect()
     before = rss_bytes()
@@ -165,9 +163,7 @@ def main() -> int:
 
         pipeline_s: dict[bool, float] = {}
         for models in (True, False, True, False):
-            rules = load_rules(ROOT / "rules").rules
-            if not models:
-                rules.models.models.clear()
+            rules = load_detectors(ROOT / "rules", 200_000, models=models).rules
             pipeline = Pipeline(rules, CallTracker())
             started = time.perf_counter()
             pipeline.feed(generated.events)

@@ -1,46 +1,21 @@
-"""The one small interface between the engine and a model.
+"""One model, as the model set (models.registry) runs it.
 
 A model is fed finished calls (`observe`) and told when event time moves on
 (`advance`); either may return findings. Its state (River objects and plain
-numbers) pickles, which is how snapshots keep it across restarts.
+numbers) pickles, which is how snapshots keep it across restarts. What detection
+asks of the set of models, and the findings' shape, engine.detect.detectors defines.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from engine.detect.calls import Call
+from engine.detect.detectors import ModelFinding, Quiet, RecentCalls, never_quiet
 from models.scoring import AdaptiveThreshold
 from models.spec import ModelSpec
 
-# The pipeline's way to find the calls behind an entity (for an alert's evidence).
-RecentCalls = Callable[[str, str], list[str]]
-# Whether alerts of a source (a model's id) about an entity are suppressed at a time:
-# asked before a finding is made, so a suppressed incident costs no evidence or text.
-Quiet = Callable[[str, str, float], bool]
-
-
-def never_quiet(source: str, entity: str, ts: float) -> bool:
-    return False
-
-
-@dataclass(frozen=True)
-class ModelFinding:
-    """A model judged an entity unusual at a moment of event time."""
-
-    spec: ModelSpec
-    version: str
-    entity_type: str
-    entity: str
-    raised_at: float
-    window_start: float
-    window_end: float
-    value: float
-    threshold: float
-    summary: str
-    evidence: list[str]
+__all__ = ["Model", "ModelFinding", "Quiet", "RecentCalls", "never_quiet"]
 
 
 class Model(Protocol):

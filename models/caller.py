@@ -1,11 +1,11 @@
 """Per-caller behaviour: light state per caller, one River model over all of them.
 
 A River HalfSpaceTrees costs about 1.3 MiB, so one per caller is out of the
-question with 100k callers. Each caller keeps a few numbers in one `array('d')`
-(about 200 bytes): for the yes/no facts of its calls (short, unanswered,
-forwarded, to another callee than the last) the last `recent_calls` answers as
-bits, for ring and talk time an exponentially weighted mean, and a slow mean of
-each (its own history). One global River model (scaled HalfSpaceTrees) learns
+question with 100k callers. Each caller keeps a few numbers (`CallerState`, in
+models/caller_state.py, about 150 bytes): for the yes/no facts of its calls (short,
+unanswered, forwarded, to another callee than the last) the last `recent_calls`
+answers as bits, for ring and talk time an exponentially weighted mean, and a slow
+mean of each (its own history). One global River model (scaled HalfSpaceTrees) learns
 what callers' recent mixes look like.
 
 How far a caller is from normal is measured as a surprise, not a raw share:
@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from array import array
 from statistics import NormalDist
 
 from river import stats
@@ -33,6 +32,7 @@ from river import stats
 from engine.detect.calls import Call
 from engine.detect.windows import KeyedState
 from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
+from models.caller_state import CallerState
 from models.scoring import AdaptiveThreshold, anomaly_model
 from models.spec import FEATURE_NAMES, ModelSpec
 
@@ -47,14 +47,6 @@ FLAG_WORDS = {
     "callee_change_share": "calls to another callee than the last",
 }
 FEATURES = FLAGS + MEANS
-_N, _LAST_TS, _LAST_CALLEE, _FIRST_TS = 0, 1, 2, 3
-_BITS = 4  # the flags' histories, side by side in one number
-_EW = _BITS + 1  # recent EW per mean
-_SLOW = _EW + len(MEANS)  # own-history mean per feature
-_SLOW_MEANS = _SLOW + len(FLAGS)  # where the means' own-history values start
-_SIZE = _SLOW + len(FEATURES)
-# The own-history mean moves by this much per call (about the last 50 calls).
-_SLOW_ALPHA = 0.02
 # The population's flag rates move by this much per call.
 _RATE_ALPHA = 0.001
 _NORMAL = NormalDist()
@@ -91,14 +83,14 @@ class CallerModel:
         # The features that may raise an alert alone: the quick look at every call.
         self.alone_flags = [i for i in self.flags if spec.features[FLAGS[i]].alone]
         self.alone_means = [i for i in self.means if spec.features[MEANS[i]].alone]
-        # Four histories of `window` bits share one double (52 exact bits): lane i
-        # holds flag i; shifting all lanes at once, the top bit of each is dropped.
+        # Four histories of `window` bits share one number (CallerState.histories): lane
+        # i holds flag i; shifting all lanes at once, the top bit of each is dropped.
         self.window = min(spec.recent_calls, 13)
         self.lane = (1 << self.window) - 1
         self.keep = sum((self.lane >> 1) << (i * self.window) for i in range(len(FLAGS)))
         self.alpha = 2.0 / (spec.recent_calls + 1)
         self._derive()
-        self.state: KeyedState[array[float]] = KeyedState(max_keys)
+        self.state: KeyedState[CallerState] = KeyedState(max_keys)
         self.population = anomaly_model(spec.trees)
         # How often each flag is set over all calls (plain floats: updated at every
         # call, where a River statistic per flag would cost more than the rest), and
@@ -134,7 +126,7 @@ class CallerModel:
         answered = call.answered_at is not None
         # A stable checksum, not hash(): str hashes change from process to process, and
         # a restored snapshot must compare equal to what this process computes.
-        callee_hash = float(zlib.crc32(call.callee.encode()))
+        callee_hash = zlib.crc32(call.callee.encode())
         ring_value = 0.0 if ring is None else (60.0 if ring > 60.0 else ring)
         if answered and talk is not None:
             talk_value = math.log10(1.0 + talk)
@@ -142,57 +134,39 @@ class CallerModel:
         else:
             talk_value, short = 0.0, False
         if state is None:
-            state = array("d", bytes(8 * _SIZE))
-            state[_FIRST_TS] = call.deadline
-            state[_EW], state[_EW + 1] = ring_value, talk_value
-            for i in range(len(FLAGS)):
-                state[_SLOW + i] = self.rate(i)
-            state[_SLOW_MEANS], state[_SLOW_MEANS + 1] = ring_value, talk_value
+            state = CallerState(
+                call.deadline,
+                ring_value,
+                talk_value,
+                self.rate(0),
+                self.rate(1),
+                self.rate(2),
+                self.rate(3),
+            )
             self.state.put(caller, state)
-        # This runs for every finished call: the state is read whole into locals and
-        # written back field by field, the four flags unrolled (as a loop over a list of
-        # flags, it was most of the model's cost). The same arithmetic, in the same
-        # order, as one flag at a time.
-        (
-            n,
-            _last_ts,
-            last_callee,
-            _first_ts,
-            bits,
-            ew_ring,
-            ew_talk,
-            slow_short,
-            slow_unanswered,
-            slow_forward,
-            slow_change,
-            slow_ring,
-            slow_talk,
-        ) = state
-        changed = n > 0 and last_callee != callee_hash
+        changed = state.calls > 0 and state.last_callee != callee_hash
         forwarded = call.forward != ""
         # Bit i: flag i (FLAGS) of this call.
         flagged = short | (not answered) << 1 | forwarded << 2 | changed << 3
-        state[_SLOW] = slow_short + _SLOW_ALPHA * (short - slow_short)
-        state[_SLOW + 1] = slow_unanswered + _SLOW_ALPHA * ((not answered) - slow_unanswered)
-        state[_SLOW + 2] = slow_forward + _SLOW_ALPHA * (forwarded - slow_forward)
-        state[_SLOW + 3] = slow_change + _SLOW_ALPHA * (changed - slow_change)
-        state[_BITS] = float(((int(bits) & self.keep) << 1) | self.lane_bits[flagged])
-        alpha = self.alpha
-        state[_EW] = ew_ring + alpha * (ring_value - ew_ring)
-        state[_EW + 1] = ew_talk + alpha * (talk_value - ew_talk)
-        state[_SLOW_MEANS] = slow_ring + _SLOW_ALPHA * (ring_value - slow_ring)
-        state[_SLOW_MEANS + 1] = slow_talk + _SLOW_ALPHA * (talk_value - slow_talk)
-        state[_LAST_CALLEE] = callee_hash
-        state[_N] = n = n + 1
-        state[_LAST_TS] = call.deadline
+        state.learn(
+            flagged,
+            self.lane_bits[flagged],
+            self.keep,
+            ring_value,
+            talk_value,
+            self.alpha,
+            callee_hash,
+            call.deadline,
+        )
+        n = state.calls
         if n < self.spec.min_calls:
             self._learn_rates(flagged)
             return None
         return self._judge(call, state, flagged, recent_calls, quiet)
 
-    def _hits(self, state: array[float], flag: int) -> int:
+    def _hits(self, state: CallerState, flag: int) -> int:
         """How many of the caller's last calls had this flag."""
-        return ((int(state[_BITS]) >> (flag * self.window)) & self.lane).bit_count()
+        return state.hits(flag, self.window)
 
     def rate(self, flag: int) -> float:
         value = self.rates[flag]
@@ -212,24 +186,24 @@ class CallerModel:
         rates[2] = r2 + _RATE_ALPHA * ((flagged >> 2 & 1) - r2)
         rates[3] = r3 + _RATE_ALPHA * ((flagged >> 3) - r3)
 
-    def _recent(self, state: array[float]) -> dict[str, float]:
-        n = min(int(state[_N]), self.window)
+    def _recent(self, state: CallerState) -> dict[str, float]:
+        n = min(state.calls, self.window)
         vector = {FLAGS[i]: self._hits(state, i) / n for i in self.flags}
         for i in self.means:
-            vector[MEANS[i]] = state[_EW + i]
+            vector[MEANS[i]] = state.recent_mean(i)
         return vector
 
-    def _strongest(self, state: array[float], own_history: bool) -> float:
+    def _strongest(self, state: CallerState, own_history: bool) -> float:
         """The largest deviation among the features that may alert alone (what
         `_deviations` would give, without building it for every call)."""
-        n = min(int(state[_N]), self.window)
-        bits, width, lane = int(state[_BITS]), self.window, self.lane
+        n = min(state.calls, self.window)
+        bits, width, lane = state.histories, self.window, self.lane
         best = 0.0
         for i in self.alone_flags:
             hits = ((bits >> (i * width)) & lane).bit_count()
             if hits < 2:
                 continue
-            rate = self.rates[i] if not own_history else state[_SLOW + i]
+            rate = self.rates[i] if not own_history else state.own_rate(i)
             usual = rate if rate is not None else 0.0
             z = surprise(hits, n, min(max(usual, self.floors[i] / 4), 0.95))
             if z > best:
@@ -240,36 +214,36 @@ class CallerModel:
                 best = max(best, abs(deviations[MEANS[i]]))
         return best
 
-    def _deviations(self, state: array[float], own_history: bool) -> dict[str, float]:
+    def _deviations(self, state: CallerState, own_history: bool) -> dict[str, float]:
         spec = self.spec
-        n = min(int(state[_N]), self.window)
+        n = min(state.calls, self.window)
         deviations = {}
         for i in self.flags:
             name = FLAGS[i]
-            usual = state[_SLOW + i] if own_history else self.rate(i)
+            usual = state.own_rate(i) if own_history else self.rate(i)
             rate = min(max(usual, self.floors[i] / 4), 0.95)
             deviations[name] = surprise(self._hits(state, i), n, rate)
         for i in self.means:
             name = MEANS[i]
             if own_history:
-                usual, spread = state[_SLOW_MEANS + i], spec.floor(name)
+                usual, spread = state.own_mean(i), spec.floor(name)
             else:
                 usual = float(self.usual_means[name].get() or 0.0)
                 variance = max(float(self.usual_spread[name].get() or 0.0), 0.0)
                 spread = max(variance**0.5, spec.floor(name))
-            deviations[name] = (state[_EW + i] - usual) / spread
+            deviations[name] = (state.recent_mean(i) - usual) / spread
         return deviations
 
     def _judge(
         self,
         call: Call,
-        state: array[float],
+        state: CallerState,
         flagged: int,
         recent_calls: RecentCalls,
         quiet: Quiet,
     ) -> ModelFinding | None:
         spec = self.spec
-        own_history = state[_N] >= spec.own_history_calls
+        own_history = state.calls >= spec.own_history_calls
         self.judged += 1
         # A flag's surprise rises only with a call that has the flag: a call with none
         # of the alerting flags (most calls) cannot make the caller newly unusual.
@@ -323,12 +297,15 @@ class CallerModel:
         if call.call_id not in evidence:
             evidence.append(call.call_id)
         return ModelFinding(
-            spec=spec,
+            model_id=spec.id,
             version=self.version,
+            severity=spec.severity,
+            mode=spec.mode,
+            suppression=spec.suppression,
             entity_type="caller",
             entity=call.caller,
             raised_at=call.deadline,
-            window_start=state[_FIRST_TS],
+            window_start=state.first_ts,
             window_end=call.deadline,
             value=round(z, 3),
             threshold=spec.threshold.min_deviation,
@@ -339,20 +316,20 @@ class CallerModel:
     def _summary(
         self,
         caller: str,
-        state: array[float],
+        state: CallerState,
         deviations: dict[str, float],
         own_history: bool,
         score: float,
         threshold: float,
     ) -> str:
-        n = min(int(state[_N]), self.window)
+        n = min(state.calls, self.window)
         parts: list[str] = []
         for name in sorted(deviations, key=lambda f: -abs(deviations[f])):
             if abs(deviations[name]) < 2 or len(parts) == 3:
                 continue
             if name in FLAGS:
                 i = FLAGS.index(name)
-                usual = state[_SLOW + i] if own_history else self.rate(i)
+                usual = state.own_rate(i) if own_history else self.rate(i)
                 hits = self._hits(state, i)
                 parts.append(
                     f"{FLAG_WORDS[name]} {hits} of its last {n} against a usual {usual:.0%} "
@@ -361,12 +338,10 @@ class CallerModel:
             else:
                 i = MEANS.index(name)
                 usual = (
-                    state[_SLOW_MEANS + i]
-                    if own_history
-                    else float(self.usual_means[name].get() or 0)
+                    state.own_mean(i) if own_history else float(self.usual_means[name].get() or 0)
                 )
                 parts.append(
-                    f"{FEATURE_NAMES[name]} {state[_EW + i]:.1f} vs usual {usual:.1f} "
+                    f"{FEATURE_NAMES[name]} {state.recent_mean(i):.1f} vs usual {usual:.1f} "
                     f"({deviations[name]:+.1f} sd)"
                 )
         if own_history:
@@ -386,7 +361,7 @@ class CallerModel:
         """The global model's score of the caller's recent mix, now (scored on demand:
         only rules that ask for it pay for it)."""
         state = self.state.states.get(entity)
-        if state is None or state[_N] < self.spec.min_calls:
+        if state is None or state.calls < self.spec.min_calls:
             return None
         return float(self.population.score_one(self._recent(state)))
 
@@ -396,4 +371,4 @@ class CallerModel:
     def drop_idle(self, now: float) -> int:
         # A caller quiet for a day starts over; its history is what the rules' windows
         # and the lake remember.
-        return self.state.drop_idle(lambda s: s[_LAST_TS] < now - 86400.0)
+        return self.state.drop_idle(lambda s: s.last_ts < now - 86400.0)

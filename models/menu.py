@@ -283,8 +283,11 @@ class MenuModel:
             f"{score:.2f}, threshold {threshold:.2f}; strongest: {FEATURE_NAMES[feature]})"
         )
         return ModelFinding(
-            spec=spec,
+            model_id=spec.id,
             version=self.version,
+            severity=spec.severity,
+            mode=spec.mode,
+            suppression=spec.suppression,
             entity_type="menu",
             entity=menu_id,
             raised_at=at,

@@ -2,7 +2,9 @@
 
 `rules/models/*.yaml`, one model per file, validated like rules (every problem
 at once, each with file:line). A reload keeps the learned state of models whose
-file did not change in substance, like rules keep their windows.
+file did not change in substance, like rules keep their windows. `ModelSet` is
+the set of models detection drives (engine.detect.detectors.Models), `catalogue`
+what the rules may refer to.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.core.yamlfile import YamlDocument, parse_files_with_ids
 from engine.detect.calls import Call
+from engine.detect.detectors import Gate, ModelCatalogue
 from models.base import Model, ModelFinding, Quiet, RecentCalls, never_quiet
 from models.caller import CallerModel
 from models.menu import MenuModel
@@ -69,17 +73,21 @@ def carry_over(learned: Model, loaded: Model) -> Model:
 
 @dataclass
 class ModelSet:
+    """The enabled models, run side by side (engine.detect.detectors.Models)."""
+
     models: list[Model] = field(default_factory=list)
-    specs: dict[str, ModelSpec] = field(default_factory=dict)
     # No model has work to do in `advance` before this event time: detection asks
     # only from then on (it moves time at nearly every report, and a call into the
     # models each time was a tenth of what they cost). -inf after `models` changes.
     due: float = -math.inf
 
+    def __len__(self) -> int:
+        return len(self.models)
+
     def by_id(self) -> dict[str, Model]:
         return {model.spec.id: model for model in self.models}
 
-    def gate(self, model_id: str, q: float) -> Callable[[Call], bool]:
+    def gate(self, model_id: str, q: float) -> Gate:
         """A rule condition: the model's latest score for the call's caller (caller
         models) or menu (menu models) is above the model's running `q` quantile."""
 
@@ -117,16 +125,27 @@ class ModelSet:
     def drop_idle(self, now: float) -> int:
         return sum(model.drop_idle(now) for model in self.models)
 
-    def adopt_state_from(self, previous: ModelSet) -> list[str]:
-        old = previous.by_id()
+    def state(self) -> dict[str, Any]:
+        # The format snapshots have held since models were added: id -> (logic, model).
+        return {model.spec.id: (model_logic(model.spec), model) for model in self.models}
+
+    def restore(self, saved: dict[str, Any]) -> list[str]:
         kept = []
         for index, model in enumerate(self.models):
-            before = old.get(model.spec.id)
-            if before is not None and model_logic(before.spec) == model_logic(model.spec):
-                self.models[index] = carry_over(before, model)
+            before = saved.get(model.spec.id)
+            if before is not None and before[0] == model_logic(model.spec):
+                self.models[index] = carry_over(before[1], model)
                 kept.append(model.spec.id)
-        self.due = -math.inf
+        self.due = -math.inf  # the models taken up say when they are due
         return kept
+
+    def adopt_state_from(self, previous: ModelSet) -> list[str]:
+        return self.restore(previous.state())
+
+    def unlearned(self, model_id: str, max_keys: int) -> ModelSet:
+        return ModelSet(
+            [build(m.spec, m.version, max_keys) for m in self.models if m.spec.id == model_id]
+        )
 
 
 def load_model_specs(folder: Path, problems: list[str]) -> list[tuple[ModelSpec, YamlDocument]]:
@@ -140,4 +159,16 @@ def build_models(documents: list[tuple[ModelSpec, YamlDocument]], max_keys: int)
             continue
         version = hashlib.sha256(document.path.read_bytes()).hexdigest()[:12]
         models.append(build(spec, version, max_keys))
-    return ModelSet(models, {spec.id: spec for spec, _ in documents})
+    return ModelSet(models)
+
+
+def catalogue(
+    documents: list[tuple[ModelSpec, YamlDocument]], problems: Iterable[str] = ()
+) -> ModelCatalogue:
+    """What rules may refer to (engine.detect.rules.load_rules checks their gates
+    against it); `problems`: those found reading the model files."""
+    return ModelCatalogue(
+        tracked={s.id: tuple(s.threshold.quantiles()) for s, _ in documents if s.enabled},
+        disabled=frozenset(s.id for s, _ in documents if not s.enabled),
+        problems=tuple(problems),
+    )

@@ -8,6 +8,7 @@ from typing import Any
 
 from engine.detect.snapshot import register_state_type
 from models.caller import CallerModel
+from models.caller_state import CallerState
 from models.menu import MenuModel, SeasonalVolume, _MenuState, _Traffic
 from models.scoring import AdaptiveThreshold, Baseline
 
@@ -26,6 +27,7 @@ register_state_type(
     drop=("spec", "alone_mask", "lane_bits"),
     revive=_revive_caller_model,
 )
+register_state_type("model.caller-state", CallerState)
 register_state_type("model.menu", MenuModel, drop=("spec",))
 register_state_type("model.menu-state", _MenuState)
 register_state_type("model.menu-traffic", _Traffic)

@@ -20,11 +20,22 @@ import pytest
 
 import engine.detect
 from engine.core.events import CallEvent, CallState
-from engine.detect import COMPILED, RECORD, calls, compiled_modules, stale_reason, windows
+from engine.detect import (
+    COMPILED,
+    RECORD,
+    aggregates,
+    calls,
+    compiled_modules,
+    module_name,
+    stale_reason,
+    windows,
+)
 from engine.detect.migrations import tracker_fields
 from engine.ingest import native
+from models.caller_state import CallerState
 
 DETECT = Path(engine.detect.__file__).parent
+ROOT = DETECT.parent.parent
 
 
 def test_detection_is_compiled_and_in_use_on_linux() -> None:
@@ -35,44 +46,41 @@ def test_detection_is_compiled_and_in_use_on_linux() -> None:
         pytest.skip("compiled on Linux")
     if os.environ.get("CALLSENTRY_DETECTION_AS_PYTHON", "") not in ("", "0"):
         pytest.skip("detection asked to run as Python")
-    assert compiled_modules() == list(COMPILED), "make setup compiles engine/detect"
+    assert compiled_modules() == list(COMPILED), "make setup compiles engine.detect.COMPILED"
     assert stale_reason() is None
-    for name in COMPILED:
-        module = sys.modules.get(f"engine.detect.{name}") or __import__(
-            f"engine.detect.{name}", fromlist=["_"]
-        )
+    for source in COMPILED:
+        module = importlib.import_module(module_name(source))
         assert module.__file__ is not None
-        assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), name
+        assert module.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), source
 
 
-def _copy_of_detect(tmp_path: Path) -> Path:
-    folder = tmp_path / "detect"
-    folder.mkdir()
-    for path in DETECT.iterdir():
-        if path.is_file():
-            shutil.copy2(path, folder / path.name)
-    return folder
+def _copy_of_compiled_sources(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    for source in COMPILED:
+        (root / source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / source, root / source)
+    return root
 
 
 def test_a_source_changed_since_compiling_is_run_as_python(tmp_path: Path) -> None:
-    folder = _copy_of_detect(tmp_path)
+    root = _copy_of_compiled_sources(tmp_path)
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    for name in COMPILED:
-        (folder / f"{name}{suffix}").touch()  # stands for a compiled module
-    (folder / RECORD).write_text(
-        "".join(f"{engine.detect.source_digest(folder / f'{n}.py')}  {n}.py\n" for n in COMPILED)
+    for source in COMPILED:
+        (root / source).with_suffix(suffix).touch()  # stands for a compiled module
+    (root / RECORD).write_text(
+        "".join(f"{engine.detect.source_digest(root / s)}  {s}\n" for s in COMPILED)
     )
-    assert stale_reason(folder) is None
-    with (folder / "calls.py").open("a") as source:
+    assert stale_reason(root) is None
+    with (root / "models" / "caller_state.py").open("a") as source:
         source.write("\n# an edit\n")
-    assert stale_reason(folder) == "calls.py changed since compiled"
-    (folder / RECORD).unlink()
-    assert stale_reason(folder) == f"no readable record of what was compiled ({RECORD})"
-    (folder / f"pipeline{suffix}").unlink()
-    assert stale_reason(folder) == "only some are compiled (pipeline is not)"
-    for name in COMPILED:
-        (folder / f"{name}{suffix}").unlink(missing_ok=True)
-    assert stale_reason(folder) is None, "nothing compiled: the sources run, nothing to say"
+    assert stale_reason(root) == "models/caller_state.py changed since compiled"
+    (root / RECORD).unlink()
+    assert stale_reason(root) == f"no readable record of what was compiled ({RECORD})"
+    (root / "engine" / "detect" / "pipeline.py").with_suffix(suffix).unlink()
+    assert stale_reason(root) == "only some are compiled (engine/detect/pipeline.py is not)"
+    for source in COMPILED:
+        (root / source).with_suffix(suffix).unlink(missing_ok=True)
+    assert stale_reason(root) is None, "nothing compiled: the sources run, nothing to say"
 
 
 def test_stale_compiled_modules_are_passed_over_for_their_sources(tmp_path: Path) -> None:
@@ -81,20 +89,21 @@ def test_stale_compiled_modules_are_passed_over_for_their_sources(tmp_path: Path
     root = tmp_path / "root"
     shutil.copytree(DETECT.parent.parent / "engine", root / "engine", symlinks=False)
     shutil.copytree(DETECT.parent.parent / "models", root / "models")
-    copied = root / "engine" / "detect"
     suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
-    for name in COMPILED:
-        (copied / f"{name}{suffix}").write_bytes(b"not a module")  # would fail to load
-    (copied / RECORD).unlink(missing_ok=True)
+    for source in COMPILED:
+        (root / source).with_suffix(suffix).write_bytes(b"not a module")  # would fail to load
+    (root / RECORD).unlink(missing_ok=True)
+    # The models' compiled module first: its package must put the finder in place.
     probe = (
-        "import engine.detect.pipeline as p, engine.detect.calls as c; "
-        "print(p.__file__.endswith('.py'), c.__file__.endswith('.py'))"
+        "import models.caller_state as m, engine.detect.pipeline as p, engine.detect.calls as c; "
+        "print(m.__file__.endswith('.py'), p.__file__.endswith('.py'), "
+        "c.__file__.endswith('.py'))"
     )
     env = {k: v for k, v in os.environ.items() if k != "CALLSENTRY_DETECTION_AS_PYTHON"}
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True, env=env
     )
-    assert done.stdout.split() == ["True", "True"]
+    assert done.stdout.split() == ["True", "True", "True"]
     assert "compiled detection not used: no readable record" in done.stderr
 
 
@@ -113,9 +122,9 @@ def test_detection_state_survives_pickling_whole() -> None:
     states: list[windows.Entries] = [
         windows.CountState(),
         windows.ValueState(),
-        windows.SpikeState(30.0, 0.3),
-        windows.FirstSeenState(5.0),
-        windows.SequentialState(),
+        aggregates.SpikeState(30.0, 0.3),
+        aggregates.FirstSeenState(5.0),
+        aggregates.SequentialState(),
         windows.Entries(),
         windows.ValueEntries(),
     ]
@@ -138,7 +147,7 @@ def test_detection_state_survives_pickling_whole() -> None:
         )
         assert again.live_call_ids() == state.live_call_ids() and len(again) == len(state)
     spike = restored_keyed.states["k2"]
-    assert isinstance(spike, windows.SpikeState) and spike.baseline.alpha == 0.3
+    assert isinstance(spike, aggregates.SpikeState) and spike.baseline.alpha == 0.3
 
 
 @pytest.mark.parametrize(
@@ -149,9 +158,10 @@ def test_detection_state_survives_pickling_whole() -> None:
         windows.EwBaseline,
         windows.CountState,
         windows.ValueState,
-        windows.SpikeState,
-        windows.FirstSeenState,
-        windows.SequentialState,
+        aggregates.SpikeState,
+        aggregates.FirstSeenState,
+        aggregates.SequentialState,
+        CallerState,
     ],
 )
 def test_what_a_snapshot_keeps_is_every_attribute(kind: type[windows.Snapshotted]) -> None:
@@ -163,21 +173,25 @@ def test_what_a_snapshot_keeps_is_every_attribute(kind: type[windows.Snapshotted
 
 _PICKLE_STATE = """
 import pickle, sys
-from engine.detect import calls, windows
+from engine.detect import aggregates, calls, windows
 from engine.core.events import CallEvent, CallState
+from models.caller_state import CallerState
 if sys.argv[1] == "write":
     tracker = calls.CallTracker(settle_s=4.0)
     tracker.observe(CallEvent(1.0, "a", 1, CallState.RINGING, 183, "1", "2", "", "7", "M", ""))
     tracker.observe(CallEvent(2.0, "a", 2, CallState.ANSWERED, None, "1", "2", "", "7", "M", ""))
     keyed = windows.KeyedState(4)
-    spike = windows.SpikeState(30.0, 0.4)
+    spike = aggregates.SpikeState(30.0, 0.4)
     spike.add(1.0, "a", None)
     spike.baseline.observe(1.0)
     keyed.put("1", spike)
-    open(sys.argv[2], "wb").write(pickle.dumps((tracker, keyed)))
-tracker, keyed = pickle.loads(open(sys.argv[2], "rb").read())
+    caller = CallerState(5.0, 1.0, 2.0)
+    caller.learn(3, 8193, 0, 4.0, 1.5, 0.5, 77, 9.0)
+    open(sys.argv[2], "wb").write(pickle.dumps((tracker, keyed, caller)))
+tracker, keyed, caller = pickle.loads(open(sys.argv[2], "rb").read())
 print(calls.__file__.endswith(".py"), tracker.open["a"].answered_at, tracker.settle_s,
-      keyed.states["1"].baseline.alpha, keyed.states["1"].live_call_ids())
+      keyed.states["1"].baseline.alpha, keyed.states["1"].live_call_ids(),
+      caller.calls, caller.histories, caller.ring, caller.own_unanswered, caller.last_callee)
 """
 
 
@@ -203,7 +217,9 @@ def test_compiled_and_python_builds_read_each_others_snapshots(
     written = run("write", writer_as_python)
     read = run("read", not writer_as_python)
     assert written[0] == str(writer_as_python) and read[0] == str(not writer_as_python)
-    assert written[1:] == read[1:] == ["2.0", "4.0", "0.4", "['a']"]
+    assert (
+        written[1:] == read[1:] == ["2.0", "4.0", "0.4", "['a']", "1", "8193", "2.5", "0.02", "77"]
+    )
 
 
 def _pending(state: dict[str, Any]) -> list[tuple[float, str]]:
@@ -307,7 +323,9 @@ import engine.detect
 from engine.apps.lakewriter import make_pipeline
 from engine.apps.settings import DetectionSettings
 
-modules = [__import__(f"engine.detect.{n}", fromlist=["_"]) for n in engine.detect.COMPILED]
+modules = [
+    __import__(engine.detect.module_name(s), fromlist=["_"]) for s in engine.detect.COMPILED
+]
 print(json.dumps([m.__file__ for m in modules]))
 for events_path in sys.argv[1:]:
     with open(events_path, "rb") as file:

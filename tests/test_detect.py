@@ -23,13 +23,13 @@ from engine.core.yamlfile import YamlFileError
 from engine.detect.calls import Call, CallTracker
 from engine.detect.evaluate import (
     EQ,
-    FIELDS,
     CompiledRule,
     RuleGroup,
     Selector,
     compile_selection,
     selection_tests,
 )
+from engine.detect.fields import FIELDS
 from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
 from engine.detect.schema import Matcher, RuleSpec
@@ -275,7 +275,7 @@ def test_a_suppressed_incident_costs_no_scans_of_open_calls() -> None:
     # Before the alert, calls while the caller had fewer in progress than the
     # threshold were not scanned at all.
     assert [a.entity for a in alerts] == ["8613900000009"]
-    threshold = int(loaded.rules.rules[0].threshold)
+    threshold = int(loaded.rules.rules[0].condition.threshold)
     assert pipeline.alerts.suppressed == 3000 - threshold
     assert tracker.stats.open_call_scans == 1
 
@@ -286,7 +286,7 @@ def test_a_suppressed_incident_costs_no_scans_of_open_calls() -> None:
 def test_shipped_rules_are_valid_and_their_inline_tests_pass() -> None:
     from engine.detect.ruletest import run_rule_tests
 
-    results = run_rule_tests(RULES)
+    results = run_rule_tests(load_detectors(RULES, 10_000, models=True).rules)
     assert results and all(r.passed for r in results), [r for r in results if not r.passed]
     rule_ids = {r.rule_id for r in results}
     loaded = load_rules(RULES)
@@ -718,7 +718,7 @@ def test_generated_selections_mean_what_their_conditions_say(
 
     def fields(selector: Selector, values: dict[str, object]) -> list[object]:
         # What `selector.values_of(call)` gives for a call with these field values.
-        return [values[FIELDS[field]] for field in selector.fields]
+        return [values[field] for field in selector.fields]
 
     rules = [rule(number, selection) for number, selection in enumerate(selections)]
     group = RuleGroup(rules)
@@ -751,7 +751,7 @@ def test_a_selector_reads_each_field_of_a_call_as_it_is() -> None:
     calls = tracker.advance(1_000.0)
     assert {c.outcome for c in calls} == {"answered", "abandoned", "timed_out"}
     every = Selector([(True, [(name, EQ, None) for name in FIELDS])])
-    assert every.fields == list(range(len(FIELDS)))
+    assert every.fields == list(FIELDS)
     for call in calls:
         assert every.values_of(call) == [getattr(call, name) for name in FIELDS]
 
@@ -771,4 +771,4 @@ def test_a_condition_holds_as_its_operator_says(op: str) -> None:
     expected = {">=": [False, True, True], ">": [False, False, True]}.get(op)
     if expected is None:
         expected = {"<=": [True, True, False], "<": [True, False, False]}[op]
-    assert [rule.holds(value) for value in (4.999, 5.0, 5.001)] == expected
+    assert [rule.condition.holds(value) for value in (4.999, 5.0, 5.001)] == expected

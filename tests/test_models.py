@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from engine.apps.lakewriter import load_detectors
 from engine.apps.replay import replay
 from engine.core.yamlfile import YamlFileError
 from engine.detect import migrations
@@ -128,7 +129,7 @@ def test_model_files_are_checked_like_rules_with_file_and_line(tmp_path: Path) -
         encoding="utf-8",
     )
     with pytest.raises(YamlFileError) as caught:
-        load_rules(folder)
+        load_detectors(folder, 1000, models=True)
     problems = "\n".join(caught.value.problems)
     assert "broken.yaml:4: features: Value error" not in problems
     assert "broken.yaml:7: threshold.quantile: Input should be less than 1" in problems
@@ -149,7 +150,7 @@ def test_a_rule_may_only_ask_for_a_quantile_the_model_tracks(tmp_path: Path) -> 
         encoding="utf-8",
     )
     with pytest.raises(YamlFileError) as caught:
-        load_rules(folder)
+        load_detectors(folder, 1000, models=True)
     (problem,) = caught.value.problems
     assert problem.startswith(f"{folder / 'gated.yaml'}:")
     assert "tracks the quantiles [0.95, 0.99]; add 0.97 to its threshold.also_track" in problem
@@ -485,7 +486,7 @@ def test_a_file_that_is_no_snapshot_of_this_version_is_set_aside_by_name(
 
 def test_a_reload_keeps_what_a_model_learned_unless_its_logic_changed(tmp_path: Path) -> None:
     folder = copy_rules(tmp_path)
-    first = load_rules(folder).rules
+    first = load_detectors(folder, 1000, models=True).rules
     model_file = folder / "models" / "menu-traffic.yaml"
     text = model_file.read_text(encoding="utf-8")
     edited = text.replace("also_track: [0.99]", "also_track: [0.99, 0.999]").replace(
@@ -493,13 +494,13 @@ def test_a_reload_keeps_what_a_model_learned_unless_its_logic_changed(tmp_path: 
     )
     assert edited != text
     model_file.write_text(edited, encoding="utf-8")
-    second = load_rules(folder).rules
+    second = load_detectors(folder, 1000, models=True).rules
     assert "model.menu-traffic" in second.adopt_state_from(first)
     menu = second.models.by_id()["model.menu-traffic"]
     assert menu is first.models.by_id()["model.menu-traffic"], "what it learned is kept"
     assert menu.spec.title.startswith("Edited") and 0.999 in menu.thresholds.quantiles
     model_file.write_text(text.replace("window: 5m", "window: 10m"), encoding="utf-8")
-    third = load_rules(folder).rules
+    third = load_detectors(folder, 1000, models=True).rules
     assert "model.menu-traffic" not in third.adopt_state_from(second), "new logic starts cold"
 
 
@@ -575,7 +576,8 @@ def test_event_time_brings_a_models_step_and_housekeeping_when_no_call_is_due() 
     def report(ts: float, call_id: str, state: CallState) -> CallEvent:
         return CallEvent(ts, call_id, 1, state, None, "8613800000001", "400800", "", "1", "Main")
 
-    pipeline = Pipeline(load_rules(RULES).rules, CallTracker())
+    loaded = load_detectors(RULES, 200_000, models=True)
+    pipeline = Pipeline(loaded.rules, CallTracker())
     menu = next(m for m in pipeline.rules.models.models if isinstance(m, MenuModel))
     pipeline.feed([report(T0, "c1", CallState.RINGING), report(T0 + 5, "c1", CallState.HANGUP)])
     pipeline.feed([report(T0 + 200, "c2", CallState.RINGING)])  # c1 finished: a menu to step
@@ -584,9 +586,7 @@ def test_event_time_brings_a_models_step_and_housekeeping_when_no_call_is_due() 
     pipeline.feed([report(step + 1, "c3", CallState.RINGING)])  # nothing due but the step
     assert menu.next_step == step + menu.spec.step
 
-    rules = load_rules(RULES).rules
-    rules.models.models.clear()
-    quiet = Pipeline(rules, CallTracker(ring_timeout_s=3600.0))
+    quiet = Pipeline(load_rules(RULES).rules, CallTracker(ring_timeout_s=3600.0))  # no models
     quiet.feed([report(T0, "c1", CallState.RINGING)])
     assert quiet._last_housekeeping == T0
     quiet.feed([report(T0 + 301, "c2", CallState.RINGING)])  # no call due for an hour

@@ -28,13 +28,18 @@ from engine.detect.rules import LoadedRules, load_rules
 from engine.ingest.store import StoreError, lake_writer_lock
 from engine.lake.writer import LakeWriter, SharedCounters
 from models import state_types  # noqa: F401  (the models' state in snapshots)
+from models.registry import build_models, catalogue, load_model_specs, models_dir
 
 log = logging.getLogger(__name__)
 
 
 def load_detectors(path: Path, max_keys: int, *, models: bool) -> LoadedRules:
-    """Rules and models under `path`; raises YamlFileError listing every problem."""
-    loaded = load_rules(path, max_keys=max_keys)
+    """Rules and models under `path` (the models in its `models/` folder); raises
+    YamlFileError listing every problem of both. `models`: whether the models run
+    (their files are checked either way)."""
+    problems: list[str] = []
+    documents = load_model_specs(models_dir(path), problems)
+    loaded = load_rules(path, max_keys=max_keys, models=catalogue(documents, problems))
     if not models:
         # Rules that ask for a model's score then never fire; say so.
         for rule in loaded.rules.rules:
@@ -42,8 +47,8 @@ def load_detectors(path: Path, max_keys: int, *, models: bool) -> LoadedRules:
                 log.warning(
                     "rule %s needs model %s, and models are off", rule.id, rule.spec.model.model
                 )
-        loaded.rules.models.models.clear()
-    return loaded
+        return loaded
+    return loaded.with_models(build_models(documents, max_keys))
 
 
 def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -> Pipeline:

@@ -15,11 +15,10 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import start_http_server
 
-from engine.apps.lakewriter import LakeWriterProcess
+from engine.apps.lakewriter import LakeWriterProcess, load_detectors
 from engine.apps.settings import Settings
 from engine.core.addresses import parse_hostport
 from engine.core.runtime import tune_gc_for_receiver
-from engine.detect.rules import load_rules
 from engine.ingest.codec import Codec, build_codec
 from engine.ingest.intake import Intake, SeenReports
 from engine.ingest.receiver import AllowList, ReportServer
@@ -126,7 +125,7 @@ class Engine:
         if settings.detection.enabled:
             # Refuse to start on invalid rules (file:line for each problem); the
             # lake writer loads them again in its own process.
-            load_rules(settings.detection.rules_dir, max_keys=100)
+            load_detectors(settings.detection.rules_dir, 100, models=True)
         self.codec = settings_codec(settings)
         self.store, self.intake, self.stats = open_store(settings, self.codec)
         self.allow = AllowList(settings.receiver.allow)

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from engine.core.durations import parse_duration
 from engine.core.events import CallEvent
+from engine.core.runtime import run_async
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.eventfiles import EventFileError, read_event_file
@@ -141,8 +142,6 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         first = events[0].ts
         offsets = [(event.ts - first) / options.speed for event in events]
         echo(f"sending at {options.speed:g}x: {offsets[-1]:.0f} s of wall time")
-    from engine.apps.cli import run_async
-
     summary = run_async(SwitchStandIn(codec, settings).send(events, offsets))
     for line in summary.lines():
         echo(line)

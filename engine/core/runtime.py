@@ -1,8 +1,28 @@
-"""Process-wide settings for the processes that run detection over many reports."""
+"""Process-wide runtime: the event loop a process runs on, and the garbage
+collector's settings for the receiver and for the processes that run detection."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on uvloop where installed (its datagram transport takes reports
+    several times faster than the stock loop's), on the stock loop otherwise."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def tune_gc_for_receiver() -> None:

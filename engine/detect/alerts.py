@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from engine.detect.detectors import ModelFinding
 from engine.detect.evaluate import Finding
 from engine.detect.rules import summary_of
-from models.base import ModelFinding
 
 log = logging.getLogger(__name__)
 
@@ -127,19 +127,19 @@ class AlertManager:
         )
 
     def offer_model(self, finding: ModelFinding) -> Alert | None:
-        spec = finding.spec
-        if not self._open(spec.id, finding.entity, finding.raised_at, spec.suppression):
+        source = finding.model_id
+        if not self._open(source, finding.entity, finding.raised_at, finding.suppression):
             return None
         return _alert(
             finding,
-            source=spec.id,
+            source=source,
             detector="model",
-            severity=spec.severity,
+            severity=finding.severity,
             entity_type=finding.entity_type,
             threshold=finding.threshold,
             summary=finding.summary,
             version=finding.version,
-            mode=spec.mode,
+            mode=finding.mode,
         )
 
     def forget_before(self, now: float) -> None:

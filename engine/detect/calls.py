@@ -144,9 +144,6 @@ class Call(Snapshotted):
     def answered(self) -> bool:
         return self.answered_at is not None
 
-    def field(self, name: str) -> object:
-        return getattr(self, name)
-
 
 # Where a call has no such time (or ring code): NaN in the columns, null in the table.
 _NAN: Final = math.nan

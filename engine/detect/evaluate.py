@@ -9,31 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import operator
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Final, cast
 
+from engine.detect.aggregates import Aggregate, Comparison, Concurrent, Numerator, aggregate
+from engine.detect.aggregates import comparison as comparison_of
 from engine.detect.calls import Call, CallTracker
-from engine.detect.schema import FieldName, Matcher, RuleSpec
-from engine.detect.windows import (
-    CountState,
-    FirstSeenState,
-    KeyedState,
-    SequentialState,
-    SpikeState,
-    Timestamp,
-    ValueState,
-)
-
-ENTITY_FIELDS = {"caller": "caller", "menu": "menu_id", "forward": "forward", "callee": "callee"}
-OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge,
-    ">": operator.gt,
-    "<=": operator.le,
-    "<": operator.lt,
-}
+from engine.detect.fields import ENTITY_FIELDS, FIELDS, CallField
+from engine.detect.schema import Matcher, RuleSpec
+from engine.detect.windows import EntityState, KeyedState, Timestamp
 
 
 @dataclass(frozen=True)
@@ -99,48 +85,6 @@ def _never_quiet(rule_id: str, entity: str, ts: float) -> bool:
     return False
 
 
-# The call fields a selection may test (the schema's FieldName), in the order
-# `field_of` numbers them.
-FIELDS: tuple[str, ...] = (
-    "caller",
-    "callee",
-    "forward",
-    "menu_id",
-    "menu_name",
-    "outcome",
-    "ring_s",
-    "talk_s",
-    "answered",
-    "ring_code",
-)
-if set(FIELDS) != set(FieldName.__args__):  # type: ignore[attr-defined]
-    raise RuntimeError("evaluate.FIELDS and schema.FieldName name different fields")
-
-
-def field_of(call: Call, index: int) -> object:
-    """A call's field by number: compiled, a read at a fixed offset (or a compiled
-    property), where getattr looks the name up every time."""
-    if index == 0:
-        return call.caller
-    if index == 1:
-        return call.callee
-    if index == 2:
-        return call.forward
-    if index == 3:
-        return call.menu_id
-    if index == 4:
-        return call.menu_name
-    if index == 5:
-        return call.outcome
-    if index == 6:
-        return call.ring_s
-    if index == 7:
-        return call.talk_s
-    if index == 8:
-        return call.answered
-    return call.ring_code
-
-
 # One condition of a selection: the call's field, what is tested, and the constant.
 Test = tuple[str, int, Any]
 
@@ -161,8 +105,9 @@ class Condition:
     """One test of one field's value. A missing number (an unanswered call's talk_s)
     never satisfies a comparison."""
 
-    def __init__(self, slot: int, kind: int, constant: Any) -> None:
-        self.slot = slot  # where the value is in `Selector.values_of`
+    def __init__(self, field: CallField, slot: int, kind: int, constant: Any) -> None:
+        self.field = field
+        self.slot = slot  # where the field's value is in `Selector.values_of`
         self.kind = kind
         self.constant: Any = constant
         self.members: frozenset[object] = constant if kind in (IN, NOT_IN) else frozenset()
@@ -234,26 +179,26 @@ class Condition:
         return False
 
 
-class Selector:
+class Selector(Numerator):
     """Which of several rules a call's fields select (each rule's tests all hold),
     tested in compiled code. Selections were generated Python until this: as Python,
     asking each rule in turn cost a method call per rule per call; generated, they
     were the one interpreted part of detection's hot path (a tenth of it)."""
 
     def __init__(self, rules: list[tuple[Any, list[Test]]]) -> None:
-        # Only the fields some test reads, each read once per call.
-        self.fields: list[int] = sorted(
-            {FIELDS.index(name) for _, tests in rules for name, _, _ in tests}
-        )
-        slot = {field: index for index, field in enumerate(self.fields)}
+        # Only the fields some test reads (in the order of FIELDS), each read once per call.
+        used = {name for _, tests in rules for name, _, _ in tests}
+        self.fields: list[str] = [name for name in FIELDS if name in used]
+        self.readers: list[CallField] = [FIELDS[name] for name in self.fields]
+        slot = {name: index for index, name in enumerate(self.fields)}
         self.rules: list[Any] = [rule for rule, _ in rules]
         self.conditions: list[list[Condition]] = [
-            [Condition(slot[FIELDS.index(name)], kind, constant) for name, kind, constant in tests]
+            [Condition(FIELDS[name], slot[name], kind, constant) for name, kind, constant in tests]
             for _, tests in rules
         ]
 
     def values_of(self, call: Call) -> list[object]:
-        return [field_of(call, field) for field in self.fields]
+        return [reader.read(call) for reader in self.readers]
 
     def select(self, values: list[object]) -> list[Any]:
         """The rules whose tests all hold for these values (as `values_of` gives them)."""
@@ -270,9 +215,9 @@ class Selector:
         """For a selector of one rule: whether it selects the call. Each condition in
         turn, stopping at the first that fails, and no lists made: a ratio rule asks
         this of every call it counts."""
-        fields = self.fields
         for condition in self.conditions[0]:
-            if not condition.holds(field_of(call, fields[condition.slot])):
+            value = condition.field.read(call)
+            if not condition.holds(value):
                 return False
         return True
 
@@ -285,12 +230,9 @@ def compile_selection(
     return Selector([(True, selection_tests(selection, lists))])
 
 
-# The aggregates in the order `CompiledRule._measure` numbers them.
-_MEASURES = ("count", "distinct", "sum", "ratio", "baseline_spike", "first_seen", "sequential")
-
-# Each aggregate keeps only what it needs per entity: with a million tracked callers
-# a few unused slots per state add up to a hundred megabytes.
-_KeyState = CountState | ValueState
+# Each aggregate keeps only what it needs per entity (see engine.detect.aggregates):
+# with a million tracked callers a few unused slots per state add up to a hundred
+# megabytes.
 
 
 class CompiledRule:
@@ -311,55 +253,38 @@ class CompiledRule:
         self.version = version
         self.logic = _logic_hash(spec)
         self.tests = selection_tests(spec.selection, lists)
-        aggregate = spec.aggregate
-        self.numerator = compile_selection(aggregate.numerator or {}, lists)
-        self.entity_field = ENTITY_FIELDS[aggregate.group_by]
-        self._entity_index = ("caller", "menu_id", "forward", "callee").index(self.entity_field)
-        self.window_s = aggregate.window or 0.0
+        self.entity_field = ENTITY_FIELDS[spec.aggregate.group_by]
+        self.condition: Comparison = comparison_of(spec.condition)
+        numerator = compile_selection(spec.aggregate.numerator or {}, lists)
+        self.aggregate: Aggregate = aggregate(spec.aggregate, self.condition, numerator)
+        # The calls in progress are the call tracker's to know: a `concurrent` rule
+        # keeps no window (see `_concurrent`).
+        self.in_progress: Concurrent | None = (
+            self.aggregate if isinstance(self.aggregate, Concurrent) else None
+        )
+        self.window_s = self.aggregate.window_s
         # How far behind an entity's place in the least-recently-used order may fall
         # before a call moves it to the end (see `evaluate`).
         self.touch_s = self.window_s / 8
-        self.compare = OPS[spec.condition.op]
-        # The same comparison by number, made in `holds` without a call per finding.
-        self._op = tuple(OPS).index(spec.condition.op)
-        self.threshold: float = spec.condition.threshold
         self.exceptions: list[tuple[frozenset[str], date | None]] = [
             (frozenset(e.values) | (lists[e.list_] if e.list_ else frozenset()), e.expires)
             for e in spec.exceptions
         ]
-        self.state: KeyedState[_KeyState] = KeyedState(max_keys)
-        # The aggregate, read once here rather than from the spec on every call.
-        self.kind = aggregate.type
-        self.min_volume = aggregate.min_volume
-        self.spike = self.kind == "baseline_spike"
-        self.concurrent = self.kind == "concurrent"
-        # The value a window entry carries: a field (distinct, sum), whether the
-        # numerator selects the call (ratio), or nothing.
-        self.item_field = aggregate.field if self.kind in ("distinct", "sum") else None
-        self._item_index = FIELDS.index(self.item_field) if self.item_field is not None else -1
-        self.ratio = self.kind == "ratio"
-        self._measure_kind = _MEASURES.index("count" if self.kind == "concurrent" else self.kind)
-        # What the aggregates read per call (the spec's are attributes of Python
-        # objects: a lookup by name each time, where these are fields of this one).
-        self.baseline_warmup = aggregate.baseline_warmup
-        self.warmup: float = aggregate.warmup
-        self.new_for: float = aggregate.new_for or 0.0
-        self.max_step = aggregate.max_step
-        self.started_at: float | None = None
+        self.state: KeyedState[EntityState] = KeyedState(max_keys)
         # Set by the rule set when the rule has a `model:` condition.
         self.gate: Callable[[Call], bool] | None = None
 
+    @property
+    def started_at(self) -> float | None:
+        """When the rule took its first call (None: not yet; `RuleGroup.start`)."""
+        return self.aggregate.started_at
+
+    @started_at.setter
+    def started_at(self, ts: float | None) -> None:
+        self.aggregate.started_at = ts
+
     def entity_of(self, call: Call) -> str:
-        # Attributes by name, not getattr(call, name): compiled, each is a read at a
-        # fixed offset, where getattr looks the name up on the class every time.
-        group = self._entity_index
-        if group == 0:
-            return call.caller
-        if group == 1:
-            return call.menu_id
-        if group == 2:
-            return call.forward
-        return call.callee
+        return self.entity_field.text(call)
 
     def adopt_state(self, other: CompiledRule) -> None:
         """Keep the window state of the rule this one replaces (its logic is unchanged)."""
@@ -372,18 +297,6 @@ class CompiledRule:
             if entity in values and (expires is None or (today is not None and today <= expires)):
                 return True
         return False
-
-    def _new_state(self, ts: float) -> _KeyState:
-        kind = self.kind
-        if kind in ("sum", "ratio", "distinct"):
-            return ValueState()
-        if kind == "baseline_spike":
-            return SpikeState(self.window_s, self.spec.aggregate.baseline_alpha)
-        if kind == "first_seen":
-            return FirstSeenState(ts)
-        if kind == "sequential":
-            return SequentialState()
-        return CountState()
 
     def evaluate(
         self,
@@ -399,8 +312,9 @@ class CompiledRule:
         entity = self.entity_of(call)
         if not entity:
             return None
-        if self.concurrent:
-            return self._concurrent(call, entity, ts, tracker, quiet)
+        in_progress = self.in_progress
+        if in_progress is not None:
+            return self._concurrent(in_progress, call, entity, ts, tracker, quiet)
         # The entity's state. Its `last_ts` is when it was last put at the most
         # recently used end, not when last used: it is moved there again (taken out
         # and put back) only once that is more than `touch_s` ago, so the order of the
@@ -411,30 +325,23 @@ class CompiledRule:
         # The time as a double for the arithmetic below (on the object, each step was
         # a generic operation and a new float); the object itself goes into the window.
         now: float = ts
+        aggregate = self.aggregate
         keyed = self.state
         states = keyed.states
         state = states.get(entity)
         if state is None:
-            state = self._new_state(now)
+            state = aggregate.new_state(now)
             state.last_ts = now
             keyed.put(entity, state)
         elif now - state.last_ts > self.touch_s:
             del states[entity]
             states[entity] = state
             state.last_ts = now
-        item: object = None
-        if self.item_field is not None:
-            item = field_of(call, self._item_index)
-            if item is None:
-                return None
-        elif self.ratio:
-            item = self.numerator.takes(call)
-        if self.spike:
-            cast(SpikeState, state).baseline.observe(ts)
-        state.add(ts, call.call_id, item)
+        if not aggregate.add(state, call, ts):
+            return None
         state.leave_until(now - self.window_s)
-        measured = self._measure(state, call)
-        if measured is None or not self.holds(measured):
+        measured = aggregate.measure(state, call)
+        if measured is None or not self.condition.holds(measured):
             return None
         if quiet(self.id, entity, ts) or self.excepted(entity, ts):
             return None
@@ -445,25 +352,20 @@ class CompiledRule:
 
     def _concurrent(
         self,
+        in_progress: Concurrent,
         call: Call,
         entity: str,
         ts: float,
         tracker: CallTracker,
         quiet: Callable[[str, str, float], bool],
     ) -> Finding | None:
-        # In progress right now, from the call tracker's open calls (no counters to
-        # drift); with a window, only those that started within it. All of the
-        # caller's calls in progress are at least that many: when even they are too
-        # few for the condition, nothing is measured (nor asked of the alert manager,
-        # a call into Python for every call started).
-        if self._op < 2 and not self.holds(float(tracker.open_count(entity))):
+        if not in_progress.may_hold(tracker, entity):
             return None
         if quiet(self.id, entity, ts):
             return None
-        since = ts - self.window_s if self.window_s else float("-inf")
-        live = tracker.open_calls(entity, since)
+        live = in_progress.in_progress(tracker, entity, ts)
         value = float(len(live))
-        if not self.holds(value) or self.excepted(entity, ts):
+        if not self.condition.holds(value) or self.excepted(entity, ts):
             return None
         if self.gate is not None and not self.gate(call):
             return None
@@ -471,100 +373,11 @@ class CompiledRule:
         evidence = [c.call_id for c in reversed(live[:200])]
         return Finding(self, entity, ts, start, ts, value, evidence)
 
-    def holds(self, value: float) -> bool:
-        """The condition (`op` against `threshold`) holds for a measured value."""
-        op = self._op
-        if op == 0:
-            return value >= self.threshold
-        if op == 1:
-            return value > self.threshold
-        if op == 2:
-            return value <= self.threshold
-        return value < self.threshold
-
-    # What each aggregate measures once the call is in the window; None: not yet
-    # enough to judge.
-
-    def _measure(self, state: _KeyState, call: Call) -> float | None:
-        # Chosen by number, each called by name: compiled, these are direct calls,
-        # where a bound method kept per rule was a Python call every time.
-        kind = self._measure_kind
-        if kind == 0:
-            return float(len(state))
-        if kind == 1:
-            return self._distinct(cast(ValueState, state), call)
-        if kind == 2:
-            return self._sum(cast(ValueState, state), call)
-        if kind == 3:
-            return self._ratio(cast(ValueState, state), call)
-        if kind == 4:
-            return self._baseline_spike(cast(SpikeState, state), call)
-        if kind == 5:
-            return self._first_seen(cast(FirstSeenState, state), call)
-        return self._sequential(cast(SequentialState, state), call)
-
-    def _distinct(self, state: ValueState, call: Call) -> float | None:
-        # No more distinct values than entries: when even that many cannot meet an
-        # at-least condition (most windows: a caller with a few calls), nothing is
-        # counted, where counting made a set of the window's values for every call.
-        if self._op < 2 and not self.holds(float(len(state))):
-            return None
-        return float(state.distinct())
-
-    def _sum(self, state: ValueState, call: Call) -> float | None:
-        return state.total
-
-    def _ratio(self, state: ValueState, call: Call) -> float | None:
-        total = len(state)
-        if total < self.min_volume:
-            return None
-        return state.hits / total
-
-    def _baseline_spike(self, state: SpikeState, call: Call) -> float | None:
-        baseline = state.baseline
-        count = len(state)
-        if baseline.buckets < self.baseline_warmup or count < self.min_volume:
-            return None
-        return count / max(baseline.mean, 1.0)
-
-    def _first_seen(self, state: FirstSeenState, call: Call) -> float | None:
-        started = self.started_at or 0.0
-        first_seen = state.first_seen
-        if first_seen < started + self.warmup:
-            return None  # seen while the rule was still learning what is normal
-        if (state.last_time() or first_seen) - first_seen > self.new_for:
-            return None
-        return float(len(state))
-
-    def _sequential(self, state: SequentialState, call: Call) -> float | None:
-        # A run of callees each one step (at most max_step) beyond the last, in one
-        # direction and never back: a scan. Alternating between two neighbouring IVR
-        # numbers (a busy trunk's pattern) is no run.
-        try:
-            callee = int(call.callee)
-        except ValueError:
-            state.run, state.last_callee = 0, None
-            return 0.0
-        previous = state.last_callee
-        step = 0 if previous is None else callee - previous
-        direction = 1 if step > 0 else -1
-        if step and abs(step) <= self.max_step and (state.run == 0 or direction * state.run > 0):
-            state.run += direction
-        else:
-            state.run = 0
-        state.last_callee = callee
-        return float(abs(state.run) + 1 if state.run else 0)
-
     def drop_idle(self, now: float) -> int:
-        """Forget entities quiet for longer than the window (first_seen keeps them longer)."""
-        keep = self.window_s
-        if self.spec.aggregate.type == "first_seen":
-            keep = max(keep, 30 * 86400.0)
-        elif self.spec.aggregate.type == "baseline_spike":
-            keep = max(keep * 50, 86400.0)
+        """Forget entities quiet for longer than their aggregate keeps them."""
         # An entity's last use may be up to `touch_s` after its `last_ts` (see
         # `evaluate`): only one whose window is surely empty goes.
-        keep += self.touch_s
+        keep = self.aggregate.keep_s + self.touch_s
         # The keys' order is least recently used first (see `evaluate`): walked from
         # the front until one is in use. A loop over typed states here, not a
         # predicate handed to KeyedState.drop_idle (a Python call per key).

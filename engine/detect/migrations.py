@@ -168,10 +168,43 @@ def _menu_traffic(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+# A caller's state in v2: one array('d') read by these offsets (calls, the latest's
+# deadline, its callee's checksum, the first's deadline, the flags' histories as one
+# number, the recent means of ring and talk, the own-history rate of each flag
+# (short, unanswered, forwarded, callee changed) and of ring and talk).
+_V2_CALLER_STATE = (
+    ("calls", int),
+    ("last_ts", float),
+    ("last_callee", int),
+    ("first_ts", float),
+    ("histories", int),
+    ("ring", float),
+    ("talk", float),
+    ("own_short", float),
+    ("own_unanswered", float),
+    ("own_forward", float),
+    ("own_change", float),
+    ("own_ring", float),
+    ("own_talk", float),
+)
+
+
 def _caller_model(fields: dict[str, Any]) -> dict[str, Any]:
-    # The spec comes from the model's file on restore; what was derived from it is
-    # derived again then (models.caller.CallerModel.restored).
+    # The spec comes from the model's file on restore, and what is derived from it is
+    # derived again then (models/state_types.py).
     fields.pop("spec", None)
+    for name in ("alone_mask", "lane_bits"):
+        fields.pop(name, None)
+    keyed = fields["state"]
+    for caller, state in list(keyed.states.items()):
+        if type(state) is array:
+            keyed.states[caller] = revive(
+                "model.caller-state",
+                {
+                    name: kind(value)
+                    for (name, kind), value in zip(_V2_CALLER_STATE, state, strict=True)
+                },
+            )
     return fields
 
 

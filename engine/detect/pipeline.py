@@ -7,7 +7,6 @@ Deterministic: its only clock is the event time of what it is fed, so live
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -15,11 +14,10 @@ from typing import Any, Final
 from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
+from engine.detect.detectors import ModelFinding
 from engine.detect.evaluate import RuleGroup
 from engine.detect.rules import RuleSet
 from engine.detect.windows import Timestamp
-from models.base import ModelFinding
-from models.registry import carry_over, model_logic
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +70,7 @@ class Pipeline:
             "tracker": self.tracker,
             "alerts": self.alerts,
             "rules": {r.id: (r.logic, r.state, r.started_at) for r in self.rules.rules},
-            "models": {m.spec.id: (model_logic(m.spec), m) for m in self.rules.models.models},
+            "models": self.rules.models.state(),
         }
 
     def restore(self, state: dict[str, Any]) -> list[str]:
@@ -98,13 +96,7 @@ class Pipeline:
                 kept.max_keys = rule.state.max_keys  # this run's setting applies
                 rule.state = kept
                 restored.append(rule.id)
-        models = self.rules.models.models
-        for index, model in enumerate(models):
-            saved = state["models"].get(model.spec.id)
-            if saved is not None and saved[0] == model_logic(model.spec):
-                models[index] = carry_over(saved[1], model)
-                restored.append(model.spec.id)
-        self.rules.models.due = -math.inf  # the restored models say when they are due
+        restored.extend(self.rules.models.restore(state["models"]))
         self._split_rules()  # which rules have started changed
         return restored
 
@@ -112,7 +104,7 @@ class Pipeline:
         output = Output()
         tracker = self.tracker
         models = self.rules.models
-        has_models = self._has_models = bool(models.models)
+        has_models = self._has_models = len(models) > 0
         for item in items:
             if type(item) is not _CALL_EVENT:
                 continue
@@ -145,7 +137,7 @@ class Pipeline:
     def advance(self, now: float) -> Output:
         """Event time moves to `now`: finish calls whose time is up and evaluate them."""
         output = Output()
-        self._has_models = bool(self.rules.models.models)
+        self._has_models = len(self.rules.models) > 0
         self._advance(now, output)
         return output
 

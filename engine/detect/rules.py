@@ -6,14 +6,13 @@ engine.detect.evaluate; their names used elsewhere are exported from here too.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.core.yamlfile import YamlDocument, YamlFileError, parse_file, parse_files_with_ids
+from engine.detect.detectors import ModelCatalogue, Models, NoModels
 from engine.detect.evaluate import CompiledRule, Finding, RuleGroup
-from engine.detect.schema import ListSpec, RuleSpec
-from models.registry import ModelSet, build_models, load_model_specs, models_dir
-from models.spec import ModelSpec
+from engine.detect.schema import ListSpec, ModelGate, RuleSpec
 
 
 def _list_references(spec: RuleSpec) -> list[str]:
@@ -37,7 +36,7 @@ def _list_references(spec: RuleSpec) -> list[str]:
 class RuleSet:
     rules: list[CompiledRule] = field(default_factory=list)
     lists: dict[str, frozenset[str]] = field(default_factory=dict)
-    models: ModelSet = field(default_factory=ModelSet)
+    models: Models = field(default_factory=NoModels)
 
     def __post_init__(self) -> None:
         for rule in self.rules:
@@ -51,7 +50,7 @@ class RuleSet:
     def adopt_state_from(self, previous: RuleSet) -> list[str]:
         """Keep window state for rules whose logic did not change; returns their ids."""
         old = previous.by_id()
-        kept = self.models.adopt_state_from(previous.models)
+        kept = self.models.restore(previous.models.state())
         for rule in self.rules:
             before = old.get(rule.id)
             if before is not None and before.logic == rule.logic:
@@ -64,7 +63,12 @@ class RuleSet:
 class LoadedRules:
     rules: RuleSet
     specs: list[tuple[RuleSpec, YamlDocument]]
-    models: list[tuple[ModelSpec, YamlDocument]] = field(default_factory=list)
+    # The model files the rules' gates were checked against (None: not checked).
+    catalogue: ModelCatalogue | None = None
+
+    def with_models(self, models: Models) -> LoadedRules:
+        """These rules with `models` running beside them, their gates asking them."""
+        return replace(self, rules=RuleSet(self.rules.rules, self.rules.lists, models))
 
 
 def rule_files(path: Path) -> list[Path]:
@@ -94,9 +98,17 @@ def load_lists(folder: Path, problems: list[str]) -> dict[str, frozenset[str]]:
     return lists
 
 
-def load_rules(path: Path, *, max_keys: int = 200_000) -> LoadedRules:
+def load_rules(
+    path: Path, *, max_keys: int = 200_000, models: ModelCatalogue | None = None
+) -> LoadedRules:
     """Load every rule under `path` (a folder or one file), or raise YamlFileError listing
-    every problem at once, each as `file:line: key: reason`."""
+    every problem at once, each as `file:line: key: reason`.
+
+    `models`: the model files (their problems are reported with the rules'); a rule's
+    `model:` gate must name one of its enabled models and a quantile it tracks. Without
+    it the gates are not checked (rules alone, as in a test of one rule), and the rule
+    set has no models, so such a rule never fires: whoever loads the model files
+    (engine.apps) puts the models built from them beside the rules (`with_models`)."""
     problems: list[str] = []
     if not path.exists():
         # The default, `rules`, is relative: run from elsewhere, say where it looked.
@@ -112,25 +124,11 @@ def load_rules(path: Path, *, max_keys: int = 200_000) -> LoadedRules:
                     f"{document.path}:{_line_of_value(document, name)}: list {name!r} is not "
                     f"in {_lists_dir(path)} (known: {known})"
                 )
-    model_specs = load_model_specs(models_dir(path), problems)
-    known_models = {spec.id: spec for spec, _ in model_specs}
-    for spec, document in specs:
-        if spec.model is None:
-            continue
-        target = known_models.get(spec.model.model)
-        if target is None or not target.enabled:
-            state = "disabled" if target is not None else "unknown"
-            enabled = sorted(m for m, s in known_models.items() if s.enabled)
-            problems.append(
-                f"{document.where(('model', 'model'))}: model.model: {state} model "
-                f"{spec.model.model!r} (enabled: {', '.join(enabled) or 'none'})"
-            )
-        elif spec.model.above_quantile not in target.threshold.quantiles():
-            problems.append(
-                f"{document.where(('model', 'above_quantile'))}: model.above_quantile: model "
-                f"{target.id!r} tracks the quantiles {target.threshold.quantiles()}; add "
-                f"{spec.model.above_quantile} to its threshold.also_track"
-            )
+    if models is not None:
+        problems.extend(models.problems)
+        for spec, document in specs:
+            if spec.model is not None:
+                problems.extend(_gate_problems(spec.model, document, models))
     if problems:
         raise YamlFileError(problems)
     compiled = []
@@ -139,8 +137,24 @@ def load_rules(path: Path, *, max_keys: int = 200_000) -> LoadedRules:
         compiled.append(
             CompiledRule(spec, lists, source=str(document.path), version=version, max_keys=max_keys)
         )
-    models = build_models(model_specs, max_keys)
-    return LoadedRules(RuleSet(compiled, lists, models), specs, model_specs)
+    return LoadedRules(RuleSet(compiled, lists), specs, models)
+
+
+def _gate_problems(gate: ModelGate, document: YamlDocument, models: ModelCatalogue) -> list[str]:
+    quantiles = models.tracked.get(gate.model)
+    if quantiles is None:
+        state = "disabled" if gate.model in models.disabled else "unknown"
+        return [
+            f"{document.where(('model', 'model'))}: model.model: {state} model "
+            f"{gate.model!r} (enabled: {', '.join(sorted(models.tracked)) or 'none'})"
+        ]
+    if gate.above_quantile not in quantiles:
+        return [
+            f"{document.where(('model', 'above_quantile'))}: model.above_quantile: model "
+            f"{gate.model!r} tracks the quantiles {list(quantiles)}; add "
+            f"{gate.above_quantile} to its threshold.also_track"
+        ]
+    return []
 
 
 def _line_of_value(document: YamlDocument, value: str) -> int:

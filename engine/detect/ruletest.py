@@ -8,15 +8,14 @@ expected per entity; an empty `expect` means the rule must stay silent.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from engine.core.events import CallEvent, CallState
 from engine.detect.calls import CallTracker
+from engine.detect.detectors import Models, NoModels
 from engine.detect.evaluate import CompiledRule
 from engine.detect.pipeline import Pipeline
-from engine.detect.rules import RuleSet, load_rules
+from engine.detect.rules import RuleSet
 from engine.detect.schema import RuleTest, TestCalls
-from models.registry import ModelSet, build
 
 # Tests run from a fixed moment so exception expiry dates behave the same every run.
 TEST_EPOCH = 1_790_000_000.0  # 2026-09-21T14:13:20Z
@@ -62,18 +61,16 @@ def run_test(
     rule: CompiledRule,
     test: RuleTest,
     lists: dict[str, frozenset[str]],
-    models: ModelSet | None = None,
+    models: Models | None = None,
 ) -> TestResult:
     """Run one inline test on a fresh copy of the rule (and, when the rule asks for
     a model's agreement, a fresh copy of that model, learning from the test's calls)."""
     fresh = CompiledRule(
         rule.spec, lists, source=rule.source, version=rule.version, max_keys=10_000
     )
-    needed = ModelSet()
+    needed: Models = NoModels()
     if rule.spec.model is not None and models is not None:
-        for model in models.models:
-            if model.spec.id == rule.spec.model.model:
-                needed.models.append(build(model.spec, model.version, 10_000))
+        needed = models.unlearned(rule.spec.model.model, 10_000)
     pipeline = Pipeline(RuleSet([fresh], lists, needed), CallTracker())
     events = [e for i, s in enumerate(test.calls) for e in expand(s, test.name, i)]
     events.sort(key=lambda e: (e.ts, e.call_id, e.serial))
@@ -91,10 +88,11 @@ def run_test(
     return TestResult(rule.id, rule.source, test.name, passed, expected, actual)
 
 
-def run_rule_tests(path: Path) -> list[TestResult]:
-    loaded = load_rules(path)
+def run_rule_tests(rules: RuleSet) -> list[TestResult]:
+    """Every inline test of every rule in `rules` (loaded with its models where the
+    process is wired: engine.apps.lakewriter.load_detectors)."""
     results = []
-    for rule in loaded.rules.rules:
+    for rule in rules.rules:
         for test in rule.spec.tests:
-            results.append(run_test(rule, test, loaded.rules.lists, loaded.rules.models))
+            results.append(run_test(rule, test, rules.lists, rules.models))
     return results

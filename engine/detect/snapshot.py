@@ -42,18 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.detect.aggregates import FirstSeenState, SequentialState, SpikeState
 from engine.detect.alerts import AlertManager
 from engine.detect.calls import Call, CallTracker, DeadlineQueue, TrackerStats
-from engine.detect.windows import (
-    CountState,
-    EwBaseline,
-    FirstSeenState,
-    KeyedState,
-    SequentialState,
-    Snapshotted,
-    SpikeState,
-    ValueState,
-)
+from engine.detect.windows import CountState, EwBaseline, KeyedState, Snapshotted, ValueState
 
 log = logging.getLogger(__name__)
 

@@ -289,7 +289,8 @@ class KeyedState(Snapshotted, Generic[S]):
         return len(self.states)
 
 
-# -- per-entity state of a rule: its window and what its aggregate needs besides ------
+# -- per-entity state of a rule: its window (what its aggregate needs besides is kept
+# -- by the aggregate's own subclass of these, in engine.detect.aggregates) ----------
 
 
 class CountState(Entries):
@@ -319,35 +320,5 @@ class ValueState(ValueEntries):
         self.last_ts = 0.0
 
 
-class SpikeState(CountState):
-    __slots__ = ("baseline",)
-
-    def state_fields(self) -> tuple[str, ...]:
-        return (*super().state_fields(), "baseline")
-
-    def __init__(self, bucket_s: float = 0.0, alpha: float = 0.2) -> None:
-        super().__init__()
-        self.baseline = EwBaseline(bucket_s, alpha)
-
-
-class FirstSeenState(CountState):
-    __slots__ = ("first_seen",)
-
-    def state_fields(self) -> tuple[str, ...]:
-        return (*super().state_fields(), "first_seen")
-
-    def __init__(self, first_seen: float = 0.0) -> None:
-        super().__init__()
-        self.first_seen = first_seen
-
-
-class SequentialState(CountState):
-    __slots__ = ("last_callee", "run")
-
-    def state_fields(self) -> tuple[str, ...]:
-        return (*super().state_fields(), "last_callee", "run")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_callee: int | None = None
-        self.run = 0
+# An entity's state in a rule: a window whose entries carry nothing, or values.
+EntityState = CountState | ValueState

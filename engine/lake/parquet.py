@@ -271,7 +271,9 @@ def sql_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _write_atomic(frame: pl.DataFrame, target: Path) -> None:
+def write_atomic(frame: pl.DataFrame, target: Path) -> None:
+    """`frame` as the Parquet file `target`, whole or not at all: written beside it
+    under a name no `*.parquet` pattern matches, fsync'd, then renamed over it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
     # zstd at level 1 (polars' default is 3): on this data no larger and faster to
@@ -307,7 +309,7 @@ class Lake:
         for table, schema in TABLES.items():
             placeholder = self.root / table / _PLACEHOLDER_DAY / _PLACEHOLDER
             if not placeholder.exists():
-                _write_atomic(pl.DataFrame(schema=schema), placeholder)
+                write_atomic(pl.DataFrame(schema=schema), placeholder)
         self._finish_interrupted_compactions()
 
     def write_segment(
@@ -374,7 +376,7 @@ class Lake:
             for day, part in _days(frame, column):
                 folder = self.root / table / f"day={day}"
                 ordered = _sorted(part, SORT_COLUMN.get(table, column))
-                _write_atomic(ordered, folder / name)
+                write_atomic(ordered, folder / name)
                 touched.add(folder)
                 if table in ("events", "rejects"):
                     reports += part.height
@@ -538,7 +540,7 @@ class Lake:
                 intent.write_text(
                     json.dumps({"target": target.name, "inputs": [p.name for p in inputs]})
                 )
-                _write_atomic(frame, target)
+                write_atomic(frame, target)
                 self._finish_compaction(folder, intent)
                 merged += len(inputs)
                 written += 1

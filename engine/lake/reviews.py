@@ -10,7 +10,7 @@ from typing import Any
 
 import polars as pl
 
-from engine.lake.parquet import REVIEW_SCHEMA, Lake, _write_atomic
+from engine.lake.parquet import REVIEW_SCHEMA, Lake, write_atomic
 
 
 class ReviewError(Exception):
@@ -125,5 +125,5 @@ def add_review(data_dir: Path, alert_id: str, status: str, note: str, reviewer: 
         schema=REVIEW_SCHEMA,
     )
     folder = lake.root / "alert_reviews" / f"day={now:%Y-%m-%d}"
-    _write_atomic(frame, folder / f"rev-{review_id}.parquet")
+    write_atomic(frame, folder / f"rev-{review_id}.parquet")
     return review_id

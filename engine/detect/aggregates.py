@@ -1,0 +1,356 @@
+"""Aggregates: how the calls a rule selects add up per entity, and the comparison its
+condition makes of what they add up to.
+
+One small class per `type:` of the rule files, registered by that name in
+`AGGREGATES` (the rule compiler looks it up there), each with the same contract:
+
+- made from the rule's `aggregate:` (and its numerator selection and condition);
+- `new_state(now)`: an entity's state when its first call comes: a window of entries
+  (engine.detect.windows) and whatever else this aggregate needs besides, nothing
+  more (with a million tracked callers, every field kept per entity costs megabytes);
+- `add(state, call, ts)`: the call enters the entity's window; False (and the window
+  unchanged) when the call carries nothing this aggregate counts. The rule then lets
+  entries `window_s` old leave (`leave_until(ts - window_s)`);
+- `measure(state, call)`: the value the condition is tested against, once the call is
+  in the window; None when there is not yet enough to judge (or the condition could
+  not hold, which comes to the same: no finding);
+- `keep_s`: how long an entity's state outlives its last call before it is dropped;
+- `started_at`: when the rule took its first call (the rule sets it).
+
+`Concurrent` is the one that keeps no window: calls in progress are the call
+tracker's to know (`in_progress`). tests/test_aggregates.py runs every registered
+aggregate through the same checks.
+
+This module is part of the detection's hot path (compiled by mypyc where built, see
+engine/detect/__init__.py), so it keeps no doctests.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from engine.detect.calls import Call, CallTracker
+from engine.detect.fields import FIELDS, CallField
+from engine.detect.schema import Aggregate as AggregateSpec
+from engine.detect.schema import Condition as ConditionSpec
+from engine.detect.windows import CountState, EntityState, EwBaseline, Timestamp, ValueState
+
+# -- the condition: the measured value against the threshold ----------------------
+
+
+class Comparison:
+    """A rule's `condition:` (`op` against `threshold`)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def holds(self, value: float) -> bool:
+        raise NotImplementedError
+
+    def may_hold_up_to(self, most: float) -> bool:
+        """Whether the condition could hold for some value no greater than `most`: a
+        measure bounded by a count (distinct values, calls in progress) need not be
+        made when even the bound fails an at-least condition."""
+        return True
+
+
+class AtLeast(Comparison):
+    def holds(self, value: float) -> bool:
+        return value >= self.threshold
+
+    def may_hold_up_to(self, most: float) -> bool:
+        return most >= self.threshold
+
+
+class Above(Comparison):
+    def holds(self, value: float) -> bool:
+        return value > self.threshold
+
+    def may_hold_up_to(self, most: float) -> bool:
+        return most > self.threshold
+
+
+class AtMost(Comparison):
+    def holds(self, value: float) -> bool:
+        return value <= self.threshold
+
+
+class Below(Comparison):
+    def holds(self, value: float) -> bool:
+        return value < self.threshold
+
+
+COMPARISONS: dict[str, type[Comparison]] = {
+    ">=": AtLeast,
+    ">": Above,
+    "<=": AtMost,
+    "<": Below,
+}
+
+
+def comparison(spec: ConditionSpec) -> Comparison:
+    return COMPARISONS[spec.op](spec.threshold)
+
+
+class Numerator:
+    """Whether a call is one a ratio counts as a hit (the rule's numerator selection);
+    engine.detect.evaluate's `Selector` is the one in use."""
+
+    def takes(self, call: Call) -> bool:
+        raise NotImplementedError
+
+
+# -- the aggregates -------------------------------------------------------------------
+
+
+class Aggregate:
+    """The contract (see the module's docstring), and `count`'s behaviour: how many
+    calls the window holds."""
+
+    def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
+        self.window_s = spec.window or 0.0
+        self.keep_s = self.window_s
+        self.condition = condition
+        # Whether it keeps a window per entity (all but `concurrent`).
+        self.windowed = True
+        # When the rule took its first call (None: not yet): an aggregate that learns
+        # what is usual judges nothing from the time before (`first_seen`).
+        self.started_at: float | None = None
+
+    def new_state(self, now: float) -> EntityState:
+        return CountState()
+
+    def add(self, state: EntityState, call: Call, ts: Timestamp) -> bool:
+        state.add(ts, call.call_id, None)
+        return True
+
+    def measure(self, state: EntityState, call: Call) -> float | None:
+        return float(len(state))
+
+
+class Count(Aggregate):
+    """`count`: the calls in the window."""
+
+
+class FieldValues(Aggregate):
+    """A window whose entries carry a field's value; a call without one is not counted."""
+
+    def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
+        super().__init__(spec, condition, numerator)
+        if spec.field is None:
+            raise ValueError(f"aggregate type {spec.type} needs a field")
+        self.field: CallField = FIELDS[spec.field]
+
+    def new_state(self, now: float) -> EntityState:
+        return ValueState()
+
+    def add(self, state: EntityState, call: Call, ts: Timestamp) -> bool:
+        value = self.field.read(call)
+        if value is None:
+            return False
+        state.add(ts, call.call_id, value)
+        return True
+
+
+class Distinct(FieldValues):
+    """`distinct`: how many different values of the field the window holds."""
+
+    def measure(self, state: EntityState, call: Call) -> float | None:
+        # No more distinct values than entries: when even that many cannot meet the
+        # condition (most windows: a caller with a few calls), nothing is counted,
+        # where counting made a set of the window's values for every call.
+        if not self.condition.may_hold_up_to(float(len(state))):
+            return None
+        return float(cast(ValueState, state).distinct())
+
+
+class Sum(FieldValues):
+    """`sum`: the total of a numeric field (ring_s, talk_s) over the window."""
+
+    def measure(self, state: EntityState, call: Call) -> float | None:
+        return cast(ValueState, state).total
+
+
+class Ratio(Aggregate):
+    """`ratio`: the share of the window's calls that the numerator selects, once the
+    window holds `min_volume` calls."""
+
+    def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
+        super().__init__(spec, condition, numerator)
+        self.numerator = numerator
+        self.min_volume = spec.min_volume
+
+    def new_state(self, now: float) -> EntityState:
+        return ValueState()
+
+    def add(self, state: EntityState, call: Call, ts: Timestamp) -> bool:
+        state.add(ts, call.call_id, self.numerator.takes(call))
+        return True
+
+    def measure(self, state: EntityState, call: Call) -> float | None:
+        total = len(state)
+        if total < self.min_volume:
+            return None
+        return cast(ValueState, state).hits / total
+
+
+class SpikeState(CountState):
+    """A `baseline_spike` entity: its window and the usual count of its past windows."""
+
+    __slots__ = ("baseline",)
+
+    def state_fields(self) -> tuple[str, ...]:
+        return (*super().state_fields(), "baseline")
+
+    def __init__(self, bucket_s: float = 0.0, alpha: float = 0.2) -> None:
+        super().__init__()
+        self.baseline = EwBaseline(bucket_s, alpha)
+
+
+class BaselineSpike(Aggregate):
+    """`baseline_spike`: the window's count over the usual count of the entity's past
+    windows (exponentially weighted), once `baseline_warmup` windows are behind it and
+    the window holds `min_volume` calls."""
+
+    def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
+        super().__init__(spec, condition, numerator)
+        self.alpha = spec.baseline_alpha
+        self.warmup = spec.baseline_warmup
+        self.min_volume = spec.min_volume
+        self.keep_s = max(self.window_s * 50, 86400.0)
+
+    def new_state(self, now: float) -> EntityState:
+        return SpikeState(self.window_s, self.alpha)
+
+    def add(self, state: EntityState, call: Call, ts: Timestamp) -> bool:
+        cast(SpikeState, state).baseline.observe(ts)
+        state.add(ts, call.call_id, None)
+        return True
+
+    def measure(self, state: EntityState, call: Call) -> float | None:
+        baseline = cast(SpikeState, state).baseline
+        count = len(state)
+        if baseline.buckets < self.warmup or count < self.min_volume:
+            return None
+        return count / max(baseline.mean, 1.0)
+
+
+class FirstSeenState(CountState):
+    """A `first_seen` entity: its window and when it was first seen."""
+
+    __slots__ = ("first_seen",)
+
+    def state_fields(self) -> tuple[str, ...]:
+        return (*super().state_fields(), "first_seen")
+
+    def __init__(self, first_seen: float = 0.0) -> None:
+        super().__init__()
+        self.first_seen = first_seen
+
+
+class FirstSeen(Aggregate):
+    """`first_seen`: the calls in the window of an entity first seen less than
+    `new_for` ago, and not while the rule was learning what is usual (`warmup` from
+    its first call). Entities are remembered for 30 days."""
+
+    def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
+        super().__init__(spec, condition, numerator)
+        self.warmup: float = spec.warmup
+        self.new_for: float = spec.new_for or 0.0
+        self.keep_s = max(self.window_s, 30 * 86400.0)
+
+    def new_state(self, now: float) -> EntityState:
+        return FirstSeenState(now)
+
+    def measure(self, state: EntityState, call: Call) -> float | None:
+        started = self.started_at or 0.0
+        first_seen = cast(FirstSeenState, state).first_seen
+        if first_seen < started + self.warmup:
+            return None  # seen while the rule was still learning what is normal
+        if (state.last_time() or first_seen) - first_seen > self.new_for:
+            return None
+        return float(len(state))
+
+
+class SequentialState(CountState):
+    """A `sequential` caller: its window, its last callee and the run so far (signed:
+    its direction)."""
+
+    __slots__ = ("last_callee", "run")
+
+    def state_fields(self) -> tuple[str, ...]:
+        return (*super().state_fields(), "last_callee", "run")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_callee: int | None = None
+        self.run = 0
+
+
+class Sequential(Aggregate):
+    """`sequential`: the length of the caller's run of callees, each one step (at most
+    `max_step`) beyond the last, in one direction and never back: a scan. Alternating
+    between two neighbouring IVR numbers (a busy trunk's pattern) is no run."""
+
+    def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
+        super().__init__(spec, condition, numerator)
+        self.max_step = spec.max_step
+
+    def new_state(self, now: float) -> EntityState:
+        return SequentialState()
+
+    def measure(self, state: EntityState, call: Call) -> float | None:
+        scan = cast(SequentialState, state)
+        try:
+            callee = int(call.callee)
+        except ValueError:
+            scan.run, scan.last_callee = 0, None
+            return 0.0
+        previous = scan.last_callee
+        step = 0 if previous is None else callee - previous
+        direction = 1 if step > 0 else -1
+        if step and abs(step) <= self.max_step and (scan.run == 0 or direction * scan.run > 0):
+            scan.run += direction
+        else:
+            scan.run = 0
+        scan.last_callee = callee
+        return float(abs(scan.run) + 1 if scan.run else 0)
+
+
+class Concurrent(Aggregate):
+    """`concurrent`: a caller's calls in progress now (started within the window, if
+    it has one), from the call tracker's open calls: no window and no counters to
+    drift. Measured on `call_start`."""
+
+    def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
+        super().__init__(spec, condition, numerator)
+        self.windowed = False
+
+    def may_hold(self, tracker: CallTracker, caller: str) -> bool:
+        """Whether the condition could hold: all of the caller's calls in progress are
+        at least as many as those within the window, so when even they are too few,
+        nothing need be listed (nor the alert manager asked: a call into Python for
+        every call started)."""
+        return self.condition.may_hold_up_to(float(tracker.open_count(caller)))
+
+    def in_progress(self, tracker: CallTracker, caller: str, now: float) -> list[Call]:
+        """The caller's calls in progress that started within the window, newest first."""
+        since = now - self.window_s if self.window_s else float("-inf")
+        return tracker.open_calls(caller, since)
+
+
+AGGREGATES: dict[str, type[Aggregate]] = {
+    "count": Count,
+    "distinct": Distinct,
+    "sum": Sum,
+    "ratio": Ratio,
+    "baseline_spike": BaselineSpike,
+    "first_seen": FirstSeen,
+    "sequential": Sequential,
+    "concurrent": Concurrent,
+}
+
+
+def aggregate(spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> Aggregate:
+    """The aggregate a rule's `aggregate:` names, made from it."""
+    return AGGREGATES[spec.type](spec, condition, numerator)

@@ -1,0 +1,108 @@
+"""The fields of a call that rules read, by name: `FIELDS["talk_s"].read(call)`.
+
+Each reader is a small class whose `read` is one attribute of the call. Compiled (see
+engine/detect/__init__.py), that is a method call reading at a fixed offset (or a
+compiled property), where `getattr(call, name)` looks the name up every time. The
+names are the schema's `FieldName` (a rule's `selection:` and `field:`) and the
+entities a rule groups by (`group_by:`, through `ENTITY_FIELDS`).
+"""
+
+from __future__ import annotations
+
+from engine.detect.calls import Call
+from engine.detect.schema import FieldName
+
+
+class CallField:
+    """Reads one field of a call."""
+
+    def read(self, call: Call) -> object:
+        raise NotImplementedError
+
+
+class TextField(CallField):
+    """A field that is always a text (the numbers of a call, its menu, its outcome):
+    what an entity is named by."""
+
+    def text(self, call: Call) -> str:
+        raise NotImplementedError
+
+    def read(self, call: Call) -> object:
+        return self.text(call)
+
+
+class Caller(TextField):
+    def text(self, call: Call) -> str:
+        return call.caller
+
+
+class Callee(TextField):
+    def text(self, call: Call) -> str:
+        return call.callee
+
+
+class Forward(TextField):
+    def text(self, call: Call) -> str:
+        return call.forward
+
+
+class MenuId(TextField):
+    def text(self, call: Call) -> str:
+        return call.menu_id
+
+
+class MenuName(TextField):
+    def text(self, call: Call) -> str:
+        return call.menu_name
+
+
+class Outcome(TextField):
+    def text(self, call: Call) -> str:
+        return call.outcome
+
+
+class RingSeconds(CallField):
+    def read(self, call: Call) -> object:
+        return call.ring_s
+
+
+class TalkSeconds(CallField):
+    def read(self, call: Call) -> object:
+        return call.talk_s
+
+
+class Answered(CallField):
+    def read(self, call: Call) -> object:
+        return call.answered
+
+
+class RingCode(CallField):
+    def read(self, call: Call) -> object:
+        return call.ring_code
+
+
+TEXT_FIELDS: dict[str, TextField] = {
+    "caller": Caller(),
+    "callee": Callee(),
+    "forward": Forward(),
+    "menu_id": MenuId(),
+    "menu_name": MenuName(),
+    "outcome": Outcome(),
+}
+FIELDS: dict[str, CallField] = {
+    **TEXT_FIELDS,
+    "ring_s": RingSeconds(),
+    "talk_s": TalkSeconds(),
+    "answered": Answered(),
+    "ring_code": RingCode(),
+}
+if set(FIELDS) != set(FieldName.__args__):  # type: ignore[attr-defined]
+    raise RuntimeError("fields.FIELDS and schema.FieldName name different fields")
+
+# What a rule's `group_by:` names, as the call's field that names the entity.
+ENTITY_FIELDS: dict[str, TextField] = {
+    "caller": TEXT_FIELDS["caller"],
+    "menu": TEXT_FIELDS["menu_id"],
+    "forward": TEXT_FIELDS["forward"],
+    "callee": TEXT_FIELDS["callee"],
+}

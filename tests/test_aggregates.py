@@ -1,0 +1,211 @@
+"""Every registered aggregate through the same checks (engine/detect/aggregates.py):
+window boundaries, eviction of idle and surplus entities, snapshot round trips, and
+the comparisons a condition makes."""
+
+from __future__ import annotations
+
+import pickle
+import typing
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.core.events import CallEvent, CallState
+from engine.detect.aggregates import AGGREGATES, COMPARISONS, Aggregate, Concurrent
+from engine.detect.calls import Call, CallTracker
+from engine.detect.evaluate import CompiledRule
+from engine.detect.schema import Aggregate as AggregateSpec
+from engine.detect.schema import RuleSpec
+from engine.detect.windows import EntityState
+
+WINDOW = 60.0
+T0 = 1_790_000_000.0
+# What each type needs besides its type, entity and window.
+SETTINGS: dict[str, dict[str, object]] = {
+    "count": {},
+    "distinct": {"field": "callee"},
+    "sum": {"field": "talk_s"},
+    "ratio": {"numerator": {"outcome": "answered"}},
+    "baseline_spike": {"baseline_warmup": 1},
+    "first_seen": {"new_for": 3600, "warmup": 0},
+    "sequential": {},
+    "concurrent": {},
+}
+WINDOWED = [name for name, kind in AGGREGATES.items() if kind is not Concurrent]
+
+
+def rule_for(
+    kind: str, max_keys: int = 1000, op: str = ">=", window: float | None = WINDOW
+) -> CompiledRule:
+    concurrent = kind == "concurrent"
+    spec = RuleSpec.model_validate(
+        {
+            "id": f"conformance-{kind}",
+            "title": kind,
+            "severity": "low",
+            "on": "call_start" if concurrent else "call",
+            "aggregate": {
+                "type": kind,
+                "group_by": "caller",
+                **({} if window is None else {"window": window}),
+                **SETTINGS[kind],
+            },
+            "condition": {"op": op, "threshold": 1_000_000},
+        }
+    )
+    return CompiledRule(spec, {}, source="t", version="t", max_keys=max_keys)
+
+
+def a_call(n: int, ts: float, caller: str = "8613800000001", answered: bool = True) -> Call:
+    # Callees step by one (a scan for `sequential`), every value of every field present.
+    return Call(
+        f"c{n}",
+        caller,
+        f"{4008001000 + n}",
+        "",
+        "1",
+        "Main",
+        ts - 20.0,
+        ringing_at=ts - 20.0,
+        ring_code=180,
+        answered_at=ts - 15.0 if answered else None,
+        ended_at=ts,
+        outcome="answered" if answered else "abandoned",
+        deadline=ts,
+    )
+
+
+def take(aggregate: Aggregate, state: EntityState, call: Call, ts: float) -> bool:
+    """What a rule does with a call its selection takes (CompiledRule.evaluate)."""
+    if not aggregate.add(state, call, ts):
+        return False
+    state.leave_until(ts - aggregate.window_s)
+    return True
+
+
+def test_every_type_the_schema_allows_is_registered_and_no_other() -> None:
+    allowed = typing.get_args(AggregateSpec.model_fields["type"].annotation)
+    assert set(AGGREGATES) == set(allowed) == set(SETTINGS)
+    for name, kind in AGGREGATES.items():
+        assert isinstance(rule_for(name).aggregate, kind)
+
+
+# Gaps between calls: many at the same time, some exactly a window apart, most within.
+_GAPS = st.lists(
+    st.one_of(st.just(0.0), st.just(WINDOW), st.floats(min_value=0.0, max_value=2 * WINDOW)),
+    min_size=1,
+    max_size=40,
+)
+
+
+@pytest.mark.parametrize("kind", WINDOWED)
+@settings(max_examples=60, deadline=None)
+@given(gaps=_GAPS)
+def test_the_window_holds_exactly_the_calls_of_the_last_window_length(
+    kind: str, gaps: list[float]
+) -> None:
+    #   window 60 s, at t=130:  t=10 (out) ... t=70 (out: exactly 60 s old) ... 71, 130 (in)
+    aggregate = rule_for(kind).aggregate
+    aggregate.started_at = T0 - 10 * WINDOW
+    ts = T0
+    state = aggregate.new_state(ts)
+    taken: list[tuple[float, str]] = []
+    for n, gap in enumerate(gaps):
+        ts += gap
+        call = a_call(n, ts)
+        assert take(aggregate, state, call, ts), "every call carries what each type counts"
+        taken.append((ts, call.call_id))
+        live = [call_id for at, call_id in taken if ts - WINDOW < at <= ts]
+        assert len(state) == len(live)
+        assert state.live_call_ids() == live
+        assert state.start() == min(at for at, _ in taken if ts - WINDOW < at)
+        measured = aggregate.measure(state, call)
+        assert measured is None or isinstance(measured, float)
+
+
+@pytest.mark.parametrize("kind", WINDOWED)
+def test_a_call_without_what_the_aggregate_counts_leaves_the_window_as_it_was(
+    kind: str,
+) -> None:
+    aggregate = rule_for(kind).aggregate
+    state = aggregate.new_state(T0)
+    assert take(aggregate, state, a_call(1, T0), T0)
+    unanswered = a_call(2, T0 + 1, answered=False)  # no talk time
+    counted = take(aggregate, state, unanswered, T0 + 1)
+    assert len(state) == (2 if counted else 1)
+    assert counted == (kind != "sum"), "only a sum of talk time has nothing to count"
+
+
+@pytest.mark.parametrize("kind", WINDOWED)
+def test_entities_past_the_bound_are_evicted_and_idle_ones_dropped(kind: str) -> None:
+    rule = rule_for(kind, max_keys=64)
+    tracker = CallTracker()
+    rule.started_at = T0
+    for n in range(500):
+        at = T0 + n * 0.01
+        rule.evaluate(a_call(n, at, caller=f"86139{n:08d}"), at, tracker)
+    assert len(rule.state) <= 64
+    assert rule.state.evicted == 500 - len(rule.state)
+    tracked = len(rule.state)
+    touched = [state.last_ts for state in rule.state.states.values()]
+    kept = rule.aggregate.keep_s + rule.touch_s
+    assert rule.drop_idle(min(touched) + kept - 0.5) == 0, "within the time an entity is kept"
+    assert rule.drop_idle(max(touched) + kept + 0.5) == tracked
+    assert len(rule.state) == 0
+
+
+@pytest.mark.parametrize("kind", WINDOWED)
+def test_a_state_restored_from_a_snapshot_measures_as_the_one_that_never_stopped(
+    kind: str,
+) -> None:
+    aggregate = rule_for(kind).aggregate
+    aggregate.started_at = T0 - 10 * WINDOW
+    state = aggregate.new_state(T0)
+    for n in range(30):
+        take(aggregate, state, a_call(n, T0 + n * 7.0), T0 + n * 7.0)
+    copy = pickle.loads(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    assert type(copy) is type(state)
+    assert pickle.dumps(copy) == pickle.dumps(state)
+    slots = {name for klass in type(state).__mro__ for name in getattr(klass, "__slots__", ())}
+    attributes = set(getattr(type(state), "__mypyc_attrs__", ())) - {"__dict__", "__weakref__"}
+    assert set(state.state_fields()) == (attributes or slots), "a slot kept out of snapshots"
+    for n in range(30, 45):
+        at = T0 + n * 7.0
+        values = []
+        for one in (state, copy):
+            take(aggregate, one, a_call(n, at), at)
+            values.append(aggregate.measure(one, a_call(n, at)))
+        assert values[0] == values[1]
+        assert copy.live_call_ids() == state.live_call_ids()
+
+
+def test_concurrent_counts_the_callers_calls_in_progress_within_its_window() -> None:
+    tracker = CallTracker()
+    for n, at in enumerate((0.0, 30.0, 50.0)):
+        tracker.observe(
+            CallEvent(T0 + at, f"c{n}", 1, CallState.RINGING, 180, "1", "2", "", "7", "M", "")
+        )
+    always, within = rule_for("concurrent", window=None), rule_for("concurrent", window=30)
+    for rule, expected in ((always, ["c2", "c1", "c0"]), (within, ["c2", "c1"])):
+        aggregate = rule.aggregate
+        assert isinstance(aggregate, Concurrent) and not aggregate.windowed
+        in_progress = aggregate.in_progress(tracker, "1", T0 + 50.0)
+        assert [call.call_id for call in in_progress] == expected
+        assert not aggregate.may_hold(tracker, "1"), "3 calls cannot be a million"
+    assert isinstance(at_most := rule_for("concurrent", op="<=").aggregate, Concurrent)
+    assert at_most.may_hold(tracker, "1")
+
+
+@pytest.mark.parametrize("op", list(COMPARISONS))
+@given(
+    threshold=st.floats(-1e6, 1e6),
+    most=st.floats(-1e6, 1e6),
+    below=st.floats(0, 1e6),
+)
+def test_a_bound_that_may_not_hold_rules_out_every_value_below_it(
+    op: str, threshold: float, most: float, below: float
+) -> None:
+    comparison = COMPARISONS[op](threshold)
+    if comparison.holds(most - below):
+        assert comparison.may_hold_up_to(most)

@@ -52,7 +52,7 @@ _TS: Final = 0
 _CALL_ID: Final = 1
 
 
-class _Traffic:
+class MenuTraffic:
     """A menu's calls within the last window, with their counts and sums kept up to
     date as calls come and go: a step reads them instead of walking the window."""
 
@@ -160,11 +160,11 @@ class SeasonalVolume:
 
 
 @dataclass
-class _MenuState:
+class MenuState:
     model: Any
     usual: Baseline
     seasonal: SeasonalVolume = field(default_factory=SeasonalVolume)
-    traffic: _Traffic = field(default_factory=_Traffic)
+    traffic: MenuTraffic = field(default_factory=MenuTraffic)
     learned: int = 0
     score: float | None = None
     name: str = ""
@@ -174,7 +174,7 @@ class MenuModel:
     def __init__(self, spec: ModelSpec, version: str) -> None:
         self.spec = spec
         self.version = version
-        self.menus: dict[str, _MenuState] = {}
+        self.menus: dict[str, MenuState] = {}
         self.thresholds = AdaptiveThreshold(spec.threshold.quantiles())
         self.next_step: float | None = None
 
@@ -185,7 +185,7 @@ class MenuModel:
             return None
         state = self.menus.get(call.menu_id)
         if state is None:
-            state = self.menus[call.menu_id] = _MenuState(
+            state = self.menus[call.menu_id] = MenuState(
                 model=anomaly_model(self.spec.trees),
                 # A menu's usual values move over about a hundred steps (~an hour).
                 usual=Baseline(self.spec, fading_factor=0.02),
@@ -232,7 +232,7 @@ class MenuModel:
     def wakes_at(self) -> float:
         return -math.inf if self.next_step is None else self.next_step
 
-    def _vector(self, state: _MenuState, at: float) -> dict[str, float] | None:
+    def _vector(self, state: MenuState, at: float) -> dict[str, float] | None:
         traffic = state.traffic
         traffic.move_to(at, self.spec.window)
         total = traffic.total
@@ -251,7 +251,7 @@ class MenuModel:
         }
         return {name: everything[name] for name in self.spec.features}
 
-    def _step(self, menu_id: str, state: _MenuState, at: float) -> ModelFinding | None:
+    def _step(self, menu_id: str, state: MenuState, at: float) -> ModelFinding | None:
         spec = self.spec
         vector = self._vector(state, at)
         if vector is None:

@@ -9,7 +9,7 @@ from typing import Any
 from engine.detect.snapshot import register_state_type
 from models.caller import CallerModel
 from models.caller_state import CallerState
-from models.menu import MenuModel, SeasonalVolume, _MenuState, _Traffic
+from models.menu import MenuModel, MenuState, MenuTraffic, SeasonalVolume
 from models.scoring import AdaptiveThreshold, Baseline
 
 
@@ -29,8 +29,8 @@ register_state_type(
 )
 register_state_type("model.caller-state", CallerState)
 register_state_type("model.menu", MenuModel, drop=("spec",))
-register_state_type("model.menu-state", _MenuState)
-register_state_type("model.menu-traffic", _Traffic)
+register_state_type("model.menu-state", MenuState)
+register_state_type("model.menu-traffic", MenuTraffic)
 register_state_type("model.seasonal-volume", SeasonalVolume)
 register_state_type("model.baseline", Baseline)
 register_state_type("model.adaptive-threshold", AdaptiveThreshold)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import json
 import logging
@@ -11,12 +10,14 @@ import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from engine.apps.settings import ConfigError, Settings, load_settings
-from engine.ingest.store import StoreError
+# Each command imports what it needs when it runs: `--help` and the small commands
+# start without pydantic's models, asyncio or the store.
+if TYPE_CHECKING:
+    from engine.apps.settings import Settings
 
 T = TypeVar("T")
 log = logging.getLogger("callsentry")
@@ -24,6 +25,8 @@ log = logging.getLogger("callsentry")
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop where installed (about 5x the stock loop's datagram rate)."""
+    import asyncio
+
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
@@ -53,6 +56,8 @@ def _fail_rules(error: Exception) -> NoReturn:
 
 
 def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
+    from engine.apps.settings import ConfigError, load_settings
+
     try:
         return load_settings(config, overrides)
     except ConfigError as error:
@@ -134,6 +139,7 @@ def serve(
     _setup_logging(log_level)
     from engine.apps.serve import serve as serve_forever
     from engine.core.yamlfile import YamlFileError
+    from engine.ingest.store import StoreError
 
     try:
         code = run_async(serve_forever(settings))
@@ -180,6 +186,7 @@ def replay(
     from engine.apps.replay import replay as run_replay
     from engine.core.runtime import tune_gc_for_detection
     from engine.core.yamlfile import YamlFileError
+    from engine.ingest.store import StoreError
 
     tune_gc_for_detection()
     try:

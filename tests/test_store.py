@@ -33,6 +33,13 @@ from engine.ingest.journal import (
     read_segment,
     tick_payload,
 )
+from engine.ingest.keyfile import (
+    MAGIC,
+    KeyFileError,
+    RecentKeys,
+    key_file_path,
+    read_key_file,
+)
 from engine.ingest.store import EventStore, StoreError, codec_header
 from engine.lake.parquet import CALL_SCHEMA, Lake
 from engine.lake.writer import LakeWriter, calls_frame
@@ -136,6 +143,119 @@ def test_keys_and_sequence_survive_a_restart(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_key_file_missing_damaged_or_behind_the_lake_is_rebuilt_before_it_is_trusted(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    segments_in_the_lake(data_dir, 2)
+    path = key_file_path(data_dir)
+    behind = path.read_bytes()  # up to segment 2
+    store = store_at(data_dir)
+    store.open()
+    store.commit(DATAGRAMS, 3, datagram_payload([datagram(2)]))
+    store.close()
+    write_lake(data_dir)  # segment 3: call-2, seq 3
+    whole = path.read_bytes()
+    kept = read_key_file(path)
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0x20
+    for broken, problem in (
+        (None, "the lake holds segments up to 3, the file up to 0"),
+        (behind, "the lake holds segments up to 3, the file up to 2"),
+        (bytes(flipped), "damaged [(]checksum mismatch in the entry at byte 8[)]"),
+        # Torn: the last entry's append never finished, yet its segment went (damage).
+        (whole[:-7], "the lake holds segments up to 3, the file up to 2"),
+    ):
+        if broken is None:
+            path.unlink()
+        else:
+            path.write_bytes(broken)
+        with pytest.raises(StoreError, match=f"key file .*: {problem}"):
+            store_at(data_dir).open()
+        rebuilt: list[LakeWriter] = []
+
+        def rebuild(into: list[LakeWriter] = rebuilt) -> None:
+            into.append(LakeWriter(data_dir))  # the lake writer's start
+
+        store = store_at(data_dir)
+        recovery = store.open(refresh_keys=rebuild)
+        store.close()
+        assert len(rebuilt) == 1 and recovery.key_file_problem is not None
+        assert recovery.next_seq == 4
+        assert [key[:2] for key in recovery.recent_keys] == [(f"call-{n}", 1) for n in range(3)]
+        assert read_key_file(path) == kept, "rebuilt from the lake as it was kept"
+    assert count(data_dir) == 3
+
+
+def test_a_key_file_made_for_a_shorter_dedup_horizon_is_rebuilt(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    segments_in_the_lake(data_dir, 2)
+    assert read_key_file(key_file_path(data_dir)) is not None
+    store = EventStore(data_dir, CODEC, dedup_horizon_s=7200.0)
+    with pytest.raises(StoreError, match="dedup horizon of 3600 s, not 7200 s"):
+        store.open()
+
+    def rebuild() -> None:
+        LakeWriter(data_dir, dedup_horizon_s=7200.0)
+
+    recovery = store.open(refresh_keys=rebuild)
+    store.close()
+    assert recovery.next_seq == 3 and len(recovery.recent_keys) == 2
+
+
+def test_a_crash_between_the_lake_write_and_the_key_file_leaves_the_keys_in_the_journal(
+    tmp_path: Path,
+) -> None:
+    # The lake writer wrote segment 3's Parquet and died before the key file said so:
+    # the segment is still journaled, so its keys come from there, no rebuild needed.
+    data_dir = tmp_path / "data"
+    segments_in_the_lake(data_dir, 2)
+    behind = key_file_path(data_dir).read_bytes()
+    store = store_at(data_dir)
+    store.open()
+    store.commit(DATAGRAMS, 3, datagram_payload([datagram(2)]))
+    store.close()
+    sealed = data_dir / "journal" / "000000000003.sealed"
+    journaled = sealed.read_bytes()
+    write_lake(data_dir)
+    sealed.write_bytes(journaled)
+    key_file_path(data_dir).write_bytes(behind)
+    store = store_at(data_dir)
+    recovery = store.open()
+    store.close()
+    assert recovery.key_file_problem is None and recovery.next_seq == 4
+    assert [key[:2] for key in recovery.recent_keys] == [(f"call-{n}", 1) for n in range(3)]
+    assert write_lake(data_dir) == 1 and count(data_dir) == 3, "written again once, not twice"
+
+
+def test_the_key_file_drops_expired_keys_and_a_torn_last_entry(tmp_path: Path) -> None:
+    path = tmp_path / "lake.keys"
+    keys = RecentKeys(path, horizon_s=60.0)
+    keys.reset(0, 0, 0.0, [])
+    for n in range(12):
+        batch = [(f"call-{n}-{i:05d}-" + "x" * 20, 1, T0 + 100 * n) for i in range(5_000)]
+        keys.add(n + 1, 5_000 * (n + 1), T0 + 100 * n, batch)
+        stored = read_key_file(path)
+        assert stored is not None and stored.segment == n + 1
+        assert stored.max_seq == 5_000 * (n + 1) and stored.max_ts == T0 + 100 * n
+        assert batch[0] in stored.keys and batch[-1] in stored.keys
+    assert [key for key in stored.keys if key[2] >= stored.max_ts - 60.0] == batch
+    assert len(stored.keys) < 6 * 5_000, "expired entries were rewritten away"
+    whole = path.read_bytes()
+    for torn in (whole + b"\x10\x00\x00", whole + bytes(64)):
+        path.write_bytes(torn)
+        again = read_key_file(path)
+        assert again is not None and again.keys == stored.keys and again.segment == 12
+
+
+def test_a_key_file_that_is_not_one_is_said_so(tmp_path: Path) -> None:
+    path = tmp_path / "lake.keys"
+    for data in (b"", b"garbage" * 10, MAGIC + bytes(8)):
+        path.write_bytes(data)
+        with pytest.raises(KeyFileError):
+            read_key_file(path)
+
+
 def segments_in_the_lake(data_dir: Path, segments: int) -> LakeWriter:
     """`segments` journal segments of one report each, written to the lake."""
     store = store_at(data_dir)
@@ -206,9 +326,7 @@ def test_an_interrupted_compaction_is_finished_on_the_next_start(tmp_path: Path)
     (day / "compaction.intent.json").write_text(
         json.dumps({"target": merged.name, "inputs": inputs})
     )
-    store = store_at(data_dir)
-    store.open()
-    store.close()
+    LakeWriter(data_dir)  # the lake writer's start
     assert count(data_dir) == 2
 
 
@@ -231,9 +349,7 @@ def test_views_are_republished_while_an_analyst_holds_the_database_open(tmp_path
     store.close()
     write_lake(data_dir)
     analyst = duckdb.connect(str(data_dir / "callsentry.duckdb"), read_only=True)
-    again = store_at(data_dir)
-    again.open()  # rewrites callsentry.duckdb while the analyst is connected
-    again.close()
+    LakeWriter(data_dir)  # its start rewrites callsentry.duckdb while the analyst is connected
     assert analyst.execute("SELECT count(*) FROM events").fetchone() == (1,)
     analyst.close()
 

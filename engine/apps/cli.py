@@ -9,14 +9,16 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from engine.apps.settings import ConfigError, Settings, load_settings
-from engine.core.runtime import run_async
 from engine.core.text import shown
-from engine.ingest.store import StoreError
+
+# Each command imports what it needs when it runs: `--help` and the small commands
+# start without pydantic's models, asyncio or the store.
+if TYPE_CHECKING:
+    from engine.apps.settings import Settings
 
 log = logging.getLogger("callsentry")
 
@@ -39,6 +41,8 @@ def _fail_rules(error: Exception) -> NoReturn:
 
 
 def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
+    from engine.apps.settings import ConfigError, load_settings
+
     try:
         return load_settings(config, overrides)
     except ConfigError as error:
@@ -120,8 +124,11 @@ def serve(
     _setup_logging(log_level)
     from engine.apps.serve import serve as serve_forever
     from engine.core.yamlfile import YamlFileError
+    from engine.ingest.store import StoreError
 
     try:
+        from engine.core.runtime import run_async
+
         code = run_async(serve_forever(settings))
     except StoreError as error:
         _fail(str(error))
@@ -166,6 +173,7 @@ def replay(
     from engine.apps.replay import replay as run_replay
     from engine.core.runtime import tune_gc_for_detection
     from engine.core.yamlfile import YamlFileError
+    from engine.ingest.store import StoreError
 
     tune_gc_for_detection()
     try:

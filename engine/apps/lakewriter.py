@@ -1,34 +1,39 @@
 """The lake writer process: where its parts are wired together from the settings.
 
 `serve` starts it (LakeWriterProcess) beside the receiver; it loads the rules and
-models, builds the detection pipeline and the alert sinks, and drains sealed
-journal segments into the lake until told to stop.
+models, builds the detection pipeline and the alert sinks, prepares the lake (key
+file, analysts' views), and drains sealed journal segments into the lake until told
+to stop.
+
+The receiver's process imports this module for LakeWriterProcess, and must not load
+DuckDB, polars, pyarrow, River or SciPy: everything that does is imported inside the
+functions that run in the lake writer's process (or in `check_rules`' own).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import multiprocessing.synchronize
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from apscheduler.schedulers.background import BackgroundScheduler
-
-from engine.alerts.sinks import JsonLinesSink, LogSink, WebhookSink
 from engine.apps.settings import DetectionSettings, Settings
 from engine.core.runtime import tune_gc_for_detection
 from engine.core.yamlfile import YamlFileError
-from engine.detect.alerts import AlertSink
-from engine.detect.calls import CallTracker
-from engine.detect.pipeline import Pipeline
-from engine.detect.rules import LoadedRules, load_rules
+from engine.ingest.stats import SharedCounters
 from engine.ingest.store import StoreError, lake_writer_lock
-from engine.lake.writer import LakeWriter, SharedCounters
-from models import state_types  # noqa: F401  (the models' state in snapshots)
-from models.registry import build_models, catalogue, load_model_specs, models_dir
+
+if TYPE_CHECKING:
+    from engine.detect.alerts import AlertSink
+    from engine.detect.pipeline import Pipeline
+    from engine.detect.rules import LoadedRules
+    from engine.lake.writer import LakeWriter
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,10 @@ def load_detectors(path: Path, max_keys: int, *, models: bool) -> LoadedRules:
     """Rules and models under `path` (the models in its `models/` folder); raises
     YamlFileError listing every problem of both. `models`: whether the models run
     (their files are checked either way)."""
+    from engine.detect.rules import load_rules
+    from models import state_types  # noqa: F401  (the models' state in snapshots)
+    from models.registry import build_models, catalogue, load_model_specs, models_dir
+
     problems: list[str] = []
     documents = load_model_specs(models_dir(path), problems)
     loaded = load_rules(path, max_keys=max_keys, models=catalogue(documents, problems))
@@ -53,6 +62,9 @@ def load_detectors(path: Path, max_keys: int, *, models: bool) -> LoadedRules:
 
 def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -> Pipeline:
     """The detection pipeline with the rules under `rules_dir`; raises YamlFileError."""
+    from engine.detect.calls import CallTracker
+    from engine.detect.pipeline import Pipeline
+
     loaded = load_detectors(
         rules_dir or detection.rules_dir,
         detection.max_keys_per_rule,
@@ -69,6 +81,8 @@ def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -
 
 
 def make_sinks(settings: Settings) -> list[AlertSink]:
+    from engine.alerts.sinks import JsonLinesSink, LogSink, WebhookSink
+
     detection = settings.detection
     sinks: list[AlertSink] = [LogSink()]
     if detection.alerts_jsonl != "off":
@@ -77,6 +91,26 @@ def make_sinks(settings: Settings) -> list[AlertSink]:
     if detection.webhook_url:
         sinks.append(WebhookSink(detection.webhook_url, token=detection.webhook_token))
     return sinks
+
+
+def rule_problems(rules_dir: Path) -> list[str]:
+    """Every problem of the rule set and its models under `rules_dir` (`file:line: key:
+    reason`)."""
+    try:
+        load_detectors(rules_dir, 100, models=True)
+    except YamlFileError as error:
+        return error.problems
+    return []
+
+
+def check_rules(rules_dir: Path) -> None:
+    """Raise YamlFileError listing every problem of the rule set under `rules_dir`.
+    Checked in a short-lived process of its own: loading rules loads the models
+    (River), which the receiver's process never does."""
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as checker:
+        problems = checker.submit(rule_problems, rules_dir).result()
+    if problems:
+        raise YamlFileError(problems)
 
 
 class _RuleWatcher:
@@ -155,8 +189,16 @@ def run(
     counters_array: Any,
     log_level: int,
     receiver_pid: int,
+    progress: Connection,
 ) -> None:
-    """The lake writer process: drain sealed segments until told to stop, then once more."""
+    """The lake writer process: drain sealed segments until told to stop, then once more.
+    Says on `progress` when `callsentry.duckdb` is in place ("views") and when the key
+    file is rebuilt ("keys"): the receiver may wait for either."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from engine.lake.parquet import Lake
+    from engine.lake.writer import LakeWriter
+
     # The receiver decides when we stop (after sealing its last segment), so a
     # Ctrl-C or a SIGTERM sent to the whole process group must not cut us short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -171,14 +213,6 @@ def run(
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     lower_priority(settings.store.lake_writer_priority)
     tune_gc_for_detection()
-    detection = settings.detection
-    pipeline = None
-    if detection.enabled:
-        try:
-            pipeline = make_pipeline(detection)
-        except YamlFileError as error:
-            # The receiver checked these before starting us; they changed since.
-            log.error("rules are invalid, detection is off:\n  %s", "\n  ".join(error.problems))
     lock = lake_writer_lock(settings.store.data_dir)
     while True:
         # An earlier writer (left by a receiver that was killed) finishes first.
@@ -189,6 +223,19 @@ def run(
             if os.getppid() != receiver_pid:
                 log.error("the receiver is gone before this lake writer could start")
                 return
+    # Analysts can connect before detection has loaded (LakeWriter publishes them again).
+    lake = Lake(settings.store.data_dir)
+    lake.prepare()
+    lake.publish_views()
+    _say(progress, "views")
+    detection = settings.detection
+    pipeline = None
+    if detection.enabled:
+        try:
+            pipeline = make_pipeline(detection)
+        except YamlFileError as error:
+            # The receiver checked these before starting us; they changed since.
+            log.error("rules are invalid, detection is off:\n  %s", "\n  ".join(error.problems))
     sinks = make_sinks(settings)
     writer = LakeWriter(
         settings.store.data_dir,
@@ -196,7 +243,10 @@ def run(
         counters=SharedCounters(counters_array),
         pipeline=pipeline,
         sinks=sinks,
+        dedup_horizon_s=settings.store.dedup_horizon_s,
     )
+    _say(progress, "keys")
+    progress.close()
     # Wall-clock housekeeping of the lake: drain sealed segments, compact, reload rules.
     scheduler = BackgroundScheduler(
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30}
@@ -234,6 +284,13 @@ def run(
     lock.release()
 
 
+def _say(progress: Connection, what: str) -> None:
+    # A pipe, not a multiprocessing Event: Event.set() waits for every process that
+    # waited on it to wake, forever if one of them was killed (kill -9 of the receiver).
+    with contextlib.suppress(OSError):  # the receiver is gone: nobody to tell
+        progress.send(what)
+
+
 class LakeWriterProcess:
     """Starts, watches and stops the lake writer process for `serve`."""
 
@@ -242,12 +299,19 @@ class LakeWriterProcess:
         self.counters = SharedCounters.create(self._context)
         self._stop = self._context.Event()
         self._reload = self._context.Event()
+        # What the running process has said of its start (see `run`), and where it says it.
+        self._heard: set[str] = set()
+        self._progress: Connection | None = None
         self.settings = settings
         self.poll_interval_s = poll_interval_s
         self._process: Any = None
         self.restarts = 0
 
     def start(self) -> None:
+        self._heard.clear()
+        if self._progress is not None:
+            self._progress.close()
+        self._progress, progress = self._context.Pipe(duplex=False)
         self._process = self._context.Process(
             target=run,
             args=(
@@ -258,11 +322,41 @@ class LakeWriterProcess:
                 self.counters.array,
                 logging.getLogger().level,
                 os.getpid(),
+                progress,
             ),
             name="callsentry-lake-writer",
             daemon=False,
         )
         self._process.start()
+        progress.close()  # the child's end: once the child is gone, reading says so
+
+    @property
+    def started(self) -> bool:
+        return self._process is not None
+
+    def wait_for_keys(self) -> None:
+        """Start the process if it is not running, and return once it has rebuilt the key
+        file (engine.ingest.keyfile) from the lake; StoreError if it exits before."""
+        self._wait("keys", "rebuild the key file from the lake")
+
+    def wait_for_views(self) -> None:
+        """Start the process if it is not running, and return once `callsentry.duckdb`
+        is in place; StoreError if it exits before."""
+        self._wait("views", "publish the analysts' views")
+
+    def _wait(self, said: str, what: str) -> None:
+        if self._process is None:
+            self.start()
+        assert self._progress is not None
+        while said not in self._heard:
+            try:
+                self._heard.add(self._progress.recv())
+            except EOFError:
+                self._process.join()
+                self._process = None
+                raise StoreError(
+                    f"the lake writer exited before it could {what}; its log says why"
+                ) from None
 
     def reload_rules(self) -> None:
         self._reload.set()

@@ -20,9 +20,10 @@ from engine.detect.alerts import Alert
 from engine.ingest.eventfiles import read_event_files
 from engine.ingest.intake import Intake
 from engine.ingest.journal import JSON_RECORDS, TICK, json_payload, tick_payload
+from engine.ingest.records import Item, item_of, record_of
 from engine.ingest.stats import Stats
 from engine.ingest.store import EventStore, StoreError, lake_writer_lock
-from engine.lake.parquet import Item, item_of, record_of
+from engine.lake.parquet import Lake
 from engine.lake.writer import DrainResult, LakeWriter, Step
 
 log = logging.getLogger(__name__)
@@ -75,16 +76,14 @@ class ReplayReport:
         return not self.rejects and not self.file_errors
 
 
-def _remember_stored(
-    store: EventStore, intake: Intake, items: list[Item], horizon_s: float
-) -> None:
+def _remember_stored(lake: Lake, intake: Intake, items: list[Item], horizon_s: float) -> None:
     """Make the intake know the reports of these rows that the lake holds. The store
     remembers keys for the dedup horizon only (an hour before the latest report: the
     switch retries for 18 s), but a replay goes back further: a file replayed twice,
     or one overlapping what is stored, must not store a report again however old it
     is. Only the rows' own call ids are looked up, so what is kept grows with the
     files, not with the lake."""
-    if not store.lake.holds_reports():
+    if not lake.holds_reports():
         # A new data dir: nothing to ask DuckDB (a query costs more than the first
         # segment's journaling, and the detection process waits for that segment).
         return
@@ -94,10 +93,10 @@ def _remember_stored(
         "to_timestamp(?) UNION ALL SELECT call_id, serial, ts FROM rejects WHERE ts BETWEEN "
         "to_timestamp(?) AND to_timestamp(?) AND call_id IS NOT NULL"
     )
-    if not store.lake.query(f"SELECT count(*) FROM ({stored})", span * 2)[0][0]:
+    if not lake.query(f"SELECT count(*) FROM ({stored})", span * 2)[0][0]:
         return  # nothing stored from then: the usual replay into a new data dir
     call_ids = sorted({item.call_id for item in items if item.call_id is not None})
-    rows = store.lake.query(
+    rows = lake.query(
         f"SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ({stored}) "
         "WHERE call_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY t",
         (*span, *span, call_ids),
@@ -125,10 +124,25 @@ def replay(
         pipeline = make_pipeline(settings.detection, rules_dir)
     opened: list[tuple[EventStore, Intake, Stats]] = []
 
+    def rebuild_keys() -> None:
+        # What the lake writer process does at its start, here: replay is the lake writer.
+        lock = lake_writer_lock(settings.store.data_dir)
+        lock.acquire(wait_s=300)
+        try:
+            LakeWriter(settings.store.data_dir, dedup_horizon_s=settings.store.dedup_horizon_s)
+        finally:
+            lock.release()
+
     def open_the_store() -> None:
         # Replay answers nobody: one fsync per large batch, no preallocated segments.
         opened.append(
-            open_store(settings, settings_codec(settings), unkeyed_quota=False, live=False)
+            open_store(
+                settings,
+                settings_codec(settings),
+                unkeyed_quota=False,
+                live=False,
+                refresh_keys=rebuild_keys,
+            )
         )
 
     # The store opens while polars reads and checks the files (both leave the
@@ -142,6 +156,7 @@ def replay(
         settings.store.data_dir,
         compact_target_bytes=settings.store.compact_target_bytes,
         pipeline=pipeline,
+        dedup_horizon_s=settings.store.dedup_horizon_s,
     )
     written = DrainResult(rejects=[])
 
@@ -213,7 +228,7 @@ def replay(
             # now, and this one finds out meanwhile what the lake holds already.
             detection = DetectionProcess(pipeline, items, writer.snapshot_file)
         if items:
-            _remember_stored(store, intake, items, settings.store.dedup_horizon_s)
+            _remember_stored(writer.lake, intake, items, settings.store.dedup_horizon_s)
         size = min(REPLAY_BATCH, settings.store.max_pending_reports)
         progress = Progress(len(items))
         for start in range(0, len(items), size):

@@ -3,6 +3,11 @@ housekeeping jobs, started and stopped in order.
 
 SIGTERM/SIGINT: stop receiving, commit and answer what was accepted, seal the
 journal, let the lake writer write it, exit 0.
+
+This is the receiver's process: it never loads DuckDB, polars, pyarrow, River or
+SciPy (tests/test_layout.py holds it to that). The rules are checked in a
+short-lived process, the lake is the lake writer's, and recovery reads the key file
+the lake writer keeps beside the lake.
 """
 
 from __future__ import annotations
@@ -10,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from prometheus_client import start_http_server
 
-from engine.apps.lakewriter import LakeWriterProcess, load_detectors
+from engine.apps.lakewriter import LakeWriterProcess, check_rules
 from engine.apps.settings import Settings
 from engine.core.addresses import parse_hostport
 from engine.core.runtime import tune_gc_for_receiver
@@ -36,10 +42,16 @@ def settings_codec(settings: Settings) -> Codec:
 
 
 def open_store(
-    settings: Settings, codec: Codec, *, unkeyed_quota: bool = True, live: bool = True
+    settings: Settings,
+    codec: Codec,
+    *,
+    unkeyed_quota: bool = True,
+    live: bool = True,
+    refresh_keys: Callable[[], None] | None = None,
 ) -> tuple[EventStore, Intake, Stats]:
     """The store and an intake primed from it (next seq, keys within the dedup horizon).
-    `live`: for the receiver, whose answers wait for each commit's fsync."""
+    `live`: for the receiver, whose answers wait for each commit's fsync.
+    `refresh_keys`: see EventStore.open."""
     store_settings = settings.store
     store = EventStore(
         store_settings.data_dir,
@@ -48,7 +60,7 @@ def open_store(
         dedup_horizon_s=store_settings.dedup_horizon_s,
         preallocate=live and store_settings.preallocate_journal,
     )
-    recovery = store.open()
+    recovery = store.open(refresh_keys)
     stats = Stats()
     seen = SeenReports(store_settings.dedup_horizon_s)
     # In runs, each remembered until event time is past the latest of its run: one
@@ -125,9 +137,18 @@ class Engine:
         if settings.detection.enabled:
             # Refuse to start on invalid rules (file:line for each problem); the
             # lake writer loads them again in its own process.
-            load_detectors(settings.detection.rules_dir, 100, models=True)
+            check_rules(settings.detection.rules_dir)
         self.codec = settings_codec(settings)
-        self.store, self.intake, self.stats = open_store(settings, self.codec)
+        self.writer = LakeWriterProcess(settings)
+        try:
+            # A key file that cannot be trusted is rebuilt by the lake writer, started
+            # early for it.
+            self.store, self.intake, self.stats = open_store(
+                settings, self.codec, refresh_keys=self.writer.wait_for_keys
+            )
+        except BaseException:
+            self.writer.stop()
+            raise
         self.allow = AllowList(settings.receiver.allow)
         self.server = ReportServer(
             codec=self.codec,
@@ -143,14 +164,14 @@ class Engine:
             tick_s=settings.detection.tick_s,
             max_lake_backlog=settings.store.max_lake_backlog,
         )
-        self.writer = LakeWriterProcess(settings)
         self.stats.lake = self.writer.counters
         self.housekeeping = Housekeeping(self.store, self.stats, self.writer, settings)
         self._metrics_server: Any = None
 
     async def start(self) -> None:
         try:
-            self.writer.start()
+            if not self.writer.started:
+                self.writer.start()
             await self.server.start()
             if self.settings.metrics.listen:
                 host, port = parse_hostport(self.settings.metrics.listen)
@@ -159,6 +180,9 @@ class Engine:
                 )
                 log.info("metrics on http://%s:%d/metrics", host, port)
             self.housekeeping.start()
+            if not (self.settings.store.data_dir / "callsentry.duckdb").exists():
+                # A new data dir: analysts can connect once serve says it is serving.
+                await asyncio.get_running_loop().run_in_executor(None, self.writer.wait_for_views)
         except BaseException:
             await self.stop()
             raise
@@ -188,13 +212,15 @@ class Engine:
 
 async def serve(settings: Settings) -> int:
     engine = Engine(settings)
-    await engine.start()
-    tune_gc_for_receiver()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Before the start: answers may leave before it returns (it can wait for the lake
+    # writer), and a SIGTERM from then on must stop the engine in order.
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, engine.writer.reload_rules)
+    await engine.start()
+    tune_gc_for_receiver()
     try:
         await stop.wait()
         log.info("stopping: answering what was accepted, then writing the lake")

@@ -14,6 +14,37 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from engine.core.events import RejectReason
+
+# The lake writer's counters, shared with the receiver's process for its metrics (one
+# int64 each; the receiver only reads them).
+COUNTERS = (
+    "flushed",
+    "flushed_segments",
+    "flush_failures",
+    "compacted_files",
+    "calls",
+    "alerts",
+    "evicted_keys",
+    "evicted_calls",
+    *(f"rejected_{reason.value}" for reason in RejectReason),
+)
+
+
+class SharedCounters:
+    def __init__(self, array: Any) -> None:
+        self.array = array
+
+    @classmethod
+    def create(cls, context: Any) -> SharedCounters:
+        return cls(context.Array("q", len(COUNTERS), lock=False))
+
+    def add(self, name: str, value: int = 1) -> None:
+        self.array[COUNTERS.index(name)] += value
+
+    def get(self, name: str) -> int:
+        return int(self.array[COUNTERS.index(name)])
+
 
 @dataclass
 class Stats:
@@ -71,8 +102,6 @@ class Stats:
         return max(0, self.stored - self.flushed) if self.lake is not None else 0
 
     def rejected_by_reason(self) -> dict[str, int]:
-        from engine.core.events import RejectReason
-
         counts = {r.value: self.lake_count(f"rejected_{r.value}") for r in RejectReason}
         return {reason: count for reason, count in counts.items() if count}
 

@@ -3,7 +3,8 @@ needs to know (the next sequence number, the keys seen within the dedup horizon)
 
 `commit()` runs on the committer thread and returns once a batch is fsync'd;
 `seal()` runs as a scheduler job. One lock orders them. The lake side lives in
-`lakewriter.py`, in a process of its own.
+`engine.lake.writer`, in a process of its own; what a restart needs from the lake
+comes from the key file it keeps (`engine.ingest.keyfile`), never from the lake.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,16 @@ from engine.ingest.journal import (
     JournalError,
     read_segment,
     sealed_segments,
+    segment_number,
 )
-from engine.lake.parquet import Lake, item_of
+from engine.ingest.keyfile import (
+    KeyFileError,
+    StoredKeys,
+    key_file_path,
+    lake_segment_ranges,
+    read_key_file,
+)
+from engine.ingest.records import item_of
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,8 @@ class Recovery:
     next_seq: int = 1
     # (call_id, serial, ts) of reports stored within the dedup horizon, oldest first.
     recent_keys: list[tuple[str, int, float]] = field(default_factory=list)
+    # Why the key file could not be trusted as it was (then the lake writer rebuilt it).
+    key_file_problem: str | None = None
 
 
 class DataDirLock:
@@ -122,7 +134,6 @@ class EventStore:
     ) -> None:
         self.data_dir = data_dir
         self.codec = codec
-        self.lake = Lake(data_dir)
         self.journal = Journal(
             data_dir / "journal", codec_header(codec), fsync=fsync, preallocate=preallocate
         )
@@ -131,29 +142,35 @@ class EventStore:
         self._dir_lock = DataDirLock(data_dir)
         self._opened = False
 
-    def open(self) -> Recovery:
+    def open(self, refresh_keys: Callable[[], None] | None = None) -> Recovery:
+        """Lock the data dir and recover. `refresh_keys` has the lake writer rebuild the
+        key file, and returns once it has (see `_stored_keys`); without it, a key file
+        that cannot be trusted is a StoreError."""
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._dir_lock.acquire()
         except OSError as error:
             raise StoreError(f"data dir {self.data_dir}: {error.strerror}") from None
         try:
-            recovery = self._recover()
+            recovery = self._recover(refresh_keys)
+        except StoreError:
+            self._dir_lock.release()
+            raise
         except OSError as error:
             self._dir_lock.release()
             raise StoreError(f"data dir {self.data_dir}: {error}") from None
         self._opened = True
         return recovery
 
-    def _recover(self) -> Recovery:
+    def _recover(self, refresh_keys: Callable[[], None] | None) -> Recovery:
         recovery = Recovery()
-        self.lake.prepare()
         highest_segment = self.journal.seal_leftovers()
         # Reports in sealed segments are durable but maybe not in the lake yet.
         # A lake writer left behind by a receiver that was killed may still be turning
         # sealed segments into Parquet (and deleting them) while we start: we must not
         # wait for it, the switch retries for 18 s only. So read the sealed segments
-        # first and the lake after: a segment gone in between is in the lake by then.
+        # first and the key file after: the lake writer puts a segment's keys in the
+        # key file before it deletes the segment, so one gone in between is there.
         journaled: list[tuple[int, Key | None, float]] = []
         sealed = sealed_segments(self.journal.directory)
         for path in sealed:
@@ -174,34 +191,54 @@ class EventStore:
                         item = item_of(record)
                         journaled.append((frame.first_seq + offset, item.key, item.ts))
         recovery.sealed_segments = len(sealed)
-        # A new data dir (its lake holding placeholders only) asks DuckDB nothing: two
-        # queries over empty files took half of opening the store.
-        max_seq = max_ts_us = None
-        lake_keys: list[tuple[Any, ...]] = []
-        holds_reports = self.lake.holds_reports()
-        if holds_reports:
-            max_seq, max_ts_us = self.lake.query(
-                "SELECT max(seq), max(epoch_us(ts)) FROM (SELECT seq, ts FROM events "
-                "UNION ALL SELECT seq, ts FROM rejects)"
-            )[0]
-        latest = max([(max_ts_us or 0) / 1_000_000] + [ts for _, _, ts in journaled])
-        recovery.next_seq = max([max_seq or 0] + [seq for seq, _, _ in journaled]) + 1
+        numbers = {n for path in sealed if (n := segment_number(path)) is not None}
+        stored, lake_ranges, recovery.key_file_problem = self._stored_keys(numbers, refresh_keys)
+        latest = max([stored.max_ts] + [ts for _, _, ts in journaled])
+        recovery.next_seq = max([stored.max_seq] + [seq for seq, _, _ in journaled]) + 1
         since = latest - self.dedup_horizon_s
-        if holds_reports:
-            lake_keys = self.lake.query(
-                "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
-                "SELECT call_id, serial, ts FROM events WHERE ts >= to_timestamp(?) "
-                "UNION ALL SELECT call_id, serial, ts FROM rejects "
-                "WHERE ts >= to_timestamp(?) AND call_id IS NOT NULL) ORDER BY t",
-                (since, since),
-            )
-        recovery.recent_keys = [(c, s, t) for c, s, t in lake_keys] + [
+        lake_keys = [key for key in stored.keys if key[2] >= since]
+        lake_keys.sort(key=lambda key: key[2])
+        recovery.recent_keys = lake_keys + [
             (key[0], key[1], ts) for _, key, ts in journaled if key is not None and ts >= since
         ]
         # Never reuse a segment number: the lake names its files after them.
-        self.journal.start(max(highest_segment, self.lake.highest_segment()) + 1)
-        self.lake.publish_views()
+        in_lake = max([stored.segment] + [last for _, last in lake_ranges])
+        self.journal.start(max(highest_segment, in_lake) + 1)
         return recovery
+
+    def _stored_keys(
+        self, journaled: set[int], refresh_keys: Callable[[], None] | None
+    ) -> tuple[StoredKeys, list[tuple[int, int]], str | None]:
+        """The key file's content, the lake's segment ranges (from file names), and what
+        was wrong with the key file before the lake writer rebuilt it, if anything."""
+        path = key_file_path(self.data_dir)
+        lake_root = self.data_dir / "lake"
+        try:
+            # Missing: a new data dir, or a lake whose segments are all still journaled
+            # (else `fresh_against` finds the lake ahead of it).
+            stored = read_key_file(path) or StoredKeys(horizon_s=self.dedup_horizon_s)
+            ranges = lake_segment_ranges(lake_root)
+            problem = stored.fresh_against(ranges, journaled, self.dedup_horizon_s)
+        except KeyFileError as error:
+            problem = f"damaged ({error})"
+        if problem is None:
+            return stored, ranges, None
+        if refresh_keys is None:
+            raise StoreError(
+                f"key file {path}: {problem}; the lake writer rebuilds it at its start "
+                "(callsentry serve and replay start one)"
+            )
+        log.warning("key file %s: %s; the lake writer rebuilds it from the lake", path, problem)
+        refresh_keys()
+        try:
+            stored = read_key_file(path) or StoredKeys(horizon_s=self.dedup_horizon_s)
+            ranges = lake_segment_ranges(lake_root)
+            still = stored.fresh_against(ranges, journaled, self.dedup_horizon_s)
+        except KeyFileError as error:
+            still = f"damaged ({error})"
+        if still is not None:
+            raise StoreError(f"key file {path}: {still}, after the lake writer rebuilt it")
+        return stored, ranges, problem
 
     def commit(
         self, kind: bytes, first_seq: int, payload: bytes, answers: AnswersOn | None = None

@@ -31,15 +31,15 @@ from typing import Any, cast
 import duckdb
 import polars as pl
 
-from engine.core.events import CallEvent, CallState, Reject, RejectReason
+from engine.core.events import CallEvent, Reject
 from engine.ingest.journal import fsync_dir
+from engine.ingest.keyfile import segment_range
+from engine.ingest.records import Item as Item  # the journal's records, re-exported
+from engine.ingest.records import item_of as item_of
+from engine.ingest.records import record_of as record_of
 
 log = logging.getLogger(__name__)
 
-# Journal records: a CallEvent is journaled as its own JSON array (its fields in
-# order); a Reject as a list starting with this marker, its raw bytes as latin-1
-# (which maps every byte to one code point, so they survive JSON exactly).
-REJECT_MARK = "R"
 
 EVENT_SCHEMA: dict[str, Any] = {
     "seq": pl.Int64,
@@ -137,39 +137,9 @@ LEFT JOIN (
 ) r USING (alert_id)
 """
 
-_SEGMENT_NAME = re.compile(r"^(?:seg-(\d{12})|(?:cmp|grp)-(\d{12})-(\d{12}))\.parquet$")
 _GROUP_NAME = re.compile(r"^grp-(\d{12})-(\d{12})\.parquet$")
 _PLACEHOLDER_DAY = "day=1970-01-01"
 _PLACEHOLDER = "empty.parquet"
-
-Item = CallEvent | Reject
-# A report as journaled in a JSON frame (see record_of).
-Record = Any
-
-
-def record_of(item: Item) -> Record:
-    if type(item) is CallEvent:
-        return item
-    reject = cast(Reject, item)
-    return [
-        REJECT_MARK,
-        reject.ts,
-        reject.reason.value,
-        reject.detail,
-        reject.call_id,
-        reject.serial,
-        reject.source,
-        reject.raw.decode("latin-1"),
-    ]
-
-
-def item_of(record: Record) -> Item:
-    if record[0] == REJECT_MARK:
-        _, ts, reason, detail, call_id, serial, source, raw = record
-        return Reject(
-            ts, RejectReason(reason), detail, raw.encode("latin-1"), call_id, serial, source
-        )
-    return CallEvent(record[0], record[1], record[2], CallState(record[3]), *record[4:11])
 
 
 def _ts_series(values: Sequence[float]) -> pl.Series:
@@ -228,14 +198,7 @@ def frames_of(batches: Iterable[tuple[int, Sequence[Item]]]) -> dict[str, pl.Dat
     return {"events": event_frame, "rejects": reject_frame}
 
 
-def _segment_range(name: str) -> tuple[int, int] | None:
-    match = _SEGMENT_NAME.match(name)
-    if match is None:
-        return None
-    if match.group(1) is not None:
-        number = int(match.group(1))
-        return number, number
-    return int(match.group(2)), int(match.group(3))
+_segment_range = segment_range
 
 
 def _days(frame: pl.DataFrame, column: str) -> list[tuple[str, pl.DataFrame]]:

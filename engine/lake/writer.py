@@ -5,6 +5,11 @@ Parquet and compaction never hold the receiver's interpreter lock; `replay`
 runs the same code inline. A segment is deleted only after its Parquet files
 are durable; a crash in between is repaired on the next start (the segment's
 partial files are dropped and written again), so every report lands once.
+
+At its start it prepares the lake (placeholders, interrupted compactions), rebuilds
+the key file the receiver recovers from (engine.ingest.keyfile) and publishes the
+analysts' views; after each lake write, before the journal segment goes, it puts
+the segment's keys in the key file.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from engine.core.events import CallEvent, CallState, Reject, RejectReason
+from engine.core.events import CallEvent, CallState, Reject
 from engine.core.yamlfile import YamlFileError
 from engine.detect.alerts import Alert, AlertSink
 from engine.detect.calls import call_columns
@@ -41,39 +46,13 @@ from engine.ingest.journal import (
     segment_number,
     tick_of,
 )
+from engine.ingest.keyfile import RecentKeys, StoredKey, key_file_path
+from engine.ingest.records import Item, item_of
+from engine.ingest.stats import COUNTERS, SharedCounters
 from engine.ingest.store import codec_of
-from engine.lake.parquet import ALERT_SCHEMA, CALL_SCHEMA, Item, Lake, item_of
+from engine.lake.parquet import ALERT_SCHEMA, CALL_SCHEMA, Lake
 
 log = logging.getLogger(__name__)
-
-
-# Counters shared with the receiver's process for its metrics (one int64 each).
-COUNTERS = (
-    "flushed",
-    "flushed_segments",
-    "flush_failures",
-    "compacted_files",
-    "calls",
-    "alerts",
-    "evicted_keys",
-    "evicted_calls",
-    *(f"rejected_{reason.value}" for reason in RejectReason),
-)
-
-
-class SharedCounters:
-    def __init__(self, array: Any) -> None:
-        self.array = array
-
-    @classmethod
-    def create(cls, context: Any) -> SharedCounters:
-        return cls(context.Array("q", len(COUNTERS), lock=False))
-
-    def add(self, name: str, value: int = 1) -> None:
-        self.array[COUNTERS.index(name)] += value
-
-    def get(self, name: str) -> int:
-        return int(self.array[COUNTERS.index(name)])
 
 
 @dataclass
@@ -143,7 +122,10 @@ class LakeWriter:
         pipeline: Pipeline | None = None,
         sinks: Sequence[AlertSink] = (),
         snapshots: bool = True,
+        dedup_horizon_s: float = 3600.0,
     ) -> None:
+        """Starts the lake writer's work on `data_dir`: the caller holds its lock
+        (`lake_writer_lock`), or is the only process on the data dir."""
         self.data_dir = data_dir
         self.lake = Lake(data_dir)
         self.journal_dir = data_dir / "journal"
@@ -163,8 +145,12 @@ class LakeWriter:
         self._primed: dict[int, list[Step]] = {}
         self.position = Position(0, 0)
         self.snapshot_file = snapshot_path(data_dir) if snapshots and pipeline else None
-        # Before the restore: its catch-up feeds detection what the lake holds.
+        self.lake.prepare()
+        # Before the restore: its catch-up feeds detection what the lake holds already.
         self.settle()
+        self.keys = RecentKeys(key_file_path(data_dir), dedup_horizon_s)
+        self.rebuild_keys()
+        self.lake.publish_views()
         if self.snapshot_file is not None:
             self._restore(self.snapshot_file)
 
@@ -196,6 +182,54 @@ class LakeWriter:
                 fsync_dir(self.journal_dir)
         for number in sorted(journaled):
             self.lake.drop_segment(number)
+
+    def rebuild_keys(self) -> None:
+        """Write the key file afresh from what the lake holds (after `settle`: the lake
+        then holds no segment that is still in the journal)."""
+        max_seq = max_ts_us = None
+        keys: list[StoredKey] = []
+        # A new data dir (its lake holding placeholders only) asks DuckDB nothing.
+        if self.lake.holds_reports():
+            max_seq, max_ts_us = self.lake.query(
+                "SELECT max(seq), max(epoch_us(ts)) FROM (SELECT seq, ts FROM events "
+                "UNION ALL SELECT seq, ts FROM rejects)"
+            )[0]
+            since = (max_ts_us or 0) / 1_000_000 - self.keys.horizon_s
+            keys = [
+                (call_id, serial, t)
+                for call_id, serial, t in self.lake.query(
+                    "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
+                    "SELECT call_id, serial, ts FROM events WHERE ts >= to_timestamp(?) "
+                    "UNION ALL SELECT call_id, serial, ts FROM rejects "
+                    "WHERE ts >= to_timestamp(?) AND call_id IS NOT NULL "
+                    "AND serial IS NOT NULL) ORDER BY t",
+                    (since, since),
+                )
+            ]
+        self.keys.reset(
+            self.lake.highest_segment(), max_seq or 0, (max_ts_us or 0) / 1_000_000, keys
+        )
+
+    def _remember_keys(self, segment: int, batches: list[tuple[int, list[Item]]]) -> None:
+        """Put the keys of reports just written to the lake in the key file; before their
+        journal segments go, so a restarting receiver finds each in one or the other."""
+        keys: list[StoredKey] = []
+        max_seq = 0
+        max_ts = 0.0
+        for first_seq, items in batches:
+            if not items:
+                continue
+            max_seq = max(max_seq, first_seq + len(items) - 1)
+            max_ts = max(max_ts, max(item.ts for item in items))
+            if set(map(type, items)) == {CallEvent}:
+                events: list[CallEvent] = items  # type: ignore[assignment]
+                keys.extend((e.call_id, e.serial, e.ts) for e in events)
+                continue
+            for item in items:
+                key = item.key
+                if key is not None:
+                    keys.append((key[0], key[1], item.ts))
+        self.keys.add(segment, max_seq, max_ts, keys)
 
     def _restore(self, path: Path) -> None:
         assert self.pipeline is not None
@@ -365,6 +399,7 @@ class LakeWriter:
         # A crash may have left part of this segment's Parquet; write it whole again.
         self.lake.drop_segment(number)
         reports = self.lake.write_segment(number, batches, derived)
+        self._remember_keys(number, batches)
         path.unlink()
         with self._lock:
             del self._decoded[number]
@@ -403,6 +438,7 @@ class LakeWriter:
                 "shadow_alerts": alerts_frame([a for a in alerts if a.mode != "alert"]),
             },
         )
+        self._remember_keys(last, batches)
         # The last segment first and on its own: gone, it says the group is whole.
         sealed_path(self.journal_dir, last).unlink()
         fsync_dir(self.journal_dir)

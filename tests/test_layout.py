@@ -1,0 +1,108 @@
+"""What each process loads: the receiver (`serve`'s main process) and the small
+commands stay light. DuckDB, polars, pyarrow, River and SciPy belong to the lake
+writer, replay, backtest and the rule checker, each a process of its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from engine.core.events import CallEvent, CallState
+from engine.ingest.codec import Vos3000TextCodec
+from engine.ingest.journal import DATAGRAMS, datagram_payload
+from engine.ingest.keyfile import key_file_path
+from engine.ingest.store import EventStore
+from engine.lake.writer import LakeWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("duckdb", "polars", "pyarrow", "river", "scipy")
+T0 = 1795860000.0
+
+# Builds and starts the receiver's Engine (rules checked, store recovered, lake writer
+# started, socket bound), stops it, and prints what the process loaded and recovered.
+RECEIVER = """
+import asyncio, json, sys
+from engine.apps.serve import Engine
+from engine.apps.settings import load_settings
+
+settings = load_settings(None, {
+    "receiver": {"listen": ["127.0.0.1:0"]},
+    "store": {"data_dir": sys.argv[1]},
+    "detection": {"rules_dir": sys.argv[2]},
+}, environ={})
+
+async def main():
+    engine = Engine(settings)
+    await engine.start()
+    seen = [list(key) for key in [("call-1", 1), ("call-9", 1)] if key in engine.intake.seen]
+    next_seq = engine.intake.next_seq
+    await engine.stop()
+    return {"modules": sorted(sys.modules), "next_seq": next_seq, "seen": seen}
+
+print(json.dumps(asyncio.run(main())))
+"""
+
+
+def heavy_in(modules: list[str]) -> list[str]:
+    return [name for name in modules if name.split(".")[0] in HEAVY]
+
+
+def run_receiver(data_dir: Path) -> dict[str, object]:
+    result = subprocess.run(
+        [sys.executable, "-c", RECEIVER, str(data_dir), str(ROOT / "rules")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, object] = json.loads(result.stdout.splitlines()[-1])
+    return answer
+
+
+def reports_in_the_lake(data_dir: Path, count: int) -> None:
+    codec = Vos3000TextCodec()
+    store = EventStore(data_dir, codec)
+    store.open()
+    for n in range(count):
+        event = CallEvent(T0 + n, f"call-{n}", 1, CallState.RINGING, 180, "1", "2", "", "7", "m")
+        store.commit(DATAGRAMS, n + 1, datagram_payload([(event.ts, "", codec.encode(event))]))
+        store.seal()
+    store.close()
+    LakeWriter(data_dir).drain()
+
+
+def test_the_receiver_process_loads_no_lake_or_model_library(tmp_path: Path) -> None:
+    answer = run_receiver(tmp_path / "data")
+    modules = answer["modules"]
+    assert isinstance(modules, list) and "engine.ingest.receiver" in modules
+    assert heavy_in(modules) == []
+    assert key_file_path(tmp_path / "data").exists(), "the lake writer ran and wrote it"
+
+
+def test_a_receiver_whose_key_file_is_gone_has_the_lake_writer_rebuild_it_and_stays_light(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    reports_in_the_lake(data_dir, 3)
+    key_file_path(data_dir).unlink()
+    answer = run_receiver(data_dir)
+    modules = answer["modules"]
+    assert isinstance(modules, list) and heavy_in(modules) == []
+    assert answer["next_seq"] == 4, "numbering carries on after the lake's last report"
+    assert answer["seen"] == [["call-1", 1]], "a report in the lake only is a duplicate"
+    assert key_file_path(data_dir).exists()
+
+
+def test_help_and_the_command_line_load_no_lake_or_model_library() -> None:
+    script = "import json, sys, engine.apps.cli; print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert heavy_in(json.loads(result.stdout)) == []
+    helped = subprocess.run(
+        [sys.executable, "-m", "engine", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0 and "serve" in helped.stdout

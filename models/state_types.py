@@ -1,12 +1,12 @@
 """How the models' state is written in detection snapshots: a stable state type per
-class (see engine.detect.snapshot). A model's spec is not written: it comes from its
+class (see engine.detect.state). A model's spec is not written: it comes from its
 YAML file when the snapshot is restored (a model whose logic changed starts cold)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from engine.detect.snapshot import register_state_type
+from engine.detect.state import register_state_type
 from models.caller import CallerModel
 from models.caller_state import CallerState
 from models.menu import MenuModel, MenuState, MenuTraffic, SeasonalVolume

@@ -21,7 +21,8 @@ from engine.core.yamlfile import YamlFileError
 from engine.detect import migrations
 from engine.detect.calls import Call
 from engine.detect.rules import load_rules
-from engine.detect.snapshot import revive, snapshot_path
+from engine.detect.snapshot import snapshot_path
+from engine.detect.state import revive
 from engine.simulator.scenario import Generated, generate, load_scenario, write_files
 from models.base import ModelFinding, never_quiet
 from models.caller import CallerModel, surprise

@@ -43,8 +43,9 @@ from typing import Any
 from engine.detect.alerts import Alert
 from engine.detect.calls import call_columns
 from engine.detect.pipeline import Output, Pipeline
-from engine.detect.snapshot import Position, Snapshot, put_in_place
 from engine.detect.snapshot import prepare as snapshot_prepare
+from engine.detect.snapshot import put_in_place
+from engine.detect.state import Position, Snapshot
 from engine.lake.parquet import Item
 
 log = logging.getLogger(__name__)

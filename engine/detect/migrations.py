@@ -5,7 +5,7 @@ Python objects by class path. It is read here, and only here, with an unpickler 
 resolves each of callsentry's class paths to a stand-in recording what the pickle
 gave it (constructor arguments, state); the standard containers and River's objects
 load as themselves. The stand-ins are then turned into today's objects through the
-state types of engine.detect.snapshot, after each older shape is brought to today's
+state types of engine.detect.state, after each older shape is brought to today's
 (the conversions below, oldest first). So an upgrade carries on from the last
 snapshot rather than starting detection cold.
 
@@ -23,7 +23,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-from engine.detect.snapshot import Position, Snapshot, SnapshotError, allowed_global, revive
+from engine.detect.state import Position, Snapshot, SnapshotError, allowed_global, revive
 
 # v2 class paths -> today's state type names.
 V2_STATE_TYPES = {

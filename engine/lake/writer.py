@@ -33,9 +33,10 @@ from engine.detect.alerts import Alert, AlertSink
 from engine.detect.calls import call_columns
 from engine.detect.pipeline import Output, Pipeline
 from engine.detect.rules import RuleSet
-from engine.detect.snapshot import Position, Snapshot, snapshot_path
 from engine.detect.snapshot import load as snapshot_load
 from engine.detect.snapshot import save as snapshot_save
+from engine.detect.snapshot import snapshot_path
+from engine.detect.state import Position, Snapshot
 from engine.ingest.journal import (
     DATAGRAMS,
     TICK,

@@ -1,0 +1,194 @@
+"""Detection state as data: what a snapshot holds and the names its parts go by.
+
+Every object of callsentry's own in a snapshot is written by its *state type*: a
+stable name registered here (`register_state_type`) with the fields that type
+declares, never its Python class path. The names are the snapshot's schema: a class
+may move, be renamed or change its internals, and a snapshot still says what it
+holds; a changed shape gets a new name and a conversion in engine.detect.migrations.
+Detection's own types are registered here; the models register theirs
+(models/state_types.py). `allowed_global` says what else a payload may name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.detect.aggregates import FirstSeenState, SequentialState, SpikeState
+from engine.detect.alerts import AlertManager
+from engine.detect.calls import Call, CallTracker, DeadlineQueue, TrackerStats
+from engine.detect.windows import CountState, EwBaseline, KeyedState, Snapshotted, ValueState
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far the state goes: the last journal segment and report sequence fed to it."""
+
+    segment: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    position: Position
+    state: dict[str, Any]
+    taken_at: float
+
+
+class SnapshotError(Exception):
+    pass
+
+
+StateOf = Callable[[Any], dict[str, Any]]
+Revive = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class StateType:
+    name: str
+    cls: type
+    state_of: StateOf
+    revive: Revive
+
+
+STATE_TYPES: dict[str, StateType] = {}
+_BY_CLASS: dict[type, StateType] = {}
+
+
+def _snapshotted_state(obj: Any) -> dict[str, Any]:
+    state: dict[str, Any] = obj.__getstate__()
+    return state
+
+
+def _snapshotted_revive(cls: type) -> Revive:
+    def revive(fields: dict[str, Any]) -> Any:
+        # Every Snapshotted class can be made with no arguments (see windows.Snapshotted).
+        obj = cls()
+        obj.__setstate__(fields)
+        return obj
+
+    return revive
+
+
+def _attributes_state(keep: tuple[str, ...] | None, drop: tuple[str, ...]) -> StateOf:
+    def state_of(obj: Any) -> dict[str, Any]:
+        names = keep if keep is not None else tuple(vars(obj))
+        return {name: getattr(obj, name) for name in names if name not in drop}
+
+    return state_of
+
+
+def _attributes_revive(cls: type) -> Revive:
+    def revive(fields: dict[str, Any]) -> Any:
+        obj: Any = object.__new__(cls)
+        obj.__dict__.update(fields)
+        return obj
+
+    return revive
+
+
+def register_state_type(
+    name: str,
+    cls: type,
+    *,
+    keep: tuple[str, ...] | None = None,
+    drop: tuple[str, ...] = (),
+    state_of: StateOf | None = None,
+    revive: Revive | None = None,
+) -> None:
+    """Name how `cls` is written in snapshots. A `Snapshotted` class writes its
+    `state_fields`; another writes its attributes (`keep`, or all of them but `drop`:
+    what is rebuilt from configuration, such as a model's spec, is dropped), unless
+    `state_of`/`revive` say otherwise. A name is never reused for another meaning:
+    a changed shape gets a new name and a migration (engine.detect.migrations)."""
+    if issubclass(cls, Snapshotted):
+        state_of = state_of or _snapshotted_state
+        revive = revive or _snapshotted_revive(cls)
+    else:
+        state_of = state_of or _attributes_state(keep, drop)
+        revive = revive or _attributes_revive(cls)
+    known = STATE_TYPES.get(name)
+    if known is not None and known.cls is not cls:
+        raise ValueError(f"state type {name!r} is already {known.cls.__qualname__}")
+    entry = StateType(name, cls, state_of, revive)
+    STATE_TYPES[name] = entry
+    _BY_CLASS[cls] = entry
+
+
+def _call_state(call: Call) -> dict[str, Any]:
+    made_with = (call.call_id, call.caller, call.callee, call.forward, call.menu_id)
+    return {"made_with": (*made_with, call.menu_name, call.started_at), **call.__getstate__()}
+
+
+def _call_revive(fields: dict[str, Any]) -> Call:
+    fields = dict(fields)
+    call = Call(*fields.pop("made_with"))
+    call.__setstate__(fields)
+    return call
+
+
+def _alert_manager_revive(fields: dict[str, Any]) -> AlertManager:
+    manager = AlertManager()
+    for name, value in fields.items():
+        setattr(manager, name, value)
+    return manager
+
+
+register_state_type("call", Call, state_of=_call_state, revive=_call_revive)
+register_state_type("call-tracker", CallTracker)
+register_state_type("call-tracker-stats", TrackerStats)
+register_state_type("deadline-queue", DeadlineQueue)
+register_state_type("alert-manager", AlertManager, revive=_alert_manager_revive)
+register_state_type("keyed-state", KeyedState)
+register_state_type("count-window", CountState)
+register_state_type("value-window", ValueState)
+register_state_type("spike-window", SpikeState)
+register_state_type("first-seen-window", FirstSeenState)
+register_state_type("sequential-window", SequentialState)
+register_state_type("ew-baseline", EwBaseline)
+
+
+def state_type_of(cls: type) -> StateType | None:
+    """The state type `cls` is written as (None: it has none)."""
+    return _BY_CLASS.get(cls)
+
+
+def revive(name: str, fields: dict[str, Any]) -> Any:
+    """An object of state type `name` from its fields (what the payload calls)."""
+    entry = STATE_TYPES.get(name)
+    if entry is None:
+        raise SnapshotError(f"unknown state type {name!r}")
+    return entry.revive(fields)
+
+
+# What a payload may name besides `revive`: the containers and statistics objects
+# are made of. River's statistics and trees are written by River's own pickling.
+_ALLOWED_GLOBALS = {
+    ("engine.detect.state", "revive"),
+    ("collections", "OrderedDict"),
+    ("collections", "deque"),
+    ("collections", "defaultdict"),
+    ("array", "array"),
+    ("array", "_array_reconstructor"),
+    ("random", "Random"),
+    ("functools", "partial"),
+    ("copyreg", "_reconstructor"),
+    ("copyreg", "__newobj__"),
+    ("builtins", "object"),
+    ("builtins", "float"),
+    ("builtins", "int"),
+    ("builtins", "list"),
+    ("builtins", "dict"),
+    ("builtins", "tuple"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "getattr"),
+}
+_ALLOWED_PACKAGES = ("river.",)
+
+
+def allowed_global(module: str, name: str) -> bool:
+    return (module, name) in _ALLOWED_GLOBALS or (
+        module.startswith(_ALLOWED_PACKAGES) and not name.startswith("__")
+    )

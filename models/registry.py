@@ -10,50 +10,19 @@ what the rules may refer to.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from engine.core.yamlfile import YamlDocument, parse_files_with_ids
+from engine.core.yamlfile import YamlDocument
 from engine.detect.calls import Call
-from engine.detect.detectors import Gate, ModelCatalogue
+from engine.detect.detectors import Gate
 from models.base import Model, ModelFinding, Quiet, RecentCalls, never_quiet
 from models.caller import CallerModel
+from models.catalogue import model_logic
 from models.menu import MenuModel
 from models.spec import ModelSpec
-
-MODELS_FOLDER = "models"
-
-
-def models_dir(rules_path: Path) -> Path:
-    return (rules_path.parent if rules_path.is_file() else rules_path) / MODELS_FOLDER
-
-
-def model_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
-
-
-def model_logic(spec: ModelSpec) -> str:
-    # What the model learns from and how: a changed title or threshold keeps its state.
-    logic = spec.model_dump(
-        include={
-            "kind",
-            "features",
-            "trees",
-            "recent_calls",
-            "short_s",
-            "step",
-            "window",
-            "min_calls",
-            "min_calls_in_window",
-        }
-    )
-    return hashlib.sha256(json.dumps(logic, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build(spec: ModelSpec, version: str, max_keys: int) -> Model:
@@ -148,10 +117,6 @@ class ModelSet:
         )
 
 
-def load_model_specs(folder: Path, problems: list[str]) -> list[tuple[ModelSpec, YamlDocument]]:
-    return parse_files_with_ids(model_files(folder), ModelSpec, problems, "model")
-
-
 def build_models(documents: list[tuple[ModelSpec, YamlDocument]], max_keys: int) -> ModelSet:
     models: list[Model] = []
     for spec, document in documents:
@@ -160,15 +125,3 @@ def build_models(documents: list[tuple[ModelSpec, YamlDocument]], max_keys: int)
         version = hashlib.sha256(document.path.read_bytes()).hexdigest()[:12]
         models.append(build(spec, version, max_keys))
     return ModelSet(models)
-
-
-def catalogue(
-    documents: list[tuple[ModelSpec, YamlDocument]], problems: Iterable[str] = ()
-) -> ModelCatalogue:
-    """What rules may refer to (engine.detect.rules.load_rules checks their gates
-    against it); `problems`: those found reading the model files."""
-    return ModelCatalogue(
-        tracked={s.id: tuple(s.threshold.quantiles()) for s, _ in documents if s.enabled},
-        disabled=frozenset(s.id for s, _ in documents if not s.enabled),
-        problems=tuple(problems),
-    )

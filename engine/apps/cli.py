@@ -314,11 +314,11 @@ rules_path_argument = click.argument(
 def rules_validate(path: Path) -> None:
     """Check every rule file, list and model file under PATH; list every problem as
     file:line."""
-    from engine.apps.lakewriter import load_detectors
+    from engine.apps.lakewriter import check_detectors
     from engine.core.yamlfile import YamlFileError
 
     try:
-        loaded = load_detectors(path, RULE_TEST_MAX_KEYS, models=True)
+        loaded = check_detectors(path)
     except YamlFileError as error:
         _fail_with_problems(error, f"{{count}} problem(s) in {path}", 1)
     modes = [r.spec.mode for r in loaded.rules.rules]

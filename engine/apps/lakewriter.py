@@ -7,7 +7,8 @@ to stop.
 
 The receiver's process imports this module for LakeWriterProcess, and must not load
 DuckDB, polars, pyarrow, River or SciPy: everything that does is imported inside the
-functions that run in the lake writer's process (or in `check_rules`' own).
+functions that run in the lake writer's process. Checking the rules before serve starts
+(`check_rules`) reads the model files without building a model, so it loads no River.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import multiprocessing as mp
 import multiprocessing.synchronize
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,26 +29,47 @@ from engine.core.yamlfile import YamlFileError
 from engine.ingest.stats import SharedCounters
 from engine.ingest.store import StoreError, lake_writer_lock
 
+# Entities a rule keeps when it is only checked, never run.
+RULE_CHECK_MAX_KEYS = 100
+
 if TYPE_CHECKING:
+    from engine.core.yamlfile import YamlDocument
     from engine.detect.alerts import AlertSink
     from engine.detect.pipeline import Pipeline
     from engine.detect.rules import LoadedRules
     from engine.lake.writer import LakeWriter
+    from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+
+def _read_detectors(
+    path: Path, max_keys: int
+) -> tuple[LoadedRules, list[tuple[ModelSpec, YamlDocument]]]:
+    from engine.detect.rules import load_rules
+    from models.catalogue import catalogue, load_model_specs, models_dir
+
+    problems: list[str] = []
+    documents = load_model_specs(models_dir(path), problems)
+    loaded = load_rules(path, max_keys=max_keys, models=catalogue(documents, problems))
+    return loaded, documents
+
+
+def check_detectors(path: Path) -> LoadedRules:
+    """The rules under `path`, checked with the model files beside them, without building
+    a model (nothing here loads River); raises YamlFileError listing every problem."""
+    return _read_detectors(path, RULE_CHECK_MAX_KEYS)[0]
 
 
 def load_detectors(path: Path, max_keys: int, *, models: bool) -> LoadedRules:
     """Rules and models under `path` (the models in its `models/` folder); raises
     YamlFileError listing every problem of both. `models`: whether the models run
     (their files are checked either way)."""
-    from engine.detect.rules import load_rules
-    from models import state_types  # noqa: F401  (the models' state in snapshots)
-    from models.registry import build_models, catalogue, load_model_specs, models_dir
+    # The models' state types, for snapshots, whether or not the models run now.
+    from models import state_types  # noqa: F401
+    from models.registry import build_models
 
-    problems: list[str] = []
-    documents = load_model_specs(models_dir(path), problems)
-    loaded = load_rules(path, max_keys=max_keys, models=catalogue(documents, problems))
+    loaded, documents = _read_detectors(path, max_keys)
     if not models:
         # Rules that ask for a model's score then never fire; say so.
         for rule in loaded.rules.rules:
@@ -93,24 +114,10 @@ def make_sinks(settings: Settings) -> list[AlertSink]:
     return sinks
 
 
-def rule_problems(rules_dir: Path) -> list[str]:
-    """Every problem of the rule set and its models under `rules_dir` (`file:line: key:
-    reason`)."""
-    try:
-        load_detectors(rules_dir, 100, models=True)
-    except YamlFileError as error:
-        return error.problems
-    return []
-
-
 def check_rules(rules_dir: Path) -> None:
-    """Raise YamlFileError listing every problem of the rule set under `rules_dir`.
-    Checked in a short-lived process of its own: loading rules loads the models
-    (River), which the receiver's process never does."""
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as checker:
-        problems = checker.submit(rule_problems, rules_dir).result()
-    if problems:
-        raise YamlFileError(problems)
+    """Raise YamlFileError listing every problem of the rule set under `rules_dir` and
+    its model files (the receiver's check before it starts: no model is built)."""
+    check_detectors(rules_dir)
 
 
 class _RuleWatcher:

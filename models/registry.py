@@ -46,8 +46,8 @@ class ModelSet:
 
     models: list[Model] = field(default_factory=list)
     # No model has work to do in `advance` before this event time: detection asks
-    # only from then on (it moves time at nearly every report, and a call into the
-    # models each time was a tenth of what they cost). -inf after `models` changes.
+    # only from then on (it moves time at nearly every report). -inf after `models`
+    # changes.
     due: float = -math.inf
 
     def __len__(self) -> int:

@@ -173,8 +173,8 @@ def lower_priority(priority: str) -> None:
     group commit, and the switch (and the bench's load) keeps a bounded number
     unanswered. At nice 10 this process still ran whenever a receiver thread
     slept for an instant, and each wake-up of a receiver thread then waited for
-    it to be preempted. SCHED_IDLE is preempted at once: measured at full speed,
-    45,000-50,000 answered/s at nice 10 against 53,000-56,000 idle.
+    it to be preempted. SCHED_IDLE is preempted at once (figures: bench/README.md,
+    "Ingest").
     Policies are per thread on Linux: every thread that exists now is set, and
     threads started later inherit it from the thread that starts them.
     """

@@ -177,11 +177,8 @@ def call_columns(calls: list[Call]) -> dict[str, Any]:
     engine.lake.parquet.CALL_SCHEMA (CALL_COLUMNS): texts as lists of str, numbers (times in
     epoch seconds) as `array("d")` with NaN where unknown. Built here (compiled where
     built) for the lake writer's frame, and cheap to pickle from a process that runs
-    detection: a column of doubles pickles as one block of bytes, where a list of
-    Python ints and floats pickled number by number; with the texts each made one
-    object per distinct value (so pickle sends a repeated caller once), pickling,
-    unpickling and framing 65,000 calls each took a quarter to a third of what they
-    did as plain lists; the hand-over as a whole, about 0.3 s to 0.2 s."""
+    detection: a column of doubles pickles as one block of bytes, and each text is one
+    object per distinct value, so pickle sends a repeated caller once."""
     call_id: list[str] = []
     caller: list[str] = []
     callee: list[str] = []
@@ -351,8 +348,9 @@ class CallTracker(Snapshotted):
         # settles after a Bye, long calls' limits.
         self._in_order = [DeadlineQueue(), DeadlineQueue(), DeadlineQueue()]
         # The rest (reports out of order), a heap of floats, and the call ids due at
-        # each. Floats, not (deadline, call_id) tuples: comparing tuples was most of the
-        # heap's cost. One call id due at a moment is kept as it is, several in a list.
+        # each: floats, which compare as doubles, where (deadline, call_id) tuples would
+        # compare element by element. One call id due at a moment is kept as it is,
+        # several in a list.
         self.deadlines: list[float] = []
         self._due: dict[float, str | list[str]] = {}
         # The earliest entry of the queues and the heap (inf: none): detection asks
@@ -532,8 +530,8 @@ class CallTracker(Snapshotted):
         heap = self.deadlines
         while heap and heap[0] == deadline:
             _heappop(heap)
-            # get and del, not pop(deadline, None): compiled, that is a method call
-            # looked up by name, several times the cost of the two lookups.
+            # get and del, which compile to direct dict operations (pop with a default
+            # is a method call looked up by name).
             ids = self._due.get(deadline)
             if ids is None:
                 continue  # an equal entry came up already

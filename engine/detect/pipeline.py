@@ -114,7 +114,7 @@ class Pipeline:
             # deadline (a late report can set one that has passed already), calls
             # evicted, a model's step, or housekeeping. Otherwise only the time moves
             # (the tracker's with the report): most reports move event time on with
-            # nothing due, and `advance` cost more than the report itself.
+            # nothing due, and `advance` does more work than the report itself.
             if ts > self.now:
                 if (
                     tracker.next_due <= ts

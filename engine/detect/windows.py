@@ -253,7 +253,7 @@ class KeyedState(Snapshotted, Generic[S]):
         self.evicted = 0
 
     def get(self, key: Hashable) -> S | None:
-        # get and del, not pop(key, None): see CallTracker.advance.
+        # get and del (direct dict operations when compiled), as in CallTracker.advance.
         states = self.states
         state = states.get(key)
         if state is not None:

@@ -4,11 +4,11 @@
  * A group commit is write + fdatasync + sendmmsg of its answers. Done from
  * Python, each call gives the GIL up and must take it back before the next,
  * and under load the event loop's thread holds it for up to the switch
- * interval (5 ms) each time: measured, a commit that spends 0.3 ms in the disk
- * took 3-4 ms to answer. `durable_write` makes the three calls in a row with
+ * interval (5 ms) each time, so an answer waits far longer than its fsync.
+ * `durable_write` makes the three calls in a row with
  * the GIL released, so the answers leave the instant the fsync returns.
  *
- * Linux only, and optional: where it is not built, engine/journal.py makes the
+ * Linux only, and optional: where it is not built, engine/ingest/journal.py makes the
  * same calls from Python and the receiver's answerer thread sends the answers.
  */
 #define _GNU_SOURCE

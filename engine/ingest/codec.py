@@ -213,7 +213,7 @@ class Vos3000TextCodec:
                 and len(call_id) <= MAX_CALL_ID_BYTES
                 and call_id.isprintable()
             ):
-                # tuple.__new__ skips the NamedTuple's Python-level __new__ (3x faster).
+                # tuple.__new__ skips the NamedTuple's Python-level __new__.
                 return _new_tuple(
                     Decoded,
                     (

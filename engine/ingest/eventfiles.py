@@ -644,7 +644,7 @@ def read_event_files(
         loading.result()
     if not ordered:
         # Both CallEvent and Reject are tuples led by ts. Rows in event-time order are
-        # checked, not sorted: a third of the cost.
+        # only checked (one pass), not sorted.
         times = list(map(_TS, items))
         if not all(map(operator.le, times, itertools.islice(times, 1, None))):
             items.sort(key=_TS)

@@ -124,7 +124,7 @@ def json_payload(records: list[Any]) -> bytes:
     """Records (decoded reports, as tuples, and quarantined ones, as lists) as one JSON
     array. orjson writes what `json.dumps(..., ensure_ascii=False, separators=(",",
     ":"))` wrote (only an exponent may be spelled 1e-7 for 1e-07; the values are
-    the same), about six times faster: a tenth of replay's time went here. It takes
+    the same), faster. It takes
     a report's NamedTuple only as a plain tuple, which it asks `_as_array` for."""
     return orjson.dumps(records, default=_as_array)
 

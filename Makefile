@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo serve test lint format bench clean
+.PHONY: setup demo serve test lint format bench soak clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/replay.py --rounds 5
 	$(BIN)/python bench/detection.py
+
+# Faults at length (kills, loss, a full disk, the fuzz targets' long budgets): about an
+# hour on two cores; the figures go to bench/README.md.
+soak: setup
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -41,6 +41,7 @@ def test_values_and_the_line_of_every_key(tmp_path: Path) -> None:
         ("id: x\ntitle: [a\n", 3, "expected ','"),
         ("a: 1\n\tb: 2\n", 2, "tab"),
         ("a: b: c\n", 1, "mapping values are not allowed"),
+        ("id: x\nstart: 2026-11-02T94:00:00+00:00\n", 2, "hour must be in 0..23"),
     ],
 )
 def test_bad_yaml_names_the_line(tmp_path: Path, text: str, line: int, reason: str) -> None:

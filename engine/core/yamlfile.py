@@ -31,7 +31,20 @@ _SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoade
 
 class _Loader(_SafeLoader):  # type: ignore[valid-type,misc]
     """YAML 1.2 booleans: only true/false. YAML 1.1 also reads on/off/yes/no as
-    booleans, which would turn a rule's `on:` key into `True`."""
+    booleans, which would turn a rule's `on:` key into `True`.
+
+    A value that looks like a timestamp or a number but is none (`2026-11-02T94:00`)
+    fails as the value's own error at its line, not as a ValueError from deep inside
+    the constructor."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as error:
+            value = repr(node.value)[:60] if isinstance(node, yaml.ScalarNode) else node.tag
+            raise yaml.constructor.ConstructorError(
+                None, None, f"invalid value {value}: {error}", node.start_mark
+            ) from None
 
 
 _Loader.yaml_implicit_resolvers = {

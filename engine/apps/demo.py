@@ -1,5 +1,7 @@
 """`make demo`: start the engine on loopback, drive a compressed scenario through real UDP,
-stop it, and show what was stored and how to look at it."""
+stop it, and show what was stored; then build the analysts' database of the same
+scenario in its own event time (events, calls, alerts, reviews, quarantine) in
+`data/demo/`, and show how to look at it."""
 
 from __future__ import annotations
 
@@ -13,12 +15,89 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
 SCENARIO = Path("data/scenarios/demo.yaml")
 DATA_DIR = Path("data/demo")
+# Rows an event file may carry that are no reports: the quarantine has them to show.
+BAD_ROWS = (
+    "2026-11-02T13:30:00+00:00,demo-bad-1,1,RINGRING,8613800000001,4008001000,,1,Main menu\n"
+    "yesterday,demo-bad-2,1,OK,8613800000002,4008001000,,1,Main menu\n"
+)
+
+
+@dataclass
+class AnalystsDatabase:
+    """What `build_analysts_database` made: its alerts (rule, severity, summary,
+    evidence, alert id) and the reviews it recorded."""
+
+    alerts: list[tuple[str, str, str, list[str], str]]
+    reviewed: list[tuple[str, str]]
+
+
+def build_analysts_database(
+    scenario_dir: Path, data_dir: Path, command: list[str]
+) -> AnalystsDatabase:
+    """Replay the scenario's events (and two rows that are no reports) into `data_dir`
+    in their own event time, then review its alerts as a security team would: each
+    alert whose calls are a labelled incident's is confirmed, any other marked a false
+    positive. Leaves events, calls, alerts, alert_reviews and rejects to query."""
+    shutil.rmtree(data_dir, ignore_errors=True)
+    events = scenario_dir / "events-with-bad-rows.csv"
+    events.write_text(
+        (scenario_dir / "events.csv").read_text(encoding="utf-8") + "".join(BAD_ROWS),
+        encoding="utf-8",
+    )
+    replayed = subprocess.run(
+        [
+            *command,
+            *("replay", str(events), "--data-dir", str(data_dir)),
+            *("--show", "0", "--log-level", "error"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if replayed.returncode not in (0, 1):  # 1: the bad rows were rejected, as meant
+        sys.exit(f"the replay failed:\n{replayed.stdout}{replayed.stderr}")
+    with duckdb.connect(str(data_dir / "callsentry.duckdb"), read_only=True) as con:
+        alerts = [
+            (rule_id, severity, summary, list(evidence), alert_id)
+            for rule_id, severity, summary, evidence, alert_id in con.execute(
+                "SELECT rule_id, severity, summary, evidence, alert_id FROM alerts "
+                "ORDER BY raised_at"
+            ).fetchall()
+        ]
+    labels = [
+        json.loads(line)
+        for line in (scenario_dir / "labels.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    reviewed = []
+    for _, _, _, evidence, alert_id in alerts:
+        caught = [
+            label
+            for label in labels
+            if label["must_alert"] and set(evidence) & set(label["call_ids"])
+        ]
+        status, note = (
+            ("confirmed", f"demo: the calls of incident {caught[0]['incident']}")
+            if caught
+            else ("false_positive", "demo: no labelled incident behind these calls")
+        )
+        subprocess.run(
+            [
+                *command,
+                *("alerts", "review", alert_id, "--status", status, "--note", note),
+                *("--reviewer", "demo", "--data-dir", str(data_dir)),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        reviewed.append((alert_id, status))
+    return AnalystsDatabase(alerts, reviewed)
 
 
 def _free_port() -> int:
@@ -51,7 +130,12 @@ def _send_malformed(port: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--speed", type=float, default=120.0, help="time compression")
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
+    parser.add_argument(
+        "--data-dir", type=Path, default=DATA_DIR.with_name("demo-live"), help="the live run"
+    )
+    parser.add_argument(
+        "--analysts-dir", type=Path, default=DATA_DIR, help="the analysts' database"
+    )
     args = parser.parse_args()
 
     data_dir: Path = args.data_dir
@@ -122,44 +206,30 @@ def main() -> int:
     print("  top menus: " + ", ".join(f"{mid} {name!r} {n}" for mid, name, n in menus))
     print("  quarantined: " + (", ".join(f"{r} {n}" for r, n in rejects) or "none"))
     print()
-    replay_dir = data_dir.with_name(data_dir.name + "-replay")
-    print(f"4. detection: the same scenario replayed in its own event time into {replay_dir}/")
-    shutil.rmtree(replay_dir, ignore_errors=True)
-    replayed = subprocess.run(
-        [
-            *command,
-            "replay",
-            str(data_dir / "scenario" / "events.csv"),
-            "--data-dir",
-            str(replay_dir),
-            "--show",
-            "0",
-            "--log-level",
-            "error",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
+    analysts_dir: Path = args.analysts_dir
+    print(
+        "4. detection: the same scenario in its own event time, replayed into the "
+        f"analysts' database {analysts_dir}/, its alerts reviewed"
     )
-    if replayed.returncode != 0:
-        print(replayed.stdout + replayed.stderr)
-        return 1
-    with duckdb.connect(str(replay_dir / "callsentry.duckdb"), read_only=True) as con:
-        calls_rebuilt = con.execute("SELECT count(*) FROM calls").fetchone() or (0,)
-        alerts = con.execute(
-            "SELECT rule_id, severity, summary, evidence FROM alerts ORDER BY raised_at"
-        ).fetchall()
+    built = build_analysts_database(data_dir / "scenario", analysts_dir, command)
+    analysts_db = analysts_dir / "callsentry.duckdb"
+    with duckdb.connect(str(analysts_db), read_only=True) as con:
+        counts = {
+            table: (con.execute(f"SELECT count(*) FROM {table}").fetchone() or (0,))[0]
+            for table in ("events", "calls", "alerts", "alert_reviews", "rejects")
+        }
     labels = [
         json.loads(line)
         for line in (data_dir / "scenario" / "labels.jsonl").read_text().splitlines()
     ]
-    print(f"  {calls_rebuilt[0]} calls rebuilt, {len(alerts)} alerts:")
-    for rule_id, severity, summary, evidence in alerts:
+    print("  " + ", ".join(f"{table} {n}" for table, n in counts.items()))
+    print(f"  {len(built.alerts)} alerts:")
+    for rule_id, severity, summary, evidence, _ in built.alerts:
         caught = [label["incident"] for label in labels if set(evidence) & set(label["call_ids"])]
         print(f"    [{severity}] {rule_id}: {summary}  <- {', '.join(caught) or 'no incident'}")
     print("  the scenario's labelled incidents:")
     for label in labels:
-        hit = any(set(e) & set(label["call_ids"]) for *_, e in alerts)
+        hit = any(set(e) & set(label["call_ids"]) for *_, e, _ in built.alerts)
         verdict = (
             ("caught" if hit else "MISSED")
             if label["must_alert"]
@@ -167,14 +237,15 @@ def main() -> int:
         )
         print(f"    {label['incident']:<12} {label['family']:<20} {verdict}")
     print()
-    print(f"review alerts: .venv/bin/callsentry alerts list --data-dir {replay_dir}")
-    print("look at them yourself (read-only, also while the engine runs):")
+    print(f"review alerts: .venv/bin/callsentry alerts list --status all --data-dir {analysts_dir}")
+    print("look at them yourself (read-only, also while an engine runs):")
     print(
-        f"  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{database}', read_only=True)"
-        ".sql('SELECT * FROM events LIMIT 5'))\""
+        f"  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{analysts_db}', "
+        "read_only=True).sql('SELECT * FROM alerts_current'))\""
     )
     print(
-        f'  .venv/bin/duckdb -readonly {database} "SELECT state, count(*) FROM events GROUP BY ALL"'
+        f"  .venv/bin/duckdb -readonly {analysts_db} "
+        '"SELECT state, count(*) FROM events GROUP BY ALL"'
     )
     print(f"the scenario's event file and incident labels: {data_dir / 'scenario'}/")
     return 0 if sent.returncode == 0 else 1

@@ -14,6 +14,15 @@ from engine.simulator.scenario import generate, load_scenario, write_files
 from tests.conftest import make_settings
 
 NOTEBOOKS = sorted(Path("notebooks").glob("*.ipynb"))
+# The pictures each notebook draws.
+FIGURES = {
+    "alerts-first-look.ipynb": (
+        "traffic per menu",
+        "answer rate and talk time",
+        "alerts per rule with verdicts",
+        "rule window against its threshold",
+    )
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +56,18 @@ def test_notebook_runs_against_a_replayed_database(
         for output in cell.get("outputs", [])
     )
     assert "model alerts" in printed
+    # Each picture was drawn, from rows (the notebook refuses to draw nothing), and is
+    # in the notebook as an image.
+    for figure in FIGURES.get(path.name, ()):
+        assert f"figure {figure}: drawn from" in printed, f"{figure} was not drawn"
+    images = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.get("outputs", [])
+        if "image/png" in output.get("data", {})
+    ]
+    assert len(images) >= len(FIGURES.get(path.name, ()))
 
 
 def test_there_is_a_notebook() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -390,11 +391,21 @@ def test_hot_reload_swaps_whole_sets_and_keeps_state_of_unchanged_rules(
     (folder / "sequential-dialling.yaml").write_text(
         (folder / "sequential-dialling.yaml").read_text().replace("threshold: 10", "threshold: 12")
     )
+    caplog.set_level(logging.INFO, logger="engine.lake.writer")
     assert writer.reload_rules(lambda: load_detectors(folder, 1000, models=True).rules) is True
     after = {rule.id: rule for rule in pipeline.rules.rules}
     assert after["short-calls-caller"].state.get("someone") is not None, "same logic: state kept"
     assert after["sequential-dialling"].state is before["sequential-dialling"].state
     assert after["fanout-callee-caller"].state is not before["fanout-callee-caller"].state
+    # The log says how many rules and models there are, and how many of each kept state.
+    reloaded = re.search(
+        r"rules reloaded: (\d+) rules and (\d+) models; unchanged, and keeping what they "
+        r"learned: (\d+) rules and (\d+) models",
+        caplog.text,
+    )
+    assert reloaded is not None
+    assert int(reloaded[1]) == len(after) and int(reloaded[3]) == len(after) - 1
+    assert int(reloaded[2]) == len(pipeline.rules.models)
 
 
 # -- the scenario library -------------------------------------------------------------

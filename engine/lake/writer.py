@@ -504,10 +504,15 @@ class LakeWriter:
             return False
         with self._lock:
             kept = self.pipeline.swap_rules(rules)
+        rule_ids = {rule.id for rule in rules.rules}
+        kept_rules = sum(1 for kept_id in kept if kept_id in rule_ids)
         log.info(
-            "rules reloaded: %d rules (window state kept for %d unchanged)",
+            "rules reloaded: %d rules and %d models; unchanged, and keeping what they "
+            "learned: %d rules and %d models",
             len(rules.rules),
-            len(kept),
+            len(rules.models),
+            kept_rules,
+            len(kept) - kept_rules,
         )
         return True
 

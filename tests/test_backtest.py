@@ -14,6 +14,7 @@ import pytest
 from engine.apps.backtest import BacktestReport, backtest, stored_span
 from engine.apps.replay import ReplayReport, replay
 from engine.detect.alerts import Alert
+from engine.lake.reviews import add_review
 from tests.conftest import make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ def test_a_lowered_threshold_adds_an_incident_and_a_dropped_rule_removes_its_own
     # caller's answered calls (at least 20) are short (low and slow); 8: only over 6.
     short_calls(events, {"8613900000001": 20, "8613900000002": 8})
     data_dir = tmp_path / "data"
-    replay([events], make_settings(data_dir))
+    replayed = replay([events], make_settings(data_dir))
     candidate = tmp_path / "rules"
     shutil.copytree(RULES, candidate)
     rule = candidate / "short-calls-caller.yaml"
@@ -89,6 +90,10 @@ def test_a_lowered_threshold_adds_an_incident_and_a_dropped_rule_removes_its_own
     assert "threshold: 15}" in text
     rule.write_text(text.replace("threshold: 15}", "threshold: 6}"))
     (candidate / "short-calls-low-and-slow.yaml").unlink()
+
+    # The team had marked the low-and-slow alert live detection raised a false positive.
+    (slow_alert,) = [a for a in replayed.alerts if a.rule_id == "short-calls-low-and-slow"]
+    add_review(data_dir, slow_alert.alert_id, "false_positive", "a test robot", "tester")
 
     first, last = stored_span(data_dir)
     report = backtest(
@@ -98,6 +103,12 @@ def test_a_lowered_threshold_adds_an_incident_and_a_dropped_rule_removes_its_own
     burst = changes["short-calls-caller"]
     assert (burst.current, burst.candidate) == (1, 2)
     assert [a.entity for a in burst.added] == ["8613900000002"] and not burst.removed
+    # The first caller's burst is the same incident, raised at its 6th short call
+    # rather than its 15th: 9 calls of 6 s earlier.
+    ((old, new),) = burst.earlier
+    assert old.entity == new.entity == "8613900000001" and not burst.later
+    assert old.raised_at - new.raised_at == pytest.approx(54.0)
+    assert report.removed_by_verdict() == {"false_positive": 1}
     # What the dropped rule raises now is gone with it.
     slow = changes["short-calls-low-and-slow"]
     assert (slow.current, slow.candidate) == (1, 0) and not slow.added

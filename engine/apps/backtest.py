@@ -50,6 +50,17 @@ class RuleChange:
     candidate: int = 0
     added: list[Alert] = field(default_factory=list)
     removed: list[Alert] = field(default_factory=list)
+    # Incidents both raise, at another moment: (the alert of the rules in use, the
+    # change's); the change raises it earlier when the second is raised first.
+    moved: list[tuple[Alert, Alert]] = field(default_factory=list)
+
+    @property
+    def earlier(self) -> list[tuple[Alert, Alert]]:
+        return [(old, new) for old, new in self.moved if new.raised_at < old.raised_at]
+
+    @property
+    def later(self) -> list[tuple[Alert, Alert]]:
+        return [(old, new) for old, new in self.moved if new.raised_at > old.raised_at]
 
 
 @dataclass
@@ -63,6 +74,9 @@ class BacktestReport:
     current: list[Alert] = field(default_factory=list)
     candidate: list[Alert] = field(default_factory=list)
     rules: list[RuleChange] = field(default_factory=list)
+    # The team's latest verdict (alerts_current.status) on alerts of the rules in use
+    # that the data dir holds (live detection raised them: the ids are the same).
+    verdicts: dict[str, str] = field(default_factory=dict)
 
     @property
     def added(self) -> list[Alert]:
@@ -71,6 +85,18 @@ class BacktestReport:
     @property
     def removed(self) -> list[Alert]:
         return [alert for change in self.rules for alert in change.removed]
+
+    @property
+    def moved(self) -> list[tuple[Alert, Alert]]:
+        return [pair for change in self.rules for pair in change.moved]
+
+    def removed_by_verdict(self) -> dict[str, int]:
+        """How many of the removed alerts the team had reviewed, by verdict (`open`
+        for those never reviewed, `not stored` for those the data dir does not hold)."""
+        counts: dict[str, int] = defaultdict(int)
+        for alert in self.removed:
+            counts[self.verdicts.get(alert.alert_id, "not stored")] += 1
+        return dict(counts)
 
 
 def parse_time(text: str, option: str) -> float:
@@ -131,7 +157,20 @@ def backtest(
     report.current.extend(current.advance(until + detection.settle_s).alerts)
     report.candidate.extend(candidate.advance(until + detection.settle_s).alerts)
     report.rules = compare(report.current, report.candidate)
+    report.verdicts = _verdicts(lake, [alert.alert_id for alert in report.current])
     return report
+
+
+def _verdicts(lake: Lake, alert_ids: list[str]) -> dict[str, str]:
+    if not alert_ids or not (lake.root / "alerts").is_dir():
+        return {}
+    with duckdb.connect() as con:
+        lake.create_views(con)
+        rows = con.execute(
+            "SELECT alert_id, status FROM alerts_current WHERE list_contains(?, alert_id)",
+            [alert_ids],
+        ).fetchall()
+    return {alert_id: status for alert_id, status in rows}
 
 
 def compare(current: list[Alert], candidate: list[Alert]) -> list[RuleChange]:
@@ -152,6 +191,8 @@ def compare(current: list[Alert], candidate: list[Alert]) -> list[RuleChange]:
             change.added.append(alert)
         else:
             same.remove(match)
+            if match.raised_at != alert.raised_at:
+                change.moved.append((match, alert))
     for left in waiting.values():
         for alert in left:
             changes[alert.rule_id].removed.append(alert)

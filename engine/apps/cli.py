@@ -446,22 +446,41 @@ def rules_backtest(
             else "(both from a fresh start)"
         )
     )
-    click.echo(f"{'rule':40} {'now':>6} {'with change':>12} {'added':>6} {'removed':>8}")
+    click.echo(
+        f"{'rule':40} {'now':>6} {'with change':>12} {'added':>6} {'removed':>8} "
+        f"{'earlier':>8} {'later':>6}"
+    )
     for change in report.rules:
         click.echo(
             f"{change.rule_id:40} {change.current:6} {change.candidate:12} "
-            f"{len(change.added):6} {len(change.removed):8}"
+            f"{len(change.added):6} {len(change.removed):8} "
+            f"{len(change.earlier):8} {len(change.later):6}"
         )
     for title, listed in (("added", report.added), ("removed", report.removed)):
         if listed:
             click.echo(f"{title} ({len(listed)}):")
         for alert in sorted(listed, key=lambda a: a.raised_at)[:show]:
+            verdict = report.verdicts.get(alert.alert_id) if title == "removed" else None
             click.echo(
                 f"  {when(alert.raised_at)} [{alert.severity}] {alert.rule_id}: "
-                f"{shown(alert.summary)}"
+                f"{shown(alert.summary)}" + (f"  (reviewed: {verdict})" if verdict else "")
             )
         if len(listed) > show:
             click.echo(f"  ... and {len(listed) - show} more (--out FILE lists them all)")
+    if report.removed:
+        verdicts = report.removed_by_verdict()
+        click.echo(
+            "of the alerts the change removes: "
+            + ", ".join(f"{n} {status}" for status, n in sorted(verdicts.items()))
+        )
+    if report.moved:
+        click.echo(f"raised at another moment ({len(report.moved)}):")
+        for old, new in sorted(report.moved, key=lambda pair: pair[0].raised_at)[:show]:
+            delta = new.raised_at - old.raised_at
+            click.echo(
+                f"  {when(old.raised_at)} {old.rule_id} {shown(old.entity)}: "
+                f"{abs(delta):.0f} s {'earlier' if delta < 0 else 'later'} with the change"
+            )
     if out is not None:
         added = {id(alert) for alert in report.added}
         removed = {id(alert) for alert in report.removed}

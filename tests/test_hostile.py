@@ -111,6 +111,7 @@ def test_numbers_in_a_rule_are_finite_and_in_range(
         ("a\nb\rc\td", "a\\x0ab\\x0dc\\x09d"),
         ("\x07\x00\x7f\x9b", "\\x07\\x00\\x7f\\x9b"),
         ("\u202eevil", "\\u202eevil"),
+        ("\u200f\u061c\ufeff", "\\u200f\\u061c\\ufeff"),
         ("\x1b]8;;http://x\x1b\\link", "\\x1b]8;;http://x\\x1b\\link"),
         ("主菜单 Menú", "主菜单 Menú"),
     ],

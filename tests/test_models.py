@@ -11,6 +11,7 @@ import re
 import shutil
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -644,4 +645,79 @@ def test_a_snapshot_naming_anything_but_state_types_is_refused(
         result = replay_generated(generated, tmp_path / "events", data)
     assert "which a snapshot may not hold" in caplog.text
     assert "starting detection cold" in caplog.text
+    assert result.stored == len(generated.events)
+
+
+def _short(text: str) -> bytes:
+    data = text.encode()
+    return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+
+def _getattr_chain(marker: Path) -> bytes:
+    """getattr(revive, "__globals__").get("__builtins__").get("eval")(code)."""
+    getattr_ = b"cbuiltins\ngetattr\np0\n0"
+
+    def attribute(of: bytes, name: str) -> bytes:
+        return b"g0\n" + of + _short(name) + b"\x86R"
+
+    revive_ = b"cengine.detect.state\nrevive\n"
+    builtins_ = attribute(attribute(revive_, "__globals__"), "get") + _short("__builtins__")
+    eval_ = attribute(builtins_ + b"\x85R", "get") + _short("eval") + b"\x85R"
+    code = f"__import__('pathlib').Path({str(marker)!r}).write_text('ran')"
+    return b"\x80\x04" + getattr_ + eval_ + _short(code) + b"\x85R."
+
+
+def _dotted_name(marker: Path) -> bytes:
+    """A River module's `os.system`, by a dotted name pickle would follow."""
+    command = f"touch {marker}"
+    return (
+        b"\x80\x04"
+        + _short("river.datasets.base")
+        + _short("os.system")
+        + b"\x93"
+        + _short(command)
+        + b"\x85R."
+    )
+
+
+@pytest.mark.parametrize("make", [_getattr_chain, _dotted_name], ids=["getattr", "dotted"])
+@pytest.mark.parametrize("version", [b"v3", b"v2"])
+def test_a_crafted_snapshot_runs_nothing(make: Any, version: bytes, tmp_path: Path) -> None:
+    import hashlib
+
+    from engine.detect.snapshot import SnapshotError, read
+
+    marker = tmp_path / "ran"
+    payload = make(marker)
+    content = b"CALLSENTRY-DETECTION-SNAPSHOT " + version + b"\n"
+    content += hashlib.sha256(payload).digest() + payload
+    with pytest.raises(SnapshotError, match="a snapshot may not hold"):
+        read(content)
+    assert not marker.exists(), "the payload ran"
+
+
+def test_a_v2_snapshot_of_an_unexpected_shape_is_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import hashlib
+
+    # A v2 document whose position is a number, not a Position.
+    fields = (
+        _short("position")
+        + b"K\x05"
+        + _short("state")
+        + b"}"
+        + _short("taken_at")
+        + b"G?\xf0\x00\x00\x00\x00\x00\x00"
+    )
+    payload = b"\x80\x04cengine.detect.snapshot\nSnapshot\n)\x81}(" + fields + b"ub."
+    generated = generate(load_scenario(Path("data/scenarios/sample.yaml")))
+    data = tmp_path / "data"
+    snapshot_path(data).parent.mkdir(parents=True)
+    snapshot_path(data).write_bytes(
+        b"CALLSENTRY-DETECTION-SNAPSHOT v2\n" + hashlib.sha256(payload).digest() + payload
+    )
+    with caplog.at_level(logging.ERROR):
+        result = replay_generated(generated, tmp_path / "events", data)
+    assert "cannot be read as v2" in caplog.text and "starting detection cold" in caplog.text
     assert result.stored == len(generated.events)

@@ -251,8 +251,8 @@ def run(
         pipeline=pipeline,
         sinks=sinks,
         dedup_horizon_s=settings.store.dedup_horizon_s,
+        keys_ready=lambda: _say(progress, "keys"),
     )
-    _say(progress, "keys")
     progress.close()
     # Wall-clock housekeeping of the lake: drain sealed segments, compact, reload rules.
     scheduler = BackgroundScheduler(

@@ -32,9 +32,11 @@ import string
 from collections.abc import Collection
 
 # C0 controls, DEL, C1 controls; the Unicode line and paragraph separators; the
-# bidirectional embeddings, overrides and isolates (they reorder what follows them
-# on screen, so a number could be made to read as another).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# bidirectional marks, embeddings, overrides and isolates (they reorder what follows
+# them on screen, so a number could be made to read as another); the byte-order mark.
+_UNSAFE = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ufeff]"
+)
 
 
 def _escape(match: re.Match[str]) -> str:

@@ -23,7 +23,14 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-from engine.detect.state import Position, Snapshot, SnapshotError, allowed_global, revive
+from engine.detect.state import (
+    Position,
+    Snapshot,
+    SnapshotError,
+    allowed_global,
+    checked_global,
+    revive,
+)
 
 # v2 class paths -> today's state type names.
 V2_STATE_TYPES = {
@@ -102,7 +109,7 @@ class _V2Unpickler(pickle.Unpickler):
             return _stand_in(path)
         if not allowed_global(module, name):
             raise SnapshotError(f"refers to {path}, which a snapshot may not hold")
-        return super().find_class(module, name)
+        return checked_global(module, name, super().find_class(module, name))
 
 
 # -- older shapes brought to today's, by state type ------------------------------------

@@ -45,6 +45,7 @@ from engine.detect.state import (
     Snapshot,
     SnapshotError,
     allowed_global,
+    checked_global,
     revive,
     state_type_of,
 )
@@ -83,7 +84,7 @@ class _StateUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if not allowed_global(module, name):
             raise SnapshotError(f"refers to {module}.{name}, which a snapshot may not hold")
-        return super().find_class(module, name)
+        return checked_global(module, name, super().find_class(module, name))
 
 
 def encode(snapshot: Snapshot) -> bytes:
@@ -181,7 +182,14 @@ def read(data: bytes) -> Snapshot:
         return decode(payload)
     from engine.detect.migrations import migrate
 
-    return migrate(version, payload)
+    try:
+        return migrate(version, payload)
+    except SnapshotError:
+        raise
+    except Exception as error:  # a file of an unexpected shape can fail in any way
+        raise SnapshotError(
+            f"cannot be read as {version} ({type(error).__name__}: {error})"
+        ) from None
 
 
 def load(path: Path) -> Snapshot | None:
@@ -191,15 +199,20 @@ def load(path: Path) -> Snapshot | None:
     try:
         return read(path.read_bytes())
     except (OSError, SnapshotError) as error:
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         log.error(
             "detection snapshot %s is unusable: %s; starting detection cold (kept as %s)",
             path,
             error,
-            aside.name,
+            set_aside(path),
         )
-        try:
-            os.replace(path, aside)
-        except OSError as rename_error:
-            log.error("could not set the snapshot aside: %s", rename_error)
         return None
+
+
+def set_aside(path: Path) -> str:
+    """Move an unusable snapshot out of the way (kept for a look); returns its new name."""
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    try:
+        os.replace(path, aside)
+    except OSError as error:
+        log.error("could not set the snapshot aside: %s", error)
+    return aside.name

@@ -183,12 +183,21 @@ _ALLOWED_GLOBALS = {
     ("builtins", "tuple"),
     ("builtins", "set"),
     ("builtins", "frozenset"),
-    ("builtins", "getattr"),
 }
 _ALLOWED_PACKAGES = ("river.",)
 
 
 def allowed_global(module: str, name: str) -> bool:
+    """Whether a payload may name `module.name`: one of the globals above, or a class
+    of River's by its plain name (no dotted path: pickle would follow it to anything
+    reachable from the module, `os.system` among them)."""
     return (module, name) in _ALLOWED_GLOBALS or (
-        module.startswith(_ALLOWED_PACKAGES) and not name.startswith("__")
+        module.startswith(_ALLOWED_PACKAGES) and name.isidentifier() and not name.startswith("_")
     )
+
+
+def checked_global(module: str, name: str, found: object) -> object:
+    """`found` (what `module.name` is) if a payload may use it: River's must be classes."""
+    if (module, name) not in _ALLOWED_GLOBALS and not isinstance(found, type):
+        raise SnapshotError(f"refers to {module}.{name}, which is not a class")
+    return found

@@ -154,7 +154,7 @@ def read_key_file(path: Path) -> StoredKeys | None:
             stored.max_ts = max(stored.max_ts, float(entry["max_ts"]))
             stored.horizon_s = min(stored.horizon_s, float(entry["horizon_s"]))
             stored.keys.extend((c, s, t) for c, s, t in entry["keys"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError) as error:
         raise KeyFileError(f"malformed entry: {error}") from None
     if stored.horizon_s == float("inf"):
         raise KeyFileError("no entry")

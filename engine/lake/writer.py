@@ -35,7 +35,7 @@ from engine.detect.pipeline import Output, Pipeline
 from engine.detect.rules import RuleSet
 from engine.detect.snapshot import load as snapshot_load
 from engine.detect.snapshot import save as snapshot_save
-from engine.detect.snapshot import snapshot_path
+from engine.detect.snapshot import set_aside, snapshot_path
 from engine.detect.state import Position, Snapshot
 from engine.ingest.journal import (
     DATAGRAMS,
@@ -124,6 +124,7 @@ class LakeWriter:
         sinks: Sequence[AlertSink] = (),
         snapshots: bool = True,
         dedup_horizon_s: float = 3600.0,
+        keys_ready: Callable[[], None] | None = None,
     ) -> None:
         """Starts the lake writer's work on `data_dir`: the caller holds its lock
         (`lake_writer_lock`), or is the only process on the data dir."""
@@ -151,6 +152,9 @@ class LakeWriter:
         self.settle()
         self.keys = RecentKeys(key_file_path(data_dir), dedup_horizon_s)
         self.rebuild_keys()
+        if keys_ready is not None:
+            # The receiver waits for the key file, not for detection's state.
+            keys_ready()
         self.lake.publish_views()
         if self.snapshot_file is not None:
             self._restore(self.snapshot_file)
@@ -237,7 +241,21 @@ class LakeWriter:
         snapshot = snapshot_load(path)
         if snapshot is None:
             return
-        restored = self.pipeline.restore(snapshot.state)
+        fresh = self.pipeline.state()
+        try:
+            restored = self.pipeline.restore(snapshot.state)
+        except Exception as error:  # state of an unexpected shape can fail in any way
+            aside = set_aside(path)
+            log.error(
+                "detection snapshot %s does not fit this release's detection "
+                "(%s: %s); starting detection cold (kept as %s)",
+                path,
+                type(error).__name__,
+                error,
+                aside,
+            )
+            self.pipeline.restore(fresh)
+            return
         self.position = snapshot.position
         caught_up = self._catch_up(snapshot.position.seq)
         log.info(

@@ -188,6 +188,23 @@ def test_the_commands_are_found_in_the_cli() -> None:
     assert {"serve", "replay", "alerts list", "rules backtest", "config check"} <= names
 
 
+def groups(group: click.Group = main, words: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    yield words
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        if isinstance(command, click.Group):
+            yield from groups(command, (*words, name))
+
+
+def test_a_group_alone_prints_its_help(tmp_path: Path) -> None:
+    for words in groups():
+        outcome = _run(list(words), "no subcommand", tmp_path)
+        assert outcome.code == 0, outcome.stderr
+        assert outcome.stdout.startswith("Usage: ") and "Commands:" in outcome.stdout
+        assert outcome.stderr == ""
+
+
 def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
     places = Places(tmp_path)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:

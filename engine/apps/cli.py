@@ -104,6 +104,10 @@ class CommandLine(click.Group):
         kwargs["standalone_mode"] = False
         try:
             result = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as error:
+            # `callsentry` or `callsentry rules` alone: the help is what was asked for.
+            click.echo(error.ctx.get_help() if error.ctx is not None else error.message)
+            sys.exit(0)
         except click.UsageError as error:
             where = _command_words(error.ctx)
             _fail(

@@ -415,11 +415,14 @@ def rules_validate(path: Path) -> None:
 @rules_path_argument
 def rules_test(path: Path) -> None:
     """Run each rule's inline tests through the pipeline in event time."""
-    from engine.apps.lakewriter import load_detectors
+    from engine.apps.lakewriter import check_detectors, load_detectors
     from engine.core.yamlfile import YamlFileError
     from engine.detect.ruletest import run_rule_tests
 
     try:
+        # Checked first without building a model: a bad folder is said without
+        # waiting for River to load.
+        check_detectors(path)
         loaded = load_detectors(path, RULE_TEST_MAX_KEYS, models=True)
     except YamlFileError as error:
         _fail_with_problems(error, f"{{count}} problem(s) in {path}; fix them before testing", 1)

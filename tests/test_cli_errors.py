@@ -85,7 +85,8 @@ class Places:
     # Each list holds one of each way to go wrong, no two alike: every run costs an
     # interpreter start, and some commands a lake writer's.
     def data_dirs(self) -> list[Path]:
-        return [self.missing, self.empty, self.foreign, self.mangled, self.a_file]
+        # A file is refused by the option itself; a path under one gets to the command.
+        return [self.missing, self.empty, self.foreign, self.mangled, self.a_file, self.under_file]
 
     def files(self) -> list[Path]:
         return [self.missing, self.a_dir, self.garbage, self.under_file]

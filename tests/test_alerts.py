@@ -94,6 +94,40 @@ def test_alerts_cli_show_lists_the_calls_behind_an_alert(reviewed_data: Path) ->
     assert "evidence:" in result.stdout and "@10.0.0.5" in result.stdout
 
 
+def test_a_review_the_lake_cannot_take_is_one_line_and_records_nothing(
+    reviewed_data: Path, tmp_path: Path
+) -> None:
+    # A reviewer who cannot write to the lake: root ignores permissions, so the folder
+    # the review goes in (today's; tomorrow's too, should the day turn) is made a
+    # regular file, and the write fails as it would without permission.
+    import shutil
+    from datetime import timedelta
+
+    data = tmp_path / "data"
+    shutil.copytree(reviewed_data, data)
+    alert = list_alerts(data, "all", 1)[0]
+    alert_id = alert["alert_id"]
+    today = datetime.now(tz=UTC)
+    reviews = data / "lake" / "alert_reviews"
+    for day in (today, today + timedelta(days=1)):
+        folder = reviews / f"day={day:%Y-%m-%d}"
+        if folder.is_dir():  # reviews of today, from the tests before: kept, on another day
+            folder.rename(reviews / f"day={day - timedelta(days=3650):%Y-%m-%d}")
+        folder.write_text("not a folder")
+    argv = ["alerts", "review", alert_id, "--status", "confirmed", "--note", "checked"]
+    result = subprocess.run(
+        [sys.executable, "-m", "engine", *argv, "--reviewer", "ana", "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("callsentry: cannot record the review in "), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    after = [a for a in list_alerts(data, "all", 1000) if a["alert_id"] == alert_id]
+    assert after == [alert]
+
+
 def sample_alert(n: int) -> Alert:
     return Alert(
         f"id-{n}", "r", "rule", "high", "caller", "c", 0.0, 1.0, 1.0, 5.0, 3.0, "s", ["x"], "v"

@@ -21,7 +21,8 @@ HEAVY = ("duckdb", "polars", "pyarrow", "river", "scipy")
 T0 = 1795860000.0
 
 # Builds and starts the receiver's Engine (rules checked, store recovered, lake writer
-# started, socket bound), stops it, and prints what the process loaded and recovered.
+# started, socket bound, metrics and health served), stops it, and prints what the
+# process loaded and recovered.
 RECEIVER = """
 import asyncio, json, sys
 from engine.apps.serve import Engine
@@ -31,6 +32,7 @@ settings = load_settings(None, {
     "receiver": {"listen": ["127.0.0.1:0"]},
     "store": {"data_dir": sys.argv[1]},
     "detection": {"rules_dir": sys.argv[2]},
+    "metrics": {"listen": "127.0.0.1:0"},  # /metrics, /healthz, /readyz served too
 }, environ={})
 
 async def main():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,13 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
+def _os_error(error: OSError) -> str:
+    """`path: reason` without Python's `[Errno 98]`."""
+    if not error.strerror:
+        return str(error)
+    return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+
+
 def _fail_with_problems(error: Exception, message: str, code: int) -> NoReturn:
     """Each problem (file:line: key: reason) on its own line, then the verdict."""
     problems = getattr(error, "problems", [str(error)])
@@ -46,7 +54,12 @@ def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
     try:
         return load_settings(config, overrides)
     except ConfigError as error:
-        _fail("configuration error:\n  " + str(error).replace("\n", "\n  "), 2)
+        problems = str(error).splitlines()
+        if len(problems) == 1:
+            _fail(f"configuration error: {problems[0]}", 2)
+        for problem in problems:
+            click.echo(problem, err=True)
+        _fail(f"configuration error ({len(problems)} problems); nothing was run", 2)
 
 
 def _setup_logging(level: str) -> None:
@@ -79,7 +92,70 @@ log_level_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CommandLine(click.Group):
+    """The `callsentry` group: whatever goes wrong reaches the user as one line
+    `callsentry: ...` and an exit code, never a traceback.
+
+    Usage errors (an unknown option, a value of the wrong type) name the command and
+    where its help is. An exception no command expected still ends in one line naming
+    its type; CALLSENTRY_TRACEBACK=1 shows the traceback, for a bug report."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as error:
+            # `callsentry` or `callsentry rules` alone: the help is what was asked for.
+            click.echo(error.ctx.get_help() if error.ctx is not None else error.message)
+            sys.exit(0)
+        except click.UsageError as error:
+            where = _command_words(error.ctx)
+            _fail(
+                f"{where}{': ' if where else ''}{_sentence(error.format_message()).rstrip('.')} "
+                f"(see 'callsentry {where}{' ' if where else ''}--help')",
+                error.exit_code,
+            )
+        except click.ClickException as error:
+            _fail(_sentence(error.format_message()), error.exit_code)
+        except click.Abort:
+            _fail("interrupted", 130)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except BrokenPipeError:
+            # The reader of our output went away (`| head`): nothing left to say to it.
+            sys.exit(1)
+        except Exception as error:
+            if os.environ.get("CALLSENTRY_TRACEBACK"):
+                raise
+            _fail(f"{UNEXPECTED} {type(error).__name__}: {_sentence(str(error))}", 1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+# The prefix of an error no command caught (tests/test_cli_errors.py asserts that none
+# of the failures it provokes reaches it).
+UNEXPECTED = "unexpected error (a bug; CALLSENTRY_TRACEBACK=1 shows where):"
+
+
+def _command_words(ctx: click.Context | None) -> str:
+    """`alerts list` for the context of `callsentry alerts list` (however it was started)."""
+    words: list[str] = []
+    while ctx is not None and ctx.parent is not None:
+        words.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(words)
+
+
+def _sentence(message: str) -> str:
+    """A message on one line: a line that goes on (`Choose from:`, `open,`) joins the next
+    with a space, separate lines with `; `."""
+    text = ""
+    for line in (line.strip() for line in message.strip().splitlines()):
+        if line:
+            text += (" " if text.endswith((":", ",")) else "; " if text else "") + line
+    return text
+
+
+@click.group(cls=CommandLine, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="callsentry")
 def main() -> None:
     """callsentry: fraud and anomaly detection for a VOS3000 IVR's call-state reports."""
@@ -135,7 +211,7 @@ def serve(
     except YamlFileError as error:
         _fail_rules(error)
     except OSError as error:
-        _fail(str(error))
+        _fail(_os_error(error))
     sys.exit(code)
 
 
@@ -206,7 +282,10 @@ def replay(
     if len(live) > show:
         click.echo(f"  ... and {len(live) - show} more (SELECT * FROM alerts)")
     click.echo(f"query them: duckdb -readonly {settings.store.data_dir / 'callsentry.duckdb'}")
-    sys.exit(0 if report.clean else 1)
+    if not report.clean:
+        unreadable = len(report.file_errors)
+        _fail(f"{len(report.rejects)} rows rejected, {unreadable} of {len(files)} files unreadable")
+    sys.exit(0)
 
 
 @main.group()
@@ -336,11 +415,14 @@ def rules_validate(path: Path) -> None:
 @rules_path_argument
 def rules_test(path: Path) -> None:
     """Run each rule's inline tests through the pipeline in event time."""
-    from engine.apps.lakewriter import load_detectors
+    from engine.apps.lakewriter import check_detectors, load_detectors
     from engine.core.yamlfile import YamlFileError
     from engine.detect.ruletest import run_rule_tests
 
     try:
+        # Checked first without building a model: a bad folder is said without
+        # waiting for River to load.
+        check_detectors(path)
         loaded = load_detectors(path, RULE_TEST_MAX_KEYS, models=True)
     except YamlFileError as error:
         _fail_with_problems(error, f"{{count}} problem(s) in {path}; fix them before testing", 1)
@@ -519,10 +601,13 @@ def alerts() -> None:
 @click.option("--limit", default=50, show_default=True)
 def alerts_list(data_dir: Path | None, config: Path | None, status: str, limit: int) -> None:
     """Alerts with their latest review status, newest first."""
-    from engine.lake.reviews import list_alerts
+    from engine.lake.reviews import ReviewError, list_alerts
 
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
-    rows = list_alerts(settings.store.data_dir, status, limit)
+    try:
+        rows = list_alerts(settings.store.data_dir, status, limit)
+    except ReviewError as error:
+        _fail(str(error))
     if not rows:
         click.echo(f"no {status} alerts" if status != "all" else "no alerts")
     for row in rows:

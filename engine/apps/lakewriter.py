@@ -18,7 +18,12 @@ import logging
 import multiprocessing as mp
 import multiprocessing.synchronize
 import os
+import queue
 import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from engine.apps.settings import DetectionSettings, Settings
 from engine.core.runtime import tune_gc_for_detection
 from engine.core.yamlfile import YamlFileError
-from engine.ingest.stats import SharedCounters
+from engine.ingest.stats import RULES_INVALID, RULES_LOADING, SharedCounters
 from engine.ingest.store import StoreError, lake_writer_lock
 
 # Entities a rule keeps when it is only checked, never run.
@@ -34,9 +39,9 @@ RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
     from engine.core.yamlfile import YamlDocument
-    from engine.detect.alerts import AlertSink
+    from engine.detect.alerts import Alert, AlertSink
     from engine.detect.pipeline import Pipeline
-    from engine.detect.rules import LoadedRules
+    from engine.detect.rules import LoadedRules, RuleSet
     from engine.lake.writer import LakeWriter
     from models.spec import ModelSpec
 
@@ -154,15 +159,51 @@ class _RuleWatcher:
         self.asked.clear()
         self.fingerprint = fingerprint
         detection = self.detection
-        self.writer.reload_rules(
-            lambda: (
-                load_detectors(
-                    detection.rules_dir,
-                    detection.max_keys_per_rule,
-                    models=detection.models_enabled,
-                ).rules
-            )
-        )
+        loaded: list[RuleSet] = []
+
+        def load() -> RuleSet:
+            rules = load_detectors(
+                detection.rules_dir,
+                detection.max_keys_per_rule,
+                models=detection.models_enabled,
+            ).rules
+            loaded.append(rules)
+            return rules
+
+        swapped = self.writer.reload_rules(load)
+        if self.writer.counters is not None:
+            count_rule_load(self.writer.counters, len(loaded[0].rules) if swapped else None)
+
+
+def count_rule_load(counters: SharedCounters, rules: int | None) -> None:
+    """A load of the rule set, for the metrics and /readyz: `rules` running after it, or
+    None when it was refused (the set that ran before runs on)."""
+    if rules is None:
+        counters.add("rule_load_failures")
+        return
+    counters.add("rule_loads")
+    counters.set("rule_last_load_ms", int(time.time() * 1000))
+    counters.set("rules_running", rules)
+
+
+class AlertTally:
+    """An alert sink that counts alerts by rule, severity and mode, and hands the counts
+    to the receiver's process (its metrics) once per drain pass, not once per alert."""
+
+    def __init__(self, outbox: Any) -> None:
+        self.outbox = outbox
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+
+    def deliver(self, alerts: Sequence[Alert]) -> None:
+        self.counts.update((a.rule_id, a.severity, a.mode) for a in alerts)
+
+    def send(self) -> None:
+        if self.counts:
+            self.outbox.put(dict(self.counts))
+            self.counts.clear()
+
+    def close(self) -> None:
+        self.send()
 
 
 def lower_priority(priority: str) -> None:
@@ -197,6 +238,7 @@ def run(
     log_level: int,
     receiver_pid: int,
     progress: Connection,
+    alert_counts: Any,
 ) -> None:
     """The lake writer process: drain sealed segments until told to stop, then once more.
     Says on `progress` when `callsentry.duckdb` is in place ("views") and when the key
@@ -236,18 +278,28 @@ def run(
     lake.publish_views()
     _say(progress, "views")
     detection = settings.detection
+    counters = SharedCounters(counters_array)
     pipeline = None
     if detection.enabled:
         try:
             pipeline = make_pipeline(detection)
+            count_rule_load(counters, len(pipeline.rules.rules))
         except YamlFileError as error:
             # The receiver checked these before starting us; they changed since.
             log.error("rules are invalid, detection is off:\n  %s", "\n  ".join(error.problems))
-    sinks = make_sinks(settings)
+            count_rule_load(counters, None)
+            counters.set("rules_running", RULES_INVALID)
+    else:
+        counters.set("rules_running", 0)
+    # Counts that do not reach the receiver before this process exits are dropped, never
+    # waited for: the receiver may be stopping, or killed, and not reading.
+    alert_counts.cancel_join_thread()
+    tally = AlertTally(alert_counts)
+    sinks = [*make_sinks(settings), tally]
     writer = LakeWriter(
         settings.store.data_dir,
         compact_target_bytes=settings.store.compact_target_bytes,
-        counters=SharedCounters(counters_array),
+        counters=counters,
         pipeline=pipeline,
         sinks=sinks,
         dedup_horizon_s=settings.store.dedup_horizon_s,
@@ -279,6 +331,7 @@ def run(
         # Draining is the main loop (one pass at a time, however long a pass takes).
         while not stop.wait(poll_interval_s):
             writer.drain_logged()
+            tally.send()
             if os.getppid() != receiver_pid:
                 log.error("the receiver is gone (killed?); writing what is sealed and exiting")
                 break
@@ -304,6 +357,11 @@ class LakeWriterProcess:
     def __init__(self, settings: Settings, *, poll_interval_s: float = 0.2) -> None:
         self._context = mp.get_context("spawn")
         self.counters = SharedCounters.create(self._context)
+        # Alerts by (rule, severity, mode): the process sends counts, `alert_counts` adds
+        # them up here, across restarts.
+        self._alert_counts = self._context.Queue()
+        self._alerts: Counter[tuple[str, str, str]] = Counter()
+        self._alerts_lock = threading.Lock()  # the scrape and the housekeeping both add
         self._stop = self._context.Event()
         self._reload = self._context.Event()
         # What the running process has said of its start (see `run`), and where it says it.
@@ -313,12 +371,14 @@ class LakeWriterProcess:
         self.poll_interval_s = poll_interval_s
         self._process: Any = None
         self.restarts = 0
+        self.last_exitcode: int | None = None
 
     def start(self) -> None:
         self._heard.clear()
         if self._progress is not None:
             self._progress.close()
         self._progress, progress = self._context.Pipe(duplex=False)
+        self.counters.set("rules_running", RULES_LOADING)
         self._process = self._context.Process(
             target=run,
             args=(
@@ -330,6 +390,7 @@ class LakeWriterProcess:
                 logging.getLogger().level,
                 os.getpid(),
                 progress,
+                self._alert_counts,
             ),
             name="callsentry-lake-writer",
             daemon=False,
@@ -340,6 +401,28 @@ class LakeWriterProcess:
     @property
     def started(self) -> bool:
         return self._process is not None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def exitcode(self) -> int | None:
+        """How the process ended (-9: killed by SIGKILL), None while it runs."""
+        return self._process.exitcode if self._process is not None else None
+
+    def alert_counts(self) -> dict[tuple[str, str, str], int]:
+        """Alerts raised so far by (rule_id, severity, mode), over every run of the process."""
+        with self._alerts_lock:
+            while True:
+                try:
+                    counts = self._alert_counts.get_nowait()
+                except queue.Empty:
+                    break
+                self._alerts.update(counts)
+            return dict(self._alerts)
 
     def wait_for_keys(self) -> None:
         """Start the process if it is not running, and return once it has rebuilt the key
@@ -370,9 +453,11 @@ class LakeWriterProcess:
 
     def check(self) -> None:
         """Restart the writer if it died; sealed segments wait for it meanwhile."""
+        self.alert_counts()  # read now and then, so the counts never fill their pipe
         if self._process is not None and not self._process.is_alive() and not self._stop.is_set():
             log.error("lake writer exited with code %s; restarting it", self._process.exitcode)
             self.restarts += 1
+            self.last_exitcode = self._process.exitcode
             self.start()
 
     def stop(self, timeout: float = 120.0) -> None:

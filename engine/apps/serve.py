@@ -16,11 +16,10 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from prometheus_client import start_http_server
 
+from engine.apps.health import Health, OperatorEndpoint, ReportClock
 from engine.apps.lakewriter import LakeWriterProcess, check_rules
 from engine.apps.settings import Settings
 from engine.core.addresses import parse_hostport
@@ -28,7 +27,7 @@ from engine.core.runtime import tune_gc_for_receiver
 from engine.ingest.codec import Codec, build_codec
 from engine.ingest.intake import Intake, SeenReports
 from engine.ingest.receiver import AllowList, ReportServer
-from engine.ingest.stats import Stats, registry_for
+from engine.ingest.stats import Stats
 from engine.ingest.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -91,6 +90,7 @@ class Housekeeping:
         stats: Stats,
         writer: LakeWriterProcess,
         settings: Settings,
+        clock: ReportClock,
     ) -> None:
         self.store = store
         self.stats = stats
@@ -105,6 +105,8 @@ class Housekeeping:
         self.scheduler.add_job(
             self.log_stats, "interval", seconds=settings.metrics.log_interval_s, id="stats"
         )
+        # The age of the last report, as /readyz and the metrics give it.
+        self.scheduler.add_job(clock.age_s, "interval", seconds=1.0, id="report-clock")
         self._seal_failing = False
 
     def start(self) -> None:
@@ -165,8 +167,10 @@ class Engine:
             max_lake_backlog=settings.store.max_lake_backlog,
         )
         self.stats.lake = self.writer.counters
-        self.housekeeping = Housekeeping(self.store, self.stats, self.writer, settings)
-        self._metrics_server: Any = None
+        self.clock = ReportClock(self.stats)
+        self.health = Health(settings, self.stats, self.writer, self.clock)
+        self.housekeeping = Housekeeping(self.store, self.stats, self.writer, settings, self.clock)
+        self.operator: OperatorEndpoint | None = None
 
     async def start(self) -> None:
         try:
@@ -175,10 +179,9 @@ class Engine:
             await self.server.start()
             if self.settings.metrics.listen:
                 host, port = parse_hostport(self.settings.metrics.listen)
-                self._metrics_server, _ = start_http_server(
-                    port, addr=host, registry=registry_for(self.stats)
-                )
-                log.info("metrics on http://%s:%d/metrics", host, port)
+                self.operator = OperatorEndpoint(host, port, self.health)
+                shown = "http://{}:{}".format(*self.operator.address)
+                log.info("metrics on %s/metrics, health on %s/healthz and /readyz", shown, shown)
             self.housekeeping.start()
             if not (self.settings.store.data_dir / "callsentry.duckdb").exists():
                 # A new data dir: analysts can connect once serve says it is serving.
@@ -202,9 +205,9 @@ class Engine:
             await self.server.stop()
         finally:
             self.housekeeping.stop()
-            if self._metrics_server is not None:
-                self._metrics_server.shutdown()
-                self._metrics_server = None
+            if self.operator is not None:
+                self.operator.stop()
+                self.operator = None
             self.store.close()
             self.writer.stop()
         log.info("stopped: %s", self.stats.line())

@@ -161,8 +161,16 @@ class DetectionSettings(_Section):
 
 
 class MetricsSettings(_Section):
+    # HOST:PORT serving /metrics, /healthz and /readyz ("": none).
     listen: str = ""
     log_interval_s: float = Field(default=30.0, gt=0)
+    # /readyz says not ready while the lake writer is more than this many reports
+    # behind (0: no bound); by default half of store.max_lake_backlog, where the
+    # receiver starts to refuse reports.
+    ready_max_lake_backlog: int = Field(default=1_000_000, ge=0)
+    # ... and after this many seconds without a report from the switch (0: the age is
+    # reported, never held against readiness: a quiet night is normal at many sites).
+    ready_max_report_age_s: float = Field(default=0.0, ge=0)
 
     @field_validator("listen")
     @classmethod

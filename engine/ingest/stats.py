@@ -28,7 +28,20 @@ COUNTERS = (
     "evicted_keys",
     "evicted_calls",
     *(f"rejected_{reason.value}" for reason in RejectReason),
+    # The rule set: loads that swapped a set in (the first load and each reload) and
+    # loads refused (a file invalid: the running set stays), the wall-clock time in
+    # milliseconds of the last one that succeeded, and how many rules run. The
+    # receiver sets `rules_running` to RULES_LOADING each time it starts a lake writer.
+    "rule_loads",
+    "rule_load_failures",
+    "rule_last_load_ms",
+    "rules_running",
 )
+
+# `rules_running` while a lake writer is starting and has not loaded its rules.
+RULES_LOADING = -1
+# `rules_running` when the rules it started with were invalid: detection is off.
+RULES_INVALID = -2
 
 
 class SharedCounters:
@@ -44,6 +57,9 @@ class SharedCounters:
 
     def get(self, name: str) -> int:
         return int(self.array[COUNTERS.index(name)])
+
+    def set(self, name: str, value: int) -> None:
+        self.array[COUNTERS.index(name)] = value
 
 
 @dataclass

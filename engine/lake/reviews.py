@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import polars as pl
 
 from engine.lake.parquet import REVIEW_SCHEMA, Lake, write_atomic
@@ -24,11 +25,23 @@ def _lake(data_dir: Path) -> Lake:
     return lake
 
 
+def _query(lake: Lake, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+    """The lake's answer, or a ReviewError saying which data dir could not be read."""
+    try:
+        return lake.query(sql, params)
+    except duckdb.Error as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ReviewError(
+            f"cannot read the lake in {lake.data_dir} (is it callsentry's data dir?): {first}"
+        ) from None
+
+
 def list_alerts(data_dir: Path, status: str, limit: int) -> list[dict[str, Any]]:
     lake = _lake(data_dir)
     where = "" if status == "all" else "WHERE status = ?"
     params: list[Any] = [] if status == "all" else [status]
-    rows = lake.query(
+    rows = _query(
+        lake,
         "SELECT alert_id, raised_at, status, severity, rule_id, summary FROM alerts_current "
         f"{where} ORDER BY raised_at DESC LIMIT {int(limit)}",
         params,
@@ -38,7 +51,8 @@ def list_alerts(data_dir: Path, status: str, limit: int) -> list[dict[str, Any]]
 
 
 def _find(lake: Lake, alert_id: str) -> tuple[Any, ...]:
-    rows = lake.query(
+    rows = _query(
+        lake,
         "SELECT alert_id, rule_id, rule_version, severity, entity_type, entity, window_start, "
         "window_end, raised_at, value, threshold, summary, evidence, status "
         "FROM alerts_current WHERE alert_id = ? OR alert_id LIKE ? || '%'",
@@ -78,7 +92,8 @@ def show_alert(data_dir: Path, alert_id: str) -> list[str]:
         f"summary   {summary}",
         "reviews:",
     ]
-    reviews = lake.query(
+    reviews = _query(
+        lake,
         "SELECT reviewed_at, reviewer, status, note FROM alert_reviews WHERE alert_id = ? "
         "ORDER BY reviewed_at",
         [full_id],
@@ -86,7 +101,8 @@ def show_alert(data_dir: Path, alert_id: str) -> list[str]:
     lines += [f"  {at:%Y-%m-%d %H:%M} {who}: {st}: {note}" for at, who, st, note in reviews] or [
         "  none"
     ]
-    calls = lake.query(
+    calls = _query(
+        lake,
         "SELECT call_id, started_at, caller, callee, forward, menu_id, outcome, ring_s, talk_s "
         "FROM calls WHERE list_contains(?, call_id) ORDER BY started_at",
         [list(evidence)],
@@ -125,5 +141,10 @@ def add_review(data_dir: Path, alert_id: str, status: str, note: str, reviewer: 
         schema=REVIEW_SCHEMA,
     )
     folder = lake.root / "alert_reviews" / f"day={now:%Y-%m-%d}"
-    write_atomic(frame, folder / f"rev-{review_id}.parquet")
+    try:
+        write_atomic(frame, folder / f"rev-{review_id}.parquet")
+    except OSError as error:
+        # A reviewer without write access to the lake, a full disk: nothing was recorded.
+        reason = error.strerror or str(error)
+        raise ReviewError(f"cannot record the review in {folder}: {reason}") from None
     return review_id

@@ -1,0 +1,314 @@
+"""What an operator's tools ask a running `serve`, over HTTP on `metrics.listen`:
+
+- `/metrics`: Prometheus text (the receiver's counters, the lake writer's, rule
+  loads, alerts by rule and severity, build info);
+- `/healthz`: 200 while the process answers at all (a liveness probe: restart it
+  when this fails);
+- `/readyz`: 200 when the engine can be relied on, 503 when not, and in both cases a
+  JSON body saying what was checked and why it is not ready: the rules are loaded,
+  the lake writer runs and is not behind past `metrics.ready_max_lake_backlog`, and
+  how long ago the switch last reported (past `metrics.ready_max_report_age_s`,
+  when that is set, it is not ready either).
+
+A small stdlib HTTP server in a thread of the receiver's process: it reads plain
+integers and never touches the answer path.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import platform
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from engine.apps.lakewriter import LakeWriterProcess
+from engine.apps.settings import Settings
+from engine.detect import compiled_modules, stale_reason
+from engine.ingest.stats import RULES_INVALID, RULES_LOADING, Stats, registry_for
+
+log = logging.getLogger(__name__)
+
+
+class ReportClock:
+    """When the switch last reported. The receiver's counts are sampled (every second by
+    the housekeeping, and at each /readyz), so the age is right to about a second,
+    without a clock read on the answer path."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self._count = 0
+        self._at: float | None = None
+
+    def age_s(self) -> float | None:
+        """Seconds since the last report (a copy of one counts), None before the first."""
+        count = self.stats.stored + self.stats.duplicates
+        now = time.monotonic()
+        if count != self._count:
+            self._count = count
+            self._at = now
+        return None if self._at is None else now - self._at
+
+
+def build_info() -> dict[str, str]:
+    try:
+        version = importlib.metadata.version("callsentry")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    compiled = "no" if not compiled_modules() else "stale" if stale_reason() else "yes"
+    return {"version": version, "python": platform.python_version(), "compiled": compiled}
+
+
+class Health:
+    """The engine's state as /readyz and the metrics report it."""
+
+    def __init__(
+        self, settings: Settings, stats: Stats, writer: LakeWriterProcess, clock: ReportClock
+    ) -> None:
+        self.settings = settings
+        self.stats = stats
+        self.writer = writer
+        self.clock = clock
+        self.started_at = time.monotonic()
+
+    def _rules(self) -> dict[str, Any]:
+        if not self.settings.detection.enabled:
+            return {"ok": True, "why": "detection is off (detection.enabled = false)"}
+        lake = self.writer.counters
+        running = lake.get("rules_running")
+        check: dict[str, Any] = {
+            "loads": lake.get("rule_loads"),
+            "failed_loads": lake.get("rule_load_failures"),
+        }
+        last = lake.get("rule_last_load_ms")
+        if last:
+            check["last_loaded_at"] = datetime.fromtimestamp(last / 1000, tz=UTC).isoformat()
+        if running == RULES_LOADING:
+            check.update(ok=False, why="the lake writer is loading the rules")
+        elif running == RULES_INVALID:
+            check.update(
+                ok=False,
+                why=f"the rules in {self.settings.detection.rules_dir} are invalid, detection "
+                "is off (the lake writer's log lists the problems)",
+            )
+        else:
+            check.update(ok=True, why=f"{running} rules running", rules=running)
+        return check
+
+    def _lake_writer(self) -> dict[str, Any]:
+        writer = self.writer
+        backlog = self.stats.lake_backlog
+        bound = self.settings.metrics.ready_max_lake_backlog
+        check: dict[str, Any] = {
+            "pid": writer.pid,
+            "restarts": writer.restarts,
+            "backlog_reports": backlog,
+            "max_backlog_reports": bound or None,
+        }
+        if not writer.alive():
+            code = writer.exitcode()
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
+            check.update(
+                ok=False,
+                why=f"the lake writer is not running ({how}); it is restarted within seconds",
+            )
+        elif bound and backlog > bound:
+            check.update(
+                ok=False,
+                why=f"the lake writer is {backlog} reports behind, past the bound of {bound} "
+                "(metrics.ready_max_lake_backlog)",
+            )
+        else:
+            check.update(ok=True, why=f"running, {backlog} reports behind")
+        return check
+
+    def _reports(self) -> dict[str, Any]:
+        age = self.clock.age_s()
+        bound = self.settings.metrics.ready_max_report_age_s
+        check: dict[str, Any] = {
+            "last_report_age_s": None if age is None else round(age, 1),
+            "max_age_s": bound or None,
+        }
+        since_start = time.monotonic() - self.started_at
+        quiet = since_start if age is None else age
+        if bound and quiet > bound:
+            heard = "no report since start" if age is None else f"no report for {age:.0f} s"
+            check.update(
+                ok=False, why=f"{heard}, past {bound:g} s (metrics.ready_max_report_age_s)"
+            )
+        else:
+            heard = "no report yet" if age is None else f"last report {age:.1f} s ago"
+            check.update(ok=True, why=heard)
+        return check
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        checks = {
+            "rules": self._rules(),
+            "lake_writer": self._lake_writer(),
+            "reports": self._reports(),
+        }
+        ready = all(check["ok"] for check in checks.values())
+        reasons = [f"{name}: {check['why']}" for name, check in checks.items() if not check["ok"]]
+        return ready, {"ready": ready, "reasons": reasons, "checks": checks}
+
+    def liveness(self) -> dict[str, Any]:
+        return {
+            "alive": True,
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+            **build_info(),
+        }
+
+
+class ServiceCollector(Collector):
+    """Rule loads, alerts by rule and severity, the lake writer, readiness, build info."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    def collect(self) -> Iterator[Metric]:
+        health = self.health
+        lake = health.writer.counters
+        info = InfoMetricFamily("callsentry_build", "The running build")
+        info.add_metric([], build_info())
+        yield info
+        loads = CounterMetricFamily(
+            "callsentry_rule_loads",
+            "Loads of the rule set (at start and each reload): swapped in, or refused "
+            "because a file was invalid (the running set stays)",
+            labels=["result"],
+        )
+        loads.add_metric(["success"], lake.get("rule_loads"))
+        loads.add_metric(["failure"], lake.get("rule_load_failures"))
+        yield loads
+        yield GaugeMetricFamily(
+            "callsentry_rule_last_load_success_timestamp_seconds",
+            "When the rule set was last loaded successfully (Unix time; 0: never)",
+            value=lake.get("rule_last_load_ms") / 1000,
+        )
+        yield GaugeMetricFamily(
+            "callsentry_rules_running",
+            "Rules in the running set (0 while loading or when the set was invalid)",
+            value=max(0, lake.get("rules_running")),
+        )
+        alerts = CounterMetricFamily(
+            "callsentry_rule_alerts",
+            "Alerts raised, by rule, severity and mode (alert or shadow)",
+            labels=["rule", "severity", "mode"],
+        )
+        for (rule, severity, mode), count in sorted(health.writer.alert_counts().items()):
+            alerts.add_metric([rule, severity, mode], count)
+        yield alerts
+        yield GaugeMetricFamily(
+            "callsentry_lake_writer_up",
+            "1 while the lake writer process runs",
+            value=int(health.writer.alive()),
+        )
+        yield CounterMetricFamily(
+            "callsentry_lake_writer_restarts",
+            "Times the lake writer exited and was started again",
+            value=health.writer.restarts,
+        )
+        age = health.clock.age_s()
+        if age is not None:
+            yield GaugeMetricFamily(
+                "callsentry_last_report_age_seconds",
+                "Seconds since the switch last reported (a retried copy counts)",
+                value=age,
+            )
+        yield GaugeMetricFamily(
+            "callsentry_ready", "1 when /readyz says ready", value=int(health.readiness()[0])
+        )
+
+
+def metrics_registry(health: Health) -> CollectorRegistry:
+    registry = registry_for(health.stats)
+    registry.register(ServiceCollector(health))
+    return registry
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        health = self.server.health
+        if path == "/metrics":
+            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send_json(200, health.liveness())
+        elif path == "/readyz":
+            ready, body = health.readiness()
+            self._send_json(200 if ready else 503, body)
+        else:
+            self._send_json(404, {"error": f"no {path}: try /metrics, /healthz or /readyz"})
+
+    def _send_json(self, status: int, body: dict[str, Any]) -> None:
+        text = json.dumps(body, ensure_ascii=False, indent=2) + "\n"
+        self._send(status, text.encode(), "application/json; charset=utf-8")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], family: int, health: Health, registry: CollectorRegistry
+    ) -> None:
+        self.address_family = family
+        self.health = health
+        self.registry = registry
+        super().__init__(address, _Handler)
+
+
+class OperatorEndpoint:
+    """/metrics, /healthz and /readyz on one address, served from a thread."""
+
+    def __init__(self, host: str, port: int, health: Health) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            self._server = _Server((host, port), family, health, metrics_registry(health))
+        except OSError as error:
+            # The address is the one thing an operator needs to fix a clash.
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(
+                error.errno, f"cannot serve metrics on {shown}: {error.strerror or error}"
+            ) from None
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="callsentry-metrics", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()

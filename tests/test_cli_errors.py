@@ -1,0 +1,256 @@
+"""No traceback reaches a user: every subcommand, found in the CLI itself (so a command
+added later is covered), is run as `python -m engine ...` with a data dir that is
+missing, empty, not callsentry's or a file, with files it cannot read, and with bad
+arguments. A failure is one line `callsentry: ...` on stderr and a non-zero exit.
+
+Root ignores file permissions, so unreadability is made real in ways that hold for
+every user: a directory where a file is expected, a file of garbage, a path under a
+regular file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pytest
+
+from engine.apps.cli import UNEXPECTED, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Per command, what makes it get past "say what to do" to the files it reads. Not a
+# list of commands: one missing here is still run, with its required values filled in.
+EXTRA = {"simulate": ["--to-file", "{out}"]}
+
+
+def leaf_commands(
+    group: click.Group = main, words: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None
+        if isinstance(command, click.Group):
+            yield from leaf_commands(command, (*words, name))
+        else:
+            yield (*words, name), command
+
+
+@dataclass
+class Places:
+    """The bad paths the cases use, made once."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.cwd = self.root / "cwd"  # `data` here is missing; `rules` is the project's
+        self.cwd.mkdir()
+        (self.cwd / "rules").symlink_to(ROOT / "rules")
+        self.missing = self.root / "missing" / "deeper"
+        self.empty = self.root / "empty"
+        self.empty.mkdir()
+        # Not callsentry's: someone's files.
+        self.foreign = self.root / "foreign"
+        self.foreign.mkdir()
+        (self.foreign / "holiday.jpg").write_bytes(os.urandom(4096))
+        (self.foreign / "notes.txt").write_text("shopping: milk, eggs\n")
+        # callsentry's names with the wrong things behind them.
+        self.mangled = self.root / "mangled"
+        (self.mangled / "lake").mkdir(parents=True)
+        for name in ("events", "calls", "alert_reviews"):
+            (self.mangled / "lake" / name).write_bytes(os.urandom(512))
+        alerts = self.mangled / "lake" / "alerts" / "day=2026-01-01"
+        alerts.mkdir(parents=True)
+        (alerts / "part-0.parquet").write_bytes(b"PAR1" + os.urandom(1024))
+        (self.mangled / "callsentry.duckdb").write_bytes(os.urandom(8192))
+        (self.mangled / "journal").write_bytes(os.urandom(512))
+        (self.mangled / "state").write_text("not a folder")
+        self.a_file = self.root / "plain-file"
+        self.a_file.write_text("a file, where a folder is expected\n")
+        self.under_file = self.a_file / "inside"
+        self.garbage = self.root / "garbage.bin"
+        self.garbage.write_bytes(b"\x00\xff\xfe garbage \x80\x81" + os.urandom(2048))
+        self.a_dir = self.root / "a-folder.csv"
+        self.a_dir.mkdir()
+        self.out = self.root / "out"
+
+    # Each list holds one of each way to go wrong, no two alike: every run costs an
+    # interpreter start, and some commands a lake writer's.
+    def data_dirs(self) -> list[Path]:
+        # A file is refused by the option itself; a path under one gets to the command.
+        return [self.missing, self.empty, self.foreign, self.mangled, self.a_file, self.under_file]
+
+    def files(self) -> list[Path]:
+        return [self.missing, self.a_dir, self.garbage, self.under_file]
+
+    def folders(self) -> list[Path]:
+        return [self.missing, self.a_file, self.foreign]
+
+
+def _filler(param: click.Parameter, places: Places) -> str:
+    """A value for a required parameter."""
+    if isinstance(param.type, click.Choice):
+        return str(param.type.choices[0])
+    if isinstance(param.type, click.Path):
+        return str(places.garbage)
+    return "x"
+
+
+def _option(param: click.Parameter) -> str:
+    assert isinstance(param, click.Option)
+    return max(param.opts, key=len)
+
+
+def cases(
+    words: tuple[str, ...], command: click.Command, places: Places, busy: str
+) -> Iterator[tuple[str, list[str]]]:
+    """(what is wrong, argv) for one command: its baseline with one thing made bad."""
+    name = " ".join(words)
+    base: list[str] = [arg.format(out=places.out) for arg in EXTRA.get(name, [])]
+    if any(p.name == "listen" for p in command.params):
+        # Serving commands would otherwise serve for ever: the address they are given
+        # is taken, so each run ends, after the data dir and the rules were opened.
+        base += ["--listen", busy]
+    arguments: list[str] = []
+    for param in command.params:
+        if param.required and isinstance(param, click.Argument):
+            arguments.append(_filler(param, places))
+        elif param.required:
+            base += [_option(param), _filler(param, places)]
+
+    def run(*changed: str, args: list[str] | None = None) -> list[str]:
+        return [*words, *(arguments if args is None else args), *base, *changed]
+
+    yield "defaults (no data dir here)", run()
+    yield "an unknown option", run("--no-such-option")
+    for param in command.params:
+        if isinstance(param, click.Argument):
+            if isinstance(param.type, click.Path):
+                wanted = places.folders() if not param.type.dir_okay else places.files()
+                if param.type.dir_okay and param.type.file_okay:
+                    wanted = [*places.files(), places.a_file]
+                for path in wanted:
+                    args = [str(path) if a == _filler(param, places) else a for a in arguments]
+                    if not param.required:
+                        args = [*arguments, str(path)]
+                    yield f"{param.name} {path.name}", run(args=args)
+            continue
+        if not isinstance(param, click.Option) or param.is_flag or param.hidden:
+            continue
+        option = _option(param)
+        if param.name == "data_dir":
+            for path in places.data_dirs():
+                yield f"data dir {path.name}", run(option, str(path))
+        elif isinstance(param.type, click.Path):
+            expected = places.folders() if not param.type.file_okay else places.files()
+            for path in expected:
+                yield f"{option} {path.name}", run(option, str(path))
+        elif isinstance(param.type, click.Choice):
+            yield f"{option} not a choice", run(option, "no-such-choice")
+        elif isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
+            yield f"{option} not a number", run(option, "many")
+        elif param.name in ("listen", "metrics", "host"):
+            yield f"{option} not an address", run(option, "nowhere:port")
+
+
+@dataclass
+class Outcome:
+    argv: list[str]
+    why: str
+    code: int
+    stdout: str
+    stderr: str
+
+
+def _run(argv: list[str], why: str, cwd: Path) -> Outcome:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in env.items() if not k.startswith("CALLSENTRY_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    return Outcome(argv, why, done.returncode, done.stdout, done.stderr)
+
+
+def test_the_commands_are_found_in_the_cli() -> None:
+    names = {" ".join(words) for words, _ in leaf_commands()}
+    # A few that exist today: the walk goes into groups.
+    assert {"serve", "replay", "alerts list", "rules backtest", "config check"} <= names
+
+
+def groups(group: click.Group = main, words: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    yield words
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        if isinstance(command, click.Group):
+            yield from groups(command, (*words, name))
+
+
+def test_a_group_alone_prints_its_help(tmp_path: Path) -> None:
+    for words in groups():
+        outcome = _run(list(words), "no subcommand", tmp_path)
+        assert outcome.code == 0, outcome.stderr
+        assert outcome.stdout.startswith("Usage: ") and "Commands:" in outcome.stdout
+        assert outcome.stderr == ""
+
+
+def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
+    places = Places(tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        runs = [
+            (argv, why)
+            for words, command in leaf_commands()
+            for why, argv in cases(words, command, places, busy)
+        ]
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            outcomes = list(pool.map(lambda run: _run(run[0], run[1], places.cwd), runs))
+    problems = []
+    failures = 0
+    for outcome in outcomes:
+        said = outcome.stdout + outcome.stderr
+        lines = outcome.stderr.strip().splitlines()
+        verdict = [line for line in lines if line.startswith("callsentry: ")]
+        shown = f"callsentry {' '.join(outcome.argv)}  [{outcome.why}]"
+        if "Traceback" in said:
+            problems.append(f"{shown}: traceback:\n{said}")
+        elif outcome.code != 0 and (len(verdict) != 1 or lines[-1] != verdict[0]):
+            problems.append(f"{shown}: exit {outcome.code} without one last line:\n{said}")
+        elif any(UNEXPECTED in line for line in verdict):
+            problems.append(f"{shown}: not caught by the command: {verdict[0]}")
+        failures += outcome.code != 0
+    assert not problems, "\n\n".join(problems)
+    # Most of these runs are failures: the test provokes them, and checks each one.
+    assert failures > len(outcomes) * 0.8, f"only {failures} of {len(outcomes)} runs failed"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["alerts", "list"], "callsentry: data has no alerts yet"),
+        (["alerts", "list", "--limit", "x"], "callsentry: alerts list: Invalid value"),
+        (["nosuch"], "callsentry: No such command 'nosuch'"),
+    ],
+)
+def test_an_error_is_one_line_naming_the_problem(
+    tmp_path: Path, argv: list[str], expected: str
+) -> None:
+    outcome = _run(argv, "", tmp_path)
+    assert outcome.code != 0
+    assert outcome.stderr.startswith(expected), outcome.stderr
+    assert outcome.stderr.count("\n") == 1, outcome.stderr

@@ -17,14 +17,14 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from engine.apps.lakewriter import make_pipeline
+from engine.apps.lakewriter import LakeWriterProcess, make_pipeline
 from engine.core.events import CallEvent, CallState
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.journal import DATAGRAMS, datagram_payload, sealed_segments
 from engine.ingest.stats import SharedCounters
 from engine.ingest.store import EventStore
 from engine.lake.writer import LakeWriter
-from tests.conftest import make_settings
+from tests.conftest import make_settings, wait_for
 
 T0 = 1795860000.0
 CODEC = Vos3000TextCodec()
@@ -209,4 +209,40 @@ def test_a_compaction_the_disk_has_no_room_for_leaves_the_segments_and_no_plan(
     assert not any(r.exc_info for r in caplog.records), "no traceback"
     events = (data_dir / "lake" / "events").glob("day=2026-*/*.parquet")
     assert [p.name[:4] for p in events] == ["cmp-"]
+    assert lake_rows(data_dir, "SELECT count(*) FROM events") == [(answered,)]
+
+
+def test_a_lake_writer_started_on_a_full_disk_waits_for_room_rather_than_exit(
+    small_disk: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # What serve's restart of a dead lake writer meets while the disk is full: it
+    # waits, saying so once, instead of exiting and being started again every 2 s.
+    data_dir = small_disk / "data"
+    answered = journal_segments(data_dir)
+    filler = fill(small_disk)
+    process = LakeWriterProcess(make_settings(data_dir, detection={"enabled": False}))
+    process.start()
+    said: list[str] = []
+
+    def heard(*texts: str) -> bool:
+        said.append(capfd.readouterr().err)
+        return any(text in "".join(said) for text in texts)
+
+    try:
+        # (A traceback: the process died, as it did before it waited for room.)
+        wait_for(lambda: heard("lake writer start failed", "Traceback"), 60, "the start failing")
+        assert "Traceback" not in "".join(said)
+        process.check()  # serve's job every 2 s: the process is alive, nothing to restart
+        assert process.restarts == 0
+        filler.unlink()
+        process.wait_for_keys()
+    finally:
+        process.stop()
+    heard()
+    log = "".join(said)
+    assert log.count("lake writer start failed") == 1
+    assert "No space left on device" in log
+    assert log.count("lake writer start works again") == 1
+    assert "Traceback" not in log and "exited with code" not in log
+    assert process.counters.get("flushed") == answered
     assert lake_rows(data_dir, "SELECT count(*) FROM events") == [(answered,)]

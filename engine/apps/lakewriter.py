@@ -19,9 +19,10 @@ import multiprocessing as mp
 import multiprocessing.synchronize
 import os
 import signal
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.apps.settings import DetectionSettings, Settings
 from engine.core.runtime import tune_gc_for_detection
@@ -37,10 +38,12 @@ if TYPE_CHECKING:
     from engine.detect.alerts import AlertSink
     from engine.detect.pipeline import Pipeline
     from engine.detect.rules import LoadedRules
-    from engine.lake.writer import LakeWriter
+    from engine.lake.writer import LakeWriter, Outage
     from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _read_detectors(
@@ -204,7 +207,7 @@ def run(
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from engine.lake.parquet import Lake
-    from engine.lake.writer import LakeWriter
+    from engine.lake.writer import LakeWriter, Outage
 
     # The receiver decides when we stop (after sealing its last segment), so a
     # Ctrl-C or a SIGTERM sent to the whole process group must not cut us short.
@@ -232,8 +235,16 @@ def run(
                 return
     # Analysts can connect before detection has loaded (LakeWriter publishes them again).
     lake = Lake(settings.store.data_dir)
-    lake.prepare()
-    lake.publish_views()
+    starting = Outage("lake writer start")
+
+    def publish() -> Lake:
+        lake.prepare()
+        lake.publish_views()
+        return lake
+
+    if _until_it_works(starting, publish, stop, receiver_pid) is None:
+        lock.release()
+        return
     _say(progress, "views")
     detection = settings.detection
     pipeline = None
@@ -244,14 +255,24 @@ def run(
             # The receiver checked these before starting us; they changed since.
             log.error("rules are invalid, detection is off:\n  %s", "\n  ".join(error.problems))
     sinks = make_sinks(settings)
-    writer = LakeWriter(
-        settings.store.data_dir,
-        compact_target_bytes=settings.store.compact_target_bytes,
-        counters=SharedCounters(counters_array),
-        pipeline=pipeline,
-        sinks=sinks,
-        dedup_horizon_s=settings.store.dedup_horizon_s,
+    writer = _until_it_works(
+        starting,
+        lambda: LakeWriter(
+            settings.store.data_dir,
+            compact_target_bytes=settings.store.compact_target_bytes,
+            counters=SharedCounters(counters_array),
+            pipeline=pipeline,
+            sinks=sinks,
+            dedup_horizon_s=settings.store.dedup_horizon_s,
+        ),
+        stop,
+        receiver_pid,
     )
+    if writer is None:
+        for sink in sinks:
+            sink.close()
+        lock.release()
+        return
     _say(progress, "keys")
     progress.close()
     # Wall-clock housekeeping of the lake: drain sealed segments, compact, reload rules.
@@ -289,6 +310,30 @@ def run(
     for sink in sinks:
         sink.close()
     lock.release()
+
+
+def _until_it_works(
+    outage: Outage,
+    attempt: Callable[[], T],
+    stop: multiprocessing.synchronize.Event,
+    receiver_pid: int,
+) -> T | None:
+    """`attempt()`, again after each pause of `outage` while the file system fails it (a
+    full disk at the start): the process waits for room, saying so once, rather than
+    exiting to be started again every 2 s. None if told to stop, or if the receiver is
+    gone, meanwhile."""
+    from engine.lake.parquet import STORAGE_ERRORS
+
+    while True:
+        try:
+            result = attempt()
+        except STORAGE_ERRORS as error:
+            outage.failed(error, "the journal keeps the reports")
+            if stop.wait(outage.pause_s) or os.getppid() != receiver_pid:
+                return None
+            continue
+        outage.worked()
+        return result
 
 
 def _say(progress: Connection, what: str) -> None:

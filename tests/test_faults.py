@@ -21,7 +21,7 @@ from engine.apps.lakewriter import LakeWriterProcess, make_pipeline
 from engine.core.events import CallEvent, CallState
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.journal import DATAGRAMS, datagram_payload, sealed_segments
-from engine.ingest.stats import SharedCounters
+from engine.ingest.stats import SharedCounters, Stats
 from engine.ingest.store import EventStore
 from engine.lake.writer import LakeWriter
 from tests.conftest import make_settings, wait_for
@@ -169,6 +169,7 @@ def test_a_full_disk_holds_lake_writes_back_said_once_and_counted_then_they_resu
     assert not any(r.exc_info for r in caplog.records), "no traceback"
 
     assert counters.get("flush_failures") == 2
+    assert "flush_failures=2" in Stats(lake=counters).line().split()  # serve's stats line
     assert counters.get("flushed") == answered
     assert not sealed_segments(data_dir / "journal")
     # Every report in the lake once, and detection fed each once: what it made is what

@@ -134,6 +134,8 @@ def test_unreadable_garbage_is_quarantined_only_up_to_its_quota(
     running.stop()
     assert stored_count(tmp_path / "data", "rejects") == 5
     assert running.engine.stats.quarantine_overflow == 15
+    # The periodic stats line says so too: the operator's view of what was not kept.
+    assert "quarantine_overflow=15" in running.engine.stats.line().split()
 
 
 def test_sender_outside_the_allow_list_gets_no_answer_and_nothing_is_stored(

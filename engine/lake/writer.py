@@ -21,7 +21,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import numpy as np
@@ -54,6 +54,24 @@ from engine.ingest.store import codec_of
 from engine.lake.parquet import ALERT_SCHEMA, CALL_SCHEMA, STORAGE_ERRORS, Lake
 
 log = logging.getLogger(__name__)
+
+
+class Evictions(NamedTuple):
+    """What detection's bounds cost, so far: entities dropped from rule state at
+    `max_keys_per_rule`, and calls in progress finished early at `max_open_calls`."""
+
+    keys: int = 0
+    calls: int = 0
+
+    def since(self, before: Evictions) -> Evictions:
+        return Evictions(self.keys - before.keys, self.calls - before.calls)
+
+
+def evictions(pipeline: Pipeline) -> Evictions:
+    return Evictions(
+        sum(rule.state.evicted for rule in pipeline.rules.rules),
+        pipeline.tracker.stats.evicted_calls,
+    )
 
 
 class Outage:
@@ -545,10 +563,9 @@ class LakeWriter:
         self._count("calls", calls)
         self._count("alerts", sum(1 for a in alerts if a.mode == "alert"))
         if self.pipeline is not None and self.counters is not None:
-            evicted = sum(rule.state.evicted for rule in self.pipeline.rules.rules)
-            self.counters.array[COUNTERS.index("evicted_keys")] = evicted
-            evicted_calls = self.pipeline.tracker.stats.evicted_calls
-            self.counters.array[COUNTERS.index("evicted_calls")] = evicted_calls
+            evicted = evictions(self.pipeline)
+            self.counters.array[COUNTERS.index("evicted_keys")] = evicted.keys
+            self.counters.array[COUNTERS.index("evicted_calls")] = evicted.calls
         for _, items in batches:
             for item in items:
                 if type(item) is not CallEvent:

@@ -186,6 +186,27 @@ def test_a_full_disk_holds_lake_writes_back_said_once_and_counted_then_they_resu
     )
 
 
+def test_the_last_pass_before_the_lake_writer_exits_does_not_wait_out_the_pause(
+    small_disk: Path,
+) -> None:
+    # serve stopping just after room came back: what is sealed goes to the lake now
+    # (or stays in the journal for the next start if the disk is still full).
+    data_dir = small_disk / "data"
+    answered = journal_segments(data_dir)
+    counters = SharedCounters.create(mp.get_context("spawn"))
+    writer = LakeWriter(data_dir, counters=counters, snapshots=False, clock=Clock())
+    filler = fill(small_disk)
+    writer.drain_logged()
+    writer.drain_logged(last=True)
+    assert counters.get("flush_failures") == 2, "tried at once, and failed: still full"
+    filler.unlink()
+    writer.drain_logged()
+    assert counters.get("flushed") == 0, "backing off"
+    writer.drain_logged(last=True)
+    assert counters.get("flushed") == answered
+    assert not sealed_segments(data_dir / "journal")
+
+
 def test_a_compaction_the_disk_has_no_room_for_leaves_the_segments_and_no_plan(
     small_disk: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

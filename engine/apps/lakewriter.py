@@ -305,7 +305,7 @@ def run(
                 break
     finally:
         scheduler.shutdown(wait=True)
-    writer.drain_logged()
+    writer.drain_logged(last=True)
     writer.snapshot()
     for sink in sinks:
         sink.close()

@@ -86,7 +86,7 @@ class Outage:
         *,
         clock: Callable[[], float] = time.monotonic,
         first_pause_s: float = 1.0,
-        max_pause_s: float = 30.0,
+        max_pause_s: float = 5.0,
     ) -> None:
         self.what = what
         self.clock = clock
@@ -601,13 +601,14 @@ class LakeWriter:
         )
         return True
 
-    def drain_logged(self) -> None:
+    def drain_logged(self, *, last: bool = False) -> None:
         """`drain` for the lake writer's loop. A lake write the file system fails (a
         full disk) is counted (`flush_failures`), said once, and tried again after a
         pause (`Outage`). The journal keeps the segment meanwhile, and detection does
         not see it again: it stays held as detected (`_decoded`) and is written as it
-        is, before any later segment, once the write works."""
-        if not self.writes.due():
+        is, before any later segment, once the write works. `last`: the pass before
+        the process exits, tried whatever the pause (room may be back)."""
+        if not (last or self.writes.due()):
             return
         try:
             self.drain()

@@ -659,3 +659,45 @@ def test_a_long_replay_logs_how_far_it_is(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("replay: ")]
     assert len(lines) == 2
     assert re.fullmatch(r"replay: 1 of 2 rows \(50 %\), \d+ rows/s, 0 alerts so far", lines[1])
+
+
+def test_a_replay_says_what_detections_bounds_evicted_wherever_detection_ran(
+    tmp_path: Path,
+) -> None:
+    # 1,100 calls ringing at once, each from a caller of its own: past 1,000 calls in
+    # progress and 100 entities a rule keeps, the lowest bounds settings allow.
+    path = tmp_path / "crowd.csv"
+    path.write_text(
+        HEADER
+        + "".join(
+            f"{1795860000 + n / 1000:.3f},crowd-{n},1,180,caller-{n},200,,7,m\n"
+            for n in range(1100)
+        )
+    )
+    bounds = {"max_keys_per_rule": 100, "max_open_calls": 1000, "alerts_jsonl": "off"}
+    evicted = []
+    for forked in [False, *([True] if detectfork.available() else [])]:
+        settings = make_settings(tmp_path / f"data-{forked}", detection=bounds)
+        evicted.append(replay([path], settings, detect_in_child=forked).evicted)
+    assert evicted[0].keys > 0 and evicted[0].calls >= 100
+    assert all(each == evicted[0] for each in evicted)
+
+    environ = {
+        **os.environ,
+        "CALLSENTRY_DETECTION__MAX_KEYS_PER_RULE": "100",
+        "CALLSENTRY_DETECTION__MAX_OPEN_CALLS": "1000",
+        "CALLSENTRY_DETECTION__ALERTS_JSONL": '"off"',
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "engine", "replay", str(path), "--data-dir", str(tmp_path / "cli")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environ,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"evicted: {evicted[0].keys} entities from rule state "
+        f"(detection.max_keys_per_rule 100), {evicted[0].calls} calls in progress "
+        "(detection.max_open_calls 1000)"
+    ) in result.stdout

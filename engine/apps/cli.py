@@ -277,6 +277,13 @@ def replay(
         f"{report.calls} calls rebuilt; {len(live)} alerts, "
         f"{len(report.alerts) - len(live)} shadow alerts"
     )
+    # Past these bounds detection forgets: an operator must see when a replay met them.
+    click.echo(
+        f"evicted: {report.evicted.keys} entities from rule state "
+        f"(detection.max_keys_per_rule {settings.detection.max_keys_per_rule}), "
+        f"{report.evicted.calls} calls in progress "
+        f"(detection.max_open_calls {settings.detection.max_open_calls})"
+    )
     for alert in live[:show]:
         click.echo(f"  [{alert.severity}] {alert.rule_id}: {shown(alert.summary)}")
     if len(live) > show:

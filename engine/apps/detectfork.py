@@ -47,6 +47,7 @@ from engine.detect.snapshot import prepare as snapshot_prepare
 from engine.detect.snapshot import put_in_place
 from engine.detect.state import Position, Snapshot
 from engine.lake.parquet import Item
+from engine.lake.writer import evictions
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,9 @@ def _detect_segments(
                     output.extend(pipeline.advance(spec))
                 else:
                     output.extend(pipeline.feed(rows_of(rows, spec)))
-            outbox.send(("detected", number, call_columns(output.calls), output.alerts))
+            outbox.send(
+                ("detected", number, call_columns(output.calls), output.alerts, evictions(pipeline))
+            )
         elif message[0] == "snapshot":
             _, position = message
             if snapshot_file is None:
@@ -231,6 +234,8 @@ class DetectionProcess:
             raise
         child_conn.close()
         self._submitted: deque[int] = deque()
+        # The child's, as of its last answer (the replay's summary reports them).
+        self.evictions = evictions(pipeline)
         self._asked = 0
         self._finished = False
 
@@ -250,6 +255,7 @@ class DetectionProcess:
         message = self._receive()
         if message[0] != "detected" or message[1] != expected:
             raise DetectionProcessError(f"answered {message[:2]!r} for request {expected}")
+        self.evictions = message[4]
         return message[2], message[3]
 
     def begin_snapshot(self, position: Position) -> None:

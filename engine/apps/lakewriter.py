@@ -23,10 +23,10 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.apps.settings import DetectionSettings, Settings
 from engine.core.runtime import tune_gc_for_detection
@@ -42,10 +42,12 @@ if TYPE_CHECKING:
     from engine.detect.alerts import Alert, AlertSink
     from engine.detect.pipeline import Pipeline
     from engine.detect.rules import LoadedRules, RuleSet
-    from engine.lake.writer import LakeWriter
+    from engine.lake.writer import LakeWriter, Outage
     from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _read_detectors(
@@ -246,7 +248,7 @@ def run(
     from apscheduler.schedulers.background import BackgroundScheduler
 
     from engine.lake.parquet import Lake
-    from engine.lake.writer import LakeWriter
+    from engine.lake.writer import LakeWriter, Outage
 
     # The receiver decides when we stop (after sealing its last segment), so a
     # Ctrl-C or a SIGTERM sent to the whole process group must not cut us short.
@@ -274,8 +276,16 @@ def run(
                 return
     # Analysts can connect before detection has loaded (LakeWriter publishes them again).
     lake = Lake(settings.store.data_dir)
-    lake.prepare()
-    lake.publish_views()
+    starting = Outage("lake writer start")
+
+    def publish() -> Lake:
+        lake.prepare()
+        lake.publish_views()
+        return lake
+
+    if _until_it_works(starting, publish, stop, receiver_pid) is None:
+        lock.release()
+        return
     _say(progress, "views")
     detection = settings.detection
     counters = SharedCounters(counters_array)
@@ -296,15 +306,33 @@ def run(
     alert_counts.cancel_join_thread()
     tally = AlertTally(alert_counts)
     sinks = [*make_sinks(settings), tally]
-    writer = LakeWriter(
-        settings.store.data_dir,
-        compact_target_bytes=settings.store.compact_target_bytes,
-        counters=counters,
-        pipeline=pipeline,
-        sinks=sinks,
-        dedup_horizon_s=settings.store.dedup_horizon_s,
-        keys_ready=lambda: _say(progress, "keys"),
+    said_keys: list[bool] = []
+
+    def keys_ready() -> None:
+        # Once, however many times a start on a full disk is tried.
+        if not said_keys:
+            said_keys.append(True)
+            _say(progress, "keys")
+
+    writer = _until_it_works(
+        starting,
+        lambda: LakeWriter(
+            settings.store.data_dir,
+            compact_target_bytes=settings.store.compact_target_bytes,
+            counters=counters,
+            pipeline=pipeline,
+            sinks=sinks,
+            dedup_horizon_s=settings.store.dedup_horizon_s,
+            keys_ready=keys_ready,
+        ),
+        stop,
+        receiver_pid,
     )
+    if writer is None:
+        for sink in sinks:
+            sink.close()
+        lock.release()
+        return
     progress.close()
     # Wall-clock housekeeping of the lake: drain sealed segments, compact, reload rules.
     scheduler = BackgroundScheduler(
@@ -337,11 +365,35 @@ def run(
                 break
     finally:
         scheduler.shutdown(wait=True)
-    writer.drain_logged()
+    writer.drain_logged(last=True)
     writer.snapshot()
     for sink in sinks:
         sink.close()
     lock.release()
+
+
+def _until_it_works(
+    outage: Outage,
+    attempt: Callable[[], T],
+    stop: multiprocessing.synchronize.Event,
+    receiver_pid: int,
+) -> T | None:
+    """`attempt()`, again after each pause of `outage` while the file system fails it (a
+    full disk at the start): the process waits for room, saying so once, rather than
+    exiting to be started again every 2 s. None if told to stop, or if the receiver is
+    gone, meanwhile."""
+    from engine.lake.parquet import STORAGE_ERRORS
+
+    while True:
+        try:
+            result = attempt()
+        except STORAGE_ERRORS as error:
+            outage.failed(error, "the journal keeps the reports")
+            if stop.wait(outage.pause_s) or os.getppid() != receiver_pid:
+                return None
+            continue
+        outage.worked()
+        return result
 
 
 def _say(progress: Connection, what: str) -> None:

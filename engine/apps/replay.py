@@ -24,7 +24,7 @@ from engine.ingest.records import Item, item_of, record_of
 from engine.ingest.stats import Stats
 from engine.ingest.store import EventStore, StoreError, lake_writer_lock
 from engine.lake.parquet import Lake
-from engine.lake.writer import DrainResult, LakeWriter, Step
+from engine.lake.writer import DrainResult, Evictions, LakeWriter, Step, evictions
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class ReplayReport:
     rejects: list[Reject] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     file_errors: list[str] = field(default_factory=list)
+    # What detection's bounds (max_keys_per_rule, max_open_calls) cost in this replay.
+    evicted: Evictions = field(default_factory=Evictions)
 
     @property
     def clean(self) -> bool:
@@ -159,6 +161,7 @@ def replay(
         dedup_horizon_s=settings.store.dedup_horizon_s,
     )
     written = DrainResult(rejects=[])
+    evicted_before = evictions(pipeline) if pipeline is not None else Evictions()
 
     def drain() -> None:
         result = writer.drain(collect_rejects=True)
@@ -281,4 +284,8 @@ def replay(
     report.alerts = written.alerts
     report.rejects = written.rejects or []
     report.duplicates = stats.duplicates
+    if detection is not None:
+        report.evicted = detection.evictions.since(evicted_before)
+    elif pipeline is not None:
+        report.evicted = evictions(pipeline).since(evicted_before)
     return report

@@ -141,12 +141,18 @@ def prepare(path: Path, snapshot: Snapshot) -> int:
     lake is written, and puts it in place once the lake holds all it has seen)."""
     payload = encode(snapshot)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _partial(path).open("wb") as out:
-        out.write(MAGIC)
-        out.write(hashlib.sha256(payload).digest())
-        out.write(payload)
-        out.flush()
-        os.fsync(out.fileno())
+    partial = _partial(path)
+    try:
+        with partial.open("wb") as out:
+            out.write(MAGIC)
+            out.write(hashlib.sha256(payload).digest())
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError:
+        # Cut short by a full disk: its space is better free, and it is never loaded.
+        partial.unlink(missing_ok=True)
+        raise
     return len(MAGIC) + 32 + len(payload)
 
 

@@ -27,6 +27,10 @@ from engine.core.events import (
 )
 
 MAX_DATAGRAM_BYTES = 2048
+# The receiver reads at most this much of a datagram (docs/protocol.md: a report is at
+# most MAX_DATAGRAM_BYTES), so one of exactly this size may have been longer: the
+# socket cut it there, and the journal holds only what was read.
+RECEIVE_BYTES = 4096
 SEPARATORS = (",", "|", ";", "\t")
 FIELD_COUNT = 8
 _TRAILER = b"\r\n\x00"
@@ -168,12 +172,17 @@ class Vos3000TextCodec:
                 Reject(ts, RejectReason.EMPTY, "empty datagram", data, source=source), None
             )
         if len(data) > self.max_bytes:
+            size = (
+                f"{len(data)} bytes or more (read no further)"
+                if len(data) == RECEIVE_BYTES
+                else f"{len(data)} bytes"
+            )
             return self._reject(
                 data,
                 ts,
                 source,
                 RejectReason.OVERSIZED,
-                f"datagram of {len(data)} bytes is over the {self.max_bytes}-byte limit",
+                f"datagram of {size} is over the {self.max_bytes}-byte limit",
             )
         body = data.rstrip(_TRAILER)
         text: str | None = None

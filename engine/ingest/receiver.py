@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from engine.core.addresses import parse_hostport
 from engine.ingest import journal, udpbatch
-from engine.ingest.codec import Codec
+from engine.ingest.codec import RECEIVE_BYTES, Codec
 from engine.ingest.intake import Batch, Intake, Key, Outcome, ReplyTo
 from engine.ingest.journal import DATAGRAMS, TICK, AnswersOn, datagram_payload, tick_payload
 from engine.ingest.stats import Stats
@@ -131,7 +131,7 @@ class _TransportEndpoint(_Endpoint, asyncio.DatagramProtocol):
         # Python 3.11's stock loop reads each datagram into a 256 KiB buffer;
         # a small one is much faster and still shows us an oversized datagram.
         if hasattr(transport, "max_size"):
-            transport.max_size = 4096
+            transport.max_size = RECEIVE_BYTES
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.server.on_datagrams([(data, addr, None, None)], self)

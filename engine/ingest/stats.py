@@ -126,9 +126,11 @@ class Stats:
         return (
             f"received={self.received} stored={self.stored} answered={self.answered} "
             f"duplicates={self.duplicates} rejected={rejected} "
+            f"quarantine_overflow={self.quarantine_overflow} "
             f"dropped_sender={self.dropped_sender} dropped_overload={self.dropped_overload} "
             f"store_stalls={self.store_stalls} store_failures={self.store_failures} "
-            f"flushed={self.flushed} calls={self.calls} alerts={self.alerts} "
+            f"flushed={self.flushed} flush_failures={self.flush_failures} "
+            f"calls={self.calls} alerts={self.alerts} "
             f"pending={self.pending} lake_backlog={self.lake_backlog}"
         )
 

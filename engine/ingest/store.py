@@ -9,6 +9,7 @@ comes from the key file it keeps (`engine.ingest.keyfile`), never from the lake.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -87,9 +88,12 @@ class DataDirLock:
                     log.warning("waiting for pid %s to release %s", holder, self.path)
                     warned = True
                 time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        os.ftruncate(fd, 0)
+        # The pid only names the holder to whoever waits (above): a full disk, which
+        # has no room for it, must not keep the lock from being taken.
+        with contextlib.suppress(OSError):
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -30,6 +30,7 @@ from typing import Any
 
 from engine.core.events import MAX_CALL_ID_BYTES, MAX_SERIAL_DIGITS
 from engine.ingest import native
+from engine.ingest.codec import RECEIVE_BYTES
 
 # struct mmsghdr on LP64 Linux: msghdr {name*, namelen u32 (+4), iov*, iovlen,
 # control*, controllen, flags i32 (+4)} then msg_len u32 (+4): 64 bytes.
@@ -147,7 +148,7 @@ class BatchSocket:
         self,
         sock: socket.socket,
         slots: int = 256,
-        datagram_bytes: int = 4096,
+        datagram_bytes: int = RECEIVE_BYTES,
         key_separator: bytes | None = None,
     ) -> None:
         if _FUNCTIONS is None:

@@ -40,6 +40,16 @@ from engine.ingest.records import record_of as record_of
 
 log = logging.getLogger(__name__)
 
+# What writing or reading the lake raises when the file system fails it (disk full,
+# read-only, I/O error): the OS error as it is, or wrapped by polars (a ComputeError
+# "... No space left on device (os error 28)") or by DuckDB (an IOException). The
+# lake writer backs off and tries again on these; the journal keeps the reports.
+STORAGE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    pl.exceptions.ComputeError,
+    duckdb.Error,
+)
+
 
 EVENT_SCHEMA: dict[str, Any] = {
     "seq": pl.Int64,
@@ -241,13 +251,19 @@ def write_atomic(frame: pl.DataFrame, target: Path) -> None:
     partial = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
     # zstd at level 1 (polars' default is 3): on this data no larger and faster to
     # write (bench/README.md, "Parquet compression").
-    frame.write_parquet(partial, compression="zstd", compression_level=1, statistics=True)
-    fd = os.open(partial, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(partial, target)
+        frame.write_parquet(partial, compression="zstd", compression_level=1, statistics=True)
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, target)
+    except BaseException:
+        # A write cut short by a full disk leaves what it wrote: that space is what the
+        # next try needs, and nothing ever reads a partial file.
+        partial.unlink(missing_ok=True)
+        raise
 
 
 # Raw data that retention may remove; alerts and their reviews are the audit trail
@@ -500,10 +516,17 @@ class Lake:
                     SORT_COLUMN.get(table, TIME_COLUMN[table]),
                 )
                 intent = folder / "compaction.intent.json"
-                intent.write_text(
-                    json.dumps({"target": target.name, "inputs": [p.name for p in inputs]})
-                )
-                write_atomic(frame, target)
+                try:
+                    intent.write_text(
+                        json.dumps({"target": target.name, "inputs": [p.name for p in inputs]})
+                    )
+                    write_atomic(frame, target)
+                except BaseException:
+                    # No target, so no input was deleted: the plan is void. (Left
+                    # behind, a plan cut short by a full disk is unreadable at the
+                    # next start.)
+                    intent.unlink(missing_ok=True)
+                    raise
                 self._finish_compaction(folder, intent)
                 merged += len(inputs)
                 written += 1

@@ -21,7 +21,7 @@ from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import numpy as np
@@ -51,9 +51,89 @@ from engine.ingest.keyfile import RecentKeys, StoredKey, key_file_path
 from engine.ingest.records import Item, item_of
 from engine.ingest.stats import COUNTERS, SharedCounters
 from engine.ingest.store import codec_of
-from engine.lake.parquet import ALERT_SCHEMA, CALL_SCHEMA, Lake
+from engine.lake.parquet import ALERT_SCHEMA, CALL_SCHEMA, STORAGE_ERRORS, Lake
 
 log = logging.getLogger(__name__)
+
+
+class Evictions(NamedTuple):
+    """What detection's bounds cost, so far: entities dropped from rule state at
+    `max_keys_per_rule`, and calls in progress finished early at `max_open_calls`."""
+
+    keys: int = 0
+    calls: int = 0
+
+    def since(self, before: Evictions) -> Evictions:
+        return Evictions(self.keys - before.keys, self.calls - before.calls)
+
+
+def evictions(pipeline: Pipeline) -> Evictions:
+    return Evictions(
+        sum(rule.state.evicted for rule in pipeline.rules.rules),
+        pipeline.tracker.stats.evicted_calls,
+    )
+
+
+class Outage:
+    """One kind of the lake writer's work while the file system fails it (a full disk):
+    said once when it starts failing and once when it works again, and tried again
+    only after a pause that doubles from `first_pause_s` to `max_pause_s` (`due`), so
+    a disk that stays full costs a line, not a loop of them."""
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        first_pause_s: float = 1.0,
+        max_pause_s: float = 5.0,
+    ) -> None:
+        self.what = what
+        self.clock = clock
+        self.first_pause_s = first_pause_s
+        self.max_pause_s = max_pause_s
+        # When this outage started (None: the work works), and its failures so far.
+        self.since: float | None = None
+        self.failures = 0
+        self.pause_s = 0.0
+        self._retry_at = 0.0
+
+    @property
+    def failing(self) -> bool:
+        return self.since is not None
+
+    def due(self) -> bool:
+        """Whether to try now: always while it works, after the pause while it fails."""
+        return self.since is None or self.clock() >= self._retry_at
+
+    def failed(self, error: Exception, meanwhile: str) -> None:
+        now = self.clock()
+        if self.since is None:
+            self.since = now
+            self.failures = 0
+            self.pause_s = self.first_pause_s
+            log.error(
+                "%s failed (%s: %s); %s; trying again, and saying so once it works",
+                self.what,
+                type(error).__name__,
+                error,
+                meanwhile,
+            )
+        else:
+            self.pause_s = min(2 * self.pause_s, self.max_pause_s)
+        self.failures += 1
+        self._retry_at = now + self.pause_s
+
+    def worked(self) -> None:
+        if self.since is None:
+            return
+        log.warning(
+            "%s works again (%d failed tries in %.0f s)",
+            self.what,
+            self.failures,
+            self.clock() - self.since,
+        )
+        self.since = None
 
 
 @dataclass
@@ -125,6 +205,7 @@ class LakeWriter:
         snapshots: bool = True,
         dedup_horizon_s: float = 3600.0,
         keys_ready: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Starts the lake writer's work on `data_dir`: the caller holds its lock
         (`lake_writer_lock`), or is the only process on the data dir."""
@@ -141,7 +222,11 @@ class LakeWriter:
         self._lock = threading.Lock()
         # Compaction and retention run on the scheduler's threads: one at a time.
         self._housekeeping = threading.Lock()
-        self._failing = False
+        # Each kind of work a failing file system (a full disk) stops, said once.
+        self.writes = Outage("lake write", clock=clock)
+        self.compactions = Outage("compaction", clock=clock)
+        self.expiries = Outage("retention", clock=clock)
+        self.snapshots = Outage("detection snapshot", clock=clock)
         # Segments whose reports the caller still holds decoded (replay): no need to
         # read them back from the journal.
         self._primed: dict[int, list[Step]] = {}
@@ -302,8 +387,9 @@ class LakeWriter:
             try:
                 size = snapshot_save(self.snapshot_file, snapshot)
             except OSError as error:
-                log.error("detection snapshot failed: %s; the previous one stays", error)
+                self.snapshots.failed(error, "the previous one stays")
                 return False
+        self.snapshots.worked()
         log.info(
             "detection state saved (%.1f MiB in %.1f s, up to report %d)",
             size / 2**20,
@@ -495,10 +581,9 @@ class LakeWriter:
         self._count("calls", calls)
         self._count("alerts", sum(1 for a in alerts if a.mode == "alert"))
         if self.pipeline is not None and self.counters is not None:
-            evicted = sum(rule.state.evicted for rule in self.pipeline.rules.rules)
-            self.counters.array[COUNTERS.index("evicted_keys")] = evicted
-            evicted_calls = self.pipeline.tracker.stats.evicted_calls
-            self.counters.array[COUNTERS.index("evicted_calls")] = evicted_calls
+            evicted = evictions(self.pipeline)
+            self.counters.array[COUNTERS.index("evicted_keys")] = evicted.keys
+            self.counters.array[COUNTERS.index("evicted_calls")] = evicted.calls
         for _, items in batches:
             for item in items:
                 if type(item) is not CallEvent:
@@ -534,18 +619,22 @@ class LakeWriter:
         )
         return True
 
-    def drain_logged(self) -> None:
+    def drain_logged(self, *, last: bool = False) -> None:
+        """`drain` for the lake writer's loop. A lake write the file system fails (a
+        full disk) is counted (`flush_failures`), said once, and tried again after a
+        pause (`Outage`). The journal keeps the segment meanwhile, and detection does
+        not see it again: it stays held as detected (`_decoded`) and is written as it
+        is, before any later segment, once the write works. `last`: the pass before
+        the process exits, tried whatever the pause (room may be back)."""
+        if not (last or self.writes.due()):
+            return
         try:
             self.drain()
-        except OSError as error:
+        except STORAGE_ERRORS as error:
             self._count("flush_failures")
-            if not self._failing:
-                log.error("lake write failed (%s); the journal keeps the reports, retrying", error)
-            self._failing = True
+            self.writes.failed(error, "the journal keeps the reports")
             return
-        if self._failing:
-            log.warning("lake writes work again")
-            self._failing = False
+        self.writes.worked()
 
     def expire(self, retention_days: int) -> None:
         """Retention: wall-clock housekeeping, like compaction (detection is unaffected)."""
@@ -555,9 +644,10 @@ class LakeWriter:
         try:
             with self._housekeeping:
                 removed = self.lake.expire(before)
-        except OSError as error:
-            log.error("retention failed (%s); will try again", error)
+        except STORAGE_ERRORS as error:
+            self.expiries.failed(error, "old days stay until it works")
             return
+        self.expiries.worked()
         if removed:
             log.info("retention: removed %d day partitions before %s", len(removed), before)
 
@@ -568,9 +658,10 @@ class LakeWriter:
                 # files are written meanwhile is still in this list.
                 journaled = self._journaled()
                 result = self.lake.compact(self.compact_target_bytes, journaled)
-        except OSError as error:
-            log.error("compaction failed (%s); will try again", error)
+        except STORAGE_ERRORS as error:
+            self.compactions.failed(error, "the segments stay as they are, each row once")
             return
+        self.compactions.worked()
         if result.written_files:
             self._count("compacted_files", result.merged_files)
             log.info(

@@ -184,27 +184,27 @@ def _check_shape(path: Path, text: str, limits: YamlLimits) -> None:
             raise YamlFileError([f"{path}:{line}: more than {limits.max_nodes:,} values"])
 
 
+def _invalid(path: Path, error: yaml.YAMLError) -> YamlFileError:
+    if isinstance(error, yaml.MarkedYAMLError):
+        mark = error.problem_mark
+        line = mark.line + 1 if mark is not None else 1
+        return YamlFileError([f"{path}:{line}: invalid YAML: {error.problem}"])
+    return YamlFileError([f"{path}: invalid YAML: {error}"])
+
+
 def load_yaml(path: Path, limits: YamlLimits = DEFAULT_LIMITS) -> YamlDocument:
     text = _read_text(path, limits)
     try:
         _check_shape(path, text, limits)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        line = mark.line + 1 if mark is not None else 1
-        raise YamlFileError([f"{path}:{line}: invalid YAML: {error.problem}"]) from None
     except yaml.YAMLError as error:
-        raise YamlFileError([f"{path}: invalid YAML: {error}"]) from None
+        raise _invalid(path, error) from None
     loader = _Loader(text)
     try:
         # One parse: the node tree gives the lines, and the data is built from it.
         node = loader.get_single_node()
         data = None if node is None else loader.construct_document(node)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        line = mark.line + 1 if mark is not None else 1
-        raise YamlFileError([f"{path}:{line}: invalid YAML: {error.problem}"]) from None
     except yaml.YAMLError as error:
-        raise YamlFileError([f"{path}: invalid YAML: {error}"]) from None
+        raise _invalid(path, error) from None
     finally:
         loader.dispose()
     lines: dict[tuple[str | int, ...], int] = {}

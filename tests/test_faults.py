@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import logging
 import multiprocessing as mp
+import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -268,3 +270,32 @@ def test_a_lake_writer_started_on_a_full_disk_waits_for_room_rather_than_exit(
     assert "Traceback" not in log and "exited with code" not in log
     assert process.counters.get("flushed") == answered
     assert lake_rows(data_dir, "SELECT count(*) FROM events") == [(answered,)]
+
+
+def test_a_replay_onto_a_full_disk_says_so_in_one_line(small_disk: Path, tmp_path: Path) -> None:
+    from engine.simulator.scenario import generate, load_scenario, write_files
+
+    events, _ = write_files(
+        generate(load_scenario(Path("data/scenarios/fraud-mix.yaml"))), tmp_path / "scenario"
+    )
+    # Room for the data dir to open, not for the journal of these reports.
+    filler = fill(small_disk)
+    os.truncate(filler, filler.stat().st_size - (512 << 10))
+    assert events.stat().st_size > 1 << 20
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "replay",
+            str(events),
+            "--data-dir",
+            str(small_disk / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    assert "replay stopped: cannot write to" in done.stderr, done.stderr[-2000:]

@@ -246,6 +246,8 @@ def replay(
         overrides["store"] = {"data_dir": str(data_dir)}
     settings = _settings(config, overrides)
     _setup_logging(log_level)
+    import polars as pl
+
     from engine.apps.replay import replay as run_replay
     from engine.core.runtime import tune_gc_for_detection
     from engine.core.yamlfile import YamlFileError
@@ -258,6 +260,13 @@ def replay(
         _fail(str(error))
     except YamlFileError as error:
         _fail_rules(error)
+    except (OSError, pl.exceptions.ComputeError) as error:
+        # A full or read-only disk under the data dir (polars says so in its own words).
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        _fail(
+            f"replay stopped: cannot write to {settings.store.data_dir}: {reason}; what was "
+            "stored stays, and the same replay again carries on"
+        )
     for problem in report.file_errors:
         click.echo(f"{problem}", err=True)
     for reject in report.rejects[:show]:

@@ -27,9 +27,9 @@ from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
 from engine.ingest.codec import FieldError
 from engine.ingest.eventfiles import EventFileError, parse_ts, read_event_file, read_event_files
+from engine.ingest.records import Item
 from engine.lake import parquet as lake_module
 from engine.lake import writer as lakewriter_module
-from engine.lake.parquet import Item
 from engine.simulator.scenario import generate, load_scenario, write_files
 from tests.conftest import make_settings
 
@@ -408,8 +408,8 @@ def test_offering_rows_read_at_once_is_offering_each(
     # quarantined rows with and without a key, and a full intake. Runs of new
     # reports only are taken whole, the rest row by row.
     from engine.ingest.intake import Intake, SeenReports
+    from engine.ingest.records import record_of
     from engine.ingest.stats import Stats
-    from engine.lake.parquet import record_of
 
     intakes = []
     for at_once in (False, True):

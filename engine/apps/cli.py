@@ -246,12 +246,12 @@ def replay(
         overrides["store"] = {"data_dir": str(data_dir)}
     settings = _settings(config, overrides)
     _setup_logging(log_level)
-    import polars as pl
 
     from engine.apps.replay import replay as run_replay
     from engine.core.runtime import tune_gc_for_detection
     from engine.core.yamlfile import YamlFileError
     from engine.ingest.store import StoreError
+    from engine.lake.parquet import STORAGE_ERRORS
 
     tune_gc_for_detection()
     try:
@@ -260,8 +260,8 @@ def replay(
         _fail(str(error))
     except YamlFileError as error:
         _fail_rules(error)
-    except (OSError, pl.exceptions.ComputeError) as error:
-        # A full or read-only disk under the data dir (polars says so in its own words).
+    except STORAGE_ERRORS as error:
+        # A full or read-only disk under the data dir, in whichever library's words.
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         _fail(
             f"replay stopped: cannot write to {settings.store.data_dir}: {reason}; what was "

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -36,6 +37,8 @@ class AnalystsDatabase:
 
     alerts: list[tuple[str, str, str, list[str], str]]
     reviewed: list[tuple[str, str]]
+    # The scenario's labelled incidents (labels.jsonl), which the reviews went by.
+    labels: list[dict[str, Any]]
 
 
 def build_analysts_database(
@@ -97,7 +100,7 @@ def build_analysts_database(
             capture_output=True,
         )
         reviewed.append((alert_id, status))
-    return AnalystsDatabase(alerts, reviewed)
+    return AnalystsDatabase(alerts, reviewed, labels)
 
 
 def _free_port() -> int:
@@ -218,10 +221,7 @@ def main() -> int:
             table: (con.execute(f"SELECT count(*) FROM {table}").fetchone() or (0,))[0]
             for table in ("events", "calls", "alerts", "alert_reviews", "rejects")
         }
-    labels = [
-        json.loads(line)
-        for line in (data_dir / "scenario" / "labels.jsonl").read_text().splitlines()
-    ]
+    labels = built.labels
     print("  " + ", ".join(f"{table} {n}" for table, n in counts.items()))
     print(f"  {len(built.alerts)} alerts:")
     for rule_id, severity, summary, evidence, _ in built.alerts:

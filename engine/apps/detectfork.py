@@ -46,7 +46,7 @@ from engine.detect.pipeline import Output, Pipeline
 from engine.detect.snapshot import prepare as snapshot_prepare
 from engine.detect.snapshot import put_in_place
 from engine.detect.state import Position, Snapshot
-from engine.lake.parquet import Item
+from engine.ingest.records import Item
 from engine.lake.writer import evictions
 
 log = logging.getLogger(__name__)

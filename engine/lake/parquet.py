@@ -34,9 +34,7 @@ import polars as pl
 from engine.core.events import CallEvent, Reject
 from engine.ingest.journal import fsync_dir
 from engine.ingest.keyfile import segment_range
-from engine.ingest.records import Item as Item  # the journal's records, re-exported
-from engine.ingest.records import item_of as item_of
-from engine.ingest.records import record_of as record_of
+from engine.ingest.records import Item
 
 log = logging.getLogger(__name__)
 

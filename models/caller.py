@@ -33,7 +33,7 @@ from engine.detect.calls import Call
 from engine.detect.windows import KeyedState
 from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
 from models.caller_state import CallerState
-from models.scoring import AdaptiveThreshold, anomaly_model
+from models.scoring import AdaptiveThreshold, AnomalyModel
 from models.spec import FEATURE_NAMES, ModelSpec
 
 # Yes/no facts of a call, kept as bit histories; then means kept as EW.
@@ -91,7 +91,7 @@ class CallerModel:
         self.alpha = 2.0 / (spec.recent_calls + 1)
         self._derive()
         self.state: KeyedState[CallerState] = KeyedState(max_keys)
-        self.population = anomaly_model(spec.trees)
+        self.population = AnomalyModel(spec.trees)
         # How often each flag is set over all calls (plain floats: updated at every
         # call, where a River statistic per flag would cost more than the rest), and
         # callers' usual mean values (River, learned from the sampled vectors); both
@@ -259,7 +259,7 @@ class CallerModel:
             self._learn_rates(flagged)
             return None
         recent = self._recent(state)
-        score = float(self.population.score_one(recent))
+        score = self.population.score_one(recent)
         threshold = self.thresholds.get(spec.threshold.quantile)
         # Against the population, the global model must agree that this mix is rare.
         # Against its own history it need not: a change to a mix other callers have
@@ -363,7 +363,7 @@ class CallerModel:
         state = self.state.states.get(entity)
         if state is None or state.calls < self.spec.min_calls:
             return None
-        return float(self.population.score_one(self._recent(state)))
+        return self.population.score_one(self._recent(state))
 
     def quantile(self, q: float) -> float | None:
         return self.thresholds.get(q)

@@ -16,11 +16,11 @@ import zlib
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from engine.detect.calls import Call
 from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
-from models.scoring import AdaptiveThreshold, Baseline, anomaly_model, explain, strongest
+from models.scoring import AdaptiveThreshold, AnomalyModel, Baseline, explain, strongest
 from models.spec import FEATURE_NAMES, ModelSpec
 
 # Distinct callers in a menu's window are estimated from counts in this many
@@ -161,7 +161,7 @@ class SeasonalVolume:
 
 @dataclass
 class MenuState:
-    model: Any
+    model: AnomalyModel
     usual: Baseline
     seasonal: SeasonalVolume = field(default_factory=SeasonalVolume)
     traffic: MenuTraffic = field(default_factory=MenuTraffic)
@@ -186,7 +186,7 @@ class MenuModel:
         state = self.menus.get(call.menu_id)
         if state is None:
             state = self.menus[call.menu_id] = MenuState(
-                model=anomaly_model(self.spec.trees),
+                model=AnomalyModel(self.spec.trees),
                 # A menu's usual values move over about a hundred steps (~an hour).
                 usual=Baseline(self.spec, fading_factor=0.02),
             )
@@ -256,7 +256,7 @@ class MenuModel:
         vector = self._vector(state, at)
         if vector is None:
             return None
-        score = float(state.model.score_one(vector))
+        score = state.model.score_one(vector)
         state.score = score
         deviations = state.usual.deviations(vector)
         feature, z = strongest(deviations, spec, alone_only=True)

@@ -5,6 +5,8 @@
   per feature so a feature that never moved does not make a wobble look huge.
 - `AdaptiveThreshold`: running quantiles of a model's own scores (River's P²
   estimator), so "unusual" means unusual for this model, not a fixed cut-off.
+- `AnomalyModel`: River's HalfSpaceTrees over min-max scaled features, the models'
+  view of how rare a whole vector is.
 - `explain`: the features that moved, in words ("unanswered share 0.83 vs usual 0.22").
 """
 
@@ -13,16 +15,50 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from river import anomaly, preprocessing, stats
+from river import stats
 
 from models.spec import FEATURE_NAMES, HalfSpaceTreesSpec, ModelSpec
 
 
-def anomaly_model(trees: HalfSpaceTreesSpec) -> Any:
+def _river_trees(n_trees: int, height: int, window_size: int, seed: int) -> Any:
     """HalfSpaceTrees wants features in [0, 1]: scale with the running min and max first."""
+    # River's anomaly and preprocessing packages import SciPy's statistics (about a
+    # second of start-up): only a model that has filled its first window needs them.
+    from river import anomaly, preprocessing
+
     return preprocessing.MinMaxScaler() | anomaly.HalfSpaceTrees(
-        n_trees=trees.n_trees, height=trees.height, window_size=trees.window_size, seed=trees.seed
+        n_trees=n_trees, height=height, window_size=window_size, seed=seed
     )
+
+
+class AnomalyModel:
+    """River's HalfSpaceTrees over min-max scaled features, made when it first needs to be.
+
+    HalfSpaceTrees scores 0 until it has learned `window_size` vectors, and in a River
+    pipeline the scaler learns in `learn_one` only (scoring changes nothing). So until
+    the first window is full the vectors are only kept; then the River pipeline is made
+    and taught them in order. Every score, and the state after, is exactly that of a
+    pipeline made at once (tests/test_models.py compares them), while a short replay,
+    a quiet menu or a small command never loads River's anomaly package."""
+
+    def __init__(self, trees: HalfSpaceTreesSpec) -> None:
+        self.trees = (trees.n_trees, trees.height, trees.window_size, trees.seed)
+        self.river: Any = None
+        self.pending: list[dict[str, float]] = []
+
+    def learn_one(self, x: Mapping[str, float]) -> None:
+        if self.river is not None:
+            self.river.learn_one(x)
+            return
+        self.pending.append(dict(x))
+        if len(self.pending) >= self.trees[2]:
+            river = _river_trees(*self.trees)
+            for vector in self.pending:
+                river.learn_one(vector)
+            self.river, self.pending = river, []
+
+    def score_one(self, x: Mapping[str, float]) -> float:
+        return 0.0 if self.river is None else float(self.river.score_one(x))
 
 
 class Baseline:

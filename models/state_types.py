@@ -10,7 +10,7 @@ from engine.detect.state import register_state_type
 from models.caller import CallerModel
 from models.caller_state import CallerState
 from models.menu import MenuModel, MenuState, MenuTraffic, SeasonalVolume
-from models.scoring import AdaptiveThreshold, Baseline
+from models.scoring import AdaptiveThreshold, AnomalyModel, Baseline
 
 
 def _revive_caller_model(fields: dict[str, Any]) -> CallerModel:
@@ -34,3 +34,4 @@ register_state_type("model.menu-traffic", MenuTraffic)
 register_state_type("model.seasonal-volume", SeasonalVolume)
 register_state_type("model.baseline", Baseline)
 register_state_type("model.adaptive-threshold", AdaptiveThreshold)
+register_state_type("model.anomaly", AnomalyModel)

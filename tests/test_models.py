@@ -469,7 +469,7 @@ def test_a_corrupt_snapshot_is_reported_set_aside_and_detection_starts_cold(
         (b"hello", "not a detection snapshot (bad magic line)"),
         (
             b"CALLSENTRY-DETECTION-SNAPSHOT v1\n" + bytes(40),
-            "written by another version of callsentry (snapshot v1; this one reads v2 and v3)",
+            "written by another version of callsentry (snapshot v1; this one reads v2, v3 and v4)",
         ),
     ],
 )
@@ -504,6 +504,45 @@ def test_a_reload_keeps_what_a_model_learned_unless_its_logic_changed(tmp_path: 
     model_file.write_text(text.replace("window: 5m", "window: 10m"), encoding="utf-8")
     third = load_detectors(folder, 1000, models=True).rules
     assert "model.menu-traffic" not in third.adopt_state_from(second), "new logic starts cold"
+
+
+@pytest.mark.parametrize("seed", [1, 7, 23])
+def test_an_anomaly_model_made_on_its_first_full_window_scores_as_one_made_at_once(
+    seed: int,
+) -> None:
+    import random
+
+    from river import anomaly, preprocessing
+
+    from engine.detect.snapshot import decode, encode
+    from engine.detect.state import Position, Snapshot
+    from models.scoring import AnomalyModel
+    from models.spec import HalfSpaceTreesSpec
+
+    rng = random.Random(seed)
+    trees = HalfSpaceTreesSpec(n_trees=5, height=4, window_size=rng.randint(10, 40), seed=seed)
+    at_once = preprocessing.MinMaxScaler() | anomaly.HalfSpaceTrees(
+        n_trees=trees.n_trees, height=trees.height, window_size=trees.window_size, seed=seed
+    )
+    deferred = AnomalyModel(trees)
+    made_at = None
+    for step in range(4 * trees.window_size):
+        vector = {"a": rng.random(), "b": rng.gauss(3, 1), "c": float(rng.randint(0, 9))}
+        assert deferred.score_one(vector) == float(at_once.score_one(vector)), step
+        if step % 3:  # scoring without learning, as the models do for unsampled calls
+            at_once.learn_one(vector)
+            deferred.learn_one(vector)
+        if deferred.river is not None and made_at is None:
+            made_at = step
+        if step == trees.window_size // 2:
+            # Through a snapshot while its vectors are only kept.
+            state = decode(encode(Snapshot(Position(0, 0), {"model": deferred}, 0.0))).state
+            deferred = state["model"]
+            assert deferred.river is None and deferred.pending
+    assert made_at is not None, "the River model is made once the first window is full"
+    assert deferred.score_one({"a": 0.5, "b": 3.0, "c": 4.0}) == float(
+        at_once.score_one({"a": 0.5, "b": 3.0, "c": 4.0})
+    )
 
 
 def test_a_callers_flags_are_counted_over_exactly_its_last_calls() -> None:
@@ -597,14 +636,16 @@ def test_event_time_brings_a_models_step_and_housekeeping_when_no_call_is_due() 
 
 # -- snapshots of the previous format ---------------------------------------------------
 
-V2_SNAPSHOT = Path(__file__).resolve().parent / "data" / "detection-v2.snapshot.xz"
-# The release before format v3 wrote it (lzma-compressed here), replaying the reports of
-# data/samples/events.csv before this moment into a fresh data dir with the shipped rules.
+# The releases before formats v3 and v4 wrote these (lzma-compressed here), replaying the
+# reports of data/samples/events.csv before this moment into a fresh data dir with the
+# shipped rules.
+EARLIER_SNAPSHOTS = Path(__file__).resolve().parent / "data"
 V2_CUT = "2026-11-02T14:11:00"
 
 
-def test_a_snapshot_written_by_the_previous_release_carries_on_as_one_run(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_a_snapshot_written_by_an_earlier_release_carries_on_as_one_run(
+    version: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import lzma
 
@@ -619,14 +660,16 @@ def test_a_snapshot_written_by_the_previous_release_carries_on_as_one_run(
     data = tmp_path / "upgraded"
     part1 = replay([first], make_settings(data, detection={"alerts_jsonl": "off"}))
     path = snapshot_path(data)
-    assert path.read_bytes().startswith(b"CALLSENTRY-DETECTION-SNAPSHOT v3\n")
-    path.write_bytes(lzma.decompress(V2_SNAPSHOT.read_bytes()))
+    assert path.read_bytes().startswith(b"CALLSENTRY-DETECTION-SNAPSHOT v4\n")
+    earlier = lzma.decompress((EARLIER_SNAPSHOTS / f"detection-{version}.snapshot.xz").read_bytes())
+    assert earlier.startswith(f"CALLSENTRY-DETECTION-SNAPSHOT {version}\n".encode())
+    path.write_bytes(earlier)
     with caplog.at_level(logging.INFO):
         part2 = replay([second], make_settings(data, detection={"alerts_jsonl": "off"}))
     assert "detection state restored" in caplog.text and "unusable" not in caplog.text
     assert part2.alerts, "the incident that spans the cut is alerted after it"
     assert alert_keys(part1.alerts + part2.alerts) == alert_keys(whole.alerts)
-    assert path.read_bytes().startswith(b"CALLSENTRY-DETECTION-SNAPSHOT v3\n")
+    assert path.read_bytes().startswith(b"CALLSENTRY-DETECTION-SNAPSHOT v4\n")
 
 
 def test_a_snapshot_naming_anything_but_state_types_is_refused(
@@ -635,8 +678,8 @@ def test_a_snapshot_naming_anything_but_state_types_is_refused(
     import hashlib
     import os
 
-    payload = pickle.dumps({"format": 3, "state": os.system})  # what a snapshot must not run
-    content = b"CALLSENTRY-DETECTION-SNAPSHOT v3\n" + hashlib.sha256(payload).digest() + payload
+    payload = pickle.dumps({"format": 4, "state": os.system})  # what a snapshot must not run
+    content = b"CALLSENTRY-DETECTION-SNAPSHOT v4\n" + hashlib.sha256(payload).digest() + payload
     generated = generate(load_scenario(Path("data/scenarios/sample.yaml")))
     data = tmp_path / "data"
     snapshot_path(data).parent.mkdir(parents=True)
@@ -681,7 +724,7 @@ def _dotted_name(marker: Path) -> bytes:
 
 
 @pytest.mark.parametrize("make", [_getattr_chain, _dotted_name], ids=["getattr", "dotted"])
-@pytest.mark.parametrize("version", [b"v3", b"v2"])
+@pytest.mark.parametrize("version", [b"v4", b"v3", b"v2"])
 def test_a_crafted_snapshot_runs_nothing(make: Any, version: bytes, tmp_path: Path) -> None:
     import hashlib
 

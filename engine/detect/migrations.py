@@ -1,5 +1,11 @@
 """Snapshots of earlier formats, read once into today's state (see engine.detect.snapshot).
 
+Format v3 (the releases of 2026-12-05) is today's container; the models' anomaly
+models in it are River pipelines made at once, which today are `model.anomaly` state
+(made on their first full window, models/scoring.py): each is wrapped as one whose
+window is already full. It is read with today's checks; only `revive` is routed
+through the conversions below.
+
 Format v2 (the releases of 2026-12-02 to 2026-12-05) pickled the pipeline's state as
 Python objects by class path. It is read here, and only here, with an unpickler that
 resolves each of callsentry's class paths to a stand-in recording what the pickle
@@ -30,6 +36,7 @@ from engine.detect.state import (
     allowed_global,
     checked_global,
     revive,
+    snapshot_of,
 )
 
 # v2 class paths -> today's state type names.
@@ -196,12 +203,32 @@ _V2_CALLER_STATE = (
 )
 
 
+def _anomaly(river: Any) -> Any:
+    """An anomaly model as v2 and v3 wrote it (a River pipeline, scaler then
+    HalfSpaceTrees) as today's `model.anomaly`, its River part already made."""
+    trees = list(river.steps.values())[-1]
+    return revive(
+        "model.anomaly",
+        {
+            "trees": (trees.n_trees, trees.height, trees.window_size, trees.seed),
+            "river": river,
+            "pending": [],
+        },
+    )
+
+
+def _menu_state(fields: dict[str, Any]) -> dict[str, Any]:
+    fields["model"] = _anomaly(fields["model"])
+    return fields
+
+
 def _caller_model(fields: dict[str, Any]) -> dict[str, Any]:
     # The spec comes from the model's file on restore, and what is derived from it is
     # derived again then (models/state_types.py).
     fields.pop("spec", None)
     for name in ("alone_mask", "lane_bits"):
         fields.pop(name, None)
+    fields["population"] = _anomaly(fields["population"])
     keyed = fields["state"]
     for caller, state in list(keyed.states.items()):
         if type(state) is array:
@@ -223,9 +250,34 @@ def _menu_model(fields: dict[str, Any]) -> dict[str, Any]:
 _SHAPES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "call-tracker": tracker_fields,
     "model.menu-traffic": _menu_traffic,
+    "model.menu-state": _menu_state,
     "model.caller": _caller_model,
     "model.menu": _menu_model,
 }
+
+
+def _caller_model_v3(fields: dict[str, Any]) -> dict[str, Any]:
+    fields["population"] = _anomaly(fields["population"])
+    return fields
+
+
+_V3_SHAPES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "model.menu-state": _menu_state,
+    "model.caller": _caller_model_v3,
+}
+
+
+def _revive_v3(name: str, fields: dict[str, Any]) -> Any:
+    shape = _V3_SHAPES.get(name)
+    return revive(name, shape(fields) if shape is not None else fields)
+
+
+class _V3Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if not allowed_global(module, name):
+            raise SnapshotError(f"refers to {module}.{name}, which a snapshot may not hold")
+        found = checked_global(module, name, super().find_class(module, name))
+        return _revive_v3 if found is revive else found
 
 
 def _fields_of(recorded: _Recorded) -> dict[str, Any]:
@@ -290,17 +342,22 @@ class _Converter:
 
 def migrate(version: str, payload: bytes) -> Snapshot:
     """Today's snapshot from the payload of an earlier format `version` (e.g. "v2")."""
-    if version != "v2":
+    if version not in ("v2", "v3"):
         raise SnapshotError(
             f"written by another version of callsentry (snapshot {version}; this one "
-            f"reads v2 and v3)"
+            f"reads v2, v3 and v4)"
         )
+    reader = _V2Unpickler if version == "v2" else _V3Unpickler
     try:
-        document = _V2Unpickler(io.BytesIO(payload)).load()
+        document = reader(io.BytesIO(payload)).load()
     except SnapshotError:
         raise
     except Exception as error:  # a damaged payload can fail in almost any way
-        raise SnapshotError(f"cannot be read as v2 ({type(error).__name__}: {error})") from None
+        raise SnapshotError(
+            f"cannot be read as {version} ({type(error).__name__}: {error})"
+        ) from None
+    if version == "v3":
+        return snapshot_of(document, 3)
     if not isinstance(document, _Recorded) or document.path != "engine.detect.snapshot.Snapshot":
         raise SnapshotError("holds no v2 snapshot")
     position = document.fields["position"].fields

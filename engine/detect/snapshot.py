@@ -5,13 +5,13 @@ it says exactly which reports it has seen: everything up to `position.seq`.
 On start the lake writer restores it and carries on with the segments after
 it; a restart therefore gives the same alerts as a run that never stopped.
 
-The file (format v3):
+The file (format v4):
 
-    CALLSENTRY-DETECTION-SNAPSHOT v3\\n     magic line with the format's version
+    CALLSENTRY-DETECTION-SNAPSHOT v4\\n     magic line with the format's version
     32 bytes                                SHA-256 of the payload
     payload                                 pickle protocol 5 of a plain dict
 
-The payload is `{"format": 3, "position": {"segment", "seq"}, "taken_at", "state"}`,
+The payload is `{"format": 4, "position": {"segment", "seq"}, "taken_at", "state"}`,
 `state` being what `Pipeline.state()` returns. Every object of callsentry's own in
 it is written by its *state type*, a stable name registered in engine.detect.state with the
 fields that type declares (`Snapshotted.state_fields`, or the attributes its
@@ -41,23 +41,23 @@ from pathlib import Path
 from typing import Any
 
 from engine.detect.state import (
-    Position,
     Snapshot,
     SnapshotError,
     allowed_global,
     checked_global,
     revive,
+    snapshot_of,
     state_type_of,
 )
 
 log = logging.getLogger(__name__)
 
 MAGIC_PREFIX = b"CALLSENTRY-DETECTION-SNAPSHOT "
-FORMAT = 3
+FORMAT = 4
 MAGIC = MAGIC_PREFIX + f"v{FORMAT}\n".encode()
 SNAPSHOT_NAME = "detection.snapshot"
 # Formats this release reads: its own, and earlier ones through engine.detect.migrations.
-READABLE = ("v2", f"v{FORMAT}")
+READABLE = ("v2", "v3", f"v{FORMAT}")
 
 
 # Our own packages: an object of theirs with no state type is an error when writing
@@ -88,7 +88,7 @@ class _StateUnpickler(pickle.Unpickler):
 
 
 def encode(snapshot: Snapshot) -> bytes:
-    """The payload of `snapshot` (format v3)."""
+    """The payload of `snapshot` (this format)."""
     document = {
         "format": FORMAT,
         "position": {"segment": snapshot.position.segment, "seq": snapshot.position.seq},
@@ -101,24 +101,14 @@ def encode(snapshot: Snapshot) -> bytes:
 
 
 def decode(payload: bytes) -> Snapshot:
-    """A snapshot from a v3 payload; SnapshotError if it is not one."""
+    """A snapshot from a payload of this format; SnapshotError if it is not one."""
     try:
         document = _StateUnpickler(io.BytesIO(payload)).load()
     except SnapshotError:
         raise
     except Exception as error:  # a damaged payload can fail in almost any way
         raise SnapshotError(f"cannot be decoded ({type(error).__name__}: {error})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise SnapshotError("holds no v3 snapshot document")
-    try:
-        position = Position(int(document["position"]["segment"]), int(document["position"]["seq"]))
-        state = document["state"]
-        taken_at = float(document["taken_at"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise SnapshotError(f"snapshot document lacks {error}") from None
-    if not isinstance(state, dict):
-        raise SnapshotError("snapshot state is not a mapping")
-    return Snapshot(position, state, taken_at)
+    return snapshot_of(document, FORMAT)
 
 
 # -- files --------------------------------------------------------------------------
@@ -179,7 +169,7 @@ def read(data: bytes) -> Snapshot:
     if version not in READABLE:
         raise SnapshotError(
             f"written by another version of callsentry (snapshot {version}; this one "
-            f"reads {' and '.join(READABLE)})"
+            f"reads {', '.join(READABLE[:-1])} and {READABLE[-1]})"
         )
     digest, payload = rest[:32], rest[32:]
     if hashlib.sha256(payload).digest() != digest:

@@ -40,6 +40,22 @@ class SnapshotError(Exception):
     pass
 
 
+def snapshot_of(document: Any, version: int) -> Snapshot:
+    """The snapshot a decoded payload document of format `version` holds (v3 and later:
+    `{"format", "position": {"segment", "seq"}, "taken_at", "state"}`)."""
+    if not isinstance(document, dict) or document.get("format") != version:
+        raise SnapshotError(f"holds no v{version} snapshot document")
+    try:
+        position = Position(int(document["position"]["segment"]), int(document["position"]["seq"]))
+        state = document["state"]
+        taken_at = float(document["taken_at"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise SnapshotError(f"snapshot document lacks {error}") from None
+    if not isinstance(state, dict):
+        raise SnapshotError("snapshot state is not a mapping")
+    return Snapshot(position, state, taken_at)
+
+
 StateOf = Callable[[Any], dict[str, Any]]
 Revive = Callable[[dict[str, Any]], Any]
 

@@ -198,3 +198,31 @@ def test_seen_reports_forget_what_left_the_horizon(
     assert ("a", 1) not in seen and ("b", 1) not in seen and ("c", 1) in seen
     seen.forget_before(1_000.0)
     assert len(seen) == 0
+
+
+@pytest.mark.parametrize("make", tables(), ids=["set", "table"][: len(tables())])
+@pytest.mark.parametrize("seed", [3, 11])
+def test_seen_reports_hold_at_most_max_keys_the_newest_and_count_the_rest(
+    make: Callable[[], Any], seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import random
+
+    monkeypatch.setattr("engine.ingest.intake._key_table", make)
+    rng = random.Random(seed)
+    seen = SeenReports(3600.0, max_keys=1_000)
+    added: list[tuple[str, int]] = []
+    forgotten = 0
+    for batch in range(60):
+        keys = [(f"call-{batch}-{n}", 1) for n in range(rng.randint(1, 120))]
+        forgotten += seen.add_batch(keys, 100.0 + batch)
+        added.extend(keys)
+        seen.forget_before(100.0 + batch)  # well within the hour: time forgets nothing
+        assert len(seen) == min(len(added), 1_000)
+    assert forgotten == seen.forgotten_early == len(added) - 1_000
+    assert all(key in seen for key in added[-1_000:])
+    assert not any(key in seen for key in added[:-1_000])
+    # Time still forgets what is left, batch by batch, with the bound's cuts counted right.
+    seen.forget_before(100.0 + 3600.0 + 40.5)
+    assert len(seen) == sum(1 for key in added[-1_000:] if int(key[0].split("-")[1]) > 40)
+    seen.forget_before(10_000.0)
+    assert len(seen) == 0

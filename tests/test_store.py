@@ -34,6 +34,7 @@ from engine.ingest.journal import (
     tick_payload,
 )
 from engine.ingest.keyfile import (
+    ENTRY_KEYS,
     MAGIC,
     KeyFileError,
     RecentKeys,
@@ -246,6 +247,36 @@ def test_the_key_file_drops_expired_keys_and_a_torn_last_entry(tmp_path: Path) -
         path.write_bytes(torn)
         again = read_key_file(path)
         assert again is not None and again.keys == stored.keys and again.segment == 12
+
+
+def test_the_key_file_keeps_about_the_newest_max_keys_and_is_read_an_entry_at_a_time(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "lake.keys"
+    keys = RecentKeys(path, horizon_s=3600.0, max_keys=50_000)
+    rebuilt = [(f"old-{i}", 1, T0 + i / 1000) for i in range(2 * ENTRY_KEYS + 10)]
+    keys.reset(1, len(rebuilt), rebuilt[-1][2], rebuilt)
+    stored = read_key_file(path)
+    assert stored is not None and [len(run) for run in stored.runs()] == [
+        ENTRY_KEYS,
+        ENTRY_KEYS,
+        10,
+    ], "a rebuild is written, and read back, in entries of at most ENTRY_KEYS keys"
+    added: list[tuple[str, int, float]] = []
+    for n in range(1, 16):
+        batch = [(f"call-{n}-{i}", 1, T0 + 300 + n) for i in range(20_000)]
+        keys.add(n + 1, len(rebuilt) + 20_000 * n, T0 + 300 + n, batch)
+        added.extend(batch)
+        stored = read_key_file(path)
+        assert stored is not None and stored.segment == n + 1
+        held = stored.keys
+        assert set(added[-50_000:]) <= set(held), "the newest max_keys are all kept"
+        # Entries go whole, and the file is rewritten once what went outweighs the rest.
+        assert len(held) <= 2 * (50_000 + ENTRY_KEYS)
+    assert not any(key[0].startswith("old-") for key in held)
+    # Everything within the horizon of the newest, nothing else, one entry at a time.
+    runs = list(stored.runs(since=T0 + 300 + 14))
+    assert [len(run) for run in runs] == [20_000, 20_000]
 
 
 def test_a_key_file_that_is_not_one_is_said_so(tmp_path: Path) -> None:

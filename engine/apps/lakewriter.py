@@ -323,6 +323,7 @@ def run(
             pipeline=pipeline,
             sinks=sinks,
             dedup_horizon_s=settings.store.dedup_horizon_s,
+            max_dedup_keys=settings.store.max_dedup_keys,
             keys_ready=keys_ready,
         ),
         stop,

@@ -61,13 +61,19 @@ def open_store(
     )
     recovery = store.open(refresh_keys)
     stats = Stats()
-    seen = SeenReports(store_settings.dedup_horizon_s)
+    # Live, the keys held are bounded; a replay keeps every key its files need (a
+    # copy of a row a month back in them must still be known).
+    seen = SeenReports(
+        store_settings.dedup_horizon_s, store_settings.max_dedup_keys if live else None
+    )
     # In runs, each remembered until event time is past the latest of its run: one
     # entry per run rather than per key (recovery can bring back millions).
-    recent = recovery.recent_keys
-    for start in range(0, len(recent), _RECOVERED_RUN):
-        run = recent[start : start + _RECOVERED_RUN]
-        seen.add_batch([(call_id, serial) for call_id, serial, _ in run], max(t for *_, t in run))
+    for recent in recovery.recent_keys.runs():
+        for start in range(0, len(recent), _RECOVERED_RUN):
+            run = recent[start : start + _RECOVERED_RUN]
+            seen.add_batch(
+                [(call_id, serial) for call_id, serial, _ in run], max(t for *_, t in run)
+            )
     intake = Intake(
         stats,
         seen,

@@ -105,6 +105,10 @@ class StoreSettings(_Section):
     # Copies of one report arrive within the switch's retry span (18 s by
     # default); keys are remembered far longer than that.
     dedup_horizon_s: float = Field(default=3600.0, ge=60)
+    # ...but at most this many keys (the newest): each costs the receiver 43 to 85
+    # bytes, and the key file beside the lake about 45 (README, "Memory"). Past it
+    # the oldest are forgotten early and counted (dedup_forgotten_early).
+    max_dedup_keys: int = Field(default=4_000_000, ge=10_000)
     # Reports whose call_id and serial are unreadable are stored at most this
     # many times per minute; the rest are only counted (a garbage flood must
     # not fill the disk).

@@ -11,8 +11,15 @@ The file (format v4):
     32 bytes                                SHA-256 of the payload
     payload                                 pickle protocol 5 of a plain dict
 
-The payload is `{"format": 4, "position": {"segment", "seq"}, "taken_at", "state"}`,
-`state` being what `Pipeline.state()` returns. Every object of callsentry's own in
+The payload is a run of pickles: first `{"format": 4, "position": {"segment", "seq"},
+"taken_at", "parts": n}`, then n `(path, value)`, `state` (what `Pipeline.state()`
+returns) cut at its first two levels: each rule's and each model's state is a part
+(path `("rules", rule_id)`), as is the call tracker (`("tracker",)`). Each part is
+pickled on its own, so what pickling keeps while it runs (an entry per object it
+wrote) is at most one part's, not the whole state's, and the payload goes to the
+file as it is made rather than into one buffer: a snapshot adds little to the lake
+writer's peak memory (bench/README.md, "Memory"). Parts share no object (a test
+compares a restored state's alerts with an uninterrupted run's). Every object of callsentry's own in
 it is written by its *state type*, a stable name registered in engine.detect.state with the
 fields that type declares (`Snapshotted.state_fields`, or the attributes its
 registration keeps), never as a Python class path: classes can move, be renamed or
@@ -38,7 +45,7 @@ import os
 import pickle
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from engine.detect.state import (
     Snapshot,
@@ -87,28 +94,87 @@ class _StateUnpickler(pickle.Unpickler):
         return checked_global(module, name, super().find_class(module, name))
 
 
-def encode(snapshot: Snapshot) -> bytes:
-    """The payload of `snapshot` (this format)."""
-    document = {
+def _parts(state: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
+    parts: list[tuple[tuple[str, ...], Any]] = []
+    for key, value in state.items():
+        if type(value) is dict and value:
+            parts.extend(((key, inner), part) for inner, part in value.items())
+        else:
+            parts.append(((key,), value))
+    return parts
+
+
+def write_payload(out: BinaryIO, snapshot: Snapshot) -> None:
+    """The payload of `snapshot` (this format), written to `out` part by part."""
+    parts = _parts(snapshot.state)
+    header = {
         "format": FORMAT,
         "position": {"segment": snapshot.position.segment, "seq": snapshot.position.seq},
         "taken_at": snapshot.taken_at,
-        "state": snapshot.state,
+        "parts": len(parts),
     }
+    _StatePickler(out, protocol=5).dump(header)
+    for part in parts:
+        _StatePickler(out, protocol=5).dump(part)
+
+
+def encode(snapshot: Snapshot) -> bytes:
+    """The payload of `snapshot` (this format) as bytes."""
     buffer = io.BytesIO()
-    _StatePickler(buffer, protocol=5).dump(document)
+    write_payload(buffer, snapshot)
     return buffer.getvalue()
 
 
 def decode(payload: bytes) -> Snapshot:
     """A snapshot from a payload of this format; SnapshotError if it is not one."""
+    source = io.BytesIO(payload)
     try:
-        document = _StateUnpickler(io.BytesIO(payload)).load()
+        header = _StateUnpickler(source).load()
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise SnapshotError(f"holds no v{FORMAT} snapshot header")
+        count = header.get("parts")
+        if type(count) is not int or count < 0:
+            raise SnapshotError("snapshot header lacks its number of parts")
+        state: dict[str, Any] = {}
+        for _ in range(count):
+            part = _StateUnpickler(source).load()
+            if not (
+                isinstance(part, tuple)
+                and len(part) == 2
+                and isinstance(part[0], tuple)
+                and len(part[0]) in (1, 2)
+                and all(type(key) is str for key in part[0])
+            ):
+                raise SnapshotError("a part of the snapshot is not (path, value)")
+            path, value = part
+            if len(path) == 1:
+                state[path[0]] = value
+            else:
+                inner = state.setdefault(path[0], {})
+                if type(inner) is not dict:
+                    raise SnapshotError(f"snapshot part {path} is inside a value, not a mapping")
+                inner[path[1]] = value
+        if source.read(1):
+            raise SnapshotError("snapshot has bytes after its last part")
     except SnapshotError:
         raise
     except Exception as error:  # a damaged payload can fail in almost any way
         raise SnapshotError(f"cannot be decoded ({type(error).__name__}: {error})") from None
-    return snapshot_of(document, FORMAT)
+    return snapshot_of({**header, "state": state}, FORMAT)
+
+
+class _Digesting:
+    """A file that also hashes what is written to it."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.out.write(data)
 
 
 # -- files --------------------------------------------------------------------------
@@ -129,21 +195,23 @@ def prepare(path: Path, snapshot: Snapshot) -> int:
     """The first half of `save`: the snapshot written durably beside `path`, where
     `put_in_place` makes it the one a restart loads (replay prepares it while the
     lake is written, and puts it in place once the lake holds all it has seen)."""
-    payload = encode(snapshot)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial(path)
     try:
         with partial.open("wb") as out:
             out.write(MAGIC)
-            out.write(hashlib.sha256(payload).digest())
-            out.write(payload)
+            out.write(bytes(32))  # the digest, written once the payload is
+            payload = _Digesting(out)
+            write_payload(cast(BinaryIO, payload), snapshot)
+            out.seek(len(MAGIC))
+            out.write(payload.digest.digest())
             out.flush()
             os.fsync(out.fileno())
     except OSError:
         # Cut short by a full disk: its space is better free, and it is never loaded.
         partial.unlink(missing_ok=True)
         raise
-    return len(MAGIC) + 32 + len(payload)
+    return len(MAGIC) + 32 + payload.size
 
 
 def put_in_place(path: Path) -> None:

@@ -104,18 +104,26 @@ class KeySet:
 
 
 class SeenReports:
-    """Keys of stored reports, remembered for `horizon_s` of event time.
+    """Keys of stored reports, remembered for `horizon_s` of event time, and at most
+    `max_keys` of them: past that many, the oldest are forgotten before the horizon
+    (counted in `forgotten_early`), so memory has a bound whatever the rate. A copy
+    of a report is still known as long as fewer than `max_keys` reports came after
+    it: the switch retries for 18 s, far less than the default bound takes to fill
+    at any rate the receiver can take.
 
     Kept per commit batch (one deque entry per batch, not per key), so
     remembering a batch is one C-level call.
     """
 
-    def __init__(self, horizon_s: float) -> None:
+    def __init__(self, horizon_s: float, max_keys: int | None = None) -> None:
         self.horizon_s = horizon_s
+        self.max_keys = max_keys
         # Public so the intake can test membership without a method call per report.
         self.keys = _key_table()
         # (event time, number of keys) of each batch, oldest first.
         self._batches: deque[tuple[float, int]] = deque()
+        self._held = 0  # keys added and not forgotten: the sum over _batches
+        self.forgotten_early = 0
 
     def __contains__(self, key: Key) -> bool:
         return key in self.keys
@@ -126,8 +134,29 @@ class SeenReports:
     def add(self, key: Key, ts: float) -> None:
         self.add_batch([key], ts)
 
-    def add_batch(self, keys: list[Key], ts: float) -> None:
-        self._batches.append((ts, self.keys.add_batch(keys)))
+    def add_batch(self, keys: list[Key], ts: float) -> int:
+        """Remember `keys` until `ts` leaves the horizon; returns how many older keys
+        this forgot early to stay within `max_keys`."""
+        added = self.keys.add_batch(keys)
+        self._batches.append((ts, added))
+        self._held += added
+        if self.max_keys is None or self._held <= self.max_keys:
+            return 0
+        excess = self._held - self.max_keys
+        forget = excess
+        batches = self._batches
+        while forget:
+            oldest_ts, count = batches[0]
+            if count <= forget:
+                batches.popleft()
+                forget -= count
+            else:
+                batches[0] = (oldest_ts, count - forget)
+                forget = 0
+        self.keys.forget_oldest(excess)
+        self._held -= excess
+        self.forgotten_early += excess
+        return excess
 
     def forget_before(self, ts: float) -> None:
         cutoff = ts - self.horizon_s
@@ -137,6 +166,7 @@ class SeenReports:
             forget += batches.popleft()[1]
         if forget:
             self.keys.forget_oldest(forget)
+            self._held -= forget
 
 
 class Outcome(Enum):
@@ -380,7 +410,7 @@ class Intake:
                     for index in range(2, len(waiting)):
                         append((answer, waiting[index]))
         latest = self._latest_ts
-        self.seen.add_batch(batch.keys, latest)
+        self.stats.dedup_forgotten_early += self.seen.add_batch(batch.keys, latest)
         self.stats.stored += len(batch)
         self.seen.forget_before(latest)
         return answers

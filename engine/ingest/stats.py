@@ -81,6 +81,9 @@ class Stats:
     # Times the receiver stopped taking new reports because the lake writer was
     # more than store.max_lake_backlog reports behind.
     backlog_holds: int = 0
+    # Keys of stored reports forgotten before the dedup horizon because
+    # store.max_dedup_keys were held (a copy arriving after is stored again).
+    dedup_forgotten_early: int = 0
     pending: int = 0
     # The lake writer's counters (another process), when it runs.
     lake: Any = None
@@ -129,6 +132,7 @@ class Stats:
             f"quarantine_overflow={self.quarantine_overflow} "
             f"dropped_sender={self.dropped_sender} dropped_overload={self.dropped_overload} "
             f"store_stalls={self.store_stalls} store_failures={self.store_failures} "
+            f"dedup_forgotten_early={self.dedup_forgotten_early} "
             f"flushed={self.flushed} flush_failures={self.flush_failures} "
             f"calls={self.calls} alerts={self.alerts} "
             f"pending={self.pending} lake_backlog={self.lake_backlog}"
@@ -149,6 +153,9 @@ _COUNTERS = {
     "store_stalls": "Group commits slower than 100 ms",
     "store_failures": "Group commits that failed (disk full, read-only, I/O error)",
     "backlog_holds": "Times new reports were left unanswered because the lake writer was behind",
+    "dedup_forgotten_early": (
+        "Keys of stored reports forgotten before the dedup horizon (store.max_dedup_keys held)"
+    ),
     "flushed": "Reports decoded and written to the Parquet lake",
     "flush_failures": "Lake writes that failed and will be retried",
     "calls": "Calls rebuilt and finished by the call tracker",

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from engine.ingest.journal import (
 )
 from engine.ingest.keyfile import (
     KeyFileError,
+    StoredKey,
     StoredKeys,
     key_file_path,
     lake_segment_ranges,
@@ -50,13 +51,36 @@ class StoreError(Exception):
 
 
 @dataclass
+class RecoveredKeys:
+    """The keys of reports stored within the dedup horizon, in runs, oldest first: the
+    key file's, read one entry at a time when asked (so recovery never holds them all
+    as Python objects), then the journal's."""
+
+    lake: StoredKeys
+    since: float = float("-inf")
+    journaled: list[StoredKey] = field(default_factory=list)
+
+    def runs(self) -> Iterator[list[StoredKey]]:
+        yield from self.lake.runs(self.since)
+        if self.journaled:
+            yield self.journaled
+
+    def __iter__(self) -> Iterator[StoredKey]:
+        for run in self.runs():
+            yield from run
+
+    def __len__(self) -> int:
+        return sum(map(len, self.runs()))
+
+
+@dataclass
 class Recovery:
     """What `open()` found."""
 
     sealed_segments: int = 0
     next_seq: int = 1
     # (call_id, serial, ts) of reports stored within the dedup horizon, oldest first.
-    recent_keys: list[tuple[str, int, float]] = field(default_factory=list)
+    recent_keys: RecoveredKeys = field(default_factory=lambda: RecoveredKeys(StoredKeys()))
     # Why the key file could not be trusted as it was (then the lake writer rebuilt it).
     key_file_problem: str | None = None
 
@@ -200,11 +224,11 @@ class EventStore:
         latest = max([stored.max_ts] + [ts for _, _, ts in journaled])
         recovery.next_seq = max([stored.max_seq] + [seq for seq, _, _ in journaled]) + 1
         since = latest - self.dedup_horizon_s
-        lake_keys = [key for key in stored.keys if key[2] >= since]
-        lake_keys.sort(key=lambda key: key[2])
-        recovery.recent_keys = lake_keys + [
-            (key[0], key[1], ts) for _, key, ts in journaled if key is not None and ts >= since
-        ]
+        recovery.recent_keys = RecoveredKeys(
+            stored,
+            since,
+            [(key[0], key[1], ts) for _, key, ts in journaled if key is not None and ts >= since],
+        )
         # Never reuse a segment number: the lake names its files after them.
         in_lake = max([stored.segment] + [last for _, last in lake_ranges])
         self.journal.start(max(highest_segment, in_lake) + 1)

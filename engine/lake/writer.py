@@ -204,6 +204,7 @@ class LakeWriter:
         sinks: Sequence[AlertSink] = (),
         snapshots: bool = True,
         dedup_horizon_s: float = 3600.0,
+        max_dedup_keys: int | None = None,
         keys_ready: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -235,7 +236,7 @@ class LakeWriter:
         self.lake.prepare()
         # Before the restore: its catch-up feeds detection what the lake holds already.
         self.settle()
-        self.keys = RecentKeys(key_file_path(data_dir), dedup_horizon_s)
+        self.keys = RecentKeys(key_file_path(data_dir), dedup_horizon_s, max_dedup_keys)
         self.rebuild_keys()
         if keys_ready is not None:
             # The receiver waits for the key file, not for detection's state.
@@ -285,6 +286,9 @@ class LakeWriter:
                 "UNION ALL SELECT seq, ts FROM rejects)"
             )[0]
             since = (max_ts_us or 0) / 1_000_000 - self.keys.horizon_s
+            # The newest store.max_dedup_keys only: the receiver holds no more.
+            limit = self.keys.max_keys
+            newest = "" if limit is None else f" LIMIT {int(limit)}"
             keys = [
                 (call_id, serial, t)
                 for call_id, serial, t in self.lake.query(
@@ -292,10 +296,11 @@ class LakeWriter:
                     "SELECT call_id, serial, ts FROM events WHERE ts >= to_timestamp(?) "
                     "UNION ALL SELECT call_id, serial, ts FROM rejects "
                     "WHERE ts >= to_timestamp(?) AND call_id IS NOT NULL "
-                    "AND serial IS NOT NULL) ORDER BY t",
+                    "AND serial IS NOT NULL) ORDER BY t DESC" + newest,
                     (since, since),
                 )
             ]
+            keys.reverse()
         self.keys.reset(
             self.lake.highest_segment(), max_seq or 0, (max_ts_us or 0) / 1_000_000, keys
         )

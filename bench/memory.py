@@ -243,7 +243,13 @@ def main() -> int:
             ).fetchone()
         stored, distinct = row if row is not None else (0, 0)
         print(f"stored: {stored:,} ({stored - distinct:,} twice); answered {sent['answered']:,}")
-        return 0 if stored == distinct == sent["answered"] else 1
+        within = (
+            receiver_peak <= 400 * MiB
+            and peak <= 1536 * MiB
+            and peak <= 1.2 * max(flood_peaks["writer"], 1)
+        )
+        print(f"bounds (400 MiB, 1.5 GiB, snapshot 20 %): {'held' if within else 'NOT held'}")
+        return 0 if stored == distinct == sent["answered"] and within else 1
     finally:
         if serve.poll() is None:
             serve.kill()

@@ -9,9 +9,20 @@
    duplicate and reorder what arrives): every answered report stored exactly once.
 3. A real small file system (tmpfs, as root) filled and freed under load: answers stop
    while it cannot store, nothing answered is lost, and the engine resumes by itself.
-   Skipped, and said so, without root. (A file system cannot be remounted read-only
-   while the engine holds its journal open for writing, so read-only is not soaked.)
-4. The fuzz targets for their long budgets (bench/fuzz.py).
+   Skipped, and said so, without root.
+4. A real file system made read-only under load (ext4 on a loop device, as root, its
+   error behaviour remount-ro, an error triggered through sysfs: the kernel's own
+   emergency read-only, the one way a file system goes read-only while the engine
+   holds its journal open for writing). Answers stop and say so; the file system is
+   then repaired (e2fsck) and mounted again, the engine started on it, and every
+   answered report must be stored. (Such a file system cannot be made writable
+   again under a running process, so "resumes" here is a restart.)
+5. Offered load well above capacity (four senders, no window, no retries): the
+   receiver's memory stays bounded, it sheds what it cannot store by not answering,
+   every answered report is stored, and it answers normally once the flood stops.
+6. Ten million distinct callers and callees (bench/memory.py): the receiver and the
+   lake writer within their bounds, the snapshot's share within 20 %.
+7. The fuzz targets for their long budgets (bench/fuzz.py).
 Prints each part's figures and a summary; exits 1 if any part failed.
 """
 
@@ -166,6 +177,154 @@ def full_disk(work: Path) -> dict[str, int] | str:
         subprocess.run(["umount", "-l", str(mount)])
 
 
+def _mount_ext4(work: Path, name: str, size_mb: int) -> tuple[Path, Path] | str:
+    """An ext4 file system on a loop device that an error makes read-only; (mount
+    point, image), or why not."""
+    if os.geteuid() != 0:
+        return "skipped: mounting a file system needs root"
+    image, mount = work / f"{name}.img", work / name
+    mount.mkdir()
+    with image.open("wb") as out:
+        out.truncate(size_mb << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True)
+    if made.returncode != 0:
+        return f"skipped: mkfs.ext4 failed ({made.stderr.decode().strip()})"
+    done = subprocess.run(
+        ["mount", "-o", "loop,errors=remount-ro", str(image), str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        return f"skipped: this machine does not let a loop device be mounted ({done.stderr!r})"
+    return mount, image
+
+
+def read_only(work: Path) -> dict[str, int] | str:
+    mounted = _mount_ext4(work, "ext4", 256)
+    if isinstance(mounted, str):
+        return mounted
+    mount, image = mounted
+    try:
+        device = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE", str(mount)], capture_output=True, text=True
+        ).stdout.strip()
+        # The mount is the data dir: the engine's log goes beside it, off the file system.
+        data_dir = mount
+        port = free_port()
+        env = {"CALLSENTRY_STORE__PREALLOCATE_JOURNAL": "false"}
+        process = start_serve(data_dir, port, env)
+        load = Load(port, "ro")
+        load.start()
+        _wait(load.has_answered(2000), 60)
+        # The kernel's emergency read-only: what a disk error does to the mount.
+        Path(f"/sys/fs/ext4/{Path(device).name}/trigger_fs_error").write_text("1")
+        time.sleep(2)
+        stalled_from = len(load.answered)
+        time.sleep(3)
+        answered_while_read_only = len(load.answered) - stalled_from
+        load.stop()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log = (data_dir.parent / "serve.log").read_text(errors="replace")
+        said = sum("Read-only file system" in line for line in log.splitlines())
+        traceback = log.count("Traceback")
+        # Until the lake writer, the receiver's child, has let its files go too.
+        _wait(lambda: subprocess.run(["umount", str(mount)]).returncode == 0, 60)
+        subprocess.run(["e2fsck", "-f", "-y", str(image)], capture_output=True)
+        subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
+        stored = _finish(data_dir, port)
+        return {
+            "answered": len(load.answered),
+            "answered_while_read_only": answered_while_read_only,
+            "log_lines_saying_read_only": said,
+            "tracebacks": traceback,
+            "answered_lost": len(load.answered - set(stored)),
+            "stored_twice": len(stored) - len(set(stored)),
+        }
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _blast(port: int, prefix: str, seconds: float, answers: str) -> None:
+    """Distinct reports as fast as the socket takes them, no window, no retries; the
+    call ids answered go to the file `answers`."""
+    import select
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    answered: set[bytes] = set()
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(64):
+            with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+                sock.send(b"%s-%d,1,OK,86%011d,,,7,menu" % (prefix.encode(), sent, sent))
+            sent += 1
+        if select.select([sock], [], [], 0)[0]:
+            while True:
+                try:
+                    answered.add(sock.recv(200).rsplit(b",", 1)[0])
+                except (BlockingIOError, ConnectionRefusedError):
+                    break
+    end = time.monotonic() + 3.0  # the last answers
+    while time.monotonic() < end:
+        if select.select([sock], [], [], 0.1)[0]:
+            with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+                answered.add(sock.recv(200).rsplit(b",", 1)[0])
+    Path(answers).write_bytes(b"\n".join([b"sent %d" % sent, *answered]))
+
+
+def overload(work: Path, seconds: float = 30.0) -> dict[str, int]:
+    import multiprocessing as mp
+
+    from bench.memory import Sampler
+
+    data_dir = work / "overload" / "data"
+    data_dir.parent.mkdir(parents=True)
+    port = free_port()
+    process = start_serve(data_dir, port)
+    sampler = Sampler(process.pid)
+    sampler.start()
+    files = [str(data_dir.parent / f"answers-{n}") for n in range(4)]
+    senders = [mp.Process(target=_blast, args=(port, f"o{n}", seconds, files[n])) for n in range(4)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    lines = [Path(f).read_bytes().split(b"\n") for f in files]
+    offered = sum(int(first.split()[1]) for first, *_ in lines)
+    answered = {a.decode() for _, *rest in lines for a in rest if a}
+    # Then ordinary traffic: answered as usual once the flood has passed.
+    after = Load(port, "after")
+    after.start()
+    recovered = _wait(after.has_answered(2000), 120)
+    after.stop()
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=600)
+    sampler.stop.set()
+    sampler.join()
+    log = (data_dir.parent / "serve.log").read_text(errors="replace")
+    dropped = 0
+    for line in log.splitlines():
+        if "stopped:" in line and "dropped_overload=" in line:
+            dropped = int(line.split("dropped_overload=")[1].split()[0])
+    stored = set(_finish(data_dir, port))
+    return {
+        "offered": offered,
+        "answered": len(answered),
+        "dropped_overload": dropped,
+        "receiver_peak_mib": sampler.peaks["receiver"] >> 20,
+        "writer_peak_mib": sampler.peaks["writer"] >> 20,
+        "answered_lost": len(answered - stored),
+        "answers_after_the_flood": int(recovered),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--kills", type=int, default=20)
@@ -174,6 +333,7 @@ def main() -> int:
     parser.add_argument("--codec", type=int, default=1_000_000)
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--calls", type=int, default=10_000_000, help="of the memory part")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
@@ -193,8 +353,22 @@ def main() -> int:
         if isinstance(disk, dict):
             failed |= disk["answered_lost"] > 0 or disk["stored_twice"] > 0
             failed |= disk["answered_while_full"] > 0 or not disk["resumed_after_freeing"]
+        ro = read_only(work)
+        print(f"read-only file system: {ro}")
+        if isinstance(ro, dict):
+            failed |= ro["answered_lost"] > 0 or ro["stored_twice"] > 0 or ro["tracebacks"] > 0
+            failed |= ro["answered_while_read_only"] > 0
+        flood = overload(work)
+        print(f"offered load above capacity: {flood}")
+        failed |= flood["answered_lost"] > 0 or not flood["answers_after_the_flood"]
+        failed |= flood["receiver_peak_mib"] > 400
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print(f"{args.calls:,} distinct callers and callees (bench/memory.py):", flush=True)
+    memory = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory.py"), "--calls", str(args.calls)]
+    )
+    failed |= memory.returncode != 0
     if args.fuzz:
         fuzz = subprocess.run(
             [

@@ -265,18 +265,24 @@ def run(
     lower_priority(settings.store.lake_writer_priority)
     tune_gc_for_detection()
     lock = lake_writer_lock(settings.store.data_dir)
-    while True:
-        # An earlier writer (left by a receiver that was killed) finishes first.
+    starting = Outage("lake writer start")
+
+    def take_lock() -> bool:
         try:
             lock.acquire(wait_s=5)
-            break
         except StoreError:
-            if os.getppid() != receiver_pid:
-                log.error("the receiver is gone before this lake writer could start")
-                return
+            return False  # an earlier writer (left by a killed receiver) finishes first
+        return True
+
+    # A file system that refuses the lock file (read-only, full) is waited out.
+    while not (taken := _until_it_works(starting, take_lock, stop, receiver_pid)):
+        if taken is None:
+            return
+        if os.getppid() != receiver_pid:
+            log.error("the receiver is gone before this lake writer could start")
+            return
     # Analysts can connect before detection has loaded (LakeWriter publishes them again).
     lake = Lake(settings.store.data_dir)
-    starting = Outage("lake writer start")
 
     def publish() -> Lake:
         lake.prepare()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -447,7 +447,9 @@ class LakeWriter:
     def drain(self, collect_rejects: bool = False) -> DrainResult:
         """Write every sealed segment to the lake, oldest first, with what detection made of it."""
         result = DrainResult(rejects=[] if collect_rejects else None)
-        for number, path, written in self.detect_sealed():
+        # One segment detected, then written, then the next: what is held decoded is a
+        # segment's, however far behind the writer is (a backlog of millions).
+        for number, path, written in self._detect_each():
             self.write_detected(number, path, written, result)
         return result
 
@@ -457,7 +459,12 @@ class LakeWriter:
         """Run every sealed segment not yet detected through detection, oldest first;
         each stays held (`_decoded`) until `write_detected` has put it in the lake.
         `exclude`: segments already handed to `write_detected` (being written)."""
-        detected: list[tuple[int, Path, DetectedSegment]] = []
+        return list(self._detect_each(exclude))
+
+    def _detect_each(
+        self, exclude: Container[int] = ()
+    ) -> Iterator[tuple[int, Path, DetectedSegment]]:
+        """`detect_sealed`, a segment at a time as the caller asks for the next."""
         for path in sealed_segments(self.journal_dir):
             number = segment_number(path)
             assert number is not None
@@ -470,8 +477,7 @@ class LakeWriter:
                     steps = primed if primed is not None else self.decode_segment(path)
                     output = self._detect(steps)
                     written = self.hold(number, steps, call_columns(output.calls), output.alerts)
-            detected.append((number, path, written))
-        return detected
+            yield number, path, written
 
     def hold(
         self, number: int, steps: list[Step], calls: dict[str, list[Any]], alerts: list[Alert]

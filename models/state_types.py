@@ -9,7 +9,7 @@ from typing import Any
 from engine.detect.state import register_state_type
 from models.caller import CallerModel
 from models.caller_state import CallerState
-from models.menu import MenuModel, MenuState, MenuTraffic, SeasonalVolume
+from models.menu import CallWindow, MenuModel, MenuState, MenuTraffic, SeasonalVolume
 from models.scoring import AdaptiveThreshold, AnomalyModel, Baseline
 
 
@@ -31,6 +31,7 @@ register_state_type("model.caller-state", CallerState)
 register_state_type("model.menu", MenuModel, drop=("spec",))
 register_state_type("model.menu-state", MenuState)
 register_state_type("model.menu-traffic", MenuTraffic)
+register_state_type("model.call-window", CallWindow)
 register_state_type("model.seasonal-volume", SeasonalVolume)
 register_state_type("model.baseline", Baseline)
 register_state_type("model.adaptive-threshold", AdaptiveThreshold)

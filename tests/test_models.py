@@ -27,7 +27,15 @@ from engine.detect.state import revive
 from engine.simulator.scenario import Generated, generate, load_scenario, write_files
 from models.base import ModelFinding, never_quiet
 from models.caller import CallerModel, surprise
-from models.menu import MenuModel
+from models.menu import (
+    ANSWERED,
+    FORWARDED,
+    RANG,
+    SHORT,
+    TALKED,
+    CallWindow,
+    MenuModel,
+)
 from models.registry import ModelSet
 from models.spec import ModelSpec
 from tests.conftest import make_settings
@@ -571,15 +579,47 @@ def test_models_restored_from_an_older_snapshot_judge_as_if_never_stopped() -> N
     assert feed_menu(menu, T0, 90, 6, 10, 0) == []
     feed_menu(menu, T0 + 90 * 60, 3, 6, 10, 10_000)  # calls pending and live at the cut
     traffic = menu.menus["1"].traffic
-    assert traffic.pending and traffic.live
+    assert len(traffic.pending) and len(traffic.live)
     seen = migrations._stand_in("models.menu._Seen")
     names = ("ts", "call_id", "bucket", "answered", "short", "ring_s", "talk_log", "forwarded")
+
+    def as_before(window: CallWindow, ids: list[str]) -> deque[Any]:
+        # The calls as they were kept then, each with its call id (those older than
+        # the ids kept today are never cited: any will do).
+        ids = [f"older-{n}" for n in range(len(window) - len(ids))] + ids
+        return deque(
+            seen(
+                **dict(
+                    zip(
+                        names,
+                        (
+                            ts,
+                            call_id,
+                            bucket,
+                            bool(flags & ANSWERED),
+                            bool(flags & SHORT),
+                            ring if flags & RANG else None,
+                            talk if flags & TALKED else None,
+                            bool(flags & FORWARDED),
+                        ),
+                        strict=True,
+                    )
+                )
+            )
+            for (ts, bucket, flags, ring, talk), call_id in zip(window.calls(), ids, strict=True)
+        )
+
     older = migrations._stand_in("models.menu._Traffic")()
+    before = {
+        k: v
+        for k, v in vars(traffic).items()
+        if k not in ("pending", "pending_ids", "live", "newest_ids")
+    }
     older.__setstate__(
         {
-            **vars(traffic),
-            "pending": deque(seen(**dict(zip(names, c, strict=True))) for c in traffic.pending),
-            "live": deque(seen(**dict(zip(names, c, strict=True))) for c in traffic.live),
+            **before,
+            "pending": as_before(traffic.pending, list(traffic.pending_ids)),
+            "live": as_before(traffic.live, list(traffic.newest_ids)),
         }
     )
     converted = migrations._Converter().convert(older)

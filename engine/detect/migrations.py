@@ -3,8 +3,9 @@
 Format v3 (the releases of 2026-12-05) is today's container; the models' anomaly
 models in it are River pipelines made at once, which today are `model.anomaly` state
 (made on their first full window, models/scoring.py): each is wrapped as one whose
-window is already full. It is read with today's checks; only `revive` is routed
-through the conversions below.
+window is already full; and a menu's window of calls, a deque of tuples in it, is
+today's columns (`model.call-window`). It is read with today's checks; only `revive`
+is routed through the conversions below.
 
 Format v2 (the releases of 2026-12-02 to 2026-12-05) pickled the pipeline's state as
 Python objects by class path. It is read here, and only here, with an unpickler that
@@ -158,6 +159,45 @@ def tracker_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+# A menu's call as v2 and v3 kept it, a tuple: ts, call id, caller bucket, answered,
+# short, ring seconds, log of talk seconds, forwarded. Today: columns, flags as bits.
+_ANSWERED, _SHORT, _FORWARDED, _RANG, _TALKED = 1, 2, 4, 8, 16
+_EVIDENCE = 200
+
+
+def _call_window(calls: Any) -> Any:
+    columns: dict[str, Any] = {
+        "ts": array("d"),
+        "bucket": array("H"),
+        "flags": array("B"),
+        "ring": array("d"),
+        "talk": array("d"),
+        "head": 0,
+    }
+    for ts, _, bucket, answered, short, ring_s, talk_log, forwarded in calls:
+        columns["ts"].append(ts)
+        columns["bucket"].append(bucket)
+        columns["flags"].append(
+            (_ANSWERED if answered else 0)
+            | (_SHORT if short else 0)
+            | (_FORWARDED if forwarded else 0)
+            | (_RANG if ring_s is not None else 0)
+            | (_TALKED if talk_log is not None else 0)
+        )
+        columns["ring"].append(ring_s or 0.0)
+        columns["talk"].append(talk_log or 0.0)
+    return revive("model.call-window", columns)
+
+
+def _menu_traffic_v3(fields: dict[str, Any]) -> dict[str, Any]:
+    pending, live = fields["pending"], fields["live"]
+    fields["pending"] = _call_window(pending)
+    fields["pending_ids"] = deque(call[1] for call in pending)
+    fields["live"] = _call_window(live)
+    fields["newest_ids"] = deque((call[1] for call in live), maxlen=_EVIDENCE)
+    return fields
+
+
 def _menu_traffic(fields: dict[str, Any]) -> dict[str, Any]:
     for name in ("pending", "live"):
         calls = fields[name]
@@ -179,7 +219,7 @@ def _menu_traffic(fields: dict[str, Any]) -> dict[str, Any]:
                 )
                 for seen in calls
             )
-    return fields
+    return _menu_traffic_v3(fields)
 
 
 # A caller's state in v2: one array('d') read by these offsets (calls, the latest's
@@ -262,6 +302,7 @@ def _caller_model_v3(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 _V3_SHAPES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "model.menu-traffic": _menu_traffic_v3,
     "model.menu-state": _menu_state,
     "model.caller": _caller_model_v3,
 }

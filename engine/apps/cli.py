@@ -338,6 +338,15 @@ def config_check(config: Path | None) -> None:
         for key, value in values.items():
             if key.endswith("_token") and value:
                 value = "(set, not shown)"  # secrets stay out of terminals and logs
+            if value is None:
+                # TOML has no null: an unset key is said as a comment, with what it means.
+                meaning = (
+                    f": the shipped rules, {settings.detection.rules_folder}"
+                    if (section, key) == ("detection", "rules_dir")
+                    else ""
+                )
+                click.echo(f"# {key} unset{meaning}")
+                continue
             click.echo(f"{key} = {json.dumps(value, ensure_ascii=False)}")
     click.echo("configuration OK", err=True)
 

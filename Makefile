@@ -28,7 +28,17 @@ $(STAMP): pyproject.toml setup.py $(wildcard engine/ingest/_*.c) $(COMPILED)
 wheel: setup
 	rm -rf build/lib* build/bdist* dist
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
-	@ls dist/callsentry-*.whl
+	@$(BIN)/python -c "$$WHEEL_PARTS" dist/callsentry-*.whl
+
+# Which compiled parts the wheel holds, said plainly (pip's quiet build does not show it).
+define WHEEL_PARTS
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+missing = [] if "engine/detect/_compiled.sha256" in names else ["detection (mypyc)"]
+missing += [h for h in ("_fastio", "_seen", "_rows") if not any(n.startswith(f"engine/ingest/{h}.") and n.endswith(".so") for n in names)]
+print(sys.argv[1] + ": " + ("all compiled parts in" if not missing else "without compiled parts, which run as Python (slower): " + ", ".join(missing)))
+endef
+export WHEEL_PARTS
 
 # A production install: its own venv at PREFIX with the wheel and its runtime
 # dependencies only (README "Deploying"); then says whether the compiled parts are in.

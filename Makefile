@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo serve test lint format bench soak clean
+.PHONY: setup demo serve test lint format bench soak clean wheel install
 
 setup: $(STAMP)
 
@@ -21,6 +21,35 @@ $(STAMP): pyproject.toml setup.py $(wildcard engine/ingest/_*.c) $(COMPILED)
 	@echo "compiling the detection with mypyc (a minute or two)"
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	@touch $@
+
+# A wheel for production (dist/): compiled as `make setup` compiles (with the venv's
+# mypy), the shipped rules inside, no development tools in it or in its dependencies.
+# Built from a clean build folder, so no file of an older build rides along.
+wheel: setup
+	rm -rf build/lib* build/bdist* dist
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+	@$(BIN)/python -c "$$WHEEL_PARTS" dist/callsentry-*.whl
+
+# Which compiled parts the wheel holds, said plainly (pip's quiet build does not show it).
+define WHEEL_PARTS
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+missing = [] if "engine/detect/_compiled.sha256" in names else ["detection (mypyc)"]
+missing += [h for h in ("_fastio", "_seen", "_rows") if not any(n.startswith(f"engine/ingest/{h}.") and n.endswith(".so") for n in names)]
+print(sys.argv[1] + ": " + ("all compiled parts in" if not missing else "without compiled parts, which run as Python (slower): " + ", ".join(missing)))
+endef
+export WHEEL_PARTS
+
+# A production install: its own venv at PREFIX with the wheel and its runtime
+# dependencies only (README "Deploying"); then says whether the compiled parts are in.
+PREFIX ?= /opt/callsentry
+install: wheel
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install --quiet --upgrade pip
+	$(PREFIX)/bin/pip install --quiet dist/callsentry-*.whl
+	@# The same version built again replaces the one installed (dependencies stay).
+	$(PREFIX)/bin/pip install --quiet --force-reinstall --no-deps dist/callsentry-*.whl
+	$(PREFIX)/bin/callsentry version
 
 demo: setup
 	$(BIN)/python -m engine.apps.demo

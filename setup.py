@@ -9,18 +9,22 @@
   builds again without isolation, with the venv's mypy).
 
 All are optional: without a C compiler, off Linux, or without mypyc, the engine runs
-the same code as Python (slower) and says so. Records of the compiled sources'
+the same code as Python (slower) and says so, here at the build and in `serve`'s
+start-up log. The build also puts the project's `rules/` into the package as its
+shipped rules (engine/shipped_rules). Records of the compiled sources'
 SHA-256 let engine/detect/__init__.py and engine/ingest/native.py refuse compiled code
 its source has outgrown.
 """
 
 import hashlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 # As engine/detect/__init__.py: the sources, from the project's root.
 COMPILED = (
@@ -33,6 +37,9 @@ COMPILED = (
     "models/caller_state.py",
 )
 RECORD = "engine/detect/_compiled.sha256"
+# The shipped rules go into the package (engine.apps.settings.shipped_rules finds them):
+# an installed engine started from any folder runs them without a setting.
+SHIPPED_RULES = "engine/shipped_rules"
 HELPERS_RECORD = "_c_helpers.sha256"  # as engine/ingest/native.py
 _MYPYC: list[list[Extension]] = []
 _DIGESTS: dict[str, str] = {}
@@ -59,6 +66,18 @@ class BuildWithDetection(build_ext):
         super().run()
         self.record(bool(self.detection))
         self.record_helpers(helpers)
+        missing = [
+            e.name for e in self.extensions if not Path(self.get_ext_fullpath(e.name)).exists()
+        ]
+        if not self.detection:
+            missing.insert(0, "detection (mypyc)")
+        if missing:
+            # Said here, where a build log shows it, and again in serve's start-up log.
+            print(
+                "callsentry builds without some compiled parts, which run as Python "
+                f"(slower): {', '.join(missing)}",
+                file=sys.stderr,
+            )
 
     def detection_extensions(self) -> list[Extension]:
         # An editable install makes build_ext more than once: mypyc runs once.
@@ -68,6 +87,10 @@ class BuildWithDetection(build_ext):
 
     def mypycify(self) -> list[Extension]:
         if os.environ.get("CALLSENTRY_COMPILE", "1") == "0":
+            print(
+                "CALLSENTRY_COMPILE=0: detection is not compiled, it runs as Python",
+                file=sys.stderr,
+            )
             return []
         try:
             from mypyc.build import mypycify
@@ -119,6 +142,30 @@ class BuildWithDetection(build_ext):
         target.write_text("".join(lines), encoding="ascii")
 
 
+class BuildWithRules(build_py):
+    """The package's Python files, and the project's `rules/` folder as its shipped rules."""
+
+    def run(self) -> None:
+        super().run()
+        source = Path("rules")
+        if not source.is_dir():
+            raise SystemExit("setup.py: rules/ is missing: the package ships it")
+        target = Path(self.build_lib) / SHIPPED_RULES
+        if target.exists():
+            shutil.rmtree(target)
+        # YAML and READMEs only: no editor backups or caches in the package.
+        for path in sorted(source.rglob("*")):
+            if path.is_file() and path.suffix in (".yaml", ".yml", ".md"):
+                copy = target / path.relative_to(source)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, copy)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        target = Path(self.build_lib) / SHIPPED_RULES
+        copied = [str(p) for p in target.rglob("*") if p.is_file()] if target.exists() else []
+        return [*super().get_outputs(include_bytecode), *copied]
+
+
 def module_name(source: str) -> str:
     return source.removesuffix(".py").replace("/", ".")
 
@@ -139,4 +186,7 @@ extensions = [c_helper("_seen"), c_helper("_rows")]
 if sys.platform.startswith("linux"):
     extensions.append(c_helper("_fastio"))
 
-setup(ext_modules=extensions, cmdclass={"build_ext": BuildWithDetection})
+setup(
+    ext_modules=extensions,
+    cmdclass={"build_ext": BuildWithDetection, "build_py": BuildWithRules},
+)

@@ -87,6 +87,8 @@ def start_engine(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
             f"127.0.0.1:{port}",
             "--data-dir",
             str(data_dir),
+            "--metrics",
+            "127.0.0.1:0",
             "--log-level",
             "info",
         ],

@@ -33,6 +33,8 @@ def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
     overrides: dict[str, Any] = {
         "receiver": {"listen": ["127.0.0.1:0"]},
         "store": {"data_dir": str(data_dir)},
+        # On by default at a fixed port; tests (and other runs of them) must not clash.
+        "metrics": {"listen": "127.0.0.1:0"},
     }
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)

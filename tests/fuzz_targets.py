@@ -329,7 +329,17 @@ _SECTIONS = {
     "receiver": ["listen", "allow", "socket_buffer_bytes", "batched_io"],
     "codec": ["name", "separator", "encodings"],
     "store": ["data_dir", "fsync", "flush_interval_s", "dedup_horizon_s", "retention_days"],
-    "detection": ["enabled", "rules_dir", "tick_s", "max_keys_per_rule", "webhook_url"],
+    "detection": [
+        "enabled",
+        "rules_dir",
+        "tick_s",
+        "max_keys_per_rule",
+        "webhook_url",
+        "feed_silence_s",
+        "feed_hours",
+        "feed_timezone",
+        "feed_severity",
+    ],
     "metrics": ["listen", "log_interval_s"],
     "nope": ["x"],
 }
@@ -337,6 +347,18 @@ _toml_values = st.one_of(
     st.integers(-(10**20), 10**20).map(str),
     st.floats(allow_nan=False).map(repr),
     st.sampled_from(["true", "false", "nan", "inf", "-inf", '""', "[]", "{}", "1979-05-27"]),
+    # Near-valid values of the settings with a grammar of their own.
+    st.sampled_from(
+        [
+            '["07:00-23:00"]',
+            '["22:00-06:00", "24:00-01:00"]',
+            '["7-23"]',
+            '"Europe/Berlin"',
+            '"../../etc/passwd"',
+            '"off"',
+            '"127.0.0.1:99999"',
+        ]
+    ),
     st.text(max_size=20).map(json.dumps),
     st.lists(st.text(max_size=12).map(json.dumps), max_size=3).map(
         lambda items: "[" + ", ".join(items) + "]"

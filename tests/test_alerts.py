@@ -14,7 +14,7 @@ from typing import ClassVar
 import duckdb
 import pytest
 
-from engine.alerts.sinks import JsonLinesSink, WebhookSink
+from engine.alerts.sinks import JsonLinesSink, LogSink, WebhookSink
 from engine.apps.replay import replay
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.evaluate import Finding
@@ -182,3 +182,43 @@ def test_webhook_retries_with_back_off_and_never_blocks() -> None:
     assert [a["alert_id"] for a in _Collector.received] == ["id-1"]
     assert sink.delivered == 1 and sink.failed == 0 and _Collector.failures_left == 0
     assert set(_Collector.authorizations) == {"Bearer s3cret"}
+
+
+def test_delivery_counts_reach_the_shared_counters_and_keep_growing_across_restarts() -> None:
+    import multiprocessing
+
+    from engine.apps.lakewriter import DeliveryTally
+    from engine.ingest.stats import SharedCounters
+
+    counters = SharedCounters.create(multiprocessing.get_context("spawn"))
+    server = HTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Collector.failures_left = 0
+    try:
+        for run in range(2):  # a lake writer, then the one started after it exited
+            delivered = WebhookSink(f"http://127.0.0.1:{server.server_port}/alerts")
+            # Nothing listens on port 9 (discard): refused at once, given up on at once.
+            failing = WebhookSink("http://127.0.0.1:9/alerts", retries=0)
+            tally = DeliveryTally([delivered, failing, LogSink()], counters)
+            assert tally.channels == [delivered, failing]
+            delivered.deliver([sample_alert(1), sample_alert(2)])
+            failing.deliver([sample_alert(3)])
+            wait_for(
+                lambda d=delivered, f=failing: d.delivered == 2 and f.failed == 1,
+                what="deliveries",
+            )
+            tally.send()
+            tally.send()  # counted once, however often it is sent
+            delivered.close()
+            failing.close()
+            assert counters.get("deliveries_delivered") == 2 * (run + 1)
+            assert counters.get("deliveries_failed") == run + 1
+            assert counters.get("deliveries_dropped") == 0
+            assert counters.get("deliveries_queued") == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        _Collector.received.clear()  # the collector's class state, as the next test expects
+        _Collector.authorizations.clear()
+        _Collector.failures_left = 2

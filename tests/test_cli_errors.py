@@ -254,3 +254,39 @@ def test_an_error_is_one_line_naming_the_problem(
     assert outcome.code != 0
     assert outcome.stderr.startswith(expected), outcome.stderr
     assert outcome.stderr.count("\n") == 1, outcome.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (
+            "[detection]\nrules_dir = '/no/such/rules'",
+            "/no/such/rules: no such rule file or folder",
+        ),
+        ("[detection]\nfeed_silence_s = -5", "detection.feed_silence_s (from "),
+        ("[detection]\nfeed_hours = ['25:00-26:00']", "detection.feed_hours (from "),
+        ("[detection]\nfeed_hours = 'all day'", "detection.feed_hours (from "),
+        ("[detection]\nfeed_timezone = 'Mars/Olympus'", "'Mars/Olympus' is not a time zone"),
+        ("[detection]\nfeed_severity = 'dire'", "detection.feed_severity (from "),
+        ("[metrics]\nlisten = 'loopback'", "metrics.listen (from "),
+        ("[metrics]\nlisten = '{taken}'", "cannot serve metrics on {taken}"),
+    ],
+)
+def test_a_bad_service_setting_is_one_line_naming_it(
+    tmp_path: Path, setting: str, expected: str
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = tmp_path / "callsentry.toml"
+        config.write_text(setting.format(taken=address) + "\n")
+        argv = ["serve", "--config", str(config), "--listen", "127.0.0.1:0"]
+        argv += ["--data-dir", str(tmp_path / "data")]
+        outcome = _run(argv, setting, tmp_path)
+    assert "Traceback" not in outcome.stderr
+    assert outcome.code == 2 or "cannot serve metrics" in expected, outcome.stderr
+    assert outcome.code != 0
+    last = outcome.stderr.strip().splitlines()[-1]
+    assert last.startswith("callsentry: "), outcome.stderr
+    assert expected.format(taken=address) in outcome.stderr, outcome.stderr

@@ -67,6 +67,8 @@ def _spawn(
             f"127.0.0.1:{port}",
             "--data-dir",
             str(data_dir),
+            "--metrics",
+            "127.0.0.1:0",
             "--log-level",
             "warning",
         ],

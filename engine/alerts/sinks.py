@@ -112,6 +112,15 @@ class WebhookSink:
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
+    def delivery_counts(self) -> dict[str, int]:
+        """Alerts delivered, failed (given up on), dropped (queue full), and queued now."""
+        return {
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "dropped": self.dropped,
+            "queued": self._queue.qsize(),
+        }
+
     def close(self, timeout_s: float = 10.0) -> None:
         self._queue.put(None)
         self._thread.join(timeout_s)

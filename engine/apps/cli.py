@@ -162,6 +162,24 @@ def main() -> None:
 
 
 @main.command()
+def version() -> None:
+    """The installed release: version, Python, whether its compiled parts are in use,
+    and where its shipped rules are."""
+    from engine.apps.health import build_info, uncompiled_parts
+    from engine.apps.settings import shipped_rules
+
+    info = build_info()
+    click.echo(f"callsentry {info['version']} (Python {info['python']})")
+    missing = uncompiled_parts()
+    if missing:
+        for part in missing:
+            click.echo(f"without compiled parts: {part}")
+    else:
+        click.echo("compiled parts: all in use (detection by mypyc, the C helpers)")
+    click.echo(f"shipped rules: {shipped_rules()}")
+
+
+@main.command()
 @config_option
 @click.option("--listen", multiple=True, help="UDP HOST:PORT to receive on (repeatable).")
 @data_dir_option
@@ -172,7 +190,8 @@ def main() -> None:
     "rules_dir",
     type=click.Path(path_type=Path, file_okay=False),
     default=None,
-    help="Rule folder (default: rules). Edits are picked up while serving, and on SIGHUP.",
+    help="Rule folder (default: detection.rules_dir, else the rules shipped with callsentry). "
+    "Edits are picked up while serving, and on SIGHUP.",
 )
 @log_level_option
 def serve(
@@ -224,7 +243,7 @@ def serve(
     "rules_dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Rule folder (default: detection.rules_dir, i.e. rules).",
+    help="Rule folder (default: detection.rules_dir, else the shipped rules).",
 )
 @click.option("--show", default=20, show_default=True, help="Rejected rows and alerts to list.")
 @log_level_option
@@ -319,6 +338,15 @@ def config_check(config: Path | None) -> None:
         for key, value in values.items():
             if key.endswith("_token") and value:
                 value = "(set, not shown)"  # secrets stay out of terminals and logs
+            if value is None:
+                # TOML has no null: an unset key is said as a comment, with what it means.
+                meaning = (
+                    f": the shipped rules, {settings.detection.rules_folder}"
+                    if (section, key) == ("detection", "rules_dir")
+                    else ""
+                )
+                click.echo(f"# {key} unset{meaning}")
+                continue
             click.echo(f"{key} = {json.dumps(value, ensure_ascii=False)}")
     click.echo("configuration OK", err=True)
 
@@ -400,15 +428,22 @@ def rules() -> None:
 RULE_TEST_MAX_KEYS = 10_000
 
 rules_path_argument = click.argument(
-    "path", required=False, default="rules", type=click.Path(path_type=Path)
+    "path", required=False, default=None, type=click.Path(path_type=Path)
 )
+
+
+def _rules_in_use(path: Path | None) -> Path:
+    """PATH as given, else the rule folder `serve` would run: detection.rules_dir from
+    the environment (CALLSENTRY_DETECTION__RULES_DIR), else the shipped rules."""
+    return path if path is not None else _settings(None, {}).detection.rules_folder
 
 
 @rules.command("validate")
 @rules_path_argument
-def rules_validate(path: Path) -> None:
-    """Check every rule file, list and model file under PATH; list every problem as
-    file:line."""
+def rules_validate(path: Path | None) -> None:
+    """Check every rule file, list and model file under PATH (default: the rules in use);
+    list every problem as file:line."""
+    path = _rules_in_use(path)
     from engine.apps.lakewriter import check_detectors
     from engine.core.yamlfile import YamlFileError
 
@@ -429,8 +464,10 @@ def rules_validate(path: Path) -> None:
 
 @rules.command("test")
 @rules_path_argument
-def rules_test(path: Path) -> None:
-    """Run each rule's inline tests through the pipeline in event time."""
+def rules_test(path: Path | None) -> None:
+    """Run each rule's inline tests through the pipeline in event time (default: the
+    rules in use)."""
+    path = _rules_in_use(path)
     from engine.apps.lakewriter import check_detectors, load_detectors
     from engine.core.yamlfile import YamlFileError
     from engine.detect.ruletest import run_rule_tests
@@ -486,7 +523,7 @@ def rules_test(path: Path) -> None:
 )
 @log_level_option
 def rules_backtest(
-    path: Path,
+    path: Path | None,
     current_dir: Path | None,
     data_dir: Path | None,
     config: Path | None,
@@ -502,6 +539,7 @@ def rules_backtest(
     rules in use on the same events. Both run from a fresh start (or after the same
     --warmup), in memory: the data dir is only read."""
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    path = path if path is not None else settings.detection.rules_folder
     _setup_logging(log_level)
     from engine.apps.backtest import BacktestError, backtest, parse_time, stored_span
     from engine.core.durations import parse_duration
@@ -509,7 +547,7 @@ def rules_backtest(
     from engine.core.yamlfile import YamlFileError
 
     tune_gc_for_detection()
-    against = current_dir or settings.detection.rules_dir
+    against = current_dir or settings.detection.rules_folder
     try:
         if days <= 0:
             raise BacktestError(f"--days {days:g}: must be more than 0")

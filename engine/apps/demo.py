@@ -155,7 +155,17 @@ def main() -> int:
     environment = {**os.environ, "CALLSENTRY_DETECTION__ENABLED": "false"}
     with log.open("wb") as log_handle:
         engine = subprocess.Popen(
-            [*command, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)],
+            [
+                *command,
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(data_dir),
+                # Any free port: the default one may be a running engine's.
+                "--metrics",
+                "127.0.0.1:0",
+            ],
             stdout=log_handle,
             stderr=subprocess.STDOUT,
             env=environment,

@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.apps.settings import DetectionSettings, Settings
+from engine.apps.settings import DetectionSettings, Settings, parse_hours, time_zone
 from engine.core.runtime import tune_gc_for_detection
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.stats import RULES_INVALID, RULES_LOADING, SharedCounters
@@ -40,6 +40,7 @@ RULE_CHECK_MAX_KEYS = 100
 if TYPE_CHECKING:
     from engine.core.yamlfile import YamlDocument
     from engine.detect.alerts import Alert, AlertSink
+    from engine.detect.feed import FeedSilence
     from engine.detect.pipeline import Pipeline
     from engine.detect.rules import LoadedRules, RuleSet
     from engine.lake.writer import LakeWriter, Outage
@@ -88,13 +89,29 @@ def load_detectors(path: Path, max_keys: int, *, models: bool) -> LoadedRules:
     return loaded.with_models(build_models(documents, max_keys))
 
 
+def feed_silence(detection: DetectionSettings) -> FeedSilence | None:
+    """The feed-silence check the settings ask for (None: off)."""
+    from engine.detect.feed import FeedSilence
+
+    if detection.feed_silence_s <= 0:
+        return None
+    return FeedSilence(
+        detection.feed_silence_s,
+        hours=tuple(parse_hours(text) for text in detection.feed_hours),
+        zone=time_zone(detection.feed_timezone),
+        zone_name=detection.feed_timezone,
+        severity=detection.feed_severity,
+    )
+
+
 def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -> Pipeline:
-    """The detection pipeline with the rules under `rules_dir`; raises YamlFileError."""
+    """The detection pipeline with the rules under `rules_dir` (by default the settings'
+    rule folder) and the feed-silence check; raises YamlFileError."""
     from engine.detect.calls import CallTracker
     from engine.detect.pipeline import Pipeline
 
     loaded = load_detectors(
-        rules_dir or detection.rules_dir,
+        rules_dir or detection.rules_folder,
         detection.max_keys_per_rule,
         models=detection.models_enabled,
     )
@@ -105,7 +122,7 @@ def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -
         abandon_s=detection.abandon_s,
         max_open_calls=detection.max_open_calls,
     )
-    return Pipeline(loaded.rules, tracker)
+    return Pipeline(loaded.rules, tracker, feed_silence(detection))
 
 
 def make_sinks(settings: Settings) -> list[AlertSink]:
@@ -137,7 +154,7 @@ class _RuleWatcher:
         self.fingerprint = self._fingerprint()
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
-        folder = self.detection.rules_dir
+        folder = self.detection.rules_folder
         files = [
             *folder.glob("*.y*ml"),
             *(folder / "lists").glob("*.y*ml"),
@@ -165,7 +182,7 @@ class _RuleWatcher:
 
         def load() -> RuleSet:
             rules = load_detectors(
-                detection.rules_dir,
+                detection.rules_folder,
                 detection.max_keys_per_rule,
                 models=detection.models_enabled,
             ).rules
@@ -206,6 +223,30 @@ class AlertTally:
 
     def close(self) -> None:
         self.send()
+
+
+class DeliveryTally:
+    """The delivering channels' counts (engine.alerts.sinks: `delivery_counts`) added to
+    the shared counters once per drain pass: what each added since the last pass, so
+    the counters keep growing across restarts of this process; the queue as it is now."""
+
+    def __init__(self, sinks: Sequence[Any], counters: SharedCounters) -> None:
+        self.channels = [sink for sink in sinks if hasattr(sink, "delivery_counts")]
+        self.counters = counters
+        self.sent: list[dict[str, int]] = [{} for _ in self.channels]
+
+    def send(self) -> None:
+        queued = 0
+        for channel, sent in zip(self.channels, self.sent, strict=True):
+            counts: dict[str, int] = channel.delivery_counts()
+            for name in ("delivered", "failed", "dropped"):
+                added = counts[name] - sent.get(name, 0)
+                if added:
+                    self.counters.add(f"deliveries_{name}", added)
+            sent.update(counts)
+            queued += counts["queued"]
+        if self.channels:
+            self.counters.set("deliveries_queued", queued)
 
 
 def lower_priority(priority: str) -> None:
@@ -312,6 +353,7 @@ def run(
     alert_counts.cancel_join_thread()
     tally = AlertTally(alert_counts)
     sinks = [*make_sinks(settings), tally]
+    deliveries = DeliveryTally(sinks, counters)
     said_keys: list[bool] = []
 
     def keys_ready() -> None:
@@ -338,6 +380,7 @@ def run(
     if writer is None:
         for sink in sinks:
             sink.close()
+        deliveries.send()
         lock.release()
         return
     progress.close()
@@ -367,6 +410,7 @@ def run(
         while not stop.wait(poll_interval_s):
             writer.drain_logged()
             tally.send()
+            deliveries.send()
             if os.getppid() != receiver_pid:
                 log.error("the receiver is gone (killed?); writing what is sealed and exiting")
                 break
@@ -376,6 +420,7 @@ def run(
     writer.snapshot()
     for sink in sinks:
         sink.close()
+    deliveries.send()
     lock.release()
 
 

@@ -19,13 +19,14 @@ from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from engine.apps.health import Health, OperatorEndpoint, ReportClock
+from engine.apps.health import Health, OperatorEndpoint, ReportClock, build_info, uncompiled_parts
 from engine.apps.lakewriter import LakeWriterProcess, check_rules
 from engine.apps.settings import Settings
 from engine.core.addresses import parse_hostport
 from engine.core.runtime import tune_gc_for_receiver
 from engine.ingest.codec import Codec, build_codec
 from engine.ingest.intake import Intake, SeenReports
+from engine.ingest.native import HELPERS
 from engine.ingest.receiver import AllowList, ReportServer
 from engine.ingest.stats import Stats
 from engine.ingest.store import EventStore
@@ -86,6 +87,16 @@ def open_store(
     return store, intake, stats
 
 
+def log_compiled_parts() -> None:
+    """Say at start whether this install runs its compiled parts, and if not, which run
+    as Python (a production install built without a C compiler or mypyc still runs)."""
+    missing = uncompiled_parts()
+    if not missing:
+        log.info("compiled parts in use: detection (mypyc), C helpers %s", ", ".join(HELPERS))
+        return
+    log.warning("running without compiled parts: %s", "; ".join(missing))
+
+
 class Housekeeping:
     """Wall-clock jobs only (sealing the journal, watching the lake writer, stats).
     Never detection timers: those run on event time."""
@@ -142,10 +153,20 @@ class Engine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        log_compiled_parts()
         if settings.detection.enabled:
             # Refuse to start on invalid rules (file:line for each problem); the
-            # lake writer loads them again in its own process.
-            check_rules(settings.detection.rules_dir)
+            # lake writer loads them again in its own process. A folder that was set
+            # and does not exist is such a problem, never a fall back to the shipped.
+            folder = settings.detection.rules_folder
+            check_rules(folder)
+            where = (
+                "detection.rules_dir"
+                if settings.detection.rules_dir is not None
+                else f"shipped with callsentry {build_info()['version']}; "
+                "set detection.rules_dir for your own"
+            )
+            log.info("rules from %s (%s)", folder.resolve(), where)
         self.codec = settings_codec(settings)
         self.writer = LakeWriterProcess(settings)
         try:

@@ -16,8 +16,11 @@ from __future__ import annotations
 import codecs
 import ipaddress
 import os
+import re
 import tomllib
+import zoneinfo
 from collections.abc import Mapping
+from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +29,48 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.core.addresses import parse_hostport
 
 ENV_PREFIX = "CALLSENTRY_"
+# Where `serve` answers /metrics, /healthz and /readyz unless told otherwise: loopback
+# only, on a port no common exporter uses (9100 is node_exporter's).
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9810"
+_HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]|24):([0-5]\d)$")
+
+
+def shipped_rules() -> Path:
+    """The rules shipped with this release. An installed package holds them as
+    `engine/shipped_rules/` (setup.py copies the project's `rules/` there); a source
+    checkout (an editable install) has them as its own `rules/`."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "shipped_rules"
+    return installed if installed.is_dir() else package.parent / "rules"
+
+
+def time_zone(name: str) -> tzinfo:
+    """A time zone by its IANA name; UTC also where the system has no tz database."""
+    if name.upper() == "UTC":
+        return UTC
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"{name!r} is not a time zone name (e.g. UTC, Asia/Shanghai)") from None
+
+
+def parse_hours(text: str) -> tuple[int, int]:
+    """`HH:MM-HH:MM` as minutes of the day, end after start or the next day's when it
+    is not (`22:00-06:00`); `00:00-24:00` is the whole day.
+
+    >>> parse_hours("07:30-23:00"), parse_hours("22:00-06:00")
+    ((450, 1380), (1320, 360))
+    """
+    match = _HOURS.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a range of hours as HH:MM-HH:MM (e.g. 07:00-23:00)")
+    start = int(match[1]) * 60 + int(match[2])
+    end = int(match[3]) * 60 + int(match[4])
+    if end > 24 * 60:
+        raise ValueError(f"{text!r}: 24:00 is the latest end")
+    if start == end:
+        raise ValueError(f"{text!r} is empty (for the whole day, write 00:00-24:00)")
+    return start, end
 
 
 class ConfigError(Exception):
@@ -125,7 +170,9 @@ class StoreSettings(_Section):
 
 class DetectionSettings(_Section):
     enabled: bool = True
-    rules_dir: Path = Path("rules")
+    # The rule folder. Unset: the rules shipped with this release (`shipped_rules()`,
+    # said in the start-up log). Set: that folder, which must exist (never a fallback).
+    rules_dir: Path | None = None
     # How often a running engine looks for edited rule files (0: only on SIGHUP).
     reload_interval_s: float = Field(default=5.0, ge=0)
     max_keys_per_rule: int = Field(default=200_000, ge=100)
@@ -155,6 +202,32 @@ class DetectionSettings(_Section):
     snapshot_interval_s: float = Field(default=300.0, ge=0)
     # Off: models in rules/models are not run (rules only).
     models_enabled: bool = True
+    # The feed-silence alert (rule id `system.feed-silence`): no report for this many
+    # seconds of event time within `feed_hours` (in `feed_timezone`) says the switch's
+    # feed went quiet. 0: off. Event time, never the wall clock: live, the receiver's
+    # ticks move event time on through a silence; a replay sees a gap in its rows.
+    feed_silence_s: float = Field(default=0.0, ge=0, le=7 * 86_400)
+    feed_hours: list[str] = Field(default_factory=lambda: ["00:00-24:00"], min_length=1)
+    feed_timezone: str = "UTC"
+    feed_severity: Literal["low", "medium", "high", "critical"] = "high"
+
+    @property
+    def rules_folder(self) -> Path:
+        """The rule folder in use: `rules_dir` when set, else the shipped rules."""
+        return self.rules_dir if self.rules_dir is not None else shipped_rules()
+
+    @field_validator("feed_hours")
+    @classmethod
+    def _check_hours(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_hours(item)
+        return value
+
+    @field_validator("feed_timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        time_zone(value)
+        return value
 
     @field_validator("webhook_url")
     @classmethod
@@ -165,8 +238,10 @@ class DetectionSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    # HOST:PORT serving /metrics, /healthz and /readyz ("": none).
-    listen: str = ""
+    # HOST:PORT serving /metrics, /healthz and /readyz ("" or "off": none). On by
+    # default, on loopback: a scraper on the same machine (or a tunnel) reaches it;
+    # the network does not until an operator says which address.
+    listen: str = DEFAULT_METRICS_LISTEN
     log_interval_s: float = Field(default=30.0, gt=0)
     # /readyz says not ready while the lake writer is more than this many reports
     # behind (0: no bound); by default half of store.max_lake_backlog, where the
@@ -179,8 +254,9 @@ class MetricsSettings(_Section):
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
-        if value:
-            parse_hostport(value)
+        if value.strip().lower() in ("", "off"):
+            return ""
+        parse_hostport(value)
         return value
 
 

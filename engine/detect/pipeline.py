@@ -16,6 +16,7 @@ from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
 from engine.detect.detectors import ModelFinding
 from engine.detect.evaluate import RuleGroup
+from engine.detect.feed import FeedSilence
 from engine.detect.rules import RuleSet
 from engine.detect.windows import Timestamp
 
@@ -38,7 +39,12 @@ class Output:
 
 
 class Pipeline:
-    def __init__(self, rules: RuleSet, tracker: CallTracker | None = None) -> None:
+    def __init__(
+        self,
+        rules: RuleSet,
+        tracker: CallTracker | None = None,
+        feed: FeedSilence | None = None,
+    ) -> None:
         self.rules = rules
         self.tracker = tracker or CallTracker()
         self.alerts = AlertManager()
@@ -50,6 +56,17 @@ class Pipeline:
         # Whether any model runs: asked at each entry (`feed`, `advance`), so the
         # model set is looked at once per batch rather than for every report.
         self._has_models = False
+        # The feed-silence check (engine.detect.feed): the event time of the latest
+        # report (0: none yet), the report whose silence was alerted, and the deadline
+        # worked out for the latest report (`inf` until asked). A report costs one
+        # subtraction and comparison here; the deadline is worked out only once a gap
+        # as long as `quiet_s` is seen.
+        self.feed_silence = feed
+        self._feed_quiet_s = feed.quiet_s if feed is not None else float("inf")
+        self._feed_last = 0.0
+        self._feed_alerted = 0.0
+        self._feed_due_for = 0.0
+        self._feed_due = float("inf")
 
     def _split_rules(self) -> None:
         self._on_call = RuleGroup([r for r in self.rules.rules if r.spec.on == "call"])
@@ -71,6 +88,8 @@ class Pipeline:
             "alerts": self.alerts,
             "rules": {r.id: (r.logic, r.state, r.started_at) for r in self.rules.rules},
             "models": self.rules.models.state(),
+            "feed_last": self._feed_last,
+            "feed_alerted": self._feed_alerted,
         }
 
     def restore(self, state: dict[str, Any]) -> list[str]:
@@ -87,6 +106,9 @@ class Pipeline:
         self._quiet = self.alerts.quiet
         self.now = state["now"]
         self._last_housekeeping = state["last_housekeeping"]
+        # Snapshots from before the feed-silence check have no such keys.
+        self._feed_last = float(state.get("feed_last", 0.0))
+        self._feed_alerted = float(state.get("feed_alerted", 0.0))
         restored = []
         saved_rules = state["rules"]
         for rule in self.rules.rules:
@@ -110,6 +132,10 @@ class Pipeline:
                 continue
             event: CallEvent = item
             ts = event.ts
+            if ts - self._feed_last >= self._feed_quiet_s:
+                self._feed_gap(ts, output)
+            if ts > self._feed_last:
+                self._feed_last = ts
             # `advance` only when something is due by the report's time: a call's
             # deadline (a late report can set one that has passed already), calls
             # evicted, a model's step, or housekeeping. Otherwise only the time moves
@@ -144,6 +170,8 @@ class Pipeline:
     def _advance(self, now: float, output: Output) -> None:
         if now > self.now:
             self.now = now
+        if self.now - self._feed_last >= self._feed_quiet_s:
+            self._feed_gap(self.now, output)
         finished = self.tracker.advance(self.now)
         has_models = self._has_models
         models = self.rules.models if has_models else None
@@ -164,6 +192,21 @@ class Pipeline:
                 rule.drop_idle(self.now)
             self.rules.models.drop_idle(self.now)
             self.alerts.forget_before(self.now)
+
+    def _feed_gap(self, now: float, output: Output) -> None:
+        """At least `quiet_s` of event time since the latest report: an alert if that
+        silence reached its deadline within the expected hours by `now`."""
+        feed = self.feed_silence
+        last = self._feed_last
+        if feed is None or last <= 0.0 or self._feed_alerted == last:
+            return
+        if self._feed_due_for != last:
+            self._feed_due_for = last
+            self._feed_due = feed.deadline(last)
+        if self._feed_due > now:
+            return
+        self._feed_alerted = last
+        output.alerts.append(feed.alert(last, self._feed_due))
 
     def _raise_model(self, finding: ModelFinding, output: Output) -> None:
         alert = self.alerts.offer_model(finding)

@@ -329,7 +329,15 @@ _SECTIONS = {
     "receiver": ["listen", "allow", "socket_buffer_bytes", "batched_io"],
     "codec": ["name", "separator", "encodings"],
     "store": ["data_dir", "fsync", "flush_interval_s", "dedup_horizon_s", "retention_days"],
-    "detection": ["enabled", "rules_dir", "tick_s", "max_keys_per_rule", "webhook_url"],
+    "detection": [
+        "enabled",
+        "rules_dir",
+        "tick_s",
+        "max_keys_per_rule",
+        "webhook_url",
+        "webhook_token",
+    ],
+    "outbox": ["give_up_after_s", "max_backoff_s", "timeout_s", "keep_days"],
     "metrics": ["listen", "log_interval_s"],
     "nope": ["x"],
 }

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import duckdb
 import pytest
 
-from engine.alerts.sinks import JsonLinesSink, WebhookSink
+from engine.alerts.sinks import JsonLinesSink
 from engine.apps.replay import replay
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.evaluate import Finding
@@ -140,45 +137,3 @@ def test_json_lines_sink(tmp_path: Path) -> None:
     lines = (tmp_path / "a" / "alerts.jsonl").read_text().splitlines()
     assert [json.loads(line)["alert_id"] for line in lines] == ["id-1", "id-2"]
     assert json.loads(lines[0])["raised_at"] == "1970-01-01T00:00:01+00:00"
-
-
-class _Collector(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, object]]] = []
-    authorizations: ClassVar[list[str | None]] = []
-    failures_left = 2
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Collector.authorizations.append(self.headers.get("Authorization"))
-        if _Collector.failures_left > 0:
-            _Collector.failures_left -= 1
-            self.send_response(503)
-            self.end_headers()
-            return
-        _Collector.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-def test_webhook_retries_with_back_off_and_never_blocks() -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Collector)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        sink = WebhookSink(
-            f"http://127.0.0.1:{server.server_port}/alerts", token="s3cret", retries=5
-        )
-        sink.deliver([sample_alert(1)])
-        # deliver() only queues: the endpoint is still failing when it returns.
-        assert _Collector.received == []
-        wait_for(lambda: bool(_Collector.received), what="the alert delivered")
-        sink.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert [a["alert_id"] for a in _Collector.received] == ["id-1"]
-    assert sink.delivered == 1 and sink.failed == 0 and _Collector.failures_left == 0
-    assert set(_Collector.authorizations) == {"Bearer s3cret"}

@@ -38,6 +38,7 @@ from engine.ingest.store import StoreError, lake_writer_lock
 RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
+    from engine.alerts.outbox import Destination
     from engine.core.yamlfile import YamlDocument
     from engine.detect.alerts import Alert, AlertSink
     from engine.detect.pipeline import Pipeline
@@ -109,16 +110,43 @@ def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -
 
 
 def make_sinks(settings: Settings) -> list[AlertSink]:
-    from engine.alerts.sinks import JsonLinesSink, LogSink, WebhookSink
+    """The sinks on this machine: the log and the JSON-lines file."""
+    from engine.alerts.sinks import JsonLinesSink, LogSink
 
     detection = settings.detection
     sinks: list[AlertSink] = [LogSink()]
     if detection.alerts_jsonl != "off":
         path = Path(detection.alerts_jsonl or settings.store.data_dir / "alerts.jsonl")
         sinks.append(JsonLinesSink(path))
-    if detection.webhook_url:
-        sinks.append(WebhookSink(detection.webhook_url, token=detection.webhook_token))
     return sinks
+
+
+def make_durable_sinks(settings: Settings) -> list[AlertSink]:
+    """What leaves the machine goes through the outbox (serve's couriers send it);
+    only `serve`'s lake writer makes these: replay and backtest never deliver."""
+    from engine.alerts.outbox import Outbox, OutboxSink
+
+    destinations = outbox_destinations(settings)
+    if not destinations:
+        return []
+    return [OutboxSink(Outbox.of(settings.store.data_dir), [d.name for d in destinations])]
+
+
+def outbox_destinations(settings: Settings) -> list[Destination]:
+    """Where deliveries go, by name, as configured (the webhook, when set)."""
+    from engine.alerts.outbox import WebhookDestination
+
+    detection = settings.detection
+    destinations: list[Destination] = []
+    if detection.webhook_url:
+        destinations.append(
+            WebhookDestination(
+                detection.webhook_url,
+                token=detection.webhook_token,
+                timeout_s=settings.outbox.timeout_s,
+            )
+        )
+    return destinations
 
 
 def check_rules(rules_dir: Path) -> None:
@@ -306,6 +334,11 @@ def run(
     alert_counts.cancel_join_thread()
     tally = AlertTally(alert_counts)
     sinks = [*make_sinks(settings), tally]
+    outbox = _until_it_works(starting, lambda: make_durable_sinks(settings), stop, receiver_pid)
+    if outbox is None:
+        lock.release()
+        return
+    durable: list[AlertSink] = outbox
     said_keys: list[bool] = []
 
     def keys_ready() -> None:
@@ -322,6 +355,7 @@ def run(
             counters=counters,
             pipeline=pipeline,
             sinks=sinks,
+            durable_sinks=durable,
             dedup_horizon_s=settings.store.dedup_horizon_s,
             keys_ready=keys_ready,
         ),
@@ -329,7 +363,7 @@ def run(
         receiver_pid,
     )
     if writer is None:
-        for sink in sinks:
+        for sink in [*sinks, *durable]:
             sink.close()
         lock.release()
         return
@@ -367,7 +401,7 @@ def run(
         scheduler.shutdown(wait=True)
     writer.drain_logged(last=True)
     writer.snapshot()
-    for sink in sinks:
+    for sink in [*sinks, *durable]:
         sink.close()
     lock.release()
 

@@ -41,10 +41,14 @@ import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine.core.text import shown
-from engine.detect.alerts import Alert
+
+if TYPE_CHECKING:
+    # Only for types: serve's receiver process imports this module for its couriers
+    # and need not load detection.
+    from engine.detect.alerts import Alert
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -606,6 +606,25 @@ def alerts() -> None:
     """Review alerts: list them, open one with its calls, record a verdict (append-only)."""
 
 
+def _moment(text: str, option: str) -> datetime:
+    """--since/--until: ISO-8601 (UTC unless it has an offset; a date alone is its
+    midnight) or a duration before now (24h, 7d)."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        from engine.core.durations import parse_duration
+
+        try:
+            return datetime.now(tz=UTC) - timedelta(seconds=parse_duration(text))
+        except ValueError:
+            raise click.BadParameter(
+                f"{text!r} is neither an ISO-8601 time (2026-12-05T10:00, UTC unless an "
+                "offset is given) nor a duration before now (24h, 7d)",
+                param_hint=option,
+            ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def _zone(text: str) -> tzinfo:
     from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -618,6 +637,17 @@ def _zone(text: str) -> tzinfo:
             f"{text!r} is not a time zone (an IANA name such as Asia/Shanghai, or UTC)",
             param_hint="--tz",
         ) from None
+
+
+def _status_option(value: str, option: str, *, allow_all: bool) -> str:
+    from engine.lake.review_status import status_named
+
+    if allow_all and value.strip().lower() == "all":
+        return "all"
+    try:
+        return status_named(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=option) from None
 
 
 def _cell_text(value: Any, zone: tzinfo) -> str:
@@ -703,25 +733,83 @@ tz_option = click.option(
     "--status",
     default="open",
     show_default=True,
-    help="open, confirmed, false_positive, ... or 'all'.",
+    help="open, investigating, confirmed, false_positive (or fp), closed, or all.",
 )
-@click.option("--limit", default=50, show_default=True)
-def alerts_list(data_dir: Path | None, config: Path | None, status: str, limit: int) -> None:
+@click.option(
+    "--severity",
+    "severities",
+    multiple=True,
+    type=click.Choice(["low", "medium", "high", "critical"]),
+    help="Only this severity (repeatable).",
+)
+@click.option("--rule", "rules", multiple=True, help="Only this rule or model id (repeatable).")
+@click.option(
+    "--entity", "entities", multiple=True, help="Only this caller, menu, number (repeatable)."
+)
+@click.option(
+    "--since",
+    default=None,
+    help="Raised at or after: ISO-8601 (UTC unless an offset is given) or a duration "
+    "before now (24h, 7d).",
+)
+@click.option("--until", default=None, help="Raised before: as --since.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@format_option
+@tz_option
+def alerts_list(
+    data_dir: Path | None,
+    config: Path | None,
+    status: str,
+    severities: tuple[str, ...],
+    rules: tuple[str, ...],
+    entities: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    limit: int,
+    file_format: str,
+    zone_name: str,
+) -> None:
     """Alerts with their latest review status, newest first."""
-    from engine.lake.reviews import ReviewError, list_alerts
+    from engine.lake.reviews import LISTED, ReviewError, list_alerts
 
+    status = _status_option(status, "--status", allow_all=True)
+    start = _moment(since, "--since") if since else None
+    end = _moment(until, "--until") if until else None
+    zone = _zone(zone_name)
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:
-        rows = list_alerts(settings.store.data_dir, status, limit)
+        rows = list_alerts(
+            settings.store.data_dir,
+            status,
+            limit,
+            severities=severities,
+            rules=rules,
+            entities=entities,
+            since=start,
+            until=end,
+        )
     except ReviewError as error:
         _fail(str(error))
-    if not rows:
-        click.echo(f"no {status} alerts" if status != "all" else "no alerts")
-    for row in rows:
+    if not rows and file_format == "table":
+        filtered = severities or rules or entities or since or until
         click.echo(
-            f"{row['alert_id']}  {row['raised_at']:%Y-%m-%d %H:%M:%S}  {row['status']:<14} "
-            f"[{row['severity']}] {row['rule_id']}: {shown(row['summary'])}"
+            (f"no {status} alerts" if status != "all" else "no alerts")
+            + (" match" if filtered else "")
         )
+        return
+    zone_title = datetime.now(tz=zone).strftime("%Z")
+    columns = [
+        ("alert_id", "ALERT", 36),
+        ("raised_at", f"RAISED ({zone_title})", 23),
+        ("status", "STATUS", 14),
+        ("severity", "SEVERITY", 8),
+        ("rule_id", "RULE", 26),
+        ("entity", "ENTITY", 16),
+        ("summary", "SUMMARY", 0),
+    ]
+    _emit(rows, LISTED, columns, file_format, zone)
+    if len(rows) == limit and file_format == "table":
+        click.echo(f"(the newest {limit}; --limit shows more)", err=True)
 
 
 @alerts.command("show")
@@ -741,35 +829,38 @@ def alerts_show(alert_id: str, data_dir: Path | None, config: Path | None) -> No
 
 
 @alerts.command("review")
-@click.argument("alert_id")
+@click.argument("alert_ids", metavar="ALERT_ID...", nargs=-1, required=True)
 @click.option(
     "--status",
     required=True,
-    type=click.Choice(["open", "investigating", "confirmed", "false_positive", "closed"]),
+    help="open, investigating, confirmed, false_positive (or fp), closed.",
 )
 @click.option("--note", required=True, help="Why: what was checked, what was found.")
 @click.option("--reviewer", default=None, help="Who (default: the login name).")
 @data_dir_option
 @config_option
 def alerts_review(
-    alert_id: str,
+    alert_ids: tuple[str, ...],
     status: str,
     note: str,
     reviewer: str | None,
     data_dir: Path | None,
     config: Path | None,
 ) -> None:
-    """Record a verdict on an alert. Earlier reviews are kept; the latest one counts."""
-    from engine.lake.reviews import ReviewError, add_review
+    """Record a verdict on one or more alerts (ids, or unambiguous starts of them): all
+    of them, or none when one is not found. Earlier reviews are kept; the latest counts."""
+    from engine.lake.reviews import ReviewError, add_reviews
 
+    status = _status_option(status, "--status", allow_all=False)
     settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:
-        review_id = add_review(
-            settings.store.data_dir, alert_id, status, note, reviewer or getpass.getuser()
+        recorded = add_reviews(
+            settings.store.data_dir, alert_ids, status, note, reviewer or getpass.getuser()
         )
     except ReviewError as error:
         _fail(str(error))
-    click.echo(f"review {review_id} recorded: {alert_id} is {status}")
+    for alert_id, review_id in recorded:
+        click.echo(f"review {review_id} recorded: {alert_id} is {status}")
 
 
 @alerts.command("deliveries")

@@ -255,6 +255,26 @@ def test_past_the_horizon_a_delivery_is_given_up_counted_and_listed(tmp_path: Pa
     assert outbox.counts()["webhook"].pending == 2
 
 
+def test_done_deliveries_are_forgotten_after_keep_s_and_their_counts_stay(
+    tmp_path: Path,
+) -> None:
+    now = [1000.0]
+    outbox = Outbox(outbox_path(tmp_path), clock=lambda: now[0])
+    policy = RetryPolicy(give_up_after_s=60, keep_s=3 * 3600)
+    courier = Courier(outbox, Unreachable(), policy, clock=lambda: now[0])
+    outbox.enqueue("webhook", "a", b"{}")
+    courier.work()
+    now[0] += 61
+    courier.work()
+    assert [d.key for d in outbox.listing()] == ["a"]
+    now[0] += 3 * 3600 + 1  # past keep_s, and past the hourly look
+    courier.work()
+    assert outbox.listing() == []
+    assert outbox.counts()["webhook"].given_up == 1
+    # Forgotten: the same key is a new delivery now.
+    assert outbox.enqueue("webhook", "a", b"{}")
+
+
 # -- replay and backtest never deliver ------------------------------------------------
 
 
@@ -441,3 +461,34 @@ def test_given_up_deliveries_are_listed_by_alerts_deliveries(tmp_path: Path) -> 
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert {row["key"] for row in rows} == lake_alert_ids(data_dir)
     assert all(row["error"] for row in rows)
+
+
+@pytest.mark.slow
+def test_sigterm_with_undelivered_alerts_keeps_them_for_the_next_start(
+    tmp_path: Path, receivers: list[Receiver]
+) -> None:
+    data_dir = tmp_path / "data"
+    udp, web, metrics = free_port(), free_port(), free_port()
+    webhook = f"http://127.0.0.1:{web}/alerts"  # down until the second start
+    process = spawn_serve(tmp_path, udp, webhook, metrics)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for n in range(4):
+            ring(sock, udp, n)
+        wait_for(lambda: pending(data_dir) == 4, 60, "4 alerts waiting in the outbox")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert pending(data_dir) == 4
+        assert (
+            "4 deliveries to webhook wait for the next start"
+            in (tmp_path / "serve.log").read_text()
+        )
+        receiver = Receiver(web)
+        receivers.append(receiver)
+        process = spawn_serve(tmp_path, udp, webhook, metrics)
+        wait_for(lambda: pending(data_dir) == 0, 60, "the outbox empty")
+    finally:
+        sock.close()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    assert set(receiver.keys()) == lake_alert_ids(data_dir) and len(receiver.keys()) >= 4

@@ -284,14 +284,19 @@ class Outbox:
         self._write(mark)
         return changed[0]
 
-    def forget_done_before(self, before: float) -> int:
-        """Drop delivered and given-up rows finished before `before` (the counters stay):
-        the file stays bounded. A key enqueued again after that is sent again."""
+    def forget_done_before(self, before: float, destination: str | None = None) -> int:
+        """Drop delivered and given-up rows (of `destination`, or all) finished before
+        `before`; the counters stay. Keeps the file bounded; a key enqueued again after
+        that is sent again."""
         removed: list[int] = []
 
         def drop(db: sqlite3.Connection) -> None:
             before_changes = db.total_changes
-            db.execute("DELETE FROM deliveries WHERE state <> 'pending' AND done_at < ?", (before,))
+            db.execute(
+                "DELETE FROM deliveries WHERE state <> 'pending' AND done_at < ? "
+                "AND (?2 IS NULL OR destination = ?2)",
+                (before, destination),
+            )
             removed.append(db.total_changes - before_changes)
 
         self._write(drop)
@@ -441,6 +446,10 @@ class RetryPolicy:
         return float(min(self.first_backoff_s * 2 ** max(0, failures - 1), self.max_backoff_s))
 
 
+# How often a courier drops its destination's rows past RetryPolicy.keep_s.
+_FORGET_EVERY_S = 3600.0
+
+
 class Courier:
     """Delivers one destination's deliveries, oldest first, from a thread of its own."""
 
@@ -463,6 +472,7 @@ class Courier:
         self._resume_at = 0.0
         self._failing_since: float | None = None
         self._last_error = ""
+        self._forget_at = 0.0
 
     @property
     def name(self) -> str:
@@ -498,6 +508,9 @@ class Courier:
         """One pass: give up on what is past the horizon, then send what is due until the
         endpoint fails. Returns how long to wait before the next pass."""
         now = self.clock()
+        if now >= self._forget_at:
+            self.outbox.forget_done_before(now - self.policy.keep_s, self.name)
+            self._forget_at = now + _FORGET_EVERY_S
         self._give_up(now)
         if now < self._resume_at:
             return min(self._resume_at - now, self.policy.poll_s)
@@ -591,8 +604,6 @@ class Dispatch:
         return [courier.name for courier in self.couriers]
 
     def start(self) -> None:
-        with contextlib.suppress(OutboxError):
-            self.outbox.forget_done_before(self.clock() - self.policy.keep_s)
         known = set(self.destinations)
         for name, counts in self.outbox.counts().items():
             if counts.pending and name not in known:

@@ -446,6 +446,8 @@ class RetryPolicy:
         return float(min(self.first_backoff_s * 2 ** max(0, failures - 1), self.max_backoff_s))
 
 
+# Deliveries a courier reads per pass.
+_BATCH = 100
 # How often a courier drops its destination's rows past RetryPolicy.keep_s.
 _FORGET_EVERY_S = 3600.0
 
@@ -514,7 +516,7 @@ class Courier:
         self._give_up(now)
         if now < self._resume_at:
             return min(self._resume_at - now, self.policy.poll_s)
-        batch = self.outbox.due(self.name, now)
+        batch = self.outbox.due(self.name, now, _BATCH)
         for delivery in batch:
             if self._stop.is_set():
                 return 0.0
@@ -536,7 +538,8 @@ class Courier:
                 return min(self._resume_at - self.clock(), self.policy.poll_s)
             self.outbox.mark_delivered(delivery)
             self._endpoint_works()
-        return 0.0 if len(batch) == 100 else self.policy.poll_s
+        # A full batch: more may be due at once.
+        return 0.0 if len(batch) == _BATCH else self.policy.poll_s
 
     def _endpoint_failed(self, error: str) -> None:
         now = self.clock()

@@ -328,7 +328,14 @@ def load_scenario_file(data: bytes) -> None:
 _SECTIONS = {
     "receiver": ["listen", "allow", "socket_buffer_bytes", "batched_io"],
     "codec": ["name", "separator", "encodings"],
-    "store": ["data_dir", "fsync", "flush_interval_s", "dedup_horizon_s", "retention_days"],
+    "store": [
+        "data_dir",
+        "fsync",
+        "flush_interval_s",
+        "dedup_horizon_s",
+        "max_dedup_keys",
+        "retention_days",
+    ],
     "detection": [
         "enabled",
         "rules_dir",
@@ -339,7 +346,9 @@ _SECTIONS = {
         "feed_hours",
         "feed_timezone",
         "feed_severity",
+        "webhook_token",
     ],
+    "outbox": ["give_up_after_s", "max_backoff_s", "timeout_s", "keep_days"],
     "metrics": ["listen", "log_interval_s"],
     "nope": ["x"],
 }

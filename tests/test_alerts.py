@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import shutil
 import subprocess
 import sys
-import threading
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import ClassVar
+from zoneinfo import ZoneInfo
 
 import duckdb
 import pytest
 
-from engine.alerts.sinks import JsonLinesSink, LogSink, WebhookSink
+from engine.alerts.sinks import JsonLinesSink
 from engine.apps.replay import replay
+from engine.core.text import csv_cell
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.evaluate import Finding
 from engine.detect.rules import load_rules
-from engine.lake.reviews import ReviewError, add_review, list_alerts
+from engine.lake.reviews import LISTED, ReviewError, add_review, list_alerts
 from tests.conftest import make_settings, wait_for
 
 
@@ -142,83 +144,161 @@ def test_json_lines_sink(tmp_path: Path) -> None:
     assert json.loads(lines[0])["raised_at"] == "1970-01-01T00:00:01+00:00"
 
 
-class _Collector(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, object]]] = []
-    authorizations: ClassVar[list[str | None]] = []
-    failures_left = 2
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Collector.authorizations.append(self.headers.get("Authorization"))
-        if _Collector.failures_left > 0:
-            _Collector.failures_left -= 1
-            self.send_response(503)
-            self.end_headers()
-            return
-        _Collector.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+# -- reviewing from a terminal: filters, formats, one vocabulary, several ids ---------
 
 
-def test_webhook_retries_with_back_off_and_never_blocks() -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Collector)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        sink = WebhookSink(
-            f"http://127.0.0.1:{server.server_port}/alerts", token="s3cret", retries=5
+def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_alerts_list_filters_by_severity_rule_entity_and_time(reviewed_data: Path) -> None:
+    everything = list_alerts(reviewed_data, "all", 10_000)
+    assert len({a["severity"] for a in everything}) >= 2 and len(everything) >= 4
+    high = list_alerts(reviewed_data, "all", 10_000, severities=["high"])
+    assert high == [a for a in everything if a["severity"] == "high"] and high
+    some = everything[1]
+    by_rule = list_alerts(reviewed_data, "all", 10_000, rules=[some["rule_id"]])
+    assert by_rule == [a for a in everything if a["rule_id"] == some["rule_id"]]
+    by_entity = list_alerts(reviewed_data, "all", 10_000, entities=[some["entity"]])
+    assert by_entity == [a for a in everything if a["entity"] == some["entity"]]
+    at = some["raised_at"]
+    since = list_alerts(reviewed_data, "all", 10_000, since=at)
+    until = list_alerts(reviewed_data, "all", 10_000, until=at)
+    assert since == [a for a in everything if a["raised_at"] >= at] and some in since
+    assert until == [a for a in everything if a["raised_at"] < at] and some not in until
+    assert len(since) + len(until) == len(everything)
+
+
+def test_alerts_list_as_a_table_with_a_header_and_zoned_times(reviewed_data: Path) -> None:
+    utc = cli("alerts", "list", "--status", "all", "--limit", "3", "--data-dir", str(reviewed_data))
+    assert utc.returncode == 0, utc.stderr
+    header, *rows = utc.stdout.splitlines()
+    assert header.split()[:4] == ["ALERT", "RAISED", "(UTC)", "STATUS"]
+    assert len(rows) == 3 and all(" UTC " in row for row in rows)
+    shanghai = cli(
+        "alerts", "list", "--status", "all", "--limit", "3", "--tz", "Asia/Shanghai",
+        "--data-dir", str(reviewed_data),
+    )  # fmt: skip
+    assert shanghai.returncode == 0, shanghai.stderr
+    assert shanghai.stdout.splitlines()[0].split()[1:3] == ["RAISED", "(CST)"]
+    first = list_alerts(reviewed_data, "all", 1)[0]
+    local = first["raised_at"].astimezone(ZoneInfo("Asia/Shanghai"))
+    assert f"{local:%Y-%m-%d %H:%M:%S} CST" in shanghai.stdout.splitlines()[1]
+
+
+def test_alerts_list_as_json_and_as_spreadsheet_safe_csv(reviewed_data: Path) -> None:
+    argv = ["alerts", "list", "--status", "all", "--severity", "high", "--severity", "critical"]
+    as_json = cli(*argv, "--format", "json", "--data-dir", str(reviewed_data))
+    assert as_json.returncode == 0, as_json.stderr
+    rows = [json.loads(line) for line in as_json.stdout.splitlines()]
+    expected = list_alerts(reviewed_data, "all", 50, severities=["high", "critical"])
+    assert [r["alert_id"] for r in rows] == [a["alert_id"] for a in expected]
+    assert all(datetime.fromisoformat(r["raised_at"]).utcoffset() is not None for r in rows)
+    as_csv = cli(*argv, "--format", "csv", "--data-dir", str(reviewed_data))
+    assert as_csv.returncode == 0, as_csv.stderr
+    table = list(csv.reader(io.StringIO(as_csv.stdout)))
+    assert table[0] == list(LISTED) and len(table) == len(rows) + 1
+    for cells, row in zip(table[1:], expected, strict=True):
+        assert cells[0] == row["alert_id"]
+        assert cells[LISTED.index("summary")] == csv_cell(row["summary"])
+        assert cells[LISTED.index("entity")] == csv_cell(row["entity"])
+
+
+def test_a_crafted_entity_is_no_formula_in_csv(tmp_path: Path) -> None:
+    events = tmp_path / "events.csv"
+    events.write_text(
+        "ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
+        '2026-11-30T10:00:00Z,c1,1,RINGING,861380001,"+870771\x1b[2J",,12,Main\n'
+    )
+    settings = make_settings(tmp_path / "data", detection={"alerts_jsonl": "off"})
+    replay([events], settings)
+    done = cli("alerts", "list", "--format", "csv", "--data-dir", str(tmp_path / "data"))
+    assert done.returncode == 0, done.stderr
+    _, row = list(csv.reader(io.StringIO(done.stdout)))
+    assert row[LISTED.index("entity")] == "'+870771\\x1b[2J"
+    table = cli("alerts", "list", "--data-dir", str(tmp_path / "data"))
+    assert "\x1b" not in table.stdout and "+870771\\x1b[2J" in table.stdout
+
+
+def test_fp_is_an_alias_everywhere_and_an_unknown_status_is_refused(
+    reviewed_data: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(reviewed_data, data)
+    alert_id = list_alerts(data, "open", 1)[0]["alert_id"]
+    done = cli(
+        "alerts", "review", alert_id, "--status", "fp", "--note", "a test", "--data-dir", str(data)
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(f"{alert_id} is false_positive")
+    by_alias = cli("alerts", "list", "--status", "fp", "--format", "json", "--data-dir", str(data))
+    by_name = cli(
+        "alerts", "list", "--status", "false_positive", "--format", "json", "--data-dir", str(data)
+    )  # fmt: skip
+    assert by_alias.stdout == by_name.stdout and alert_id in by_alias.stdout
+    for argv in (
+        ["alerts", "list", "--status", "dismissed"],
+        ["alerts", "review", alert_id, "--status", "dismissed", "--note", "x"],
+    ):
+        refused = cli(*argv, "--data-dir", str(data))
+        assert refused.returncode == 2
+        assert (
+            refused.stderr.startswith("callsentry: alerts ") and "unknown status" in refused.stderr
         )
-        sink.deliver([sample_alert(1)])
-        # deliver() only queues: the endpoint is still failing when it returns.
-        assert _Collector.received == []
-        wait_for(lambda: bool(_Collector.received), what="the alert delivered")
-        sink.close()
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert [a["alert_id"] for a in _Collector.received] == ["id-1"]
-    assert sink.delivered == 1 and sink.failed == 0 and _Collector.failures_left == 0
-    assert set(_Collector.authorizations) == {"Bearer s3cret"}
+        assert refused.stderr.count("\n") == 1
 
 
-def test_delivery_counts_reach_the_shared_counters_and_keep_growing_across_restarts() -> None:
-    import multiprocessing
+def test_one_review_of_several_alerts_is_all_or_nothing(
+    reviewed_data: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(reviewed_data, data)
+    first, second = (a["alert_id"] for a in list_alerts(data, "open", 2))
+    refused = cli(
+        "alerts", "review", first[:8], "nope", "--status", "confirmed", "--note", "x",
+        "--data-dir", str(data),
+    )  # fmt: skip
+    assert refused.returncode == 1 and "no alert 'nope'" in refused.stderr
+    assert refused.stderr.count("\n") == 1 and "nothing was recorded" in refused.stderr
+    assert {a["alert_id"] for a in list_alerts(data, "confirmed", 100)} == set()
+    done = cli(
+        "alerts", "review", first[:8], second, "--status", "confirmed", "--note", "both",
+        "--reviewer", "ana", "--data-dir", str(data),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert {a["alert_id"] for a in list_alerts(data, "confirmed", 100)} == {first, second}
 
-    from engine.apps.lakewriter import DeliveryTally
-    from engine.ingest.stats import SharedCounters
 
-    counters = SharedCounters.create(multiprocessing.get_context("spawn"))
-    server = HTTPServer(("127.0.0.1", 0), _Collector)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    _Collector.failures_left = 0
-    try:
-        for run in range(2):  # a lake writer, then the one started after it exited
-            delivered = WebhookSink(f"http://127.0.0.1:{server.server_port}/alerts")
-            # Nothing listens on port 9 (discard): refused at once, given up on at once.
-            failing = WebhookSink("http://127.0.0.1:9/alerts", retries=0)
-            tally = DeliveryTally([delivered, failing, LogSink()], counters)
-            assert tally.channels == [delivered, failing]
-            delivered.deliver([sample_alert(1), sample_alert(2)])
-            failing.deliver([sample_alert(3)])
-            wait_for(
-                lambda d=delivered, f=failing: d.delivered == 2 and f.failed == 1,
-                what="deliveries",
-            )
-            tally.send()
-            tally.send()  # counted once, however often it is sent
-            delivered.close()
-            failing.close()
-            assert counters.get("deliveries_delivered") == 2 * (run + 1)
-            assert counters.get("deliveries_failed") == run + 1
-            assert counters.get("deliveries_dropped") == 0
-            assert counters.get("deliveries_queued") == 0
-    finally:
-        server.shutdown()
-        server.server_close()
-        _Collector.received.clear()  # the collector's class state, as the next test expects
-        _Collector.authorizations.clear()
-        _Collector.failures_left = 2
+def test_reviews_stored_under_older_status_names_still_read(
+    reviewed_data: Path, tmp_path: Path
+) -> None:
+    import polars as pl
+
+    from engine.lake.parquet import REVIEW_SCHEMA, write_atomic
+
+    data = tmp_path / "data"
+    shutil.copytree(reviewed_data, data)
+    ids = [a["alert_id"] for a in list_alerts(data, "open", 3)]
+    # As an older release or another tool may have written them.
+    frame = pl.DataFrame(
+        {
+            "review_id": ["r1", "r2", "r3"],
+            "alert_id": ids,
+            "status": ["fp", "False-Positive", "Investigating"],
+            "note": ["old"] * 3,
+            "reviewer": ["old"] * 3,
+            "reviewed_at": [datetime(2026, 11, 1, tzinfo=UTC)] * 3,
+        },
+        schema=REVIEW_SCHEMA,
+    )
+    write_atomic(frame, data / "lake" / "alert_reviews" / "day=2026-11-01" / "old.parquet")
+    false_positives = {a["alert_id"] for a in list_alerts(data, "false_positive", 100)}
+    assert set(ids[:2]) <= false_positives
+    assert ids[2] in {a["alert_id"] for a in list_alerts(data, "investigating", 100)}
+    shown_alert = cli("alerts", "show", ids[0], "--data-dir", str(data))
+    assert "status false_positive" in shown_alert.stdout

@@ -26,6 +26,14 @@ from engine.apps.cli import UNEXPECTED, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Text options that must parse, with a value that does not, wherever they appear.
+BAD_TEXT = {
+    "--since": "last tuesday",
+    "--until": "2026-13-45",
+    "--tz": "Mars/Olympus_Mons",
+    "--status": "dismissed",
+}
+
 # Per command, what makes it get past "say what to do" to the files it reads. Not a
 # list of commands: one missing here is still run, with its required values filled in.
 EXTRA = {"simulate": ["--to-file", "{out}"]}
@@ -73,6 +81,10 @@ class Places:
         (self.mangled / "callsentry.duckdb").write_bytes(os.urandom(8192))
         (self.mangled / "journal").write_bytes(os.urandom(512))
         (self.mangled / "state").write_text("not a folder")
+        # An outbox that is not one (what `serve` and `alerts deliveries` open).
+        self.bad_outbox = self.root / "bad-outbox"
+        (self.bad_outbox / "outbox").mkdir(parents=True)
+        (self.bad_outbox / "outbox" / "deliveries.sqlite3").write_bytes(os.urandom(4096))
         self.a_file = self.root / "plain-file"
         self.a_file.write_text("a file, where a folder is expected\n")
         self.under_file = self.a_file / "inside"
@@ -86,7 +98,15 @@ class Places:
     # interpreter start, and some commands a lake writer's.
     def data_dirs(self) -> list[Path]:
         # A file is refused by the option itself; a path under one gets to the command.
-        return [self.missing, self.empty, self.foreign, self.mangled, self.a_file, self.under_file]
+        return [
+            self.missing,
+            self.empty,
+            self.foreign,
+            self.mangled,
+            self.bad_outbox,
+            self.a_file,
+            self.under_file,
+        ]
 
     def files(self) -> list[Path]:
         return [self.missing, self.a_dir, self.garbage, self.under_file]
@@ -159,6 +179,8 @@ def cases(
             yield f"{option} not a number", run(option, "many")
         elif param.name in ("listen", "metrics", "host"):
             yield f"{option} not an address", run(option, "nowhere:port")
+        elif option in BAD_TEXT:
+            yield f"{option} {BAD_TEXT[option]!r}", run(option, BAD_TEXT[option])
 
 
 @dataclass
@@ -245,6 +267,19 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
         (["alerts", "list"], "callsentry: data has no alerts yet"),
         (["alerts", "list", "--limit", "x"], "callsentry: alerts list: Invalid value"),
         (["nosuch"], "callsentry: No such command 'nosuch'"),
+        (
+            ["alerts", "list", "--status", "nope"],
+            "callsentry: alerts list: Invalid value for --status: unknown status 'nope'",
+        ),
+        (
+            ["alerts", "list", "--since", "then"],
+            "callsentry: alerts list: Invalid value for --since: 'then' is neither",
+        ),
+        (
+            ["alerts", "deliveries", "--tz", "Nowhere/Else"],
+            "callsentry: alerts deliveries: Invalid value for --tz: 'Nowhere/Else'",
+        ),
+        (["alerts", "deliveries"], "callsentry: data dir data does not exist"),
     ],
 )
 def test_an_error_is_one_line_naming_the_problem(

@@ -1,1 +1,2 @@
-"""Where raised alerts go: the log, a JSON-lines file, a webhook."""
+"""Where raised alerts go: the log, a JSON-lines file, and the outbox for what leaves
+the machine (a webhook; notifications and actions later)."""

@@ -38,6 +38,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from engine.alerts.outbox import DestinationCounts, Dispatch, OutboxError
 from engine.apps.lakewriter import LakeWriterProcess
 from engine.apps.settings import Settings
 from engine.detect import COMPILED, compiled_modules, stale_reason
@@ -103,12 +104,19 @@ class Health:
     """The engine's state as /readyz and the metrics report it."""
 
     def __init__(
-        self, settings: Settings, stats: Stats, writer: LakeWriterProcess, clock: ReportClock
+        self,
+        settings: Settings,
+        stats: Stats,
+        writer: LakeWriterProcess,
+        clock: ReportClock,
+        *,
+        deliveries: Dispatch | None = None,
     ) -> None:
         self.settings = settings
         self.stats = stats
         self.writer = writer
         self.clock = clock
+        self.deliveries = deliveries
         self.started_at = time.monotonic()
 
     def _rules(self) -> dict[str, Any]:
@@ -238,20 +246,6 @@ class ServiceCollector(Collector):
         for (rule, severity, mode), count in sorted(health.writer.alert_counts().items()):
             alerts.add_metric([rule, severity, mode], count)
         yield alerts
-        deliveries = CounterMetricFamily(
-            "callsentry_deliveries",
-            "Alerts handed to delivering channels (webhook): delivered, failed after the "
-            "retries, dropped because the queue was full",
-            labels=["result"],
-        )
-        for result in ("delivered", "failed", "dropped"):
-            deliveries.add_metric([result], lake.get(f"deliveries_{result}"))
-        yield deliveries
-        yield GaugeMetricFamily(
-            "callsentry_deliveries_queued",
-            "Alerts waiting in the delivering channels' queues",
-            value=lake.get("deliveries_queued"),
-        )
         yield GaugeMetricFamily(
             "callsentry_lake_writer_up",
             "1 while the lake writer process runs",
@@ -274,9 +268,59 @@ class ServiceCollector(Collector):
         )
 
 
+class DeliveriesCollector(Collector):
+    """The outbox, per destination: `callsentry_deliveries_*` (a dashboard reads these
+    names). Read from the outbox file at each scrape, so the counters span restarts."""
+
+    def __init__(self, deliveries: Dispatch | None) -> None:
+        self.deliveries = deliveries
+
+    def collect(self) -> Iterator[Metric]:
+        label = ["destination"]
+        delivered = CounterMetricFamily(
+            "callsentry_deliveries_delivered", "Deliveries the endpoint accepted", labels=label
+        )
+        failed = CounterMetricFamily(
+            "callsentry_deliveries_failed",
+            "Delivery attempts that failed (each is tried again until the horizon)",
+            labels=label,
+        )
+        given_up = CounterMetricFamily(
+            "callsentry_deliveries_given_up",
+            "Deliveries given up after outbox.give_up_after_s (callsentry alerts deliveries)",
+            labels=label,
+        )
+        depth = GaugeMetricFamily(
+            "callsentry_deliveries_queue_depth", "Deliveries waiting in the outbox", labels=label
+        )
+        oldest = GaugeMetricFamily(
+            "callsentry_deliveries_oldest_pending_age_seconds",
+            "Age of the oldest delivery waiting (0: none waits)",
+            labels=label,
+        )
+        if self.deliveries is not None:
+            try:
+                counts = self.deliveries.outbox.counts()
+            except OutboxError as error:
+                log.error("metrics: %s", error)
+                counts = {}
+            now = time.time()
+            names = sorted({*counts, *self.deliveries.destinations})
+            for name in names:
+                count = counts.get(name, DestinationCounts())
+                delivered.add_metric([name], count.delivered)
+                failed.add_metric([name], count.failed)
+                given_up.add_metric([name], count.given_up)
+                depth.add_metric([name], count.pending)
+                at = count.oldest_pending_at
+                oldest.add_metric([name], 0.0 if at is None else max(0.0, now - at))
+        yield from (delivered, failed, given_up, depth, oldest)
+
+
 def metrics_registry(health: Health) -> CollectorRegistry:
     registry = registry_for(health.stats)
     registry.register(ServiceCollector(health))
+    registry.register(DeliveriesCollector(health.deliveries))
     return registry
 
 

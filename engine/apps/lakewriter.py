@@ -38,6 +38,7 @@ from engine.ingest.store import StoreError, lake_writer_lock
 RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
+    from engine.alerts.outbox import Destination
     from engine.core.yamlfile import YamlDocument
     from engine.detect.alerts import Alert, AlertSink
     from engine.detect.feed import FeedSilence
@@ -126,16 +127,43 @@ def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -
 
 
 def make_sinks(settings: Settings) -> list[AlertSink]:
-    from engine.alerts.sinks import JsonLinesSink, LogSink, WebhookSink
+    """The sinks on this machine: the log and the JSON-lines file."""
+    from engine.alerts.sinks import JsonLinesSink, LogSink
 
     detection = settings.detection
     sinks: list[AlertSink] = [LogSink()]
     if detection.alerts_jsonl != "off":
         path = Path(detection.alerts_jsonl or settings.store.data_dir / "alerts.jsonl")
         sinks.append(JsonLinesSink(path))
-    if detection.webhook_url:
-        sinks.append(WebhookSink(detection.webhook_url, token=detection.webhook_token))
     return sinks
+
+
+def make_durable_sinks(settings: Settings) -> list[AlertSink]:
+    """What leaves the machine goes through the outbox (serve's couriers send it);
+    only `serve`'s lake writer makes these: replay and backtest never deliver."""
+    from engine.alerts.outbox import Outbox, OutboxSink
+
+    destinations = outbox_destinations(settings)
+    if not destinations:
+        return []
+    return [OutboxSink(Outbox.of(settings.store.data_dir), [d.name for d in destinations])]
+
+
+def outbox_destinations(settings: Settings) -> list[Destination]:
+    """Where deliveries go, by name, as configured (the webhook, when set)."""
+    from engine.alerts.outbox import WebhookDestination
+
+    detection = settings.detection
+    destinations: list[Destination] = []
+    if detection.webhook_url:
+        destinations.append(
+            WebhookDestination(
+                detection.webhook_url,
+                token=detection.webhook_token,
+                timeout_s=settings.outbox.timeout_s,
+            )
+        )
+    return destinations
 
 
 def check_rules(rules_dir: Path) -> None:
@@ -223,30 +251,6 @@ class AlertTally:
 
     def close(self) -> None:
         self.send()
-
-
-class DeliveryTally:
-    """The delivering channels' counts (engine.alerts.sinks: `delivery_counts`) added to
-    the shared counters once per drain pass: what each added since the last pass, so
-    the counters keep growing across restarts of this process; the queue as it is now."""
-
-    def __init__(self, sinks: Sequence[Any], counters: SharedCounters) -> None:
-        self.channels = [sink for sink in sinks if hasattr(sink, "delivery_counts")]
-        self.counters = counters
-        self.sent: list[dict[str, int]] = [{} for _ in self.channels]
-
-    def send(self) -> None:
-        queued = 0
-        for channel, sent in zip(self.channels, self.sent, strict=True):
-            counts: dict[str, int] = channel.delivery_counts()
-            for name in ("delivered", "failed", "dropped"):
-                added = counts[name] - sent.get(name, 0)
-                if added:
-                    self.counters.add(f"deliveries_{name}", added)
-            sent.update(counts)
-            queued += counts["queued"]
-        if self.channels:
-            self.counters.set("deliveries_queued", queued)
 
 
 def lower_priority(priority: str) -> None:
@@ -353,7 +357,11 @@ def run(
     alert_counts.cancel_join_thread()
     tally = AlertTally(alert_counts)
     sinks = [*make_sinks(settings), tally]
-    deliveries = DeliveryTally(sinks, counters)
+    outbox = _until_it_works(starting, lambda: make_durable_sinks(settings), stop, receiver_pid)
+    if outbox is None:
+        lock.release()
+        return
+    durable: list[AlertSink] = outbox
     said_keys: list[bool] = []
 
     def keys_ready() -> None:
@@ -370,6 +378,7 @@ def run(
             counters=counters,
             pipeline=pipeline,
             sinks=sinks,
+            durable_sinks=durable,
             dedup_horizon_s=settings.store.dedup_horizon_s,
             max_dedup_keys=settings.store.max_dedup_keys,
             keys_ready=keys_ready,
@@ -378,9 +387,8 @@ def run(
         receiver_pid,
     )
     if writer is None:
-        for sink in sinks:
+        for sink in [*sinks, *durable]:
             sink.close()
-        deliveries.send()
         lock.release()
         return
     progress.close()
@@ -410,7 +418,6 @@ def run(
         while not stop.wait(poll_interval_s):
             writer.drain_logged()
             tally.send()
-            deliveries.send()
             if os.getppid() != receiver_pid:
                 log.error("the receiver is gone (killed?); writing what is sealed and exiting")
                 break
@@ -418,9 +425,8 @@ def run(
         scheduler.shutdown(wait=True)
     writer.drain_logged(last=True)
     writer.snapshot()
-    for sink in sinks:
+    for sink in [*sinks, *durable]:
         sink.close()
-    deliveries.send()
     lock.release()
 
 

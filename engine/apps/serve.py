@@ -19,8 +19,9 @@ from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from engine.alerts.outbox import Dispatch, Outbox, RetryPolicy, outbox_path
 from engine.apps.health import Health, OperatorEndpoint, ReportClock, build_info, uncompiled_parts
-from engine.apps.lakewriter import LakeWriterProcess, check_rules
+from engine.apps.lakewriter import LakeWriterProcess, check_rules, outbox_destinations
 from engine.apps.settings import Settings
 from engine.core.addresses import parse_hostport
 from engine.core.runtime import tune_gc_for_receiver
@@ -97,6 +98,22 @@ def log_compiled_parts() -> None:
     log.warning("running without compiled parts: %s", "; ".join(missing))
 
 
+def open_deliveries(settings: Settings) -> Dispatch | None:
+    """The couriers of the outbox's destinations (None when there are none and no
+    outbox file to report on)."""
+    destinations = outbox_destinations(settings)
+    path = outbox_path(settings.store.data_dir)
+    if not destinations and not path.exists():
+        return None
+    outbox = Outbox(path)
+    policy = RetryPolicy(
+        give_up_after_s=settings.outbox.give_up_after_s,
+        max_backoff_s=settings.outbox.max_backoff_s,
+        keep_s=settings.outbox.keep_days * 86_400,
+    )
+    return Dispatch(outbox, destinations, policy)
+
+
 class Housekeeping:
     """Wall-clock jobs only (sealing the journal, watching the lake writer, stats).
     Never detection timers: those run on event time."""
@@ -168,6 +185,9 @@ class Engine:
             )
             log.info("rules from %s (%s)", folder.resolve(), where)
         self.codec = settings_codec(settings)
+        # Before the lake writer, which enqueues into it: an outbox that cannot be
+        # opened stops the start here, in one line (OutboxError).
+        self.deliveries = open_deliveries(settings)
         self.writer = LakeWriterProcess(settings)
         try:
             # A key file that cannot be trusted is rebuilt by the lake writer, started
@@ -177,6 +197,8 @@ class Engine:
             )
         except BaseException:
             self.writer.stop()
+            if self.deliveries is not None:
+                self.deliveries.outbox.close()
             raise
         self.allow = AllowList(settings.receiver.allow)
         self.server = ReportServer(
@@ -195,7 +217,9 @@ class Engine:
         )
         self.stats.lake = self.writer.counters
         self.clock = ReportClock(self.stats)
-        self.health = Health(settings, self.stats, self.writer, self.clock)
+        self.health = Health(
+            settings, self.stats, self.writer, self.clock, deliveries=self.deliveries
+        )
         self.housekeeping = Housekeeping(self.store, self.stats, self.writer, settings, self.clock)
         self.operator: OperatorEndpoint | None = None
 
@@ -210,6 +234,8 @@ class Engine:
                 shown = "http://{}:{}".format(*self.operator.address)
                 log.info("metrics on %s/metrics, health on %s/healthz and /readyz", shown, shown)
             self.housekeeping.start()
+            if self.deliveries is not None:
+                self.deliveries.start()
             if not (self.settings.store.data_dir / "callsentry.duckdb").exists():
                 # A new data dir: analysts can connect once serve says it is serving.
                 await asyncio.get_running_loop().run_in_executor(None, self.writer.wait_for_views)
@@ -237,6 +263,10 @@ class Engine:
                 self.operator = None
             self.store.close()
             self.writer.stop()
+            if self.deliveries is not None:
+                # After the lake writer: its last drain may have enqueued more. What
+                # is not delivered by now waits in the outbox for the next start.
+                self.deliveries.stop()
         log.info("stopped: %s", self.stats.line())
 
 

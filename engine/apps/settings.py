@@ -190,7 +190,7 @@ class DetectionSettings(_Section):
     # (and call timeouts) move on while traffic is quiet.
     tick_s: float = Field(default=5.0, gt=0)
     # Alerts also go to this JSON-lines file ("" = DATA_DIR/alerts.jsonl, "off" = none)
-    # and, when set, are POSTed to this URL.
+    # and, when set, are POSTed to this URL through the outbox ([outbox] settings).
     alerts_jsonl: str = ""
     webhook_url: str = ""
     # Sent as `Authorization: Bearer <token>`; better given as the environment
@@ -237,6 +237,21 @@ class DetectionSettings(_Section):
         return value
 
 
+class OutboxSettings(_Section):
+    """Deliveries that leave the machine (the webhook): DATA_DIR/outbox (see
+    engine.alerts.outbox)."""
+
+    # Still undelivered this long after it was raised: given up, counted and listed
+    # (`callsentry alerts deliveries`).
+    give_up_after_s: float = Field(default=86_400.0, gt=0, le=365 * 86_400)
+    # A failing endpoint is tried again after 1 s, 2 s, 4 s ... up to this.
+    max_backoff_s: float = Field(default=60.0, gt=0, le=3600)
+    # One attempt's bound (connect, send, answer).
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Delivered and given-up deliveries are listed this long, then dropped (counts stay).
+    keep_days: float = Field(default=7.0, gt=0, le=3650)
+
+
 class MetricsSettings(_Section):
     # HOST:PORT serving /metrics, /healthz and /readyz ("" or "off": none). On by
     # default, on loopback: a scraper on the same machine (or a tunnel) reaches it;
@@ -265,6 +280,7 @@ class Settings(_Section):
     codec: CodecSettings = Field(default_factory=CodecSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
+    outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
 

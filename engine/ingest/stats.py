@@ -36,14 +36,6 @@ COUNTERS = (
     "rule_load_failures",
     "rule_last_load_ms",
     "rules_running",
-    # Alerts handed to the channels that deliver them elsewhere (the webhook): delivered,
-    # given up on after the retries, dropped because the channel's queue was full, and
-    # waiting in that queue now (a gauge). Summed over the channels and the lake writer's
-    # restarts; the names stay when another channel (a durable outbox) takes over.
-    "deliveries_delivered",
-    "deliveries_failed",
-    "deliveries_dropped",
-    "deliveries_queued",
 )
 
 # `rules_running` while a lake writer is starting and has not loaded its rules.

@@ -35,6 +35,7 @@ from engine.core.events import CallEvent, Reject
 from engine.ingest.journal import fsync_dir
 from engine.ingest.keyfile import segment_range
 from engine.ingest.records import Item
+from engine.lake.review_status import status_sql
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,10 @@ TIME_COLUMN = {
     "alert_reviews": "reviewed_at",
 }
 SORT_COLUMN = {"events": "seq", "rejects": "seq"}
-# Each alert with its latest review (status 'open' until someone reviews it).
-ALERTS_CURRENT = """
-SELECT a.*, coalesce(r.status, 'open') AS status, r.note AS review_note,
+# Each alert with its latest review (status 'open' until someone reviews it), the
+# status read in today's vocabulary (engine.lake.review_status).
+ALERTS_CURRENT = f"""
+SELECT a.*, coalesce({status_sql("r.status")}, 'open') AS status, r.note AS review_note,
        r.reviewer, r.reviewed_at
 FROM alerts a
 LEFT JOIN (

@@ -4,6 +4,7 @@ and new reviews, written as files of their own (append-only: nothing is overwrit
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import duckdb
 import polars as pl
 
 from engine.lake.parquet import REVIEW_SCHEMA, Lake, write_atomic
+from engine.lake.review_status import status_named
 
 
 class ReviewError(Exception):
@@ -36,18 +38,67 @@ def _query(lake: Lake, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
         ) from None
 
 
-def list_alerts(data_dir: Path, status: str, limit: int) -> list[dict[str, Any]]:
+# The columns `list_alerts` gives, in order (the CLI's JSON and CSV keep it).
+LISTED = (
+    "alert_id",
+    "raised_at",
+    "status",
+    "severity",
+    "rule_id",
+    "detector",
+    "entity_type",
+    "entity",
+    "value",
+    "threshold",
+    "summary",
+    "reviewer",
+    "reviewed_at",
+)
+
+
+def list_alerts(
+    data_dir: Path,
+    status: str = "open",
+    limit: int = 50,
+    *,
+    severities: Sequence[str] = (),
+    rules: Sequence[str] = (),
+    entities: Sequence[str] = (),
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Alerts with their latest review status, newest first: those with `status` (a
+    status, an alias, or "all"), any of `severities`, `rules`, `entities` (each empty:
+    any), raised at or after `since` and before `until`."""
+    if status != "all":
+        try:
+            status = status_named(status)
+        except ValueError as error:
+            raise ReviewError(str(error)) from None
     lake = _lake(data_dir)
-    where = "" if status == "all" else "WHERE status = ?"
-    params: list[Any] = [] if status == "all" else [status]
+    where: list[str] = []
+    params: list[Any] = []
+    if status != "all":
+        where.append("status = ?")
+        params.append(status)
+    for column, values in (("severity", severities), ("rule_id", rules), ("entity", entities)):
+        if values:
+            where.append(f"list_contains(?, {column})")
+            params.append(list(values))
+    if since is not None:
+        where.append("raised_at >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("raised_at < ?")
+        params.append(until)
     rows = _query(
         lake,
-        "SELECT alert_id, raised_at, status, severity, rule_id, summary FROM alerts_current "
-        f"{where} ORDER BY raised_at DESC LIMIT {int(limit)}",
+        f"SELECT {', '.join(LISTED)} FROM alerts_current "
+        f"{'WHERE ' + ' AND '.join(where) if where else ''} "
+        f"ORDER BY raised_at DESC, alert_id LIMIT {max(0, int(limit))}",
         params,
     )
-    keys = ("alert_id", "raised_at", "status", "severity", "rule_id", "summary")
-    return [dict(zip(keys, row, strict=True)) for row in rows]
+    return [dict(zip(LISTED, row, strict=True)) for row in rows]
 
 
 def _find(lake: Lake, alert_id: str) -> tuple[Any, ...]:
@@ -123,28 +174,57 @@ def show_alert(data_dir: Path, alert_id: str) -> list[str]:
 
 
 def add_review(data_dir: Path, alert_id: str, status: str, note: str, reviewer: str) -> str:
-    lake = _lake(data_dir)
-    full_id = _find(lake, alert_id)[0]
+    return add_reviews(data_dir, [alert_id], status, note, reviewer)[0][1]
+
+
+def add_reviews(
+    data_dir: Path, alert_ids: Sequence[str], status: str, note: str, reviewer: str
+) -> list[tuple[str, str]]:
+    """Record one verdict on several alerts (ids or unambiguous prefixes) in one file:
+    all of them or, when one id does not name an alert, none (the error lists each
+    such id). Returns (alert_id, review_id) per alert, in the order given."""
+    try:
+        status = status_named(status)
+    except ValueError as error:
+        raise ReviewError(str(error)) from None
     if not note.strip():
         raise ReviewError("a review needs a note saying what was checked")
+    if not alert_ids:
+        raise ReviewError("name at least one alert")
+    lake = _lake(data_dir)
+    full_ids: list[str] = []
+    problems: list[str] = []
+    for alert_id in alert_ids:
+        try:
+            full_id = _find(lake, alert_id)[0]
+        except ReviewError as error:
+            problems.append(str(error))
+            continue
+        if full_id not in full_ids:
+            full_ids.append(full_id)
+    if problems:
+        raise ReviewError(
+            "; ".join(problems) + ("; nothing was recorded" if len(alert_ids) > 1 else "")
+        )
     now = datetime.now(tz=UTC)
-    review_id = str(uuid.uuid4())
+    review_ids = [str(uuid.uuid4()) for _ in full_ids]
     frame = pl.DataFrame(
         {
-            "review_id": [review_id],
-            "alert_id": [full_id],
-            "status": [status],
-            "note": [note.strip()],
-            "reviewer": [reviewer],
-            "reviewed_at": [now],
+            "review_id": review_ids,
+            "alert_id": full_ids,
+            "status": [status] * len(full_ids),
+            "note": [note.strip()] * len(full_ids),
+            "reviewer": [reviewer] * len(full_ids),
+            "reviewed_at": [now] * len(full_ids),
         },
         schema=REVIEW_SCHEMA,
     )
     folder = lake.root / "alert_reviews" / f"day={now:%Y-%m-%d}"
     try:
-        write_atomic(frame, folder / f"rev-{review_id}.parquet")
+        # One file for all of them: the reviews are recorded together or not at all.
+        write_atomic(frame, folder / f"rev-{review_ids[0]}.parquet")
     except OSError as error:
         # A reviewer without write access to the lake, a full disk: nothing was recorded.
         reason = error.strerror or str(error)
         raise ReviewError(f"cannot record the review in {folder}: {reason}") from None
-    return review_id
+    return list(zip(full_ids, review_ids, strict=True))

@@ -202,6 +202,7 @@ class LakeWriter:
         counters: SharedCounters | None = None,
         pipeline: Pipeline | None = None,
         sinks: Sequence[AlertSink] = (),
+        durable_sinks: Sequence[AlertSink] = (),
         snapshots: bool = True,
         dedup_horizon_s: float = 3600.0,
         max_dedup_keys: int | None = None,
@@ -209,7 +210,12 @@ class LakeWriter:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Starts the lake writer's work on `data_dir`: the caller holds its lock
-        (`lake_writer_lock`), or is the only process on the data dir."""
+        (`lake_writer_lock`), or is the only process on the data dir.
+
+        `durable_sinks` (the outbox) take a segment's alerts after its lake write and
+        before its journal segment goes: a crash in between runs the segment through
+        detection again, and they take the same alerts again (they must accept a
+        repeat). A failure there (an OSError) fails the write like a full disk."""
         self.data_dir = data_dir
         self.lake = Lake(data_dir)
         self.journal_dir = data_dir / "journal"
@@ -217,6 +223,7 @@ class LakeWriter:
         self.counters = counters
         self.pipeline = pipeline
         self.sinks = list(sinks)
+        self.durable_sinks = list(durable_sinks)
         # Detection must see each report once: a segment whose lake write failed is
         # kept here, already run through the pipeline, and written again as it is.
         self._decoded: dict[int, DetectedSegment] = {}
@@ -515,6 +522,7 @@ class LakeWriter:
         # A crash may have left part of this segment's Parquet; write it whole again.
         self.lake.drop_segment(number)
         reports = self.lake.write_segment(number, batches, derived)
+        self._hand_over(alerts)
         self._remember_keys(number, batches)
         path.unlink()
         with self._lock:
@@ -554,6 +562,7 @@ class LakeWriter:
                 "shadow_alerts": alerts_frame([a for a in alerts if a.mode != "alert"]),
             },
         )
+        self._hand_over(alerts)
         self._remember_keys(last, batches)
         # The last segment first and on its own: gone, it says the group is whole.
         sealed_path(self.journal_dir, last).unlink()
@@ -566,6 +575,11 @@ class LakeWriter:
                 del self._decoded[number]
         call_count = sum(segment.call_count for segment in held)
         self._written(alerts, batches, reports, call_count, result, segments=len(segments))
+
+    def _hand_over(self, alerts: list[Alert]) -> None:
+        if alerts:
+            for sink in self.durable_sinks:
+                sink.deliver(alerts)
 
     def _written(
         self,

@@ -1,0 +1,656 @@
+"""The outbox: whatever leaves the machine (an alert to a webhook today; notifications
+and actions later) is written here, durably, before anything tries to send it, and
+is delivered from here by one courier per destination.
+
+The file is `DATA_DIR/outbox/deliveries.sqlite3` (SQLite in WAL mode, every commit
+fsync'd). One row per delivery, unique by (destination, key):
+
+    deliveries(id, destination, key, payload, enqueued_at, attempts, next_at,
+               last_error, state, done_at)      state: pending | delivered | given_up
+    tallies(destination, delivered, failed, given_up)    counters, for the metrics
+
+Guarantees:
+- `enqueue` returns once the delivery is on disk: a crash or kill -9 after it loses
+  nothing. Enqueuing the same (destination, key) again is a no-op, so whoever
+  enqueues may repeat itself after a crash (the lake writer does).
+- At least once: a delivery is marked delivered only after the endpoint said so; a
+  crash in between sends it again. The key travels with it (a webhook's
+  `Idempotency-Key` header) so the receiver can drop the second copy.
+- One courier per destination: a dead endpoint delays only its own deliveries.
+  While it fails, the courier pauses the whole destination (back-off doubling up to
+  `max_backoff_s`) instead of retrying each delivery in turn, so once the endpoint
+  is back everything waiting goes out oldest first within one pause.
+- What is still undelivered `give_up_after_s` after it was enqueued is given up:
+  counted, logged once per batch, and listed (`callsentry alerts deliveries`).
+
+Any process may enqueue (the lake writer does, for alerts); the couriers run in
+`serve`'s main process and notice another process's enqueue within `poll_s`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from engine.core.text import shown
+
+if TYPE_CHECKING:
+    # Only for types: serve's receiver process imports this module for its couriers
+    # and need not load detection.
+    from engine.detect.alerts import Alert
+
+log = logging.getLogger(__name__)
+
+# The header that carries a delivery's key to an HTTP endpoint (the IETF draft's name).
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+STATES = ("pending", "delivered", "given_up")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    destination TEXT NOT NULL,
+    key TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    enqueued_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT 'pending',
+    done_at REAL,
+    UNIQUE (destination, key)
+);
+CREATE INDEX IF NOT EXISTS due ON deliveries (destination, state, next_at, id);
+CREATE TABLE IF NOT EXISTS tallies (
+    destination TEXT PRIMARY KEY,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    given_up INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+def outbox_path(data_dir: Path) -> Path:
+    return data_dir / "outbox" / "deliveries.sqlite3"
+
+
+class OutboxError(OSError):
+    """The outbox file cannot be opened, read or written; the message names it and why.
+    An OSError, so the lake writer treats it as the file system failing (a full disk):
+    the segment whose alerts it holds stays in the journal and is tried again."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    destination: str
+    key: str
+    payload: bytes
+    enqueued_at: float
+    attempts: int
+    last_error: str
+    state: str
+    done_at: float | None
+
+
+@dataclass(frozen=True)
+class DestinationCounts:
+    """One destination's state for the metrics: counters since the outbox was made,
+    and what waits now."""
+
+    delivered: int = 0
+    failed: int = 0
+    given_up: int = 0
+    pending: int = 0
+    oldest_pending_at: float | None = None
+
+
+class Outbox:
+    """The durable queue of deliveries (see the module's description)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        read_only: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.clock = clock
+        # Courier threads, the metrics thread and the caller share one connection.
+        self._lock = threading.Lock()
+        try:
+            if read_only:
+                uri = f"file:{path}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(
+                    path, check_same_thread=False, timeout=10, isolation_level=None
+                )
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # Each commit is on disk before it returns (enqueue's promise).
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+            self._db.execute("SELECT count(*) FROM deliveries WHERE 0").fetchall()
+        except (sqlite3.Error, OSError) as error:
+            raise OutboxError(f"outbox {path}: {_reason(error)}") from None
+
+    @classmethod
+    def of(cls, data_dir: Path, *, read_only: bool = False) -> Outbox:
+        return cls(outbox_path(data_dir), read_only=read_only)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, statements: Callable[[sqlite3.Connection], None]) -> None:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    statements(self._db)
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                raise OutboxError(f"outbox {self.path}: {_reason(error)}") from None
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as error:
+                raise OutboxError(f"outbox {self.path}: {_reason(error)}") from None
+
+    def enqueue(self, destination: str, key: str, payload: bytes) -> bool:
+        """Queue `payload` for `destination`, on disk before this returns; False if that
+        (destination, key) was queued before (kept as it was)."""
+        return self.enqueue_many([(destination, key, payload)]) == 1
+
+    def enqueue_many(self, items: Iterable[tuple[str, str, bytes]]) -> int:
+        """`enqueue` for many, in one transaction (one fsync); how many were new."""
+        rows = [(d, k, p, self.clock()) for d, k, p in items]
+        if not rows:
+            return 0
+        added: list[int] = []
+
+        def insert(db: sqlite3.Connection) -> None:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO deliveries (destination, key, payload, enqueued_at, "
+                "next_at) VALUES (?, ?, ?, ?, ?4)",
+                rows,
+            )
+            added.append(db.total_changes - before)
+
+        self._write(insert)
+        return added[0]
+
+    def due(self, destination: str, now: float, limit: int = 100) -> list[Delivery]:
+        """Pending deliveries of `destination` whose time has come, oldest first."""
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM deliveries WHERE destination = ? AND state = 'pending' "
+            "AND next_at <= ? ORDER BY next_at, id LIMIT ?",
+            (destination, now, limit),
+        )
+        return [_delivery(row) for row in rows]
+
+    def mark_delivered(self, delivery: Delivery) -> None:
+        now = self.clock()
+
+        def mark(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE deliveries SET state = 'delivered', done_at = ?, attempts = attempts + 1 "
+                "WHERE id = ? AND state = 'pending'",
+                (now, delivery.id),
+            )
+            _tally(db, delivery.destination, "delivered", 1)
+
+        self._write(mark)
+
+    def mark_failed(self, delivery: Delivery, error: str, retry_at: float | None = None) -> None:
+        """An attempt failed: counted, the error kept; `retry_at` moves this delivery
+        back (the endpoint refused this one), None leaves it first in line (the
+        endpoint is down: the courier pauses the destination instead)."""
+
+        def mark(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, "
+                "next_at = coalesce(?, next_at) WHERE id = ? AND state = 'pending'",
+                (error, retry_at, delivery.id),
+            )
+            _tally(db, delivery.destination, "failed", 1)
+
+        self._write(mark)
+
+    def give_up_older_than(
+        self, destination: str, enqueued_before: float, reason: str = ""
+    ) -> list[Delivery]:
+        """Give up on the pending deliveries of `destination` enqueued before that time;
+        `reason` is kept as the error of those never tried (the endpoint was paused)."""
+        given: list[Delivery] = []
+        now = self.clock()
+        # Read first: a pass with nothing to give up writes (and fsyncs) nothing.
+        if not self._read(
+            "SELECT 1 FROM deliveries WHERE destination = ? AND state = 'pending' "
+            "AND enqueued_at < ? LIMIT 1",
+            (destination, enqueued_before),
+        ):
+            return given
+
+        def mark(db: sqlite3.Connection) -> None:
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM deliveries WHERE destination = ? AND "
+                "state = 'pending' AND enqueued_at < ? ORDER BY id",
+                (destination, enqueued_before),
+            ).fetchall()
+            given.extend(_delivery(row) for row in rows)
+            db.executemany(
+                "UPDATE deliveries SET state = 'given_up', done_at = ?, "
+                "last_error = CASE WHEN last_error = '' THEN ? ELSE last_error END WHERE id = ?",
+                [(now, reason, d.id) for d in given],
+            )
+            _tally(db, destination, "given_up", len(given))
+
+        self._write(mark)
+        return given
+
+    def retry_given_up(self, destination: str | None = None) -> int:
+        """Put given-up deliveries back in the queue (their horizon starts again)."""
+        now = self.clock()
+        changed: list[int] = []
+
+        def mark(db: sqlite3.Connection) -> None:
+            before = db.total_changes
+            db.execute(
+                "UPDATE deliveries SET state = 'pending', enqueued_at = ?, next_at = ?, "
+                "done_at = NULL WHERE state = 'given_up' AND (?3 IS NULL OR destination = ?3)",
+                (now, now, destination),
+            )
+            changed.append(db.total_changes - before)
+
+        self._write(mark)
+        return changed[0]
+
+    def forget_done_before(self, before: float, destination: str | None = None) -> int:
+        """Drop delivered and given-up rows (of `destination`, or all) finished before
+        `before`; the counters stay. Keeps the file bounded; a key enqueued again after
+        that is sent again."""
+        removed: list[int] = []
+
+        def drop(db: sqlite3.Connection) -> None:
+            before_changes = db.total_changes
+            db.execute(
+                "DELETE FROM deliveries WHERE state <> 'pending' AND done_at < ? "
+                "AND (?2 IS NULL OR destination = ?2)",
+                (before, destination),
+            )
+            removed.append(db.total_changes - before_changes)
+
+        self._write(drop)
+        return removed[0]
+
+    def listing(
+        self, states: Sequence[str] = ("given_up",), destination: str | None = None, limit: int = 50
+    ) -> list[Delivery]:
+        """Deliveries in `states`, newest first."""
+        marks = ", ".join("?" for _ in states)
+        rows = self._read(
+            f"SELECT {_COLUMNS} FROM deliveries WHERE state IN ({marks}) "
+            "AND (? IS NULL OR destination = ?) ORDER BY enqueued_at DESC, id DESC LIMIT ?",
+            (*states, destination, destination, limit),
+        )
+        return [_delivery(row) for row in rows]
+
+    def counts(self) -> dict[str, DestinationCounts]:
+        """Per destination: the counters and what is pending now."""
+        tallies = {
+            str(d): (int(a), int(b), int(c))  # type: ignore[call-overload]
+            for d, a, b, c in self._read(
+                "SELECT destination, delivered, failed, given_up FROM tallies"
+            )
+        }
+        pending = {
+            str(d): (int(n), float(t))  # type: ignore[call-overload, arg-type]
+            for d, n, t in self._read(
+                "SELECT destination, count(*), min(enqueued_at) FROM deliveries "
+                "WHERE state = 'pending' GROUP BY destination"
+            )
+        }
+        result: dict[str, DestinationCounts] = {}
+        for name in sorted({*tallies, *pending}):
+            delivered, failed, given_up = tallies.get(name, (0, 0, 0))
+            waiting, oldest = pending.get(name, (0, None))
+            result[name] = DestinationCounts(delivered, failed, given_up, waiting, oldest)
+        return result
+
+
+_COLUMNS = "id, destination, key, payload, enqueued_at, attempts, last_error, state, done_at"
+
+
+def _delivery(row: tuple[object, ...]) -> Delivery:
+    return Delivery(*row)  # type: ignore[arg-type]
+
+
+def _tally(db: sqlite3.Connection, destination: str, column: str, count: int) -> None:
+    if count:
+        db.execute(
+            f"INSERT INTO tallies (destination, {column}) VALUES (?, ?) ON CONFLICT (destination) "
+            f"DO UPDATE SET {column} = {column} + excluded.{column}",
+            (destination, count),
+        )
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    if isinstance(error, sqlite3.DatabaseError) and "not a database" in text:
+        return "not an outbox (not an SQLite database)"
+    return text or type(error).__name__
+
+
+# -- destinations ---------------------------------------------------------------------
+
+
+class DeliveryError(Exception):
+    """An attempt failed. `refused`: the endpoint answered and refused this delivery
+    (others may still go through); otherwise the endpoint is unreachable or failing."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+class Destination(Protocol):
+    """Where deliveries go: a webhook now; an Apprise URL or a switch's API later."""
+
+    name: str
+
+    def send(self, key: str, payload: bytes) -> None:
+        """Deliver `payload` (raise DeliveryError when not delivered)."""
+        ...
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # A POST must not be turned into a GET elsewhere: a redirect is the URL to fix.
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+class WebhookDestination:
+    """POSTs the payload as JSON with the delivery's key in `Idempotency-Key`.
+
+    2xx is delivered. 408, 425, 429 and 5xx, timeouts and connection errors mean the
+    endpoint is down or busy (the courier pauses it); any other answer refuses this
+    one delivery (retried later with its own back-off)."""
+
+    def __init__(
+        self, url: str, *, token: str = "", timeout_s: float = 10.0, name: str = "webhook"
+    ) -> None:
+        self.name = name
+        self.url = url
+        self.timeout_s = timeout_s
+        self.headers = {"Content-Type": "application/json"}
+        if token:
+            # Most alert receivers (SOAR, chat, ticketing) take a bearer token.
+            self.headers["Authorization"] = f"Bearer {token}"
+        self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def send(self, key: str, payload: bytes) -> None:
+        headers = {**self.headers, IDEMPOTENCY_HEADER: key}
+        request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+        try:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                response.read()
+                status = int(response.status)
+        except urllib.error.HTTPError as error:
+            error.close()
+            status = error.code
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+            reason = getattr(error, "reason", None) or error
+            raise DeliveryError(shown(str(reason))) from None
+        if 200 <= status < 300:
+            return
+        refused = status < 500 and status not in (408, 425, 429)
+        raise DeliveryError(f"HTTP {status}", refused=refused)
+
+
+# -- couriers -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    give_up_after_s: float = 86_400.0
+    first_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    # How soon a delivery enqueued by another process is noticed.
+    poll_s: float = 0.25
+    # Delivered and given-up rows are kept this long (listing, and de-duplication of
+    # a repeated enqueue), then dropped; their counts stay.
+    keep_s: float = 7 * 86_400.0
+
+    def backoff(self, failures: int) -> float:
+        return float(min(self.first_backoff_s * 2 ** max(0, failures - 1), self.max_backoff_s))
+
+
+# Deliveries a courier reads per pass.
+_BATCH = 100
+# How often a courier drops its destination's rows past RetryPolicy.keep_s.
+_FORGET_EVERY_S = 3600.0
+
+
+class Courier:
+    """Delivers one destination's deliveries, oldest first, from a thread of its own."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destination: Destination,
+        policy: RetryPolicy,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.outbox = outbox
+        self.destination = destination
+        self.policy = policy
+        self.clock = clock
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # The endpoint's run of failures (0: working) and when to try it again.
+        self.failures = 0
+        self._resume_at = 0.0
+        self._failing_since: float | None = None
+        self._last_error = ""
+        self._forget_at = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.destination.name
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"courier-{self.name}", daemon=True)
+        self._thread.start()
+
+    def ask_to_stop(self) -> None:
+        """Stop after the attempt in progress (if any) ends."""
+        self._stop.set()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wait = self.work()
+            except OutboxError as error:
+                log.error("%s: %s; trying again", self.name, error)
+                wait = self.policy.max_backoff_s
+            except Exception:  # a bug must not end deliveries for good
+                log.exception("%s: courier failed; trying again", self.name)
+                wait = self.policy.max_backoff_s
+            self._stop.wait(wait)
+
+    def work(self) -> float:
+        """One pass: give up on what is past the horizon, then send what is due until the
+        endpoint fails. Returns how long to wait before the next pass."""
+        now = self.clock()
+        if now >= self._forget_at:
+            self.outbox.forget_done_before(now - self.policy.keep_s, self.name)
+            self._forget_at = now + _FORGET_EVERY_S
+        self._give_up(now)
+        if now < self._resume_at:
+            return min(self._resume_at - now, self.policy.poll_s)
+        batch = self.outbox.due(self.name, now, _BATCH)
+        for delivery in batch:
+            if self._stop.is_set():
+                return 0.0
+            try:
+                self.destination.send(delivery.key, delivery.payload)
+            except DeliveryError as error:
+                if error.refused:
+                    retry_at = self.clock() + self.policy.backoff(delivery.attempts + 1)
+                    self.outbox.mark_failed(delivery, str(error), retry_at)
+                    log.warning(
+                        "%s refused delivery %s: %s; trying it again later",
+                        self.name,
+                        shown(delivery.key),
+                        error,
+                    )
+                    continue
+                self.outbox.mark_failed(delivery, str(error))
+                self._endpoint_failed(str(error))
+                return min(self._resume_at - self.clock(), self.policy.poll_s)
+            self.outbox.mark_delivered(delivery)
+            self._endpoint_works()
+        # A full batch: more may be due at once.
+        return 0.0 if len(batch) == _BATCH else self.policy.poll_s
+
+    def _endpoint_failed(self, error: str) -> None:
+        now = self.clock()
+        self.failures += 1
+        self._last_error = error
+        self._resume_at = now + self.policy.backoff(self.failures)
+        if self._failing_since is None:
+            self._failing_since = now
+            waiting = self.outbox.counts().get(self.name, DestinationCounts()).pending
+            log.error(
+                "%s is failing (%s); %d deliveries wait in the outbox, tried again with "
+                "back-off up to %g s, given up after %g s",
+                self.name,
+                error,
+                waiting,
+                self.policy.max_backoff_s,
+                self.policy.give_up_after_s,
+            )
+
+    def _endpoint_works(self) -> None:
+        if self._failing_since is not None:
+            log.warning(
+                "%s works again after %.0f s of failures; sending what waited",
+                self.name,
+                self.clock() - self._failing_since,
+            )
+        self._failing_since = None
+        self.failures = 0
+        self._resume_at = 0.0
+
+    def _give_up(self, now: float) -> None:
+        untried = f"not tried: the endpoint was failing ({self._last_error})"
+        given = self.outbox.give_up_older_than(
+            self.name, now - self.policy.give_up_after_s, untried if self._last_error else ""
+        )
+        if given:
+            log.error(
+                "%s: gave up on %d deliveries after %g s (last error: %s); "
+                "`callsentry alerts deliveries` lists them",
+                self.name,
+                len(given),
+                self.policy.give_up_after_s,
+                given[-1].last_error or "never tried",
+            )
+
+
+class Dispatch:
+    """The couriers of every destination, started and stopped together."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        destinations: Sequence[Destination],
+        policy: RetryPolicy,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.outbox = outbox
+        self.policy = policy
+        self.couriers = [Courier(outbox, d, policy, clock=clock) for d in destinations]
+        self.clock = clock
+
+    @property
+    def destinations(self) -> list[str]:
+        return [courier.name for courier in self.couriers]
+
+    def start(self) -> None:
+        known = set(self.destinations)
+        for name, counts in self.outbox.counts().items():
+            if counts.pending and name not in known:
+                log.warning(
+                    "outbox: %d deliveries wait for %s, which is not configured; they stay",
+                    counts.pending,
+                    name,
+                )
+        for courier in self.couriers:
+            courier.start()
+
+    def stop(self) -> None:
+        for courier in self.couriers:
+            courier.ask_to_stop()
+        for courier in self.couriers:
+            courier.stop()
+        with contextlib.suppress(OutboxError):
+            for name, counts in self.outbox.counts().items():
+                if counts.pending:
+                    log.warning(
+                        "outbox: %d deliveries to %s wait for the next start", counts.pending, name
+                    )
+
+
+class OutboxSink:
+    """An alert sink that enqueues each alert (not shadow ones) for every destination,
+    keyed by its alert_id; `deliver` returns once they are durable."""
+
+    def __init__(self, outbox: Outbox, destinations: Sequence[str]) -> None:
+        self.outbox = outbox
+        self.destinations = list(destinations)
+
+    def deliver(self, alerts: Sequence[Alert]) -> None:
+        items = [
+            (destination, alert.alert_id, alert_payload(alert))
+            for alert in alerts
+            if alert.mode == "alert"
+            for destination in self.destinations
+        ]
+        self.outbox.enqueue_many(items)
+
+    def close(self) -> None:
+        self.outbox.close()
+
+
+def alert_payload(alert: Alert) -> bytes:
+    return json.dumps(alert.as_json(), ensure_ascii=False).encode("utf-8")

@@ -279,6 +279,25 @@ def test_the_key_file_keeps_about_the_newest_max_keys_and_is_read_an_entry_at_a_
     assert [len(run) for run in runs] == [20_000, 20_000]
 
 
+def test_keys_are_read_from_the_file_as_found_though_a_new_one_replaces_it(
+    tmp_path: Path,
+) -> None:
+    # A lake writer left by a killed receiver may rewrite the key file (a new file
+    # renamed over it) between a restarting receiver's two passes over it.
+    path = tmp_path / "lake.keys"
+    keys = RecentKeys(path, horizon_s=3600.0)
+    first = [(f"first-{i}", 1, T0 + i) for i in range(1_000)]
+    keys.reset(1, 1_000, T0 + 999, first)
+    found = read_key_file(path, keep_open=True)
+    assert found is not None
+    RecentKeys(path, horizon_s=3600.0).reset(2, 5, T0 + 5_000, [("other", 1, T0 + 5_000)])
+    assert [key for run in found.runs() for key in run] == first
+    found.close()
+    assert read_key_file(path) is not None and read_key_file(path).keys == [  # type: ignore[union-attr]
+        ("other", 1, T0 + 5_000)
+    ]
+
+
 def test_a_key_file_that_is_not_one_is_said_so(tmp_path: Path) -> None:
     path = tmp_path / "lake.keys"
     for data in (b"", b"garbage" * 10, MAGIC + bytes(8)):

@@ -112,6 +112,19 @@ class StoredKeys:
     # Where each entry is in `path`: (latest, start, end), oldest first.
     path: Path | None = field(default=None, compare=False, repr=False)
     entries: list[tuple[float, int, int]] = field(default_factory=list, compare=False, repr=False)
+    # The file as it was read, kept open until `close`: the lake writer may rewrite
+    # the key file (a new file renamed over it) meanwhile, and the entries above are
+    # where they are in this one.
+    source: BinaryIO | None = field(default=None, compare=False, repr=False)
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+
+    def __del__(self) -> None:
+        # A recovery whose keys were never asked for lets its file go with it.
+        self.close()
 
     def fresh_against(
         self, lake_ranges: Iterable[tuple[int, int]], journaled: set[int], horizon_s: float
@@ -127,13 +140,14 @@ class StoredKeys:
         return None
 
     def runs(self, since: float = float("-inf")) -> Iterator[list[StoredKey]]:
-        """The keys with ts >= `since`, entry by entry, oldest entry first. Reads the
-        file again: from the same file only if nothing replaced it meanwhile, which the
-        receiver ensures by reading it under the data dir's lock, before the lake writer
-        it starts."""
+        """The keys with ts >= `since`, entry by entry, oldest entry first, read from
+        the file as `read_key_file` found it (or, once closed, from `path` again)."""
         if self.path is None or not self.entries:
             return
-        with self.path.open("rb") as source:
+        with contextlib.ExitStack() as stack:
+            source = self.source
+            if source is None:
+                source = stack.enter_context(self.path.open("rb"))
             for latest, start, end in self.entries:
                 if latest < since:
                     continue
@@ -204,17 +218,19 @@ def _state_of(checked: bytes, at: int) -> dict[str, Any]:
     return state
 
 
-def read_key_file(path: Path) -> StoredKeys | None:
+def read_key_file(path: Path, *, keep_open: bool = False) -> StoredKeys | None:
     """What the key file says, its keys left in the file (`StoredKeys.runs` reads
-    them); None if there is none. Raises KeyFileError if damaged."""
+    them); None if there is none. Raises KeyFileError if damaged. `keep_open`: the
+    file stays open (`StoredKeys.close`), so the keys are read from this file even if
+    the lake writer renames a new one over it meanwhile."""
     try:
         source = path.open("rb")
     except FileNotFoundError:
         return None
-    with source:
+    try:
         if source.read(len(MAGIC)) != MAGIC:
             raise KeyFileError("not a key file")
-        stored = StoredKeys(horizon_s=float("inf"), path=path)
+        stored = StoredKeys(horizon_s=float("inf"), path=path, source=source)
         for latest, start, end, checked in _scan(source):
             entry = _state_of(checked, start)
             try:
@@ -225,8 +241,13 @@ def read_key_file(path: Path) -> StoredKeys | None:
             except (KeyError, TypeError, ValueError, OverflowError) as error:
                 raise KeyFileError(f"malformed entry at byte {start}: {error}") from None
             stored.entries.append((latest, start, end))
-    if stored.horizon_s == float("inf"):
-        raise KeyFileError("no entry")
+        if stored.horizon_s == float("inf"):
+            raise KeyFileError("no entry")
+    except BaseException:
+        source.close()
+        raise
+    if not keep_open:
+        stored.close()
     return stored
 
 

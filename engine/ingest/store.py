@@ -61,7 +61,10 @@ class RecoveredKeys:
     journaled: list[StoredKey] = field(default_factory=list)
 
     def runs(self) -> Iterator[list[StoredKey]]:
-        yield from self.lake.runs(self.since)
+        try:
+            yield from self.lake.runs(self.since)
+        finally:
+            self.lake.close()  # read once: a second look reads the file by its name
         if self.journaled:
             yield self.journaled
 
@@ -241,16 +244,18 @@ class EventStore:
         was wrong with the key file before the lake writer rebuilt it, if anything."""
         path = key_file_path(self.data_dir)
         lake_root = self.data_dir / "lake"
+        stored = StoredKeys(horizon_s=self.dedup_horizon_s)
         try:
             # Missing: a new data dir, or a lake whose segments are all still journaled
             # (else `fresh_against` finds the lake ahead of it).
-            stored = read_key_file(path) or StoredKeys(horizon_s=self.dedup_horizon_s)
+            stored = read_key_file(path, keep_open=True) or stored
             ranges = lake_segment_ranges(lake_root)
             problem = stored.fresh_against(ranges, journaled, self.dedup_horizon_s)
         except KeyFileError as error:
             problem = f"damaged ({error})"
         if problem is None:
             return stored, ranges, None
+        stored.close()
         if refresh_keys is None:
             raise StoreError(
                 f"key file {path}: {problem}; the lake writer rebuilds it at its start "
@@ -259,12 +264,15 @@ class EventStore:
         log.warning("key file %s: %s; the lake writer rebuilds it from the lake", path, problem)
         refresh_keys()
         try:
-            stored = read_key_file(path) or StoredKeys(horizon_s=self.dedup_horizon_s)
+            stored = read_key_file(path, keep_open=True) or StoredKeys(
+                horizon_s=self.dedup_horizon_s
+            )
             ranges = lake_segment_ranges(lake_root)
             still = stored.fresh_against(ranges, journaled, self.dedup_horizon_s)
         except KeyFileError as error:
             still = f"damaged ({error})"
         if still is not None:
+            stored.close()
             raise StoreError(f"key file {path}: {still}, after the lake writer rebuilt it")
         return stored, ranges, problem
 

@@ -231,7 +231,10 @@ def read_only(work: Path) -> dict[str, int] | str:
         said = sum("Read-only file system" in line for line in log.splitlines())
         traceback = log.count("Traceback")
         # Until the lake writer, the receiver's child, has let its files go too.
-        _wait(lambda: subprocess.run(["umount", str(mount)]).returncode == 0, 60)
+        _wait(
+            lambda: subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0,
+            60,
+        )
         subprocess.run(["e2fsck", "-f", "-y", str(image)], capture_output=True)
         subprocess.run(["mount", "-o", "loop", str(image), str(mount)], check=True)
         stored = _finish(data_dir, port)

@@ -331,6 +331,24 @@ def test_compaction_merges_segments_and_keeps_every_row(tmp_path: Path) -> None:
     assert count(data_dir) == 6
 
 
+def test_a_merge_takes_at_most_its_rows_and_a_merged_file_is_not_merged_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("engine.lake.parquet.COMPACT_MAX_ROWS", 4)
+    data_dir = tmp_path / "data"
+    writer = segments_in_the_lake(data_dir, 7)  # a row each
+    day = data_dir / "lake" / "events" / "day=2026-11-28"
+    result = writer.lake.compact(64 << 20)
+    assert (result.merged_files, result.written_files) == (7, 2)
+    assert sorted(p.name for p in day.glob("*.parquet")) == [
+        "cmp-000000000001-000000000004.parquet",
+        "cmp-000000000005-000000000007.parquet",
+    ]
+    again = writer.lake.compact(64 << 20)
+    assert (again.merged_files, again.written_files) == (0, 0), "each holds half the bound"
+    assert count(data_dir) == 7
+
+
 def test_compaction_leaves_alone_the_segments_still_in_the_journal(tmp_path: Path) -> None:
     # Written to the lake but not yet let go from the journal (the writer is between
     # the two, or died there): a restart writes such a segment again, so merged

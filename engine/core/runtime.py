@@ -3,10 +3,12 @@ collector's settings for the receiver and for the processes that run detection."
 
 from __future__ import annotations
 
-import asyncio
 import gc
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import asyncio
 
 T = TypeVar("T")
 
@@ -14,6 +16,10 @@ T = TypeVar("T")
 def run_async(main: Coroutine[Any, Any, T]) -> T:
     """Run `main` on uvloop where installed (its datagram transport takes reports
     several times faster than the stock loop's), on the stock loop otherwise."""
+    # Here, not at the top: the detection processes (lake writer, replay) that take
+    # the gc settings below run no event loop.
+    import asyncio
+
     factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop

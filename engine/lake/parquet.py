@@ -238,6 +238,36 @@ def _sorted(frame: pl.DataFrame, column: str) -> pl.DataFrame:
     return frame.sort(column)
 
 
+# A merge reads its inputs whole and sorts them: at most this many rows at once (a
+# few hundred MiB in memory), so the lake writer's memory does not grow with a day's
+# traffic. A file with half as many or more is not merged again.
+COMPACT_MAX_ROWS = 1_000_000
+
+
+def _rows(path: Path) -> int:
+    """A Parquet file's row count, from its footer."""
+    return int(pl.scan_parquet(path, hive_partitioning=False).select(pl.len()).collect().item())
+
+
+def _merges(
+    small: list[tuple[tuple[int, int], Path]],
+) -> list[list[tuple[tuple[int, int], Path]]]:
+    """The small files, in segment order, as runs of two or more to merge, each of at
+    most COMPACT_MAX_ROWS rows; files of half that or more are left as they are."""
+    runs: list[list[tuple[tuple[int, int], Path]]] = [[]]
+    rows = 0
+    for entry in small:
+        count = _rows(entry[1])
+        if count >= COMPACT_MAX_ROWS // 2:
+            continue
+        if rows + count > COMPACT_MAX_ROWS:
+            runs.append([])
+            rows = 0
+        runs[-1].append(entry)
+        rows += count
+    return [run for run in runs if len(run) >= 2]
+
+
 def sql_text(value: str) -> str:
     """`value` as an SQL string literal (a path may hold a quote; views cannot take
     parameters, so the path is written into their SQL)."""
@@ -507,30 +537,32 @@ class Lake:
                 )
                 if len(small) < 2:
                     continue
-                first = min(rng[0] for rng, _ in small)
-                last = max(rng[1] for rng, _ in small)
-                inputs = [path for _, path in small]
-                target = folder / f"cmp-{first:012d}-{last:012d}.parquet"
-                frame = _sorted(
-                    pl.read_parquet(inputs, hive_partitioning=False),
-                    SORT_COLUMN.get(table, TIME_COLUMN[table]),
-                )
-                intent = folder / "compaction.intent.json"
-                try:
-                    intent.write_text(
-                        json.dumps({"target": target.name, "inputs": [p.name for p in inputs]})
-                    )
-                    write_atomic(frame, target)
-                except BaseException:
-                    # No target, so no input was deleted: the plan is void. (Left
-                    # behind, a plan cut short by a full disk is unreadable at the
-                    # next start.)
-                    intent.unlink(missing_ok=True)
-                    raise
-                self._finish_compaction(folder, intent)
-                merged += len(inputs)
-                written += 1
+                for run in _merges(small):
+                    self._merge(table, folder, run)
+                    merged += len(run)
+                    written += 1
         return CompactionResult(merged, written)
+
+    def _merge(self, table: str, folder: Path, run: list[tuple[tuple[int, int], Path]]) -> None:
+        first = min(rng[0] for rng, _ in run)
+        last = max(rng[1] for rng, _ in run)
+        inputs = [path for _, path in run]
+        target = folder / f"cmp-{first:012d}-{last:012d}.parquet"
+        frame = _sorted(
+            pl.read_parquet(inputs, hive_partitioning=False),
+            SORT_COLUMN.get(table, TIME_COLUMN[table]),
+        )
+        intent = folder / "compaction.intent.json"
+        try:
+            plan = {"target": target.name, "inputs": [p.name for p in inputs]}
+            intent.write_text(json.dumps(plan))
+            write_atomic(frame, target)
+        except BaseException:
+            # No target, so no input was deleted: the plan is void. (Left behind, a
+            # plan cut short by a full disk is unreadable at the next start.)
+            intent.unlink(missing_ok=True)
+            raise
+        self._finish_compaction(folder, intent)
 
     def _finish_compaction(self, folder: Path, intent: Path) -> None:
         plan = json.loads(intent.read_text())

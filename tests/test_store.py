@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -296,6 +297,39 @@ def test_keys_are_read_from_the_file_as_found_though_a_new_one_replaces_it(
     assert read_key_file(path) is not None and read_key_file(path).keys == [  # type: ignore[union-attr]
         ("other", 1, T0 + 5_000)
     ]
+
+
+def test_a_rewrite_the_disk_refuses_leaves_the_file_and_its_account_as_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "lake.keys"
+    keys = RecentKeys(path, horizon_s=100.0)
+    keys.reset(0, 0, 0.0, [])
+    for n in range(6):  # old keys, soon expired: enough bytes to make a rewrite due
+        keys.add(n + 1, n + 1, T0 + n, [(f"old-{n}-{i}", 1, T0 + n) for i in range(20_000)])
+    keys.add(7, 7, T0 + 60, [("kept", 1, T0 + 60)])
+    keys.add(8, 8, T0 + 61, [])  # a segment of ticks only: no keys
+    real = RecentKeys._replace
+    calls = {"n": 0}
+
+    def full_once(self: RecentKeys, content: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(28, "No space left on device")
+        real(self, content)
+
+    monkeypatch.setattr(RecentKeys, "_replace", full_once)
+    segment = [("late", 1, T0 + 155)]  # the old keys leave the horizon; "kept" not
+    with pytest.raises(OSError):
+        keys.add(9, 9, T0 + 155, segment)  # the rewrite is due, and refused
+    keys.add(9, 9, T0 + 155, segment)  # the lake writer tries the segment again
+    keys.add(10, 10, T0 + 156, [("next", 1, T0 + 156)])
+    assert calls["n"] >= 2, "the rewrite was done once it could be"
+    stored = read_key_file(path)
+    assert stored is not None
+    held = {key[0] for key in stored.keys}
+    assert {"kept", "late", "next"} <= held
+    assert not any(name.startswith("old-") for name in held)
 
 
 def test_a_key_file_that_is_not_one_is_said_so(tmp_path: Path) -> None:

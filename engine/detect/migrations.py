@@ -3,9 +3,9 @@
 Format v3 (the releases of 2026-12-05) is today's container; the models' anomaly
 models in it are River pipelines made at once, which today are `model.anomaly` state
 (made on their first full window, models/scoring.py): each is wrapped as one whose
-window is already full; and a menu's window of calls, a deque of tuples in it, is
-today's columns (`model.call-window`). It is read with today's checks; only `revive`
-is routed through the conversions below.
+River part is made already (it goes on as the pipeline it wraps would); and a menu's
+window of calls, a deque of tuples in it, is today's columns (`model.call-window`). It
+is read with today's checks; only `revive` is routed through the conversions below.
 
 Format v2 (the releases of 2026-12-02 to 2026-12-05) pickled the pipeline's state as
 Python objects by class path. It is read here, and only here, with an unpickler that

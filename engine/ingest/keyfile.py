@@ -297,7 +297,14 @@ class RecentKeys:
         self._sizes.extend((latest, len(entry), count) for latest, entry, count in entries)
         expired = self._expired()
         if expired >= _REWRITE_MIN_BYTES and 2 * expired > sum(s for _, s, _ in self._sizes):
-            self._rewrite([entry for _, entry, _ in entries])
+            try:
+                self._rewrite([entry for _, entry, _ in entries])
+            except BaseException:
+                # The file is as it was: so is what this object says of it (the lake
+                # writer tries the segment again, and would add its entries twice).
+                for _ in entries:
+                    self._sizes.pop()
+                raise
             return
         with self.path.open("ab") as out:
             end = out.tell()

@@ -96,6 +96,8 @@ class DataDirLock:
         self._fd: int | None = None
 
     def acquire(self, wait_s: float = 0.0) -> None:
+        if self._fd is not None:
+            return  # held already (a retry after a failure past the lock)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait_s
         warned = False

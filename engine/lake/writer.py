@@ -206,12 +206,16 @@ class LakeWriter:
         dedup_horizon_s: float = 3600.0,
         keys_ready: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        release: Callable[[Path], None] | None = None,
     ) -> None:
         """Starts the lake writer's work on `data_dir`: the caller holds its lock
-        (`lake_writer_lock`), or is the only process on the data dir."""
+        (`lake_writer_lock`), or is the only process on the data dir. `release` takes a
+        sealed segment once it is in the lake (default: delete it; serve with relay
+        targets hands it to the relay, which deletes it once every target has it)."""
         self.data_dir = data_dir
         self.lake = Lake(data_dir)
         self.journal_dir = data_dir / "journal"
+        self._release = release or Path.unlink
         self.compact_target_bytes = compact_target_bytes
         self.counters = counters
         self.pipeline = pipeline
@@ -505,7 +509,7 @@ class LakeWriter:
         self.lake.drop_segment(number)
         reports = self.lake.write_segment(number, batches, derived)
         self._remember_keys(number, batches)
-        path.unlink()
+        self._release(path)
         with self._lock:
             del self._decoded[number]
         self._written(alerts, batches, reports, written.call_count, result, segments=1)

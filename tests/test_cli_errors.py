@@ -73,6 +73,8 @@ class Places:
         (self.mangled / "callsentry.duckdb").write_bytes(os.urandom(8192))
         (self.mangled / "journal").write_bytes(os.urandom(512))
         (self.mangled / "state").write_text("not a folder")
+        (self.mangled / "relay").mkdir()
+        (self.mangled / "relay" / "state.json").write_bytes(os.urandom(256))
         self.a_file = self.root / "plain-file"
         self.a_file.write_text("a file, where a folder is expected\n")
         self.under_file = self.a_file / "inside"
@@ -157,7 +159,7 @@ def cases(
             yield f"{option} not a choice", run(option, "no-such-choice")
         elif isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
             yield f"{option} not a number", run(option, "many")
-        elif param.name in ("listen", "metrics", "host"):
+        elif param.name in ("listen", "metrics", "host", "relay_udp", "relay_allow"):
             yield f"{option} not an address", run(option, "nowhere:port")
 
 

@@ -67,6 +67,7 @@ class UdpRelay:
         source_separator: str = ",",
         publish: Callable[[list[UdpTarget]], None] | None = None,
         new_from: Durable | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`new_from`: where a target with no saved cursor begins (default: the durable
         end now)."""
@@ -102,7 +103,13 @@ class UdpRelay:
                 data_dir, mark, known.position, known.cursor, relayable=relayable, cache=cache
             )
             self.targets.append(
-                UdpTarget(spec, reader, counters=known.counters, source_separator=source_separator)
+                UdpTarget(
+                    spec,
+                    reader,
+                    counters=known.counters,
+                    source_separator=source_separator,
+                    clock=clock,
+                )
             )
         self._saved_at = 0.0
         self._trimmed_at = 0.0

@@ -128,7 +128,7 @@ class ConsumerStandIn:
             self._thread = None
         self.sock.close()
 
-    def keys(self) -> set[tuple[str, int]]:
+    def received_keys(self) -> set[tuple[str, int]]:
         with self._lock:
             return set(self.received.copies)
 

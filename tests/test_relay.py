@@ -236,10 +236,17 @@ def test_a_silent_target_is_down_gives_up_nothing_and_resumes_from_its_cursor(
     assert target.counters.given_up == 0
     assert target.cursor == 0
     assert target.counters.sent == 50  # nothing new goes to a target that is down
+
+    def all_arrived() -> bool:
+        return len(silent.got) == target.counters.sent + target.counters.retried
+
+    pump(relay, all_arrived, "every copy sent arrived")
     copies = len(silent.got)
     clock.now += 1.0
-    relay.pass_once(wait_s=0)
-    pump(relay, lambda: len(silent.got) == copies + 1, "one probe")
+    relay.pass_once(wait_s=0)  # a probe: the oldest report owed, once per interval
+    pump(relay, all_arrived, "the probe arrived")
+    assert len(silent.got) == copies + 1
+    assert silent.got[-1] == b"a-0,1,OK,100,200,,7,menu"
     silent.stop()
     relay.save()
     relay.close()

@@ -85,25 +85,41 @@ class DurableMark:
     sequence number stored, shared between the receiver's process (which sets them
     after each fsync) and the relay's.
 
-    `array` is a multiprocessing Array("q", 3) with its lock; the three are read and
-    written under it, so a reader never sees a segment with another's size."""
+    The receiver must never wait for the relay (which runs at idle priority and may
+    be preempted at any instant), so there is no lock: a sequence count around each
+    write (odd while writing), and a reader that retries when the count moved or was
+    odd. One writer only (the store serialises commits). Each slot is an aligned
+    8-byte integer, written and read whole, and the stores of one process are seen
+    by another in the order made (x86-64's ordering; the machines callsentry runs on).
+    """
 
     def __init__(self, array: Any) -> None:
         self.array = array
+        self._count = int(array[0]) & ~1
 
     @classmethod
     def create(cls, context: Any) -> DurableMark:
-        return cls(context.Array("q", 3))
+        return cls(context.RawArray("q", 4))
 
     def set(self, segment: int, size: int, head: int) -> None:
-        with self.array.get_lock():
-            self.array[0] = segment
-            self.array[1] = size
-            self.array[2] = head
+        array = self.array
+        self._count += 1
+        array[0] = self._count
+        array[1] = segment
+        array[2] = size
+        array[3] = head
+        self._count += 1
+        array[0] = self._count
 
     def get(self) -> Durable:
-        with self.array.get_lock():
-            return Durable(int(self.array[0]), int(self.array[1]), int(self.array[2]))
+        array = self.array
+        while True:
+            count = array[0]
+            if count & 1:
+                continue
+            value = Durable(int(array[1]), int(array[2]), int(array[3]))
+            if array[0] == count:
+                return value
 
 
 def held_dir(data_dir: Path) -> Path:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from engine.apps.relay import status_lines
+from engine.apps.settings import ConfigError, load_settings
 from engine.core.events import CallEvent, CallState
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.journal import DATAGRAMS, JSON_RECORDS, datagram_payload, json_payload
@@ -402,3 +403,44 @@ def test_a_report_goes_out_byte_for_byte_as_the_switch_sent_it(journaled: Journa
     assert received == [raw]
     target.stop()
     relay.close()
+
+
+@pytest.mark.parametrize(
+    ("relay", "expected"),
+    [
+        (
+            {"udp": [{"target": "10.9.9.9:8000"}]},
+            "relay (from a flag): target 10.9.9.9:8000 is not in relay.allow",
+        ),
+        (
+            {"udp": [{"target": "billing.example:8000"}]},
+            "relay.udp.0.target (from a flag): 'billing.example:8000': the host must be an "
+            "IP address",
+        ),
+        (
+            {
+                "udp": [
+                    {"target": "127.0.0.1:9000"},
+                    {"target": "127.0.0.1:9001", "name": "127.0.0.1_9000"},
+                ]
+            },
+            "two targets are named '127.0.0.1_9000'",
+        ),
+        ({"udp": [{"target": "127.0.0.1:9000", "name": "../x"}]}, "relay.udp.0.name"),
+        ({"udp": [{"target": "127.0.0.1:9000", "encoding": "utf-16"}]}, "does not keep ASCII"),
+        ({"allow": ["not-a-network"]}, "'not-a-network' is not an IP address or CIDR network"),
+    ],
+)
+def test_relay_settings_say_what_is_wrong(relay: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(None, {"relay": relay}, environ={})
+    assert expected in str(caught.value)
+
+
+def test_a_target_in_the_allowed_networks_is_taken() -> None:
+    settings = load_settings(
+        None,
+        {"relay": {"allow": ["10.1.2.0/24"], "udp": [{"target": "10.1.2.50:8000"}]}},
+        environ={},
+    )
+    assert [t.label for t in settings.relay.udp] == ["10.1.2.50_8000"]

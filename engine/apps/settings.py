@@ -376,8 +376,14 @@ def load_settings(
         lines = []
         for problem in error.errors():
             key = ".".join(str(part) for part in problem["loc"])
+            # A section-wide check (relay targets against relay.allow) names the source
+            # of a key inside it.
             source = next(
-                (src for k, src in origin.items() if key == k or key.startswith(k + ".")),
+                (
+                    src
+                    for k, src in origin.items()
+                    if key == k or key.startswith(k + ".") or k.startswith(key + ".")
+                ),
                 None,
             )
             message = problem["msg"].removeprefix("Value error, ")

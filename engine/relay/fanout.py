@@ -78,6 +78,7 @@ class UdpRelay:
         self.path = state_path(data_dir)
         self.publish = publish
         cache = FrameCache()
+        self._state_damaged = False
         saved = self._load()
         start = new_from or mark.get()
         self.targets: list[UdpTarget] = []
@@ -113,8 +114,6 @@ class UdpRelay:
             )
         self._saved_at = 0.0
         self._trimmed_at = 0.0
-
-    _state_damaged = False
 
     def _load(self) -> RelayState | None:
         try:

@@ -310,7 +310,10 @@ class JournalReader:
             items: list[RelayItem] = []
             last_seq = -1  # no report in it (a header, a tick; a replay frame is no concern)
             if kind == HEADER:
-                self.cache.codecs[at.segment] = codec_of(json.loads(payload))
+                codecs = self.cache.codecs
+                if len(codecs) >= self.cache.capacity:
+                    del codecs[min(codecs)]
+                codecs[at.segment] = codec_of(json.loads(payload))
             elif kind == DATAGRAMS:
                 items, last_seq = self._decode(Frame(kind, first_seq, payload), at)
             self.cache.put(at, (next_offset, last_seq, items))
@@ -406,8 +409,7 @@ class HeldSegments:
         return due
 
     def drop(self, segment: int) -> None:
-        for path in (self.directory / f"{segment:012d}{SEALED_SUFFIX}",):
-            path.unlink(missing_ok=True)
+        (self.directory / f"{segment:012d}{SEALED_SUFFIX}").unlink(missing_ok=True)
 
     def clear(self) -> int:
         """Relaying is off: nothing is held for anyone. How many segments went."""

@@ -237,3 +237,39 @@ def _session_alive(session: int) -> bool:
         if int(fields[3]) == session and fields[0] != "Z":
             return True
     return False
+
+
+def test_a_replay_into_the_same_data_dir_reaches_no_consumer(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    consumer = ConsumerStandIn("127.0.0.1", 0).start()
+    config = write_config(tmp_path / "callsentry.toml", {"crm": (consumer.address[1], 1.0)})
+    try:
+        process = start_serve(data_dir, port, config)
+        try:
+            assert send(port, calls("live", 5)).given_up == 0
+            wait_for(lambda: len(consumer.received_keys()) == 16, 120, "live reports relayed")
+        finally:
+            stop_serve(process)
+        events = tmp_path / "month.csv"
+        rows = ["ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name"]
+        rows += [f"{T0 + n},replayed-{n},1,OK,100,200,,7,m" for n in range(50)]
+        events.write_text("\n".join(rows) + "\n")
+        replayed = subprocess.run(
+            [sys.executable, "-m", "engine", "replay", str(events), "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert replayed.returncode == 0, replayed.stderr
+        process = start_serve(data_dir, port, config)
+        try:
+            assert send(port, calls("later", 5)).given_up == 0
+            wait_for(lambda: len(consumer.received_keys()) == 31, 120, "later reports relayed")
+        finally:
+            stop_serve(process)
+    finally:
+        consumer.stop()
+    got = {call_id for call_id, _ in consumer.received_keys()}
+    assert not {c for c in got if c.startswith("replayed-")}
+    assert "replayed-0" in {c for c, _, _ in stored(data_dir)}  # it was stored, not relayed

@@ -11,7 +11,7 @@ each fsync (engine.relay.feed), and keeps its cursors in DATA_DIR/relay/state.js
 
 Only `serve` starts it: `replay` and `backtest` never relay (a month's replay must
 not reach billing). Check traffic (operations' reserved call-id prefix from allowed
-check senders) is not relayed either: `check_traffic` is the one place that says
+check senders) is not relayed either: `relayable_reports` is the one place that says
 which reports are such.
 """
 
@@ -39,7 +39,7 @@ from engine.relay.udp import COUNTERS, UdpTarget, UdpTargetSpec
 log = logging.getLogger(__name__)
 
 
-def check_traffic(settings: Settings) -> Relayable:
+def relayable_reports(settings: Settings) -> Relayable:
     """Which reports are relayed: all but check traffic.
 
     The hook for the operations issue's check traffic (a reserved call-id prefix from
@@ -108,8 +108,9 @@ def run(
         bounds=RelayBounds(
             horizon_s=relay_settings.horizon_s, max_held_bytes=relay_settings.max_held_bytes
         ),
-        relayable=check_traffic(settings),
+        relayable=relayable_reports(settings),
         source_separator=settings.codec.separator,
+        source_encoding=settings.codec.encodings[0],
         publish=lambda targets: publish(counters_array, targets),
         new_from=start,
     )

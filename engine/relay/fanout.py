@@ -65,6 +65,7 @@ class UdpRelay:
         bounds: RelayBounds = RelayBounds(),
         relayable: Relayable = relay_all,
         source_separator: str = ",",
+        source_encoding: str = "utf-8",
         publish: Callable[[list[UdpTarget]], None] | None = None,
         new_from: Durable | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -109,6 +110,7 @@ class UdpRelay:
                     reader,
                     counters=known.counters,
                     source_separator=source_separator,
+                    source_encoding=source_encoding,
                     clock=clock,
                 )
             )

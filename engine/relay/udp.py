@@ -153,9 +153,12 @@ class UdpTarget:
         *,
         counters: TargetCounters | None = None,
         source_separator: str = ",",
+        source_encoding: str = "utf-8",
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
+        """`source_separator`, `source_encoding`: the switch's (codec settings), kept
+        when the target sets only the other one."""
         self.spec = spec
         self.reader = reader
         self.counters = counters or TargetCounters()
@@ -168,7 +171,7 @@ class UdpTarget:
         self._reencode = (
             Vos3000TextCodec(
                 separator=spec.separator or source_separator,
-                encodings=(spec.encoding or "utf-8",),
+                encodings=(spec.encoding or source_encoding,),
             )
             if spec.separator or spec.encoding
             else None
@@ -235,19 +238,17 @@ class UdpTarget:
                 # listening. Nothing to read; its silence decides whether it is down.
                 continue
             key = key_of(answer.rstrip(b"\r\n\x00"), self._separator)
-            seqs = self._by_key.pop(key, None) if key is not None else None
-            if seqs is None:
-                # Not a key we owe: malformed, or a late copy of an answer already had.
-                if key is None:
-                    self.counters.bad_answers += 1
+            if key is None:
+                self.counters.bad_answers += 1
                 continue
+            # Any answer says the target is there, a late copy of one already had too.
             self.last_answer = now
-            for seq in seqs:
+            if self.down:
+                self._up(now)
+            for seq in self._by_key.pop(key, ()):
                 if self.owed.pop(seq, None) is not None:
                     self.counters.answered += 1
                     settled += 1
-            if self.down:
-                self._up(now)
         return settled
 
     def step(self) -> None:

@@ -270,10 +270,10 @@ def consumers(
     """`count` UDP consumers on loopback, answering `call_id,serial` as an existing
     consumer of the switch's reports must; for reports whose call_id starts with
     `lag_prefix`, when each first arrived (perf_counter, the same clock as the load's).
-    At nice 19: these stand for systems on other machines, whose CPU is not the
-    receiver's to share (still ahead of the relay's idle priority, so it never waits
-    for them)."""
-    os.nice(19)
+    At idle priority, as the relay: these stand for systems on other machines, whose
+    CPU is not the receiver's to share."""
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setscheduler(int(task), os.SCHED_IDLE, os.sched_param(0))
     socks = []
     for _ in range(count):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -141,11 +141,14 @@ class UdpRelay:
             held_bytes=sum(size for _, _, size, _ in held),
         )
 
-    def save(self) -> None:
+    def save(self, *, durable: bool = False) -> bool:
+        """Write the cursors and counters; False (logged) when the disk refused."""
         try:
-            save_state(self.path, self.state())
+            save_state(self.path, self.state(), durable=durable)
         except OSError as error:
             log.error("cannot save the relay's cursors (%s); retrying", error)
+            return False
+        return True
 
     def pass_once(self, wait_s: float = POLL_S) -> None:
         """One turn of the loop: answers, new reports, copies due; the state and the
@@ -173,7 +176,7 @@ class UdpRelay:
             while not stopping():
                 self.pass_once()
         finally:
-            self.save()
+            self.save(durable=True)
             if self.publish is not None:
                 self.publish(self.targets)
             self.close()
@@ -181,7 +184,8 @@ class UdpRelay:
     def trim(self) -> None:
         """Release held segments every target is past; give up those past the bounds."""
         passed = min((t.resume_at.segment for t in self.targets), default=None)
-        if passed is not None:
+        # The cursors that let held segments go are durable before they go.
+        if passed is not None and self.held.segments_before(passed) and self.save(durable=True):
             self.held.release_before(passed)
         bounds = self.bounds
         for segment in self.held.over_bounds(time.time(), bounds.horizon_s, bounds.max_held_bytes):

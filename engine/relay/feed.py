@@ -384,6 +384,10 @@ class HeldSegments:
             found.append((number, path, info.st_size, info.st_mtime))
         return sorted(found)
 
+    def segments_before(self, segment: int) -> int:
+        """How many held segments are numbered below `segment`."""
+        return sum(1 for number, _, _, _ in self.segments() if number < segment)
+
     def release_before(self, segment: int) -> int:
         """Delete the held segments numbered below `segment`; how many went."""
         released = 0

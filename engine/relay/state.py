@@ -1,8 +1,10 @@
 """The relay's cursors and counters on disk: DATA_DIR/relay/state.json.
 
-Written whole (a new file, fsync'd, renamed into place) about twice a second and at
-stop, so after `kill -9` delivery resumes from a cursor at most that old: what was
-answered after it is sent again, nothing before it. `callsentry relay status` reads
+Written whole (a new file renamed into place) about twice a second and at stop, so
+after `kill -9` delivery resumes from a cursor at most that old: what was answered
+after it is sent again, nothing before it. It is fsync'd before held journal
+segments are deleted on its strength (every few seconds) and at stop, so even a
+power cut leaves no cursor pointing into a segment already gone. `callsentry relay status` reads
 the same file, with or without a running engine.
 
     {"version": 1, "saved_at": 1795860000.0,
@@ -76,17 +78,30 @@ class RelayState:
         }
 
 
-def save_state(path: Path, state: RelayState) -> None:
+def save_state(path: Path, state: RelayState, *, durable: bool = False) -> None:
+    """Write the state whole (a new file renamed into place: a reader, or a `kill -9`,
+    sees the old state or the new, never half of one). `durable`: fsync'd, file and
+    folder, before returning; done before held segments are deleted on the strength of
+    it. Otherwise the page cache keeps it across a crash of the process (not of the
+    machine), and the answer path's disk is spared a filesystem journal commit twice a
+    second."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     data = json.dumps(state.to_json(), indent=1).encode()
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(partial, path)
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def load_state(path: Path) -> RelayState | None:

@@ -9,7 +9,10 @@ one, kill -9 while relaying) are in tests/test_relay_serve.py.
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -444,3 +447,38 @@ def test_a_target_in_the_allowed_networks_is_taken() -> None:
         environ={},
     )
     assert [t.label for t in settings.relay.udp] == ["10.1.2.50_8000"]
+
+
+def test_simulate_consume_answers_and_says_what_came(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "engine", "simulate", "--consume", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith(f"consuming reports on udp 127.0.0.1:{port}")
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.settimeout(10)
+        answers = []
+        for datagram in (
+            b"c-1,1,180,100,200,,7,menu",
+            b"c-1,3,bye,100,200,,7,menu",  # serial 2 never comes: a gap
+            b"c-1,3,bye,100,200,,7,menu",  # a copy
+            b"c-2,1,ok,100,200,,7,Menu\x1b[2J",
+        ):
+            sender.sendto(datagram, ("127.0.0.1", port))
+            answers.append(sender.recv(100))
+        sender.close()
+        assert answers == [b"c-1,1", b"c-1,3", b"c-1,3", b"c-2,1"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert "c-1 serial 3 HANGUP" in out and "(duplicate)" in out
+    assert "\\x1b[2J" in out and "\x1b" not in out  # network text shown escaped
+    assert "reports             3 distinct" in out
+    assert "duplicates          1" in out
+    assert "calls with gaps     1" in out and "c-1: serials 2 missing" in out

@@ -2,6 +2,7 @@
 
 (a) baseline: a uvloop UDP server that answers `call_id,serial` and stores nothing;
 (b) callsentry serve with its durable store (journal fsync per group commit, lake flush).
+With `--relay`: (a) serve, (b) serve relaying every report to three UDP consumers.
 
 The load generator runs in its own process: distinct reports, a window of
 outstanding ones, at full speed and at paced rates. It reports answered
@@ -11,6 +12,7 @@ fdatasync'd every 2 ms, as the journal does): no durable answer can be faster
 than it, so a slow p99 with a slow disk beside it is the disk's.
 
     .venv/bin/python bench/ingest.py [--reports 200000] [--rounds 5] [--window 1000]
+    .venv/bin/python bench/ingest.py --relay [--paced 5000]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -75,39 +77,52 @@ def resident_bytes(pid: int) -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def start_engine(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
-    log = (data_dir.parent / "engine.log").open("wb")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(data_dir),
-            "--metrics",
-            "127.0.0.1:0",
-            "--log-level",
-            "info",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
+def start_engine(
+    port: int, data_dir: Path, extra: Sequence[str] = (), log_name: str = "engine.log"
+) -> subprocess.Popen[bytes]:
+    log_path = data_dir.parent / log_name
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "engine",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(data_dir),
+                "--metrics",
+                "127.0.0.1:0",
+                "--log-level",
+                "info",
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
     # Load starts once the engine is whole: the lake writer's start (imports,
     # rules, models) takes seconds of CPU that are not ingest.
     deadline = time.monotonic() + 60
-    while "lake writer running" not in (data_dir.parent / "engine.log").read_text():
+    while "lake writer running" not in log_path.read_text():
         if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit((data_dir.parent / "engine.log").read_text())
+            raise SystemExit(log_path.read_text())
         time.sleep(0.05)
     return process
 
 
-def load(port: int, reports: int, window: int, rate: float, prefix: str, out: mp.Queue) -> None:  # type: ignore[type-arg]
-    """Send `reports` distinct reports keeping at most `window` unanswered; pace at `rate`/s."""
+def load(
+    port: int,
+    reports: int,
+    window: int,
+    rate: float,
+    prefix: str,
+    out: mp.Queue,  # type: ignore[type-arg]
+    keep_times: bool = False,
+) -> None:
+    """Send `reports` distinct reports keeping at most `window` unanswered; pace at `rate`/s.
+    `keep_times`: say when each report was first sent (by call_id), for the relay's lag."""
     payloads = [
         f"{prefix}-{n}@10.0.0.5,1,OK,8613800000001,4420719460000,,12,Main menu".encode()
         for n in range(reports)
@@ -115,6 +130,7 @@ def load(port: int, reports: int, window: int, rate: float, prefix: str, out: mp
     expected = [p.split(b",", 2) for p in payloads]
     answers = [a + b"," + b for a, b, _ in expected]
     sent_at: dict[bytes, float] = {}
+    first_sent: dict[bytes, float] = {}
     latencies: list[float] = []
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
@@ -137,6 +153,8 @@ def load(port: int, reports: int, window: int, rate: float, prefix: str, out: mp
             except BlockingIOError:
                 break
             sent_at[answers[sent]] = clock()
+            if keep_times:
+                first_sent[expected[sent][0]] = sent_at[answers[sent]]
             sent += 1
         ready, _, _ = select.select([sock], [], [], 0.0005 if rate > 0 else 0.05)
         if ready:
@@ -173,13 +191,16 @@ def load(port: int, reports: int, window: int, rate: float, prefix: str, out: mp
             "p50_ms": pct(0.5),
             "p99_ms": pct(0.99),
             "max_ms": latencies[-1] * 1000 if latencies else float("nan"),
+            **({"first_sent": first_sent} if keep_times else {}),
         }
     )
 
 
-def run_load(port: int, reports: int, window: int, rate: float, prefix: str) -> dict[str, float]:
+def run_load(
+    port: int, reports: int, window: int, rate: float, prefix: str, keep_times: bool = False
+) -> dict[str, Any]:
     queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-    process = mp.Process(target=load, args=(port, reports, window, rate, prefix, queue))
+    process = mp.Process(target=load, args=(port, reports, window, rate, prefix, queue, keep_times))
     process.start()
     result = queue.get(timeout=600)
     process.join()
@@ -240,6 +261,193 @@ def engine_stats(log: Path) -> str:
     return lines[-1].split("stopped: ", 1)[1] if lines else "?"
 
 
+def consumers(
+    count: int,
+    lag_prefix: bytes,
+    ports_out: Any,
+    got: Any,
+    stop: Any,
+    out: Any,
+) -> None:
+    """`count` UDP consumers on loopback, answering `call_id,serial` as an existing
+    consumer of the switch's reports must; for reports whose call_id starts with
+    `lag_prefix`, when each first arrived (perf_counter, the same clock as the load's).
+    At idle priority, as the relay: these stand for systems on other machines, whose
+    CPU is not the receiver's to share."""
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setscheduler(int(task), os.SCHED_IDLE, os.sched_param(0))
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        socks.append(sock)
+    ports_out.put([sock.getsockname()[1] for sock in socks])
+    first: list[dict[bytes, float]] = [{} for _ in socks]
+    clock = time.perf_counter
+    while not stop.is_set():
+        ready, _, _ = select.select(socks, [], [], 0.05)
+        for sock in ready:
+            index = socks.index(sock)
+            arrived = first[index]
+            while True:
+                try:
+                    data, sender = sock.recvfrom(4096)
+                except BlockingIOError:
+                    break
+                call_id, serial, _ = data.split(b",", 2)
+                sock.sendto(call_id + b"," + serial, sender)
+                if call_id.startswith(lag_prefix) and call_id not in arrived:
+                    arrived[call_id] = clock()
+                    got[index] += 1
+    out.put(first)
+
+
+def relay_caught_up(data_dir: Path, timeout_s: float) -> float | None:
+    """Seconds until every relay target's cursor reached what is stored (None: not within
+    `timeout_s`)."""
+    from engine.relay.state import load_state, state_path
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        state = load_state(state_path(data_dir))
+        if (
+            state is not None
+            and state.saved_at > time.time() - 1
+            and all(t.counters.lag_reports == 0 for t in state.targets.values())
+        ):
+            return time.monotonic() - started
+        time.sleep(0.2)
+    return None
+
+
+def relay_main(args: argparse.Namespace) -> int:
+    """`--relay`: serve without relaying (a) against serve relaying every report to
+    three UDP consumers (b), alternating full-speed runs; then the relay's lag at a
+    paced rate: from a report's first send to its first arrival at each consumer."""
+    work = Path(tempfile.mkdtemp(prefix="callsentry-bench-relay-"))
+    plain_dir, relay_dir = work / "plain", work / "relaying"
+    plain_dir.mkdir()
+    relay_dir.mkdir()
+    targets = 3
+    lag_prefix = b"lag-"
+    ports_q, got, stop, out = mp.Queue(), mp.Array("q", targets), mp.Event(), mp.Queue()  # type: ignore[var-annotated]
+    consumer = mp.Process(target=consumers, args=(targets, lag_prefix, ports_q, got, stop, out))
+    consumer.start()
+    ports = ports_q.get(timeout=30)
+    config = work / "relay.toml"
+    config.write_text("".join(f'[[relay.udp]]\ntarget = "127.0.0.1:{port}"\n' for port in ports))
+    plain_port, relay_port = free_port(), free_port()
+    results: dict[str, dict[str, Any]] = {}
+    ratios: list[float] = []
+    lags: dict[int, list[float]] = {}
+    missing: dict[int, int] = {}
+    catch_up_s: float | None = None
+    plain = start_engine(plain_port, plain_dir, log_name="plain.log")
+    relaying = start_engine(
+        relay_port, relay_dir, ["--config", str(config)], log_name="relaying.log"
+    )
+    try:
+        for n in range(1, args.rounds + 1):
+            a = run_load(plain_port, args.reports, args.window, 0.0, f"a{n}")
+            b = run_load(relay_port, args.reports, args.window, 0.0, f"b{n}")
+            results[f"a serve, full #{n}"] = a
+            results[f"b serve relaying, full #{n}"] = b
+            ratios.append(b["rate"] / a["rate"])
+        # The relay works with the CPU the receiver leaves: after the full-speed
+        # rounds it has their reports to send; the lag is measured once it has.
+        catch_up_s = relay_caught_up(relay_dir, 900)
+        for rate in args.paced:
+            reports = int(rate * args.paced_seconds)
+            results[f"a serve, paced {rate:g}/s"] = run_load(
+                plain_port, reports, args.window, rate, f"pa-{rate:g}"
+            )
+            before = list(got)
+            run = run_load(relay_port, reports, args.window, rate, f"lag-{rate:g}", True)
+            results[f"b serve relaying, paced {rate:g}/s"] = run
+            deadline = time.monotonic() + 120
+            while any(got[i] - before[i] < reports for i in range(targets)):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            sent = run.pop("first_sent")
+            stop.set()
+            arrived = out.get(timeout=60)
+            consumer.join()
+            for index in range(targets):
+                delays = sorted(
+                    arrived[index][key] - at for key, at in sent.items() if key in arrived[index]
+                )
+                lags[index] = delays
+                missing[index] = len(sent) - len(delays)
+            break  # the consumers stop with the first paced rate's lag
+    finally:
+        stop.set()
+        for process in (plain, relaying):
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=300)
+        counters = {name: engine_stats(work / f"{name}.log") for name in ("plain", "relaying")}
+        from engine.apps.relay import status_lines
+
+        status = status_lines(relay_dir, time.time())
+        if consumer.is_alive():
+            consumer.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"{'run':32} {'answered/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'lost':>6}")
+    for name, r in results.items():
+        print(
+            f"{name:32} {r['rate']:11.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+            f"{r['max_ms']:8.1f} {r['lost']:6.0f}"
+        )
+    ratio = statistics.median(ratios)
+    print()
+    shown = ", ".join(f"{r:.2f}" for r in ratios)
+    print(f"ratio b/a at full speed: {ratio:.2f}, median of rounds {shown} (goal >= 0.90)")
+    print(
+        "relay caught up with the full-speed rounds "
+        + (f"{catch_up_s:.0f} s after them" if catch_up_s is not None else "NOT within 900 s")
+    )
+
+    def ms(delays: list[float], share: float) -> float:
+        return delays[min(len(delays) - 1, int(share * len(delays)))] * 1000 if delays else 0.0
+
+    for index, delays in lags.items():
+        print(
+            f"relay lag at {args.paced[0]:g}/s, target {index + 1}: p50 {ms(delays, 0.5):.1f} ms, "
+            f"p99 {ms(delays, 0.99):.1f} ms, max {max(delays, default=0) * 1000:.1f} ms, "
+            f"{missing[index]} not arrived (goal: under 1 s)"
+        )
+    for line in status:
+        print(f"  {line}")
+    out_dir = ROOT / "bench" / "out"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "ingest-relay.json").write_text(
+        json.dumps(
+            {
+                "results": results,
+                "ratios": ratios,
+                "ratio": ratio,
+                "catch_up_s": catch_up_s,
+                "lag_ms": {
+                    str(i + 1): {
+                        "p50": ms(d, 0.5),
+                        "p99": ms(d, 0.99),
+                        "max": max(d, default=0) * 1000,
+                        "missing": missing[i],
+                    }
+                    for i, d in lags.items()
+                },
+                "counters": counters,
+            },
+            indent=2,
+        )
+    )
+    print(f"engine counters: {counters}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -254,9 +462,19 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=1000)
     parser.add_argument("--paced", type=float, nargs="*", default=[5000.0, 20000.0])
     parser.add_argument("--paced-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--relay",
+        action="store_true",
+        help="serve against serve relaying to three UDP consumers, and the relay's lag "
+        "at the first --paced rate (default 5000/s)",
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.reports < 1:
         parser.error("--rounds and --reports must be at least 1")
+    if args.relay:
+        if not args.paced:
+            parser.error("--relay measures the lag at the first --paced rate: give one")
+        return relay_main(args)
 
     results: dict[str, dict[str, float]] = {}
     disks: dict[float, dict[str, float]] = {}

@@ -7,7 +7,7 @@ settings), or the reader's documented error type, whose message names where (a
 and so is a documented error without a location. `tests/test_fuzz.py` runs each for
 a short budget in `make test`; `bench/fuzz.py` runs them for the soak's budget.
 
-A later input (a web form, an action template, relay settings) adds its target here.
+A later input (a web form, an action template) adds its target here.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from engine.core.yamlfile import YamlFileError
 from engine.detect.rules import load_rules
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.eventfiles import EventFileError, read_event_file
+from engine.relay.state import RelayStateError, load_state
+from engine.relay.udp import key_of
 from engine.simulator.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -350,6 +352,17 @@ _SECTIONS = {
     ],
     "outbox": ["give_up_after_s", "max_backoff_s", "timeout_s", "keep_days"],
     "metrics": ["listen", "log_interval_s"],
+    "relay": ["allow", "horizon_s", "max_held_bytes", "priority", "udp"],
+    # `[[relay.udp]]`: a target, as an array of tables.
+    "[relay.udp]": [
+        "target",
+        "name",
+        "retries",
+        "retry_interval_s",
+        "separator",
+        "encoding",
+        "window",
+    ],
     "nope": ["x"],
 }
 _toml_values = st.one_of(
@@ -400,6 +413,63 @@ def load_settings_file(data: bytes) -> None:
             raise Escape(f"loading settings raised {error!r} on {data[:300]!r}") from error
 
 
+# -- the relay: a target's answers, and its own state file -----------------------------
+
+_answers = st.one_of(
+    st.binary(max_size=300),
+    st.tuples(
+        st.text(max_size=30), st.sampled_from([",", "|", ";", "\t", ""]), st.text(max_size=25)
+    ).map(lambda parts: "".join(parts).encode("utf-8", "surrogatepass")),
+)
+
+
+def read_answer(data: bytes) -> None:
+    for separator in (b",", b"|", b"\t"):
+        key = key_of(data, separator)
+        if key is not None and not (isinstance(key[0], bytes) and key[1] >= 0):
+            raise Escape(f"an answer read as {key!r} from {data!r}")
+
+
+_state_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=10), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@st.composite
+def relay_states(draw: st.DrawFn) -> bytes:
+    if draw(st.integers(0, 3)) == 0:
+        return draw(st.binary(max_size=300))
+    target = draw(
+        st.dictionaries(
+            st.sampled_from(
+                ["address", "cursor", "segment", "offset", "state", "sent", "lag_seconds"]
+            ),
+            _state_values,
+        )
+    )
+    state = {"version": draw(st.sampled_from([1, 2, "1", None])), "targets": {"t": target}}
+    if draw(st.booleans()):
+        state["held"] = draw(_state_values)
+    return json.dumps(state).encode()
+
+
+def load_relay_state(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "state.json"
+        path.write_bytes(data)
+        try:
+            load_state(path)
+        except RelayStateError as error:
+            if str(path) not in str(error):
+                raise Escape(f"a relay state error without the file: {error}") from error
+        except Exception as error:
+            raise Escape(f"loading a relay state raised {error!r} on {data[:300]!r}") from error
+
+
 TARGETS = (
     Target("codec", datagrams, decode_datagram),
     Target("key-reader", datagrams, read_key),
@@ -410,4 +480,6 @@ TARGETS = (
     Target("list-yaml", list_files(), load_list_file),
     Target("scenario-yaml", scenario_files(), load_scenario_file),
     Target("settings", settings_files(), load_settings_file),
+    Target("relay-answer", _answers, read_answer),
+    Target("relay-state", relay_states(), load_relay_state),
 )

@@ -85,6 +85,8 @@ class Places:
         self.bad_outbox = self.root / "bad-outbox"
         (self.bad_outbox / "outbox").mkdir(parents=True)
         (self.bad_outbox / "outbox" / "deliveries.sqlite3").write_bytes(os.urandom(4096))
+        (self.mangled / "relay").mkdir()
+        (self.mangled / "relay" / "state.json").write_bytes(os.urandom(256))
         self.a_file = self.root / "plain-file"
         self.a_file.write_text("a file, where a folder is expected\n")
         self.under_file = self.a_file / "inside"
@@ -177,7 +179,7 @@ def cases(
             yield f"{option} not a choice", run(option, "no-such-choice")
         elif isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType)):
             yield f"{option} not a number", run(option, "many")
-        elif param.name in ("listen", "metrics", "host"):
+        elif param.name in ("listen", "metrics", "host", "relay_udp", "relay_allow"):
             yield f"{option} not an address", run(option, "nowhere:port")
         elif option in BAD_TEXT:
             yield f"{option} {BAD_TEXT[option]!r}", run(option, BAD_TEXT[option])

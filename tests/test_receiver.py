@@ -277,8 +277,10 @@ def test_a_failed_commit_is_written_before_the_batch_sealed_after_it(
     written: list[int] = []
     commit = engine.store.commit
 
-    def recording_commit(kind: bytes, first_seq: int, payload: bytes, *answers: Any) -> Any:
-        sent = commit(kind, first_seq, payload, *answers)
+    def recording_commit(
+        kind: bytes, first_seq: int, payload: bytes, *answers: Any, **options: Any
+    ) -> Any:
+        sent = commit(kind, first_seq, payload, *answers, **options)
         if first_seq:
             written.append(first_seq)
         return sent
@@ -287,11 +289,13 @@ def test_a_failed_commit_is_written_before_the_batch_sealed_after_it(
     journal = engine.store.journal
     failures = {"left": 1}
 
-    def failing_once(kind: bytes, first_seq: int, payload: bytes, *answers: Any) -> Any:
+    def failing_once(
+        kind: bytes, first_seq: int, payload: bytes, *answers: Any, **options: Any
+    ) -> Any:
         if failures["left"]:
             failures["left"] -= 1
             raise OSError(28, "No space left on device (injected)")
-        return journal_append(kind, first_seq, payload, *answers)
+        return journal_append(kind, first_seq, payload, *answers, **options)
 
     journal_append = journal.append
     journal.append = failing_once  # type: ignore[method-assign]

@@ -194,6 +194,17 @@ def version() -> None:
     help="Rule folder (default: detection.rules_dir, else the rules shipped with callsentry). "
     "Edits are picked up while serving, and on SIGHUP.",
 )
+@click.option(
+    "--relay-udp",
+    multiple=True,
+    help="Pass every stored report on to this UDP consumer IP:PORT, with the switch's "
+    "retries (repeatable; adds to [[relay.udp]]).",
+)
+@click.option(
+    "--relay-allow",
+    multiple=True,
+    help="Network CIDR relay targets may be in (repeatable; default: loopback only).",
+)
 @log_level_option
 def serve(
     config: Path | None,
@@ -202,10 +213,14 @@ def serve(
     allow: tuple[str, ...],
     metrics: str | None,
     rules_dir: Path | None,
+    relay_udp: tuple[str, ...],
+    relay_allow: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Receive, store and answer the switch's reports until SIGTERM or SIGINT."""
     overrides: dict[str, Any] = {}
+    if relay_udp or relay_allow:
+        overrides["relay"] = _relay_overrides(config, relay_udp, relay_allow)
     if listen:
         overrides.setdefault("receiver", {})["listen"] = list(listen)
     if allow:
@@ -233,6 +248,22 @@ def serve(
     except OSError as error:
         _fail(_os_error(error))
     sys.exit(code)
+
+
+def _relay_overrides(
+    config: Path | None, relay_udp: tuple[str, ...], relay_allow: tuple[str, ...]
+) -> dict[str, Any]:
+    """`--relay-udp` adds to the targets the settings name (a flag overrides a list whole,
+    so the list is read first)."""
+    overrides: dict[str, Any] = {}
+    if relay_udp:
+        configured = _settings(config, {}).relay.udp
+        overrides["udp"] = [t.model_dump() for t in configured] + [
+            {"target": target} for target in relay_udp
+        ]
+    if relay_allow:
+        overrides["allow"] = list(relay_allow)
+    return overrides
 
 
 @main.command()
@@ -325,6 +356,32 @@ def replay(
 
 
 @main.group()
+def relay() -> None:
+    """The relay to existing consumers: where each target's cursor is."""
+
+
+@relay.command("status")
+@data_dir_option
+@config_option
+def relay_status(data_dir: Path | None, config: Path | None) -> None:
+    """Each relay target's state, cursor, lag and counts, as the relay last saved them."""
+    import time
+
+    from engine.apps.relay import status_lines
+    from engine.relay.state import RelayStateError
+
+    directory = data_dir or _settings(config, {}).store.data_dir
+    if not directory.is_dir():
+        _fail(f"data dir {directory} does not exist")
+    try:
+        lines = status_lines(directory, time.time())
+    except RelayStateError as error:
+        _fail(str(error))
+    for line in lines:
+        click.echo(line)
+
+
+@main.group()
 def config() -> None:
     """Settings."""
 
@@ -402,8 +459,29 @@ def config_check(config: Path | None) -> None:
 @click.option("--encoding", default="utf-8", show_default=True)
 @click.option("--seed", type=int, default=None, help="Override the scenario's seed.")
 @click.option("--duration", default=None, help="Override the scenario's duration (e.g. 10m, 2h).")
+@click.option(
+    "--consume",
+    is_flag=True,
+    help="Stand in for an existing consumer instead: answer reports on --host/--port and "
+    "print what came (duplicates, gaps, order per call) until Ctrl-C.",
+)
+@click.option(
+    "--for",
+    "consume_for",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="With --consume: stop after this many seconds (0: at Ctrl-C or SIGTERM).",
+)
+@click.option(
+    "--drop",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    help="With --consume: leave this share of datagrams unanswered, as a lossy consumer.",
+)
+@click.option("--quiet", is_flag=True, help="With --consume: print only the summary.")
 def simulate(**options: Any) -> None:
     """Stand in for the switch: generate a scenario's traffic, write it, or send it.
+    Or, with --consume, stand in for a consumer the relay feeds.
 
     Exit code 0 when every report sent was answered; 1 when any was given up
     after its retries (so it doubles as a deployment check).

@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from engine.alerts.outbox import DestinationCounts, Dispatch, OutboxError
 from engine.apps.lakewriter import LakeWriterProcess
+from engine.apps.relay import RelayProcess
 from engine.apps.settings import Settings
 from engine.detect import COMPILED, compiled_modules, stale_reason
 from engine.ingest import native
@@ -109,6 +110,7 @@ class Health:
         stats: Stats,
         writer: LakeWriterProcess,
         clock: ReportClock,
+        relay: RelayProcess | None = None,
         *,
         deliveries: Dispatch | None = None,
     ) -> None:
@@ -117,6 +119,7 @@ class Health:
         self.writer = writer
         self.clock = clock
         self.deliveries = deliveries
+        self.relay = relay
         self.started_at = time.monotonic()
 
     def _rules(self) -> dict[str, Any]:
@@ -266,6 +269,44 @@ class ServiceCollector(Collector):
         yield GaugeMetricFamily(
             "callsentry_ready", "1 when /readyz says ready", value=int(health.readiness()[0])
         )
+        if health.relay is not None:
+            yield from relay_metrics(health.relay)
+
+
+_RELAY_METRICS = {
+    "sent": ("counter", "Reports sent to a relay target (first copies)"),
+    "answered": ("counter", "Reports a relay target answered with call_id,serial"),
+    "retried": ("counter", "Copies sent again to a relay target (retries and probes)"),
+    "given_up": (
+        "counter",
+        "Reports given up for a relay target (unanswered while it was up, "
+        "or past relay.horizon_s / relay.max_held_bytes while it was down)",
+    ),
+    "given_up_horizon": ("counter", "Of those given up, the ones past the horizon or byte bound"),
+    "bad_answers": ("counter", "Answers from a relay target that were no call_id,serial"),
+    "lag_reports": (
+        "gauge",
+        "Stored records (reports and quarantined datagrams) past a relay target's cursor",
+    ),
+    "lag_seconds": ("gauge", "Age of the oldest report a relay target has not answered"),
+    "down": ("gauge", "1 while a relay target answers nothing (no report is given up meanwhile)"),
+}
+
+
+def relay_metrics(relay: RelayProcess) -> Iterator[Metric]:
+    values = relay.values()
+    for name, (kind, text) in _RELAY_METRICS.items():
+        family: Metric
+        if kind == "counter":
+            family = CounterMetricFamily(f"callsentry_relay_{name}", text, labels=["target"])
+        else:
+            family = GaugeMetricFamily(f"callsentry_relay_{name}", text, labels=["target"])
+        for target, counts in values.items():
+            family.add_metric([target], counts[name])
+        yield family
+    yield GaugeMetricFamily(
+        "callsentry_relay_up", "1 while the relay process runs", value=int(relay.alive())
+    )
 
 
 class DeliveriesCollector(Collector):

@@ -294,6 +294,7 @@ def run(
 
     from engine.lake.parquet import Lake
     from engine.lake.writer import LakeWriter, Outage
+    from engine.relay.feed import HeldSegments
 
     # The receiver decides when we stop (after sealing its last segment), so a
     # Ctrl-C or a SIGTERM sent to the whole process group must not cut us short.
@@ -370,6 +371,9 @@ def run(
             said_keys.append(True)
             _say(progress, "keys")
 
+    # With relay targets, a segment in the lake goes to the relay, which deletes it once
+    # every target has what it holds (engine.relay.feed).
+    release = HeldSegments(settings.store.data_dir).take if settings.relay.udp else None
     writer = _until_it_works(
         starting,
         lambda: LakeWriter(
@@ -382,6 +386,7 @@ def run(
             dedup_horizon_s=settings.store.dedup_horizon_s,
             max_dedup_keys=settings.store.max_dedup_keys,
             keys_ready=keys_ready,
+            release=release,
         ),
         stop,
         receiver_pid,

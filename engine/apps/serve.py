@@ -22,6 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from engine.alerts.outbox import Dispatch, Outbox, RetryPolicy, outbox_path
 from engine.apps.health import Health, OperatorEndpoint, ReportClock, build_info, uncompiled_parts
 from engine.apps.lakewriter import LakeWriterProcess, check_rules, outbox_destinations
+from engine.apps.relay import RelayProcess, drop_held
 from engine.apps.settings import Settings
 from engine.core.addresses import parse_hostport
 from engine.core.runtime import tune_gc_for_receiver
@@ -49,10 +50,11 @@ def open_store(
     unkeyed_quota: bool = True,
     live: bool = True,
     refresh_keys: Callable[[], None] | None = None,
+    on_durable: Callable[[int, int, int], None] | None = None,
 ) -> tuple[EventStore, Intake, Stats]:
     """The store and an intake primed from it (next seq, keys within the dedup horizon).
     `live`: for the receiver, whose answers wait for each commit's fsync.
-    `refresh_keys`: see EventStore.open."""
+    `refresh_keys`: see EventStore.open. `on_durable`: see Journal.on_durable."""
     store_settings = settings.store
     store = EventStore(
         store_settings.data_dir,
@@ -61,7 +63,10 @@ def open_store(
         dedup_horizon_s=store_settings.dedup_horizon_s,
         preallocate=live and store_settings.preallocate_journal,
     )
+    store.journal.on_durable = on_durable
     recovery = store.open(refresh_keys)
+    store.journal.head_seq = recovery.next_seq - 1
+    store.journal.announce()
     stats = Stats()
     # Live, the keys held are bounded; a replay keeps every key its files need (a
     # copy of a row a month back in them must still be known).
@@ -125,6 +130,7 @@ class Housekeeping:
         writer: LakeWriterProcess,
         settings: Settings,
         clock: ReportClock,
+        relay: RelayProcess | None = None,
     ) -> None:
         self.store = store
         self.stats = stats
@@ -136,6 +142,8 @@ class Housekeeping:
             self.seal, "interval", seconds=settings.store.flush_interval_s, id="seal"
         )
         self.scheduler.add_job(self.writer.check, "interval", seconds=2.0, id="lake-writer")
+        if relay is not None:
+            self.scheduler.add_job(relay.check, "interval", seconds=2.0, id="relay")
         self.scheduler.add_job(
             self.log_stats, "interval", seconds=settings.metrics.log_interval_s, id="stats"
         )
@@ -189,17 +197,23 @@ class Engine:
         # opened stops the start here, in one line (OutboxError).
         self.deliveries = open_deliveries(settings)
         self.writer = LakeWriterProcess(settings)
+        self.relay = RelayProcess(settings) if settings.relay.udp else None
         try:
             # A key file that cannot be trusted is rebuilt by the lake writer, started
             # early for it.
             self.store, self.intake, self.stats = open_store(
-                settings, self.codec, refresh_keys=self.writer.wait_for_keys
+                settings,
+                self.codec,
+                refresh_keys=self.writer.wait_for_keys,
+                on_durable=self.relay.on_durable if self.relay is not None else None,
             )
         except BaseException:
             self.writer.stop()
             if self.deliveries is not None:
                 self.deliveries.outbox.close()
             raise
+        if self.relay is None:
+            drop_held(settings.store.data_dir)
         self.allow = AllowList(settings.receiver.allow)
         self.server = ReportServer(
             codec=self.codec,
@@ -218,15 +232,25 @@ class Engine:
         self.stats.lake = self.writer.counters
         self.clock = ReportClock(self.stats)
         self.health = Health(
-            settings, self.stats, self.writer, self.clock, deliveries=self.deliveries
+            settings,
+            self.stats,
+            self.writer,
+            self.clock,
+            self.relay,
+            deliveries=self.deliveries,
         )
-        self.housekeeping = Housekeeping(self.store, self.stats, self.writer, settings, self.clock)
+        self.housekeeping = Housekeeping(
+            self.store, self.stats, self.writer, settings, self.clock, self.relay
+        )
         self.operator: OperatorEndpoint | None = None
 
     async def start(self) -> None:
         try:
             if not self.writer.started:
                 self.writer.start()
+            if self.relay is not None:
+                # Before the first answer: a new target starts at the durable end now.
+                self.relay.start()
             await self.server.start()
             if self.settings.metrics.listen:
                 host, port = parse_hostport(self.settings.metrics.listen)
@@ -267,6 +291,8 @@ class Engine:
                 # After the lake writer: its last drain may have enqueued more. What
                 # is not delivered by now waits in the outbox for the next start.
                 self.deliveries.stop()
+            if self.relay is not None:
+                self.relay.stop()
         log.info("stopped: %s", self.stats.line())
 
 

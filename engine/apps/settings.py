@@ -24,7 +24,14 @@ from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.core.addresses import parse_hostport
 
@@ -275,6 +282,112 @@ class MetricsSettings(_Section):
         return value
 
 
+def _check_networks(value: list[str]) -> list[str]:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+    return value
+
+
+# A target's name names its cursor in the data dir and its metrics: a plain token.
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class UdpTargetSettings(_Section):
+    """One existing consumer of the switch's reports (`[[relay.udp]]`)."""
+
+    # IP:PORT (an address, not a host name: the allow-list is checked on it).
+    target: str
+    # Names its cursor file and its metrics; default: the address with `_` for `:`.
+    name: str = ""
+    # The switch's own retry rules (IVR_CALL_REPORT_RETRY and _RETRY_INTERVAL).
+    retries: int = Field(default=6, ge=0, le=1000)
+    retry_interval_s: float = Field(default=3.0, gt=0, le=3600)
+    # "" sends the datagram exactly as the switch sent it; either set re-encodes it.
+    separator: Literal["", ",", "|", ";", "\t"] = ""
+    encoding: str = ""
+    # Reports sent and not yet answered, at most.
+    window: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str) -> str:
+        host, port = parse_hostport(value)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: the host must be an IP address, not a name") from None
+        if port == 0:
+            raise ValueError(f"{value!r}: port 0 is no target")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value and not _TARGET_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r}: a name is 1 to 64 letters, digits, '_', '.' or '-' "
+                "(it names a file and a metric label)"
+            )
+        return value
+
+    @field_validator("encoding")
+    @classmethod
+    def _check_encoding(cls, value: str) -> str:
+        if value:
+            try:
+                ascii_kept = "Az09,|;\t".encode(value) == b"Az09,|;\t"
+            except LookupError:
+                raise ValueError(f"unknown encoding {value!r}") from None
+            if not ascii_kept:
+                raise ValueError(f"encoding {value!r} does not keep ASCII as it is")
+        return value
+
+    @property
+    def label(self) -> str:
+        host, port = parse_hostport(self.target)
+        return self.name or f"{host}_{port}".replace(":", "_")
+
+
+class RelaySettings(_Section):
+    """Fan-out of every stored live report to the consumers that listened before."""
+
+    udp: list[UdpTargetSettings] = Field(default_factory=list)
+    # Targets must be in these networks (default: loopback only, as receiver.allow).
+    allow: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    # Journal segments are kept for a target that is down this long at most; past it
+    # (or past `max_held_bytes`) the oldest go, and their reports are counted as given up.
+    horizon_s: float = Field(default=86_400.0, ge=60)
+    max_held_bytes: int = Field(default=4 << 30, ge=1 << 20)
+    # As store.lake_writer_priority: "idle" relays with spare CPU only, so answers to
+    # the switch never wait for it; "low" is nice 10.
+    priority: Literal["idle", "low"] = "idle"
+
+    @field_validator("allow")
+    @classmethod
+    def _check_allow(cls, value: list[str]) -> list[str]:
+        return _check_networks(value)
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> RelaySettings:
+        networks = [ipaddress.ip_network(item, strict=False) for item in self.allow]
+        names: set[str] = set()
+        for target in self.udp:
+            host, _ = parse_hostport(target.target)
+            address = ipaddress.ip_address(host)
+            if not any(address in network for network in networks):
+                raise ValueError(
+                    f"target {target.target} is not in relay.allow "
+                    f"({', '.join(self.allow) or 'empty'})"
+                )
+            if target.label in names:
+                raise ValueError(f"two targets are named {target.label!r}; give each a name")
+            names.add(target.label)
+        return self
+
+
 class Settings(_Section):
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     codec: CodecSettings = Field(default_factory=CodecSettings)
@@ -282,6 +395,7 @@ class Settings(_Section):
     detection: DetectionSettings = Field(default_factory=DetectionSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
 
 
 def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -357,8 +471,14 @@ def load_settings(
         lines = []
         for problem in error.errors():
             key = ".".join(str(part) for part in problem["loc"])
+            # A section-wide check (relay targets against relay.allow) names the source
+            # of a key inside it.
             source = next(
-                (src for k, src in origin.items() if key == k or key.startswith(k + ".")),
+                (
+                    src
+                    for k, src in origin.items()
+                    if key == k or key.startswith(k + ".") or k.startswith(key + ".")
+                ),
                 None,
             )
             message = problem["msg"].removeprefix("Value error, ")

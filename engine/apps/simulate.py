@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from engine.core.runtime import run_async
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.eventfiles import EventFileError, read_event_file
+from engine.simulator.consumer import ConsumerStandIn
 from engine.simulator.scenario import Scenario, generate, load_scenario, write_files
 from engine.simulator.switch import SwitchSettings, SwitchStandIn
 
@@ -62,9 +65,49 @@ class SimulateOptions:
     encoding: str
     seed: int | None
     duration: str | None = None
+    consume: bool = False
+    consume_for: float = 0.0
+    drop: float = 0.0
+    quiet: bool = False
+
+
+def run_consume(options: SimulateOptions, echo: Callable[[str], None]) -> int:
+    """`simulate --consume`: answer reports as an existing consumer until SIGINT/SIGTERM
+    (or `--for` seconds), printing each, then what came: duplicates, gaps, order."""
+    if options.scenario is not None or options.events_file is not None or options.send:
+        raise SimulateError("--consume receives reports; it sends none (no --scenario/--send)")
+    try:
+        consumer = ConsumerStandIn(
+            options.host,
+            options.port,
+            separator=options.separator,
+            encodings=(options.encoding,),
+            drop=options.drop,
+            seed=options.seed,
+            echo=None if options.quiet else echo,
+        )
+    except ValueError as error:
+        raise SimulateError(str(error)) from None
+    except OSError as error:
+        raise SimulateError(
+            f"cannot listen on {options.host}:{options.port}: {error.strerror or error}"
+        ) from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    host, port = consumer.address
+    echo(f"consuming reports on udp {host}:{port}; Ctrl-C to stop")
+    consumer.start()
+    stop.wait(options.consume_for or None)
+    consumer.stop()
+    for line in consumer.received.lines():
+        echo(line)
+    return 0
 
 
 def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
+    if options.consume:
+        return run_consume(options, echo)
     scenario, events_file, to_file = options.scenario, options.events_file, options.to_file
     send, seed = options.send, options.seed
     if (scenario is None) == (events_file is None):

@@ -240,6 +240,11 @@ class Journal:
         # Bytes of zeros the current segment was given (0: it grows as written).
         self._allocated = 0
         self.spares = Spares(directory) if preallocate and fsync else None
+        # Told (segment, bytes, highest seq) each time the open segment's durable end
+        # moves: the relay reads the open segment up to there and no further (a frame
+        # written and not yet fsync'd may still be undone, `_undo_partial_write`).
+        self.on_durable: Callable[[int, int, int], None] | None = None
+        self.head_seq = 0
 
     def path(self, segment: int, suffix: str = OPEN_SUFFIX) -> Path:
         return self.directory / f"{segment:012d}{suffix}"
@@ -311,11 +316,24 @@ class Journal:
         if self.fsync:
             os.fdatasync(self._fd)
             fsync_dir(self.directory)
+        self.announce()
+
+    def announce(self) -> None:
+        """Tell `on_durable` where the durable end is now."""
+        if self.on_durable is not None:
+            self.on_durable(self.segment, self._size, self.head_seq)
 
     def append(
-        self, kind: bytes, first_seq: int, payload: bytes, answers: AnswersOn | None = None
+        self,
+        kind: bytes,
+        first_seq: int,
+        payload: bytes,
+        answers: AnswersOn | None = None,
+        *,
+        last_seq: int = 0,
     ) -> tuple[int, int] | None:
         """Write one batch as one frame and make it durable, or raise JournalError.
+        `last_seq`: the batch's highest sequence number, for `on_durable`.
 
         With `answers`, and the compiled helper built, they are sent the moment the
         fsync returns, without going back to Python in between; returns (sent, errno
@@ -348,6 +366,9 @@ class Journal:
             ) from error
         self._size += len(frame)
         self._frames += 1
+        if self.on_durable is not None:
+            self.head_seq = max(self.head_seq, last_seq)
+            self.on_durable(self.segment, self._size, self.head_seq)
         if (
             self.spares is not None
             and self._size >= max(self._allocated, Spares.MIN_SEGMENT_BYTES)

@@ -434,7 +434,11 @@ class ReportServer:
         if self._answer_fd is not None and batch.answers:
             answers_on = (self._answer_fd, [(answer, to[1]) for answer, to in batch.answers])
         sent = self.store.commit(
-            DATAGRAMS, batch.first_seq, datagram_payload(batch.records), answers_on
+            DATAGRAMS,
+            batch.first_seq,
+            datagram_payload(batch.records),
+            answers_on,
+            last_seq=batch.first_seq + len(batch) - 1,
         )
         self._next_seq_to_write = batch.first_seq + len(batch)
         if sent is not None:

@@ -279,14 +279,20 @@ class EventStore:
         return stored, ranges, problem
 
     def commit(
-        self, kind: bytes, first_seq: int, payload: bytes, answers: AnswersOn | None = None
+        self,
+        kind: bytes,
+        first_seq: int,
+        payload: bytes,
+        answers: AnswersOn | None = None,
+        *,
+        last_seq: int = 0,
     ) -> tuple[int, int] | None:
         """Make a batch durable; raises JournalError (the batch is then not stored).
 
         `answers` may leave straight after the fsync: see `Journal.append`.
         """
         with self._lock:
-            return self.journal.append(kind, first_seq, payload, answers)
+            return self.journal.append(kind, first_seq, payload, answers, last_seq=last_seq)
 
     def seal(self) -> int | None:
         with self._lock:

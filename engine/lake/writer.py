@@ -208,9 +208,12 @@ class LakeWriter:
         max_dedup_keys: int | None = None,
         keys_ready: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        release: Callable[[Path], None] | None = None,
     ) -> None:
         """Starts the lake writer's work on `data_dir`: the caller holds its lock
-        (`lake_writer_lock`), or is the only process on the data dir.
+        (`lake_writer_lock`), or is the only process on the data dir. `release` takes a
+        sealed segment once it is in the lake (default: delete it; serve with relay
+        targets hands it to the relay, which deletes it once every target has it).
 
         `durable_sinks` (the outbox) take a segment's alerts after its lake write and
         before its journal segment goes: a crash in between runs the segment through
@@ -219,6 +222,7 @@ class LakeWriter:
         self.data_dir = data_dir
         self.lake = Lake(data_dir)
         self.journal_dir = data_dir / "journal"
+        self._release = release or Path.unlink
         self.compact_target_bytes = compact_target_bytes
         self.counters = counters
         self.pipeline = pipeline
@@ -524,7 +528,7 @@ class LakeWriter:
         reports = self.lake.write_segment(number, batches, derived)
         self._hand_over(alerts)
         self._remember_keys(number, batches)
-        path.unlink()
+        self._release(path)
         with self._lock:
             del self._decoded[number]
         self._written(alerts, batches, reports, written.call_count, result, segments=1)

@@ -115,6 +115,30 @@ def test_call_rebuilt_from_reports_in_order() -> None:
     assert (call.outcome, call.ring_s, call.talk_s, call.reports) == ("answered", 4, 60, 3)
 
 
+def test_a_flood_of_ended_calls_leaves_no_four_hour_entries_behind() -> None:
+    # Each answered call is queued four hours out at its OK; its Bye brings it back to
+    # seconds. The entries it left four hours out are dropped once they outnumber the
+    # open calls' by far, and every call still finishes once, at its deadline, in order.
+    tracker = CallTracker(settle_s=5)
+    calls = 200_000
+    finished: list[tuple[float, str]] = []
+    most_entries = 0
+    for n in range(calls):
+        t = n * 0.01
+        call_id = f"c{n:06d}"
+        tracker.observe(report(t, call_id, 1, CallState.ANSWERED))
+        tracker.observe(report(t + 0.005, call_id, 2, CallState.HANGUP))
+        if n % 1_000 == 999 or n == calls - 1:
+            finished += [(c.deadline, c.call_id) for c in tracker.advance(t)]
+            queued = sum(len(q.items) - q.head for q in tracker._in_order) // 2
+            most_entries = max(most_entries, queued + len(tracker.deadlines))
+    finished += [(c.deadline, c.call_id) for c in tracker.advance(calls * 0.01 + 10)]
+    assert [call_id for _, call_id in finished] == [f"c{n:06d}" for n in range(calls)]
+    assert finished == sorted(finished)
+    # Without dropping them: one entry four hours out per call ever answered.
+    assert most_entries < 4 * 600 + 2 * 65_536 < calls
+
+
 @given(
     reports=st.lists(
         st.tuples(

@@ -33,6 +33,9 @@ _RINGING: Final = CallState.RINGING
 _ANSWERED: Final = CallState.ANSWERED
 _heappush: Final = heapq.heappush
 _heappop: Final = heapq.heappop
+# Every this many finished calls, the deadline entries are counted (and the stale
+# dropped if they far outnumber the open calls: `_forget_stale_deadlines`).
+_STALE_CHECK_EVERY: Final = 65_536
 
 
 @dataclass(slots=True)
@@ -569,4 +572,48 @@ class CallTracker(Snapshotted):
             for old in list(itertools.islice(finished, len(finished) - self.remember_finished)):
                 del finished[old]
         self.stats.calls_finished += 1
+        if self.stats.calls_finished % _STALE_CHECK_EVERY == 0:
+            self._forget_stale_deadlines()
         return call
+
+    def _forget_stale_deadlines(self) -> None:
+        """Drop the queues' and the heap's entries that can no longer finish a call, when
+        they outnumber the open calls' by far. An answered call leaves an entry four
+        hours out (`max_call_s`) when its Bye brings its deadline to seconds: at a
+        flood's rate those, each holding its call id, grew by gigabytes. An entry is
+        kept while its call is open and its deadline is no later than the call's (each
+        open call keeps one such entry: see `_schedule`), so no call finishes
+        differently; the queues keep their order."""
+        open_calls = self.open
+        queued = sum(len(queue.items) - queue.head for queue in self._in_order) // 2
+        if queued + len(self.deadlines) <= 4 * len(open_calls) + _STALE_CHECK_EVERY:
+            return
+        for queue in self._in_order:
+            items = queue.items
+            kept: list[Any] = []
+            for at in range(queue.head, len(items), 2):
+                deadline: float = items[at]
+                call = open_calls.get(items[at + 1])
+                if call is not None and deadline <= call.deadline:
+                    kept.append(items[at])
+                    kept.append(items[at + 1])
+            queue.items = kept
+            queue.head = 0
+        due: dict[float, str | list[str]] = {}
+        for deadline, ids in self._due.items():
+            live = [
+                call_id
+                for call_id in ([ids] if isinstance(ids, str) else ids)
+                if (call := open_calls.get(call_id)) is not None and deadline <= call.deadline
+            ]
+            if live:
+                due[deadline] = live[0] if len(live) == 1 else live
+        self._due = due
+        self.deadlines = list(due)
+        heapq.heapify(self.deadlines)
+        following = self.deadlines[0] if self.deadlines else _INF
+        for queue in self._in_order:
+            first = queue.first()
+            if first < following:
+                following = first
+        self.next_due = following

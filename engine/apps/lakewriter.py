@@ -247,6 +247,7 @@ def run(
     file is rebuilt ("keys"): the receiver may wait for either."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from engine.ingest.senders import SenderDirectory
     from engine.lake.parquet import Lake
     from engine.lake.writer import LakeWriter, Outage
 
@@ -324,6 +325,7 @@ def run(
             sinks=sinks,
             dedup_horizon_s=settings.store.dedup_horizon_s,
             keys_ready=keys_ready,
+            senders=SenderDirectory(settings.receiver.switches, settings.receiver.check_senders),
         ),
         stop,
         receiver_pid,

@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from engine.core.durations import parse_duration
-from engine.core.events import CallEvent
+from engine.core.events import CHECK_CALL_ID_PREFIX, MAX_CALL_ID_BYTES, CallEvent
 from engine.core.runtime import run_async
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.codec import Vos3000TextCodec
@@ -62,6 +62,20 @@ class SimulateOptions:
     encoding: str
     seed: int | None
     duration: str | None = None
+    check: bool = False
+
+
+def as_checks(events: list[CallEvent]) -> list[CallEvent]:
+    """The reports marked as deployment checks: call ids with the reserved prefix
+    (docs/protocol.md, "Check reports"), cut to the protocol's limit if need be."""
+    return [
+        event._replace(
+            call_id=(CHECK_CALL_ID_PREFIX + event.call_id)
+            .encode("utf-8")[:MAX_CALL_ID_BYTES]
+            .decode("utf-8", "ignore")
+        )
+        for event in events
+    ]
 
 
 def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
@@ -71,6 +85,8 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         raise SimulateError("give exactly one of --scenario FILE or --events FILE")
     if not send and to_file is None:
         raise SimulateError("say what to do: --to-file DIR, --send, or both")
+    if options.check and not send:
+        raise SimulateError("--check marks the reports sent; it needs --send")
     if events_file is not None and to_file is not None:
         raise SimulateError("--to-file writes a scenario's files; --events already is one")
     try:
@@ -122,6 +138,13 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         )
     if not send:
         return 0
+    if options.check:
+        events = as_checks(events)
+        echo(
+            f"sending as deployment checks (call ids start with {CHECK_CALL_ID_PREFIX}): "
+            "a receiver that lists this host in receiver.check_senders stores them in its "
+            "checks table and never detects on them"
+        )
 
     _check_target(options.host, options.allow_remote)
     try:

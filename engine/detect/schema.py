@@ -139,9 +139,9 @@ class Aggregate(_Strict):
             raise ValueError("aggregate type ratio needs a numerator selection")
         if self.type == "first_seen" and not self.new_for:
             raise ValueError("aggregate type first_seen needs new_for (how long a key is new)")
-        if self.type == "sequential" and self.group_by != "caller":
+        if self.type == "sequential" and self.entity_names != ("caller",):
             raise ValueError("sequential dialling is grouped by caller")
-        if self.type == "concurrent" and self.group_by != "caller":
+        if self.type == "concurrent" and self.entity_names != ("caller",):
             # The call tracker knows the calls in progress per caller only.
             raise ValueError("concurrent calls are counted per caller (group_by: caller)")
         return self
@@ -184,6 +184,8 @@ class TestCalls(_Strict):
     forward: str = ""
     menu_id: str = "1"
     menu_name: str = "Main menu"
+    # The switch the calls come through (receiver.switches names it; "" none).
+    switch: str = ""
     ring: Duration = 3.0
     talk: Duration = 60.0
     answered: bool = True

@@ -149,3 +149,16 @@ def test_rules_select_on_switch_and_group_by_it_alone_or_with_others() -> None:
             RuleSpec.model_validate(_rule(bad))
     with pytest.raises(ValidationError, match="sequential dialling is grouped by caller"):
         RuleSpec.model_validate(_rule(["switch", "caller"], type="sequential"))
+
+
+def test_a_lake_of_the_release_before_reads_before_this_release_writes_to_it(
+    tmp_path: Path,
+) -> None:
+    # `callsentry alerts list` or `checks list` right after an upgrade, before `serve`.
+    with tarfile.open(LAKE_BEFORE) as archive:
+        archive.extractall(tmp_path, filter="data")
+    lake = Lake(tmp_path)
+    assert lake.query("SELECT count(*), count(switch), min(switch) FROM events") == [(400, 400, "")]
+    assert lake.query("SELECT count(*), min(switch) FROM calls") == [(102, "")]
+    assert lake.query("SELECT count(*) FROM checks") == [(0,)]
+    assert lake.query("SELECT count(*) FROM alerts_current") == [(0,)]

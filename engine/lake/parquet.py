@@ -252,6 +252,24 @@ def frames_of(batches: Iterable[tuple[int, Sequence[Item]]]) -> dict[str, pl.Dat
 
 _segment_range = segment_range
 
+# Tables added after the first release: a lake no writer of this release has
+# prepared yet reads them as empty.
+ADDED_TABLES = ("checks",)
+_SQL_TYPES: dict[Any, str] = {
+    pl.Int64: "BIGINT",
+    pl.Int32: "INTEGER",
+    pl.Int16: "SMALLINT",
+    pl.Float64: "DOUBLE",
+    pl.String: "VARCHAR",
+    pl.Binary: "BLOB",
+    pl.Datetime("us", "UTC"): "TIMESTAMPTZ",
+}
+
+
+def _empty_select(schema: Mapping[str, Any]) -> str:
+    columns = ", ".join(f"NULL::{_SQL_TYPES[dtype]} AS {name}" for name, dtype in schema.items())
+    return f"SELECT {columns} LIMIT 0"
+
 
 def _read_files(paths: list[Path], table: str) -> pl.DataFrame:
     """The rows of a table's files as one frame in today's schema: a file written
@@ -458,20 +476,45 @@ class Lake:
             return con.execute(sql, list(params)).fetchall()
 
     def create_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        for table in TABLES:
-            # Rows of files written before a column was added read as its default.
-            added = ADDED_COLUMNS.get(table, {})
-            replace = ", ".join(
-                f"coalesce({name}, {sql_text(default)}) AS {name}"
-                for name, default in added.items()
-            )
-            columns = f"* REPLACE ({replace})" if replace else "*"
+        for table, schema in TABLES.items():
+            placeholder = self.root / table / _PLACEHOLDER_DAY / _PLACEHOLDER
+            if table in ADDED_TABLES and not placeholder.exists():
+                # A lake no lake writer of this release has prepared yet: none stored.
+                con.execute(f"CREATE VIEW {table} AS {_empty_select(schema)}")
+                continue
+            columns = self._columns(table, placeholder)
             con.execute(
                 f"CREATE VIEW {table} AS SELECT {columns} FROM "
                 f"read_parquet({sql_text(self.glob(table))}, "
                 "hive_partitioning = true, union_by_name = true)"
             )
         con.execute(f"CREATE VIEW alerts_current AS {ALERTS_CURRENT}")
+
+    def _columns(self, table: str, placeholder: Path) -> str:
+        """What a table's view selects: every column, and those added since the first
+        release as their default where a file (written before) lacks them."""
+        added = ADDED_COLUMNS.get(table, {})
+        if not added:
+            return "*"
+        try:
+            present = set(pl.read_parquet_schema(placeholder)) if placeholder.exists() else set()
+        except (OSError, pl.exceptions.PolarsError):
+            present = set()
+        if not present:
+            return "*"  # not a lake callsentry prepared: DuckDB says what is wrong with it
+        replaced = [
+            f"coalesce({name}, {sql_text(default)}) AS {name}"
+            for name, default in added.items()
+            if name in present
+        ]
+        # Not prepared by this release yet (its placeholder is older than the column):
+        # no file has the column.
+        missing = [
+            f"{sql_text(default)} AS {name}"
+            for name, default in added.items()
+            if name not in present
+        ]
+        return ", ".join([f"* REPLACE ({', '.join(replaced)})" if replaced else "*", *missing])
 
     def publish_views(self, extra_views: Iterable[tuple[str, str]] = ()) -> None:
         """Write `callsentry.duckdb` (views only) and swap it in atomically.

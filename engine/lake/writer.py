@@ -446,20 +446,29 @@ class LakeWriter:
 
     def _decode_datagrams(self, codec: Codec, frame: Frame) -> list[Item]:
         """A frame's datagrams decoded, each with the switch its sender is named as;
-        a check from a check sender marked as one (engine.ingest.senders)."""
+        a check from a check sender marked as one (engine.ingest.senders). A frame's
+        datagrams come from a few senders: each is looked up once per frame."""
         decode, sender_of = codec.decode, self.senders.of
+        switches: dict[str, str] = {}
+        check_senders: set[str] = set()
         items: list[Item] = []
         append = items.append
         for ts, source, raw in frame.datagrams():
-            sender = sender_of(source)
-            item = decode(raw, ts, source, sender.switch)[0]
-            if (
-                sender.checks
-                and type(item) is CallEvent
-                and item.call_id.startswith(CHECK_CALL_ID_PREFIX)
-            ):
-                item = item._replace(check=True)
-            append(item)
+            switch = switches.get(source)
+            if switch is None:
+                sender = sender_of(source)
+                switch = switches[source] = sender.switch
+                if sender.checks:
+                    check_senders.add(source)
+            append(decode(raw, ts, source, switch)[0])
+        if check_senders:
+            for index, item in enumerate(items):
+                if (
+                    type(item) is CallEvent
+                    and item.source in check_senders
+                    and item.call_id.startswith(CHECK_CALL_ID_PREFIX)
+                ):
+                    items[index] = item._replace(check=True)
         return items
 
     def _detect(self, steps: list[Step]) -> Output:

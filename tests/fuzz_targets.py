@@ -328,7 +328,14 @@ def load_scenario_file(data: bytes) -> None:
 # -- settings ------------------------------------------------------------------------
 
 _SECTIONS = {
-    "receiver": ["listen", "allow", "socket_buffer_bytes", "batched_io"],
+    "receiver": [
+        "listen",
+        "allow",
+        "socket_buffer_bytes",
+        "batched_io",
+        "switches",
+        "check_senders",
+    ],
     "codec": ["name", "separator", "encodings"],
     "store": [
         "data_dir",
@@ -384,6 +391,20 @@ _toml_values = st.one_of(
     st.text(max_size=20).map(json.dumps),
     st.lists(st.text(max_size=12).map(json.dumps), max_size=3).map(
         lambda items: "[" + ", ".join(items) + "]"
+    ),
+    # Inline tables, as `switches` takes (a name -> addresses), right and wrong.
+    st.dictionaries(
+        st.one_of(st.sampled_from(["east", "west", "a.b", "-x"]), st.text(max_size=8)),
+        st.one_of(
+            st.sampled_from(["127.0.0.1", "127.0.0.0/8", "10.0.0.5", "::1", "x"]),
+            st.lists(st.sampled_from(["127.0.0.2", "127.0.0.0/24", "::1/128", ""]), max_size=3),
+            st.integers(),
+        ),
+        max_size=3,
+    ).map(
+        lambda table: (
+            "{" + ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in table.items()) + "}"
+        )
     ),
 )
 

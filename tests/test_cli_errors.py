@@ -327,3 +327,41 @@ def test_a_bad_service_setting_is_one_line_naming_it(
     last = outcome.stderr.strip().splitlines()[-1]
     assert last.startswith("callsentry: "), outcome.stderr
     assert expected.format(taken=address) in outcome.stderr, outcome.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            '[receiver.switches]\neast = "10.0.0.5"',
+            "callsentry: configuration error: receiver: switches.east: 10.0.0.5 is not within "
+            "receiver.allow",
+        ),
+        ('[receiver.switches]\n"a/b" = "127.0.0.1"', "callsentry: configuration error: "),
+        ('[receiver.switches]\neast = ["nowhere"]', "callsentry: configuration error: "),
+        ('[receiver]\ncheck_senders = "127.0.0.1"', "callsentry: configuration error: "),
+        ('[receiver]\nswitches = ["east"]', "callsentry: configuration error: "),
+    ],
+)
+def test_bad_switch_and_check_settings_are_one_line_before_anything_runs(
+    tmp_path: Path, settings: str, expected: str
+) -> None:
+    config = tmp_path / "callsentry.toml"
+    config.write_text(settings + "\n")
+    for argv in (
+        ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")],
+        ["config", "check", "--config", str(config)],
+    ):
+        outcome = _run(argv, "", tmp_path)
+        assert outcome.code == 2, outcome
+        assert outcome.stderr.startswith(expected), outcome.stderr
+        assert outcome.stderr.count("\n") == 1 and "Traceback" not in outcome.stderr
+    assert not (tmp_path / "data").exists(), "refused before the data dir was made"
+
+
+def test_check_without_send_says_so(tmp_path: Path) -> None:
+    scenario = str(ROOT / "data" / "scenarios" / "sample.yaml")
+    argv = ["simulate", "--scenario", scenario, "--to-file", str(tmp_path / "out"), "--check"]
+    outcome = _run(argv, "", tmp_path)
+    assert outcome.code == 2
+    assert outcome.stderr == "callsentry: --check marks the reports sent; it needs --send\n"

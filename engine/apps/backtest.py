@@ -34,7 +34,7 @@ from engine.lake.parquet import Lake
 # As the README's export of `events` for replay: the switch's code where it sent one.
 _STORED_EVENTS = (
     "SELECT ts, call_id, serial, coalesce(CAST(code AS VARCHAR), state) AS state, caller, "
-    "callee, forward, menu_id, menu_name FROM events "
+    "callee, forward, menu_id, menu_name, switch FROM events "
     "WHERE ts >= to_timestamp(?) AND ts < to_timestamp(?) ORDER BY seq"
 )
 

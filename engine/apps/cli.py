@@ -460,6 +460,13 @@ def config_check(config: Path | None) -> None:
 @click.option("--seed", type=int, default=None, help="Override the scenario's seed.")
 @click.option("--duration", default=None, help="Override the scenario's duration (e.g. 10m, 2h).")
 @click.option(
+    "--check",
+    is_flag=True,
+    help="With --send: mark the reports as deployment checks (call ids starting "
+    "'callsentry-check-'); an engine that lists this host in receiver.check_senders "
+    "answers and keeps them in its checks table, apart from detection and alerts.",
+)
+@click.option(
     "--consume",
     is_flag=True,
     help="Stand in for an existing consumer instead: answer reports on --host/--port and "
@@ -484,7 +491,8 @@ def simulate(**options: Any) -> None:
     Or, with --consume, stand in for a consumer the relay feeds.
 
     Exit code 0 when every report sent was answered; 1 when any was given up
-    after its retries (so it doubles as a deployment check).
+    after its retries (so it doubles as a deployment check: add --check against a
+    production engine, and nothing it sends reaches detection or alerts).
     """
     from engine.apps.simulate import SimulateError, SimulateOptions, run_simulate
 
@@ -1064,3 +1072,30 @@ def alerts_deliveries(
                 f"{name}: {count.delivered} delivered, {count.given_up} given up, "
                 f"{count.pending} waiting, {count.failed} failed attempts"
             )
+
+
+@main.group()
+def checks() -> None:
+    """Deployment checks (simulate --send --check) an engine answered and kept apart."""
+
+
+@checks.command("list")
+@data_dir_option
+@config_option
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+def checks_list(data_dir: Path | None, config: Path | None, limit: int) -> None:
+    """Runs of check reports, newest first: when, from where, how many reports and calls."""
+    from engine.lake.checks import CheckListError, list_checks
+
+    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    try:
+        rows = list_checks(settings.store.data_dir, limit)
+    except CheckListError as error:
+        _fail(str(error))
+    if not rows:
+        click.echo("no check reports stored")
+    for row in rows:
+        click.echo(
+            f"{row['first']:%Y-%m-%d %H:%M:%S} - {row['last']:%H:%M:%S}  "
+            f"from {shown(row['sender'])}  {row['reports']} reports, {row['calls']} calls"
+        )

@@ -292,6 +292,7 @@ def run(
     file is rebuilt ("keys"): the receiver may wait for either."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from engine.ingest.senders import SenderDirectory
     from engine.lake.parquet import Lake
     from engine.lake.writer import LakeWriter, Outage
     from engine.relay.feed import HeldSegments
@@ -387,6 +388,7 @@ def run(
             max_dedup_keys=settings.store.max_dedup_keys,
             keys_ready=keys_ready,
             release=release,
+            senders=SenderDirectory(settings.receiver.switches, settings.receiver.check_senders),
         ),
         stop,
         receiver_pid,

@@ -275,6 +275,19 @@ class Engine:
             data_dir,
         )
         log.info("analysts: duckdb -readonly %s", data_dir / "callsentry.duckdb")
+        receiver = self.settings.receiver
+        if receiver.switches:
+            log.info(
+                "switches: %s",
+                "; ".join(f"{name} = {', '.join(n)}" for name, n in receiver.switches.items()),
+            )
+        refused = receiver.checks_refused()
+        if refused:
+            log.warning(
+                "receiver.check_senders %s not within receiver.allow: deployment checks "
+                "from there are dropped like everything else from there",
+                ", ".join(refused),
+            )
 
     async def stop(self) -> None:
         """Stop receiving, answer what was accepted, seal, let the lake writer finish."""

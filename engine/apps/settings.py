@@ -22,10 +22,11 @@ import zoneinfo
 from collections.abc import Mapping
 from datetime import UTC, tzinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -88,6 +89,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or CIDR network") from None
+
+
+def _networks(value: Any) -> Any:
+    # One address may be written alone: `east = "10.0.0.5"`.
+    return [value] if isinstance(value, str) else value
+
+
+# A switch's name: stored with every report and call, and part of a rule's entity
+# (`group_by: [switch, caller]` names it `east/8613...`), so no '/' and no spaces.
+SWITCH_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_SWITCH_NAME = re.compile(SWITCH_NAME)
+
+
 class ReceiverSettings(_Section):
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:8000"], min_length=1)
     # Default: loopback only, so a fresh install answers nobody it was not told about.
@@ -95,6 +114,17 @@ class ReceiverSettings(_Section):
     socket_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=65536)
     # Read and answer datagrams in batches (recvmmsg/sendmmsg) where the platform has them.
     batched_io: bool = True
+    # Switch name -> its sender addresses or networks (`[receiver.switches]`, e.g.
+    # east = ["10.0.0.5"]); stored as `switch` with every report and call. Each must
+    # be within `allow` (a switch the allow-list drops is a mistake, refused here).
+    # An address named by none gets switch "".
+    switches: dict[str, Annotated[list[str], BeforeValidator(_networks)]] = Field(
+        default_factory=dict
+    )
+    # Where deployment checks may come from (`simulate --send --check`): reports whose
+    # call_id starts with "callsentry-check-" from here are answered and stored in the
+    # `checks` table, never detected on. A switch's address is never a check sender.
+    check_senders: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
 
     @field_validator("listen")
     @classmethod
@@ -103,15 +133,60 @@ class ReceiverSettings(_Section):
             parse_hostport(item)
         return value
 
-    @field_validator("allow")
+    @field_validator("allow", "check_senders")
     @classmethod
     def _check_allow(cls, value: list[str]) -> list[str]:
         for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
+            _network(item)
         return value
+
+    @field_validator("switches")
+    @classmethod
+    def _check_switches(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        named: dict[Any, str] = {}
+        for name, addresses in value.items():
+            if not _SWITCH_NAME.match(name):
+                raise ValueError(
+                    f"switch name {name!r}: letters, digits, '_', '.' and '-', at most 64"
+                )
+            if not addresses:
+                raise ValueError(f"switch {name!r} has no address")
+            for address in addresses:
+                network = _network(address)
+                other = named.setdefault(network, name)
+                if other != name:
+                    raise ValueError(f"{address} is named twice: switch {other!r} and {name!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _switches_allowed(self) -> ReceiverSettings:
+        allowed = [_network(item) for item in self.allow]
+        for name, addresses in self.switches.items():
+            for address in addresses:
+                network = _network(address)
+                if not any(
+                    network.version == a.version and network.subnet_of(a)  # type: ignore[arg-type]
+                    for a in allowed
+                ):
+                    raise ValueError(
+                        f"switches.{name}: {address} is not within receiver.allow "
+                        f"({', '.join(self.allow) or 'empty'}), so its reports would be "
+                        "dropped; add it to receiver.allow"
+                    )
+        return self
+
+    def checks_refused(self) -> list[str]:
+        """The check senders `allow` does not cover: checks from there are dropped with
+        everything else from there (a site may mean that: no checks)."""
+        allowed = [_network(item) for item in self.allow]
+        return [
+            item
+            for item in self.check_senders
+            if not any(
+                _network(item).version == a.version and _network(item).subnet_of(a)  # type: ignore[arg-type]
+                for a in allowed
+            )
+        ]
 
 
 class CodecSettings(_Section):

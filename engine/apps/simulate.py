@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from engine.core.durations import parse_duration
-from engine.core.events import CallEvent
+from engine.core.events import CHECK_CALL_ID_PREFIX, MAX_CALL_ID_BYTES, CallEvent
 from engine.core.runtime import run_async
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.codec import Vos3000TextCodec
@@ -69,13 +69,21 @@ class SimulateOptions:
     consume_for: float = 0.0
     drop: float = 0.0
     quiet: bool = False
+    check: bool = False
 
 
 def run_consume(options: SimulateOptions, echo: Callable[[str], None]) -> int:
     """`simulate --consume`: answer reports as an existing consumer until SIGINT/SIGTERM
     (or `--for` seconds), printing each, then what came: duplicates, gaps, order."""
-    if options.scenario is not None or options.events_file is not None or options.send:
-        raise SimulateError("--consume receives reports; it sends none (no --scenario/--send)")
+    if (
+        options.scenario is not None
+        or options.events_file is not None
+        or options.send
+        or options.check
+    ):
+        raise SimulateError(
+            "--consume receives reports; it sends none (no --scenario/--send/--check)"
+        )
     try:
         consumer = ConsumerStandIn(
             options.host,
@@ -105,6 +113,19 @@ def run_consume(options: SimulateOptions, echo: Callable[[str], None]) -> int:
     return 0
 
 
+def as_checks(events: list[CallEvent]) -> list[CallEvent]:
+    """The reports marked as deployment checks: call ids with the reserved prefix
+    (docs/protocol.md, "Check reports"), cut to the protocol's limit if need be."""
+    return [
+        event._replace(
+            call_id=(CHECK_CALL_ID_PREFIX + event.call_id)
+            .encode("utf-8")[:MAX_CALL_ID_BYTES]
+            .decode("utf-8", "ignore")
+        )
+        for event in events
+    ]
+
+
 def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
     if options.consume:
         return run_consume(options, echo)
@@ -114,6 +135,8 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         raise SimulateError("give exactly one of --scenario FILE or --events FILE")
     if not send and to_file is None:
         raise SimulateError("say what to do: --to-file DIR, --send, or both")
+    if options.check and not send:
+        raise SimulateError("--check marks the reports sent; it needs --send")
     if events_file is not None and to_file is not None:
         raise SimulateError("--to-file writes a scenario's files; --events already is one")
     try:
@@ -165,6 +188,13 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         )
     if not send:
         return 0
+    if options.check:
+        events = as_checks(events)
+        echo(
+            f"sending as deployment checks (call ids start with {CHECK_CALL_ID_PREFIX}): "
+            "a receiver that lists this host in receiver.check_senders stores them in its "
+            "checks table and never detects on them"
+        )
 
     _check_target(options.host, options.allow_remote)
     try:

@@ -12,6 +12,11 @@ from typing import NamedTuple
 MAX_CALL_ID_BYTES = 128
 # Serials are stored as BIGINT; 18 digits always fit.
 MAX_SERIAL_DIGITS = 18
+# A report whose call_id starts with this, from a sender in `receiver.check_senders`,
+# is a deployment check (docs/protocol.md, "Check reports"): answered and stored in the
+# `checks` table, never fed to detection. From any other sender it is a report like
+# any other.
+CHECK_CALL_ID_PREFIX = "callsentry-check-"
 
 
 class CallState(enum.StrEnum):
@@ -64,6 +69,10 @@ class CallEvent(NamedTuple):
     menu_id: str
     menu_name: str
     source: str = ""
+    # The name `receiver.switches` gives the sender's address ("" when it names none).
+    switch: str = ""
+    # A deployment check (see CHECK_CALL_ID_PREFIX): stored in `checks`, never detected on.
+    check: bool = False
 
     @property
     def key(self) -> tuple[str, int]:

@@ -119,7 +119,7 @@ class AlertManager:
             source=rule.id,
             detector="rule",
             severity=spec.severity,
-            entity_type=spec.aggregate.group_by,
+            entity_type=spec.aggregate.entity_type,
             threshold=spec.condition.threshold,
             summary=summary_of(finding),
             version=rule.version,

@@ -59,6 +59,7 @@ class Call(Snapshotted):
     reports: int = 0
     outcome: str = "in_progress"
     deadline: float = 0.0
+    switch: str = ""
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class Call(Snapshotted):
         reports: int = 0,
         outcome: str = "in_progress",
         deadline: float = 0.0,
+        switch: str = "",
     ) -> None:
         # Written out rather than made by @dataclass: compiled, this runs as C for
         # every call opened; the dataclass's own is Python (3 % of detection then).
@@ -99,6 +101,8 @@ class Call(Snapshotted):
         self.reports = reports
         self.outcome = outcome
         self.deadline = deadline
+        # The switch that reported the call's first report (engine.ingest.senders).
+        self.switch = switch
 
     def state_fields(self) -> tuple[str, ...]:
         return (
@@ -112,6 +116,9 @@ class Call(Snapshotted):
             "reports",
             "outcome",
             "deadline",
+            # Last, and not among what a call is made with: a snapshot written before
+            # calls had a switch leaves it "" (engine.detect.state revives calls so).
+            "switch",
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -168,6 +175,7 @@ CALL_COLUMNS = (
     "ring_code",
     "reports",
     "finished_at",
+    "switch",
 )
 
 
@@ -198,6 +206,7 @@ def call_columns(calls: list[Call]) -> dict[str, Any]:
     ring_code: list[float] = []
     reports: list[float] = []
     finished_at: list[float] = []
+    switch: list[str] = []
     # Equal texts of different calls as one object.
     texts: dict[str, str] = {}
     for call in calls:
@@ -218,6 +227,7 @@ def call_columns(calls: list[Call]) -> dict[str, Any]:
         ring_code.append(_NAN if code is None else float(code))
         reports.append(float(call.reports))
         finished_at.append(call.deadline)
+        switch.append(texts.setdefault(call.switch, call.switch))
     return {
         "call_id": call_id,
         "caller": caller,
@@ -235,6 +245,7 @@ def call_columns(calls: list[Call]) -> dict[str, Any]:
         "ring_code": array("d", ring_code),
         "reports": array("d", reports),
         "finished_at": array("d", finished_at),
+        "switch": switch,
     }
 
 
@@ -408,6 +419,7 @@ class CallTracker(Snapshotted):
                 event.menu_id,
                 event.menu_name,
                 started_at=ts,
+                switch=event.switch,
             )
             self.open[event.call_id] = call
             # Not setdefault(caller, {}): that makes a dict for every call opened.

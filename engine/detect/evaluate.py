@@ -17,7 +17,7 @@ from typing import Any, Final, cast
 from engine.detect.aggregates import Aggregate, Comparison, Concurrent, Numerator, aggregate
 from engine.detect.aggregates import comparison as comparison_of
 from engine.detect.calls import Call, CallTracker
-from engine.detect.fields import ENTITY_FIELDS, FIELDS, CallField
+from engine.detect.fields import FIELDS, CallField, entity_field
 from engine.detect.schema import Matcher, RuleSpec
 from engine.detect.windows import EntityState, KeyedState, Timestamp
 
@@ -252,7 +252,7 @@ class CompiledRule:
         self.version = version
         self.logic = _logic_hash(spec)
         self.tests = selection_tests(spec.selection, lists)
-        self.entity_field = ENTITY_FIELDS[spec.aggregate.group_by]
+        self.entity_field = entity_field(spec.aggregate.entity_names)
         self.condition: Comparison = comparison_of(spec.condition)
         numerator = compile_selection(spec.aggregate.numerator or {}, lists)
         self.aggregate: Aggregate = aggregate(spec.aggregate, self.condition, numerator)

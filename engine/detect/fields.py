@@ -56,6 +56,11 @@ class MenuName(TextField):
         return call.menu_name
 
 
+class Switch(TextField):
+    def text(self, call: Call) -> str:
+        return call.switch
+
+
 class Outcome(TextField):
     def text(self, call: Call) -> str:
         return call.outcome
@@ -88,6 +93,7 @@ TEXT_FIELDS: dict[str, TextField] = {
     "menu_id": MenuId(),
     "menu_name": MenuName(),
     "outcome": Outcome(),
+    "switch": Switch(),
 }
 FIELDS: dict[str, CallField] = {
     **TEXT_FIELDS,
@@ -105,4 +111,32 @@ ENTITY_FIELDS: dict[str, TextField] = {
     "menu": TEXT_FIELDS["menu_id"],
     "forward": TEXT_FIELDS["forward"],
     "callee": TEXT_FIELDS["callee"],
+    "switch": TEXT_FIELDS["switch"],
 }
+# Between the parts of an entity grouped by several fields (`group_by: [switch,
+# caller]` -> "east/8613800000001"). A switch's name has none (its setting refuses it).
+ENTITY_JOINER = "/"
+
+
+class JoinedFields(TextField):
+    """An entity named by several fields of a call, joined by ENTITY_JOINER. A call
+    with any of them empty names no entity (as one with an empty caller does not)."""
+
+    def __init__(self, parts: list[TextField]) -> None:
+        self.parts = parts
+
+    def text(self, call: Call) -> str:
+        texts: list[str] = []
+        for part in self.parts:
+            text = part.text(call)
+            if not text:
+                return ""
+            texts.append(text)
+        return ENTITY_JOINER.join(texts)
+
+
+def entity_field(group_by: tuple[str, ...]) -> TextField:
+    """The field naming a rule's entity: one of ENTITY_FIELDS, or those joined."""
+    if len(group_by) == 1:
+        return ENTITY_FIELDS[group_by[0]]
+    return JoinedFields([ENTITY_FIELDS[name] for name in group_by])

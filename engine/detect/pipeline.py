@@ -218,7 +218,7 @@ class Pipeline:
         for a model's finding; the models themselves keep no call ids per caller)."""
         seen: dict[str, float] = {}
         for rule in self.rules.rules:
-            if rule.spec.aggregate.group_by != entity_type:
+            if rule.spec.aggregate.entity_type != entity_type:
                 continue
             window = rule.state.states.get(entity)
             if window is None:

@@ -184,7 +184,7 @@ def summary_of(finding: Finding) -> str:
         shown = f"{value:.2f}" if not float(value).is_integer() else f"{int(value)}"
     values = {
         "entity": finding.entity,
-        "entity_type": spec.aggregate.group_by,
+        "entity_type": spec.aggregate.entity_type,
         "value": shown,
         "threshold": f"{spec.condition.threshold:g}",
         "window": describe_window(rule.window_s),

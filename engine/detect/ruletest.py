@@ -31,7 +31,15 @@ def expand(series: TestCalls, test_name: str, index: int) -> list[CallEvent]:
             if series.callee_step
             else series.callee
         )
-        fields = (series.caller, callee, series.forward, series.menu_id, series.menu_name, "test")
+        fields = (
+            series.caller,
+            callee,
+            series.forward,
+            series.menu_id,
+            series.menu_name,
+            "test",
+            series.switch,
+        )
         answered_at = start + series.ring
         events.append(CallEvent(start, call_id, 1, CallState.RINGING, 180, *fields))
         if series.answered:

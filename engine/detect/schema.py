@@ -36,7 +36,11 @@ FieldName = Literal[
     "talk_s",
     "answered",
     "ring_code",
+    "switch",
 ]
+# What a rule's entities may be named by; several (`group_by: [switch, caller]`) name
+# an entity by those fields joined with "/" in that order ("east/8613800000001").
+GroupName = Literal["caller", "menu", "forward", "callee", "switch"]
 
 
 # The placeholders a rule's `summary` may name (engine.detect.rules.summary_of fills them).
@@ -96,7 +100,7 @@ class Aggregate(_Strict):
         "sequential",
         "concurrent",
     ]
-    group_by: Literal["caller", "menu", "forward", "callee"]
+    group_by: GroupName | list[GroupName]
     window: Duration | None = None
     field: Literal["caller", "callee", "forward", "menu_id", "ring_s", "talk_s"] | None = None
     numerator: Selection | None = None
@@ -107,8 +111,24 @@ class Aggregate(_Strict):
     warmup: Duration = 3600.0
     max_step: int = Field(default=1, ge=1)
 
+    @property
+    def entity_names(self) -> tuple[str, ...]:
+        """The fields that name an entity, in order."""
+        if isinstance(self.group_by, str):
+            return (self.group_by,)
+        return tuple(self.group_by)
+
+    @property
+    def entity_type(self) -> str:
+        """What alerts call the entity: `caller`, or `switch/caller` for several."""
+        return "/".join(self.entity_names)
+
     @model_validator(mode="after")
     def _check(self) -> Aggregate:
+        if isinstance(self.group_by, list) and not 1 <= len(self.group_by) <= 3:
+            raise ValueError("group_by names one to three fields")
+        if len(set(self.entity_names)) != len(self.entity_names):
+            raise ValueError("group_by names a field twice")
         if self.type != "concurrent" and not self.window:
             raise ValueError(f"aggregate type {self.type} needs a window")
         if self.type in ("distinct", "sum") and self.field is None:
@@ -119,9 +139,9 @@ class Aggregate(_Strict):
             raise ValueError("aggregate type ratio needs a numerator selection")
         if self.type == "first_seen" and not self.new_for:
             raise ValueError("aggregate type first_seen needs new_for (how long a key is new)")
-        if self.type == "sequential" and self.group_by != "caller":
+        if self.type == "sequential" and self.entity_names != ("caller",):
             raise ValueError("sequential dialling is grouped by caller")
-        if self.type == "concurrent" and self.group_by != "caller":
+        if self.type == "concurrent" and self.entity_names != ("caller",):
             # The call tracker knows the calls in progress per caller only.
             raise ValueError("concurrent calls are counted per caller (group_by: caller)")
         return self
@@ -164,6 +184,8 @@ class TestCalls(_Strict):
     forward: str = ""
     menu_id: str = "1"
     menu_name: str = "Main menu"
+    # The switch the calls come through (receiver.switches names it; "" none).
+    switch: str = ""
     ring: Duration = 3.0
     talk: Duration = 60.0
     answered: bool = True

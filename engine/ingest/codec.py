@@ -48,7 +48,7 @@ class Codec(Protocol):
     @property
     def name(self) -> str: ...
 
-    def decode(self, data: bytes, ts: float, source: str = "") -> Decoded: ...
+    def decode(self, data: bytes, ts: float, source: str = "", switch: str = "") -> Decoded: ...
 
     def encode(self, event: CallEvent) -> bytes: ...
 
@@ -111,7 +111,7 @@ def parse_state(text: str) -> tuple[CallState, int | None]:
         ) from None
 
 
-def make_event(ts: float, fields: Sequence[str], source: str) -> CallEvent:
+def make_event(ts: float, fields: Sequence[str], source: str, switch: str = "") -> CallEvent:
     """Validate the 8 text fields (from a datagram or an event file) into a `CallEvent`,
     in protocol order: call_id, serial, state, caller, callee, forward, menu_id, menu_name."""
     call_id, serial, state, caller, callee, forward, menu_id, menu_name = fields
@@ -131,6 +131,7 @@ def make_event(ts: float, fields: Sequence[str], source: str) -> CallEvent:
         menu_id.strip(),
         menu_name.strip(),
         source,
+        switch,
     )
 
 
@@ -166,7 +167,8 @@ class Vos3000TextCodec:
         # Frozen: set once here, read on every datagram.
         object.__setattr__(self, "_separator_bytes", self.separator.encode("ascii"))
 
-    def decode(self, data: bytes, ts: float, source: str = "") -> Decoded:
+    def decode(self, data: bytes, ts: float, source: str = "", switch: str = "") -> Decoded:
+        """`switch`: the name the sender's address goes by (engine.ingest.senders)."""
         if not data:
             return Decoded(
                 Reject(ts, RejectReason.EMPTY, "empty datagram", data, source=source), None
@@ -240,6 +242,8 @@ class Vos3000TextCodec:
                                 fields[6].strip(),
                                 fields[7].strip(),
                                 source,
+                                switch,
+                                False,
                             ),
                         ),
                         f"{call_id}{separator}{serial}".encode(encoding),
@@ -258,7 +262,7 @@ class Vos3000TextCodec:
                 f"separated by {separator!r})",
             )
         try:
-            event = make_event(ts, fields, source)
+            event = make_event(ts, fields, source, switch)
         except FieldError as error:
             return self._reject_fields(
                 data, ts, source, fields, encoding, error.reason, error.detail

@@ -49,6 +49,9 @@ COLUMNS = (
     "menu_name",
 )
 REQUIRED = ("ts", "call_id", "serial", "state")
+# Read where a file has it (an export of the events table), "" where it has not.
+OPTIONAL = ("switch",)
+KEPT = (*COLUMNS, *OPTIONAL)
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 
@@ -122,7 +125,7 @@ def row_to_item(row: Mapping[str, Any], source: str, fallback_ts: float) -> Call
         ts = parse_ts(row.get("ts"))
         fields = [_text(row.get(column)) for column in COLUMNS[1:]]
         fields[2] = _TABLE_STATES.get(fields[2].strip().lower(), fields[2])
-        return make_event(ts, fields, source)
+        return make_event(ts, fields, source, _text(row.get("switch")))
     except FieldError as error:
         at = fallback_ts if ts is None else ts
         return _reject(row, source, at, error.reason, error.detail)
@@ -177,7 +180,7 @@ def _frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[Row]:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise EventFileError(f"{path}: cannot read as {kind}: {first}") from None
     _check_columns(path, frame.columns)
-    frame = frame.select([c for c in COLUMNS if c in frame.columns])
+    frame = frame.select([c for c in KEPT if c in frame.columns])
     for name, dtype in frame.schema.items():
         if dtype.is_nested() or dtype in (pl.Binary, pl.Object):
             # Its values would be stored as Python's text of a list or of bytes.
@@ -215,7 +218,7 @@ def _csv_frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[Row]:
     _check_columns(path, frame.columns)
     if not _one_line_rows(data, frame.width, frame.height):
         return _csv_rows(path, data)
-    return frame.select([c for c in COLUMNS if c in frame.columns]), 2
+    return frame.select([c for c in KEPT if c in frame.columns]), 2
 
 
 def _one_line_rows(data: bytes, width: int, height: int) -> bool:
@@ -473,6 +476,11 @@ def _items_of_frame(
         seconds, slow, sources = checked()
     serials = frame["serial"].cast(pl.Int64, strict=False).to_list()
     times = seconds.to_list()
+    switches = (
+        frame["switch"].cast(pl.String).fill_null("").to_list()
+        if "switch" in columns
+        else [""] * count
+    )
     fields = (
         times,
         texts[0],
@@ -481,6 +489,9 @@ def _items_of_frame(
         list(map(_EXACT_CODE.get, state_texts)),
         *texts[3:],
         sources,
+        switches,
+        # Rows of a file are never deployment checks (those are stored apart, in `checks`).
+        [False] * count,
     )
     # What the closer look needs of the rows it remakes, taken before the columns' values
     # move into the rows.
@@ -491,6 +502,7 @@ def _items_of_frame(
             times[index],
             [texts[0][index], serial_text, *(text[index] for text in texts[2:])],
             sources[index],
+            switches[index],
         )
         for index, serial_text in zip(slow, serial_texts, strict=True)
     ]
@@ -507,7 +519,7 @@ def _items_of_frame(
 def _closer_look(
     frame: pl.DataFrame,
     items: list[CallEvent | Reject],
-    unusual: list[tuple[int, float | None, list[str], str]],
+    unusual: list[tuple[int, float | None, list[str], str, str]],
 ) -> None:
     """Remake the rows at the `unusual` indexes (ascending; with each its time, texts
     and source) through the validator: a field to strip, a state spelled otherwise, or
@@ -515,7 +527,7 @@ def _closer_look(
     columns = frame.columns
     fallback_ts = 0.0
     previous = -1
-    for index, ts, fields, source in unusual:
+    for index, ts, fields, source, switch in unusual:
         if index - 1 > previous:
             # The row before was made by the fast path: a CallEvent.
             fallback_ts = items[index - 1].ts
@@ -527,7 +539,7 @@ def _closer_look(
         else:
             fields[2] = _TABLE_STATES.get(fields[2].strip().lower(), fields[2])
             try:
-                item = make_event(ts, fields, source)
+                item = make_event(ts, fields, source, switch)
             except FieldError as error:
                 row = dict(zip(columns, frame.row(index), strict=True))
                 item = _reject(row, source, ts, error.reason, error.detail)

@@ -40,4 +40,6 @@ def item_of(record: Record) -> Item:
         return Reject(
             ts, RejectReason(reason), detail, raw.encode("latin-1"), call_id, serial, source
         )
-    return CallEvent(record[0], record[1], record[2], CallState(record[3]), *record[4:11])
+    # Journals written before `switch` and `check` were fields hold 11 of them: the
+    # rest take their defaults (no switch named, not a check).
+    return CallEvent(record[0], record[1], record[2], CallState(record[3]), *record[4:13])

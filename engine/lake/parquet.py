@@ -6,6 +6,7 @@ Layout under the data directory:
     lake/events/day=2026-11-28/cmp-000000000040-000000000045.parquet   after compaction
     lake/events/day=2026-11-28/grp-000000000001-000000000050.parquet   replay: many at once
     lake/rejects/...                                        the quarantine, same scheme
+    lake/checks/...                                         deployment checks, same scheme
     callsentry.duckdb                                       views only, never held open
 
 A DuckDB file is opened by one writer or many readers, never both; so the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import operator
 import os
 import re
 import uuid
@@ -63,6 +65,7 @@ EVENT_SCHEMA: dict[str, Any] = {
     "menu_id": pl.String,
     "menu_name": pl.String,
     "source": pl.String,
+    "switch": pl.String,
 }
 REJECT_SCHEMA: dict[str, Any] = {
     "seq": pl.Int64,
@@ -91,6 +94,7 @@ CALL_SCHEMA: dict[str, Any] = {
     "ring_code": pl.Int16,
     "reports": pl.Int32,
     "finished_at": pl.Datetime("us", "UTC"),
+    "switch": pl.String,
 }
 ALERT_SCHEMA: dict[str, Any] = {
     "alert_id": pl.String,
@@ -119,6 +123,9 @@ REVIEW_SCHEMA: dict[str, Any] = {
 TABLES = {
     "events": EVENT_SCHEMA,
     "rejects": REJECT_SCHEMA,
+    # Deployment checks (docs/protocol.md, "Check reports"): answered and kept, never
+    # detected on, so never in events, calls or alerts.
+    "checks": EVENT_SCHEMA,
     "calls": CALL_SCHEMA,
     "alerts": ALERT_SCHEMA,
     # Would-be alerts of rules in shadow mode: recorded, never notified.
@@ -129,12 +136,22 @@ TABLES = {
 TIME_COLUMN = {
     "events": "ts",
     "rejects": "ts",
+    "checks": "ts",
     "calls": "started_at",
     "alerts": "raised_at",
     "shadow_alerts": "raised_at",
     "alert_reviews": "reviewed_at",
 }
-SORT_COLUMN = {"events": "seq", "rejects": "seq"}
+SORT_COLUMN = {"events": "seq", "rejects": "seq", "checks": "seq"}
+# Tables whose rows are reports (each with its own seq, numbered as they were stored).
+REPORT_TABLES = ("events", "rejects", "checks")
+# Columns added after the first release: files written before them lack them, and the
+# views (and compaction) give them this value for those rows.
+ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    "events": {"switch": ""},
+    "checks": {"switch": ""},
+    "calls": {"switch": ""},
+}
 # Each alert with its latest review (status 'open' until someone reviews it), the
 # status read in today's vocabulary (engine.lake.review_status).
 ALERTS_CURRENT = f"""
@@ -157,8 +174,43 @@ def _ts_series(values: Sequence[float]) -> pl.Series:
     return micros.cast(pl.Datetime("us", "UTC"))
 
 
+_CHECK = CallEvent._fields.index("check")
+
+
+def _events_frame(seqs: list[int], events: Sequence[CallEvent]) -> pl.DataFrame:
+    if not events:
+        return pl.DataFrame(schema=EVENT_SCHEMA)
+    # The report's fields in order, but its `check` (which table it goes to).
+    columns = list(zip(*events, strict=True))[:_CHECK]
+    return pl.DataFrame(
+        [
+            pl.Series("seq", seqs, pl.Int64),
+            _ts_series(columns[0]),
+            *(
+                pl.Series(name, column, EVENT_SCHEMA[name])
+                for name, column in zip(list(EVENT_SCHEMA)[2:], columns[1:], strict=True)
+            ),
+        ]
+    )
+
+
+def _split_checks(
+    seqs: list[int], events: list[CallEvent]
+) -> tuple[list[int], list[CallEvent], list[int], list[CallEvent]]:
+    """(seqs, events) of the reports, then of the checks among them."""
+    if not any(map(operator.itemgetter(_CHECK), events)):
+        return seqs, events, [], []
+    kept: tuple[list[int], list[CallEvent]] = ([], [])
+    checks: tuple[list[int], list[CallEvent]] = ([], [])
+    for seq, event in zip(seqs, events, strict=True):
+        into = checks if event.check else kept
+        into[0].append(seq)
+        into[1].append(event)
+    return kept[0], kept[1], checks[0], checks[1]
+
+
 def frames_of(batches: Iterable[tuple[int, Sequence[Item]]]) -> dict[str, pl.DataFrame]:
-    """Columns of the events and rejects tables from batches of (first_seq, items)."""
+    """Columns of the events, rejects and checks tables from batches of (first_seq, items)."""
     event_seqs: list[int] = []
     events: list[CallEvent] = []
     reject_seqs: list[int] = []
@@ -176,20 +228,8 @@ def frames_of(batches: Iterable[tuple[int, Sequence[Item]]]) -> dict[str, pl.Dat
             else:
                 reject_seqs.append(first_seq + offset)
                 rejects.append(cast(Reject, item))
-    if events:
-        columns = list(zip(*events, strict=True))
-        event_frame = pl.DataFrame(
-            [
-                pl.Series("seq", event_seqs, pl.Int64),
-                _ts_series(columns[0]),
-                *(
-                    pl.Series(name, column, EVENT_SCHEMA[name])
-                    for name, column in zip(list(EVENT_SCHEMA)[2:], columns[1:], strict=True)
-                ),
-            ]
-        )
-    else:
-        event_frame = pl.DataFrame(schema=EVENT_SCHEMA)
+    event_seqs, events, check_seqs, checks = _split_checks(event_seqs, events)
+    event_frame = _events_frame(event_seqs, events)
     if rejects:
         reject_frame = pl.DataFrame(
             [
@@ -205,10 +245,49 @@ def frames_of(batches: Iterable[tuple[int, Sequence[Item]]]) -> dict[str, pl.Dat
         )
     else:
         reject_frame = pl.DataFrame(schema=REJECT_SCHEMA)
-    return {"events": event_frame, "rejects": reject_frame}
+    return {
+        "events": event_frame,
+        "rejects": reject_frame,
+        "checks": _events_frame(check_seqs, checks),
+    }
 
 
 _segment_range = segment_range
+
+# Tables added after the first release: a lake no writer of this release has
+# prepared yet reads them as empty.
+ADDED_TABLES = ("checks",)
+_SQL_TYPES: dict[Any, str] = {
+    pl.Int64: "BIGINT",
+    pl.Int32: "INTEGER",
+    pl.Int16: "SMALLINT",
+    pl.Float64: "DOUBLE",
+    pl.String: "VARCHAR",
+    pl.Binary: "BLOB",
+    pl.Datetime("us", "UTC"): "TIMESTAMPTZ",
+}
+
+
+def _empty_select(schema: Mapping[str, Any]) -> str:
+    columns = ", ".join(f"NULL::{_SQL_TYPES[dtype]} AS {name}" for name, dtype in schema.items())
+    return f"SELECT {columns} LIMIT 0"
+
+
+def _read_files(paths: list[Path], table: str) -> pl.DataFrame:
+    """The rows of a table's files as one frame in today's schema: a file written
+    before a column was added gets that column's default (ADDED_COLUMNS)."""
+    schema = TABLES[table]
+    added = ADDED_COLUMNS.get(table, {})
+    frames = []
+    for path in paths:
+        frame = pl.read_parquet(path, hive_partitioning=False)
+        missing = [name for name in added if name not in frame.columns]
+        if missing:
+            frame = frame.with_columns(
+                pl.lit(added[name], dtype=schema[name]).alias(name) for name in missing
+            )
+        frames.append(frame.select(list(schema)))
+    return pl.concat(frames)
 
 
 def _days(frame: pl.DataFrame, column: str) -> list[tuple[str, pl.DataFrame]]:
@@ -298,7 +377,7 @@ def write_atomic(frame: pl.DataFrame, target: Path) -> None:
 
 # Raw data that retention may remove; alerts and their reviews are the audit trail
 # and are kept.
-RETAINED_TABLES = ("events", "rejects", "calls")
+RETAINED_TABLES = ("events", "rejects", "checks", "calls")
 
 
 @dataclass(frozen=True)
@@ -317,7 +396,9 @@ class Lake:
         """Create the table folders with an empty placeholder, so views work before any data."""
         for table, schema in TABLES.items():
             placeholder = self.root / table / _PLACEHOLDER_DAY / _PLACEHOLDER
-            if not placeholder.exists():
+            # A lake made before a column was added has a placeholder without it: made
+            # again, so the table has every column even before new rows come.
+            if not placeholder.exists() or pl.read_parquet_schema(placeholder) != schema:
                 write_atomic(pl.DataFrame(schema=schema), placeholder)
         self._finish_interrupted_compactions()
 
@@ -331,7 +412,7 @@ class Lake:
         calls, alerts), one file per table and day, named after the segment.
 
         Durable (fsync'd) before it returns, so the journal segment may then go.
-        Returns the number of reports (events and rejects) written.
+        Returns the number of reports (events, rejects and checks) written.
         """
         return self._write(f"seg-{segment:012d}.parquet", batches, derived)
 
@@ -387,7 +468,7 @@ class Lake:
                 ordered = _sorted(part, SORT_COLUMN.get(table, column))
                 write_atomic(ordered, folder / name)
                 touched.add(folder)
-                if table in ("events", "rejects"):
+                if table in REPORT_TABLES:
                     reports += part.height
         for folder in touched:
             fsync_dir(folder)
@@ -411,9 +492,8 @@ class Lake:
         return highest
 
     def holds_reports(self) -> bool:
-        """Whether the events or rejects table has a file besides its empty placeholder."""
-        tables = ("events", "rejects")
-        return any(path.name != _PLACEHOLDER for t in tables for path in self.files(t))
+        """Whether a table of reports has a file besides its empty placeholder."""
+        return any(path.name != _PLACEHOLDER for t in REPORT_TABLES for path in self.files(t))
 
     def files(self, table: str) -> list[Path]:
         return sorted((self.root / table).glob("day=*/*.parquet"))
@@ -428,12 +508,45 @@ class Lake:
             return con.execute(sql, list(params)).fetchall()
 
     def create_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        for table in TABLES:
+        for table, schema in TABLES.items():
+            placeholder = self.root / table / _PLACEHOLDER_DAY / _PLACEHOLDER
+            if table in ADDED_TABLES and not placeholder.exists():
+                # A lake no lake writer of this release has prepared yet: none stored.
+                con.execute(f"CREATE VIEW {table} AS {_empty_select(schema)}")
+                continue
+            columns = self._columns(table, placeholder)
             con.execute(
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet({sql_text(self.glob(table))}, "
+                f"CREATE VIEW {table} AS SELECT {columns} FROM "
+                f"read_parquet({sql_text(self.glob(table))}, "
                 "hive_partitioning = true, union_by_name = true)"
             )
         con.execute(f"CREATE VIEW alerts_current AS {ALERTS_CURRENT}")
+
+    def _columns(self, table: str, placeholder: Path) -> str:
+        """What a table's view selects: every column, and those added since the first
+        release as their default where a file (written before) lacks them."""
+        added = ADDED_COLUMNS.get(table, {})
+        if not added:
+            return "*"
+        try:
+            present = set(pl.read_parquet_schema(placeholder)) if placeholder.exists() else set()
+        except (OSError, pl.exceptions.PolarsError):
+            present = set()
+        if not present:
+            return "*"  # not a lake callsentry prepared: DuckDB says what is wrong with it
+        replaced = [
+            f"coalesce({name}, {sql_text(default)}) AS {name}"
+            for name, default in added.items()
+            if name in present
+        ]
+        # Not prepared by this release yet (its placeholder is older than the column):
+        # no file has the column.
+        missing = [
+            f"{sql_text(default)} AS {name}"
+            for name, default in added.items()
+            if name not in present
+        ]
+        return ", ".join([f"* REPLACE ({', '.join(replaced)})" if replaced else "*", *missing])
 
     def publish_views(self, extra_views: Iterable[tuple[str, str]] = ()) -> None:
         """Write `callsentry.duckdb` (views only) and swap it in atomically.
@@ -470,7 +583,8 @@ class Lake:
         """
         removed = []
         top = self.query(
-            "SELECT max(seq) FROM (SELECT seq FROM events UNION ALL SELECT seq FROM rejects)"
+            "SELECT max(seq) FROM (SELECT seq FROM events UNION ALL SELECT seq FROM rejects "
+            "UNION ALL SELECT seq FROM checks)"
         )[0][0]
         for table in RETAINED_TABLES:
             days = sorted(
@@ -548,10 +662,7 @@ class Lake:
         last = max(rng[1] for rng, _ in run)
         inputs = [path for _, path in run]
         target = folder / f"cmp-{first:012d}-{last:012d}.parquet"
-        frame = _sorted(
-            pl.read_parquet(inputs, hive_partitioning=False),
-            SORT_COLUMN.get(table, TIME_COLUMN[table]),
-        )
+        frame = _sorted(_read_files(inputs, table), SORT_COLUMN.get(table, TIME_COLUMN[table]))
         intent = folder / "compaction.intent.json"
         try:
             plan = {"target": target.name, "inputs": [p.name for p in inputs]}

@@ -15,6 +15,7 @@ the segment's keys in the key file.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 from collections.abc import Callable, Container, Iterator, Sequence
@@ -27,7 +28,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from engine.core.events import CallEvent, CallState, Reject
+from engine.core.events import CHECK_CALL_ID_PREFIX, CallEvent, CallState, Reject
 from engine.core.yamlfile import YamlFileError
 from engine.detect.alerts import Alert, AlertSink
 from engine.detect.calls import call_columns
@@ -37,9 +38,11 @@ from engine.detect.snapshot import load as snapshot_load
 from engine.detect.snapshot import save as snapshot_save
 from engine.detect.snapshot import set_aside, snapshot_path
 from engine.detect.state import Position, Snapshot
+from engine.ingest.codec import Codec
 from engine.ingest.journal import (
     DATAGRAMS,
     TICK,
+    Frame,
     fsync_dir,
     read_segment,
     sealed_path,
@@ -49,6 +52,7 @@ from engine.ingest.journal import (
 )
 from engine.ingest.keyfile import RecentKeys, StoredKey, key_file_path
 from engine.ingest.records import Item, item_of
+from engine.ingest.senders import SenderDirectory
 from engine.ingest.stats import COUNTERS, SharedCounters
 from engine.ingest.store import codec_of
 from engine.lake.parquet import ALERT_SCHEMA, CALL_SCHEMA, STORAGE_ERRORS, Lake
@@ -148,6 +152,16 @@ class DrainResult:
 # A decoded segment, step by step: batches of reports, and ticks (event time moving on).
 Step = tuple[int, list[Item]] | float
 
+_IS_CHECK = operator.itemgetter(CallEvent._fields.index("check"))
+
+
+def without_checks(items: list[Item]) -> list[Item]:
+    """The items detection sees: all but deployment checks (stored apart, in `checks`,
+    and never detected on)."""
+    if set(map(type, items)) == {CallEvent} and not any(map(_IS_CHECK, items)):
+        return items  # the usual batch: reports only, no check among them
+    return [item for item in items if type(item) is not CallEvent or not item.check]
+
 
 @dataclass
 class DetectedSegment:
@@ -209,17 +223,21 @@ class LakeWriter:
         keys_ready: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         release: Callable[[Path], None] | None = None,
+        senders: SenderDirectory | None = None,
     ) -> None:
         """Starts the lake writer's work on `data_dir`: the caller holds its lock
         (`lake_writer_lock`), or is the only process on the data dir. `release` takes a
         sealed segment once it is in the lake (default: delete it; serve with relay
         targets hands it to the relay, which deletes it once every target has it).
+        `senders`: the switch names and check senders (none named, none allowed to send
+        checks).
 
         `durable_sinks` (the outbox) take a segment's alerts after its lake write and
         before its journal segment goes: a crash in between runs the segment through
         detection again, and they take the same alerts again (they must accept a
         repeat). A failure there (an OSError) fails the write like a full disk."""
         self.data_dir = data_dir
+        self.senders = senders if senders is not None else SenderDirectory({})
         self.lake = Lake(data_dir)
         self.journal_dir = data_dir / "journal"
         self._release = release or Path.unlink
@@ -294,7 +312,7 @@ class LakeWriter:
         if self.lake.holds_reports():
             max_seq, max_ts_us = self.lake.query(
                 "SELECT max(seq), max(epoch_us(ts)) FROM (SELECT seq, ts FROM events "
-                "UNION ALL SELECT seq, ts FROM rejects)"
+                "UNION ALL SELECT seq, ts FROM rejects UNION ALL SELECT seq, ts FROM checks)"
             )[0]
             since = (max_ts_us or 0) / 1_000_000 - self.keys.horizon_s
             # The newest store.max_dedup_keys only: the receiver holds no more.
@@ -305,10 +323,11 @@ class LakeWriter:
                 for call_id, serial, t in self.lake.query(
                     "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
                     "SELECT call_id, serial, ts FROM events WHERE ts >= to_timestamp(?) "
+                    "UNION ALL SELECT call_id, serial, ts FROM checks WHERE ts >= to_timestamp(?) "
                     "UNION ALL SELECT call_id, serial, ts FROM rejects "
                     "WHERE ts >= to_timestamp(?) AND call_id IS NOT NULL "
                     "AND serial IS NOT NULL) ORDER BY t DESC" + newest,
-                    (since, since),
+                    (since, since, since),
                 )
             ]
             keys.reverse()
@@ -376,7 +395,8 @@ class LakeWriter:
         try:
             rows = self.lake.query(
                 "SELECT seq, epoch_us(ts), call_id, serial, state, code, caller, callee, "
-                "forward, menu_id, menu_name, source FROM events WHERE seq > ? ORDER BY seq",
+                "forward, menu_id, menu_name, source, switch FROM events WHERE seq > ? "
+                "ORDER BY seq",
                 [after_seq],
             )
         except duckdb.Error as error:
@@ -432,10 +452,7 @@ class LakeWriter:
         steps: list[Step] = []
         for frame in segment.frames:
             if frame.kind == DATAGRAMS:
-                decode = codec.decode
-                items: list[Item] = [
-                    decode(raw, ts, source)[0] for ts, source, raw in frame.datagrams()
-                ]
+                items = self._decode_datagrams(codec, frame)
             elif frame.kind == TICK:
                 steps.append(tick_of(frame))
                 continue
@@ -443,6 +460,33 @@ class LakeWriter:
                 items = [item_of(record) for record in frame.records()]
             steps.append((frame.first_seq, items))
         return steps
+
+    def _decode_datagrams(self, codec: Codec, frame: Frame) -> list[Item]:
+        """A frame's datagrams decoded, each with the switch its sender is named as;
+        a check from a check sender marked as one (engine.ingest.senders). A frame's
+        datagrams come from a few senders: each is looked up once per frame."""
+        decode, sender_of = codec.decode, self.senders.of
+        switches: dict[str, str] = {}
+        check_senders: set[str] = set()
+        items: list[Item] = []
+        append = items.append
+        for ts, source, raw in frame.datagrams():
+            switch = switches.get(source)
+            if switch is None:
+                sender = sender_of(source)
+                switch = switches[source] = sender.switch
+                if sender.checks:
+                    check_senders.add(source)
+            append(decode(raw, ts, source, switch)[0])
+        if check_senders:
+            for index, item in enumerate(items):
+                if (
+                    type(item) is CallEvent
+                    and item.source in check_senders
+                    and item.call_id.startswith(CHECK_CALL_ID_PREFIX)
+                ):
+                    items[index] = item._replace(check=True)
+        return items
 
     def _detect(self, steps: list[Step]) -> Output:
         output = Output()
@@ -452,7 +496,7 @@ class LakeWriter:
             if isinstance(step, float):
                 output.extend(self.pipeline.advance(step))
             else:
-                output.extend(self.pipeline.feed(step[1]))
+                output.extend(self.pipeline.feed(without_checks(step[1])))
         return output
 
     def drain(self, collect_rejects: bool = False) -> DrainResult:

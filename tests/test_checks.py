@@ -19,6 +19,7 @@ import duckdb
 from engine.apps.simulate import as_checks
 from engine.core.events import CHECK_CALL_ID_PREFIX, CallEvent, CallState
 from engine.ingest.codec import Vos3000TextCodec
+from engine.simulator.consumer import ConsumerStandIn
 from tests.conftest import Switch, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,9 +104,12 @@ def rules_folder(root: Path, rules: dict[str, tuple[str, str]]) -> Path:
 
 
 @contextmanager
-def serving(root: Path, receiver: str, rules: Path) -> Iterator[tuple[tuple[str, int], Path]]:
-    """`callsentry serve --config` with `receiver` lines in its [receiver] section;
-    yields the UDP address it answers on and its data dir."""
+def serving(
+    root: Path, receiver: str, rules: Path, more: str = ""
+) -> Iterator[tuple[tuple[str, int], Path]]:
+    """`callsentry serve --config` with `receiver` lines in its [receiver] section (and
+    `more` sections after the others); yields the UDP address it answers on and its
+    data dir."""
     root.mkdir(exist_ok=True)
     data_dir = root / "data"
     config = root / "callsentry.toml"
@@ -113,7 +117,7 @@ def serving(root: Path, receiver: str, rules: Path) -> Iterator[tuple[tuple[str,
         f'[receiver]\nlisten = ["127.0.0.1:0"]\n{receiver}\n'
         f'[store]\ndata_dir = "{data_dir}"\nflush_interval_s = 0.2\n'
         f'[detection]\nrules_dir = "{rules}"\nmodels_enabled = false\ntick_s = 0.2\n'
-        f'settle_s = 0.2\nalerts_jsonl = "{root / "alerts.jsonl"}"\n'
+        f'settle_s = 0.2\nalerts_jsonl = "{root / "alerts.jsonl"}"\n{more}'
     )
     log = root / "serve.log"
     with log.open("w") as out:
@@ -209,6 +213,43 @@ def test_checks_from_a_check_sender_are_answered_kept_apart_and_never_detected(
         assert (tmp_path / "unchecked" / "alerts.jsonl").read_text().count("\n") == 1
         listed = cli("checks", "list", "--data-dir", str(data_dir))
         assert listed.stdout.strip() == "no check reports stored", listed
+
+
+def test_checks_are_answered_and_stored_but_reach_no_relay_target(tmp_path: Path) -> None:
+    rules = rules_folder(tmp_path, {"burst": ("{}", "caller")})
+    consumer = ConsumerStandIn("127.0.0.1", 0).start()
+    relay = (
+        f'[[relay.udp]]\ntarget = "127.0.0.1:{consumer.address[1]}"\nname = "before"\n'
+        "retry_interval_s = 0.2\n"
+    )
+    # Check-marked reports from the check sender, then reports marked the same way
+    # from a sender that may send no checks (other call ids: a repeated (call_id,
+    # serial) is answered as a copy and never stored or relayed again, whoever sends it).
+    checks, others = as_checks(calls("run", count=2)), as_checks(calls("other", count=2))
+    wanted = {(e.call_id, e.serial) for e in others}
+    try:
+        with serving(tmp_path, 'check_senders = ["127.0.0.1/32"]', rules, relay) as (
+            target,
+            data_dir,
+        ):
+            # serve's relay target is new: it gets every report stored from serve's
+            # start on, in stored order.
+            send("127.0.0.1", target, checks)  # each answered (send asserts it)
+            send("127.0.0.3", target, others)
+            wait_for(lambda: consumer.received_keys() >= wanted, 60, "reports relayed")
+            wait_for(
+                lambda: count(data_dir, "SELECT count(*) FROM events") == 6, 60, "events stored"
+            )
+            stored = query(data_dir, "SELECT DISTINCT call_id FROM checks ORDER BY 1")
+            assert [row[0] for row in stored] == sorted({e.call_id for e in checks})
+            assert count(data_dir, "SELECT count(*) FROM checks") == 6
+            assert count(data_dir, "SELECT count(*) FROM events WHERE call_id LIKE '%run%'") == 0
+    finally:
+        consumer.stop()
+    # The checks were stored before the others, so the relay had passed them when the
+    # others came; serve has stopped since, and nothing more came.
+    assert consumer.received_keys() == wanted
+    assert not any("run" in call_id for call_id in consumer.received.serials)
 
 
 def test_two_switches_are_named_in_every_report_and_call_and_alert_apart(

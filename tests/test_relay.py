@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.apps.relay import status_lines
+from engine.apps.relay import relayable_reports, status_lines
 from engine.apps.settings import ConfigError, load_settings
 from engine.core.events import CallEvent, CallState
 from engine.ingest.codec import Vos3000TextCodec
@@ -56,8 +56,8 @@ class Journaled:
         self.next_seq = self.store.open().next_seq
         self.keys: list[tuple[str, int]] = []
 
-    def reports(self, datagrams: list[bytes]) -> None:
-        payload = datagram_payload([(T0, "127.0.0.1:5060", raw) for raw in datagrams])
+    def reports(self, datagrams: list[bytes], source: str = "127.0.0.1:5060") -> None:
+        payload = datagram_payload([(T0, source, raw) for raw in datagrams])
         last = self.next_seq + len(datagrams) - 1
         self.store.commit(DATAGRAMS, self.next_seq, payload, last_seq=last)
         self.next_seq = last + 1
@@ -174,6 +174,46 @@ def test_only_live_reports_are_relayed_not_replay_rejects_or_checks(
     pump(relay, lambda: relay.targets[0].cursor == journaled.next_seq - 1, "past everything")
     assert consumer.received_keys() == {("live-1", 1), ("live-2", 1)}
     assert consumer.received.datagrams == 2
+    relay.close()
+
+
+def test_check_reports_from_check_senders_only_are_kept_from_every_target(
+    journaled: Journaled, consumers: Callable[..., ConsumerStandIn]
+) -> None:
+    """serve's predicate (engine.apps.relay.relayable_reports): the check prefix counts
+    from a check sender only, never from a sender a switch is named for."""
+    first, second = consumers(), consumers()
+    settings = load_settings(
+        None,
+        {
+            "receiver": {
+                "allow": ["127.0.0.0/8", "::1/128", "10.0.0.0/8"],
+                "check_senders": ["127.0.0.0/8", "::1/128"],
+                "switches": {"east": ["127.0.0.9"]},
+            }
+        },
+        environ={},
+    )
+    relay = relay_for(
+        journaled,
+        spec("a", first.address[1]),
+        spec("b", second.address[1]),
+        relayable=relayable_reports(settings),
+    )
+    check = b"callsentry-check-1,1,OK,100,200,,7,menu"
+    journaled.reports([check, b"live-1,1,OK,100,200,,7,menu"], "127.0.0.1:40000")
+    journaled.reports([b"callsentry-check-2,1,OK,100,200,,7,menu"], "::1:40000")
+    # The same datagram from a sender that may send no checks, and from a named switch
+    # inside the check senders' network: reports like any other.
+    journaled.reports([check], "10.0.0.5:5060")
+    journaled.reports([b"callsentry-check-3,1,OK,100,200,,7,menu"], "127.0.0.9:5060")
+    end = journaled.next_seq - 1
+    pump(relay, lambda: all(t.cursor == end for t in relay.targets), "past everything")
+    relayed = {("live-1", 1), ("callsentry-check-1", 1), ("callsentry-check-3", 1)}
+    for consumer in (first, second):
+        assert consumer.received_keys() == relayed
+        # callsentry-check-1 came once: from 10.0.0.5, not from 127.0.0.1.
+        assert consumer.received.datagrams == 3
     relay.close()
 
 

@@ -11,8 +11,8 @@ each fsync (engine.relay.feed), and keeps its cursors in DATA_DIR/relay/state.js
 
 Only `serve` starts it: `replay` and `backtest` never relay (a month's replay must
 not reach billing). Check traffic (operations' reserved call-id prefix from allowed
-check senders) is not relayed either: `relayable_reports` is the one place that says
-which reports are such.
+check senders) is not relayed either: `relayable_reports` says which reports are such,
+by the rule the lake writer keeps them out of `events` with (engine.ingest.senders).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from engine.apps.settings import RelaySettings, Settings
 from engine.core.addresses import parse_hostport
 from engine.core.events import CallEvent
 from engine.core.text import shown
+from engine.ingest.senders import SenderDirectory
 from engine.ingest.store import DataDirLock, StoreError
 from engine.relay.feed import Durable, DurableMark, HeldSegments, Relayable
 from engine.relay.state import RelayState, load_state, state_path
@@ -40,15 +41,14 @@ log = logging.getLogger(__name__)
 
 
 def relayable_reports(settings: Settings) -> Relayable:
-    """Which reports are relayed: all but check traffic.
-
-    The hook for the operations issue's check traffic (a reserved call-id prefix from
-    allowed check senders): once the settings name it, the predicate that flags a
-    report as a check goes here, and the relay passes no such report on.
-    """
+    """Which reports are relayed: all but check traffic (docs/protocol.md, "Check
+    reports"): a report is a check by the same rule, and the same settings, by which
+    the lake writer stores it in `checks` rather than `events`; so what the relay
+    passes on is exactly what went into `events`."""
+    senders = SenderDirectory(settings.receiver.switches, settings.receiver.check_senders)
 
     def relayable(event: CallEvent) -> bool:
-        return True
+        return not senders.is_check(event.source, event.call_id)
 
     return relayable
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import tarfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -17,6 +18,8 @@ from pydantic import ValidationError
 from engine.apps.replay import replay
 from engine.core.events import CHECK_CALL_ID_PREFIX, CallEvent, CallState
 from engine.detect.schema import RuleSpec
+from engine.detect.snapshot import FORMAT as SNAPSHOT_FORMAT
+from engine.detect.snapshot import snapshot_path
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.journal import JSON_RECORDS, Journal, json_payload
 from engine.ingest.records import item_of, record_of
@@ -162,3 +165,78 @@ def test_a_lake_of_the_release_before_reads_before_this_release_writes_to_it(
     assert lake.query("SELECT count(*), min(switch) FROM calls") == [(102, "")]
     assert lake.query("SELECT count(*) FROM checks") == [(0,)]
     assert lake.query("SELECT count(*) FROM alerts_current") == [(0,)]
+
+
+def test_compaction_runs_give_old_files_and_new_the_same_switch_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Merges of at most COMPACT_MAX_ROWS rows: the first run holds the release
+    # before's file (400 rows, no switch column) and two of this release's, the
+    # second run this release's only.
+    monkeypatch.setattr("engine.lake.parquet.COMPACT_MAX_ROWS", 900)
+    with tarfile.open(LAKE_BEFORE) as archive:
+        archive.extractall(tmp_path, filter="data")
+    lake = Lake(tmp_path)
+    lake.prepare()
+    noon = datetime(2026, 11, 2, 12, tzinfo=UTC).timestamp()
+    # Numbers, menu, source and the switch's name: this release's reports.
+    fields = ("861", "400", "", "1", "m", "10.0.0.5:5060", "east")
+    for segment in range(2, 6):
+        reports = [
+            CallEvent(noon + n, f"s{segment}-{n}", 1, CallState.RINGING, 180, *fields)
+            for n in range(200)
+        ]
+        lake.write_segment(segment, [(10_000 * segment, reports)])
+    result = lake.compact(64 << 20)
+    assert (result.merged_files, result.written_files) == (5, 2)
+    day = tmp_path / "lake" / "events" / "day=2026-11-02"
+    assert sorted(path.name for path in day.glob("*.parquet")) == [
+        "cmp-000000000001-000000000003.parquet",
+        "cmp-000000000004-000000000005.parquet",
+    ]
+    for path in day.glob("*.parquet"):
+        assert pl.read_parquet_schema(path) == EVENT_SCHEMA
+    by_switch = "SELECT switch, count(*) FROM events GROUP BY switch ORDER BY switch"
+    assert lake.query(by_switch) == [("", 400), ("east", 800)]
+
+
+def test_a_snapshot_of_this_format_keeps_the_switch_of_calls_in_progress(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    frame = pl.read_csv(SAMPLE, infer_schema=False).slice(0, 800)
+    named = frame.with_columns(
+        switch=pl.when(pl.col("call_id").str.len_bytes() % 2 == 0)
+        .then(pl.lit("east"))
+        .otherwise(pl.lit("west"))
+    )
+    first, second, both = tmp_path / "1.csv", tmp_path / "2.csv", tmp_path / "both.csv"
+    named.slice(0, 400).write_csv(first)
+    named.slice(400, 400).write_csv(second)
+    named.write_csv(both)
+    detection = {"alerts_jsonl": "off", "models_enabled": False}
+    data = tmp_path / "cut"
+    replay([first], make_settings(data, detection=detection))
+    assert (
+        snapshot_path(data)
+        .read_bytes()
+        .startswith(f"CALLSENTRY-DETECTION-SNAPSHOT v{SNAPSHOT_FORMAT}\n".encode())
+    )
+    with caplog.at_level(logging.INFO):
+        replay([second], make_settings(data, detection=detection))
+    assert "detection state restored" in caplog.text
+    replay([both], make_settings(tmp_path / "whole", detection=detection))
+
+    def calls(data_dir: Path) -> list[tuple[object, ...]]:
+        return Lake(data_dir).query(
+            "SELECT call_id, outcome, reports, switch FROM calls ORDER BY call_id"
+        )
+
+    assert calls(data) == calls(tmp_path / "whole")
+    # Calls begun before the cut and finished after it: their switch came through the
+    # snapshot (a call takes it from its first report).
+    spanning = set(named.slice(0, 400)["call_id"]) & set(named.slice(400, 400)["call_id"])
+    finished = {row[0]: row[3] for row in calls(data) if row[0] in spanning}
+    assert finished, "some calls span the cut"
+    assert finished == {
+        call_id: "east" if len(str(call_id).encode()) % 2 == 0 else "west" for call_id in finished
+    }

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.apps.serve import open_store
+from engine.apps.stores import open_store
 from engine.core.events import CallEvent, CallState
 from engine.detect.calls import CALL_COLUMNS, Call, call_columns
 from engine.ingest import journal as journal_module

@@ -44,7 +44,7 @@ from engine.apps.relay import RelayProcess
 from engine.apps.settings import Settings
 from engine.detect import COMPILED, compiled_modules, stale_reason
 from engine.ingest import native
-from engine.ingest.stats import RULES_INVALID, RULES_LOADING, Stats, registry_for
+from engine.ingest.stats import COUNTER_HELP, RULES_INVALID, RULES_LOADING, Stats
 
 log = logging.getLogger(__name__)
 
@@ -436,3 +436,36 @@ class OperatorEndpoint:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+class StatsCollector(Collector):
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        for name, help_text in COUNTER_HELP.items():
+            yield CounterMetricFamily(
+                f"callsentry_{name}", help_text, value=getattr(self.stats, name)
+            )
+        rejected = CounterMetricFamily(
+            "callsentry_rejected", "Reports quarantined, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(self.stats.rejected_by_reason().items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield GaugeMetricFamily(
+            "callsentry_pending_reports",
+            "Reports accepted and waiting for their group commit",
+            value=self.stats.pending,
+        )
+        yield GaugeMetricFamily(
+            "callsentry_lake_backlog_reports",
+            "Reports stored in the journal and not yet written to the lake",
+            value=self.stats.lake_backlog,
+        )
+
+
+def registry_for(stats: Stats) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(stats))
+    return registry

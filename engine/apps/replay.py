@@ -13,8 +13,8 @@ from typing import Any, cast
 from engine.apps.detectfork import DetectionProcess, StepSpec, skipped_bitmap
 from engine.apps.detectfork import available as detectfork_available
 from engine.apps.lakewriter import make_pipeline
-from engine.apps.serve import open_store, settings_codec
 from engine.apps.settings import Settings
+from engine.apps.stores import open_store, settings_codec
 from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert
 from engine.ingest.eventfiles import read_event_files

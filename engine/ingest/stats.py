@@ -2,17 +2,14 @@
 
 A prometheus_client Counter takes a lock per increment; a datagram path that
 counts several outcomes would pay that tens of thousands of times a second. So
-the pipeline bumps attributes and a custom collector reports them when scraped.
+the pipeline bumps attributes and a custom collector (engine.apps.health) reports
+them when scraped; nothing here loads prometheus_client.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector, CollectorRegistry
 
 from engine.core.events import RejectReason
 
@@ -139,7 +136,7 @@ class Stats:
         )
 
 
-_COUNTERS = {
+COUNTER_HELP = {
     "received": "Datagrams received, from any sender",
     "stored": "Reports made durable in the journal (events and quarantined rejects)",
     "answered": "Answers sent to the switch",
@@ -163,36 +160,3 @@ _COUNTERS = {
     "evicted_keys": "Entities dropped from rule state because max_keys_per_rule was reached",
     "evicted_calls": "Calls in progress finished early because max_open_calls was reached",
 }
-
-
-class StatsCollector(Collector):
-    def __init__(self, stats: Stats) -> None:
-        self.stats = stats
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        for name, help_text in _COUNTERS.items():
-            yield CounterMetricFamily(
-                f"callsentry_{name}", help_text, value=getattr(self.stats, name)
-            )
-        rejected = CounterMetricFamily(
-            "callsentry_rejected", "Reports quarantined, by reason", labels=["reason"]
-        )
-        for reason, count in sorted(self.stats.rejected_by_reason().items()):
-            rejected.add_metric([reason], count)
-        yield rejected
-        yield GaugeMetricFamily(
-            "callsentry_pending_reports",
-            "Reports accepted and waiting for their group commit",
-            value=self.stats.pending,
-        )
-        yield GaugeMetricFamily(
-            "callsentry_lake_backlog_reports",
-            "Reports stored in the journal and not yet written to the lake",
-            value=self.stats.lake_backlog,
-        )
-
-
-def registry_for(stats: Stats) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(StatsCollector(stats))
-    return registry

@@ -334,13 +334,18 @@ def test_a_bad_service_setting_is_one_line_naming_it(
     [
         (
             '[receiver.switches]\neast = "10.0.0.5"',
-            "callsentry: configuration error: receiver: switches.east: 10.0.0.5 is not within "
-            "receiver.allow",
+            "receiver (from {config}): switches.east: 10.0.0.5 is not within receiver.allow",
         ),
-        ('[receiver.switches]\n"a/b" = "127.0.0.1"', "callsentry: configuration error: "),
-        ('[receiver.switches]\neast = ["nowhere"]', "callsentry: configuration error: "),
-        ('[receiver]\ncheck_senders = "127.0.0.1"', "callsentry: configuration error: "),
-        ('[receiver]\nswitches = ["east"]', "callsentry: configuration error: "),
+        (
+            '[receiver.switches]\n"a/b" = "127.0.0.1"',
+            "receiver.switches (from {config}): switch name 'a/b': ",
+        ),
+        (
+            '[receiver.switches]\neast = ["nowhere"]',
+            "receiver.switches (from {config}): 'nowhere' is not an IP address",
+        ),
+        ('[receiver]\ncheck_senders = "127.0.0.1"', "receiver.check_senders (from {config}): "),
+        ('[receiver]\nswitches = ["east"]', "receiver.switches (from {config}): "),
     ],
 )
 def test_bad_switch_and_check_settings_are_one_line_before_anything_runs(
@@ -354,7 +359,8 @@ def test_bad_switch_and_check_settings_are_one_line_before_anything_runs(
     ):
         outcome = _run(argv, "", tmp_path)
         assert outcome.code == 2, outcome
-        assert outcome.stderr.startswith(expected), outcome.stderr
+        named = "callsentry: configuration error: " + expected.format(config=config)
+        assert outcome.stderr.startswith(named), outcome.stderr
         assert outcome.stderr.count("\n") == 1 and "Traceback" not in outcome.stderr
     assert not (tmp_path / "data").exists(), "refused before the data dir was made"
 

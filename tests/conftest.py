@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +28,29 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"{what or 'condition'} not met within {timeout:g} s")
         time.sleep(0.01)
+
+
+def wait_until_answering(
+    process: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float = 30.0
+) -> subprocess.Popen[bytes]:
+    """`process` (a `callsentry serve`) once it answers a probe on `port`; its log if it
+    exits first."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.settimeout(0.2)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            probe.sendto(b"probe,0,OK,1,2,,,", ("127.0.0.1", port))
+            try:
+                if probe.recv(100) == b"probe,0":
+                    return process
+            except OSError:
+                pass
+            if process.poll() is not None:
+                raise AssertionError(log_path.read_text())
+        raise AssertionError("serve did not start answering")
+    finally:
+        probe.close()
 
 
 def make_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:

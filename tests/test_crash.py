@@ -19,7 +19,7 @@ import pytest
 
 from engine.ingest.journal import Spares
 from engine.ingest.store import lake_writer_lock
-from tests.conftest import wait_for
+from tests.conftest import wait_for, wait_until_answering
 
 pytestmark = pytest.mark.slow
 
@@ -36,22 +36,7 @@ def start_serve(
     log_path = data_dir.parent / "serve.log"
     with log_path.open("ab") as log:
         process = _spawn(data_dir, port, log, env)
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    probe.settimeout(0.2)
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            probe.sendto(b"probe,0,OK,1,2,,,", ("127.0.0.1", port))
-            try:
-                if probe.recv(100) == b"probe,0":
-                    return process
-            except OSError:
-                pass
-            if process.poll() is not None:
-                raise AssertionError(log_path.read_text())
-        raise AssertionError("engine did not start answering")
-    finally:
-        probe.close()
+    return wait_until_answering(process, port, log_path)
 
 
 def _spawn(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from engine.ingest.codec import Vos3000TextCodec
 from engine.relay.state import RelayState, load_state, state_path
 from engine.simulator.consumer import ConsumerStandIn
 from engine.simulator.switch import SendSummary, SwitchSettings, SwitchStandIn
-from tests.conftest import wait_for
+from tests.conftest import wait_for, wait_until_answering
 from tests.test_crash import Load, free_port
 
 pytestmark = pytest.mark.slow
@@ -69,22 +68,7 @@ def start_serve(data_dir: Path, port: int, config: Path) -> subprocess.Popen[byt
             stderr=log,
             start_new_session=True,
         )
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    probe.settimeout(0.2)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            probe.sendto(b"probe,0,OK,1,2,,,", ("127.0.0.1", port))
-            try:
-                if probe.recv(100) == b"probe,0":
-                    return process
-            except OSError:
-                pass
-            if process.poll() is not None:
-                raise AssertionError(log_path.read_text())
-        raise AssertionError("serve did not start answering")
-    finally:
-        probe.close()
+    return wait_until_answering(process, port, log_path, timeout_s=60)
 
 
 def stop_serve(process: subprocess.Popen[bytes]) -> None:

@@ -1,159 +1,42 @@
-"""The `callsentry` command. Errors are one clear sentence on stderr and an exit code:
-0 fine, 1 the work ran but something was rejected or failed, 2 bad usage or config."""
+"""The `callsentry` command and its subcommands. What they share (errors as one line and
+an exit code, the common options, settings, logging) is in engine/apps/commandline.py."""
 
 from __future__ import annotations
 
 import getpass
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from engine.apps.commandline import (
+    UNEXPECTED,
+    CommandLine,
+    config_option,
+    data_dir_option,
+    fail,
+    fail_rules,
+    fail_with_problems,
+    log_level_option,
+    os_error_text,
+    settings_or_fail,
+    setup_logging,
+)
 from engine.core.text import shown
 
 # Each command imports what it needs when it runs: `--help` and the small commands
 # start without pydantic's models, asyncio or the store.
 if TYPE_CHECKING:
-    from engine.apps.settings import Settings
+    pass
 
 log = logging.getLogger("callsentry")
 
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"callsentry: {message}", err=True)
-    sys.exit(code)
-
-
-def _os_error(error: OSError) -> str:
-    """`path: reason` without Python's `[Errno 98]`."""
-    if not error.strerror:
-        return str(error)
-    return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
-
-
-def _fail_with_problems(error: Exception, message: str, code: int) -> NoReturn:
-    """Each problem (file:line: key: reason) on its own line, then the verdict."""
-    problems = getattr(error, "problems", [str(error)])
-    for problem in problems:
-        click.echo(problem, err=True)
-    _fail(message.replace("{count}", str(len(problems))), code)
-
-
-def _fail_rules(error: Exception) -> NoReturn:
-    _fail_with_problems(error, "the rules are invalid ({count} problem(s)); nothing was run", 2)
-
-
-def _settings(config: Path | None, overrides: dict[str, Any]) -> Settings:
-    from engine.apps.settings import ConfigError, load_settings
-
-    try:
-        return load_settings(config, overrides)
-    except ConfigError as error:
-        problems = str(error).splitlines()
-        if len(problems) == 1:
-            _fail(f"configuration error: {problems[0]}", 2)
-        for problem in problems:
-            click.echo(problem, err=True)
-        _fail(f"configuration error ({len(problems)} problems); nothing was run", 2)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # The scheduler logs every job run at INFO; that is noise in an engine log.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-
-
-config_option = click.option(
-    "--config",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="TOML settings file (CALLSENTRY_SECTION__KEY variables and flags override it).",
-)
-data_dir_option = click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    help="Where the journal, the lake and callsentry.duckdb live (default: data).",
-)
-log_level_option = click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default="info",
-    show_default=True,
-)
-
-
-class CommandLine(click.Group):
-    """The `callsentry` group: whatever goes wrong reaches the user as one line
-    `callsentry: ...` and an exit code, never a traceback.
-
-    Usage errors (an unknown option, a value of the wrong type) name the command and
-    where its help is. An exception no command expected still ends in one line naming
-    its type; CALLSENTRY_TRACEBACK=1 shows the traceback, for a bug report."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["standalone_mode"] = False
-        try:
-            result = super().main(*args, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as error:
-            # `callsentry` or `callsentry rules` alone: the help is what was asked for.
-            click.echo(error.ctx.get_help() if error.ctx is not None else error.message)
-            sys.exit(0)
-        except click.UsageError as error:
-            where = _command_words(error.ctx)
-            _fail(
-                f"{where}{': ' if where else ''}{_sentence(error.format_message()).rstrip('.')} "
-                f"(see 'callsentry {where}{' ' if where else ''}--help')",
-                error.exit_code,
-            )
-        except click.ClickException as error:
-            _fail(_sentence(error.format_message()), error.exit_code)
-        except click.Abort:
-            _fail("interrupted", 130)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        except BrokenPipeError:
-            # The reader of our output went away (`| head`): nothing left to say to it.
-            sys.exit(1)
-        except Exception as error:
-            if os.environ.get("CALLSENTRY_TRACEBACK"):
-                raise
-            _fail(f"{UNEXPECTED} {type(error).__name__}: {_sentence(str(error))}", 1)
-        sys.exit(result if isinstance(result, int) else 0)
-
-
-# The prefix of an error no command caught (tests/test_cli_errors.py asserts that none
-# of the failures it provokes reaches it).
-UNEXPECTED = "unexpected error (a bug; CALLSENTRY_TRACEBACK=1 shows where):"
-
-
-def _command_words(ctx: click.Context | None) -> str:
-    """`alerts list` for the context of `callsentry alerts list` (however it was started)."""
-    words: list[str] = []
-    while ctx is not None and ctx.parent is not None:
-        words.insert(0, ctx.info_name or "")
-        ctx = ctx.parent
-    return " ".join(words)
-
-
-def _sentence(message: str) -> str:
-    """A message on one line: a line that goes on (`Choose from:`, `open,`) joins the next
-    with a space, separate lines with `; `."""
-    text = ""
-    for line in (line.strip() for line in message.strip().splitlines()):
-        if line:
-            text += (" " if text.endswith((":", ",")) else "; " if text else "") + line
-    return text
+__all__ = ["UNEXPECTED", "main"]
 
 
 @click.group(cls=CommandLine, context_settings={"help_option_names": ["-h", "--help"]})
@@ -231,8 +114,8 @@ def serve(
         overrides.setdefault("metrics", {})["listen"] = metrics
     if rules_dir is not None:
         overrides.setdefault("detection", {})["rules_dir"] = str(rules_dir)
-    settings = _settings(config, overrides)
-    _setup_logging(log_level)
+    settings = settings_or_fail(config, overrides)
+    setup_logging(log_level)
     from engine.apps.serve import serve as serve_forever
     from engine.core.yamlfile import YamlFileError
     from engine.ingest.store import StoreError
@@ -242,11 +125,11 @@ def serve(
 
         code = run_async(serve_forever(settings))
     except StoreError as error:
-        _fail(str(error))
+        fail(str(error))
     except YamlFileError as error:
-        _fail_rules(error)
+        fail_rules(error)
     except OSError as error:
-        _fail(_os_error(error))
+        fail(os_error_text(error))
     sys.exit(code)
 
 
@@ -257,7 +140,7 @@ def _relay_overrides(
     so the list is read first)."""
     overrides: dict[str, Any] = {}
     if relay_udp:
-        configured = _settings(config, {}).relay.udp
+        configured = settings_or_fail(config, {}).relay.udp
         overrides["udp"] = [t.model_dump() for t in configured] + [
             {"target": target} for target in relay_udp
         ]
@@ -295,8 +178,8 @@ def replay(
     overrides: dict[str, Any] = {}
     if data_dir is not None:
         overrides["store"] = {"data_dir": str(data_dir)}
-    settings = _settings(config, overrides)
-    _setup_logging(log_level)
+    settings = settings_or_fail(config, overrides)
+    setup_logging(log_level)
 
     from engine.apps.replay import replay as run_replay
     from engine.core.runtime import tune_gc_for_detection
@@ -308,13 +191,13 @@ def replay(
     try:
         report = run_replay(list(files), settings, rules_dir)
     except StoreError as error:
-        _fail(str(error))
+        fail(str(error))
     except YamlFileError as error:
-        _fail_rules(error)
+        fail_rules(error)
     except STORAGE_ERRORS as error:
         # A full or read-only disk under the data dir, in whichever library's words.
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
-        _fail(
+        fail(
             f"replay stopped: cannot write to {settings.store.data_dir}: {reason}; what was "
             "stored stays, and the same replay again carries on"
         )
@@ -351,7 +234,7 @@ def replay(
     click.echo(f"query them: duckdb -readonly {settings.store.data_dir / 'callsentry.duckdb'}")
     if not report.clean:
         unreadable = len(report.file_errors)
-        _fail(f"{len(report.rejects)} rows rejected, {unreadable} of {len(files)} files unreadable")
+        fail(f"{len(report.rejects)} rows rejected, {unreadable} of {len(files)} files unreadable")
     sys.exit(0)
 
 
@@ -370,13 +253,13 @@ def relay_status(data_dir: Path | None, config: Path | None) -> None:
     from engine.apps.relay import status_lines
     from engine.relay.state import RelayStateError
 
-    directory = data_dir or _settings(config, {}).store.data_dir
+    directory = data_dir or settings_or_fail(config, {}).store.data_dir
     if not directory.is_dir():
-        _fail(f"data dir {directory} does not exist")
+        fail(f"data dir {directory} does not exist")
     try:
         lines = status_lines(directory, time.time())
     except RelayStateError as error:
-        _fail(str(error))
+        fail(str(error))
     for line in lines:
         click.echo(line)
 
@@ -390,7 +273,7 @@ def config() -> None:
 @config_option
 def config_check(config: Path | None) -> None:
     """Validate settings (file, environment) and print the result."""
-    settings = _settings(config, {})
+    settings = settings_or_fail(config, {})
     for section, values in settings.model_dump(mode="json").items():
         click.echo(f"[{section}]")
         for key, value in values.items():
@@ -501,7 +384,7 @@ def simulate(**options: Any) -> None:
     try:
         code = run_simulate(SimulateOptions(**options), click.echo)
     except SimulateError as error:
-        _fail(str(error), 2)
+        fail(str(error), 2)
     sys.exit(code)
 
 
@@ -522,7 +405,7 @@ rules_path_argument = click.argument(
 def _rules_in_use(path: Path | None) -> Path:
     """PATH as given, else the rule folder `serve` would run: detection.rules_dir from
     the environment (CALLSENTRY_DETECTION__RULES_DIR), else the shipped rules."""
-    return path if path is not None else _settings(None, {}).detection.rules_folder
+    return path if path is not None else settings_or_fail(None, {}).detection.rules_folder
 
 
 @rules.command("validate")
@@ -537,7 +420,7 @@ def rules_validate(path: Path | None) -> None:
     try:
         loaded = check_detectors(path)
     except YamlFileError as error:
-        _fail_with_problems(error, f"{{count}} problem(s) in {path}", 1)
+        fail_with_problems(error, f"{{count}} problem(s) in {path}", 1)
     modes = [r.spec.mode for r in loaded.rules.rules]
     models = loaded.catalogue
     enabled = len(models.tracked) if models is not None else 0
@@ -565,7 +448,7 @@ def rules_test(path: Path | None) -> None:
         check_detectors(path)
         loaded = load_detectors(path, RULE_TEST_MAX_KEYS, models=True)
     except YamlFileError as error:
-        _fail_with_problems(error, f"{{count}} problem(s) in {path}; fix them before testing", 1)
+        fail_with_problems(error, f"{{count}} problem(s) in {path}; fix them before testing", 1)
     results = run_rule_tests(loaded.rules)
     failed = [r for r in results if not r.passed]
     for result in results:
@@ -625,9 +508,9 @@ def rules_backtest(
     """What the rules under PATH would have raised on the stored events, against the
     rules in use on the same events. Both run from a fresh start (or after the same
     --warmup), in memory: the data dir is only read."""
-    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     path = path if path is not None else settings.detection.rules_folder
-    _setup_logging(log_level)
+    setup_logging(log_level)
     from engine.apps.backtest import BacktestError, backtest, parse_time, stored_span
     from engine.core.durations import parse_duration
     from engine.core.runtime import tune_gc_for_detection
@@ -652,9 +535,9 @@ def rules_backtest(
             settings.store.data_dir, path, against, settings.detection, start, end, warmup_s
         )
     except BacktestError as error:
-        _fail(str(error))
+        fail(str(error))
     except YamlFileError as error:
-        _fail_rules(error)
+        fail_rules(error)
 
     def when(ts: float) -> str:
         return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -721,7 +604,7 @@ def rules_backtest(
                         row = {"run": run, "change": verdict, **alert.as_json()}
                         handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         except OSError as error:
-            _fail(f"cannot write {out}: {error.strerror or error}")
+            fail(f"cannot write {out}: {error.strerror or error}")
         click.echo(f"every alert of both runs: {out}")
 
 
@@ -900,7 +783,7 @@ def alerts_list(
     start = _moment(since, "--since") if since else None
     end = _moment(until, "--until") if until else None
     zone = _zone(zone_name)
-    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:
         rows = list_alerts(
             settings.store.data_dir,
@@ -913,7 +796,7 @@ def alerts_list(
             until=end,
         )
     except ReviewError as error:
-        _fail(str(error))
+        fail(str(error))
     if not rows and file_format == "table":
         filtered = severities or rules or entities or since or until
         click.echo(
@@ -944,12 +827,12 @@ def alerts_show(alert_id: str, data_dir: Path | None, config: Path | None) -> No
     """One alert, its review trail and the calls behind it."""
     from engine.lake.reviews import ReviewError, show_alert
 
-    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:
         for line in show_alert(settings.store.data_dir, alert_id):
             click.echo(shown(line))
     except ReviewError as error:
-        _fail(str(error))
+        fail(str(error))
 
 
 @alerts.command("review")
@@ -976,13 +859,13 @@ def alerts_review(
     from engine.lake.reviews import ReviewError, add_reviews
 
     status = _status_option(status, "--status", allow_all=False)
-    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:
         recorded = add_reviews(
             settings.store.data_dir, alert_ids, status, note, reviewer or getpass.getuser()
         )
     except ReviewError as error:
-        _fail(str(error))
+        fail(str(error))
     for alert_id, review_id in recorded:
         click.echo(f"review {review_id} recorded: {alert_id} is {status}")
 
@@ -1022,10 +905,10 @@ def alerts_deliveries(
     from engine.alerts.outbox import STATES, Outbox, OutboxError, outbox_path
 
     zone = _zone(zone_name)
-    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     data = settings.store.data_dir
     if not data.is_dir():
-        _fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
+        fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
     if not outbox_path(data).exists():
         click.echo(f"no deliveries: {data} has no outbox (nothing was ever sent from it)")
         return
@@ -1038,7 +921,7 @@ def alerts_deliveries(
         listed = outbox.listing(states, destination, limit)
         counts = outbox.counts()
     except OutboxError as error:
-        _fail(str(error))
+        fail(str(error))
     rows = [
         {
             "destination": d.destination,
@@ -1087,11 +970,11 @@ def checks_list(data_dir: Path | None, config: Path | None, limit: int) -> None:
     """Runs of check reports, newest first: when, from where, how many reports and calls."""
     from engine.lake.checks import CheckListError, list_checks
 
-    settings = _settings(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:
         rows = list_checks(settings.store.data_dir, limit)
     except CheckListError as error:
-        _fail(str(error))
+        fail(str(error))
     if not rows:
         click.echo("no check reports stored")
     for row in rows:

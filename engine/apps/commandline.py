@@ -1,0 +1,151 @@
+"""What every `callsentry` command shares: errors as one clear sentence on stderr and an
+exit code (0 fine, 1 the work ran but something was rejected or failed, 2 bad usage or
+config), the common options, settings and logging. Command modules import only this
+and click at import time, so `--help` stays light."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+# Settings only for types: pydantic's models load when a command reads its settings.
+if TYPE_CHECKING:
+    from engine.apps.settings import Settings
+
+log = logging.getLogger("callsentry")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"callsentry: {message}", err=True)
+    sys.exit(code)
+
+
+def os_error_text(error: OSError) -> str:
+    """`path: reason` without Python's `[Errno 98]`."""
+    if not error.strerror:
+        return str(error)
+    return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+
+
+def fail_with_problems(error: Exception, message: str, code: int) -> NoReturn:
+    """Each problem (file:line: key: reason) on its own line, then the verdict."""
+    problems = getattr(error, "problems", [str(error)])
+    for problem in problems:
+        click.echo(problem, err=True)
+    fail(message.replace("{count}", str(len(problems))), code)
+
+
+def fail_rules(error: Exception) -> NoReturn:
+    fail_with_problems(error, "the rules are invalid ({count} problem(s)); nothing was run", 2)
+
+
+def settings_or_fail(config: Path | None, overrides: dict[str, Any]) -> Settings:
+    from engine.apps.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(config, overrides)
+    except ConfigError as error:
+        problems = str(error).splitlines()
+        if len(problems) == 1:
+            fail(f"configuration error: {problems[0]}", 2)
+        for problem in problems:
+            click.echo(problem, err=True)
+        fail(f"configuration error ({len(problems)} problems); nothing was run", 2)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # The scheduler logs every job run at INFO; that is noise in an engine log.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+config_option = click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TOML settings file (CALLSENTRY_SECTION__KEY variables and flags override it).",
+)
+data_dir_option = click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where the journal, the lake and callsentry.duckdb live (default: data).",
+)
+log_level_option = click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+
+
+class CommandLine(click.Group):
+    """The `callsentry` group: whatever goes wrong reaches the user as one line
+    `callsentry: ...` and an exit code, never a traceback.
+
+    Usage errors (an unknown option, a value of the wrong type) name the command and
+    where its help is. An exception no command expected still ends in one line naming
+    its type; CALLSENTRY_TRACEBACK=1 shows the traceback, for a bug report."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as error:
+            # `callsentry` or `callsentry rules` alone: the help is what was asked for.
+            click.echo(error.ctx.get_help() if error.ctx is not None else error.message)
+            sys.exit(0)
+        except click.UsageError as error:
+            where = command_words(error.ctx)
+            fail(
+                f"{where}{': ' if where else ''}{one_sentence(error.format_message()).rstrip('.')} "
+                f"(see 'callsentry {where}{' ' if where else ''}--help')",
+                error.exit_code,
+            )
+        except click.ClickException as error:
+            fail(one_sentence(error.format_message()), error.exit_code)
+        except click.Abort:
+            fail("interrupted", 130)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except BrokenPipeError:
+            # The reader of our output went away (`| head`): nothing left to say to it.
+            sys.exit(1)
+        except Exception as error:
+            if os.environ.get("CALLSENTRY_TRACEBACK"):
+                raise
+            fail(f"{UNEXPECTED} {type(error).__name__}: {one_sentence(str(error))}", 1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+# The prefix of an error no command caught (tests/test_cli_errors.py asserts that none
+# of the failures it provokes reaches it).
+UNEXPECTED = "unexpected error (a bug; CALLSENTRY_TRACEBACK=1 shows where):"
+
+
+def command_words(ctx: click.Context | None) -> str:
+    """`alerts list` for the context of `callsentry alerts list` (however it was started)."""
+    words: list[str] = []
+    while ctx is not None and ctx.parent is not None:
+        words.insert(0, ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(words)
+
+
+def one_sentence(message: str) -> str:
+    """A message on one line: a line that goes on (`Choose from:`, `open,`) joins the next
+    with a space, separate lines with `; `."""
+    text = ""
+    for line in (line.strip() for line in message.strip().splitlines()):
+        if line:
+            text += (" " if text.endswith((":", ",")) else "; " if text else "") + line
+    return text

@@ -279,6 +279,9 @@ def config_check(config: Path | None) -> None:
         for key, value in values.items():
             if key.endswith("_token") and value:
                 value = "(set, not shown)"  # secrets stay out of terminals and logs
+            if (section, key) == ("notify", "channels"):
+                # An Apprise URL carries tokens and passwords: shown masked.
+                value = [channel.shown() for channel in settings.notify.channels]
             if value is None:
                 # TOML has no null: an unset key is said as a comment, with what it means.
                 meaning = (

@@ -138,20 +138,46 @@ def make_sinks(settings: Settings) -> list[AlertSink]:
     return sinks
 
 
-def make_durable_sinks(settings: Settings) -> list[AlertSink]:
+def make_durable_sinks(
+    settings: Settings, tags_of: Callable[[str], Sequence[str]] = lambda rule_id: ()
+) -> list[AlertSink]:
     """What leaves the machine goes through the outbox (serve's couriers send it);
-    only `serve`'s lake writer makes these: replay and backtest never deliver."""
+    only `serve`'s lake writer makes these: replay and backtest never deliver.
+    `tags_of(rule_id)`: the tags of a rule, for the notification channels' routes."""
+    from engine.alerts.notify import NotifySink, Route
     from engine.alerts.outbox import Outbox, OutboxSink
 
-    destinations = outbox_destinations(settings)
-    if not destinations:
+    webhook = settings.detection.webhook_url
+    channels = settings.notify.channels
+    if not webhook and not channels:
         return []
-    return [OutboxSink(Outbox.of(settings.store.data_dir), [d.name for d in destinations])]
+    outbox = Outbox.of(settings.store.data_dir)
+    sinks: list[AlertSink] = []
+    if webhook:
+        sinks.append(OutboxSink(outbox, ["webhook"]))
+    if channels:
+        routes = [
+            (
+                channel.label,
+                Route(
+                    severities=frozenset(channel.severities),
+                    levels=frozenset(channel.levels),
+                    rules=tuple(channel.rules),
+                    tags=frozenset(channel.tags),
+                ),
+            )
+            for channel in channels
+        ]
+        sinks.append(NotifySink(outbox, routes, tags_of))
+    return sinks
 
 
 def outbox_destinations(settings: Settings) -> list[Destination]:
-    """Where deliveries go, by name, as configured (the webhook, when set)."""
+    """Where deliveries go, by name, as configured (the webhook, when set; each
+    notification channel as `notify.NAME`)."""
+    from engine.alerts.notify import AppriseTransport, NotifyDestination, SyslogTransport
     from engine.alerts.outbox import WebhookDestination
+    from engine.apps.settings import syslog_target
 
     detection = settings.detection
     destinations: list[Destination] = []
@@ -163,7 +189,44 @@ def outbox_destinations(settings: Settings) -> list[Destination]:
                 timeout_s=settings.outbox.timeout_s,
             )
         )
+    timeout_s = settings.outbox.timeout_s
+    for channel in settings.notify.channels:
+        transport: AppriseTransport | SyslogTransport
+        if channel.syslog:
+            protocol, host, port = syslog_target(channel.syslog)
+            transport = SyslogTransport(
+                protocol, host, port, facility=channel.facility, timeout_s=timeout_s
+            )
+        else:
+            transport = AppriseTransport(
+                channel.expanded_url, secrets=channel.secrets, timeout_s=timeout_s
+            )
+        destinations.append(
+            NotifyDestination(
+                channel.label,
+                transport,
+                settings.store.data_dir,
+                limit=channel.limit,
+                period_s=channel.rate_period_s,
+                public_url=settings.console.public_url,
+            )
+        )
     return destinations
+
+
+def rule_tags(pipeline: Pipeline | None) -> Callable[[str], Sequence[str]]:
+    """The tags of the rule with that id in the rules `pipeline` runs now (they may be
+    reloaded); none for a model or a system alert."""
+
+    def tags_of(rule_id: str) -> Sequence[str]:
+        if pipeline is None:
+            return ()
+        for rule in pipeline.rules.rules:
+            if rule.id == rule_id:
+                return list(rule.spec.tags)
+        return ()
+
+    return tags_of
 
 
 def check_rules(rules_dir: Path) -> None:
@@ -359,7 +422,9 @@ def run(
     alert_counts.cancel_join_thread()
     tally = AlertTally(alert_counts)
     sinks = [*make_sinks(settings), tally]
-    outbox = _until_it_works(starting, lambda: make_durable_sinks(settings), stop, receiver_pid)
+    outbox = _until_it_works(
+        starting, lambda: make_durable_sinks(settings, rule_tags(pipeline)), stop, receiver_pid
+    )
     if outbox is None:
         lock.release()
         return

@@ -536,3 +536,18 @@ def test_serve_notifies_a_channel_through_the_outbox_and_counts_it(
     assert listed.returncode == 0, listed.stderr
     assert "notify.soc: 3 delivered, 0 given up, 0 waiting" in listed.stdout
     assert "notify.elsewhere" not in listed.stdout, "no alert was routed there"
+
+
+def test_the_readmes_notification_settings_load(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "notify." in b]
+    config = tmp_path / "callsentry.toml"
+    config.write_text(block)
+    environ = {
+        "SMTP_PASSWORD": "pw", "SLACK_TOKEN_A": "T1JJ3T3L2", "SLACK_TOKEN_B": "A1BRTD4JD",
+        "SLACK_TOKEN_C": "TIiajkdnlazkcOXrIdevi7FQ",
+    }  # fmt: skip
+    settings = load_settings(config, environ=environ)
+    assert [c.name for c in settings.notify.channels] == ["fraud-mail", "fraud-chat", "siem"]
+    assert [c.limit for c in settings.notify.channels] == [10, 20, 0]
+    assert settings.console.public_url == "https://callsentry.example.org"

@@ -660,7 +660,7 @@ class ConsoleSettings(_Section):
     @classmethod
     def _check_url(cls, value: str) -> str:
         value = value.rstrip("/")
-        if value and not re.fullmatch(r"https?://[^\s\"'<>\\`{}|^]+", value):
+        if value and not re.fullmatch(r"https?://[^\s\x00-\x1f\x7f\"'<>\\`{}|^]+", value):
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
         return value
 

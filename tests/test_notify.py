@@ -540,7 +540,7 @@ def test_serve_notifies_a_channel_through_the_outbox_and_counts_it(
 
 def test_the_readmes_notification_settings_load(tmp_path: Path) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "notify." in b]
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "public_url = " in b]
     config = tmp_path / "callsentry.toml"
     config.write_text(block)
     environ = {

@@ -551,3 +551,40 @@ def test_the_readmes_notification_settings_load(tmp_path: Path) -> None:
     assert [c.name for c in settings.notify.channels] == ["fraud-mail", "fraud-chat", "siem"]
     assert [c.limit for c in settings.notify.channels] == [10, 20, 0]
     assert settings.console.public_url == "https://callsentry.example.org"
+
+
+def test_notify_test_sends_to_each_channel_and_says_which_failed(
+    tmp_path: Path, endpoint: Receiver
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    dead = free_port()  # nothing listens there
+    config = tmp_path / "callsentry.toml"
+    config.write_text(
+        f'[[notify.channels]]\nname = "soc"\nurl = "json://127.0.0.1:{endpoint.port}/hook"\n'
+        f'[[notify.channels]]\nname = "down"\nurl = "json://127.0.0.1:{dead}/hook"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSENTRY_")}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "engine", "notify", "test", "--config", str(config), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+
+    both = run()
+    assert both.returncode == 1, both.stderr
+    assert "notify.soc: sent" in both.stdout
+    assert "notify.down: failed: " in both.stdout
+    assert both.stderr.strip().splitlines()[-1] == (
+        "callsentry: 1 of 2 channels did not take the test message"
+    )
+    assert len(endpoint.posts) == 1
+    assert "channel soc works" in str(endpoint.posts[0][1]["message"])
+    one = run("--channel", "soc")
+    assert one.returncode == 0 and one.stdout.strip() == "notify.soc: sent", one.stderr
+    unknown = run("--channel", "nope")
+    assert unknown.returncode == 2
+    assert "no channel named 'nope' (known: soc, down)" in unknown.stderr
+    # Outside the outbox: nothing queued, nothing counted.
+    assert not outbox_path(tmp_path / "data").exists()

@@ -28,7 +28,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.apps.settings import DetectionSettings, Settings, parse_hours, time_zone
+from engine.apps.settings import (
+    ChannelSettings,
+    DetectionSettings,
+    Settings,
+    parse_hours,
+    time_zone,
+)
 from engine.core.runtime import tune_gc_for_detection
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.stats import RULES_INVALID, RULES_LOADING, SharedCounters
@@ -38,6 +44,7 @@ from engine.ingest.store import StoreError, lake_writer_lock
 RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
+    from engine.alerts.notify import Transport
     from engine.alerts.outbox import Destination
     from engine.core.yamlfile import YamlDocument
     from engine.detect.alerts import Alert, AlertSink
@@ -175,9 +182,8 @@ def make_durable_sinks(
 def outbox_destinations(settings: Settings) -> list[Destination]:
     """Where deliveries go, by name, as configured (the webhook, when set; each
     notification channel as `notify.NAME`)."""
-    from engine.alerts.notify import AppriseTransport, NotifyDestination, SyslogTransport
+    from engine.alerts.notify import NotifyDestination
     from engine.alerts.outbox import WebhookDestination
-    from engine.apps.settings import syslog_target
 
     detection = settings.detection
     destinations: list[Destination] = []
@@ -189,22 +195,11 @@ def outbox_destinations(settings: Settings) -> list[Destination]:
                 timeout_s=settings.outbox.timeout_s,
             )
         )
-    timeout_s = settings.outbox.timeout_s
     for channel in settings.notify.channels:
-        transport: AppriseTransport | SyslogTransport
-        if channel.syslog:
-            protocol, host, port = syslog_target(channel.syslog)
-            transport = SyslogTransport(
-                protocol, host, port, facility=channel.facility, timeout_s=timeout_s
-            )
-        else:
-            transport = AppriseTransport(
-                channel.expanded_url, secrets=channel.secrets, timeout_s=timeout_s
-            )
         destinations.append(
             NotifyDestination(
                 channel.label,
-                transport,
+                channel_transport(channel, settings.outbox.timeout_s),
                 settings.store.data_dir,
                 limit=channel.limit,
                 period_s=channel.rate_period_s,
@@ -212,6 +207,17 @@ def outbox_destinations(settings: Settings) -> list[Destination]:
             )
         )
     return destinations
+
+
+def channel_transport(channel: ChannelSettings, timeout_s: float) -> Transport:
+    """How a notification channel's messages leave: its Apprise URL, or syslog."""
+    from engine.alerts.notify import AppriseTransport, SyslogTransport
+    from engine.apps.settings import syslog_target
+
+    if channel.syslog:
+        protocol, host, port = syslog_target(channel.syslog)
+        return SyslogTransport(protocol, host, port, facility=channel.facility, timeout_s=timeout_s)
+    return AppriseTransport(channel.expanded_url, secrets=channel.secrets, timeout_s=timeout_s)
 
 
 def rule_tags(pipeline: Pipeline | None) -> Callable[[str], Sequence[str]]:

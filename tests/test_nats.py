@@ -21,6 +21,7 @@ from typing import Any
 import duckdb
 import pytest
 
+from engine.apps.relay import status_lines
 from engine.core.events import CallEvent, CallState
 from engine.relay.state import load_state, state_path
 from engine.relay.subjects import decode_token
@@ -199,9 +200,24 @@ def test_a_consumer_sees_every_report_call_and_alert_exactly_once(
         wait_for(lambda: set(report_keys(read_stream(nats_server.url))) >= keys, 120, "reports")
         wait_for(lambda: len(published(nats_server.url, "alerts")) >= 30, 120, "alerts")
         wait_for(lambda: len(published(nats_server.url, "calls")) >= 300, 120, "calls")
+        # A verdict recorded while serve runs is published too.
+        alert_id = published(nats_server.url, "alerts")[0][2]["alert_id"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CALLSENTRY_")}
+        env["CALLSENTRY_RELAY__NATS__URLS"] = f'["{nats_server.url}"]'
+        reviewed = subprocess.run(
+            [sys.executable, "-m", "engine", "alerts", "review", alert_id, "--status",
+             "confirmed", "--note", "called the customer", "--data-dir", str(data_dir)],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+        )  # fmt: skip
+        assert reviewed.returncode == 0, reviewed.stderr
+        wait_for(lambda: published(nats_server.url, "reviews") != [], 60, "the review")
     finally:
         stop_serve(process)
     messages = read_stream(nats_server.url)
+    reviews = [b for s, _, b in messages if s == "callsentry.reviews"]
+    assert [(r["alert_id"], r["status"], r["note"]) for r in reviews] == [
+        (alert_id, "confirmed", "called the customer")
+    ]
     # Every stored report once, on its menu's subject (the token decodes to the menu).
     assert report_keys(messages) == stored_keys(data_dir)
     assert set(report_keys(messages)) == keys
@@ -221,6 +237,10 @@ def test_a_consumer_sees_every_report_call_and_alert_exactly_once(
     assert len(ids) == len(set(ids)) and all(i != "None" for i in ids)
     saved = nats_state(data_dir)
     assert saved.counters.given_up == 0 and saved.counters.answered == len(keys)
+    status = status_lines(data_dir, time.time())
+    line = next(line for line in status if line.startswith("NATS JetStream"))
+    assert f"nats://127.0.0.1:{nats_server.port}: up" in line
+    assert f"acked {len(keys)}, retried 0, given up 0" in line
 
 
 def test_nats_stopped_mid_run_and_started_again_publication_catches_up(

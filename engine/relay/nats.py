@@ -269,6 +269,7 @@ class _Client:
         # Set when the client started again: what was in flight is lost, and the
         # relay's loop submits every owed report anew.
         self.restarted = threading.Event()
+        self._check_stream = False
         self._thread = threading.Thread(target=self._run, name="nats-client", daemon=True)
         self.outbox_published = 0
 
@@ -355,6 +356,8 @@ class _Client:
         log.warning("NATS (%s) reconnected; publishing from the cursor", self.spec.address)
         self.connected = True
         self.counters.down = False
+        # A server that came back empty (a new machine, its store lost) has no stream.
+        self._check_stream = True
 
     async def _ensure_stream(self, nc: Any) -> None:
         from nats.js.api import StreamConfig
@@ -447,6 +450,18 @@ class _Client:
             tasks.append(asyncio.create_task(self._outbox(js)))
         while not self._stopping:
             await self._sleep(0.1)
+            if self._check_stream:
+                self._check_stream = False
+                try:
+                    await self._ensure_stream(nc)
+                except Exception as error:
+                    log.error(
+                        "NATS: stream %s not ready after a reconnect (%s); trying again",
+                        self.spec.stream,
+                        shown(str(error) or type(error).__name__),
+                    )
+                    self._check_stream = True
+                    await self._sleep(1.0)
             for task in tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]

@@ -238,10 +238,22 @@ class PendingMessages(Protocol):
 
 @dataclass(slots=True)
 class _Publication:
-    seq: int
+    """One message in flight. `token` names it in its reply subject: `r<seq>` a report,
+    `o<id>` an outbox delivery (`delivery`)."""
+
+    token: str
     subject: str
     msg_id: str
     body: bytes
+    delivery: Any = None
+    sent_at: float = 0.0
+
+
+def _acknowledged(data: bytes) -> bool:
+    """JetStream's answer to a publication: a PubAck (`{"stream":..,"seq":..}`, with
+    `"duplicate":true` for one it already had) or an error (or an empty no-responders
+    status when no stream takes the subject)."""
+    return b'"seq"' in data and b'"error"' not in data
 
 
 class _Client:
@@ -270,6 +282,10 @@ class _Client:
         # relay's loop submits every owed report anew.
         self.restarted = threading.Event()
         self._check_stream = False
+        # Published and not yet acknowledged, by token, in the order (last) sent.
+        self._inflight: dict[str, _Publication] = {}
+        self._outbox_done: list[Any] = []
+        self._inbox = ""
         self._thread = threading.Thread(target=self._run, name="nats-client", daemon=True)
         self.outbox_published = 0
 
@@ -442,12 +458,18 @@ class _Client:
                 await _close_quietly(nc)
             return
         log.info("publishing to NATS JetStream %s, stream %s", self.spec.address, self.spec.stream)
+        # Acks come to one wildcard subscription, each to its publication's reply subject;
+        # nats-py subscribes it again after a reconnect.
+        self._inbox = nc.new_inbox()
+        await nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
         self.connected = True
         self.counters.down = False
-        js = nc.jetstream(publish_async_max_pending=self.spec.window * 2)
-        tasks = [asyncio.create_task(self._reports(js))]
+        tasks = [
+            asyncio.create_task(self._reports(nc)),
+            asyncio.create_task(self._retries(nc)),
+        ]
         if self.outbox is not None:
-            tasks.append(asyncio.create_task(self._outbox(js)))
+            tasks.append(asyncio.create_task(self._outbox(nc)))
         while not self._stopping:
             await self._sleep(0.1)
             if self._check_stream:
@@ -475,52 +497,83 @@ class _Client:
         while not self._stopping and time.monotonic() < end:
             await asyncio.sleep(min(0.05, seconds))
 
-    async def _reports(self, js: Any) -> None:
+    async def _send(self, nc: Any, publication: _Publication) -> None:
+        """Publish with a reply subject of its own (JetStream answers there); a failure
+        (the client's buffer full during an outage, the connection closed) is a
+        publication not acknowledged: sent again after ack_timeout_s."""
+        publication.sent_at = time.monotonic()
+        try:
+            await nc.publish(
+                publication.subject,
+                publication.body,
+                reply=f"{self._inbox}.{publication.token}",
+                headers={MSG_ID: publication.msg_id},
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            pass
+
+    async def _on_ack(self, msg: Any) -> None:
+        token = str(msg.subject).rpartition(".")[2]
+        publication = self._inflight.get(token)
+        if publication is None or not _acknowledged(msg.data or b""):
+            # A late second ack, or a refusal: the publication waits for its timeout.
+            return
+        del self._inflight[token]
+        if publication.delivery is None:
+            self.acked.append(int(token[1:]))
+        else:
+            self._outbox_done.append(publication.delivery)
+
+    async def _reports(self, nc: Any) -> None:
         assert self._incoming is not None
         incoming = self._incoming
-        pending: set[asyncio.Task[None]] = set()
+        inflight = self._inflight
         while True:
             batch = await incoming.get()
             for publication in batch:
-                task = asyncio.create_task(self._publish_report(js, publication))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
+                inflight[publication.token] = publication
+                await self._send(nc, publication)
 
-    async def _publish_report(self, js: Any, publication: _Publication) -> None:
-        spec = self.spec
-        first = True
-        while publication.seq > self.cut_seq:
-            if not first:
+    async def _retries(self, nc: Any) -> None:
+        """Publications not acknowledged within ack_timeout_s go again (same Nats-Msg-Id),
+        oldest first; reports the relay gave up (past the horizon) are dropped."""
+        inflight = self._inflight
+        timeout = self.spec.ack_timeout_s
+        while True:
+            await asyncio.sleep(min(0.25, timeout / 2))
+            now = time.monotonic()
+            # In the order sent: one sent again moves to the end.
+            due: list[_Publication] = []
+            for publication in inflight.values():
+                if now - publication.sent_at < timeout:
+                    break
+                due.append(publication)
+            for publication in due:
+                token = publication.token
+                if inflight.pop(token, None) is None:
+                    continue  # acknowledged meanwhile
+                if publication.delivery is None and int(token[1:]) <= self.cut_seq:
+                    continue
+                inflight[token] = publication
                 self.counters.retried += 1
-            first = False
-            try:
-                future = await js.publish_async(
-                    publication.subject,
-                    publication.body,
-                    wait_stall=spec.ack_timeout_s,
-                    headers={MSG_ID: publication.msg_id},
-                )
-                await asyncio.wait_for(future, spec.ack_timeout_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Not acknowledged (NATS down, slow, the client's buffer full): again,
-                # with the same Nats-Msg-Id, after a pause.
-                await asyncio.sleep(min(1.0, spec.ack_timeout_s))
-                continue
-            self.acked.append(publication.seq)
-            return
+                await self._send(nc, publication)
 
-    async def _outbox(self, js: Any) -> None:
+    async def _outbox(self, nc: Any) -> None:
+        """Calls, alerts and reviews: a batch of the outbox at a time, marked delivered
+        (one transaction) as JetStream acknowledges them."""
         outbox = self.outbox
         assert outbox is not None
-        spec = self.spec
         forget_at = 0.0
+        in_flight: list[_Publication] = []
         while True:
             now = time.time()
             if now >= forget_at:
                 forget_at = now + 60.0
-                await asyncio.to_thread(outbox.forget_done_before, now - OUTBOX_KEEP_S, "nats")
+                await asyncio.to_thread(
+                    outbox.forget_done_before, now - OUTBOX_KEEP_S, OUTBOX_DESTINATION
+                )
                 given = await asyncio.to_thread(
                     outbox.give_up_older_than,
                     OUTBOX_DESTINATION,
@@ -534,39 +587,24 @@ class _Client:
                         len(given),
                         self.horizon_s,
                     )
-            if not self.connected:
-                await asyncio.sleep(0.25)
+            if self._outbox_done:
+                done, self._outbox_done = self._outbox_done, []
+                await asyncio.to_thread(outbox.mark_delivered_many, done)
+                self.outbox_published += len(done)
+            in_flight = [p for p in in_flight if p.token in self._inflight]
+            if in_flight:
+                await asyncio.sleep(0.02)
                 continue
             due = await asyncio.to_thread(outbox.due, OUTBOX_DESTINATION, now, _OUTBOX_BATCH)
             if not due:
                 await asyncio.sleep(0.25)
                 continue
-            futures = []
             for delivery in due:
                 subject, body = unpack(delivery.payload)
-                try:
-                    future = await js.publish_async(
-                        subject, body, wait_stall=spec.ack_timeout_s, headers={MSG_ID: delivery.key}
-                    )
-                except Exception:
-                    break
-                acked = asyncio.ensure_future(asyncio.wait_for(future, spec.ack_timeout_s))
-                futures.append((delivery, acked))
-            done = []
-            for delivery, future in futures:
-                try:
-                    await future
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    continue
-                done.append(delivery)
-            if done:
-                await asyncio.to_thread(outbox.mark_delivered_many, done)
-                self.outbox_published += len(done)
-            if len(done) < len(due):
-                # Not all acknowledged: those left are published again after a pause.
-                await asyncio.sleep(min(1.0, spec.ack_timeout_s))
+                publication = _Publication(f"o{delivery.id}", subject, delivery.key, body, delivery)
+                self._inflight[publication.token] = publication
+                in_flight.append(publication)
+                await self._send(nc, publication)
 
 
 async def _close_quietly(nc: Any) -> None:
@@ -656,7 +694,7 @@ class NatsTarget:
 
     def _publication(self, item: RelayItem) -> _Publication:
         return _Publication(
-            item.seq,
+            f"r{item.seq}",
             self.subjects.report(item.event.menu_id),
             report_key(item.event),
             report_body(item),

@@ -340,6 +340,53 @@ def nats_consumer(url: str, lag_prefix: bytes, got: Any, stop: Any, out: Any) ->
     out.put(arrived)
 
 
+def stream_times(url: str, lag_prefix: bytes, since: float) -> dict[bytes, float]:
+    """When JetStream stored each report whose call_id starts with `lag_prefix` (its
+    stream timestamp, on the perf_counter clock): the publication's own lag, apart from
+    how fast a subscriber on this busy machine takes it. Read after the measurement,
+    from the messages stored after `since` (wall clock)."""
+    import asyncio
+
+    offset = time.time() - time.perf_counter()
+    prefix = lag_prefix.decode()
+
+    async def read() -> dict[bytes, float]:
+        import nats
+        from nats.errors import TimeoutError as NatsTimeout
+
+        nc = await nats.connect(url)
+        stored: dict[bytes, float] = {}
+        try:
+            from datetime import UTC, datetime
+
+            from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+            config = ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                opt_start_time=datetime.fromtimestamp(since, tz=UTC),
+            )
+            sub = await nc.jetstream().pull_subscribe(
+                "callsentry.reports.>", stream="CALLSENTRY", config=config
+            )
+            while True:
+                try:
+                    batch = await sub.fetch(1000, timeout=2)
+                except (TimeoutError, NatsTimeout):
+                    break
+                for msg in batch:
+                    call_id = json.loads(msg.data)["call_id"]
+                    if call_id.startswith(prefix):
+                        key = call_id.encode()
+                        at = msg.metadata.timestamp.timestamp() - offset
+                        stored[key] = min(at, stored.get(key, at))
+        finally:
+            await nc.close()
+        return stored
+
+    return asyncio.run(read())
+
+
 def relay_caught_up(data_dir: Path, timeout_s: float) -> float | None:
     """Seconds until every relay target's cursor reached what is stored (None: not within
     `timeout_s`)."""
@@ -412,6 +459,7 @@ def relay_main(args: argparse.Namespace) -> int:
                 plain_port, reports, args.window, rate, f"pa-{rate:g}"
             )
             before = list(got)
+            paced_from = time.time() - 1.0
             run = run_load(relay_port, reports, args.window, rate, f"lag-{rate:g}", True)
             results[f"b serve relaying, paced {rate:g}/s"] = run
             deadline = time.monotonic() + 120
@@ -427,7 +475,8 @@ def relay_main(args: argparse.Namespace) -> int:
             consumer.join()
             arrived.append(nats_out.get(timeout=60))
             nats_sub.join()
-            for index in range(targets + 1):
+            arrived.append(stream_times(nats_server.url, lag_prefix, paced_from))
+            for index in range(targets + 2):
                 delays = sorted(
                     arrived[index][key] - at for key, at in sent.items() if key in arrived[index]
                 )
@@ -469,7 +518,13 @@ def relay_main(args: argparse.Namespace) -> int:
         return delays[min(len(delays) - 1, int(share * len(delays)))] * 1000 if delays else 0.0
 
     for index, delays in lags.items():
-        name = f"target {index + 1}" if index < targets else "NATS"
+        name = (
+            f"target {index + 1}"
+            if index < targets
+            else "NATS subscriber"
+            if index == targets
+            else "NATS stream (stored)"
+        )
         print(
             f"relay lag at {args.paced[0]:g}/s, {name}: p50 {ms(delays, 0.5):.1f} ms, "
             f"p99 {ms(delays, 0.99):.1f} ms, max {max(delays, default=0) * 1000:.1f} ms, "
@@ -487,7 +542,13 @@ def relay_main(args: argparse.Namespace) -> int:
                 "ratio": ratio,
                 "catch_up_s": catch_up_s,
                 "lag_ms": {
-                    (str(i + 1) if i < targets else "nats"): {
+                    (
+                        str(i + 1)
+                        if i < targets
+                        else "nats_subscriber"
+                        if i == targets
+                        else "nats_stored"
+                    ): {
                         "p50": ms(d, 0.5),
                         "p99": ms(d, 0.99),
                         "max": max(d, default=0) * 1000,

@@ -102,6 +102,20 @@ def read_stream(url: str) -> list[tuple[str, str, dict[str, Any]]]:
     return asyncio.run(read())
 
 
+def duplicate_window_s(url: str) -> float:
+    async def read() -> float:
+        import nats
+
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().stream_info(STREAM)
+            return float(info.config.duplicate_window or 0)
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
 def rules_dir(tmp_path: Path) -> Path:
     """Only the rule that raises one alert per call to a risky callee, at once."""
     folder = tmp_path / "rules"
@@ -237,6 +251,8 @@ def test_a_consumer_sees_every_report_call_and_alert_exactly_once(
     assert len(ids) == len(set(ids)) and all(i != "None" for i in ids)
     saved = nats_state(data_dir)
     assert saved.counters.given_up == 0 and saved.counters.answered == len(keys)
+    # The server drops a repeat for as long as the relay may send one again.
+    assert duplicate_window_s(nats_server.url) == 86_400.0
     status = status_lines(data_dir, time.time())
     line = next(line for line in status if line.startswith("NATS JetStream"))
     assert f"nats://127.0.0.1:{nats_server.port}: up" in line

@@ -453,7 +453,7 @@ class NatsSettings(_Section):
     # narrower); off: the stream must exist, made by the NATS operator.
     create_stream: bool = True
     # Messages published and not yet acknowledged, at most.
-    window: int = Field(default=1024, ge=1, le=65_536)
+    window: int = Field(default=10_000, ge=1, le=1_000_000)
     # One publication's bound: past it, the message is sent again (same Nats-Msg-Id).
     ack_timeout_s: float = Field(default=5.0, gt=0, le=300)
 

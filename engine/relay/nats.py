@@ -111,7 +111,7 @@ class NatsSpec:
     credentials: NatsCredentials = NatsCredentials()
     duplicate_window_s: float = 86_400.0
     create_stream: bool = True
-    window: int = 1024
+    window: int = 10_000
     ack_timeout_s: float = 5.0
     name: str = "nats"
 
@@ -457,6 +457,12 @@ class _Client:
             if nc is not None:
                 await _close_quietly(nc)
             return
+        try:
+            await self._publish(nc)
+        finally:
+            await _close_quietly(nc)
+
+    async def _publish(self, nc: Any) -> None:
         log.info("publishing to NATS JetStream %s, stream %s", self.spec.address, self.spec.stream)
         # Acks come to one wildcard subscription, each to its publication's reply subject;
         # nats-py subscribes it again after a reconnect.
@@ -470,27 +476,28 @@ class _Client:
         ]
         if self.outbox is not None:
             tasks.append(asyncio.create_task(self._outbox(nc)))
-        while not self._stopping:
-            await self._sleep(0.1)
-            if self._check_stream:
-                self._check_stream = False
-                try:
-                    await self._ensure_stream(nc)
-                except Exception as error:
-                    log.error(
-                        "NATS: stream %s not ready after a reconnect (%s); trying again",
-                        self.spec.stream,
-                        shown(str(error) or type(error).__name__),
-                    )
-                    self._check_stream = True
-                    await self._sleep(1.0)
+        try:
+            while not self._stopping:
+                await self._sleep(0.1)
+                if self._check_stream:
+                    self._check_stream = False
+                    try:
+                        await self._ensure_stream(nc)
+                    except Exception as error:
+                        log.error(
+                            "NATS: stream %s not ready after a reconnect (%s); trying again",
+                            self.spec.stream,
+                            shown(str(error) or type(error).__name__),
+                        )
+                        self._check_stream = True
+                        await self._sleep(1.0)
+                for task in tasks:
+                    if task.done() and not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+        finally:
             for task in tasks:
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await _close_quietly(nc)
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds

@@ -432,6 +432,7 @@ def relay_main(args: argparse.Namespace) -> int:
     config.write_text(
         "".join(f'[[relay.udp]]\ntarget = "127.0.0.1:{port}"\n' for port in ports)
         + f'[relay.nats]\nurls = ["{nats_server.url}"]\n'
+        + f'[relay]\npriority = "{args.relay_priority}"\n'
     )
     plain_port, relay_port = free_port(), free_port()
     results: dict[str, dict[str, Any]] = {}
@@ -584,6 +585,12 @@ def main() -> int:
         action="store_true",
         help="serve against serve relaying to three UDP consumers, and the relay's lag "
         "at the first --paced rate (default 5000/s)",
+    )
+    parser.add_argument(
+        "--relay-priority",
+        choices=["idle", "low"],
+        default="idle",
+        help="relay.priority of (b) with --relay (default idle, as shipped)",
     )
     args = parser.parse_args()
     if args.rounds < 1 or args.reports < 1:

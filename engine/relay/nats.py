@@ -509,6 +509,10 @@ class _Client:
         (the client's buffer full during an outage, the connection closed) is a
         publication not acknowledged: sent again after ack_timeout_s."""
         publication.sent_at = time.monotonic()
+        if not self.connected:
+            # Disconnected: kept, and published once the client is back (its timeout
+            # has passed by then), rather than piled up in the client's buffer.
+            return
         try:
             await nc.publish(
                 publication.subject,
@@ -550,6 +554,8 @@ class _Client:
         timeout = self.spec.ack_timeout_s
         while True:
             await asyncio.sleep(min(0.25, timeout / 2))
+            if not self.connected:
+                continue
             now = time.monotonic()
             # In the order sent: one sent again moves to the end.
             due: list[_Publication] = []

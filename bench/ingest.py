@@ -2,7 +2,8 @@
 
 (a) baseline: a uvloop UDP server that answers `call_id,serial` and stores nothing;
 (b) callsentry serve with its durable store (journal fsync per group commit, lake flush).
-With `--relay`: (a) serve, (b) serve relaying every report to three UDP consumers.
+With `--relay`: (a) serve, (b) serve relaying every report to three UDP consumers and
+publishing it to NATS JetStream (a nats-server from the dev extra, on loopback).
 
 The load generator runs in its own process: distinct reports, a window of
 outstanding ones, at full speed and at paced rates. It reports answered
@@ -304,6 +305,91 @@ def consumers(
     out.put(first)
 
 
+def nats_consumer(url: str, lag_prefix: bytes, got: Any, stop: Any, out: Any) -> None:
+    """A NATS subscriber on every report subject: when each report whose call_id starts
+    with `lag_prefix` first arrived (perf_counter). Idle priority, as the consumers."""
+    import asyncio
+
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setscheduler(int(task), os.SCHED_IDLE, os.sched_param(0))
+    arrived: dict[bytes, float] = {}
+    clock = time.perf_counter
+    prefix = lag_prefix.decode()
+
+    async def run() -> None:
+        import nats
+
+        async def quiet(error: Exception) -> None:
+            pass  # the server stops at the end of the bench, maybe before this does
+
+        nc = await nats.connect(url, error_cb=quiet)
+
+        async def take(msg: Any) -> None:
+            call_id = json.loads(msg.data)["call_id"]
+            if call_id.startswith(prefix):
+                key = call_id.encode()
+                if key not in arrived:
+                    arrived[key] = clock()
+                    got[0] += 1
+
+        await nc.subscribe("callsentry.reports.>", cb=take)
+        await nc.flush()
+        got[1] = 1  # subscribed
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await nc.close()
+
+    asyncio.run(run())
+    out.put(arrived)
+
+
+def stream_times(url: str, lag_prefix: bytes, since: float) -> dict[bytes, float]:
+    """When JetStream stored each report whose call_id starts with `lag_prefix` (its
+    stream timestamp, on the perf_counter clock): the publication's own lag, apart from
+    how fast a subscriber on this busy machine takes it. Read after the measurement,
+    from the messages stored after `since` (wall clock)."""
+    import asyncio
+
+    offset = time.time() - time.perf_counter()
+    prefix = lag_prefix.decode()
+
+    async def read() -> dict[bytes, float]:
+        import nats
+        from nats.errors import TimeoutError as NatsTimeout
+
+        nc = await nats.connect(url)
+        stored: dict[bytes, float] = {}
+        try:
+            from datetime import UTC, datetime
+
+            from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+            config = ConsumerConfig(
+                ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.BY_START_TIME,
+                opt_start_time=datetime.fromtimestamp(since, tz=UTC),
+            )
+            sub = await nc.jetstream().pull_subscribe(
+                "callsentry.reports.>", stream="CALLSENTRY", config=config
+            )
+            while True:
+                try:
+                    batch = await sub.fetch(1000, timeout=2)
+                except (TimeoutError, NatsTimeout):
+                    break
+                for msg in batch:
+                    call_id = json.loads(msg.data)["call_id"]
+                    if call_id.startswith(prefix):
+                        key = call_id.encode()
+                        at = msg.metadata.timestamp.timestamp() - offset
+                        stored[key] = min(at, stored.get(key, at))
+        finally:
+            await nc.close()
+        return stored
+
+    return asyncio.run(read())
+
+
 def relay_caught_up(data_dir: Path, timeout_s: float) -> float | None:
     """Seconds until every relay target's cursor reached what is stored (None: not within
     `timeout_s`)."""
@@ -324,8 +410,9 @@ def relay_caught_up(data_dir: Path, timeout_s: float) -> float | None:
 
 def relay_main(args: argparse.Namespace) -> int:
     """`--relay`: serve without relaying (a) against serve relaying every report to
-    three UDP consumers (b), alternating full-speed runs; then the relay's lag at a
-    paced rate: from a report's first send to its first arrival at each consumer."""
+    three UDP consumers and publishing it to NATS JetStream (b), alternating full-speed
+    runs; then the relay's lag at a paced rate: from a report's first send to its first
+    arrival at each consumer (and at a NATS subscriber)."""
     work = Path(tempfile.mkdtemp(prefix="callsentry-bench-relay-"))
     plain_dir, relay_dir = work / "plain", work / "relaying"
     plain_dir.mkdir()
@@ -336,8 +423,20 @@ def relay_main(args: argparse.Namespace) -> int:
     consumer = mp.Process(target=consumers, args=(targets, lag_prefix, ports_q, got, stop, out))
     consumer.start()
     ports = ports_q.get(timeout=30)
+    from engine.simulator.natsserver import NatsServer
+
+    nats_server = NatsServer(work / "nats").start()
+    nats_got, nats_out = mp.Array("q", 2), mp.Queue()  # type: ignore[var-annotated]
+    nats_sub = mp.Process(
+        target=nats_consumer, args=(nats_server.url, lag_prefix, nats_got, stop, nats_out)
+    )
+    nats_sub.start()
     config = work / "relay.toml"
-    config.write_text("".join(f'[[relay.udp]]\ntarget = "127.0.0.1:{port}"\n' for port in ports))
+    config.write_text(
+        "".join(f'[[relay.udp]]\ntarget = "127.0.0.1:{port}"\n' for port in ports)
+        + f'[relay.nats]\nurls = ["{nats_server.url}"]\n'
+        + f'[relay]\npriority = "{args.relay_priority}"\n'
+    )
     plain_port, relay_port = free_port(), free_port()
     results: dict[str, dict[str, Any]] = {}
     ratios: list[float] = []
@@ -364,10 +463,13 @@ def relay_main(args: argparse.Namespace) -> int:
                 plain_port, reports, args.window, rate, f"pa-{rate:g}"
             )
             before = list(got)
+            paced_from = time.time() - 1.0
             run = run_load(relay_port, reports, args.window, rate, f"lag-{rate:g}", True)
             results[f"b serve relaying, paced {rate:g}/s"] = run
             deadline = time.monotonic() + 120
-            while any(got[i] - before[i] < reports for i in range(targets)):
+            while any(got[i] - before[i] < reports for i in range(targets)) or (
+                nats_got[0] < reports
+            ):
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
@@ -375,7 +477,10 @@ def relay_main(args: argparse.Namespace) -> int:
             stop.set()
             arrived = out.get(timeout=60)
             consumer.join()
-            for index in range(targets):
+            arrived.append(nats_out.get(timeout=60))
+            nats_sub.join()
+            arrived.append(stream_times(nats_server.url, lag_prefix, paced_from))
+            for index in range(targets + 2):
                 delays = sorted(
                     arrived[index][key] - at for key, at in sent.items() if key in arrived[index]
                 )
@@ -393,6 +498,9 @@ def relay_main(args: argparse.Namespace) -> int:
         status = status_lines(relay_dir, time.time())
         if consumer.is_alive():
             consumer.kill()
+        if nats_sub.is_alive():
+            nats_sub.kill()
+        nats_server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"{'run':32} {'answered/s':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'lost':>6}")
@@ -414,8 +522,15 @@ def relay_main(args: argparse.Namespace) -> int:
         return delays[min(len(delays) - 1, int(share * len(delays)))] * 1000 if delays else 0.0
 
     for index, delays in lags.items():
+        name = (
+            f"target {index + 1}"
+            if index < targets
+            else "NATS subscriber"
+            if index == targets
+            else "NATS stream (stored)"
+        )
         print(
-            f"relay lag at {args.paced[0]:g}/s, target {index + 1}: p50 {ms(delays, 0.5):.1f} ms, "
+            f"relay lag at {args.paced[0]:g}/s, {name}: p50 {ms(delays, 0.5):.1f} ms, "
             f"p99 {ms(delays, 0.99):.1f} ms, max {max(delays, default=0) * 1000:.1f} ms, "
             f"{missing[index]} not arrived (goal: under 1 s)"
         )
@@ -431,7 +546,13 @@ def relay_main(args: argparse.Namespace) -> int:
                 "ratio": ratio,
                 "catch_up_s": catch_up_s,
                 "lag_ms": {
-                    str(i + 1): {
+                    (
+                        str(i + 1)
+                        if i < targets
+                        else "nats_subscriber"
+                        if i == targets
+                        else "nats_stored"
+                    ): {
                         "p50": ms(d, 0.5),
                         "p99": ms(d, 0.99),
                         "max": max(d, default=0) * 1000,
@@ -467,6 +588,12 @@ def main() -> int:
         action="store_true",
         help="serve against serve relaying to three UDP consumers, and the relay's lag "
         "at the first --paced rate (default 5000/s)",
+    )
+    parser.add_argument(
+        "--relay-priority",
+        choices=["idle", "low"],
+        default="idle",
+        help="relay.priority of (b) with --relay (default idle, as shipped)",
     )
     args = parser.parse_args()
     if args.rounds < 1 or args.reports < 1:

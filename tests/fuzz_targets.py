@@ -30,6 +30,7 @@ from engine.detect.rules import load_rules
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.eventfiles import EventFileError, read_event_file
 from engine.relay.state import RelayStateError, load_state
+from engine.relay.subjects import decode_token, encode_token, is_token, report_id
 from engine.relay.udp import key_of
 from engine.simulator.scenario import load_scenario
 
@@ -360,6 +361,16 @@ _SECTIONS = {
     "outbox": ["give_up_after_s", "max_backoff_s", "timeout_s", "keep_days"],
     "metrics": ["listen", "log_interval_s"],
     "relay": ["allow", "horizon_s", "max_held_bytes", "priority", "udp"],
+    "relay.nats": [
+        "urls",
+        "stream",
+        "subject_prefix",
+        "credentials_env",
+        "duplicate_window_s",
+        "create_stream",
+        "window",
+        "ack_timeout_s",
+    ],
     # `[[relay.udp]]`: a target, as an array of tables.
     "[relay.udp]": [
         "target",
@@ -412,6 +423,12 @@ _toml_values = st.one_of(
             '["critical", "high"]',
             '["warning"]',
             '"https://console.example.org/"',
+            '["nats://127.0.0.1:4222"]',
+            '["nats://u:p@127.0.0.1:4222", "tls://[::1]:4222"]',
+            '["nats://h:0", "http://x", "nats://", "nats://h/x"]',
+            '"callsentry.a.b"',
+            '"bad.*.>"',
+            '"A B"',
         ]
     ),
     st.text(max_size=20).map(json.dumps),
@@ -539,6 +556,23 @@ def load_relay_state(data: bytes) -> None:
             raise Escape(f"loading a relay state raised {error!r} on {data[:300]!r}") from error
 
 
+# -- NATS: subject tokens and message ids from network text ----------------------------
+
+
+def nats_names(data: bytes) -> None:
+    """A menu id, call id or switch name as the datagram brings it becomes one valid
+    subject token (and a header-safe message id), decoded back to itself."""
+    text = data.decode("utf-8", "replace")
+    token = encode_token(text)
+    if not is_token(token) or not token.isascii():
+        raise Escape(f"{text!r} made the subject token {token!r}")
+    if not token.startswith("%%") and decode_token(token) != text:
+        raise Escape(f"{text!r} -> {token!r} does not decode back")
+    key = report_id(text, text, 1)
+    if not key.isascii() or any(c.isspace() for c in key):
+        raise Escape(f"{text!r} made the message id {key!r}")
+
+
 TARGETS = (
     Target("codec", datagrams, decode_datagram),
     Target("key-reader", datagrams, read_key),
@@ -551,5 +585,6 @@ TARGETS = (
     Target("settings", settings_files(), load_settings_file),
     Target("notify-channel", notify_channel_files(), load_settings_file),
     Target("relay-answer", _answers, read_answer),
+    Target("nats-names", _answers, nats_names),
     Target("relay-state", relay_states(), load_relay_state),
 )

@@ -32,6 +32,7 @@ BAD_TEXT = {
     "--until": "2026-13-45",
     "--tz": "Mars/Olympus_Mons",
     "--status": "dismissed",
+    "--relay-nats": "nats://user:secret@127.0.0.1:4222",
 }
 
 # Per command, what makes it get past "say what to do" to the files it reads. Not a

@@ -6,6 +6,7 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
@@ -85,6 +86,13 @@ def version() -> None:
     "retries (repeatable; adds to [[relay.udp]]).",
 )
 @click.option(
+    "--relay-nats",
+    default=None,
+    metavar="nats://HOST:PORT",
+    help="Publish reports, calls, alerts and reviews to NATS JetStream there "
+    "(sets relay.nats.urls; credentials from $CALLSENTRY_NATS_CREDENTIALS).",
+)
+@click.option(
     "--relay-allow",
     multiple=True,
     help="Network CIDR relay targets may be in (repeatable; default: loopback only).",
@@ -98,6 +106,7 @@ def serve(
     metrics: str | None,
     rules_dir: Path | None,
     relay_udp: tuple[str, ...],
+    relay_nats: str | None,
     relay_allow: tuple[str, ...],
     log_level: str,
 ) -> None:
@@ -105,6 +114,8 @@ def serve(
     overrides: dict[str, Any] = {}
     if relay_udp or relay_allow:
         overrides["relay"] = _relay_overrides(config, relay_udp, relay_allow)
+    if relay_nats is not None:
+        overrides.setdefault("relay", {})["nats"] = {"urls": [relay_nats]}
     if listen:
         overrides.setdefault("receiver", {})["listen"] = list(listen)
     if allow:
@@ -283,6 +294,10 @@ def config_check(config: Path | None) -> None:
             if (section, key) == ("notify", "channels"):
                 # An Apprise URL carries tokens and passwords: shown masked.
                 value = [channel.shown() for channel in settings.notify.channels]
+            if (section, key) == ("relay", "nats") and value["credentials_env"]:
+                name = value["credentials_env"]
+                state = "set, not shown" if os.environ.get(name) else "not set"
+                click.echo(f"# relay.nats credentials: ${name} ({state})")
             if value is None:
                 # TOML has no null: an unset key is said as a comment, with what it means.
                 meaning = (
@@ -872,6 +887,43 @@ def alerts_review(
         fail(str(error))
     for alert_id, review_id in recorded:
         click.echo(f"review {review_id} recorded: {alert_id} is {status}")
+    if settings.relay.nats.enabled:
+        _publish_reviews(settings, recorded, status, note, reviewer or getpass.getuser())
+
+
+def _publish_reviews(
+    settings: Any, recorded: list[tuple[str, str]], status: str, note: str, reviewer: str
+) -> None:
+    """Verdicts for NATS (`PREFIX.reviews`) through the outbox, which the relay's
+    process of a running `serve` publishes from."""
+    from engine.alerts.outbox import Outbox, OutboxError
+    from engine.relay.nats import outbox_items, review_message
+    from engine.relay.subjects import Subjects
+
+    subjects = Subjects(settings.relay.nats.subject_prefix)
+    now = datetime.now(tz=UTC).isoformat()
+    messages = [
+        review_message(
+            {
+                "review_id": review_id,
+                "alert_id": alert_id,
+                "status": status,
+                "note": note.strip(),
+                "reviewer": reviewer,
+                "reviewed_at": now,
+            },
+            subjects,
+        )
+        for alert_id, review_id in recorded
+    ]
+    try:
+        outbox = Outbox.of(settings.store.data_dir)
+        try:
+            outbox.enqueue_many(outbox_items(messages))
+        finally:
+            outbox.close()
+    except OutboxError as error:
+        fail(f"the review is recorded, but not queued for NATS: {error}")
 
 
 @alerts.command("deliveries")

@@ -130,6 +130,23 @@ def _send_malformed(port: int) -> None:
                 sock.recv(64)
 
 
+def _stream_subjects(url: str, stream: str = "CALLSENTRY") -> dict[str, int]:
+    """Messages per subject in the NATS stream (what a consumer would read)."""
+    import asyncio
+
+    async def read() -> dict[str, int]:
+        import nats
+
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().stream_info(stream, subjects_filter=">")
+            return dict(info.state.subjects or {})
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--speed", type=float, default=120.0, help="time compression")
@@ -153,6 +170,16 @@ def main() -> int:
     # So the live part shows the protocol and the store; step 4 shows detection on
     # the same scenario in its own time, through replay.
     environment = {**os.environ, "CALLSENTRY_DETECTION__ENABLED": "false"}
+    # NATS JetStream beside it, when the dev extra's nats-server is installed: the
+    # engine publishes every report to it (README "Relaying to existing consumers").
+    from engine.simulator.natsserver import NatsServer, nats_server_binary
+
+    nats_server = NatsServer(data_dir / "nats") if nats_server_binary() is not None else None
+    relay = []
+    if nats_server is not None:
+        nats_server.start()
+        relay = ["--relay-nats", nats_server.url]
+        print(f"   with NATS JetStream on {nats_server.url} (store in {data_dir / 'nats'}/)")
     with log.open("wb") as log_handle:
         engine = subprocess.Popen(
             [
@@ -165,6 +192,7 @@ def main() -> int:
                 # Any free port: the default one may be a running engine's.
                 "--metrics",
                 "127.0.0.1:0",
+                *relay,
             ],
             stdout=log_handle,
             stderr=subprocess.STDOUT,
@@ -194,6 +222,11 @@ def main() -> int:
         print("3. stopping the engine (SIGTERM: answer what was accepted, flush, exit)")
         engine.send_signal(signal.SIGTERM)
         code = engine.wait(timeout=60)
+        subjects: dict[str, int] = {}
+        if nats_server is not None:
+            with contextlib.suppress(Exception):
+                subjects = _stream_subjects(nats_server.url)
+            nats_server.stop()
     if code != 0:
         print(f"the engine exited with {code}; see {log}")
         return 1
@@ -218,6 +251,12 @@ def main() -> int:
     print("  by state:  " + ", ".join(f"{state} {n}" for state, n in states))
     print("  top menus: " + ", ".join(f"{mid} {name!r} {n}" for mid, name, n in menus))
     print("  quarantined: " + (", ".join(f"{r} {n}" for r, n in rejects) or "none"))
+    if subjects:
+        top = sorted(subjects.items(), key=lambda item: -item[1])[:6]
+        print(
+            f"  published to NATS: {sum(subjects.values())} messages; "
+            + ", ".join(f"{subject} {n}" for subject, n in top)
+        )
     print()
     analysts_dir: Path = args.analysts_dir
     print(

@@ -148,18 +148,21 @@ def make_sinks(settings: Settings) -> list[AlertSink]:
 def make_durable_sinks(
     settings: Settings, tags_of: Callable[[str], Sequence[str]] = lambda rule_id: ()
 ) -> list[AlertSink]:
-    """What leaves the machine goes through the outbox (serve's couriers send it);
-    only `serve`'s lake writer makes these: replay and backtest never deliver.
+    """What leaves the machine goes through the outbox (serve's couriers send it; the
+    relay's process publishes what is for NATS); only `serve`'s lake writer makes
+    these: replay and backtest never deliver or publish.
     `tags_of(rule_id)`: the tags of a rule, for the notification channels' routes."""
     from engine.alerts.notify import NotifySink, Route
     from engine.alerts.outbox import Outbox, OutboxSink
 
     webhook = settings.detection.webhook_url
     channels = settings.notify.channels
-    if not webhook and not channels:
-        return []
-    outbox = Outbox.of(settings.store.data_dir)
     sinks: list[AlertSink] = []
+    if settings.relay.nats.enabled:
+        sinks.append(NatsOutboxSink(Outbox.of(settings.store.data_dir), settings))
+    if not webhook and not channels:
+        return sinks
+    outbox = Outbox.of(settings.store.data_dir)
     if webhook:
         sinks.append(OutboxSink(outbox, ["webhook"]))
     if channels:
@@ -177,6 +180,32 @@ def make_durable_sinks(
         ]
         sinks.append(NotifySink(outbox, routes, tags_of))
     return sinks
+
+
+class NatsOutboxSink:
+    """Alerts (not shadow ones) and finished calls enqueued for NATS (outbox destination
+    `nats`, key = Nats-Msg-Id), one transaction per segment: the relay's process
+    publishes them (engine.relay.nats)."""
+
+    def __init__(self, outbox: Any, settings: Settings) -> None:
+        from engine.relay.subjects import Subjects
+
+        self.outbox = outbox
+        self.subjects = Subjects(settings.relay.nats.subject_prefix)
+
+    def deliver(self, alerts: Sequence[Alert]) -> None:
+        from engine.relay.nats import alert_message, outbox_items
+
+        messages = [alert_message(a.as_json(), self.subjects) for a in alerts if a.mode == "alert"]
+        self.outbox.enqueue_many(outbox_items(messages))
+
+    def deliver_calls(self, columns: dict[str, Any]) -> None:
+        from engine.relay.nats import call_messages, outbox_items
+
+        self.outbox.enqueue_many(outbox_items(call_messages(columns, self.subjects)))
+
+    def close(self) -> None:
+        self.outbox.close()
 
 
 def outbox_destinations(settings: Settings) -> list[Destination]:
@@ -445,7 +474,7 @@ def run(
 
     # With relay targets, a segment in the lake goes to the relay, which deletes it once
     # every target has what it holds (engine.relay.feed).
-    release = HeldSegments(settings.store.data_dir).take if settings.relay.udp else None
+    release = HeldSegments(settings.store.data_dir).take if settings.relay.enabled else None
     writer = _until_it_works(
         starting,
         lambda: LakeWriter(
@@ -455,6 +484,7 @@ def run(
             pipeline=pipeline,
             sinks=sinks,
             durable_sinks=durable,
+            call_sinks=[sink for sink in durable if isinstance(sink, NatsOutboxSink)],
             dedup_horizon_s=settings.store.dedup_horizon_s,
             max_dedup_keys=settings.store.max_dedup_keys,
             keys_ready=keys_ready,

@@ -1,4 +1,5 @@
-"""The relay process: every stored live report passed on to `[[relay.udp]]` targets.
+"""The relay process: every stored live report passed on to `[[relay.udp]]` targets,
+and published with calls, alerts and reviews to NATS JetStream (`[relay.nats]`).
 
 Why a process of its own, not a thread of the receiver: the receiver's answers
 wait only for the journal's fsync, and a thread of the same interpreter would take
@@ -9,8 +10,10 @@ target can delay nothing but itself. It reads what the receiver stored from the
 journal files, up to the durable end the receiver publishes in shared memory after
 each fsync (engine.relay.feed), and keeps its cursors in DATA_DIR/relay/state.json.
 
-Only `serve` starts it: `replay` and `backtest` never relay (a month's replay must
-not reach billing). Check traffic (operations' reserved call-id prefix from allowed
+Only `serve` starts it: `replay` and `backtest` never relay or publish (a month's
+replay must not reach billing): they start no relay process, their lake writer has no
+outbox sink, and `alerts review` enqueues a verdict for NATS only when [relay.nats]
+is on. Check traffic (operations' reserved call-id prefix from allowed
 check senders) is not relayed either: `relayable_reports` says which reports are such,
 by the rule the lake writer keeps them out of `events` with (engine.ingest.senders).
 """
@@ -22,9 +25,9 @@ import multiprocessing as mp
 import multiprocessing.synchronize
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.apps.lakewriter import lower_priority
 from engine.apps.settings import RelaySettings, Settings
@@ -35,9 +38,16 @@ from engine.ingest.senders import SenderDirectory
 from engine.ingest.store import DataDirLock, StoreError
 from engine.relay.feed import Durable, DurableMark, HeldSegments, Relayable
 from engine.relay.state import RelayState, load_state, state_path
-from engine.relay.udp import COUNTERS, UdpTarget, UdpTargetSpec
+from engine.relay.udp import COUNTERS, UdpTargetSpec
+
+if TYPE_CHECKING:
+    from engine.relay.fanout import Target
+    from engine.relay.nats import NatsSpec
 
 log = logging.getLogger(__name__)
+
+# The NATS publication's name among the relay's targets (state.json, metrics).
+NATS_TARGET = "nats"
 
 
 def relayable_reports(settings: Settings) -> Relayable:
@@ -51,6 +61,36 @@ def relayable_reports(settings: Settings) -> Relayable:
         return not senders.is_check(event.source, event.call_id)
 
     return relayable
+
+
+def nats_spec(relay: RelaySettings, environ: Mapping[str, str] | None = None) -> NatsSpec | None:
+    """The NATS publication as the settings say (None: off); its credentials read from
+    the variable relay.nats.credentials_env names, here and nowhere else."""
+    from engine.relay.nats import NatsCredentials, NatsSpec
+
+    nats = relay.nats
+    if not nats.enabled:
+        return None
+    environ = os.environ if environ is None else environ
+    secret = environ.get(nats.credentials_env, "") if nats.credentials_env else ""
+    return NatsSpec(
+        urls=tuple(nats.urls),
+        stream=nats.stream,
+        subject_prefix=nats.subject_prefix,
+        credentials=NatsCredentials.parse(secret),
+        duplicate_window_s=relay.nats_duplicate_window_s,
+        create_stream=nats.create_stream,
+        window=nats.window,
+        ack_timeout_s=nats.ack_timeout_s,
+    )
+
+
+def target_names(relay: RelaySettings) -> list[str]:
+    """The loop's targets in its order: the UDP ones, then NATS."""
+    names = [spec.name for spec in target_specs(relay)]
+    if relay.nats.enabled:
+        names.append(NATS_TARGET)
+    return names
 
 
 def target_specs(relay: RelaySettings) -> list[UdpTargetSpec]:
@@ -101,6 +141,12 @@ def run(
         except StoreError:
             if os.getppid() != receiver_pid:
                 return
+    nats = nats_spec(relay_settings)
+    outbox: Any = None
+    if nats is not None:
+        from engine.alerts.outbox import Outbox
+
+        outbox = Outbox.of(settings.store.data_dir)
     relay = UdpRelay(
         settings.store.data_dir,
         DurableMark(mark_array),
@@ -113,6 +159,8 @@ def run(
         source_encoding=settings.codec.encodings[0],
         publish=lambda targets: publish(counters_array, targets),
         new_from=start,
+        nats=nats,
+        outbox=outbox,
     )
     names = ", ".join(f"{t.spec.name} ({t.spec.address})" for t in relay.targets)
     log.info("relaying to %s", names)
@@ -126,6 +174,8 @@ def run(
     try:
         relay.run(stopping)
     finally:
+        if outbox is not None:
+            outbox.close()
         lock.release()
 
 
@@ -134,7 +184,7 @@ def relay_lock(data_dir: Path) -> DataDirLock:
     return DataDirLock(data_dir / "relay", ".lock")
 
 
-def publish(array: Any, targets: Sequence[UdpTarget]) -> None:
+def publish(array: Any, targets: Sequence[Target]) -> None:
     """The targets' counters, for the receiver's /metrics."""
     width = len(COUNTERS)
     for index, target in enumerate(targets):
@@ -147,10 +197,10 @@ class RelayProcess:
     def __init__(self, settings: Settings) -> None:
         self._context = mp.get_context("spawn")
         self.settings = settings
-        self.specs = target_specs(settings.relay)
+        self.names = target_names(settings.relay)
         self.mark = DurableMark.create(self._context)
         self.counters = self._context.Array(
-            "d", max(1, len(self.specs)) * len(COUNTERS), lock=False
+            "d", max(1, len(self.names)) * len(COUNTERS), lock=False
         )
         self._stop = self._context.Event()
         self._process: Any = None
@@ -198,8 +248,8 @@ class RelayProcess:
         """Each target's counters as the process last published them."""
         width = len(COUNTERS)
         return {
-            spec.name: dict(zip(COUNTERS, self.counters[i * width : (i + 1) * width], strict=True))
-            for i, spec in enumerate(self.specs)
+            name: dict(zip(COUNTERS, self.counters[i * width : (i + 1) * width], strict=True))
+            for i, name in enumerate(self.names)
         }
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -235,6 +285,16 @@ def status_lines(data_dir: Path, now: float) -> list[str]:
     ]
     for name, saved in state.targets.items():
         c = saved.counters
+        if name == NATS_TARGET and saved.address.startswith(("nats://", "tls://")):
+            lines.append(
+                f"NATS JetStream {shown(saved.address)}: "
+                f"{'DOWN (unreachable)' if c.down else 'up'}, cursor seq {saved.cursor}, "
+                f"lag {c.lag_reports} reports / {c.lag_seconds:.1f} s; reports published "
+                f"{c.sent}, acked {c.answered}, retried {c.retried}, given up {c.given_up} "
+                f"({c.given_up_horizon} past the horizon); calls, alerts and reviews: "
+                "`callsentry alerts deliveries --destination nats --state all`"
+            )
+            continue
         lines.append(
             f"{shown(name)} {shown(saved.address)}: {'DOWN' if c.down else 'up'}, "
             f"cursor seq {saved.cursor}, "

@@ -58,7 +58,9 @@ def open_deliveries(settings: Settings) -> Dispatch | None:
         max_backoff_s=settings.outbox.max_backoff_s,
         keep_s=settings.outbox.keep_days * 86_400,
     )
-    return Dispatch(outbox, destinations, policy)
+    # NATS deliveries are published by the relay's process (engine.relay.nats).
+    elsewhere = ["nats"] if settings.relay.nats.enabled else []
+    return Dispatch(outbox, destinations, policy, elsewhere=elsewhere)
 
 
 class Housekeeping:
@@ -139,7 +141,7 @@ class Engine:
         # opened stops the start here, in one line (OutboxError).
         self.deliveries = open_deliveries(settings)
         self.writer = LakeWriterProcess(settings)
-        self.relay = RelayProcess(settings) if settings.relay.udp else None
+        self.relay = RelayProcess(settings) if settings.relay.enabled else None
         try:
             # A key file that cannot be trusted is rebuilt by the lake writer, started
             # early for it.

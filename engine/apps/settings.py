@@ -428,10 +428,90 @@ class UdpTargetSettings(_Section):
         return self.name or f"{host}_{port}".replace(":", "_")
 
 
+# A JetStream stream's name: no '.', '*', '>', whitespace or path separators.
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A subject prefix: plain tokens joined by dots.
+_SUBJECT_PREFIX = re.compile(r"[A-Za-z0-9_-]{1,32}(\.[A-Za-z0-9_-]{1,32}){0,7}")
+
+
+class NatsSettings(_Section):
+    """Publication to NATS JetStream (`[relay.nats]`, engine.relay.nats): reports, finished
+    calls, alerts and review verdicts, each once per stream (`Nats-Msg-Id`)."""
+
+    # nats://HOST:PORT (or tls://), one or more servers of one cluster; [] is off.
+    # No user or password in a URL: they go in the variable `credentials_env` names.
+    urls: list[str] = Field(default_factory=list)
+    stream: str = "CALLSENTRY"
+    # Subjects are PREFIX.reports.<menu>, PREFIX.calls, PREFIX.alerts.<severity>,
+    # PREFIX.reviews.
+    subject_prefix: str = "callsentry"
+    # The name of an environment variable holding the credentials ("" = none): a token,
+    # `user:password`, or the path of a `.creds` file. Its value is never logged or shown.
+    credentials_env: str = "CALLSENTRY_NATS_CREDENTIALS"
+    # The stream's duplicate window (Nats-Msg-Id kept this long); 0: relay.horizon_s,
+    # so whatever the relay may send again within its horizon is dropped by the server.
+    duplicate_window_s: float = Field(default=0.0, ge=0, le=30 * 86_400)
+    # Create the stream when it is missing (and widen its duplicate window when it is
+    # narrower); off: the stream must exist, made by the NATS operator.
+    create_stream: bool = True
+    # Messages published and not yet acknowledged, at most.
+    window: int = Field(default=10_000, ge=1, le=1_000_000)
+    # One publication's bound: past it, the message is sent again (same Nats-Msg-Id).
+    ack_timeout_s: float = Field(default=5.0, gt=0, le=300)
+
+    @field_validator("urls")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("nats", "tls"):
+                raise ValueError(f"{url!r} is not a nats://HOST:PORT or tls://HOST:PORT URL")
+            if "@" in rest:
+                raise ValueError(
+                    "a URL carries no user or password: put them in the environment "
+                    "variable relay.nats.credentials_env names"
+                )
+            if "/" in rest or not rest:
+                raise ValueError(f"{url!r} is not a nats://HOST:PORT URL")
+            host, port = parse_hostport(rest, default_port=4222)
+            if not host or port == 0:
+                raise ValueError(f"{url!r} has no host or port")
+        return value
+
+    @field_validator("stream")
+    @classmethod
+    def _check_stream(cls, value: str) -> str:
+        if not _STREAM_NAME.fullmatch(value):
+            raise ValueError(f"{value!r}: a stream name is 1 to 64 letters, digits, '_' or '-'")
+        return value
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if not _SUBJECT_PREFIX.fullmatch(value):
+            raise ValueError(
+                f"{value!r}: a subject prefix is 1 to 8 tokens of letters, digits, '_' or '-' "
+                "joined by '.'"
+            )
+        return value
+
+    @field_validator("credentials_env")
+    @classmethod
+    def _check_env(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", value):
+            raise ValueError(f"{value!r} is not an environment variable's name")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.urls)
+
+
 class RelaySettings(_Section):
     """Fan-out of every stored live report to the consumers that listened before."""
 
     udp: list[UdpTargetSettings] = Field(default_factory=list)
+    nats: NatsSettings = Field(default_factory=NatsSettings)
     # Targets must be in these networks (default: loopback only, as receiver.allow).
     allow: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     # Journal segments are kept for a target that is down this long at most; past it
@@ -462,7 +542,18 @@ class RelaySettings(_Section):
             if target.label in names:
                 raise ValueError(f"two targets are named {target.label!r}; give each a name")
             names.add(target.label)
+        if self.nats.enabled and "nats" in names:
+            raise ValueError("a UDP target is named 'nats', the name of the NATS publication")
         return self
+
+    @property
+    def enabled(self) -> bool:
+        """Anything to relay or publish: the relay process runs."""
+        return bool(self.udp) or self.nats.enabled
+
+    @property
+    def nats_duplicate_window_s(self) -> float:
+        return self.nats.duplicate_window_s or self.horizon_s
 
 
 # `${NAME}` in a channel's URL: the environment variable NAME's value (a token or a

@@ -22,7 +22,7 @@ from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import duckdb
 import numpy as np
@@ -207,6 +207,13 @@ def alerts_frame(alerts: Sequence[Alert]) -> pl.DataFrame:
     )
 
 
+class CallSink(Protocol):
+    """Where a segment's finished calls go after its lake write (NATS, through the
+    outbox); as a durable sink, it must accept a repeat after a crash."""
+
+    def deliver_calls(self, columns: dict[str, Any]) -> None: ...
+
+
 class LakeWriter:
     def __init__(
         self,
@@ -217,6 +224,7 @@ class LakeWriter:
         pipeline: Pipeline | None = None,
         sinks: Sequence[AlertSink] = (),
         durable_sinks: Sequence[AlertSink] = (),
+        call_sinks: Sequence[CallSink] = (),
         snapshots: bool = True,
         dedup_horizon_s: float = 3600.0,
         max_dedup_keys: int | None = None,
@@ -235,7 +243,8 @@ class LakeWriter:
         `durable_sinks` (the outbox) take a segment's alerts after its lake write and
         before its journal segment goes: a crash in between runs the segment through
         detection again, and they take the same alerts again (they must accept a
-        repeat). A failure there (an OSError) fails the write like a full disk."""
+        repeat). A failure there (an OSError) fails the write like a full disk.
+        `call_sinks` take a segment's calls at the same moment, on the same terms."""
         self.data_dir = data_dir
         self.senders = senders if senders is not None else SenderDirectory({})
         self.lake = Lake(data_dir)
@@ -246,6 +255,7 @@ class LakeWriter:
         self.pipeline = pipeline
         self.sinks = list(sinks)
         self.durable_sinks = list(durable_sinks)
+        self.call_sinks = list(call_sinks)
         # Detection must see each report once: a segment whose lake write failed is
         # kept here, already run through the pipeline, and written again as it is.
         self._decoded: dict[int, DetectedSegment] = {}
@@ -571,6 +581,9 @@ class LakeWriter:
         self.lake.drop_segment(number)
         reports = self.lake.write_segment(number, batches, derived)
         self._hand_over(alerts)
+        if written.call_count:
+            for call_sink in self.call_sinks:
+                call_sink.deliver_calls(written.calls)
         self._remember_keys(number, batches)
         self._release(path)
         with self._lock:

@@ -1,5 +1,5 @@
-"""The relay's loop: every UDP target fed from the journal, cursors saved, held
-segments released or, past the bounds, given up.
+"""The relay's loop: every UDP target (and NATS, engine.relay.nats) fed from the
+journal, cursors saved, held segments released or, past the bounds, given up.
 
 One thread does it all (the relay process's main thread): wait on the targets'
 sockets for answers (or 20 ms), take them, read what became durable, send, retry,
@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 from engine.relay.feed import (
     Durable,
@@ -36,6 +37,12 @@ from engine.relay.state import (
     state_path,
 )
 from engine.relay.udp import UdpTarget, UdpTargetSpec
+
+if TYPE_CHECKING:
+    from engine.relay.nats import NatsSpec, NatsTarget, PendingMessages
+
+# A target of the loop: a UDP consumer or NATS.
+Target = Union["UdpTarget", "NatsTarget"]
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +73,15 @@ class UdpRelay:
         relayable: Relayable = relay_all,
         source_separator: str = ",",
         source_encoding: str = "utf-8",
-        publish: Callable[[list[UdpTarget]], None] | None = None,
+        publish: Callable[[list[Target]], None] | None = None,
         new_from: Durable | None = None,
         clock: Callable[[], float] = time.monotonic,
+        nats: NatsSpec | None = None,
+        outbox: PendingMessages | None = None,
     ) -> None:
         """`new_from`: where a target with no saved cursor begins (default: the durable
-        end now)."""
+        end now). `nats`: publication to NATS JetStream too (its calls, alerts and
+        reviews from `outbox`)."""
         self.data_dir = data_dir
         self.mark = mark
         self.bounds = bounds
@@ -82,8 +92,11 @@ class UdpRelay:
         self._state_damaged = False
         saved = self._load()
         start = new_from or mark.get()
-        self.targets: list[UdpTarget] = []
-        for spec in specs:
+        self.targets: list[Target] = []
+        named: list[tuple[UdpTargetSpec | NatsSpec, str]] = [(s, s.address) for s in specs]
+        if nats is not None:
+            named.append((nats, nats.address))
+        for spec, address in named:
             known = saved.targets.get(spec.name) if saved is not None else None
             if known is None:
                 if saved is None and self._state_damaged:
@@ -97,23 +110,38 @@ class UdpRelay:
                     log.info(
                         "relay target %s (%s) is new: it gets reports from seq %d on",
                         spec.name,
-                        spec.address,
+                        address,
                         cursor + 1,
                     )
-                known = SavedTarget(spec.address, cursor, position)
+                known = SavedTarget(address, cursor, position)
             reader = JournalReader(
                 data_dir, mark, known.position, known.cursor, relayable=relayable, cache=cache
             )
-            self.targets.append(
-                UdpTarget(
-                    spec,
-                    reader,
-                    counters=known.counters,
-                    source_separator=source_separator,
-                    source_encoding=source_encoding,
-                    clock=clock,
+            if isinstance(spec, UdpTargetSpec):
+                self.targets.append(
+                    UdpTarget(
+                        spec,
+                        reader,
+                        counters=known.counters,
+                        source_separator=source_separator,
+                        source_encoding=source_encoding,
+                        clock=clock,
+                    )
                 )
-            )
+            else:
+                from engine.relay.nats import NatsTarget
+
+                self.targets.append(
+                    NatsTarget(
+                        spec,
+                        reader,
+                        outbox=outbox,
+                        horizon_s=bounds.horizon_s,
+                        counters=known.counters,
+                    )
+                )
+        # Answers are waited for on the UDP targets' sockets (NATS acks are taken each pass).
+        self.sockets = [t for t in self.targets if isinstance(t, UdpTarget)]
         self._saved_at = 0.0
         self._trimmed_at = 0.0
 
@@ -156,7 +184,10 @@ class UdpRelay:
         targets = self.targets
         if wait_s > 0:
             # Woken by an answer, or after `wait_s` to look for new reports.
-            select.select(targets, [], [], wait_s)
+            if self.sockets:
+                select.select(self.sockets, [], [], wait_s)
+            else:
+                time.sleep(wait_s)
         for target in targets:
             target.receive()
         for target in targets:
@@ -175,6 +206,10 @@ class UdpRelay:
         try:
             while not stopping():
                 self.pass_once()
+            for target in self.targets:
+                if not isinstance(target, UdpTarget):
+                    # NATS acknowledges within milliseconds: what is stored goes now.
+                    target.finish()
         finally:
             self.save(durable=True)
             if self.publish is not None:

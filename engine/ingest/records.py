@@ -50,10 +50,18 @@ def item_of(record: Record) -> Item:
 
 
 # Reports handed to another process of this program (replay's detection process): as
-# columns, marshalled, the state as its place in CallState. marshal takes only exact
-# builtin types; a CallEvent's fields are those but its state, an enum.
+# columns, marshalled. marshal takes only exact builtin types; a CallEvent's fields are
+# those but its state, an enum, sent as its place in CallState. The few distinct texts
+# of a column (callee, forward, menu, switch) are made one object each, which marshal
+# then writes once and refers back to. The source ("file:line") is left out:
+# detection never reads it.
 _STATES = tuple(CallState)
 _STATE_NUMBER = {state: number for number, state in enumerate(_STATES)}
+_STATE, _SOURCE = CallEvent._fields.index("state"), CallEvent._fields.index("source")
+_FEW_TEXTS = tuple(
+    CallEvent._fields.index(name)
+    for name in ("callee", "forward", "menu_id", "menu_name", "switch")
+)
 _new_event = functools.partial(tuple.__new__, CallEvent)
 _rows = native.load("_rows")
 
@@ -61,19 +69,30 @@ _rows = native.load("_rows")
 def pack_events(items: Sequence[Item]) -> bytes:
     """The CallEvents among `items`, in order, as bytes for `unpack_events` in another
     process of the same build (never for a file: marshal's format is the interpreter's)."""
-    events = [item for item in items if type(item) is CallEvent]
+    events = (
+        items
+        if set(map(type, items)) == {CallEvent}
+        else [item for item in items if type(item) is CallEvent]
+    )
     if not events:
-        return marshal.dumps([])
-    columns = [list(column) for column in zip(*events, strict=True)]
-    columns[3] = list(map(_STATE_NUMBER.__getitem__, columns[3]))
+        return marshal.dumps(())
+    columns: list[Any] = list(zip(*events, strict=True))
+    columns[_STATE] = bytes(map(_STATE_NUMBER.__getitem__, columns[_STATE]))
+    columns[_SOURCE] = None
+    for index in _FEW_TEXTS:
+        texts: dict[str, str] = {}
+        columns[index] = list(map(texts.setdefault, columns[index], columns[index]))
     return marshal.dumps(columns)
 
 
 def unpack_events(data: bytes) -> list[CallEvent]:
+    """The CallEvents `pack_events` packed, each with no source."""
     columns = marshal.loads(data)
     if not columns:
         return []
-    columns[3] = list(map(_STATES.__getitem__, columns[3]))
+    columns[_STATE] = list(map(_STATES.__getitem__, columns[_STATE]))
+    columns[_SOURCE] = [""] * len(columns[0])
+    columns = [list(column) for column in columns]
     if _rows is not None:
         return cast(list[CallEvent], _rows.take_rows(CallEvent, *columns))
     return list(map(_new_event, zip(*columns, strict=True)))

@@ -225,7 +225,10 @@ def _csv_data(path: Path, data: bytes, first_line: int) -> tuple[pl.DataFrame, i
     _check_columns(path, frame.columns)
     if not _one_line_rows(data, frame.width, frame.height):
         return _csv_rows(path, data, first_line - 2)
-    return frame.select([c for c in KEPT if c in frame.columns]), first_line
+    # An empty field is "" to the row reader (csv), null to polars: "" here too, so a
+    # reject says the same (its row, its detail) whichever reader read its part.
+    kept = [pl.col(c).fill_null("") for c in KEPT if c in frame.columns]
+    return frame.select(kept), first_line
 
 
 def _one_line_rows(data: bytes, width: int, height: int) -> bool:
@@ -682,6 +685,10 @@ def read_event_files(
 # as many rows): what is held of a file while it is read, whatever its size.
 PART_ROWS = 100_000
 PART_BYTES = 8 * 2**20
+# The first part of each of several files: all are read from the start (any may hold
+# the earliest rows), and most then wait for their turn.
+FIRST_ROWS = 1_000
+FIRST_BYTES = 64 * 2**10
 
 
 def _part_errors(path: Path, error: BaseException) -> str:
@@ -751,11 +758,15 @@ def _line_count(data: bytes) -> int:
     )
 
 
-def _csv_parts(path: Path, part_bytes: int) -> Iterator[tuple[bytes, int]]:
+def _csv_parts(
+    path: Path, part_bytes: int, first_bytes: int | None = None
+) -> Iterator[tuple[bytes, int]]:
     """A CSV file as parts: (its header line and a run of whole rows, the file's line
     number of the first). Each part is cut where a row ends, so each reads (fast
     path or row by row) as those lines read within the whole file. A file within
-    `part_bytes` is one part: the whole file, as read before."""
+    `part_bytes` is one part: the whole file, as read before. The first part of a
+    longer one is about `first_bytes` (default `part_bytes`)."""
+    target = first_bytes or part_bytes
     try:
         with path.open("rb") as handle:
             head = handle.read(part_bytes + 1)
@@ -772,7 +783,7 @@ def _csv_parts(path: Path, part_bytes: int) -> Iterator[tuple[bytes, int]]:
             line = 2
             at_end = False
             while pending or not at_end:
-                if not at_end and len(pending) < part_bytes:
+                if not at_end and len(pending) < target:
                     more = handle.read(part_bytes)
                     at_end = not more
                     pending += more
@@ -781,7 +792,7 @@ def _csv_parts(path: Path, part_bytes: int) -> Iterator[tuple[bytes, int]]:
                 if at_end:
                     body, pending = pending, b""
                 else:
-                    last = pending.rfind(b"\n", 0, part_bytes)
+                    last = pending.rfind(b"\n", 0, target)
                     if last < 0:
                         last = pending.find(b"\n")
                     cut = _row_cut(pending[: last + 1]) if last >= 0 else 0
@@ -791,9 +802,10 @@ def _csv_parts(path: Path, part_bytes: int) -> Iterator[tuple[bytes, int]]:
                         at_end = not more
                         pending += more
                         if not at_end:
-                            part_bytes *= 2
+                            target *= 2
                         continue
                     body, pending = pending[:cut], pending[cut:]
+                    target = max(target, part_bytes)
                 yield header + body, line
                 line += _line_count(body)
     except OSError as error:
@@ -807,7 +819,7 @@ def _last_good_ts(items: list[CallEvent | Reject], otherwise: float) -> float:
     return otherwise
 
 
-def _parquet_parts(path: Path, part_rows: int) -> Iterator[pl.DataFrame]:
+def _parquet_parts(path: Path, part_rows: int, first_rows: int) -> Iterator[pl.DataFrame]:
     try:
         schema = pl.read_parquet_schema(path)
         _check_columns(path, schema)
@@ -819,8 +831,11 @@ def _parquet_parts(path: Path, part_rows: int) -> Iterator[pl.DataFrame]:
                     f"{path}: column {name} holds {dtype}; event files hold text, numbers and times"
                 )
         rows = pl.scan_parquet(path).select(pl.len()).collect().item()
-        for offset in range(0, rows, part_rows):
-            yield pl.scan_parquet(path).select(kept).slice(offset, part_rows).collect()
+        offset, size = 0, first_rows
+        while offset < rows:
+            yield pl.scan_parquet(path).select(kept).slice(offset, size).collect()
+            offset += size
+            size = part_rows
     except (OSError, UnicodeDecodeError, pl.exceptions.PolarsError) as error:
         if isinstance(error, pl.exceptions.PolarsError):
             text = str(error).strip()
@@ -830,11 +845,18 @@ def _parquet_parts(path: Path, part_rows: int) -> Iterator[pl.DataFrame]:
 
 
 def file_parts(
-    path: Path, part_rows: int = PART_ROWS, part_bytes: int = PART_BYTES
+    path: Path,
+    part_rows: int = PART_ROWS,
+    part_bytes: int = PART_BYTES,
+    *,
+    first_small: bool = False,
 ) -> Iterator[list[CallEvent | Reject]]:
     """The rows of one event file, a part at a time, in file order: together what
     `read_event_file` returns (each row's source "file:line", and a reject's time that
-    of the last good row before it, across parts too). Raises EventFileError."""
+    of the last good row before it, across parts too). Raises EventFileError.
+    `first_small`: the first part is a small one (FIRST_ROWS rows, FIRST_BYTES bytes)."""
+    first_rows = min(part_rows, FIRST_ROWS) if first_small else part_rows
+    first_bytes = min(part_bytes, FIRST_BYTES) if first_small else part_bytes
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise EventFileError(
@@ -843,20 +865,22 @@ def file_parts(
     fallback = 0.0
     if kind == "jsonl":
         rows = _json_rows(path)
-        while part := list(itertools.islice(rows, part_rows)):
+        size = first_rows
+        while part := list(itertools.islice(rows, size)):
             items = _items_of_rows(part, path.name, fallback)
             fallback = _last_good_ts(items, fallback)
+            size = part_rows
             yield items
         return
     if kind == "parquet":
         first_line = 1
-        for frame in _parquet_parts(path, part_rows):
+        for frame in _parquet_parts(path, part_rows, first_rows):
             items = _items_of_frame(frame, path.name, first_line, fallback_ts=fallback)
             first_line += frame.height
             fallback = _last_good_ts(items, fallback)
             yield items
         return
-    for data, first_line in _csv_parts(path, part_bytes):
+    for data, first_line in _csv_parts(path, part_bytes, first_bytes):
         read = _csv_data(path, data, first_line)
         if isinstance(read, tuple):
             items = _items_of_frame(read[0], path.name, read[1], fallback_ts=fallback)
@@ -908,7 +932,9 @@ class EventStream:
 
     def _parts(self, path: Path) -> Iterator[list[CallEvent | Reject]]:
         try:
-            yield from file_parts(path, self.part_rows, self.part_bytes)
+            yield from file_parts(
+                path, self.part_rows, self.part_bytes, first_small=len(self.paths) > 1
+            )
         except EventFileError as error:
             self.errors.append(str(error))
 

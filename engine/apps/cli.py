@@ -523,7 +523,15 @@ def rules_backtest(
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     path = path if path is not None else settings.detection.rules_folder
     setup_logging(log_level)
-    from engine.apps.backtest import BacktestError, backtest, parse_time, stored_span
+    from engine.apps.backtest import (
+        BacktestError,
+        backtest,
+        parse_time,
+        stored_count,
+        stored_span,
+    )
+    from engine.apps.progress import ProgressBar, on_terminal
+    from engine.apps.replay import Progress
     from engine.core.durations import parse_duration
     from engine.core.runtime import tune_gc_for_detection
     from engine.core.yamlfile import YamlFileError
@@ -543,8 +551,17 @@ def rules_backtest(
             warmup_s = parse_duration(float(warmup) if numeric else warmup)
         except ValueError as error:
             raise BacktestError(f"--warmup: {error}") from None
+        total = stored_count(settings.store.data_dir, start - warmup_s, end)
+        progress = ProgressBar(total, "backtest") if on_terminal() else Progress(total, "backtest")
         report = backtest(
-            settings.store.data_dir, path, against, settings.detection, start, end, warmup_s
+            settings.store.data_dir,
+            path,
+            against,
+            settings.detection,
+            start,
+            end,
+            warmup_s,
+            progress=progress,
         )
     except BacktestError as error:
         fail(str(error))

@@ -30,7 +30,7 @@ class ProgressBar(LoggedProgress):
     footers say), else a count; redrawn at most a few times a second."""
 
     def __init__(self, total: int | None, what: str = "replay") -> None:
-        super().__init__(total)
+        super().__init__(total, what)
         self._bar = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

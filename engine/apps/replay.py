@@ -51,8 +51,9 @@ class Progress:
     PROGRESS_EVERY_S seconds (where no terminal shows a bar: engine.apps.progress);
     `total` is the rows the files hold when known (Parquet footers), else None."""
 
-    def __init__(self, total: int | None = None) -> None:
+    def __init__(self, total: int | None = None, what: str = "replay") -> None:
         self.total = total
+        self.what = what
         self.started = self.last = time.monotonic()
 
     def at(self, done: int, alerts: int) -> None:
@@ -63,7 +64,8 @@ class Progress:
         rate = done / max(now - self.started, 1e-9)
         if self.total:
             log.info(
-                "replay: %d of %d rows (%.0f %%), %.0f rows/s, %d alerts so far",
+                "%s: %d of %d rows (%.0f %%), %.0f rows/s, %d alerts so far",
+                self.what,
                 done,
                 self.total,
                 100 * done / self.total,
@@ -71,7 +73,7 @@ class Progress:
                 alerts,
             )
         else:
-            log.info("replay: %d rows, %.0f rows/s, %d alerts so far", done, rate, alerts)
+            log.info("%s: %d rows, %.0f rows/s, %d alerts so far", self.what, done, rate, alerts)
 
     def close(self) -> None:
         """The replay is over (a bar is taken off the terminal)."""

@@ -137,13 +137,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--month", action="store_true", help="also replay all the month")
     parser.add_argument("--backtest", action="store_true", help="also backtest the month")
+    parser.add_argument(
+        "--file", type=Path, default=None, help="a month's Parquet file written already"
+    )
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
-    month = month_file()
+    month = args.file if args.file is not None else month_file()
     results: dict[str, object] = {"load_before": load()}
     work = Path(tempfile.mkdtemp(prefix="callsentry-bench-stream-"))
     try:
-        million, reports, callers = head_file(month, 1_000_000, OUT / "month-1m.parquet")
+        million, reports, callers = head_file(month, 1_000_000, work / "month-1m.parquet")
         rates = []
         for run in range(args.rounds):
             elapsed, _, _, _ = run_replay(million, work / f"million-{run}")
@@ -156,7 +159,7 @@ def main() -> int:
             f"({', '.join(f'{rate:,.0f}' for rate in rates)})   goal >= 100,000",
             flush=True,
         )
-        sizes = [(3_000_000, OUT / "month-3m.parquet")]
+        sizes = [(3_000_000, work / "month-3m.parquet")]
         if args.month:
             sizes.append((10**9, month))
         peaks = {}

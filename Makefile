@@ -73,6 +73,7 @@ test: setup lint
 bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/replay.py --rounds 5
+	$(BIN)/python bench/stream.py --rounds 3
 	$(BIN)/python bench/detection.py
 
 # Faults at length (kills, loss, a full disk, the fuzz targets' long budgets): about an

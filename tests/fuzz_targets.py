@@ -28,7 +28,7 @@ from engine.core.events import CallEvent, Reject
 from engine.core.yamlfile import YamlFileError
 from engine.detect.rules import load_rules
 from engine.ingest.codec import Vos3000TextCodec
-from engine.ingest.eventfiles import EventFileError, read_event_file
+from engine.ingest.eventfiles import EventFileError, file_parts, read_event_file
 from engine.relay.state import RelayStateError, load_state
 from engine.relay.subjects import decode_token, encode_token, is_token, report_id
 from engine.relay.udp import key_of
@@ -158,6 +158,13 @@ def _read_file(suffix: str, data: bytes) -> None:
         for item in items:
             if isinstance(item, Reject) and not re.fullmatch(r"events\.\w+:\d+", item.source):
                 raise Escape(f"a reject without its line: {item.source!r}")
+        # Read in small parts (a long replay's way), the file is what it is read whole.
+        try:
+            parts = [i for part in file_parts(path, 7, 97, first_small=True) for i in part]
+        except Exception as error:
+            raise Escape(f"reading {suffix} in parts raised {error!r} on {data[:200]!r}") from error
+        if parts != items:
+            raise Escape(f"{suffix} read in parts is not the file read whole: {data[:200]!r}")
 
 
 def read_csv(data: bytes) -> None:

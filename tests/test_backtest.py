@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.apps import backtest as backtest_module
+from engine.apps import detectfork
 from engine.apps.backtest import BacktestReport, backtest, stored_span
 from engine.apps.replay import ReplayReport, replay
 from engine.detect.alerts import Alert
@@ -196,3 +198,39 @@ def test_the_command_says_what_is_wrong(sample: tuple[Path, ReplayReport], tmp_p
         done = run_cli("rules", "backtest", "--data-dir", str(data_dir), *args)
         assert done.returncode == 1, (option, done.stdout)
         assert says in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("warmup_s", [0.0, 7200.0])
+def test_the_change_run_in_a_process_of_its_own_raises_what_it_raises_here(
+    warmup_s: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One read of the stored events for both rule sets: the change's rules in a forked
+    # process, or here beside the rules in use; the same alerts, in parts of 1,000
+    # stored reports over several days.
+    events = tmp_path / "short.csv"
+    short_calls(events, {f"86139000000{n:02d}": 20 + n for n in range(60)})
+    data_dir = tmp_path / "data"
+    replay([events], make_settings(data_dir))
+    monkeypatch.setattr(backtest_module, "PART_ROWS", 1000)
+    candidate = tmp_path / "rules"
+    shutil.copytree(RULES, candidate)
+    rule = candidate / "short-calls-caller.yaml"
+    rule.write_text(rule.read_text().replace("threshold: 15}", "threshold: 6}"))
+    first, last = stored_span(data_dir)
+    detection = make_settings(data_dir).detection
+    since = first + 86400 * warmup_s / 7200 / 10
+
+    def alerts(report: BacktestReport) -> tuple[list[str], list[str], int, int]:
+        return (
+            [a.alert_id for a in report.current],
+            [a.alert_id for a in report.candidate],
+            report.events,
+            report.warmup_events,
+        )
+
+    runs = [
+        alerts(backtest(data_dir, candidate, RULES, detection, since, last + 1, warmup_s, fork=f))
+        for f in (False, *([True] if detectfork.available() else []))
+    ]
+    assert runs[0][0] and runs[0][1] != runs[0][0], "the change raises otherwise"
+    assert all(run == runs[0] for run in runs)

@@ -19,7 +19,14 @@ from engine.core.durations import parse_duration
 from engine.core.events import CallEvent, CallState
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.codec import Vos3000TextCodec
-from engine.simulator.scenario import Scenario, generate, load_scenario, write_files
+from engine.simulator.scenario import (
+    Parts,
+    Scenario,
+    generate,
+    load_scenario,
+    write_files,
+    write_parts,
+)
 from engine.simulator.switch import SwitchSettings, SwitchStandIn, _Outstanding
 from tests.conftest import RunningEngine
 
@@ -341,3 +348,38 @@ def test_scenario_defaults_generate_benign_traffic_with_a_daily_rhythm() -> None
             callers[event.caller] = callers.get(event.caller, 0) + 1
     counts = sorted(callers.values(), reverse=True)
     assert counts[0] > 20 * counts[len(counts) // 2], "a heavy tail: trunks and busy callers"
+
+
+@pytest.mark.parametrize("scenario_path", SCENARIOS, ids=lambda p: p.stem)
+def test_a_scenario_generated_a_part_at_a_time_is_the_scenario(
+    scenario_path: Path, tmp_path: Path
+) -> None:
+    # Parts of ten minutes of event time: calls run across many part ends.
+    scenario = load_scenario(scenario_path)
+    generated = generate(scenario)
+    parts = Parts(scenario, part_s=600.0)
+    chunks = list(parts)
+    assert len(chunks) > 3
+    assert [event for chunk in chunks for event in chunk] == generated.events
+    assert parts.calls == generated.calls and parts.labels == generated.labels
+    for fmt in ("csv", "jsonl", "parquet"):
+        whole, whole_labels = write_files(generated, tmp_path / "whole", fmt)
+        streamed, labels = write_parts(Parts(scenario, part_s=900.0), tmp_path / "parts", fmt)
+        if fmt == "parquet":
+            assert pl.read_parquet(streamed).equals(pl.read_parquet(whole))
+        else:
+            assert streamed.read_bytes() == whole.read_bytes()
+        assert labels.read_bytes() == whole_labels.read_bytes()
+
+
+def test_the_month_scenario_draws_from_more_than_a_million_callers(tmp_path: Path) -> None:
+    # bench/month.yaml's population, over its first hour: numbers past a million
+    # callers have eight digits after the prefix.
+    month = load_scenario(Path("bench/month.yaml"))
+    assert month.benign.callers >= 1_500_000 and month.duration == 30 * 86400
+    hour = month.model_copy(update={"duration": 3600.0, "incidents": []})
+    events, _ = write_parts(Parts(hour), tmp_path / "hour", "parquet")
+    frame = pl.read_parquet(events)
+    assert frame.height > 10_000
+    assert frame["ts"].is_sorted()
+    assert frame["caller"].str.len_chars().max() == len("86138") + 8

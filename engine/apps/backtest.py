@@ -3,8 +3,11 @@ what the rules in use raise on the same events.
 
 Both rule sets run from a fresh start over the same stored reports (the `events`
 table, a day at a time, in the order they were stored, which is the order live
-detection saw them), through the same pipeline as `serve` and `replay`, in memory:
-nothing is written to the data dir, so a backtest is safe beside a running engine.
+detection saw them, taken in parts of PART_ROWS), through the same pipeline as
+`serve` and `replay`, in memory: nothing is written to the data dir, so a backtest
+is safe beside a running engine. The reports are read once for both: where
+replay's detection process can be forked (engine.apps.detectfork), the change's
+rules run in it, on the machine's other core, while the rules in use run here.
 A warm-up feeds both the history just before the span first, its alerts not
 counted: windows, baselines, first-seen numbers and models then start the span
 as live detection did, rather than empty (cold, a baseline rule cannot fire for
@@ -23,12 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import polars as pl
 
+from engine.apps.detectfork import DetectionProcess
+from engine.apps.detectfork import available as detectfork_available
 from engine.apps.lakewriter import make_pipeline
+from engine.apps.replay import Progress
 from engine.apps.settings import DetectionSettings
 from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert
-from engine.ingest.eventfiles import read_frame_items
+from engine.ingest.eventfiles import PART_ROWS, read_frame_items
+from engine.ingest.records import pack_events
 from engine.lake.parquet import Lake
 
 # As the README's export of `events` for replay: the switch's code where it sent one.
@@ -132,10 +140,15 @@ def backtest(
     since: float,
     until: float,
     warmup_s: float = 0.0,
+    *,
+    fork: bool | None = None,
+    progress: Progress | None = None,
 ) -> BacktestReport:
     """Raises YamlFileError (either rule set invalid) or BacktestError. `warmup_s`:
     this much stored history before `since` is fed to both first, its alerts not
-    counted (an incident alerted then stays suppressed into the span, as live)."""
+    counted (an incident alerted then stays suppressed into the span, as live).
+    `fork`: run the change's rules in a forked process (default: where available);
+    the alerts are the same either way. `progress`: told of the reports fed."""
     if until <= since:
         raise BacktestError("the span is empty: --until must be later than --since")
     if warmup_s < 0:
@@ -144,18 +157,65 @@ def backtest(
     candidate = make_pipeline(detection, candidate_dir)
     report = BacktestReport(since, until, warmup_s=warmup_s)
     lake = _lake(data_dir)
-    if warmup_s:
-        for items in _stored_items(lake, since - warmup_s, since):
-            report.warmup_events += len(items)
-            current.feed(items)
-            candidate.feed(items)
-    for items in _stored_items(lake, since, until):
-        report.events += len(items)
-        report.current.extend(current.feed(items).alerts)
-        report.candidate.extend(candidate.feed(items).alerts)
-    # As at the end of a replay: event time past the span, so what ended in it is judged.
-    report.current.extend(current.advance(until + detection.settle_s).alerts)
-    report.candidate.extend(candidate.advance(until + detection.settle_s).alerts)
+    if fork is None:
+        fork = detectfork_available()
+    # The change's rules, here or in a process of their own: a step (reports, or event
+    # time moving on) and whether its alerts count; its alerts come back in order.
+    forked = DetectionProcess(candidate, None) if fork else None
+    # Steps handed to the forked process and not answered yet: whether each counts.
+    counted: list[bool] = []
+    fed = 0
+
+    def answers(keep: int) -> None:
+        assert forked is not None
+        while len(counted) > keep:
+            _, alerts = forked.result()
+            if counted.pop(0):
+                report.candidate.extend(alerts)
+
+    def both(items: list[CallEvent | Reject] | float, count: bool) -> None:
+        nonlocal fed
+        if forked is not None:
+            forked.submit([(0, pack_events(items))] if isinstance(items, list) else [items])
+            counted.append(count)
+        if isinstance(items, list):
+            current_alerts = current.feed(items).alerts
+            fed += len(items)
+            if progress is not None:
+                progress.at(fed, len(report.current))
+        else:
+            current_alerts = current.advance(items).alerts
+        if count:
+            report.current.extend(current_alerts)
+        if forked is None:
+            candidate_alerts = (
+                candidate.feed(items) if isinstance(items, list) else candidate.advance(items)
+            ).alerts
+            if count:
+                report.candidate.extend(candidate_alerts)
+        else:
+            # One step answered behind: the other process works on the next meanwhile.
+            answers(1)
+
+    try:
+        if warmup_s:
+            for items in _stored_items(lake, since - warmup_s, since):
+                report.warmup_events += len(items)
+                both(items, False)
+        for items in _stored_items(lake, since, until):
+            report.events += len(items)
+            both(items, True)
+        # As at the end of a replay: event time past the span, so what ended in it is
+        # judged.
+        both(until + detection.settle_s, True)
+        if forked is not None:
+            forked.finish()
+            answers(0)
+    finally:
+        if forked is not None:
+            forked.close()
+        if progress is not None:
+            progress.close()
     report.rules = compare(report.current, report.candidate)
     report.verdicts = _verdicts(lake, [alert.alert_id for alert in report.current])
     return report
@@ -210,18 +270,31 @@ def _lake(data_dir: Path) -> Lake:
     return lake
 
 
+def stored_count(data_dir: Path, since: float, until: float) -> int:
+    """How many reports are stored in [since, until) (for a progress bar)."""
+    rows = _lake(data_dir).query(
+        "SELECT count(*) FROM events WHERE ts >= to_timestamp(?) AND ts < to_timestamp(?)",
+        [since, until],
+    )
+    return int(rows[0][0])
+
+
 def _stored_items(lake: Lake, since: float, until: float) -> Iterator[list[CallEvent | Reject]]:
-    """The stored reports in [since, until), a day at a time (memory stays a day's)."""
+    """The stored reports in [since, until), a day at a time in the order they were
+    stored, in parts of at most PART_ROWS: what is held is a part's rows (and DuckDB's
+    columns of a day while it sorts them), however long the span."""
     start = since
     with duckdb.connect() as con:
         lake.create_views(con)
         while start < until:
             end = min(until, _next_midnight(start))
-            # (duckdb's type stubs do not list a relation's .pl(); it is there.)
-            stored: Any = con.sql(_STORED_EVENTS, params=[start, end])
-            frame = stored.pl()
-            if len(frame):
-                yield read_frame_items(frame, "events")
+            # (duckdb's type stubs do not list a reader's batches as typed.)
+            batches: Any = con.sql(_STORED_EVENTS, params=[start, end]).to_arrow_reader(PART_ROWS)
+            for batch in batches:
+                frame = pl.from_arrow(batch)
+                assert isinstance(frame, pl.DataFrame)
+                if len(frame):
+                    yield read_frame_items(frame, "events")
             start = end
 
 

@@ -193,15 +193,20 @@ def replay(
     settings = settings_or_fail(config, overrides)
     setup_logging(log_level)
 
+    from engine.apps.progress import ProgressBar, on_terminal
+    from engine.apps.replay import Progress
     from engine.apps.replay import replay as run_replay
     from engine.core.runtime import tune_gc_for_detection
     from engine.core.yamlfile import YamlFileError
+    from engine.ingest.eventfiles import parquet_rows
     from engine.ingest.store import StoreError
     from engine.lake.parquet import STORAGE_ERRORS
 
     tune_gc_for_detection()
+    total = parquet_rows(files)
+    progress = ProgressBar(total) if on_terminal() else Progress(total)
     try:
-        report = run_replay(list(files), settings, rules_dir)
+        report = run_replay(list(files), settings, rules_dir, progress=progress)
     except StoreError as error:
         fail(str(error))
     except YamlFileError as error:
@@ -227,6 +232,13 @@ def replay(
         f"{len(report.rejects)} rejected, {report.duplicates} duplicates skipped, "
         f"{len(report.file_errors)} files unreadable"
     )
+    if report.late:
+        click.echo(
+            f"{report.late} rows came after later rows had been taken (a file out of "
+            "event-time order across its parts): stored, and detected late; sort the "
+            "file by ts for the result of an ordered one",
+            err=True,
+        )
     live = [a for a in report.alerts if a.mode == "alert"]
     click.echo(
         f"{report.calls} calls rebuilt; {len(live)} alerts, "
@@ -530,7 +542,15 @@ def rules_backtest(
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     path = path if path is not None else settings.detection.rules_folder
     setup_logging(log_level)
-    from engine.apps.backtest import BacktestError, backtest, parse_time, stored_span
+    from engine.apps.backtest import (
+        BacktestError,
+        backtest,
+        parse_time,
+        stored_count,
+        stored_span,
+    )
+    from engine.apps.progress import ProgressBar, on_terminal
+    from engine.apps.replay import Progress
     from engine.core.durations import parse_duration
     from engine.core.runtime import tune_gc_for_detection
     from engine.core.yamlfile import YamlFileError
@@ -550,8 +570,17 @@ def rules_backtest(
             warmup_s = parse_duration(float(warmup) if numeric else warmup)
         except ValueError as error:
             raise BacktestError(f"--warmup: {error}") from None
+        total = stored_count(settings.store.data_dir, start - warmup_s, end)
+        progress = ProgressBar(total, "backtest") if on_terminal() else Progress(total, "backtest")
         report = backtest(
-            settings.store.data_dir, path, against, settings.detection, start, end, warmup_s
+            settings.store.data_dir,
+            path,
+            against,
+            settings.detection,
+            start,
+            end,
+            warmup_s,
+            progress=progress,
         )
     except BacktestError as error:
         fail(str(error))

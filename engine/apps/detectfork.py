@@ -1,14 +1,14 @@
 """Replay's detection in a forked process, beside the one that reads, journals and
 writes the lake: the machine's second core, for the half of replay that detection is.
 
-The child is forked once the event files are read and detection state is
-restored, so it starts with both in memory: no imports, no rules to load, no
-reports to send. The parent tells it which reports each journal segment stored (a
-range of the rows read, and a bitmap of the few it did not: duplicates) as soon
-as it knows, before it journals them, so the two work side by side from the
-first segment on. It receives the calls (as columns) and alerts detection made
-of them, then writes both to the lake with the segment, exactly as the in-process
-lake writer does.
+The child is forked once detection state is restored, so it starts with it in
+memory: no imports, no rules to load. The event files are read a part at a time
+(engine.ingest.eventfiles.EventStream), so the parent sends the child the reports
+each journal segment stored (packed as columns, engine.ingest.records.pack_events)
+as soon as it knows them, before it journals them, so the two work side by side
+from the first segment on. It receives the calls (as columns) and alerts detection
+made of them, then writes both to the lake with the segment, exactly as the
+in-process lake writer does.
 At the end the child writes the detection snapshot while the parent writes the
 lake, and the parent puts it in place once the lake holds everything it has seen.
 
@@ -35,7 +35,6 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Sequence
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
@@ -46,15 +45,15 @@ from engine.detect.pipeline import Output, Pipeline
 from engine.detect.snapshot import prepare as snapshot_prepare
 from engine.detect.snapshot import put_in_place
 from engine.detect.state import Position, Snapshot
-from engine.ingest.records import Item
+from engine.ingest.records import unpack_events
 from engine.lake.writer import evictions
 
 log = logging.getLogger(__name__)
 
 # One step of a segment as the parent describes it: a tick (event time moves on), or
-# (first_seq, start, end, skipped): rows[start:end] of what was read, less those whose
-# bit is set in `skipped` (empty when the segment stored every one of them).
-StepSpec = float | tuple[int, int, int, bytes]
+# (first_seq, reports): the reports it stored from seq first_seq on, packed
+# (engine.ingest.records.pack_events: the CallEvents, all detection looks at).
+StepSpec = float | tuple[int, bytes]
 
 # How long the parent waits for the child to finish after asking it to stop.
 _JOIN_TIMEOUT_S = 30.0
@@ -69,31 +68,6 @@ class DetectionProcessError(Exception):
 
 def available() -> bool:
     return sys.platform == "linux" and "fork" in mp.get_all_start_methods()
-
-
-def skipped_bitmap(rows: Sequence[Item], stored: Sequence[Item]) -> bytes:
-    """Bits set for the rows not in `stored` (a subsequence of `rows`, in order)."""
-    if len(stored) == len(rows):
-        return b""
-    bits = bytearray((len(rows) + 7) // 8)
-    kept = 0
-    for offset, row in enumerate(rows):
-        if kept < len(stored) and stored[kept] == row:
-            kept += 1
-        else:
-            bits[offset >> 3] |= 1 << (offset & 7)
-    return bytes(bits)
-
-
-def rows_of(rows: Sequence[Item], spec: tuple[int, int, int, bytes]) -> list[Item]:
-    _, start, end, skipped = spec
-    if not skipped:
-        return list(rows[start:end])
-    return [
-        rows[start + offset]
-        for offset in range(end - start)
-        if not skipped[offset >> 3] & (1 << (offset & 7))
-    ]
 
 
 class _Outbox:
@@ -146,7 +120,6 @@ def _end_with(parent: int) -> None:
 def _serve(
     conn: mp.connection.Connection,
     pipeline: Pipeline,
-    rows: Sequence[Item],
     snapshot_file: Path | None,
     parent: int,
 ) -> None:
@@ -156,7 +129,7 @@ def _serve(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     outbox = _Outbox(conn)
     try:
-        _detect_segments(conn, outbox, pipeline, rows, snapshot_file)
+        _detect_segments(conn, outbox, pipeline, snapshot_file)
     except BaseException:
         with contextlib.suppress(OSError):
             outbox.send(("failed", traceback.format_exc()))
@@ -168,7 +141,6 @@ def _detect_segments(
     conn: mp.connection.Connection,
     outbox: _Outbox,
     pipeline: Pipeline,
-    rows: Sequence[Item],
     snapshot_file: Path | None,
 ) -> None:
     while True:
@@ -185,7 +157,7 @@ def _detect_segments(
                 if isinstance(spec, float):
                     output.extend(pipeline.advance(spec))
                 else:
-                    output.extend(pipeline.feed(rows_of(rows, spec)))
+                    output.extend(pipeline.feed(unpack_events(spec[1])))
             outbox.send(
                 ("detected", number, call_columns(output.calls), output.alerts, evictions(pipeline))
             )
@@ -209,23 +181,20 @@ class DetectionProcess:
     """The parent's handle: `submit` segments in order, take each one's `result` in
     the same order, `snapshot`, then `close` (also after an error)."""
 
-    def __init__(
-        self, pipeline: Pipeline, rows: Sequence[Item], snapshot_file: Path | None
-    ) -> None:
+    def __init__(self, pipeline: Pipeline, snapshot_file: Path | None) -> None:
         self._snapshot_file = snapshot_file
         context = mp.get_context("fork")
         self._conn, child_conn = context.Pipe(duplex=True)
         self._process = context.Process(
             target=_serve,
-            args=(child_conn, pipeline, rows, snapshot_file, os.getpid()),
+            args=(child_conn, pipeline, snapshot_file, os.getpid()),
             name="callsentry-replay-detection",
             daemon=True,
         )
         # Frozen, what the child inherits is left alone by its collector, so the pages
-        # holding the rows are shared rather than copied as the collector walks them.
-        # The parent stays frozen until close(): its collections would otherwise walk
-        # the same rows again and again while it journals and writes the lake. Nothing
-        # frozen is lost: it is only left out of cycle collection until then.
+        # holding detection's state and the loaded modules are shared rather than
+        # copied as the collector walks them. Nothing frozen is lost: it is only left
+        # out of cycle collection until close().
         gc.freeze()
         try:
             self._process.start()

@@ -4,45 +4,56 @@ detection pipeline as live traffic, minus the socket. Rows are taken in event-ti
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
-from engine.apps.detectfork import DetectionProcess, StepSpec, skipped_bitmap
+from engine.apps.detectfork import DetectionProcess
 from engine.apps.detectfork import available as detectfork_available
 from engine.apps.lakewriter import make_pipeline
 from engine.apps.settings import Settings
 from engine.apps.stores import open_store, settings_codec
 from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert
-from engine.ingest.eventfiles import read_event_files
+from engine.ingest.eventfiles import PART_BYTES, PART_ROWS, EventStream, parquet_rows
 from engine.ingest.intake import Intake
 from engine.ingest.journal import JSON_RECORDS, TICK, json_payload, tick_payload
-from engine.ingest.records import Item, item_of, record_of
+from engine.ingest.records import Item, item_of, pack_events, record_of
 from engine.ingest.stats import Stats
-from engine.ingest.store import EventStore, StoreError, lake_writer_lock
-from engine.lake.parquet import Lake
+from engine.ingest.store import StoreError, lake_writer_lock
+from engine.lake.parquet import HeldReports
 from engine.lake.writer import DrainResult, Evictions, LakeWriter, Step, evictions
+
+if TYPE_CHECKING:
+    from engine.detect.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 # Replay commits in large batches: one fsync per this many rows.
 REPLAY_BATCH = 20_000
-# With detection in a second process, this many journal segments (a million
-# reports) are written to the lake as one group (LakeWriter.write_group): the
-# journal keeps them until then, and a crash redoes at most that much.
-GROUP_SEGMENTS = 50
+# With detection in a second process, this many journal segments are written to the
+# lake as one group (LakeWriter.write_group): the journal keeps them until then, a
+# crash redoes at most that much, and their rows are held until then (with the
+# parts read ahead, most of what replay holds besides detection's state).
+GROUP_SEGMENTS = 10
+# Parts of the event files read ahead of the one being stored (EventStream parts).
+PARTS_IN_FLIGHT = 2
 PROGRESS_EVERY_S = 10.0
 _REMEMBER_RUN = 10_000
 
 
 class Progress:
-    """A log line every PROGRESS_EVERY_S seconds of a long replay: how far, how fast."""
+    """How far a replay is: rows taken, rows/s, alerts so far. This one logs a line every
+    PROGRESS_EVERY_S seconds (where no terminal shows a bar: engine.apps.progress);
+    `total` is the rows the files hold when known (Parquet footers), else None."""
 
-    def __init__(self, rows: int) -> None:
-        self.rows = rows
+    def __init__(self, total: int | None = None, what: str = "replay") -> None:
+        self.total = total
+        self.what = what
         self.started = self.last = time.monotonic()
 
     def at(self, done: int, alerts: int) -> None:
@@ -50,14 +61,74 @@ class Progress:
         if now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
-        log.info(
-            "replay: %d of %d rows (%.0f %%), %.0f rows/s, %d alerts so far",
-            done,
-            self.rows,
-            100 * done / self.rows,
-            done / (now - self.started),
-            alerts,
-        )
+        rate = done / max(now - self.started, 1e-9)
+        if self.total:
+            log.info(
+                "%s: %d of %d rows (%.0f %%), %.0f rows/s, %d alerts so far",
+                self.what,
+                done,
+                self.total,
+                100 * done / self.total,
+                rate,
+                alerts,
+            )
+        else:
+            log.info("%s: %d rows, %.0f rows/s, %d alerts so far", self.what, done, rate, alerts)
+
+    def close(self) -> None:
+        """The replay is over (a bar is taken off the terminal)."""
+
+
+class _ReadAhead:
+    """The event files' parts read on a thread of their own, at most `ahead` of them
+    waiting: polars reads and checks a part (leaving the interpreter lock) while the
+    previous one is stored and detected. `__iter__` gives the parts in order; a
+    failure of the reading thread is raised there."""
+
+    _END = object()
+
+    def __init__(self, stream: EventStream, ahead: int) -> None:
+        self._stream = stream
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="event-files", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for part in self._stream:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(part, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._put(self._END)
+        except BaseException as error:
+            self._put(error)
+
+    def _put(self, message: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(message, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[list[Item]]:
+        while True:
+            message = self._queue.get()
+            if message is self._END:
+                return
+            if isinstance(message, BaseException):
+                raise message
+            yield message
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass
@@ -72,40 +143,32 @@ class ReplayReport:
     file_errors: list[str] = field(default_factory=list)
     # What detection's bounds (max_keys_per_rule, max_open_calls) cost in this replay.
     evicted: Evictions = field(default_factory=Evictions)
+    # Rows of a file out of event-time order by more than a part: taken late (see
+    # EventStream), so what detection made of them may differ from a sorted file's.
+    late: int = 0
 
     @property
     def clean(self) -> bool:
         return not self.rejects and not self.file_errors
 
 
-def _remember_stored(lake: Lake, intake: Intake, items: list[Item], horizon_s: float) -> None:
-    """Make the intake know the reports of these rows that the lake holds. The store
-    remembers keys for the dedup horizon only (an hour before the latest report: the
-    switch retries for 18 s), but a replay goes back further: a file replayed twice,
-    or one overlapping what is stored, must not store a report again however old it
-    is. Only the rows' own call ids are looked up, so what is kept grows with the
-    files, not with the lake."""
-    if not lake.holds_reports():
-        # A new data dir: nothing to ask DuckDB (a query costs more than the first
-        # segment's journaling, and the detection process waits for that segment).
+def _remember_stored(held: HeldReports, intake: Intake, rows: list[Item], horizon_s: float) -> None:
+    """Make the intake know the reports of these rows (in event-time order) that the
+    lake held before the replay. The store remembers keys for the dedup horizon only
+    (an hour before the latest report: the switch retries for 18 s), but a replay
+    goes back further: a file replayed twice, or one overlapping what is stored, must
+    not store a report again however old it is. Asked a part at a time, for the
+    part's call ids and time span (and a horizon either side), from the lake's day
+    partitions of that span: what is kept grows with a part, not with the files."""
+    if held.empty or not rows:
         return
-    span = (items[0].ts - horizon_s, items[-1].ts + horizon_s)
-    stored = (
-        "SELECT call_id, serial, ts FROM events WHERE ts BETWEEN to_timestamp(?) AND "
-        "to_timestamp(?) UNION ALL SELECT call_id, serial, ts FROM rejects WHERE ts BETWEEN "
-        "to_timestamp(?) AND to_timestamp(?) AND call_id IS NOT NULL"
-    )
-    if not lake.query(f"SELECT count(*) FROM ({stored})", span * 2)[0][0]:
-        return  # nothing stored from then: the usual replay into a new data dir
-    call_ids = sorted({item.call_id for item in items if item.call_id is not None})
-    rows = lake.query(
-        f"SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ({stored}) "
-        "WHERE call_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY t",
-        (*span, *span, call_ids),
-    )
+    call_ids = {row.call_id for row in rows if row.call_id is not None}
+    if not call_ids:
+        return
+    keys = held.keys(call_ids, rows[0].ts - horizon_s, rows[-1].ts + horizon_s)
     # In runs of keys, each remembered until replay's event time is past its last.
-    for start in range(0, len(rows), _REMEMBER_RUN):
-        run = rows[start : start + _REMEMBER_RUN]
+    for start in range(0, len(keys), _REMEMBER_RUN):
+        run = keys[start : start + _REMEMBER_RUN]
         intake.seen.add_batch([(call_id, serial) for call_id, serial, _ in run], run[-1][2])
 
 
@@ -115,17 +178,41 @@ def replay(
     rules_dir: Path | None = None,
     *,
     detect_in_child: bool | None = None,
+    part_rows: int = PART_ROWS,
+    part_bytes: int = PART_BYTES,
+    progress: Progress | None = None,
 ) -> ReplayReport:
     """Raises YamlFileError (before touching the store) when the rules are invalid.
 
-    `detect_in_child`: run detection in a forked process (see engine.apps.detectfork);
-    by default wherever that is available and the files hold more than one batch.
-    The alerts are the same either way."""
+    The files are read a part at a time (EventStream: `part_rows` rows of Parquet or
+    JSON lines, `part_bytes` of CSV), in event-time order; what is stored and raised
+    does not depend on the part sizes. `detect_in_child`: run detection in a forked
+    process (see engine.apps.detectfork); by default wherever that is available and
+    the files hold more than one batch. The alerts are the same either way."""
     pipeline = None
     if settings.detection.enabled:
         pipeline = make_pipeline(settings.detection, rules_dir)
-    opened: list[tuple[EventStore, Intake, Stats]] = []
+    stream = EventStream(paths, part_rows, part_bytes)
+    if progress is None:
+        progress = Progress(parquet_rows(paths))
+    # The files are read while the store opens (polars leaves the interpreter lock
+    # most of the time): nothing below needs the rows before the fork.
+    reading = _ReadAhead(stream, PARTS_IN_FLIGHT)
+    try:
+        return _replay(reading, stream, settings, pipeline, detect_in_child, progress)
+    finally:
+        reading.close()
+        progress.close()
 
+
+def _replay(
+    reading: _ReadAhead,
+    stream: EventStream,
+    settings: Settings,
+    pipeline: Pipeline | None,
+    detect_in_child: bool | None,
+    progress: Progress,
+) -> ReplayReport:
     def rebuild_keys() -> None:
         # What the lake writer process does at its start, here: replay is the lake writer.
         lock = lake_writer_lock(settings.store.data_dir)
@@ -135,129 +222,135 @@ def replay(
         finally:
             lock.release()
 
-    def open_the_store() -> None:
-        # Replay answers nobody: one fsync per large batch, no preallocated segments.
-        opened.append(
-            open_store(
-                settings,
-                settings_codec(settings),
-                unkeyed_quota=False,
-                live=False,
-                refresh_keys=rebuild_keys,
-            )
-        )
-
-    # The store opens while polars reads and checks the files (both leave the
-    # interpreter lock most of the time): nothing below needs the rows before the fork.
-    items, file_errors = read_event_files(paths, meanwhile=open_the_store)
-    store, intake, stats = opened[0]
+    # Replay answers nobody: one fsync per large batch, no preallocated segments.
+    store, intake, stats = open_store(
+        settings,
+        settings_codec(settings),
+        unkeyed_quota=False,
+        live=False,
+        refresh_keys=rebuild_keys,
+    )
+    parts = iter(reading)
     writer_lock = lake_writer_lock(settings.store.data_dir)
     writer_lock.acquire(wait_s=300)
-    report = ReplayReport(stats, read=len(items), file_errors=file_errors)
-    writer = LakeWriter(
-        settings.store.data_dir,
-        compact_target_bytes=settings.store.compact_target_bytes,
-        pipeline=pipeline,
-        dedup_horizon_s=settings.store.dedup_horizon_s,
-    )
+    report = ReplayReport(stats, file_errors=stream.errors)
     written = DrainResult(rejects=[])
-    evicted_before = evictions(pipeline) if pipeline is not None else Evictions()
-
-    def drain() -> None:
-        result = writer.drain(collect_rejects=True)
-        written.reports += result.reports
-        written.calls += result.calls
-        written.alerts.extend(result.alerts)
-        assert written.rejects is not None
-        written.rejects.extend(result.rejects or [])
-
     detection: DetectionProcess | None = None
-    # Segments handed to the detection process and not yet in the lake, in order.
-    group: list[tuple[int, list[Step]]] = []
-    # Rows (from the first) of the segments handed over; of the groups in the lake,
-    # which this process needs no more; and of those, how many it has let go.
-    handed_over = in_lake = freed = 0
-
-    def detected() -> tuple[dict[str, list[Any]], list[Alert]]:
-        # Before waiting for the detection process, let go of rows an earlier group
-        # put in the lake, in shares that are all gone by the group's last answer, so
-        # freeing them overlaps the detection process's work rather than following it.
-        nonlocal freed
-        assert detection is not None
-        if freed < in_lake:
-            share = -(-(in_lake - freed) // max(detection.outstanding, 1))
-            end = min(in_lake, freed + max(share, REPLAY_BATCH))
-            items[freed:end] = cast(list[Item], [None] * (end - freed))
-            freed = end
-        return detection.result()
-
-    def write_group() -> None:
-        nonlocal in_lake
-        writer.write_group(group, detected, written)
-        group.clear()
-        in_lake = handed_over
-
-    def detect(specs: list[StepSpec]) -> None:
-        # Before the reports are journaled: the detection process works on them
-        # meanwhile. Nothing it finds reaches the lake before they are in the journal.
-        if detection is not None:
-            detection.submit(specs)
-
-    def hand_over(segment: int | None, steps: list[Step]) -> None:
-        if segment is None:
-            # Each commit above writes a frame, so sealing finds one; without its
-            # segment, what detection was given would be out of step with the lake.
-            raise StoreError("the journal had nothing to seal after a commit")
-        if detection is None:
-            # The lake writer takes the batch as it is, rather than reading back and
-            # decoding the JSON just written: the same reports, in the same order.
-            writer.prime(segment, steps)
-            drain()
-            return
-        group.append((segment, steps))
-        if len(group) >= GROUP_SEGMENTS:
-            write_group()
-
+    held: HeldReports | None = None
     try:
+        writer = LakeWriter(
+            settings.store.data_dir,
+            compact_target_bytes=settings.store.compact_target_bytes,
+            pipeline=pipeline,
+            dedup_horizon_s=settings.store.dedup_horizon_s,
+        )
+        evicted_before = evictions(pipeline) if pipeline is not None else Evictions()
+
+        def drain() -> None:
+            result = writer.drain(collect_rejects=True)
+            written.reports += result.reports
+            written.calls += result.calls
+            written.alerts.extend(result.alerts)
+            assert written.rejects is not None
+            written.rejects.extend(result.rejects or [])
+
+        # Segments handed to the detection process and not yet in the lake, in order.
+        group: list[tuple[int, list[Step]]] = []
+
+        def write_group() -> None:
+            assert detection is not None
+            writer.write_group(group, detection.result, written)
+            group.clear()
+
+        def hand_over(segment: int | None, steps: list[Step]) -> None:
+            if segment is None:
+                # Each commit above writes a frame, so sealing finds one; without its
+                # segment, what detection was given would be out of step with the lake.
+                raise StoreError("the journal had nothing to seal after a commit")
+            if detection is None:
+                # The lake writer takes the batch as it is, rather than reading back and
+                # decoding the JSON just written: the same reports, in the same order.
+                writer.prime(segment, steps)
+                drain()
+                return
+            group.append((segment, steps))
+            if len(group) >= GROUP_SEGMENTS:
+                write_group()
+
         # Anything a crashed run left sealed goes first, as it would under serve.
         drain()
+        # What the lake holds now is what a row read may be a copy of (the rows this
+        # replay writes are known to the intake while they matter: its dedup horizon).
+        held = HeldReports(writer.lake)
+        first = next(parts, None)
+        second = next(parts, None) if first is not None else None
         if detect_in_child is None:
             # One batch or less: nothing to do side by side.
-            detect_in_child = detectfork_available() and len(items) > REPLAY_BATCH
-        # The rows of written groups are let go (see `detected`): the last one's time now.
-        last_ts = items[-1].ts if items else 0.0
+            detect_in_child = detectfork_available() and (
+                second is not None or (first is not None and len(first) > REPLAY_BATCH)
+            )
         if pipeline is not None and detect_in_child:
-            # Detection's state is whole (restored, leftovers fed): its process starts
-            # now, and this one finds out meanwhile what the lake holds already.
-            detection = DetectionProcess(pipeline, items, writer.snapshot_file)
-        if items:
-            _remember_stored(writer.lake, intake, items, settings.store.dedup_horizon_s)
+            # Detection's state is whole (restored, leftovers fed): its process starts now.
+            detection = DetectionProcess(pipeline, writer.snapshot_file)
         size = min(REPLAY_BATCH, settings.store.max_pending_reports)
-        progress = Progress(len(items))
-        for start in range(0, len(items), size):
-            progress.at(start, len(written.alerts))
-            rows = items[start : start + size]
+        done = 0
+        last_ts: float | None = None
+        pending: list[Item] = []
+
+        def store_batch(rows: list[Item]) -> None:
             intake.offer_read(rows, record_of)
             batch = intake.seal()
             if batch is None:
-                continue
+                return
             if set(map(type, batch.records)) == {CallEvent}:
                 stored = batch.records  # reports only, the usual batch
             else:
                 stored = [r if type(r) is CallEvent else item_of(r) for r in batch.records]
             if detection is not None:
-                skipped = skipped_bitmap(rows, stored)
-                detect([(batch.first_seq, start, start + len(rows), skipped)])
+                # Before the reports are journaled: the detection process works on them
+                # meanwhile. Nothing it finds reaches the lake before they are journaled.
+                detection.submit([(batch.first_seq, pack_events(stored))])
             store.commit(JSON_RECORDS, batch.first_seq, json_payload(batch.records))
             intake.durable(batch)
-            handed_over = start + len(rows)
             hand_over(store.seal(), [(batch.first_seq, stored)])
-        if items:
+
+        # Held only until taken: a part is let go once stored.
+        ahead = [part for part in (first, second) if part is not None]
+        first = second = None
+
+        def each_part() -> Iterator[list[Item]]:
+            while ahead:
+                yield ahead.pop(0)
+            yield from parts
+
+        for part in each_part():
+            _remember_stored(held, intake, part, settings.store.dedup_horizon_s)
+            last_ts = part[-1].ts if last_ts is None else max(last_ts, part[-1].ts)
+            # Batches of `size` rows across parts: the same batches whatever the parts.
+            if pending:
+                pending.extend(part)
+            else:
+                pending = part
+            taken = 0
+            while len(pending) - taken >= size:
+                store_batch(pending[taken : taken + size])
+                taken += size
+                done += size
+                progress.at(done, len(written.alerts))
+            pending = pending[taken:]
+        if pending:
+            store_batch(pending)
+            done += len(pending)
+            progress.at(done, len(written.alerts))
+            pending = []
+        report.read = stream.rows
+        report.late = stream.late
+        if last_ts is not None:
             # End of input: move event time past the last Bye's settling time, as a
             # quiet switch's ticks would, so the calls that ended are finished.
-            # The rows are in event-time order: the last is the latest.
             until = last_ts + settings.detection.settle_s
-            detect([until])
+            if detection is not None:
+                detection.submit([until])
             store.commit(TICK, 0, tick_payload(until))
             hand_over(store.seal(), [until])
         if detection is None:
@@ -275,6 +368,8 @@ def replay(
             if writer.snapshot_file is not None:
                 detection.end_snapshot()
     finally:
+        if held is not None:
+            held.close()
         if detection is not None:
             detection.close()
         store.close()

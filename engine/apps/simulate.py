@@ -6,7 +6,7 @@ import ipaddress
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,14 @@ from engine.core.yamlfile import YamlFileError
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.eventfiles import EventFileError, read_event_file
 from engine.simulator.consumer import ConsumerStandIn
-from engine.simulator.scenario import Scenario, generate, load_scenario, write_files
+from engine.simulator.scenario import (
+    Parts,
+    Scenario,
+    generate,
+    load_scenario,
+    write_files,
+    write_parts,
+)
 from engine.simulator.switch import SwitchSettings, SwitchStandIn
 
 
@@ -126,6 +133,21 @@ def as_checks(events: list[CallEvent]) -> list[CallEvent]:
     ]
 
 
+class _Counted(Parts):
+    """A scenario's parts, counting the reports in them as they go by."""
+
+    def __init__(self, parts: Parts) -> None:
+        super().__init__(parts.scenario, parts.part_s)
+        self._parts = parts
+        self.reports = 0
+
+    def __iter__(self) -> Iterator[list[CallEvent]]:
+        for part in self._parts:
+            self.reports += len(part)
+            yield part
+        self.labels = self._parts.labels
+
+
 def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
     if options.consume:
         return run_consume(options, echo)
@@ -164,6 +186,18 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
             except ValidationError as error:
                 problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
                 raise SimulateError(f"--duration {options.duration}: {problems}") from None
+        if not send:
+            assert to_file is not None
+            # Written a day of event time at a time: a month is never held at once.
+            parts = Parts(spec)
+            counted = _Counted(parts)
+            events_path, labels_path = write_parts(counted, to_file, options.file_format)
+            echo(
+                f"scenario {spec.name}: {parts.calls} calls, {counted.reports} reports, "
+                f"{len(parts.labels)} labelled incidents"
+            )
+            echo(f"wrote {events_path} and {labels_path}")
+            return 0
         generated = generate(spec)
         events = generated.events
         echo(

@@ -8,6 +8,7 @@ read at all raises `EventFileError` naming the file and why.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import csv
 import functools
@@ -207,6 +208,12 @@ def _csv_frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[Row]:
         data = path.read_bytes()
     except OSError as error:
         raise EventFileError(f"{path}: {error.strerror or error}") from None
+    return _csv_data(path, data, 2)
+
+
+def _csv_data(path: Path, data: bytes, first_line: int) -> tuple[pl.DataFrame, int] | Iterator[Row]:
+    """`_csv_frame` of CSV text already read: a header line, then rows from the file's
+    line `first_line` on (a part of a long file is its header and some of its lines)."""
     if not data.strip():
         return iter(())  # no rows, as an empty JSON-lines file
     try:
@@ -214,11 +221,14 @@ def _csv_frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[Row]:
         # row, not a failed file.
         frame = pl.read_csv(data, infer_schema=False, encoding="utf8")
     except (UnicodeDecodeError, pl.exceptions.PolarsError):
-        return _csv_rows(path, data)
+        return _csv_rows(path, data, first_line - 2)
     _check_columns(path, frame.columns)
     if not _one_line_rows(data, frame.width, frame.height):
-        return _csv_rows(path, data)
-    return frame.select([c for c in KEPT if c in frame.columns]), 2
+        return _csv_rows(path, data, first_line - 2)
+    # An empty field is "" to the row reader (csv), null to polars: "" here too, so a
+    # reject says the same (its row, its detail) whichever reader read its part.
+    kept = [pl.col(c).fill_null("") for c in KEPT if c in frame.columns]
+    return frame.select(kept), first_line
 
 
 def _one_line_rows(data: bytes, width: int, height: int) -> bool:
@@ -240,18 +250,20 @@ def _one_line_rows(data: bytes, width: int, height: int) -> bool:
         return False
 
 
-def _csv_rows(path: Path, data: bytes) -> Iterator[Row]:
+def _csv_rows(path: Path, data: bytes, line_offset: int = 0) -> Iterator[Row]:
     """Rows of a CSV file one at a time, each from the line it starts on: a line that
     is not UTF-8 is rejected alone, a row with more or fewer fields than the header is
     rejected with its counts, and an unclosed quote is rejected at the line it opened,
-    reading going on at the next line, once the row it makes passes MAX_ROW_BYTES."""
+    reading going on at the next line, once the row it makes passes MAX_ROW_BYTES.
+    `line_offset`: lines of the file between the header and `data`'s second line
+    (a part of a long file)."""
     lines = data.splitlines(keepends=True)
     header = next(csv.reader([lines[0].decode("utf-8", "replace")])) if lines else []
     _check_columns(path, [name.strip() for name in header])
     columns = [name.strip() for name in header]
     index = 1
     while index < len(lines):
-        number, raw = index + 1, lines[index]
+        number, raw = index + 1 + line_offset, lines[index]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -441,18 +453,21 @@ def _items_of_frame(
     label: str,
     first_line: int,
     checked: Callable[[], Checked] | None = None,
+    fallback_ts: float = 0.0,
 ) -> list[CallEvent | Reject]:
     """Rows to items column by column: times parsed by polars, texts taken as columns,
     each usual row made a `CallEvent` in C (engine/ingest/_rows.c, or zip and map: no Python
     per row); a row the fast path cannot vouch for goes through `row_to_item` like any
     row. `checked` gives what _checked_columns makes of the frame when another thread
-    is at it."""
+    is at it. `fallback_ts`: the time of a reject before the frame's first good row
+    (that of the file's last good row before the frame, or 0 at its start)."""
     columns = frame.columns
     if not _plain(frame):
         rows = frame.iter_rows()
         return _items_of_rows(
             ((n, dict(zip(columns, v, strict=True))) for n, v in enumerate(rows, first_line)),
             label,
+            fallback_ts,
         )
     count = len(frame)
     with contextlib.ExitStack() as stack:
@@ -512,7 +527,7 @@ def _items_of_frame(
     else:
         items = list(map(_new_event, zip(*fields, strict=True)))
     if unusual:
-        _closer_look(frame, items, unusual)
+        _closer_look(frame, items, unusual, fallback_ts)
     return items
 
 
@@ -520,12 +535,12 @@ def _closer_look(
     frame: pl.DataFrame,
     items: list[CallEvent | Reject],
     unusual: list[tuple[int, float | None, list[str], str, str]],
+    fallback_ts: float = 0.0,
 ) -> None:
     """Remake the rows at the `unusual` indexes (ascending; with each its time, texts
     and source) through the validator: a field to strip, a state spelled otherwise, or
     something wrong that a reject must name."""
     columns = frame.columns
-    fallback_ts = 0.0
     previous = -1
     for index, ts, fields, source, switch in unusual:
         if index - 1 > previous:
@@ -548,9 +563,10 @@ def _closer_look(
         items[index] = item
 
 
-def _items_of_rows(rows: Iterable[Row], label: str) -> list[CallEvent | Reject]:
+def _items_of_rows(
+    rows: Iterable[Row], label: str, fallback_ts: float = 0.0
+) -> list[CallEvent | Reject]:
     items: list[CallEvent | Reject] = []
-    fallback_ts = 0.0
     for number, row in rows:
         source = f"{label}:{number}"
         if isinstance(row, str):
@@ -661,3 +677,321 @@ def read_event_files(
         if not all(map(operator.le, times, itertools.islice(times, 1, None))):
             items.sort(key=_TS)
     return items, errors
+
+
+# Streaming: event files read a part at a time, in event-time order across files.
+
+# Rows per part of a Parquet or JSON-lines file, and bytes per part of a CSV file (about
+# as many rows): what is held of a file while it is read, whatever its size.
+PART_ROWS = 100_000
+PART_BYTES = 8 * 2**20
+# The first part of each of several files: all are read from the start (any may hold
+# the earliest rows), and most then wait for their turn.
+FIRST_ROWS = 1_000
+FIRST_BYTES = 64 * 2**10
+
+
+def _part_errors(path: Path, error: BaseException) -> str:
+    if isinstance(error, EventFileError):
+        return str(error)
+    if isinstance(error, UnicodeDecodeError):
+        return f"{path}: not UTF-8 text ({error.reason} at byte {error.start})"
+    if isinstance(error, OSError):
+        return f"{path}: {error.strerror or error}"
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return f"{path}: cannot read: {first}"
+
+
+def _row_end(lines: list[bytes], index: int) -> int | None:
+    """Where the CSV row starting at `lines[index]` ends as `_csv_rows` reads it (the
+    index of the line after it), or None when that depends on lines after `lines`."""
+    raw = lines[index]
+    if not raw.count(b'"') % 2:
+        return index + 1
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return index + 1
+    quotes = raw.count(b'"')
+    end = index + 1
+    while quotes % 2 and len(raw) <= MAX_ROW_BYTES:
+        if end == len(lines):
+            return None
+        try:
+            lines[end].decode("utf-8")
+        except UnicodeDecodeError:
+            break
+        raw += lines[end]
+        quotes += lines[end].count(b'"')
+        end += 1
+    # Unclosed: the line alone is a row (a reject); reading goes on at the next one.
+    return index + 1 if quotes % 2 else end
+
+
+def _row_cut(body: bytes) -> int:
+    """The length of the longest prefix of `body` (whole lines) ending where a CSV row
+    ends as `_csv_rows` reads the whole file: where a part may end. Only quotes can
+    make a row run across lines, so without them it is all of `body`."""
+    if b'"' not in body:
+        return len(body)
+    lines = body.splitlines(keepends=True)
+    index = offset = 0
+    cut = 0
+    while index < len(lines):
+        end = _row_end(lines, index)
+        if end is None:
+            return cut
+        offset += sum(len(line) for line in lines[index:end])
+        index = end
+        cut = offset
+    return cut
+
+
+def _line_count(data: bytes) -> int:
+    """Lines as bytes.splitlines counts them (\\n, \\r\\n and a lone \\r end one)."""
+    return (
+        data.count(b"\n")
+        + data.count(b"\r")
+        - data.count(b"\r\n")
+        + (0 if not data or data.endswith((b"\n", b"\r")) else 1)
+    )
+
+
+def _csv_parts(
+    path: Path, part_bytes: int, first_bytes: int | None = None
+) -> Iterator[tuple[bytes, int]]:
+    """A CSV file as parts: (its header line and a run of whole rows, the file's line
+    number of the first). Each part is cut where a row ends, so each reads (fast
+    path or row by row) as those lines read within the whole file. A file within
+    `part_bytes` is one part: the whole file, as read before. The first part of a
+    longer one is about `first_bytes` (default `part_bytes`)."""
+    target = first_bytes or part_bytes
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(part_bytes + 1)
+            if len(head) <= part_bytes:
+                yield head, 2
+                return
+            newline = head.find(b"\n")
+            if newline < 0:
+                # No line ends in the first part: no row can be cut apart; read it whole.
+                yield head + handle.read(), 2
+                return
+            header = head[: newline + 1]
+            pending = head[newline + 1 :]
+            line = 2
+            at_end = False
+            while pending or not at_end:
+                if not at_end and len(pending) < target:
+                    more = handle.read(part_bytes)
+                    at_end = not more
+                    pending += more
+                    if not at_end:
+                        continue
+                if at_end:
+                    body, pending = pending, b""
+                else:
+                    last = pending.rfind(b"\n", 0, target)
+                    if last < 0:
+                        last = pending.find(b"\n")
+                    cut = _row_cut(pending[: last + 1]) if last >= 0 else 0
+                    if cut == 0:
+                        # One row longer than a part (or no line end yet): take more.
+                        more = handle.read(part_bytes)
+                        at_end = not more
+                        pending += more
+                        if not at_end:
+                            target *= 2
+                        continue
+                    body, pending = pending[:cut], pending[cut:]
+                    target = max(target, part_bytes)
+                yield header + body, line
+                line += _line_count(body)
+    except OSError as error:
+        raise EventFileError(f"{path}: {error.strerror or error}") from None
+
+
+def _last_good_ts(items: list[CallEvent | Reject], otherwise: float) -> float:
+    for item in reversed(items):
+        if type(item) is CallEvent:
+            return item.ts
+    return otherwise
+
+
+def _parquet_parts(path: Path, part_rows: int, first_rows: int) -> Iterator[pl.DataFrame]:
+    try:
+        schema = pl.read_parquet_schema(path)
+        _check_columns(path, schema)
+        kept = [c for c in KEPT if c in schema]
+        for name in kept:
+            dtype = schema[name]
+            if dtype.is_nested() or dtype in (pl.Binary, pl.Object):
+                raise EventFileError(
+                    f"{path}: column {name} holds {dtype}; event files hold text, numbers and times"
+                )
+        rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+        offset, size = 0, first_rows
+        while offset < rows:
+            yield pl.scan_parquet(path).select(kept).slice(offset, size).collect()
+            offset += size
+            size = part_rows
+    except (OSError, UnicodeDecodeError, pl.exceptions.PolarsError) as error:
+        if isinstance(error, pl.exceptions.PolarsError):
+            text = str(error).strip()
+            first = text.splitlines()[0] if text else type(error).__name__
+            raise EventFileError(f"{path}: cannot read as parquet: {first}") from None
+        raise EventFileError(_part_errors(path, error)) from None
+
+
+def file_parts(
+    path: Path,
+    part_rows: int = PART_ROWS,
+    part_bytes: int = PART_BYTES,
+    *,
+    first_small: bool = False,
+) -> Iterator[list[CallEvent | Reject]]:
+    """The rows of one event file, a part at a time, in file order: together what
+    `read_event_file` returns (each row's source "file:line", and a reject's time that
+    of the last good row before it, across parts too). Raises EventFileError.
+    `first_small`: the first part is a small one (FIRST_ROWS rows, FIRST_BYTES bytes)."""
+    first_rows = min(part_rows, FIRST_ROWS) if first_small else part_rows
+    first_bytes = min(part_bytes, FIRST_BYTES) if first_small else part_bytes
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise EventFileError(
+            f"{path}: unknown event file type {path.suffix!r} (expected .csv, .jsonl or .parquet)"
+        )
+    fallback = 0.0
+    if kind == "jsonl":
+        rows = _json_rows(path)
+        size = first_rows
+        while part := list(itertools.islice(rows, size)):
+            items = _items_of_rows(part, path.name, fallback)
+            fallback = _last_good_ts(items, fallback)
+            size = part_rows
+            yield items
+        return
+    if kind == "parquet":
+        first_line = 1
+        for frame in _parquet_parts(path, part_rows, first_rows):
+            items = _items_of_frame(frame, path.name, first_line, fallback_ts=fallback)
+            first_line += frame.height
+            fallback = _last_good_ts(items, fallback)
+            yield items
+        return
+    for data, first_line in _csv_parts(path, part_bytes, first_bytes):
+        read = _csv_data(path, data, first_line)
+        if isinstance(read, tuple):
+            items = _items_of_frame(read[0], path.name, read[1], fallback_ts=fallback)
+        else:
+            items = _items_of_rows(read, path.name, fallback)
+        fallback = _last_good_ts(items, fallback)
+        yield items
+
+
+def parquet_rows(paths: Iterable[Path]) -> int | None:
+    """How many rows the files hold, when every one is Parquet (its footer says), else None."""
+    total = 0
+    for path in paths:
+        if path.suffix.lower() != ".parquet":
+            return None
+        try:
+            total += pl.scan_parquet(path).select(pl.len()).collect().item()
+        except (OSError, pl.exceptions.PolarsError):
+            return None
+    return total
+
+
+def _in_order(items: list[CallEvent | Reject]) -> bool:
+    times = list(map(_TS, items))
+    return all(map(operator.le, times, itertools.islice(times, 1, None)))
+
+
+class EventStream:
+    """The rows of event files in event-time order (file order breaks ties), a part at
+    a time: what `read_event_files` returns, without holding more than a part or two
+    of each file. Each file is read in parts (`file_parts`); a part is sorted, and
+    rows are let out once no file can still hold an earlier one, which a file in
+    event-time order shows by its part's last row. A file out of order across parts
+    (a row earlier than rows let out already) cannot be put in its place: such rows
+    come out late, counted in `late`, at the front of the next output.
+
+    Iterating gives lists of rows; `errors` holds each file that could not be read
+    (the rows read from it before the problem stay); `rows` counts the rows let out."""
+
+    def __init__(
+        self, paths: Iterable[Path], part_rows: int = PART_ROWS, part_bytes: int = PART_BYTES
+    ) -> None:
+        self.paths = list(paths)
+        self.part_rows = part_rows
+        self.part_bytes = part_bytes
+        self.errors: list[str] = []
+        self.late = 0
+        self.rows = 0
+
+    def _parts(self, path: Path) -> Iterator[list[CallEvent | Reject]]:
+        try:
+            yield from file_parts(
+                path, self.part_rows, self.part_bytes, first_small=len(self.paths) > 1
+            )
+        except EventFileError as error:
+            self.errors.append(str(error))
+
+    def __iter__(self) -> Iterator[list[CallEvent | Reject]]:
+        sources = [self._parts(path) for path in self.paths]
+        buffers: list[list[CallEvent | Reject]] = [[] for _ in sources]
+        active = set(range(len(sources)))
+        # The latest time let out: a row earlier than it, read later, is late.
+        let_out = -math.inf
+
+        def pull(index: int) -> None:
+            part = next(sources[index], None)
+            if part is None:
+                active.discard(index)
+                return
+            if not _in_order(part):
+                part.sort(key=_TS)
+            if part and part[0].ts < let_out:
+                self.late += sum(1 for item in part if item.ts < let_out)
+            held = buffers[index]
+            if held and part and part[0].ts < held[-1].ts:
+                held.extend(part)
+                held.sort(key=_TS)  # stable: the rows held come first in the file
+            else:
+                held.extend(part)
+
+        while active or any(buffers):
+            for index in sorted(active):
+                while index in active and not buffers[index]:
+                    pull(index)
+            if not active:
+                out = [item for held in buffers for item in held]
+                buffers = [[] for _ in sources]
+            else:
+                # No file still being read can hold a row earlier than its part's last.
+                cut = min(buffers[index][-1].ts for index in active)
+                alone = len(active) == 1 and not any(
+                    buffers[index] for index in range(len(buffers)) if index not in active
+                )
+                pieces = []
+                for index, held in enumerate(buffers):
+                    if not held:
+                        continue
+                    taken = len(held) if alone else bisect.bisect_left(held, cut, key=_TS)
+                    if taken:
+                        pieces.append(held[:taken])
+                        buffers[index] = held[taken:]
+                out = [item for piece in pieces for item in piece]
+                if len(pieces) > 1:
+                    out.sort(key=_TS)
+                if not out:
+                    # Every file held has only rows at `cut`: read on in those that do.
+                    for index in sorted(active):
+                        if buffers[index][-1].ts == cut:
+                            pull(index)
+                    continue
+            if out:
+                let_out = max(let_out, out[-1].ts)
+                self.rows += len(out)
+                yield out

@@ -26,7 +26,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -691,3 +691,72 @@ class Lake:
                 self._finish_compaction(intent.parent, intent)
             except (OSError, ValueError, KeyError) as error:
                 log.error("cannot finish compaction %s: %s", intent, error)
+
+
+class HeldReports:
+    """The keys of the reports a lake held when this was made, looked up a time span
+    at a time (replay's de-duplication against what is stored): only the day
+    partitions the span touches are read, and only the keys of the call ids asked
+    for are kept, so a replay of a month holds a part's keys, not the month's.
+    What is written to the lake after this was made is not looked at."""
+
+    def __init__(self, lake: Lake) -> None:
+        self._files: dict[str, dict[str, list[str]]] = {}
+        for table in ("events", "rejects"):
+            for path in lake.files(table):
+                if path.name == _PLACEHOLDER or not path.parent.name.startswith("day="):
+                    continue
+                day = path.parent.name.removeprefix("day=")
+                self._files.setdefault(day, {}).setdefault(table, []).append(str(path))
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self._files
+
+    def keys(
+        self, call_ids: Iterable[str], first: float, last: float
+    ) -> list[tuple[str, int, float]]:
+        """(call_id, serial, time) of the reports held from `first` to `last` (epoch
+        seconds, inclusive) with one of `call_ids`, oldest first."""
+        days = _days_between(first, last)
+        files: dict[str, list[str]] = {"events": [], "rejects": []}
+        for day in days:
+            for table, paths in self._files.get(day, {}).items():
+                files[table].extend(paths)
+        if not files["events"] and not files["rejects"]:
+            return []
+        selects = [
+            f"SELECT call_id, serial, ts FROM read_parquet(?, hive_partitioning = false) "
+            f"WHERE ts BETWEEN to_timestamp(?) AND to_timestamp(?)"
+            f"{' AND call_id IS NOT NULL' if table == 'rejects' else ''}"
+            for table in ("events", "rejects")
+            if files[table]
+        ]
+        params: list[Any] = []
+        for table in ("events", "rejects"):
+            if files[table]:
+                params += [files[table], first, last]
+        if self._con is None:
+            self._con = duckdb.connect()
+        held = " UNION ALL ".join(selects)
+        return cast(
+            list[tuple[str, int, float]],
+            self._con.execute(
+                f"SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ({held}) "
+                "WHERE call_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY t",
+                [*params, sorted(set(call_ids))],
+            ).fetchall(),
+        )
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+
+def _days_between(first: float, last: float) -> list[str]:
+    """The UTC days ("YYYY-MM-DD", as the partitions are named) from `first` to `last`."""
+    start = datetime.fromtimestamp(max(first, 0.0), UTC).date()
+    end = datetime.fromtimestamp(max(last, first, 0.0), UTC).date()
+    return [str(start + timedelta(days=n)) for n in range((end - start).days + 1)]

@@ -13,14 +13,18 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow.parquet as pq
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from engine.core.durations import Duration
@@ -28,7 +32,7 @@ from engine.core.events import CallEvent
 from engine.core.yamlfile import YamlFileError, load_yaml, parse_model
 from engine.simulator.calls import Call
 from engine.simulator.incidents import Context, Incident, entity_of
-from engine.simulator.traffic import BenignSpec, generate_benign, make_population
+from engine.simulator.traffic import BenignSpec, generate_benign, iter_benign, make_population
 
 
 class Scenario(BaseModel):
@@ -98,11 +102,11 @@ def load_scenario(path: Path) -> Scenario:
         raise YamlFileError([f"{path}: {error}"]) from None
 
 
-def generate(scenario: Scenario) -> Generated:
+def _incidents(scenario: Scenario) -> tuple[list[Call], list[Label]]:
+    """Every incident's calls, and its label."""
     start = scenario.start.timestamp()
-    rng = random.Random(f"{scenario.seed}:benign")
-    calls: list[Call] = generate_benign(scenario.benign, start, scenario.duration, rng)
     population = make_population(scenario.benign, random.Random(f"{scenario.seed}:population"))
+    calls: list[Call] = []
     labels = []
     for incident in scenario.incidents:
         ctx = Context(scenario.benign, population, random.Random(f"{scenario.seed}:{incident.id}"))
@@ -122,19 +126,91 @@ def generate(scenario: Scenario) -> Generated:
                 [c.call_id for c in incident_calls],
             )
         )
+    return calls, labels
+
+
+def _event_order(event: CallEvent) -> tuple[float, str, int]:
+    return (event.ts, event.call_id, event.serial)
+
+
+def generate(scenario: Scenario) -> Generated:
+    start = scenario.start.timestamp()
+    rng = random.Random(f"{scenario.seed}:benign")
+    calls: list[Call] = generate_benign(scenario.benign, start, scenario.duration, rng)
+    incident_calls, labels = _incidents(scenario)
+    calls.extend(incident_calls)
     events = [event for call in calls for event in call.reports()]
-    events.sort(key=lambda e: (e.ts, e.call_id, e.serial))
+    events.sort(key=_event_order)
     return Generated(events, labels, len(calls))
+
+
+# Event time per part when a scenario is generated a part at a time.
+PART_S = 86_400.0
+# Rows per row group of a Parquet file written: what replay reads as one part.
+PART_ROWS = 100_000
+
+
+@dataclass
+class Parts:
+    """`generate()`'s reports a part of event time at a time (iterate once): the same
+    reports in the same order, without holding more than a part's calls (and the
+    reports of calls still going at its end). `calls` counts the calls generated so
+    far; `labels` are the incidents'."""
+
+    scenario: Scenario
+    part_s: float = PART_S
+    calls: int = 0
+    labels: list[Label] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[list[CallEvent]]:
+        scenario = self.scenario
+        start = scenario.start.timestamp()
+        incident_calls, self.labels = _incidents(scenario)
+        incident_calls.sort(key=lambda call: call.start)
+        benign = iter_benign(
+            scenario.benign, start, scenario.duration, random.Random(f"{scenario.seed}:benign")
+        )
+        following = next(benign, None)
+        incident = 0
+        # Reports at or after the part's end, of calls that started before it.
+        later: list[CallEvent] = []
+        part_end = start
+        while following is not None or incident < len(incident_calls) or later:
+            part_end += self.part_s
+            events = later
+            # Every call that starts before the part's end: a report of one that starts
+            # after it is no earlier than that start (reports are rounded to the
+            # millisecond, as a part's end is when the scenario starts on one).
+            while following is not None and following.start < part_end:
+                events.extend(following.reports())
+                self.calls += 1
+                following = next(benign, None)
+            while incident < len(incident_calls) and incident_calls[incident].start < part_end:
+                events.extend(incident_calls[incident].reports())
+                self.calls += 1
+                incident += 1
+            events.sort(key=_event_order)
+            cut = bisect.bisect_left(events, part_end, key=lambda event: event.ts)
+            later = events[cut:]
+            if cut:
+                yield events[:cut]
 
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
 
 
+def _iso_column(times: list[float]) -> pl.Series:
+    """`_iso` of each time, made by polars (several times faster): to the nearest
+    microsecond, then the milliseconds written as they are, as isoformat does."""
+    micros = (pl.Series(times, dtype=pl.Float64) * 1e6).round().cast(pl.Int64)
+    return micros.cast(pl.Datetime("us", "UTC")).dt.strftime("%Y-%m-%dT%H:%M:%S%.3f%:z")
+
+
 def events_frame(events: list[CallEvent]) -> pl.DataFrame:
     return pl.DataFrame(
         {
-            "ts": [_iso(e.ts) for e in events],
+            "ts": _iso_column([e.ts for e in events]),
             "call_id": [e.call_id for e in events],
             "serial": [e.serial for e in events],
             "state": [
@@ -165,19 +241,49 @@ _TOKENS = {"RINGING": "Ringing", "ANSWERED": "OK", "HANGUP": "Bye"}
 
 def write_files(generated: Generated, directory: Path, fmt: str = "csv") -> tuple[Path, Path]:
     """Write `events.<fmt>` (docs/protocol.md's columns, replayable) and `labels.jsonl`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    frame = events_frame(generated.events)
-    events_path = directory / f"events.{fmt}"
-    if fmt == "csv":
-        frame.write_csv(events_path)
-    elif fmt == "parquet":
-        frame.write_parquet(events_path)
-    elif fmt == "jsonl":
-        frame.write_ndjson(events_path)
-    else:
+    return _write(iter([generated.events]), generated.labels, directory, fmt)
+
+
+def write_parts(parts: Parts, directory: Path, fmt: str = "csv") -> tuple[Path, Path]:
+    """`write_files` for a scenario generated a part at a time: each part written as it
+    comes (a row group of the Parquet file, a run of lines of the others), so a
+    month of traffic is written holding a day's."""
+    return _write(iter(parts), parts, directory, fmt)
+
+
+def _write(
+    parts: Iterator[list[CallEvent]],
+    labels: list[Label] | Parts,
+    directory: Path,
+    fmt: str,
+) -> tuple[Path, Path]:
+    if fmt not in ("csv", "parquet", "jsonl"):
         raise ValueError(f"unknown event file format {fmt!r} (csv, parquet or jsonl)")
+    directory.mkdir(parents=True, exist_ok=True)
+    events_path = directory / f"events.{fmt}"
+    writer: pq.ParquetWriter | None = None
+    with events_path.open("wb") as handle:
+        first = True
+        for events in itertools.chain(parts, [[]]):
+            if not events and not first:
+                continue
+            frame = events_frame(events)
+            if fmt == "csv":
+                frame.write_csv(handle, include_header=first)
+            elif fmt == "jsonl":
+                frame.write_ndjson(handle)
+            else:
+                table = frame.to_arrow()
+                if writer is None:
+                    writer = pq.ParquetWriter(handle, table.schema, compression="zstd")
+                if events or first:
+                    # Row groups of a replay's part: reading one decodes no more.
+                    writer.write_table(table, row_group_size=PART_ROWS)
+            first = False
+        if writer is not None:
+            writer.close()
     labels_path = directory / "labels.jsonl"
     with labels_path.open("w", encoding="utf-8") as handle:
-        for label in generated.labels:
+        for label in labels if isinstance(labels, list) else labels.labels:
             handle.write(json.dumps(label.as_json(), ensure_ascii=False) + "\n")
     return events_path, labels_path

@@ -8,6 +8,7 @@ import bisect
 import itertools
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -95,7 +96,11 @@ class Population:
 
 
 def make_population(spec: BenignSpec, rng: random.Random) -> Population:
-    numbers = [f"{spec.caller_prefix}{n:06d}" for n in rng.sample(range(1_000_000), spec.callers)]
+    # Six digits after the prefix, eight past a million callers (a month's population).
+    space, digits = (1_000_000, 6) if spec.callers <= 1_000_000 else (100_000_000, 8)
+    numbers = [
+        f"{spec.caller_prefix}{n:0{digits}d}" for n in rng.sample(range(space), spec.callers)
+    ]
     weights = [rng.paretovariate(spec.caller_skew) for _ in numbers]
     trunks = [f"{spec.trunk_prefix}{8000 + n:04d}" for n in range(spec.trunks)]
     if trunks and spec.trunk_share > 0:
@@ -151,12 +156,19 @@ def generate_benign(
     spec: BenignSpec, start: float, duration: float, rng: random.Random
 ) -> list[Call]:
     """Poisson arrivals at the daily rhythm (thinning), callers by weight, menus by weight."""
+    return list(iter_benign(spec, start, duration, rng))
+
+
+def iter_benign(
+    spec: BenignSpec, start: float, duration: float, rng: random.Random
+) -> Iterator[Call]:
+    """`generate_benign`'s calls one at a time, in order of their start (a month of them
+    need not be held at once)."""
     population = make_population(spec, rng)
     menu_cumulative = list(itertools.accumulate(m.weight for m in spec.menus))
     peak_rate = spec.calls_per_hour / 3600.0
-    calls: list[Call] = []
     if peak_rate <= 0:
-        return calls
+        return
     t = start
     end = start + duration
     while True:
@@ -166,5 +178,4 @@ def generate_benign(
         if rng.random() > daily_level(t, spec.night_factor):
             continue
         menu = spec.menus[bisect.bisect(menu_cumulative, rng.random() * menu_cumulative[-1])]
-        calls.append(benign_call(spec, menu, population.pick(rng), t, rng))
-    return calls
+        yield benign_call(spec, menu, population.pick(rng), t, rng)

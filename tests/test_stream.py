@@ -1,0 +1,241 @@
+"""Streaming replay: event files read in parts give what reading them whole gives, and a
+replay stores and raises the same whatever the part sizes and however a file is split."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.apps.replay import replay
+from engine.ingest.eventfiles import (
+    EventStream,
+    file_parts,
+    read_event_file,
+    read_event_files,
+)
+from engine.simulator.scenario import generate, load_scenario, write_files
+from tests.conftest import make_settings
+
+HEADER = b"ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
+SCENARIOS = sorted(Path("data/scenarios").glob("*.yaml"))
+
+
+def _line(at: int, n: int, state: str = "ok") -> bytes:
+    return f"{1795860000 + at},c{n},1,{state},100,200,,7,Main\n".encode()
+
+
+# Lines of a CSV file, good and bad: a quoted field running over two lines, a quote
+# never closed, bytes that are not UTF-8, a blank line, too few and too many fields,
+# a bad state, a bad time, a CRLF line end.
+_CSV_LINES = st.one_of(
+    st.builds(_line, st.integers(0, 50), st.integers(0, 9)),
+    st.builds(_line, st.integers(0, 50), st.integers(0, 9), st.just("Busy")),
+    st.sampled_from(
+        [
+            b'1795860001,"c\nq",1,ok,100,200,,7,Main\n',
+            b'1795860002,"never closed,1,ok,100,200,,7,Main\n',
+            b"1795860003,c\xff,1,ok,100,200,,7,Main\n",
+            b"\n",
+            b"1795860004,c1,1,ok\n",
+            b"1795860005,c1,1,ok,100,200,,7,Main,extra\n",
+            b"soon,c2,1,ok,100,200,,7,Main\n",
+            b"1795860006,c3,1,ok,100,200,,7,Main\r\n",
+            b'1795860007,"c,4",1,ok,"1""00",200,,7,"Main"\n',
+        ]
+    ),
+)
+
+
+@given(lines=st.lists(_CSV_LINES, max_size=40), part_bytes=st.integers(1, 400))
+@settings(max_examples=300, deadline=None)
+def test_a_csv_file_read_in_parts_is_the_file_read_whole(
+    lines: list[bytes], part_bytes: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Each part is cut where a row ends as the row-by-row reader reads the whole file
+    # (a quote may hold a row open across lines): rejects keep their true file:line,
+    # and a part with a bad row falls back to row by row alone.
+    path = tmp_path_factory.mktemp("csv") / "events.csv"
+    path.write_bytes(HEADER + b"".join(lines))
+    whole = read_event_file(path)
+    parts = list(file_parts(path, part_bytes=part_bytes))
+    assert [item for part in parts for item in part] == whole
+    small = list(file_parts(path, part_bytes=part_bytes, first_small=True))
+    assert [item for part in small for item in part] == whole
+
+
+def test_a_bad_row_in_one_part_leaves_the_other_parts_on_the_fast_path(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    rows = [_line(n, n) for n in range(300)]
+    rows[250] = b"1795860250,c250,1,ok\n"  # too few fields: line 252
+    path.write_bytes(HEADER + b"".join(rows))
+    parts = list(file_parts(path, part_bytes=2000))
+    assert len(parts) > 5
+    items = [item for part in parts for item in part]
+    assert items == read_event_file(path)
+    (reject,) = [item for item in items if type(item).__name__ == "Reject"]
+    assert reject.source == "events.csv:252"
+    assert [item.source for item in items[:3]] == ["events.csv:2", "events.csv:3", "events.csv:4"]
+
+
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 30), st.booleans()), max_size=60),
+    part_rows=st.integers(1, 25),
+    fmt=st.sampled_from(["parquet", "jsonl"]),
+)
+@settings(max_examples=100, deadline=None)
+def test_parquet_and_json_lines_read_in_parts_are_the_file_read_whole(
+    rows: list[tuple[int, bool]],
+    part_rows: int,
+    fmt: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    frame = pl.DataFrame(
+        {
+            "ts": [str(1795860000 + at) if good else "soon" for at, good in rows],
+            "call_id": [f"c{n}" for n in range(len(rows))],
+            "serial": [1] * len(rows),
+            "state": ["ok"] * len(rows),
+        },
+        schema={"ts": pl.String, "call_id": pl.String, "serial": pl.Int64, "state": pl.String},
+    )
+    path = tmp_path_factory.mktemp("rows") / f"events.{fmt}"
+    if fmt == "parquet":
+        frame.write_parquet(path, row_group_size=7)
+    else:
+        frame.write_ndjson(path)
+    whole = read_event_file(path)
+    for first_small in (False, True):
+        parts = list(file_parts(path, part_rows=part_rows, first_small=first_small))
+        assert [item for part in parts for item in part] == whole
+
+
+_ORDERED_FILE = st.lists(st.integers(0, 40), max_size=30).map(sorted)
+
+
+@given(
+    files=st.lists(_ORDERED_FILE, min_size=1, max_size=4),
+    part_bytes=st.integers(30, 600),
+)
+@settings(max_examples=150, deadline=None)
+def test_files_in_event_time_order_stream_as_they_read_whole(
+    files: list[list[int]], part_bytes: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Merged across files in event-time order, file order breaking ties: exactly the
+    # rows read_event_files sorts, and nothing late.
+    folder = tmp_path_factory.mktemp("files")
+    paths = []
+    for number, times in enumerate(files):
+        path = folder / f"f{number}.csv"
+        path.write_bytes(
+            HEADER + b"".join(_line(at, 100 * number + n) for n, at in enumerate(times))
+        )
+        paths.append(path)
+    whole, errors = read_event_files(paths)
+    stream = EventStream(paths, part_bytes=part_bytes)
+    assert [item for part in stream for item in part] == whole
+    assert stream.late == 0 and stream.rows == len(whole) and errors == stream.errors == []
+
+
+def test_a_file_out_of_order_across_parts_comes_out_whole_with_the_late_rows_counted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "events.csv"
+    times = [*range(100, 200), *range(0, 50)]  # the last 50 rows belong before the rest
+    path.write_bytes(HEADER + b"".join(_line(at, n) for n, at in enumerate(times)))
+    stream = EventStream([path], part_bytes=1000)
+    rows = [item for part in stream for item in part]
+    assert Counter(rows) == Counter(read_event_file(path))
+    assert stream.late == 50
+    # Within reach of a part, order is restored: a single part is sorted whole.
+    assert [item for part in EventStream([path]) for item in part] == read_event_files([path])[0]
+
+
+def test_many_files_are_read_a_small_first_part_each(tmp_path: Path) -> None:
+    # Every file is started (any may hold the earliest row), but only a small part of
+    # each waits for its turn.
+    paths = []
+    for day in range(6):
+        path = tmp_path / f"day{day}.parquet"
+        pl.DataFrame(
+            {
+                "ts": [1795860000.0 + 86400 * day + n for n in range(5000)],
+                "call_id": [f"d{day}-{n}" for n in range(5000)],
+                "serial": [1] * 5000,
+                "state": ["ok"] * 5000,
+            }
+        ).write_parquet(path)
+        paths.append(path)
+    stream = EventStream(paths, part_rows=2000)
+    sizes = [len(part) for part in stream]
+    assert sum(sizes) == 30_000 and max(sizes) <= 2000
+    assert [item for part in EventStream(paths, 2000) for item in part] == read_event_files(paths)[
+        0
+    ]
+
+
+def _tables(data_dir: Path) -> dict[str, list[tuple[object, ...]]]:
+    """The tables, less the file a report was read from (its source "file:line")."""
+    with duckdb.connect(str(data_dir / "callsentry.duckdb"), read_only=True) as con:
+        return {
+            table: con.execute(
+                f"SELECT * EXCLUDE (day{', source' if table in ('events', 'rejects') else ''}) "
+                f"FROM {table} ORDER BY ALL"
+            ).fetchall()
+            for table in ("events", "rejects", "calls", "alerts")
+        }
+
+
+@pytest.mark.parametrize("scenario_path", SCENARIOS, ids=lambda p: p.stem)
+def test_a_replay_stores_and_raises_the_same_whatever_its_parts_and_files(
+    scenario_path: Path, tmp_path: Path
+) -> None:
+    # The scenario read as one part (as a replay read every file before streaming),
+    # in parts of 997 rows, and split into three files (a row in two of them: a
+    # duplicate; the split not at a part's end) read in parts of 1,500: the same
+    # events, calls, alerts and rejects, and the same alerts reported.
+    generated = generate(load_scenario(scenario_path))
+    events_path, _ = write_files(generated, tmp_path / "scenario", "parquet")
+    frame = pl.read_parquet(events_path)
+    third = frame.height // 3
+    split = [tmp_path / f"split{n}.parquet" for n in range(3)]
+    frame.head(third + 1).write_parquet(split[0])
+    frame.slice(third, third).write_parquet(split[1])
+    frame.slice(2 * third).write_parquet(split[2])
+
+    def run(name: str, paths: list[Path], part_rows: int) -> tuple[object, ...]:
+        data_dir = tmp_path / name
+        report = replay(paths, make_settings(data_dir), part_rows=part_rows)
+        return (
+            report.stored,
+            report.calls,
+            [alert.alert_id for alert in report.alerts],
+            _tables(data_dir),
+        )
+
+    whole = run("whole", [events_path], 10**9)
+    assert whole[2] or scenario_path.stem == "lookalikes", "the scenario raises alerts"
+    assert run("parts", [events_path], 997) == whole
+    assert run("split", split, 1500) == whole
+
+
+def test_a_replay_finds_what_the_lake_holds_day_by_day_a_part_at_a_time(tmp_path: Path) -> None:
+    # Four days of rows, a day's worth apart from the horizon: the first replay stores
+    # days 0-2, the second (days 1-3, in parts of 40 rows) only day 3, its copies of
+    # days 1 and 2 found in their day partitions, however long ago they were stored.
+    def day_rows(day: int) -> list[bytes]:
+        return [_line(86400 * day + 60 * n, 1000 * day + n) for n in range(100)]
+
+    first, second = tmp_path / "first.csv", tmp_path / "second.csv"
+    first.write_bytes(HEADER + b"".join(row for day in (0, 1, 2) for row in day_rows(day)))
+    second.write_bytes(HEADER + b"".join(row for day in (1, 2, 3) for row in day_rows(day)))
+    settings = make_settings(tmp_path / "data")
+    assert replay([first], settings, part_bytes=2000).stored == 300
+    again = replay([second], settings, part_rows=40, part_bytes=2000)
+    assert (again.stored, again.duplicates) == (100, 200)
+    assert replay([first, second], settings, part_bytes=3000).stored == 0

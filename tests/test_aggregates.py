@@ -31,6 +31,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "first_seen": {"new_for": 3600, "warmup": 0},
     "sequential": {},
     "concurrent": {},
+    "new_value": {"field": "callee", "known_for": 0},
 }
 WINDOWED = [name for name, kind in AGGREGATES.items() if kind is not Concurrent]
 

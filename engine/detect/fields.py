@@ -10,6 +10,7 @@ entities a rule groups by (`group_by:`, through `ENTITY_FIELDS`).
 from __future__ import annotations
 
 from engine.detect.calls import Call
+from engine.detect.numbers import DESTINATIONS, Destination, Destinations
 from engine.detect.schema import FieldName
 
 
@@ -86,6 +87,72 @@ class RingCode(CallField):
         return call.ring_code
 
 
+class NumberOf:
+    """Which of a call's numbers a destination field reads."""
+
+    def number(self, call: Call) -> str:
+        raise NotImplementedError
+
+
+class CallerNumber(NumberOf):
+    def number(self, call: Call) -> str:
+        return call.caller
+
+
+class CalleeNumber(NumberOf):
+    def number(self, call: Call) -> str:
+        return call.callee
+
+
+class ForwardNumber(NumberOf):
+    def number(self, call: Call) -> str:
+        return call.forward
+
+
+def _destination(book: Destinations, number: str) -> Destination:
+    # The cache looked up here (compiled: a dict lookup in C); a number not in it is
+    # parsed by the plan (engine.detect.numbers).
+    found = book.cache.get(number)
+    if found is None:
+        found = book.of(number)
+    return found
+
+
+class Country(TextField):
+    """The ISO region of a number's plan ("" unknown; see engine.detect.numbers)."""
+
+    def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
+        self.which = which
+        self.book = book
+
+    def text(self, call: Call) -> str:
+        return _destination(self.book, self.which.number(call)).country
+
+
+class NumberType(TextField):
+    """A number's type in its plan (`premium_rate`, `voip`, ..., `unknown`)."""
+
+    def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
+        self.which = which
+        self.book = book
+
+    def text(self, call: Call) -> str:
+        return _destination(self.book, self.which.number(call)).kind
+
+
+class Valid(CallField):
+    """Whether a number's plan has it: True, False (unallocated) or None (not judged)."""
+
+    def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
+        self.which = which
+        self.book = book
+
+    def read(self, call: Call) -> object:
+        return _destination(self.book, self.which.number(call)).valid
+
+
+_CALLER, _CALLEE, _FORWARD = CallerNumber(), CalleeNumber(), ForwardNumber()
+
 TEXT_FIELDS: dict[str, TextField] = {
     "caller": Caller(),
     "callee": Callee(),
@@ -94,6 +161,12 @@ TEXT_FIELDS: dict[str, TextField] = {
     "menu_name": MenuName(),
     "outcome": Outcome(),
     "switch": Switch(),
+    "caller_country": Country(_CALLER),
+    "caller_type": NumberType(_CALLER),
+    "callee_country": Country(_CALLEE),
+    "callee_type": NumberType(_CALLEE),
+    "forward_country": Country(_FORWARD),
+    "forward_type": NumberType(_FORWARD),
 }
 FIELDS: dict[str, CallField] = {
     **TEXT_FIELDS,
@@ -101,6 +174,9 @@ FIELDS: dict[str, CallField] = {
     "talk_s": TalkSeconds(),
     "answered": Answered(),
     "ring_code": RingCode(),
+    "caller_valid": Valid(_CALLER),
+    "callee_valid": Valid(_CALLEE),
+    "forward_valid": Valid(_FORWARD),
 }
 if set(FIELDS) != set(FieldName.__args__):  # type: ignore[attr-defined]
     raise RuntimeError("fields.FIELDS and schema.FieldName name different fields")
@@ -112,6 +188,9 @@ ENTITY_FIELDS: dict[str, TextField] = {
     "forward": TEXT_FIELDS["forward"],
     "callee": TEXT_FIELDS["callee"],
     "switch": TEXT_FIELDS["switch"],
+    "caller_country": TEXT_FIELDS["caller_country"],
+    "callee_country": TEXT_FIELDS["callee_country"],
+    "forward_country": TEXT_FIELDS["forward_country"],
 }
 # Between the parts of an entity grouped by several fields (`group_by: [switch,
 # caller]` -> "east/8613800000001"). A switch's name has none (its setting refuses it).

@@ -10,7 +10,7 @@ entities a rule groups by (`group_by:`, through `ENTITY_FIELDS`).
 from __future__ import annotations
 
 from engine.detect.calls import Call
-from engine.detect.numbers import DESTINATIONS, Destination, Destinations
+from engine.detect.numbers import DESTINATIONS, NO_NUMBER, Destination, Destinations
 from engine.detect.schema import FieldName
 
 
@@ -109,24 +109,33 @@ class ForwardNumber(NumberOf):
         return call.forward
 
 
-def _destination(book: Destinations, number: str) -> Destination:
-    # The cache looked up here (compiled: a dict lookup in C); a number not in it is
-    # parsed by the plan (engine.detect.numbers).
-    found = book.cache.get(number)
+def _destination(
+    which: NumberOf, cache: dict[str, Destination], book: Destinations, call: Call
+) -> Destination:
+    """Where one of a call's numbers leads (engine.detect.numbers). A rule set reads
+    each field it tests for every call, so the common cases cost little: no number
+    (most calls are not forwarded) is answered here, and a number seen before is one
+    lookup in the cache (the same dict for the process's life: `Destinations.use`
+    empties it in place)."""
+    number = which.number(call)
+    if not number:
+        return NO_NUMBER
+    found = cache.get(number)
     if found is None:
         found = book.of(number)
     return found
 
 
 class Country(TextField):
-    """The ISO region of a number's plan ("" unknown; see engine.detect.numbers)."""
+    """The ISO region of a number's plan ("" unknown)."""
 
     def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
         self.which = which
         self.book = book
+        self.cache: dict[str, Destination] = book.cache
 
     def text(self, call: Call) -> str:
-        return _destination(self.book, self.which.number(call)).country
+        return _destination(self.which, self.cache, self.book, call).country
 
 
 class NumberType(TextField):
@@ -135,9 +144,10 @@ class NumberType(TextField):
     def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
         self.which = which
         self.book = book
+        self.cache: dict[str, Destination] = book.cache
 
     def text(self, call: Call) -> str:
-        return _destination(self.book, self.which.number(call)).kind
+        return _destination(self.which, self.cache, self.book, call).kind
 
 
 class Valid(CallField):
@@ -146,9 +156,10 @@ class Valid(CallField):
     def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
         self.which = which
         self.book = book
+        self.cache: dict[str, Destination] = book.cache
 
     def read(self, call: Call) -> object:
-        return _destination(self.book, self.which.number(call)).valid
+        return _destination(self.which, self.cache, self.book, call).valid
 
 
 _CALLER, _CALLEE, _FORWARD = CallerNumber(), CalleeNumber(), ForwardNumber()

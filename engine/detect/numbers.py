@@ -132,10 +132,11 @@ class Destinations:
         self.interned: dict[tuple[str, str, bool | None], Destination] = {}
 
     def use(self, plan: NumberPlan, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
-        """Read numbers by `plan` from now on (what was found by another is forgotten)."""
+        """Read numbers by `plan` from now on (what was found by another is forgotten).
+        The cache is emptied in place: detection's fields hold it (engine.detect.fields)."""
         self.plan = plan
         self.cache_size = max(1, cache_size)
-        self.cache = {}
+        self.cache.clear()
 
     def of(self, number: str) -> Destination:
         found = self.cache.get(number)

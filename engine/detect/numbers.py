@@ -21,9 +21,10 @@ A `Destination` is what detection's fields read (engine.detect.fields):
   what rules call unallocated; None when it cannot be judged (no number, no digits,
   or a national form with no default region).
 
-Parsing one number takes about 0.2 ms: `Destinations` keeps what it found per number
-text, up to `cache_size` numbers (the oldest forgotten first), so the callees and
-forward numbers an IVR sees over and over cost one dictionary lookup.
+Parsing a number costs far more than looking it up (figures in bench/README.md):
+`Destinations` keeps what it found per number text, up to `cache_size` numbers (the
+oldest forgotten first), so the callees and forward numbers an IVR sees over and
+over cost one dictionary lookup, and a flood of distinct numbers costs bounded memory.
 
 >>> plan = NumberPlan(dial_prefixes=("17951",), default_region="CN")
 >>> book = Destinations(plan)

@@ -9,6 +9,7 @@ team without this engine runs from cron every hour over the stored events,
 scored the same way.
 
     .venv/bin/python bench/detection.py [--scenarios data/scenarios] [--json out.json]
+        [--default-region CN]
 """
 
 from __future__ import annotations
@@ -159,6 +160,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenarios", type=Path, default=Path("data/scenarios"))
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--default-region",
+        default="",
+        help="detection.default_region: the region national numbers belong to (CN for the "
+        "simulator's numbers); unset, national numbers are not judged",
+    )
     args = parser.parse_args()
     engine, baseline, models_only = Score(), Score(), Score()
     per_scenario = []
@@ -171,7 +178,10 @@ def main() -> int:
             settings = Settings.model_validate(
                 {
                     "store": {"data_dir": str(Path(tmp) / f"data-{scenario.name}")},
-                    "detection": {"alerts_jsonl": "off"},
+                    "detection": {
+                        "alerts_jsonl": "off",
+                        "default_region": args.default_region,
+                    },
                 }
             )
             result = replay([events_path], settings)

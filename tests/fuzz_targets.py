@@ -12,6 +12,7 @@ A later input (a web form, an action template) adds its target here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tempfile
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 from engine.apps.settings import ConfigError, load_settings
 from engine.core.events import CallEvent, Reject
 from engine.core.yamlfile import YamlFileError
+from engine.detect.numbers import REGIONS, Destinations, NumberPlan
 from engine.detect.rules import load_rules
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.eventfiles import EventFileError, file_parts, read_event_file
@@ -283,9 +285,34 @@ def load_rule_file(data: bytes) -> None:
             raise Escape(f"loading a rule raised {error!r} on {data[:300]!r}") from error
 
 
+_COUNTRY_LIST = RULES / "lists" / "high_risk_countries.yaml"
+
+
 @st.composite
 def list_files(draw: st.DrawFn) -> bytes:
-    document = {"name": draw(st.sampled_from(["extra", "Bad Name", ""])), "values": []}
+    document: dict[str, Any] = {"name": draw(st.sampled_from(["extra", "Bad Name", ""]))}
+    if draw(st.booleans()):
+        document["values"] = []
+    else:
+        # A country list like the shipped one: entries with sources, some codes wrong.
+        document |= {
+            "kind": draw(st.sampled_from(["country", "text", "planet"])),
+            "entries": draw(
+                st.lists(
+                    st.fixed_dictionaries(
+                        {
+                            "value": st.sampled_from(["CU", "cu", "001", "ZZ", "", "GB"])
+                            | st.text(max_size=4),
+                            "source": st.text(max_size=10),
+                        }
+                    ),
+                    max_size=4,
+                )
+            ),
+        }
+    if draw(st.integers(0, 3)) == 0:
+        document = yaml.safe_load(_COUNTRY_LIST.read_text(encoding="utf-8"))
+        document["name"] = "extra"
     return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
 
 
@@ -333,6 +360,49 @@ def load_scenario_file(data: bytes) -> None:
             return  # valid, but too long to generate inside a fuzz run
 
 
+# -- numbers: what the destination fields parse (network text), by any plan ---------
+
+_plans = st.builds(
+    NumberPlan,
+    dial_prefixes=st.lists(st.sampled_from(["17951", "9", "0", "1"]), max_size=2).map(tuple),
+    international_prefixes=st.lists(st.sampled_from(["00", "011", "0"]), max_size=2).map(tuple),
+    default_region=st.sampled_from(["", "CN", "GB", "US", "DE"]),
+)
+_numbers = st.one_of(
+    st.text(max_size=40),
+    st.text("+0123456789 #*-()", max_size=30),
+    st.sampled_from(["+", "00", "+001", "+99912", "0044", "+8613800000001", "\x00+1"]),
+)
+
+
+@st.composite
+def numbers(draw: st.DrawFn) -> bytes:
+    plan = draw(_plans)
+    texts = draw(st.lists(_numbers, min_size=1, max_size=5))
+    return json.dumps({"plan": dataclasses.asdict(plan), "numbers": texts}).encode()
+
+
+def parse_numbers(data: bytes) -> None:
+    try:
+        document = json.loads(data)
+        plan = NumberPlan(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in document["plan"].items()}
+        )
+        texts = [str(text) for text in document["numbers"]]
+    except Exception:
+        return  # not a case this target makes (the fuzzer's own mutations)
+    book = Destinations(plan, cache_size=2)
+    for text in texts:
+        try:
+            found = book.of(text)
+        except Exception as error:
+            raise Escape(f"reading number {text!r} raised {error!r}") from error
+        if found.valid is not None and found.kind == "":
+            raise Escape(f"{text!r}: judged, but with no type")
+        if found.country and found.country not in REGIONS:
+            raise Escape(f"{text!r}: country {found.country!r} is no region")
+
+
 # -- settings ------------------------------------------------------------------------
 
 _SECTIONS = {
@@ -364,6 +434,10 @@ _SECTIONS = {
         "feed_timezone",
         "feed_severity",
         "webhook_token",
+        "dial_prefixes",
+        "international_prefixes",
+        "default_region",
+        "number_cache_size",
     ],
     "outbox": ["give_up_after_s", "max_backoff_s", "timeout_s", "keep_days"],
     "metrics": ["listen", "log_interval_s"],
@@ -436,6 +510,11 @@ _toml_values = st.one_of(
             '"callsentry.a.b"',
             '"bad.*.>"',
             '"A B"',
+            '"CN"',
+            '"cn"',
+            '"001"',
+            '["00", "17951"]',
+            '["0a", ""]',
         ]
     ),
     st.text(max_size=20).map(json.dumps),
@@ -591,6 +670,7 @@ TARGETS = (
     Target("scenario-yaml", scenario_files(), load_scenario_file),
     Target("settings", settings_files(), load_settings_file),
     Target("notify-channel", notify_channel_files(), load_settings_file),
+    Target("numbers", numbers(), parse_numbers),
     Target("relay-answer", _answers, read_answer),
     Target("nats-names", _answers, nats_names),
     Target("relay-state", relay_states(), load_relay_state),

@@ -12,7 +12,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.events import CallEvent, CallState
-from engine.detect.aggregates import AGGREGATES, COMPARISONS, Aggregate, Concurrent
+from engine.detect.aggregates import (
+    AGGREGATES,
+    COMPARISONS,
+    NEW_VALUE_MAX_SEEN,
+    Aggregate,
+    Concurrent,
+)
 from engine.detect.calls import Call, CallTracker
 from engine.detect.evaluate import CompiledRule
 from engine.detect.schema import Aggregate as AggregateSpec
@@ -31,6 +37,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "first_seen": {"new_for": 3600, "warmup": 0},
     "sequential": {},
     "concurrent": {},
+    "new_value": {"field": "callee", "known_for": 0},
 }
 WINDOWED = [name for name, kind in AGGREGATES.items() if kind is not Concurrent]
 
@@ -114,7 +121,13 @@ def test_the_window_holds_exactly_the_calls_of_the_last_window_length(
     for n, gap in enumerate(gaps):
         ts += gap
         call = a_call(n, ts)
-        assert take(aggregate, state, call, ts), "every call carries what each type counts"
+        counted = take(aggregate, state, call, ts)
+        if kind == "new_value" and n >= NEW_VALUE_MAX_SEEN:
+            # Each call brings a new callee; past the bound the entity is judged no
+            # further (and, as any call not counted, leaves the window as it was).
+            assert not counted, "an entity's values are bounded"
+            continue
+        assert counted, "every call carries what each type counts"
         taken.append((ts, call.call_id))
         live = [call_id for at, call_id in taken if ts - WINDOW < at <= ts]
         assert len(state) == len(live)

@@ -112,11 +112,28 @@ def feed_silence(detection: DetectionSettings) -> FeedSilence | None:
     )
 
 
+def use_number_plan(detection: DetectionSettings) -> None:
+    """Read the numbers of this process's calls as the settings say (the destination
+    fields, engine.detect.numbers)."""
+    from engine.detect.numbers import DESTINATIONS, NumberPlan
+
+    plan = NumberPlan(
+        dial_prefixes=tuple(detection.dial_prefixes),
+        international_prefixes=tuple(detection.international_prefixes),
+        default_region=detection.default_region,
+    )
+    if plan != DESTINATIONS.plan or detection.number_cache_size != DESTINATIONS.cache_size:
+        DESTINATIONS.use(plan, detection.number_cache_size)
+
+
 def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -> Pipeline:
     """The detection pipeline with the rules under `rules_dir` (by default the settings'
-    rule folder) and the feed-silence check; raises YamlFileError."""
+    rule folder) and the feed-silence check, reading numbers by the settings' plan;
+    raises YamlFileError."""
     from engine.detect.calls import CallTracker
     from engine.detect.pipeline import Pipeline
+
+    use_number_plan(detection)
 
     loaded = load_detectors(
         rules_dir or detection.rules_folder,

@@ -294,6 +294,32 @@ class DetectionSettings(_Section):
     feed_hours: list[str] = Field(default_factory=lambda: ["00:00-24:00"], min_length=1)
     feed_timezone: str = "UTC"
     feed_severity: Literal["low", "medium", "high", "critical"] = "high"
+    # How the destination fields (callee_country, forward_type, callee_valid, ...) read
+    # a number (engine.detect.numbers): the carrier and trunk prefixes the switch puts
+    # before a number, stripped first (the longest that matches, once); the prefixes
+    # that introduce a country code ("0044..." is "+44..."); the region (ISO 3166, e.g.
+    # "CN") national forms belong to ("": national forms are not judged); and how many
+    # numbers' parses are kept.
+    dial_prefixes: list[str] = Field(default_factory=list, max_length=1000)
+    international_prefixes: list[str] = Field(default_factory=lambda: ["00"], max_length=100)
+    default_region: str = ""
+    number_cache_size: int = Field(default=100_000, ge=1000, le=10_000_000)
+
+    @field_validator("dial_prefixes", "international_prefixes")
+    @classmethod
+    def _check_prefixes(cls, value: list[str]) -> list[str]:
+        from engine.detect.numbers import check_prefix
+
+        for prefix in value:
+            check_prefix(prefix)
+        return value
+
+    @field_validator("default_region")
+    @classmethod
+    def _check_region(cls, value: str) -> str:
+        from engine.detect.numbers import check_region
+
+        return check_region(value)
 
     @property
     def rules_folder(self) -> Path:

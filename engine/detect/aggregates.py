@@ -27,10 +27,10 @@ engine/detect/__init__.py), so it keeps no doctests.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Final, cast
 
 from engine.detect.calls import Call, CallTracker
-from engine.detect.fields import FIELDS, CallField
+from engine.detect.fields import FIELDS, CallField, TextField
 from engine.detect.schema import Aggregate as AggregateSpec
 from engine.detect.schema import Condition as ConditionSpec
 from engine.detect.windows import CountState, EntityState, EwBaseline, Timestamp, ValueState
@@ -339,6 +339,64 @@ class Concurrent(Aggregate):
         return tracker.open_calls(caller, since)
 
 
+class NewValueState(CountState):
+    """A `new_value` entity: its window (the calls that brought a value new to it), when
+    it was first seen, how many calls it made, and the values it has shown."""
+
+    __slots__ = ("calls", "first_seen", "seen")
+
+    def state_fields(self) -> tuple[str, ...]:
+        return (*super().state_fields(), "first_seen", "calls", "seen")
+
+    def __init__(self, first_seen: float = 0.0) -> None:
+        super().__init__()
+        self.first_seen = first_seen
+        self.calls = 0
+        # A tuple, not a set: an entity shows a few values (countries), and a set's
+        # table costs 200 bytes for even one.
+        self.seen: tuple[str, ...] = ()
+
+
+# A `new_value` entity that has shown this many values is judged no further (a
+# trunk that reaches everywhere): its state stays bounded.
+NEW_VALUE_MAX_SEEN: Final = 32
+
+
+class NewValue(Aggregate):
+    """`new_value`: the calls in the window that brought a value of `field` the entity
+    had never shown (a caller's first call to a country), counted once the entity has
+    been seen for `known_for` and made `min_volume` calls (this one included): a new
+    entity's first calls show it nothing new. An empty value (a number not judged) is not a value.
+    Entities are remembered for 30 days."""
+
+    def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
+        super().__init__(spec, condition, numerator)
+        if spec.field is None:
+            raise ValueError("aggregate type new_value needs a field")
+        self.field = cast(TextField, FIELDS[spec.field])
+        self.known_for: float = spec.known_for or 0.0
+        self.min_volume = spec.min_volume
+        self.keep_s = max(self.window_s, 30 * 86400.0)
+
+    def new_state(self, now: float) -> EntityState:
+        return NewValueState(now)
+
+    def add(self, state: EntityState, call: Call, ts: Timestamp) -> bool:
+        entity = cast(NewValueState, state)
+        now: float = ts
+        entity.calls += 1
+        known = entity.calls >= self.min_volume and now - entity.first_seen >= self.known_for
+        value = self.field.text(call)
+        seen = entity.seen
+        if not value or value in seen or len(seen) >= NEW_VALUE_MAX_SEEN:
+            return False
+        entity.seen = (*seen, value)
+        if not known:
+            return False
+        state.add(ts, call.call_id, None)
+        return True
+
+
 AGGREGATES: dict[str, type[Aggregate]] = {
     "count": Count,
     "distinct": Distinct,
@@ -348,6 +406,7 @@ AGGREGATES: dict[str, type[Aggregate]] = {
     "first_seen": FirstSeen,
     "sequential": Sequential,
     "concurrent": Concurrent,
+    "new_value": NewValue,
 }
 
 

@@ -10,6 +10,7 @@ entities a rule groups by (`group_by:`, through `ENTITY_FIELDS`).
 from __future__ import annotations
 
 from engine.detect.calls import Call
+from engine.detect.numbers import DESTINATIONS, NO_NUMBER, Destination, Destinations
 from engine.detect.schema import FieldName
 
 
@@ -86,6 +87,83 @@ class RingCode(CallField):
         return call.ring_code
 
 
+class NumberOf:
+    """Which of a call's numbers a destination field reads."""
+
+    def number(self, call: Call) -> str:
+        raise NotImplementedError
+
+
+class CallerNumber(NumberOf):
+    def number(self, call: Call) -> str:
+        return call.caller
+
+
+class CalleeNumber(NumberOf):
+    def number(self, call: Call) -> str:
+        return call.callee
+
+
+class ForwardNumber(NumberOf):
+    def number(self, call: Call) -> str:
+        return call.forward
+
+
+def _destination(
+    which: NumberOf, cache: dict[str, Destination], book: Destinations, call: Call
+) -> Destination:
+    """Where one of a call's numbers leads (engine.detect.numbers). A rule set reads
+    each field it tests for every call, so the common cases cost little: no number
+    (most calls are not forwarded) is answered here, and a number seen before is one
+    lookup in the cache (the same dict for the process's life: `Destinations.use`
+    empties it in place)."""
+    number = which.number(call)
+    if not number:
+        return NO_NUMBER
+    found = cache.get(number)
+    if found is None:
+        found = book.of(number)
+    return found
+
+
+class Country(TextField):
+    """The ISO region of a number's plan ("" unknown)."""
+
+    def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
+        self.which = which
+        self.book = book
+        self.cache: dict[str, Destination] = book.cache
+
+    def text(self, call: Call) -> str:
+        return _destination(self.which, self.cache, self.book, call).country
+
+
+class NumberType(TextField):
+    """A number's type in its plan (`premium_rate`, `voip`, ..., `unknown`)."""
+
+    def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
+        self.which = which
+        self.book = book
+        self.cache: dict[str, Destination] = book.cache
+
+    def text(self, call: Call) -> str:
+        return _destination(self.which, self.cache, self.book, call).kind
+
+
+class Valid(CallField):
+    """Whether a number's plan has it: True, False (unallocated) or None (not judged)."""
+
+    def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
+        self.which = which
+        self.book = book
+        self.cache: dict[str, Destination] = book.cache
+
+    def read(self, call: Call) -> object:
+        return _destination(self.which, self.cache, self.book, call).valid
+
+
+_CALLER, _CALLEE, _FORWARD = CallerNumber(), CalleeNumber(), ForwardNumber()
+
 TEXT_FIELDS: dict[str, TextField] = {
     "caller": Caller(),
     "callee": Callee(),
@@ -94,6 +172,12 @@ TEXT_FIELDS: dict[str, TextField] = {
     "menu_name": MenuName(),
     "outcome": Outcome(),
     "switch": Switch(),
+    "caller_country": Country(_CALLER),
+    "caller_type": NumberType(_CALLER),
+    "callee_country": Country(_CALLEE),
+    "callee_type": NumberType(_CALLEE),
+    "forward_country": Country(_FORWARD),
+    "forward_type": NumberType(_FORWARD),
 }
 FIELDS: dict[str, CallField] = {
     **TEXT_FIELDS,
@@ -101,6 +185,9 @@ FIELDS: dict[str, CallField] = {
     "talk_s": TalkSeconds(),
     "answered": Answered(),
     "ring_code": RingCode(),
+    "caller_valid": Valid(_CALLER),
+    "callee_valid": Valid(_CALLEE),
+    "forward_valid": Valid(_FORWARD),
 }
 if set(FIELDS) != set(FieldName.__args__):  # type: ignore[attr-defined]
     raise RuntimeError("fields.FIELDS and schema.FieldName name different fields")
@@ -112,6 +199,9 @@ ENTITY_FIELDS: dict[str, TextField] = {
     "forward": TEXT_FIELDS["forward"],
     "callee": TEXT_FIELDS["callee"],
     "switch": TEXT_FIELDS["switch"],
+    "caller_country": TEXT_FIELDS["caller_country"],
+    "callee_country": TEXT_FIELDS["callee_country"],
+    "forward_country": TEXT_FIELDS["forward_country"],
 }
 # Between the parts of an entity grouped by several fields (`group_by: [switch,
 # caller]` -> "east/8613800000001"). A switch's name has none (its setting refuses it).

@@ -88,14 +88,34 @@ def load_lists(folder: Path, problems: list[str]) -> dict[str, frozenset[str]]:
     if not folder.is_dir():
         return lists
     for path in sorted(folder.glob("*.yaml")):
-        parsed = parse_file(path, ListSpec, problems, "a list (name, description, values)")
+        parsed = parse_file(
+            path, ListSpec, problems, "a list (name, description, values or entries)"
+        )
         if parsed is None:
             continue
         spec, document = parsed
         if spec.name in lists:
             problems.append(f"{document.where(('name',))}: list {spec.name!r} is defined twice")
-        lists[spec.name] = frozenset(str(v) for v in spec.values)
+        if spec.kind == "country":
+            problems.extend(_country_problems(spec, document))
+        lists[spec.name] = frozenset(str(v) for v in spec.all_values())
     return lists
+
+
+def _country_problems(spec: ListSpec, document: YamlDocument) -> list[str]:
+    """Each value of a country list that is no region of a numbering plan, at its line."""
+    from engine.detect.numbers import REGIONS
+
+    places: list[tuple[str, tuple[str | int, ...]]] = [
+        *((value, ("values", index)) for index, value in enumerate(spec.values)),
+        *((entry.value, ("entries", index, "value")) for index, entry in enumerate(spec.entries)),
+    ]
+    return [
+        f"{document.where(where)}: {value!r} is no region of a numbering plan (an ISO 3166 "
+        f'code in capitals such as CU, or "001" for the non-geographic plans)'
+        for value, where in places
+        if value not in REGIONS
+    ]
 
 
 def load_rules(

@@ -37,10 +37,43 @@ FieldName = Literal[
     "answered",
     "ring_code",
     "switch",
+    # Where the numbers lead (engine.detect.numbers): the ISO region of the number's
+    # plan, its type there, and whether the plan has it (False: unallocated).
+    "caller_country",
+    "caller_type",
+    "caller_valid",
+    "callee_country",
+    "callee_type",
+    "callee_valid",
+    "forward_country",
+    "forward_type",
+    "forward_valid",
 ]
 # What a rule's entities may be named by; several (`group_by: [switch, caller]`) name
 # an entity by those fields joined with "/" in that order ("east/8613800000001").
-GroupName = Literal["caller", "menu", "forward", "callee", "switch"]
+GroupName = Literal[
+    "caller",
+    "menu",
+    "forward",
+    "callee",
+    "switch",
+    "caller_country",
+    "callee_country",
+    "forward_country",
+]
+# The text fields an aggregate's `field:` may name besides the numeric ones.
+TextFieldName = Literal[
+    "caller",
+    "callee",
+    "forward",
+    "menu_id",
+    "caller_country",
+    "caller_type",
+    "callee_country",
+    "callee_type",
+    "forward_country",
+    "forward_type",
+]
 
 
 # The placeholders a rule's `summary` may name (engine.detect.rules.summary_of fills them).
@@ -99,10 +132,11 @@ class Aggregate(_Strict):
         "first_seen",
         "sequential",
         "concurrent",
+        "new_value",
     ]
     group_by: GroupName | list[GroupName]
     window: Duration | None = None
-    field: Literal["caller", "callee", "forward", "menu_id", "ring_s", "talk_s"] | None = None
+    field: TextFieldName | Literal["ring_s", "talk_s"] | None = None
     numerator: Selection | None = None
     min_volume: int = Field(default=1, ge=1)
     baseline_alpha: float = Field(default=0.2, gt=0, le=1)
@@ -110,6 +144,9 @@ class Aggregate(_Strict):
     new_for: Duration | None = None
     warmup: Duration = 3600.0
     max_step: int = Field(default=1, ge=1)
+    # `new_value`: how long an entity must have been seen (and `min_volume` calls made)
+    # before a value of `field` new to it counts.
+    known_for: Duration | None = None
 
     @property
     def entity_names(self) -> tuple[str, ...]:
@@ -131,10 +168,17 @@ class Aggregate(_Strict):
             raise ValueError("group_by names a field twice")
         if self.type != "concurrent" and not self.window:
             raise ValueError(f"aggregate type {self.type} needs a window")
-        if self.type in ("distinct", "sum") and self.field is None:
+        if self.type in ("distinct", "sum", "new_value") and self.field is None:
             raise ValueError(f"aggregate type {self.type} needs a field")
         if self.type == "sum" and self.field not in ("ring_s", "talk_s"):
             raise ValueError("sum needs a numeric field (ring_s or talk_s)")
+        if self.type == "new_value" and self.field in ("ring_s", "talk_s"):
+            raise ValueError("new_value needs a text field (callee_country, forward, ...)")
+        if self.type == "new_value" and self.known_for is None:
+            raise ValueError(
+                "aggregate type new_value needs known_for (how long an entity is seen "
+                "before a value new to it counts)"
+            )
         if self.type == "ratio" and not self.numerator:
             raise ValueError("aggregate type ratio needs a numerator selection")
         if self.type == "first_seen" and not self.new_for:
@@ -249,7 +293,30 @@ class RuleSpec(_Strict):
         return self
 
 
+class ListEntry(_Strict):
+    """One value of a list with where it comes from (who said so, or why it is listed)."""
+
+    value: str = Field(min_length=1)
+    source: str = Field(min_length=1)
+    note: str = ""
+
+
 class ListSpec(_Strict):
     name: str = Field(min_length=1, pattern=r"^[a-z0-9_]+$")
     description: str = ""
-    values: list[str] = Field(min_length=1)
+    # `country`: every value is a region of a numbering plan (engine.detect.numbers
+    # REGIONS: ISO 3166 codes in capitals, "001" the non-geographic plans), checked
+    # where the rules are loaded, so a typo is an error with its line, not a country
+    # that silently never matches.
+    kind: Literal["text", "country"] = "text"
+    values: list[str] = Field(default_factory=list)
+    entries: list[ListEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> ListSpec:
+        if not self.values and not self.entries:
+            raise ValueError("a list needs values or entries (each with its source)")
+        return self
+
+    def all_values(self) -> list[str]:
+        return [*self.values, *(entry.value for entry in self.entries)]

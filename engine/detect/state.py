@@ -15,7 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from engine.detect.aggregates import FirstSeenState, SequentialState, SpikeState
+from engine.detect.aggregates import (
+    FirstSeenState,
+    NewValueState,
+    SequentialState,
+    SpikeState,
+)
 from engine.detect.alerts import AlertManager
 from engine.detect.calls import Call, CallTracker, DeadlineQueue, TrackerStats
 from engine.detect.windows import CountState, EwBaseline, KeyedState, Snapshotted, ValueState
@@ -162,6 +167,7 @@ register_state_type("value-window", ValueState)
 register_state_type("spike-window", SpikeState)
 register_state_type("first-seen-window", FirstSeenState)
 register_state_type("sequential-window", SequentialState)
+register_state_type("new-value-window", NewValueState)
 register_state_type("ew-baseline", EwBaseline)
 
 

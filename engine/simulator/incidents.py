@@ -153,7 +153,9 @@ class Irsf(_Incident):
 
     def calls(self, start: float, ctx: Context) -> list[Call]:
         rng = ctx.rng
-        forward = self.forward or ctx.fresh_number("+88213", 7)
+        # +882 16 and seven digits: a range the international networks' plan has (E.164),
+        # so the number is a valid one, as the numbers IRSF leases are.
+        forward = self.forward or ctx.fresh_number("+88216", 7)
         menu = ctx.menu(self.menu_id)
         offsets = sorted(rng.uniform(0, self.over) for _ in range(self.calls_count))
         return [

@@ -441,7 +441,7 @@ def test_a_dry_run_block_says_what_it_would_do_and_blocks_nothing(tmp_path: Path
     assert book.blocklist() == []
     last = book.trail()[-1]
     assert (last["event"], last["status"]) == ("dry_run", "dry run: blocklist unchanged")
-    assert last["request"] == "block forward +882130000001 for 86400 s"
+    assert last["request"] == "block forward +882130000001 for 1 d"
 
 
 def test_shadow_alerts_and_alerts_no_action_matches_decide_nothing(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ BAD_TEXT = {
     "--until": "2026-13-45",
     "--tz": "Mars/Olympus_Mons",
     "--status": "dismissed",
+    "--expire": "when it suits",
 }
 
 # Per command, what makes it get past "say what to do" to the files it reads. Not a
@@ -282,6 +283,21 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
             "callsentry: alerts deliveries: Invalid value for --tz: 'Nowhere/Else'",
         ),
         (["alerts", "deliveries"], "callsentry: data dir data does not exist"),
+        (["actions", "list"], "callsentry: data dir data does not exist"),
+        (["actions", "show", "x"], "callsentry: actions show: Invalid value for 'REQUEST_ID'"),
+        (
+            ["actions", "approve", "1", "--reviewer", "ana"],
+            "callsentry: data dir data does not exist",
+        ),
+        (["actions", "approve", "1"], "callsentry: actions approve: Missing option '--reviewer'"),
+        (
+            ["blocklist", "add", "+88213", "--type", "forward", "--reviewer", "a", "--expire", "x"],
+            "callsentry: --expire: 'x' is not a duration",
+        ),
+        (
+            ["blocklist", "export", "--format", "xml"],
+            "callsentry: blocklist export: Invalid value for '--format'",
+        ),
     ],
 )
 def test_an_error_is_one_line_naming_the_problem(

@@ -77,7 +77,7 @@ REQUEST_STATES = ("pending", "queued", "done", "undo_queued", "undone", "rejecte
 # The audit trail's columns, in order (the lake's `actions` table has the same).
 AUDIT_COLUMNS = (
     "seq",
-    "at",
+    "recorded_at",
     "request_id",
     "action_id",
     "alert_id",
@@ -126,7 +126,7 @@ _SCHEMA = [
     "CREATE INDEX IF NOT EXISTS undo_due ON action_requests (state, undo_at)",
     """CREATE TABLE IF NOT EXISTS actions (
         seq INTEGER PRIMARY KEY,
-        at REAL NOT NULL,
+        recorded_at REAL NOT NULL,
         request_id INTEGER NOT NULL,
         action_id TEXT NOT NULL,
         alert_id TEXT NOT NULL,
@@ -178,6 +178,10 @@ _REQUEST_COLUMNS = (
 
 class ActionError(Exception):
     """What a command asked of the actions cannot be done; the message says why."""
+
+
+class NoActions(ActionError):
+    """The data dir has no outbox: no action was ever decided there."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +249,7 @@ def _audit(
     undo_at: float | None = None,
 ) -> None:
     db.execute(
-        "INSERT INTO actions (at, request_id, action_id, alert_id, rule_id, severity, "
+        "INSERT INTO actions (recorded_at, request_id, action_id, alert_id, rule_id, severity, "
         "entity_type, entity, kind, mode, dry_run, step, event, reviewer, request, status, "
         "undo_at, key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
@@ -881,7 +885,7 @@ class ActionDestination:
         entity_type = str(step.alert.get("entity_type", ""))
         reason = render(action.block.reason, values, str)
         if step.step == "do":
-            summary = f"block {entity_type} {entity} for {action.block.expire_after:g} s"
+            summary = f"block {entity_type} {entity} for {_duration(action.block.expire_after)}"
         else:
             summary = f"lift the block of {entity_type} {entity}"
         if action.dry_run:
@@ -910,13 +914,20 @@ class ActionDestination:
                               also=change)  # fmt: skip
 
 
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86_400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} s"
+
+
 def action_destinations(book: ActionBook) -> list[ActionDestination]:
     return [ActionDestination(book, kind) for kind in DESTINATIONS]
 
 
 def _book(data_dir: Path, *, read_only: bool) -> ActionBook:
     if not outbox_path(data_dir).exists():
-        raise ActionError(f"{data_dir} has no actions yet (no outbox: nothing was decided there)")
+        raise NoActions(f"{data_dir} has no actions yet (no outbox: nothing was decided there)")
     try:
         return ActionBook.of(data_dir, read_only=read_only)
     except OutboxError as error:

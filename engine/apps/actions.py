@@ -86,7 +86,7 @@ def actions_list(
     config: Path | None,
 ) -> None:
     """Action requests, newest first: one per action and alert."""
-    from engine.alerts.actions import ActionError, open_book
+    from engine.alerts.actions import ActionError, NoActions, open_book
     from engine.alerts.outbox import OutboxError
 
     data = _data_dir(data_dir, config)
@@ -96,10 +96,10 @@ def actions_list(
             requests = book.requests(() if state == "all" else (state,), action_id, limit)
         finally:
             book.close()
-    except ActionError as error:
+    except NoActions as error:
         click.echo(str(error))
         return
-    except OutboxError as error:
+    except (ActionError, OutboxError) as error:
         fail(str(error))
     if file_format == "json":
         for r in requests:
@@ -180,7 +180,7 @@ def actions_show(request_id: int, data_dir: Path | None, config: Path | None) ->
     if r.done_at is not None:
         lines.append(f"done      {_time(r.done_at)} UTC")
     if r.undo_at is not None:
-        lines.append(f"undo      {'at ' if r.undone_at is None else 'due '}{_time(r.undo_at)} UTC")
+        lines.append(f"undo due  {_time(r.undo_at)} UTC")
     if r.undone_at is not None:
         lines.append(f"undone    {_time(r.undone_at)} UTC")
     if r.last_error:
@@ -190,10 +190,9 @@ def actions_show(request_id: int, data_dir: Path | None, config: Path | None) ->
     lines.append("trail:")
     for row in trail:
         who = f" by {row['reviewer']}" if row["reviewer"] else ""
-        said = " ".join(str(row[k]) for k in ("request", "status") if row[k])
-        lines.append(
-            f"  {_time(row['at'])} {row['step']} {row['event']}{who}{': ' + said if said else ''}"
-        )
+        said = " -> ".join(str(row[k]) for k in ("request", "status") if row[k])
+        said = f": {said}" if said else ""
+        lines.append(f"  {_time(row['recorded_at'])} {row['step']} {row['event']}{who}{said}")
     for line in lines:
         click.echo(shown(line))
 
@@ -275,13 +274,15 @@ def blocklist() -> None:
 
 
 def _entries(data: Path, include_expired: bool) -> list[dict[str, Any]]:
-    from engine.alerts.actions import ActionError, open_book
+    from engine.alerts.actions import ActionError, NoActions, open_book
     from engine.alerts.outbox import OutboxError
 
     try:
         book = open_book(data)
-    except ActionError:
+    except NoActions:
         return []  # nothing was ever blocked here
+    except ActionError as error:
+        fail(str(error))
     try:
         entries = book.blocklist(include_expired=include_expired)
     except OutboxError as error:
@@ -396,7 +397,7 @@ def blocklist_remove(
     entity: str, entity_type: str, data_dir: Path | None, config: Path | None
 ) -> None:
     """Take ENTITY off the blocklist."""
-    from engine.alerts.actions import ActionError, open_book
+    from engine.alerts.actions import ActionError, NoActions, open_book
     from engine.alerts.outbox import OutboxError
 
     data = _data_dir(data_dir, config)
@@ -406,9 +407,9 @@ def blocklist_remove(
             removed = book.unblock(entity_type, entity)
         finally:
             book.close()
-    except ActionError:
+    except NoActions:
         removed = False
-    except OutboxError as error:
+    except (ActionError, OutboxError) as error:
         fail(str(error))
     if not removed:
         fail(shown(f"{entity_type} {entity} is not on the blocklist"))

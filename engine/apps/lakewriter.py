@@ -341,7 +341,7 @@ class TrailCopy:
             if not rows:
                 return 0
             columns = {name: [row[name] for row in rows] for name in ACTION_SCHEMA}
-            for name in ("at", "undo_at"):
+            for name in ("recorded_at", "undo_at"):
                 columns[name] = [
                     None if v is None else round(float(v) * 1_000_000) for v in columns[name]
                 ]
@@ -349,7 +349,7 @@ class TrailCopy:
             frame = pl.DataFrame(
                 {
                     name: pl.Series(name, columns[name], pl.Int64).cast(dtype)
-                    if name in ("at", "undo_at")
+                    if name in ("recorded_at", "undo_at")
                     else pl.Series(name, columns[name], dtype)
                     for name, dtype in ACTION_SCHEMA.items()
                 }

@@ -124,7 +124,7 @@ REVIEW_SCHEMA: dict[str, Any] = {
 # here in files named after the trail's sequence numbers, act-FIRST-LAST).
 ACTION_SCHEMA: dict[str, Any] = {
     "seq": pl.Int64,
-    "at": pl.Datetime("us", "UTC"),
+    "recorded_at": pl.Datetime("us", "UTC"),
     "request_id": pl.Int64,
     "action_id": pl.String,
     "alert_id": pl.String,
@@ -165,7 +165,7 @@ TIME_COLUMN = {
     "alerts": "raised_at",
     "shadow_alerts": "raised_at",
     "alert_reviews": "reviewed_at",
-    "actions": "at",
+    "actions": "recorded_at",
 }
 SORT_COLUMN = {"events": "seq", "rejects": "seq", "checks": "seq"}
 # Tables whose rows are reports (each with its own seq, numbered as they were stored).
@@ -540,7 +540,7 @@ class Lake:
             return
         # Each day's part named after its own seqs, written in seq order: a crash
         # between two parts leaves the later rows for the next call.
-        parts = sorted(_days(frame, "at"), key=lambda item: int(item[1]["seq"].min()))  # type: ignore[arg-type]
+        parts = sorted(_days(frame, "recorded_at"), key=lambda item: int(item[1]["seq"].min()))  # type: ignore[arg-type]
         for day, part in parts:
             first, last = int(part["seq"].min()), int(part["seq"].max())  # type: ignore[arg-type]
             folder = self.root / "actions" / f"day={day}"

@@ -746,3 +746,53 @@ def test_an_action_set_matches_on_the_rules_tags(tmp_path: Path) -> None:
     data = alert(1).as_json()
     assert [a.id for a in actions.matching(data, ["irsf", "forward"])] == ["a"]
     assert actions.matching(data, ["other"]) == []
+
+
+@pytest.mark.slow
+def test_serve_reloads_actions_with_the_rules_and_keeps_them_on_a_bad_edit(
+    tmp_path: Path,
+    engine_factory: Callable[..., RunningEngine],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The lake writer process logs at this process's level, to the stderr it inherits.
+    caplog.set_level(logging.INFO)
+    text = BLOCK.format(mode="auto").replace("dry_run: true", "dry_run: true\nenabled: false")
+    rules = risky_rules(tmp_path, text)
+    data_dir = tmp_path / "data"
+    running = engine_factory(
+        detection={
+            "rules_dir": str(rules),
+            "models_enabled": False,
+            "alerts_jsonl": "off",
+            "reload_interval_s": 0.3,
+        },
+        store={"flush_interval_s": 0.2},
+    )
+    said = ""
+
+    def writer_said(text: str) -> bool:
+        nonlocal said
+        said += capfd.readouterr().err
+        return text in said
+
+    host, port = running.address
+    # The rule watcher takes its first look once the lake writer runs: edits from then.
+    wait_for(lambda: writer_said("lake writer running"), 60, "the lake writer running")
+    path = rules / "actions" / "action.yaml"
+    path.write_text(text.replace("enabled: false", "enabled: true"))
+    wait_for(lambda: writer_said("actions reloaded: 1 (1 enabled)"), 60, "the actions reloaded")
+    send_live(host, port)
+    wait_for(lambda: request_states(data_dir) == ["done"], 60, "the dry-run block done")
+    path.write_text(text.replace("kind: block", "kind: fax"))
+    wait_for(lambda: writer_said("actions not reloaded"), 60, "the bad edit refused")
+    assert f"{path}:3: kind:" in said
+    # The running action still acts: another risky forward is blocked (in dry run).
+    switch = SwitchStandIn(Vos3000TextCodec(), SwitchSettings(host=host, port=port))
+    now = time.time()
+    call = [
+        CallEvent(now, "again-1", 1, CallState.RINGING, None, "8613800009999", "4001",
+                  "+882130000888", "12", "Main"),
+    ]  # fmt: skip
+    assert asyncio.run(switch.send(call)).answered == 1
+    wait_for(lambda: request_states(data_dir) == ["done", "done"], 60, "the second block done")

@@ -577,7 +577,8 @@ class ActionBook:
         self, request_id: int, step: str, summary: str, error: str, *, answered: bool
     ) -> None:
         """An attempt failed: counted, the error kept on the request; an answer that
-        refused it (not an unreachable endpoint) goes into the trail too."""
+        refused it (not an unreachable endpoint) goes into the trail too, once for each
+        new reason (not once per retry)."""
         now = self.clock()
 
         def failed(db: sqlite3.Connection) -> None:
@@ -586,7 +587,7 @@ class ActionBook:
                 "UPDATE action_requests SET last_error = ? WHERE id = ?", (error, request_id)
             )
             _count(db, request.action_id, "failed")
-            if answered:
+            if answered and error != request.last_error:
                 _audit(db, request, step, "failed", now, summary=summary, status=error)
 
         with contextlib.suppress(ActionError):

@@ -300,22 +300,30 @@ def test_the_budget_turns_the_next_action_into_a_pending_one_with_a_notice(
     stand_ins.append(stand_in)
     clock = Clock()
     sink, book = rig(tmp_path, http_action(stand_in.url(), per_hour=2), clock)
-    with caplog.at_level(logging.WARNING, logger="engine.alerts.actions"):
+    with caplog.at_level(logging.INFO, logger="engine.alerts.actions"):
         sink.deliver([alert(1), alert(2), alert(3)])
+        sink.deliver([alert(5)])
     states = {r.alert_id: (r.state, r.hold) for r in book.requests()}
     assert states == {
         "alert-0001": ("queued", ""),
         "alert-0002": ("queued", ""),
         "alert-0003": ("pending", "budget"),
+        "alert-0005": ("pending", "budget"),
     }
-    held = next(r for r in book.requests() if r.hold == "budget")
+    held = next(r for r in book.requests() if r.alert_id == "alert-0003")
     assert f"callsentry actions approve {held.id}" in caplog.text
-    assert "budget of 2 per hour used up" in caplog.text
-    assert book.counts()["hook"].budget_holds == 1
+    # One warning when the budget runs out, not one per action held.
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "action hook: budget of 2 per hour used up; what it would do now waits for "
+        "approval (callsentry actions list --state pending)"
+    ]
+    assert book.counts()["hook"].budget_holds == 2
     assert events(book, held.id) == ["budget_hold"]
     # An hour later the budget is there again; what was held still waits for a reviewer.
     clock.now += 3601
     sink.deliver([alert(4)])
+    assert book.requests()[0].alert_id == "alert-0004"
     assert book.requests()[0].state == "queued"
     assert book.request(held.id).state == "pending"
 

@@ -337,9 +337,12 @@ class ActionBook:
         transaction with the deliveries it queues. Returns the new requests."""
         now = self.clock()
         made: list[ActionRequest] = []
+        # Actions whose budget ran out with this call (none was held in the last hour).
+        first_holds: set[str] = set()
 
         def decide(db: sqlite3.Connection) -> None:
             made.clear()
+            first_holds.clear()
             for action, alert in pairs:
                 key = request_key(action.id, str(alert["alert_id"]), "do")
                 if db.execute("SELECT 1 FROM action_requests WHERE key = ?", (key,)).fetchone():
@@ -355,6 +358,13 @@ class ActionBook:
                     ).fetchone()[0]
                     if used >= action.budget.per_hour:
                         state, hold, auto = "pending", "budget", False
+                        held = db.execute(
+                            "SELECT count(*) FROM action_requests WHERE action_id = ? "
+                            "AND hold = 'budget' AND created_at > ?",
+                            (action.id, now - 3600.0),
+                        ).fetchone()[0]
+                        if not held:
+                            first_holds.add(action.id)
                 payload = json.dumps(
                     {"action": action.as_data(), "alert": dict(alert)}, ensure_ascii=False
                 ).encode("utf-8")
@@ -400,12 +410,20 @@ class ActionBook:
         self.outbox.transaction(decide)
         for request in made:
             if request.hold == "budget":
-                # The actions' own notice (and metric), not a detection alert.
-                log.warning(
-                    "action %s: budget of %d per hour used up; its action on alert %s "
-                    "(%s %s) waits for approval: callsentry actions approve %d",
+                # The actions' own notice (and metric), not a detection alert: a warning
+                # when the budget runs out, then a line per action held.
+                if request.action_id in first_holds:
+                    first_holds.discard(request.action_id)
+                    log.warning(
+                        "action %s: budget of %d per hour used up; what it would do now "
+                        "waits for approval (callsentry actions list --state pending)",
+                        request.action_id,
+                        _budget(request),
+                    )
+                log.info(
+                    "action %s on alert %s (%s %s) held by its budget: "
+                    "callsentry actions approve %d",
                     request.action_id,
-                    _budget(request),
                     request.alert_id,
                     request.entity_type,
                     shown(request.entity),

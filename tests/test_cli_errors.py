@@ -233,6 +233,9 @@ def test_a_group_alone_prints_its_help(tmp_path: Path) -> None:
         assert outcome.stderr == ""
 
 
+# Every case starts an interpreter (about 340 with the actions' and the blocklist's
+# commands): on two cores shared with other work that can take past the suite's 300 s.
+@pytest.mark.timeout(900)
 def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
     places = Places(tmp_path)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:

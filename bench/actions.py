@@ -47,7 +47,7 @@ BLOCK = ActionSpec.model_validate(
 
 
 class Nothing:
-    name = "nothing"
+    name = "webhook"  # takes the webhook's deliveries
 
     def send(self, key: str, payload: bytes) -> None:
         pass

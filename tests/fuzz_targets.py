@@ -24,6 +24,16 @@ from typing import Any
 import yaml
 from hypothesis import strategies as st
 
+from engine.alerts.actionspec import (
+    ALERT_FIELDS,
+    ActionSpecError,
+    CommandSpec,
+    HttpSpec,
+    alert_values,
+    load_actions,
+    render_command,
+    render_http,
+)
 from engine.apps.settings import ConfigError, load_settings
 from engine.core.events import CallEvent, Reject
 from engine.core.yamlfile import YamlFileError
@@ -659,6 +669,89 @@ def nats_names(data: bytes) -> None:
         raise Escape(f"{text!r} made the message id {key!r}")
 
 
+# -- actions ---------------------------------------------------------------------------
+
+_SHIPPED_ACTIONS = sorted((RULES / "actions").glob("*.yaml"))
+
+
+@st.composite
+def action_files(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["mutated", "mutated", "text", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=1500))
+    if kind == "text":
+        return draw(st.text(max_size=600)).encode("utf-8", "surrogatepass")
+    source = draw(st.sampled_from(_SHIPPED_ACTIONS))
+    document = yaml.safe_load(source.read_text(encoding="utf-8"))
+    return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
+
+
+def load_action_file(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "actions" / "fuzzed.yaml"
+        path.parent.mkdir()
+        path.write_bytes(data)
+        try:
+            load_actions(path.parent)
+        except YamlFileError as error:
+            _located(error, path)
+        except Exception as error:
+            raise Escape(f"loading an action raised {error!r} on {data[:300]!r}") from error
+
+
+_network_text = st.text(max_size=40) | st.sampled_from(
+    ["+8821\r\nX-Evil: 1", "--rm", "-", "\x00", "{entity}", "%0d%0a", "\u202e", "&a=b?c#d"]
+)
+
+
+@st.composite
+def alert_fields(draw: st.DrawFn) -> dict[str, Any]:
+    return {name: draw(_network_text) for name in ALERT_FIELDS} | {
+        "value": draw(st.floats(allow_nan=True) | st.integers() | _network_text)
+    }
+
+
+def render_requests(alert: dict[str, Any]) -> None:
+    """Whatever the network put in an alert's fields, a request is rendered (each value
+    encoded for its place) or refused with ActionSpecError; a rendered header never
+    holds a line break, and a rendered argument never starts an option."""
+    values = alert_values(alert, "fuzzed")
+    environ = {"VOS3000_API_PASSWORD": "secret", "TOKEN": "t"}
+    own = HttpSpec(
+        url="http://192.0.2.1/x/{entity}?q={summary}",
+        headers={"X-Number": "{entity}"},
+        body={"entity": "{entity}", "all": ["{summary}", "{value}"]},
+    )
+    for action in [*load_actions(RULES / "actions").actions, None]:
+        undo = action.undo.http if action is not None and action.undo is not None else None
+        sections = [own] if action is None else [action.http, undo]
+        for section in sections:
+            if section is None:
+                continue
+            try:
+                request = render_http(section, values, environ)
+            except ActionSpecError:
+                continue
+            except Exception as error:
+                raise Escape(f"rendering {section.url} raised {error!r} on {alert!r}") from error
+            for name, value in request.headers.items():
+                if "\r" in value or "\n" in value:
+                    raise Escape(f"header {name} holds a line break: {value!r}")
+            if any(c in request.url for c in " \r\n\x00"):
+                raise Escape(f"the URL holds {request.url!r}")
+            if request.body is not None:
+                json.loads(request.body)
+    command = CommandSpec(argv=["/bin/true", "{entity}", "--x={summary}"])
+    try:
+        run = render_command(command, values, {})
+    except ActionSpecError:
+        return
+    except Exception as error:
+        raise Escape(f"rendering a command raised {error!r} on {alert!r}") from error
+    if run.argv[1].startswith("-"):
+        raise Escape(f"an argument starts an option: {run.argv!r}")
+
+
 TARGETS = (
     Target("codec", datagrams, decode_datagram),
     Target("key-reader", datagrams, read_key),
@@ -674,4 +767,6 @@ TARGETS = (
     Target("relay-answer", _answers, read_answer),
     Target("nats-names", _answers, nats_names),
     Target("relay-state", relay_states(), load_relay_state),
+    Target("action-yaml", action_files(), load_action_file),
+    Target("action-request", alert_fields(), render_requests),
 )

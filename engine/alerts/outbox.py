@@ -216,6 +216,16 @@ class Outbox:
         self._write(insert)
         return added[0] == 1
 
+    def transaction(self, statements: Callable[[sqlite3.Connection], None]) -> None:
+        """Run `statements` in one write transaction of this file (fsync'd on commit):
+        another module's tables kept here change together with deliveries it enqueues
+        there (`enqueue_in`), so neither is on disk without the other."""
+        self._write(statements)
+
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        """Rows of a query on this file (OutboxError when it cannot be read)."""
+        return self._read(sql, params)
+
     def due(self, destination: str, now: float, limit: int = 100) -> list[Delivery]:
         """Pending deliveries of `destination` whose time has come, oldest first."""
         rows = self._read(
@@ -383,6 +393,20 @@ _COLUMNS = "id, destination, key, payload, enqueued_at, attempts, last_error, st
 
 def _delivery(row: tuple[object, ...]) -> Delivery:
     return Delivery(*row)  # type: ignore[arg-type]
+
+
+def enqueue_in(
+    db: sqlite3.Connection, destination: str, key: str, payload: bytes, now: float
+) -> bool:
+    """`Outbox.enqueue` inside a transaction of `Outbox.transaction`; False if that
+    (destination, key) was queued before."""
+    before = db.total_changes
+    db.execute(
+        "INSERT OR IGNORE INTO deliveries (destination, key, payload, enqueued_at, next_at) "
+        "VALUES (?, ?, ?, ?, ?4)",
+        (destination, key, payload, now),
+    )
+    return db.total_changes > before
 
 
 def _tally(db: sqlite3.Connection, destination: str, column: str, count: int) -> None:

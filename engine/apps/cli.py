@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from engine.apps.actions import actions, blocklist
 from engine.apps.commandline import (
     UNEXPECTED,
     CommandLine,
@@ -445,13 +446,21 @@ def rules_validate(path: Path | None) -> None:
     """Check every rule file, list and model file under PATH (default: the rules in use);
     list every problem as file:line."""
     path = _rules_in_use(path)
+    from engine.alerts.actionspec import actions_dir, load_actions
     from engine.apps.lakewriter import check_detectors
     from engine.core.yamlfile import YamlFileError
 
+    problems: list[str] = []
     try:
         loaded = check_detectors(path)
     except YamlFileError as error:
-        fail_with_problems(error, f"{{count}} problem(s) in {path}", 1)
+        problems.extend(error.problems)
+    try:
+        actions = load_actions(actions_dir(path))
+    except YamlFileError as error:
+        problems.extend(error.problems)
+    if problems:
+        fail_with_problems(YamlFileError(problems), f"{{count}} problem(s) in {path}", 1)
     modes = [r.spec.mode for r in loaded.rules.rules]
     models = loaded.catalogue
     enabled = len(models.tracked) if models is not None else 0
@@ -459,7 +468,8 @@ def rules_validate(path: Path | None) -> None:
     click.echo(
         f"{path}: {len(modes)} rules valid ({modes.count('alert')} alerting, "
         f"{modes.count('shadow')} shadow), {len(loaded.rules.lists)} lists, "
-        f"{total} models ({enabled} enabled)"
+        f"{total} models ({enabled} enabled), {len(actions.actions)} actions "
+        f"({len(actions.enabled)} enabled)"
     )
 
 
@@ -1070,3 +1080,5 @@ def checks_list(data_dir: Path | None, config: Path | None, limit: int) -> None:
 
 
 main.add_command(notify)
+main.add_command(actions)
+main.add_command(blocklist)

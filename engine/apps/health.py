@@ -38,6 +38,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from engine.alerts.actions import ActionBook
 from engine.alerts.outbox import DestinationCounts, Dispatch, OutboxError
 from engine.apps.lakewriter import LakeWriterProcess
 from engine.apps.relay import RelayProcess
@@ -358,10 +359,58 @@ class DeliveriesCollector(Collector):
         yield from (delivered, failed, given_up, depth, oldest)
 
 
+class ActionsCollector(Collector):
+    """Per action: `callsentry_actions_*` (fired, approved, failed attempts, budget holds,
+    pending approval). Read from the outbox file at each scrape, so they span restarts."""
+
+    def __init__(self, deliveries: Dispatch | None) -> None:
+        self.deliveries = deliveries
+
+    def collect(self) -> Iterator[Metric]:
+        label = ["action"]
+        families = {
+            "fired": CounterMetricFamily(
+                "callsentry_actions_fired",
+                "Actions done (or, in dry-run, described) on alerts",
+                labels=label,
+            ),
+            "approved": CounterMetricFamily(
+                "callsentry_actions_approved", "Action requests a reviewer approved", labels=label
+            ),
+            "failed": CounterMetricFamily(
+                "callsentry_actions_failed",
+                "Attempts at an action that failed (retried by the outbox)",
+                labels=label,
+            ),
+            "budget_holds": CounterMetricFamily(
+                "callsentry_actions_budget_holds",
+                "Actions held for approval because their budget per hour was used up",
+                labels=label,
+            ),
+        }
+        pending = GaugeMetricFamily(
+            "callsentry_actions_pending",
+            "Action requests waiting for approval (callsentry actions list --state pending)",
+            labels=label,
+        )
+        if self.deliveries is not None:
+            try:
+                counts = ActionBook(self.deliveries.outbox).counts()
+            except OutboxError as error:
+                log.warning("metrics: cannot read the actions: %s", error)
+                counts = {}
+            for name, count in counts.items():
+                for field, family in families.items():
+                    family.add_metric([name], getattr(count, field))
+                pending.add_metric([name], count.pending)
+        yield from (*families.values(), pending)
+
+
 def metrics_registry(health: Health) -> CollectorRegistry:
     registry = registry_for(health.stats)
     registry.register(ServiceCollector(health))
     registry.register(DeliveriesCollector(health.deliveries))
+    registry.register(ActionsCollector(health.deliveries))
     return registry
 
 

@@ -44,6 +44,8 @@ from engine.ingest.store import StoreError, lake_writer_lock
 RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
+    from engine.alerts.actions import ActionBook, ActionSink
+    from engine.alerts.actionspec import ActionSet
     from engine.alerts.notify import Transport
     from engine.alerts.outbox import Destination
     from engine.core.yamlfile import YamlDocument
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from engine.detect.feed import FeedSilence
     from engine.detect.pipeline import Pipeline
     from engine.detect.rules import LoadedRules, RuleSet
+    from engine.lake.parquet import Lake
     from engine.lake.writer import LakeWriter, Outage
     from models.spec import ModelSpec
 
@@ -162,13 +165,11 @@ def make_sinks(settings: Settings) -> list[AlertSink]:
     return sinks
 
 
-def make_durable_sinks(
-    settings: Settings, tags_of: Callable[[str], Sequence[str]] = lambda rule_id: ()
-) -> list[AlertSink]:
+def make_durable_sinks(settings: Settings, pipeline: Pipeline | None = None) -> list[AlertSink]:
     """What leaves the machine goes through the outbox (serve's couriers send it; the
-    relay's process publishes what is for NATS); only `serve`'s lake writer makes
-    these: replay and backtest never deliver or publish.
-    `tags_of(rule_id)`: the tags of a rule, for the notification channels' routes."""
+    relay's process publishes what is for NATS), and so do actions (decided here, done
+    by serve's couriers); only `serve`'s lake writer makes these: replay and backtest
+    never deliver, publish or act. The rules' tags route notifications and actions."""
     from engine.alerts.notify import NotifySink, Route
     from engine.alerts.outbox import Outbox, OutboxSink
 
@@ -177,11 +178,8 @@ def make_durable_sinks(
     sinks: list[AlertSink] = []
     if settings.relay.nats.enabled:
         sinks.append(NatsOutboxSink(Outbox.of(settings.store.data_dir), settings))
-    if not webhook and not channels:
-        return sinks
-    outbox = Outbox.of(settings.store.data_dir)
     if webhook:
-        sinks.append(OutboxSink(outbox, ["webhook"]))
+        sinks.append(OutboxSink(Outbox.of(settings.store.data_dir), ["webhook"]))
     if channels:
         routes = [
             (
@@ -195,7 +193,10 @@ def make_durable_sinks(
             )
             for channel in channels
         ]
-        sinks.append(NotifySink(outbox, routes, tags_of))
+        sinks.append(NotifySink(Outbox.of(settings.store.data_dir), routes, rule_tags(pipeline)))
+    actions = make_action_sink(settings, pipeline)
+    if actions is not None:
+        sinks.append(actions)
     return sinks
 
 
@@ -223,6 +224,33 @@ class NatsOutboxSink:
 
     def close(self) -> None:
         self.outbox.close()
+
+
+def load_action_set(detection: DetectionSettings) -> ActionSet:
+    """The actions beside the rules in use (`actions/` in the rule folder); raises
+    YamlFileError listing every problem."""
+    from engine.alerts.actionspec import actions_dir, load_actions
+
+    return load_actions(actions_dir(detection.rules_folder))
+
+
+def make_action_sink(settings: Settings, pipeline: Pipeline | None) -> ActionSink | None:
+    """The sink that decides actions, when detection runs and the rule folder has an
+    `actions/` folder. Action files that are invalid at the start are logged and none
+    acts until they are fixed (the rule watcher loads them again)."""
+    from engine.alerts.actions import ActionBook, ActionSink
+    from engine.alerts.actionspec import ActionSet, actions_dir
+
+    if pipeline is None or not actions_dir(settings.detection.rules_folder).is_dir():
+        return None
+    try:
+        actions = load_action_set(settings.detection)
+    except YamlFileError as error:
+        log.error("actions are invalid, none will act:\n  %s", "\n  ".join(error.problems))
+        actions = ActionSet()
+
+    data_dir = settings.store.data_dir
+    return ActionSink(lambda: ActionBook.of(data_dir), actions, rule_tags(pipeline))
 
 
 def outbox_destinations(settings: Settings) -> list[Destination]:
@@ -271,29 +299,46 @@ def rule_tags(pipeline: Pipeline | None) -> Callable[[str], Sequence[str]]:
     reloaded); none for a model or a system alert."""
 
     def tags_of(rule_id: str) -> Sequence[str]:
-        if pipeline is None:
-            return ()
-        for rule in pipeline.rules.rules:
-            if rule.id == rule_id:
-                return list(rule.spec.tags)
-        return ()
+        rule = pipeline.rules.by_id().get(rule_id) if pipeline is not None else None
+        return list(rule.spec.tags) if rule is not None else ()
 
     return tags_of
 
 
 def check_rules(rules_dir: Path) -> None:
-    """Raise YamlFileError listing every problem of the rule set under `rules_dir` and
-    its model files (the receiver's check before it starts: no model is built)."""
-    check_detectors(rules_dir)
+    """Raise YamlFileError listing every problem of the rule set under `rules_dir`, its
+    model files and its action files (the receiver's check before it starts: no model
+    is built)."""
+    from engine.alerts.actionspec import actions_dir, load_actions
+
+    problems: list[str] = []
+    try:
+        check_detectors(rules_dir)
+    except YamlFileError as error:
+        problems.extend(error.problems)
+    try:
+        load_actions(actions_dir(rules_dir))
+    except YamlFileError as error:
+        problems.extend(error.problems)
+    if problems:
+        raise YamlFileError(problems)
 
 
 class _RuleWatcher:
-    """Reloads the rules when their files change, or when asked (SIGHUP to serve)."""
+    """Reloads the rules (and the actions beside them) when their files change, or when
+    asked (SIGHUP to serve)."""
 
-    def __init__(self, writer: LakeWriter, detection: DetectionSettings, asked: Any) -> None:
+    def __init__(
+        self,
+        writer: LakeWriter,
+        detection: DetectionSettings,
+        asked: Any,
+        actions: ActionSink | None = None,
+    ) -> None:
         self.writer = writer
         self.detection = detection
         self.asked = asked
+        self.actions = actions
         self.fingerprint = self._fingerprint()
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
@@ -302,6 +347,7 @@ class _RuleWatcher:
             *folder.glob("*.y*ml"),
             *(folder / "lists").glob("*.y*ml"),
             *(folder / "models").glob("*.y*ml"),
+            *(folder / "actions").glob("*.y*ml"),
         ]
         stats = []
         for path in sorted(files):
@@ -335,6 +381,21 @@ class _RuleWatcher:
         swapped = self.writer.reload_rules(load)
         if self.writer.counters is not None:
             count_rule_load(self.writer.counters, len(loaded[0].rules) if swapped else None)
+        if self.actions is not None:
+            self._reload_actions(self.actions)
+
+    def _reload_actions(self, sink: ActionSink) -> None:
+        """The action files again, swapped in whole only if every one is valid."""
+        try:
+            actions = load_action_set(self.detection)
+        except YamlFileError as error:
+            log.error(
+                "actions not reloaded, the running actions stay:\n  %s",
+                "\n  ".join(error.problems),
+            )
+            return
+        sink.actions = actions
+        log.info("actions reloaded: %d (%d enabled)", len(actions.actions), len(actions.enabled))
 
 
 def count_rule_load(counters: SharedCounters, rules: int | None) -> None:
@@ -346,6 +407,66 @@ def count_rule_load(counters: SharedCounters, rules: int | None) -> None:
     counters.add("rule_loads")
     counters.set("rule_last_load_ms", int(time.time() * 1000))
     counters.set("rules_running", rules)
+
+
+class TrailCopy:
+    """Copies the actions' audit trail (kept in the outbox file by whoever acts) into the
+    lake, where `callsentry.duckdb` shows it as the `actions` table: the rows after the
+    last the lake holds, once per drain pass."""
+
+    def __init__(self, data_dir: Path, lake: Lake) -> None:
+        self.data_dir = data_dir
+        self.lake = lake
+        self.book: ActionBook | None = None
+        self.end: int | None = None
+        self.failing = False
+
+    def copy(self) -> int:
+        """Rows copied (0 also when there is no trail yet, or the copy failed: said once)."""
+        import polars as pl
+
+        from engine.alerts.actions import ActionBook
+        from engine.alerts.outbox import OutboxError, outbox_path
+        from engine.lake.parquet import ACTION_SCHEMA, STORAGE_ERRORS
+
+        failures: tuple[type[Exception], ...] = (OutboxError, *STORAGE_ERRORS)
+        try:
+            if self.book is None:
+                if not outbox_path(self.data_dir).exists():
+                    return 0
+                self.book = ActionBook.of(self.data_dir)
+            if self.end is None:
+                self.end = self.lake.trail_end()
+            rows = self.book.trail(after_seq=self.end)
+            if not rows:
+                return 0
+            columns = {name: [row[name] for row in rows] for name in ACTION_SCHEMA}
+            for name in ("recorded_at", "undo_at"):
+                columns[name] = [
+                    None if v is None else round(float(v) * 1_000_000) for v in columns[name]
+                ]
+            columns["dry_run"] = [bool(v) for v in columns["dry_run"]]
+            frame = pl.DataFrame(
+                {
+                    name: pl.Series(name, columns[name], pl.Int64).cast(dtype)
+                    if name in ("recorded_at", "undo_at")
+                    else pl.Series(name, columns[name], dtype)
+                    for name, dtype in ACTION_SCHEMA.items()
+                }
+            )
+            self.lake.write_trail(frame)
+        except failures as error:
+            if not self.failing:
+                log.error("cannot copy the actions' trail into the lake (%s); retrying", error)
+            self.failing = True
+            return 0
+        self.failing = False
+        self.end = int(rows[-1]["seq"])
+        return len(rows)
+
+    def close(self) -> None:
+        if self.book is not None:
+            self.book.close()
 
 
 class AlertTally:
@@ -407,6 +528,7 @@ def run(
     file is rebuilt ("keys"): the receiver may wait for either."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from engine.alerts.actions import ActionSink
     from engine.ingest.senders import SenderDirectory
     from engine.lake.parquet import Lake
     from engine.lake.writer import LakeWriter, Outage
@@ -475,7 +597,7 @@ def run(
     tally = AlertTally(alert_counts)
     sinks = [*make_sinks(settings), tally]
     outbox = _until_it_works(
-        starting, lambda: make_durable_sinks(settings, rule_tags(pipeline)), stop, receiver_pid
+        starting, lambda: make_durable_sinks(settings, pipeline), stop, receiver_pid
     )
     if outbox is None:
         lock.release()
@@ -533,9 +655,11 @@ def run(
             writer.snapshot, "interval", seconds=detection.snapshot_interval_s, id="snapshot"
         )
     if pipeline is not None:
-        watcher = _RuleWatcher(writer, detection, reload)
+        action_sinks = [sink for sink in durable if isinstance(sink, ActionSink)]
+        watcher = _RuleWatcher(writer, detection, reload, action_sinks[0] if action_sinks else None)
         every = detection.reload_interval_s or 1.0
         scheduler.add_job(watcher.check, "interval", seconds=every, id="rules")
+    trail = TrailCopy(settings.store.data_dir, lake)
     scheduler.start()
     log.info("lake writer running (detection %s)", "on" if pipeline is not None else "off")
     try:
@@ -543,12 +667,15 @@ def run(
         while not stop.wait(poll_interval_s):
             writer.drain_logged()
             tally.send()
+            trail.copy()
             if os.getppid() != receiver_pid:
                 log.error("the receiver is gone (killed?); writing what is sealed and exiting")
                 break
     finally:
         scheduler.shutdown(wait=True)
     writer.drain_logged(last=True)
+    trail.copy()
+    trail.close()
     writer.snapshot()
     for sink in [*sinks, *durable]:
         sink.close()

@@ -18,7 +18,10 @@ import signal
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from engine.alerts.outbox import Dispatch, Outbox, RetryPolicy, outbox_path
+from engine.alerts.actions import DESTINATIONS as ACTION_DESTINATIONS
+from engine.alerts.actions import ActionBook, action_destinations
+from engine.alerts.actionspec import actions_dir
+from engine.alerts.outbox import Dispatch, Outbox, OutboxError, RetryPolicy, outbox_path
 from engine.apps.health import Health, OperatorEndpoint, ReportClock, build_info, uncompiled_parts
 from engine.apps.lakewriter import LakeWriterProcess, check_rules, outbox_destinations
 from engine.apps.relay import RelayProcess, drop_held
@@ -47,12 +50,17 @@ def log_compiled_parts() -> None:
 
 def open_deliveries(settings: Settings) -> Dispatch | None:
     """The couriers of the outbox's destinations (None when there are none and no
-    outbox file to report on)."""
+    outbox file to report on): the webhook when set, and the actions' when the rule
+    folder has actions (or the outbox still holds some)."""
     destinations = outbox_destinations(settings)
     path = outbox_path(settings.store.data_dir)
-    if not destinations and not path.exists():
+    acting = settings.detection.enabled and actions_dir(settings.detection.rules_folder).is_dir()
+    if not destinations and not acting and not path.exists():
         return None
     outbox = Outbox(path)
+    book = ActionBook(outbox)
+    if acting or any(name in ACTION_DESTINATIONS.values() for name in outbox.counts()):
+        destinations = [*destinations, *action_destinations(book)]
     policy = RetryPolicy(
         give_up_after_s=settings.outbox.give_up_after_s,
         max_backoff_s=settings.outbox.max_backoff_s,
@@ -61,6 +69,13 @@ def open_deliveries(settings: Settings) -> Dispatch | None:
     # NATS deliveries are published by the relay's process (engine.relay.nats).
     elsewhere = ["nats"] if settings.relay.nats.enabled else []
     return Dispatch(outbox, destinations, policy, elsewhere=elsewhere)
+
+
+def queue_undos(book: ActionBook) -> None:
+    try:
+        book.queue_due_undos()
+    except OutboxError as error:
+        log.error("cannot queue the undo of actions due (%s); retrying", error)
 
 
 class Housekeeping:
@@ -201,6 +216,14 @@ class Engine:
                 self.operator = OperatorEndpoint(host, port, self.health)
                 shown = "http://{}:{}".format(*self.operator.address)
                 log.info("metrics on %s/metrics, health on %s/healthz and /readyz", shown, shown)
+            if self.deliveries is not None and any(
+                name in ACTION_DESTINATIONS.values() for name in self.deliveries.destinations
+            ):
+                # Actions whose time has come are undone (a block expires): wall clock.
+                self.housekeeping.scheduler.add_job(
+                    queue_undos, "interval", args=[ActionBook(self.deliveries.outbox)],
+                    seconds=1.0, id="action-undos",
+                )  # fmt: skip
             self.housekeeping.start()
             if self.deliveries is not None:
                 self.deliveries.start()

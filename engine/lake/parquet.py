@@ -120,6 +120,29 @@ REVIEW_SCHEMA: dict[str, Any] = {
     "reviewer": pl.String,
     "reviewed_at": pl.Datetime("us", "UTC"),
 }
+# The actions' audit trail (engine.alerts.actions keeps it; the lake writer copies it
+# here in files named after the trail's sequence numbers, act-FIRST-LAST).
+ACTION_SCHEMA: dict[str, Any] = {
+    "seq": pl.Int64,
+    "recorded_at": pl.Datetime("us", "UTC"),
+    "request_id": pl.Int64,
+    "action_id": pl.String,
+    "alert_id": pl.String,
+    "rule_id": pl.String,
+    "severity": pl.String,
+    "entity_type": pl.String,
+    "entity": pl.String,
+    "kind": pl.String,
+    "mode": pl.String,
+    "dry_run": pl.Boolean,
+    "step": pl.String,
+    "event": pl.String,
+    "reviewer": pl.String,
+    "request": pl.String,
+    "status": pl.String,
+    "undo_at": pl.Datetime("us", "UTC"),
+    "key": pl.String,
+}
 TABLES = {
     "events": EVENT_SCHEMA,
     "rejects": REJECT_SCHEMA,
@@ -131,6 +154,7 @@ TABLES = {
     # Would-be alerts of rules in shadow mode: recorded, never notified.
     "shadow_alerts": ALERT_SCHEMA,
     "alert_reviews": REVIEW_SCHEMA,
+    "actions": ACTION_SCHEMA,
 }
 # The time column a table is partitioned by day on, and sorted by.
 TIME_COLUMN = {
@@ -141,6 +165,7 @@ TIME_COLUMN = {
     "alerts": "raised_at",
     "shadow_alerts": "raised_at",
     "alert_reviews": "reviewed_at",
+    "actions": "recorded_at",
 }
 SORT_COLUMN = {"events": "seq", "rejects": "seq", "checks": "seq"}
 # Tables whose rows are reports (each with its own seq, numbered as they were stored).
@@ -164,6 +189,7 @@ LEFT JOIN (
 ) r USING (alert_id)
 """
 
+_TRAIL_NAME = re.compile(r"^act-(\d{12})-(\d{12})\.parquet$")
 _GROUP_NAME = re.compile(r"^grp-(\d{12})-(\d{12})\.parquet$")
 _PLACEHOLDER_DAY = "day=1970-01-01"
 _PLACEHOLDER = "empty.parquet"
@@ -256,7 +282,7 @@ _segment_range = segment_range
 
 # Tables added after the first release: a lake no writer of this release has
 # prepared yet reads them as empty.
-ADDED_TABLES = ("checks",)
+ADDED_TABLES = ("checks", "actions")
 _SQL_TYPES: dict[Any, str] = {
     pl.Int64: "BIGINT",
     pl.Int32: "INTEGER",
@@ -264,6 +290,7 @@ _SQL_TYPES: dict[Any, str] = {
     pl.Float64: "DOUBLE",
     pl.String: "VARCHAR",
     pl.Binary: "BLOB",
+    pl.Boolean: "BOOLEAN",
     pl.Datetime("us", "UTC"): "TIMESTAMPTZ",
 }
 
@@ -494,6 +521,31 @@ class Lake:
     def holds_reports(self) -> bool:
         """Whether a table of reports has a file besides its empty placeholder."""
         return any(path.name != _PLACEHOLDER for t in REPORT_TABLES for path in self.files(t))
+
+    def trail_end(self) -> int:
+        """The highest `seq` of the actions' trail the lake holds (0: none), from the
+        names of its files."""
+        highest = 0
+        for path in self.files("actions"):
+            match = _TRAIL_NAME.match(path.name)
+            if match is not None:
+                highest = max(highest, int(match.group(2)))
+        return highest
+
+    def write_trail(self, frame: pl.DataFrame) -> None:
+        """Append rows of the actions' trail (ACTION_SCHEMA, each `seq` after
+        `trail_end()`): one file per day, named after its first and last seq, durable
+        before this returns. Written again after a crash, a file replaces itself."""
+        if frame.is_empty():
+            return
+        # Each day's part named after its own seqs, written in seq order: a crash
+        # between two parts leaves the later rows for the next call.
+        parts = sorted(_days(frame, "recorded_at"), key=lambda item: int(item[1]["seq"].min()))  # type: ignore[arg-type]
+        for day, part in parts:
+            first, last = int(part["seq"].min()), int(part["seq"].max())  # type: ignore[arg-type]
+            folder = self.root / "actions" / f"day={day}"
+            write_atomic(part.sort("seq"), folder / f"act-{first:012d}-{last:012d}.parquet")
+            fsync_dir(folder)
 
     def files(self, table: str) -> list[Path]:
         return sorted((self.root / table).glob("day=*/*.parquet"))

@@ -1,0 +1,472 @@
+"""Action definitions: the YAML files in `rules/actions/`, validated like rules (every
+problem as `file:line: key: reason`, all at once), and the requests they render.
+
+An action says which alerts it applies to (`match`), what it does (`kind`: `http`,
+`command` or `block`), whether it waits for a reviewer (`mode`), whether it only
+says what it would do (`dry_run`), how it is undone (`undo`), and how many it may do
+per hour on its own (`budget`).
+
+Templates name the alert's fields in braces, as rule summaries do (`{entity}`), and
+`check_template` refuses an unknown one at validation. Each value is encoded for
+where it goes when the request is rendered: URL-encoded in a URL, refused if it
+would put a line break in a header, JSON-escaped in a body (the body is built as
+data and serialised), one argument of an argument list (no shell), refused there if
+it would start an option. Secrets come from environment variables named under `env:`
+and are read when the request is made: they are in neither the file nor the outbox.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine.core.durations import Duration
+from engine.core.text import check_template
+from engine.core.yamlfile import DEFAULT_LIMITS, YamlDocument, YamlFileError, parse_files_with_ids
+
+# The alert's fields a template may name (the `alerts` table's columns, as text), and
+# the action's own id.
+ALERT_FIELDS = (
+    "alert_id",
+    "rule_id",
+    "detector",
+    "severity",
+    "entity_type",
+    "entity",
+    "window_start",
+    "window_end",
+    "raised_at",
+    "value",
+    "threshold",
+    "summary",
+    "rule_version",
+    "action_id",
+)
+ENTITY_TYPES = ("caller", "menu", "forward", "callee")
+SEVERITIES = ("low", "medium", "high", "critical")
+# Where a budget is not written: a runaway rule must never act on everyone.
+DEFAULT_PER_HOUR = 20
+_ID = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Headers that carry credentials: their value must come from the environment.
+_SECRET_HEADER = re.compile(r"authorization|cookie|token|secret|password|api[-_]?key", re.I)
+
+
+class ActionSpecError(ValueError):
+    """A request cannot be rendered from this alert (a value would inject a header or an
+    option, an environment variable is not set); the message says which and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Match(_Strict):
+    """Which alerts an action applies to: every list given must hold the alert's value
+    (tags: any of the rule's tags); an empty list matches all."""
+
+    rules: list[str] = Field(default_factory=list)
+    severities: list[Literal["low", "medium", "high", "critical"]] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+    entity_types: list[Literal["caller", "menu", "forward", "callee"]] = Field(default_factory=list)
+
+    def matches(self, alert: Mapping[str, Any], tags: Sequence[str]) -> bool:
+        return (
+            (not self.rules or alert.get("rule_id") in self.rules)
+            and (not self.severities or alert.get("severity") in self.severities)
+            and (not self.entity_types or alert.get("entity_type") in self.entity_types)
+            and (not self.tags or any(tag in self.tags for tag in tags))
+        )
+
+
+def _no_line_break(value: str) -> str:
+    if "\r" in value or "\n" in value or "\x00" in value:
+        raise ValueError("a header value cannot hold a line break (it would inject a header)")
+    return value
+
+
+HeaderText = Annotated[str, AfterValidator(_no_line_break)]
+
+
+class HttpSpec(_Strict):
+    url: str
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    headers: dict[str, HeaderText] = Field(default_factory=dict)
+    # JSON made from the YAML value; each text in it is a template.
+    body: Any = None
+    # Placeholder -> environment variable: read when the request is made.
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout: Duration = 10.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        if not url.lower().startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return url
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name in headers:
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a header name")
+        return headers
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if not 0 < value <= 300:
+            raise ValueError("timeout must be more than 0 and at most 5m")
+        return value
+
+
+class CommandSpec(_Strict):
+    argv: list[str] = Field(min_length=1)
+    timeout: Duration = 30.0
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if not 0 < value <= 600:
+            raise ValueError("timeout must be more than 0 and at most 10m")
+        return value
+
+
+class BlockSpec(_Strict):
+    # What goes on the blocklist: by default the alert's entity, of its entity type.
+    entity: str = "{entity}"
+    expire_after: Duration = 86_400.0
+    reason: str = "{rule_id}: {summary}"
+
+    @field_validator("expire_after")
+    @classmethod
+    def _expiry(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("expire_after must be more than 0")
+        return value
+
+
+class UndoSpec(_Strict):
+    # How long after the action its undo is made.
+    after: Duration
+    http: HttpSpec | None = None
+    command: CommandSpec | None = None
+
+
+class Budget(_Strict):
+    per_hour: int = Field(ge=1, le=100_000)
+
+
+def _env_names(env: Mapping[str, str]) -> None:
+    for name, variable in env.items():
+        if not name.isidentifier():
+            raise ValueError(f"env: {name!r} is not a placeholder name")
+        if name in ALERT_FIELDS:
+            raise ValueError(f"env: {name!r} is an alert field; name the secret otherwise")
+        if not _ENV_NAME.match(variable):
+            raise ValueError(f"env: {variable!r} is not an environment variable name")
+
+
+class ActionSpec(_Strict):
+    id: str = Field(pattern=_ID)
+    title: str = ""
+    description: str = ""
+    enabled: bool = True
+    match: Match
+    kind: Literal["http", "command", "block"]
+    mode: Literal["auto", "approve"] = "auto"
+    dry_run: bool = False
+    http: HttpSpec | None = None
+    command: CommandSpec | None = None
+    block: BlockSpec | None = None
+    undo: UndoSpec | None = None
+    budget: Budget = Budget(per_hour=DEFAULT_PER_HOUR)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ActionSpec:
+        given = [name for name in ("http", "command", "block") if getattr(self, name) is not None]
+        if self.kind == "block" and self.block is None:
+            object.__setattr__(self, "block", BlockSpec())
+            given.append("block")
+        if given != [self.kind]:
+            others = [name for name in given if name != self.kind]
+            if others:
+                raise ValueError(f"kind {self.kind} takes `{self.kind}:`, not `{others[0]}:`")
+            raise ValueError(f"kind {self.kind} needs `{self.kind}:`")
+        for section in (self.http, self.command):
+            if section is not None:
+                _env_names(section.env)
+        undo = self.undo
+        if undo is not None:
+            if self.kind == "block":
+                raise ValueError("a block is lifted when it expires (block.expire_after); no undo:")
+            steps = [name for name in ("http", "command") if getattr(undo, name) is not None]
+            if steps != [self.kind]:
+                raise ValueError(f"undo of a {self.kind} action takes `{self.kind}:` (one)")
+            section = undo.http or undo.command
+            assert section is not None
+            _env_names(section.env)
+        return self
+
+    def undo_after(self) -> float | None:
+        """How long after it is done this action is undone (None: never)."""
+        if self.block is not None:
+            return self.block.expire_after
+        return self.undo.after if self.undo is not None else None
+
+    def as_data(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# -- templates ------------------------------------------------------------------------
+
+
+def _walk_texts(value: Any, path: tuple[str | int, ...]) -> list[tuple[tuple[str | int, ...], str]]:
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in _walk_texts(v, (*path, str(k)))]
+    if isinstance(value, list):
+        return [t for i, v in enumerate(value) for t in _walk_texts(v, (*path, i))]
+    return []
+
+
+def templates_of(spec: ActionSpec) -> list[tuple[tuple[str | int, ...], str, tuple[str, ...]]]:
+    """Every template of `spec`: (key path, text, the names it may use)."""
+    found: list[tuple[tuple[str | int, ...], str, tuple[str, ...]]] = []
+
+    def http(section: HttpSpec, at: tuple[str | int, ...]) -> None:
+        names = (*ALERT_FIELDS, *section.env)
+        found.append(((*at, "url"), section.url, names))
+        for name, value in section.headers.items():
+            found.append(((*at, "headers", name), value, names))
+        for path, text in _walk_texts(section.body, (*at, "body")):
+            found.append((path, text, names))
+
+    def command(section: CommandSpec, at: tuple[str | int, ...]) -> None:
+        names = (*ALERT_FIELDS, *section.env)
+        for index, text in enumerate(section.argv):
+            found.append(((*at, "argv", index), text, names))
+
+    if spec.http is not None:
+        http(spec.http, ("http",))
+    if spec.command is not None:
+        command(spec.command, ("command",))
+    if spec.block is not None:
+        found.append((("block", "entity"), spec.block.entity, ALERT_FIELDS))
+        found.append((("block", "reason"), spec.block.reason, ALERT_FIELDS))
+    if spec.undo is not None:
+        if spec.undo.http is not None:
+            http(spec.undo.http, ("undo", "http"))
+        if spec.undo.command is not None:
+            command(spec.undo.command, ("undo", "command"))
+    return found
+
+
+def _secret_problems(spec: ActionSpec) -> list[tuple[tuple[str | int, ...], str]]:
+    """A credential header written out in the file: it belongs in the environment."""
+    problems = []
+    sections: list[tuple[tuple[str | int, ...], HttpSpec | None]] = [
+        (("http",), spec.http),
+        (("undo", "http"), spec.undo.http if spec.undo is not None else None),
+    ]
+    for at, section in sections:
+        if section is None:
+            continue
+        for name, value in section.headers.items():
+            used = {n for _, n, _, _ in string.Formatter().parse(value) if n}
+            if _SECRET_HEADER.search(name) and not used & set(section.env):
+                problems.append(
+                    (
+                        (*at, "headers", name),
+                        f"header {name} carries a credential: put it in an environment "
+                        "variable and name it under env: (never in the file)",
+                    )
+                )
+    return problems
+
+
+def render(template: str, values: Mapping[str, str], encode: Callable[[str], str]) -> str:
+    """`template` with each placeholder replaced by its value passed through `encode`
+    (the literal text between them is the file's, as written)."""
+    parts: list[str] = []
+    for literal, name, spec, _ in string.Formatter().parse(template):
+        parts.append(literal)
+        if name is not None:
+            parts.append(encode(format(values[name], spec or "")))
+    return "".join(parts)
+
+
+def _url_part(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def _header_part(value: str) -> str:
+    try:
+        return _no_line_break(value)
+    except ValueError as error:
+        raise ActionSpecError(str(error)) from None
+
+
+def _as_is(value: str) -> str:
+    return value
+
+
+def alert_values(alert: Mapping[str, Any], action_id: str) -> dict[str, str]:
+    """The text of each field a template may name (numbers as %g, times in ISO 8601)."""
+    values: dict[str, str] = {}
+    for name in ALERT_FIELDS:
+        value = alert.get(name, "")
+        if isinstance(value, float):
+            value = f"{value:g}"
+        values[name] = str(value)
+    values["action_id"] = action_id
+    return values
+
+
+def _secrets(env: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    found = {}
+    for name, variable in env.items():
+        if variable not in environ:
+            raise ActionSpecError(f"environment variable {variable} (for {{{name}}}) is not set")
+        found[name] = environ[variable]
+    return found
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None
+    timeout_s: float
+    # What the audit trail keeps: the method and the URL, secrets masked.
+    summary: str
+
+
+def render_http(
+    section: HttpSpec,
+    values: Mapping[str, str],
+    environ: Mapping[str, str] | None = None,
+) -> HttpRequest:
+    secrets = _secrets(section.env, os.environ if environ is None else environ)
+    full = {**values, **secrets}
+    masked = {**values, **dict.fromkeys(secrets, "***")}
+    url = render(section.url, full, _url_part)
+    headers = {name: render(text, full, _header_part) for name, text in section.headers.items()}
+
+    def body(value: Any) -> Any:
+        if isinstance(value, str):
+            return render(value, full, _as_is)
+        if isinstance(value, dict):
+            return {str(k): body(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [body(v) for v in value]
+        return value
+
+    data = None
+    if section.body is not None:
+        data = json.dumps(body(section.body), ensure_ascii=False).encode("utf-8")
+        headers.setdefault("Content-Type", "application/json")
+    summary = f"{section.method} {render(section.url, masked, _url_part)}"
+    return HttpRequest(section.method, url, headers, data, section.timeout, summary)
+
+
+@dataclass(frozen=True)
+class CommandRun:
+    argv: list[str]
+    timeout_s: float
+    summary: str
+
+
+def _argument(template: str, rendered: str) -> str:
+    if "\x00" in rendered:
+        raise ActionSpecError("an argument cannot hold a NUL byte")
+    if rendered.startswith("-") and not template.startswith("-"):
+        raise ActionSpecError(
+            f"argument {rendered[:40]!r} would start an option; write it as --name={{field}}"
+        )
+    return rendered
+
+
+def render_command(
+    section: CommandSpec,
+    values: Mapping[str, str],
+    environ: Mapping[str, str] | None = None,
+) -> CommandRun:
+    secrets = _secrets(section.env, os.environ if environ is None else environ)
+    full = {**values, **secrets}
+    masked = {**values, **dict.fromkeys(secrets, "***")}
+    argv = [_argument(text, render(text, full, _as_is)) for text in section.argv]
+    summary = " ".join(render(text, masked, _as_is) for text in section.argv)
+    return CommandRun(argv, section.timeout, summary)
+
+
+# -- loading --------------------------------------------------------------------------
+
+
+def actions_dir(rules_folder: Path) -> Path:
+    """Where a rule folder's actions are: its `actions/` folder."""
+    base = rules_folder.parent if rules_folder.is_file() else rules_folder
+    return base / "actions"
+
+
+@dataclass(frozen=True)
+class ActionSet:
+    """The action definitions in force (only the enabled ones act)."""
+
+    actions: tuple[ActionSpec, ...] = ()
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> list[ActionSpec]:
+        return [action for action in self.actions if action.enabled]
+
+    def matching(self, alert: Mapping[str, Any], tags: Sequence[str]) -> list[ActionSpec]:
+        return [a for a in self.enabled if a.match.matches(alert, tags)]
+
+
+def _spec_problems(spec: ActionSpec, document: YamlDocument) -> list[str]:
+    problems = []
+    for path, text, names in templates_of(spec):
+        try:
+            check_template(text, names)
+        except ValueError as error:
+            key = ".".join(str(p) for p in path)
+            problems.append(f"{document.where(path)}: {key}: {error}")
+    for path, message in _secret_problems(spec):
+        key = ".".join(str(p) for p in path)
+        problems.append(f"{document.where(path)}: {key}: {message}")
+    return problems
+
+
+def load_actions(folder: Path) -> ActionSet:
+    """Every action file in `folder` (`*.yaml`, `*.yml`; none, or no folder: no actions),
+    or YamlFileError listing every problem at once as `file:line: key: reason`."""
+    if not folder.is_dir():
+        return ActionSet()
+    paths = sorted(p for p in folder.glob("*.yaml") if p.is_file()) + sorted(
+        p for p in folder.glob("*.yml") if p.is_file()
+    )
+    problems: list[str] = []
+    specs = parse_files_with_ids(paths, ActionSpec, problems, "action", DEFAULT_LIMITS)
+    for spec, document in specs:
+        problems.extend(_spec_problems(spec, document))
+    if problems:
+        raise YamlFileError(problems)
+    return ActionSet(
+        tuple(spec for spec, _ in specs),
+        {spec.id: str(document.path) for spec, document in specs},
+    )

@@ -18,7 +18,15 @@ from typing import Any
 from engine.detect.aggregates import FirstSeenState, SequentialState, SpikeState
 from engine.detect.alerts import AlertManager
 from engine.detect.calls import Call, CallTracker, DeadlineQueue, TrackerStats
-from engine.detect.windows import CountState, EwBaseline, KeyedState, Snapshotted, ValueState
+from engine.detect.windows import (
+    Bucket,
+    CountState,
+    EwBaseline,
+    Folded,
+    KeyedState,
+    Snapshotted,
+    ValueState,
+)
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,8 @@ register_state_type("spike-window", SpikeState)
 register_state_type("first-seen-window", FirstSeenState)
 register_state_type("sequential-window", SequentialState)
 register_state_type("ew-baseline", EwBaseline)
+register_state_type("folded-window", Folded)
+register_state_type("window-bucket", Bucket)
 
 
 def state_type_of(cls: type) -> StateType | None:

@@ -19,7 +19,7 @@ from engine.detect.aggregates import comparison as comparison_of
 from engine.detect.calls import Call, CallTracker
 from engine.detect.fields import FIELDS, CallField, entity_field
 from engine.detect.schema import Matcher, RuleSpec
-from engine.detect.windows import FOLD_AT, EntityState, KeyedState, Timestamp
+from engine.detect.windows import EntityState, KeyedState, Timestamp
 
 
 @dataclass(frozen=True)
@@ -338,8 +338,7 @@ class CompiledRule:
             state.last_ts = now
         if not aggregate.add(state, call, ts):
             return None
-        state.leave_until(now - self.window_s)
-        if len(state.entries) - state.head >= 2 * FOLD_AT:
+        if state.leave_until(now - self.window_s):
             # A busy entity's window: bounded whatever its rate (engine.detect.windows).
             aggregate.fold(state)
         measured = aggregate.measure(state, call)

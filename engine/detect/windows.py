@@ -195,16 +195,22 @@ class Entries(Snapshotted):
             # for eight entries, and most windows in a flood of callers hold one.
             self.entries = [ts, call_id]
 
-    def leave_until(self, cutoff: float) -> None:
-        """Entries at `cutoff` or before leave (a folded bucket, with its newest)."""
-        if self.head & 1:
-            self._leave_folded(self.entries[0], cutoff)
+    def leave_until(self, cutoff: float) -> bool:
+        """Entries at `cutoff` or before leave (a folded bucket, with its newest); True
+        when the window then holds FOLD_AT entries one by one (time to `fold` it)."""
         entries, head = self.entries, self.head
+        if head & 1:
+            folded: Folded = entries[0]
+            buckets = folded.buckets
+            if not buckets or buckets[0].last <= cutoff:
+                self._leave_folded(folded, cutoff)
+                entries, head = self.entries, self.head
         if head < len(entries):
             # Typed, so compiled code compares two doubles rather than two objects.
             oldest: float = entries[head]
             if oldest > cutoff:
-                return  # nothing leaves: the common case, for every call a window takes
+                # Nothing leaves: the common case, for every call a window takes.
+                return len(entries) - head >= 2 * FOLD_AT
         while head < len(entries) and entries[head] <= cutoff:
             self._leaving(head >> 1)
             head += 2
@@ -213,6 +219,7 @@ class Entries(Snapshotted):
             self._compact(head)
             head &= 1
         self.head = head
+        return len(self.entries) - head >= 2 * FOLD_AT
 
     def _leave_folded(self, folded: Folded, cutoff: float) -> None:
         for bucket in folded.leaving(cutoff):

@@ -23,7 +23,9 @@ from engine.detect.calls import Call, CallTracker
 from engine.detect.evaluate import CompiledRule
 from engine.detect.schema import Aggregate as AggregateSpec
 from engine.detect.schema import RuleSpec
-from engine.detect.windows import EntityState
+from engine.detect.snapshot import decode, encode
+from engine.detect.state import Position, Snapshot
+from engine.detect.windows import FOLD_AT, EntityState
 
 WINDOW = 60.0
 T0 = 1_790_000_000.0
@@ -191,6 +193,41 @@ def test_a_state_restored_from_a_snapshot_measures_as_the_one_that_never_stopped
             values.append(aggregate.measure(one, a_call(n, at)))
         assert values[0] == values[1]
         assert copy.live_call_ids() == state.live_call_ids()
+
+
+@pytest.mark.parametrize("kind", WINDOWED)
+def test_a_flood_into_one_entity_keeps_a_bounded_window_and_the_newest_evidence(
+    kind: str,
+) -> None:
+    # 40 calls/s of one caller for 150 s, a 60 s window: 2,400 calls in it, more than
+    # FOLD_AT. The window holds a bounded number of entries one by one, counts what a
+    # window kept call by call counts to within one bucket (60/64 s, 38 calls) at its
+    # old edge, names the newest 200 calls as evidence, and survives a snapshot.
+    rule = rule_for(kind)
+    rule.started_at = T0 - 10 * WINDOW
+    tracker = CallTracker()
+    rate, calls = 40.0, 6_000
+    widest = 0
+    for n in range(calls):
+        at = T0 + n / rate
+        rule.evaluate(a_call(n, at), at, tracker)
+        state = rule.state.states["8613800000001"]
+        widest = max(widest, len(state.entries))
+    assert widest <= 4 * FOLD_AT + 1, "held call by call whatever the rate"
+    assert state.head & 1, "folded"
+    in_window = int(rate * WINDOW)
+    assert in_window <= len(state) <= in_window + int(rate * WINDOW / 64) + 2
+    assert state.live_call_ids() == [f"c{n}" for n in range(calls - 200, calls)]
+    snapshot = Snapshot(Position(1, 1), {"rules": {rule.id: rule.state}}, 0.0)
+    restored = decode(encode(snapshot)).state["rules"][rule.id].states["8613800000001"]
+    assert type(restored) is type(state) and len(restored) == len(state)
+    assert restored.live_call_ids() == state.live_call_ids()
+    assert rule.aggregate.measure(restored, a_call(calls, at)) == rule.aggregate.measure(
+        state, a_call(calls, at)
+    )
+    # Quiet for a window: everything leaves, folded buckets and all.
+    rule.evaluate(a_call(calls, at + WINDOW), at + WINDOW, tracker)
+    assert len(state) == 1 and state.head & 1 == 0
 
 
 def test_concurrent_counts_the_callers_calls_in_progress_within_its_window() -> None:

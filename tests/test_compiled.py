@@ -156,6 +156,8 @@ def test_detection_state_survives_pickling_whole() -> None:
         windows.Entries,
         windows.ValueEntries,
         windows.EwBaseline,
+        windows.Folded,
+        windows.Bucket,
         windows.CountState,
         windows.ValueState,
         aggregates.SpikeState,

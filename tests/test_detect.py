@@ -9,6 +9,7 @@ import logging
 import re
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
 from engine.detect.schema import Matcher, RuleSpec
 from engine.detect.snapshot import snapshot_path
-from engine.detect.windows import Entries, EwBaseline, ValueEntries
+from engine.detect.windows import FOLD_AT, KEEP_EXACT, Entries, EwBaseline, Folded, ValueEntries
 from engine.ingest.codec import Vos3000TextCodec
 from engine.lake.writer import LakeWriter
 from engine.simulator.scenario import generate, load_scenario, write_files
@@ -92,6 +93,82 @@ def test_window_slides_rather_than_resetting_in_buckets() -> None:
         window.add(float(ts), "c")
     window.leave_until(65.0 - 30.0)
     assert len(window) == 10
+
+
+def _fold_when_full(window: Entries, bucket_s: float, keep_values: bool) -> None:
+    # What a rule does after each call (CompiledRule.evaluate).
+    if len(window.entries) - window.head >= 2 * FOLD_AT:
+        window.fold(bucket_s, keep_values)
+
+
+@pytest.mark.parametrize("rate", [5.0, 40.0, 400.0])
+def test_a_busy_window_holds_a_bounded_number_of_entries_whatever_its_rate(
+    rate: float,
+) -> None:
+    # A 300 s window of one menu, calls at `rate` per second for 20 minutes, then
+    # quiet: beside a window kept call by call (the reference), the folded one holds
+    # at most FOLD_AT calls one by one and 64 + 1 buckets, counts and sums what the
+    # reference does, give or take the calls of one bucket (300 / 64 s) at its old
+    # edge, never fewer, and names the same evidence (the newest 200 calls).
+    window_s, bucket_s = 300.0, 300.0 / 64
+    folded, exact = ValueEntries(), ValueEntries()
+    live: deque[float] = deque()  # the times the reference holds
+    step, n, ts = 1.0 / rate, 0, 0.0
+    widest = 0
+    while ts < 1200.0:
+        n += 1
+        ts = n * step
+        short = n % 3 == 0
+        folded.add(ts, f"c{n}", short)
+        exact.add(ts, f"c{n}", short)
+        live.append(ts)
+        while live[0] <= ts - window_s:
+            live.popleft()
+        folded.leave_until(ts - window_s)
+        exact.leave_until(ts - window_s)
+        _fold_when_full(folded, bucket_s, False)
+        if n % 97 == 0 or n < 5:
+            assert len(exact) == len(live)
+            one_bucket = int(rate * bucket_s) + 2
+            assert len(live) <= len(folded) <= len(live) + one_bucket, n
+            assert exact.hits <= folded.hits <= exact.hits + one_bucket
+            assert folded.live_call_ids() == exact.live_call_ids()
+            assert folded.last_time() == exact.last_time()
+            assert (folded.start() or 0.0) <= (exact.start() or 0.0)
+        widest = max(widest, len(folded.entries))
+    # Pairs held one by one (up to FOLD_AT), those gone but not yet compacted away
+    # (as many again at most) and the folded part: bounded whatever the rate.
+    assert widest <= 4 * FOLD_AT + 1
+    if rate * window_s >= FOLD_AT:
+        assert folded.head & 1 and isinstance(folded.entries[0], Folded)
+        assert len(folded.entries[0].buckets) <= 65
+    # Quiet: everything leaves, folded part and all; the window is as if never folded.
+    folded.leave_until(ts + 1.0)
+    exact.leave_until(ts + 1.0)
+    assert len(folded) == 0 == len(exact) and folded.hits == 0
+    assert folded.head & 1 == 0 and folded.start() is None
+
+
+def test_a_folded_distinct_count_sees_each_value_leave() -> None:
+    # Distinct callees in a 100 s window of one caller at 50 calls/s, 40 values
+    # repeating, then new ones only: counted by hand at every step, the folded window
+    # agrees, give or take the values of one bucket at its old edge.
+    window_s, bucket_s = 100.0, 100.0 / 64
+    window = ValueEntries()
+    added: list[tuple[float, str]] = []
+    for n in range(1, 20_000):
+        ts = n / 50.0
+        value = f"callee{n % 40}" if n < 10_000 else f"new{n}"
+        window.add(ts, f"c{n}", value)
+        added.append((ts, value))
+        window.leave_until(ts - window_s)
+        _fold_when_full(window, bucket_s, True)
+        if n % 101 == 0:
+            expected = len({v for t, v in added if t > ts - window_s})
+            edge = {v for t, v in added if ts - window_s - bucket_s < t <= ts - window_s}
+            assert expected <= window.distinct() <= expected + len(edge), n
+    assert window.head & 1, "never folded"
+    assert len(window.values) <= 2 * FOLD_AT and len(window) >= KEEP_EXACT
 
 
 def test_baseline_counts_quiet_buckets_as_zero() -> None:

@@ -678,12 +678,13 @@ def test_event_time_brings_a_models_step_and_housekeeping_when_no_call_is_due() 
 
 # The releases before formats v3 and v4 wrote these (lzma-compressed here), replaying the
 # reports of data/samples/events.csv before this moment into a fresh data dir with the
-# shipped rules.
+# shipped rules; v4 is the release of 2026-12-05 (075944e), before windows folded their
+# older calls into buckets (new state types, the same fields: still format v4).
 EARLIER_SNAPSHOTS = Path(__file__).resolve().parent / "data"
 V2_CUT = "2026-11-02T14:11:00"
 
 
-@pytest.mark.parametrize("version", ["v2", "v3"])
+@pytest.mark.parametrize("version", ["v2", "v3", "v4"])
 def test_a_snapshot_written_by_an_earlier_release_carries_on_as_one_run(
     version: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

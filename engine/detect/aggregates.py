@@ -14,6 +14,9 @@ One small class per `type:` of the rule files, registered by that name in
 - `measure(state, call)`: the value the condition is tested against, once the call is
   in the window; None when there is not yet enough to judge (or the condition could
   not hold, which comes to the same: no finding);
+- `fold(state)`: the rule calls it when a window holds FOLD_AT calls one by one, to
+  fold the older ones into time buckets (engine.detect.windows); a distinct count
+  keeps each folded value's count, the others only counts and sums;
 - `keep_s`: how long an entity's state outlives its last call before it is dropped;
 - `started_at`: when the rule took its first call (the rule sets it).
 
@@ -33,7 +36,14 @@ from engine.detect.calls import Call, CallTracker
 from engine.detect.fields import FIELDS, CallField, TextField
 from engine.detect.schema import Aggregate as AggregateSpec
 from engine.detect.schema import Condition as ConditionSpec
-from engine.detect.windows import CountState, EntityState, EwBaseline, Timestamp, ValueState
+from engine.detect.windows import (
+    BUCKETS_PER_WINDOW,
+    CountState,
+    EntityState,
+    EwBaseline,
+    Timestamp,
+    ValueState,
+)
 
 # -- the condition: the measured value against the threshold ----------------------
 
@@ -110,6 +120,8 @@ class Aggregate:
     def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
         self.window_s = spec.window or 0.0
         self.keep_s = self.window_s
+        # A folded window's buckets (never zero long: a window of none folds nothing).
+        self.bucket_s = max(self.window_s / BUCKETS_PER_WINDOW, 0.001)
         self.condition = condition
         # Whether it keeps a window per entity (all but `concurrent`).
         self.windowed = True
@@ -126,6 +138,9 @@ class Aggregate:
 
     def measure(self, state: EntityState, call: Call) -> float | None:
         return float(len(state))
+
+    def fold(self, state: EntityState) -> None:
+        state.fold(self.bucket_s, False)
 
 
 class Count(Aggregate):
@@ -162,6 +177,9 @@ class Distinct(FieldValues):
         if not self.condition.may_hold_up_to(float(len(state))):
             return None
         return float(cast(ValueState, state).distinct())
+
+    def fold(self, state: EntityState) -> None:
+        state.fold(self.bucket_s, True)
 
 
 class Sum(FieldValues):

@@ -338,7 +338,9 @@ class CompiledRule:
             state.last_ts = now
         if not aggregate.add(state, call, ts):
             return None
-        state.leave_until(now - self.window_s)
+        if state.leave_until(now - self.window_s):
+            # A busy entity's window: bounded whatever its rate (engine.detect.windows).
+            aggregate.fold(state)
         measured = aggregate.measure(state, call)
         if measured is None or not self.condition.holds(measured):
             return None

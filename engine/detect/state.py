@@ -23,7 +23,15 @@ from engine.detect.aggregates import (
 )
 from engine.detect.alerts import AlertManager
 from engine.detect.calls import Call, CallTracker, DeadlineQueue, TrackerStats
-from engine.detect.windows import CountState, EwBaseline, KeyedState, Snapshotted, ValueState
+from engine.detect.windows import (
+    Bucket,
+    CountState,
+    EwBaseline,
+    Folded,
+    KeyedState,
+    Snapshotted,
+    ValueState,
+)
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,8 @@ register_state_type("first-seen-window", FirstSeenState)
 register_state_type("sequential-window", SequentialState)
 register_state_type("new-value-window", NewValueState)
 register_state_type("ew-baseline", EwBaseline)
+register_state_type("folded-window", Folded)
+register_state_type("window-bucket", Bucket)
 
 
 def state_type_of(cls: type) -> StateType | None:

@@ -13,6 +13,21 @@ Per-key state is small (slots, plain lists), keys idle longer than their
 window are dropped first, and past `max_keys` the least recently used key is
 evicted and counted, so an attack that invents millions of callers costs a
 bounded amount of memory.
+
+A window also holds a bounded amount whatever the rate of its key's calls: it keeps
+its newest calls one by one (time and call id: the evidence an alert names is the
+newest `EVIDENCE_CALLS`), at least `KEEP_EXACT` of them, and once it holds
+`FOLD_AT` folds the older ones into `BUCKETS_PER_WINDOW` time buckets of counts
+(`Folded`). A bucket leaves when its newest call would have: until then the window
+may still count up to one bucket's calls (1/64 of its length at its old edge) that
+a window kept call by call has let go. A window that never holds `FOLD_AT` calls at
+once (every window of the scenario library, and every caller's in a flood of
+callers) is never folded, so its counts are exact. (A distinct count's buckets keep
+each folded value's count: bounded by the distinct values in the window, not by how
+often they come.)
+
+    oldest ......................................................... newest
+    [Folded: bucket, bucket, ...] [ts, call_id, ts, call_id, ... KEEP_EXACT to FOLD_AT]
 """
 
 from __future__ import annotations
@@ -27,6 +42,16 @@ S = TypeVar("S")
 # Up to this many entries a distinct count is counted afresh when asked (cheap),
 # beyond it kept up to date in a dict.
 _SMALL_WINDOW: Final = 16
+# The newest calls an alert names as its evidence (and a model's finding asks for).
+EVIDENCE_CALLS: Final = 200
+# A window holding this many calls one by one folds all but its newest `KEEP_EXACT`
+# into time buckets (see the module's docstring): KEEP_EXACT >= EVIDENCE_CALLS, so
+# the evidence is the same as a window kept call by call names; folding half at a
+# time costs O(1) per call, amortised.
+FOLD_AT: Final = 1024
+KEEP_EXACT: Final = 512
+# A folded window's buckets are its length / BUCKETS_PER_WINDOW long.
+BUCKETS_PER_WINDOW: Final = 64
 # An entry's time as it was given (a float object), typed so: compiled by mypyc, a
 # `float` parameter is unboxed, and storing it again makes a float object per window
 # entry; as given, every window that takes a call shares the one object (24 bytes a
@@ -54,6 +79,86 @@ class Snapshotted:
             setattr(self, name, value)
 
 
+class Bucket(Snapshotted):
+    """Calls folded out of a window (`Folded`): how many, how many of their values were
+    true (`hits`, for ratios), the sum of their numeric values (`total`), each value's
+    count where a distinct count needs them (`values`), and the oldest and newest of
+    their times; calls at `limit` or after go to the next bucket."""
+
+    __slots__ = ("count", "first", "hits", "last", "limit", "total", "values")
+
+    def state_fields(self) -> tuple[str, ...]:
+        return ("count", "first", "hits", "last", "limit", "total", "values")
+
+    def __init__(self, first: float = 0.0, limit: float = 0.0) -> None:
+        self.first = first
+        self.last = first
+        self.limit = limit
+        self.count = 0
+        self.hits = 0
+        self.total = 0.0
+        self.values: dict[object, int] | None = None
+
+
+class Folded(Snapshotted):
+    """The older part of a window that held `FOLD_AT` calls one by one: buckets of
+    `bucket_s` seconds of event time (at most BUCKETS_PER_WINDOW + 1 of a window's
+    length, whatever its rate), oldest first, and how many calls they hold in all."""
+
+    __slots__ = ("bucket_s", "buckets", "count")
+
+    def state_fields(self) -> tuple[str, ...]:
+        return ("bucket_s", "buckets", "count")
+
+    def __init__(self, bucket_s: float = 1.0) -> None:
+        self.bucket_s = bucket_s
+        self.buckets: list[Bucket] = []
+        self.count = 0
+
+    def take(self, ts: float, value: object, keep_values: bool) -> None:
+        buckets = self.buckets
+        if buckets and ts < buckets[-1].limit:
+            bucket = buckets[-1]
+        else:
+            start = math.floor(ts / self.bucket_s) * self.bucket_s
+            bucket = Bucket(ts, start + self.bucket_s)
+            buckets.append(bucket)
+        if ts > bucket.last:
+            bucket.last = ts
+        bucket.count += 1
+        self.count += 1
+        if value is True:
+            bucket.hits += 1
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            bucket.total += value
+        if keep_values:
+            values = bucket.values
+            if values is None:
+                values = bucket.values = {}
+            values[value] = values.get(value, 0) + 1
+
+    def leaving(self, cutoff: float) -> list[Bucket]:
+        """The buckets whose newest call is at `cutoff` or before, oldest first, taken
+        out (up to the first that stays)."""
+        buckets = self.buckets
+        gone = 0
+        while gone < len(buckets) and buckets[gone].last <= cutoff:
+            gone += 1
+        if not gone:
+            return []
+        leaving = buckets[:gone]
+        del buckets[:gone]
+        for bucket in leaving:
+            self.count -= bucket.count
+        return leaving
+
+    def start(self) -> float | None:
+        return self.buckets[0].first if self.buckets else None
+
+    def last_time(self) -> float | None:
+        return self.buckets[-1].last if self.buckets else None
+
+
 class Entries(Snapshotted):
     """Entries (ts, call_id) of one key, oldest first, that leave when told.
 
@@ -61,6 +166,11 @@ class Entries(Snapshotted):
     million tracked callers, each holding a window or three of one or two entries,
     the second list's header would cost more than the entries. The window's length
     is the caller's to keep (a rule keeps one for all its entities' windows).
+
+    A window folded (`fold`, see the module's docstring) keeps its `Folded` older part
+    as the list's first item, ahead of the pairs: then `head` is odd. (Odd, rather than
+    a field of its own: a field costs 8 bytes in each of millions of windows that are
+    never folded.)
     """
 
     __slots__ = ("entries", "head")
@@ -70,7 +180,9 @@ class Entries(Snapshotted):
 
     def __init__(self) -> None:
         self.entries: list[Any] = []
-        self.head = 0  # index in `entries` of the oldest live timestamp
+        # Index in `entries` of the oldest live timestamp; odd when entries[0] is the
+        # window's folded part.
+        self.head = 0
 
     def add(self, ts: Timestamp, call_id: str, value: object = None) -> None:
         entries = self.entries
@@ -83,40 +195,108 @@ class Entries(Snapshotted):
             # for eight entries, and most windows in a flood of callers hold one.
             self.entries = [ts, call_id]
 
-    def leave_until(self, cutoff: float) -> None:
-        """Entries at `cutoff` or before leave."""
+    def leave_until(self, cutoff: float) -> bool:
+        """Entries at `cutoff` or before leave (a folded bucket, with its newest); True
+        when the window then holds FOLD_AT entries one by one (time to `fold` it)."""
         entries, head = self.entries, self.head
+        if head & 1:
+            folded: Folded = entries[0]
+            buckets = folded.buckets
+            if not buckets or buckets[0].last <= cutoff:
+                self._leave_folded(folded, cutoff)
+                entries, head = self.entries, self.head
         if head < len(entries):
             # Typed, so compiled code compares two doubles rather than two objects.
             oldest: float = entries[head]
             if oldest > cutoff:
-                return  # nothing leaves: the common case, for every call a window takes
+                # Nothing leaves: the common case, for every call a window takes.
+                return len(entries) - head >= 2 * FOLD_AT
         while head < len(entries) and entries[head] <= cutoff:
             self._leaving(head >> 1)
             head += 2
         if head > 128 and head > len(entries) // 2:
             # Compact now and then; amortised O(1) per entry.
             self._compact(head)
-            head = 0
+            head &= 1
         self.head = head
+        return len(self.entries) - head >= 2 * FOLD_AT
+
+    def _leave_folded(self, folded: Folded, cutoff: float) -> None:
+        for bucket in folded.leaving(cutoff):
+            self._bucket_leaving(bucket)
+        if not folded.buckets:
+            # Nothing folded is left: the window is kept call by call again.
+            del self.entries[0]
+            self.head -= 1
 
     def _leaving(self, index: int) -> None:
         """The entry at `index` (counted in entries) leaves the window."""
 
+    def _bucket_leaving(self, bucket: Bucket) -> None:
+        """A folded bucket leaves the window (its count, with the `Folded` it was in)."""
+
     def _compact(self, head: int) -> None:
-        del self.entries[:head]
+        del self.entries[head & 1 : head]
+
+    def fold(self, bucket_s: float, keep_values: bool = False) -> None:
+        """All but the newest KEEP_EXACT entries go into the folded part's buckets of
+        `bucket_s` seconds (with each value's count, if `keep_values`)."""
+        entries, head = self.entries, self.head
+        moving = ((len(entries) - head) >> 1) - KEEP_EXACT
+        if moving <= 0:
+            return
+        folded: Folded = entries[0] if head & 1 else Folded(bucket_s)
+        keep_values = self._before_fold(keep_values)
+        first = head >> 1
+        for index in range(moving):
+            folded.take(entries[head + 2 * index], self._value(first + index), keep_values)
+        kept: list[Any] = [folded]
+        kept.extend(entries[head + 2 * moving :])
+        self.entries = kept
+        self._values_folded(first + moving)
+        self.head = 1
+
+    def _before_fold(self, keep_values: bool) -> bool:
+        return keep_values
+
+    def _value(self, index: int) -> object:
+        return None
+
+    def _values_folded(self, count: int) -> None:
+        """The first `count` values (counted in entries) are folded or gone."""
 
     def __len__(self) -> int:
-        return (len(self.entries) - self.head) >> 1
+        entries, head = self.entries, self.head
+        exact = (len(entries) - head) >> 1
+        if head & 1:
+            folded: Folded = entries[0]
+            return exact + folded.count
+        return exact
 
     def last_time(self) -> float | None:
-        return self.entries[-2] if self.entries else None
+        entries, odd = self.entries, self.head & 1
+        if len(entries) >= 2 + odd:
+            last: float = entries[-2]
+            return last
+        if odd:
+            folded: Folded = entries[0]
+            return folded.last_time()
+        return None
 
-    def live_call_ids(self, last: int = 200) -> list[str]:
+    def live_call_ids(self, last: int = EVIDENCE_CALLS) -> list[str]:
         return self.entries[max(self.head, len(self.entries) - 2 * last) + 1 :: 2]
 
     def start(self) -> float | None:
-        return self.entries[self.head] if len(self) else None
+        entries, head = self.entries, self.head
+        if head & 1:
+            folded: Folded = entries[0]
+            started = folded.start()
+            if started is not None:
+                return started
+        if head < len(entries):
+            oldest: float = entries[head]
+            return oldest
+        return None
 
 
 class ValueEntries(Entries):
@@ -131,7 +311,9 @@ class ValueEntries(Entries):
 
     def __init__(self) -> None:
         super().__init__()
+        # One per entry held one by one (`values[i]` is the value of the i-th pair).
         self.values: list[object] = []
+        # Over the whole window, folded part included.
         self.total = 0.0
         self.hits = 0
         # The count per value (for distinct counts) is made only once the window holds
@@ -168,9 +350,33 @@ class ValueEntries(Entries):
             else:
                 del counts[value]
 
+    def _bucket_leaving(self, bucket: Bucket) -> None:
+        self.hits -= bucket.hits
+        self.total -= bucket.total
+        counts, values = self.counts, bucket.values
+        if counts is not None and values is not None:
+            for value, count in values.items():
+                left = counts[value] - count
+                if left:
+                    counts[value] = left
+                else:
+                    del counts[value]
+
     def _compact(self, head: int) -> None:
-        del self.entries[:head]
+        del self.entries[head & 1 : head]
         del self.values[: head >> 1]
+
+    def _before_fold(self, keep_values: bool) -> bool:
+        # A distinct count kept up to date must see each folded value leave.
+        if keep_values and self.counts is None:
+            self.distinct()
+        return keep_values or self.counts is not None
+
+    def _value(self, index: int) -> object:
+        return self.values[index]
+
+    def _values_folded(self, count: int) -> None:
+        del self.values[:count]
 
     def distinct(self) -> int:
         counts = self.counts

@@ -27,6 +27,7 @@ from engine.apps.commandline import (
     settings_or_fail,
     setup_logging,
 )
+from engine.apps.console import console
 from engine.core.text import shown
 
 # Each command imports what it needs when it runs: `--help` and the small commands
@@ -982,3 +983,6 @@ def checks_list(data_dir: Path | None, config: Path | None, limit: int) -> None:
             f"{row['first']:%Y-%m-%d %H:%M:%S} - {row['last']:%H:%M:%S}  "
             f"from {shown(row['sender'])}  {row['reports']} reports, {row['calls']} calls"
         )
+
+
+main.add_command(console)

@@ -120,6 +120,15 @@ REVIEW_SCHEMA: dict[str, Any] = {
     "reviewer": pl.String,
     "reviewed_at": pl.Datetime("us", "UTC"),
 }
+# Who an alert is assigned to, append-only like the reviews: the latest row counts, an
+# empty assignee hands it back to the queue.
+ASSIGNMENT_SCHEMA: dict[str, Any] = {
+    "assignment_id": pl.String,
+    "alert_id": pl.String,
+    "assignee": pl.String,
+    "assigned_by": pl.String,
+    "assigned_at": pl.Datetime("us", "UTC"),
+}
 TABLES = {
     "events": EVENT_SCHEMA,
     "rejects": REJECT_SCHEMA,
@@ -131,6 +140,7 @@ TABLES = {
     # Would-be alerts of rules in shadow mode: recorded, never notified.
     "shadow_alerts": ALERT_SCHEMA,
     "alert_reviews": REVIEW_SCHEMA,
+    "alert_assignments": ASSIGNMENT_SCHEMA,
 }
 # The time column a table is partitioned by day on, and sorted by.
 TIME_COLUMN = {
@@ -141,6 +151,7 @@ TIME_COLUMN = {
     "alerts": "raised_at",
     "shadow_alerts": "raised_at",
     "alert_reviews": "reviewed_at",
+    "alert_assignments": "assigned_at",
 }
 SORT_COLUMN = {"events": "seq", "rejects": "seq", "checks": "seq"}
 # Tables whose rows are reports (each with its own seq, numbered as they were stored).
@@ -153,15 +164,21 @@ ADDED_COLUMNS: dict[str, dict[str, str]] = {
     "calls": {"switch": ""},
 }
 # Each alert with its latest review (status 'open' until someone reviews it), the
-# status read in today's vocabulary (engine.lake.review_status).
+# status read in today's vocabulary (engine.lake.review_status), and who it is
+# assigned to (NULL: nobody).
 ALERTS_CURRENT = f"""
 SELECT a.*, coalesce({status_sql("r.status")}, 'open') AS status, r.note AS review_note,
-       r.reviewer, r.reviewed_at
+       r.reviewer, r.reviewed_at, nullif(g.assignee, '') AS assignee
 FROM alerts a
 LEFT JOIN (
     SELECT * FROM alert_reviews
     QUALIFY row_number() OVER (PARTITION BY alert_id ORDER BY reviewed_at DESC, review_id DESC) = 1
 ) r USING (alert_id)
+LEFT JOIN (
+    SELECT alert_id, assignee FROM alert_assignments
+    QUALIFY row_number() OVER (
+        PARTITION BY alert_id ORDER BY assigned_at DESC, assignment_id DESC) = 1
+) g USING (alert_id)
 """
 
 _GROUP_NAME = re.compile(r"^grp-(\d{12})-(\d{12})\.parquet$")
@@ -256,7 +273,7 @@ _segment_range = segment_range
 
 # Tables added after the first release: a lake no writer of this release has
 # prepared yet reads them as empty.
-ADDED_TABLES = ("checks",)
+ADDED_TABLES = ("checks", "alert_assignments")
 _SQL_TYPES: dict[Any, str] = {
     pl.Int64: "BIGINT",
     pl.Int32: "INTEGER",
@@ -401,6 +418,13 @@ class Lake:
             if not placeholder.exists() or pl.read_parquet_schema(placeholder) != schema:
                 write_atomic(pl.DataFrame(schema=schema), placeholder)
         self._finish_interrupted_compactions()
+
+    def prepare_table(self, table: str) -> None:
+        """Give `table` its placeholder if a writer of an older release prepared this
+        lake (a table's files are read only once its placeholder is there)."""
+        placeholder = self.root / table / _PLACEHOLDER_DAY / _PLACEHOLDER
+        if not placeholder.exists():
+            write_atomic(pl.DataFrame(schema=TABLES[table]), placeholder)
 
     def write_segment(
         self,

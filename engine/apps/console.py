@@ -48,6 +48,13 @@ def _data_dir(data_dir: Path | None, config: Path | None) -> Path:
     is_flag=True,
     help="Send the session cookie over HTTPS only (behind a TLS proxy).",
 )
+@click.option(
+    "--refresh-s",
+    type=click.IntRange(min=1, max=3600),
+    default=15,
+    show_default=True,
+    help="How often an open queue page asks for new alerts (seconds).",
+)
 @log_level_option
 @click.pass_context
 def console(
@@ -56,6 +63,7 @@ def console(
     config: Path | None,
     listen: str,
     secure_cookies: bool,
+    refresh_s: int,
     log_level: str,
 ) -> None:
     """The web console: the alert queue, alerts with their evidence and traffic, entities,
@@ -96,7 +104,7 @@ def console(
             err=True,
         )
     app = create_app(
-        Console(data, view, RuleBook.read(settings.detection.rules_folder)),
+        Console(data, view, RuleBook.read(settings.detection.rules_folder), poll_s=refresh_s),
         secret,
         secure_cookies=secure_cookies,
     )

@@ -27,6 +27,7 @@ from engine.console.accounts import (
 from engine.console.lakeview import LakeView, RuleBook
 from engine.console.safety import LoginThrottle
 from engine.console.web import Console, create_app
+from engine.lake.parquet import Lake
 from engine.lake.reviews import list_alerts
 from tests.console_data import MARKUP_MENU, PASSWORDS, PLAIN_CALLER, SCRIPT_CALLER
 from tests.console_data import console_data_dir as make_console_data
@@ -347,7 +348,7 @@ def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
 
 def test_adduser_and_token_create_from_the_command_line(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    data.mkdir()
+    Lake(data).prepare()
     done = cli(
         "console",
         "adduser",
@@ -367,6 +368,9 @@ def test_adduser_and_token_create_from_the_command_line(tmp_path: Path) -> None:
     assert empty.returncode == 1 and "no password given" in empty.stderr
     bad_name = cli("console", "adduser", "<b>", "--data-dir", str(data), stdin="long-enough\n")
     assert bad_name.returncode == 2 and "'<b>' is not" in bad_name.stderr
+    stray = cli("console", "token", "create", "x", "--data-dir", str(tmp_path))
+    assert stray.returncode == 1 and "has no lake" in stray.stderr
+    assert not (tmp_path / "console").exists()
     token = cli("console", "token", "create", "nightly", "--data-dir", str(data))
     assert token.returncode == 0, token.stderr
     printed = token.stdout.strip()

@@ -31,6 +31,9 @@ def _data_dir(data_dir: Path | None, config: Path | None) -> Path:
     data = settings.store.data_dir
     if not data.is_dir():
         fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
+    if not (data / "lake").is_dir():
+        # A mistyped --data-dir gets no stray accounts file.
+        fail(f"{data} has no lake (is it callsentry's data dir? serve or replay makes one)")
     return data
 
 

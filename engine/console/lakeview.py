@@ -9,7 +9,9 @@ the terminal's (engine.core.text.shown) business.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -172,8 +174,14 @@ class LakeView:
         self.lake = Lake(data_dir)
         if not (self.lake.root / "alerts").is_dir():
             raise LakeViewError(f"{data_dir} has no alerts yet (is it callsentry's data dir?)")
+        # The views are made once: a table a writer of an older release never prepared
+        # would stay an empty view even after the console wrote to it, so it is
+        # prepared now (a console without write access reads it as empty).
+        with contextlib.suppress(OSError):
+            self.lake.prepare_table("alert_assignments")
         self._con = duckdb.connect()
         self._lock = threading.Lock()
+        self._rule_ids: tuple[float, list[str]] | None = None
         try:
             # Times in UTC on every cursor, whatever the machine's zone.
             self._con.execute("SET GLOBAL TimeZone = 'UTC'")
@@ -234,16 +242,14 @@ class LakeView:
             counts[status] = count
         return counts
 
-    def choices(self) -> dict[str, list[str]]:
-        """The rules and assignees there are, for the filters' lists."""
-        rules = [r for (r,) in self.rows("SELECT DISTINCT rule_id FROM alerts ORDER BY 1")]
-        assignees = [
-            a
-            for (a,) in self.rows(
-                "SELECT DISTINCT assignee FROM alerts_current WHERE assignee IS NOT NULL ORDER BY 1"
-            )
-        ]
-        return {"rules": rules, "assignees": assignees}
+    def rule_ids(self, max_age_s: float = 60.0) -> list[str]:
+        """The rules that raised alerts, for the queue's filter: read again at most once
+        a minute (a new rule's first alert shows in the list a minute late, at worst)."""
+        now = time.monotonic()
+        if self._rule_ids is None or now - self._rule_ids[0] > max_age_s:
+            rules = [r for (r,) in self.rows("SELECT DISTINCT rule_id FROM alerts ORDER BY 1")]
+            self._rule_ids = (now, rules)
+        return self._rule_ids[1]
 
     # -- one alert ----------------------------------------------------------------------
 

@@ -414,7 +414,11 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
             "chosen": chosen,
             "alerts": console.view.queue(chosen, QUEUE_LIMIT),
             "counts": console.view.status_counts(chosen),
-            "choices": console.view.choices(),
+            "choices": {
+                "rules": console.view.rule_ids(),
+                # Alerts are assigned to console users only.
+                "assignees": sorted(console.accounts().users),
+            },
             "limit": QUEUE_LIMIT,
             "query": request.url.query,
             "poll_s": console.poll_s,

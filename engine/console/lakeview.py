@@ -3,6 +3,12 @@
 beside a live `serve` and its lake writer and cannot block them. The views re-list the
 lake's files at every query: an alert written a second ago is in the next page.
 
+The pages read `alerts_current` often and its files seldom change, so the view keeps
+it as an in-memory table, made again whenever a file of `alerts`, `alert_reviews` or
+`alert_assignments` appears, goes or changes (a listing of their folders, taken
+before the table is made: a file written meanwhile makes the next request build it
+again). A review the console itself records is therefore in the very next page.
+
 Every value here is returned as stored; escaping is the page's (Jinja2 autoescape) or
 the terminal's (engine.core.text.shown) business.
 """
@@ -10,6 +16,7 @@ the terminal's (engine.core.text.shown) business.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +33,8 @@ from engine.lake.parquet import Lake
 from engine.lake.review_status import STATUSES
 
 SEVERITIES = ("critical", "high", "medium", "low")
+# The tables `alerts_current` is made of.
+CURRENT_TABLES = ("alerts", "alert_reviews", "alert_assignments")
 ENTITY_TYPES = ("caller", "callee", "forward", "menu")
 # The calls column an entity of each type is found in.
 ENTITY_COLUMN = {"caller": "caller", "callee": "callee", "forward": "forward", "menu": "menu_id"}
@@ -57,6 +66,18 @@ ALERT_COLUMNS = (
     "assignee",
 )
 QUEUE_COLUMNS = tuple(c for c in ALERT_COLUMNS if c != "evidence")
+# What the queue page shows of each alert (fewer times to convert: a page is quicker).
+QUEUE_PAGE_COLUMNS = (
+    "alert_id",
+    "rule_id",
+    "severity",
+    "entity_type",
+    "entity",
+    "raised_at",
+    "summary",
+    "status",
+    "assignee",
+)
 CALL_COLUMNS = (
     "call_id",
     "started_at",
@@ -182,11 +203,13 @@ class LakeView:
         self._con = duckdb.connect()
         self._lock = threading.Lock()
         self._rule_ids: tuple[float, list[str]] | None = None
+        self._refresh_lock = threading.Lock()
+        self._current_stamp: tuple[tuple[str, int, int], ...] | None = None
         try:
             # Times in UTC on every cursor, whatever the machine's zone.
             self._con.execute("SET GLOBAL TimeZone = 'UTC'")
             self.lake.create_views(self._con)
-            self.rows("SELECT count(*) FROM alerts_current")
+            self._refresh()
         except duckdb.Error as error:
             raise LakeViewError(
                 f"cannot read the lake in {data_dir} (is it callsentry's data dir?): "
@@ -196,7 +219,41 @@ class LakeView:
     def close(self) -> None:
         self._con.close()
 
+    def _stamp(self) -> tuple[tuple[str, int, int], ...]:
+        """What the files behind `alerts_current` are now: path, mtime, size."""
+        found = []
+        for table in CURRENT_TABLES:
+            for folder in sorted((self.lake.root / table).glob("day=*")):
+                with contextlib.suppress(OSError):
+                    for entry in os.scandir(folder):
+                        if entry.name.endswith(".parquet"):
+                            info = entry.stat()
+                            found.append((entry.path, info.st_mtime_ns, info.st_size))
+        return tuple(sorted(found))
+
+    def _refresh(self) -> None:
+        """`current_alerts` as `alerts_current` is now, made again if its files changed."""
+        stamp = self._stamp()
+        with self._refresh_lock:
+            if stamp == self._current_stamp:
+                return
+            with self._lock:
+                cursor = self._con.cursor()
+            try:
+                cursor.execute(
+                    "CREATE OR REPLACE TABLE current_alerts AS "
+                    f"SELECT *, {_RANK} AS severity_rank FROM alerts_current"
+                )
+            finally:
+                cursor.close()
+            self._current_stamp = stamp
+
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if "current_alerts" in sql:
+            try:
+                self._refresh()
+            except duckdb.Error as error:
+                raise LakeViewError(f"cannot read the lake: {_first_line(error)}") from None
         with self._lock:
             cursor = self._con.cursor()
         try:
@@ -217,9 +274,9 @@ class LakeView:
         """Alerts by severity (critical first), then newest first."""
         where, params = chosen.where()
         return self.dicts(
-            QUEUE_COLUMNS,
-            f"SELECT {', '.join(QUEUE_COLUMNS)} FROM alerts_current {where} "
-            f"ORDER BY {_RANK}, raised_at DESC, alert_id LIMIT {max(0, int(limit))}",
+            QUEUE_PAGE_COLUMNS,
+            f"SELECT {', '.join(QUEUE_PAGE_COLUMNS)} FROM current_alerts {where} "
+            f"ORDER BY severity_rank, raised_at DESC, alert_id LIMIT {max(0, int(limit))}",
             params,
         )
 
@@ -227,7 +284,7 @@ class LakeView:
         where, params = chosen.where()
         return self.dicts(
             QUEUE_COLUMNS,
-            f"SELECT {', '.join(QUEUE_COLUMNS)} FROM alerts_current {where} "
+            f"SELECT {', '.join(QUEUE_COLUMNS)} FROM current_alerts {where} "
             f"ORDER BY raised_at DESC, alert_id LIMIT {max(0, int(limit))}",
             params,
         )
@@ -237,7 +294,7 @@ class LakeView:
         where, params = chosen.where(with_status=False)
         counts = dict.fromkeys(STATUSES, 0)
         for status, count in self.rows(
-            f"SELECT status, count(*) FROM alerts_current {where} GROUP BY status", params
+            f"SELECT status, count(*) FROM current_alerts {where} GROUP BY status", params
         ):
             counts[status] = count
         return counts
@@ -256,7 +313,7 @@ class LakeView:
     def alert(self, alert_id: str) -> dict[str, Any] | None:
         found = self.dicts(
             ALERT_COLUMNS,
-            f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts_current WHERE alert_id = ?",
+            f"SELECT {', '.join(ALERT_COLUMNS)} FROM current_alerts WHERE alert_id = ?",
             [alert_id],
         )
         return found[0] if found else None
@@ -299,7 +356,7 @@ class LakeView:
         typed = "AND entity_type = ?" if entity_type else ""
         return self.dicts(
             QUEUE_COLUMNS,
-            f"SELECT {', '.join(QUEUE_COLUMNS)} FROM alerts_current WHERE entity = ? {typed} "
+            f"SELECT {', '.join(QUEUE_COLUMNS)} FROM current_alerts WHERE entity = ? {typed} "
             f"ORDER BY raised_at DESC LIMIT {int(limit)}",
             [entity, entity_type] if entity_type else [entity],
         )
@@ -363,7 +420,7 @@ class LakeView:
             "count(*) FILTER (status = 'false_positive'), "
             "count(*) FILTER (status = 'confirmed'), "
             "count(*) FILTER (status <> 'open'), max(raised_at) "
-            "FROM alerts_current GROUP BY rule_id ORDER BY rule_id",
+            "FROM current_alerts GROUP BY rule_id ORDER BY rule_id",
         )
 
     def per_day(self, table: str) -> list[tuple[str, Any, int]]:

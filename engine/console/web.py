@@ -330,6 +330,8 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
 
     def to_login(request: Request) -> RedirectResponse:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if request.method != "GET":
+            target = "/"  # a form's target is no page to come back to
         return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
 
     def problem(request: Request, account: Account | None, message: str, code: int) -> Response:

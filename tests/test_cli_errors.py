@@ -88,6 +88,10 @@ class Places:
         self.bad_outbox = self.root / "bad-outbox"
         (self.bad_outbox / "outbox").mkdir(parents=True)
         (self.bad_outbox / "outbox" / "deliveries.sqlite3").write_bytes(os.urandom(4096))
+        # The console's accounts file and session secret, garbage.
+        (self.mangled / "console").mkdir()
+        (self.mangled / "console" / "accounts.json").write_bytes(os.urandom(256))
+        (self.mangled / "console" / "session.secret").write_bytes(os.urandom(64))
         (self.mangled / "relay").mkdir()
         (self.mangled / "relay" / "state.json").write_bytes(os.urandom(256))
         self.a_file = self.root / "plain-file"

@@ -376,3 +376,22 @@ def test_adduser_and_token_create_from_the_command_line(tmp_path: Path) -> None:
     printed = token.stdout.strip()
     assert printed.startswith("cs_") and printed not in accounts_path(data).read_text()
     assert Accounts.load(accounts_path(data)).check_token(printed) is not None
+
+
+def test_a_broken_accounts_file_is_one_line_from_every_console_command(tmp_path: Path) -> None:
+    data = make_console_data(tmp_path)
+    accounts_path(data).write_bytes(b"\x00\xff{not json")
+    for argv, stdin in (
+        (("console", "adduser", "bo"), "long-enough\n"),
+        (("console", "token", "create", "bo"), ""),
+        (("console", "--listen", "127.0.0.1:0"), ""),
+    ):
+        done = cli(*argv, "--data-dir", str(data), stdin=stdin)
+        assert done.returncode == 1, done
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("callsentry: ") and "accounts.json: not JSON" in last, done.stderr
+        assert "Traceback" not in done.stderr
+    secret_path(data).write_text("not a secret\n")
+    accounts_path(data).unlink()
+    done = cli("console", "--listen", "127.0.0.1:0", "--data-dir", str(data))
+    assert done.returncode == 1 and "session.secret: not a session secret" in done.stderr

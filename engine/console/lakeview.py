@@ -232,7 +232,8 @@ class LakeView:
         return tuple(sorted(found))
 
     def _refresh(self) -> None:
-        """`current_alerts` as `alerts_current` is now, made again if its files changed."""
+        """`current_alerts` as `alerts_current` is now (and `current_reviews`,
+        `current_assignments` as their tables are), made again if their files changed."""
         stamp = self._stamp()
         with self._refresh_lock:
             if stamp == self._current_stamp:
@@ -240,16 +241,23 @@ class LakeView:
             with self._lock:
                 cursor = self._con.cursor()
             try:
+                # One transaction: a page never sees one table new and another old.
+                cursor.execute("BEGIN TRANSACTION")
                 cursor.execute(
                     "CREATE OR REPLACE TABLE current_alerts AS "
                     f"SELECT *, {_RANK} AS severity_rank FROM alerts_current"
                 )
+                cursor.execute("CREATE OR REPLACE TABLE current_reviews AS FROM alert_reviews")
+                cursor.execute(
+                    "CREATE OR REPLACE TABLE current_assignments AS FROM alert_assignments"
+                )
+                cursor.execute("COMMIT")
             finally:
                 cursor.close()
             self._current_stamp = stamp
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        if "current_alerts" in sql:
+        if "current_" in sql:
             try:
                 self._refresh()
             except duckdb.Error as error:
@@ -336,7 +344,7 @@ class LakeView:
         columns = ("alert_id", "reviewed_at", "reviewer", "status", "note")
         return self.dicts(
             columns,
-            f"SELECT {', '.join(columns)} FROM alert_reviews WHERE list_contains(?, alert_id) "
+            f"SELECT {', '.join(columns)} FROM current_reviews WHERE list_contains(?, alert_id) "
             "ORDER BY reviewed_at DESC",
             [list(alert_ids)],
         )
@@ -345,7 +353,7 @@ class LakeView:
         columns = ("assigned_at", "assigned_by", "assignee")
         return self.dicts(
             columns,
-            f"SELECT {', '.join(columns)} FROM alert_assignments WHERE alert_id = ? "
+            f"SELECT {', '.join(columns)} FROM current_assignments WHERE alert_id = ? "
             "ORDER BY assigned_at DESC",
             [alert_id],
         )

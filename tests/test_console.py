@@ -134,6 +134,10 @@ def test_network_text_is_escaped_in_every_page(console_data: Path) -> None:
     for html in pages:
         assert "<script>alert" not in html and "<img src=x" not in html
     alert_page = pages[2]
+    # The start of an id (as `alerts show` takes it) leads to the alert's page.
+    short = client.get(f"/alerts/{script_alert[:8]}", follow_redirects=False)
+    assert short.status_code == 303 and short.headers["location"] == f"/alerts/{script_alert}"
+    assert client.get("/alerts/zzzz", follow_redirects=False).status_code == 404
     assert "&lt;script&gt;alert(&#39;caller&#39;)&lt;/script&gt;" in alert_page
     assert "&lt;img src=x onerror=alert(&#39;menu&#39;)&gt;" in alert_page
     assert "<svg" in alert_page and "threshold 15" in alert_page
@@ -376,6 +380,10 @@ def test_adduser_and_token_create_from_the_command_line(tmp_path: Path) -> None:
     printed = token.stdout.strip()
     assert printed.startswith("cs_") and printed not in accounts_path(data).read_text()
     assert Accounts.load(accounts_path(data)).check_token(printed) is not None
+    # The group's --data-dir counts for its subcommands too.
+    before = cli("console", "--data-dir", str(data), "adduser", "cy", stdin="long-enough\n")
+    assert before.returncode == 0, before.stderr
+    assert "cy" in Accounts.load(accounts_path(data)).users
 
 
 def test_a_broken_accounts_file_is_one_line_from_every_console_command(tmp_path: Path) -> None:

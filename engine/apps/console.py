@@ -27,6 +27,10 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 
 
 def _data_dir(data_dir: Path | None, config: Path | None) -> Path:
+    # `console --data-dir X adduser NAME` means X too, as `console adduser NAME --data-dir X`.
+    given = click.get_current_context().find_object(dict) or {}
+    data_dir = data_dir or given.get("data_dir")
+    config = config or given.get("config")
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     data = settings.store.data_dir
     if not data.is_dir():
@@ -72,6 +76,7 @@ def console(
     """The web console: the alert queue, alerts with their evidence and traffic, entities,
     rules, reviews; and its JSON API under /api/. Without a subcommand it serves."""
     if ctx.invoked_subcommand is not None:
+        ctx.obj = {"data_dir": data_dir, "config": config}
         return
     try:
         host, port = parse_hostport(listen)

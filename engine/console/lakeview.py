@@ -326,6 +326,16 @@ class LakeView:
         )
         return found[0] if found else None
 
+    def alert_ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
+        return [
+            i
+            for (i,) in self.rows(
+                f"SELECT alert_id FROM current_alerts WHERE starts_with(alert_id, ?) "
+                f"ORDER BY alert_id LIMIT {int(limit)}",
+                [prefix],
+            )
+        ]
+
     def evidence(self, alert: dict[str, Any]) -> list[dict[str, Any]]:
         """The alert's evidence calls as the lake has them (those still in progress are
         not in `calls` yet). The time bounds let DuckDB skip other days' files."""

@@ -505,6 +505,10 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
         try:
             alert = console.view.alert(alert_id)
             if alert is None:
+                # The start of an id, as the CLI takes it: its page, when it names one.
+                named = console.view.alert_ids_starting(alert_id) if alert_id else []
+                if len(named) == 1:
+                    return RedirectResponse(f"/alerts/{named[0]}", status_code=303)
                 return problem(request, account, f"no alert {alert_id!r}", 404)
             earlier = [
                 a

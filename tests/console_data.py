@@ -13,6 +13,8 @@ from tests.conftest import make_settings
 SCRIPT_CALLER = "<script>alert('caller')</script>"
 MARKUP_MENU = "<img src=x onerror=alert('menu')>"
 PLAIN_CALLER = "8613811112222"
+# A number with a terminal escape and a right-to-left override: shown as escapes.
+CONTROL_CALLER = "86138\x1b[2J\u202e0000"
 PASSWORDS = {"ana": "ana-password-1", "vic": "vic-password-1"}
 
 
@@ -35,6 +37,7 @@ def events_csv(path: Path) -> None:
 
     for n in range(40):
         call(start + timedelta(seconds=90 * n), f"86139000{n % 7:05d}", "2", "Balance", 60)
+    call(start + timedelta(minutes=5), CONTROL_CALLER, "2", "Balance\x07", 30)
     for n in range(20):
         call(start + timedelta(minutes=20, seconds=5 * n), SCRIPT_CALLER, "7", MARKUP_MENU, 2)
     for n in range(18):

@@ -29,7 +29,13 @@ from engine.console.safety import LoginThrottle
 from engine.console.web import Console, create_app
 from engine.lake.parquet import Lake
 from engine.lake.reviews import list_alerts
-from tests.console_data import MARKUP_MENU, PASSWORDS, PLAIN_CALLER, SCRIPT_CALLER
+from tests.console_data import (
+    CONTROL_CALLER,
+    MARKUP_MENU,
+    PASSWORDS,
+    PLAIN_CALLER,
+    SCRIPT_CALLER,
+)
 from tests.console_data import console_data_dir as make_console_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +140,10 @@ def test_network_text_is_escaped_in_every_page(console_data: Path) -> None:
     for html in pages:
         assert "<script>alert" not in html and "<img src=x" not in html
     alert_page = pages[2]
+    # Control and reordering characters are visible escapes, as in a terminal.
+    control = client.get("/entity", params={"value": CONTROL_CALLER}).text
+    assert "86138\\x1b[2J\\u202e0000" in control and "\x1b" not in control
+    assert "\u202e" not in control and "Balance\\x07" in control
     # The start of an id (as `alerts show` takes it) leads to the alert's page.
     short = client.get(f"/alerts/{script_alert[:8]}", follow_redirects=False)
     assert short.status_code == 303 and short.headers["location"] == f"/alerts/{script_alert}"
@@ -141,6 +151,8 @@ def test_network_text_is_escaped_in_every_page(console_data: Path) -> None:
     assert "&lt;script&gt;alert(&#39;caller&#39;)&lt;/script&gt;" in alert_page
     assert "&lt;img src=x onerror=alert(&#39;menu&#39;)&gt;" in alert_page
     assert "<svg" in alert_page and "threshold 15" in alert_page
+    # The rule's file keeps its lines (its text passes shown() line by line).
+    assert '<pre class="yaml">id: short-calls-caller\ntitle: ' in alert_page
     # The chart's texts are escaped too (the entity is in its title).
     svg = alert_page[alert_page.index("<svg") : alert_page.index("</svg>")]
     assert "&lt;script&gt;" in svg and "<script" not in svg

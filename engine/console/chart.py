@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from markupsafe import Markup, escape
 
+from engine.core.text import shown
+
 WIDTH = 720
 HEIGHT = 220
 LEFT = 44
@@ -50,6 +52,10 @@ def bar_chart(
 ) -> Markup:
     """Bars labelled by `bars`' texts (every `label_every`-th shown, 0: about eight),
     a dashed horizontal line at `threshold`, and a shaded `band`."""
+    # Texts as every page shows them: shown() first, then escaped by Markup.format.
+    title = shown(title)
+    threshold_label = shown(threshold_label)
+    bars = [(shown(label), value) for label, value in bars]
     count = max(1, len(bars))
     peak = max([v for _, v in bars] + [threshold or 0.0, 1.0])
     top = _nice_top(peak)

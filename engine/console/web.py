@@ -31,6 +31,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
 from pydantic import BaseModel, Field
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -108,6 +109,18 @@ def _number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.1f}" if not value.is_integer() else f"{value:g}"
     return str(value)
+
+
+def _shown_text(value: Any) -> Any:
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return shown(value)
+    return value
+
+
+def _lines(text: str) -> Markup:
+    """A text of several lines (a rule file) for a <pre>: each line as `shown` gives it,
+    escaped; the line breaks kept."""
+    return Markup("\n").join(escape(shown(line)) for line in text.splitlines())
 
 
 def _json(value: Any) -> Any:
@@ -265,8 +278,13 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
         loader=FileSystemLoader(HERE / "templates"),
         autoescape=select_autoescape(["html"], default_for_string=True, default=True),
     )
+    # Every text a page shows passes engine.core.text.shown first (control and
+    # reordering characters as visible escapes), then autoescape: the rule of
+    # html_text, for every {{ value }} (the charts' Markup is escaped already).
+    env.finalize = _shown_text
     env.filters["when"] = _when
     env.filters["number"] = _number
+    env.filters["lines"] = _lines
 
     @app.middleware("http")
     async def safe_headers(

@@ -55,7 +55,7 @@ def _seeds(name: str, folder: Path) -> None:
         seeds = [path.read_bytes() for path in sorted((ROOT / "rules" / "lists").glob("*.yaml"))]
     elif name == "scenario-yaml":
         seeds = [path.read_bytes() for path in sorted((ROOT / "data" / "scenarios").glob("*"))]
-    elif name == "settings":
+    elif name in ("settings", "notify-channel"):
         readme = (ROOT / "README.md").read_text(encoding="utf-8")
         seeds = [block.encode() for block in re.findall(r"```toml\n(.*?)```", readme, re.S)]
     for number, seed in enumerate(seeds):

@@ -371,6 +371,21 @@ _SECTIONS = {
         "encoding",
         "window",
     ],
+    # `[[notify.channels]]`: a notification channel.
+    "[notify.channels]": [
+        "name",
+        "url",
+        "syslog",
+        "facility",
+        "severities",
+        "levels",
+        "rules",
+        "tags",
+        "rate_limit",
+        "rate_period_s",
+    ],
+    "notify": ["channels"],
+    "console": ["public_url"],
     "nope": ["x"],
 }
 _toml_values = st.one_of(
@@ -387,6 +402,17 @@ _toml_values = st.one_of(
             '"../../etc/passwd"',
             '"off"',
             '"127.0.0.1:99999"',
+            # Channels: Apprise URLs (a secret from an unset variable), syslog, routes.
+            '"json://127.0.0.1:9/hook"',
+            '"mailtos://u:${SMTP_PASSWORD}@smtp.example.org?to=a@example.org"',
+            '"slack://${}/x"',
+            '"nope://x"',
+            '"udp://127.0.0.1:514"',
+            '"tcp://[::1]:6514"',
+            '"local0"',
+            '["critical", "high"]',
+            '["warning"]',
+            '"https://console.example.org/"',
         ]
     ),
     st.text(max_size=20).map(json.dumps),
@@ -433,6 +459,28 @@ def load_settings_file(data: bytes) -> None:
                 raise Escape("a settings error without a message") from error
         except Exception as error:
             raise Escape(f"loading settings raised {error!r} on {data[:300]!r}") from error
+
+
+# -- a notification channel: an Apprise URL or a syslog target, from any text ----------
+
+_SCHEMES = ["json", "mailto", "mailtos", "slack", "tgram", "msteams", "discord", "udp", "tcp", ""]
+
+
+@st.composite
+def notify_channel_files(draw: st.DrawFn) -> bytes:
+    """A settings file with one `[[notify.channels]]` whose URL is any text after a
+    scheme Apprise knows (or not); `load_settings_file` reads it (as `make soak` does)."""
+    kind = draw(st.sampled_from(["url", "syslog"]))
+    scheme = draw(st.sampled_from(_SCHEMES))
+    rest = draw(st.one_of(st.text(max_size=60), st.sampled_from(["${X}/y", "${}", "h:0", "[::1]"])))
+    lines = [
+        "[[notify.channels]]",
+        f"name = {json.dumps(draw(st.sampled_from(['c', 'a b', ''])))}",
+        f"{kind} = {json.dumps(scheme + '://' + rest)}",
+    ]
+    if draw(st.booleans()):
+        lines.append(f"rules = {json.dumps(draw(st.lists(st.text(max_size=8), max_size=2)))}")
+    return "\n".join(lines).encode("utf-8", "surrogatepass")
 
 
 # -- the relay: a target's answers, and its own state file -----------------------------
@@ -655,6 +703,7 @@ TARGETS = (
     Target("list-yaml", list_files(), load_list_file),
     Target("scenario-yaml", scenario_files(), load_scenario_file),
     Target("settings", settings_files(), load_settings_file),
+    Target("notify-channel", notify_channel_files(), load_settings_file),
     Target("relay-answer", _answers, read_answer),
     Target("relay-state", relay_states(), load_relay_state),
     Target("console-accounts", accounts_files(), load_accounts_file),

@@ -379,6 +379,39 @@ def test_bad_switch_and_check_settings_are_one_line_before_anything_runs(
     assert not (tmp_path / "data").exists(), "refused before the data dir was made"
 
 
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            '[[notify.channels]]\nname = "mail"\nurl = "nope://x"',
+            "notify.channels.0 (from {config}): channel 'mail': url (nope://...) is not a URL "
+            "Apprise can use",
+        ),
+        (
+            '[[notify.channels]]\nname = "chat"\nurl = "slack://${NO_SUCH_TOKEN}"',
+            "notify.channels.0 (from {config}): channel 'chat': environment variable "
+            "NO_SUCH_TOKEN (named as ${{NO_SUCH_TOKEN}}) is not set",
+        ),
+        (
+            '[[notify.channels]]\nname = "siem"\nsyslog = "udp://10.0.0.9"\nfacility = "x"',
+            "notify.channels.0.facility (from {config}): 'x' is not a syslog facility",
+        ),
+        (
+            '[[notify.channels]]\nname = "siem"\nsyslog = "10.0.0.9:514"',
+            "notify.channels.0 (from {config}): channel 'siem': syslog '10.0.0.9:514' is not",
+        ),
+        ('[notify]\nchannels = "mail"', "notify.channels (from {config}): "),
+        ('[console]\npublic_url = "ftp://x"', "console.public_url (from {config}): 'ftp://x'"),
+    ],
+)
+def test_bad_notification_settings_are_one_line_before_anything_runs(
+    tmp_path: Path, settings: str, expected: str
+) -> None:
+    test_bad_switch_and_check_settings_are_one_line_before_anything_runs(
+        tmp_path, settings, expected
+    )
+
+
 def test_check_without_send_says_so(tmp_path: Path) -> None:
     scenario = str(ROOT / "data" / "scenarios" / "sample.yaml")
     argv = ["simulate", "--scenario", scenario, "--to-file", str(tmp_path / "out"), "--check"]

@@ -198,6 +198,24 @@ class Outbox:
         self._write(insert)
         return added[0]
 
+    def enqueue_later(self, destination: str, key: str, payload: bytes, not_before: float) -> bool:
+        """`enqueue`, due no sooner than `not_before` (a notification channel's digest
+        waits for the end of its rate limit's period)."""
+        added: list[int] = []
+        row = (destination, key, payload, self.clock(), not_before)
+
+        def insert(db: sqlite3.Connection) -> None:
+            before = db.total_changes
+            db.execute(
+                "INSERT OR IGNORE INTO deliveries (destination, key, payload, enqueued_at, "
+                "next_at) VALUES (?, ?, ?, ?, max(?4, ?5))",
+                row,
+            )
+            added.append(db.total_changes - before)
+
+        self._write(insert)
+        return added[0] == 1
+
     def due(self, destination: str, now: float, limit: int = 100) -> list[Delivery]:
         """Pending deliveries of `destination` whose time has come, oldest first."""
         rows = self._read(

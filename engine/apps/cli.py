@@ -28,6 +28,7 @@ from engine.apps.commandline import (
     setup_logging,
 )
 from engine.apps.console import console
+from engine.apps.notifycli import notify
 from engine.core.text import shown
 
 # Each command imports what it needs when it runs: `--help` and the small commands
@@ -280,6 +281,9 @@ def config_check(config: Path | None) -> None:
         for key, value in values.items():
             if key.endswith("_token") and value:
                 value = "(set, not shown)"  # secrets stay out of terminals and logs
+            if (section, key) == ("notify", "channels"):
+                # An Apprise URL carries tokens and passwords: shown masked.
+                value = [channel.shown() for channel in settings.notify.channels]
             if value is None:
                 # TOML has no null: an unset key is said as a comment, with what it means.
                 meaning = (
@@ -986,3 +990,4 @@ def checks_list(data_dir: Path | None, config: Path | None, limit: int) -> None:
 
 
 main.add_command(console)
+main.add_command(notify)

@@ -28,7 +28,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from engine.apps.settings import DetectionSettings, Settings, parse_hours, time_zone
+from engine.apps.settings import (
+    ChannelSettings,
+    DetectionSettings,
+    Settings,
+    parse_hours,
+    time_zone,
+)
 from engine.core.runtime import tune_gc_for_detection
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.stats import RULES_INVALID, RULES_LOADING, SharedCounters
@@ -38,6 +44,7 @@ from engine.ingest.store import StoreError, lake_writer_lock
 RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
+    from engine.alerts.notify import Transport
     from engine.alerts.outbox import Destination
     from engine.core.yamlfile import YamlDocument
     from engine.detect.alerts import Alert, AlertSink
@@ -138,19 +145,44 @@ def make_sinks(settings: Settings) -> list[AlertSink]:
     return sinks
 
 
-def make_durable_sinks(settings: Settings) -> list[AlertSink]:
+def make_durable_sinks(
+    settings: Settings, tags_of: Callable[[str], Sequence[str]] = lambda rule_id: ()
+) -> list[AlertSink]:
     """What leaves the machine goes through the outbox (serve's couriers send it);
-    only `serve`'s lake writer makes these: replay and backtest never deliver."""
+    only `serve`'s lake writer makes these: replay and backtest never deliver.
+    `tags_of(rule_id)`: the tags of a rule, for the notification channels' routes."""
+    from engine.alerts.notify import NotifySink, Route
     from engine.alerts.outbox import Outbox, OutboxSink
 
-    destinations = outbox_destinations(settings)
-    if not destinations:
+    webhook = settings.detection.webhook_url
+    channels = settings.notify.channels
+    if not webhook and not channels:
         return []
-    return [OutboxSink(Outbox.of(settings.store.data_dir), [d.name for d in destinations])]
+    outbox = Outbox.of(settings.store.data_dir)
+    sinks: list[AlertSink] = []
+    if webhook:
+        sinks.append(OutboxSink(outbox, ["webhook"]))
+    if channels:
+        routes = [
+            (
+                channel.label,
+                Route(
+                    severities=frozenset(channel.severities),
+                    levels=frozenset(channel.levels),
+                    rules=tuple(channel.rules),
+                    tags=frozenset(channel.tags),
+                ),
+            )
+            for channel in channels
+        ]
+        sinks.append(NotifySink(outbox, routes, tags_of))
+    return sinks
 
 
 def outbox_destinations(settings: Settings) -> list[Destination]:
-    """Where deliveries go, by name, as configured (the webhook, when set)."""
+    """Where deliveries go, by name, as configured (the webhook, when set; each
+    notification channel as `notify.NAME`)."""
+    from engine.alerts.notify import NotifyDestination
     from engine.alerts.outbox import WebhookDestination
 
     detection = settings.detection
@@ -163,7 +195,44 @@ def outbox_destinations(settings: Settings) -> list[Destination]:
                 timeout_s=settings.outbox.timeout_s,
             )
         )
+    for channel in settings.notify.channels:
+        destinations.append(
+            NotifyDestination(
+                channel.label,
+                channel_transport(channel, settings.outbox.timeout_s),
+                settings.store.data_dir,
+                limit=channel.limit,
+                period_s=channel.rate_period_s,
+                public_url=settings.console.public_url,
+            )
+        )
     return destinations
+
+
+def channel_transport(channel: ChannelSettings, timeout_s: float) -> Transport:
+    """How a notification channel's messages leave: its Apprise URL, or syslog."""
+    from engine.alerts.notify import AppriseTransport, SyslogTransport
+    from engine.apps.settings import syslog_target
+
+    if channel.syslog:
+        protocol, host, port = syslog_target(channel.syslog)
+        return SyslogTransport(protocol, host, port, facility=channel.facility, timeout_s=timeout_s)
+    return AppriseTransport(channel.expanded_url, secrets=channel.secrets, timeout_s=timeout_s)
+
+
+def rule_tags(pipeline: Pipeline | None) -> Callable[[str], Sequence[str]]:
+    """The tags of the rule with that id in the rules `pipeline` runs now (they may be
+    reloaded); none for a model or a system alert."""
+
+    def tags_of(rule_id: str) -> Sequence[str]:
+        if pipeline is None:
+            return ()
+        for rule in pipeline.rules.rules:
+            if rule.id == rule_id:
+                return list(rule.spec.tags)
+        return ()
+
+    return tags_of
 
 
 def check_rules(rules_dir: Path) -> None:
@@ -359,7 +428,9 @@ def run(
     alert_counts.cancel_join_thread()
     tally = AlertTally(alert_counts)
     sinks = [*make_sinks(settings), tally]
-    outbox = _until_it_works(starting, lambda: make_durable_sinks(settings), stop, receiver_pid)
+    outbox = _until_it_works(
+        starting, lambda: make_durable_sinks(settings, rule_tags(pipeline)), stop, receiver_pid
+    )
     if outbox is None:
         lock.release()
         return

@@ -29,7 +29,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -463,6 +465,206 @@ class RelaySettings(_Section):
         return self
 
 
+# `${NAME}` in a channel's URL: the environment variable NAME's value (a token or a
+# password stays out of the settings file, and out of `config check`).
+_ENV_REFERENCE = re.compile(r"\$\{([^}]*)\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def expand_environment(text: str, environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """`text` with each `${NAME}` replaced by that variable's value, and the values put
+    in (to scrub them from any error text); ValueError naming a variable that is unset.
+
+    >>> expand_environment("tgram://${BOT}/1", {"BOT": "123:abc"})
+    ('tgram://123:abc/1', ['123:abc'])
+    """
+    secrets: list[str] = []
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"${{{name}}} does not name an environment variable")
+        if name not in environ:
+            raise ValueError(f"environment variable {name} (named as ${{{name}}}) is not set")
+        secrets.append(environ[name])
+        return environ[name]
+
+    return _ENV_REFERENCE.sub(value, text), [s for s in secrets if s]
+
+
+class ChannelSettings(_Section):
+    """A notification channel (`[[notify.channels]]`): an Apprise URL or a syslog
+    receiver, and which alerts it takes (each list empty: any; all lists must match)."""
+
+    # Names the channel's outbox destination (`notify.NAME`), its metrics and state.
+    name: str
+    # An Apprise URL (mailtos://, slack://, msteams://, tgram://, json://, ...); `${NAME}`
+    # takes a secret from the environment variable NAME. Exactly one of url and syslog.
+    url: str = Field(default="", repr=False)
+    # A syslog receiver, RFC 5424: udp://HOST:PORT or tcp://HOST:PORT (default port 514).
+    syslog: str = ""
+    facility: str = "local0"
+    severities: list[Literal["low", "medium", "high", "critical"]] = Field(default_factory=list)
+    # An alert's level (warning or critical; an alert without one is at its rule's main
+    # threshold, so critical).
+    levels: list[Literal["warning", "critical"]] = Field(default_factory=list)
+    # Rule or model ids, shell-style patterns (`short-calls-*`).
+    rules: list[str] = Field(default_factory=list)
+    # Any of these tags of the alert's rule.
+    tags: list[str] = Field(default_factory=list)
+    # At most this many messages per `rate_period_s`; past it the alerts wait and go
+    # together in one digest. 0: no limit. Unset: 20 for a URL, 0 for syslog (a SIEM
+    # wants every event).
+    rate_limit: int | None = Field(default=None, ge=0, le=100_000)
+    rate_period_s: float = Field(default=3600.0, gt=0, le=86_400)
+    # The URL with its `${NAME}`s expanded, and their values: never shown or logged.
+    _expanded: str = PrivateAttr(default="")
+    _secrets: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _TARGET_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r}: a channel's name is 1 to 64 letters, digits, '_', '.' or '-' "
+                "(it names an outbox destination and a metric label)"
+            )
+        return value
+
+    @field_validator("facility")
+    @classmethod
+    def _check_facility(cls, value: str) -> str:
+        from engine.alerts.notify import SYSLOG_FACILITIES
+
+        if value not in SYSLOG_FACILITIES:
+            raise ValueError(f"{value!r} is not a syslog facility ({', '.join(SYSLOG_FACILITIES)})")
+        return value
+
+    @model_validator(mode="after")
+    def _check_target(self, info: ValidationInfo) -> ChannelSettings:
+        where = f"channel {self.name!r}"
+        if bool(self.url) == bool(self.syslog):
+            raise ValueError(f"{where}: give either url (an Apprise URL) or syslog, not both")
+        if self.syslog:
+            syslog_target(self.syslog, where)
+            return self
+        environ = (info.context or {}).get("environ", os.environ)
+        try:
+            expanded, secrets = expand_environment(self.url, environ)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        problem = apprise_problem(expanded)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        self._expanded = expanded
+        self._secrets = tuple(secrets)
+        return self
+
+    @property
+    def label(self) -> str:
+        """The channel's outbox destination."""
+        return f"notify.{self.name}"
+
+    @property
+    def limit(self) -> int:
+        if self.rate_limit is not None:
+            return self.rate_limit
+        return 0 if self.syslog else 20
+
+    @property
+    def expanded_url(self) -> str:
+        return self._expanded
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return self._secrets
+
+    def shown(self) -> dict[str, Any]:
+        """The channel as `config check` prints it: the URL with its tokens and
+        passwords masked."""
+        data = self.model_dump(mode="json")
+        if self.url:
+            data["url"] = apprise_masked(self._expanded)
+        data["rate_limit"] = self.limit
+        return data
+
+
+def syslog_target(text: str, where: str = "syslog") -> tuple[str, str, int]:
+    """`udp://HOST:PORT` or `tcp://HOST:PORT` -> (protocol, host, port)."""
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("udp", "tcp"):
+        raise ValueError(f"{where}: syslog {text!r} is not udp://HOST:PORT or tcp://HOST:PORT")
+    try:
+        host, port = parse_hostport(rest, 514)
+    except ValueError as error:
+        raise ValueError(f"{where}: syslog {error}") from None
+    if not host or port == 0 or "/" in host:
+        raise ValueError(f"{where}: syslog {text!r} names no host and port")
+    return scheme, host, port
+
+
+def _apprise() -> Any:
+    import apprise  # only where channels are configured: it loads its many plugins
+
+    return apprise
+
+
+def apprise_problem(url: str) -> str:
+    """Why Apprise cannot use `url` ("" when it can); never quotes the URL (it may hold a
+    token), only its scheme."""
+    scheme = url.partition("://")[0] if "://" in url else ""
+    if not scheme:
+        return "url is not an Apprise URL (SCHEME://..., e.g. mailtos://, slack://, json://)"
+    apprise = _apprise()
+    if apprise.Apprise.instantiate(url, asset=apprise.AppriseAsset(storage_mode="memory")) is None:
+        return (
+            f"url ({shown_scheme(scheme)}://...) is not a URL Apprise can use: an unknown "
+            "scheme, or a part missing or malformed (see the Apprise documentation "
+            "for that service)"
+        )
+    return ""
+
+
+def shown_scheme(scheme: str) -> str:
+    return scheme if re.fullmatch(r"[A-Za-z0-9+.-]{1,32}", scheme) else "?"
+
+
+def apprise_masked(url: str) -> str:
+    apprise = _apprise()
+    service = apprise.Apprise.instantiate(url, asset=apprise.AppriseAsset(storage_mode="memory"))
+    return str(service.url(privacy=True)) if service is not None else "(not shown)"
+
+
+class NotifySettings(_Section):
+    """Notifications that reach people (engine.alerts.notify): each channel gets the
+    alerts it routes, through the outbox ([outbox] settings)."""
+
+    channels: list[ChannelSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> NotifySettings:
+        names: set[str] = set()
+        for channel in self.channels:
+            if channel.name in names:
+                raise ValueError(f"two channels are named {channel.name!r}")
+            names.add(channel.name)
+        return self
+
+
+class ConsoleSettings(_Section):
+    # Where people reach the console (https://callsentry.example.org): each notification
+    # links to {public_url}/alerts/{alert_id}. "": messages name the alert id only.
+    public_url: str = ""
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if value and not re.fullmatch(r"https?://[^\s\x00-\x1f\x7f\"'<>\\`{}|^]+", value):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
+
+
 class Settings(_Section):
     receiver: ReceiverSettings = Field(default_factory=ReceiverSettings)
     codec: CodecSettings = Field(default_factory=CodecSettings)
@@ -471,6 +673,8 @@ class Settings(_Section):
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
 
 
 def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -534,14 +738,16 @@ def load_settings(
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: {error}") from None
         origin.update((key, str(path)) for key in _flatten(tree))
-    env_layer, env_origin = _env_layer(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    env_layer, env_origin = _env_layer(environ)
     tree = _merge(tree, env_layer)
     origin.update(env_origin)
     if overrides:
         tree = _merge(tree, overrides)
         origin.update((key, "a flag") for key in _flatten(overrides))
     try:
-        return Settings.model_validate(tree)
+        # The environment also fills the `${NAME}`s of channel URLs.
+        return Settings.model_validate(tree, context={"environ": environ})
     except ValidationError as error:
         lines = []
         for problem in error.errors():

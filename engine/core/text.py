@@ -2,10 +2,10 @@
 
 Caller and callee numbers, forward numbers and menu names come from the switch (or
 from whoever can reach its port) and are stored as received, for forensics. Wherever
-they are shown (a terminal, a log line, later a web page or a message) they pass
+they are shown (a terminal, a log line, a web page, a notification) they pass
 through one function for that kind of output, so an ESC sequence cannot clear a
-reviewer's screen, a newline cannot forge a log line, and a leading `=` cannot
-become a spreadsheet formula:
+reviewer's screen, a newline cannot forge a log line, a leading `=` cannot become a
+spreadsheet formula, and markup cannot become a link or a tag in a message:
 
 >>> shown("8613800000001\\x1b[2J\\nALERT forged")
 '8613800000001\\\\x1b[2J\\\\x0aALERT forged'
@@ -13,6 +13,19 @@ become a spreadsheet formula:
 'Menú principal 主菜单'
 >>> csv_cell("=HYPERLINK(\\"http://x\\")")
 '\\'=HYPERLINK("http://x")'
+>>> markdown_text("*[pay](http://x)* <b>")
+'\\\\*\\\\[pay\\\\](http://x)\\\\* \\\\<b\\\\>'
+>>> markdown_text("# Menu 1.2-b")
+'\\\\# Menu 1.2-b'
+>>> html_text('<img src=x onerror="alert(1)">')
+'&lt;img src=x onerror=&quot;alert(1)&quot;&gt;'
+>>> syslog_param('a"b]c\\\\d')
+'a\\\\"b\\\\]c\\\\\\\\d'
+
+One function per kind of output: `shown` (terminal, log, plain-text message),
+`csv_cell` (a spreadsheet), `html_text` (a web page, an HTML e-mail), `markdown_text`
+(a chat message: Slack, Teams, Telegram, Discord...), `syslog_param` (an RFC 5424
+structured-data value).
 
 Templates (a rule's `summary`, and every template added later) name fields in braces;
 `check_template` refuses, at validation, any placeholder that formatting would not
@@ -27,6 +40,7 @@ ValueError: placeholder {entity.nope}: only plain names are accepted (known: ent
 
 from __future__ import annotations
 
+import html
 import re
 import string
 from collections.abc import Collection
@@ -57,6 +71,39 @@ def csv_cell(text: str) -> str:
     if safe[:1] in ("=", "+", "-", "@"):
         return "'" + safe
     return safe
+
+
+# What CommonMark (with GitHub's tables and strikethrough) reads as markup inside a
+# line: emphasis, code spans, links and images, HTML tags, entities and autolinks,
+# table cells, strikethrough, and the backslash itself. Apprise turns CommonMark
+# into each chat's own dialect (Slack, Telegram), escapes included.
+_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]<>&|~])")
+# ...and at the start of a line also headings, lists, quotes and thematic breaks (the
+# other punctuation there, escaped or not, is text).
+_MARKDOWN_LEADING = re.compile(r"^([!\"#$%'()+,\-./:;=?@^{}])")
+
+
+def markdown_text(text: str) -> str:
+    """`text` for a Markdown (CommonMark) message: escaped as by `shown` (so it is one
+    line), then every character that would start markup backslash-escaped, so it reads
+    as the text it is, wherever in a line it stands."""
+    return _MARKDOWN_LEADING.sub(r"\\\1", _MARKDOWN_INLINE.sub(r"\\\1", shown(text)), count=1)
+
+
+def html_text(text: str) -> str:
+    """`text` for HTML (a page, an HTML e-mail, an attribute value in double or single
+    quotes): escaped as by `shown`, then `&`, `<`, `>`, `"` and `'` as entities."""
+    return html.escape(shown(text), quote=True)
+
+
+_SYSLOG_SPECIAL = re.compile(r'(["\\\]])')
+
+
+def syslog_param(text: str) -> str:
+    """`text` as an RFC 5424 PARAM-VALUE (inside its double quotes): escaped as by
+    `shown` (a SIEM splits on newlines), then `"`, `\\` and `]` backslash-escaped,
+    as section 6.3.3 requires."""
+    return _SYSLOG_SPECIAL.sub(r"\\\1", shown(text))
 
 
 def check_template(template: str, fields: Collection[str]) -> None:

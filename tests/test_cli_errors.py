@@ -240,6 +240,9 @@ def test_a_group_alone_prints_its_help(tmp_path: Path) -> None:
         assert outcome.stderr == ""
 
 
+# Every case of every command is an interpreter start, so the run grows with the
+# commands; on a busy 2-core machine it can pass the default hang timeout.
+@pytest.mark.timeout(900)
 def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
     places = Places(tmp_path)
     # The address is taken for UDP and TCP alike (`console` serves over TCP).

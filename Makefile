@@ -75,6 +75,7 @@ bench: setup
 	$(BIN)/python bench/replay.py --rounds 5
 	$(BIN)/python bench/stream.py --rounds 3
 	$(BIN)/python bench/detection.py
+	$(BIN)/python bench/console.py
 
 # Faults at length (kills, loss, a full disk, the fuzz targets' long budgets): about an
 # hour on two cores; the figures go to bench/README.md.

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import yaml
 from hypothesis import strategies as st
@@ -752,6 +753,159 @@ def render_requests(alert: dict[str, Any]) -> None:
         raise Escape(f"an argument starts an option: {run.argv!r}")
 
 
+# -- the console: its accounts file, its filters, its forms ----------------------------
+
+_ACCOUNT_KEYS = ["role", "password", "sha256", "created_at", "x"]
+
+
+@st.composite
+def accounts_files(draw: st.DrawFn) -> bytes:
+    if draw(st.integers(0, 3)) == 0:
+        return draw(st.binary(max_size=300))
+    entry = draw(
+        st.dictionaries(
+            st.sampled_from(_ACCOUNT_KEYS),
+            st.one_of(
+                st.sampled_from(["reviewer", "viewer", "admin", "$argon2id$v=19$x", "ab" * 32]),
+                _state_values,
+            ),
+        )
+    )
+    name = draw(st.one_of(st.sampled_from(["ana", "a.b@c", ""]), st.text(max_size=8)))
+    document: dict[str, Any] = {
+        "version": draw(st.sampled_from([1, 2, "1", None])),
+        draw(st.sampled_from(["users", "tokens"])): {name: entry},
+    }
+    if draw(st.booleans()):
+        document[draw(st.sampled_from(["users", "tokens", "extra"]))] = draw(_state_values)
+    return json.dumps(document).encode()
+
+
+def load_accounts_file(data: bytes) -> None:
+    from engine.console.accounts import Accounts, AccountsFileError
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "accounts.json"
+        path.write_bytes(data)
+        try:
+            accounts = Accounts.load(path)
+        except AccountsFileError as error:
+            if str(path) not in str(error):
+                raise Escape(f"an accounts error without the file: {error}") from error
+            return
+        except Exception as error:
+            raise Escape(f"loading accounts raised {error!r} on {data[:300]!r}") from error
+        # What loads can be written back and checked against without an exception.
+        accounts.save()
+        for account in accounts.users.values():
+            accounts.check_password(account.name, "not-it")
+        accounts.check_token("cs_not-it")
+
+
+# Stands for the session's own CSRF token, so the forms get past the token check too.
+VALID_CSRF = "<the session's csrf token>"
+_FORM_KEYS = [
+    "status",
+    "severity",
+    "rule",
+    "entity",
+    "assignee",
+    "since",
+    "until",
+    "alert_id",
+    "note",
+    "action",
+    "back",
+    "csrf",
+    "username",
+    "password",
+    "next",
+    "value",
+    "type",
+    "limit",
+]
+_form_values = st.one_of(
+    st.sampled_from(
+        ["", "all", "fp", "critical", "2026-12-05", "me", "review", "assign", "//x", VALID_CSRF]
+    ),
+    st.text(max_size=20),
+)
+console_forms = st.lists(st.tuples(st.sampled_from(_FORM_KEYS), _form_values), max_size=8)
+
+
+def queue_filter_of(pairs: list[tuple[str, str]]) -> None:
+    from starlette.datastructures import QueryParams
+
+    from engine.console.web import BadRequest, queue_filter
+
+    try:
+        queue_filter(QueryParams(pairs))
+    except BadRequest:
+        pass
+    except Exception as error:
+        raise Escape(f"the queue's filters raised {error!r} on {pairs!r}") from error
+
+
+_CONSOLE: list[Any] = []
+
+
+def _console_client() -> Any:
+    """One console over an empty lake and one signed-in reviewer, made once."""
+    if not _CONSOLE:
+        from fastapi.testclient import TestClient
+
+        from engine.console.accounts import Accounts, accounts_path, session_secret
+        from engine.console.lakeview import LakeView, RuleBook
+        from engine.console.web import Console, create_app
+        from engine.lake.parquet import Lake
+
+        data = Path(tempfile.mkdtemp(prefix="callsentry-fuzz-console-"))
+        Lake(data).prepare()
+        accounts = Accounts.load(accounts_path(data))
+        accounts.set_user("ana", "reviewer", "fuzz-password")
+        accounts.save()
+        console = Console(data, LakeView(data), RuleBook.read(RULES))
+        client = TestClient(create_app(console, session_secret(data)))
+        page = client.get("/login").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert csrf is not None
+        client.post(
+            "/login",
+            data={"username": "ana", "password": "fuzz-password", "csrf": csrf.group(1)},
+            follow_redirects=False,
+        )
+        signed_in = re.search(r'name="csrf" value="([^"]+)"', client.get("/").text)
+        assert signed_in is not None
+        _CONSOLE.append((client, signed_in.group(1)))
+    return _CONSOLE[0]
+
+
+def post_console_forms(pairs: list[tuple[str, str]]) -> None:
+    client, csrf = _console_client()
+    pairs = [(key, csrf if value == VALID_CSRF else value) for key, value in pairs]
+    for method, path in (
+        ("GET", "/"),
+        ("GET", "/entity"),
+        ("GET", "/api/alerts"),
+        ("POST", "/act"),
+        ("POST", "/login"),
+    ):
+        try:
+            if method == "GET":
+                answer = client.get(path, params=pairs, follow_redirects=False)
+            else:
+                answer = client.post(
+                    path,
+                    content=urlencode(pairs),
+                    headers={"Content-Type": "application/x-www-form-urlencoded"},
+                    follow_redirects=False,
+                )
+        except Exception as error:
+            raise Escape(f"{method} {path} raised {error!r} on {pairs!r}") from error
+        if answer.status_code >= 500:
+            raise Escape(f"{method} {path} answered {answer.status_code} on {pairs!r}")
+
+
 TARGETS = (
     Target("codec", datagrams, decode_datagram),
     Target("key-reader", datagrams, read_key),
@@ -769,4 +923,7 @@ TARGETS = (
     Target("relay-state", relay_states(), load_relay_state),
     Target("action-yaml", action_files(), load_action_file),
     Target("action-request", alert_fields(), render_requests),
+    Target("console-accounts", accounts_files(), load_accounts_file),
+    Target("console-filters", console_forms, queue_filter_of),
+    Target("console-forms", console_forms, post_console_forms),
 )

@@ -49,6 +49,9 @@ def leaf_commands(
         command = group.get_command(ctx, name)
         assert command is not None
         if isinstance(command, click.Group):
+            if command.invoke_without_command:
+                # A group that does its own work too (`console` serves): run as a command.
+                yield (*words, name), command
             yield from leaf_commands(command, (*words, name))
         else:
             yield (*words, name), command
@@ -87,6 +90,10 @@ class Places:
         self.bad_outbox = self.root / "bad-outbox"
         (self.bad_outbox / "outbox").mkdir(parents=True)
         (self.bad_outbox / "outbox" / "deliveries.sqlite3").write_bytes(os.urandom(4096))
+        # The console's accounts file and session secret, garbage.
+        (self.mangled / "console").mkdir()
+        (self.mangled / "console" / "accounts.json").write_bytes(os.urandom(256))
+        (self.mangled / "console" / "session.secret").write_bytes(os.urandom(64))
         (self.mangled / "relay").mkdir()
         (self.mangled / "relay" / "state.json").write_bytes(os.urandom(256))
         self.a_file = self.root / "plain-file"
@@ -215,6 +222,7 @@ def test_the_commands_are_found_in_the_cli() -> None:
     names = {" ".join(words) for words, _ in leaf_commands()}
     # A few that exist today: the walk goes into groups.
     assert {"serve", "replay", "alerts list", "rules backtest", "config check"} <= names
+    assert {"console", "console adduser", "console token create"} <= names
 
 
 def groups(group: click.Group = main, words: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -222,7 +230,7 @@ def groups(group: click.Group = main, words: tuple[str, ...] = ()) -> Iterator[t
     ctx = click.Context(group)
     for name in group.list_commands(ctx):
         command = group.get_command(ctx, name)
-        if isinstance(command, click.Group):
+        if isinstance(command, click.Group) and not command.invoke_without_command:
             yield from groups(command, (*words, name))
 
 
@@ -239,8 +247,14 @@ def test_a_group_alone_prints_its_help(tmp_path: Path) -> None:
 @pytest.mark.timeout(900)
 def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
     places = Places(tmp_path)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
-        taken.bind(("127.0.0.1", 0))
+    # The address is taken for UDP and TCP alike (`console` serves over TCP).
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken_tcp,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken,
+    ):
+        taken_tcp.bind(("127.0.0.1", 0))
+        taken_tcp.listen(1)
+        taken.bind(("127.0.0.1", taken_tcp.getsockname()[1]))
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
         runs = [
             (argv, why)

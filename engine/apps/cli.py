@@ -29,6 +29,7 @@ from engine.apps.commandline import (
     settings_or_fail,
     setup_logging,
 )
+from engine.apps.console import console
 from engine.apps.notifycli import notify
 from engine.core.text import shown
 
@@ -1079,6 +1080,7 @@ def checks_list(data_dir: Path | None, config: Path | None, limit: int) -> None:
         )
 
 
+main.add_command(console)
 main.add_command(notify)
 main.add_command(actions)
 main.add_command(blocklist)

@@ -143,6 +143,15 @@ ACTION_SCHEMA: dict[str, Any] = {
     "undo_at": pl.Datetime("us", "UTC"),
     "key": pl.String,
 }
+# Who an alert is assigned to, append-only like the reviews: the latest row counts, an
+# empty assignee hands it back to the queue.
+ASSIGNMENT_SCHEMA: dict[str, Any] = {
+    "assignment_id": pl.String,
+    "alert_id": pl.String,
+    "assignee": pl.String,
+    "assigned_by": pl.String,
+    "assigned_at": pl.Datetime("us", "UTC"),
+}
 TABLES = {
     "events": EVENT_SCHEMA,
     "rejects": REJECT_SCHEMA,
@@ -155,6 +164,7 @@ TABLES = {
     "shadow_alerts": ALERT_SCHEMA,
     "alert_reviews": REVIEW_SCHEMA,
     "actions": ACTION_SCHEMA,
+    "alert_assignments": ASSIGNMENT_SCHEMA,
 }
 # The time column a table is partitioned by day on, and sorted by.
 TIME_COLUMN = {
@@ -166,6 +176,7 @@ TIME_COLUMN = {
     "shadow_alerts": "raised_at",
     "alert_reviews": "reviewed_at",
     "actions": "recorded_at",
+    "alert_assignments": "assigned_at",
 }
 SORT_COLUMN = {"events": "seq", "rejects": "seq", "checks": "seq"}
 # Tables whose rows are reports (each with its own seq, numbered as they were stored).
@@ -178,15 +189,21 @@ ADDED_COLUMNS: dict[str, dict[str, str]] = {
     "calls": {"switch": ""},
 }
 # Each alert with its latest review (status 'open' until someone reviews it), the
-# status read in today's vocabulary (engine.lake.review_status).
+# status read in today's vocabulary (engine.lake.review_status), and who it is
+# assigned to (NULL: nobody).
 ALERTS_CURRENT = f"""
 SELECT a.*, coalesce({status_sql("r.status")}, 'open') AS status, r.note AS review_note,
-       r.reviewer, r.reviewed_at
+       r.reviewer, r.reviewed_at, nullif(g.assignee, '') AS assignee
 FROM alerts a
 LEFT JOIN (
     SELECT * FROM alert_reviews
     QUALIFY row_number() OVER (PARTITION BY alert_id ORDER BY reviewed_at DESC, review_id DESC) = 1
 ) r USING (alert_id)
+LEFT JOIN (
+    SELECT alert_id, assignee FROM alert_assignments
+    QUALIFY row_number() OVER (
+        PARTITION BY alert_id ORDER BY assigned_at DESC, assignment_id DESC) = 1
+) g USING (alert_id)
 """
 
 _TRAIL_NAME = re.compile(r"^act-(\d{12})-(\d{12})\.parquet$")
@@ -282,7 +299,7 @@ _segment_range = segment_range
 
 # Tables added after the first release: a lake no writer of this release has
 # prepared yet reads them as empty.
-ADDED_TABLES = ("checks", "actions")
+ADDED_TABLES = ("checks", "actions", "alert_assignments")
 _SQL_TYPES: dict[Any, str] = {
     pl.Int64: "BIGINT",
     pl.Int32: "INTEGER",
@@ -428,6 +445,13 @@ class Lake:
             if not placeholder.exists() or pl.read_parquet_schema(placeholder) != schema:
                 write_atomic(pl.DataFrame(schema=schema), placeholder)
         self._finish_interrupted_compactions()
+
+    def prepare_table(self, table: str) -> None:
+        """Give `table` its placeholder if a writer of an older release prepared this
+        lake (a table's files are read only once its placeholder is there)."""
+        placeholder = self.root / table / _PLACEHOLDER_DAY / _PLACEHOLDER
+        if not placeholder.exists():
+            write_atomic(pl.DataFrame(schema=TABLES[table]), placeholder)
 
     def write_segment(
         self,

@@ -12,7 +12,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from engine.lake.parquet import REVIEW_SCHEMA, Lake, write_atomic
+from engine.lake.parquet import ASSIGNMENT_SCHEMA, REVIEW_SCHEMA, Lake, write_atomic
 from engine.lake.review_status import status_named
 
 
@@ -53,6 +53,7 @@ LISTED = (
     "summary",
     "reviewer",
     "reviewed_at",
+    "assignee",
 )
 
 
@@ -66,10 +67,11 @@ def list_alerts(
     entities: Sequence[str] = (),
     since: datetime | None = None,
     until: datetime | None = None,
+    assignees: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Alerts with their latest review status, newest first: those with `status` (a
-    status, an alias, or "all"), any of `severities`, `rules`, `entities` (each empty:
-    any), raised at or after `since` and before `until`."""
+    status, an alias, or "all"), any of `severities`, `rules`, `entities`, `assignees`
+    (each empty: any), raised at or after `since` and before `until`."""
     if status != "all":
         try:
             status = status_named(status)
@@ -81,7 +83,12 @@ def list_alerts(
     if status != "all":
         where.append("status = ?")
         params.append(status)
-    for column, values in (("severity", severities), ("rule_id", rules), ("entity", entities)):
+    for column, values in (
+        ("severity", severities),
+        ("rule_id", rules),
+        ("entity", entities),
+        ("assignee", assignees),
+    ):
         if values:
             where.append(f"list_contains(?, {column})")
             params.append(list(values))
@@ -173,6 +180,28 @@ def show_alert(data_dir: Path, alert_id: str) -> list[str]:
     return lines
 
 
+def full_alert_ids(lake: Lake, alert_ids: Sequence[str]) -> list[str]:
+    """The alerts `alert_ids` (ids or unambiguous prefixes) name, each once, in order;
+    a ReviewError listing every id that names none or several."""
+    if not alert_ids:
+        raise ReviewError("name at least one alert")
+    full_ids: list[str] = []
+    problems: list[str] = []
+    for alert_id in alert_ids:
+        try:
+            full_id = _find(lake, alert_id)[0]
+        except ReviewError as error:
+            problems.append(str(error))
+            continue
+        if full_id not in full_ids:
+            full_ids.append(full_id)
+    if problems:
+        raise ReviewError(
+            "; ".join(problems) + ("; nothing was recorded" if len(alert_ids) > 1 else "")
+        )
+    return full_ids
+
+
 def add_review(data_dir: Path, alert_id: str, status: str, note: str, reviewer: str) -> str:
     return add_reviews(data_dir, [alert_id], status, note, reviewer)[0][1]
 
@@ -189,23 +218,8 @@ def add_reviews(
         raise ReviewError(str(error)) from None
     if not note.strip():
         raise ReviewError("a review needs a note saying what was checked")
-    if not alert_ids:
-        raise ReviewError("name at least one alert")
     lake = _lake(data_dir)
-    full_ids: list[str] = []
-    problems: list[str] = []
-    for alert_id in alert_ids:
-        try:
-            full_id = _find(lake, alert_id)[0]
-        except ReviewError as error:
-            problems.append(str(error))
-            continue
-        if full_id not in full_ids:
-            full_ids.append(full_id)
-    if problems:
-        raise ReviewError(
-            "; ".join(problems) + ("; nothing was recorded" if len(alert_ids) > 1 else "")
-        )
+    full_ids = full_alert_ids(lake, alert_ids)
     now = datetime.now(tz=UTC)
     review_ids = [str(uuid.uuid4()) for _ in full_ids]
     frame = pl.DataFrame(
@@ -228,3 +242,32 @@ def add_reviews(
         reason = error.strerror or str(error)
         raise ReviewError(f"cannot record the review in {folder}: {reason}") from None
     return list(zip(full_ids, review_ids, strict=True))
+
+
+def assign_alerts(
+    data_dir: Path, alert_ids: Sequence[str], assignee: str, assigned_by: str
+) -> list[str]:
+    """Assign several alerts to `assignee` ("" hands them back to nobody) in one
+    append-only file, all or none as `add_reviews`. Returns the full alert ids."""
+    lake = _lake(data_dir)
+    full_ids = full_alert_ids(lake, alert_ids)
+    now = datetime.now(tz=UTC)
+    ids = [str(uuid.uuid4()) for _ in full_ids]
+    frame = pl.DataFrame(
+        {
+            "assignment_id": ids,
+            "alert_id": full_ids,
+            "assignee": [assignee] * len(full_ids),
+            "assigned_by": [assigned_by] * len(full_ids),
+            "assigned_at": [now] * len(full_ids),
+        },
+        schema=ASSIGNMENT_SCHEMA,
+    )
+    folder = lake.root / "alert_assignments" / f"day={now:%Y-%m-%d}"
+    try:
+        lake.prepare_table("alert_assignments")
+        write_atomic(frame, folder / f"asg-{ids[0]}.parquet")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ReviewError(f"cannot record the assignment in {folder}: {reason}") from None
+    return full_ids

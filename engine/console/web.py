@@ -1,0 +1,756 @@
+"""The console: server-rendered pages for the security team and the JSON API they use.
+
+Pages: the queue (`/`), an alert (`/alerts/{alert_id}`: notifications link here), an
+entity (`/entity?value=`), the rules (`/rules`), sign-in. The API (`/api/...`, its
+OpenAPI description at `/api/openapi.json`, shown at `/api/docs`) answers a signed-in
+session or an API token (`Authorization: Bearer cs_...`), and 401 to anyone else.
+
+Safety, in one place: every page is a Jinja2 template with autoescape on (data is
+never marked safe; the server-drawn SVG escapes its own texts); every POST from a
+page carries the session's CSRF token (the API's POST with a session wants it in
+`X-CSRF-Token`; a token-authenticated script has no ambient cookie to abuse);
+every answer carries the headers of engine.console.safety (a CSP without inline
+script); failed sign-ins are logged (the typed name through engine.core.text.shown)
+and throttled. The reviewer recorded is the account signed in, never a form field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup, escape
+from pydantic import BaseModel, Field
+from starlette.middleware.sessions import SessionMiddleware
+
+from engine.console.accounts import Account, Accounts, accounts_path
+from engine.console.chart import Band, bar_chart
+from engine.console.lakeview import (
+    ENTITY_TYPES,
+    SEVERITIES,
+    LakeView,
+    LakeViewError,
+    QueueFilter,
+    RuleBook,
+)
+from engine.console.safety import HEADERS, LoginThrottle, csrf_matches, new_csrf_token
+from engine.core.text import shown
+from engine.lake.review_status import STATUSES, status_named
+from engine.lake.reviews import ReviewError, add_reviews, assign_alerts
+
+log = logging.getLogger("callsentry.console")
+
+HERE = Path(__file__).parent
+SESSION_COOKIE = "callsentry_session"
+SESSION_HOURS = 12
+QUEUE_LIMIT = 200
+API_LIMIT_MAX = 1000
+
+
+@dataclass
+class Console:
+    """What the application holds: the data dir, its lake view, the accounts (read
+    again when their file changes, so `console adduser` needs no restart)."""
+
+    data_dir: Path
+    view: LakeView
+    rules: RuleBook
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    poll_s: int = 15
+    _accounts: Accounts | None = None
+    _accounts_stamp: tuple[int, int] | None = None
+
+    def accounts(self) -> Accounts:
+        path = accounts_path(self.data_dir)
+        try:
+            stat = path.stat()
+            stamp: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            stamp = None
+        if self._accounts is None or stamp != self._accounts_stamp:
+            # A file broken since start-up keeps the accounts last read (the error is
+            # logged); `console adduser` refuses to write a broken file anyway.
+            from engine.console.accounts import AccountsFileError
+
+            try:
+                self._accounts = Accounts.load(path)
+            except AccountsFileError as error:
+                log.error("console: %s", error)
+                if self._accounts is None:
+                    self._accounts = Accounts(path)
+            self._accounts_stamp = stamp
+        return self._accounts
+
+
+# -- small helpers ------------------------------------------------------------------------
+
+
+def _when(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return "" if value is None else str(value)
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.1f}" if not value.is_integer() else f"{value:g}"
+    return str(value)
+
+
+def _shown_text(value: Any) -> Any:
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return shown(value)
+    return value
+
+
+def _lines(text: str) -> Markup:
+    """A text of several lines (a rule file) for a <pre>: each line as `shown` gives it,
+    escaped; the line breaks kept."""
+    return Markup("\n").join(escape(shown(line)) for line in text.splitlines())
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    return value
+
+
+def _fingerprint(account: Account) -> str:
+    """Ties a session to the password it was opened with: a new password (adduser
+    again) signs every session of that user out."""
+    return hashlib.sha256(account.secret.encode()).hexdigest()[:24]
+
+
+def _local_path(target: str, default: str = "/") -> str:
+    """`target` if it is a path of this site (never `//host` or `http://...`)."""
+    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return default
+
+
+def _moment(text: str) -> datetime | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a time (2026-12-05 or 2026-12-05T10:00, UTC)") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+class BadRequest(Exception):
+    """A filter or form value the console cannot take; the message says which."""
+
+
+def queue_filter(params: Any) -> QueueFilter:
+    status = (params.get("status") or "open").strip()
+    if status != "all":
+        try:
+            status = status_named(status)
+        except ValueError as error:
+            raise BadRequest(str(error)) from None
+    severities = tuple(s for s in params.getlist("severity") if s)
+    for severity in severities:
+        if severity not in SEVERITIES:
+            raise BadRequest(f"severity {severity!r} is not one of {', '.join(SEVERITIES)}")
+    try:
+        since = _moment(params.get("since") or "")
+        until = _moment(params.get("until") or "")
+    except ValueError as error:
+        raise BadRequest(str(error)) from None
+    return QueueFilter(
+        status=status,
+        severities=severities,
+        rules=tuple(r for r in params.getlist("rule") if r),
+        entity=(params.get("entity") or "").strip(),
+        assignee=(params.get("assignee") or "").strip(),
+        since=since,
+        until=until,
+    )
+
+
+def traffic_chart(view: LakeView, alert: dict[str, Any], window_s: int | None) -> Any:
+    """The entity's calls around the alert as the rule counts them: at each step, the
+    calls started within the rule's window before it (a sliding count, in the unit of
+    the rule's threshold when the rule counts calls), the alert's window shaded and
+    the threshold drawn."""
+    start, end = alert["window_start"], alert["window_end"]
+    window_s = window_s or max(60, int((end - start).total_seconds()))
+    step_s = 60 if window_s <= 3600 else 3600
+    steps_per_window = max(1, window_s // step_s)
+    shown_steps = 36
+    first = datetime.fromtimestamp(
+        (int(alert["raised_at"].timestamp()) // step_s - shown_steps // 2) * step_s, tz=UTC
+    )
+    last = first + timedelta(seconds=step_s * shown_steps)
+    counted = dict(
+        view.traffic(
+            alert["entity_type"],
+            alert["entity"],
+            first - timedelta(seconds=step_s * steps_per_window),
+            last,
+            step_s,
+        )
+    )
+    bars: list[tuple[str, float]] = []
+    band_first = band_last = -1
+    for index in range(shown_steps):
+        moment = first + timedelta(seconds=step_s * index)
+        # Calls started in the window that ends at the end of this step.
+        total = sum(
+            counted.get(moment - timedelta(seconds=step_s * back), 0)
+            for back in range(steps_per_window)
+        )
+        bars.append(((moment + timedelta(seconds=step_s)).strftime("%H:%M"), float(total)))
+        if moment + timedelta(seconds=step_s) > start and moment <= end:
+            band_first = index if band_first < 0 else band_first
+            band_last = index
+    window_text = f"{window_s // 60} min" if window_s < 7200 else f"{window_s // 3600} h"
+    return bar_chart(
+        bars,
+        title=f"calls of {alert['entity_type']} {alert['entity']} in the {window_text} "
+        f"before each time (UTC)",
+        threshold=alert["threshold"],
+        threshold_label=f"threshold {alert['threshold']:g} (rule {alert['rule_id']})",
+        band=Band(band_first, band_last, "the alert's window") if band_first >= 0 else None,
+        css_class="chart traffic",
+    )
+
+
+def day_chart(points: list[tuple[Any, int]], title: str) -> Any:
+    bars = [
+        (d.strftime("%m-%d") if isinstance(d, datetime) else str(d), float(n)) for d, n in points
+    ]
+    return bar_chart(bars, title=title, css_class="chart small")
+
+
+# -- the API's shapes (for its OpenAPI description) ---------------------------------------
+
+
+class ReviewIn(BaseModel):
+    status: str = Field(description="open, investigating, confirmed, false_positive (fp), closed")
+    note: str = Field(description="What was checked, what was found (required).")
+
+
+class ReviewOut(BaseModel):
+    alert_id: str
+    review_id: str
+    status: str
+    reviewer: str
+
+
+# -- the application ----------------------------------------------------------------------
+
+
+def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False) -> FastAPI:
+    app = FastAPI(
+        title="callsentry console API",
+        description="Alerts, their evidence and their reviews. Authenticate with a session "
+        "(the console's pages) or `Authorization: Bearer <token>` "
+        "(`callsentry console token create`).",
+        version="1",
+        openapi_url="/api/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    env = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(["html"], default_for_string=True, default=True),
+    )
+    # Every text a page shows passes engine.core.text.shown first (control and
+    # reordering characters as visible escapes), then autoescape: the rule of
+    # html_text, for every {{ value }} (the charts' Markup is escaped already).
+    env.finalize = _shown_text
+    env.filters["when"] = _when
+    env.filters["number"] = _number
+    env.filters["lines"] = _lines
+
+    @app.middleware("http")
+    async def safe_headers(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        for name, value in HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    # Added last, so it runs first: the session is there for the headers middleware's
+    # handlers too.
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=secret.decode(),
+        session_cookie=SESSION_COOKIE,
+        max_age=SESSION_HOURS * 3600,
+        same_site="strict",
+        https_only=secure_cookies,
+    )
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    def signed_in(request: Request) -> Account | None:
+        name = request.session.get("user")
+        if not isinstance(name, str):
+            return None
+        account = console.accounts().users.get(name)
+        if account is None or request.session.get("pw") != _fingerprint(account):
+            return None
+        return account
+
+    def api_account(request: Request) -> Account | None:
+        header = request.headers.get("authorization", "")
+        if header[:7].lower() == "bearer ":
+            return console.accounts().check_token(header[7:].strip())
+        return signed_in(request)
+
+    def csrf_token(request: Request) -> str:
+        token = request.session.get("csrf")
+        if not isinstance(token, str) or not token:
+            token = new_csrf_token()
+            request.session["csrf"] = token
+        return token
+
+    def page(
+        request: Request,
+        template: str,
+        account: Account | None,
+        status_code: int = 200,
+        **values: Any,
+    ) -> HTMLResponse:
+        html = env.get_template(template).render(
+            request=request,
+            user=account,
+            csrf=csrf_token(request),
+            statuses=STATUSES,
+            severities=SEVERITIES,
+            **values,
+        )
+        return HTMLResponse(html, status_code=status_code)
+
+    def to_login(request: Request) -> RedirectResponse:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if request.method != "GET":
+            target = "/"  # a form's target is no page to come back to
+        return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
+
+    def problem(request: Request, account: Account | None, message: str, code: int) -> Response:
+        return page(request, "problem.html", account, status_code=code, message=message)
+
+    def unauthorized() -> JSONResponse:
+        return JSONResponse(
+            {"detail": "sign in, or send an API token: Authorization: Bearer <token>"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    # -- sign-in ----------------------------------------------------------------------
+
+    @app.get("/login", include_in_schema=False)
+    def login_page(request: Request, next: str = "/") -> Response:
+        return page(request, "login.html", None, next=_local_path(next), error="")
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        form = await request.form()
+        name = str(form.get("username", ""))[:200]
+        password = str(form.get("password", ""))
+        target = _local_path(str(form.get("next", "/")))
+        client = request.client.host if request.client else "?"
+        if not csrf_matches(request.session.get("csrf"), form.get("csrf")):
+            return page(
+                request,
+                "login.html",
+                None,
+                status_code=403,
+                next=target,
+                error="the form was out of date; please sign in again",
+            )
+        wait = console.throttle.wait_s(client, name)
+        if wait:
+            log.warning(
+                "console: sign-in refused for %s from %s: too many failures (%d s left)",
+                shown(name),
+                client,
+                wait,
+            )
+            return page(
+                request,
+                "login.html",
+                None,
+                status_code=429,
+                next=target,
+                error=f"too many failed sign-ins; try again in {wait} s",
+            )
+        account = await run_in_threadpool(console.accounts().check_password, name, password)
+        if account is None:
+            console.throttle.fail(client, name)
+            log.warning("console: failed sign-in for %s from %s", shown(name), client)
+            return page(
+                request,
+                "login.html",
+                None,
+                status_code=401,
+                next=target,
+                error="wrong name or password",
+            )
+        request.session.clear()
+        request.session.update(
+            {"user": account.name, "pw": _fingerprint(account), "csrf": new_csrf_token()}
+        )
+        log.info("console: %s signed in from %s", account.name, client)
+        return RedirectResponse(target, status_code=303)
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(request: Request) -> Response:
+        form = await request.form()
+        if csrf_matches(request.session.get("csrf"), form.get("csrf")):
+            request.session.clear()
+        return RedirectResponse("/login", status_code=303)
+
+    # -- the queue ----------------------------------------------------------------------
+
+    def queue_values(request: Request) -> dict[str, Any]:
+        chosen = queue_filter(request.query_params)
+        return {
+            "chosen": chosen,
+            "alerts": console.view.queue(chosen, QUEUE_LIMIT),
+            "counts": console.view.status_counts(chosen),
+            "choices": {
+                "rules": console.view.rule_ids(),
+                # Alerts are assigned to console users only.
+                "assignees": sorted(console.accounts().users),
+            },
+            "limit": QUEUE_LIMIT,
+            "query": request.url.query,
+            "poll_s": console.poll_s,
+            "flash": request.session.pop("flash", ""),
+        }
+
+    @app.get("/", include_in_schema=False)
+    def queue(request: Request) -> Response:
+        account = signed_in(request)
+        if account is None:
+            return to_login(request)
+        try:
+            values = queue_values(request)
+        except BadRequest as error:
+            return problem(request, account, str(error), 400)
+        except LakeViewError as error:
+            return problem(request, account, str(error), 503)
+        return page(request, "queue.html", account, **values)
+
+    @app.get("/queue/rows", include_in_schema=False)
+    def queue_rows(request: Request) -> Response:
+        """The queue's rows alone, for the page's poll (new alerts without a reload)."""
+        account = signed_in(request)
+        if account is None:
+            return Response(status_code=401)
+        try:
+            values = queue_values(request)
+        except (BadRequest, LakeViewError) as error:
+            return Response(str(error), status_code=400, media_type="text/plain")
+        return page(request, "queue_rows.html", account, **values)
+
+    async def form_act(request: Request, form: Any, account: Account) -> str:
+        """Apply a page's review or assignment form; the message to show."""
+        ids = [str(i) for i in form.getlist("alert_id") if str(i).strip()]
+        if not ids:
+            raise BadRequest("tick at least one alert")
+        if form.get("action") == "assign":
+            assignee = str(form.get("assignee", "")).strip()
+            if assignee == "me":
+                assignee = account.name
+            if assignee and assignee not in console.accounts().users:
+                raise BadRequest(f"{assignee!r} is not a console user")
+            await run_in_threadpool(assign_alerts, console.data_dir, ids, assignee, account.name)
+            who = assignee or "nobody"
+            return f"{len(ids)} alert(s) assigned to {who}"
+        status = str(form.get("status", ""))
+        note = str(form.get("note", ""))
+        recorded = await run_in_threadpool(
+            add_reviews, console.data_dir, ids, status, note, account.name
+        )
+        return f"{len(recorded)} alert(s) marked {status_named(status)}"
+
+    @app.post("/act", include_in_schema=False)
+    async def act(request: Request) -> Response:
+        account = signed_in(request)
+        if account is None:
+            return to_login(request)
+        form = await request.form()
+        back = _local_path(str(form.get("back", "/")))
+        if not csrf_matches(request.session.get("csrf"), form.get("csrf")):
+            return problem(
+                request, account, "the form has no valid CSRF token; reload the page", 403
+            )
+        if not account.may_review:
+            return problem(
+                request, account, f"{account.name} is a viewer: reviews need a reviewer", 403
+            )
+        try:
+            message = await form_act(request, form, account)
+        except (BadRequest, ReviewError) as error:
+            return problem(request, account, str(error), 400)
+        request.session["flash"] = message
+        return RedirectResponse(back, status_code=303)
+
+    # -- one alert ----------------------------------------------------------------------
+
+    @app.get("/alerts/{alert_id}", include_in_schema=False)
+    def alert_page(request: Request, alert_id: str) -> Response:
+        account = signed_in(request)
+        if account is None:
+            return to_login(request)
+        try:
+            alert = console.view.alert(alert_id)
+            if alert is None:
+                # The start of an id, as the CLI takes it: its page, when it names one.
+                named = console.view.alert_ids_starting(alert_id) if alert_id else []
+                if len(named) == 1:
+                    return RedirectResponse(f"/alerts/{named[0]}", status_code=303)
+                return problem(request, account, f"no alert {alert_id!r}", 404)
+            earlier = [
+                a
+                for a in console.view.entity_alerts(alert["entity"], alert["entity_type"], 30)
+                if a["alert_id"] != alert["alert_id"]
+            ]
+            rule = console.rules.rules.get(alert["rule_id"])
+            values = {
+                "alert": alert,
+                "rule": rule,
+                "calls": console.view.evidence(alert),
+                "chart": traffic_chart(console.view, alert, rule.window_s if rule else None),
+                "earlier": earlier,
+                "reviews": console.view.reviews([alert["alert_id"]]),
+                "assignments": console.view.assignments(alert["alert_id"]),
+                "users": sorted(console.accounts().users),
+                "flash": request.session.pop("flash", ""),
+            }
+        except LakeViewError as error:
+            return problem(request, account, str(error), 503)
+        return page(request, "alert.html", account, **values)
+
+    # -- an entity ----------------------------------------------------------------------
+
+    @app.get("/entity", include_in_schema=False)
+    def entity_page(request: Request, value: str = "", type: str = "") -> Response:
+        account = signed_in(request)
+        if account is None:
+            return to_login(request)
+        value = value.strip()
+        if type and type not in ENTITY_TYPES:
+            known = ", ".join(ENTITY_TYPES)
+            return problem(request, account, f"type {type!r} is not one of {known}", 400)
+        try:
+            kinds = console.view.entity_types(value) if value else []
+            shown_kinds = [type] if type else kinds
+            sections = []
+            for kind in shown_kinds:
+                span = console.view.entity_span(kind, value)
+                chart = None
+                if span is not None:
+                    days = max(1, (span[1] - span[0]).days + 1)
+                    bucket_s = 3600 if days <= 3 else 86400
+                    first = datetime.fromtimestamp(
+                        (int(span[0].timestamp()) // bucket_s) * bucket_s, tz=UTC
+                    )
+                    counted = dict(
+                        console.view.traffic(
+                            kind, value, first, span[1] + timedelta(seconds=1), bucket_s
+                        )
+                    )
+                    bars: list[tuple[str, float]] = []
+                    moment = first
+                    while moment <= span[1] and len(bars) < 400:
+                        label = moment.strftime("%d %H:%M" if bucket_s == 3600 else "%m-%d")
+                        bars.append((label, float(counted.get(moment, 0))))
+                        moment += timedelta(seconds=bucket_s)
+                    unit = "hour" if bucket_s == 3600 else "day"
+                    chart = bar_chart(
+                        bars, title=f"calls of {kind} {value} per {unit} (UTC)", css_class="chart"
+                    )
+                sections.append(
+                    {
+                        "kind": kind,
+                        "chart": chart,
+                        "calls": console.view.entity_calls(kind, value, 30),
+                    }
+                )
+            alerts = console.view.entity_alerts(value, type or None, 100) if value else []
+            reviews = console.view.reviews([a["alert_id"] for a in alerts]) if alerts else []
+            lists = (
+                [path.stem for path in _lists_holding(console.rules.folder, value)] if value else []
+            )
+        except LakeViewError as error:
+            return problem(request, account, str(error), 503)
+        return page(
+            request,
+            "entity.html",
+            account,
+            value=value,
+            kinds=kinds,
+            sections=sections,
+            alerts=alerts,
+            reviews=reviews,
+            lists=lists,
+        )
+
+    # -- rules --------------------------------------------------------------------------
+
+    @app.get("/rules", include_in_schema=False)
+    def rules_page(request: Request) -> Response:
+        account = signed_in(request)
+        if account is None:
+            return to_login(request)
+        try:
+            summary = console.view.rule_summary()
+            per_day: dict[str, list[tuple[Any, int]]] = {}
+            for rule_id, day, count in console.view.per_day("alerts"):
+                per_day.setdefault(rule_id, []).append((day, count))
+            shadow = console.view.shadow_summary()
+            shadow_per_day: dict[str, list[tuple[Any, int]]] = {}
+            for rule_id, day, count in console.view.per_day("shadow_alerts"):
+                shadow_per_day.setdefault(rule_id, []).append((day, count))
+            recent_shadow = console.view.shadow_recent(20)
+        except LakeViewError as error:
+            return problem(request, account, str(error), 503)
+        for row in summary:
+            row["fp_share"] = row["false_positive"] / row["reviewed"] if row["reviewed"] else None
+            row["chart"] = day_chart(
+                per_day.get(row["rule_id"], []), f"{row['rule_id']}: alerts per day"
+            )
+            row["rule"] = console.rules.rules.get(row["rule_id"])
+        for row in shadow:
+            row["chart"] = day_chart(
+                shadow_per_day.get(row["rule_id"], []), f"{row['rule_id']}: would-be alerts per day"
+            )
+        shadow_rules = [r for r in console.rules.rules.values() if r.mode != "alert"]
+        return page(
+            request,
+            "rules.html",
+            account,
+            summary=summary,
+            shadow=shadow,
+            shadow_rules=shadow_rules,
+            recent_shadow=recent_shadow,
+        )
+
+    # -- the API ------------------------------------------------------------------------
+
+    @app.get("/api/docs", include_in_schema=False)
+    def api_docs(request: Request) -> Response:
+        schema = app.openapi()
+        return page(request, "apidocs.html", signed_in(request), schema=schema)
+
+    @app.get("/api/alerts", summary="Alerts with their latest review status")
+    def api_alerts(
+        request: Request,
+        status: str = "open",
+        severity: str = "",
+        rule: str = "",
+        entity: str = "",
+        limit: int = 100,
+    ) -> Any:
+        """`{"alerts": [...]}` with the `alerts_current` columns, newest first; `status=all`
+        for every alert; `severity` and `rule` may be given more than once."""
+        if api_account(request) is None:
+            return unauthorized()
+        try:
+            chosen = queue_filter(request.query_params)
+        except BadRequest as error:
+            return JSONResponse({"detail": str(error)}, status_code=400)
+        limit = max(1, min(API_LIMIT_MAX, limit))
+        try:
+            rows = console.view.newest_first(chosen, limit)
+        except LakeViewError as error:
+            return JSONResponse({"detail": str(error)}, status_code=503)
+        return {"alerts": _json(rows)}
+
+    @app.get("/api/alerts/{alert_id}", summary="One alert with its evidence calls and reviews")
+    def api_alert(request: Request, alert_id: str) -> Any:
+        if api_account(request) is None:
+            return unauthorized()
+        try:
+            alert = console.view.alert(alert_id)
+            if alert is None:
+                return JSONResponse({"detail": f"no alert {alert_id!r}"}, status_code=404)
+            alert["calls"] = console.view.evidence(alert)
+            alert["reviews"] = console.view.reviews([alert_id])
+        except LakeViewError as error:
+            return JSONResponse({"detail": str(error)}, status_code=503)
+        return _json(alert)
+
+    @app.post(
+        "/api/alerts/{alert_id}/review",
+        summary="Record a verdict on an alert (appended to the review trail)",
+        response_model=ReviewOut,
+    )
+    async def api_review(request: Request, alert_id: str, review: ReviewIn) -> Any:
+        account = api_account(request)
+        if account is None:
+            return unauthorized()
+        token_used = request.headers.get("authorization", "")[:7].lower() == "bearer "
+        if not token_used and not csrf_matches(
+            request.session.get("csrf"), request.headers.get("x-csrf-token")
+        ):
+            return JSONResponse(
+                {"detail": "a session's POST needs the X-CSRF-Token header"}, status_code=403
+            )
+        if not account.may_review:
+            return JSONResponse(
+                {"detail": f"{account.name} is a viewer: reviews need a reviewer"},
+                status_code=403,
+            )
+        reviewer = account.name if not token_used else f"{account.name} (API token)"
+        try:
+            ((full_id, review_id),) = await run_in_threadpool(
+                add_reviews, console.data_dir, [alert_id], review.status, review.note, reviewer
+            )
+        except ReviewError as error:
+            code = 404 if str(error).startswith("no alert") else 400
+            return JSONResponse({"detail": str(error)}, status_code=code)
+        return ReviewOut(
+            alert_id=full_id,
+            review_id=review_id,
+            status=status_named(review.status),
+            reviewer=reviewer,
+        )
+
+    return app
+
+
+def _lists_holding(folder: Path | None, value: str) -> list[Path]:
+    """The rule lists (rules/lists/*.yaml) that name `value`."""
+    import yaml
+
+    if folder is None or not (folder / "lists").is_dir():
+        return []
+    found = []
+    for path in sorted((folder / "lists").glob("*.yaml")):
+        try:
+            document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        values = document.get("values") if isinstance(document, dict) else None
+        if isinstance(values, list) and any(str(v) == value for v in values):
+            found.append(path)
+    return found

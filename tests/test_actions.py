@@ -352,8 +352,12 @@ def test_expiry_calls_the_undo_with_its_own_key(tmp_path: Path, stand_ins: list[
     assert events(book, book.requests()[0].id) == ["queued", "fired", "undo_queued", "undone"]
 
 
+@pytest.mark.parametrize(
+    ("entity", "reason"),
+    [("+8821\r\nX-Evil: 1", "line break"), ("+8821 \u5ba2\u670d", "Latin-1")],
+)
 def test_a_value_that_would_inject_a_header_is_not_sent(
-    tmp_path: Path, stand_ins: list[StandIn]
+    tmp_path: Path, stand_ins: list[StandIn], entity: str, reason: str
 ) -> None:
     stand_in = StandIn()
     stand_ins.append(stand_in)
@@ -361,11 +365,11 @@ def test_a_value_that_would_inject_a_header_is_not_sent(
         "  method: POST\n", '  method: POST\n  headers: {X-Number: "{entity}"}\n'
     )
     sink, book = rig(tmp_path, text)
-    sink.deliver([alert(1, "+8821\r\nX-Evil: 1")])
+    sink.deliver([alert(1, entity)])
     request = book.requests()[0]
     run_couriers(book, lambda: book.request(request.id).last_error != "")
     assert stand_in.requests == []
-    assert "line break" in book.request(request.id).last_error
+    assert reason in book.request(request.id).last_error
     assert book.counts()["hook"].failed >= 1
     assert book.trail(request.id)[-1]["event"] == "failed"
 

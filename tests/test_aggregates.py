@@ -213,6 +213,11 @@ def test_a_flood_into_one_entity_keeps_a_bounded_window_and_the_newest_evidence(
         rule.evaluate(a_call(n, at), at, tracker)
         state = rule.state.states["8613800000001"]
         widest = max(widest, len(state.entries))
+    if kind == "new_value":
+        # Past NEW_VALUE_MAX_SEEN values an entity is judged no further and its calls
+        # leave the window as they came: bounded without folding.
+        assert widest <= 2 * NEW_VALUE_MAX_SEEN, "bounded: a timestamp and an id per call"
+        return
     assert widest <= 4 * FOLD_AT + 1, "held call by call whatever the rate"
     assert state.head & 1, "folded"
     in_window = int(rate * WINDOW)

@@ -415,3 +415,17 @@ def test_a_broken_accounts_file_is_one_line_from_every_console_command(tmp_path:
     accounts_path(data).unlink()
     done = cli("console", "--listen", "127.0.0.1:0", "--data-dir", str(data))
     assert done.returncode == 1 and "session.secret: not a session secret" in done.stderr
+
+
+def test_sign_ins_sent_at_once_are_counted_before_their_passwords_are_checked() -> None:
+    # Attempts that arrive while the first password is still being checked must not all
+    # pass the throttle: each is counted as it begins.
+    throttle = LoginThrottle(failures=3, period_s=300, clock=lambda: 1000.0)
+    assert [throttle.begin("192.0.2.7", "ann")[0] for _ in range(3)] == [0, 0, 0]
+    assert throttle.begin("192.0.2.7", "ann")[0] == 300
+    # A right password takes its attempt back: signing in often is not throttled.
+    right = LoginThrottle(failures=3, period_s=300, clock=lambda: 1000.0)
+    for _ in range(5):
+        wait, at = right.begin("192.0.2.7", "bob")
+        assert wait == 0
+        right.succeeded("192.0.2.7", "bob", at)

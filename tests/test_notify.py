@@ -123,7 +123,7 @@ def deliver_all(settings_dir: Path, dispatch: Dispatch) -> None:
 
 def wired(settings: Any, alerts: list[Alert], tags: dict[str, list[str]]) -> Dispatch:
     """The lake writer's sinks and serve's couriers, as the settings make them."""
-    for sink in make_durable_sinks(settings, lambda rule_id: tags.get(rule_id, [])):
+    for sink in make_durable_sinks(settings, tags_of=lambda rule_id: tags.get(rule_id, [])):
         sink.deliver(alerts)
     outbox = Outbox.of(settings.store.data_dir)
     return Dispatch(outbox, outbox_destinations(settings), FAST)

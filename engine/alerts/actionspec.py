@@ -315,9 +315,19 @@ def _url_part(value: str) -> str:
 
 def _header_part(value: str) -> str:
     try:
-        return _no_line_break(value)
+        value = _no_line_break(value)
     except ValueError as error:
         raise ActionSpecError(str(error)) from None
+    try:
+        # HTTP sends header values as Latin-1: anything else (a menu name in Chinese)
+        # is this alert's request refused, not the endpoint taken for down.
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ActionSpecError(
+            "a header value holds characters HTTP headers cannot carry (beyond Latin-1); "
+            "put that field in the body or the URL"
+        ) from None
+    return value
 
 
 def _as_is(value: str) -> str:
@@ -395,8 +405,10 @@ def _argument(template: str, rendered: str) -> str:
     if "\x00" in rendered:
         raise ActionSpecError("an argument cannot hold a NUL byte")
     if rendered.startswith("-") and not template.startswith("-"):
+        # The value itself is not quoted: it may be a secret from the environment.
         raise ActionSpecError(
-            f"argument {rendered[:40]!r} would start an option; write it as --name={{field}}"
+            f"argument {template[:40]!r} would start an option once filled in; "
+            "write it as --name={field}"
         )
     return rendered
 

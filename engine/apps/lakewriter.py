@@ -165,11 +165,17 @@ def make_sinks(settings: Settings) -> list[AlertSink]:
     return sinks
 
 
-def make_durable_sinks(settings: Settings, pipeline: Pipeline | None = None) -> list[AlertSink]:
+def make_durable_sinks(
+    settings: Settings,
+    pipeline: Pipeline | None = None,
+    *,
+    tags_of: Callable[[str], Sequence[str]] | None = None,
+) -> list[AlertSink]:
     """What leaves the machine goes through the outbox (serve's couriers send it; the
     relay's process publishes what is for NATS), and so do actions (decided here, done
     by serve's couriers); only `serve`'s lake writer makes these: replay and backtest
-    never deliver, publish or act. The rules' tags route notifications and actions."""
+    never deliver, publish or act. The rules' tags route notifications and actions
+    (`tags_of`, by default those of the rules `pipeline` runs)."""
     from engine.alerts.notify import NotifySink, Route
     from engine.alerts.outbox import Outbox, OutboxSink
 
@@ -193,7 +199,8 @@ def make_durable_sinks(settings: Settings, pipeline: Pipeline | None = None) -> 
             )
             for channel in channels
         ]
-        sinks.append(NotifySink(Outbox.of(settings.store.data_dir), routes, rule_tags(pipeline)))
+        tags = tags_of if tags_of is not None else rule_tags(pipeline)
+        sinks.append(NotifySink(Outbox.of(settings.store.data_dir), routes, tags))
     actions = make_action_sink(settings, pipeline)
     if actions is not None:
         sinks.append(actions)

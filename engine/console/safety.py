@@ -62,28 +62,52 @@ class LoginThrottle:
 
     def wait_s(self, client: str, name: str) -> int:
         """Seconds until `name` may try again from `client` (0: now)."""
-        now = self.clock()
+        with self._lock:
+            return self._wait(client, name, self.clock())
+
+    def _wait(self, client: str, name: str, now: float) -> int:
         wait = 0.0
+        for key in self._keys(client, name):
+            times = self._failed.get(key)
+            if times is None:
+                continue
+            while times and times[0] <= now - self.period_s:
+                times.popleft()
+            if len(times) >= self.failures:
+                wait = max(wait, times[0] + self.period_s - now)
+        return int(wait + 0.999)
+
+    def begin(self, client: str, name: str) -> tuple[int, float]:
+        """(seconds to wait, 0) when refused; else (0, the attempt's time), the attempt
+        counted as failed until `succeeded` says otherwise. Counted before the password
+        is checked, so attempts sent at once cannot all pass while the first is checked."""
+        now = self.clock()
+        with self._lock:
+            wait = self._wait(client, name, now)
+            if wait:
+                return wait, 0.0
+            self._record(client, name, now)
+        return 0, now
+
+    def succeeded(self, client: str, name: str, at: float) -> None:
+        """The attempt `begin` counted at `at` was right: it is not a failure."""
         with self._lock:
             for key in self._keys(client, name):
                 times = self._failed.get(key)
-                if times is None:
-                    continue
-                while times and times[0] <= now - self.period_s:
-                    times.popleft()
-                if len(times) >= self.failures:
-                    wait = max(wait, times[0] + self.period_s - now)
-        return int(wait + 0.999)
+                if times is not None and at in times:
+                    times.remove(at)
 
     def fail(self, client: str, name: str) -> None:
-        now = self.clock()
         with self._lock:
-            for key in self._keys(client, name):
-                times = self._failed.pop(key, None) or deque(maxlen=self.failures)
-                times.append(now)
-                self._failed[key] = times  # newest last: the oldest keys go first
-            while len(self._failed) > self.max_keys:
-                del self._failed[next(iter(self._failed))]
+            self._record(client, name, self.clock())
+
+    def _record(self, client: str, name: str, now: float) -> None:
+        for key in self._keys(client, name):
+            times = self._failed.pop(key, None) or deque(maxlen=self.failures)
+            times.append(now)
+            self._failed[key] = times  # newest last: the oldest keys go first
+        while len(self._failed) > self.max_keys:
+            del self._failed[next(iter(self._failed))]
 
 
 def new_csrf_token() -> str:

@@ -384,7 +384,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
                 next=target,
                 error="the form was out of date; please sign in again",
             )
-        wait = console.throttle.wait_s(client, name)
+        wait, attempt = console.throttle.begin(client, name)
         if wait:
             log.warning(
                 "console: sign-in refused for %s from %s: too many failures (%d s left)",
@@ -402,7 +402,6 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
             )
         account = await run_in_threadpool(console.accounts().check_password, name, password)
         if account is None:
-            console.throttle.fail(client, name)
             log.warning("console: failed sign-in for %s from %s", shown(name), client)
             return page(
                 request,
@@ -412,6 +411,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
                 next=target,
                 error="wrong name or password",
             )
+        console.throttle.succeeded(client, name, attempt)
         request.session.clear()
         request.session.update(
             {"user": account.name, "pw": _fingerprint(account), "csrf": new_csrf_token()}

@@ -956,31 +956,24 @@ def _book(data_dir: Path, *, read_only: bool) -> ActionBook:
 def approve(data_dir: Path, request_id: int, reviewer: str) -> ActionRequest:
     """Approve a pending action request: it is queued (a running serve does it) and the
     trail records `reviewer`. The CLI's `actions approve` and the console call this."""
-    book = _book(data_dir, read_only=False)
-    try:
-        return book.approve(request_id, reviewer)
-    except OutboxError as error:
-        raise ActionError(str(error)) from None
-    finally:
-        book.close()
+    return _decide(data_dir, lambda book: book.approve(request_id, reviewer))
 
 
 def reject(data_dir: Path, request_id: int, reviewer: str) -> ActionRequest:
     """Reject a pending action request: it is never done."""
-    book = _book(data_dir, read_only=False)
-    try:
-        return book.reject(request_id, reviewer)
-    except OutboxError as error:
-        raise ActionError(str(error)) from None
-    finally:
-        book.close()
+    return _decide(data_dir, lambda book: book.reject(request_id, reviewer))
 
 
 def lift(data_dir: Path, request_id: int, reviewer: str) -> ActionRequest:
     """Undo a done action now (its undo is queued; a running serve makes it)."""
+    return _decide(data_dir, lambda book: book.lift(request_id, reviewer))
+
+
+def _decide(data_dir: Path, decision: Callable[[ActionBook], ActionRequest]) -> ActionRequest:
+    """A reviewer's decision on the book in `data_dir`, which is closed after it."""
     book = _book(data_dir, read_only=False)
     try:
-        return book.lift(request_id, reviewer)
+        return decision(book)
     except OutboxError as error:
         raise ActionError(str(error)) from None
     finally:

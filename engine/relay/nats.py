@@ -404,6 +404,18 @@ class _Client:
             return
         config = info.config
         window = float(config.duplicate_window or 0)
+        missing = [s for s in subjects if s not in (config.subjects or [])]
+        if missing and not spec.create_stream:
+            # A publication no stream takes is never acknowledged, and would hold up
+            # every one after it: refuse to start instead.
+            raise RuntimeError(
+                f"JetStream stream {spec.stream} does not take {', '.join(missing)} "
+                "(relay.nats.create_stream is off): add those subjects to it"
+            )
+        if missing:
+            config.subjects = [*(config.subjects or []), *missing]
+            await js.update_stream(config)
+            log.warning("JetStream stream %s: subjects %s added", spec.stream, ", ".join(missing))
         if window < spec.duplicate_window_s:
             if spec.create_stream:
                 config.duplicate_window = spec.duplicate_window_s
@@ -423,13 +435,6 @@ class _Client:
                     window,
                     spec.duplicate_window_s,
                 )
-        missing = [s for s in subjects if s not in (config.subjects or [])]
-        if missing:
-            log.warning(
-                "JetStream stream %s does not take %s: those are not stored",
-                spec.stream,
-                ", ".join(missing),
-            )
 
     async def _main(self) -> None:
         said = False
@@ -594,6 +599,9 @@ class _Client:
                     "not published within relay.horizon_s",
                 )
                 if given:
+                    # Given up: no longer waited for, so later ones are not held up.
+                    for delivery in given:
+                        self._inflight.pop(f"o{delivery.id}", None)
                     log.error(
                         "NATS: %d calls, alerts or reviews given up after relay.horizon_s "
                         "(%g s) unpublished",

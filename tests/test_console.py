@@ -5,6 +5,7 @@ makes users. The browser tests (test_console_browser.py) drive the same pages.""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -429,3 +430,48 @@ def test_sign_ins_sent_at_once_are_counted_before_their_passwords_are_checked() 
         wait, at = right.begin("192.0.2.7", "bob")
         assert wait == 0
         right.succeeded("192.0.2.7", "bob", at)
+
+
+def test_a_verdict_given_in_the_console_is_queued_for_nats(tmp_path: Path) -> None:
+    # With [relay.nats] on, the console's verdicts go to the outbox the relay publishes
+    # from, as `alerts review`'s do (tests/test_nats.py publishes those for real).
+    from engine.alerts.outbox import Outbox
+    from engine.apps.console import review_publisher
+    from engine.apps.settings import load_settings
+    from engine.relay.nats import unpack
+
+    data = make_console_data(tmp_path)
+    settings = load_settings(
+        None,
+        {"store": {"data_dir": str(data)}, "relay": {"nats": {"urls": ["nats://127.0.0.1:9"]}}},
+        environ={},
+    )
+    console = Console(
+        data, LakeView(data), RuleBook.read(ROOT / "rules"), on_reviews=review_publisher(settings)
+    )
+    client = TestClient(create_app(console, session_secret(data)), base_url="http://127.0.0.1")
+    token = csrf_of(client.get("/login").text)
+    client.post(
+        "/login",
+        data={"username": "ana", "password": PASSWORDS["ana"], "csrf": token, "next": "/"},
+    )
+    alert_id = alert_id_of(data, PLAIN_CALLER)
+    answer = client.post(
+        f"/api/alerts/{alert_id}/review",
+        json={"status": "confirmed", "note": "called them"},
+        headers={"X-CSRF-Token": csrf_of(client.get("/").text)},
+    )
+    assert answer.status_code == 200, answer.text
+    outbox = Outbox.of(data)
+    queued = outbox.due("nats", now=2e9)
+    outbox.close()
+    assert len(queued) == 1
+    subject, body = unpack(queued[0].payload)
+    assert subject == "callsentry.reviews"
+    verdict = json.loads(body)
+    assert (verdict["alert_id"], verdict["status"], verdict["reviewer"]) == (
+        alert_id,
+        "confirmed",
+        "ana",
+    )
+    assert review_publisher(load_settings(None, {}, environ={})) is None

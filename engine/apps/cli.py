@@ -934,34 +934,11 @@ def alerts_review(
 def _publish_reviews(
     settings: Any, recorded: list[tuple[str, str]], status: str, note: str, reviewer: str
 ) -> None:
-    """Verdicts for NATS (`PREFIX.reviews`) through the outbox, which the relay's
-    process of a running `serve` publishes from."""
-    from engine.alerts.outbox import Outbox, OutboxError
-    from engine.relay.nats import outbox_items, review_message
-    from engine.relay.subjects import Subjects
+    from engine.alerts.outbox import OutboxError
+    from engine.apps.relay import queue_reviews
 
-    subjects = Subjects(settings.relay.nats.subject_prefix)
-    now = datetime.now(tz=UTC).isoformat()
-    messages = [
-        review_message(
-            {
-                "review_id": review_id,
-                "alert_id": alert_id,
-                "status": status,
-                "note": note.strip(),
-                "reviewer": reviewer,
-                "reviewed_at": now,
-            },
-            subjects,
-        )
-        for alert_id, review_id in recorded
-    ]
     try:
-        outbox = Outbox.of(settings.store.data_dir)
-        try:
-            outbox.enqueue_many(outbox_items(messages))
-        finally:
-            outbox.close()
+        queue_reviews(settings, recorded, status, note, reviewer)
     except OutboxError as error:
         fail(f"the review is recorded, but not queued for NATS: {error}")
 

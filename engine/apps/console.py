@@ -7,7 +7,9 @@ from __future__ import annotations
 import getpass
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -20,6 +22,9 @@ from engine.apps.commandline import (
     setup_logging,
 )
 from engine.core.addresses import parse_hostport
+
+if TYPE_CHECKING:
+    from engine.apps.settings import Settings
 
 log = logging.getLogger("callsentry")
 
@@ -112,7 +117,13 @@ def console(
             err=True,
         )
     app = create_app(
-        Console(data, view, RuleBook.read(settings.detection.rules_folder), poll_s=refresh_s),
+        Console(
+            data,
+            view,
+            RuleBook.read(settings.detection.rules_folder),
+            poll_s=refresh_s,
+            on_reviews=review_publisher(settings),
+        ),
         secret,
         secure_cookies=secure_cookies,
     )
@@ -223,3 +234,22 @@ def token_create(name: str, role: str, data_dir: Path | None, config: Path | Non
         fail(str(error))
     click.echo(secret)
     click.echo(f"({role} token {name}: shown once, stored hashed in {accounts.path})", err=True)
+
+
+def review_publisher(
+    settings: Settings,
+) -> Callable[[list[tuple[str, str]], str, str, str], None] | None:
+    """With `[relay.nats]` on, the console's verdicts are queued for NATS like those of
+    `alerts review`; a verdict that cannot be queued is still recorded, and logged."""
+    if not settings.relay.nats.enabled:
+        return None
+    from engine.alerts.outbox import OutboxError
+    from engine.apps.relay import queue_reviews
+
+    def publish(recorded: list[tuple[str, str]], status: str, note: str, reviewer: str) -> None:
+        try:
+            queue_reviews(settings, recorded, status, note, reviewer)
+        except OutboxError as error:
+            log.error("console: a review is recorded, but not queued for NATS: %s", error)
+
+    return publish

@@ -303,3 +303,42 @@ def status_lines(data_dir: Path, now: float) -> list[str]:
             f"({c.given_up_horizon} past the horizon), bad answers {c.bad_answers}"
         )
     return lines
+
+
+def queue_reviews(
+    settings: Settings,
+    recorded: Sequence[tuple[str, str]],
+    status: str,
+    note: str,
+    reviewer: str,
+) -> None:
+    """Verdicts just recorded (alert id, review id), queued for NATS (`PREFIX.reviews`)
+    in the outbox, which the relay's process of a running `serve` publishes from. Used
+    by `alerts review` and by the console; raises OutboxError."""
+    from datetime import UTC, datetime
+
+    from engine.alerts.outbox import Outbox
+    from engine.relay.nats import outbox_items, review_message
+    from engine.relay.subjects import Subjects
+
+    subjects = Subjects(settings.relay.nats.subject_prefix)
+    now = datetime.now(tz=UTC).isoformat()
+    messages = [
+        review_message(
+            {
+                "review_id": review_id,
+                "alert_id": alert_id,
+                "status": status,
+                "note": note.strip(),
+                "reviewer": reviewer,
+                "reviewed_at": now,
+            },
+            subjects,
+        )
+        for alert_id, review_id in recorded
+    ]
+    outbox = Outbox.of(settings.store.data_dir)
+    try:
+        outbox.enqueue_many(outbox_items(messages))
+    finally:
+        outbox.close()

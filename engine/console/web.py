@@ -69,6 +69,9 @@ class Console:
     rules: RuleBook
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     poll_s: int = 15
+    # Told of each verdict recorded (alert and review ids, status, note, reviewer): the
+    # command wires NATS publication here when `[relay.nats]` is on.
+    on_reviews: Callable[[list[tuple[str, str]], str, str, str], None] | None = None
     _accounts: Accounts | None = None
     _accounts_stamp: tuple[int, int] | None = None
 
@@ -489,6 +492,8 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
         recorded = await run_in_threadpool(
             add_reviews, console.data_dir, ids, status, note, account.name
         )
+        if console.on_reviews is not None:
+            await run_in_threadpool(console.on_reviews, recorded, status, note, account.name)
         return f"{len(recorded)} alert(s) marked {status_named(status)}"
 
     @app.post("/act", include_in_schema=False)
@@ -728,6 +733,10 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
         except ReviewError as error:
             code = 404 if str(error).startswith("no alert") else 400
             return JSONResponse({"detail": str(error)}, status_code=code)
+        if console.on_reviews is not None:
+            await run_in_threadpool(
+                console.on_reviews, [(full_id, review_id)], review.status, review.note, reviewer
+            )
         return ReviewOut(
             alert_id=full_id,
             review_id=review_id,

@@ -823,10 +823,24 @@ _FORM_KEYS = [
     "value",
     "type",
     "limit",
+    "decision",
 ]
 _form_values = st.one_of(
     st.sampled_from(
-        ["", "all", "fp", "critical", "2026-12-05", "me", "review", "assign", "//x", VALID_CSRF]
+        [
+            "",
+            "all",
+            "fp",
+            "critical",
+            "2026-12-05",
+            "me",
+            "review",
+            "assign",
+            "approve",
+            "reject",
+            "//x",
+            VALID_CSRF,
+        ]
     ),
     st.text(max_size=20),
 )
@@ -888,6 +902,9 @@ def post_console_forms(pairs: list[tuple[str, str]]) -> None:
         ("GET", "/entity"),
         ("GET", "/api/alerts"),
         ("POST", "/act"),
+        ("GET", "/actions"),
+        ("POST", "/actions/1"),
+        ("POST", "/actions/x"),
         ("POST", "/login"),
     ):
         try:

@@ -475,3 +475,59 @@ def test_a_verdict_given_in_the_console_is_queued_for_nats(tmp_path: Path) -> No
         "ana",
     )
     assert review_publisher(load_settings(None, {}, environ={})) is None
+
+
+def test_a_reviewer_approves_a_waiting_action_in_the_console(tmp_path: Path) -> None:
+    from engine.alerts.actions import ActionBook, ActionSink
+    from engine.alerts.actionspec import load_actions
+    from tests.test_actions import alert, http_action, write_action
+
+    data = make_console_data(tmp_path)
+    folder = write_action(
+        tmp_path / "actions", "a", http_action("http://127.0.0.1:9/x", mode="approve")
+    )
+    ActionSink(lambda: ActionBook.of(data), load_actions(folder.parent)).deliver(
+        [alert(1, "+882<b>13</b>")]
+    )
+    book = ActionBook.of(data)
+    (waiting,) = book.requests(["pending"])
+    book.close()
+    viewer = signed_in(data, "vic")
+    listed = viewer.get("/actions")
+    assert listed.status_code == 200
+    assert "+882&lt;b&gt;13&lt;/b&gt;" in listed.text and "<b>13</b>" not in listed.text
+    assert 'value="approve"' not in listed.text  # a viewer sees no buttons
+    refused = viewer.post(
+        f"/actions/{waiting.id}",
+        data={"csrf": csrf_of(listed.text), "decision": "approve"},
+        follow_redirects=False,
+    )
+    assert refused.status_code == 403
+    reviewer = signed_in(data, "ana")
+    listed = reviewer.get("/actions")
+    no_token = reviewer.post(
+        f"/actions/{waiting.id}", data={"decision": "approve"}, follow_redirects=False
+    )
+    assert no_token.status_code == 403
+    book = ActionBook.of(data)
+    assert book.request(waiting.id).state == "pending"
+    book.close()
+    done = reviewer.post(
+        f"/actions/{waiting.id}",
+        data={"csrf": csrf_of(listed.text), "decision": "approve"},
+        follow_redirects=False,
+    )
+    assert done.status_code == 303, done.text
+    book = ActionBook.of(data)
+    approved = book.request(waiting.id)
+    assert (approved.state, approved.approved_by) == ("queued", "ana")
+    assert [row["reviewer"] for row in book.trail(waiting.id) if row["event"] == "approved"] == [
+        "ana"
+    ]
+    book.close()
+    again = reviewer.post(
+        f"/actions/{waiting.id}",
+        data={"csrf": csrf_of(listed.text), "decision": "approve"},
+        follow_redirects=False,
+    )
+    assert again.status_code == 400  # no longer waiting

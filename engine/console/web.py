@@ -35,6 +35,10 @@ from markupsafe import Markup, escape
 from pydantic import BaseModel, Field
 from starlette.middleware.sessions import SessionMiddleware
 
+from engine.alerts.actions import ActionError, ActionRequest, NoActions, open_book
+from engine.alerts.actions import approve as approve_action
+from engine.alerts.actions import reject as reject_action
+from engine.alerts.outbox import OutboxError
 from engine.console.accounts import Account, Accounts, accounts_path
 from engine.console.chart import Band, bar_chart
 from engine.console.lakeview import (
@@ -103,6 +107,9 @@ class Console:
 def _when(value: Any) -> str:
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # Seconds since the epoch (the actions' times).
+        return datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M:%S")
     return "" if value is None else str(value)
 
 
@@ -553,6 +560,68 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
         except LakeViewError as error:
             return problem(request, account, str(error), 503)
         return page(request, "alert.html", account, **values)
+
+    # -- actions waiting for a reviewer ---------------------------------------------------
+
+    @app.get("/actions", include_in_schema=False)
+    def actions_page(request: Request) -> Response:
+        account = signed_in(request)
+        if account is None:
+            return to_login(request)
+        pending: list[ActionRequest] = []
+        recent: list[ActionRequest] = []
+        try:
+            book = open_book(console.data_dir)
+        except NoActions:
+            book = None  # no action was ever decided in this data dir
+        except ActionError as error:
+            return problem(request, account, str(error), 503)
+        if book is not None:
+            try:
+                pending = book.requests(["pending"], limit=500)
+                recent = [r for r in book.requests(limit=50) if r.state != "pending"]
+            except OutboxError as error:
+                return problem(request, account, str(error), 503)
+            finally:
+                book.close()
+        return page(
+            request,
+            "actions.html",
+            account,
+            pending=pending,
+            recent=recent,
+            flash=request.session.pop("flash", ""),
+        )
+
+    @app.post("/actions/{request_id}", include_in_schema=False)
+    async def decide_action(request: Request, request_id: int) -> Response:
+        """A reviewer approves (the action is done by a running serve) or rejects a
+        pending action request; the trail records the signed-in reviewer."""
+        account = signed_in(request)
+        if account is None:
+            return to_login(request)
+        form = await request.form()
+        if not csrf_matches(request.session.get("csrf"), form.get("csrf")):
+            return problem(
+                request, account, "the form has no valid CSRF token; reload the page", 403
+            )
+        if not account.may_review:
+            return problem(
+                request, account, f"{account.name} is a viewer: actions need a reviewer", 403
+            )
+        decision = str(form.get("decision", ""))
+        decisions = {"approve": (approve_action, "approved"), "reject": (reject_action, "rejected")}
+        if decision not in decisions:
+            return problem(request, account, "the decision must be approve or reject", 400)
+        decide, said = decisions[decision]
+        try:
+            done = await run_in_threadpool(decide, console.data_dir, request_id, account.name)
+        except ActionError as error:
+            return problem(request, account, str(error), 400)
+        request.session["flash"] = (
+            f"action request {done.id} ({shown(done.action_id)} on {shown(done.entity)}) {said}"
+        )
+        return RedirectResponse("/actions", status_code=303)
 
     # -- an entity ----------------------------------------------------------------------
 

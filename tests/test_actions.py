@@ -808,3 +808,32 @@ def test_serve_reloads_actions_with_the_rules_and_keeps_them_on_a_bad_edit(
     ]  # fmt: skip
     assert asyncio.run(switch.send(call)).answered == 1
     wait_for(lambda: request_states(data_dir) == ["done", "done"], 60, "the second block done")
+
+
+def test_a_step_the_outbox_gives_up_on_is_in_the_trail_and_can_be_tried_again(
+    tmp_path: Path, stand_ins: list[StandIn]
+) -> None:
+    # An endpoint down past the outbox's horizon: the request does not stay `queued`
+    # for ever; it waits for a reviewer again, the trail says why, and an approval
+    # sends it once more (with the same key) to the endpoint, now back.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    clock = Clock()
+    sink, book = rig(tmp_path, http_action(f"http://127.0.0.1:{port}/x"), clock)
+    sink.deliver([alert(1)])
+    (request,) = book.requests()
+    policy = RetryPolicy(give_up_after_s=60, first_backoff_s=0.05, max_backoff_s=0.2, poll_s=0.05)
+    courier = Courier(book.outbox, ActionDestination(book, "http"), policy, clock=clock)
+    courier.work()
+    assert book.request(request.id).state == "queued"
+    clock.now += 120
+    courier.work()
+    given_up = book.request(request.id)
+    assert (given_up.state, given_up.hold) == ("pending", "given_up")
+    assert events(book, request.id)[-1] == "given_up"
+    stand_in = StandIn(port)
+    stand_ins.append(stand_in)
+    book.approve(request.id, "ana")
+    run_couriers(book, lambda: book.request(request.id).state == "done")
+    assert [key for _, key, _ in stand_in.requests] == [request.key]

@@ -58,11 +58,13 @@ from engine.alerts.actionspec import (
 )
 from engine.alerts.outbox import (
     IDEMPOTENCY_HEADER,
+    Delivery,
     DeliveryError,
     Outbox,
     OutboxError,
     enqueue_in,
     outbox_path,
+    requeue_in,
 )
 from engine.core.text import shown
 
@@ -461,7 +463,7 @@ class ActionBook:
             )
             _audit(db, request, "do", "approved", now, reviewer=reviewer.strip())
             _count(db, request.action_id, "approved")
-            enqueue_in(
+            requeue_in(
                 db, DESTINATIONS[request.kind], request.key, _delivery_payload(request, "do"), now
             )
             found.append(request)
@@ -519,7 +521,7 @@ class ActionBook:
         )
         _audit(db, request, "undo", "undo_queued", now, reviewer=reviewer)
         key = request_key(request.action_id, request.alert_id, "undo")
-        enqueue_in(db, DESTINATIONS[request.kind], key, _delivery_payload(request, "undo"), now)
+        requeue_in(db, DESTINATIONS[request.kind], key, _delivery_payload(request, "undo"), now)
 
     def queue_due_undos(self) -> int:
         """Queue the undo of every done action whose time has come; how many."""
@@ -610,6 +612,32 @@ class ActionBook:
 
         with contextlib.suppress(ActionError):
             self.outbox.transaction(failed)
+
+    def record_given_up(self, request_id: int, step: str, error: str) -> None:
+        """The outbox gave up delivering a step. A `do` waits for a reviewer again (hold
+        `given_up`: approve tries once more, reject drops it); an `undo` is back to done,
+        so `lift` can try it again. Either way the trail says so."""
+        now = self.clock()
+
+        def given_up(db: sqlite3.Connection) -> None:
+            request = self._one(db, request_id)
+            if step == "do" and request.state == "queued":
+                db.execute(
+                    "UPDATE action_requests SET state = 'pending', hold = 'given_up', "
+                    "last_error = ? WHERE id = ?",
+                    (error, request_id),
+                )
+            elif step == "undo" and request.state == "undo_queued":
+                db.execute(
+                    "UPDATE action_requests SET state = 'done', last_error = ? WHERE id = ?",
+                    (error, request_id),
+                )
+            else:
+                return
+            _audit(db, request, step, "given_up", now, status=error)
+
+        with contextlib.suppress(ActionError):
+            self.outbox.transaction(given_up)
 
     # -- reading ----------------------------------------------------------------------
 
@@ -839,6 +867,18 @@ class ActionDestination:
             )
             raise
         self.book.record_done(step.request_id, step.step, summary, status, step.action.undo_after())
+
+    def given_up(self, deliveries: Sequence[Delivery]) -> None:
+        """The outbox gave up on these (see ActionBook.record_given_up)."""
+        for delivery in deliveries:
+            try:
+                data = json.loads(delivery.payload)
+                request_id, step = int(data["request_id"]), str(data["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not a step of ours: nothing to record
+            self.book.record_given_up(
+                request_id, step, delivery.last_error or "given up: never delivered"
+            )
 
     def _section(self, step: _Step) -> Any:
         action = step.action

@@ -409,6 +409,21 @@ def enqueue_in(
     return db.total_changes > before
 
 
+def requeue_in(
+    db: sqlite3.Connection, destination: str, key: str, payload: bytes, now: float
+) -> None:
+    """`enqueue_in`, and a delivery of that key given up before is pending again (a
+    reviewer asked for it once more)."""
+    db.execute(
+        "INSERT INTO deliveries (destination, key, payload, enqueued_at, next_at) "
+        "VALUES (?, ?, ?, ?, ?4) ON CONFLICT (destination, key) DO UPDATE SET "
+        "state = 'pending', payload = excluded.payload, enqueued_at = excluded.enqueued_at, "
+        "next_at = excluded.next_at, attempts = 0, last_error = '', done_at = NULL "
+        "WHERE state = 'given_up'",
+        (destination, key, payload, now),
+    )
+
+
 def _tally(db: sqlite3.Connection, destination: str, column: str, count: int) -> None:
     if count:
         db.execute(
@@ -649,6 +664,11 @@ class Courier:
                 self.policy.give_up_after_s,
                 given[-1].last_error or "never tried",
             )
+            # A destination that keeps state of its own about each delivery (actions)
+            # is told, so that state does not wait for a delivery that will never come.
+            told = getattr(self.destination, "given_up", None)
+            if callable(told):
+                told(given)
 
 
 class Dispatch:

@@ -725,3 +725,14 @@ def test_a_replay_says_what_detections_bounds_evicted_wherever_detection_ran(
         f"(detection.max_keys_per_rule 100), {evicted[0].calls} calls in progress "
         "(detection.max_open_calls 1000)"
     ) in result.stdout
+
+
+def test_the_progress_bar_draws_rows_rate_and_alerts(capsys: pytest.CaptureFixture[str]) -> None:
+    # What a terminal shows during a long replay (rich is loaded only here).
+    from engine.apps.progress import ProgressBar
+
+    bar = ProgressBar(1_000)
+    bar.at(500, 3)
+    bar.close()
+    drawn = capsys.readouterr().err
+    assert "500/1000" in drawn and "rows/s" in drawn and "3 alerts" in drawn

@@ -7,17 +7,6 @@ from __future__ import annotations
 import sys
 import time
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
 from engine.apps.replay import Progress as LoggedProgress
 
 
@@ -30,6 +19,18 @@ class ProgressBar(LoggedProgress):
     footers say), else a count; redrawn at most a few times a second."""
 
     def __init__(self, total: int | None, what: str = "replay") -> None:
+        # rich is loaded only when a bar is drawn: a run off a terminal never needs it.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         super().__init__(total, what)
         self._bar = Progress(
             TextColumn("[bold]{task.description}"),

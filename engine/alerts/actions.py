@@ -60,6 +60,7 @@ from engine.alerts.outbox import (
     IDEMPOTENCY_HEADER,
     Delivery,
     DeliveryError,
+    NoRedirect,
     Outbox,
     OutboxError,
     enqueue_in,
@@ -804,12 +805,6 @@ class ActionSink:
 # -- doing, in serve's couriers -------------------------------------------------------
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    # An action must not be sent elsewhere than its file says.
-    def redirect_request(self, *args: object, **kwargs: object) -> None:
-        return None
-
-
 @dataclass(frozen=True)
 class _Step:
     request_id: int
@@ -832,7 +827,7 @@ class ActionDestination:
         self.kind = kind
         self.name = DESTINATIONS[kind]
         self.environ = environ
-        self._opener = urllib.request.build_opener(_NoRedirects)
+        self._opener = urllib.request.build_opener(NoRedirect)
 
     def send(self, key: str, payload: bytes) -> None:
         try:

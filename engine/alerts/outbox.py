@@ -464,8 +464,10 @@ class Destination(Protocol):
         ...
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A POST must not be turned into a GET elsewhere: a redirect is the URL to fix.
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are not followed: a POST must not be turned into a GET elsewhere, and a
+    request goes only where its settings or action file say; a redirect is the URL to fix."""
+
     def redirect_request(self, *args: object, **kwargs: object) -> None:
         return None
 
@@ -487,7 +489,7 @@ class WebhookDestination:
         if token:
             # Most alert receivers (SOAR, chat, ticketing) take a bearer token.
             self.headers["Authorization"] = f"Bearer {token}"
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self._opener = urllib.request.build_opener(NoRedirect)
 
     def send(self, key: str, payload: bytes) -> None:
         headers = {**self.headers, IDEMPOTENCY_HEADER: key}

@@ -29,7 +29,7 @@ import duckdb
 import yaml
 
 from engine.core.durations import parse_duration
-from engine.lake.parquet import Lake
+from engine.lake.parquet import ALERT_SCHEMA, Lake
 from engine.lake.review_status import STATUSES
 
 SEVERITIES = ("critical", "high", "medium", "low")
@@ -44,27 +44,8 @@ _RANK = (
     + f" ELSE {len(SEVERITIES)} END"
 )
 
-ALERT_COLUMNS = (
-    "alert_id",
-    "rule_id",
-    "detector",
-    "severity",
-    "entity_type",
-    "entity",
-    "window_start",
-    "window_end",
-    "raised_at",
-    "value",
-    "threshold",
-    "summary",
-    "evidence",
-    "rule_version",
-    "status",
-    "review_note",
-    "reviewer",
-    "reviewed_at",
-    "assignee",
-)
+# The `alerts` columns, then what `alerts_current` adds of the latest review and assignment.
+ALERT_COLUMNS = (*ALERT_SCHEMA, "status", "review_note", "reviewer", "reviewed_at", "assignee")
 QUEUE_COLUMNS = tuple(c for c in ALERT_COLUMNS if c != "evidence")
 # What the queue page shows of each alert (fewer times to convert: a page is quicker).
 QUEUE_PAGE_COLUMNS = (

@@ -1,0 +1,392 @@
+"""`callsentry alerts`: list alerts, show one with its calls, record verdicts (append-only),
+and list the outbox's deliveries."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta, tzinfo
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from engine.apps.commandline import (
+    config_option,
+    data_dir_option,
+    fail,
+    settings_or_fail,
+)
+from engine.core.text import shown
+
+# Each command imports what it needs when it runs: `--help` and the small commands
+# start without pydantic's models, asyncio or the store.
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("callsentry")
+
+
+@click.group()
+def alerts() -> None:
+    """Review alerts: list them, open one with its calls, record a verdict (append-only)."""
+
+
+def _moment(text: str, option: str) -> datetime:
+    """--since/--until: ISO-8601 (UTC unless it has an offset; a date alone is its
+    midnight) or a duration before now (24h, 7d)."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        from engine.core.durations import parse_duration
+
+        try:
+            return datetime.now(tz=UTC) - timedelta(seconds=parse_duration(text))
+        except ValueError:
+            raise click.BadParameter(
+                f"{text!r} is neither an ISO-8601 time (2026-12-05T10:00, UTC unless an "
+                "offset is given) nor a duration before now (24h, 7d)",
+                param_hint=option,
+            ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _zone(text: str) -> tzinfo:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    if text.strip().upper() == "UTC":
+        return UTC
+    try:
+        return ZoneInfo(text.strip())
+    except (ZoneInfoNotFoundError, ValueError):
+        raise click.BadParameter(
+            f"{text!r} is not a time zone (an IANA name such as Asia/Shanghai, or UTC)",
+            param_hint="--tz",
+        ) from None
+
+
+def _status_option(value: str, option: str, *, allow_all: bool) -> str:
+    from engine.lake.review_status import status_named
+
+    if allow_all and value.strip().lower() == "all":
+        return "all"
+    try:
+        return status_named(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=option) from None
+
+
+def _cell_text(value: Any, zone: tzinfo) -> str:
+    """A value as text for CSV and the table: times in `zone` with their zone's name."""
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z")
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _json_value(value: Any, zone: tzinfo) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(zone).isoformat()
+    return value
+
+
+def _emit(
+    rows: list[dict[str, Any]],
+    keys: Sequence[str],
+    columns: list[tuple[str, str, int]],
+    file_format: str,
+    zone: tzinfo,
+) -> None:
+    """Rows as a table (a header, the last column unpadded; every cell through shown()),
+    JSON lines (every key, times ISO-8601 with their offset) or CSV (a header row, every
+    cell through csv_cell(): no spreadsheet formulas)."""
+    if file_format == "json":
+        for row in rows:
+            data = {key: _json_value(value, zone) for key, value in row.items()}
+            click.echo(json.dumps(data, ensure_ascii=False, default=str))
+        return
+    if file_format == "csv":
+        import csv
+        import io
+
+        from engine.core.text import csv_cell
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(keys)
+        for row in rows:
+            writer.writerow(
+                [
+                    row[key]
+                    if isinstance(row[key], int | float)
+                    else csv_cell(_cell_text(row[key], zone))
+                    for key in keys
+                ]
+            )
+        click.echo(buffer.getvalue(), nl=False)
+        return
+    *padded, (last_key, last_title, _) = columns
+    click.echo(" ".join(f"{title:<{width}}" for _, title, width in padded) + " " + last_title)
+    for row in rows:
+        cells = [f"{shown(_cell_text(row[key], zone)):<{width}}" for key, _, width in padded]
+        click.echo(" ".join(cells) + " " + shown(_cell_text(row[last_key], zone)))
+
+
+format_option = click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="table for people; json (one object per line) or csv (spreadsheet-safe) for tools.",
+)
+tz_option = click.option(
+    "--tz",
+    "zone_name",
+    default="UTC",
+    show_default=True,
+    help="Time zone the times are shown in (an IANA name, e.g. Asia/Shanghai).",
+)
+
+
+@alerts.command("list")
+@data_dir_option
+@config_option
+@click.option(
+    "--status",
+    default="open",
+    show_default=True,
+    help="open, investigating, confirmed, false_positive (or fp), closed, or all.",
+)
+@click.option(
+    "--severity",
+    "severities",
+    multiple=True,
+    type=click.Choice(["low", "medium", "high", "critical"]),
+    help="Only this severity (repeatable).",
+)
+@click.option("--rule", "rules", multiple=True, help="Only this rule or model id (repeatable).")
+@click.option(
+    "--entity", "entities", multiple=True, help="Only this caller, menu, number (repeatable)."
+)
+@click.option(
+    "--since",
+    default=None,
+    help="Raised at or after: ISO-8601 (UTC unless an offset is given) or a duration "
+    "before now (24h, 7d).",
+)
+@click.option("--until", default=None, help="Raised before: as --since.")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@format_option
+@tz_option
+def alerts_list(
+    data_dir: Path | None,
+    config: Path | None,
+    status: str,
+    severities: tuple[str, ...],
+    rules: tuple[str, ...],
+    entities: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    limit: int,
+    file_format: str,
+    zone_name: str,
+) -> None:
+    """Alerts with their latest review status, newest first."""
+    from engine.lake.reviews import LISTED, ReviewError, list_alerts
+
+    status = _status_option(status, "--status", allow_all=True)
+    start = _moment(since, "--since") if since else None
+    end = _moment(until, "--until") if until else None
+    zone = _zone(zone_name)
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    try:
+        rows = list_alerts(
+            settings.store.data_dir,
+            status,
+            limit,
+            severities=severities,
+            rules=rules,
+            entities=entities,
+            since=start,
+            until=end,
+        )
+    except ReviewError as error:
+        fail(str(error))
+    if not rows and file_format == "table":
+        filtered = severities or rules or entities or since or until
+        click.echo(
+            (f"no {status} alerts" if status != "all" else "no alerts")
+            + (" match" if filtered else "")
+        )
+        return
+    zone_title = datetime.now(tz=zone).strftime("%Z")
+    columns = [
+        ("alert_id", "ALERT", 36),
+        ("raised_at", f"RAISED ({zone_title})", 23),
+        ("status", "STATUS", 14),
+        ("severity", "SEVERITY", 8),
+        ("rule_id", "RULE", 26),
+        ("entity", "ENTITY", 16),
+        ("summary", "SUMMARY", 0),
+    ]
+    _emit(rows, LISTED, columns, file_format, zone)
+    if len(rows) == limit and file_format == "table":
+        click.echo(f"(the newest {limit}; --limit shows more)", err=True)
+
+
+@alerts.command("show")
+@click.argument("alert_id")
+@data_dir_option
+@config_option
+def alerts_show(alert_id: str, data_dir: Path | None, config: Path | None) -> None:
+    """One alert, its review trail and the calls behind it."""
+    from engine.lake.reviews import ReviewError, show_alert
+
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    try:
+        for line in show_alert(settings.store.data_dir, alert_id):
+            click.echo(shown(line))
+    except ReviewError as error:
+        fail(str(error))
+
+
+@alerts.command("review")
+@click.argument("alert_ids", metavar="ALERT_ID...", nargs=-1, required=True)
+@click.option(
+    "--status",
+    required=True,
+    help="open, investigating, confirmed, false_positive (or fp), closed.",
+)
+@click.option("--note", required=True, help="Why: what was checked, what was found.")
+@click.option("--reviewer", default=None, help="Who (default: the login name).")
+@data_dir_option
+@config_option
+def alerts_review(
+    alert_ids: tuple[str, ...],
+    status: str,
+    note: str,
+    reviewer: str | None,
+    data_dir: Path | None,
+    config: Path | None,
+) -> None:
+    """Record a verdict on one or more alerts (ids, or unambiguous starts of them): all
+    of them, or none when one is not found. Earlier reviews are kept; the latest counts."""
+    from engine.lake.reviews import ReviewError, add_reviews
+
+    status = _status_option(status, "--status", allow_all=False)
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    try:
+        recorded = add_reviews(
+            settings.store.data_dir, alert_ids, status, note, reviewer or getpass.getuser()
+        )
+    except ReviewError as error:
+        fail(str(error))
+    for alert_id, review_id in recorded:
+        click.echo(f"review {review_id} recorded: {alert_id} is {status}")
+    if settings.relay.nats.enabled:
+        _publish_reviews(settings, recorded, status, note, reviewer or getpass.getuser())
+
+
+def _publish_reviews(
+    settings: Any, recorded: list[tuple[str, str]], status: str, note: str, reviewer: str
+) -> None:
+    from engine.alerts.outbox import OutboxError
+    from engine.apps.relay import queue_reviews
+
+    try:
+        queue_reviews(settings, recorded, status, note, reviewer)
+    except OutboxError as error:
+        fail(f"the review is recorded, but not queued for NATS: {error}")
+
+
+@alerts.command("deliveries")
+@data_dir_option
+@config_option
+@click.option(
+    "--state",
+    type=click.Choice(["given_up", "pending", "delivered", "all"]),
+    default="given_up",
+    show_default=True,
+    help="given_up: what the outbox stopped trying (outbox.give_up_after_s).",
+)
+@click.option("--destination", default=None, help="Only this destination (e.g. webhook).")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--retry",
+    is_flag=True,
+    help="Put the given-up deliveries back in the queue (a running serve sends them).",
+)
+@format_option
+@tz_option
+def alerts_deliveries(
+    data_dir: Path | None,
+    config: Path | None,
+    state: str,
+    destination: str | None,
+    limit: int,
+    retry: bool,
+    file_format: str,
+    zone_name: str,
+) -> None:
+    """What the outbox delivers (the webhook): by default what it gave up on, newest
+    first, with the last error, and per destination how many were delivered, given up
+    and are waiting."""
+    from engine.alerts.outbox import STATES, Outbox, OutboxError, outbox_path
+
+    zone = _zone(zone_name)
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    data = settings.store.data_dir
+    if not data.is_dir():
+        fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
+    if not outbox_path(data).exists():
+        click.echo(f"no deliveries: {data} has no outbox (nothing was ever sent from it)")
+        return
+    try:
+        outbox = Outbox.of(data, read_only=not retry)
+        if retry:
+            click.echo(f"{outbox.retry_given_up(destination)} given-up deliveries queued again")
+            return
+        states = STATES if state == "all" else (state,)
+        listed = outbox.listing(states, destination, limit)
+        counts = outbox.counts()
+    except OutboxError as error:
+        fail(str(error))
+    rows = [
+        {
+            "destination": d.destination,
+            "key": d.key,
+            "state": d.state,
+            "enqueued_at": datetime.fromtimestamp(d.enqueued_at, tz=UTC),
+            "attempts": d.attempts,
+            "done_at": None if d.done_at is None else datetime.fromtimestamp(d.done_at, tz=UTC),
+            "error": d.last_error,
+        }
+        for d in listed
+    ]
+    zone_title = datetime.now(tz=zone).strftime("%Z")
+    columns = [
+        ("destination", "DESTINATION", 12),
+        ("key", "KEY", 36),
+        ("state", "STATE", 9),
+        ("enqueued_at", f"ENQUEUED ({zone_title})", 23),
+        ("attempts", "ATTEMPTS", 8),
+        ("error", "LAST ERROR", 0),
+    ]
+    keys = ["destination", "key", "state", "enqueued_at", "attempts", "done_at", "error"]
+    _emit(rows, keys, columns, file_format, zone)
+    if file_format != "table":
+        return
+    if not rows:
+        click.echo(f"no {state.replace('_', ' ')} deliveries" if state != "all" else "none")
+    for name, count in counts.items():
+        if destination is None or name == destination:
+            click.echo(
+                f"{name}: {count.delivered} delivered, {count.given_up} given up, "
+                f"{count.pending} waiting, {count.failed} failed attempts"
+            )

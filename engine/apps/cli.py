@@ -51,8 +51,7 @@ def main() -> None:
 def version() -> None:
     """The installed release: version, Python, whether its compiled parts are in use,
     and where its shipped rules are."""
-    from engine.apps.health import build_info, uncompiled_parts
-    from engine.apps.settings import shipped_rules
+    from engine.apps.build import build_info, shipped_rules, uncompiled_parts
 
     info = build_info()
     click.echo(f"callsentry {info['version']} (Python {info['python']})")

@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from engine.apps.build import shipped_rules
 from engine.core.addresses import parse_hostport
 
 ENV_PREFIX = "CALLSENTRY_"
@@ -43,15 +44,6 @@ ENV_PREFIX = "CALLSENTRY_"
 # only, on a port no common exporter uses (9100 is node_exporter's).
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9810"
 _HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]|24):([0-5]\d)$")
-
-
-def shipped_rules() -> Path:
-    """The rules shipped with this release. An installed package holds them as
-    `engine/shipped_rules/` (setup.py copies the project's `rules/` there); a source
-    checkout (an editable install) has them as its own `rules/`."""
-    package = Path(__file__).resolve().parents[1]
-    installed = package / "shipped_rules"
-    return installed if installed.is_dir() else package.parent / "rules"
 
 
 def time_zone(name: str) -> tzinfo:

@@ -35,7 +35,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from engine.alerts.actions import ActionBook
+from engine.alerts.actionbook import ActionBook
 from engine.alerts.outbox import DestinationCounts, Dispatch, OutboxError
 from engine.apps.build import build_info
 from engine.apps.lakewriter import LakeWriterProcess

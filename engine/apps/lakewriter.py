@@ -44,7 +44,8 @@ from engine.ingest.store import StoreError, lake_writer_lock
 RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
-    from engine.alerts.actions import ActionBook, ActionSink
+    from engine.alerts.actionbook import ActionBook
+    from engine.alerts.actions import ActionSink
     from engine.alerts.actionspec import ActionSet
     from engine.alerts.notify import Transport
     from engine.alerts.outbox import Destination
@@ -245,7 +246,8 @@ def make_action_sink(settings: Settings, pipeline: Pipeline | None) -> ActionSin
     """The sink that decides actions, when detection runs and the rule folder has an
     `actions/` folder. Action files that are invalid at the start are logged and none
     acts until they are fixed (the rule watcher loads them again)."""
-    from engine.alerts.actions import ActionBook, ActionSink
+    from engine.alerts.actionbook import ActionBook
+    from engine.alerts.actions import ActionSink
     from engine.alerts.actionspec import ActionSet, actions_dir
 
     if pipeline is None or not actions_dir(settings.detection.rules_folder).is_dir():
@@ -432,7 +434,7 @@ class TrailCopy:
         """Rows copied (0 also when there is no trail yet, or the copy failed: said once)."""
         import polars as pl
 
-        from engine.alerts.actions import ActionBook
+        from engine.alerts.actionbook import ActionBook
         from engine.alerts.outbox import OutboxError, outbox_path
         from engine.lake.parquet import ACTION_SCHEMA, STORAGE_ERRORS
 

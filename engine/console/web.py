@@ -35,9 +35,9 @@ from markupsafe import Markup, escape
 from pydantic import BaseModel, Field
 from starlette.middleware.sessions import SessionMiddleware
 
-from engine.alerts.actions import ActionError, ActionRequest, NoActions, open_book
-from engine.alerts.actions import approve as approve_action
-from engine.alerts.actions import reject as reject_action
+from engine.alerts.actionbook import ActionError, ActionRequest, NoActions, open_book
+from engine.alerts.actionbook import approve as approve_action
+from engine.alerts.actionbook import reject as reject_action
 from engine.alerts.outbox import OutboxError
 from engine.console.accounts import Account, Accounts, accounts_path
 from engine.console.chart import Band, bar_chart

@@ -17,7 +17,6 @@ Replay and backtest make no ActionSink: they never act.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import sqlite3
@@ -43,10 +42,10 @@ from engine.alerts.actionspec import (
     render_http,
 )
 from engine.alerts.outbox import (
-    IDEMPOTENCY_HEADER,
     Delivery,
     DeliveryError,
     NoRedirect,
+    send_http,
 )
 from engine.core.text import shown
 
@@ -179,24 +178,16 @@ class ActionDestination:
         request = render_http(section, values, self.environ)
         if step.action.dry_run:
             return request.summary, "dry run: not sent"
-        headers = {**request.headers, IDEMPOTENCY_HEADER: key}
-        made = urllib.request.Request(
-            request.url, data=request.body, headers=headers, method=request.method
+        status = send_http(
+            self._opener,
+            request.method,
+            request.url,
+            request.body,
+            request.headers,
+            key,
+            request.timeout_s,
         )
-        try:
-            with self._opener.open(made, timeout=request.timeout_s) as response:
-                response.read(65536)
-                status = int(response.status)
-        except urllib.error.HTTPError as error:
-            error.close()
-            status = error.code
-        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
-            reason = getattr(error, "reason", None) or error
-            raise DeliveryError(shown(str(reason))) from None
-        if 200 <= status < 300:
-            return request.summary, f"HTTP {status}"
-        refused = status < 500 and status not in (408, 425, 429)
-        raise DeliveryError(f"HTTP {status}", refused=refused)
+        return request.summary, f"HTTP {status}"
 
     def _command(self, step: _Step, values: Mapping[str, str]) -> tuple[str, str]:
         section = self._section(step)

@@ -435,8 +435,8 @@ class LakeView:
 
     def _priced_alerts(self) -> None:
         """`priced_alerts`: `current_alerts` with each alert's exposure, made again when
-        either table was. A page reads it alone: joining the two at every request
-        cost 160 ms of a 200 ms page on the bench's 100,000 alerts."""
+        either table was. A page reads it alone: the join at every request was most
+        of a queue page's time (bench/README.md, "Console")."""
         self._refresh()
         self._refresh_exposure(self.exposure_max_age_s)
         made = (self._current_made, self._exposure_made)

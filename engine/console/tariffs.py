@@ -204,8 +204,8 @@ def e164_query(source: str, plan: NumberPlan) -> str:
     """SQL giving (number, digits) for each `number` of the query `source`: the E.164
     digits it leads to (no "+"), or NULL when it cannot be read as one. These are
     engine.detect.numbers.Destinations.parse's first steps, one stage per subquery so
-    each is computed once per number (nested, the expressions were repeated: 12 µs a
-    number)."""
+    each is computed once per number (one nested expression repeats the earlier
+    stages inside the later ones: bench/README.md, "Console")."""
     # Whitespace removed by translate (no regular expression: most numbers have none).
     text = f"translate(coalesce(number, ''), {_literal(WHITESPACE)}, '')"
     dialled = _strip_longest("t", plan.dial_prefixes)

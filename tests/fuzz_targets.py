@@ -530,7 +530,7 @@ _SECTIONS = {
         "rate_period_s",
     ],
     "notify": ["channels"],
-    "console": ["public_url"],
+    "console": ["public_url", "tariffs"],
     "nope": ["x"],
 }
 _toml_values = st.one_of(
@@ -558,6 +558,7 @@ _toml_values = st.one_of(
             '["critical", "high"]',
             '["warning"]',
             '"https://console.example.org/"',
+            '"rules/tariffs/tariffs.yaml"',
             '["nats://127.0.0.1:4222"]',
             '["nats://u:p@127.0.0.1:4222", "tls://[::1]:4222"]',
             '["nats://h:0", "http://x", "nats://", "nats://h/x"]',

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import tempfile
 from collections.abc import Callable
@@ -344,6 +345,48 @@ def load_list_file(data: bytes) -> None:
             raise Escape(f"loading a list raised {error!r} on {data[:300]!r}") from error
 
 
+TARIFFS = RULES / "tariffs" / "tariffs.yaml"
+_PREFIXES = st.sampled_from(["44", "+44", "0044", "4a", "", "1234567890123456", "881"])
+_RATES = st.sampled_from([0, 0.5, -1, float("nan"), float("inf"), True, "1.0", None, 10**400])
+
+
+@st.composite
+def tariff_files(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["mutated", "entries", "text", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=600))
+    if kind == "text":
+        return draw(st.text(max_size=400)).encode("utf-8", "surrogatepass")
+    document = yaml.safe_load(TARIFFS.read_text(encoding="utf-8"))
+    if kind == "entries":
+        entry = st.fixed_dictionaries(
+            {"prefix": _PREFIXES | st.integers() | st.text(max_size=6), "rate": _RATES},
+            optional={"name": st.text(max_size=8) | st.integers(), "x": st.text(max_size=3)},
+        )
+        document["rates"] = draw(st.lists(entry | _yaml_values, max_size=5))
+    return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
+
+
+def load_tariff_file(data: bytes) -> None:
+    """A tariff list is loaded with every rate finite and >= 0 and every prefix digits,
+    or refused with its problems at file:line."""
+    from engine.console.tariffs import load_tariffs
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "tariffs.yaml"
+        path.write_bytes(data)
+        try:
+            tariffs = load_tariffs(path)
+        except YamlFileError as error:
+            _located(error, path)
+            return
+        except Exception as error:
+            raise Escape(f"loading a tariff list raised {error!r} on {data[:300]!r}") from error
+        for tariff in tariffs.tariffs:
+            if not tariff.prefix.isdigit() or not tariff.rate >= 0 or tariff.rate == math.inf:
+                raise Escape(f"a tariff list loaded {tariff!r} from {data[:300]!r}")
+
+
 _SCENARIOS = sorted((ROOT / "data" / "scenarios").glob("*.yaml"))
 
 
@@ -487,7 +530,7 @@ _SECTIONS = {
         "rate_period_s",
     ],
     "notify": ["channels"],
-    "console": ["public_url"],
+    "console": ["public_url", "tariffs"],
     "nope": ["x"],
 }
 _toml_values = st.one_of(
@@ -515,6 +558,7 @@ _toml_values = st.one_of(
             '["critical", "high"]',
             '["warning"]',
             '"https://console.example.org/"',
+            '"rules/tariffs/tariffs.yaml"',
             '["nats://127.0.0.1:4222"]',
             '["nats://u:p@127.0.0.1:4222", "tls://[::1]:4222"]',
             '["nats://h:0", "http://x", "nats://", "nats://h/x"]',
@@ -824,6 +868,7 @@ _FORM_KEYS = [
     "type",
     "limit",
     "decision",
+    "sort",
 ]
 _form_values = st.one_of(
     st.sampled_from(
@@ -838,6 +883,9 @@ _form_values = st.one_of(
             "assign",
             "approve",
             "reject",
+            "exposure",
+            "severity",
+            "time",
             "//x",
             VALID_CSRF,
         ]
@@ -878,7 +926,11 @@ def _console_client() -> Any:
         accounts = Accounts.load(accounts_path(data))
         accounts.set_user("ana", "reviewer", "fuzz-password")
         accounts.save()
-        console = Console(data, LakeView(data), RuleBook.read(RULES))
+        from engine.console.tariffs import load_tariffs
+
+        view = LakeView(data)
+        view.price_with(load_tariffs(TARIFFS), NumberPlan(default_region="GB"))
+        console = Console(data, view, RuleBook.read(RULES))
         client = TestClient(create_app(console, session_secret(data)))
         page = client.get("/login").text
         csrf = re.search(r'name="csrf" value="([^"]+)"', page)
@@ -932,6 +984,7 @@ TARGETS = (
     Target("rule-yaml", rule_files(), load_rule_file),
     Target("list-yaml", list_files(), load_list_file),
     Target("scenario-yaml", scenario_files(), load_scenario_file),
+    Target("tariff-yaml", tariff_files(), load_tariff_file),
     Target("settings", settings_files(), load_settings_file),
     Target("notify-channel", notify_channel_files(), load_settings_file),
     Target("numbers", numbers(), parse_numbers),

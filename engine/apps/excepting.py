@@ -111,7 +111,8 @@ def except_alert(
         loaded = check_detectors(rules_dir)
     except YamlFileError as error:
         raise ExceptError(
-            f"the rules in {rules_dir} are invalid; fix them first:\n" + "\n".join(error.problems)
+            f"the rules in {rules_dir} are invalid ({len(error.problems)} problem(s) above); "
+            "fix them first\n" + "\n".join(error.problems)
         ) from None
     known = (
         loaded.rules.by_id()
@@ -152,8 +153,8 @@ def except_alert(
         with contextlib.suppress(OSError):
             path.unlink()
         raise ExceptError(
-            "the exception would make the rules invalid, so it was not kept:\n"
-            + "\n".join(error.problems)
+            "the exception would make the rules invalid (the problems above), so it was "
+            "not kept\n" + "\n".join(error.problems)
         ) from None
     review_id = problem = None
     if alert["status"] != "false_positive":

@@ -818,7 +818,9 @@ def write_exception_files(entity: str) -> None:
 
     with tempfile.TemporaryDirectory() as root:
         folder = Path(root) / "exceptions"
-        spec = ExceptionSpec.model_validate(_EXCEPTION | {"entity": entity, "reason": entity})
+        spec = ExceptionSpec.model_validate(
+            _EXCEPTION | {"entity": entity, "reason": f"why: {entity}"}
+        )
         path = write_exception(folder, spec)
         if path.parent != folder or list(Path(root).iterdir()) != [folder]:
             raise Escape(f"{entity!r} wrote {path}")

@@ -256,9 +256,9 @@ def test_any_entity_text_makes_a_safe_file_name_and_stays_one_value(entity: str)
                 "rule": "short-calls-caller",
                 "entity_type": "caller",
                 "entity": entity,
-                "reason": entity,
+                "reason": f"why: {entity}",
                 "expires": "never",
-                "created_by": entity,
+                "created_by": f"ana {entity}",
             }
         )
         path = write_exception(folder, spec)
@@ -271,7 +271,7 @@ def test_any_entity_text_makes_a_safe_file_name_and_stays_one_value(entity: str)
         }
         problems: list[str] = []
         ((read, _),) = read_exception_files(folder, problems)
-        assert problems == [] and read.entity == entity and read.reason == entity
+        assert problems == [] and read == spec and read.reason == f"why: {entity}"
 
 
 def test_entities_that_clean_up_alike_get_files_of_their_own() -> None:

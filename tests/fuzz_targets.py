@@ -797,6 +797,88 @@ def render_requests(alert: dict[str, Any]) -> None:
         raise Escape(f"an argument starts an option: {run.argv!r}")
 
 
+# -- exception files ---------------------------------------------------------------------
+
+_EXCEPTION = {
+    "rule": "short-calls-caller",
+    "entity_type": "caller",
+    "entity": "8613900000001",
+    "reason": "the Acme PBX",
+    "expires": "2027-03-05",
+    "created_by": "ana",
+    "alert_id": "0f2c",
+    "verdict": "false_positive",
+}
+
+
+@st.composite
+def exception_files(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["mutated", "mutated", "fields", "text", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=800))
+    if kind == "text":
+        return draw(st.text(max_size=400)).encode("utf-8", "surrogatepass")
+    document: dict[str, Any] = dict(_EXCEPTION)
+    if kind == "fields":
+        # Each key given a value of any kind, or one of the values that look right.
+        for key in document:
+            if draw(st.booleans()):
+                document[key] = draw(
+                    _yaml_values
+                    | st.sampled_from(
+                        ["never", "2027-02-30", "2027-03-05T25:00", "model.caller-behaviour"]
+                    )
+                )
+        if draw(st.booleans()):
+            document["model"] = document.pop("rule")
+    return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
+
+
+def load_exception_file(data: bytes) -> None:
+    from engine.apps.lakewriter import check_detectors
+
+    with tempfile.TemporaryDirectory() as folder:
+        rules = Path(folder) / "rules"
+        for sub in ("lists", "models"):
+            (rules / sub).mkdir(parents=True)
+            for shipped in (RULES / sub).glob("*.yaml"):
+                (rules / sub / shipped.name).write_bytes(shipped.read_bytes())
+        (rules / "r.yaml").write_bytes((RULES / "short-calls-caller.yaml").read_bytes())
+        path = rules / "exceptions" / "fuzzed.yaml"
+        path.parent.mkdir()
+        path.write_bytes(data)
+        try:
+            check_detectors(rules)
+        except YamlFileError as error:
+            _located(error, path)
+        except Exception as error:
+            raise Escape(f"loading an exception raised {error!r} on {data[:300]!r}") from error
+
+
+def write_exception_files(entity: str) -> None:
+    """Whatever text the network put in an entity, `alerts except` writes a file inside
+    the exceptions folder that reads back as the same one value and no other key."""
+    from engine.detect.exceptionfiles import ExceptionSpec, read_exception_files, write_exception
+
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "exceptions"
+        spec = ExceptionSpec.model_validate(
+            _EXCEPTION | {"entity": entity, "reason": f"why: {entity}"}
+        )
+        path = write_exception(folder, spec)
+        if path.parent != folder or list(Path(root).iterdir()) != [folder]:
+            raise Escape(f"{entity!r} wrote {path}")
+        problems: list[str] = []
+        read = read_exception_files(folder, problems)
+        if problems or [s for s, _ in read] != [spec]:
+            raise Escape(f"{entity!r} read back as {read!r}: {problems}")
+
+
+_entities = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=300) | (
+    st.sampled_from(["../x", "a\x00b", "x\nrule: y", "\u202e", '"', "'", "#", ": ", "- a"])
+)
+
+
 # -- the console: its accounts file, its filters, its forms ----------------------------
 
 _ACCOUNT_KEYS = ["role", "password", "sha256", "created_at", "x"]
@@ -992,6 +1074,8 @@ TARGETS = (
     Target("nats-names", _answers, nats_names),
     Target("relay-state", relay_states(), load_relay_state),
     Target("action-yaml", action_files(), load_action_file),
+    Target("exception-yaml", exception_files(), load_exception_file),
+    Target("exception-entity", _entities, write_exception_files),
     Target("action-request", alert_fields(), render_requests),
     Target("console-accounts", accounts_files(), load_accounts_file),
     Target("console-filters", console_forms, queue_filter_of),

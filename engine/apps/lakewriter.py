@@ -353,6 +353,7 @@ class _RuleWatcher:
             *(folder / "lists").glob("*.y*ml"),
             *(folder / "models").glob("*.y*ml"),
             *(folder / "actions").glob("*.y*ml"),
+            *(folder / "exceptions").glob("*.y*ml"),
         ]
         stats = []
         for path in sorted(files):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -53,6 +54,7 @@ from engine.console.lakeview import (
 )
 from engine.console.safety import HEADERS, LoginThrottle, csrf_matches, new_csrf_token
 from engine.core.text import shown
+from engine.detect.exceptionfiles import exception_in_force
 from engine.lake.review_status import STATUSES, status_named
 from engine.lake.reviews import ReviewError, add_reviews, assign_alerts
 
@@ -582,6 +584,9 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
                 "assignments": console.view.assignments(alert["alert_id"]),
                 "users": sorted(console.accounts().users),
                 "flash": request.session.pop("flash", ""),
+                "exception": exception_in_force(
+                    console.rules.folder, alert["rule_id"], alert["entity"], time.time()
+                ),
             }
         except LakeViewError as error:
             return problem(request, account, str(error), 503)

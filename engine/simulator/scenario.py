@@ -185,9 +185,12 @@ def _parse(
     incidents = data.get("incidents")
     origin: list[int] = []
     if isinstance(incidents, list):
+        # Problems of `repeat` are at the incident's place in the file, not its copies'.
         incidents, origin = ranges.expand_repeats(
             incidents, lambda v, loc: copies(v, _keyed(loc, data["incidents"])), problems
         )
+    in_file = [f"{document.where(loc)}: {'.'.join(map(str, loc))}: {why}" for loc, why in problems]
+    problems = []
     top = {key: value for key, value in data.items() if key != "incidents"}
     drawn = ranges.resolve(top, (), choose, problems)
     if isinstance(incidents, list):
@@ -205,10 +208,12 @@ def _parse(
         drawn["incidents"] = incidents
     if seed is not None:
         drawn["seed"] = seed
-    placed = ranges.relocated(document, drawn, origin) if origin else document
-    if problems:
+    # The drawn data, each key on the line of the key it was drawn for.
+    placed = ranges.relocated(document, drawn, origin)
+    if problems or in_file:
         raise YamlFileError(
-            [f"{placed.where(loc)}: {'.'.join(map(str, loc))}: {why}" for loc, why in problems]
+            in_file
+            + [f"{placed.where(loc)}: {'.'.join(map(str, loc))}: {why}" for loc, why in problems]
         )
     try:
         return parse_model(placed, Scenario)

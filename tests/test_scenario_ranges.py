@@ -15,6 +15,7 @@ from engine.core.events import CallState
 from engine.core.yamlfile import YamlFileError
 from engine.detect.numbers import Destinations, NumberPlan
 from engine.simulator.destinations import random_number
+from engine.simulator.incidents import FAMILIES
 from engine.simulator.scenario import Scenario, generate, load_scenario
 from engine.simulator.traffic import BenignSpec, daily_level, make_population, peak_and_night
 
@@ -62,6 +63,13 @@ incidents:
     over: {between: [10m, 15m]}
     forward_country: {one_of: [MV, LR, GN]}
   - {id: irsf, family: irsf, at: 1m, calls: 20, over: 10m, forward_country: {one_of: [LV, TN]}}
+  - {id: scan, family: menu_scan, at: 2m, menu_id: {one_of: ["1", "3"]}, calls: {between: [60, 90]}}
+  - {id: seq, family: sequential_dialling, at: 3m,
+     calls: {between: [20, 30]}, step: {between: [1, 3]}}
+  - {id: slow, family: low_and_slow, at: 0s, calls: {between: [3, 6]}, spacing: {between: [4m, 6m]}}
+  - {id: campaign, family: marketing_campaign, at: 5m,
+     calls_per_hour: {between: [300, 600]}, over: 5m}
+  - {id: cc, family: call_centre_forward, at: 0s, forward: {one_of: ["4008005009", "4008005010"]}}
 """
 
 
@@ -133,6 +141,7 @@ def test_every_family_names_the_entity_its_calls_carry(tmp_path: Path) -> None:
         for event in generated.events:
             calls.setdefault(event.call_id, []).append(event)
         incidents = {i.id: i for i in scenario.incidents}
+        assert {label.family for label in generated.labels} == set(FAMILIES)
         for label in generated.labels:
             mine = [calls[c][0] for c in label.call_ids]
             assert mine, label.incident
@@ -150,6 +159,11 @@ def test_every_family_names_the_entity_its_calls_carry(tmp_path: Path) -> None:
                 found = book.of(label.entity)
                 assert found.country == incident.caller_country and found.valid, label
                 assert all(e.state is CallState.RINGING for e in mine)
+            if label.incident == "seq":
+                callees = [int(e.callee) for e in sorted(mine, key=lambda e: e.ts)]
+                assert callees == list(
+                    range(callees[0], callees[0] + incident.step * len(mine), incident.step)
+                )
             if label.incident == "ramp" and incident.history:
                 # Time to detect counts from the ramp, after the quiet history.
                 assert math.isclose(label.start, scenario.start.timestamp() + incident.history)

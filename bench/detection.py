@@ -310,6 +310,8 @@ class Judged:
     # Alerts that belong to no labelled incident: benign traffic, by rule.
     unlabelled: Counter[str] = field(default_factory=Counter)
     lookalikes: Counter[str] = field(default_factory=Counter)
+    # (rule, entity, what it is about: a look-alike's family or "benign traffic").
+    false: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def judge(found: list[Found], labels: list[dict[str, Any]]) -> Judged:
@@ -326,9 +328,11 @@ def judge(found: list[Found], labels: list[dict[str, Any]]) -> Judged:
         owners = owners_of(alert, labelled)
         if not owners:
             judged.unlabelled[alert.source] += 1
+            judged.false.append((alert.source, alert.entity, "benign traffic"))
         for owner in owners:
             if not owner["must_alert"]:
                 judged.lookalikes[f"{alert.source} on {owner['family']}"] += 1
+                judged.false.append((alert.source, alert.entity, owner["family"]))
     return judged
 
 
@@ -432,6 +436,14 @@ def run_seeds(args: argparse.Namespace) -> int:
                     settings.store.data_dir / "callsentry.duckdb", start, start + scenario.duration
                 )
                 mine, theirs = judge(found, labels), judge(baseline, labels)
+                named = {e for _, e, _ in mine.false}
+                volume = Counter(
+                    value
+                    for event in generated.events
+                    if event.serial == 1
+                    for value in (event.caller, event.forward, event.menu_id)
+                    if value in named
+                )
                 ours.runs.append(mine)
                 sql.runs.append(theirs)
                 missed = sorted(i for i, (_, t) in mine.incidents.items() if t is None)
@@ -459,6 +471,12 @@ def run_seeds(args: argparse.Namespace) -> int:
                         "true_alerts": mine.true_alerts,
                         "lookalike_alerts": dict(mine.lookalikes),
                         "unlabelled_alerts": dict(mine.unlabelled),
+                        # Each false alert, with the calls its entity placed or took in
+                        # the whole scenario (a caller, a forward number or a menu).
+                        "false_alerts": [
+                            {"rule": r, "entity": e, "on": on, "entity_calls": volume.get(e, 0)}
+                            for r, e, on in mine.false
+                        ],
                         "sql_alerts": theirs.alerts,
                         "sql_true_alerts": theirs.true_alerts,
                     }
@@ -526,16 +544,6 @@ def summarise(
         rows = [
             ("precision", f"{ours.precision():.2f}", f"{sql.precision():.2f}"),
             (
-                "alerts on look-alikes, per seed",
-                " ".join(map(str, lookalikes)),
-                " ".join(map(str, sql.lookalikes_per_seed())),
-            ),
-            (
-                "alerts on other benign traffic, per seed",
-                " ".join(str(sum(r.unlabelled.values())) for r in ours.runs),
-                " ".join(str(sum(r.unlabelled.values())) for r in sql.runs),
-            ),
-            (
                 "median time to detect",
                 _minutes(percentile(fast, 0.5)),
                 _minutes(percentile(sfast, 0.5)),
@@ -560,6 +568,15 @@ def summarise(
         print(f"  {'':44} {'callsentry':>24} {'SQL hourly':>24}")
         for label, a, b in rows:
             print(f"  {label:44} {a:>24} {b:>24}")
+        print(f"  alerts on look-alikes, per seed: {' '.join(map(str, lookalikes))}")
+        print(f"    (SQL hourly: {' '.join(map(str, sql.lookalikes_per_seed()))})")
+        print(
+            "  alerts on other benign traffic, per seed: "
+            + " ".join(str(sum(r.unlabelled.values())) for r in ours.runs)
+        )
+        print(
+            "    (SQL hourly: " + " ".join(str(sum(r.unlabelled.values())) for r in sql.runs) + ")"
+        )
         false_rules = Counter[str]()
         for run in ours.runs:
             false_rules.update(run.unlabelled)

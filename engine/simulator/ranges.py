@@ -115,13 +115,16 @@ def _is_range(node: Any) -> bool:
     return isinstance(node, dict) and any(key in node for key in RANGE_KEYS)
 
 
-def has_ranges(node: Any) -> bool:
+def has_ranges(node: Any, repeats: bool = True) -> bool:
+    """Whether `node` holds a range anywhere (or, with `repeats`, a `repeat` key)."""
     if _is_range(node):
         return True
     if isinstance(node, dict):
-        return REPEAT_KEY in node or any(has_ranges(value) for value in node.values())
+        return (repeats and REPEAT_KEY in node) or any(
+            has_ranges(value, repeats) for value in node.values()
+        )
     if isinstance(node, list):
-        return any(has_ranges(item) for item in node)
+        return any(has_ranges(item, repeats) for item in node)
     return False
 
 

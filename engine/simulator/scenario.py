@@ -125,16 +125,18 @@ def check_ranges(document: YamlDocument) -> None:
     for where, choose in passes:
         try:
             _parse(document, choose, _checked_copies)
+        except RangeShapeError:
+            raise
         except YamlFileError as error:
-            if where == "its low end" or any(_is_range_problem(p) for p in error.problems):
+            if not ranges.has_ranges(document.data, repeats=False):
                 raise
             raise YamlFileError(
                 [f"{p} (with every range at {where})" for p in error.problems]
             ) from None
 
 
-def _is_range_problem(problem: str) -> bool:
-    return any(word in problem for word in ("between", "one_of", "repeat", "a range"))
+class RangeShapeError(YamlFileError):
+    """A range, a `repeat` or the seed is malformed (whatever is drawn from it)."""
 
 
 def _checked_copies(value: Any, loc: ranges.Loc) -> Any:
@@ -211,7 +213,7 @@ def _parse(
     # The drawn data, each key on the line of the key it was drawn for.
     placed = ranges.relocated(document, drawn, origin)
     if problems or in_file:
-        raise YamlFileError(
+        raise RangeShapeError(
             in_file
             + [f"{placed.where(loc)}: {'.'.join(map(str, loc))}: {why}" for loc, why in problems]
         )

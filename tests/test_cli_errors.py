@@ -457,3 +457,20 @@ def test_check_without_send_says_so(tmp_path: Path) -> None:
     outcome = _run(argv, "", tmp_path)
     assert outcome.code == 2
     assert outcome.stderr == "callsentry: --check marks the reports sent; it needs --send\n"
+
+
+def test_simulate_with_a_bad_range_says_where_in_one_line(tmp_path: Path) -> None:
+    scenario = tmp_path / "ranged.yaml"
+    scenario.write_text(
+        "name: ranged\nduration: 1h\nincidents:\n"
+        "  - {id: a, family: wangiri, calls: {between: [80, 15]}}\n",
+        encoding="utf-8",
+    )
+    argv = ["simulate", "--scenario", str(scenario), "--to-file", str(tmp_path / "out")]
+    outcome = _run(argv, "a range whose low end is above its high end", tmp_path)
+    assert outcome.code == 2, outcome
+    assert outcome.stderr == (
+        f"callsentry: {scenario}:4: incidents.0.calls: between [80, 15]: "
+        "the low end is above the high end\n"
+    )
+    assert "Traceback" not in outcome.stdout + outcome.stderr

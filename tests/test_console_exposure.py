@@ -67,6 +67,8 @@ def test_a_tariff_list_is_read_with_its_currency_and_longest_prefix(tmp_path: Pa
     ("text", "line", "said"),
     [
         (TARIFFS.replace('"447"', '"44x"'), 4, "is no E.164 prefix"),
+        # As dialled, not as E.164: it would match nothing, silently.
+        (TARIFFS.replace('"447"', '"00447"'), 4, "write 44, not 0044"),
         (TARIFFS.replace('"447"', "447"), 4, "write it in quotes"),
         (TARIFFS.replace("rate: 0.50", "rate: -0.5"), 4, "is not a finite number >= 0"),
         (TARIFFS.replace("rate: 0.50", "rate: .nan"), 4, "is not a finite number >= 0"),

@@ -151,6 +151,9 @@ def load_yaml_text(text: str) -> dict[str, object]:
         (GOOD.replace('"8613900000001"', '""'), 3, "entity: String should have at least 1"),
         (GOOD.replace("2027-03-05", "next week"), 5, "expires: 'next week' is not a date"),
         (GOOD.replace("2027-03-05", "2027-02-30"), 5, "invalid value"),
+        # The day after the last date there is does not exist: never is how to say it.
+        (GOOD.replace("2027-03-05", "9999-12-31"), 5, "the year must be from 1970 to 9998"),
+        (GOOD.replace("2027-03-05", "0001-01-01T00:00:00+05:00"), 5, "out of range"),
         (GOOD.replace("expires: 2027-03-05\n", ""), 1, "expires: Field required"),
         (GOOD.replace("reason: the Acme PBX", "reason: '  '"), 4, "reason: must not be blank"),
         (GOOD + "model: model.caller-behaviour\n", 1, "name either the rule"),
@@ -234,6 +237,15 @@ def test_an_inline_exception_holds_through_its_expiry_day_in_event_time(tmp_path
     assert rule.excepted("8613900000001", last_moment)
     assert not rule.excepted("8613900000001", last_moment + 1)
     assert not rule.excepted("8613900000002", START)
+
+
+def test_an_inline_exception_to_the_last_date_there_is_never_ends(tmp_path: Path) -> None:
+    folder = rules_copy(tmp_path)
+    path = folder / "short-calls-caller.yaml"
+    inline = "  - {name: robot, values: ['8613900000001'], reason: test, expires: 9999-12-31}\n"
+    path.write_text(path.read_text().replace("exceptions:\n", "exceptions:\n" + inline))
+    rule = load_rules(path).rules.rules[0]
+    assert rule.excepted("8613900000001", datetime(9999, 12, 31, 23, tzinfo=UTC).timestamp())
 
 
 # -- hostile entity text ----------------------------------------------------------------
@@ -349,6 +361,8 @@ def test_alerts_except_stops_the_entitys_alerts_in_the_next_replay_and_no_others
         (["--expires", "yesterday"], "--expires 'yesterday': not a duration"),
         (["--expires", "2020-01-01"], "--expires '2020-01-01': that is not in the future"),
         (["--reason", " "], "--reason: say why"),
+        (["--reviewer", " "], "created_by: Value error, must not be blank (alert"),
+        (["--expires", "9999-12-31"], "--expires '9999-12-31': '9999-12-31' is out of range"),
     ],
 )
 def test_alerts_except_refuses_clearly_and_writes_nothing(

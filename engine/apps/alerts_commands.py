@@ -428,6 +428,17 @@ def alerts_except(
 
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     folder = rules_dir if rules_dir is not None else settings.detection.rules_folder
+    if (
+        rules_dir is None
+        and settings.detection.rules_dir is None
+        and folder.name == "shipped_rules"
+    ):
+        # An installed package's own copy: a file there is lost at the next upgrade and
+        # is in nothing the team reviews and commits.
+        fail(
+            f"the rules in use are the ones shipped inside the package ({folder}); give "
+            "--rules DIR or set detection.rules_dir to the team's own rules folder"
+        )
     who = reviewer or getpass.getuser()
     try:
         made = except_alert(settings.store.data_dir, folder, alert_id, reason, expires, who)

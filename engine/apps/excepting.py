@@ -34,15 +34,21 @@ def parse_expiry(text: str, now: datetime) -> date | datetime | str:
         return NEVER
     expires: date | datetime | str
     try:
-        expires = now.replace(microsecond=0) + timedelta(seconds=parse_duration(value))
+        seconds: float | None = parse_duration(value)
     except ValueError:
-        try:
+        seconds = None
+    try:
+        if seconds is not None:  # at most 3650 days (parse_duration): within the years
+            expires = parse_expires(now.replace(microsecond=0) + timedelta(seconds=seconds))
+        else:
             expires = parse_expires(value)
-        except ValueError:
-            raise ExceptError(
-                f"--expires {text!r}: not a duration (30d, 12h), a date (2027-03-05), a time "
-                "(2027-03-05T12:00:00Z) or never"
-            ) from None
+    except ValueError as error:
+        if seconds is not None or "out of range" in str(error):
+            raise ExceptError(f"--expires {text!r}: {error}") from None
+        raise ExceptError(
+            f"--expires {text!r}: not a duration (30d, 12h), a date (2027-03-05), a time "
+            "(2027-03-05T12:00:00Z) or never"
+        ) from None
     if isinstance(expires, datetime):
         expires = expires.replace(microsecond=0)
     if expiry_time(expires) <= now.timestamp():
@@ -75,7 +81,10 @@ def except_alert(
     """Write the exception for the alert's rule (or model) and entity into
     `rules_dir`/exceptions, and record a false_positive review for the alert unless its
     latest verdict already is one. Raises ExceptError."""
+    from pydantic import ValidationError
+
     from engine.apps.lakewriter import check_detectors
+    from engine.core.text import shown
     from engine.detect.exceptionfiles import (
         ExceptionSpec,
         covering,
@@ -127,19 +136,27 @@ def except_alert(
             f"{detector} {source} already has an exception for this entity until "
             f"{expiry_text(held.until)}: {held.where}"
         )
-    spec = ExceptionSpec.model_validate(
-        {
-            detector: source,
-            "entity_type": str(alert["entity_type"]),
-            "entity": entity,
-            "reason": reason.strip(),
-            "expires": expires,
-            "created_by": reviewer,
-            "created_at": now.replace(microsecond=0),
-            "alert_id": full_id,
-            "verdict": "false_positive",
-        }
-    )
+    try:
+        spec = ExceptionSpec.model_validate(
+            {
+                detector: source,
+                "entity_type": str(alert["entity_type"]),
+                "entity": entity,
+                "reason": reason.strip(),
+                "expires": expires,
+                "created_by": reviewer,
+                "created_at": now.replace(microsecond=0),
+                "alert_id": full_id,
+                "verdict": "false_positive",
+            }
+        )
+    except ValidationError as error:
+        # What the command was given (the reviewer's name) or what the alert holds
+        # (an empty or overlong entity) cannot make an exception file.
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'exception'}: {e['msg']}" for e in error.errors()
+        )
+        raise ExceptError(f"{shown(problems)} (alert {full_id} cannot be excepted)") from None
     folder = exceptions_dir(rules_dir)
     try:
         path = write_exception(folder, spec)

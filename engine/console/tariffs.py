@@ -40,7 +40,8 @@ from engine.core.yamlfile import DEFAULT_LIMITS, YamlDocument, YamlFileError, Ya
 from engine.detect.numbers import NumberPlan
 
 CURRENCY = re.compile(r"[A-Z]{3}")
-PREFIX = re.compile(r"\+?[0-9]{1,15}")
+# A country code never starts with 0: "0044" is how it is dialled, not an E.164 prefix.
+PREFIX = re.compile(r"\+?[1-9][0-9]{0,14}")
 MAX_NAME_CHARS = 200
 # What a dialled number may carry between its digits, removed before it is read.
 WHITESPACE = " \t\n\r\x0b\x0c"
@@ -144,7 +145,8 @@ def _tariff(document: YamlDocument, index: int, entry: Any, problems: list[str])
     elif not PREFIX.fullmatch(prefix):
         problem(
             (*here, "prefix"),
-            f"prefix: {prefix[:40]!r} is no E.164 prefix (1 to 15 digits, a + before them allowed)",
+            f"prefix: {prefix[:40]!r} is no E.164 prefix (1 to 15 digits, not starting with "
+            "0: write 44, not 0044; a + before them allowed)",
         )
     rate = entry.get("rate")
     if "rate" not in entry:

@@ -427,8 +427,8 @@ class RuleGroup:
 
 def _day_after(expires: date | None) -> float:
     """The event time an inline exception stops at: the midnight (UTC) after `expires`."""
-    if expires is None:
-        return math.inf
+    if expires is None or expires == date.max:
+        return math.inf  # the last day there is: it never ends
     following = expires + timedelta(days=1)
     return datetime(following.year, following.month, following.day, tzinfo=UTC).timestamp()
 

@@ -63,20 +63,30 @@ def exception_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
+# Expiries are event times: from the epoch to a year whose next day still exists.
+FIRST_YEAR, LAST_YEAR = 1970, 9998
+
+
 def parse_expires(value: Any) -> date | datetime | str:
     """A date, an aware time (UTC unless it said otherwise) or `never`."""
-    if isinstance(value, datetime):
-        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
     if isinstance(value, date):
+        if not FIRST_YEAR <= value.year <= LAST_YEAR:
+            raise ValueError(
+                f"{value.isoformat()[:40]!r} is out of range: the year must be from "
+                f"{FIRST_YEAR} to {LAST_YEAR} (for no end, write never)"
+            )
+        if isinstance(value, datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
         return value
     if isinstance(value, str):
         text = value.strip()
         if text == NEVER:
             return NEVER
+        parsed: date | None = None
         with contextlib.suppress(ValueError):
-            if len(text) == 10:
-                return date.fromisoformat(text)
-            return parse_expires(datetime.fromisoformat(text))
+            parsed = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
+        if parsed is not None:
+            return parse_expires(parsed)
     raise ValueError(
         f"{str(value)[:40]!r} is not a date (2027-03-05: through that day, UTC), a time "
         "(2027-03-05T12:00:00Z; UTC unless it has an offset) or never"
@@ -149,7 +159,10 @@ def expiry_time(expires: date | datetime | str) -> float:
 def expiry_text(until: float) -> str:
     if math.isinf(until):
         return NEVER
-    return datetime.fromtimestamp(until, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.fromtimestamp(until, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, OSError, ValueError):
+        return f"{until:.0f} s after 1970-01-01 UTC"
 
 
 @dataclass(frozen=True)

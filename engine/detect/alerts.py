@@ -67,6 +67,16 @@ class Alert:
     def escalation(self) -> bool:
         return self.kind == "escalation"
 
+    @property
+    def delivery_key(self) -> str:
+        """What names this delivery in the outbox (one row per key): the alert's id,
+        and for its escalation the id with `:escalation`, a delivery of its own."""
+        return delivery_key(self.alert_id, self.kind)
+
+
+def delivery_key(alert_id: str, kind: str) -> str:
+    return f"{alert_id}:escalation" if kind == "escalation" else alert_id
+
 
 def alert_id(source: str, entity: str, raised_at: float) -> str:
     return str(uuid.uuid5(_ALERT_NAMESPACE, f"{source}|{entity}|{round(raised_at * 1_000_000)}"))

@@ -63,6 +63,7 @@ GE: Final = 8
 EQ: Final = 9
 NE: Final = 10
 EMPTY: Final = 11
+BETWEEN: Final = 12
 
 
 def _conditions(matcher: Matcher, lists: Mapping[str, frozenset[str]]) -> list[tuple[int, Any]]:
@@ -92,6 +93,8 @@ def _conditions(matcher: Matcher, lists: Mapping[str, frozenset[str]]) -> list[t
         found.append((NE, matcher.ne))
     if matcher.empty is not None:
         found.append((EMPTY, matcher.empty))
+    if matcher.between is not None:
+        found.append((BETWEEN, (matcher.between[0], matcher.between[1])))
     return found
 
 
@@ -143,6 +146,10 @@ class Condition:
         # A text compared with a text as two strings, not two objects.
         self.text: str | None = constant if kind in (EQ, NE) and type(constant) is str else None
         self.empty = bool(constant) if kind == EMPTY else False
+        # BETWEEN (hours): from `first` up to, not including, `last`; across midnight
+        # when `first` is the later.
+        self.first: int = int(constant[0]) if kind == BETWEEN else 0
+        self.last: int = int(constant[1]) if kind == BETWEEN else 0
 
     def holds(self, v: Any) -> bool:
         # Exact type tests (`type(v) is str`), where isinstance walks the type's bases:
@@ -186,6 +193,13 @@ class Condition:
             else:
                 equal = bool(v == self.constant)
             return equal if kind == EQ else not equal
+        if kind == BETWEEN:
+            if type(v) is not int:
+                return False
+            hour: int = v
+            if self.first < self.last:
+                return self.first <= hour < self.last
+            return hour >= self.first or hour < self.last
         # EMPTY: whether the field is empty (no text, or none at all) is as asked.
         return (v is None or (type(v) is str and v == "")) == self.empty
 

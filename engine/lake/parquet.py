@@ -342,6 +342,7 @@ _SQL_TYPES: dict[Any, str] = {
     pl.Binary: "BLOB",
     pl.Boolean: "BOOLEAN",
     pl.Datetime("us", "UTC"): "TIMESTAMPTZ",
+    pl.List(pl.String): "VARCHAR[]",
 }
 
 

@@ -428,3 +428,15 @@ def test_alerts_list_and_show_give_the_level_and_the_escalation(tmp_path: Path) 
     assert shown_alert.exit_code == 0, shown_alert.output
     assert "level     critical (raised at warning)" in shown_alert.output
     assert "to critical: value 10 (threshold 10)" in shown_alert.output
+
+
+def test_time_zones_load_without_the_system_database() -> None:
+    # A Debian container may lack /usr/share/zoneinfo: the `tzdata` package holds them.
+    import zoneinfo
+
+    zoneinfo.reset_tzpath(to=[])
+    try:
+        zone = zoneinfo.ZoneInfo.no_cache("Asia/Shanghai")
+        assert datetime.fromtimestamp(SATURDAY_15_UTC, zone).hour == 23
+    finally:
+        zoneinfo.reset_tzpath()

@@ -440,3 +440,16 @@ def test_time_zones_load_without_the_system_database() -> None:
         assert datetime.fromtimestamp(SATURDAY_15_UTC, zone).hour == 23
     finally:
         zoneinfo.reset_tzpath()
+
+
+def test_inline_tests_read_the_hour_in_utc_whatever_the_site_zone(tmp_path: Path) -> None:
+    # The tests start at 14:13:20 UTC, a Monday: 22:13 in Shanghai.
+    rule = BURST_RULE + (
+        "selection: {hour: 14, weekday: mon}\n"
+        "tests:\n"
+        "  - name: afternoon in UTC\n"
+        "    calls: [{every: 20, repeat: 12}]\n"
+        '    expect: [{entity: "8613800000001", level: critical}]\n'
+    )
+    rules = load_rules(rule_folder(tmp_path, rule), zone=ZoneInfo("Asia/Shanghai")).rules
+    assert [r.passed for r in run_rule_tests(rules)] == [True]

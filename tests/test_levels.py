@@ -453,3 +453,25 @@ def test_inline_tests_read_the_hour_in_utc_whatever_the_site_zone(tmp_path: Path
     )
     rules = load_rules(rule_folder(tmp_path, rule), zone=ZoneInfo("Asia/Shanghai")).rules
     assert [r.passed for r in run_rule_tests(rules)] == [True]
+
+
+def test_the_console_filters_by_level_and_shows_the_escalation(tmp_path: Path) -> None:
+    from tests.console_data import console_data_dir
+    from tests.test_console import signed_in
+
+    data = console_data_dir(tmp_path / "console")
+    raised, escalation = escalated_pair(tmp_path)
+    other = run(rule_folder(tmp_path), [burst(7, caller="8613800000777")])[0]
+    Lake(data).write_segment(999_999, [], alert_frames([raised, other, escalation]))
+    client = signed_in(data)
+    warnings = client.get("/", params={"level": "warning"}).text
+    assert "8613800000777" in warnings and raised.entity not in warnings
+    critical = client.get("/", params={"level": "critical", "status": "all"}).text
+    assert raised.entity in critical and "escalated" in critical
+    assert "8613800000777" not in critical
+    page = client.get(f"/alerts/{raised.alert_id}").text
+    assert "<h2>Escalations</h2>" in page and "raised at warning" in page
+    api = client.get(f"/api/alerts/{raised.alert_id}").json()
+    assert (api["level"], api["raised_level"]) == ("critical", "warning")
+    assert [e["value"] for e in api["escalations"]] == [10.0]
+    assert client.get("/", params={"level": "severe"}).status_code == 400

@@ -21,6 +21,7 @@ from engine.apps.commandline import (
     data_dir_option,
     fail,
     fail_rules,
+    fail_with_problems,
     log_level_option,
     os_error_text,
     settings_or_fail,
@@ -322,6 +323,17 @@ def config_check(config: Path | None) -> None:
                 click.echo(f"# {key} unset{meaning}")
                 continue
             click.echo(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+    if settings.console.tariffs is not None:
+        from engine.console.tariffs import load_tariffs
+        from engine.core.yamlfile import YamlFileError
+
+        try:
+            tariffs = load_tariffs(settings.console.tariffs)
+        except YamlFileError as error:
+            fail_with_problems(error, "the tariff list is invalid ({count} problem(s))", 2)
+        click.echo(
+            f"# console.tariffs: {len(tariffs.tariffs)} destination(s), in {tariffs.currency}"
+        )
     click.echo("configuration OK", err=True)
 
 

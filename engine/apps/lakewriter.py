@@ -121,13 +121,9 @@ def feed_silence(detection: DetectionSettings) -> FeedSilence | None:
 def use_number_plan(detection: DetectionSettings) -> None:
     """Read the numbers of this process's calls as the settings say (the destination
     fields, engine.detect.numbers)."""
-    from engine.detect.numbers import DESTINATIONS, NumberPlan
+    from engine.detect.numbers import DESTINATIONS
 
-    plan = NumberPlan(
-        dial_prefixes=tuple(detection.dial_prefixes),
-        international_prefixes=tuple(detection.international_prefixes),
-        default_region=detection.default_region,
-    )
+    plan = detection.number_plan()
     if plan != DESTINATIONS.plan or detection.number_cache_size != DESTINATIONS.cache_size:
         DESTINATIONS.use(plan, detection.number_cache_size)
 
@@ -360,6 +356,7 @@ class _RuleWatcher:
             *(folder / "lists").glob("*.y*ml"),
             *(folder / "models").glob("*.y*ml"),
             *(folder / "actions").glob("*.y*ml"),
+            *(folder / "exceptions").glob("*.y*ml"),
         ]
         stats = []
         for path in sorted(files):

@@ -162,6 +162,7 @@ def build(data: Path, events: int, alerts: int, reviews: int, seed: int = 7) -> 
                 "summary": [f"caller {callers_of[p]} made 20 short calls" for p in picks],
                 "evidence": [ids[p : p + 15] for p in picks],
                 "rule_version": ["bench"] * day_alerts,
+                "level": ["critical"] * day_alerts,
             },
             schema=ALERT_SCHEMA,
         )

@@ -244,6 +244,19 @@ _yaml_values = st.recursive(
     max_leaves=12,
 )
 _SHIPPED_RULES = sorted(RULES.glob("*.yaml"))
+# A rule with every input levels and local time bring (a warning bar, hours across
+# midnight, weekdays), mutated as the shipped ones are.
+_LEVELS_RULE: dict[str, Any] = {
+    "id": "night-burst",
+    "title": "Night burst",
+    "severity": "high",
+    "selection": {"hour": {"between": [22, 6]}, "weekday": {"in": ["sat", "sun"]}},
+    "aggregate": {"type": "count", "group_by": "caller", "window": 600},
+    "condition": {"op": ">=", "threshold": 10, "warning": 5},
+    "tests": [
+        {"name": "t", "calls": [{"repeat": 6}], "expect": [{"entity": "1", "level": "warning"}]}
+    ],
+}
 
 
 def _mutated(document: Any, draw: st.DrawFn) -> Any:
@@ -270,8 +283,16 @@ def rule_files(draw: st.DrawFn) -> bytes:
         return draw(st.binary(max_size=1500))
     if kind == "text":
         return draw(st.text(max_size=600)).encode("utf-8", "surrogatepass")
-    source = draw(st.sampled_from(_SHIPPED_RULES))
-    document = yaml.safe_load(source.read_text(encoding="utf-8"))
+    source = draw(st.sampled_from([*_SHIPPED_RULES, None]))
+    if source is None:
+        document = _LEVELS_RULE
+        if draw(st.booleans()):  # the new keys themselves, changed or dropped
+            document = {**document, "condition": _mutated(document["condition"], draw)}
+            document["selection"] = {
+                name: _mutated(matcher, draw) for name, matcher in _LEVELS_RULE["selection"].items()
+            }
+    else:
+        document = yaml.safe_load(source.read_text(encoding="utf-8"))
     return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
 
 
@@ -525,6 +546,7 @@ _SECTIONS = {
         "feed_hours",
         "feed_timezone",
         "feed_severity",
+        "timezone",
         "webhook_token",
         "dial_prefixes",
         "international_prefixes",

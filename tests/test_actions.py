@@ -182,7 +182,7 @@ def test_an_unknown_field_in_a_template_is_refused_with_its_line(tmp_path: Path)
     assert error.value.problems == [
         f"{folder / 'hook.yaml'}:8: http.body.rule: unknown placeholder {{rule}} (known: "
         "alert_id, rule_id, detector, severity, entity_type, entity, window_start, window_end, "
-        "raised_at, value, threshold, summary, rule_version, action_id)"
+        "raised_at, value, threshold, summary, rule_version, level, action_id)"
     ]
 
 

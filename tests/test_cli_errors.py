@@ -294,6 +294,10 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
             "callsentry: alerts list: Invalid value for --status: unknown status 'nope'",
         ),
         (
+            ["alerts", "list", "--level", "severe"],
+            "callsentry: alerts list: Invalid value for '--level': 'severe' is not one of",
+        ),
+        (
             ["alerts", "list", "--since", "then"],
             "callsentry: alerts list: Invalid value for --since: 'then' is neither",
         ),
@@ -352,6 +356,8 @@ def test_an_error_is_one_line_naming_the_problem(
         ("[detection]\nfeed_hours = ['25:00-26:00']", "detection.feed_hours (from "),
         ("[detection]\nfeed_hours = 'all day'", "detection.feed_hours (from "),
         ("[detection]\nfeed_timezone = 'Mars/Olympus'", "'Mars/Olympus' is not a time zone"),
+        ("[detection]\ntimezone = 'Mars/Olympus'", "detection.timezone (from "),
+        ("[detection]\ntimezone = 8", "detection.timezone (from "),
         ("[detection]\nfeed_severity = 'dire'", "detection.feed_severity (from "),
         ("[detection]\ndefault_region = 'cn'", "'cn' is not a region the numbering plans know"),
         ("[detection]\ndefault_region = 7", "detection.default_region (from "),

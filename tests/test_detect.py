@@ -11,6 +11,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -560,7 +561,7 @@ def test_alerts_table_has_exactly_the_contract_columns(tmp_path: Path) -> None:
         columns = [row[0] for row in con.execute("DESCRIBE alerts").fetchall()]
         current = con.execute("SELECT DISTINCT status FROM alerts_current").fetchall()
         calls = con.execute("SELECT count(*), count(DISTINCT call_id) FROM calls").fetchone()
-    assert columns[:14] == [
+    assert columns[:15] == [
         "alert_id",
         "rule_id",
         "detector",
@@ -575,8 +576,9 @@ def test_alerts_table_has_exactly_the_contract_columns(tmp_path: Path) -> None:
         "summary",
         "evidence",
         "rule_version",
+        "level",
     ]
-    assert set(columns[14:]) <= {"day"}
+    assert set(columns[15:]) <= {"day"}
     assert current == [("open",)]
     assert calls is not None and calls[0] == calls[1] > 3000
 
@@ -869,6 +871,10 @@ def test_a_selector_reads_each_field_of_a_call_as_it_is() -> None:
     def as_it_is(call: Call, name: str) -> object:
         if hasattr(call, name):
             return getattr(call, name)
+        if name in ("hour", "weekday"):
+            # When the call started, in UTC (the site's zone when none is given).
+            started = datetime.fromtimestamp(call.started_at, UTC)
+            return started.hour if name == "hour" else started.strftime("%a").lower()
         # A destination field: the number's, as the numbering plans read it.
         number, part = name.rsplit("_", 1)
         found = DESTINATIONS.of(getattr(call, number))

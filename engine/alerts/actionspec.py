@@ -49,6 +49,7 @@ ALERT_FIELDS = (
     "threshold",
     "summary",
     "rule_version",
+    "level",
     "action_id",
 )
 ENTITY_TYPES = ("caller", "menu", "forward", "callee")
@@ -79,11 +80,15 @@ class Match(_Strict):
     severities: list[Literal["low", "medium", "high", "critical"]] = Field(default_factory=list)
     tags: list[str] = Field(default_factory=list)
     entity_types: list[Literal["caller", "menu", "forward", "callee"]] = Field(default_factory=list)
+    # The alert's level: with `[critical]`, an alert raised at warning is acted on when
+    # it escalates (the escalation is the same alert: an action runs once per alert).
+    levels: list[Literal["warning", "critical"]] = Field(default_factory=list)
 
     def matches(self, alert: Mapping[str, Any], tags: Sequence[str]) -> bool:
         return (
             (not self.rules or alert.get("rule_id") in self.rules)
             and (not self.severities or alert.get("severity") in self.severities)
+            and (not self.levels or (alert.get("level") or "critical") in self.levels)
             and (not self.entity_types or alert.get("entity_type") in self.entity_types)
             and (not self.tags or any(tag in self.tags for tag in tags))
         )

@@ -64,8 +64,9 @@ FORMATS = ("text", "markdown", "html")
 
 
 def alert_level(alert: Alert) -> str:
-    """An alert's level: `warning` or `critical`. An alert that carries none was raised
-    at its rule's one (main) threshold, which is the critical one."""
+    """An alert's level: `warning` or `critical` (an escalation's is `critical`: a route
+    for critical takes the escalation of an alert raised at warning). An alert that
+    carries none was raised at its rule's one (main) threshold, the critical one."""
     return str(getattr(alert, "level", "") or "critical")
 
 
@@ -118,7 +119,7 @@ class NotifySink:
             for destination, route in self.routes:
                 if route.takes(alert, tags):
                     payload = payload or notification_payload(alert, tags)
-                    items.append((destination, alert.alert_id, payload))
+                    items.append((destination, alert.delivery_key, payload))
         self.outbox.enqueue_many(items)
 
     def close(self) -> None:
@@ -160,7 +161,11 @@ def _number(value: object) -> str:
 def alert_title(alert: dict[str, Any]) -> str:
     # Only words and ids of our own: a rule id is [a-z0-9_.-] (the rule schema).
     severity = _field(alert, "severity").upper()
-    return shown(f"[callsentry] {severity} alert: {_field(alert, 'rule_id')}")
+    rule_id = _field(alert, "rule_id")
+    if alert.get("kind") == "escalation":
+        return shown(f"[callsentry] {severity} alert escalated to critical: {rule_id}")
+    level = " (warning)" if alert.get("level") == "warning" else ""
+    return shown(f"[callsentry] {severity} alert{level}: {rule_id}")
 
 
 def alert_message(alert: dict[str, Any], fmt: str, public_url: str) -> Message:
@@ -175,6 +180,8 @@ def alert_message(alert: dict[str, Any], fmt: str, public_url: str) -> Message:
         ("Raised at", _field(alert, "raised_at")),
         ("Alert", _field(alert, "alert_id")),
     ]
+    if alert.get("kind") == "escalation":
+        facts.insert(4, ("Escalated at", _field(alert, "escalated_at")))
     tags = alert.get("tags")
     if isinstance(tags, list) and tags:
         facts.append(("Tags", ", ".join(str(tag) for tag in tags)))
@@ -371,6 +378,7 @@ _SD_FIELDS = (
     "detector",
     "severity",
     "level",
+    "kind",
     "entity_type",
     "entity",
     "value",
@@ -378,6 +386,7 @@ _SD_FIELDS = (
     "window_start",
     "window_end",
     "raised_at",
+    "escalated_at",
     "rule_version",
 )
 _BOM = "\ufeff"

@@ -741,7 +741,8 @@ class Dispatch:
 
 class OutboxSink:
     """An alert sink that enqueues each alert (not shadow ones) for every destination,
-    keyed by its alert_id; `deliver` returns once they are durable."""
+    keyed by its alert_id (an escalation by its own key, `Alert.delivery_key`);
+    `deliver` returns once they are durable."""
 
     def __init__(self, outbox: Outbox, destinations: Sequence[str]) -> None:
         self.outbox = outbox
@@ -749,7 +750,7 @@ class OutboxSink:
 
     def deliver(self, alerts: Sequence[Alert]) -> None:
         items = [
-            (destination, alert.alert_id, alert_payload(alert))
+            (destination, alert.delivery_key, alert_payload(alert))
             for alert in alerts
             if alert.mode == "alert"
             for destination in self.destinations

@@ -17,8 +17,24 @@ log = logging.getLogger(__name__)
 class LogSink:
     def deliver(self, alerts: Sequence[Alert]) -> None:
         for alert in alerts:
-            if alert.mode == "alert":
-                log.warning("ALERT %s [%s] %s", alert.rule_id, alert.severity, shown(alert.summary))
+            if alert.mode != "alert":
+                continue
+            if alert.escalation:
+                log.warning(
+                    "ESCALATED %s [%s] %s to critical: %s",
+                    alert.rule_id,
+                    alert.severity,
+                    alert.alert_id,
+                    shown(alert.summary),
+                )
+            else:
+                log.warning(
+                    "ALERT %s [%s/%s] %s",
+                    alert.rule_id,
+                    alert.severity,
+                    alert.level,
+                    shown(alert.summary),
+                )
 
     def close(self) -> None:
         pass

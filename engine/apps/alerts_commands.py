@@ -107,7 +107,7 @@ def _emit(
     cell through csv_cell(): no spreadsheet formulas)."""
     if file_format == "json":
         for row in rows:
-            data = {key: _json_value(value, zone) for key, value in row.items()}
+            data = {key: _json_value(row[key], zone) for key in keys}
             click.echo(json.dumps(data, ensure_ascii=False, default=str))
         return
     if file_format == "csv":
@@ -170,6 +170,13 @@ tz_option = click.option(
     type=click.Choice(["low", "medium", "high", "critical"]),
     help="Only this severity (repeatable).",
 )
+@click.option(
+    "--level",
+    "levels",
+    multiple=True,
+    type=click.Choice(["warning", "critical"]),
+    help="Only alerts now at this level (an escalated alert is critical; repeatable).",
+)
 @click.option("--rule", "rules", multiple=True, help="Only this rule or model id (repeatable).")
 @click.option(
     "--entity", "entities", multiple=True, help="Only this caller, menu, number (repeatable)."
@@ -189,6 +196,7 @@ def alerts_list(
     config: Path | None,
     status: str,
     severities: tuple[str, ...],
+    levels: tuple[str, ...],
     rules: tuple[str, ...],
     entities: tuple[str, ...],
     since: str | None,
@@ -211,6 +219,7 @@ def alerts_list(
             status,
             limit,
             severities=severities,
+            levels=levels,
             rules=rules,
             entities=entities,
             since=start,
@@ -219,7 +228,7 @@ def alerts_list(
     except ReviewError as error:
         fail(str(error))
     if not rows and file_format == "table":
-        filtered = severities or rules or entities or since or until
+        filtered = severities or levels or rules or entities or since or until
         click.echo(
             (f"no {status} alerts" if status != "all" else "no alerts")
             + (" match" if filtered else "")
@@ -231,10 +240,14 @@ def alerts_list(
         ("raised_at", f"RAISED ({zone_title})", 23),
         ("status", "STATUS", 14),
         ("severity", "SEVERITY", 8),
+        ("level_shown", "LEVEL", 9),
         ("rule_id", "RULE", 26),
         ("entity", "ENTITY", 16),
         ("summary", "SUMMARY", 0),
     ]
+    for row in rows:
+        # In the table only: `escalated` is raised at warning, critical since.
+        row["level_shown"] = "escalated" if row["escalated_at"] is not None else row["level"]
     _emit(rows, LISTED, columns, file_format, zone)
     if len(rows) == limit and file_format == "table":
         click.echo(f"(the newest {limit}; --limit shows more)", err=True)

@@ -48,6 +48,12 @@ _STORED_EVENTS = (
 )
 
 
+def raised(alerts: list[Alert]) -> list[Alert]:
+    """The alerts raised, without escalations (the same alerts reaching critical): a
+    backtest compares which alerts each rule set raises."""
+    return [alert for alert in alerts if not alert.escalation]
+
+
 class BacktestError(Exception):
     """The data dir or the span cannot be backtested; the message says why."""
 
@@ -174,7 +180,7 @@ def backtest(
         while len(counted) > keep:
             _, alerts = forked.result()
             if counted.pop(0):
-                report.candidate.extend(alerts)
+                report.candidate.extend(raised(alerts))
 
     def both(items: list[CallEvent | Reject] | float, count: bool) -> None:
         nonlocal fed
@@ -189,13 +195,13 @@ def backtest(
         else:
             current_alerts = current.advance(items).alerts
         if count:
-            report.current.extend(current_alerts)
+            report.current.extend(raised(current_alerts))
         if forked is None:
             candidate_alerts = (
                 candidate.feed(items) if isinstance(items, list) else candidate.advance(items)
             ).alerts
             if count:
-                report.candidate.extend(candidate_alerts)
+                report.candidate.extend(raised(candidate_alerts))
         else:
             # One step answered behind: the other process works on the next meanwhile.
             answers(1)

@@ -239,10 +239,13 @@ def replay(
             "file by ts for the result of an ordered one",
             err=True,
         )
-    live = [a for a in report.alerts if a.mode == "alert"]
+    raised = [a for a in report.alerts if not a.escalation]
+    live = [a for a in raised if a.mode == "alert"]
+    escalated = sum(1 for a in report.alerts if a.escalation and a.mode == "alert")
+    warnings = sum(1 for a in live if a.level == "warning")
     click.echo(
-        f"{report.calls} calls rebuilt; {len(live)} alerts, "
-        f"{len(report.alerts) - len(live)} shadow alerts"
+        f"{report.calls} calls rebuilt; {len(live)} alerts ({warnings} raised at warning, "
+        f"{escalated} of them escalated to critical), {len(raised) - len(live)} shadow alerts"
     )
     # Past these bounds detection forgets: an operator must see when a replay met them.
     click.echo(
@@ -252,7 +255,7 @@ def replay(
         f"(detection.max_open_calls {settings.detection.max_open_calls})"
     )
     for alert in live[:show]:
-        click.echo(f"  [{alert.severity}] {alert.rule_id}: {shown(alert.summary)}")
+        click.echo(f"  [{alert.severity}/{alert.level}] {alert.rule_id}: {shown(alert.summary)}")
     if len(live) > show:
         click.echo(f"  ... and {len(live) - show} more (SELECT * FROM alerts)")
     click.echo(f"query them: duckdb -readonly {settings.store.data_dir / 'callsentry.duckdb'}")

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from datetime import UTC, tzinfo
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -64,14 +65,14 @@ T = TypeVar("T")
 
 
 def _read_detectors(
-    path: Path, max_keys: int
+    path: Path, max_keys: int, zone: tzinfo = UTC
 ) -> tuple[LoadedRules, list[tuple[ModelSpec, YamlDocument]]]:
     from engine.detect.rules import load_rules
     from models.catalogue import catalogue, load_model_specs, models_dir
 
     problems: list[str] = []
     documents = load_model_specs(models_dir(path), problems)
-    loaded = load_rules(path, max_keys=max_keys, models=catalogue(documents, problems))
+    loaded = load_rules(path, max_keys=max_keys, models=catalogue(documents, problems), zone=zone)
     return loaded, documents
 
 
@@ -81,15 +82,16 @@ def check_detectors(path: Path) -> LoadedRules:
     return _read_detectors(path, RULE_CHECK_MAX_KEYS)[0]
 
 
-def load_detectors(path: Path, max_keys: int, *, models: bool) -> LoadedRules:
+def load_detectors(path: Path, max_keys: int, *, models: bool, zone: tzinfo = UTC) -> LoadedRules:
     """Rules and models under `path` (the models in its `models/` folder); raises
     YamlFileError listing every problem of both. `models`: whether the models run
-    (their files are checked either way)."""
+    (their files are checked either way). `zone`: the site's time zone the rules read
+    the hour and weekday in (`detection.timezone`)."""
     # The models' state types, for snapshots, whether or not the models run now.
     from models import state_types  # noqa: F401
     from models.registry import build_models
 
-    loaded, documents = _read_detectors(path, max_keys)
+    loaded, documents = _read_detectors(path, max_keys, zone)
     if not models:
         # Rules that ask for a model's score then never fire; say so.
         for rule in loaded.rules.rules:
@@ -139,6 +141,7 @@ def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -
         rules_dir or detection.rules_folder,
         detection.max_keys_per_rule,
         models=detection.models_enabled,
+        zone=time_zone(detection.timezone),
     )
     tracker = CallTracker(
         settle_s=detection.settle_s,
@@ -380,6 +383,7 @@ class _RuleWatcher:
                 detection.rules_folder,
                 detection.max_keys_per_rule,
                 models=detection.models_enabled,
+                zone=time_zone(detection.timezone),
             ).rules
             loaded.append(rules)
             return rules

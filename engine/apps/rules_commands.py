@@ -108,6 +108,9 @@ def rules_test(path: Path | None) -> None:
         if not result.passed:
             click.echo(f"       expected alerts per entity: {result.expected or 'none'}")
             click.echo(f"       actual alerts per entity:   {result.actual or 'none'}")
+            if result.expected_levels:
+                click.echo(f"       expected levels: {result.expected_levels}")
+                click.echo(f"       actual levels:   {result.actual_levels or 'none'}")
     click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if failed:
         sys.exit(1)

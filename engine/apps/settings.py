@@ -289,6 +289,9 @@ class DetectionSettings(_Section):
     feed_hours: list[str] = Field(default_factory=lambda: ["00:00-24:00"], min_length=1)
     feed_timezone: str = "UTC"
     feed_severity: Literal["low", "medium", "high", "critical"] = "high"
+    # The site's time zone (an IANA name): the rules' `hour` and `weekday` selections
+    # read a call's start in it. Event time, never the wall clock.
+    timezone: str = "UTC"
     # How the destination fields (callee_country, forward_type, callee_valid, ...) read
     # a number (engine.detect.numbers): the carrier and trunk prefixes the switch puts
     # before a number, stripped first (the longest that matches, once); the prefixes
@@ -338,7 +341,7 @@ class DetectionSettings(_Section):
             parse_hours(item)
         return value
 
-    @field_validator("feed_timezone")
+    @field_validator("feed_timezone", "timezone")
     @classmethod
     def _check_timezone(cls, value: str) -> str:
         time_zone(value)

@@ -40,7 +40,8 @@ log = logging.getLogger("callsentry.console")
 
 SEVERITIES = ("critical", "high", "medium", "low")
 # The tables `alerts_current` is made of.
-CURRENT_TABLES = ("alerts", "alert_reviews", "alert_assignments")
+CURRENT_TABLES = ("alerts", "alert_escalations", "alert_reviews", "alert_assignments")
+LEVELS = ("warning", "critical")
 ENTITY_TYPES = ("caller", "callee", "forward", "menu")
 # The calls column an entity of each type is found in.
 ENTITY_COLUMN = {"caller": "caller", "callee": "callee", "forward": "forward", "menu": "menu_id"}
@@ -50,14 +51,27 @@ _RANK = (
     + f" ELSE {len(SEVERITIES)} END"
 )
 
-# The `alerts` columns, then what `alerts_current` adds of the latest review and assignment.
-ALERT_COLUMNS = (*ALERT_SCHEMA, "status", "review_note", "reviewer", "reviewed_at", "assignee")
+# The `alerts` columns (`level` the current one), then what `alerts_current` adds of the
+# escalation, the latest review and assignment.
+ALERT_COLUMNS = (
+    *ALERT_SCHEMA,
+    "raised_level",
+    "escalated_at",
+    "escalated_value",
+    "status",
+    "review_note",
+    "reviewer",
+    "reviewed_at",
+    "assignee",
+)
 QUEUE_COLUMNS = tuple(c for c in ALERT_COLUMNS if c != "evidence")
 # What the queue page shows of each alert (fewer times to convert: a page is quicker).
 QUEUE_PAGE_COLUMNS = (
     "alert_id",
     "rule_id",
     "severity",
+    "level",
+    "escalated_at",
     "entity_type",
     "entity",
     "raised_at",
@@ -95,6 +109,7 @@ class QueueFilter:
 
     status: str = "open"  # a status, or "all"
     severities: tuple[str, ...] = ()
+    levels: tuple[str, ...] = ()  # the current level: an escalated alert is critical
     rules: tuple[str, ...] = ()
     entity: str = ""
     assignee: str = ""  # a name, "-" for nobody, "" for anyone
@@ -110,6 +125,9 @@ class QueueFilter:
         if self.severities:
             clauses.append("list_contains(?, severity)")
             params.append(list(self.severities))
+        if self.levels:
+            clauses.append("list_contains(?, level)")
+            params.append(list(self.levels))
         if self.rules:
             clauses.append("list_contains(?, rule_id)")
             params.append(list(self.rules))
@@ -548,6 +566,16 @@ class LakeView:
             [alert_id],
         )
         return found[0] if found else None
+
+    def escalations(self, alert_id: str) -> list[dict[str, Any]]:
+        """The alert's escalations (at most one: warning to critical), oldest first."""
+        columns = ("escalated_at", "level", "value", "threshold", "summary")
+        return self.dicts(
+            columns,
+            f"SELECT {', '.join(columns)} FROM alert_escalations WHERE alert_id = ? "
+            "ORDER BY escalated_at",
+            [alert_id],
+        )
 
     def alert_ids_starting(self, prefix: str, limit: int = 2) -> list[str]:
         return [

@@ -44,6 +44,7 @@ from engine.console.accounts import Account, Accounts, accounts_path
 from engine.console.chart import Band, bar_chart
 from engine.console.lakeview import (
     ENTITY_TYPES,
+    LEVELS,
     QUEUE_COLUMNS,
     SEVERITIES,
     SORTS,
@@ -188,6 +189,10 @@ def queue_filter(params: Any) -> QueueFilter:
     for severity in severities:
         if severity not in SEVERITIES:
             raise BadRequest(f"severity {severity!r} is not one of {', '.join(SEVERITIES)}")
+    levels = tuple(s for s in params.getlist("level") if s)
+    for level in levels:
+        if level not in LEVELS:
+            raise BadRequest(f"level {level!r} is not one of {', '.join(LEVELS)}")
     try:
         since = _moment(params.get("since") or "")
         until = _moment(params.get("until") or "")
@@ -196,6 +201,7 @@ def queue_filter(params: Any) -> QueueFilter:
     return QueueFilter(
         status=status,
         severities=severities,
+        levels=levels,
         rules=tuple(r for r in params.getlist("rule") if r),
         entity=(params.get("entity") or "").strip(),
         assignee=(params.get("assignee") or "").strip(),
@@ -374,6 +380,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
             csrf=csrf_token(request),
             statuses=STATUSES,
             severities=SEVERITIES,
+            levels=LEVELS,
             **values,
         )
         return HTMLResponse(html, status_code=status_code)
@@ -581,6 +588,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
                 "chart": traffic_chart(console.view, alert, rule.window_s if rule else None),
                 "earlier": earlier,
                 "reviews": console.view.reviews([alert["alert_id"]]),
+                "escalations": console.view.escalations(alert["alert_id"]),
                 "assignments": console.view.assignments(alert["alert_id"]),
                 "users": sorted(console.accounts().users),
                 "flash": request.session.pop("flash", ""),
@@ -811,6 +819,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
                 return JSONResponse({"detail": f"no alert {alert_id!r}"}, status_code=404)
             alert["calls"] = console.view.evidence(alert)
             alert["reviews"] = console.view.reviews([alert_id])
+            alert["escalations"] = console.view.escalations(alert_id)
             if console.view.tariffs is not None:
                 breakdown = console.view.exposure_of(alert["calls"])
                 alert["exposure"] = sum(part["exposure"] for part in breakdown)

@@ -99,7 +99,10 @@ COMPARISONS: dict[str, type[Comparison]] = {
 
 
 def comparison(spec: ConditionSpec) -> Comparison:
-    return COMPARISONS[spec.op](spec.threshold)
+    """The condition's first bar: its warning when it has one (below the critical
+    threshold for an at-least condition, so a bounded measure is made whenever
+    either level could be reached)."""
+    return COMPARISONS[spec.op](spec.entry)
 
 
 class Numerator:

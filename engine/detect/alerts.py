@@ -1,5 +1,15 @@
 """From findings to alerts: one per incident (suppression per rule and entity), with
-evidence and a sentence a person understands."""
+evidence and a sentence a person understands.
+
+Levels. A rule whose condition has a `warning` bar raises its alert at level `warning`
+when only that bar is crossed, at `critical` when the threshold is; every other alert
+(a rule without a warning, a model, the feed-silence check) is `critical`. While an
+alert at `warning` holds its suppression, the same rule crossing its critical
+threshold for the same entity escalates it: an `Alert` of kind `escalation` with the
+same `alert_id` (and the alert's `raised_at`), `escalated_at` the event time of the
+crossing, its value, the critical threshold and the evidence then. An alert escalates
+at most once; its suppression is not lengthened by it.
+"""
 
 from __future__ import annotations
 
@@ -39,12 +49,33 @@ class Alert:
     evidence: list[str]
     rule_version: str
     mode: str = "alert"
+    # `warning` or `critical` (see the module's docstring).
+    level: str = "critical"
+    # `alert`, or `escalation`: the alert `alert_id` (raised before) reached `critical`
+    # at `escalated_at`, with this `value`, `threshold`, `summary` and `evidence`.
+    kind: str = "alert"
+    escalated_at: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("window_start", "window_end", "raised_at"):
-            data[key] = datetime.fromtimestamp(data[key], tz=UTC).isoformat()
+        for key in ("window_start", "window_end", "raised_at", "escalated_at"):
+            if data[key] is not None:
+                data[key] = datetime.fromtimestamp(data[key], tz=UTC).isoformat()
         return data
+
+    @property
+    def escalation(self) -> bool:
+        return self.kind == "escalation"
+
+    @property
+    def delivery_key(self) -> str:
+        """What names this delivery in the outbox (one row per key): the alert's id,
+        and for its escalation the id with `:escalation`, a delivery of its own."""
+        return delivery_key(self.alert_id, self.kind)
+
+
+def delivery_key(alert_id: str, kind: str) -> str:
+    return f"{alert_id}:escalation" if kind == "escalation" else alert_id
 
 
 def alert_id(source: str, entity: str, raised_at: float) -> str:
@@ -62,6 +93,7 @@ def _alert(
     summary: str,
     version: str,
     mode: str,
+    level: str = "critical",
 ) -> Alert:
     return Alert(
         alert_id=alert_id(source, finding.entity, finding.raised_at),
@@ -79,6 +111,7 @@ def _alert(
         evidence=list(finding.evidence),
         rule_version=version,
         mode=mode,
+        level=level,
     )
 
 
@@ -88,6 +121,9 @@ class AlertManager:
 
     def __init__(self) -> None:
         self._quiet_until: dict[tuple[str, str], float] = {}
+        # The alerts raised at `warning` whose suppression holds, by (rule, entity):
+        # (alert_id, raised_at), for their escalation.
+        self._warned: dict[tuple[str, str], tuple[str, float]] = {}
         self.suppressed = 0
 
     def _open(self, source: str, entity: str, raised_at: float, quiet_for: float) -> bool:
@@ -99,31 +135,76 @@ class AlertManager:
         self._quiet_until[key] = raised_at + quiet_for
         return True
 
-    def quiet(self, source: str, entity: str, ts: float) -> bool:
+    def quiet(self, source: str, entity: str, ts: float, critical: bool = True) -> bool:
         """Whether `source` is quiet for `entity` at `ts` (a finding then is suppressed,
         and counted as such): asked before a finding is made, so an incident that
-        goes on for hours costs no evidence lists while it is suppressed."""
-        until = self._quiet_until.get((source, entity))
+        goes on for hours costs no evidence lists while it is suppressed. Not quiet
+        for a `critical` finding while the alert holding the suppression is at
+        `warning`: that finding escalates it."""
+        key = (source, entity)
+        until = self._quiet_until.get(key)
         if until is not None and ts < until:
+            if critical and key in self._warned:
+                return False
             self.suppressed += 1
             return True
         return False
 
     def offer(self, finding: Finding) -> Alert | None:
+        """The alert a rule's finding raises, the escalation of the rule's alert at
+        warning for the entity, or None (suppressed)."""
         rule = finding.rule
         spec = rule.spec
+        key = (rule.id, finding.entity)
+        warned = self._warned.get(key)
+        if warned is not None and finding.critical:
+            until = self._quiet_until.get(key)
+            if until is not None and finding.raised_at < until:
+                del self._warned[key]
+                return self._escalation(finding, *warned)
         if not self._open(rule.id, finding.entity, finding.raised_at, spec.suppression.duration):
             return None
-        return _alert(
+        condition = spec.condition
+        alert = _alert(
             finding,
             source=rule.id,
             detector="rule",
             severity=spec.severity,
             entity_type=spec.aggregate.entity_type,
-            threshold=spec.condition.threshold,
+            threshold=condition.threshold if finding.critical else condition.entry,
             summary=summary_of(finding),
             version=rule.version,
             mode=spec.mode,
+            level=finding.level,
+        )
+        if finding.critical:
+            self._warned.pop(key, None)
+        else:
+            self._warned[key] = (alert.alert_id, alert.raised_at)
+        return alert
+
+    def _escalation(self, finding: Finding, alert_id: str, raised_at: float) -> Alert:
+        rule = finding.rule
+        spec = rule.spec
+        return Alert(
+            alert_id=alert_id,
+            rule_id=rule.id,
+            detector="rule",
+            severity=spec.severity,
+            entity_type=spec.aggregate.entity_type,
+            entity=finding.entity,
+            window_start=finding.window_start,
+            window_end=finding.window_end,
+            raised_at=raised_at,
+            value=finding.value,
+            threshold=spec.condition.threshold,
+            summary=summary_of(finding),
+            evidence=list(finding.evidence),
+            rule_version=rule.version,
+            mode=spec.mode,
+            level="critical",
+            kind="escalation",
+            escalated_at=finding.raised_at,
         )
 
     def offer_model(self, finding: ModelFinding) -> Alert | None:
@@ -146,6 +227,7 @@ class AlertManager:
         expired = [key for key, until in self._quiet_until.items() if until <= now]
         for key in expired:
             del self._quiet_until[key]
+            self._warned.pop(key, None)
 
 
 class AlertSink(Protocol):

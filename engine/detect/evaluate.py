@@ -15,10 +15,17 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, cast
 
-from engine.detect.aggregates import Aggregate, Comparison, Concurrent, Numerator, aggregate
+from engine.detect.aggregates import (
+    COMPARISONS,
+    Aggregate,
+    Comparison,
+    Concurrent,
+    Numerator,
+    aggregate,
+)
 from engine.detect.aggregates import comparison as comparison_of
 from engine.detect.calls import Call, CallTracker
-from engine.detect.fields import FIELDS, CallField, entity_field
+from engine.detect.fields import CLOCK_FIELDS, FIELDS, CallField, SiteClock, entity_field, field_of
 from engine.detect.schema import Matcher, RuleSpec
 from engine.detect.windows import EntityState, KeyedState, Timestamp
 
@@ -34,6 +41,13 @@ class Finding:
     window_end: float
     value: float
     evidence: list[str]
+    # Whether the value crossed the rule's critical threshold (its only one, for a rule
+    # without a warning); False: only the warning's.
+    critical: bool = True
+
+    @property
+    def level(self) -> str:
+        return "critical" if self.critical else "warning"
 
 
 # What a condition tests, by number (see `Condition.holds`): Final, so compiled
@@ -50,6 +64,7 @@ GE: Final = 8
 EQ: Final = 9
 NE: Final = 10
 EMPTY: Final = 11
+BETWEEN: Final = 12
 
 
 def _conditions(matcher: Matcher, lists: Mapping[str, frozenset[str]]) -> list[tuple[int, Any]]:
@@ -79,11 +94,19 @@ def _conditions(matcher: Matcher, lists: Mapping[str, frozenset[str]]) -> list[t
         found.append((NE, matcher.ne))
     if matcher.empty is not None:
         found.append((EMPTY, matcher.empty))
+    if matcher.between is not None:
+        found.append((BETWEEN, (matcher.between[0], matcher.between[1])))
     return found
 
 
-def _never_quiet(rule_id: str, entity: str, ts: float) -> bool:
+def _never_quiet(rule_id: str, entity: str, ts: float, critical: bool) -> bool:
     return False
+
+
+# Asked before a finding is made: whether an alert of this rule for this entity would
+# be suppressed at that time (engine.detect.alerts.AlertManager.quiet); `critical`:
+# whether the value crossed the critical threshold (which escalates a warning alert).
+Quiet = Callable[[str, str, float, bool], bool]
 
 
 # One condition of a selection: the call's field, what is tested, and the constant.
@@ -124,6 +147,10 @@ class Condition:
         # A text compared with a text as two strings, not two objects.
         self.text: str | None = constant if kind in (EQ, NE) and type(constant) is str else None
         self.empty = bool(constant) if kind == EMPTY else False
+        # BETWEEN (hours): from `first` up to, not including, `last`; across midnight
+        # when `first` is the later.
+        self.first: int = int(constant[0]) if kind == BETWEEN else 0
+        self.last: int = int(constant[1]) if kind == BETWEEN else 0
 
     def holds(self, v: Any) -> bool:
         # Exact type tests (`type(v) is str`), where isinstance walks the type's bases:
@@ -167,6 +194,13 @@ class Condition:
             else:
                 equal = bool(v == self.constant)
             return equal if kind == EQ else not equal
+        if kind == BETWEEN:
+            if type(v) is not int:
+                return False
+            hour: int = v
+            if self.first < self.last:
+                return self.first <= hour < self.last
+            return hour >= self.first or hour < self.last
         # EMPTY: whether the field is empty (no text, or none at all) is as asked.
         return (v is None or (type(v) is str and v == "")) == self.empty
 
@@ -185,15 +219,20 @@ class Selector(Numerator):
     tested in compiled code: each field a test reads is read once per call, and the
     rules whose tests hold are returned together."""
 
-    def __init__(self, rules: list[tuple[Any, list[Test]]]) -> None:
-        # Only the fields some test reads (in the order of FIELDS), each read once per call.
+    def __init__(self, rules: list[tuple[Any, list[Test]]], clock: SiteClock | None = None) -> None:
+        # Only the fields some test reads (in the order of FIELDS), each read once per
+        # call: the local-time fields (`hour`, `weekday`, read in `clock`'s zone) too,
+        # and then only when a rule tests them.
         used = {name for _, tests in rules for name, _, _ in tests}
         self.fields: list[str] = [name for name in FIELDS if name in used]
-        self.readers: list[CallField] = [FIELDS[name] for name in self.fields]
+        self.readers: list[CallField] = [field_of(name, clock) for name in self.fields]
         slot = {name: index for index, name in enumerate(self.fields)}
         self.rules: list[Any] = [rule for rule, _ in rules]
         self.conditions: list[list[Condition]] = [
-            [Condition(FIELDS[name], slot[name], kind, constant) for name, kind, constant in tests]
+            [
+                Condition(self.readers[slot[name]], slot[name], kind, constant)
+                for name, kind, constant in tests
+            ]
             for _, tests in rules
         ]
 
@@ -223,11 +262,13 @@ class Selector(Numerator):
 
 
 def compile_selection(
-    selection: Mapping[Any, Matcher], lists: Mapping[str, frozenset[str]]
+    selection: Mapping[Any, Matcher],
+    lists: Mapping[str, frozenset[str]],
+    clock: SiteClock | None = None,
 ) -> Selector:
     """A selector of one rule: `takes(call)` tests every condition in turn, stopping
     at the first that fails."""
-    return Selector([(True, selection_tests(selection, lists))])
+    return Selector([(True, selection_tests(selection, lists))], clock)
 
 
 # Each aggregate keeps only what it needs per entity (see engine.detect.aggregates):
@@ -246,16 +287,26 @@ class CompiledRule:
         source: str,
         version: str,
         max_keys: int,
+        clock: SiteClock | None = None,
     ) -> None:
         self.spec = spec
         self.id = spec.id
         self.source = source
         self.version = version
-        self.logic = _logic_hash(spec)
+        # The site's time zone the local-time fields are read in (one for the rule set).
+        self.clock = clock or SiteClock()
+        self.logic = _logic_hash(spec, self.clock)
         self.tests = selection_tests(spec.selection, lists)
         self.entity_field = entity_field(spec.aggregate.entity_names)
+        # The bar a finding is made at (the warning's, when there is one) ...
         self.condition: Comparison = comparison_of(spec.condition)
-        numerator = compile_selection(spec.aggregate.numerator or {}, lists)
+        # ... and, with a warning, the critical one a finding's level is judged by.
+        self.critical: Comparison | None = (
+            None
+            if spec.condition.warning is None
+            else COMPARISONS[spec.condition.op](spec.condition.threshold)
+        )
+        numerator = compile_selection(spec.aggregate.numerator or {}, lists, self.clock)
         self.aggregate: Aggregate = aggregate(spec.aggregate, self.condition, numerator)
         # The calls in progress are the call tracker's to know: a `concurrent` rule
         # keeps no window (see `_concurrent`).
@@ -311,12 +362,12 @@ class CompiledRule:
         call: Call,
         ts: Timestamp,
         tracker: CallTracker,
-        quiet: Callable[[str, str, float], bool] = _never_quiet,
+        quiet: Quiet = _never_quiet,
     ) -> Finding | None:
         """The finding a call this rule selects makes, if any (`RuleGroup.selected`
-        says which rules select a call, and starts them). `quiet(rule_id, entity, ts)`
-        says whether an alert would be suppressed: the window still takes the call,
-        but no finding (scan of open calls, evidence) is made for a quiet entity."""
+        says which rules select a call, and starts them). `quiet(rule_id, entity, ts,
+        critical)` says whether an alert would be suppressed: the window still takes the
+        call, but no finding (scan of open calls, evidence) is made for a quiet entity."""
         entity = self.entity_of(call)
         if not entity:
             return None
@@ -353,12 +404,14 @@ class CompiledRule:
         measured = aggregate.measure(state, call)
         if measured is None or not self.condition.holds(measured):
             return None
-        if quiet(self.id, entity, ts) or self.excepted(entity, ts):
+        critical_bar = self.critical
+        critical = critical_bar is None or critical_bar.holds(measured)
+        if quiet(self.id, entity, ts, critical) or self.excepted(entity, ts):
             return None
         if self.gate is not None and not self.gate(call):
             return None
         start = state.start() or ts
-        return Finding(self, entity, ts, start, ts, measured, state.live_call_ids())
+        return Finding(self, entity, ts, start, ts, measured, state.live_call_ids(), critical)
 
     def _concurrent(
         self,
@@ -367,21 +420,30 @@ class CompiledRule:
         entity: str,
         ts: float,
         tracker: CallTracker,
-        quiet: Callable[[str, str, float], bool],
+        quiet: Quiet,
     ) -> Finding | None:
         if not in_progress.may_hold(tracker, entity):
             return None
-        if quiet(self.id, entity, ts):
+        # Whether the count could reach the critical bar: an alert at warning then
+        # may still escalate, so a quiet entity is asked about at that level.
+        critical_bar = self.critical
+        could_escalate = critical_bar is None or critical_bar.may_hold_up_to(
+            float(tracker.open_count(entity))
+        )
+        if quiet(self.id, entity, ts, could_escalate):
             return None
         live = in_progress.in_progress(tracker, entity, ts)
         value = float(len(live))
         if not self.condition.holds(value) or self.excepted(entity, ts):
             return None
+        critical = critical_bar is None or critical_bar.holds(value)
+        if not critical and quiet(self.id, entity, ts, False):
+            return None
         if self.gate is not None and not self.gate(call):
             return None
         start = min(c.started_at for c in live) if live else ts
         evidence = [c.call_id for c in reversed(live[:200])]
-        return Finding(self, entity, ts, start, ts, value, evidence)
+        return Finding(self, entity, ts, start, ts, value, evidence, critical)
 
     def drop_idle(self, now: float) -> int:
         """Forget entities quiet for longer than their aggregate keeps them."""
@@ -412,7 +474,9 @@ class RuleGroup:
         self.rules = rules
         # Rules that have not seen a call yet; each starts at the first it is asked about.
         self.unstarted = [rule for rule in rules if rule.started_at is None]
-        self.selector = Selector([(rule, rule.tests) for rule in rules])
+        # The rules of a set share one site clock (engine.detect.rules.load_rules).
+        clock = rules[0].clock if rules else None
+        self.selector = Selector([(rule, rule.tests) for rule in rules], clock)
 
     def selected(self, call: Call) -> list[CompiledRule]:
         selector = self.selector
@@ -433,13 +497,17 @@ def _day_after(expires: date | None) -> float:
     return datetime(following.year, following.month, following.day, tzinfo=UTC).timestamp()
 
 
-def _logic_hash(spec: RuleSpec) -> str:
-    logic = {
+def _logic_hash(spec: RuleSpec, clock: SiteClock) -> str:
+    logic: dict[str, Any] = {
         "on": spec.on,
         "selection": spec.selection,
         "aggregate": spec.aggregate,
         "model": spec.model,
     }
+    numerator = spec.aggregate.numerator or {}
+    if any(name in CLOCK_FIELDS for name in [*spec.selection, *numerator]):
+        # The calls such a rule takes depend on the site's time zone too.
+        logic["timezone"] = str(clock.zone)
     text = json.dumps(
         json.loads(
             json.dumps(logic, default=lambda o: o.model_dump(by_alias=True, exclude_none=True))

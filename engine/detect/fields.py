@@ -9,9 +9,11 @@ entities a rule groups by (`group_by:`, through `ENTITY_FIELDS`).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, tzinfo
+
 from engine.detect.calls import Call
 from engine.detect.numbers import DESTINATIONS, NO_NUMBER, Destination, Destinations
-from engine.detect.schema import FieldName
+from engine.detect.schema import WEEKDAYS, FieldName
 
 
 class CallField:
@@ -162,7 +164,73 @@ class Valid(CallField):
         return _destination(self.which, self.cache, self.book, call).valid
 
 
+class SiteClock:
+    """The hour of the day and the day of the week of event times in the site's time
+    zone (`detection.timezone`, handed to the rules as a tzinfo where they are loaded).
+
+    Every UTC offset in use today is a whole number of quarter hours, and changes (DST)
+    on a quarter hour, so the local hour and weekday are the same for a whole quarter
+    hour of UTC: worked out once per quarter (`at`) and kept; calls come in time order,
+    so nearly every call finds its quarter's answer kept. A zone whose offset at a time
+    is no whole quarter (local mean times before 1900) is worked out per call."""
+
+    def __init__(self, zone: tzinfo = UTC) -> None:
+        self.zone = zone
+        self.quarter = -1
+        self.hour = 0
+        self.weekday = ""
+
+    def at(self, ts: float) -> None:
+        quarter = int(ts // 900.0)
+        if quarter == self.quarter:
+            return
+        local = datetime.fromtimestamp(ts, self.zone)
+        self.hour = local.hour
+        self.weekday = WEEKDAYS[local.weekday()]
+        offset = local.utcoffset()
+        whole = offset is not None and int(offset.total_seconds()) % 900 == 0
+        self.quarter = quarter if whole else -1
+
+
+class Hour(CallField):
+    """The hour (0-23) the call started in, in the site's time zone."""
+
+    def __init__(self, clock: SiteClock) -> None:
+        self.clock = clock
+
+    def read(self, call: Call) -> object:
+        clock = self.clock
+        clock.at(call.started_at)
+        return clock.hour
+
+
+class Weekday(TextField):
+    """The day of the week (`mon` ... `sun`) the call started on, in the site's zone."""
+
+    def __init__(self, clock: SiteClock) -> None:
+        self.clock = clock
+
+    def text(self, call: Call) -> str:
+        clock = self.clock
+        clock.at(call.started_at)
+        return clock.weekday
+
+
+def clock_fields(clock: SiteClock) -> dict[str, CallField]:
+    """The fields read in the site's time zone, reading `clock`."""
+    return {"hour": Hour(clock), "weekday": Weekday(clock)}
+
+
+def field_of(name: str, clock: SiteClock | None) -> CallField:
+    """The reader of a field, in `clock`'s time zone for the local-time fields (UTC
+    when None)."""
+    if clock is not None and name in CLOCK_FIELDS:
+        return clock_fields(clock)[name]
+    return FIELDS[name]
+
+
 _CALLER, _CALLEE, _FORWARD = CallerNumber(), CalleeNumber(), ForwardNumber()
+CLOCK_FIELDS = ("hour", "weekday")
 
 TEXT_FIELDS: dict[str, TextField] = {
     "caller": Caller(),
@@ -188,6 +256,7 @@ FIELDS: dict[str, CallField] = {
     "caller_valid": Valid(_CALLER),
     "callee_valid": Valid(_CALLEE),
     "forward_valid": Valid(_FORWARD),
+    **clock_fields(SiteClock()),
 }
 if set(FIELDS) != set(FieldName.__args__):  # type: ignore[attr-defined]
     raise RuntimeError("fields.FIELDS and schema.FieldName name different fields")

@@ -15,7 +15,7 @@ from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
 from engine.detect.detectors import ModelFinding
-from engine.detect.evaluate import RuleGroup
+from engine.detect.evaluate import Quiet, RuleGroup
 from engine.detect.feed import FeedSilence
 from engine.detect.rules import RuleSet
 from engine.detect.windows import Timestamp
@@ -48,8 +48,10 @@ class Pipeline:
         self.rules = rules
         self.tracker = tracker or CallTracker()
         self.alerts = AlertManager()
-        # Its bound method, made once rather than for every call evaluated.
-        self._quiet: Callable[[str, str, float], bool] = self.alerts.quiet
+        # Its bound method, made once rather than for every call evaluated (the rules
+        # ask it with a finding's level, the models without: theirs are critical).
+        self._quiet: Quiet = self.alerts.quiet
+        self._model_quiet: Callable[[str, str, float], bool] = self.alerts.quiet
         self.now = 0.0
         self._split_rules()
         self._last_housekeeping = 0.0
@@ -104,6 +106,7 @@ class Pipeline:
         self.tracker = tracker
         self.alerts = state["alerts"]
         self._quiet = self.alerts.quiet
+        self._model_quiet = self.alerts.quiet
         self.now = state["now"]
         self._last_housekeeping = state["last_housekeeping"]
         # Snapshots from before the feed-silence check have no such keys.
@@ -181,7 +184,7 @@ class Pipeline:
             if models is not None:
                 # After the rules: a rule's window holds this call when the model asks
                 # for the calls behind its finding.
-                for model_finding in models.observe((call,), self.recent_calls, self._quiet):
+                for model_finding in models.observe((call,), self.recent_calls, self._model_quiet):
                     self._raise_model(model_finding, output)
         if models is not None and self.now >= models.due:
             for model_finding in models.advance(self.now):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field, replace
+from datetime import UTC, tzinfo
 from pathlib import Path
 
 from engine.core.yamlfile import YamlDocument, YamlFileError, parse_file, parse_files_with_ids
@@ -20,6 +21,7 @@ from engine.detect.exceptionfiles import (
     exceptions_dir,
     read_exception_files,
 )
+from engine.detect.fields import SiteClock
 from engine.detect.schema import ListSpec, ModelGate, RuleSpec
 
 
@@ -150,7 +152,11 @@ def _country_problems(spec: ListSpec, document: YamlDocument) -> list[str]:
 
 
 def load_rules(
-    path: Path, *, max_keys: int = 200_000, models: ModelCatalogue | None = None
+    path: Path,
+    *,
+    max_keys: int = 200_000,
+    models: ModelCatalogue | None = None,
+    zone: tzinfo = UTC,
 ) -> LoadedRules:
     """Load every rule under `path` (a folder or one file), or raise YamlFileError listing
     every problem at once, each as `file:line: key: reason`.
@@ -159,7 +165,8 @@ def load_rules(
     `model:` gate must name one of its enabled models and a quantile it tracks. Without
     it the gates are not checked (rules alone, as in a test of one rule), and the rule
     set has no models, so such a rule never fires: whoever loads the model files
-    (engine.apps) puts the models built from them beside the rules (`with_models`)."""
+    (engine.apps) puts the models built from them beside the rules (`with_models`).
+    `zone`: the site's time zone, in which `hour` and `weekday` are read."""
     problems: list[str] = []
     if not path.exists():
         # The default, `rules`, is relative: run from elsewhere, say where it looked.
@@ -190,10 +197,18 @@ def load_rules(
     if problems:
         raise YamlFileError(problems)
     compiled = []
+    clock = SiteClock(zone)  # one for the set: its rules read the hour once per call
     for spec, document in specs:
         version = hashlib.sha256(document.path.read_bytes()).hexdigest()[:12]
         compiled.append(
-            CompiledRule(spec, lists, source=str(document.path), version=version, max_keys=max_keys)
+            CompiledRule(
+                spec,
+                lists,
+                source=str(document.path),
+                version=version,
+                max_keys=max_keys,
+                clock=clock,
+            )
         )
     return LoadedRules(RuleSet(compiled, lists, exceptions=tuple(exceptions)), specs, models)
 
@@ -240,13 +255,16 @@ def summary_of(finding: Finding) -> str:
         shown = f"{value:.1f}"
     else:
         shown = f"{value:.2f}" if not float(value).is_integer() else f"{int(value)}"
+    condition = spec.condition
+    crossed = condition.threshold if finding.critical else condition.entry
     values = {
         "entity": finding.entity,
         "entity_type": spec.aggregate.entity_type,
         "value": shown,
-        "threshold": f"{spec.condition.threshold:g}",
+        "threshold": f"{crossed:g}",
         "window": describe_window(rule.window_s),
         "title": spec.title,
+        "level": finding.level,
     }
     if spec.summary:
         try:
@@ -255,10 +273,17 @@ def summary_of(finding: Finding) -> str:
             # Refused at validation (schema.SUMMARY_FIELDS); a rule object made
             # without validation still gets a sentence rather than a crash.
             pass
+    levels = ""
+    if condition.warning is not None:
+        levels = (
+            " (critical)"
+            if finding.critical
+            else f" (warning; critical at {condition.op} {condition.threshold:g})"
+        )
     return (
         f"{values['entity_type']} {finding.entity}: {spec.title.lower()}: {shown} "
         f"({spec.aggregate.type}) within {values['window']}, threshold {spec.condition.op} "
-        f"{values['threshold']}"
+        f"{values['threshold']}{levels}"
     )
 
 

@@ -7,7 +7,7 @@ expected per entity; an empty `expect` means the rule must stay silent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.core.events import CallEvent, CallState
 from engine.detect.calls import CallTracker
@@ -17,7 +17,9 @@ from engine.detect.pipeline import Pipeline
 from engine.detect.rules import RuleSet
 from engine.detect.schema import RuleTest, TestCalls
 
-# Tests run from a fixed moment so exception expiry dates behave the same every run.
+# Tests run from a fixed moment so exception expiry dates behave the same every run,
+# and so does a selection by hour or weekday: a Monday, and the rule's fresh copy reads
+# the hour in UTC whatever the site's zone, so a rule's tests pass the same anywhere.
 TEST_EPOCH = 1_790_000_000.0  # 2026-09-21T14:13:20Z
 
 
@@ -63,6 +65,10 @@ class TestResult:
     passed: bool
     expected: dict[str, int]
     actual: dict[str, int]
+    # The level each entity's alerts reached (`critical` once one was raised so or
+    # escalated), and the levels the test expects (where it names one).
+    expected_levels: dict[str, str] = field(default_factory=dict)
+    actual_levels: dict[str, str] = field(default_factory=dict)
 
 
 def run_test(
@@ -74,7 +80,11 @@ def run_test(
     """Run one inline test on a fresh copy of the rule (and, when the rule asks for
     a model's agreement, a fresh copy of that model, learning from the test's calls)."""
     fresh = CompiledRule(
-        rule.spec, lists, source=rule.source, version=rule.version, max_keys=10_000
+        rule.spec,
+        lists,
+        source=rule.source,
+        version=rule.version,
+        max_keys=10_000,
     )
     needed: Models = NoModels()
     if rule.spec.model is not None and models is not None:
@@ -87,13 +97,26 @@ def run_test(
     tracker = pipeline.tracker
     output.extend(pipeline.advance(last + max(tracker.settle_s, tracker.ring_timeout_s) + 1))
     actual: dict[str, int] = {}
+    levels: dict[str, str] = {}
     for alert in output.alerts:
         if alert.rule_id != rule.id:
             continue  # the model's own alerts are not what this test is about
-        actual[alert.entity] = actual.get(alert.entity, 0) + 1
+        if not alert.escalation:  # an escalation is the same alert, not another
+            actual[alert.entity] = actual.get(alert.entity, 0) + 1
+        if alert.level == "critical" or alert.entity not in levels:
+            levels[alert.entity] = alert.level
     expected = {e.entity: e.min_alerts for e in test.expect}
-    passed = set(actual) == set(expected) and all(actual[k] >= v for k, v in expected.items())
-    return TestResult(rule.id, rule.source, test.name, passed, expected, actual)
+    expected_levels: dict[str, str] = {
+        e.entity: e.level for e in test.expect if e.level is not None
+    }
+    passed = (
+        set(actual) == set(expected)
+        and all(actual[k] >= v for k, v in expected.items())
+        and all(levels.get(k) == v for k, v in expected_levels.items())
+    )
+    return TestResult(
+        rule.id, rule.source, test.name, passed, expected, actual, expected_levels, levels
+    )
 
 
 def run_rule_tests(rules: RuleSet) -> list[TestResult]:

@@ -10,6 +10,7 @@ and which entities never alert (`exceptions`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -48,6 +50,10 @@ FieldName = Literal[
     "forward_country",
     "forward_type",
     "forward_valid",
+    # When the call started, in the site's time zone (`detection.timezone`): the hour
+    # of the day (0-23) and the day of the week (mon ... sun).
+    "hour",
+    "weekday",
 ]
 # What a rule's entities may be named by; several (`group_by: [switch, caller]`) name
 # an entity by those fields joined with "/" in that order ("east/8613800000001").
@@ -77,7 +83,7 @@ TextFieldName = Literal[
 
 
 # The placeholders a rule's `summary` may name (engine.detect.rules.summary_of fills them).
-SUMMARY_FIELDS = ("entity", "entity_type", "value", "threshold", "window", "title")
+SUMMARY_FIELDS = ("entity", "entity_type", "value", "threshold", "window", "title", "level")
 
 
 class _Strict(BaseModel):
@@ -105,6 +111,56 @@ class Matcher(_Strict):
     eq: str | int | float | bool | None = None
     ne: str | int | float | bool | None = None
     empty: bool | None = None
+    # `hour` only: from the first hour up to (not including) the second, across
+    # midnight when the first is the later (`between: [22, 6]`: 22:00 to 05:59).
+    between: list[int] | None = Field(default=None, min_length=2, max_length=2)
+
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+# The fields of the call's local time and the matcher keys each takes.
+_TIME_KEYS = {
+    "hour": {"in_", "not_in", "eq", "ne", "lt", "le", "gt", "ge", "between"},
+    "weekday": {"in_", "not_in", "eq", "ne"},
+}
+
+
+def check_time_matchers(selection: Mapping[Any, Matcher]) -> None:
+    """`hour` and `weekday` take only what fits them: hours 0-23 (or 24 as the end of a
+    `between`), weekdays by their three-letter English names in lower case; and no
+    other field takes `between`. Raises ValueError naming the field."""
+    for name, matcher in selection.items():
+        given = {key for key in Matcher.model_fields if getattr(matcher, key) is not None}
+        allowed = _TIME_KEYS.get(name)
+        if allowed is None:
+            if "between" in given:
+                raise ValueError(f"{name}: `between` is for `hour` only")
+            continue
+        wrong = sorted(given - allowed)
+        if wrong:
+            keys = ", ".join(k.rstrip("_") for k in wrong)
+            raise ValueError(f"{name}: {keys} does not apply to {name}")
+        values: list[object] = [
+            *(matcher.in_ or ()),
+            *(matcher.not_in or ()),
+            *(v for v in (matcher.eq, matcher.ne) if v is not None),
+        ]
+        if name == "weekday":
+            for value in values:
+                if value not in WEEKDAYS:
+                    raise ValueError(
+                        f"weekday: {value!r} is not a day of the week ({', '.join(WEEKDAYS)})"
+                    )
+            continue
+        for value in values:
+            if type(value) is not int or not 0 <= value <= 23:
+                raise ValueError(f"hour: {value!r} is not an hour of the day (0 to 23)")
+        if matcher.between is not None:
+            first, last = matcher.between
+            if not (0 <= first <= 23 and 0 <= last <= 24) or first == last:
+                raise ValueError(
+                    f"hour: between {matcher.between} is not a range of hours: from an hour "
+                    "0-23 up to a different hour 0-24 (e.g. [22, 6] for 22:00 to 05:59)"
+                )
 
 
 def _matcher(value: Any) -> Any:
@@ -181,6 +237,8 @@ class Aggregate(_Strict):
             )
         if self.type == "ratio" and not self.numerator:
             raise ValueError("aggregate type ratio needs a numerator selection")
+        if self.numerator:
+            check_time_matchers(self.numerator)
         if self.type == "first_seen" and not self.new_for:
             raise ValueError("aggregate type first_seen needs new_for (how long a key is new)")
         if self.type == "sequential" and self.entity_names != ("caller",):
@@ -196,6 +254,34 @@ class Condition(_Strict):
     # Finite (the model config refuses NaN and infinities: a NaN threshold would never
     # hold, silently) and within what any aggregate can measure.
     threshold: float = Field(ge=-1e9, le=1e9)
+    # A first bar on the safe side of `threshold` (below it for `>=`/`>`, above it for
+    # `<=`/`<`): crossing it raises the alert at level `warning`; `threshold` is the
+    # `critical` one, and crossing it later in the same incident escalates the alert.
+    warning: float | None = Field(default=None, ge=-1e9, le=1e9)
+
+    @field_validator("warning")
+    @classmethod
+    def _check_warning(cls, warning: float | None, info: ValidationInfo) -> float | None:
+        threshold = info.data.get("threshold")
+        op = info.data.get("op", ">=")
+        if warning is None or threshold is None:
+            return warning
+        if op in (">=", ">") and not warning < threshold:
+            raise ValueError(
+                f"warning ({warning:g}) must be below the threshold ({threshold:g}): with "
+                f"op {op} the warning is the lower, earlier bar"
+            )
+        if op in ("<=", "<") and not warning > threshold:
+            raise ValueError(
+                f"warning ({warning:g}) must be above the threshold ({threshold:g}): with "
+                f"op {op} the warning is the higher, earlier bar"
+            )
+        return warning
+
+    @property
+    def entry(self) -> float:
+        """The bar an alert is raised at: the warning's when there is one."""
+        return self.threshold if self.warning is None else self.warning
 
 
 class Suppression(_Strict):
@@ -239,6 +325,9 @@ class TestCalls(_Strict):
 class TestExpect(_Strict):
     entity: str
     min_alerts: int = Field(default=1, ge=1)
+    # The level the entity's alert must reach by the end of the test (`critical`: raised
+    # so, or escalated; `warning`: raised so and never escalated). None: any.
+    level: Literal["warning", "critical"] | None = None
 
 
 class ModelGate(_Strict):
@@ -279,6 +368,12 @@ class RuleSpec(_Strict):
         if summary is not None:
             check_template(summary, SUMMARY_FIELDS)
         return summary
+
+    @field_validator("selection")
+    @classmethod
+    def _check_selection(cls, selection: Selection) -> Selection:
+        check_time_matchers(selection)
+        return selection
 
     @model_validator(mode="after")
     def _check(self) -> RuleSpec:

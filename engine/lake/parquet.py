@@ -111,6 +111,26 @@ ALERT_SCHEMA: dict[str, Any] = {
     "summary": pl.String,
     "evidence": pl.List(pl.String),
     "rule_version": pl.String,
+    # `warning` or `critical` when raised (engine.detect.alerts); `alert_escalations`
+    # and `alerts_current` say whether it escalated since.
+    "level": pl.String,
+}
+# An alert raised at `warning` that reached `critical` later in the same incident:
+# appended, never updated (at most one per alert), with the event time of the crossing
+# and the value, threshold, sentence and evidence then.
+ESCALATION_SCHEMA: dict[str, Any] = {
+    "alert_id": pl.String,
+    "rule_id": pl.String,
+    "severity": pl.String,
+    "entity_type": pl.String,
+    "entity": pl.String,
+    "level": pl.String,
+    "escalated_at": pl.Datetime("us", "UTC"),
+    "value": pl.Float64,
+    "threshold": pl.Float64,
+    "summary": pl.String,
+    "evidence": pl.List(pl.String),
+    "rule_version": pl.String,
 }
 REVIEW_SCHEMA: dict[str, Any] = {
     "review_id": pl.String,
@@ -162,6 +182,7 @@ TABLES = {
     "alerts": ALERT_SCHEMA,
     # Would-be alerts of rules in shadow mode: recorded, never notified.
     "shadow_alerts": ALERT_SCHEMA,
+    "alert_escalations": ESCALATION_SCHEMA,
     "alert_reviews": REVIEW_SCHEMA,
     "actions": ACTION_SCHEMA,
     "alert_assignments": ASSIGNMENT_SCHEMA,
@@ -174,6 +195,7 @@ TIME_COLUMN = {
     "calls": "started_at",
     "alerts": "raised_at",
     "shadow_alerts": "raised_at",
+    "alert_escalations": "escalated_at",
     "alert_reviews": "reviewed_at",
     "actions": "recorded_at",
     "alert_assignments": "assigned_at",
@@ -187,14 +209,25 @@ ADDED_COLUMNS: dict[str, dict[str, str]] = {
     "events": {"switch": ""},
     "checks": {"switch": ""},
     "calls": {"switch": ""},
+    # Alerts from before levels were raised at their rule's one threshold: critical.
+    "alerts": {"level": "critical"},
+    "shadow_alerts": {"level": "critical"},
 }
-# Each alert with its latest review (status 'open' until someone reviews it), the
-# status read in today's vocabulary (engine.lake.review_status), and who it is
-# assigned to (NULL: nobody).
+# Each alert with its current level (`critical` once escalated; `raised_level` is the
+# level it was raised at, `escalated_at`/`escalated_value` the escalation's event time
+# and value, NULL when it has none), its latest review (status 'open' until someone
+# reviews it), the status read in today's vocabulary (engine.lake.review_status), and
+# who it is assigned to (NULL: nobody).
 ALERTS_CURRENT = f"""
-SELECT a.*, coalesce({status_sql("r.status")}, 'open') AS status, r.note AS review_note,
+SELECT a.* REPLACE (coalesce(e.level, a.level) AS level), a.level AS raised_level,
+       e.escalated_at, e.value AS escalated_value,
+       coalesce({status_sql("r.status")}, 'open') AS status, r.note AS review_note,
        r.reviewer, r.reviewed_at, nullif(g.assignee, '') AS assignee
 FROM alerts a
+LEFT JOIN (
+    SELECT alert_id, level, escalated_at, value FROM alert_escalations
+    QUALIFY row_number() OVER (PARTITION BY alert_id ORDER BY escalated_at, level) = 1
+) e USING (alert_id)
 LEFT JOIN (
     SELECT * FROM alert_reviews
     QUALIFY row_number() OVER (PARTITION BY alert_id ORDER BY reviewed_at DESC, review_id DESC) = 1
@@ -299,7 +332,7 @@ _segment_range = segment_range
 
 # Tables added after the first release: a lake no writer of this release has
 # prepared yet reads them as empty.
-ADDED_TABLES = ("checks", "actions", "alert_assignments")
+ADDED_TABLES = ("checks", "actions", "alert_assignments", "alert_escalations")
 _SQL_TYPES: dict[Any, str] = {
     pl.Int64: "BIGINT",
     pl.Int32: "INTEGER",
@@ -309,6 +342,7 @@ _SQL_TYPES: dict[Any, str] = {
     pl.Binary: "BLOB",
     pl.Boolean: "BOOLEAN",
     pl.Datetime("us", "UTC"): "TIMESTAMPTZ",
+    pl.List(pl.String): "VARCHAR[]",
 }
 
 

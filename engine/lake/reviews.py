@@ -44,6 +44,12 @@ LISTED = (
     "raised_at",
     "status",
     "severity",
+    # The current level (critical once escalated), the level raised at, and the
+    # escalation's event time and value (None: not escalated).
+    "level",
+    "raised_level",
+    "escalated_at",
+    "escalated_value",
     "rule_id",
     "detector",
     "entity_type",
@@ -68,10 +74,12 @@ def list_alerts(
     since: datetime | None = None,
     until: datetime | None = None,
     assignees: Sequence[str] = (),
+    levels: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Alerts with their latest review status, newest first: those with `status` (a
-    status, an alias, or "all"), any of `severities`, `rules`, `entities`, `assignees`
-    (each empty: any), raised at or after `since` and before `until`."""
+    status, an alias, or "all"), any of `severities`, `levels` (current: an escalated
+    alert is critical), `rules`, `entities`, `assignees` (each empty: any), raised at or
+    after `since` and before `until`."""
     if status != "all":
         try:
             status = status_named(status)
@@ -85,6 +93,7 @@ def list_alerts(
         params.append(status)
     for column, values in (
         ("severity", severities),
+        ("level", levels),
         ("rule_id", rules),
         ("entity", entities),
         ("assignee", assignees),
@@ -112,8 +121,8 @@ def _find(lake: Lake, alert_id: str) -> tuple[Any, ...]:
     rows = _query(
         lake,
         "SELECT alert_id, rule_id, rule_version, severity, entity_type, entity, window_start, "
-        "window_end, raised_at, value, threshold, summary, evidence, status "
-        "FROM alerts_current WHERE alert_id = ? OR alert_id LIKE ? || '%'",
+        "window_end, raised_at, value, threshold, summary, evidence, status, level, "
+        "raised_level FROM alerts_current WHERE alert_id = ? OR alert_id LIKE ? || '%'",
         [alert_id, alert_id],
     )
     if not rows:
@@ -152,16 +161,30 @@ def show_alert(data_dir: Path, alert_id: str) -> list[str]:
         summary,
         evidence,
         status,
+        level,
+        raised_level,
     ) = _find(lake, alert_id)
     lines = [
         f"alert     {full_id}",
         f"rule      {rule_id} (version {version}), severity {severity}, status {status}",
+        f"level     {level}" + (f" (raised at {raised_level})" if raised_level != level else ""),
         f"entity    {entity_type} {entity}",
         f"window    {start:%Y-%m-%d %H:%M:%S} .. {end:%H:%M:%S} UTC, raised {raised:%H:%M:%S}",
         f"value     {value:g} (threshold {threshold:g})",
         f"summary   {summary}",
-        "reviews:",
+        "escalations:",
     ]
+    escalations = _query(
+        lake,
+        "SELECT escalated_at, level, value, threshold, summary FROM alert_escalations "
+        "WHERE alert_id = ? ORDER BY escalated_at",
+        [full_id],
+    )
+    lines += [
+        f"  {at:%Y-%m-%d %H:%M:%S} UTC to {to}: value {got:g} (threshold {bar:g}): {text}"
+        for at, to, got, bar, text in escalations
+    ] or ["  none"]
+    lines.append("reviews:")
     reviews = _query(
         lake,
         "SELECT reviewed_at, reviewer, status, note FROM alert_reviews WHERE alert_id = ? "

@@ -55,7 +55,13 @@ from engine.ingest.records import Item, item_of
 from engine.ingest.senders import SenderDirectory
 from engine.ingest.stats import COUNTERS, SharedCounters
 from engine.ingest.store import codec_of
-from engine.lake.parquet import ALERT_SCHEMA, CALL_SCHEMA, STORAGE_ERRORS, Lake
+from engine.lake.parquet import (
+    ALERT_SCHEMA,
+    CALL_SCHEMA,
+    ESCALATION_SCHEMA,
+    STORAGE_ERRORS,
+    Lake,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +200,32 @@ def calls_frame(columns: dict[str, Any]) -> pl.DataFrame:
     return pl.DataFrame(series)
 
 
-def alerts_frame(alerts: Sequence[Alert]) -> pl.DataFrame:
-    times = ("window_start", "window_end", "raised_at")
-    data: dict[str, list[Any]] = {name: [] for name in ALERT_SCHEMA}
+def alerts_frame(alerts: Sequence[Alert], table: dict[str, Any] = ALERT_SCHEMA) -> pl.DataFrame:
+    """The rows of `table` (the alerts' columns, or the escalations') from alerts."""
+    times = ("window_start", "window_end", "raised_at", "escalated_at")
+    data: dict[str, list[Any]] = {name: [] for name in table}
     for alert in alerts:
-        for name in ALERT_SCHEMA:
+        for name in table:
             value = getattr(alert, name)
             data[name].append(round(value * 1_000_000) if name in times else value)
-    schema = {name: (pl.Int64 if name in times else dtype) for name, dtype in ALERT_SCHEMA.items()}
+    schema = {name: (pl.Int64 if name in times else dtype) for name, dtype in table.items()}
     return pl.DataFrame(data, schema=schema).with_columns(
-        pl.col(name).cast(pl.Datetime("us", "UTC")) for name in times
+        pl.col(name).cast(pl.Datetime("us", "UTC")) for name in times if name in table
     )
+
+
+def alert_frames(alerts: Sequence[Alert]) -> dict[str, pl.DataFrame]:
+    """The lake tables detection's alerts go to: alerts of rules in alert mode, those of
+    rules in shadow mode, and the escalations of alerts (in alert mode: a shadow
+    rule's escalation is not stored, as it notifies no one)."""
+    raised = [a for a in alerts if not a.escalation]
+    return {
+        "alerts": alerts_frame([a for a in raised if a.mode == "alert"]),
+        "shadow_alerts": alerts_frame([a for a in raised if a.mode != "alert"]),
+        "alert_escalations": alerts_frame(
+            [a for a in alerts if a.escalation and a.mode == "alert"], ESCALATION_SCHEMA
+        ),
+    }
 
 
 class CallSink(Protocol):
@@ -572,11 +593,7 @@ class LakeWriter:
         Segments must be written in the order `detect_sealed` gave them."""
         batches = [step for step in written.steps if not isinstance(step, float)]
         alerts = written.alerts
-        derived = {
-            "calls": calls_frame(written.calls),
-            "alerts": alerts_frame([a for a in alerts if a.mode == "alert"]),
-            "shadow_alerts": alerts_frame([a for a in alerts if a.mode != "alert"]),
-        }
+        derived = {"calls": calls_frame(written.calls), **alert_frames(alerts)}
         # A crash may have left part of this segment's Parquet; write it whole again.
         self.lake.drop_segment(number)
         reports = self.lake.write_segment(number, batches, derived)
@@ -617,11 +634,7 @@ class LakeWriter:
             first,
             last,
             [],
-            {
-                "calls": pl.concat(calls),
-                "alerts": alerts_frame([a for a in alerts if a.mode == "alert"]),
-                "shadow_alerts": alerts_frame([a for a in alerts if a.mode != "alert"]),
-            },
+            {"calls": pl.concat(calls), **alert_frames(alerts)},
         )
         self._hand_over(alerts)
         self._remember_keys(last, batches)
@@ -665,7 +678,7 @@ class LakeWriter:
         self._count("flushed", reports)
         self._count("flushed_segments", segments)
         self._count("calls", calls)
-        self._count("alerts", sum(1 for a in alerts if a.mode == "alert"))
+        self._count("alerts", sum(1 for a in alerts if a.mode == "alert" and not a.escalation))
         if self.pipeline is not None and self.counters is not None:
             evicted = evictions(self.pipeline)
             self.counters.array[COUNTERS.index("evicted_keys")] = evicted.keys

@@ -191,9 +191,14 @@ def call_messages(columns: dict[str, Any], subjects: Subjects) -> list[tuple[str
 
 
 def alert_message(alert: dict[str, Any], subjects: Subjects) -> tuple[str, str, bytes]:
-    """An alert (its `as_json()`): subject by severity, key by alert id."""
+    """An alert (its `as_json()`): subject by severity, key by alert id (an escalation's
+    by the id and `:escalation`, a message of its own)."""
     body = json.dumps(alert, ensure_ascii=False).encode("utf-8")
-    return subjects.alert(str(alert["severity"])), alert_key(str(alert["alert_id"])), body
+    # As engine.detect.alerts.Alert.delivery_key (this module stays clear of detection).
+    key = str(alert["alert_id"])
+    if alert.get("kind") == "escalation":
+        key += ":escalation"
+    return subjects.alert(str(alert["severity"])), alert_key(key), body
 
 
 def review_message(review: dict[str, Any], subjects: Subjects) -> tuple[str, str, bytes]:

@@ -42,7 +42,7 @@ from models.scoring import AdaptiveThreshold
 from models.spec import ModelSpec
 
 # The newest call ids a number keeps for an alert's evidence.
-EVIDENCE = 50
+EVIDENCE = 20
 # A menu's other forward numbers are a common-mode check when there are this many.
 MIN_MENU_PEERS = 2
 # Menus tracked at most (menu ids come from the network: past this many, the least
@@ -114,8 +114,9 @@ class Rates:
 
 class ForwardNumber(Rates):
     """One tracked forward number: its rates, its River detector, when that last fired,
-    its latest growth, its menu and the newest calls (evidence). About 3 KiB
-    (tests/test_forward_model.py measures it), most of it the evidence."""
+    its latest growth, its menu and the ids of its newest EVIDENCE calls: about 1.5
+    to 2 KiB besides those ids (tests/test_forward_model.py bounds it at 4 KiB; the
+    figures are in bench/README.md), so `max_numbers` bounds the model's memory."""
 
     def __init__(self, detector: drift.PageHinkley, step_start: float, first_call: float) -> None:
         super().__init__(step_start, first_call)
@@ -142,9 +143,9 @@ class ForwardModel:
         # The forward numbers of each menu (by their latest call): each other's peers.
         self.menu_numbers: dict[str, dict[str, ForwardNumber]] = {}
         self.thresholds = AdaptiveThreshold(spec.threshold.quantiles())
-        # The forward numbers' usual growth: River's running quantile over every
-        # number's growth at every step it took calls.
-        self.population = stats.Quantile(spec.ramp.peer_quantile)
+        # The forward numbers' usual growth lately: River's rolling quantile over the
+        # growths of the numbers at the steps they took calls (the latest `peer_window`).
+        self.population = stats.RollingQuantile(spec.ramp.peer_quantile, spec.ramp.peer_window)
         self.next_step: float | None = None  # the end of the step being counted
         # The numbers that took calls in the step being counted (closed at its end;
         # a number without calls closes its empty steps at its next call).

@@ -126,7 +126,7 @@ class RampSpec(_Strict):
     fast: Duration = 600.0
     # ...against the number's usual rate: the mean of its first `first_steps` steps
     # (from its first call), then an EW mean with this half-life.
-    slow: Duration = 7200.0
+    slow: Duration = 3600.0
     first_steps: int = Field(default=10, ge=1, le=10_000)
     first_calls: int = Field(default=5, ge=0, le=10_000)
     # A number's steps within this long of its first call are not learned: calls are
@@ -135,13 +135,15 @@ class RampSpec(_Strict):
     settle: Duration = 600.0
     # The recent rate must reach this many calls an hour...
     min_rate_per_hour: float = Field(default=20.0, gt=0)
-    # ...and be this many times the usual one, times the largest of the forward
-    # numbers' usual growth (River's running `peer_quantile` over every number's
-    # growth at every step), the growth of its menu's calls that go to no forward
-    # number, and the middle growth of the other forward numbers of its menu that
-    # took calls lately (a campaign that fills a menu lifts them all)...
+    # ...and be this many times the usual one, times the largest of: the forward
+    # numbers' usual growth (River's rolling `peer_quantile` over the latest
+    # `peer_window` growths of numbers at steps they took calls), the growth of its
+    # menu's calls that go to no forward number, and the middle growth of the other
+    # forward numbers of its menu that took calls lately (a campaign that fills a menu,
+    # or the morning's rise, lifts them all)...
     min_growth: float = Field(default=1.5, gt=1)
     peer_quantile: float = Field(default=0.5, gt=0, lt=1)
+    peer_window: int = Field(default=200, ge=5, le=100_000)
     # ...and this many spreads above it (the spread the recent rate would have by
     # chance, were the calls Poisson at the usual rate)...
     min_z: float = Field(default=4.0, ge=0, le=1000)
@@ -189,7 +191,7 @@ class ModelSpec(_Strict):
     # (the least recently called go first), and how long an idle one is kept.
     drift: DriftSpec = Field(default_factory=DriftSpec)
     ramp: RampSpec = Field(default_factory=RampSpec)
-    max_numbers: int = Field(default=20_000, ge=1, le=10_000_000)
+    max_numbers: int = Field(default=10_000, ge=1, le=10_000_000)
     forget_after: Duration = 21600.0
 
     @model_validator(mode="after")

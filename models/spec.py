@@ -103,6 +103,11 @@ class ThresholdSpec(_Strict):
         return sorted({self.quantile, *self.also_track})
 
 
+# A forward number quiet for `forget_after` closes at most that many empty steps at
+# its next call: bounded, so a tiny step cannot make one call cost millions of them.
+MAX_FORWARD_STEPS = 10_000
+
+
 class DriftSpec(_Strict):
     """A forward model's River PageHinkley per number (mode "up": increases only), fed
     the variance-stabilised count of each step (2 * sqrt(count + 3/8), about one unit
@@ -116,23 +121,23 @@ class DriftSpec(_Strict):
     threshold: float = Field(default=5.0, gt=0, le=10_000)
     # For how long after it fired a number may be alerted on (the rate and growth
     # conditions may hold a few steps later than the detector fires).
-    hold: Duration = 3600.0
+    hold: Duration = Field(default=3600.0, ge=0)
 
 
 class RampSpec(_Strict):
     """When a forward number's rise is a ramp worth an alert."""
 
     # The recent rate: an EW mean of the counts per step with this half-life...
-    fast: Duration = 600.0
+    fast: Duration = Field(default=600.0, gt=0)
     # ...against the number's usual rate: the mean of its first `first_steps` steps
     # (from its first call), then an EW mean with this half-life.
-    slow: Duration = 3600.0
+    slow: Duration = Field(default=3600.0, gt=0)
     first_steps: int = Field(default=10, ge=1, le=10_000)
     first_calls: int = Field(default=5, ge=0, le=10_000)
     # A number's steps within this long of its first call are not learned: calls are
     # counted when they finish, a talk time after they were answered, so a number's
     # counts rise from nothing over its first minutes whatever its true rate.
-    settle: Duration = 600.0
+    settle: Duration = Field(default=600.0, ge=0)
     # The recent rate must reach this many calls an hour...
     min_rate_per_hour: float = Field(default=20.0, gt=0)
     # ...and be this many times the usual one, times the largest of: the forward
@@ -214,8 +219,13 @@ class ModelSpec(_Strict):
             raise ValueError("the step must be longer than nothing")
         if self.kind == "forward" and self.ramp.slow < self.ramp.fast:
             raise ValueError("ramp.slow must be at least as long as ramp.fast")
-        if self.kind == "forward" and self.forget_after < self.step:
-            raise ValueError("forget_after must be at least one step long")
+        if self.kind == "forward":
+            if self.step < 10:
+                raise ValueError("a forward model's step must be at least 10s")
+            if not self.step <= self.forget_after <= MAX_FORWARD_STEPS * self.step:
+                raise ValueError(
+                    f"forget_after must be between one step and {MAX_FORWARD_STEPS} steps"
+                )
         return self
 
     def floor(self, feature: str) -> float:

@@ -34,6 +34,7 @@ BAD_TEXT = {
     "--status": "dismissed",
     "--relay-nats": "nats://user:secret@127.0.0.1:4222",
     "--expire": "when it suits",
+    "--expires": "when it suits",
 }
 
 # Per command, what makes it get past "say what to do" to the files it reads. Not a
@@ -313,6 +314,19 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
             "callsentry: --expire: 'x' is not a duration",
         ),
         (
+            ["alerts", "except", "0f2c", "--reason", "a PBX"],
+            "callsentry: data has no alerts yet",
+        ),
+        (
+            ["alerts", "except", "0f2c", "--reason", "a PBX", "--expires", "soon"],
+            "callsentry: --expires 'soon': not a duration",
+        ),
+        (["alerts", "except", "0f2c"], "callsentry: alerts except: Missing option '--reason'"),
+        (
+            ["rules", "exceptions", "--rules", "/no/such/rules"],
+            "callsentry: /no/such/rules: no such rules folder",
+        ),
+        (
             ["blocklist", "export", "--format", "xml"],
             "callsentry: blocklist export: Invalid value for '--format'",
         ),
@@ -476,3 +490,20 @@ def test_a_bad_forward_model_file_is_listed_at_its_lines_without_a_traceback(
         located = " ".join(line for line in lines if line.startswith(f"{path}:"))
         for key in keys:
             assert key in located, outcome.stderr
+
+
+def test_simulate_with_a_bad_range_says_where_in_one_line(tmp_path: Path) -> None:
+    scenario = tmp_path / "ranged.yaml"
+    scenario.write_text(
+        "name: ranged\nduration: 1h\nincidents:\n"
+        "  - {id: a, family: wangiri, calls: {between: [80, 15]}}\n",
+        encoding="utf-8",
+    )
+    argv = ["simulate", "--scenario", str(scenario), "--to-file", str(tmp_path / "out")]
+    outcome = _run(argv, "a range whose low end is above its high end", tmp_path)
+    assert outcome.code == 2, outcome
+    assert outcome.stderr == (
+        f"callsentry: {scenario}:4: incidents.0.calls: between [80, 15]: "
+        "the low end is above the high end\n"
+    )
+    assert "Traceback" not in outcome.stdout + outcome.stderr

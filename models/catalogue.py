@@ -41,6 +41,10 @@ def model_logic(spec: ModelSpec) -> str:
             "min_calls_in_window",
         }
     )
+    if spec.kind == "forward":
+        # Only forward models learn through these (so the other models' logic, and
+        # what snapshots written before forward models existed hold, is unchanged).
+        logic.update(spec.model_dump(include={"drift", "ramp"}))
     return hashlib.sha256(json.dumps(logic, sort_keys=True).encode()).hexdigest()[:16]
 
 

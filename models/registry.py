@@ -21,6 +21,7 @@ from engine.detect.detectors import Gate
 from models.base import Model, ModelFinding, Quiet, RecentCalls, never_quiet
 from models.caller import CallerModel
 from models.catalogue import model_logic
+from models.forward import ForwardModel
 from models.menu import MenuModel
 from models.spec import ModelSpec
 
@@ -28,6 +29,8 @@ from models.spec import ModelSpec
 def build(spec: ModelSpec, version: str, max_keys: int) -> Model:
     if spec.kind == "caller":
         return CallerModel(spec, version, max_keys)
+    if spec.kind == "forward":
+        return ForwardModel(spec, version)
     return MenuModel(spec, version)
 
 
@@ -58,13 +61,21 @@ class ModelSet:
 
     def gate(self, model_id: str, q: float) -> Gate:
         """A rule condition: the model's latest score for the call's caller (caller
-        models) or menu (menu models) is above the model's running `q` quantile."""
+        models), menu (menu models) or forward number (forward models) is above the
+        model's running `q` quantile."""
 
         def above(call: Call) -> bool:
             model = self.by_id().get(model_id)
             if model is None:
                 return False
-            entity = call.caller if model.spec.kind == "caller" else call.menu_id
+            kind = model.spec.kind
+            entity = (
+                call.caller
+                if kind == "caller"
+                else call.forward
+                if kind == "forward"
+                else call.menu_id
+            )
             score = model.score(entity)
             bound = model.quantile(q)
             return score is not None and bound is not None and score >= bound

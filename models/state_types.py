@@ -9,6 +9,7 @@ from typing import Any
 from engine.detect.state import register_state_type
 from models.caller import CallerModel
 from models.caller_state import CallerState
+from models.forward import ForwardModel, ForwardNumber, Rates, detector_state, revive_detector
 from models.menu import CallWindow, MenuModel, MenuState, MenuTraffic, SeasonalVolume
 from models.scoring import AdaptiveThreshold, AnomalyModel, Baseline
 
@@ -36,3 +37,26 @@ register_state_type("model.seasonal-volume", SeasonalVolume)
 register_state_type("model.baseline", Baseline)
 register_state_type("model.adaptive-threshold", AdaptiveThreshold)
 register_state_type("model.anomaly", AnomalyModel)
+
+
+def _forward_number_state(number: ForwardNumber) -> dict[str, Any]:
+    fields = dict(vars(number))
+    fields["detector"] = detector_state(number.detector)
+    return fields
+
+
+def _revive_forward_number(fields: dict[str, Any]) -> ForwardNumber:
+    number = object.__new__(ForwardNumber)
+    number.__dict__.update(fields)
+    number.detector = revive_detector(fields["detector"])
+    return number
+
+
+register_state_type("model.forward", ForwardModel, drop=("spec",))
+register_state_type("model.forward-rates", Rates)
+register_state_type(
+    "model.forward-number",
+    ForwardNumber,
+    state_of=_forward_number_state,
+    revive=_revive_forward_number,
+)

@@ -366,6 +366,67 @@ def load_list_file(data: bytes) -> None:
             raise Escape(f"loading a list raised {error!r} on {data[:300]!r}") from error
 
 
+_SHIPPED_MODELS = sorted((RULES / "models").glob("*.yaml"))
+
+
+@st.composite
+def model_files(draw: st.DrawFn) -> bytes:
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=800))
+    source = draw(st.sampled_from(_SHIPPED_MODELS))
+    document = yaml.safe_load(source.read_text(encoding="utf-8"))
+    if draw(st.booleans()) and isinstance(document.get("ramp"), dict):
+        document["ramp"] = _mutated(document["ramp"], draw)  # the forward model's keys
+    return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
+
+
+def load_model_file(data: bytes) -> None:
+    """A model file is read with every problem at file:line, and a forward model it
+    makes takes calls and a day of event time without raising."""
+    from engine.detect.calls import Call
+    from models.catalogue import load_model_specs
+    from models.registry import build_models
+
+    with tempfile.TemporaryDirectory() as folder:
+        models = Path(folder) / "models"
+        models.mkdir()
+        path = models / "fuzzed.yaml"
+        path.write_bytes(data)
+        problems: list[str] = []
+        try:
+            documents = load_model_specs(models, problems)
+            for problem in problems:
+                if not problem.startswith(str(path)):
+                    raise Escape(f"a problem without its file: {problem!r}")
+            forward = [(spec, doc) for spec, doc in documents if spec.kind == "forward"]
+            built = build_models(forward, 1000)
+            t0 = 1_793_955_600.0
+            for n in range(40):
+                at = t0 + n * 97.0
+                call = Call(
+                    f"c{n}",
+                    "8613800000001",
+                    "4008001000",
+                    f"+3716700000{n % 3}",
+                    str(n % 2),
+                    "menu",
+                    at,
+                    answered_at=at + 2,
+                    ended_at=at + 60,
+                    outcome="answered",
+                    deadline=at + 66,
+                )
+                built.observe((call,), lambda kind, entity: [])
+                built.advance(at + 66)
+            built.advance(t0 + 86400.0)  # a day later: a gap of many steps
+            built.drop_idle(t0 + 86400.0)
+        except Escape:
+            raise
+        except Exception as error:
+            raise Escape(f"loading a model raised {error!r} on {data[:300]!r}") from error
+
+
+_SCENARIOS = sorted((ROOT / "data" / "scenarios").glob("*.yaml"))
 TARIFFS = RULES / "tariffs" / "tariffs.yaml"
 _PREFIXES = st.sampled_from(["44", "+44", "0044", "4a", "", "1234567890123456", "881"])
 _RATES = st.sampled_from([0, 0.5, -1, float("nan"), float("inf"), True, "1.0", None, 10**400])
@@ -1126,6 +1187,7 @@ TARGETS = (
     Target("rule-yaml", rule_files(), load_rule_file),
     Target("list-yaml", list_files(), load_list_file),
     Target("scenario-yaml", scenario_files(), load_scenario_file),
+    Target("model-yaml", model_files(), load_model_file),
     Target("tariff-yaml", tariff_files(), load_tariff_file),
     Target("settings", settings_files(), load_settings_file),
     Target("notify-channel", notify_channel_files(), load_settings_file),

@@ -465,6 +465,39 @@ def test_check_without_send_says_so(tmp_path: Path) -> None:
     assert outcome.stderr == "callsentry: --check marks the reports sent; it needs --send\n"
 
 
+@pytest.mark.parametrize(
+    ("change", "keys"),
+    [
+        (
+            {"  min_z: 4": "  min_z: many", "  fast: 10m": "  fast: 0s\n  fastest: 1m"},
+            ("ramp.min_z", "ramp.fast", "ramp.fastest"),
+        ),
+        ({"step: 1m": "step: 5s"}, ("step must be at least 10s",)),
+    ],
+)
+def test_a_bad_forward_model_file_is_listed_at_its_lines_without_a_traceback(
+    tmp_path: Path, change: dict[str, str], keys: tuple[str, ...]
+) -> None:
+    import shutil
+
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    path = rules / "models" / "forward-ramp.yaml"
+    text = path.read_text(encoding="utf-8")
+    for old, new in change.items():
+        assert old in text
+        text = text.replace(old, new)
+    path.write_text(text, encoding="utf-8")
+    for argv in (["rules", "validate", str(rules)], ["rules", "test", str(rules)]):
+        outcome = _run(argv, "a bad forward model", tmp_path)
+        assert outcome.code != 0 and "Traceback" not in outcome.stderr, outcome.stderr
+        lines = outcome.stderr.splitlines()
+        assert lines[-1].startswith("callsentry: "), outcome.stderr
+        located = " ".join(line for line in lines if line.startswith(f"{path}:"))
+        for key in keys:
+            assert key in located, outcome.stderr
+
+
 def test_simulate_with_a_bad_range_says_where_in_one_line(tmp_path: Path) -> None:
     scenario = tmp_path / "ranged.yaml"
     scenario.write_text(

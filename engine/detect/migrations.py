@@ -17,6 +17,12 @@ state types of engine.detect.state, after each older shape is brought to today's
 snapshot rather than starting detection cold.
 
 Anything a v2 file names beyond those classes is refused, as in v3.
+
+A model added later (the forward-ramp model, `model.forward*` state types) is new
+state, not a new shape of old state: a snapshot written before it holds nothing of
+it, so that model starts cold from the snapshot's position while every other rule
+and model carries on, and the format stays v4 (tests/test_models.py reads the v2, v3
+and v4 files of tests/data with today's models).
 """
 
 from __future__ import annotations

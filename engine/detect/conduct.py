@@ -61,12 +61,14 @@ OWN_AFTER: Final = 50
 PEER_DECAY: Final = 0.999
 # Every this many finished calls one feeds the peers' quantiles: a P-squared update is a
 # few microseconds of Python, and a median moves by nothing over a few calls.
-PEER_SAMPLE: Final = 8
+PEER_SAMPLE: Final = 16
 # Finished calls before the peers' shares are trusted, and samples before their quantiles.
 PEERS_WARM_CALLS: Final = 30
-PEERS_WARM_SAMPLES: Final = 8
+PEERS_WARM_SAMPLES: Final = 4
 # A caller quiet this long is forgotten (its usual with it).
 KEEP_S: Final = 6 * 3600.0
+# How far a caller's place in the least-recently-seen order may lag its last call.
+TOUCH_S: Final = 60.0
 
 
 class Conduct(Snapshotted):
@@ -294,14 +296,16 @@ class ConductLedger(Snapshotted):
         self.callers: KeyedState[Conduct] = KeyedState(max_keys)
         self.peers = Peers()
 
-    def _conduct(self, caller: str) -> Conduct:
+    def _conduct(self, caller: str, ts: float) -> Conduct:
         states = self.callers.states
         conduct = states.get(caller)
         if conduct is None:
             conduct = Conduct()
             self.callers.put(caller, conduct)
-        else:
-            # Most recently seen last: idle callers are found from the front.
+        elif ts - conduct.last_ts > TOUCH_S:
+            # Least recently seen first, to within TOUCH_S (a busy caller is moved
+            # once in a while, not at every call): idle callers are found from the
+            # front, and `drop_idle` keeps KEEP_S, far more than the lag.
             del states[caller]
             states[caller] = conduct
         return conduct
@@ -309,14 +313,14 @@ class ConductLedger(Snapshotted):
     def started(self, call: Call) -> None:
         """A call starts (its first report): its caller's rate learns it."""
         if call.caller:
-            self._conduct(call.caller).start(call.started_at)
+            self._conduct(call.caller, call.started_at).start(call.started_at)
 
     def observe(self, call: Call) -> None:
         """A finished call: its caller's conduct and the peers' learn it."""
         caller = call.caller
         if not caller:
             return
-        conduct = self._conduct(caller)
+        conduct = self._conduct(caller, call.deadline)
         answered = call.answered_at is not None
         ring = call.ring_s
         talk = call.talk_s

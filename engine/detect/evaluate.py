@@ -270,8 +270,14 @@ class CompiledRule:
             for e in spec.exceptions
         ]
         self.state: KeyedState[EntityState] = KeyedState(max_keys)
-        # Set by the rule set when the rule has a `model:` condition.
+        # Set by the rule set when the rule has a `model:` or `behaviour:` condition.
         self.gate: Callable[[Call], bool] | None = None
+        # A gate asked before the measure rather than after it (the rule set puts a
+        # `behaviour:` here for a `distinct` count, whose measure makes a set of the
+        # window's values, and for `concurrent`, which lists the calls in progress,
+        # while the gate is a lookup): measuring changes nothing, so the order changes
+        # no finding.
+        self.pregate: Callable[[Call], bool] | None = None
 
     @property
     def started_at(self) -> float | None:
@@ -341,6 +347,9 @@ class CompiledRule:
         if state.leave_until(now - self.window_s):
             # A busy entity's window: bounded whatever its rate (engine.detect.windows).
             aggregate.fold(state)
+        pregate = self.pregate
+        if pregate is not None and not pregate(call):
+            return None
         measured = aggregate.measure(state, call)
         if measured is None or not self.condition.holds(measured):
             return None
@@ -361,6 +370,9 @@ class CompiledRule:
         quiet: Callable[[str, str, float], bool],
     ) -> Finding | None:
         if not in_progress.may_hold(tracker, entity):
+            return None
+        pregate = self.pregate
+        if pregate is not None and not pregate(call):
             return None
         if quiet(self.id, entity, ts):
             return None

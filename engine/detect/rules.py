@@ -52,8 +52,13 @@ class RuleSet:
             model = rule.spec.model
             if model is not None:
                 gates.append(self.models.gate(model.model, model.above_quantile))
+            rule.pregate = None
             if rule.spec.behaviour is not None and self.conduct is not None:
-                gates.append(behaviour_gate(rule.spec.behaviour, self.conduct))
+                behaviour = behaviour_gate(rule.spec.behaviour, self.conduct)
+                if rule.spec.aggregate.type in ("distinct", "concurrent"):
+                    rule.pregate = behaviour
+                else:
+                    gates.append(behaviour)
             rule.gate = gates[0] if len(gates) == 1 else _all_of(gates) if gates else None
 
     def by_id(self) -> dict[str, CompiledRule]:

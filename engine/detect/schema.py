@@ -304,9 +304,7 @@ class Behaviour(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Behaviour:
         if not self.bounds():
-            raise ValueError(
-                f"behaviour names no measure ({', '.join(_MEASURES)})"
-            )
+            raise ValueError(f"behaviour names no measure ({', '.join(_MEASURES)})")
         for name in ("calls", "seen_s"):
             bound = getattr(self, name)
             if bound is not None and any(

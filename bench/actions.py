@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.alerts.actions import DESTINATIONS, ActionBook, ActionSink, action_destinations
+from engine.alerts.actionbook import DESTINATIONS, ActionBook
+from engine.alerts.actions import ActionSink, action_destinations
 from engine.alerts.actionspec import ActionSet, ActionSpec
 from engine.alerts.outbox import Courier, Dispatch, Outbox, OutboxSink, RetryPolicy
 from engine.detect.alerts import Alert

@@ -57,4 +57,5 @@ def catalogue(
         tracked={s.id: tuple(s.threshold.quantiles()) for s, _ in documents if s.enabled},
         disabled=frozenset(s.id for s, _ in documents if not s.enabled),
         problems=tuple(problems),
+        kinds={s.id: s.kind for s, _ in documents},
     )

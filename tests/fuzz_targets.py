@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import tempfile
 from collections.abc import Callable
@@ -399,6 +400,48 @@ def load_list_file(data: bytes) -> None:
             raise Escape(f"loading a list raised {error!r} on {data[:300]!r}") from error
 
 
+TARIFFS = RULES / "tariffs" / "tariffs.yaml"
+_PREFIXES = st.sampled_from(["44", "+44", "0044", "4a", "", "1234567890123456", "881"])
+_RATES = st.sampled_from([0, 0.5, -1, float("nan"), float("inf"), True, "1.0", None, 10**400])
+
+
+@st.composite
+def tariff_files(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["mutated", "entries", "text", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=600))
+    if kind == "text":
+        return draw(st.text(max_size=400)).encode("utf-8", "surrogatepass")
+    document = yaml.safe_load(TARIFFS.read_text(encoding="utf-8"))
+    if kind == "entries":
+        entry = st.fixed_dictionaries(
+            {"prefix": _PREFIXES | st.integers() | st.text(max_size=6), "rate": _RATES},
+            optional={"name": st.text(max_size=8) | st.integers(), "x": st.text(max_size=3)},
+        )
+        document["rates"] = draw(st.lists(entry | _yaml_values, max_size=5))
+    return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
+
+
+def load_tariff_file(data: bytes) -> None:
+    """A tariff list is loaded with every rate finite and >= 0 and every prefix digits,
+    or refused with its problems at file:line."""
+    from engine.console.tariffs import load_tariffs
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "tariffs.yaml"
+        path.write_bytes(data)
+        try:
+            tariffs = load_tariffs(path)
+        except YamlFileError as error:
+            _located(error, path)
+            return
+        except Exception as error:
+            raise Escape(f"loading a tariff list raised {error!r} on {data[:300]!r}") from error
+        for tariff in tariffs.tariffs:
+            if not tariff.prefix.isdigit() or not tariff.rate >= 0 or tariff.rate == math.inf:
+                raise Escape(f"a tariff list loaded {tariff!r} from {data[:300]!r}")
+
+
 _SCENARIOS = sorted((ROOT / "data" / "scenarios").glob("*.yaml"))
 
 
@@ -542,7 +585,7 @@ _SECTIONS = {
         "rate_period_s",
     ],
     "notify": ["channels"],
-    "console": ["public_url"],
+    "console": ["public_url", "tariffs"],
     "nope": ["x"],
 }
 _toml_values = st.one_of(
@@ -570,6 +613,7 @@ _toml_values = st.one_of(
             '["critical", "high"]',
             '["warning"]',
             '"https://console.example.org/"',
+            '"rules/tariffs/tariffs.yaml"',
             '["nats://127.0.0.1:4222"]',
             '["nats://u:p@127.0.0.1:4222", "tls://[::1]:4222"]',
             '["nats://h:0", "http://x", "nats://", "nats://h/x"]',
@@ -808,6 +852,88 @@ def render_requests(alert: dict[str, Any]) -> None:
         raise Escape(f"an argument starts an option: {run.argv!r}")
 
 
+# -- exception files ---------------------------------------------------------------------
+
+_EXCEPTION = {
+    "rule": "short-calls-caller",
+    "entity_type": "caller",
+    "entity": "8613900000001",
+    "reason": "the Acme PBX",
+    "expires": "2027-03-05",
+    "created_by": "ana",
+    "alert_id": "0f2c",
+    "verdict": "false_positive",
+}
+
+
+@st.composite
+def exception_files(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["mutated", "mutated", "fields", "text", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=800))
+    if kind == "text":
+        return draw(st.text(max_size=400)).encode("utf-8", "surrogatepass")
+    document: dict[str, Any] = dict(_EXCEPTION)
+    if kind == "fields":
+        # Each key given a value of any kind, or one of the values that look right.
+        for key in document:
+            if draw(st.booleans()):
+                document[key] = draw(
+                    _yaml_values
+                    | st.sampled_from(
+                        ["never", "2027-02-30", "2027-03-05T25:00", "model.caller-behaviour"]
+                    )
+                )
+        if draw(st.booleans()):
+            document["model"] = document.pop("rule")
+    return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
+
+
+def load_exception_file(data: bytes) -> None:
+    from engine.apps.lakewriter import check_detectors
+
+    with tempfile.TemporaryDirectory() as folder:
+        rules = Path(folder) / "rules"
+        for sub in ("lists", "models"):
+            (rules / sub).mkdir(parents=True)
+            for shipped in (RULES / sub).glob("*.yaml"):
+                (rules / sub / shipped.name).write_bytes(shipped.read_bytes())
+        (rules / "r.yaml").write_bytes((RULES / "short-calls-caller.yaml").read_bytes())
+        path = rules / "exceptions" / "fuzzed.yaml"
+        path.parent.mkdir()
+        path.write_bytes(data)
+        try:
+            check_detectors(rules)
+        except YamlFileError as error:
+            _located(error, path)
+        except Exception as error:
+            raise Escape(f"loading an exception raised {error!r} on {data[:300]!r}") from error
+
+
+def write_exception_files(entity: str) -> None:
+    """Whatever text the network put in an entity, `alerts except` writes a file inside
+    the exceptions folder that reads back as the same one value and no other key."""
+    from engine.detect.exceptionfiles import ExceptionSpec, read_exception_files, write_exception
+
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "exceptions"
+        spec = ExceptionSpec.model_validate(
+            _EXCEPTION | {"entity": entity, "reason": f"why: {entity}"}
+        )
+        path = write_exception(folder, spec)
+        if path.parent != folder or list(Path(root).iterdir()) != [folder]:
+            raise Escape(f"{entity!r} wrote {path}")
+        problems: list[str] = []
+        read = read_exception_files(folder, problems)
+        if problems or [s for s, _ in read] != [spec]:
+            raise Escape(f"{entity!r} read back as {read!r}: {problems}")
+
+
+_entities = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=300) | (
+    st.sampled_from(["../x", "a\x00b", "x\nrule: y", "\u202e", '"', "'", "#", ": ", "- a"])
+)
+
+
 # -- the console: its accounts file, its filters, its forms ----------------------------
 
 _ACCOUNT_KEYS = ["role", "password", "sha256", "created_at", "x"]
@@ -879,6 +1005,7 @@ _FORM_KEYS = [
     "type",
     "limit",
     "decision",
+    "sort",
 ]
 _form_values = st.one_of(
     st.sampled_from(
@@ -893,6 +1020,9 @@ _form_values = st.one_of(
             "assign",
             "approve",
             "reject",
+            "exposure",
+            "severity",
+            "time",
             "//x",
             VALID_CSRF,
         ]
@@ -933,7 +1063,11 @@ def _console_client() -> Any:
         accounts = Accounts.load(accounts_path(data))
         accounts.set_user("ana", "reviewer", "fuzz-password")
         accounts.save()
-        console = Console(data, LakeView(data), RuleBook.read(RULES))
+        from engine.console.tariffs import load_tariffs
+
+        view = LakeView(data)
+        view.price_with(load_tariffs(TARIFFS), NumberPlan(default_region="GB"))
+        console = Console(data, view, RuleBook.read(RULES))
         client = TestClient(create_app(console, session_secret(data)))
         page = client.get("/login").text
         csrf = re.search(r'name="csrf" value="([^"]+)"', page)
@@ -988,6 +1122,7 @@ TARGETS = (
     Target("rule-behaviour", behaviour_rule_files(), load_and_run_rule_file),
     Target("list-yaml", list_files(), load_list_file),
     Target("scenario-yaml", scenario_files(), load_scenario_file),
+    Target("tariff-yaml", tariff_files(), load_tariff_file),
     Target("settings", settings_files(), load_settings_file),
     Target("notify-channel", notify_channel_files(), load_settings_file),
     Target("numbers", numbers(), parse_numbers),
@@ -995,6 +1130,8 @@ TARGETS = (
     Target("nats-names", _answers, nats_names),
     Target("relay-state", relay_states(), load_relay_state),
     Target("action-yaml", action_files(), load_action_file),
+    Target("exception-yaml", exception_files(), load_exception_file),
+    Target("exception-entity", _entities, write_exception_files),
     Target("action-request", alert_fields(), render_requests),
     Target("console-accounts", accounts_files(), load_accounts_file),
     Target("console-filters", console_forms, queue_filter_of),

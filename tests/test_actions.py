@@ -26,14 +26,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from engine.alerts.actions import (
-    DESTINATIONS,
-    ActionBook,
-    ActionDestination,
-    ActionError,
-    ActionSink,
-    approve,
-)
+from engine.alerts.actionbook import DESTINATIONS, ActionBook, ActionError, approve
+from engine.alerts.actions import ActionDestination, ActionSink
 from engine.alerts.actionspec import ActionSet, load_actions
 from engine.alerts.outbox import IDEMPOTENCY_HEADER, Courier, Outbox, RetryPolicy, outbox_path
 from engine.core.events import CallEvent, CallState
@@ -300,7 +294,7 @@ def test_the_budget_turns_the_next_action_into_a_pending_one_with_a_notice(
     stand_ins.append(stand_in)
     clock = Clock()
     sink, book = rig(tmp_path, http_action(stand_in.url(), per_hour=2), clock)
-    with caplog.at_level(logging.INFO, logger="engine.alerts.actions"):
+    with caplog.at_level(logging.INFO, logger="engine.alerts.actionbook"):
         sink.deliver([alert(1), alert(2), alert(3)])
         sink.deliver([alert(5)])
     states = {r.alert_id: (r.state, r.hold) for r in book.requests()}

@@ -34,6 +34,7 @@ BAD_TEXT = {
     "--status": "dismissed",
     "--relay-nats": "nats://user:secret@127.0.0.1:4222",
     "--expire": "when it suits",
+    "--expires": "when it suits",
 }
 
 # Per command, what makes it get past "say what to do" to the files it reads. Not a
@@ -311,6 +312,19 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
         (
             ["blocklist", "add", "+88213", "--type", "forward", "--reviewer", "a", "--expire", "x"],
             "callsentry: --expire: 'x' is not a duration",
+        ),
+        (
+            ["alerts", "except", "0f2c", "--reason", "a PBX"],
+            "callsentry: data has no alerts yet",
+        ),
+        (
+            ["alerts", "except", "0f2c", "--reason", "a PBX", "--expires", "soon"],
+            "callsentry: --expires 'soon': not a duration",
+        ),
+        (["alerts", "except", "0f2c"], "callsentry: alerts except: Missing option '--reason'"),
+        (
+            ["rules", "exceptions", "--rules", "/no/such/rules"],
+            "callsentry: /no/such/rules: no such rules folder",
         ),
         (
             ["blocklist", "export", "--format", "xml"],

@@ -478,7 +478,8 @@ def test_a_verdict_given_in_the_console_is_queued_for_nats(tmp_path: Path) -> No
 
 
 def test_a_reviewer_approves_a_waiting_action_in_the_console(tmp_path: Path) -> None:
-    from engine.alerts.actions import ActionBook, ActionSink
+    from engine.alerts.actionbook import ActionBook
+    from engine.alerts.actions import ActionSink
     from engine.alerts.actionspec import load_actions
     from tests.test_actions import alert, http_action, write_action
 

@@ -11,6 +11,7 @@ import errno
 import logging
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -270,6 +271,34 @@ def test_a_lake_writer_started_on_a_full_disk_waits_for_room_rather_than_exit(
     assert "Traceback" not in log and "exited with code" not in log
     assert process.counters.get("flushed") == answered
     assert lake_rows(data_dir, "SELECT count(*) FROM events") == [(answered,)]
+
+
+def test_stopping_a_lake_writer_that_cannot_finish_is_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The writer ignores SIGTERM (the receiver decides when it stops), so a writer
+    # that cannot finish (here: stopped by SIGSTOP) must be killed, not waited for:
+    # multiprocessing joins a non-daemon child at exit, so serve would never exit.
+    data_dir = tmp_path / "data"
+    answered = journal_segments(data_dir)
+    process = LakeWriterProcess(make_settings(data_dir, detection={"enabled": False}))
+    process.wait_for_keys()
+    child = process._process
+    os.kill(child.pid, signal.SIGSTOP)
+    process.stop(timeout=0.5)
+    assert child.exitcode == -signal.SIGKILL
+    assert "killed it, sealed segments stay for next start" in caplog.text
+    # What it had not written is written by the next start.
+    again = LakeWriterProcess(make_settings(data_dir, detection={"enabled": False}))
+    again.wait_for_keys()
+    try:
+        wait_for(
+            lambda: lake_rows(data_dir, "SELECT count(*) FROM events") == [(answered,)],
+            60,
+            "the journal written",
+        )
+    finally:
+        again.stop()
 
 
 def test_a_replay_onto_a_full_disk_says_so_in_one_line(small_disk: Path, tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -472,6 +472,39 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def send_http(
+    opener: urllib.request.OpenerDirector,
+    method: str,
+    url: str,
+    body: bytes | None,
+    headers: Mapping[str, str],
+    key: str,
+    timeout_s: float,
+) -> int:
+    """One HTTP request of a delivery, with its key in `Idempotency-Key`; the status
+    when it is 2xx. 408, 425, 429 and 5xx, timeouts and connection errors are a
+    DeliveryError that means the endpoint is down or busy (the courier pauses it); any
+    other answer is one that refuses this delivery. What the endpoint says is read up
+    to 64 KiB and dropped: only its status counts."""
+    request = urllib.request.Request(
+        url, data=body, headers={**headers, IDEMPOTENCY_HEADER: key}, method=method
+    )
+    try:
+        with opener.open(request, timeout=timeout_s) as response:
+            response.read(65536)
+            status = int(response.status)
+    except urllib.error.HTTPError as error:
+        error.close()
+        status = error.code
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", None) or error
+        raise DeliveryError(shown(str(reason))) from None
+    if 200 <= status < 300:
+        return status
+    refused = status < 500 and status not in (408, 425, 429)
+    raise DeliveryError(f"HTTP {status}", refused=refused)
+
+
 class WebhookDestination:
     """POSTs the payload as JSON with the delivery's key in `Idempotency-Key`.
 
@@ -492,22 +525,7 @@ class WebhookDestination:
         self._opener = urllib.request.build_opener(NoRedirect)
 
     def send(self, key: str, payload: bytes) -> None:
-        headers = {**self.headers, IDEMPOTENCY_HEADER: key}
-        request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
-                response.read()
-                status = int(response.status)
-        except urllib.error.HTTPError as error:
-            error.close()
-            status = error.code
-        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
-            reason = getattr(error, "reason", None) or error
-            raise DeliveryError(shown(str(reason))) from None
-        if 200 <= status < 300:
-            return
-        refused = status < 500 and status not in (408, 425, 429)
-        raise DeliveryError(f"HTTP {status}", refused=refused)
+        send_http(self._opener, "POST", self.url, payload, self.headers, key, self.timeout_s)
 
 
 # -- couriers -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`callsentry actions` (the requests actions made, their trail, approving them) and
 `callsentry blocklist` (callsentry's own blocklist, for loading into the switch or a
-SIP proxy). What they do is in engine.alerts.actions; this module only reads the
-arguments and prints."""
+SIP proxy). What they do is in engine.alerts.actions, their state in
+engine.alerts.actionbook; this module only reads the arguments and prints."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def actions_list(
     config: Path | None,
 ) -> None:
     """Action requests, newest first: one per action and alert."""
-    from engine.alerts.actions import ActionError, NoActions, open_book
+    from engine.alerts.actionbook import ActionError, NoActions, open_book
     from engine.alerts.outbox import OutboxError
 
     data = _data_dir(data_dir, config)
@@ -154,7 +154,7 @@ def actions_list(
 @config_option
 def actions_show(request_id: int, data_dir: Path | None, config: Path | None) -> None:
     """One action request: what it is for, its state, and its trail."""
-    from engine.alerts.actions import ActionError, open_book
+    from engine.alerts.actionbook import ActionError, open_book
     from engine.alerts.outbox import OutboxError
 
     data = _data_dir(data_dir, config)
@@ -200,7 +200,7 @@ def actions_show(request_id: int, data_dir: Path | None, config: Path | None) ->
 def _decision(
     verb: str, request_id: int, reviewer: str, data_dir: Path | None, config: Path | None
 ) -> None:
-    from engine.alerts import actions as acting
+    from engine.alerts import actionbook as acting
 
     data = _data_dir(data_dir, config)
     do = {"approve": acting.approve, "reject": acting.reject, "lift": acting.lift}[verb]
@@ -274,7 +274,7 @@ def blocklist() -> None:
 
 
 def _entries(data: Path, include_expired: bool) -> list[dict[str, Any]]:
-    from engine.alerts.actions import ActionError, NoActions, open_book
+    from engine.alerts.actionbook import ActionError, NoActions, open_book
     from engine.alerts.outbox import OutboxError
 
     try:
@@ -360,7 +360,7 @@ def blocklist_add(
     """Put ENTITY on the blocklist by hand."""
     import time
 
-    from engine.alerts.actions import ActionBook
+    from engine.alerts.actionbook import ActionBook
     from engine.alerts.outbox import OutboxError
     from engine.core.durations import parse_duration
 
@@ -397,7 +397,7 @@ def blocklist_remove(
     entity: str, entity_type: str, data_dir: Path | None, config: Path | None
 ) -> None:
     """Take ENTITY off the blocklist."""
-    from engine.alerts.actions import ActionError, NoActions, open_book
+    from engine.alerts.actionbook import ActionError, NoActions, open_book
     from engine.alerts.outbox import OutboxError
 
     data = _data_dir(data_dir, config)

@@ -390,3 +390,61 @@ def alerts_deliveries(
                 f"{name}: {count.delivered} delivered, {count.given_up} given up, "
                 f"{count.pending} waiting, {count.failed} failed attempts"
             )
+
+
+@alerts.command("except")
+@click.argument("alert_id")
+@click.option("--reason", required=True, help="Why this entity is no incident for this rule.")
+@click.option(
+    "--expires",
+    default="90d",
+    show_default=True,
+    help="A duration from now (30d), a date (2027-03-05: through that day, UTC), a time "
+    "(2027-03-05T12:00:00Z) or never.",
+)
+@click.option(
+    "--rules",
+    "rules_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="The rules folder the file goes in (default: detection.rules_dir, the rules in use).",
+)
+@click.option("--reviewer", default=None, help="Who (default: the login name).")
+@data_dir_option
+@config_option
+def alerts_except(
+    alert_id: str,
+    reason: str,
+    expires: str,
+    rules_dir: Path | None,
+    reviewer: str | None,
+    data_dir: Path | None,
+    config: Path | None,
+) -> None:
+    """Turn a false positive into an exception: the alert's rule (or model) raises nothing
+    for its entity until the exception expires. Writes a YAML file in the rules folder
+    (rules/exceptions/) to review and commit, and records a false_positive review."""
+    from engine.apps.excepting import ExceptError, except_alert
+
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    folder = rules_dir if rules_dir is not None else settings.detection.rules_folder
+    who = reviewer or getpass.getuser()
+    try:
+        made = except_alert(settings.store.data_dir, folder, alert_id, reason, expires, who)
+    except ExceptError as error:
+        lines = str(error).splitlines()
+        for line in lines[1:]:
+            click.echo(line, err=True)
+        fail(lines[0] if lines else "the exception was not made")
+    click.echo(
+        f"exception written: {made.path}\n"
+        f"  {made.source}, {made.entity_type} {shown(made.entity)}, until {made.expires}"
+    )
+    if made.review_id is not None:
+        click.echo(f"review {made.review_id} recorded: {made.alert_id} is false_positive")
+    click.echo(
+        "review the file and commit it with the rules; a running serve applies it at its "
+        "next reload of the rules folder"
+    )
+    if made.review_problem is not None:
+        fail(f"the exception is written, but no review was recorded: {made.review_problem}")

@@ -35,6 +35,7 @@ from engine.apps.replay import Progress
 from engine.apps.settings import DetectionSettings
 from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert
+from engine.detect.exceptionfiles import EntityException
 from engine.ingest.eventfiles import PART_ROWS, read_frame_items
 from engine.ingest.records import pack_events
 from engine.lake.parquet import Lake
@@ -85,6 +86,8 @@ class BacktestReport:
     # The team's latest verdict (alerts_current.status) on alerts of the rules in use
     # that the data dir holds (live detection raised them: the ids are the same).
     verdicts: dict[str, str] = field(default_factory=dict)
+    # Removed alerts an exception file of the change holds back: alert id -> exception.
+    excepted: dict[str, EntityException] = field(default_factory=dict)
 
     @property
     def added(self) -> list[Alert]:
@@ -218,6 +221,10 @@ def backtest(
             progress.close()
     report.rules = compare(report.current, report.candidate)
     report.verdicts = _verdicts(lake, [alert.alert_id for alert in report.current])
+    for alert in report.removed:
+        exception = candidate.rules.exception_for(alert.rule_id, alert.entity, alert.raised_at)
+        if exception is not None:
+            report.excepted[alert.alert_id] = exception
     return report
 
 

@@ -21,6 +21,7 @@ from engine.apps.commandline import (
     data_dir_option,
     fail,
     fail_rules,
+    fail_with_problems,
     log_level_option,
     os_error_text,
     settings_or_fail,
@@ -51,8 +52,7 @@ def main() -> None:
 def version() -> None:
     """The installed release: version, Python, whether its compiled parts are in use,
     and where its shipped rules are."""
-    from engine.apps.health import build_info, uncompiled_parts
-    from engine.apps.settings import shipped_rules
+    from engine.apps.build import build_info, shipped_rules, uncompiled_parts
 
     info = build_info()
     click.echo(f"callsentry {info['version']} (Python {info['python']})")
@@ -320,6 +320,17 @@ def config_check(config: Path | None) -> None:
                 click.echo(f"# {key} unset{meaning}")
                 continue
             click.echo(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+    if settings.console.tariffs is not None:
+        from engine.console.tariffs import load_tariffs
+        from engine.core.yamlfile import YamlFileError
+
+        try:
+            tariffs = load_tariffs(settings.console.tariffs)
+        except YamlFileError as error:
+            fail_with_problems(error, "the tariff list is invalid ({count} problem(s))", 2)
+        click.echo(
+            f"# console.tariffs: {len(tariffs.tariffs)} destination(s), in {tariffs.currency}"
+        )
     click.echo("configuration OK", err=True)
 
 

@@ -9,7 +9,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,6 +17,7 @@ from engine.apps.commandline import (
     config_option,
     data_dir_option,
     fail,
+    fail_with_problems,
     log_level_option,
     settings_or_fail,
     setup_logging,
@@ -25,6 +26,7 @@ from engine.core.addresses import parse_hostport
 
 if TYPE_CHECKING:
     from engine.apps.settings import Settings
+    from engine.console.tariffs import TariffList
 
 log = logging.getLogger("callsentry")
 
@@ -67,6 +69,13 @@ def _data_dir(data_dir: Path | None, config: Path | None) -> Path:
     show_default=True,
     help="How often an open queue page asks for new alerts (seconds).",
 )
+@click.option(
+    "--tariffs",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Tariff list (YAML: currency, rates per E.164 prefix; rules/tariffs/tariffs.yaml "
+    "is an example): the queue can then be sorted by estimated exposure. "
+    "Default: the setting console.tariffs.",
+)
 @log_level_option
 @click.pass_context
 def console(
@@ -76,6 +85,7 @@ def console(
     listen: str,
     secure_cookies: bool,
     refresh_s: int,
+    tariffs: Path | None,
     log_level: str,
 ) -> None:
     """The web console: the alert queue, alerts with their evidence and traffic, entities,
@@ -87,7 +97,11 @@ def console(
         host, port = parse_hostport(listen)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--listen") from None
-    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    overrides: dict[str, Any] = {"store": {"data_dir": str(data_dir)}} if data_dir else {}
+    if tariffs is not None:
+        overrides["console"] = {"tariffs": str(tariffs)}
+    settings = settings_or_fail(config, overrides)
+    priced = _tariff_list(settings)
     data = settings.store.data_dir
     if not data.is_dir():
         fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
@@ -103,6 +117,14 @@ def console(
 
     try:
         view = LakeView(data)
+        if priced is not None:
+            view.price_with(priced, settings.detection.number_plan(), warm=True)
+            log.info(
+                "console: exposure priced by %s (%d destinations, in %s)",
+                priced.path,
+                len(priced.tariffs),
+                priced.currency,
+            )
     except LakeViewError as error:
         fail(str(error))
     try:
@@ -147,6 +169,20 @@ def console(
         server.run(sockets=[sock])
     finally:
         view.close()
+
+
+def _tariff_list(settings: Settings) -> TariffList | None:
+    """The configured tariff list, or None; a bad file is one clear error per problem."""
+    if settings.console.tariffs is None:
+        return None
+    from engine.console.tariffs import load_tariffs
+    from engine.core.yamlfile import YamlFileError
+
+    try:
+        tariffs = load_tariffs(settings.console.tariffs)
+    except YamlFileError as error:
+        fail_with_problems(error, "the tariff list is invalid ({count} problem(s))", 2)
+    return tariffs
 
 
 def _password(confirm: bool = True) -> str:

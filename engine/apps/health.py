@@ -16,11 +16,8 @@ integers and never touches the answer path.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
-import os
-import platform
 import socket
 import threading
 import time
@@ -38,13 +35,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from engine.alerts.actions import ActionBook
+from engine.alerts.actionbook import ActionBook
 from engine.alerts.outbox import DestinationCounts, Dispatch, OutboxError
+from engine.apps.build import build_info
 from engine.apps.lakewriter import LakeWriterProcess
 from engine.apps.relay import RelayProcess
 from engine.apps.settings import Settings
-from engine.detect import COMPILED, compiled_modules, stale_reason
-from engine.ingest import native
 from engine.ingest.stats import COUNTER_HELP, RULES_INVALID, RULES_LOADING, Stats
 
 log = logging.getLogger(__name__)
@@ -68,38 +64,6 @@ class ReportClock:
             self._count = count
             self._at = now
         return None if self._at is None else now - self._at
-
-
-def build_info() -> dict[str, str]:
-    try:
-        version = importlib.metadata.version("callsentry")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    compiled = "no" if not compiled_modules() else "stale" if stale_reason() else "yes"
-    return {"version": version, "python": platform.python_version(), "compiled": compiled}
-
-
-def uncompiled_parts() -> list[str]:
-    """The compiled parts this install runs as Python instead, each with why and what it
-    costs ([] when all are in use)."""
-    missing = []
-    stale = stale_reason()
-    compiled = compiled_modules()
-    asked = os.environ.get("CALLSENTRY_DETECTION_AS_PYTHON", "") not in ("", "0")
-    if asked or stale is not None or len(compiled) < len(COMPILED):
-        why = (
-            "CALLSENTRY_DETECTION_AS_PYTHON is set"
-            if asked
-            else stale or "not compiled by mypyc in this install"
-        )
-        missing.append(f"detection runs as Python ({why}): about half as fast")
-    helpers = [name for name in native.HELPERS if native.load(name) is None]
-    if helpers:
-        missing.append(
-            f"C helpers {', '.join(helpers)} not built: their Python equivalents run "
-            "(the receiver about a quarter slower at full load)"
-        )
-    return missing
 
 
 class Health:

@@ -44,7 +44,8 @@ from engine.ingest.store import StoreError, lake_writer_lock
 RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
-    from engine.alerts.actions import ActionBook, ActionSink
+    from engine.alerts.actionbook import ActionBook
+    from engine.alerts.actions import ActionSink
     from engine.alerts.actionspec import ActionSet
     from engine.alerts.notify import Transport
     from engine.alerts.outbox import Destination
@@ -118,13 +119,9 @@ def feed_silence(detection: DetectionSettings) -> FeedSilence | None:
 def use_number_plan(detection: DetectionSettings) -> None:
     """Read the numbers of this process's calls as the settings say (the destination
     fields, engine.detect.numbers)."""
-    from engine.detect.numbers import DESTINATIONS, NumberPlan
+    from engine.detect.numbers import DESTINATIONS
 
-    plan = NumberPlan(
-        dial_prefixes=tuple(detection.dial_prefixes),
-        international_prefixes=tuple(detection.international_prefixes),
-        default_region=detection.default_region,
-    )
+    plan = detection.number_plan()
     if plan != DESTINATIONS.plan or detection.number_cache_size != DESTINATIONS.cache_size:
         DESTINATIONS.use(plan, detection.number_cache_size)
 
@@ -245,7 +242,8 @@ def make_action_sink(settings: Settings, pipeline: Pipeline | None) -> ActionSin
     """The sink that decides actions, when detection runs and the rule folder has an
     `actions/` folder. Action files that are invalid at the start are logged and none
     acts until they are fixed (the rule watcher loads them again)."""
-    from engine.alerts.actions import ActionBook, ActionSink
+    from engine.alerts.actionbook import ActionBook
+    from engine.alerts.actions import ActionSink
     from engine.alerts.actionspec import ActionSet, actions_dir
 
     if pipeline is None or not actions_dir(settings.detection.rules_folder).is_dir():
@@ -355,6 +353,7 @@ class _RuleWatcher:
             *(folder / "lists").glob("*.y*ml"),
             *(folder / "models").glob("*.y*ml"),
             *(folder / "actions").glob("*.y*ml"),
+            *(folder / "exceptions").glob("*.y*ml"),
         ]
         stats = []
         for path in sorted(files):
@@ -432,7 +431,7 @@ class TrailCopy:
         """Rows copied (0 also when there is no trail yet, or the copy failed: said once)."""
         import polars as pl
 
-        from engine.alerts.actions import ActionBook
+        from engine.alerts.actionbook import ActionBook
         from engine.alerts.outbox import OutboxError, outbox_path
         from engine.lake.parquet import ACTION_SCHEMA, STORAGE_ERRORS
 
@@ -836,9 +835,14 @@ class LakeWriterProcess:
         self._stop.set()
         self._process.join(timeout)
         if self._process.is_alive():
+            # The writer ignores SIGTERM (see `run`), so only SIGKILL bounds the stop.
+            # Nothing is lost by it: the journal's sealed segments stay until the lake
+            # holds them, and the next start writes them.
             log.error(
-                "lake writer did not finish in %.0f s; sealed segments stay for next start", timeout
+                "lake writer did not finish in %.0f s; killed it, sealed segments stay for "
+                "next start",
+                timeout,
             )
-            self._process.terminate()
-            self._process.join(5)
+            self._process.kill()
+            self._process.join()
         self._process = None

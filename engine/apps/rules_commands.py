@@ -8,6 +8,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -22,6 +23,9 @@ from engine.apps.commandline import (
     setup_logging,
 )
 from engine.core.text import shown
+
+if TYPE_CHECKING:
+    from engine.detect.exceptionfiles import EntityException
 
 log = logging.getLogger("callsentry")
 
@@ -107,6 +111,55 @@ def rules_test(path: Path | None) -> None:
     click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if failed:
         sys.exit(1)
+
+
+@rules.command("exceptions")
+@click.option(
+    "--rules",
+    "rules_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="The rules folder (default: detection.rules_dir, the rules in use).",
+)
+def rules_exceptions(rules_dir: Path | None) -> None:
+    """The exception files (rules/exceptions/): those in force now, then the expired ones,
+    each with its rule or model, entity, expiry, reason and who made it."""
+    import time
+
+    from engine.core.yamlfile import YamlFileError
+    from engine.detect.exceptionfiles import EntityException, exceptions_dir, read_exception_files
+
+    folder = _rules_in_use(rules_dir)
+    if not folder.is_dir():
+        fail(f"{folder}: no such rules folder")
+    problems: list[str] = []
+    # As written: whether each names a rule or model that exists is `rules validate`'s.
+    taken = [
+        EntityException.of(spec, document)
+        for spec, document in read_exception_files(exceptions_dir(folder), problems)
+    ]
+    now = time.time()
+    for title, chosen in (
+        ("in force", [e for e in taken if e.holds_at(now)]),
+        ("expired", [e for e in taken if not e.holds_at(now)]),
+    ):
+        click.echo(f"{title} ({len(chosen)}):")
+        for exception in sorted(chosen, key=lambda e: (e.source, e.until, e.entity)):
+            click.echo(_exception_line(exception))
+    if problems:
+        fail_with_problems(YamlFileError(problems), f"{{count}} problem(s) in {folder}", 1)
+
+
+def _exception_line(exception: EntityException) -> str:
+    from engine.detect.exceptionfiles import expiry_text
+
+    return (
+        f"  {exception.detector} {exception.source}: {exception.entity_type} "
+        f"{shown(exception.entity)} until {expiry_text(exception.until)}; "
+        f"{shown(exception.reason)} ({shown(exception.created_by)}"
+        + (f", alert {shown(exception.alert_id)}" if exception.alert_id else "")
+        + f"; {shown(exception.where)})"
+    )
 
 
 @rules.command("backtest")
@@ -231,9 +284,12 @@ def rules_backtest(
             click.echo(f"{title} ({len(listed)}):")
         for alert in sorted(listed, key=lambda a: a.raised_at)[:show]:
             verdict = report.verdicts.get(alert.alert_id) if title == "removed" else None
+            excepted = report.excepted.get(alert.alert_id) if title == "removed" else None
             click.echo(
                 f"  {when(alert.raised_at)} [{alert.severity}] {alert.rule_id}: "
-                f"{shown(alert.summary)}" + (f"  (reviewed: {verdict})" if verdict else "")
+                f"{shown(alert.summary)}"
+                + (f"  (reviewed: {verdict})" if verdict else "")
+                + (f"  (excepted: {shown(excepted.where)})" if excepted else "")
             )
         if len(listed) > show:
             click.echo(f"  ... and {len(listed) - show} more (--out FILE lists them all)")
@@ -243,6 +299,11 @@ def rules_backtest(
             "of the alerts the change removes: "
             + ", ".join(f"{n} {status}" for status, n in sorted(verdicts.items()))
         )
+        if report.excepted:
+            click.echo(
+                f"{len(report.excepted)} of them held back by the change's exception files "
+                "(rules/exceptions/)"
+            )
     if report.moved:
         click.echo(f"raised at another moment ({len(report.moved)}):")
         for old, new in sorted(report.moved, key=lambda pair: pair[0].raised_at)[:show]:

@@ -18,11 +18,13 @@ import signal
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from engine.alerts.actions import DESTINATIONS as ACTION_DESTINATIONS
-from engine.alerts.actions import ActionBook, action_destinations
+from engine.alerts.actionbook import DESTINATIONS as ACTION_DESTINATIONS
+from engine.alerts.actionbook import ActionBook
+from engine.alerts.actions import action_destinations
 from engine.alerts.actionspec import actions_dir
 from engine.alerts.outbox import Dispatch, Outbox, OutboxError, RetryPolicy, outbox_path
-from engine.apps.health import Health, OperatorEndpoint, ReportClock, build_info, uncompiled_parts
+from engine.apps.build import build_info, uncompiled_parts
+from engine.apps.health import Health, OperatorEndpoint, ReportClock
 from engine.apps.lakewriter import LakeWriterProcess, check_rules, outbox_destinations
 from engine.apps.relay import RelayProcess, drop_held
 from engine.apps.settings import Settings

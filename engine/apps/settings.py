@@ -22,7 +22,7 @@ import zoneinfo
 from collections.abc import Mapping
 from datetime import UTC, tzinfo
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -36,22 +36,17 @@ from pydantic import (
     model_validator,
 )
 
+from engine.apps.build import shipped_rules
 from engine.core.addresses import parse_hostport
+
+if TYPE_CHECKING:
+    from engine.detect.numbers import NumberPlan
 
 ENV_PREFIX = "CALLSENTRY_"
 # Where `serve` answers /metrics, /healthz and /readyz unless told otherwise: loopback
 # only, on a port no common exporter uses (9100 is node_exporter's).
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9810"
 _HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]|24):([0-5]\d)$")
-
-
-def shipped_rules() -> Path:
-    """The rules shipped with this release. An installed package holds them as
-    `engine/shipped_rules/` (setup.py copies the project's `rules/` there); a source
-    checkout (an editable install) has them as its own `rules/`."""
-    package = Path(__file__).resolve().parents[1]
-    installed = package / "shipped_rules"
-    return installed if installed.is_dir() else package.parent / "rules"
 
 
 def time_zone(name: str) -> tzinfo:
@@ -320,6 +315,16 @@ class DetectionSettings(_Section):
         from engine.detect.numbers import check_region
 
         return check_region(value)
+
+    def number_plan(self) -> NumberPlan:
+        """How numbers are read (engine.detect.numbers), as these settings say."""
+        from engine.detect.numbers import NumberPlan
+
+        return NumberPlan(
+            dial_prefixes=tuple(self.dial_prefixes),
+            international_prefixes=tuple(self.international_prefixes),
+            default_region=self.default_region,
+        )
 
     @property
     def rules_folder(self) -> Path:
@@ -772,6 +777,10 @@ class ConsoleSettings(_Section):
     # Where people reach the console (https://callsentry.example.org): each notification
     # links to {public_url}/alerts/{alert_id}. "": messages name the alert id only.
     public_url: str = ""
+    # The tariff list (engine/console/tariffs.py; rules/tariffs/tariffs.yaml is an
+    # example): with it the queue can be sorted by estimated exposure. Unset: no
+    # exposure. `config check` reads and validates the file.
+    tariffs: Path | None = None
 
     @field_validator("public_url")
     @classmethod

@@ -16,6 +16,8 @@ the terminal's (engine.core.text.shown) business.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import threading
 import time
@@ -28,9 +30,13 @@ from typing import Any
 import duckdb
 import yaml
 
+from engine.console.tariffs import TariffList, e164_query
 from engine.core.durations import parse_duration
+from engine.detect.numbers import NumberPlan
 from engine.lake.parquet import ALERT_SCHEMA, Lake
 from engine.lake.review_status import STATUSES
+
+log = logging.getLogger("callsentry.console")
 
 SEVERITIES = ("critical", "high", "medium", "low")
 # The tables `alerts_current` is made of.
@@ -71,6 +77,12 @@ CALL_COLUMNS = (
     "ring_s",
     "talk_s",
 )
+
+
+# The tables an alert's exposure is made of.
+EXPOSURE_TABLES = ("alerts", "calls")
+# The queue's orders: severity then newest (the default), or estimated exposure.
+SORTS = ("severity", "exposure")
 
 
 class LakeViewError(Exception):
@@ -172,8 +184,9 @@ class LakeView:
     """Read-only queries over one data dir's lake, shared by the console's threads
     (each query on its own cursor of one in-memory database holding the views)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, exposure_max_age_s: float = 30.0) -> None:
         self.lake = Lake(data_dir)
+        self.exposure_max_age_s = exposure_max_age_s
         if not (self.lake.root / "alerts").is_dir():
             raise LakeViewError(f"{data_dir} has no alerts yet (is it callsentry's data dir?)")
         # The views are made once: a table a writer of an older release never prepared
@@ -186,6 +199,17 @@ class LakeView:
         self._rule_ids: tuple[float, list[str]] | None = None
         self._refresh_lock = threading.Lock()
         self._current_stamp: tuple[tuple[str, int, int], ...] | None = None
+        # How many times `current_alerts` and `current_exposure` were made, and the pair
+        # `priced_alerts` was last made from.
+        self._current_made = 0
+        self._exposure_made = 0
+        self._priced_from: tuple[int, int] | None = None
+        self.tariffs: TariffList | None = None
+        self._plan = NumberPlan()
+        self._exposure_lock = threading.Lock()
+        self._exposure_stamp: tuple[tuple[str, int, int], ...] | None = None
+        self._exposure_checked = -math.inf
+        self._warming: threading.Thread | None = None
         try:
             # Times in UTC on every cursor, whatever the machine's zone.
             self._con.execute("SET GLOBAL TimeZone = 'UTC'")
@@ -198,12 +222,14 @@ class LakeView:
             ) from None
 
     def close(self) -> None:
+        if self._warming is not None:
+            self._warming.join()
         self._con.close()
 
-    def _stamp(self) -> tuple[tuple[str, int, int], ...]:
-        """What the files behind `alerts_current` are now: path, mtime, size."""
+    def _stamp(self, tables: Sequence[str] = CURRENT_TABLES) -> tuple[tuple[str, int, int], ...]:
+        """What the files behind `tables` are now: path, mtime, size."""
         found = []
-        for table in CURRENT_TABLES:
+        for table in tables:
             for folder in sorted((self.lake.root / table).glob("day=*")):
                 with contextlib.suppress(OSError):
                     for entry in os.scandir(folder):
@@ -236,6 +262,7 @@ class LakeView:
             finally:
                 cursor.close()
             self._current_stamp = stamp
+            self._current_made += 1
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         if "current_" in sql:
@@ -257,26 +284,241 @@ class LakeView:
     ) -> list[dict[str, Any]]:
         return [dict(zip(columns, row, strict=True)) for row in self.rows(sql, params)]
 
+    # -- exposure -----------------------------------------------------------------------
+
+    def price_with(self, tariffs: TariffList, plan: NumberPlan, *, warm: bool = False) -> None:
+        """Estimate each alert's exposure with `tariffs`, reading numbers by `plan`.
+        `warm`: count every alert's exposure now, in a thread of its own (on a large
+        lake that takes seconds: the console listens meanwhile, and a page sorted by
+        exposure waits for it)."""
+        with self._lock:
+            cursor = self._con.cursor()
+        try:
+            cursor.execute(
+                "CREATE OR REPLACE TABLE tariff_rates AS SELECT unnest(?::VARCHAR[]) AS prefix, "
+                "unnest(?::DOUBLE[]) AS rate, unnest(?::VARCHAR[]) AS name",
+                [
+                    [t.prefix for t in tariffs.tariffs],
+                    [t.rate for t in tariffs.tariffs],
+                    [t.name for t in tariffs.tariffs],
+                ],
+            )
+            cursor.execute(
+                "CREATE OR REPLACE TABLE tariff_lengths AS "
+                "SELECT DISTINCT length(prefix) AS digits FROM tariff_rates"
+            )
+        finally:
+            cursor.close()
+        self._plan = plan
+        self.tariffs = tariffs
+        self._exposure_stamp = None
+        if warm:
+            self._warming = threading.Thread(target=self._warm, name="exposure-warm", daemon=True)
+            self._warming.start()
+
+    def _warm(self) -> None:
+        began = time.perf_counter()
+        try:
+            self._refresh_exposure(0.0)
+        except duckdb.Error as error:
+            log.error("console: cannot count the alerts' exposure: %s", _first_line(error))
+            return
+        log.info("console: exposure of the alerts counted in %.1f s", time.perf_counter() - began)
+
+    def _legs_sql(self, evidence: str) -> str:
+        """Each evidence call of `evidence` (a query of alert_id, call_id and the bounds
+        its start lies in) found in `calls`, priced (`_priced_sql`). The start bounds
+        are parameters, so DuckDB skips the row groups of other days."""
+        return self._priced_sql(f"""
+            SELECT e.alert_id, c.outcome = 'answered' AS answered, c.talk_s, c.forward,
+                c.callee
+            FROM ({evidence}) e JOIN calls c ON c.call_id = e.call_id
+                AND c.started_at >= e.first AND c.started_at <= e.last
+            WHERE c.started_at >= ?::TIMESTAMPTZ AND c.started_at <= ?::TIMESTAMPTZ""")
+
+    def _priced_sql(self, calls: str) -> str:
+        """The calls of `calls` (alert_id, answered, talk_s, forward, callee) with their
+        answered minutes and the tariff their destination falls under (prefix NULL:
+        unpriced). The destination is the forward number when the call was forwarded,
+        else the callee (engine.console.tariffs says why)."""
+        return f"""
+            WITH legs AS (
+                SELECT alert_id, answered,
+                    CASE WHEN answered THEN coalesce(talk_s, 0) / 60.0 ELSE 0 END AS minutes,
+                    CASE WHEN NOT answered THEN NULL
+                        WHEN coalesce(forward, '') <> '' THEN forward
+                        ELSE callee END AS number
+                FROM ({calls})
+            ),
+            numbers AS ({e164_query("SELECT DISTINCT number FROM legs", self._plan)}),
+            priced AS (
+                SELECT n.number, arg_max(t.prefix, length(t.prefix)) AS prefix,
+                    arg_max(t.rate, length(t.prefix)) AS rate,
+                    arg_max(t.name, length(t.prefix)) AS name
+                FROM numbers n CROSS JOIN tariff_lengths l
+                JOIN tariff_rates t ON t.prefix = left(n.digits, l.digits)
+                WHERE n.digits IS NOT NULL
+                GROUP BY n.number
+            )
+            SELECT legs.alert_id, legs.answered, legs.minutes, priced.prefix, priced.rate,
+                priced.name
+            FROM legs LEFT JOIN priced USING (number)"""
+
+    def _refresh_exposure(self, max_age_s: float) -> None:
+        """`current_exposure` (alert_id, exposure, unpriced_minutes, settled) for every
+        alert, brought up to date when a file of `alerts` or `calls` changed, looked
+        for at most every `max_age_s`. Only the alerts not settled yet are counted
+        again: an alert is settled once every evidence call is in `calls`, or a day
+        after its window (a call still missing then is lost, not in progress); so a
+        live lake writer's new files cost the recent alerts' recount, not all of them
+        (the figures: bench/README.md, "Console")."""
+        now = time.monotonic()
+        if self._exposure_stamp is not None and now - self._exposure_checked < max_age_s:
+            return
+        with self._exposure_lock:
+            if self._exposure_stamp is not None and now - self._exposure_checked < max_age_s:
+                return
+            stamp = self._stamp(EXPOSURE_TABLES)
+            if stamp != self._exposure_stamp:
+                with self._lock:
+                    cursor = self._con.cursor()
+                try:
+                    self._count_exposure(cursor)
+                finally:
+                    cursor.close()
+                self._exposure_stamp = stamp
+            self._exposure_checked = time.monotonic()
+
+    def _count_exposure(self, cursor: duckdb.DuckDBPyConnection) -> None:
+        cursor.execute(
+            "CREATE TABLE IF NOT EXISTS current_exposure (alert_id VARCHAR PRIMARY KEY, "
+            "exposure DOUBLE, unpriced_minutes DOUBLE, settled BOOLEAN)"
+        )
+        cursor.execute(
+            "CREATE OR REPLACE TEMP TABLE exposure_pending AS "
+            "SELECT alert_id, evidence, window_start, window_end FROM alerts "
+            "WHERE alert_id NOT IN (SELECT alert_id FROM current_exposure WHERE settled)"
+        )
+        first, last, newest = cursor.execute(
+            "SELECT min(window_start) - INTERVAL 1 DAY, max(window_end), "
+            "(SELECT max(started_at) FROM calls) FROM exposure_pending"
+        ).fetchall()[0]
+        if first is None:
+            return
+        legs = self._legs_sql(
+            "SELECT alert_id, unnest(evidence) AS call_id, "
+            "window_start - INTERVAL 1 DAY AS first, window_end AS last FROM exposure_pending"
+        )
+        # One transaction: a page never sees the recounted alerts missing.
+        cursor.execute("BEGIN TRANSACTION")
+        try:
+            cursor.execute(
+                "DELETE FROM current_exposure WHERE alert_id IN "
+                "(SELECT alert_id FROM exposure_pending)"
+            )
+            cursor.execute(
+                "INSERT OR REPLACE INTO current_exposure "
+                "SELECT p.alert_id, coalesce(x.exposure, 0), coalesce(x.unpriced, 0), "
+                "coalesce(x.found, 0) >= len(p.evidence) "
+                "OR p.window_end < ?::TIMESTAMPTZ - INTERVAL 1 DAY "
+                "FROM exposure_pending p LEFT JOIN ("
+                "SELECT alert_id, sum(minutes * coalesce(rate, 0)) AS exposure, "
+                "sum(minutes) FILTER (answered AND prefix IS NULL) AS unpriced, "
+                f"count(*) AS found FROM ({legs}) GROUP BY alert_id) x USING (alert_id)",
+                [newest, first, last],
+            )
+            cursor.execute("COMMIT")
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
+        self._exposure_made += 1
+
+    def _priced_alerts(self) -> None:
+        """`priced_alerts`: `current_alerts` with each alert's exposure, made again when
+        either table was. A page reads it alone: the join at every request was most
+        of a queue page's time (bench/README.md, "Console")."""
+        self._refresh()
+        self._refresh_exposure(self.exposure_max_age_s)
+        made = (self._current_made, self._exposure_made)
+        if made == self._priced_from:
+            return
+        with self._refresh_lock:
+            with self._lock:
+                cursor = self._con.cursor()
+            try:
+                cursor.execute(
+                    "CREATE OR REPLACE TABLE priced_alerts AS SELECT a.*, x.exposure, "
+                    "x.unpriced_minutes FROM current_alerts a "
+                    "LEFT JOIN current_exposure x USING (alert_id)"
+                )
+            finally:
+                cursor.close()
+            self._priced_from = made
+
+    def exposure_of(self, calls: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The exposure of an alert's evidence `calls` (as `evidence` gives them) by
+        tariff prefix (prefix None: the answered minutes no tariff covers), priced
+        in DuckDB as the queue's are, without reading the lake again."""
+        if self.tariffs is None:
+            return []
+        priced = self._priced_sql(
+            "SELECT '' AS alert_id, unnest(?::VARCHAR[]) = 'answered' AS answered, "
+            "unnest(?::DOUBLE[]) AS talk_s, unnest(?::VARCHAR[]) AS forward, "
+            "unnest(?::VARCHAR[]) AS callee"
+        )
+        columns = ("prefix", "name", "rate", "calls", "minutes", "exposure")
+        return self.dicts(
+            columns,
+            "SELECT prefix, any_value(name), any_value(rate), count(*), sum(minutes), "
+            f"sum(minutes * coalesce(rate, 0)) FROM ({priced}) WHERE answered "
+            "GROUP BY prefix ORDER BY 6 DESC, prefix NULLS LAST",
+            [[c[key] for c in calls] for key in ("outcome", "talk_s", "forward", "callee")],
+        )
+
     # -- the queue ----------------------------------------------------------------------
 
-    def queue(self, chosen: QueueFilter, limit: int = 200) -> list[dict[str, Any]]:
-        """Alerts by severity (critical first), then newest first."""
+    def _ordered(
+        self, columns: Sequence[str], chosen: QueueFilter, order: str, limit: int, sort: str
+    ) -> list[dict[str, Any]]:
         where, params = chosen.where()
+        if self.tariffs is not None:
+            try:
+                self._priced_alerts()
+            except duckdb.Error as error:
+                raise LakeViewError(f"cannot read the lake: {_first_line(error)}") from None
+            return self.dicts(
+                (*columns, "exposure", "unpriced_minutes"),
+                f"SELECT {', '.join(columns)}, exposure, unpriced_minutes "
+                f"FROM priced_alerts {where} "
+                f"ORDER BY {'coalesce(exposure, 0) DESC, ' if sort == 'exposure' else ''}"
+                f"{order} LIMIT {max(0, int(limit))}",
+                params,
+            )
         return self.dicts(
-            QUEUE_PAGE_COLUMNS,
-            f"SELECT {', '.join(QUEUE_PAGE_COLUMNS)} FROM current_alerts {where} "
-            f"ORDER BY severity_rank, raised_at DESC, alert_id LIMIT {max(0, int(limit))}",
+            columns,
+            f"SELECT {', '.join(columns)} FROM current_alerts {where} "
+            f"ORDER BY {order} LIMIT {max(0, int(limit))}",
             params,
         )
 
-    def newest_first(self, chosen: QueueFilter, limit: int) -> list[dict[str, Any]]:
-        where, params = chosen.where()
-        return self.dicts(
-            QUEUE_COLUMNS,
-            f"SELECT {', '.join(QUEUE_COLUMNS)} FROM current_alerts {where} "
-            f"ORDER BY raised_at DESC, alert_id LIMIT {max(0, int(limit))}",
-            params,
+    def queue(
+        self,
+        chosen: QueueFilter,
+        limit: int = 200,
+        sort: str = "severity",
+        columns: Sequence[str] = QUEUE_PAGE_COLUMNS,
+    ) -> list[dict[str, Any]]:
+        """Alerts by severity (critical first), then newest first; or, with `sort`
+        "exposure", by estimated exposure first. With a tariff list each alert has its
+        `exposure` and `unpriced_minutes` (None: its alert is newer than the estimate)."""
+        return self._ordered(
+            columns, chosen, "severity_rank, raised_at DESC, alert_id", limit, sort
         )
+
+    def newest_first(
+        self, chosen: QueueFilter, limit: int, sort: str = "time"
+    ) -> list[dict[str, Any]]:
+        return self._ordered(QUEUE_COLUMNS, chosen, "raised_at DESC, alert_id", limit, sort)
 
     def status_counts(self, chosen: QueueFilter) -> dict[str, int]:
         """Alerts per status under every filter but the status."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,15 +36,17 @@ from markupsafe import Markup, escape
 from pydantic import BaseModel, Field
 from starlette.middleware.sessions import SessionMiddleware
 
-from engine.alerts.actions import ActionError, ActionRequest, NoActions, open_book
-from engine.alerts.actions import approve as approve_action
-from engine.alerts.actions import reject as reject_action
+from engine.alerts.actionbook import ActionError, ActionRequest, NoActions, open_book
+from engine.alerts.actionbook import approve as approve_action
+from engine.alerts.actionbook import reject as reject_action
 from engine.alerts.outbox import OutboxError
 from engine.console.accounts import Account, Accounts, accounts_path
 from engine.console.chart import Band, bar_chart
 from engine.console.lakeview import (
     ENTITY_TYPES,
+    QUEUE_COLUMNS,
     SEVERITIES,
+    SORTS,
     LakeView,
     LakeViewError,
     QueueFilter,
@@ -51,6 +54,7 @@ from engine.console.lakeview import (
 )
 from engine.console.safety import HEADERS, LoginThrottle, csrf_matches, new_csrf_token
 from engine.core.text import shown
+from engine.detect.exceptionfiles import exception_in_force
 from engine.lake.review_status import STATUSES, status_named
 from engine.lake.reviews import ReviewError, add_reviews, assign_alerts
 
@@ -200,6 +204,23 @@ def queue_filter(params: Any) -> QueueFilter:
     )
 
 
+def queue_sort(params: Any, view: LakeView, default: str, choices: tuple[str, ...]) -> str:
+    """The order asked for: one of `choices`; "exposure" only with a tariff list."""
+    sort = (params.get("sort") or default).strip()
+    if sort not in choices:
+        raise BadRequest(f"sort {sort!r} is not one of {', '.join(choices)}")
+    if sort == "exposure" and view.tariffs is None:
+        raise BadRequest(
+            "sorting by exposure needs a tariff list (callsentry console --tariffs FILE, "
+            "or the setting console.tariffs)"
+        )
+    return sort
+
+
+def _money(value: Any) -> str:
+    return "" if value is None else f"{value:,.2f}"
+
+
 def traffic_chart(view: LakeView, alert: dict[str, Any], window_s: int | None) -> Any:
     """The entity's calls around the alert as the rule counts them: at each step, the
     calls started within the rule's window before it (a sliding count, in the unit of
@@ -294,6 +315,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
     env.finalize = _shown_text
     env.filters["when"] = _when
     env.filters["number"] = _number
+    env.filters["money"] = _money
     env.filters["lines"] = _lines
 
     @app.middleware("http")
@@ -440,9 +462,12 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
 
     def queue_values(request: Request) -> dict[str, Any]:
         chosen = queue_filter(request.query_params)
+        sort = queue_sort(request.query_params, console.view, "severity", SORTS)
         return {
             "chosen": chosen,
-            "alerts": console.view.queue(chosen, QUEUE_LIMIT),
+            "sort": sort,
+            "tariffs": console.view.tariffs,
+            "alerts": console.view.queue(chosen, QUEUE_LIMIT, sort),
             "counts": console.view.status_counts(chosen),
             "choices": {
                 "rules": console.view.rule_ids(),
@@ -546,16 +571,22 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
                 if a["alert_id"] != alert["alert_id"]
             ]
             rule = console.rules.rules.get(alert["rule_id"])
+            calls = console.view.evidence(alert)
             values = {
                 "alert": alert,
                 "rule": rule,
-                "calls": console.view.evidence(alert),
+                "calls": calls,
+                "tariffs": console.view.tariffs,
+                "exposure": console.view.exposure_of(calls),
                 "chart": traffic_chart(console.view, alert, rule.window_s if rule else None),
                 "earlier": earlier,
                 "reviews": console.view.reviews([alert["alert_id"]]),
                 "assignments": console.view.assignments(alert["alert_id"]),
                 "users": sorted(console.accounts().users),
                 "flash": request.session.pop("flash", ""),
+                "exception": exception_in_force(
+                    console.rules.folder, alert["rule_id"], alert["entity"], time.time()
+                ),
             }
         except LakeViewError as error:
             return problem(request, account, str(error), 503)
@@ -743,20 +774,31 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
         rule: str = "",
         entity: str = "",
         limit: int = 100,
+        sort: str = "time",
     ) -> Any:
         """`{"alerts": [...]}` with the `alerts_current` columns, newest first; `status=all`
-        for every alert; `severity` and `rule` may be given more than once."""
+        for every alert; `severity` and `rule` may be given more than once. With a tariff
+        list each alert has `exposure` (in `currency`) and `unpriced_minutes`, and
+        `sort=exposure` puts the largest exposure first (`sort=severity`: the queue's
+        order, critical first)."""
         if api_account(request) is None:
             return unauthorized()
         try:
             chosen = queue_filter(request.query_params)
+            order = queue_sort(request.query_params, console.view, "time", ("time", *SORTS))
         except BadRequest as error:
             return JSONResponse({"detail": str(error)}, status_code=400)
         limit = max(1, min(API_LIMIT_MAX, limit))
         try:
-            rows = console.view.newest_first(chosen, limit)
+            if order == "severity":
+                rows = console.view.queue(chosen, limit, order, columns=QUEUE_COLUMNS)
+            else:
+                rows = console.view.newest_first(chosen, limit, order)
         except LakeViewError as error:
             return JSONResponse({"detail": str(error)}, status_code=503)
+        tariffs = console.view.tariffs
+        if tariffs is not None:
+            return {"alerts": _json(rows), "currency": tariffs.currency}
         return {"alerts": _json(rows)}
 
     @app.get("/api/alerts/{alert_id}", summary="One alert with its evidence calls and reviews")
@@ -769,6 +811,14 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
                 return JSONResponse({"detail": f"no alert {alert_id!r}"}, status_code=404)
             alert["calls"] = console.view.evidence(alert)
             alert["reviews"] = console.view.reviews([alert_id])
+            if console.view.tariffs is not None:
+                breakdown = console.view.exposure_of(alert["calls"])
+                alert["exposure"] = sum(part["exposure"] for part in breakdown)
+                alert["unpriced_minutes"] = sum(
+                    part["minutes"] for part in breakdown if part["prefix"] is None
+                )
+                alert["exposure_by_prefix"] = breakdown
+                alert["currency"] = console.view.tariffs.currency
         except LakeViewError as error:
             return JSONResponse({"detail": str(error)}, status_code=503)
         return _json(alert)

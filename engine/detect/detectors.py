@@ -72,6 +72,8 @@ class ModelCatalogue:
     tracked: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     disabled: frozenset[str] = frozenset()
     problems: tuple[str, ...] = ()
+    # What each model (enabled or not) alerts about: its alerts' entity_type.
+    kinds: Mapping[str, str] = field(default_factory=dict)
 
 
 class Models(Protocol):

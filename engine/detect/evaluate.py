@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, cast
 
 from engine.detect.aggregates import Aggregate, Comparison, Concurrent, Numerator, aggregate
@@ -265,10 +266,16 @@ class CompiledRule:
         # How far behind an entity's place in the least-recently-used order may fall
         # before a call moves it to the end (see `evaluate`).
         self.touch_s = self.window_s / 8
-        self.exceptions: list[tuple[frozenset[str], date | None]] = [
-            (frozenset(e.values) | (lists[e.list_] if e.list_ else frozenset()), e.expires)
-            for e in spec.exceptions
-        ]
+        # Until when (event time, exclusive) each excepted entity raises nothing: the
+        # rule's inline exceptions (an `expires` date holds through its day, UTC), and
+        # those of the exception files (`except_entity`), the longest one per entity.
+        self.excepted_until: dict[str, float] = {}
+        for exception in spec.exceptions:
+            until = _day_after(exception.expires)
+            for value in exception.values:
+                self.except_entity(value, until)
+            for value in lists[exception.list_] if exception.list_ else ():
+                self.except_entity(value, until)
         self.state: KeyedState[EntityState] = KeyedState(max_keys)
         # Set by the rule set when the rule has a `model:` or `behaviour:` condition.
         self.gate: Callable[[Call], bool] | None = None
@@ -296,12 +303,14 @@ class CompiledRule:
         self.state = other.state
         self.started_at = other.started_at
 
+    def except_entity(self, entity: str, until: float) -> None:
+        """`entity` raises nothing before event time `until` (inf: ever)."""
+        if until > self.excepted_until.get(entity, -math.inf):
+            self.excepted_until[entity] = until
+
     def excepted(self, entity: str, ts: float) -> bool:
-        today = datetime.fromtimestamp(ts, tz=UTC).date() if self.exceptions else None
-        for values, expires in self.exceptions:
-            if entity in values and (expires is None or (today is not None and today <= expires)):
-                return True
-        return False
+        until = self.excepted_until.get(entity)
+        return until is not None and ts < until
 
     def evaluate(
         self,
@@ -426,6 +435,14 @@ class RuleGroup:
             if rule.started_at is None:
                 rule.started_at = ts
         self.unstarted = []
+
+
+def _day_after(expires: date | None) -> float:
+    """The event time an inline exception stops at: the midnight (UTC) after `expires`."""
+    if expires is None:
+        return math.inf
+    following = expires + timedelta(days=1)
+    return datetime(following.year, following.month, following.day, tzinfo=UTC).timestamp()
 
 
 def _logic_hash(spec: RuleSpec) -> str:

@@ -229,6 +229,8 @@ class Pipeline:
         output.alerts.append(feed.alert(last, self._feed_due))
 
     def _raise_model(self, finding: ModelFinding, output: Output) -> None:
+        if self.rules.model_excepted(finding.model_id, finding.entity, finding.raised_at):
+            return
         alert = self.alerts.offer_model(finding)
         if alert is not None:
             output.alerts.append(alert)

@@ -6,6 +6,7 @@ engine.detect.evaluate; their names used elsewhere are exported from here too.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +16,13 @@ from engine.detect.calls import Call
 from engine.detect.conduct import BOUNDS, MEASURES, BehaviourGate, BehaviourTest, ConductLedger
 from engine.detect.detectors import ModelCatalogue, Models, NoModels
 from engine.detect.evaluate import CompiledRule, Finding, RuleGroup
+from engine.detect.exceptionfiles import (
+    EntityException,
+    check_exceptions,
+    covering,
+    exceptions_dir,
+    read_exception_files,
+)
 from engine.detect.schema import Behaviour, ListSpec, ModelGate, RuleSpec
 
 
@@ -40,10 +48,15 @@ class RuleSet:
     rules: list[CompiledRule] = field(default_factory=list)
     lists: dict[str, frozenset[str]] = field(default_factory=dict)
     models: Models = field(default_factory=NoModels)
+    # The exception files' exceptions (engine.detect.exceptionfiles): a rule's are
+    # handed to the rule, a model's are asked by the pipeline (`model_excepted`).
+    exceptions: tuple[EntityException, ...] = ()
     # Callers' conduct, kept when some rule has `behaviour:` (engine.detect.conduct).
     conduct: ConductLedger | None = None
 
     def __post_init__(self) -> None:
+        by_id = self.by_id()
+        self._model_until: dict[tuple[str, str], float] = {}
         behaving = [rule for rule in self.rules if rule.spec.behaviour is not None]
         if behaving and self.conduct is None:
             self.conduct = ConductLedger(max(rule.state.max_keys for rule in behaving))
@@ -60,6 +73,23 @@ class RuleSet:
                 else:
                     gates.append(behaviour)
             rule.gate = gates[0] if len(gates) == 1 else _all_of(gates) if gates else None
+        for exception in self.exceptions:
+            if exception.detector == "rule":
+                excepted = by_id.get(exception.source)
+                if excepted is not None:
+                    excepted.except_entity(exception.entity, exception.until)
+            else:
+                key = (exception.source, exception.entity)
+                self._model_until[key] = max(exception.until, self._model_until.get(key, -math.inf))
+
+    def model_excepted(self, model_id: str, entity: str, ts: float) -> bool:
+        """Whether an exception file holds `entity` out of `model_id`'s alerts at `ts`."""
+        until = self._model_until.get((model_id, entity))
+        return until is not None and ts < until
+
+    def exception_for(self, source: str, entity: str, ts: float) -> EntityException | None:
+        """The exception file's exception that holds `entity` out of `source` at `ts`."""
+        return covering(self.exceptions, source, entity, ts)
 
     def by_id(self) -> dict[str, CompiledRule]:
         return {rule.id: rule for rule in self.rules}
@@ -106,8 +136,11 @@ class LoadedRules:
 
     def with_models(self, models: Models) -> LoadedRules:
         """These rules with `models` running beside them, their gates asking them."""
-        rules = RuleSet(self.rules.rules, self.rules.lists, models, self.rules.conduct)
-        return replace(self, rules=rules)
+        rules = self.rules
+        return replace(
+            self,
+            rules=RuleSet(rules.rules, rules.lists, models, rules.exceptions, rules.conduct),
+        )
 
 
 def rule_files(path: Path) -> list[Path]:
@@ -175,6 +208,13 @@ def load_rules(
         raise YamlFileError([f"{path}: no such rule file or folder{where}"])
     lists = load_lists(_lists_dir(path), problems)
     specs = parse_files_with_ids(rule_files(path), RuleSpec, problems, "rule")
+    exceptions, exception_problems = check_exceptions(
+        read_exception_files(exceptions_dir(path), problems),
+        {spec.id: spec.aggregate.entity_type for spec, _ in specs},
+        dict(models.kinds) if models is not None else None,
+        partial=path.is_file(),
+    )
+    problems.extend(exception_problems)
     for spec, document in specs:
         for name in _list_references(spec):
             if name not in lists:
@@ -196,7 +236,7 @@ def load_rules(
         compiled.append(
             CompiledRule(spec, lists, source=str(document.path), version=version, max_keys=max_keys)
         )
-    return LoadedRules(RuleSet(compiled, lists), specs, models)
+    return LoadedRules(RuleSet(compiled, lists, exceptions=tuple(exceptions)), specs, models)
 
 
 def _gate_problems(gate: ModelGate, document: YamlDocument, models: ModelCatalogue) -> list[str]:

@@ -120,7 +120,7 @@ REVIEW_SCHEMA: dict[str, Any] = {
     "reviewer": pl.String,
     "reviewed_at": pl.Datetime("us", "UTC"),
 }
-# The actions' audit trail (engine.alerts.actions keeps it; the lake writer copies it
+# The actions' audit trail (engine.alerts.actionbook keeps it; the lake writer copies it
 # here in files named after the trail's sequence numbers, act-FIRST-LAST).
 ACTION_SCHEMA: dict[str, Any] = {
     "seq": pl.Int64,

@@ -123,6 +123,18 @@ def _find(lake: Lake, alert_id: str) -> tuple[Any, ...]:
     return rows[0]
 
 
+def alert_subject(data_dir: Path, alert_id: str) -> dict[str, Any]:
+    """What an alert (its id, or an unambiguous start of it) is about: its id, rule_id,
+    detector, entity_type, entity, raised_at and latest review status."""
+    lake = _lake(data_dir)
+    full_id = _find(lake, alert_id)[0]
+    keys = ("alert_id", "rule_id", "detector", "entity_type", "entity", "raised_at", "status")
+    rows = _query(
+        lake, f"SELECT {', '.join(keys)} FROM alerts_current WHERE alert_id = ?", [full_id]
+    )
+    return dict(zip(keys, rows[0], strict=True))
+
+
 def show_alert(data_dir: Path, alert_id: str) -> list[str]:
     lake = _lake(data_dir)
     (

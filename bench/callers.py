@@ -141,7 +141,9 @@ def run(seed: int, hours: float, rules: Path | None) -> dict[str, Any]:
         alerts.extend(pipeline.feed(events[at : at + 20_000]).alerts)
     alerts.extend(pipeline.advance(events[-1].ts + 86_400).alerts)
     took = time.perf_counter() - began
-    caller_alerts = [a for a in alerts if a.entity_type == "caller"]
+    # Alerts only: a shadow rule's are recorded, never notified.
+    caller_alerts = [a for a in alerts if a.entity_type == "caller" and a.mode == "alert"]
+    shadow = [a for a in alerts if a.entity_type == "caller" and a.mode != "alert"]
     benign = {label.entity for label in generated.labels if not label.must_alert}
     benign |= {caller for caller, _ in drawn.pbxs}
     incidents = {label.entity: label for label in generated.labels if label.must_alert}
@@ -154,6 +156,7 @@ def run(seed: int, hours: float, rules: Path | None) -> dict[str, Any]:
             if a.entity == label.entity and label.start <= a.raised_at <= label.end + 3600
         ]
         result[family] = round(min(hits) - label.start, 1) if hits else None
+    result["shadow_alerts"] = sorted(f"{a.rule_id}:{a.entity}" for a in shadow)
     result["lookalike_alerts"] = sorted(
         f"{a.rule_id}:{a.entity}" for a in caller_alerts if a.entity in benign
     )

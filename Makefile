@@ -74,7 +74,8 @@ bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/replay.py --rounds 5
 	$(BIN)/python bench/stream.py --rounds 3
-	$(BIN)/python bench/detection.py
+	$(BIN)/python bench/detection.py --seeds 10
+	$(BIN)/python bench/detection.py --scenarios data/scenarios
 	$(BIN)/python bench/console.py
 
 # Faults at length (kills, loss, a full disk, the fuzz targets' long budgets): about an

@@ -442,7 +442,43 @@ def load_tariff_file(data: bytes) -> None:
                 raise Escape(f"a tariff list loaded {tariff!r} from {data[:300]!r}")
 
 
-_SCENARIOS = sorted((ROOT / "data" / "scenarios").glob("*.yaml"))
+_SCENARIOS = sorted((ROOT / "data" / "scenarios").glob("*.yaml")) + sorted(
+    (ROOT / "data" / "scenarios" / "variety").glob("*.yaml")
+)
+_range_ends = st.one_of(
+    st.integers(-5, 10**6), st.floats(-10, 1e6), st.sampled_from(["5s", "1h", "-1", "x", ""])
+)
+_ranges = st.one_of(
+    st.builds(lambda a, b: {"between": [a, b]}, _range_ends, _range_ends),
+    st.builds(lambda a, b: {"between": sorted([a, b])}, st.integers(0, 500), st.integers(0, 500)),
+    st.builds(lambda values: {"one_of": values}, st.lists(_yaml_scalars, max_size=3)),
+    st.dictionaries(st.sampled_from(["between", "one_of", "other"]), _yaml_values, max_size=2),
+)
+
+
+def _ranged(document: Any, draw: st.DrawFn) -> Any:
+    """A scenario with a few values (of its benign traffic, of an incident, at the top,
+    an incident's `repeat`) written as ranges, well or badly formed."""
+    if not isinstance(document, dict):
+        return document
+    out = dict(document)
+    for _ in range(draw(st.integers(0, 3))):
+        where = draw(st.sampled_from(["top", "benign", "incident"]))
+        if where == "top":
+            target = out
+        elif where == "benign" and isinstance(out.get("benign"), dict):
+            target = out["benign"] = dict(out["benign"])
+        elif isinstance(out.get("incidents"), list) and out["incidents"]:
+            incidents = out["incidents"] = list(out["incidents"])
+            index = draw(st.integers(0, len(incidents) - 1))
+            if not isinstance(incidents[index], dict):
+                continue
+            target = incidents[index] = dict(incidents[index])
+        else:
+            continue
+        key = draw(st.sampled_from([*sorted(target, key=str), "repeat"]))
+        target[key] = draw(_ranges)
+    return out
 
 
 @st.composite
@@ -451,20 +487,22 @@ def scenario_files(draw: st.DrawFn) -> bytes:
         return draw(st.binary(max_size=800))
     source = draw(st.sampled_from(_SCENARIOS))
     document = yaml.safe_load(source.read_text(encoding="utf-8"))
-    return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
+    document = _ranged(_mutated(document, draw), draw)
+    return yaml.safe_dump(document, allow_unicode=True).encode()
 
 
 def load_scenario_file(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "scenario.yaml"
         path.write_bytes(data)
-        try:
-            scenario = load_scenario(path)
-        except YamlFileError as error:
-            _located(error, path)
-            return
-        except Exception as error:
-            raise Escape(f"loading a scenario raised {error!r} on {data[:300]!r}") from error
+        for seed in (None, 2):
+            try:
+                scenario = load_scenario(path, seed)
+            except YamlFileError as error:
+                _located(error, path)
+                return
+            except Exception as error:
+                raise Escape(f"loading a scenario raised {error!r} on {data[:300]!r}") from error
         if scenario.duration > 6 * 3600:
             return  # valid, but too long to generate inside a fuzz run
 

@@ -482,3 +482,20 @@ def test_a_bad_behaviour_is_one_line_with_its_file_and_line(
     outcome = _run([*command, str(rules)], "bad behaviour", tmp_path)
     assert outcome.code != 0 and "Traceback" not in outcome.stderr
     assert f"{rules / 'r.yaml'}:6" in outcome.stderr and expected in outcome.stderr, outcome.stderr
+
+
+def test_simulate_with_a_bad_range_says_where_in_one_line(tmp_path: Path) -> None:
+    scenario = tmp_path / "ranged.yaml"
+    scenario.write_text(
+        "name: ranged\nduration: 1h\nincidents:\n"
+        "  - {id: a, family: wangiri, calls: {between: [80, 15]}}\n",
+        encoding="utf-8",
+    )
+    argv = ["simulate", "--scenario", str(scenario), "--to-file", str(tmp_path / "out")]
+    outcome = _run(argv, "a range whose low end is above its high end", tmp_path)
+    assert outcome.code == 2, outcome
+    assert outcome.stderr == (
+        f"callsentry: {scenario}:4: incidents.0.calls: between [80, 15]: "
+        "the low end is above the high end\n"
+    )
+    assert "Traceback" not in outcome.stdout + outcome.stderr

@@ -169,11 +169,10 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
     events: list[CallEvent]
     if scenario is not None:
         try:
-            spec = load_scenario(scenario)
+            # --seed draws the scenario's ranges too, not only its traffic.
+            spec = load_scenario(scenario, seed)
         except YamlFileError as error:
             raise SimulateError(str(error)) from None
-        if seed is not None:
-            spec = spec.model_copy(update={"seed": seed})
         if options.duration is not None:
             try:
                 duration = parse_duration(options.duration)

@@ -10,13 +10,17 @@ import dataclasses
 import random
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from engine.core.durations import Duration
 from engine.simulator.calls import Call, lognormal, new_call_id
+from engine.simulator.destinations import check_country, check_kind, random_number
 from engine.simulator.traffic import BenignSpec, MenuSpec, Population, benign_call
 
 EntityType = Literal["caller", "menu", "forward", "callee"]
+# A country (ISO 3166 code) a number is drawn from, and the type of that number.
+Country = Annotated[str, AfterValidator(check_country)]
+NumberKind = Annotated[str, AfterValidator(check_kind)]
 
 
 class _Incident(BaseModel):
@@ -30,6 +34,11 @@ class _Incident(BaseModel):
 
     def calls(self, start: float, ctx: Context) -> list[Call]:
         raise NotImplementedError
+
+    def onset(self, start: float, calls: list[Call]) -> float:
+        """When the incident starts, for time to detect: its first call, unless the
+        family says otherwise (a ramp after a quiet history starts with the ramp)."""
+        return min(call.start for call in calls)
 
 
 class Context:
@@ -51,6 +60,9 @@ class Context:
 
     def fresh_number(self, prefix: str, digits: int = 7) -> str:
         return f"{prefix}{self.rng.randrange(10 ** (digits - 1), 10**digits)}"
+
+    def number_of(self, country: str, kind: str) -> str:
+        return random_number(self.rng, country, kind)
 
     def ivr_number(self) -> str:
         return self.rng.choice(self.spec.ivr_numbers)
@@ -87,21 +99,38 @@ def _short_call(
 
 
 class CallbackAbuse(_Incident):
-    """A burst of very short answered calls from one caller."""
+    """A burst of very short answered calls from one caller, or spread over a few
+    callers in one menu (then the menu is the entity to name, unless set)."""
 
     family: Literal["callback_abuse"]
     caller: str | None = None
+    callers: int = Field(default=1, ge=1, le=1000)
     calls_count: int = Field(default=40, ge=1, alias="calls")
     spacing: Duration = 4.0
     talk_min: Duration = 1.0
     talk_max: Duration = 4.0
     menu_id: str | None = None
 
+    @model_validator(mode="after")
+    def _menu_when_spread(self) -> CallbackAbuse:
+        if self.callers > 1 and "entity_type" not in self.model_fields_set:
+            return self.model_copy(update={"entity_type": "menu"})
+        return self
+
     def calls(self, start: float, ctx: Context) -> list[Call]:
-        caller = self.caller or ctx.fresh_number("86139", 8)
+        if self.caller and self.callers == 1:
+            callers = [self.caller]
+        else:
+            callers = [ctx.fresh_number("86139", 8) for _ in range(self.callers)]
         menu = ctx.menu(self.menu_id)
         return [
-            _short_call(ctx, caller, start + n * self.spacing, menu, (self.talk_min, self.talk_max))
+            _short_call(
+                ctx,
+                callers[n % len(callers)],
+                start + n * self.spacing,
+                menu,
+                (self.talk_min, self.talk_max),
+            )
             for n in range(self.calls_count)
         ]
 
@@ -115,10 +144,18 @@ class Wangiri(_Incident):
     spacing: Duration = 3.0
     ring_max: Duration = 3.0
     callee_prefix: str = "86135"
+    # The caller is a number of this country (the one-ring call's origin), when set.
+    caller_country: Country | None = None
+    caller_kind: NumberKind = "any"
 
     def calls(self, start: float, ctx: Context) -> list[Call]:
         rng = ctx.rng
-        caller = self.caller or ctx.fresh_number("88216", 8)
+        if self.caller:
+            caller = self.caller
+        elif self.caller_country:
+            caller = ctx.number_of(self.caller_country, self.caller_kind)
+        else:
+            caller = ctx.fresh_number("88216", 8)
         menu = ctx.menu(None)
         callees = rng.sample(range(10**7, 10**8), self.calls_count)
         return [
@@ -150,12 +187,20 @@ class Irsf(_Incident):
     talk_min: Duration = 480.0
     talk_max: Duration = 1800.0
     menu_id: str | None = None
+    # The forward number is a valid number of this country's plan, when set.
+    forward_country: Country | None = None
+    forward_kind: NumberKind = "any"
 
     def calls(self, start: float, ctx: Context) -> list[Call]:
         rng = ctx.rng
         # +882 16 and seven digits: a range the international networks' plan has (E.164),
         # so the number is a valid one, as the numbers IRSF leases are.
-        forward = self.forward or ctx.fresh_number("+88216", 7)
+        if self.forward:
+            forward = self.forward
+        elif self.forward_country:
+            forward = ctx.number_of(self.forward_country, self.forward_kind)
+        else:
+            forward = ctx.fresh_number("+88216", 7)
         menu = ctx.menu(self.menu_id)
         offsets = sorted(rng.uniform(0, self.over) for _ in range(self.calls_count))
         return [
@@ -285,7 +330,8 @@ class SimultaneousCalls(_Incident):
 
 
 class ForwardRamp(_Incident):
-    """A forward number whose volume climbs slowly (rate rising linearly)."""
+    """A forward number whose volume climbs slowly (rate rising linearly), after an
+    optional quiet history at its starting rate (`history` long, from `at`)."""
 
     family: Literal["forward_ramp"]
     entity_type: EntityType = "forward"
@@ -294,13 +340,24 @@ class ForwardRamp(_Incident):
     rate_start_per_hour: float = Field(default=2.0, gt=0)
     rate_end_per_hour: float = Field(default=60.0, gt=0)
     menu_id: str | None = "4"
+    history: Duration = 0.0
+    # The forward number is a valid number of this country's plan, when set.
+    forward_country: Country | None = None
+    forward_kind: NumberKind = "any"
 
     def calls(self, start: float, ctx: Context) -> list[Call]:
         rng = ctx.rng
-        forward = self.forward or ctx.fresh_number("+37167", 6)
+        if self.forward:
+            forward = self.forward
+        elif self.forward_country:
+            forward = ctx.number_of(self.forward_country, self.forward_kind)
+        else:
+            forward = ctx.fresh_number("+37167", 6)
         menu = ctx.menu(self.menu_id)
         peak = max(self.rate_start_per_hour, self.rate_end_per_hour) / 3600
-        calls, t = [], 0.0
+        times = [start + t for t in poisson_offsets(rng, self.rate_start_per_hour, self.history)]
+        ramp = start + self.history
+        t = 0.0
         while True:
             t += rng.expovariate(peak)
             if t >= self.over:
@@ -311,22 +368,28 @@ class ForwardRamp(_Incident):
             )
             if rng.random() * peak * 3600 > rate:
                 continue
-            calls.append(
-                Call(
-                    new_call_id(rng),
-                    start + t,
-                    ctx.population.pick(rng),
-                    ctx.ivr_number(),
-                    menu.id,
-                    menu.name,
-                    forward,
-                    rng.uniform(1.0, 5.0),
-                    True,
-                    lognormal(rng, 300.0, 0.5, 60.0, 1800.0),
-                    180,
-                )
+            times.append(ramp + t)
+        return [
+            Call(
+                new_call_id(rng),
+                at,
+                ctx.population.pick(rng),
+                ctx.ivr_number(),
+                menu.id,
+                menu.name,
+                forward,
+                rng.uniform(1.0, 5.0),
+                True,
+                lognormal(rng, 300.0, 0.5, 60.0, 1800.0),
+                180,
             )
-        return calls
+            for at in times
+        ]
+
+    def onset(self, start: float, calls: list[Call]) -> float:
+        if self.history:
+            return start + self.history
+        return super().onset(start, calls)
 
 
 class LowAndSlow(_Incident):
@@ -381,20 +444,24 @@ class MarketingCampaign(_Incident):
 
 
 class BusyTrunk(_Incident):
-    """Benign: a company trunk making many ordinary calls."""
+    """Benign: a company trunk or PBX making many ordinary calls (answered at the
+    menus' usual rates, usual talk times), at `calls_per_hour` or one call `every`
+    so many seconds on average."""
 
     family: Literal["busy_trunk"]
     must_alert: bool = False
     caller: str | None = None
     calls_per_hour: float = Field(default=300.0, gt=0)
+    every: Duration | None = Field(default=None, gt=0)
     over: Duration = 7200.0
 
     def calls(self, start: float, ctx: Context) -> list[Call]:
         rng = ctx.rng
         caller = self.caller or ctx.fresh_number("86021", 8)
+        rate = 3600.0 / self.every if self.every else self.calls_per_hour
         return [
             benign_call(ctx.spec, rng.choice(ctx.spec.menus), caller, start + offset, rng)
-            for offset in poisson_offsets(rng, self.calls_per_hour, self.over)
+            for offset in poisson_offsets(rng, rate, self.over)
         ]
 
 

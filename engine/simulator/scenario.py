@@ -8,6 +8,9 @@
     incidents:
       - {id: cb-1, family: callback_abuse, at: 30m, calls: 40}
 
+Any value may be a range drawn from the seed (`{between: [15, 80]}`, `{one_of: [...]}`,
+an incident's `repeat`): see engine.simulator.ranges.
+
 `generate()` gives the reports in event-time order and one label per incident.
 """
 
@@ -17,7 +20,7 @@ import bisect
 import itertools
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +32,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 
 from engine.core.durations import Duration
 from engine.core.events import CallEvent
-from engine.core.yamlfile import YamlFileError, load_yaml, parse_model
+from engine.core.yamlfile import YamlDocument, YamlFileError, load_yaml, parse_model
+from engine.simulator import ranges
 from engine.simulator.calls import Call
 from engine.simulator.incidents import Context, Incident, entity_of
 from engine.simulator.traffic import BenignSpec, generate_benign, iter_benign, make_population
@@ -92,14 +96,147 @@ class Generated:
     calls: int
 
 
-def load_scenario(path: Path) -> Scenario:
+def load_scenario(path: Path, seed: int | None = None) -> Scenario:
+    """The scenario in `path`, its ranges (if any) drawn from `seed` (the file's own
+    `seed` when None). A file with ranges is checked whole before anything is drawn."""
     document = load_yaml(path)
+    if not isinstance(document.data, dict) or not ranges.has_ranges(document.data):
+        scenario = _parse(document)
+        return scenario if seed is None else scenario.model_copy(update={"seed": seed})
+    check_ranges(document)
+    if seed is None:
+        seed = _parse(document, lambda r, loc: r.low_end(), lambda v, loc: 1).seed
+    return _parse(
+        document,
+        lambda r, loc: r.draw(random.Random(f"{seed}:{'.'.join(map(str, loc))}")),
+        lambda v, loc: _copies(v, loc, seed),
+        seed=seed,
+    )
+
+
+def check_ranges(document: YamlDocument) -> None:
+    """YamlFileError unless every range is well formed and the scenario is valid with
+    every range at its low end, at its high end and in its middle."""
+    passes: list[tuple[str, ranges.Choose]] = [
+        ("its low end", lambda r, loc: r.low_end()),
+        ("its high end", lambda r, loc: r.high_end()),
+        ("the middle", lambda r, loc: r.middle()),
+    ]
+    for where, choose in passes:
+        try:
+            _parse(document, choose, _checked_copies)
+        except RangeShapeError:
+            raise
+        except YamlFileError as error:
+            if not ranges.has_ranges(document.data, repeats=False):
+                raise
+            raise YamlFileError(
+                [f"{p} (with every range at {where})" for p in error.problems]
+            ) from None
+
+
+class RangeShapeError(YamlFileError):
+    """A range, a `repeat` or the seed is malformed (whatever is drawn from it)."""
+
+
+def _checked_copies(value: Any, loc: ranges.Loc) -> Any:
+    """For the checks: one copy of a repeated incident, once both ends are valid."""
+    ends = [value]
+    if isinstance(value, dict):
+        try:
+            parsed = ranges.parse_range(value)
+        except ValueError:
+            return value  # reported as a repeat that is no whole number
+        ends = [parsed.low_end(), parsed.high_end()]
+    for end in ends:
+        if isinstance(end, bool) or not isinstance(end, int) or not 0 <= end <= ranges.MAX_REPEAT:
+            return end
+    return 1
+
+
+def _copies(value: Any, loc: ranges.Loc, seed: int) -> Any:
+    if isinstance(value, dict):
+        try:
+            drawn = ranges.parse_range(value)
+        except ValueError:
+            return value
+        return drawn.draw(random.Random(f"{seed}:{'.'.join(map(str, loc))}"))
+    return value
+
+
+def _parse(
+    document: YamlDocument,
+    choose: ranges.Choose | None = None,
+    copies: Callable[[Any, ranges.Loc], Any] | None = None,
+    seed: int | None = None,
+) -> Scenario:
+    """The scenario of `document`, each range replaced by `choose(range, where)` and
+    each repeated incident by `copies(repeat, where)` copies (what the key of a draw
+    names is the incident's id, not its place, so copies elsewhere change nothing)."""
+    if choose is None or copies is None or not isinstance(document.data, dict):
+        try:
+            return parse_model(document, Scenario)
+        except YamlFileError:
+            raise
+        except ValueError as error:
+            raise YamlFileError([f"{document.path}: {error}"]) from None
+    data = document.data
+    problems: list[tuple[ranges.Loc, str]] = []
+    if isinstance(data.get("seed"), dict):
+        problems.append((("seed",), "seed is the draw's seed: a whole number, not a range"))
+    incidents = data.get("incidents")
+    origin: list[int] = []
+    if isinstance(incidents, list):
+        # Problems of `repeat` are at the incident's place in the file, not its copies'.
+        incidents, origin = ranges.expand_repeats(
+            incidents, lambda v, loc: copies(v, _keyed(loc, data["incidents"])), problems
+        )
+    in_file = [f"{document.where(loc)}: {'.'.join(map(str, loc))}: {why}" for loc, why in problems]
+    problems = []
+    top = {key: value for key, value in data.items() if key != "incidents"}
+    drawn = ranges.resolve(top, (), choose, problems)
+    if isinstance(incidents, list):
+        out = []
+        for index, incident in enumerate(incidents):
+            key = incident.get("id", index) if isinstance(incident, dict) else index
+            name = key if isinstance(key, str | int) and not isinstance(key, bool) else index
+
+            def keyed(r: ranges.Range, loc: ranges.Loc, name: str | int = name) -> Any:
+                return choose(r, ("incidents", name, *loc[2:]))
+
+            out.append(ranges.resolve(incident, ("incidents", index), keyed, problems))
+        drawn["incidents"] = out
+    elif "incidents" in data:
+        drawn["incidents"] = incidents
+    if seed is not None:
+        drawn["seed"] = seed
+    # The drawn data, each key on the line of the key it was drawn for.
+    placed = ranges.relocated(document, drawn, origin)
+    if problems or in_file:
+        raise RangeShapeError(
+            in_file
+            + [f"{placed.where(loc)}: {'.'.join(map(str, loc))}: {why}" for loc, why in problems]
+        )
     try:
-        return parse_model(document, Scenario)
-    except YamlFileError:
-        raise
+        return parse_model(placed, Scenario)
+    except YamlFileError as error:
+        if seed is None:
+            raise
+        raise YamlFileError(
+            [f"{p} (values drawn with seed {seed})" for p in error.problems]
+        ) from None
     except ValueError as error:
-        raise YamlFileError([f"{path}: {error}"]) from None
+        raise YamlFileError([f"{document.path}: {error}"]) from None
+
+
+def _keyed(loc: ranges.Loc, incidents: Any) -> ranges.Loc:
+    """The key a repeat's draw is made under: the incident's id, not its place."""
+    index = loc[1]
+    if isinstance(index, int) and isinstance(incidents, list) and index < len(incidents):
+        name = incidents[index].get("id") if isinstance(incidents[index], dict) else None
+        if isinstance(name, str):
+            return ("incidents", name, *loc[2:])
+    return loc
 
 
 def _incidents(scenario: Scenario) -> tuple[list[Call], list[Label]]:
@@ -120,7 +257,7 @@ def _incidents(scenario: Scenario) -> tuple[list[Call], list[Label]]:
                 incident.family,
                 incident.entity_type,
                 entity_of(incident, incident_calls),
-                min(c.start for c in incident_calls),
+                incident.onset(start + incident.at, incident_calls),
                 max(c.end for c in incident_calls),
                 incident.must_alert,
                 [c.call_id for c in incident_calls],

@@ -59,13 +59,21 @@ def _default_menus() -> list[MenuSpec]:
 
 
 class BenignSpec(_Strict):
+    # The afternoon peak's rate; with `swing` set, the day's mean rate instead.
     calls_per_hour: float = Field(default=1500.0, ge=0)
     # Volume at 04:00 relative to the afternoon peak (UTC hours of event time).
     night_factor: float = Field(default=0.25, ge=0, le=1)
+    # The day/night swing around the mean, instead of `night_factor`: 0.4 is +-40 %
+    # (the peak 1.4 times the mean, 04:00 0.6 times).
+    swing: float | None = Field(default=None, ge=0, lt=1)
     callers: int = Field(default=4000, ge=1)
     caller_prefix: str = "86138"
     # Pareto shape of callers' activity: smaller means a heavier tail.
     caller_skew: float = Field(default=1.3, gt=0)
+    # Zipf exponent of callers' activity instead of `caller_skew`: the caller of rank k
+    # places a share proportional to 1 / k**caller_zipf (0.5-0.9: a few callers
+    # place a large share of the calls, most call once or never).
+    caller_zipf: float | None = Field(default=None, gt=0, le=5)
     trunks: int = Field(default=4, ge=0)
     trunk_share: float = Field(default=0.15, ge=0, lt=1)
     trunk_prefix: str = "86010"
@@ -81,6 +89,16 @@ def daily_level(ts: float, night_factor: float) -> float:
     hour = (ts % 86400) / 3600
     day = 0.5 * (1 - math.cos(2 * math.pi * (hour - 4) / 24))
     return night_factor + (1 - night_factor) * day
+
+
+def peak_and_night(spec: BenignSpec) -> tuple[float, float]:
+    """The peak rate (calls/s) and the night factor `daily_level` takes. With a swing
+    s, the night factor is (1 - s) / (1 + s) and the peak (1 + s) times the mean: the
+    daily shape averages (1 + night) / 2, so the mean rate is `calls_per_hour`."""
+    rate = spec.calls_per_hour / 3600.0
+    if spec.swing is None:
+        return rate, spec.night_factor
+    return rate * (1 + spec.swing), (1 - spec.swing) / (1 + spec.swing)
 
 
 @dataclass
@@ -101,7 +119,11 @@ def make_population(spec: BenignSpec, rng: random.Random) -> Population:
     numbers = [
         f"{spec.caller_prefix}{n:0{digits}d}" for n in rng.sample(range(space), spec.callers)
     ]
-    weights = [rng.paretovariate(spec.caller_skew) for _ in numbers]
+    if spec.caller_zipf is not None:
+        # The numbers are in random order: rank k is the k-th of them.
+        weights = [1.0 / (rank + 1) ** spec.caller_zipf for rank in range(len(numbers))]
+    else:
+        weights = [rng.paretovariate(spec.caller_skew) for _ in numbers]
     trunks = [f"{spec.trunk_prefix}{8000 + n:04d}" for n in range(spec.trunks)]
     if trunks and spec.trunk_share > 0:
         # Trunks together take `trunk_share` of the calls.
@@ -166,7 +188,7 @@ def iter_benign(
     need not be held at once)."""
     population = make_population(spec, rng)
     menu_cumulative = list(itertools.accumulate(m.weight for m in spec.menus))
-    peak_rate = spec.calls_per_hour / 3600.0
+    peak_rate, night_factor = peak_and_night(spec)
     if peak_rate <= 0:
         return
     t = start
@@ -175,7 +197,7 @@ def iter_benign(
         t += rng.expovariate(peak_rate)
         if t >= end:
             break
-        if rng.random() > daily_level(t, spec.night_factor):
+        if rng.random() > daily_level(t, night_factor):
             continue
         menu = spec.menus[bisect.bisect(menu_cumulative, rng.random() * menu_cumulative[-1])]
         yield benign_call(spec, menu, population.pick(rng), t, rng)

@@ -10,7 +10,7 @@ setup: $(STAMP)
 
 # The detection's hot path is compiled by mypyc from these sources (setup.py,
 # engine.detect.COMPILED).
-COMPILED := $(foreach m,windows calls fields aggregates evaluate pipeline,engine/detect/$(m).py) \
+COMPILED := $(foreach m,windows calls fields aggregates evaluate pipeline conduct,engine/detect/$(m).py) \
 	models/caller_state.py
 
 $(STAMP): pyproject.toml setup.py $(wildcard engine/ingest/_*.c) $(COMPILED)

@@ -34,6 +34,7 @@ COMPILED = (
     "engine/detect/aggregates.py",
     "engine/detect/evaluate.py",
     "engine/detect/pipeline.py",
+    "engine/detect/conduct.py",
     "models/caller_state.py",
 )
 RECORD = "engine/detect/_compiled.sha256"

@@ -35,8 +35,10 @@ def events_csv(path: Path) -> None:
             moment = (at + timedelta(seconds=offset)).isoformat()
             rows.append(f"{moment},c{number},{serial},{state},{who}")
 
+    # Ordinary callers before the bursts: the short-call rule compares a caller with
+    # callers at large, who must have been seen (engine.detect.conduct).
     for n in range(40):
-        call(start + timedelta(seconds=90 * n), f"86139000{n % 7:05d}", "2", "Balance", 60)
+        call(start + timedelta(seconds=25 * n), f"86139000{n % 7:05d}", "2", "Balance", 60)
     call(start + timedelta(minutes=5), CONTROL_CALLER, "2", "Balance\x07", 30)
     for n in range(20):
         call(start + timedelta(minutes=20, seconds=5 * n), SCRIPT_CALLER, "7", MARKUP_MENU, 2)

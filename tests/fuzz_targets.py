@@ -41,6 +41,7 @@ from engine.core.events import CallEvent, Reject
 from engine.core.yamlfile import YamlFileError
 from engine.detect.numbers import REGIONS, Destinations, NumberPlan
 from engine.detect.rules import load_rules
+from engine.detect.ruletest import run_rule_tests
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.eventfiles import EventFileError, file_parts, read_event_file
 from engine.relay.state import RelayStateError, load_state
@@ -316,6 +317,60 @@ def load_rule_file(data: bytes) -> None:
             _located(error, path)
         except Exception as error:
             raise Escape(f"loading a rule raised {error!r} on {data[:300]!r}") from error
+
+
+_BEHAVING_RULES = [path for path in _SHIPPED_RULES if "\nbehaviour:" in path.read_text("utf-8")]
+_MEASURE_KEYS = [
+    "min_calls",
+    "answered_share",
+    "short_share",
+    "ring_s",
+    "talk_s",
+    "rate",
+    "calls",
+    "seen_s",
+    "unknown",
+]
+_BOUND_KEYS = ["lt", "gt", "below_peers", "above_peers", "below_usual", "above_usual", "le"]
+_numbers = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**12), 10**12)
+
+
+@st.composite
+def behaviour_rule_files(draw: st.DrawFn) -> bytes:
+    """A shipped rule with `behaviour:` whose measures and bounds are drawn."""
+    source = draw(st.sampled_from(_BEHAVING_RULES))
+    document = yaml.safe_load(source.read_text(encoding="utf-8"))
+    bound = st.dictionaries(st.sampled_from(_BOUND_KEYS), _numbers | _yaml_values, max_size=3)
+    document["behaviour"] = draw(
+        st.dictionaries(st.sampled_from(_MEASURE_KEYS), bound | _numbers | _yaml_values, max_size=4)
+        | _yaml_values
+    )
+    if draw(st.booleans()):
+        document["aggregate"]["group_by"] = draw(st.sampled_from(["caller", "menu", ["caller"]]))
+    return yaml.safe_dump(document, allow_unicode=True).encode()
+
+
+def load_and_run_rule_file(data: bytes) -> None:
+    """A rule file loads or is refused with its file; one that loads runs its inline
+    tests (a bound the schema let through must not fail at evaluation)."""
+    with tempfile.TemporaryDirectory() as folder:
+        rules = Path(folder) / "rules"
+        (rules / "lists").mkdir(parents=True)
+        for shipped in (RULES / "lists").glob("*.yaml"):
+            (rules / "lists" / shipped.name).write_bytes(shipped.read_bytes())
+        path = rules / "fuzzed.yaml"
+        path.write_bytes(data)
+        try:
+            loaded = load_rules(rules)
+        except YamlFileError as error:
+            _located(error, path)
+            return
+        except Exception as error:
+            raise Escape(f"loading a rule raised {error!r} on {data[:300]!r}") from error
+        try:
+            run_rule_tests(loaded.rules)
+        except Exception as error:
+            raise Escape(f"running a rule raised {error!r} on {data[:300]!r}") from error
 
 
 _COUNTRY_LIST = RULES / "lists" / "high_risk_countries.yaml"
@@ -1185,6 +1240,7 @@ TARGETS = (
     Target("jsonl", jsonl_files, read_jsonl),
     Target("parquet", parquet_files, read_parquet),
     Target("rule-yaml", rule_files(), load_rule_file),
+    Target("rule-behaviour", behaviour_rule_files(), load_and_run_rule_file),
     Target("list-yaml", list_files(), load_list_file),
     Target("scenario-yaml", scenario_files(), load_scenario_file),
     Target("model-yaml", model_files(), load_model_file),

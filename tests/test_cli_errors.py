@@ -498,6 +498,31 @@ def test_a_bad_forward_model_file_is_listed_at_its_lines_without_a_traceback(
             assert key in located, outcome.stderr
 
 
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    [
+        ("behaviour: {answered_share: {below_peers: -1}}", "behaviour.answered_share.below_peers"),
+        ("behaviour: {seen_s: {above_usual: 2}}", "seen_s is bounded by lt or gt only"),
+        ("behaviour: {answered: {lt: 0.2}}", "behaviour.answered"),
+        ("behaviour: 7", "behaviour"),
+    ],
+)
+@pytest.mark.parametrize("command", [["rules", "validate"], ["rules", "test"]])
+def test_a_bad_behaviour_is_one_line_with_its_file_and_line(
+    tmp_path: Path, behaviour: str, expected: str, command: list[str]
+) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.yaml").write_text(
+        "id: r\ntitle: t\nseverity: high\n"
+        "aggregate: {type: count, group_by: caller, window: 10m}\n"
+        'condition: {op: ">=", threshold: 3}\n' + behaviour + "\n"
+    )
+    outcome = _run([*command, str(rules)], "bad behaviour", tmp_path)
+    assert outcome.code != 0 and "Traceback" not in outcome.stderr
+    assert f"{rules / 'r.yaml'}:6" in outcome.stderr and expected in outcome.stderr, outcome.stderr
+
+
 def test_simulate_with_a_bad_range_says_where_in_one_line(tmp_path: Path) -> None:
     scenario = tmp_path / "ranged.yaml"
     scenario.write_text(

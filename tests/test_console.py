@@ -151,7 +151,7 @@ def test_network_text_is_escaped_in_every_page(console_data: Path) -> None:
     assert client.get("/alerts/zzzz", follow_redirects=False).status_code == 404
     assert "&lt;script&gt;alert(&#39;caller&#39;)&lt;/script&gt;" in alert_page
     assert "&lt;img src=x onerror=alert(&#39;menu&#39;)&gt;" in alert_page
-    assert "<svg" in alert_page and "threshold 15" in alert_page
+    assert "<svg" in alert_page and "threshold 8" in alert_page
     # The rule's file keeps its lines (its text passes shown() line by line).
     assert '<pre class="yaml">id: short-calls-caller\ntitle: ' in alert_page
     # The chart's texts are escaped too (the entity is in its title).
@@ -291,7 +291,7 @@ def test_api_lists_shows_and_reviews_with_a_token(tmp_path: Path) -> None:
     assert {"alert_id", "rule_id", "severity", "status", "assignee"} <= set(listed["alerts"][0])
     alert_id = alert_id_of(data, PLAIN_CALLER)
     one = client.get(f"/api/alerts/{alert_id}", headers=as_reader).json()
-    assert len(one["calls"]) == len(one["evidence"]) == 15
+    assert len(one["calls"]) == len(one["evidence"]) == 8
     assert {c["caller"] for c in one["calls"]} == {PLAIN_CALLER}
     refused = client.post(
         f"/api/alerts/{alert_id}/review",

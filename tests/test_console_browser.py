@@ -151,7 +151,7 @@ def test_a_reviewer_signs_in_opens_an_alert_and_marks_it_false_positive(
     page.locator(f"#queue-rows tr[data-alert-id='{alert_id}'] a").first.click()
     page.wait_for_url(f"{console.url}/alerts/{alert_id}")
     evidence = page.locator("#evidence tbody tr")
-    assert evidence.count() == 15
+    assert evidence.count() == 8
     assert evidence.first.locator("td").nth(2).inner_text() == PLAIN_CALLER
     chart = page.locator("svg.traffic")
     assert chart.is_visible()

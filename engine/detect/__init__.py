@@ -31,6 +31,7 @@ COMPILED = (
     "engine/detect/aggregates.py",
     "engine/detect/evaluate.py",
     "engine/detect/pipeline.py",
+    "engine/detect/conduct.py",
     "models/caller_state.py",
 )
 # Beside this file, written by setup.py: `<sha256>  <source>` for each of COMPILED.

@@ -328,8 +328,14 @@ class CompiledRule:
             for value in lists[exception.list_] if exception.list_ else ():
                 self.except_entity(value, until)
         self.state: KeyedState[EntityState] = KeyedState(max_keys)
-        # Set by the rule set when the rule has a `model:` condition.
+        # Set by the rule set when the rule has a `model:` or `behaviour:` condition.
         self.gate: Callable[[Call], bool] | None = None
+        # A gate asked before the measure rather than after it (the rule set puts a
+        # `behaviour:` here for a `distinct` count, whose measure makes a set of the
+        # window's values, and for `concurrent`, which lists the calls in progress,
+        # while the gate is a lookup): measuring changes nothing, so the order changes
+        # no finding.
+        self.pregate: Callable[[Call], bool] | None = None
 
     @property
     def started_at(self) -> float | None:
@@ -401,6 +407,9 @@ class CompiledRule:
         if state.leave_until(now - self.window_s):
             # A busy entity's window: bounded whatever its rate (engine.detect.windows).
             aggregate.fold(state)
+        pregate = self.pregate
+        if pregate is not None and not pregate(call):
+            return None
         measured = aggregate.measure(state, call)
         if measured is None or not self.condition.holds(measured):
             return None
@@ -423,6 +432,9 @@ class CompiledRule:
         quiet: Quiet,
     ) -> Finding | None:
         if not in_progress.may_hold(tracker, entity):
+            return None
+        pregate = self.pregate
+        if pregate is not None and not pregate(call):
             return None
         # Whether the count could reach the critical bar: an alert at warning then
         # may still escalate, so a quiet entity is asked about at that level.

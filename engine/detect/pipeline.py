@@ -14,6 +14,7 @@ from typing import Any, Final
 from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
+from engine.detect.conduct import ConductLedger
 from engine.detect.detectors import ModelFinding
 from engine.detect.evaluate import Quiet, RuleGroup
 from engine.detect.feed import FeedSilence
@@ -90,6 +91,9 @@ class Pipeline:
             "alerts": self.alerts,
             "rules": {r.id: (r.logic, r.state, r.started_at) for r in self.rules.rules},
             "models": self.rules.models.state(),
+            # Callers' conduct (None: no rule has `behaviour:`); snapshots from before
+            # it have no such key, and the conduct starts cold.
+            "conduct": self.rules.conduct,
             "feed_last": self._feed_last,
             "feed_alerted": self._feed_alerted,
         }
@@ -122,6 +126,10 @@ class Pipeline:
                 rule.state = kept
                 restored.append(rule.id)
         restored.extend(self.rules.models.restore(state["models"]))
+        conduct, saved_conduct = self.rules.conduct, state.get("conduct")
+        if conduct is not None and isinstance(saved_conduct, ConductLedger):
+            conduct.take_over(saved_conduct)
+            restored.append("conduct")
         self._split_rules()  # which rules have started changed
         return restored
 
@@ -130,6 +138,7 @@ class Pipeline:
         tracker = self.tracker
         models = self.rules.models
         has_models = self._has_models = len(models) > 0
+        conduct = self.rules.conduct
         for item in items:
             if type(item) is not _CALL_EVENT:
                 continue
@@ -159,8 +168,12 @@ class Pipeline:
             # Called on the tracker, not through a bound method kept in a local:
             # compiled, that is a direct call rather than a Python one.
             started = tracker.observe(event)
-            if started is not None and self._on_start.rules:
-                self._evaluate(self._on_start, started, ts, output)
+            if started is not None:
+                if conduct is not None:
+                    # Before the rules, as for finished calls.
+                    conduct.started(started)
+                if self._on_start.rules:
+                    self._evaluate(self._on_start, started, ts, output)
         return output
 
     def advance(self, now: float) -> Output:
@@ -178,8 +191,13 @@ class Pipeline:
         finished = self.tracker.advance(self.now)
         has_models = self._has_models
         models = self.rules.models if has_models else None
+        conduct = self.rules.conduct
         for call in finished:
             output.calls.append(call)
+            if conduct is not None:
+                # Before the rules: a rule's `behaviour:` judges the caller's calls
+                # with this one among them.
+                conduct.observe(call)
             self._evaluate(self._on_call, call, call.deadline, output)
             if models is not None:
                 # After the rules: a rule's window holds this call when the model asks
@@ -194,6 +212,8 @@ class Pipeline:
             for rule in self.rules.rules:
                 rule.drop_idle(self.now)
             self.rules.models.drop_idle(self.now)
+            if conduct is not None:
+                conduct.drop_idle(self.now)
             self.alerts.forget_before(self.now)
 
     def _feed_gap(self, now: float, output: Output) -> None:

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, tzinfo
 from pathlib import Path
 
 from engine.core.yamlfile import YamlDocument, YamlFileError, parse_file, parse_files_with_ids
+from engine.detect.calls import Call
+from engine.detect.conduct import BOUNDS, MEASURES, BehaviourGate, BehaviourTest, ConductLedger
 from engine.detect.detectors import ModelCatalogue, Models, NoModels
 from engine.detect.evaluate import CompiledRule, Finding, RuleGroup
 from engine.detect.exceptionfiles import (
@@ -22,7 +25,7 @@ from engine.detect.exceptionfiles import (
     read_exception_files,
 )
 from engine.detect.fields import SiteClock
-from engine.detect.schema import ListSpec, ModelGate, RuleSpec
+from engine.detect.schema import Behaviour, ListSpec, ModelGate, RuleSpec
 
 
 def _list_references(spec: RuleSpec) -> list[str]:
@@ -50,14 +53,28 @@ class RuleSet:
     # The exception files' exceptions (engine.detect.exceptionfiles): a rule's are
     # handed to the rule, a model's are asked by the pipeline (`model_excepted`).
     exceptions: tuple[EntityException, ...] = ()
+    # Callers' conduct, kept when some rule has `behaviour:` (engine.detect.conduct).
+    conduct: ConductLedger | None = None
 
     def __post_init__(self) -> None:
         by_id = self.by_id()
         self._model_until: dict[tuple[str, str], float] = {}
+        behaving = [rule for rule in self.rules if rule.spec.behaviour is not None]
+        if behaving and self.conduct is None:
+            self.conduct = ConductLedger(max(rule.state.max_keys for rule in behaving))
         for rule in self.rules:
-            gate = rule.spec.model
-            if gate is not None:
-                rule.gate = self.models.gate(gate.model, gate.above_quantile)
+            gates: list[Callable[[Call], bool]] = []
+            model = rule.spec.model
+            if model is not None:
+                gates.append(self.models.gate(model.model, model.above_quantile))
+            rule.pregate = None
+            if rule.spec.behaviour is not None and self.conduct is not None:
+                behaviour = behaviour_gate(rule.spec.behaviour, self.conduct)
+                if rule.spec.aggregate.type in ("distinct", "concurrent"):
+                    rule.pregate = behaviour
+                else:
+                    gates.append(behaviour)
+            rule.gate = gates[0] if len(gates) == 1 else _all_of(gates) if gates else None
         for exception in self.exceptions:
             if exception.detector == "rule":
                 excepted = by_id.get(exception.source)
@@ -83,12 +100,33 @@ class RuleSet:
         """Keep window state for rules whose logic did not change; returns their ids."""
         old = previous.by_id()
         kept = self.models.restore(previous.models.state())
+        if self.conduct is not None and previous.conduct is not None:
+            self.conduct.take_over(previous.conduct)
+            kept.append("conduct")
         for rule in self.rules:
             before = old.get(rule.id)
             if before is not None and before.logic == rule.logic:
                 rule.adopt_state(before)
                 kept.append(rule.id)
         return kept
+
+
+def behaviour_gate(behaviour: Behaviour, ledger: ConductLedger) -> BehaviourGate:
+    """The gate a rule's `behaviour:` makes over the callers' conduct in `ledger`."""
+    tests = [
+        BehaviourTest(MEASURES.index(name), kind, float(constant))
+        for name, bound in behaviour.bounds()
+        for kind, key in enumerate(BOUNDS)
+        if (constant := getattr(bound, key)) is not None
+    ]
+    return BehaviourGate(ledger, behaviour.min_calls, tests)
+
+
+def _all_of(gates: list[Callable[[Call], bool]]) -> Callable[[Call], bool]:
+    def gate(call: Call) -> bool:
+        return all(each(call) for each in gates)
+
+    return gate
 
 
 @dataclass
@@ -101,7 +139,10 @@ class LoadedRules:
     def with_models(self, models: Models) -> LoadedRules:
         """These rules with `models` running beside them, their gates asking them."""
         rules = self.rules
-        return replace(self, rules=RuleSet(rules.rules, rules.lists, models, rules.exceptions))
+        return replace(
+            self,
+            rules=RuleSet(rules.rules, rules.lists, models, rules.exceptions, rules.conduct),
+        )
 
 
 def rule_files(path: Path) -> list[Path]:

@@ -338,6 +338,74 @@ class ModelGate(_Strict):
     above_quantile: float = Field(gt=0.5, lt=1)
 
 
+class BehaviourBound(_Strict):
+    """Bounds on one measure of a caller's recent calls (engine.detect.conduct); all
+    given must hold. `below_peers: 0.5`: under half of what callers at large show;
+    `above_usual: 3`: over three times the caller's own usual (its peers' while it is
+    new); `lt`/`gt`: plain bounds."""
+
+    lt: float | None = None
+    gt: float | None = None
+    below_peers: float | None = Field(default=None, gt=0)
+    above_peers: float | None = Field(default=None, gt=0)
+    below_usual: float | None = Field(default=None, gt=0)
+    above_usual: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> BehaviourBound:
+        if all(getattr(self, name) is None for name in type(self).model_fields):
+            raise ValueError(
+                "a behaviour bound needs one of lt, gt, below_peers, above_peers, "
+                "below_usual, above_usual"
+            )
+        return self
+
+
+# The measures of engine.detect.conduct (MEASURES), in its order.
+_MEASURES = ("answered_share", "short_share", "ring_s", "talk_s", "rate", "calls", "seen_s")
+
+
+class Behaviour(_Strict):
+    """What the caller's calls must also look like for the rule to fire (what it
+    does, not how much): bounds on measures of its recent finished calls, all of
+    which must hold, once it has finished `min_calls` calls."""
+
+    min_calls: int = Field(default=3, ge=0, le=1000)
+    answered_share: BehaviourBound | None = None
+    short_share: BehaviourBound | None = None
+    ring_s: BehaviourBound | None = None
+    talk_s: BehaviourBound | None = None
+    rate: BehaviourBound | None = None
+    # Its finished calls so far (a caller first seen has none), and the seconds since
+    # its first call started: plain bounds only.
+    calls: BehaviourBound | None = None
+    seen_s: BehaviourBound | None = None
+
+    def bounds(self) -> list[tuple[str, BehaviourBound]]:
+        """(measure, bounds) for each measure named, in the order of the fields."""
+        found = []
+        for name in _MEASURES:
+            bound = getattr(self, name)
+            if bound is not None:
+                found.append((name, bound))
+        return found
+
+    @model_validator(mode="after")
+    def _check(self) -> Behaviour:
+        if not self.bounds():
+            raise ValueError(f"behaviour names no measure ({', '.join(_MEASURES)})")
+        for name in ("calls", "seen_s"):
+            bound = getattr(self, name)
+            if bound is not None and any(
+                getattr(bound, key) is not None
+                for key in ("below_peers", "above_peers", "below_usual", "above_usual")
+            ):
+                raise ValueError(
+                    f"{name} is bounded by lt or gt only (peers and usual do not apply)"
+                )
+        return self
+
+
 class RuleTest(_Strict):
     name: str = Field(min_length=1)
     calls: list[TestCalls] = Field(min_length=1)
@@ -357,6 +425,7 @@ class RuleSpec(_Strict):
     aggregate: Aggregate
     condition: Condition
     model: ModelGate | None = None
+    behaviour: Behaviour | None = None
     suppression: Suppression = Field(default_factory=Suppression)
     exceptions: list[ExceptionRule] = Field(default_factory=list)
     summary: str | None = None
@@ -379,6 +448,9 @@ class RuleSpec(_Strict):
     def _check(self) -> RuleSpec:
         if self.aggregate.type == "concurrent" and self.on != "call_start":
             raise ValueError("concurrent calls are counted on call_start")
+        if self.behaviour is not None and self.aggregate.entity_names != ("caller",):
+            # Conduct is kept per caller (engine.detect.conduct).
+            raise ValueError("behaviour is judged per caller (group_by: caller)")
         window = self.aggregate.window or 0.0
         if self.suppression.duration < window:
             raise ValueError(

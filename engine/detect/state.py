@@ -23,6 +23,7 @@ from engine.detect.aggregates import (
 )
 from engine.detect.alerts import AlertManager
 from engine.detect.calls import Call, CallTracker, DeadlineQueue, TrackerStats
+from engine.detect.conduct import Conduct, ConductLedger, Peers
 from engine.detect.windows import (
     Bucket,
     CountState,
@@ -179,6 +180,9 @@ register_state_type("new-value-window", NewValueState)
 register_state_type("ew-baseline", EwBaseline)
 register_state_type("folded-window", Folded)
 register_state_type("window-bucket", Bucket)
+register_state_type("conduct-ledger", ConductLedger)
+register_state_type("caller-conduct", Conduct)
+register_state_type("conduct-peers", Peers)
 
 
 def state_type_of(cls: type) -> StateType | None:

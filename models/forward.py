@@ -29,17 +29,24 @@ equals live, and the same events split differently give the same findings.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import statistics
+import sys
 from collections import deque
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from river import drift, stats
+import river
+from river import stats
 
 from engine.detect.calls import Call
 from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
 from models.scoring import AdaptiveThreshold
 from models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from river.drift.page_hinkley import PageHinkley
 
 # The newest call ids a number keeps for an alert's evidence.
 EVIDENCE = 20
@@ -59,8 +66,28 @@ def stabilised(count: int) -> float:
     return 2.0 * math.sqrt(count + 0.375)
 
 
-def new_detector(spec: ModelSpec) -> drift.PageHinkley:
-    return drift.PageHinkley(
+def page_hinkley() -> type[PageHinkley]:
+    """River's PageHinkley class. Its module needs only river.stats and river.base, but
+    `import river.drift` runs the package's __init__, which imports KSWIN and with it
+    scipy.stats: about a second of every replay's start-up. So the module is loaded
+    from its file under its own name (a later `import river.drift` finds it there and
+    uses the same class)."""
+    name = "river.drift.page_hinkley"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(river.__file__).parent / "drift" / "page_hinkley.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    found: type[PageHinkley] = module.PageHinkley
+    return found
+
+
+def new_detector(spec: ModelSpec) -> PageHinkley:
+    return page_hinkley()(
         min_instances=spec.drift.min_instances,
         delta=spec.drift.delta,
         threshold=spec.drift.threshold,
@@ -118,7 +145,7 @@ class ForwardNumber(Rates):
     to 2 KiB besides those ids (tests/test_forward_model.py bounds it at 4 KiB; the
     figures are in bench/README.md), so `max_numbers` bounds the model's memory."""
 
-    def __init__(self, detector: drift.PageHinkley, step_start: float, first_call: float) -> None:
+    def __init__(self, detector: PageHinkley, step_start: float, first_call: float) -> None:
         super().__init__(step_start, first_call)
         # River's detector (typed Any: River's methods are not annotated).
         self.detector: Any = detector
@@ -404,11 +431,11 @@ class ForwardModel:
 # -- which a snapshot may not name; its numbers are written and the method made again.
 
 
-def detector_state(detector: drift.PageHinkley) -> dict[str, Any]:
+def detector_state(detector: PageHinkley) -> dict[str, Any]:
     return {k: v for k, v in vars(detector).items() if k != "_test_drift"}
 
 
-def revive_detector(fields: dict[str, Any]) -> drift.PageHinkley:
-    detector = drift.PageHinkley(mode=fields.get("mode", "up"))
+def revive_detector(fields: dict[str, Any]) -> PageHinkley:
+    detector = page_hinkley()(mode=fields.get("mode", "up"))
     detector.__dict__.update(fields)
     return detector

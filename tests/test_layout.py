@@ -108,3 +108,36 @@ def test_help_and_the_command_line_load_no_lake_or_model_library() -> None:
         [sys.executable, "-m", "engine", "--help"], capture_output=True, text=True, timeout=60
     )
     assert helped.returncode == 0 and "serve" in helped.stdout
+
+
+def test_the_forward_model_loads_page_hinkley_without_rivers_drift_package() -> None:
+    # river.drift's package imports KSWIN and with it scipy.stats: about a second of
+    # the start-up of a replay with a forwarded call (the caller model's anomaly
+    # package loads it later, and only once a caller has enough calls to be scored).
+    script = """
+import json, sys
+from models.forward import page_hinkley
+detector = page_hinkley()(min_instances=3, delta=0.1, threshold=5.0, alpha=1.0, mode="up")
+drifted = False
+for x in [1.0] * 10 + [20.0]:
+    detector.update(x)
+    drifted = drifted or detector.drift_detected
+import river.drift
+print(json.dumps([sorted(sys.modules), drifted,
+                  river.drift.PageHinkley is type(detector)]))
+"""
+    before = subprocess.run(
+        [sys.executable, "-c", script.replace("import river.drift\n", "").replace(
+            "river.drift.PageHinkley is type(detector)", "None")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert before.returncode == 0, before.stderr
+    modules, drifted, _ = json.loads(before.stdout)
+    assert drifted and "river.drift.page_hinkley" in modules
+    assert "river.drift" not in modules and "scipy.stats" not in modules
+    # Whoever imports river.drift later gets the same class.
+    after = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)[2] is True

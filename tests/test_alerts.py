@@ -302,3 +302,20 @@ def test_reviews_stored_under_older_status_names_still_read(
     assert ids[2] in {a["alert_id"] for a in list_alerts(data, "investigating", 100)}
     shown_alert = cli("alerts", "show", ids[0], "--data-dir", str(data))
     assert "status false_positive" in shown_alert.stdout
+
+
+def test_an_alert_id_is_matched_as_text_not_as_a_pattern(
+    reviewed_data: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(reviewed_data, data)
+    first = list_alerts(data, "open", 1)[0]["alert_id"]
+    # `_` and `%` were LIKE wildcards: "x_..." named an alert whose id starts otherwise.
+    for pattern in ("_" + first[1:8], first[:4] + "%", "%", ""):
+        refused = cli(
+            "alerts", "review", pattern, "--status", "confirmed", "--note", "x",
+            "--data-dir", str(data),
+        )  # fmt: skip
+        assert refused.returncode == 1, (pattern, refused.stdout)
+        assert "no alert" in refused.stderr and refused.stderr.count("\n") == 1
+    assert list_alerts(data, "confirmed", 100) == []

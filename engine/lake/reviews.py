@@ -122,11 +122,15 @@ def _find(lake: Lake, alert_id: str) -> tuple[Any, ...]:
         lake,
         "SELECT alert_id, rule_id, rule_version, severity, entity_type, entity, window_start, "
         "window_end, raised_at, value, threshold, summary, evidence, status, level, "
-        "raised_level FROM alerts_current WHERE alert_id = ? OR alert_id LIKE ? || '%'",
-        [alert_id, alert_id],
+        "raised_level FROM alerts_current WHERE starts_with(alert_id, ?)",
+        [alert_id],
     )
-    if not rows:
+    if not rows or not alert_id:
         raise ReviewError(f"no alert {alert_id!r}")
+    # An id is matched as text: `%` and `_` are characters here, not LIKE's wildcards.
+    exact = [row for row in rows if row[0] == alert_id]
+    if exact:
+        return exact[0]
     if len(rows) > 1:
         raise ReviewError(f"{alert_id!r} matches {len(rows)} alerts; give more of the id")
     return rows[0]

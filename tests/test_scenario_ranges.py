@@ -183,6 +183,7 @@ def test_every_family_names_the_entity_its_calls_carry(tmp_path: Path) -> None:
         ("calls: {between: [1.5, 8.5]}", 5, "valid integer"),
         ("calls: {between: [-5, 8]}", 5, "greater than or equal to 1"),
         ("calls: {one_of: [10, {between: [1, 2]}]}", 5, "may not itself be a range"),
+        ("calls: {one_of: [10, -3, 12, 14, 20]}", 5, "with every range at one_of's value 2"),
         ("repeat: {between: [1, 5000]}", 5, "repeat is a whole number from 0 to 1000"),
         ("repeat: two", 5, "repeat is a whole number"),
         ("at: {between: [1h, 3h]}", 1, "after the scenario's"),

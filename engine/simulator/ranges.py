@@ -19,7 +19,8 @@ added to one incident does not change what the others draw.
 
 A file with ranges is checked when it is loaded, so a mistake is found before any
 seed is drawn: the ranges' shape, then the scenario with every range at its low end,
-at its high end, and between (an integer field given fractional ends fails there).
+at its high end, and between (an integer field given fractional ends fails there),
+and with each `one_of` at each of its values.
 Every problem names the file and line (`engine.core.yamlfile`).
 """
 
@@ -64,6 +65,12 @@ class Range:
         if isinstance(self.low, int) and isinstance(self.high, int):
             return (self.low + self.high) // 2
         return (self.low + self.high) / 2
+
+    def value_number(self, n: int) -> Any:
+        """A `one_of`'s value `n` (its last past the end); a `between`'s middle."""
+        if self.kind != "between":
+            return self.values[min(n, len(self.values) - 1)]
+        return self.middle()
 
     def draw(self, rng: random.Random) -> Any:
         if self.kind != "between":
@@ -126,6 +133,18 @@ def has_ranges(node: Any, repeats: bool = True) -> bool:
     if isinstance(node, list):
         return any(has_ranges(item, repeats) for item in node)
     return False
+
+
+def longest_choice(node: Any) -> int:
+    """The most values any `one_of` in `node` offers (0 without one)."""
+    if _is_range(node):
+        values = node.get("one_of")
+        return len(values) if isinstance(values, list) else 0
+    if isinstance(node, dict):
+        return max((longest_choice(value) for value in node.values()), default=0)
+    if isinstance(node, list):
+        return max((longest_choice(item) for item in node), default=0)
+    return 0
 
 
 def resolve(node: Any, loc: Loc, choose: Choose, problems: list[tuple[Loc, str]]) -> Any:

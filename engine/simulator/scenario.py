@@ -116,12 +116,15 @@ def load_scenario(path: Path, seed: int | None = None) -> Scenario:
 
 def check_ranges(document: YamlDocument) -> None:
     """YamlFileError unless every range is well formed and the scenario is valid with
-    every range at its low end, at its high end and in its middle."""
+    every range at its low end, at its high end and in its middle, and with each
+    `one_of` at each of its values (a seed may draw any of them)."""
     passes: list[tuple[str, ranges.Choose]] = [
         ("its low end", lambda r, loc: r.low_end()),
         ("its high end", lambda r, loc: r.high_end()),
         ("the middle", lambda r, loc: r.middle()),
     ]
+    for n in range(1, ranges.longest_choice(document.data) - 1):
+        passes.append((f"one_of's value {n + 1}", _value_number(n)))
     for where, choose in passes:
         try:
             _parse(document, choose, _checked_copies)
@@ -133,6 +136,10 @@ def check_ranges(document: YamlDocument) -> None:
             raise YamlFileError(
                 [f"{p} (with every range at {where})" for p in error.problems]
             ) from None
+
+
+def _value_number(n: int) -> ranges.Choose:
+    return lambda r, loc: r.value_number(n)
 
 
 class RangeShapeError(YamlFileError):

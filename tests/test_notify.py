@@ -22,8 +22,6 @@ from hypothesis import strategies as st
 
 from engine.alerts.notify import (
     DIGEST_PREFIX,
-    SD_ID,
-    AppriseTransport,
     ChannelState,
     NotifyDestination,
     NotifySink,
@@ -31,6 +29,7 @@ from engine.alerts.notify import (
     notify_state_path,
 )
 from engine.alerts.outbox import Courier, Dispatch, Outbox, RetryPolicy, outbox_path
+from engine.alerts.transports import SD_ID, AppriseTransport
 from engine.apps.lakewriter import make_durable_sinks, outbox_destinations
 from engine.apps.settings import ConfigError, load_settings
 from engine.core.text import html_text, markdown_text, shown, syslog_param

@@ -48,8 +48,8 @@ if TYPE_CHECKING:
     from engine.alerts.actionbook import ActionBook
     from engine.alerts.actions import ActionSink
     from engine.alerts.actionspec import ActionSet
-    from engine.alerts.notify import Transport
     from engine.alerts.outbox import Destination
+    from engine.alerts.transports import Transport
     from engine.core.yamlfile import YamlDocument
     from engine.detect.alerts import Alert, AlertSink
     from engine.detect.feed import FeedSilence
@@ -293,7 +293,7 @@ def outbox_destinations(settings: Settings) -> list[Destination]:
 
 def channel_transport(channel: ChannelSettings, timeout_s: float) -> Transport:
     """How a notification channel's messages leave: its Apprise URL, or syslog."""
-    from engine.alerts.notify import AppriseTransport, SyslogTransport
+    from engine.alerts.transports import AppriseTransport, SyslogTransport
     from engine.apps.settings import syslog_target
 
     if channel.syslog:

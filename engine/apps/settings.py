@@ -659,7 +659,7 @@ class ChannelSettings(_Section):
     @field_validator("facility")
     @classmethod
     def _check_facility(cls, value: str) -> str:
-        from engine.alerts.notify import SYSLOG_FACILITIES
+        from engine.alerts.transports import SYSLOG_FACILITIES
 
         if value not in SYSLOG_FACILITIES:
             raise ValueError(f"{value!r} is not a syslog facility ({', '.join(SYSLOG_FACILITIES)})")

@@ -22,7 +22,6 @@ import duckdb
 import pytest
 
 from engine.alerts.outbox import (
-    IDEMPOTENCY_HEADER,
     Courier,
     DeliveryError,
     Dispatch,
@@ -30,9 +29,9 @@ from engine.alerts.outbox import (
     OutboxError,
     OutboxSink,
     RetryPolicy,
-    WebhookDestination,
     outbox_path,
 )
+from engine.alerts.webhook import IDEMPOTENCY_HEADER, WebhookDestination
 from engine.detect.alerts import Alert
 from tests.conftest import make_settings, wait_for
 

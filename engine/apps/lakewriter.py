@@ -265,7 +265,7 @@ def outbox_destinations(settings: Settings) -> list[Destination]:
     """Where deliveries go, by name, as configured (the webhook, when set; each
     notification channel as `notify.NAME`)."""
     from engine.alerts.notify import NotifyDestination
-    from engine.alerts.outbox import WebhookDestination
+    from engine.alerts.webhook import WebhookDestination
 
     detection = settings.detection
     destinations: list[Destination] = []

@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard engine/ingest/_*.c) $(COMPILED)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@echo "compiling the detection with mypyc (a minute or two)"
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
+	@# Bytecode for the sources, as pip writes it for an installed wheel: without it a
+	@# process started where PYTHONDONTWRITEBYTECODE is set (containers often set it)
+	@# compiles every module it imports, each time (bench/README.md, "Process weight").
+	$(BIN)/python -m compileall -q engine models
 	@touch $@
 
 # A wheel for production (dist/): compiled as `make setup` compiles (with the venv's

@@ -27,12 +27,11 @@ import math
 import zlib
 from statistics import NormalDist
 
-from river import stats
-
 from engine.detect.calls import Call
 from engine.detect.windows import KeyedState
 from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
 from models.caller_state import CallerState
+from models.running_stats import stats
 from models.scoring import AdaptiveThreshold, AnomalyModel
 from models.spec import FEATURE_NAMES, ModelSpec
 

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import river
-from river import stats
 
 from engine.detect.calls import Call
 from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
+from models.running_stats import stats
 from models.scoring import AdaptiveThreshold
 from models.spec import ModelSpec
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from river import stats
-
+from models.running_stats import stats
 from models.spec import FEATURE_NAMES, HalfSpaceTreesSpec, ModelSpec
 
 

@@ -141,3 +141,85 @@ print(json.dumps([sorted(sys.modules), drifted,
     )
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout)[2] is True
+
+
+# A small replay through the command line (models on, the shipped rules), then what its
+# process loaded.
+SMALL_REPLAY = """
+import json, sys
+from engine.apps.cli import main
+try:
+    main(["replay", sys.argv[1], "--data-dir", sys.argv[2]])
+except SystemExit as end:
+    code = end.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+# What River's `river.stats` package and river.utils would bring, and what only a large
+# replay or another command needs.
+NOT_IN_A_SMALL_REPLAY = ("numpy", "scipy", "narwhals", "pandas", "pyarrow", "sklearn")
+
+
+def sample_rows(tmp_path: Path, rows: int) -> Path:
+    lines = (ROOT / "data" / "samples" / "events.csv").read_text().splitlines(keepends=True)
+    path = tmp_path / "small.csv"
+    path.write_text("".join(lines[: rows + 1]))
+    return path
+
+
+def test_a_small_replay_loads_neither_numpy_nor_scipy_nor_narwhals(tmp_path: Path) -> None:
+    import polars as pl
+
+    csv = sample_rows(tmp_path, 100)
+    # Rows with a forward number: the forward model makes its River detector (PageHinkley,
+    # with a river.stats Mean) as well as the caller model's statistics.
+    assert pl.read_csv(csv, infer_schema_length=0)["forward"].fill_null("").str.len_chars().max()
+    parquet = tmp_path / "small.parquet"
+    pl.read_csv(csv, infer_schema_length=0).write_parquet(parquet)
+    for n, events in enumerate((csv, parquet)):
+        result = subprocess.run(
+            [sys.executable, "-c", SMALL_REPLAY, str(events), str(tmp_path / f"data{n}")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert result.returncode == 0, result.stderr
+        assert "replayed 100 rows: 100 events stored" in result.stdout
+        answer = json.loads(result.stdout.splitlines()[-1])
+        assert answer["code"] == 0
+        modules = answer["modules"]
+        for made in ("river.stats.ewmean", "river.stats.quantile", "river.drift.page_hinkley"):
+            assert made in modules, f"the models did not run as expected: no {made}"
+        assert "river.stats.mean" in modules, "no forward number: PageHinkley not made"
+        assert [m for m in modules if m.split(".")[0] in NOT_IN_A_SMALL_REPLAY] == []
+
+
+def test_rivers_statistics_package_is_whole_on_first_use_of_anything_else() -> None:
+    # models.running_stats loads River's statistics without the package's __init__ (and
+    # numpy): what the rest of River asks of river.stats afterwards must still be there.
+    script = """
+import json, pickle, sys
+from models.running_stats import stats
+before = sorted(m for m in sys.modules if m.split(".")[0] in ("numpy", "scipy", "narwhals"))
+mean = stats.Mean()
+for x in (1.0, 2.0, 6.0):
+    mean.update(x)
+ewmean = pickle.loads(pickle.dumps(stats.EWMean(0.5)))
+quantile = stats.Quantile(0.5)
+import river.stats
+variance = river.stats.Var()          # a name the models did not load: the whole package
+from river import anomaly, preprocessing
+mean.update_many([3.0, 3.0])          # the one method of Mean that needs numpy
+print(json.dumps([before, mean.get(), type(ewmean).__module__, type(quantile).__qualname__,
+                  type(variance).__module__, river.stats.Mean is type(mean),
+                  hasattr(anomaly, "HalfSpaceTrees"), "numpy" in sys.modules]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    before, mean, ewmean, quantile, variance, same, trees, numpy = json.loads(result.stdout)
+    assert before == []
+    assert mean == 3.0
+    assert ewmean == "river.stats.ewmean" and quantile == "Quantile"
+    assert variance == "river.stats.var" and same and trees and numpy

@@ -674,9 +674,13 @@ class Lake:
                     f"ATTACH {sql_text(str(partial))} AS analytics (STORAGE_VERSION 'v1.0.0')"
                 )
                 con.execute("USE analytics")
+                # One transaction: one commit to the file's write-ahead log (and its
+                # sync), where each view on its own would commit and sync.
+                con.execute("BEGIN TRANSACTION")
                 self.create_views(con)
                 for name, sql in extra_views:
                     con.execute(f"CREATE VIEW {name} AS {sql}")
+                con.execute("COMMIT")
                 con.execute("CHECKPOINT")
             os.replace(partial, self.database)
         finally:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import duckdb
-import numpy as np
 import polars as pl
 
 from engine.core.events import CHECK_CALL_ID_PREFIX, CallEvent, CallState, Reject
@@ -192,7 +191,7 @@ def calls_frame(columns: dict[str, Any]) -> pl.DataFrame:
         if dtype == pl.String:
             series.append(pl.Series(name, values, pl.String))
             continue
-        numbers = pl.Series(name, np.frombuffer(values, dtype=np.float64)).fill_nan(None)
+        numbers = pl.Series(name, values, pl.Float64).fill_nan(None)
         if dtype == pl.Datetime("us", "UTC"):
             # As the events table's times: microseconds, rounded half to even.
             numbers = (numbers * 1_000_000).round().cast(pl.Int64).cast(dtype)

@@ -61,6 +61,9 @@ def start_serve(data_dir: Path, port: int, config: Path) -> subprocess.Popen[byt
                 f"127.0.0.1:{port}",
                 "--data-dir",
                 str(data_dir),
+                # Any free port: another serve on this machine may hold the default.
+                "--metrics",
+                "127.0.0.1:0",
                 "--log-level",
                 "warning",
             ],

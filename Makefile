@@ -11,7 +11,7 @@ setup: $(STAMP)
 # The detection's hot path is compiled by mypyc from these sources (setup.py,
 # engine.detect.COMPILED).
 COMPILED := $(foreach m,windows calls fields aggregates evaluate pipeline conduct,engine/detect/$(m).py) \
-	models/caller_state.py
+	models/caller_state.py models/menu_traffic.py
 
 $(STAMP): pyproject.toml setup.py $(wildcard engine/ingest/_*.c) $(COMPILED)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "callsentry needs Python 3.11 or newer")'

@@ -36,6 +36,7 @@ COMPILED = (
     "engine/detect/pipeline.py",
     "engine/detect/conduct.py",
     "models/caller_state.py",
+    "models/menu_traffic.py",
 )
 RECORD = "engine/detect/_compiled.sha256"
 # The shipped rules go into the package (engine.apps.settings.shipped_rules finds them):

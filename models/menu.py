@@ -6,27 +6,19 @@ day (a seasonal baseline, so the daily rhythm is not an anomaly), answer share,
 short-call share, mean ring time, talk time, how concentrated the callers are,
 and the forwarded share. A scaled HalfSpaceTrees learns the menu's usual
 vectors; an EW baseline per feature says which features moved and how far.
+A menu's calls within the window are kept by models/menu_traffic.py (compiled).
 """
 
 from __future__ import annotations
 
 import math
-import zlib
-from array import array
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Final
 
 from engine.detect.calls import Call
 from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
+from models.menu_traffic import CALLER_BUCKETS, MenuTraffic
 from models.scoring import AdaptiveThreshold, AnomalyModel, Baseline, explain, strongest
 from models.spec import FEATURE_NAMES, ModelSpec
-
-# Distinct callers in a menu's window are estimated from counts in this many
-# buckets of caller numbers (linear counting): exact enough up to tens of
-# thousands of callers, and a flood of invented callers costs the same 64 KiB per
-# menu as a quiet day, where a set of callers would grow with the flood.
-CALLER_BUCKETS = 16_384
 
 
 def distinct_estimate(empty_buckets: int, total: int) -> float:
@@ -41,185 +33,6 @@ def distinct_estimate(empty_buckets: int, total: int) -> float:
         return float(total)
     estimate = -CALLER_BUCKETS * math.log(empty_buckets / CALLER_BUCKETS)
     return float(min(estimate, total))
-
-
-# A call's flags in a menu's window.
-ANSWERED: Final = 1
-SHORT: Final = 2
-FORWARDED: Final = 4
-RANG: Final = 8  # ring_s is known
-TALKED: Final = 16  # talk_log is known
-# Call ids a finding cites: the newest of the window.
-EVIDENCE: Final = 200
-
-
-class CallWindow:
-    """Calls oldest first as columns: time, caller bucket, flags, ring seconds, log of
-    talk seconds: 27 bytes a call, where a tuple of Python objects took about 200. A
-    menu's window holds every call of its last `window` seconds, so at a flood's
-    rate (tens of thousands of calls a second) this is what bounds the model's memory."""
-
-    def __init__(self) -> None:
-        self.ts = array("d")
-        self.bucket = array("H")
-        self.flags = array("B")
-        self.ring = array("d")
-        self.talk = array("d")
-        self.head = 0  # the oldest call still in the window
-
-    def __len__(self) -> int:
-        return len(self.ts) - self.head
-
-    def append(self, ts: float, bucket: int, flags: int, ring: float, talk: float) -> None:
-        self.ts.append(ts)
-        self.bucket.append(bucket)
-        self.flags.append(flags)
-        self.ring.append(ring)
-        self.talk.append(talk)
-
-    def first_ts(self) -> float:
-        return self.ts[self.head]
-
-    def calls(self) -> list[tuple[float, int, int, float, float]]:
-        """(ts, bucket, flags, ring, talk) of each call in the window, oldest first."""
-        head = self.head
-        return list(
-            zip(
-                self.ts[head:],
-                self.bucket[head:],
-                self.flags[head:],
-                self.ring[head:],
-                self.talk[head:],
-                strict=True,
-            )
-        )
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, CallWindow) and self.calls() == other.calls()
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def forget_taken(self) -> None:
-        """Let go of the calls before `head` once they are most of the columns."""
-        head = self.head
-        if head > 4096 and 2 * head > len(self.ts):
-            for column in (self.ts, self.bucket, self.flags, self.ring, self.talk):
-                del column[:head]
-            self.head = 0
-
-
-class MenuTraffic:
-    """A menu's calls within the last window, with their counts and sums kept up to
-    date as calls come and go: a step reads them instead of walking the window."""
-
-    def __init__(self) -> None:
-        self.pending = CallWindow()  # finished after the last step
-        self.pending_ids: deque[str] = deque()
-        self.live = CallWindow()
-        # The ids of the newest calls of `live`, as many as it holds up to EVIDENCE.
-        self.newest_ids: deque[str] = deque(maxlen=EVIDENCE)
-        self.total = self.answered = self.short = self.forwarded = 0
-        self.rings = self.talks = 0
-        self.ring_sum = self.talk_sum = 0.0
-        self.callers = array("I", bytes(4 * CALLER_BUCKETS))
-        self.empty_buckets = CALLER_BUCKETS
-
-    def add(
-        self,
-        deadline: float,
-        call_id: str,
-        bucket: int,
-        flags: int,
-        ring_s: float | None,
-        talk_log: float | None,
-    ) -> None:
-        """A call finished after the last step (deadlines in order, as calls finish)."""
-        if ring_s is not None:
-            flags |= RANG
-        if talk_log is not None:
-            flags |= TALKED
-        self.pending.append(deadline, bucket, flags, ring_s or 0.0, talk_log or 0.0)
-        self.pending_ids.append(call_id)
-
-    def evidence(self) -> list[str]:
-        """The newest call ids of the window (at most EVIDENCE), oldest first."""
-        return list(self.newest_ids)
-
-    def move_to(self, at: float, window: float) -> None:
-        """The window is now (at - window, at]: calls come in from `pending` and leave
-        `live`, each counted as it does (one loop each, the counts in locals: this runs
-        twice for every call a menu takes)."""
-        pending, live = self.pending, self.live
-        cutoff = at - window
-        if not (len(pending) and pending.first_ts() <= at) and not (
-            len(live) and live.first_ts() <= cutoff
-        ):
-            return
-        total, answered, short, forwarded = self.total, self.answered, self.short, self.forwarded
-        rings, talks, ring_sum, talk_sum = self.rings, self.talks, self.ring_sum, self.talk_sum
-        callers, empty = self.callers, self.empty_buckets
-        ts, buckets, flag_column = pending.ts, pending.bucket, pending.flags
-        rings_in, talks_in = pending.ring, pending.talk
-        i, end = pending.head, len(ts)
-        ids, newest = self.pending_ids, self.newest_ids
-        while i < end and ts[i] <= at:
-            flags = flag_column[i]
-            total += 1
-            if flags & ANSWERED:
-                answered += 1
-            if flags & TALKED:
-                talks += 1
-                talk_sum += talks_in[i]
-            if flags & SHORT:
-                short += 1
-            if flags & FORWARDED:
-                forwarded += 1
-            if flags & RANG:
-                rings += 1
-                ring_sum += rings_in[i]
-            bucket = buckets[i]
-            before = callers[bucket]
-            callers[bucket] = before + 1
-            if before == 0:
-                empty -= 1
-            live.append(ts[i], bucket, flags, rings_in[i], talks_in[i])
-            newest.append(ids.popleft())
-            i += 1
-        pending.head = i
-        pending.forget_taken()
-        ts, buckets, flag_column = live.ts, live.bucket, live.flags
-        rings_out, talks_out = live.ring, live.talk
-        i, end = live.head, len(ts)
-        while i < end and ts[i] <= cutoff:
-            flags = flag_column[i]
-            total -= 1
-            if flags & ANSWERED:
-                answered -= 1
-            if flags & TALKED:
-                talks -= 1
-                talk_sum -= talks_out[i]
-            if flags & SHORT:
-                short -= 1
-            if flags & FORWARDED:
-                forwarded -= 1
-            if flags & RANG:
-                rings -= 1
-                ring_sum -= rings_out[i]
-            left = callers[buckets[i]] - 1
-            callers[buckets[i]] = left
-            if left == 0:
-                empty += 1
-            i += 1
-        live.head = i
-        live.forget_taken()
-        while len(newest) > len(live):  # ids of calls that left the window
-            newest.popleft()
-        if not len(live):
-            # Sums of floats added and taken away drift; start an empty window clean.
-            ring_sum = talk_sum = 0.0
-        self.total, self.answered, self.short, self.forwarded = total, answered, short, forwarded
-        self.rings, self.talks, self.ring_sum, self.talk_sum = rings, talks, ring_sum, talk_sum
-        self.empty_buckets = empty
 
 
 def _hour_of_day(ts: float) -> int:
@@ -289,19 +102,7 @@ class MenuModel:
                 usual=Baseline(self.spec, fading_factor=0.02),
             )
         state.name = call.menu_name
-        talk = call.talk_s
-        answered = call.answered_at is not None
-        short = answered and talk is not None and talk < self.spec.short_s
-        state.traffic.add(
-            call.deadline,
-            call.call_id,
-            zlib.crc32(call.caller.encode()) % CALLER_BUCKETS,
-            (ANSWERED if answered else 0)
-            | (SHORT if short else 0)
-            | (FORWARDED if call.forward else 0),
-            call.ring_s,
-            math.log10(1.0 + talk) if answered and talk is not None else None,
-        )
+        state.traffic.take(call, self.spec.short_s)
         return None
 
     def advance(self, now: float) -> list[ModelFinding]:

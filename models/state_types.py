@@ -10,7 +10,8 @@ from engine.detect.state import register_state_type
 from models.caller import CallerModel
 from models.caller_state import CallerState
 from models.forward import ForwardModel, ForwardNumber, Rates, detector_state, revive_detector
-from models.menu import CallWindow, MenuModel, MenuState, MenuTraffic, SeasonalVolume
+from models.menu import MenuModel, MenuState, SeasonalVolume
+from models.menu_traffic import CallWindow, MenuTraffic
 from models.scoring import AdaptiveThreshold, AnomalyModel, Baseline
 
 

@@ -27,15 +27,8 @@ from engine.detect.state import revive
 from engine.simulator.scenario import Generated, generate, load_scenario, write_files
 from models.base import ModelFinding, never_quiet
 from models.caller import CallerModel, surprise
-from models.menu import (
-    ANSWERED,
-    FORWARDED,
-    RANG,
-    SHORT,
-    TALKED,
-    CallWindow,
-    MenuModel,
-)
+from models.menu import MenuModel
+from models.menu_traffic import ANSWERED, FORWARDED, RANG, SHORT, TALKED, CallWindow
 from models.registry import ModelSet
 from models.spec import ModelSpec
 from tests.conftest import make_settings
@@ -612,7 +605,7 @@ def test_models_restored_from_an_older_snapshot_judge_as_if_never_stopped() -> N
     older = migrations._stand_in("models.menu._Traffic")()
     before = {
         k: v
-        for k, v in vars(traffic).items()
+        for k, v in traffic.__getstate__().items()
         if k not in ("pending", "pending_ids", "live", "newest_ids")
     }
     older.__setstate__(
@@ -623,7 +616,7 @@ def test_models_restored_from_an_older_snapshot_judge_as_if_never_stopped() -> N
         }
     )
     converted = migrations._Converter().convert(older)
-    assert vars(converted) == vars(traffic)
+    assert converted.__getstate__() == traffic.__getstate__()
     menu.menus["1"].traffic = converted
     twin = MenuModel(menu_spec(), "v1")
     assert feed_menu(twin, T0, 90, 6, 10, 0) == []

@@ -1,7 +1,8 @@
 """Detection: calls rebuilt from reports, sliding event-time windows, YAML rules, alerts.
 
-The hot path (`COMPILED`: the detection's modules and the caller model's per-caller
-state, which the models layer keeps beside its model) is compiled by mypyc when `make
+The hot path (`COMPILED`: the detection's modules, the caller model's per-caller state
+and the menu model's window of calls, which the models layer keeps beside its models)
+is compiled by mypyc when `make
 setup` installs the engine (setup.py): the same source, about twice as fast. Where it
 could not be compiled it runs as Python. setup.py records the SHA-256 of each source
 it compiled; if any of them has changed since (an edit without `make setup`), or only
@@ -33,6 +34,7 @@ COMPILED = (
     "engine/detect/pipeline.py",
     "engine/detect/conduct.py",
     "models/caller_state.py",
+    "models/menu_traffic.py",
 )
 # Beside this file, written by setup.py: `<sha256>  <source>` for each of COMPILED.
 RECORD = "engine/detect/_compiled.sha256"

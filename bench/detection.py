@@ -219,7 +219,8 @@ def run_library(args: argparse.Namespace) -> int:
                 }
             )
             result = replay([events_path], settings)
-            alerts = [a for a in result.alerts if a.mode == "alert"]
+            # An escalation is the same alert reaching critical, not another alert.
+            alerts = [a for a in result.alerts if a.mode == "alert" and not a.escalation]
             found = [Found(a.rule_id, a.entity, a.raised_at, set(a.evidence)) for a in alerts]
             before = (engine.alerts, engine.true_alerts)
             score(found, labels, engine)
@@ -429,7 +430,8 @@ def run_seeds(args: argparse.Namespace) -> int:
                 generated_s = time.monotonic() - started
                 result = replay([events_path], settings)
                 replay_s = time.monotonic() - started - generated_s
-                alerts = [a for a in result.alerts if a.mode == "alert"]
+                # An escalation is the same alert reaching critical, not another alert.
+                alerts = [a for a in result.alerts if a.mode == "alert" and not a.escalation]
                 found = [Found(a.rule_id, a.entity, a.raised_at, set(a.evidence)) for a in alerts]
                 start = scenario.start.timestamp()
                 baseline = run_baseline(

@@ -245,11 +245,56 @@ def test_concurrent_counts_the_callers_calls_in_progress_within_its_window() -> 
     for rule, expected in ((always, ["c2", "c1", "c0"]), (within, ["c2", "c1"])):
         aggregate = rule.aggregate
         assert isinstance(aggregate, Concurrent) and not aggregate.windowed
-        in_progress = aggregate.in_progress(tracker, "1", T0 + 50.0)
+        judged = tracker.open["c2"]
+        in_progress = aggregate.in_progress(tracker, "1", T0 + 50.0, judged)
         assert [call.call_id for call in in_progress] == expected
         assert not aggregate.may_hold(tracker, "1"), "3 calls cannot be a million"
     assert isinstance(at_most := rule_for("concurrent", op="<=").aggregate, Concurrent)
     assert at_most.may_hold(tracker, "1")
+
+
+def test_concurrent_with_a_field_counts_the_calls_in_progress_that_share_its_value() -> None:
+    # Four calls in progress from one caller, three into menu 7 and one into menu 8.
+    tracker = CallTracker()
+    for n, (at, menu) in enumerate(((0.0, "7"), (10.0, "8"), (20.0, "7"), (30.0, "7"))):
+        tracker.observe(
+            CallEvent(T0 + at, f"c{n}", 1, CallState.ANSWERED, 200, "1", "2", "", menu, "M", "")
+        )
+    spec = RuleSpec.model_validate(
+        {
+            "id": "converging",
+            "title": "converging",
+            "severity": "low",
+            "on": "call_start",
+            "aggregate": {
+                "type": "concurrent",
+                "group_by": "caller",
+                "window": 60,
+                "field": "menu_id",
+            },
+            "condition": {"op": ">=", "threshold": 3},
+        }
+    )
+    aggregate = CompiledRule(spec, {}, source="t", version="t", max_keys=10).aggregate
+    assert isinstance(aggregate, Concurrent)
+    into_7 = aggregate.in_progress(tracker, "1", T0 + 30.0, tracker.open["c3"])
+    assert [call.call_id for call in into_7] == ["c3", "c2", "c0"]
+    into_8 = aggregate.in_progress(tracker, "1", T0 + 30.0, tracker.open["c1"])
+    assert [call.call_id for call in into_8] == ["c1"]
+
+
+def test_concurrent_calls_share_a_text_field_not_a_duration() -> None:
+    with pytest.raises(ValueError, match="share a text field"):
+        RuleSpec.model_validate(
+            {
+                "id": "bad",
+                "title": "bad",
+                "severity": "low",
+                "on": "call_start",
+                "aggregate": {"type": "concurrent", "group_by": "caller", "field": "talk_s"},
+                "condition": {"op": ">=", "threshold": 3},
+            }
+        )
 
 
 @pytest.mark.parametrize("op", list(COMPARISONS))

@@ -137,6 +137,22 @@ def test_the_destination_fields_read_the_numbers_of_a_call(default_plan: None) -
     assert FIELDS["forward_valid"].read(empty) is None
 
 
+def test_a_number_is_abroad_when_its_region_is_known_and_not_the_sites(
+    default_plan: None,
+) -> None:
+    call = _call("+8613800000001", "4008001000", "+37163123456")
+    # No default region: a number in international form is abroad; a national form has
+    # no region, so it is neither (not judged).
+    assert FIELDS["forward_abroad"].read(call) is True
+    assert FIELDS["caller_abroad"].read(call) is True
+    assert FIELDS["callee_abroad"].read(call) is None
+    assert FIELDS["forward_abroad"].read(_call("+8613800000001", "4008001000")) is None
+    DESTINATIONS.use(NumberPlan(default_region="CN"))
+    assert FIELDS["caller_abroad"].read(call) is False, "the site's own region"
+    assert FIELDS["callee_abroad"].read(call) is False, "national: the site's region"
+    assert FIELDS["forward_abroad"].read(call) is True
+
+
 def test_the_settings_plan_is_the_one_detection_reads(tmp_path: Path, default_plan: None) -> None:
     config = tmp_path / "callsentry.toml"
     config.write_text(

@@ -341,11 +341,16 @@ class Sequential(Aggregate):
 class Concurrent(Aggregate):
     """`concurrent`: a caller's calls in progress now (started within the window, if
     it has one), from the call tracker's open calls: no window and no counters to
-    drift. Measured on `call_start`."""
+    drift. Measured on `call_start`. With `field` (a text field such as `menu_id`), only
+    the calls in progress that share the judged call's value of it: calls converging
+    on one menu rather than spread as a PBX's users spread theirs."""
 
     def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
         super().__init__(spec, condition, numerator)
         self.windowed = False
+        self.field: TextField | None = (
+            cast(TextField, FIELDS[spec.field]) if spec.field is not None else None
+        )
 
     def may_hold(self, tracker: CallTracker, caller: str) -> bool:
         """Whether the condition could hold: all of the caller's calls in progress are
@@ -354,10 +359,16 @@ class Concurrent(Aggregate):
         every call started)."""
         return self.condition.may_hold_up_to(float(tracker.open_count(caller)))
 
-    def in_progress(self, tracker: CallTracker, caller: str, now: float) -> list[Call]:
-        """The caller's calls in progress that started within the window, newest first."""
+    def in_progress(self, tracker: CallTracker, caller: str, now: float, call: Call) -> list[Call]:
+        """The caller's calls in progress that started within the window, newest first
+        (with `field`: those whose value of it is `call`'s)."""
         since = now - self.window_s if self.window_s else float("-inf")
-        return tracker.open_calls(caller, since)
+        live = tracker.open_calls(caller, since)
+        field = self.field
+        if field is None:
+            return live
+        value = field.text(call)
+        return [c for c in live if field.text(c) == value]
 
 
 class NewValueState(CountState):

@@ -444,7 +444,7 @@ class CompiledRule:
         )
         if quiet(self.id, entity, ts, could_escalate):
             return None
-        live = in_progress.in_progress(tracker, entity, ts)
+        live = in_progress.in_progress(tracker, entity, ts, call)
         value = float(len(live))
         if not self.condition.holds(value) or self.excepted(entity, ts):
             return None

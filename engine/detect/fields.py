@@ -164,6 +164,25 @@ class Valid(CallField):
         return _destination(self.which, self.cache, self.book, call).valid
 
 
+class Abroad(CallField):
+    """Whether a number leads out of the site's region: True when its plan's region is
+    known and is not `default_region` (with no default region set, any number whose
+    region is known: only numbers in international form have one), False when it is
+    the site's region, None when its region is unknown (no number, a national form with
+    no default region, a country code no plan has)."""
+
+    def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
+        self.which = which
+        self.book = book
+        self.cache: dict[str, Destination] = book.cache
+
+    def read(self, call: Call) -> object:
+        country = _destination(self.which, self.cache, self.book, call).country
+        if not country:
+            return None
+        return country != self.book.plan.default_region
+
+
 class SiteClock:
     """The hour of the day and the day of the week of event times in the site's time
     zone (`detection.timezone`, handed to the rules as a tzinfo where they are loaded).
@@ -256,6 +275,9 @@ FIELDS: dict[str, CallField] = {
     "caller_valid": Valid(_CALLER),
     "callee_valid": Valid(_CALLEE),
     "forward_valid": Valid(_FORWARD),
+    "caller_abroad": Abroad(_CALLER),
+    "callee_abroad": Abroad(_CALLEE),
+    "forward_abroad": Abroad(_FORWARD),
     **clock_fields(SiteClock()),
 }
 if set(FIELDS) != set(FieldName.__args__):  # type: ignore[attr-defined]

@@ -50,6 +50,11 @@ FieldName = Literal[
     "forward_country",
     "forward_type",
     "forward_valid",
+    # Whether the number leads out of the site's region (`detection.default_region`;
+    # unset: any number whose region is known); null when its region is unknown.
+    "caller_abroad",
+    "callee_abroad",
+    "forward_abroad",
     # When the call started, in the site's time zone (`detection.timezone`): the hour
     # of the day (0-23) and the day of the week (mon ... sun).
     "hour",
@@ -246,6 +251,9 @@ class Aggregate(_Strict):
         if self.type == "concurrent" and self.entity_names != ("caller",):
             # The call tracker knows the calls in progress per caller only.
             raise ValueError("concurrent calls are counted per caller (group_by: caller)")
+        if self.type == "concurrent" and self.field in ("ring_s", "talk_s"):
+            # `field` narrows the calls in progress to those sharing the call's value.
+            raise ValueError("concurrent calls share a text field (menu_id, callee, ...)")
         return self
 
 

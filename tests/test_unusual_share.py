@@ -163,3 +163,21 @@ def test_surprise_is_close_to_the_exact_poisson_tail(hits: int, expected: float)
     assert surprise(float(hits), expected) == pytest.approx(exact, abs=0.35)
     assert surprise(expected, expected) == 0.0
     assert surprise(float(hits), 0.0) == 0.0
+
+
+def test_only_a_share_rule_dumps_the_share_keys_so_other_rules_keep_their_logic() -> None:
+    # A rule's logic hash is made from its aggregate's dump: keys every rule gained
+    # would change every rule's hash, and a snapshot of an earlier build would then
+    # restore no rule's window.
+    count = RuleSpec.model_validate(
+        {
+            "id": "count",
+            "title": "count",
+            "severity": "low",
+            "aggregate": {"type": "count", "group_by": "menu", "window": 300},
+            "condition": {"threshold": 5},
+        }
+    )
+    assert not {"usual_over", "peer_weight", "min_excess"} & set(count.aggregate.model_dump())
+    share = share_rule(usual_over=7200).spec.aggregate.model_dump()
+    assert share["usual_over"] == 7200 and share["min_excess"] == 8

@@ -19,8 +19,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -178,6 +180,9 @@ Selection = dict[
 ]
 
 
+_SHARE_KEYS = ("usual_over", "peer_weight", "min_excess")
+
+
 class Aggregate(_Strict):
     type: Literal[
         "count",
@@ -210,6 +215,18 @@ class Aggregate(_Strict):
     usual_over: Duration = Field(default=3600.0, gt=0)
     peer_weight: int = Field(default=300, ge=0, le=1_000_000)
     min_excess: float = Field(default=8.0, ge=0, le=1_000_000)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `unusual_share`'s keys only where they apply: a rule's logic hash
+        # (engine.detect.evaluate) is made from this dump, and keys every rule gained
+        # would change every rule's hash, so that a snapshot of an earlier build
+        # restored no rule's window.
+        data: dict[str, Any] = handler(self)
+        if self.type != "unusual_share":
+            for key in _SHARE_KEYS:
+                data.pop(key, None)
+        return data
 
     @property
     def entity_names(self) -> tuple[str, ...]:

@@ -350,6 +350,39 @@ def behaviour_rule_files(draw: st.DrawFn) -> bytes:
     return yaml.safe_dump(document, allow_unicode=True).encode()
 
 
+_SHARE_RULE = RULES / "short-calls-menu.yaml"
+_SHARE_KEYS = ["window", "min_excess", "usual_over", "peer_weight", "numerator", "unknown"]
+
+
+@st.composite
+def share_rule_files(draw: st.DrawFn) -> bytes:
+    """The shipped `unusual_share` rule with its aggregate's keys drawn, and a short
+    inline test (a few hundred calls and a burst) so that one that loads also runs."""
+    document = yaml.safe_load(_SHARE_RULE.read_text(encoding="utf-8"))
+    aggregate = dict(document["aggregate"])
+    for key in draw(st.lists(st.sampled_from(_SHARE_KEYS), min_size=1, max_size=3)):
+        if draw(st.booleans()):
+            aggregate.pop(key, None)
+        else:
+            aggregate[key] = draw(
+                _numbers | _yaml_values | st.sampled_from(["0s", "1s", "90d", "3m"])
+            )
+    document["aggregate"] = aggregate
+    document["condition"] = draw(
+        st.sampled_from([document["condition"], {"op": ">=", "threshold": 0}])
+    )
+    document["tests"] = [
+        {
+            "name": "a menu and a burst",
+            "calls": [
+                {"menu_id": "3", "repeat": 300, "every": "1s", "talk": "60s"},
+                {"menu_id": "3", "repeat": 20, "every": "2s", "talk": "2s", "at": "250s"},
+            ],
+        }
+    ]
+    return yaml.safe_dump(document, allow_unicode=True).encode()
+
+
 def load_and_run_rule_file(data: bytes) -> None:
     """A rule file loads or is refused with its file; one that loads runs its inline
     tests (a bound the schema let through must not fail at evaluation)."""
@@ -1241,6 +1274,7 @@ TARGETS = (
     Target("parquet", parquet_files, read_parquet),
     Target("rule-yaml", rule_files(), load_rule_file),
     Target("rule-behaviour", behaviour_rule_files(), load_and_run_rule_file),
+    Target("rule-unusual-share", share_rule_files(), load_and_run_rule_file),
     Target("list-yaml", list_files(), load_list_file),
     Target("scenario-yaml", scenario_files(), load_scenario_file),
     Target("model-yaml", model_files(), load_model_file),

@@ -125,6 +125,7 @@ def test_detection_state_survives_pickling_whole() -> None:
         aggregates.SpikeState(30.0, 0.3),
         aggregates.FirstSeenState(5.0),
         aggregates.SequentialState(),
+        aggregates.ShareState(),
         windows.Entries(),
         windows.ValueEntries(),
     ]
@@ -163,6 +164,7 @@ def test_detection_state_survives_pickling_whole() -> None:
         aggregates.SpikeState,
         aggregates.FirstSeenState,
         aggregates.SequentialState,
+        aggregates.ShareState,
         CallerState,
     ],
 )

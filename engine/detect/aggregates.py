@@ -30,6 +30,7 @@ engine/detect/__init__.py), so it keeps no doctests.
 
 from __future__ import annotations
 
+import math
 from typing import Final, cast
 
 from engine.detect.calls import Call, CallTracker
@@ -429,6 +430,172 @@ class NewValue(Aggregate):
         return True
 
 
+class ShareState(CountState):
+    """An `unusual_share` entity: its window of hits (the calls the numerator takes: the
+    evidence), every call it takes counted in time buckets of the window (parallel
+    lists, oldest first: `bucket_start`, `bucket_calls`, `bucket_hits`), and its usual:
+    the calls and hits that have left its window, decayed to `usual_at`."""
+
+    __slots__ = (
+        "bucket_calls",
+        "bucket_hits",
+        "bucket_start",
+        "usual_at",
+        "usual_calls",
+        "usual_hits",
+    )
+
+    def state_fields(self) -> tuple[str, ...]:
+        return (
+            *super().state_fields(),
+            "bucket_calls",
+            "bucket_hits",
+            "bucket_start",
+            "usual_at",
+            "usual_calls",
+            "usual_hits",
+        )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bucket_start: list[float] = []
+        self.bucket_calls: list[int] = []
+        self.bucket_hits: list[int] = []
+        self.usual_calls = 0.0
+        self.usual_hits = 0.0
+        self.usual_at = 0.0
+
+
+# An `unusual_share` window is judged over each stretch of its newest buckets (the last
+# one, the last two, ... all of them): a burst is found over about its own length,
+# however long it lasts within the window.
+SHARE_BUCKETS: Final = 20
+# Calls every entity together must have taken before their share is a usual to judge by.
+PEERS_WARM: Final = 200.0
+
+
+def surprise(hits: float, expected: float) -> float:
+    """How many standard deviations `hits` lies above a Poisson count of mean `expected`
+    (the signed root of the likelihood-ratio statistic, close to the exact tail even for
+    a handful of calls; half a call of continuity correction); 0 at or below it, and
+    for a mean of none (no share to judge by)."""
+    count = hits - 0.5
+    if count <= expected or expected <= 0.0:
+        return 0.0
+    return math.sqrt(2.0 * (count * math.log(count / expected) - (count - expected)))
+
+
+class UnusualShare(Aggregate):
+    """`unusual_share`: how far the share of the window's calls that the numerator takes
+    lies above the entity's usual share, in standard deviations, volume accounted for:
+    k hits of n calls against n times the usual share p. More calls at the usual share
+    (a campaign) are no more surprising than few; a handful of extra hits (a burst)
+    among few calls or many is, once they are more than the count's own spread. The
+    most surprising stretch of the window's newest buckets counts, with at least
+    `min_excess` hits more than expected in it. The usual is the entity's calls that
+    have left its window, decayed over `usual_over`, with its peers' (every entity of
+    the rule) counted as `peer_weight` calls of it: a new entity is judged against its
+    peers, a known one against itself; its uncertainty widens the spread."""
+
+    def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
+        super().__init__(spec, condition, numerator)
+        self.numerator = numerator
+        self.share_bucket_s = max(self.window_s / SHARE_BUCKETS, 0.001)
+        self.usual_s: float = spec.usual_over
+        self.peer_weight = float(spec.peer_weight)
+        self.min_excess = float(spec.min_excess)
+        # An entity's usual is worth keeping while it has not decayed to nothing.
+        self.keep_s = max(self.window_s, 4.0 * self.usual_s)
+        # Every entity's calls and hits as they come, decayed over `usual_s` (the rule's
+        # own, relearned within minutes after a restart: each entity's usual is kept).
+        self.peer_calls = 0.0
+        self.peer_hits = 0.0
+        self.peer_at = 0.0
+
+    def new_state(self, now: float) -> EntityState:
+        return ShareState()
+
+    def add(self, state: EntityState, call: Call, ts: Timestamp) -> bool:
+        share = cast(ShareState, state)
+        now: float = ts
+        hit = self.numerator.takes(call)
+        self._roll(share, now)
+        self._learn_peers(now, hit)
+        starts = share.bucket_start
+        if not starts or now >= starts[-1] + self.share_bucket_s:
+            starts.append(now - math.fmod(now, self.share_bucket_s))
+            share.bucket_calls.append(0)
+            share.bucket_hits.append(0)
+        last = len(starts) - 1
+        share.bucket_calls[last] += 1
+        if not hit:
+            return False
+        share.bucket_hits[last] += 1
+        state.add(ts, call.call_id, None)
+        return True
+
+    def _roll(self, share: ShareState, now: float) -> None:
+        """Buckets wholly out of the window leave it for the entity's usual."""
+        starts = share.bucket_start
+        cutoff = now - self.window_s - self.share_bucket_s
+        gone = 0
+        while gone < len(starts) and starts[gone] <= cutoff:
+            gone += 1
+        if not gone:
+            return
+        calls = sum(share.bucket_calls[:gone])
+        hits = sum(share.bucket_hits[:gone])
+        del starts[:gone]
+        del share.bucket_calls[:gone]
+        del share.bucket_hits[:gone]
+        kept = self._decay(share.usual_at, now)
+        share.usual_calls = share.usual_calls * kept + calls
+        share.usual_hits = share.usual_hits * kept + hits
+        share.usual_at = now
+
+    def _decay(self, since: float, now: float) -> float:
+        if now <= since:
+            return 1.0
+        return math.exp((since - now) / self.usual_s)
+
+    def _learn_peers(self, now: float, hit: bool) -> None:
+        kept = self._decay(self.peer_at, now)
+        self.peer_calls = self.peer_calls * kept + 1.0
+        self.peer_hits = self.peer_hits * kept + (1.0 if hit else 0.0)
+        if now > self.peer_at:
+            self.peer_at = now
+
+    def measure(self, state: EntityState, call: Call) -> float | None:
+        share = cast(ShareState, state)
+        kept = self._decay(share.usual_at, self.peer_at)
+        calls = share.usual_calls * kept
+        hits = share.usual_hits * kept
+        if self.peer_calls >= PEERS_WARM:
+            weight = self.peer_weight
+            calls += weight
+            hits += weight * self.peer_hits / self.peer_calls
+        elif calls < self.peer_weight:
+            return None  # neither its own usual nor its peers' known yet
+        if calls <= 0.0:
+            return None
+        # Half a hit at least: a share never seen is small, not impossible.
+        usual = max(hits, 0.5) / calls
+        best = 0.0
+        n = k = 0
+        bucket_calls, bucket_hits = share.bucket_calls, share.bucket_hits
+        for index in range(len(bucket_calls) - 1, -1, -1):
+            n += bucket_calls[index]
+            k += bucket_hits[index]
+            expected = n * usual
+            if k - expected < self.min_excess:
+                continue
+            # The usual's own uncertainty (from `calls` calls) widens the spread.
+            value = surprise(float(k), expected) / math.sqrt(1.0 + n / calls)
+            if value > best:
+                best = value
+        return best
+
+
 AGGREGATES: dict[str, type[Aggregate]] = {
     "count": Count,
     "distinct": Distinct,
@@ -439,6 +606,7 @@ AGGREGATES: dict[str, type[Aggregate]] = {
     "sequential": Sequential,
     "concurrent": Concurrent,
     "new_value": NewValue,
+    "unusual_share": UnusualShare,
 }
 
 

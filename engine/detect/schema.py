@@ -19,8 +19,10 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -183,6 +185,9 @@ Selection = dict[
 ]
 
 
+_SHARE_KEYS = ("usual_over", "peer_weight", "min_excess")
+
+
 class Aggregate(_Strict):
     type: Literal[
         "count",
@@ -194,6 +199,7 @@ class Aggregate(_Strict):
         "sequential",
         "concurrent",
         "new_value",
+        "unusual_share",
     ]
     group_by: GroupName | list[GroupName]
     window: Duration | None = None
@@ -208,6 +214,24 @@ class Aggregate(_Strict):
     # `new_value`: how long an entity must have been seen (and `min_volume` calls made)
     # before a value of `field` new to it counts.
     known_for: Duration | None = None
+    # `unusual_share`: how long an entity's usual share remembers (its calls decay over
+    # it), what its peers' share counts for in it (as so many calls: a new entity is
+    # judged against its peers), and the fewest hits beyond the usual share that count.
+    usual_over: Duration = Field(default=3600.0, gt=0)
+    peer_weight: int = Field(default=300, ge=0, le=1_000_000)
+    min_excess: float = Field(default=8.0, ge=0, le=1_000_000)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # `unusual_share`'s keys only where they apply: a rule's logic hash
+        # (engine.detect.evaluate) is made from this dump, and keys every rule gained
+        # would change every rule's hash, so that a snapshot of an earlier build
+        # restored no rule's window.
+        data: dict[str, Any] = handler(self)
+        if self.type != "unusual_share":
+            for key in _SHARE_KEYS:
+                data.pop(key, None)
+        return data
 
     @property
     def entity_names(self) -> tuple[str, ...]:
@@ -240,8 +264,8 @@ class Aggregate(_Strict):
                 "aggregate type new_value needs known_for (how long an entity is seen "
                 "before a value new to it counts)"
             )
-        if self.type == "ratio" and not self.numerator:
-            raise ValueError("aggregate type ratio needs a numerator selection")
+        if self.type in ("ratio", "unusual_share") and not self.numerator:
+            raise ValueError(f"aggregate type {self.type} needs a numerator selection")
         if self.numerator:
             check_time_matchers(self.numerator)
         if self.type == "first_seen" and not self.new_for:

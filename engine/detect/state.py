@@ -19,6 +19,7 @@ from engine.detect.aggregates import (
     FirstSeenState,
     NewValueState,
     SequentialState,
+    ShareState,
     SpikeState,
 )
 from engine.detect.alerts import AlertManager
@@ -177,6 +178,7 @@ register_state_type("spike-window", SpikeState)
 register_state_type("first-seen-window", FirstSeenState)
 register_state_type("sequential-window", SequentialState)
 register_state_type("new-value-window", NewValueState)
+register_state_type("share-window", ShareState)
 register_state_type("ew-baseline", EwBaseline)
 register_state_type("folded-window", Folded)
 register_state_type("window-bucket", Bucket)

@@ -1,0 +1,183 @@
+"""`unusual_share` (engine/detect/aggregates.py): a share judged against the entity's
+usual, with the volume accounted for. What it must tell apart: more calls at the usual
+share (a campaign) from a few extra hits (a burst), in a quiet entity and a busy one;
+a new entity against its peers; nothing judged before anything is known."""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import pytest
+
+from engine.detect.aggregates import PEERS_WARM, UnusualShare, surprise
+from engine.detect.calls import Call
+from engine.detect.evaluate import CompiledRule
+from engine.detect.schema import RuleSpec
+from engine.detect.windows import EntityState
+
+T0 = 1_790_000_000.0
+
+
+def share_rule(**aggregate: object) -> CompiledRule:
+    spec = RuleSpec.model_validate(
+        {
+            "id": "short-share",
+            "title": "short share",
+            "severity": "low",
+            "selection": {"outcome": "answered"},
+            "aggregate": {
+                "type": "unusual_share",
+                "group_by": "menu",
+                "window": 300,
+                "numerator": {"talk_s": {"lt": 5}},
+                **aggregate,
+            },
+            "condition": {"op": ">=", "threshold": 5},
+        }
+    )
+    return CompiledRule(spec, {}, source="t", version="t", max_keys=100)
+
+
+def answered(n: int, ts: float, menu: str, talk: float) -> Call:
+    return Call(
+        f"c{n}",
+        f"86138{n % 5000:08d}",
+        "4008001000",
+        "",
+        menu,
+        "Menu",
+        ts - talk - 3.0,
+        ringing_at=ts - talk - 3.0,
+        ring_code=180,
+        answered_at=ts - talk,
+        ended_at=ts,
+        outcome="answered",
+        deadline=ts,
+    )
+
+
+class Menu:
+    """Calls through one menu of a rule, one a `gap` seconds, every `short_every`-th
+    short; `measured` is the most the aggregate measured since last asked."""
+
+    def __init__(self, rule: CompiledRule, menu: str) -> None:
+        self.rule = rule
+        self.menu = menu
+        self.states: dict[str, EntityState] = {}
+        self.n = 0
+        self.measured: float | None = None
+
+    @property
+    def aggregate(self) -> UnusualShare:
+        aggregate = self.rule.aggregate
+        assert isinstance(aggregate, UnusualShare)
+        return aggregate
+
+    def call(self, ts: float, short: bool) -> None:
+        aggregate = self.aggregate
+        state = self.states.get(self.menu)
+        if state is None:
+            state = self.states[self.menu] = aggregate.new_state(ts)
+        self.n += 1
+        call = answered(self.n, ts, self.menu, 2.0 if short else 60.0)
+        if not aggregate.add(state, call, ts):
+            return
+        state.leave_until(ts - aggregate.window_s)
+        value = aggregate.measure(state, call)
+        if value is not None:
+            self.measured = value if self.measured is None else max(self.measured, value)
+
+    def traffic(
+        self, start: float, seconds: float, gap: float, short_every: int, extra: int = 0
+    ) -> float:
+        """Calls `gap` apart for `seconds`, every `short_every`-th short, and `extra`
+        short calls besides, spread evenly over the time; returns when it ended."""
+        calls = [(start + gap * n, (n + 1) % short_every == 0) for n in range(int(seconds / gap))]
+        calls += [(start + seconds * (n + 0.5) / extra, True) for n in range(extra)]
+        for ts, short in sorted(calls):
+            self.call(ts, short)
+        return start + seconds
+
+    def most(self) -> float | None:
+        value, self.measured = self.measured, None
+        return value
+
+
+@pytest.mark.parametrize("gap", [0.2, 4.0], ids=["busy menu", "quiet menu"])
+def test_a_campaign_at_the_usual_share_is_no_burst_and_a_burst_is(gap: float) -> None:
+    # An hour at the menu's usual 5 % short ...
+    menu = Menu(share_rule(), "1")
+    end = menu.traffic(T0, 3600, gap, 20)
+    menu.most()
+    # ... then half an hour five times as busy, at the same share: no surprise.
+    end = menu.traffic(end, 1800, gap / 5, 20)
+    campaign = menu.most()
+    assert campaign is not None and campaign < 3.5
+    # Back to usual; then thirty extra short calls within a minute.
+    end = menu.traffic(end, 900, gap, 20)
+    menu.most()
+    menu.traffic(end, 60, gap, 20, extra=30)
+    burst = menu.most()
+    assert burst is not None and burst >= 5
+
+
+def test_a_new_menu_is_judged_against_its_peers_from_their_first_calls() -> None:
+    rule = share_rule()
+    known = Menu(rule, "1")
+    end = known.traffic(T0, 1200, 0.5, 20)
+    fresh = Menu(rule, "9")
+    fresh.states = known.states  # one rule: its entities' states side by side
+    for n in range(25):
+        fresh.call(end + 3.0 * n, True)
+    value = fresh.most()
+    assert value is not None and value >= 5, "25 short calls where peers make 5 % short"
+
+
+def test_nothing_is_judged_before_a_usual_or_peers_are_known() -> None:
+    menu = Menu(share_rule(), "1")
+    for n in range(int(PEERS_WARM) - 1):
+        menu.call(T0 + n * 0.1, True)
+    assert menu.most() is None
+
+
+def test_a_few_extra_hits_in_a_menu_of_a_few_calls_are_too_few() -> None:
+    # Peers at 5 %; a quiet menu with 3 short of 4 calls: surprising, but fewer than
+    # min_excess (8) beyond the usual.
+    rule = share_rule()
+    busy = Menu(rule, "1")
+    end = busy.traffic(T0, 600, 0.5, 20)
+    quiet = Menu(rule, "2")
+    quiet.states = busy.states
+    for n in range(4):
+        quiet.call(end + 10.0 * n, n < 3)
+    assert quiet.most() == 0.0
+
+
+@pytest.mark.parametrize(("hits", "expected"), [(12, 2.0), (20, 6.0), (40, 20.0), (130, 100.0)])
+def test_surprise_is_close_to_the_exact_poisson_tail(hits: int, expected: float) -> None:
+    tail = 1.0 - sum(
+        math.exp(-expected + k * math.log(expected) - math.lgamma(k + 1)) for k in range(hits)
+    )
+    exact = NormalDist().inv_cdf(1.0 - tail)
+    assert surprise(float(hits), expected) == pytest.approx(exact, abs=0.35)
+    assert surprise(expected, expected) == 0.0
+    assert surprise(float(hits), 0.0) == 0.0
+
+
+def test_only_a_share_rule_dumps_the_share_keys_so_other_rules_keep_their_logic() -> None:
+    # A rule's logic hash is made from its aggregate's dump: keys every rule gained
+    # would change every rule's hash, and a snapshot of an earlier build would then
+    # restore no rule's window.
+    count = RuleSpec.model_validate(
+        {
+            "id": "count",
+            "title": "count",
+            "severity": "low",
+            "aggregate": {"type": "count", "group_by": "menu", "window": 300},
+            "condition": {"threshold": 5},
+        }
+    )
+    assert not {"usual_over", "peer_weight", "min_excess"} & set(count.aggregate.model_dump())
+    share = share_rule(usual_over=7200).spec.aggregate.model_dump()
+    assert share["usual_over"] == 7200 and share["min_excess"] == 8

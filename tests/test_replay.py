@@ -283,6 +283,46 @@ def test_column_wise_reading_agrees_with_row_by_row_validation(fmt: str, tmp_pat
     assert kinds.count("CallEvent") == 6 and kinds.count("Reject") == 8
 
 
+# Times where polars' round(6) and Python's round(ts, 6) disagree by a microsecond:
+# digits past the microsecond, and times past 2^32 s (found by the csv fuzz target, as
+# a file read in parts that was not the file read whole).
+_AWKWARD_TIMES: list[object] = [
+    "2206-11-02T14:00:00.385+00:00",
+    "1912923437.7565895",
+    "3784870617.3633934",
+    "92297589.8782645",
+    "7473823200.385",
+    "2026-11-03T08:00:00.123456+00:00",
+    "1795860000",
+]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "times"),
+    [
+        ("csv", _AWKWARD_TIMES),
+        ("parquet", _AWKWARD_TIMES),
+        ("parquet", [1912923437.7565895, 92297589.8782645, 7473823200.385, 1795860000.25]),
+    ],
+)
+def test_column_wise_times_are_the_row_by_row_parsers_to_the_microsecond(
+    fmt: str, times: list[object], tmp_path: Path
+) -> None:
+    frame = pl.DataFrame(
+        {
+            "ts": times,
+            "call_id": [f"c{n}" for n in range(len(times))],
+            **{c: ["1"] * len(times) for c in ("serial", "menu_id")},
+            "state": ["OK"] * len(times),
+            **{c: ["100"] * len(times) for c in ("caller", "callee", "forward", "menu_name")},
+        }
+    )
+    path = tmp_path / f"times.{fmt}"
+    frame.write_csv(path) if fmt == "csv" else frame.write_parquet(path)
+    items = read_event_file(path)
+    assert [getattr(item, "ts", None) for item in items] == [parse_ts(t) for t in times]
+
+
 _FILE_ROWS = st.lists(
     # (seconds after the first, what is wrong with the row: nothing, its state, its
     # time, or nothing but a time polars does not read: Python's ISO-8601 with a space)

@@ -35,9 +35,11 @@
    receiver and the lake writer within their bounds, the snapshot's share within
    20 %, the tracker's evictions counted.
 7. The fuzz targets for their long budgets (bench/fuzz.py): started in the background
-   at the soak's start, beside parts 1-6 (they are CPU-bound, parts 1-4 wait mostly on
-   sockets and disks), `--fuzz-jobs` targets at a time, and collected at its end; each
-   target's own output is kept in the logs folder the soak names.
+   at the soak's start, beside parts 1-6 (each target is one process; parts 1-4 wait
+   mostly on sockets and disks), `--fuzz-jobs` targets at a time, and collected at its
+   end; each target's own output is kept in the logs folder the soak names.
+   `--fuzz-seconds` stops each target after that long: a target stopped short of its
+   budget is reported so and fails the soak (the goal not met).
 Prints each part's figures and wall time as it ends, then the goal figures beside the
 goals (issue 23) and the total wall time; exits 1 if any part failed.
 """

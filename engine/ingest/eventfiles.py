@@ -300,7 +300,10 @@ def _csv_rows(path: Path, data: bytes, line_offset: int = 0) -> Iterator[Row]:
         elif len(fields) < len(columns):
             yield number, (RejectReason.MISSING_FIELDS, counts, raw)
         else:
-            yield number, dict(zip(columns, fields, strict=True))
+            # The columns polars' path keeps, in its order: a reject's row (its raw JSON)
+            # is then the same whichever path read the row.
+            row = dict(zip(columns, fields, strict=True))
+            yield number, {name: row[name] for name in KEPT if name in row}
 
 
 def _lone_surrogate(line: str, row: Mapping[str, Any]) -> str | None:

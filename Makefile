@@ -82,10 +82,12 @@ bench: setup
 	$(BIN)/python bench/detection.py --scenarios data/scenarios
 	$(BIN)/python bench/console.py
 
-# Faults at length (kills, loss, a full disk, the fuzz targets' long budgets): about an
-# hour on two cores; the figures go to bench/README.md.
+# Faults at length (kills, loss, a full disk, the fuzz targets' long budgets): more than
+# an hour on two cores; the figures go to bench/README.md. SOAK_ARGS passes options
+# (`bench/soak.py --help`), e.g. SOAK_ARGS="--fuzz-jobs 4 --fuzz-seconds 900".
+SOAK_ARGS ?=
 soak: setup
-	$(BIN)/python bench/soak.py
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

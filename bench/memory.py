@@ -1,7 +1,16 @@
 """Memory under many distinct callers: `serve` with default settings, flooded with calls
-whose callers and callees are all different (an OK and a Bye each), until `--calls`.
+whose callers and callees are all different, until `--calls`.
 
-    .venv/bin/python bench/memory.py [--calls 10000000] [--window 2000]
+    .venv/bin/python bench/memory.py [--calls 10000000] [--window 2000] [--bye]
+
+Each call is one report, an OK whose Bye never comes: every call stays in progress
+until `detection.max_open_calls` (a million) is reached, and from then on the call
+tracker holds that many and finishes the oldest early (counted as evicted). So the
+flood holds the tracker at its bound whatever its rate, with as many distinct
+callers and callees as calls, for half the reports (and half the lake writer's work)
+of an OK and a Bye per call. `--bye` sends the Bye too (two reports a call, each
+call finished `settle_s` after it: the tracker then holds only the last seconds'
+calls).
 
 The receiver (serve's main process) and the lake writer are sampled every 0.1 s
 (VmRSS, and VmHWM: the kernel's own peak). Printed at the end:
@@ -18,6 +27,7 @@ the snapshot adding at most 20 % to the lake writer's peak.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import select
@@ -91,22 +101,24 @@ class Sampler(threading.Thread):
                 self.peaks[name] = max(self.peaks[name], peak)
 
 
-def flood(port: int, calls: int, window: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
-    """Each call an OK then a Bye, from its own caller to its own callee, keeping at
-    most `window` reports unanswered; a report unanswered for 3 s is sent again."""
+def flood(port: int, calls: int, window: int, bye: bool, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    """Each call an OK (then a Bye with `bye`), from its own caller to its own callee,
+    keeping at most `window` reports unanswered; a report unanswered for 3 s is sent
+    again."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
     sock.connect(("127.0.0.1", port))
     sock.setblocking(False)
     outstanding: dict[bytes, tuple[float, bytes]] = {}
-    total = 2 * calls
+    per_call = 2 if bye else 1
+    total = per_call * calls
     sent = answered = resent = 0
     started = time.monotonic()
     last_progress = started
 
     def report(n: int) -> tuple[bytes, bytes]:
-        call, second = divmod(n, 2)
+        call, second = divmod(n, per_call)
         key = f"mem{call:x}@10.0.0.5,{second + 1}".encode()
         state = b"Bye" if second else b"OK"
         body = b"%s,%s,86%011d,44%011d,,12,Main menu" % (key, state, call, call)
@@ -159,7 +171,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--calls", type=int, default=10_000_000)
     parser.add_argument("--window", type=int, default=2000)
+    parser.add_argument("--bye", action="store_true", help="an OK and a Bye a call")
     parser.add_argument("--keep", action="store_true", help="keep the data dir")
+    parser.add_argument("--json", default="", help="also write the figures to this file")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="callsentry-memory-"))
     data_dir = work / "data"
@@ -193,7 +207,7 @@ def main() -> int:
         sampler = Sampler(serve.pid)
         sampler.start()
         queue: mp.Queue = mp.Queue()  # type: ignore[type-arg]
-        sender = mp.Process(target=flood, args=(port, args.calls, args.window, queue))
+        sender = mp.Process(target=flood, args=(port, args.calls, args.window, args.bye, queue))
         sender.start()
         sent = queue.get()
         sender.join()
@@ -207,6 +221,14 @@ def main() -> int:
         # Calls finish `settle_s` of event time after their Bye (the ticks bring it).
         time.sleep(10.0)
         sampler.sample()
+        evicted = {
+            name: int(metric(metrics_port, f"callsentry_evicted_{name}_total") or 0)
+            for name in ("calls", "keys")
+        }
+        print(
+            f"evicted: {evicted['calls']:,} calls in progress (max_open_calls), "
+            f"{evicted['keys']:,} rule entities (max_keys_per_rule)"
+        )
         flood_peaks = dict(sampler.peaks)
         # From here the lake writer's own peak is the snapshot's: the kernel's
         # high-water mark is reset (clear_refs 5), and its resident size now noted.
@@ -249,7 +271,29 @@ def main() -> int:
             and peak <= 1.2 * max(flood_peaks["writer"], 1)
         )
         print(f"bounds (400 MiB, 1.5 GiB, snapshot 20 %): {'held' if within else 'NOT held'}")
-        return 0 if stored == distinct == sent["answered"] and within else 1
+        # Past `max_open_calls` calls without a Bye the tracker must have hit its bound.
+        from engine.apps.settings import DetectionSettings
+
+        bound = DetectionSettings().max_open_calls
+        exercised = args.bye or args.calls <= bound or evicted["calls"] > 0
+        if not exercised:
+            print("the call tracker's bound was never reached: 0 calls evicted")
+        if args.json:
+            figures = {
+                "answered": sent["answered"],
+                "seconds": round(sent["seconds"]),
+                "stored": stored,
+                "stored_twice": stored - distinct,
+                "receiver_peak_mib": receiver_peak // MiB,
+                "writer_peak_mib": peak // MiB,
+                "writer_flood_peak_mib": flood_peaks["writer"] // MiB,
+                "snapshot_adds_pct": round(100 * (peak / max(flood_peaks["writer"], 1) - 1)),
+                "snapshot_mib": size // MiB,
+                "evicted_calls": evicted["calls"],
+                "evicted_keys": evicted["keys"],
+            }
+            Path(args.json).write_text(json.dumps(figures))
+        return 0 if stored == distinct == sent["answered"] and within and exercised else 1
     finally:
         if serve.poll() is None:
             serve.kill()

@@ -283,6 +283,65 @@ def test_column_wise_reading_agrees_with_row_by_row_validation(fmt: str, tmp_pat
     assert kinds.count("CallEvent") == 6 and kinds.count("Reject") == 8
 
 
+# Times where polars' round(6) and Python's round(ts, 6) disagree by a microsecond:
+# digits past the microsecond, and times past 2^32 s (found by the csv fuzz target, as
+# a file read in parts that was not the file read whole).
+_AWKWARD_TIMES: list[object] = [
+    "2206-11-02T14:00:00.385+00:00",
+    "1912923437.7565895",
+    "3784870617.3633934",
+    "92297589.8782645",
+    "7473823200.385",
+    "2026-11-03T08:00:00.123456+00:00",
+    "1795860000",
+]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "times"),
+    [
+        ("csv", _AWKWARD_TIMES),
+        ("parquet", _AWKWARD_TIMES),
+        ("parquet", [1912923437.7565895, 92297589.8782645, 7473823200.385, 1795860000.25]),
+    ],
+)
+def test_column_wise_times_are_the_row_by_row_parsers_to_the_microsecond(
+    fmt: str, times: list[object], tmp_path: Path
+) -> None:
+    frame = pl.DataFrame(
+        {
+            "ts": times,
+            "call_id": [f"c{n}" for n in range(len(times))],
+            **{c: ["1"] * len(times) for c in ("serial", "menu_id")},
+            "state": ["OK"] * len(times),
+            **{c: ["100"] * len(times) for c in ("caller", "callee", "forward", "menu_name")},
+        }
+    )
+    path = tmp_path / f"times.{fmt}"
+    frame.write_csv(path) if fmt == "csv" else frame.write_parquet(path)
+    items = read_event_file(path)
+    assert [getattr(item, "ts", None) for item in items] == [parse_ts(t) for t in times]
+
+
+def test_a_csv_reject_keeps_the_same_row_whichever_path_reads_it(tmp_path: Path) -> None:
+    # Columns of its own and in its own order: read column-wise (every row one good
+    # line) or row by row (a short row elsewhere in the file), a reject's raw row holds
+    # the same columns in the same order (found by the csv fuzz target, as a file read in
+    # parts that was not the file read whole).
+    header = "menu_name,extra,ts,call_id,serial,state,caller,callee,forward,menu_id\n"
+    bad = "M,x,2026-11-03T08:00:00+00:00,\x16a1,1,180,100,200,,7\n"
+    short = "M,x,2026-11-03T08:00:01+00:00\n"
+    column_wise, row_by_row = tmp_path / "fast.csv", tmp_path / "slow.csv"
+    column_wise.write_text(header + bad)
+    row_by_row.write_text(header + bad + short)
+    fast, slow = read_event_file(column_wise), read_event_file(row_by_row)
+    assert isinstance(fast[0], Reject) and isinstance(slow[0], Reject)
+    assert json.loads(slow[0].raw) == json.loads(fast[0].raw)
+    assert list(json.loads(slow[0].raw)) == list(json.loads(fast[0].raw))
+    same = ("ts", "reason", "detail", "raw", "call_id", "serial")
+    assert [getattr(slow[0], f) for f in same] == [getattr(fast[0], f) for f in same]
+
+
 _FILE_ROWS = st.lists(
     # (seconds after the first, what is wrong with the row: nothing, its state, its
     # time, or nothing but a time polars does not read: Python's ISO-8601 with a space)

@@ -300,7 +300,10 @@ def _csv_rows(path: Path, data: bytes, line_offset: int = 0) -> Iterator[Row]:
         elif len(fields) < len(columns):
             yield number, (RejectReason.MISSING_FIELDS, counts, raw)
         else:
-            yield number, dict(zip(columns, fields, strict=True))
+            # The columns polars' path keeps, in its order: a reject's row (its raw JSON)
+            # is then the same whichever path read the row.
+            row = dict(zip(columns, fields, strict=True))
+            yield number, {name: row[name] for name in KEPT if name in row}
 
 
 def _lone_surrogate(line: str, row: Mapping[str, Any]) -> str | None:
@@ -356,9 +359,21 @@ def _json_rows(path: Path) -> Iterator[Row]:
 _PLAIN_TEXT = (pl.String, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32)
 
 
+# Times from 2^32 s (the year 2106) on are left to the row-by-row parser (see below).
+_COLUMN_TS_BELOW = float(1 << 32)
+
+
 def _epoch_seconds(column: pl.Series) -> pl.Series:
     """Event times as epoch seconds, column-wise; null where the row needs a closer look
-    (the row-by-row parser then says exactly what is wrong with it)."""
+    (the row-by-row parser then says exactly what is wrong with it).
+
+    A time taken here must be the very float `parse_ts` makes of the row: Python's
+    round(ts, 6), correctly rounded, where polars' round(6) multiplies and divides and
+    differs by a microsecond for a time with digits past the microsecond (a text
+    "1912923437.7565895"; a float column) or a large one (the year 2206). Below
+    2^32 s a time polars' round(6) leaves as it is (whole microseconds, as every
+    ISO-8601 time polars reads is) is one Python's round leaves too; any other time
+    gets the closer look."""
     if column.dtype == pl.String:
         text = column.str.strip_chars()
         iso = text.str.to_datetime(
@@ -373,8 +388,13 @@ def _epoch_seconds(column: pl.Series) -> pl.Series:
         seconds = column.cast(pl.Float64)
     else:
         return pl.Series([None] * len(column), dtype=pl.Float64)
-    in_range = seconds.is_finite() & (seconds >= 0) & (seconds < 32_503_680_000)
-    return seconds.round(6).zip_with(in_range.fill_null(False), pl.Series([None], dtype=pl.Float64))
+    exact = (
+        seconds.is_finite()
+        & (seconds >= 0)
+        & (seconds < _COLUMN_TS_BELOW)
+        & (seconds.round(6) == seconds)
+    )
+    return seconds.zip_with(exact.fill_null(False), pl.Series([None], dtype=pl.Float64))
 
 
 # Python's whitespace (what str.strip() removes; none is above U+3000), as a class

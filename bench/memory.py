@@ -4,7 +4,7 @@ whose callers and callees are all different, until `--calls`.
     .venv/bin/python bench/memory.py [--calls 10000000] [--window 2000] [--bye]
 
 Each call is one report, an OK whose Bye never comes: every call stays in progress
-until `detection.max_open_calls` (a million) is reached, and from then on the call
+until `detection.max_open_calls` (200,000 by default) is reached, and from then on the call
 tracker holds that many and finishes the oldest early (counted as evicted). So the
 flood holds the tracker at its bound whatever its rate, with as many distinct
 callers and callees as calls, for half the reports (and half the lake writer's work)

@@ -264,7 +264,7 @@ class DetectionSettings(_Section):
     abandon_s: float = Field(default=10.0, ge=0)
     # At most this many calls in progress are tracked; past it the oldest are
     # finished as timed out (a flood of calls that never end costs bounded memory).
-    max_open_calls: int = Field(default=1_000_000, ge=1000)
+    max_open_calls: int = Field(default=200_000, ge=1000)
     # With no report for this long, the receiver journals a tick so event time
     # (and call timeouts) move on while traffic is quiet.
     tick_s: float = Field(default=5.0, gt=0)

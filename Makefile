@@ -78,8 +78,8 @@ bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/replay.py --rounds 5
 	$(BIN)/python bench/stream.py --rounds 3
-	$(BIN)/python bench/detection.py --seeds 10
-	$(BIN)/python bench/detection.py --scenarios data/scenarios
+	$(BIN)/python bench/detection.py --seeds 10 --default-region CN
+	$(BIN)/python bench/detection.py --scenarios data/scenarios --default-region CN
 	$(BIN)/python bench/console.py
 
 # Faults at length (kills, loss, a full disk, the fuzz targets' long budgets): more than

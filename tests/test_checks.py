@@ -103,6 +103,9 @@ def rules_folder(root: Path, rules: dict[str, tuple[str, str]]) -> Path:
     return folder
 
 
+SERVE = [sys.executable, "-m", "engine", "serve"]
+
+
 @contextmanager
 def serving(
     root: Path, receiver: str, rules: Path, more: str = ""
@@ -122,7 +125,8 @@ def serving(
     log = root / "serve.log"
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", "--config", str(config)],
+            # Metrics on any free port: another serve on this machine may hold the default.
+            [*SERVE, "--config", str(config), "--metrics", "127.0.0.1:0"],
             cwd=ROOT,
             env=_env(),
             stdout=out,

@@ -4,6 +4,7 @@ rules and their errors, hot reload, and the scenario library caught as labelled.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -899,7 +900,7 @@ def test_a_selector_reads_each_field_of_a_call_as_it_is() -> None:
         found = DESTINATIONS.of(getattr(call, number))
         if part == "abroad":
             home = DESTINATIONS.plan.default_region
-            return found.country != home if found.country else None
+            return found.country != home if found.country and home else None
         return {"country": found.country, "type": found.kind, "valid": found.valid}[part]
 
     for call in calls:
@@ -922,3 +923,26 @@ def test_a_condition_holds_as_its_operator_says(op: str) -> None:
     if expected is None:
         expected = {"<=": [True, True, False], "<": [True, False, False]}[op]
     assert [rule.condition.holds(value) for value in (4.999, 5.0, 5.001)] == expected
+
+
+def test_no_number_is_abroad_until_the_site_has_a_region() -> None:
+    """Unset, a site's own numbers in international form would all read as abroad (and
+    new-forward-abroad would take every forward number written so for IRSF)."""
+    tracker = CallTracker(settle_s=1.0)
+    for serial, state in ((1, CallState.ANSWERED), (2, CallState.HANGUP)):
+        tracker.observe(
+            CallEvent(
+                float(serial), "a", serial, state, 200, "+8613800000001", "+37163123456",
+                "+864008005001", "7", "Main", "t",
+            )
+        )  # fmt: skip
+    (call,) = tracker.advance(1_000.0)
+    fields = ["caller_abroad", "callee_abroad", "forward_abroad"]
+    every = Selector([(True, [(name, EQ, None) for name in fields])])
+    plan = DESTINATIONS.plan
+    try:
+        for region, expected in (("", [None, None, None]), ("CN", [False, True, False])):
+            DESTINATIONS.use(dataclasses.replace(plan, default_region=region))
+            assert every.values_of(call) == expected, region
+    finally:
+        DESTINATIONS.use(plan)

@@ -369,6 +369,9 @@ class Concurrent(Aggregate):
         if field is None:
             return live
         value = field.text(call)
+        if not value:
+            # A call with no value of the field (no menu) says nothing of what it shares.
+            return []
         return [c for c in live if field.text(c) == value]
 
 
@@ -470,8 +473,9 @@ class ShareState(CountState):
 # one, the last two, ... all of them): a burst is found over about its own length,
 # however long it lasts within the window.
 SHARE_BUCKETS: Final = 20
-# Calls every entity together must have taken before their share is a usual to judge by.
-PEERS_WARM: Final = 200.0
+# Calls every entity together must have taken (counted whole, not decayed: a quiet site
+# of fewer calls an hour than this warms up too) before their share is a usual to judge by.
+PEERS_WARM: Final = 200
 
 
 def surprise(hits: float, expected: float) -> float:
@@ -511,6 +515,7 @@ class UnusualShare(Aggregate):
         self.peer_calls = 0.0
         self.peer_hits = 0.0
         self.peer_at = 0.0
+        self.peer_seen = 0
 
     def new_state(self, now: float) -> EntityState:
         return ShareState()
@@ -561,6 +566,7 @@ class UnusualShare(Aggregate):
     def _learn_peers(self, now: float, hit: bool) -> None:
         kept = self._decay(self.peer_at, now)
         self.peer_calls = self.peer_calls * kept + 1.0
+        self.peer_seen += 1
         self.peer_hits = self.peer_hits * kept + (1.0 if hit else 0.0)
         if now > self.peer_at:
             self.peer_at = now
@@ -570,7 +576,7 @@ class UnusualShare(Aggregate):
         kept = self._decay(share.usual_at, self.peer_at)
         calls = share.usual_calls * kept
         hits = share.usual_hits * kept
-        if self.peer_calls >= PEERS_WARM:
+        if self.peer_seen >= PEERS_WARM and self.peer_calls > 0.0:
             weight = self.peer_weight
             calls += weight
             hits += weight * self.peer_hits / self.peer_calls

@@ -166,10 +166,10 @@ class Valid(CallField):
 
 class Abroad(CallField):
     """Whether a number leads out of the site's region: True when its plan's region is
-    known and is not `default_region` (with no default region set, any number whose
-    region is known: only numbers in international form have one), False when it is
-    the site's region, None when its region is unknown (no number, a national form with
-    no default region, a country code no plan has)."""
+    known and is not `default_region`, False when it is the site's region, None when
+    either is unknown (no number, a country code no plan has, and every number while
+    `detection.default_region` is unset: without it a site's own numbers written in
+    international form would all read as abroad)."""
 
     def __init__(self, which: NumberOf, book: Destinations = DESTINATIONS) -> None:
         self.which = which
@@ -177,10 +177,13 @@ class Abroad(CallField):
         self.cache: dict[str, Destination] = book.cache
 
     def read(self, call: Call) -> object:
+        home = self.book.plan.default_region
+        if not home:
+            return None
         country = _destination(self.which, self.cache, self.book, call).country
         if not country:
             return None
-        return country != self.book.plan.default_region
+        return country != home
 
 
 class SiteClock:

@@ -7,12 +7,14 @@ expected per entity; an empty `expect` means the rule must stay silent.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from engine.core.events import CallEvent, CallState
 from engine.detect.calls import CallTracker
 from engine.detect.detectors import Models, NoModels
 from engine.detect.evaluate import CompiledRule
+from engine.detect.numbers import DESTINATIONS
 from engine.detect.pipeline import Pipeline
 from engine.detect.rules import RuleSet
 from engine.detect.schema import RuleTest, TestCalls
@@ -92,10 +94,18 @@ def run_test(
     pipeline = Pipeline(RuleSet([fresh], lists, needed), CallTracker())
     events = [e for i, s in enumerate(test.calls) for e in expand(s, test.name, i)]
     events.sort(key=lambda e: (e.ts, e.call_id, e.serial))
-    output = pipeline.feed(events)
-    last = events[-1].ts if events else TEST_EPOCH
-    tracker = pipeline.tracker
-    output.extend(pipeline.advance(last + max(tracker.settle_s, tracker.ring_timeout_s) + 1))
+    plan, cache_size = DESTINATIONS.plan, DESTINATIONS.cache_size
+    if test.region is not None:
+        DESTINATIONS.use(dataclasses.replace(plan, default_region=test.region), cache_size)
+    try:
+        output = pipeline.feed(events)
+        last = events[-1].ts if events else TEST_EPOCH
+        tracker = pipeline.tracker
+        settled = last + max(tracker.settle_s, tracker.ring_timeout_s) + 1
+        output.extend(pipeline.advance(settled))
+    finally:
+        if test.region is not None:
+            DESTINATIONS.use(plan, cache_size)
     actual: dict[str, int] = {}
     levels: dict[str, str] = {}
     for alert in output.alerts:

@@ -28,6 +28,7 @@ from pydantic import (
 
 from engine.core.durations import Duration
 from engine.core.text import check_template
+from engine.detect.numbers import check_region
 
 FieldName = Literal[
     "caller",
@@ -442,6 +443,14 @@ class RuleTest(_Strict):
     name: str = Field(min_length=1)
     calls: list[TestCalls] = Field(min_length=1)
     expect: list[TestExpect] = Field(default_factory=list)
+    # The site's region the test runs in (`detection.default_region`: what national
+    # forms belong to, and what the `*_abroad` fields read as home); unset: none.
+    region: str | None = None
+
+    @field_validator("region")
+    @classmethod
+    def _region_known(cls, value: str | None) -> str | None:
+        return None if value is None else check_region(value)
 
 
 class RuleSpec(_Strict):

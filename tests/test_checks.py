@@ -241,8 +241,14 @@ def test_checks_are_answered_and_stored_but_reach_no_relay_target(tmp_path: Path
             send("127.0.0.1", target, checks)  # each answered (send asserts it)
             send("127.0.0.3", target, others)
             wait_for(lambda: consumer.received_keys() >= wanted, 60, "reports relayed")
+            # A segment's tables are written one file after another: wait for both.
             wait_for(
-                lambda: count(data_dir, "SELECT count(*) FROM events") == 6, 60, "events stored"
+                lambda: (
+                    count(data_dir, "SELECT count(*) FROM events") == 6
+                    and count(data_dir, "SELECT count(*) FROM checks") == 6
+                ),
+                60,
+                "events and checks stored",
             )
             stored = query(data_dir, "SELECT DISTINCT call_id FROM checks ORDER BY 1")
             assert [row[0] for row in stored] == sorted({e.call_id for e in checks})

@@ -18,6 +18,7 @@ from engine.alerts.actionspec import Match
 from engine.alerts.notify import NotifySink, Route
 from engine.alerts.outbox import Outbox, outbox_path
 from engine.apps.cli import main
+from engine.apps.lakewriter import AlertTally
 from engine.apps.replay import replay
 from engine.core.events import CallEvent
 from engine.core.yamlfile import YamlFileError
@@ -128,6 +129,10 @@ def test_a_bad_hour_or_weekday_selection_is_refused_naming_the_field(
 def test_a_warning_alert_escalates_once_with_the_same_alert_id(tmp_path: Path) -> None:
     alerts = run(rule_folder(tmp_path), [burst(14)])
     raised, escalation = alerts
+    # The metrics' count by rule: one alert, as the lake writer's total has it.
+    tally = AlertTally(None)
+    tally.deliver(alerts)
+    assert dict(tally.counts) == {(raised.rule_id, raised.severity, "alert"): 1}
     assert (raised.kind, raised.level, raised.value, raised.threshold) == (
         "alert",
         "warning",

@@ -488,7 +488,9 @@ class AlertTally:
         self.counts: Counter[tuple[str, str, str]] = Counter()
 
     def deliver(self, alerts: Sequence[Alert]) -> None:
-        self.counts.update((a.rule_id, a.severity, a.mode) for a in alerts)
+        # An escalation is the same alert at a higher level, not another one (as the
+        # lake writer's own alert count has it).
+        self.counts.update((a.rule_id, a.severity, a.mode) for a in alerts if not a.escalation)
 
     def send(self) -> None:
         if self.counts:

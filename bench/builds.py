@@ -72,21 +72,25 @@ def _events(
         return sum(1 for _ in handle) - 1
 
 
-def _replay(build: Path, events: Path, data_dir: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the process and its children)."""
-    env = {**os.environ, "CALLSENTRY_DETECTION__ALERTS_JSONL": '"off"'}
+def timed_run(argv: list[str], cwd: Path, env: dict[str, str], what: str) -> tuple[float, float]:
+    """Run `argv` to its end: (wall seconds, CPU seconds of the process and its
+    children); exits naming `what` with the end of its output when it fails."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run(
-        [str(_python(build)), "-m", "engine", "replay", str(events), "--data-dir", str(data_dir)],
-        cwd=build, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
-        raise SystemExit(f"replay by {build} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        raise SystemExit(f"{what} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return wall, cpu
+
+
+def _replay(build: Path, events: Path, data_dir: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and its children)."""
+    env = {**os.environ, "CALLSENTRY_DETECTION__ALERTS_JSONL": '"off"'}
+    argv = [str(_python(build)), "-m", "engine", "replay", str(events), "--data-dir", str(data_dir)]
+    return timed_run(argv, build, env, f"replay by {build}")
 
 
 def main() -> int:

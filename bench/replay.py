@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import duckdb  # noqa: E402
 
+from bench.builds import timed_run  # noqa: E402
 from engine.apps.lakewriter import load_detectors  # noqa: E402
 from engine.core.events import CallEvent, CallState  # noqa: E402
 from engine.core.runtime import tune_gc_for_detection  # noqa: E402
@@ -144,18 +145,8 @@ def replay_process(events_file: Path, data_dir: Path, models: bool) -> tuple[flo
         "CALLSENTRY_DETECTION__ALERTS_JSONL": '"off"',
         "CALLSENTRY_DETECTION__MODELS_ENABLED": "true" if models else "false",
     }
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    done = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "callsentry"), "replay", str(events_file),
-         "--data-dir", str(data_dir)],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"replay failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    argv = [str(ROOT / ".venv" / "bin" / "callsentry"), "replay", str(events_file)]
+    wall, cpu = timed_run([*argv, "--data-dir", str(data_dir)], ROOT, env, "replay")
     with duckdb.connect() as con:
         alerts = con.execute(
             "SELECT count(DISTINCT alert_id) FROM read_parquet(?)",

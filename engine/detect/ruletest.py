@@ -7,8 +7,7 @@ expected per entity; an empty `expect` means the rule must stay silent.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.core.events import CallEvent, CallState
 from engine.detect.calls import CallTracker
@@ -96,7 +95,7 @@ def run_test(
     events.sort(key=lambda e: (e.ts, e.call_id, e.serial))
     plan, cache_size = DESTINATIONS.plan, DESTINATIONS.cache_size
     if test.region is not None:
-        DESTINATIONS.use(dataclasses.replace(plan, default_region=test.region), cache_size)
+        DESTINATIONS.use(replace(plan, default_region=test.region), cache_size)
     try:
         output = pipeline.feed(events)
         last = events[-1].ts if events else TEST_EPOCH

@@ -53,8 +53,8 @@ FieldName = Literal[
     "forward_country",
     "forward_type",
     "forward_valid",
-    # Whether the number leads out of the site's region (`detection.default_region`;
-    # unset: any number whose region is known); null when its region is unknown.
+    # Whether the number leads out of the site's region (`detection.default_region`);
+    # null when its region is unknown, and for every number while no region is set.
     "caller_abroad",
     "callee_abroad",
     "forward_abroad",

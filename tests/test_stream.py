@@ -83,6 +83,20 @@ def test_a_bad_row_in_one_part_leaves_the_other_parts_on_the_fast_path(tmp_path:
     assert [item.source for item in items[:3]] == ["events.csv:2", "events.csv:3", "events.csv:4"]
 
 
+def test_a_header_name_with_spaces_names_its_column_in_every_part(tmp_path: Path) -> None:
+    # Read whole, a bad byte sends the file row by row, whose header names are stripped;
+    # its first part has no bad byte and was read column-wise, where "call_id\v" named
+    # no column: the parts failed where the whole file did not.
+    path = tmp_path / "events.csv"
+    header = HEADER.replace(b"call_id,", b"call_id\x0b,").replace(b"ts,", b" ts ,")
+    path.write_bytes(header + b"".join(_line(n, n) for n in range(20)) + b"1795860099,c\xff,1\n")
+    whole = read_event_file(path)
+    assert len(whole) == 21 and whole[0].source == "events.csv:2"
+    parts = list(file_parts(path, part_bytes=200))
+    assert len(parts) > 2
+    assert [item for part in parts for item in part] == whole
+
+
 @given(
     rows=st.lists(st.tuples(st.integers(0, 30), st.booleans()), max_size=60),
     part_rows=st.integers(1, 25),

@@ -222,6 +222,10 @@ def _csv_data(path: Path, data: bytes, first_line: int) -> tuple[pl.DataFrame, i
         frame = pl.read_csv(data, infer_schema=False, encoding="utf8")
     except (UnicodeDecodeError, pl.exceptions.PolarsError):
         return _csv_rows(path, data, first_line - 2)
+    if any(name != name.strip() for name in frame.columns):
+        # The row reader strips the header's names ("call_id " is call_id); a part read
+        # here must name its columns as the same file read row by row does.
+        return _csv_rows(path, data, first_line - 2)
     _check_columns(path, frame.columns)
     if not _one_line_rows(data, frame.width, frame.height):
         return _csv_rows(path, data, first_line - 2)

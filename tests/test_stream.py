@@ -97,6 +97,25 @@ def test_a_header_name_with_spaces_names_its_column_in_every_part(tmp_path: Path
     assert [item for part in parts for item in part] == whole
 
 
+@pytest.mark.parametrize("end", [b"\r", b"\r\n", b'"\r"\n'])
+def test_a_header_line_ends_in_every_part_where_it_ends_read_whole(
+    tmp_path: Path, end: bytes
+) -> None:
+    # The row reader's lines end at \n, \r\n or a lone \r (bytes.splitlines); a part's
+    # header was cut at the first \n alone, so a lone \r in the header line made the
+    # parts' header another line than the whole file's.
+    path = tmp_path / "events.csv"
+    header = HEADER.rstrip(b"\n").replace(b"menu_name", b'"menu_name') + end
+    if not end.startswith(b'"'):
+        header = header.replace(b'"menu_name', b"menu_name")
+    path.write_bytes(header + b"".join(_line(n, n) for n in range(20)))
+    whole = read_event_file(path)
+    parts = list(file_parts(path, part_bytes=200))
+    # A quote the header line leaves open runs on past every part's end: one part.
+    assert len(parts) > 2 or end.startswith(b'"')
+    assert [item for part in parts for item in part] == whole
+
+
 @given(
     rows=st.lists(st.tuples(st.integers(0, 30), st.booleans()), max_size=60),
     part_rows=st.integers(1, 25),

@@ -782,6 +782,22 @@ def _line_count(data: bytes) -> int:
     )
 
 
+def _first_line_end(head: bytes) -> int:
+    """Where the header line ends as bytes.splitlines ends it (at \n, at the \n of \r\n,
+    or at a lone \r), the row reader's lines; -1 when `head` holds no certain end (none,
+    or a \r as its last byte, whose \n may be the next part's first)."""
+    ends = [at for at in (head.find(b"\n"), head.find(b"\r")) if at >= 0]
+    if not ends:
+        return -1
+    end = min(ends)
+    if head[end : end + 1] == b"\r":
+        if end + 1 == len(head):
+            return -1
+        if head[end + 1 : end + 2] == b"\n":
+            return end + 1
+    return end
+
+
 def _csv_parts(
     path: Path, part_bytes: int, first_bytes: int | None = None
 ) -> Iterator[tuple[bytes, int]]:
@@ -797,7 +813,7 @@ def _csv_parts(
             if len(head) <= part_bytes:
                 yield head, 2
                 return
-            newline = head.find(b"\n")
+            newline = _first_line_end(head)
             if newline < 0:
                 # No line ends in the first part: no row can be cut apart; read it whole.
                 yield head + handle.read(), 2

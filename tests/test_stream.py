@@ -47,6 +47,8 @@ _CSV_LINES = st.one_of(
             b"soon,c2,1,ok,100,200,,7,Main\n",
             b"1795860006,c3,1,ok,100,200,,7,Main\r\n",
             b'1795860007,"c,4",1,ok,"1""00",200,,7,"Main"\n',
+            b"2026-1-02T14:00:25+00:00,c5,1,ok,100,200,,7,Main\n",
+            b"2026-11-02T14:00:25.25+00:00,c5,1,ok,100,200,,7,Main\n",
         ]
     ),
 )
@@ -114,6 +116,19 @@ def test_a_header_line_ends_in_every_part_where_it_ends_read_whole(
     # A quote the header line leaves open runs on past every part's end: one part.
     assert len(parts) > 2 or end.startswith(b'"')
     assert [item for part in parts for item in part] == whole
+
+
+def test_a_time_the_row_parser_refuses_is_refused_column_wise_too(tmp_path: Path) -> None:
+    # polars reads "2026-1-02" (a one-digit month) as a time; Python's fromisoformat,
+    # the row parser's, does not: a clean file (read column-wise) and the same row in
+    # a part read row by row must say the same.
+    path = tmp_path / "events.csv"
+    rows = [b"2026-11-02T14:00:0%d.5+00:00,c%d,1,ok,100,200,,7,Main\n" % (n, n) for n in range(3)]
+    rows.append(b"2026-1-02T14:00:25+00:00,c9,1,ok,100,200,,7,Main\n")
+    path.write_bytes(HEADER + b"".join(rows))
+    items = read_event_file(path)
+    assert [type(item).__name__ for item in items] == ["CallEvent"] * 3 + ["Reject"]
+    assert items[3].reason.value == "bad_ts" and items[3].source == "events.csv:5"
 
 
 @given(

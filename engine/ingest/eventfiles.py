@@ -367,6 +367,9 @@ _PLAIN_TEXT = (pl.String, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UI
 _COLUMN_TS_BELOW = float(1 << 32)
 
 
+_ISO_SHAPE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?[+-]\d{2}:?\d{2}$"
+
+
 def _epoch_seconds(column: pl.Series) -> pl.Series:
     """Event times as epoch seconds, column-wise; null where the row needs a closer look
     (the row-by-row parser then says exactly what is wrong with it).
@@ -380,7 +383,10 @@ def _epoch_seconds(column: pl.Series) -> pl.Series:
     gets the closer look."""
     if column.dtype == pl.String:
         text = column.str.strip_chars()
-        iso = text.str.to_datetime(
+        # Only the shape Python's fromisoformat takes too: polars also reads one-digit
+        # months, days and hours ("2026-1-02"), which the row parser refuses.
+        shaped = text.str.contains(_ISO_SHAPE).fill_null(False)
+        iso = text.zip_with(shaped, pl.Series([None], dtype=pl.String)).str.to_datetime(
             format="%Y-%m-%dT%H:%M:%S%.f%:z", time_zone="UTC", strict=False, time_unit="us"
         )
         seconds = iso.dt.epoch("us").cast(pl.Float64) / 1e6

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from engine.apps.replay import replay
 from engine.ingest.eventfiles import (
+    EventFileError,
     EventStream,
     file_parts,
     read_event_file,
@@ -129,6 +130,21 @@ def test_a_time_the_row_parser_refuses_is_refused_column_wise_too(tmp_path: Path
     items = read_event_file(path)
     assert [type(item).__name__ for item in items] == ["CallEvent"] * 3 + ["Reject"]
     assert items[3].reason.value == "bad_ts" and items[3].source == "events.csv:5"
+
+
+@pytest.mark.parametrize("bad", [b"", b"c\xff"])
+def test_a_header_naming_a_column_twice_is_refused_by_every_reader(
+    tmp_path: Path, bad: bytes
+) -> None:
+    # Read row by row the last call_id held the value, column-wise the first: neither
+    # is certain, so the file is refused, whichever path reads it (a bad byte sends
+    # the whole file row by row).
+    path = tmp_path / "events.csv"
+    rows = b"".join(b"1795860%03d,c%d,1,ok,100,200,,7,Main,x%d\n" % (n, n, n) for n in range(30))
+    path.write_bytes(HEADER.rstrip(b"\n") + b",call_id\n" + rows + bad)
+    for read in (read_event_file, lambda p: list(file_parts(p, part_bytes=300))):
+        with pytest.raises(EventFileError, match="names call_id more than once"):
+            read(path)
 
 
 @given(

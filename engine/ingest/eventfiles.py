@@ -147,7 +147,13 @@ def _reject(
 
 
 def _check_columns(path: Path, columns: Iterable[str]) -> None:
-    present = set(columns)
+    names = list(columns)
+    present = set(names)
+    twice = [c for c in KEPT if names.count(c) > 1]
+    if twice:
+        # Which of the two holds the value? Readers differ (the last, or the first):
+        # the file says nothing certain, so it is refused.
+        raise EventFileError(f"{path}: the header names {', '.join(twice)} more than once")
     missing = [c for c in REQUIRED if c not in present]
     if missing:
         raise EventFileError(
@@ -222,8 +228,9 @@ def _csv_data(path: Path, data: bytes, first_line: int) -> tuple[pl.DataFrame, i
         frame = pl.read_csv(data, infer_schema=False, encoding="utf8")
     except (UnicodeDecodeError, pl.exceptions.PolarsError):
         return _csv_rows(path, data, first_line - 2)
-    if any(name != name.strip() for name in frame.columns):
-        # The row reader strips the header's names ("call_id " is call_id); a part read
+    if any(name != name.strip() or "_duplicated_" in name for name in frame.columns):
+        # The row reader strips the header's names ("call_id " is call_id) and refuses a
+        # name given twice (which polars renames "call_id_duplicated_0"): a part read
         # here must name its columns as the same file read row by row does.
         return _csv_rows(path, data, first_line - 2)
     _check_columns(path, frame.columns)

@@ -49,6 +49,7 @@ _CSV_LINES = st.one_of(
             b"1795860006,c3,1,ok,100,200,,7,Main\r\n",
             b'1795860007,"c,4",1,ok,"1""00",200,,7,"Main"\n',
             b"2026-1-02T14:00:25+00:00,c5,1,ok,100,200,,7,Main\n",
+            b'1795860008,c6,1,ok,100,200,40",7,Main\n',
             b"2026-11-02T14:00:25.25+00:00,c5,1,ok,100,200,,7,Main\n",
         ]
     ),
@@ -145,6 +146,20 @@ def test_a_header_naming_a_column_twice_is_refused_by_every_reader(
     for read in (read_event_file, lambda p: list(file_parts(p, part_bytes=300))):
         with pytest.raises(EventFileError, match="names call_id more than once"):
             read(path)
+
+
+def test_a_quote_inside_an_unquoted_field_opens_nothing_on_either_path(tmp_path: Path) -> None:
+    # `40"` is a character of its field to the csv module and polars; the row reader
+    # took any odd count of quotes for an open field and swallowed the next lines.
+    rows = [_line(n, n) for n in range(5)]
+    rows[2] = b'1795860002,c2,1,ok,100,200,40",7,Main\n'
+    clean, bad = tmp_path / "clean.csv", tmp_path / "bad.csv"
+    clean.write_bytes(HEADER + b"".join(rows))
+    bad.write_bytes(HEADER + b"".join(rows) + b"1795860009,c\xff,1\n")  # row by row
+    fast, slow = read_event_file(clean), read_event_file(bad)
+    assert [type(item).__name__ for item in fast] == ["CallEvent"] * 5
+    assert fast[2].forward == '40"' and fast[3].source == "clean.csv:5"
+    assert [(i.call_id, i.forward) for i in slow[:5]] == [(i.call_id, i.forward) for i in fast]
 
 
 @given(

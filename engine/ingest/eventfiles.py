@@ -261,6 +261,20 @@ def _one_line_rows(data: bytes, width: int, height: int) -> bool:
         return False
 
 
+def _quote_open(text: str) -> bool:
+    """Whether a row's text so far ends inside a quoted field, as the csv module (and
+    polars) read it: a quote opens a field only at the field's start; one inside an
+    unquoted field (`40"`) is a character of it, and opens nothing."""
+    if '"' not in text:
+        return False
+    try:
+        for _ in csv.reader([text], strict=True):
+            pass
+    except csv.Error as error:
+        return "unexpected end of data" in str(error)
+    return False
+
+
 def _csv_rows(path: Path, data: bytes, line_offset: int = 0) -> Iterator[Row]:
     """Rows of a CSV file one at a time, each from the line it starts on: a line that
     is not UTF-8 is rejected alone, a row with more or fewer fields than the header is
@@ -282,14 +296,16 @@ def _csv_rows(path: Path, data: bytes, line_offset: int = 0) -> Iterator[Row]:
             yield number, (RejectReason.UNDECODABLE, f"not UTF-8 text ({error.reason})", raw)
             continue
         end = index + 1
-        while text.count('"') % 2 and end < len(lines) and len(raw) <= MAX_ROW_BYTES:
+        open_ = _quote_open(text)
+        while open_ and end < len(lines) and len(raw) <= MAX_ROW_BYTES:
             try:
                 text += lines[end].decode("utf-8")
             except UnicodeDecodeError:
                 break
             raw += lines[end]
             end += 1
-        if text.count('"') % 2:
+            open_ = _quote_open(text)
+        if open_:
             # Unclosed: this line alone is rejected; the lines it swallowed are read.
             index += 1
             yield (
@@ -744,26 +760,26 @@ def _row_end(lines: list[bytes], index: int) -> int | None:
     """Where the CSV row starting at `lines[index]` ends as `_csv_rows` reads it (the
     index of the line after it), or None when that depends on lines after `lines`."""
     raw = lines[index]
-    if not raw.count(b'"') % 2:
+    if b'"' not in raw:
         return index + 1
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return index + 1
-    quotes = raw.count(b'"')
+    open_ = _quote_open(text)
     end = index + 1
-    while quotes % 2 and len(raw) <= MAX_ROW_BYTES:
+    while open_ and len(raw) <= MAX_ROW_BYTES:
         if end == len(lines):
             return None
         try:
-            lines[end].decode("utf-8")
+            text += lines[end].decode("utf-8")
         except UnicodeDecodeError:
             break
         raw += lines[end]
-        quotes += lines[end].count(b'"')
         end += 1
+        open_ = _quote_open(text)
     # Unclosed: the line alone is a row (a reject); reading goes on at the next one.
-    return index + 1 if quotes % 2 else end
+    return index + 1 if open_ else end
 
 
 def _row_cut(body: bytes) -> int:

@@ -162,6 +162,15 @@ def test_a_quote_inside_an_unquoted_field_opens_nothing_on_either_path(tmp_path:
     assert [(i.call_id, i.forward) for i in slow[:5]] == [(i.call_id, i.forward) for i in fast]
 
 
+def test_a_lone_cr_ends_a_line_column_wise_as_row_by_row(tmp_path: Path) -> None:
+    # polars reads a header ended by a lone CR and the row after it as one line (a
+    # header of 17 names and no row); the row reader, as bytes.splitlines, as two.
+    path = tmp_path / "events.csv"
+    path.write_bytes(HEADER.rstrip(b"\n") + b"\r" + _line(0, 0).rstrip(b"\n"))
+    (event,) = read_event_file(path)
+    assert type(event).__name__ == "CallEvent" and event.source == "events.csv:2"
+
+
 @given(
     rows=st.lists(st.tuples(st.integers(0, 30), st.booleans()), max_size=60),
     part_rows=st.integers(1, 25),

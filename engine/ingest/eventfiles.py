@@ -249,6 +249,8 @@ def _one_line_rows(data: bytes, width: int, height: int) -> bool:
     with them, the csv module counts each row's fields."""
     if b"\n\n" in data or b"\n\r\n" in data:
         return False  # blank lines: polars skips them, so its rows are not lines
+    if data.count(b"\r") != data.count(b"\r\n"):
+        return False  # a lone CR ends a line to the row reader, not to polars
     lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
     if lines != height + 1:
         return False

@@ -32,6 +32,7 @@ from engine.ingest.journal import (
     encode_frame,
     json_payload,
     read_segment,
+    sealed_segments,
     tick_payload,
 )
 from engine.ingest.keyfile import (
@@ -695,6 +696,25 @@ def test_a_last_frame_cut_short_into_the_zeros_is_torn_not_corrupt(tmp_path: Pat
     path = journal / "000000000009.wal"
     path.write_bytes(written + bytes(len(cut)) + whole)
     assert read_segment(path).problem is not None and not read_segment(path).torn
+
+
+def test_a_segment_is_sealed_at_its_size_bound_with_no_spare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lake writer takes a segment whole: under a flood with no spare ready (or
+    # none made: preallocate off), a segment must still end at MAX_SEGMENT_BYTES.
+    monkeypatch.setattr(Journal, "MAX_SEGMENT_BYTES", 3 * Spares.MIN_SEGMENT_BYTES)
+    journal = Journal(tmp_path / "journal", codec_header(CODEC), preallocate=False)
+    journal.start(1)
+    big = datagram_payload([datagram(n) for n in range(24_000)])
+    assert Spares.MIN_SEGMENT_BYTES < len(big) < 2 * Spares.MIN_SEGMENT_BYTES
+    for n in range(7):
+        journal.append(DATAGRAMS, 1 + n * 24_000, big)
+    sealed = sealed_segments(tmp_path / "journal")
+    assert len(sealed) >= 2
+    assert all(path.stat().st_size < 4 * Spares.MIN_SEGMENT_BYTES for path in sealed)
+    frames = [f.first_seq for path in sealed for f in read_segment(path).frames]
+    assert frames == sorted(frames) and frames[0] == 1
 
 
 def test_segments_start_from_spares_under_load_and_are_read_back_whole(tmp_path: Path) -> None:

@@ -222,6 +222,11 @@ class Journal:
     Not thread-safe; the store serialises calls.
     """
 
+    # A segment is sealed once it passes this, spare or not: the lake writer decodes
+    # and detects a segment whole, so its size bounds the writer's working set under
+    # a flood (about 180,000 reports; README, "Memory").
+    MAX_SEGMENT_BYTES = 32 << 20
+
     def __init__(
         self,
         directory: Path,
@@ -369,18 +374,17 @@ class Journal:
         if self.on_durable is not None:
             self.head_seq = max(self.head_seq, last_seq)
             self.on_durable(self.segment, self._size, self.head_seq)
-        if (
-            self.spares is not None
-            and self._size >= max(self._allocated, Spares.MIN_SEGMENT_BYTES)
-            and self.spares.ready
+        if self._size >= max(self._allocated, Spares.MIN_SEGMENT_BYTES) and (
+            (self.spares is not None and self.spares.ready) or self._size >= self.MAX_SEGMENT_BYTES
         ):
             self._switch_to_spare()
         return sent
 
     def _switch_to_spare(self) -> None:
         """Load came to a segment that was given no zeros, or outgrew them, and a spare
-        is ready: seal it now rather than at the next interval. This batch is durable
-        already, so a failure here only leaves the segment open a while longer."""
+        is ready (or it passed MAX_SEGMENT_BYTES): seal it now rather than at the next
+        interval. This batch is durable already, so a failure here only leaves the
+        segment open a while longer."""
         try:
             self.seal()
         except OSError as error:
@@ -465,7 +469,7 @@ class Spares:
     PARTIAL = "spare.partial"
     MIN_SEGMENT_BYTES = 1 << 20
     MIN_SPARE_BYTES = 16 << 20
-    MAX_SPARE_BYTES = 256 << 20
+    MAX_SPARE_BYTES = Journal.MAX_SEGMENT_BYTES
     _CHUNK = 1 << 20
     _SYNC_EVERY = 8 << 20  # bytes of zeros between fdatasyncs, so no flush is long
 

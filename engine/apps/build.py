@@ -3,9 +3,7 @@ purpose (no settings, no metrics, no store): `callsentry version` imports only t
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import platform
 from pathlib import Path
 
 from engine.detect import COMPILED, compiled_modules, stale_reason
@@ -13,6 +11,11 @@ from engine.ingest import native
 
 
 def build_info() -> dict[str, str]:
+    # Here, not at the top: importlib.metadata (email, zipfile, csv) is a tenth of the
+    # start-up of every command that reads the settings, and only `version` asks.
+    import importlib.metadata
+    import platform
+
     try:
         version = importlib.metadata.version("callsentry")
     except importlib.metadata.PackageNotFoundError:

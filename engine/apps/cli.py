@@ -200,7 +200,7 @@ def replay(
     from engine.core.yamlfile import YamlFileError
     from engine.ingest.eventfiles import parquet_rows
     from engine.ingest.store import StoreError
-    from engine.lake.parquet import STORAGE_ERRORS
+    from engine.lake.parquet import storage_errors
 
     tune_gc_for_detection()
     total = parquet_rows(files)
@@ -211,7 +211,7 @@ def replay(
         fail(str(error))
     except YamlFileError as error:
         fail_rules(error)
-    except STORAGE_ERRORS as error:
+    except storage_errors() as error:
         # A full or read-only disk under the data dir, in whichever library's words.
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         fail(

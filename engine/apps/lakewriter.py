@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
-import multiprocessing.synchronize
 import os
 import queue
 import signal
@@ -25,7 +23,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, tzinfo
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -45,6 +42,9 @@ from engine.ingest.store import StoreError, lake_writer_lock
 RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
+    import multiprocessing.synchronize
+    from multiprocessing.connection import Connection
+
     from engine.alerts.actionbook import ActionBook
     from engine.alerts.actions import ActionSink
     from engine.alerts.actionspec import ActionSet
@@ -437,9 +437,8 @@ class TrailCopy:
 
         from engine.alerts.actionbook import ActionBook
         from engine.alerts.outbox import OutboxError, outbox_path
-        from engine.lake.parquet import ACTION_SCHEMA, STORAGE_ERRORS
+        from engine.lake.parquet import ACTION_SCHEMA, storage_errors
 
-        failures: tuple[type[Exception], ...] = (OutboxError, *STORAGE_ERRORS)
         try:
             if self.book is None:
                 if not outbox_path(self.data_dir).exists():
@@ -465,7 +464,9 @@ class TrailCopy:
                 }
             )
             self.lake.write_trail(frame)
-        except failures as error:
+        except Exception as error:
+            if not isinstance(error, (OutboxError, *storage_errors())):
+                raise
             if not self.failing:
                 log.error("cannot copy the actions' trail into the lake (%s); retrying", error)
             self.failing = True
@@ -704,12 +705,12 @@ def _until_it_works(
     full disk at the start): the process waits for room, saying so once, rather than
     exiting to be started again every 2 s. None if told to stop, or if the receiver is
     gone, meanwhile."""
-    from engine.lake.parquet import STORAGE_ERRORS
+    from engine.lake.parquet import storage_errors
 
     while True:
         try:
             result = attempt()
-        except STORAGE_ERRORS as error:
+        except storage_errors() as error:
             outage.failed(error, "the journal keeps the reports")
             if stop.wait(outage.pause_s) or os.getppid() != receiver_pid:
                 return None
@@ -729,6 +730,8 @@ class LakeWriterProcess:
     """Starts, watches and stops the lake writer process for `serve`."""
 
     def __init__(self, settings: Settings, *, poll_interval_s: float = 0.2) -> None:
+        import multiprocessing as mp
+
         self._context = mp.get_context("spawn")
         self.counters = SharedCounters.create(self._context)
         # Alerts by (rule, severity, mode): the process sends counts, `alert_counts` adds

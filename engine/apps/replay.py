@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.apps.detectfork import DetectionProcess
-from engine.apps.detectfork import available as detectfork_available
 from engine.apps.lakewriter import make_pipeline
 from engine.apps.settings import Settings
 from engine.apps.stores import open_store, settings_codec
@@ -26,9 +24,11 @@ from engine.ingest.records import Item, item_of, pack_events, record_of
 from engine.ingest.stats import Stats
 from engine.ingest.store import StoreError, lake_writer_lock
 from engine.lake.parquet import HeldReports
+from engine.lake.views import ViewsFile
 from engine.lake.writer import DrainResult, Evictions, LakeWriter, Step, evictions
 
 if TYPE_CHECKING:
+    from engine.apps.detectfork import DetectionProcess
     from engine.detect.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,12 @@ def _remember_stored(held: HeldReports, intake: Intake, rows: list[Item], horizo
         intake.seen.add_batch([(call_id, serial) for call_id, serial, _ in run], run[-1][2])
 
 
+def _detectfork_available() -> bool:
+    from engine.apps.detectfork import available
+
+    return available()
+
+
 def replay(
     paths: Sequence[Path],
     settings: Settings,
@@ -218,7 +224,12 @@ def _replay(
         lock = lake_writer_lock(settings.store.data_dir)
         lock.acquire(wait_s=300)
         try:
-            LakeWriter(settings.store.data_dir, dedup_horizon_s=settings.store.dedup_horizon_s)
+            # The views file is the writer's below.
+            LakeWriter(
+                settings.store.data_dir,
+                dedup_horizon_s=settings.store.dedup_horizon_s,
+                publish_views=False,
+            )
         finally:
             lock.release()
 
@@ -237,13 +248,19 @@ def _replay(
     written = DrainResult(rejects=[])
     detection: DetectionProcess | None = None
     held: HeldReports | None = None
+    views: ViewsFile | None = None
     try:
         writer = LakeWriter(
             settings.store.data_dir,
             compact_target_bytes=settings.store.compact_target_bytes,
             pipeline=pipeline,
             dedup_horizon_s=settings.store.dedup_horizon_s,
+            publish_views=False,
         )
+        # The analysts' views file is written by a process of its own while this one
+        # replays (the views read the lake's files when queried, so they need not wait
+        # for them); it is in place before replay says it is done.
+        views = ViewsFile(writer.lake.data_dir, writer.lake.view_statements())
         evicted_before = evictions(pipeline) if pipeline is not None else Evictions()
 
         def drain() -> None:
@@ -285,11 +302,13 @@ def _replay(
         first = next(parts, None)
         second = next(parts, None) if first is not None else None
         if detect_in_child is None:
-            # One batch or less: nothing to do side by side.
-            detect_in_child = detectfork_available() and (
+            # One batch or less: nothing to do side by side (nor the fork's module to load).
+            detect_in_child = (
                 second is not None or (first is not None and len(first) > REPLAY_BATCH)
-            )
+            ) and _detectfork_available()
         if pipeline is not None and detect_in_child:
+            from engine.apps.detectfork import DetectionProcess
+
             # Detection's state is whole (restored, leftovers fed): its process starts now.
             detection = DetectionProcess(pipeline, writer.snapshot_file)
         size = min(REPLAY_BATCH, settings.store.max_pending_reports)
@@ -367,11 +386,14 @@ def _replay(
             writer.compact()
             if writer.snapshot_file is not None:
                 detection.end_snapshot()
+        views.wait()
     finally:
         if held is not None:
             held.close()
         if detection is not None:
             detection.close()
+        if views is not None:
+            views.close()
         store.close()
         writer_lock.release()
     report.stored = written.reports

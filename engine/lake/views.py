@@ -1,0 +1,122 @@
+"""The analysts' views file, `DATA_DIR/callsentry.duckdb`: DuckDB views (no data) over
+the lake's Parquet, written whole into a temporary file and renamed into place
+(engine.lake.parquet says why the engine never holds it open).
+
+`write_views_file` writes it in this process. `ViewsFile` writes it in a process of its
+own (`python -m engine.lake.views`, the statements on its standard input), which loads
+DuckDB and this module only: the caller's work goes on meanwhile, on another core, and
+a caller with nothing else to ask of DuckDB never loads it (replay into a new data
+dir). Imports nothing of the engine at the top, so that process stays small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
+
+DATABASE = "callsentry.duckdb"
+
+
+def sql_text(value: str) -> str:
+    """`value` as an SQL string literal (a path may hold a quote; views cannot take
+    parameters, so the path is written into their SQL)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def write_views_file(data_dir: Path, statements: Sequence[str]) -> None:
+    """Write `data_dir/callsentry.duckdb` holding what `statements` (CREATE VIEW ...)
+    create, and swap it in atomically: renaming over the file never disturbs an
+    analyst who has the old one open read-only; the next connection sees the new
+    views. Raises OSError or duckdb.Error."""
+    import duckdb
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    partial = data_dir / f".callsentry.{uuid.uuid4().hex}.duckdb"
+    try:
+        with duckdb.connect() as con:
+            # The oldest storage format that has what we use, so analysts' DuckDB
+            # CLIs and libraries from 1.0 on can open the file too.
+            con.execute(f"ATTACH {sql_text(str(partial))} AS analytics (STORAGE_VERSION 'v1.0.0')")
+            con.execute("USE analytics")
+            # One transaction: one commit to the file's write-ahead log (and its
+            # sync), where each view on its own would commit and sync.
+            con.execute("BEGIN TRANSACTION")
+            for statement in statements:
+                con.execute(statement)
+            con.execute("COMMIT")
+            con.execute("CHECKPOINT")
+        os.replace(partial, data_dir / DATABASE)
+    finally:
+        partial.unlink(missing_ok=True)
+        Path(str(partial) + ".wal").unlink(missing_ok=True)
+
+
+class ViewsFileError(OSError):
+    """The process writing the views file failed; the message says how (an OSError, so
+    whatever reports a storage failure reports this one)."""
+
+
+class ViewsFile:
+    """`write_views_file` in a process of its own, started here; `wait` for it (it
+    raises what went wrong), or `close` (waits, raises nothing: after another error)."""
+
+    def __init__(self, data_dir: Path, statements: Sequence[str]) -> None:
+        import subprocess  # the parent's alone
+
+        self.target = data_dir / DATABASE
+        self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-m", "engine.lake.views"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        request = json.dumps({"data_dir": str(data_dir), "statements": list(statements)})
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.write(request.encode("utf-8"))
+            self._process.stdin.close()
+        except OSError:
+            pass  # it ended already: wait() says why
+
+    def wait(self) -> None:
+        """Until the file is in place; raises ViewsFileError if it is not."""
+        if self._process is None:
+            return
+        process, self._process = self._process, None
+        assert process.stderr is not None
+        with process.stderr:
+            errors = process.stderr.read()
+        process.wait()
+        if process.returncode != 0:
+            said = errors.decode("utf-8", "replace").strip().splitlines()
+            why = said[-1] if said else f"exit code {process.returncode}"
+            raise ViewsFileError(f"writing the views file {self.target} failed: {why}")
+
+    def close(self) -> None:
+        with contextlib.suppress(ViewsFileError):
+            self.wait()
+
+
+def _serve(stdin: IO[bytes]) -> int:
+    try:
+        request = json.loads(stdin.read())
+        write_views_file(Path(request["data_dir"]), request["statements"])
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # said to the parent, which raises it
+        print(f"{type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(sys.stdin.buffer))

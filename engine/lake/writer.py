@@ -298,14 +298,15 @@ class LakeWriter:
         # Before the restore: its catch-up feeds detection what the lake holds already.
         self.settle()
         self.keys = RecentKeys(key_file_path(data_dir), dedup_horizon_s, max_dedup_keys)
-        self.rebuild_keys()
-        if keys_ready is not None:
-            # The receiver waits for the key file, not for detection's state.
-            keys_ready()
-        if publish_views:
-            self.lake.publish_views()
-        if self.snapshot_file is not None:
-            self._restore(self.snapshot_file)
+        with self.lake.sharing():
+            self.rebuild_keys()
+            if keys_ready is not None:
+                # The receiver waits for the key file, not for detection's state.
+                keys_ready()
+            if publish_views:
+                self.lake.publish_views()
+            if self.snapshot_file is not None:
+                self._restore(self.snapshot_file)
 
     def _journaled(self) -> list[int]:
         numbers = map(segment_number, sealed_segments(self.journal_dir))

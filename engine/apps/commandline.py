@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from engine.core.runtime import tune_gc_for_start
+
 # Settings only for types: pydantic's models load when a command reads its settings.
 if TYPE_CHECKING:
     from engine.apps.settings import Settings
@@ -97,6 +99,7 @@ class CommandLine(click.Group):
     its type; CALLSENTRY_TRACEBACK=1 shows the traceback, for a bug report."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        tune_gc_for_start()
         kwargs["standalone_mode"] = False
         try:
             result = super().main(*args, **kwargs)

@@ -31,6 +31,26 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+# CPython's own thresholds.
+_DEFAULT_THRESHOLD = (700, 10, 10)
+
+
+def tune_gc_for_start() -> None:
+    """What a command makes while it starts (modules, classes, settings, rules) lives as
+    long as its process: a young collection every 700 allocations walks it again and
+    again for nothing (figures: bench/README.md, "Process weight"). Every 100,000
+    until the command says otherwise: the receiver and detection take theirs below,
+    a process that serves people (the console) `tune_gc_for_service`."""
+    gc.set_threshold(100_000, 50, 100)
+
+
+def tune_gc_for_service() -> None:
+    """CPython's own thresholds, with what starting made frozen out of sight: for a
+    process that serves requests for hours, whose short-lived objects should go soon."""
+    gc.freeze()
+    gc.set_threshold(*_DEFAULT_THRESHOLD)
+
+
 def tune_gc_for_receiver() -> None:
     """Take everything made while starting (modules, settings, the codec) out of the
     collector's sight, and collect the young generation every 50,000 allocations

@@ -36,7 +36,9 @@ from engine.apps.settings import (
 from engine.core.runtime import tune_gc_for_detection
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.stats import RULES_INVALID, RULES_LOADING, SharedCounters
-from engine.ingest.store import StoreError, lake_writer_lock
+
+# The store only where a process writes the lake: `rules validate` checks the rules
+# with this module's functions and opens no store.
 
 # Entities a rule keeps when it is only checked, never run.
 RULE_CHECK_MAX_KEYS = 100
@@ -543,6 +545,7 @@ def run(
 
     from engine.alerts.actions import ActionSink
     from engine.ingest.senders import SenderDirectory
+    from engine.ingest.store import StoreError, lake_writer_lock
     from engine.lake.parquet import Lake
     from engine.lake.writer import LakeWriter, Outage
     from engine.relay.feed import HeldSegments
@@ -812,6 +815,8 @@ class LakeWriterProcess:
         self._wait("views", "publish the analysts' views")
 
     def _wait(self, said: str, what: str) -> None:
+        from engine.ingest.store import StoreError
+
         if self._process is None:
             self.start()
         assert self._progress is not None

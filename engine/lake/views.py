@@ -3,10 +3,10 @@ the lake's Parquet, written whole into a temporary file and renamed into place
 (engine.lake.parquet says why the engine never holds it open).
 
 `write_views_file` writes it in this process. `ViewsFile` writes it in a process of its
-own (`python -m engine.lake.views`, the statements on its standard input), which loads
-DuckDB and this module only: the caller's work goes on meanwhile, on another core, and
-a caller with nothing else to ask of DuckDB never loads it (replay into a new data
-dir). Imports nothing of the engine at the top, so that process stays small.
+own (`main`, the statements on its standard input), which loads DuckDB and this module
+only: the caller's work goes on meanwhile, on another core, and a caller with nothing
+else to ask of DuckDB never loads it (replay into a new data dir). Imports nothing of
+the engine at the top, so that process stays small.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import subprocess
@@ -65,16 +65,29 @@ class ViewsFileError(OSError):
     whatever reports a storage failure reports this one)."""
 
 
+# The folder holding the `engine` package: the process finds this module there, last,
+# however this one was started (installed, or from a checkout's folder).
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+_START = (
+    "import sys; sys.path.append({root!r}); from engine.lake.views import main; sys.exit(main())"
+)
+
+
 class ViewsFile:
     """`write_views_file` in a process of its own, started here; `wait` for it (it
-    raises what went wrong), or `close` (waits, raises nothing: after another error)."""
+    raises what went wrong), or `close` (waits, raises nothing: after another error).
+    Where this interpreter cannot say how to start another, written here and now."""
 
     def __init__(self, data_dir: Path, statements: Sequence[str]) -> None:
         import subprocess  # the parent's alone
 
         self.target = data_dir / DATABASE
-        self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [sys.executable, "-m", "engine.lake.views"],
+        self._process: subprocess.Popen[bytes] | None = None
+        if not sys.executable:
+            write_views_file(data_dir, statements)
+            return
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _START.format(root=str(_PACKAGE_ROOT))],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -106,9 +119,11 @@ class ViewsFile:
             self.wait()
 
 
-def _serve(stdin: IO[bytes]) -> int:
+def main() -> int:
+    """The process ViewsFile starts: the request on standard input, what went wrong on
+    standard error (its last line), exit code 0 once the file is in place."""
     try:
-        request = json.loads(stdin.read())
+        request = json.loads(sys.stdin.buffer.read())
         write_views_file(Path(request["data_dir"]), request["statements"])
     except KeyboardInterrupt:
         return 130
@@ -116,7 +131,3 @@ def _serve(stdin: IO[bytes]) -> int:
         print(f"{type(error).__name__}: {error}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_serve(sys.stdin.buffer))

@@ -258,8 +258,9 @@ def _replay(
             publish_views=False,
         )
         # The analysts' views file is written by a process of its own while this one
-        # replays (the views read the lake's files when queried, so they need not wait
-        # for them); it is in place before replay says it is done.
+        # replays. Making a view reads the files it names then: new ones may come
+        # meanwhile (each whole, renamed into place), but none may go, so compaction,
+        # which removes the files it merged, waits for it.
         views = ViewsFile(writer.lake.data_dir, writer.lake.view_statements())
         evicted_before = evictions(pipeline) if pipeline is not None else Evictions()
 
@@ -373,6 +374,7 @@ def _replay(
             store.commit(TICK, 0, tick_payload(until))
             hand_over(store.seal(), [until])
         if detection is None:
+            views.wait()
             writer.compact()
             writer.snapshot()
         else:
@@ -383,10 +385,10 @@ def _replay(
             detection.finish()
             if group:
                 write_group()
+            views.wait()
             writer.compact()
             if writer.snapshot_file is not None:
                 detection.end_snapshot()
-        views.wait()
     finally:
         if held is not None:
             held.close()

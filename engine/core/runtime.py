@@ -3,8 +3,9 @@ collector's settings for the receiver and for the processes that run detection."
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -35,13 +36,20 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
 _DEFAULT_THRESHOLD = (700, 10, 10)
 
 
-def tune_gc_for_start() -> None:
+@contextlib.contextmanager
+def gc_for_start() -> Iterator[None]:
     """What a command makes while it starts (modules, classes, settings, rules) lives as
     long as its process: a young collection every 700 allocations walks it again and
     again for nothing (figures: bench/README.md, "Process weight"). Every 100,000
-    until the command says otherwise: the receiver and detection take theirs below,
-    a process that serves people (the console) `tune_gc_for_service`."""
+    within, until the command says otherwise: the receiver and detection take theirs
+    below, a process that serves people (the console) `tune_gc_for_service`. The
+    thresholds before are back after."""
+    before = gc.get_threshold()
     gc.set_threshold(100_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def tune_gc_for_service() -> None:

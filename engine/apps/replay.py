@@ -187,6 +187,7 @@ def replay(
     part_rows: int = PART_ROWS,
     part_bytes: int = PART_BYTES,
     progress: Progress | None = None,
+    views: ViewsFile | None = None,
 ) -> ReplayReport:
     """Raises YamlFileError (before touching the store) when the rules are invalid.
 
@@ -194,21 +195,29 @@ def replay(
     JSON lines, `part_bytes` of CSV), in event-time order; what is stored and raised
     does not depend on the part sizes. `detect_in_child`: run detection in a forked
     process (see engine.apps.detectfork); by default wherever that is available and
-    the files hold more than one batch. The alerts are the same either way."""
-    pipeline = None
-    if settings.detection.enabled:
-        pipeline = make_pipeline(settings.detection, rules_dir)
-    stream = EventStream(paths, part_rows, part_bytes)
-    if progress is None:
-        progress = Progress(parquet_rows(paths))
-    # The files are read while the store opens (polars leaves the interpreter lock
-    # most of the time): nothing below needs the rows before the fork.
-    reading = _ReadAhead(stream, PARTS_IN_FLIGHT)
+    the files hold more than one batch. The alerts are the same either way.
+    `views`: the process that writes the analysts' views file, started by the caller
+    before its imports (by default started here); closed here."""
+    # Started first: it loads DuckDB while the rules load, and is told what to write
+    # once the lake is prepared (nothing, if the replay stops before).
+    views = views or ViewsFile()
     try:
-        return _replay(reading, stream, settings, pipeline, detect_in_child, progress)
+        pipeline = None
+        if settings.detection.enabled:
+            pipeline = make_pipeline(settings.detection, rules_dir)
+        stream = EventStream(paths, part_rows, part_bytes)
+        if progress is None:
+            progress = Progress(parquet_rows(paths))
+        # The files are read while the store opens (polars leaves the interpreter lock
+        # most of the time): nothing below needs the rows before the fork.
+        reading = _ReadAhead(stream, PARTS_IN_FLIGHT)
+        try:
+            return _replay(reading, stream, settings, pipeline, detect_in_child, progress, views)
+        finally:
+            reading.close()
+            progress.close()
     finally:
-        reading.close()
-        progress.close()
+        views.close()
 
 
 def _replay(
@@ -218,6 +227,7 @@ def _replay(
     pipeline: Pipeline | None,
     detect_in_child: bool | None,
     progress: Progress,
+    views: ViewsFile,
 ) -> ReplayReport:
     def rebuild_keys() -> None:
         # What the lake writer process does at its start, here: replay is the lake writer.
@@ -248,7 +258,6 @@ def _replay(
     written = DrainResult(rejects=[])
     detection: DetectionProcess | None = None
     held: HeldReports | None = None
-    views: ViewsFile | None = None
     try:
         writer = LakeWriter(
             settings.store.data_dir,
@@ -261,7 +270,7 @@ def _replay(
         # replays. Making a view reads the files it names then: new ones may come
         # meanwhile (each whole, renamed into place), but none may go, so compaction,
         # which removes the files it merged, waits for it.
-        views = ViewsFile(writer.lake.data_dir, writer.lake.view_statements())
+        views.publish(writer.lake.data_dir, writer.lake.view_statements())
         evicted_before = evictions(pipeline) if pipeline is not None else Evictions()
 
         def drain() -> None:
@@ -394,8 +403,7 @@ def _replay(
             held.close()
         if detection is not None:
             detection.close()
-        if views is not None:
-            views.close()
+        views.close()  # done with the data dir before its lock goes
         store.close()
         writer_lock.release()
     report.stored = written.reports

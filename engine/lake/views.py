@@ -4,9 +4,10 @@ the lake's Parquet, written whole into a temporary file and renamed into place
 
 `write_views_file` writes it in this process. `ViewsFile` writes it in a process of its
 own (`main`, the statements on its standard input), which loads DuckDB and this module
-only: the caller's work goes on meanwhile, on another core, and a caller with nothing
-else to ask of DuckDB never loads it (replay into a new data dir). Imports nothing of
-the engine at the top, so that process stays small.
+only, started before the caller loads what it needs itself: the caller's work goes on
+meanwhile, on another core, and a caller with nothing else to ask of DuckDB never loads
+it (replay into a new data dir). Imports nothing of the engine at the top, so that
+process stays small.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import subprocess
@@ -74,37 +75,43 @@ _START = (
 
 
 class ViewsFile:
-    """`write_views_file` in a process of its own, started here; `wait` for it (it
-    raises what went wrong), or `close` (waits, raises nothing: after another error).
-    Where this interpreter cannot say how to start another, written here and now."""
+    """`write_views_file` in a process of its own. Started as soon as the caller knows it
+    will want the file: the process loads DuckDB meanwhile, then waits for `publish`
+    (what to write, where). `wait` until the file is in place (raises what went wrong);
+    `close` in any case (raises nothing; unpublished, the process ends writing nothing).
+    Where this interpreter cannot say how to start another, `publish` writes the file
+    here and now."""
 
-    def __init__(self, data_dir: Path, statements: Sequence[str]) -> None:
+    def __init__(self) -> None:
         import subprocess  # the parent's alone
 
-        self.target = data_dir / DATABASE
+        self.target: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
-        if not sys.executable:
+        self._stdin: IO[bytes] | None = None
+        if sys.executable:
+            self._process = subprocess.Popen(
+                [sys.executable, "-c", _START.format(root=str(_PACKAGE_ROOT))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            self._stdin = self._process.stdin
+
+    def publish(self, data_dir: Path, statements: Sequence[str]) -> None:
+        """Have the process write `data_dir`'s views file from `statements`."""
+        self.target = data_dir / DATABASE
+        if self._process is None:
             write_views_file(data_dir, statements)
             return
-        self._process = subprocess.Popen(
-            [sys.executable, "-c", _START.format(root=str(_PACKAGE_ROOT))],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
         request = json.dumps({"data_dir": str(data_dir), "statements": list(statements)})
-        assert self._process.stdin is not None
-        try:
-            self._process.stdin.write(request.encode("utf-8"))
-            self._process.stdin.close()
-        except OSError:
-            pass  # it ended already: wait() says why
+        self._send(request.encode("utf-8"))
 
     def wait(self) -> None:
         """Until the file is in place; raises ViewsFileError if it is not."""
         if self._process is None:
             return
         process, self._process = self._process, None
+        self._send(b"")  # unpublished: the process ends writing nothing
         assert process.stderr is not None
         with process.stderr:
             errors = process.stderr.read()
@@ -118,12 +125,30 @@ class ViewsFile:
         with contextlib.suppress(ViewsFileError):
             self.wait()
 
+    def _send(self, request: bytes) -> None:
+        """The request, once: the process reads to the end of its input."""
+        stdin, self._stdin = self._stdin, None
+        if stdin is None:
+            return
+        try:
+            if request:
+                stdin.write(request)
+            stdin.close()
+        except OSError:
+            pass  # it ended already: wait() says why
+
 
 def main() -> int:
-    """The process ViewsFile starts: the request on standard input, what went wrong on
-    standard error (its last line), exit code 0 once the file is in place."""
+    """The process ViewsFile starts: DuckDB loaded first, then the request on standard
+    input (none: nothing to write), what went wrong on standard error (its last line),
+    exit code 0 once the file is in place."""
     try:
-        request = json.loads(sys.stdin.buffer.read())
+        import duckdb  # noqa: F401  (while the parent makes the request)
+
+        data = sys.stdin.buffer.read()
+        if not data:
+            return 0
+        request = json.loads(data)
         write_views_file(Path(request["data_dir"]), request["statements"])
     except KeyboardInterrupt:
         return 130

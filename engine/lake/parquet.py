@@ -481,9 +481,10 @@ class Lake:
     @contextlib.contextmanager
     def sharing(self) -> Iterator[None]:
         """`query` within shares one in-memory DuckDB and its views rather than making
-        its own (a DuckDB and the views cost about 30 ms of CPU; a lake writer's start
-        asks two or three questions). A view reads the files as they are when a query
-        runs, so a shared one answers as a new one would."""
+        its own each time (a lake writer's start asks two or three questions; what a
+        DuckDB and its views cost: bench/README.md, "Process weight"). A view reads
+        the files as they are when a query runs, so a shared one answers as a new one
+        would."""
         with self._shared_lock:
             self._sharing += 1
         try:

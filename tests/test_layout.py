@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
+
 from engine.core.events import CallEvent, CallState
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.journal import DATAGRAMS, datagram_payload
@@ -98,6 +100,21 @@ def test_a_receiver_whose_key_file_is_gone_has_the_lake_writer_rebuild_it_and_st
     assert key_file_path(data_dir).exists()
 
 
+# What `callsentry --help` has no use for: the settings (pydantic), the rules (YAML),
+# the packages' metadata (importlib.metadata: `version` alone reads it), detection.
+NOT_FOR_HELP = ("pydantic", "yaml", "importlib.metadata", "engine.apps.settings", "engine.detect")
+
+HELP = """
+import json, sys
+from engine.apps.cli import main
+try:
+    main(["--help"])
+except SystemExit as end:
+    code = end.code
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
 def test_help_and_the_command_line_load_no_lake_or_model_library() -> None:
     script = "import json, sys, engine.apps.cli; print(json.dumps(sorted(sys.modules)))"
     result = subprocess.run(
@@ -105,9 +122,17 @@ def test_help_and_the_command_line_load_no_lake_or_model_library() -> None:
     )
     assert heavy_in(json.loads(result.stdout)) == []
     helped = subprocess.run(
-        [sys.executable, "-m", "engine", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", HELP], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
-    assert helped.returncode == 0 and "serve" in helped.stdout
+    assert helped.returncode == 0, helped.stderr
+    assert "serve" in helped.stdout and "replay" in helped.stdout
+    answer = json.loads(helped.stdout.splitlines()[-1])
+    assert answer["code"] == 0
+    modules = answer["modules"]
+    assert "click" in modules and "engine.apps.cli" in modules
+    assert heavy_in(modules) == []
+    loaded = [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_FOR_HELP)]
+    assert loaded == []
 
 
 def test_the_forward_model_loads_page_hinkley_without_rivers_drift_package() -> None:
@@ -155,8 +180,19 @@ except SystemExit as end:
 print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 """
 # What River's `river.stats` package and river.utils would bring, and what only a large
-# replay or another command needs.
-NOT_IN_A_SMALL_REPLAY = ("numpy", "scipy", "narwhals", "pandas", "pyarrow", "sklearn")
+# replay or another command needs: DuckDB (a new data dir holds nothing to look up, and
+# the analysts' views file is written by a process of its own), multiprocessing (the
+# detection process of a replay of more than one batch).
+NOT_IN_A_SMALL_REPLAY = (
+    "numpy",
+    "scipy",
+    "narwhals",
+    "pandas",
+    "pyarrow",
+    "sklearn",
+    "duckdb",
+    "multiprocessing",
+)
 
 
 def sample_rows(tmp_path: Path, rows: int) -> Path:
@@ -191,7 +227,12 @@ def test_a_small_replay_loads_neither_numpy_nor_scipy_nor_narwhals(tmp_path: Pat
         for made in ("river.stats.ewmean", "river.stats.quantile", "river.drift.page_hinkley"):
             assert made in modules, f"the models did not run as expected: no {made}"
         assert "river.stats.mean" in modules, "no forward number: PageHinkley not made"
+        assert "polars" in modules and "engine.lake.writer" in modules
         assert [m for m in modules if m.split(".")[0] in NOT_IN_A_SMALL_REPLAY] == []
+        # The views file is in place when replay is done, and shows what it stored.
+        views = tmp_path / f"data{n}" / "callsentry.duckdb"
+        with duckdb.connect(str(views), read_only=True) as con:
+            assert con.execute("SELECT count(*) FROM events").fetchone() == (100,)
 
 
 def test_rivers_statistics_package_is_whole_on_first_use_of_anything_else() -> None:

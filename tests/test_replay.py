@@ -223,6 +223,50 @@ def test_cli_reports_a_missing_file_and_exits_non_zero(tmp_path: Path) -> None:
     assert "nope.csv" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_replay_stopped_by_its_rules_touches_no_data_dir(tmp_path: Path) -> None:
+    # The views process is started before the rules are read: told nothing, it writes
+    # nothing, and the data dir is not made.
+    csv = tmp_path / "a.csv"
+    csv.write_text(HEADER + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n")
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "bad.yaml").write_text("id: bad\nno_such_key: 1\n")
+    data_dir = tmp_path / "d"
+    result = run_cli("replay", str(csv), "--data-dir", str(data_dir), "--rules", str(rules))
+    assert result.returncode != 0
+    assert "bad.yaml" in result.stderr and "Traceback" not in result.stderr
+    assert not data_dir.exists()
+
+
+def test_a_views_file_that_cannot_be_written_is_said_after_the_rows_are_stored(
+    tmp_path: Path,
+) -> None:
+    # The views file is written by a process of its own while replay stores the rows.
+    csv = tmp_path / "a.csv"
+    csv.write_text(
+        HEADER
+        + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n"
+        + "2026-11-28T10:00:05+00:00,c1,3,bye,100,200,,7,Main\n"
+    )
+    data_dir = tmp_path / "d"
+    (data_dir / "callsentry.duckdb").mkdir(parents=True)
+    (data_dir / "callsentry.duckdb" / "in-the-way").write_text("")
+    result = run_cli("replay", str(csv), "--data-dir", str(data_dir))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "unexpected error" not in result.stderr
+    assert f"views file {data_dir / 'callsentry.duckdb'}" in result.stderr
+    assert "what was stored stays" in result.stderr
+    events = pl.read_parquet(data_dir / "lake" / "events" / "day=*" / "*.parquet")
+    assert sorted(events["serial"].to_list()) == [1, 3]
+    # With the way clear, the same replay again stores nothing twice and publishes it.
+    (data_dir / "callsentry.duckdb" / "in-the-way").unlink()
+    (data_dir / "callsentry.duckdb").rmdir()
+    again = run_cli("replay", str(csv), "--data-dir", str(data_dir))
+    assert again.returncode == 0, again.stderr
+    assert "2 duplicates skipped" in again.stdout
+    assert query(data_dir, "SELECT count(*) FROM events") == [(2,)]
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [

@@ -44,7 +44,9 @@ from engine.ingest.keyfile import (
     read_key_file,
 )
 from engine.ingest.store import EventStore, StoreError, codec_header
+from engine.lake import views as views_module
 from engine.lake.parquet import CALL_SCHEMA, Lake
+from engine.lake.views import ViewsFile
 from engine.lake.writer import LakeWriter, calls_frame
 from tests.conftest import make_settings, wait_for
 
@@ -455,6 +457,61 @@ def test_views_are_republished_while_an_analyst_holds_the_database_open(tmp_path
     LakeWriter(data_dir)  # its start rewrites callsentry.duckdb while the analyst is connected
     assert analyst.execute("SELECT count(*) FROM events").fetchone() == (1,)
     analyst.close()
+
+
+def test_queries_sharing_one_duckdb_see_the_files_as_they_are_when_they_run(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    store = store_at(data_dir)
+    store.open()
+    store.commit(DATAGRAMS, 1, datagram_payload([datagram(0)]))
+    store.seal()
+    store.commit(DATAGRAMS, 2, datagram_payload([datagram(1)]))
+    store.close()
+    writer = LakeWriter(data_dir)
+    writer.drain()
+    lake = Lake(data_dir)
+    sql = "SELECT count(*), max(seq) FROM events"
+    with lake.sharing():
+        before = lake.query(sql)
+        # A segment written after the shared views were made is in the next answer.
+        store = store_at(data_dir)
+        store.open()
+        store.commit(DATAGRAMS, 3, datagram_payload([datagram(2)]))
+        store.close()
+        writer.drain()
+        with lake.sharing():
+            nested = lake.query(sql)
+        after = lake.query(sql)
+    assert before[0][0] >= 1 and after[0][0] == before[0][0] + 1
+    assert nested == after == Lake(data_dir).query(sql) == lake.query(sql)
+
+
+@pytest.mark.parametrize("own_process", [True, False])
+def test_the_views_file_is_written_by_its_own_process_or_in_this_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own_process: bool
+) -> None:
+    data_dir = tmp_path / "data"
+    store = store_at(data_dir)
+    store.open()
+    store.commit(DATAGRAMS, 1, datagram_payload([datagram(0)]))
+    store.close()
+    writer = LakeWriter(data_dir, publish_views=False)
+    writer.drain()
+    assert not (data_dir / "callsentry.duckdb").exists()
+    if not own_process:
+        # An interpreter that cannot name itself starts no other.
+        monkeypatch.setattr(views_module.sys, "executable", "")
+    views = ViewsFile()
+    assert (views._process is not None) is own_process
+    views.publish(data_dir, writer.lake.view_statements())
+    views.wait()
+    assert count(data_dir) == 1
+    # Told nothing, the process writes nothing.
+    unused = ViewsFile()
+    unused.close()
+    assert unused.target is None
 
 
 def test_unusable_data_dir_is_a_clear_error(tmp_path: Path) -> None:

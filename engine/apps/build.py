@@ -1,18 +1,20 @@
 """What this install is: its version, and which of its compiled parts run. Light on
-purpose (no settings, no metrics, no store): `callsentry version` imports only this."""
+purpose (no settings, no metrics, no store): `callsentry version` imports only this,
+and the settings import it for `shipped_rules` alone, so what the other two need
+(the package metadata, the compiled parts' check) loads when they are called."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
-import platform
 from pathlib import Path
-
-from engine.detect import COMPILED, compiled_modules, stale_reason
-from engine.ingest import native
 
 
 def build_info() -> dict[str, str]:
+    import importlib.metadata
+    import platform
+
+    from engine.detect import compiled_modules, stale_reason
+
     try:
         version = importlib.metadata.version("callsentry")
     except importlib.metadata.PackageNotFoundError:
@@ -24,6 +26,9 @@ def build_info() -> dict[str, str]:
 def uncompiled_parts() -> list[str]:
     """The compiled parts this install runs as Python instead, each with why and what it
     costs ([] when all are in use)."""
+    from engine.detect import COMPILED, compiled_modules, stale_reason
+    from engine.ingest import native
+
     missing = []
     stale = stale_reason()
     compiled = compiled_modules()

@@ -187,31 +187,40 @@ def replay(
     Exit code 0: every row stored; 1: some rows were rejected (listed, and kept
     in the rejects table) or a file could not be read.
     """
-    overrides: dict[str, Any] = {}
-    if data_dir is not None:
-        overrides["store"] = {"data_dir": str(data_dir)}
-    settings = settings_or_fail(config, overrides)
-    setup_logging(log_level)
+    from engine.lake.views import ViewsFile
 
-    from engine.apps.progress import ProgressBar, on_terminal
-    from engine.apps.replay import Progress
-    from engine.apps.replay import replay as run_replay
-    from engine.core.runtime import tune_gc_for_detection
-    from engine.core.yamlfile import YamlFileError
-    from engine.ingest.eventfiles import parquet_rows
-    from engine.ingest.store import StoreError
-    from engine.lake.parquet import STORAGE_ERRORS
-
-    tune_gc_for_detection()
-    total = parquet_rows(files)
-    progress = ProgressBar(total) if on_terminal() else Progress(total)
+    # Started first, the process that writes the analysts' views file loads DuckDB
+    # while this one loads the rest (run_replay tells it what to write, and closes it).
+    views = ViewsFile()
     try:
-        report = run_replay(list(files), settings, rules_dir, progress=progress)
+        overrides: dict[str, Any] = {}
+        if data_dir is not None:
+            overrides["store"] = {"data_dir": str(data_dir)}
+        settings = settings_or_fail(config, overrides)
+        setup_logging(log_level)
+
+        from engine.apps.progress import ProgressBar, on_terminal
+        from engine.apps.replay import Progress
+        from engine.apps.replay import replay as run_replay
+        from engine.core.runtime import tune_gc_for_detection
+        from engine.core.yamlfile import YamlFileError
+        from engine.ingest.eventfiles import parquet_rows
+        from engine.ingest.store import StoreError
+        from engine.lake.parquet import storage_errors
+
+        tune_gc_for_detection()
+        total = parquet_rows(files)
+        progress = ProgressBar(total) if on_terminal() else Progress(total)
+    except BaseException:
+        views.close()
+        raise
+    try:
+        report = run_replay(list(files), settings, rules_dir, progress=progress, views=views)
     except StoreError as error:
         fail(str(error))
     except YamlFileError as error:
         fail_rules(error)
-    except STORAGE_ERRORS as error:
+    except storage_errors() as error:
         # A full or read-only disk under the data dir, in whichever library's words.
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         fail(

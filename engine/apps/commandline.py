@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from engine.core.runtime import gc_for_start
+
 # Settings only for types: pydantic's models load when a command reads its settings.
 if TYPE_CHECKING:
     from engine.apps.settings import Settings
@@ -97,6 +99,12 @@ class CommandLine(click.Group):
     its type; CALLSENTRY_TRACEBACK=1 shows the traceback, for a bug report."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        # The command's thresholds for its process; whoever called this in-process (a
+        # test's runner) gets its own back.
+        with gc_for_start():
+            return self._main(*args, **kwargs)
+
+    def _main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         try:
             result = super().main(*args, **kwargs)

@@ -23,6 +23,7 @@ from engine.apps.commandline import (
     setup_logging,
 )
 from engine.core.addresses import parse_hostport
+from engine.core.runtime import tune_gc_for_service
 
 if TYPE_CHECKING:
     from engine.apps.settings import Settings
@@ -165,6 +166,7 @@ def console(
     server = uvicorn.Server(
         uvicorn.Config(app, log_level=log_level.lower(), access_log=False, server_header=False)
     )
+    tune_gc_for_service()
     try:
         server.run(sockets=[sock])
     finally:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
-import multiprocessing.synchronize
 import os
 import queue
 import signal
@@ -25,7 +23,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, tzinfo
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,12 +36,17 @@ from engine.apps.settings import (
 from engine.core.runtime import tune_gc_for_detection
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.stats import RULES_INVALID, RULES_LOADING, SharedCounters
-from engine.ingest.store import StoreError, lake_writer_lock
+
+# The store only where a process writes the lake: `rules validate` checks the rules
+# with this module's functions and opens no store.
 
 # Entities a rule keeps when it is only checked, never run.
 RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
+    import multiprocessing.synchronize
+    from multiprocessing.connection import Connection
+
     from engine.alerts.actionbook import ActionBook
     from engine.alerts.actions import ActionSink
     from engine.alerts.actionspec import ActionSet
@@ -437,9 +439,8 @@ class TrailCopy:
 
         from engine.alerts.actionbook import ActionBook
         from engine.alerts.outbox import OutboxError, outbox_path
-        from engine.lake.parquet import ACTION_SCHEMA, STORAGE_ERRORS
+        from engine.lake.parquet import ACTION_SCHEMA, storage_errors
 
-        failures: tuple[type[Exception], ...] = (OutboxError, *STORAGE_ERRORS)
         try:
             if self.book is None:
                 if not outbox_path(self.data_dir).exists():
@@ -465,7 +466,9 @@ class TrailCopy:
                 }
             )
             self.lake.write_trail(frame)
-        except failures as error:
+        except Exception as error:
+            if not isinstance(error, (OutboxError, *storage_errors())):
+                raise
             if not self.failing:
                 log.error("cannot copy the actions' trail into the lake (%s); retrying", error)
             self.failing = True
@@ -542,6 +545,7 @@ def run(
 
     from engine.alerts.actions import ActionSink
     from engine.ingest.senders import SenderDirectory
+    from engine.ingest.store import StoreError, lake_writer_lock
     from engine.lake.parquet import Lake
     from engine.lake.writer import LakeWriter, Outage
     from engine.relay.feed import HeldSegments
@@ -704,12 +708,12 @@ def _until_it_works(
     full disk at the start): the process waits for room, saying so once, rather than
     exiting to be started again every 2 s. None if told to stop, or if the receiver is
     gone, meanwhile."""
-    from engine.lake.parquet import STORAGE_ERRORS
+    from engine.lake.parquet import storage_errors
 
     while True:
         try:
             result = attempt()
-        except STORAGE_ERRORS as error:
+        except storage_errors() as error:
             outage.failed(error, "the journal keeps the reports")
             if stop.wait(outage.pause_s) or os.getppid() != receiver_pid:
                 return None
@@ -729,6 +733,8 @@ class LakeWriterProcess:
     """Starts, watches and stops the lake writer process for `serve`."""
 
     def __init__(self, settings: Settings, *, poll_interval_s: float = 0.2) -> None:
+        import multiprocessing as mp
+
         self._context = mp.get_context("spawn")
         self.counters = SharedCounters.create(self._context)
         # Alerts by (rule, severity, mode): the process sends counts, `alert_counts` adds
@@ -809,6 +815,8 @@ class LakeWriterProcess:
         self._wait("views", "publish the analysts' views")
 
     def _wait(self, said: str, what: str) -> None:
+        from engine.ingest.store import StoreError
+
         if self._process is None:
             self.start()
         assert self._progress is not None

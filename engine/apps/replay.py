@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.apps.detectfork import DetectionProcess
-from engine.apps.detectfork import available as detectfork_available
 from engine.apps.lakewriter import make_pipeline
 from engine.apps.settings import Settings
 from engine.apps.stores import open_store, settings_codec
@@ -26,9 +24,11 @@ from engine.ingest.records import Item, item_of, pack_events, record_of
 from engine.ingest.stats import Stats
 from engine.ingest.store import StoreError, lake_writer_lock
 from engine.lake.parquet import HeldReports
+from engine.lake.views import ViewsFile
 from engine.lake.writer import DrainResult, Evictions, LakeWriter, Step, evictions
 
 if TYPE_CHECKING:
+    from engine.apps.detectfork import DetectionProcess
     from engine.detect.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,12 @@ def _remember_stored(held: HeldReports, intake: Intake, rows: list[Item], horizo
         intake.seen.add_batch([(call_id, serial) for call_id, serial, _ in run], run[-1][2])
 
 
+def _detectfork_available() -> bool:
+    from engine.apps.detectfork import available
+
+    return available()
+
+
 def replay(
     paths: Sequence[Path],
     settings: Settings,
@@ -181,6 +187,7 @@ def replay(
     part_rows: int = PART_ROWS,
     part_bytes: int = PART_BYTES,
     progress: Progress | None = None,
+    views: ViewsFile | None = None,
 ) -> ReplayReport:
     """Raises YamlFileError (before touching the store) when the rules are invalid.
 
@@ -188,21 +195,29 @@ def replay(
     JSON lines, `part_bytes` of CSV), in event-time order; what is stored and raised
     does not depend on the part sizes. `detect_in_child`: run detection in a forked
     process (see engine.apps.detectfork); by default wherever that is available and
-    the files hold more than one batch. The alerts are the same either way."""
-    pipeline = None
-    if settings.detection.enabled:
-        pipeline = make_pipeline(settings.detection, rules_dir)
-    stream = EventStream(paths, part_rows, part_bytes)
-    if progress is None:
-        progress = Progress(parquet_rows(paths))
-    # The files are read while the store opens (polars leaves the interpreter lock
-    # most of the time): nothing below needs the rows before the fork.
-    reading = _ReadAhead(stream, PARTS_IN_FLIGHT)
+    the files hold more than one batch. The alerts are the same either way.
+    `views`: the process that writes the analysts' views file, started by the caller
+    before its imports (by default started here); closed here."""
+    # Started first: it loads DuckDB while the rules load, and is told what to write
+    # once the lake is prepared (nothing, if the replay stops before).
+    views = views or ViewsFile()
     try:
-        return _replay(reading, stream, settings, pipeline, detect_in_child, progress)
+        pipeline = None
+        if settings.detection.enabled:
+            pipeline = make_pipeline(settings.detection, rules_dir)
+        stream = EventStream(paths, part_rows, part_bytes)
+        if progress is None:
+            progress = Progress(parquet_rows(paths))
+        # The files are read while the store opens (polars leaves the interpreter lock
+        # most of the time): nothing below needs the rows before the fork.
+        reading = _ReadAhead(stream, PARTS_IN_FLIGHT)
+        try:
+            return _replay(reading, stream, settings, pipeline, detect_in_child, progress, views)
+        finally:
+            reading.close()
+            progress.close()
     finally:
-        reading.close()
-        progress.close()
+        views.close()
 
 
 def _replay(
@@ -212,13 +227,19 @@ def _replay(
     pipeline: Pipeline | None,
     detect_in_child: bool | None,
     progress: Progress,
+    views: ViewsFile,
 ) -> ReplayReport:
     def rebuild_keys() -> None:
         # What the lake writer process does at its start, here: replay is the lake writer.
         lock = lake_writer_lock(settings.store.data_dir)
         lock.acquire(wait_s=300)
         try:
-            LakeWriter(settings.store.data_dir, dedup_horizon_s=settings.store.dedup_horizon_s)
+            # The views file is the writer's below.
+            LakeWriter(
+                settings.store.data_dir,
+                dedup_horizon_s=settings.store.dedup_horizon_s,
+                publish_views=False,
+            )
         finally:
             lock.release()
 
@@ -243,7 +264,13 @@ def _replay(
             compact_target_bytes=settings.store.compact_target_bytes,
             pipeline=pipeline,
             dedup_horizon_s=settings.store.dedup_horizon_s,
+            publish_views=False,
         )
+        # The analysts' views file is written by a process of its own while this one
+        # replays. Making a view reads the files it names then: new ones may come
+        # meanwhile (each whole, renamed into place), but none may go, so compaction,
+        # which removes the files it merged, waits for it.
+        views.publish(writer.lake.data_dir, writer.lake.view_statements())
         evicted_before = evictions(pipeline) if pipeline is not None else Evictions()
 
         def drain() -> None:
@@ -285,11 +312,13 @@ def _replay(
         first = next(parts, None)
         second = next(parts, None) if first is not None else None
         if detect_in_child is None:
-            # One batch or less: nothing to do side by side.
-            detect_in_child = detectfork_available() and (
+            # One batch or less: nothing to do side by side (nor the fork's module to load).
+            detect_in_child = (
                 second is not None or (first is not None and len(first) > REPLAY_BATCH)
-            )
+            ) and _detectfork_available()
         if pipeline is not None and detect_in_child:
+            from engine.apps.detectfork import DetectionProcess
+
             # Detection's state is whole (restored, leftovers fed): its process starts now.
             detection = DetectionProcess(pipeline, writer.snapshot_file)
         size = min(REPLAY_BATCH, settings.store.max_pending_reports)
@@ -354,6 +383,7 @@ def _replay(
             store.commit(TICK, 0, tick_payload(until))
             hand_over(store.seal(), [until])
         if detection is None:
+            views.wait()
             writer.compact()
             writer.snapshot()
         else:
@@ -364,6 +394,7 @@ def _replay(
             detection.finish()
             if group:
                 write_group()
+            views.wait()
             writer.compact()
             if writer.snapshot_file is not None:
                 detection.end_snapshot()
@@ -372,6 +403,7 @@ def _replay(
             held.close()
         if detection is not None:
             detection.close()
+        views.close()  # done with the data dir before its lock goes
         store.close()
         writer_lock.release()
     report.stored = written.reports

@@ -17,7 +17,6 @@ import codecs
 import ipaddress
 import os
 import re
-import tomllib
 import zoneinfo
 from collections.abc import Mapping
 from datetime import UTC, tzinfo
@@ -814,6 +813,8 @@ def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, st
     for name, raw in environ.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
+        import tomllib  # only where a setting comes from the environment or a file
+
         path = name[len(ENV_PREFIX) :].lower().split("__")
         try:
             value: Any = tomllib.loads(f"v = {raw}")["v"]
@@ -856,6 +857,8 @@ def load_settings(
     tree: dict[str, Any] = {}
     origin: dict[str, str] = {}
     if path is not None:
+        import tomllib
+
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as error:

@@ -3,8 +3,9 @@ collector's settings for the receiver and for the processes that run detection."
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -29,6 +30,33 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+# CPython's own thresholds.
+_DEFAULT_THRESHOLD = (700, 10, 10)
+
+
+@contextlib.contextmanager
+def gc_for_start() -> Iterator[None]:
+    """What a command makes while it starts (modules, classes, settings, rules) lives as
+    long as its process: a young collection every 700 allocations walks it again and
+    again for nothing (figures: bench/README.md, "Process weight"). Every 100,000
+    within, until the command says otherwise: the receiver and detection take theirs
+    below, a process that serves people (the console) `tune_gc_for_service`. The
+    thresholds before are back after."""
+    before = gc.get_threshold()
+    gc.set_threshold(100_000, 50, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
+def tune_gc_for_service() -> None:
+    """CPython's own thresholds, with what starting made frozen out of sight: for a
+    process that serves requests for hours, whose short-lived objects should go soon."""
+    gc.freeze()
+    gc.set_threshold(*_DEFAULT_THRESHOLD)
 
 
 def tune_gc_for_receiver() -> None:

@@ -11,26 +11,29 @@ Layout under the data directory:
 
 A DuckDB file is opened by one writer or many readers, never both; so the
 engine never keeps `callsentry.duckdb` open. It rewrites it (views only) into a
-temporary file and renames it into place, and analysts open it read-only at any
-time.
+temporary file and renames it into place (engine.lake.views), and analysts open it
+read-only at any time. DuckDB is imported where it is used: a process that only
+writes the lake (replay into a new data dir) never loads it.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import operator
 import os
 import re
+import sys
+import threading
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import duckdb
 import polars as pl
 
 from engine.core.events import CallEvent, Reject
@@ -38,18 +41,24 @@ from engine.ingest.journal import fsync_dir
 from engine.ingest.keyfile import segment_range
 from engine.ingest.records import Item
 from engine.lake.review_status import status_sql
+from engine.lake.views import sql_text, write_views_file
+
+if TYPE_CHECKING:
+    import duckdb
 
 log = logging.getLogger(__name__)
 
-# What writing or reading the lake raises when the file system fails it (disk full,
-# read-only, I/O error): the OS error as it is, or wrapped by polars (a ComputeError
-# "... No space left on device (os error 28)") or by DuckDB (an IOException). The
-# lake writer backs off and tries again on these; the journal keeps the reports.
-STORAGE_ERRORS: tuple[type[Exception], ...] = (
-    OSError,
-    pl.exceptions.ComputeError,
-    duckdb.Error,
-)
+
+def storage_errors() -> tuple[type[Exception], ...]:
+    """What writing or reading the lake raises when the file system fails it (disk
+    full, read-only, I/O error): the OS error as it is, or wrapped by polars (a
+    ComputeError "... No space left on device (os error 28)") or by DuckDB (an
+    IOException). The lake writer backs off and tries again on these; the journal
+    keeps the reports. DuckDB's only once something has imported it: no DuckDB error
+    can be raised before."""
+    errors: tuple[type[Exception], ...] = (OSError, pl.exceptions.ComputeError)
+    loaded = sys.modules.get("duckdb")
+    return errors if loaded is None else (*errors, loaded.Error)
 
 
 EVENT_SCHEMA: dict[str, Any] = {
@@ -425,12 +434,6 @@ def _merges(
     return [run for run in runs if len(run) >= 2]
 
 
-def sql_text(value: str) -> str:
-    """`value` as an SQL string literal (a path may hold a quote; views cannot take
-    parameters, so the path is written into their SQL)."""
-    return "'" + value.replace("'", "''") + "'"
-
-
 def write_atomic(frame: pl.DataFrame, target: Path) -> None:
     """`frame` as the Parquet file `target`, whole or not at all: written beside it
     under a name no `*.parquet` pattern matches, fsync'd, then renamed over it."""
@@ -469,6 +472,31 @@ class Lake:
         self.data_dir = data_dir
         self.root = data_dir / "lake"
         self.database = data_dir / "callsentry.duckdb"
+        # Within `sharing()`: the in-memory DuckDB with the views that queries share,
+        # made by the first of them (None until then).
+        self._sharing = 0
+        self._shared: duckdb.DuckDBPyConnection | None = None
+        self._shared_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def sharing(self) -> Iterator[None]:
+        """`query` within shares one in-memory DuckDB and its views rather than making
+        its own each time (a lake writer's start asks two or three questions; what a
+        DuckDB and its views cost: bench/README.md, "Process weight"). A view reads
+        the files as they are when a query runs, so a shared one answers as a new one
+        would."""
+        with self._shared_lock:
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            shared = None
+            with self._shared_lock:
+                self._sharing -= 1
+                if not self._sharing:
+                    shared, self._shared = self._shared, None
+            if shared is not None:
+                shared.close()
 
     def prepare(self) -> None:
         """Create the table folders with an empty placeholder, so views work before any data."""
@@ -612,25 +640,51 @@ class Lake:
         return str((self.root / table).resolve() / "day=*" / "*.parquet")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        """Run SQL over the lake in a private in-memory DuckDB (never the analysts' file)."""
+        """Run SQL over the lake in a private in-memory DuckDB (never the analysts' file;
+        within `sharing()`, one made for the queries there)."""
+        import duckdb
+
+        with self._shared_lock:
+            if self._sharing and self._shared is None:
+                shared = duckdb.connect()
+                try:
+                    self.create_views(shared)
+                except BaseException:
+                    shared.close()
+                    raise
+                self._shared = shared
+            # A cursor is a connection of its own to the same database, for this thread.
+            cursor = self._shared.cursor() if self._shared is not None else None
+        if cursor is not None:
+            with cursor:
+                return cursor.execute(sql, list(params)).fetchall()
         with duckdb.connect() as con:
             self.create_views(con)
             return con.execute(sql, list(params)).fetchall()
 
     def create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        for statement in self.view_statements():
+            con.execute(statement)
+
+    def view_statements(self, extra_views: Iterable[tuple[str, str]] = ()) -> list[str]:
+        """The CREATE VIEW statements of the lake's tables (and `extra_views`, name and
+        SQL), as the analysts' file and every query over the lake have them."""
+        statements = []
         for table, schema in TABLES.items():
             placeholder = self.root / table / _PLACEHOLDER_DAY / _PLACEHOLDER
             if table in ADDED_TABLES and not placeholder.exists():
                 # A lake no lake writer of this release has prepared yet: none stored.
-                con.execute(f"CREATE VIEW {table} AS {_empty_select(schema)}")
+                statements.append(f"CREATE VIEW {table} AS {_empty_select(schema)}")
                 continue
             columns = self._columns(table, placeholder)
-            con.execute(
+            statements.append(
                 f"CREATE VIEW {table} AS SELECT {columns} FROM "
                 f"read_parquet({sql_text(self.glob(table))}, "
                 "hive_partitioning = true, union_by_name = true)"
             )
-        con.execute(f"CREATE VIEW alerts_current AS {ALERTS_CURRENT}")
+        statements.append(f"CREATE VIEW alerts_current AS {ALERTS_CURRENT}")
+        statements.extend(f"CREATE VIEW {name} AS {sql}" for name, sql in extra_views)
+        return statements
 
     def _columns(self, table: str, placeholder: Path) -> str:
         """What a table's view selects: every column, and those added since the first
@@ -659,33 +713,9 @@ class Lake:
         return ", ".join([f"* REPLACE ({', '.join(replaced)})" if replaced else "*", *missing])
 
     def publish_views(self, extra_views: Iterable[tuple[str, str]] = ()) -> None:
-        """Write `callsentry.duckdb` (views only) and swap it in atomically.
-
-        Renaming over the file never disturbs an analyst who has the old one open
-        read-only; the next connection sees the new views.
-        """
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        partial = self.data_dir / f".callsentry.{uuid.uuid4().hex}.duckdb"
-        try:
-            with duckdb.connect() as con:
-                # The oldest storage format that has what we use, so analysts' DuckDB
-                # CLIs and libraries from 1.0 on can open the file too.
-                con.execute(
-                    f"ATTACH {sql_text(str(partial))} AS analytics (STORAGE_VERSION 'v1.0.0')"
-                )
-                con.execute("USE analytics")
-                # One transaction: one commit to the file's write-ahead log (and its
-                # sync), where each view on its own would commit and sync.
-                con.execute("BEGIN TRANSACTION")
-                self.create_views(con)
-                for name, sql in extra_views:
-                    con.execute(f"CREATE VIEW {name} AS {sql}")
-                con.execute("COMMIT")
-                con.execute("CHECKPOINT")
-            os.replace(partial, self.database)
-        finally:
-            partial.unlink(missing_ok=True)
-            Path(str(partial) + ".wal").unlink(missing_ok=True)
+        """Write `callsentry.duckdb` (views only) and swap it in atomically, in this
+        process (engine.lake.views.ViewsFile does it in one of its own)."""
+        write_views_file(self.data_dir, self.view_statements(extra_views))
 
     def expire(self, before: date) -> list[Path]:
         """Delete the day partitions of events, rejects and calls older than `before`.
@@ -724,6 +754,8 @@ class Lake:
         return removed
 
     def _holds_seq(self, folder: Path, seq: int) -> bool:
+        import duckdb
+
         files = str(folder.resolve() / "*.parquet")
         with duckdb.connect() as con:
             row = con.execute(
@@ -852,6 +884,8 @@ class HeldReports:
             if files[table]:
                 params += [files[table], first, last]
         if self._con is None:
+            import duckdb
+
             self._con = duckdb.connect()
         held = " UNION ALL ".join(selects)
         return cast(

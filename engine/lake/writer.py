@@ -24,7 +24,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-import duckdb
 import polars as pl
 
 from engine.core.events import CHECK_CALL_ID_PREFIX, CallEvent, CallState, Reject
@@ -58,8 +57,8 @@ from engine.lake.parquet import (
     ALERT_SCHEMA,
     CALL_SCHEMA,
     ESCALATION_SCHEMA,
-    STORAGE_ERRORS,
     Lake,
+    storage_errors,
 )
 
 log = logging.getLogger(__name__)
@@ -252,6 +251,7 @@ class LakeWriter:
         clock: Callable[[], float] = time.monotonic,
         release: Callable[[Path], None] | None = None,
         senders: SenderDirectory | None = None,
+        publish_views: bool = True,
     ) -> None:
         """Starts the lake writer's work on `data_dir`: the caller holds its lock
         (`lake_writer_lock`), or is the only process on the data dir. `release` takes a
@@ -264,7 +264,9 @@ class LakeWriter:
         before its journal segment goes: a crash in between runs the segment through
         detection again, and they take the same alerts again (they must accept a
         repeat). A failure there (an OSError) fails the write like a full disk.
-        `call_sinks` take a segment's calls at the same moment, on the same terms."""
+        `call_sinks` take a segment's calls at the same moment, on the same terms.
+        `publish_views`: write the analysts' views file now (False: the caller does,
+        from `lake.view_statements()`, as replay does in a process of its own)."""
         self.data_dir = data_dir
         self.senders = senders if senders is not None else SenderDirectory({})
         self.lake = Lake(data_dir)
@@ -296,13 +298,15 @@ class LakeWriter:
         # Before the restore: its catch-up feeds detection what the lake holds already.
         self.settle()
         self.keys = RecentKeys(key_file_path(data_dir), dedup_horizon_s, max_dedup_keys)
-        self.rebuild_keys()
-        if keys_ready is not None:
-            # The receiver waits for the key file, not for detection's state.
-            keys_ready()
-        self.lake.publish_views()
-        if self.snapshot_file is not None:
-            self._restore(self.snapshot_file)
+        with self.lake.sharing():
+            self.rebuild_keys()
+            if keys_ready is not None:
+                # The receiver waits for the key file, not for detection's state.
+                keys_ready()
+            if publish_views:
+                self.lake.publish_views()
+            if self.snapshot_file is not None:
+                self._restore(self.snapshot_file)
 
     def _journaled(self) -> list[int]:
         numbers = map(segment_number, sealed_segments(self.journal_dir))
@@ -422,6 +426,8 @@ class LakeWriter:
         through detection again so its state is whole; what they raised is already
         in the lake, so the output is dropped."""
         assert self.pipeline is not None
+        import duckdb  # Lake.query's
+
         try:
             rows = self.lake.query(
                 "SELECT seq, epoch_us(ts), call_id, serial, state, code, caller, callee, "
@@ -728,7 +734,7 @@ class LakeWriter:
             return
         try:
             self.drain()
-        except STORAGE_ERRORS as error:
+        except storage_errors() as error:
             self._count("flush_failures")
             self.writes.failed(error, "the journal keeps the reports")
             return
@@ -742,7 +748,7 @@ class LakeWriter:
         try:
             with self._housekeeping:
                 removed = self.lake.expire(before)
-        except STORAGE_ERRORS as error:
+        except storage_errors() as error:
             self.expiries.failed(error, "old days stay until it works")
             return
         self.expiries.worked()
@@ -756,7 +762,7 @@ class LakeWriter:
                 # files are written meanwhile is still in this list.
                 journaled = self._journaled()
                 result = self.lake.compact(self.compact_target_bytes, journaled)
-        except STORAGE_ERRORS as error:
+        except storage_errors() as error:
             self.compactions.failed(error, "the segments stay as they are, each row once")
             return
         self.compactions.worked()

@@ -12,10 +12,13 @@ A later input (a web form, an action template) adds its target here.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import math
+import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -442,21 +445,32 @@ def list_files(draw: st.DrawFn) -> bytes:
     return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
 
 
+def _scratch(name: str) -> Path:
+    """A folder of this process kept for its inputs: each input overwrites its one file
+    there, so an execution costs reading that file, not making and deleting a tree."""
+    folder = Path(tempfile.gettempdir()) / f"callsentry-fuzz-{os.getpid()}-{name}"
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def load_list_file(data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        rules = Path(folder) / "rules"
-        (rules / "lists").mkdir(parents=True)
-        (rules / "r.yaml").write_bytes((RULES / "short-calls-caller.yaml").read_bytes())
-        for shipped in (RULES / "lists").glob("*.yaml"):
-            (rules / "lists" / shipped.name).write_bytes(shipped.read_bytes())
-        path = rules / "lists" / "fuzzed.yaml"
-        path.write_bytes(data)
-        try:
-            load_rules(rules / "r.yaml")
-        except YamlFileError as error:
-            _located(error, path)
-        except Exception as error:
-            raise Escape(f"loading a list raised {error!r} on {data[:300]!r}") from error
+    """A list file beside a shipped one is read with every problem at its file:line."""
+    from engine.detect.rules import load_lists
+
+    lists = _scratch("lists")
+    shipped = lists / "known_trunks.yaml"
+    if not shipped.exists():
+        shipped.write_bytes((RULES / "lists" / "known_trunks.yaml").read_bytes())
+    path = lists / "fuzzed.yaml"
+    path.write_bytes(data)
+    problems: list[str] = []
+    try:
+        load_lists(lists, problems)
+    except Exception as error:
+        raise Escape(f"loading a list raised {error!r} on {data[:300]!r}") from error
+    _located(YamlFileError(problems), path)
 
 
 _SHIPPED_MODELS = sorted((RULES / "models").glob("*.yaml"))
@@ -1048,25 +1062,40 @@ def exception_files(draw: st.DrawFn) -> bytes:
     return yaml.safe_dump(_mutated(document, draw), allow_unicode=True).encode()
 
 
-def load_exception_file(data: bytes) -> None:
-    from engine.apps.lakewriter import check_detectors
+_KNOWN: list[tuple[dict[str, str], dict[str, str]]] = []
 
-    with tempfile.TemporaryDirectory() as folder:
-        rules = Path(folder) / "rules"
-        for sub in ("lists", "models"):
-            (rules / sub).mkdir(parents=True)
-            for shipped in (RULES / sub).glob("*.yaml"):
-                (rules / sub / shipped.name).write_bytes(shipped.read_bytes())
-        (rules / "r.yaml").write_bytes((RULES / "short-calls-caller.yaml").read_bytes())
-        path = rules / "exceptions" / "fuzzed.yaml"
-        path.parent.mkdir()
-        path.write_bytes(data)
-        try:
-            check_detectors(rules)
-        except YamlFileError as error:
-            _located(error, path)
-        except Exception as error:
-            raise Escape(f"loading an exception raised {error!r} on {data[:300]!r}") from error
+
+def _known_detectors() -> tuple[dict[str, str], dict[str, str]]:
+    """The shipped rules' and models' entity types by id, read once: what an exception
+    file is checked against."""
+    if not _KNOWN:
+        from engine.detect.rules import load_rules
+        from models.catalogue import catalogue, load_model_specs, models_dir
+
+        problems: list[str] = []
+        kinds = catalogue(load_model_specs(models_dir(RULES), problems)).kinds
+        loaded = load_rules(RULES)
+        rules = {rule.id: rule.spec.aggregate.entity_type for rule in loaded.rules.rules}
+        _KNOWN.append((rules, dict(kinds)))
+    return _KNOWN[0]
+
+
+def load_exception_file(data: bytes) -> None:
+    """An exception file is read and checked against the shipped rules and models with
+    every problem at its file:line."""
+    from engine.detect.exceptionfiles import check_exceptions, read_exception_files
+
+    rules, models = _known_detectors()
+    folder = _scratch("exceptions")
+    path = folder / "fuzzed.yaml"
+    path.write_bytes(data)
+    problems: list[str] = []
+    try:
+        found = read_exception_files(folder, problems)
+        problems += check_exceptions(found, rules, models)[1]
+    except Exception as error:
+        raise Escape(f"loading an exception raised {error!r} on {data[:300]!r}") from error
+    _located(YamlFileError(problems), path)
 
 
 def write_exception_files(entity: str) -> None:
@@ -1228,6 +1257,9 @@ def _console_client() -> Any:
         view.price_with(load_tariffs(TARIFFS), NumberPlan(default_region="GB"))
         console = Console(data, view, RuleBook.read(RULES))
         client = TestClient(create_app(console, session_secret(data)))
+        # Entered once, the client keeps one event loop thread for every request; outside
+        # a `with`, each request starts a thread and a loop of its own.
+        client.__enter__()
         page = client.get("/login").text
         csrf = re.search(r'name="csrf" value="([^"]+)"', page)
         assert csrf is not None
@@ -1242,33 +1274,40 @@ def _console_client() -> Any:
     return _CONSOLE[0]
 
 
-def post_console_forms(pairs: list[tuple[str, str]]) -> None:
+# Where a form goes: each input is one request, to the page its first draw names (the
+# fuzzer's bytes choose the page as they choose the pairs), so a budget of executions
+# is that many requests.
+_CONSOLE_PAGES = (
+    ("GET", "/"),
+    ("GET", "/entity"),
+    ("GET", "/api/alerts"),
+    ("POST", "/act"),
+    ("GET", "/actions"),
+    ("POST", "/actions/1"),
+    ("POST", "/actions/x"),
+    ("POST", "/login"),
+)
+console_requests = st.tuples(st.sampled_from(_CONSOLE_PAGES), console_forms)
+
+
+def post_console_forms(request: tuple[tuple[str, str], list[tuple[str, str]]]) -> None:
+    (method, path), pairs = request
     client, csrf = _console_client()
     pairs = [(key, csrf if value == VALID_CSRF else value) for key, value in pairs]
-    for method, path in (
-        ("GET", "/"),
-        ("GET", "/entity"),
-        ("GET", "/api/alerts"),
-        ("POST", "/act"),
-        ("GET", "/actions"),
-        ("POST", "/actions/1"),
-        ("POST", "/actions/x"),
-        ("POST", "/login"),
-    ):
-        try:
-            if method == "GET":
-                answer = client.get(path, params=pairs, follow_redirects=False)
-            else:
-                answer = client.post(
-                    path,
-                    content=urlencode(pairs),
-                    headers={"Content-Type": "application/x-www-form-urlencoded"},
-                    follow_redirects=False,
-                )
-        except Exception as error:
-            raise Escape(f"{method} {path} raised {error!r} on {pairs!r}") from error
-        if answer.status_code >= 500:
-            raise Escape(f"{method} {path} answered {answer.status_code} on {pairs!r}")
+    try:
+        if method == "GET":
+            answer = client.get(path, params=pairs, follow_redirects=False)
+        else:
+            answer = client.post(
+                path,
+                content=urlencode(pairs),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+                follow_redirects=False,
+            )
+    except Exception as error:
+        raise Escape(f"{method} {path} raised {error!r} on {pairs!r}") from error
+    if answer.status_code >= 500:
+        raise Escape(f"{method} {path} answered {answer.status_code} on {pairs!r}")
 
 
 TARGETS = (
@@ -1296,5 +1335,5 @@ TARGETS = (
     Target("action-request", alert_fields(), render_requests),
     Target("console-accounts", accounts_files(), load_accounts_file),
     Target("console-filters", console_forms, queue_filter_of),
-    Target("console-forms", console_forms, post_console_forms),
+    Target("console-forms", console_requests, post_console_forms),
 )

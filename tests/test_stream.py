@@ -9,12 +9,15 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.apps.replay import replay
 from engine.ingest.eventfiles import (
+    EventFileError,
     EventStream,
+    _row_cut,
+    _row_end,
     file_parts,
     read_event_file,
     read_event_files,
@@ -47,6 +50,9 @@ _CSV_LINES = st.one_of(
             b"soon,c2,1,ok,100,200,,7,Main\n",
             b"1795860006,c3,1,ok,100,200,,7,Main\r\n",
             b'1795860007,"c,4",1,ok,"1""00",200,,7,"Main"\n',
+            b"2026-1-02T14:00:25+00:00,c5,1,ok,100,200,,7,Main\n",
+            b'1795860008,c6,1,ok,100,200,40",7,Main\n',
+            b"2026-11-02T14:00:25.25+00:00,c5,1,ok,100,200,,7,Main\n",
         ]
     ),
 )
@@ -95,6 +101,76 @@ def test_a_header_name_with_spaces_names_its_column_in_every_part(tmp_path: Path
     parts = list(file_parts(path, part_bytes=200))
     assert len(parts) > 2
     assert [item for part in parts for item in part] == whole
+
+
+@pytest.mark.parametrize("end", [b"\r", b"\r\n", b'"\r"\n'])
+def test_a_header_line_ends_in_every_part_where_it_ends_read_whole(
+    tmp_path: Path, end: bytes
+) -> None:
+    # The row reader's lines end at \n, \r\n or a lone \r (bytes.splitlines); a part's
+    # header was cut at the first \n alone, so a lone \r in the header line made the
+    # parts' header another line than the whole file's.
+    path = tmp_path / "events.csv"
+    header = HEADER.rstrip(b"\n").replace(b"menu_name", b'"menu_name') + end
+    if not end.startswith(b'"'):
+        header = header.replace(b'"menu_name', b"menu_name")
+    path.write_bytes(header + b"".join(_line(n, n) for n in range(20)))
+    whole = read_event_file(path)
+    parts = list(file_parts(path, part_bytes=200))
+    # A quote the header line leaves open runs on past every part's end: one part.
+    assert len(parts) > 2 or end.startswith(b'"')
+    assert [item for part in parts for item in part] == whole
+
+
+def test_a_time_the_row_parser_refuses_is_refused_column_wise_too(tmp_path: Path) -> None:
+    # polars reads "2026-1-02" (a one-digit month) as a time; Python's fromisoformat,
+    # the row parser's, does not: a clean file (read column-wise) and the same row in
+    # a part read row by row must say the same.
+    path = tmp_path / "events.csv"
+    rows = [b"2026-11-02T14:00:0%d.5+00:00,c%d,1,ok,100,200,,7,Main\n" % (n, n) for n in range(3)]
+    rows.append(b"2026-1-02T14:00:25+00:00,c9,1,ok,100,200,,7,Main\n")
+    path.write_bytes(HEADER + b"".join(rows))
+    items = read_event_file(path)
+    assert [type(item).__name__ for item in items] == ["CallEvent"] * 3 + ["Reject"]
+    assert items[3].reason.value == "bad_ts" and items[3].source == "events.csv:5"
+
+
+@pytest.mark.parametrize("bad", [b"", b"c\xff"])
+def test_a_header_naming_a_column_twice_is_refused_by_every_reader(
+    tmp_path: Path, bad: bytes
+) -> None:
+    # Read row by row the last call_id held the value, column-wise the first: neither
+    # is certain, so the file is refused, whichever path reads it (a bad byte sends
+    # the whole file row by row).
+    path = tmp_path / "events.csv"
+    rows = b"".join(b"1795860%03d,c%d,1,ok,100,200,,7,Main,x%d\n" % (n, n, n) for n in range(30))
+    path.write_bytes(HEADER.rstrip(b"\n") + b",call_id\n" + rows + bad)
+    for read in (read_event_file, lambda p: list(file_parts(p, part_bytes=300))):
+        with pytest.raises(EventFileError, match="names call_id more than once"):
+            read(path)
+
+
+def test_a_quote_inside_an_unquoted_field_opens_nothing_on_either_path(tmp_path: Path) -> None:
+    # `40"` is a character of its field to the csv module and polars; the row reader
+    # took any odd count of quotes for an open field and swallowed the next lines.
+    rows = [_line(n, n) for n in range(5)]
+    rows[2] = b'1795860002,c2,1,ok,100,200,40",7,Main\n'
+    clean, bad = tmp_path / "clean.csv", tmp_path / "bad.csv"
+    clean.write_bytes(HEADER + b"".join(rows))
+    bad.write_bytes(HEADER + b"".join(rows) + b"1795860009,c\xff,1\n")  # row by row
+    fast, slow = read_event_file(clean), read_event_file(bad)
+    assert [type(item).__name__ for item in fast] == ["CallEvent"] * 5
+    assert fast[2].forward == '40"' and fast[3].source == "clean.csv:5"
+    assert [(i.call_id, i.forward) for i in slow[:5]] == [(i.call_id, i.forward) for i in fast]
+
+
+def test_a_lone_cr_ends_a_line_column_wise_as_row_by_row(tmp_path: Path) -> None:
+    # polars reads a header ended by a lone CR and the row after it as one line (a
+    # header of 17 names and no row); the row reader, as bytes.splitlines, as two.
+    path = tmp_path / "events.csv"
+    path.write_bytes(HEADER.rstrip(b"\n") + b"\r" + _line(0, 0).rstrip(b"\n"))
+    (event,) = read_event_file(path)
+    assert type(event).__name__ == "CallEvent" and event.source == "events.csv:2"
 
 
 @given(
@@ -253,3 +329,38 @@ def test_a_replay_finds_what_the_lake_holds_day_by_day_a_part_at_a_time(tmp_path
     again = replay([second], settings, part_rows=40, part_bytes=2000)
     assert (again.stored, again.duplicates) == (100, 200)
     assert replay([first, second], settings, part_bytes=3000).stored == 0
+
+
+def _row_cut_line_by_line(body: bytes) -> int:
+    # Where the rows end as `_row_end` finds them, line after line.
+    lines = body.splitlines(keepends=True)
+    index = offset = cut = 0
+    while index < len(lines):
+        end = _row_end(lines, index)
+        if end is None:
+            return cut
+        offset += sum(len(line) for line in lines[index:end])
+        index, cut = end, offset
+    return cut
+
+
+_LINE_BITS = ["a", ",", '"', '""', ',"', '",', 'b"c', " ", "é", "\x00", "\r", "\r\n", "\n"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from(["a", ",", '"', " ", "é", "\x00", "\r", "\r\n", "\n"]), max_size=12
+        )
+        .map("".join)
+        .map(lambda line: line.encode("utf-8") + b"\n"),
+        min_size=1,
+        max_size=8,
+    ).map(b"".join)
+)
+@example(b'b"c,"d\ne\n')  # even quotes, yet the second opens a quoted field
+@example(b'a,40"\nb\n')  # an odd quote inside an unquoted field opens nothing
+def test_a_parts_cut_is_where_the_rows_end_line_by_line(body: bytes) -> None:
+    # Lines matched whole in C where every line is a row of its own; else line by line.
+    assert _row_cut(body) == _row_cut_line_by_line(body)

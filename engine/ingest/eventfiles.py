@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import operator
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
@@ -147,7 +148,13 @@ def _reject(
 
 
 def _check_columns(path: Path, columns: Iterable[str]) -> None:
-    present = set(columns)
+    names = list(columns)
+    present = set(names)
+    twice = [c for c in KEPT if names.count(c) > 1]
+    if twice:
+        # Which of the two holds the value? Readers differ (the last, or the first):
+        # the file says nothing certain, so it is refused.
+        raise EventFileError(f"{path}: the header names {', '.join(twice)} more than once")
     missing = [c for c in REQUIRED if c not in present]
     if missing:
         raise EventFileError(
@@ -222,8 +229,9 @@ def _csv_data(path: Path, data: bytes, first_line: int) -> tuple[pl.DataFrame, i
         frame = pl.read_csv(data, infer_schema=False, encoding="utf8")
     except (UnicodeDecodeError, pl.exceptions.PolarsError):
         return _csv_rows(path, data, first_line - 2)
-    if any(name != name.strip() for name in frame.columns):
-        # The row reader strips the header's names ("call_id " is call_id); a part read
+    if any(name != name.strip() or "_duplicated_" in name for name in frame.columns):
+        # The row reader strips the header's names ("call_id " is call_id) and refuses a
+        # name given twice (which polars renames "call_id_duplicated_0"): a part read
         # here must name its columns as the same file read row by row does.
         return _csv_rows(path, data, first_line - 2)
     _check_columns(path, frame.columns)
@@ -242,6 +250,8 @@ def _one_line_rows(data: bytes, width: int, height: int) -> bool:
     with them, the csv module counts each row's fields."""
     if b"\n\n" in data or b"\n\r\n" in data:
         return False  # blank lines: polars skips them, so its rows are not lines
+    if data.count(b"\r") != data.count(b"\r\n"):
+        return False  # a lone CR ends a line to the row reader, not to polars
     lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
     if lines != height + 1:
         return False
@@ -252,6 +262,20 @@ def _one_line_rows(data: bytes, width: int, height: int) -> bool:
         return all(len(row) == width for row in reader) and reader.line_num == lines
     except (csv.Error, UnicodeDecodeError):
         return False
+
+
+def _quote_open(text: str) -> bool:
+    """Whether a row's text so far ends inside a quoted field, as the csv module (and
+    polars) read it: a quote opens a field only at the field's start; one inside an
+    unquoted field (`40"`) is a character of it, and opens nothing."""
+    if '"' not in text:
+        return False
+    try:
+        for _ in csv.reader([text], strict=True):
+            pass
+    except csv.Error as error:
+        return "unexpected end of data" in str(error)
+    return False
 
 
 def _csv_rows(path: Path, data: bytes, line_offset: int = 0) -> Iterator[Row]:
@@ -275,14 +299,16 @@ def _csv_rows(path: Path, data: bytes, line_offset: int = 0) -> Iterator[Row]:
             yield number, (RejectReason.UNDECODABLE, f"not UTF-8 text ({error.reason})", raw)
             continue
         end = index + 1
-        while text.count('"') % 2 and end < len(lines) and len(raw) <= MAX_ROW_BYTES:
+        open_ = _quote_open(text)
+        while open_ and end < len(lines) and len(raw) <= MAX_ROW_BYTES:
             try:
                 text += lines[end].decode("utf-8")
             except UnicodeDecodeError:
                 break
             raw += lines[end]
             end += 1
-        if text.count('"') % 2:
+            open_ = _quote_open(text)
+        if open_:
             # Unclosed: this line alone is rejected; the lines it swallowed are read.
             index += 1
             yield (
@@ -367,6 +393,9 @@ _PLAIN_TEXT = (pl.String, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UI
 _COLUMN_TS_BELOW = float(1 << 32)
 
 
+_ISO_SHAPE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?[+-]\d{2}:?\d{2}$"
+
+
 def _microseconds_to_seconds(micros: pl.Series) -> pl.Series:
     """Whole microseconds as seconds, each the double nearest to micros / 10^6, as
     Python's `datetime.timestamp()` makes it. Divided by a column of 10^6, not by the
@@ -389,7 +418,10 @@ def _epoch_seconds(column: pl.Series) -> pl.Series:
     gets the closer look."""
     if column.dtype == pl.String:
         text = column.str.strip_chars()
-        iso = text.str.to_datetime(
+        # Only the shape Python's fromisoformat takes too: polars also reads one-digit
+        # months, days and hours ("2026-1-02"), which the row parser refuses.
+        shaped = text.str.contains(_ISO_SHAPE).fill_null(False)
+        iso = text.zip_with(shaped, pl.Series([None], dtype=pl.String)).str.to_datetime(
             format="%Y-%m-%dT%H:%M:%S%.f%:z", time_zone="UTC", strict=False, time_unit="us"
         )
         seconds = _microseconds_to_seconds(iso.dt.epoch("us"))
@@ -740,30 +772,34 @@ def _row_end(lines: list[bytes], index: int) -> int | None:
     """Where the CSV row starting at `lines[index]` ends as `_csv_rows` reads it (the
     index of the line after it), or None when that depends on lines after `lines`."""
     raw = lines[index]
-    if not raw.count(b'"') % 2:
+    if b'"' not in raw:
         return index + 1
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return index + 1
-    quotes = raw.count(b'"')
+    open_ = _quote_open(text)
     end = index + 1
-    while quotes % 2 and len(raw) <= MAX_ROW_BYTES:
+    while open_ and len(raw) <= MAX_ROW_BYTES:
         if end == len(lines):
             return None
         try:
-            lines[end].decode("utf-8")
+            text += lines[end].decode("utf-8")
         except UnicodeDecodeError:
             break
         raw += lines[end]
-        quotes += lines[end].count(b'"')
         end += 1
+        open_ = _quote_open(text)
     # Unclosed: the line alone is a row (a reject); reading goes on at the next one.
-    return index + 1 if quotes % 2 else end
+    return index + 1 if open_ else end
 
 
-# A line's quotes, counted and tested odd in C (see `_row_cut`).
-_odd = (1).__and__
+# A line the csv module reads as one row, closed at its end: fields separated by
+# commas, each unquoted with no quote in it, or quoted with its quotes doubled inside
+# and no line end. Such a line never ends inside a quoted field (`_quote_open`); a
+# line it does not match is asked of `_row_end`.
+_FIELD = rb'(?:[^,"\r\n]+|"[^"\r\n]*(?:""[^"\r\n]*)*"|)'
+_CLOSED_LINE = re.compile(_FIELD + rb"(?:," + _FIELD + rb")*(?:\r\n|\n|\r)?")
 
 
 def _row_cut(body: bytes) -> int:
@@ -773,8 +809,9 @@ def _row_cut(body: bytes) -> int:
     if b'"' not in body:
         return len(body)
     lines = body.splitlines(keepends=True)
-    if not any(map(_odd, map(bytes.count, lines, itertools.repeat(b'"')))):
-        # Every line holds its quotes' pairs: each is a row (see `_row_end`).
+    if all(map(_CLOSED_LINE.fullmatch, lines)):
+        # Every line is a row of its own (matched in C, where `_row_end` runs the csv
+        # module over each line with a quote in Python).
         return len(body)
     index = offset = 0
     cut = 0
@@ -798,6 +835,22 @@ def _line_count(data: bytes) -> int:
     )
 
 
+def _first_line_end(head: bytes) -> int:
+    """Where the header line ends as bytes.splitlines ends it (at \n, at the \n of \r\n,
+    or at a lone \r), the row reader's lines; -1 when `head` holds no certain end (none,
+    or a \r as its last byte, whose \n may be the next part's first)."""
+    ends = [at for at in (head.find(b"\n"), head.find(b"\r")) if at >= 0]
+    if not ends:
+        return -1
+    end = min(ends)
+    if head[end : end + 1] == b"\r":
+        if end + 1 == len(head):
+            return -1
+        if head[end + 1 : end + 2] == b"\n":
+            return end + 1
+    return end
+
+
 def _csv_parts(
     path: Path, part_bytes: int, first_bytes: int | None = None
 ) -> Iterator[tuple[bytes, int]]:
@@ -813,7 +866,7 @@ def _csv_parts(
             if len(head) <= part_bytes:
                 yield head, 2
                 return
-            newline = head.find(b"\n")
+            newline = _first_line_end(head)
             if newline < 0:
                 # No line ends in the first part: no row can be cut apart; read it whole.
                 yield head + handle.read(), 2

@@ -187,6 +187,12 @@ def replay(
     Exit code 0: every row stored; 1: some rows were rejected (listed, and kept
     in the rejects table) or a file could not be read.
     """
+    from engine.core.runtime import tune_gc_for_detection
+
+    # Before the settings and the modules replay loads: the collector's default
+    # thresholds ran it hundreds of times while they load, over objects that live
+    # for the whole run. Again once they are loaded, so what they made is frozen too.
+    tune_gc_for_detection()
     overrides: dict[str, Any] = {}
     if data_dir is not None:
         overrides["store"] = {"data_dir": str(data_dir)}
@@ -196,7 +202,6 @@ def replay(
     from engine.apps.progress import ProgressBar, on_terminal
     from engine.apps.replay import Progress
     from engine.apps.replay import replay as run_replay
-    from engine.core.runtime import tune_gc_for_detection
     from engine.core.yamlfile import YamlFileError
     from engine.ingest.eventfiles import parquet_rows
     from engine.ingest.store import StoreError

@@ -51,7 +51,8 @@ def module(name: str) -> ModuleType:
         return loaded
 
 
-# HalfSpaceTrees' module imports river.tree.padded, which imports river.tree.base:
-# loaded first, so neither runs river.tree's __init__.
-TREES = ("river.tree.base", "river.tree.padded", "river.anomaly.hst")
+# HalfSpaceTrees' module, and what it imports from river.tree (padded, which imports
+# base), loaded before it so that neither runs river.tree's __init__.
+TREES = "river.anomaly.hst"
+TREES_NEEDS = ("river.tree.base", "river.tree.padded")
 SCALER = "river.preprocessing.scale"

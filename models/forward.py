@@ -29,18 +29,14 @@ equals live, and the same events split differently give the same findings.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
-import sys
 from collections import deque
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import river
 
 from engine.detect.calls import Call
 from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
+from models.river_modules import module as river_module
 from models.running_stats import stats
 from models.scoring import AdaptiveThreshold
 from models.spec import ModelSpec
@@ -70,19 +66,9 @@ def page_hinkley() -> type[PageHinkley]:
     """River's PageHinkley class. Its module needs only river.stats and river.base, but
     `import river.drift` runs the package's __init__, which imports KSWIN and with it
     scipy.stats: about a second of every replay's start-up. So the module is loaded
-    from its file under its own name (a later `import river.drift` finds it there and
-    uses the same class)."""
-    name = "river.drift.page_hinkley"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(river.__file__).parent / "drift" / "page_hinkley.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    found: type[PageHinkley] = module.PageHinkley
+    from its file under its own name (models.river_modules: a later `import
+    river.drift` finds it there and uses the same class)."""
+    found: type[PageHinkley] = river_module("river.drift.page_hinkley").PageHinkley
     return found
 
 

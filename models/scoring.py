@@ -15,17 +15,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from models.river_modules import SCALER, TREES, TREES_NEEDS
+from models.river_modules import module as river_module
 from models.running_stats import stats
 from models.spec import FEATURE_NAMES, HalfSpaceTreesSpec, ModelSpec
 
 
 def _river_trees(n_trees: int, height: int, window_size: int, seed: int) -> Any:
     """HalfSpaceTrees wants features in [0, 1]: scale with the running min and max first."""
-    # River's anomaly and preprocessing packages import SciPy's statistics (about a
-    # second of start-up): only a model that has filled its first window needs them.
-    from river import anomaly, preprocessing
-
-    return preprocessing.MinMaxScaler() | anomaly.HalfSpaceTrees(
+    # River's own classes, from their modules alone (models.river_modules: the anomaly,
+    # tree and preprocessing packages' __init__s import SciPy's statistics), and only
+    # once a model has filled its first window.
+    for name in TREES_NEEDS:
+        river_module(name)
+    trees, scaler = river_module(TREES), river_module(SCALER)
+    return scaler.MinMaxScaler() | trees.HalfSpaceTrees(
         n_trees=n_trees, height=height, window_size=window_size, seed=seed
     )
 

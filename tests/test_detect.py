@@ -27,6 +27,7 @@ from engine.core.yamlfile import YamlFileError
 from engine.detect.calls import Call, CallTracker
 from engine.detect.evaluate import (
     EQ,
+    IN,
     CompiledRule,
     RuleGroup,
     Selector,
@@ -905,6 +906,38 @@ def test_a_selector_reads_each_field_of_a_call_as_it_is() -> None:
 
     for call in calls:
         assert every.values_of(call) == [as_it_is(call, name) for name in FIELDS]
+
+
+def test_a_numbers_destination_is_read_only_for_calls_the_cheaper_tests_take() -> None:
+    # The destination test first in the rule, the outcome's after it: the outcome is
+    # still tested first, so an unanswered call's callee is never parsed.
+    selector = Selector(
+        [
+            ("abroad", [("callee_country", IN, frozenset({"GB"})), ("outcome", EQ, "answered")]),
+            ("answered", [("outcome", EQ, "answered")]),
+        ]
+    )
+    tracker = CallTracker(settle_s=1.0, abandon_s=5.0)
+    reports = [
+        (0.0, "a", 1, CallState.RINGING, "+442079460001"),
+        (4.0, "a", 2, CallState.ANSWERED, "+442079460001"),
+        (9.5, "a", 3, CallState.HANGUP, "+442079460001"),
+        (1.0, "b", 1, CallState.RINGING, "+442079460002"),
+        (3.0, "b", 2, CallState.HANGUP, "+442079460002"),
+    ]
+    for ts, call_id, serial, state, callee in reports:
+        tracker.observe(
+            CallEvent(ts, call_id, serial, state, 183, "8613800000001", callee, "", "7", "M", "t")
+        )
+    calls = {call.call_id: call for call in tracker.advance(1_000.0)}
+    DESTINATIONS.cache.clear()
+    assert selector.choose(calls["b"]) == []
+    assert "+442079460002" not in DESTINATIONS.cache, "an unanswered call's callee was read"
+    assert selector.choose(calls["a"]) == ["abroad", "answered"]
+    assert "+442079460001" in DESTINATIONS.cache
+    # The same choice as from every field read beforehand.
+    for call in calls.values():
+        assert selector.choose(call) == selector.select(selector.values_of(call))
 
 
 @pytest.mark.parametrize("op", [">=", ">", "<=", "<"])

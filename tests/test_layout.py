@@ -168,6 +168,47 @@ print(json.dumps([sorted(sys.modules), drifted,
     assert json.loads(after.stdout)[2] is True
 
 
+def test_the_anomaly_model_loads_half_space_trees_without_scipys_statistics() -> None:
+    # River's anomaly, tree and preprocessing packages import scipy.stats: most of a
+    # second of CPU in a detection process whose models fill their first window. The
+    # model made, then scored and pickled, is River's own classes either way.
+    script = """
+import json, pickle, sys
+from models.scoring import AnomalyModel
+from models.spec import HalfSpaceTreesSpec
+model = AnomalyModel(HalfSpaceTreesSpec(n_trees=3, height=3, window_size=10, seed=5))
+for n in range(30):
+    model.learn_one({"a": n % 5 / 5.0, "b": float(n)})
+score = model.score_one({"a": 0.9, "b": 30.0})
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("scipy", "river"))
+if "whole" in sys.argv:
+    from river import anomaly, preprocessing
+    same = [type(model.river.steps["HalfSpaceTrees"]) is anomaly.HalfSpaceTrees,
+            type(model.river.steps["MinMaxScaler"]) is preprocessing.MinMaxScaler]
+else:
+    same = []
+again = pickle.loads(pickle.dumps(model.river)).score_one({"a": 0.9, "b": 30.0})
+print(json.dumps([loaded, score, again, same]))
+"""
+    alone = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert alone.returncode == 0, alone.stderr
+    loaded, score, again, _ = json.loads(alone.stdout)
+    assert "river.anomaly.hst" in loaded and "river.preprocessing.scale" in loaded
+    assert "scipy.stats" not in loaded
+    assert [m for m in ("river.anomaly", "river.tree", "river.preprocessing") if m in loaded] == []
+    assert score > 0 and again == score
+    # Whoever imports the packages later gets the same classes, and the same scores.
+    whole = subprocess.run(
+        [sys.executable, "-c", script, "whole"], capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    _, score_whole, _, same = json.loads(whole.stdout)
+    assert score_whole == score and same == [True, True]
+
+
 # A small replay through the command line (models on, the shipped rules), then what its
 # process loaded.
 SMALL_REPLAY = """

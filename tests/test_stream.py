@@ -9,13 +9,15 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.apps.replay import replay
 from engine.ingest.eventfiles import (
     EventFileError,
     EventStream,
+    _row_cut,
+    _row_end,
     file_parts,
     read_event_file,
     read_event_files,
@@ -327,3 +329,38 @@ def test_a_replay_finds_what_the_lake_holds_day_by_day_a_part_at_a_time(tmp_path
     again = replay([second], settings, part_rows=40, part_bytes=2000)
     assert (again.stored, again.duplicates) == (100, 200)
     assert replay([first, second], settings, part_bytes=3000).stored == 0
+
+
+def _row_cut_line_by_line(body: bytes) -> int:
+    # Where the rows end as `_row_end` finds them, line after line.
+    lines = body.splitlines(keepends=True)
+    index = offset = cut = 0
+    while index < len(lines):
+        end = _row_end(lines, index)
+        if end is None:
+            return cut
+        offset += sum(len(line) for line in lines[index:end])
+        index, cut = end, offset
+    return cut
+
+
+_LINE_BITS = ["a", ",", '"', '""', ',"', '",', 'b"c', " ", "é", "\x00", "\r", "\r\n", "\n"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.sampled_from(["a", ",", '"', " ", "é", "\x00", "\r", "\r\n", "\n"]), max_size=12
+        )
+        .map("".join)
+        .map(lambda line: line.encode("utf-8") + b"\n"),
+        min_size=1,
+        max_size=8,
+    ).map(b"".join)
+)
+@example(b'b"c,"d\ne\n')  # even quotes, yet the second opens a quoted field
+@example(b'a,40"\nb\n')  # an odd quote inside an unquoted field opens nothing
+def test_a_parts_cut_is_where_the_rows_end_line_by_line(body: bytes) -> None:
+    # Lines matched whole in C where every line is a row of its own; else line by line.
+    assert _row_cut(body) == _row_cut_line_by_line(body)

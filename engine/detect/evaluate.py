@@ -25,7 +25,15 @@ from engine.detect.aggregates import (
 )
 from engine.detect.aggregates import comparison as comparison_of
 from engine.detect.calls import Call, CallTracker
-from engine.detect.fields import CLOCK_FIELDS, FIELDS, CallField, SiteClock, entity_field, field_of
+from engine.detect.fields import (
+    CLOCK_FIELDS,
+    DESTINATION_SUFFIXES,
+    FIELDS,
+    CallField,
+    SiteClock,
+    entity_field,
+    field_of,
+)
 from engine.detect.schema import Matcher, RuleSpec
 from engine.detect.windows import EntityState, KeyedState, Timestamp
 
@@ -214,41 +222,69 @@ class Condition:
         return False
 
 
+# A field's value not read yet (see `Selector.select`).
+_UNREAD: Final = object()
+
+
+def _read_cost(name: str) -> int:
+    """How dear a field is to read: 1 for a number's destination (a lookup in the
+    numbering plans' cache, engine.detect.numbers), 0 for what the call holds."""
+    return 1 if name.endswith(DESTINATION_SUFFIXES) else 0
+
+
 class Selector(Numerator):
     """Which of several rules a call's fields select (each rule's tests all hold),
-    tested in compiled code: each field a test reads is read once per call, and the
-    rules whose tests hold are returned together."""
+    tested in compiled code: each field a test reads is read at most once per call,
+    and only when a test needs it; the rules whose tests hold are returned together."""
 
     def __init__(self, rules: list[tuple[Any, list[Test]]], clock: SiteClock | None = None) -> None:
-        # Only the fields some test reads (in the order of FIELDS), each read once per
-        # call: the local-time fields (`hour`, `weekday`, read in `clock`'s zone) too,
-        # and then only when a rule tests them.
+        # Only the fields some test reads (in the order of FIELDS): the local-time fields
+        # (`hour`, `weekday`, read in `clock`'s zone) too, and then only when a rule
+        # tests them.
         used = {name for _, tests in rules for name, _, _ in tests}
         self.fields: list[str] = [name for name in FIELDS if name in used]
         self.readers: list[CallField] = [field_of(name, clock) for name in self.fields]
         slot = {name: index for index, name in enumerate(self.fields)}
         self.rules: list[Any] = [rule for rule, _ in rules]
+        # Each rule's tests, those of the fields the call holds before a number's
+        # destination (a stable sort: otherwise in the rule's order). Every test is
+        # pure and a rule takes a call when all hold, so the order changes no choice;
+        # a call the cheaper tests turn away never has its destinations read.
         self.conditions: list[list[Condition]] = [
             [
                 Condition(self.readers[slot[name]], slot[name], kind, constant)
-                for name, kind, constant in tests
+                for name, kind, constant in sorted(tests, key=lambda test: _read_cost(test[0]))
             ]
             for _, tests in rules
         ]
+        self.unread: list[object] = [_UNREAD] * len(self.fields)
 
     def values_of(self, call: Call) -> list[object]:
         return [reader.read(call) for reader in self.readers]
 
-    def select(self, values: list[object]) -> list[Any]:
-        """The rules whose tests all hold for these values (as `values_of` gives them)."""
+    def select(self, values: list[object], call: Call | None = None) -> list[Any]:
+        """The rules whose tests all hold for these values (as `values_of` gives them).
+        With `call`, a value that is `_UNREAD` (`choose` starts with all of them so) is
+        read from the call when a test first needs it."""
         found: list[Any] = []
+        readers = self.readers
         for index, conditions in enumerate(self.conditions):
             for condition in conditions:
-                if not condition.holds(values[condition.slot]):
+                slot = condition.slot
+                value = values[slot]
+                if value is _UNREAD and call is not None:
+                    value = readers[slot].read(call)
+                    values[slot] = value
+                if not condition.holds(value):
                     break
             else:
                 found.append(self.rules[index])
         return found
+
+    def choose(self, call: Call) -> list[Any]:
+        """The rules whose tests all hold for the call, each field read only when a test
+        needs it: a field the rules that read it never reach is not read."""
+        return self.select(self.unread.copy(), call)
 
     def takes(self, call: Call) -> bool:
         """For a selector of one rule: whether it selects the call. Each condition in
@@ -491,8 +527,7 @@ class RuleGroup:
         self.selector = Selector([(rule, rule.tests) for rule in rules], clock)
 
     def selected(self, call: Call) -> list[CompiledRule]:
-        selector = self.selector
-        return selector.select(selector.values_of(call))
+        return self.selector.choose(call)
 
     def start(self, ts: float) -> None:
         for rule in self.unstarted:

@@ -253,6 +253,8 @@ def field_of(name: str, clock: SiteClock | None) -> CallField:
 
 _CALLER, _CALLEE, _FORWARD = CallerNumber(), CalleeNumber(), ForwardNumber()
 CLOCK_FIELDS = ("hour", "weekday")
+# How the fields read from a number's destination end (`callee_country`, ...).
+DESTINATION_SUFFIXES = ("_country", "_type", "_valid", "_abroad")
 
 TEXT_FIELDS: dict[str, TextField] = {
     "caller": Caller(),

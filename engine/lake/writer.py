@@ -61,6 +61,10 @@ from engine.lake.parquet import (
     storage_errors,
 )
 
+# A report's time, and its key with its time (a StoredKey), read in C.
+_TS = operator.attrgetter("ts")
+_KEY_AND_TS = operator.attrgetter("call_id", "serial", "ts")
+
 log = logging.getLogger(__name__)
 
 
@@ -379,10 +383,10 @@ class LakeWriter:
             if not items:
                 continue
             max_seq = max(max_seq, first_seq + len(items) - 1)
-            max_ts = max(max_ts, max(item.ts for item in items))
+            max_ts = max(max_ts, max(map(_TS, items)))
             if set(map(type, items)) == {CallEvent}:
-                events: list[CallEvent] = items  # type: ignore[assignment]
-                keys.extend((e.call_id, e.serial, e.ts) for e in events)
+                # (call_id, serial, ts) of each, made in C.
+                keys.extend(map(_KEY_AND_TS, items))
                 continue
             for item in items:
                 key = item.key

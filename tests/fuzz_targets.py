@@ -359,21 +359,39 @@ def behaviour_rule_files(draw: st.DrawFn) -> bytes:
 
 
 _SHARE_RULE = RULES / "short-calls-menu.yaml"
-_SHARE_KEYS = ["window", "min_excess", "usual_over", "peer_weight", "numerator", "unknown"]
+_SHARE_KEYS = [
+    "window",
+    "min_excess",
+    "usual_over",
+    "peer_weight",
+    "numerator",
+    "numerator_behaviour",
+    "unknown",
+]
 
 
 @st.composite
 def share_rule_files(draw: st.DrawFn) -> bytes:
-    """The shipped `unusual_share` rule with its aggregate's keys drawn, and a short
-    inline test (a few hundred calls and a burst) so that one that loads also runs."""
+    """The shipped `unusual_share` rule with its aggregate's keys drawn (a drawn
+    `numerator_behaviour` as a behaviour's measures and bounds), and a short inline
+    test (a few hundred calls and a burst) so that one that loads also runs."""
     document = yaml.safe_load(_SHARE_RULE.read_text(encoding="utf-8"))
     aggregate = dict(document["aggregate"])
     for key in draw(st.lists(st.sampled_from(_SHARE_KEYS), min_size=1, max_size=3)):
         if draw(st.booleans()):
             aggregate.pop(key, None)
         else:
+            bound = st.dictionaries(
+                st.sampled_from(_BOUND_KEYS), _numbers | _yaml_values, max_size=3
+            )
+            behaviour = st.dictionaries(
+                st.sampled_from(_MEASURE_KEYS), bound | _numbers | _yaml_values, max_size=3
+            )
             aggregate[key] = draw(
-                _numbers | _yaml_values | st.sampled_from(["0s", "1s", "90d", "3m"])
+                _numbers
+                | _yaml_values
+                | st.sampled_from(["0s", "1s", "90d", "3m"])
+                | (behaviour if key == "numerator_behaviour" else st.nothing())
             )
     document["aggregate"] = aggregate
     document["condition"] = draw(

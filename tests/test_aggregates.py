@@ -198,6 +198,28 @@ def test_a_state_restored_from_a_snapshot_measures_as_the_one_that_never_stopped
 
 
 @pytest.mark.parametrize("kind", WINDOWED)
+def test_what_an_aggregate_learned_across_entities_survives_a_snapshot(kind: str) -> None:
+    # Beside each entity's state, what the rule learned from all of them (the peers'
+    # share of `unusual_share`): a rule made anew and given it back knows the same.
+    rule = rule_for(kind)
+    aggregate = rule.aggregate
+    aggregate.started_at = T0 - 10 * WINDOW
+    for n in range(300):
+        at = T0 + n * 0.5
+        take(aggregate, aggregate.new_state(at), a_call(n, at, caller=f"86139{n:08d}"), at)
+    learned = aggregate.learned()
+    fresh = rule_for(kind).aggregate
+    if learned is None:
+        assert fresh.learned() is None, "nothing learned across entities, none to restore"
+        return
+    assert learned != fresh.learned(), "the calls taught it something"
+    state = {"learned": {rule.id: (rule.logic, learned)}}
+    restored = decode(encode(Snapshot(Position(1, 1), state, 0.0))).state["learned"]
+    fresh.take_learned(restored[rule.id][1])
+    assert fresh.learned() == learned
+
+
+@pytest.mark.parametrize("kind", WINDOWED)
 def test_a_flood_into_one_entity_keeps_a_bounded_window_and_the_newest_evidence(
     kind: str,
 ) -> None:

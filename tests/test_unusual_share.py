@@ -6,17 +6,26 @@ a new entity against its peers; nothing judged before anything is known."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from statistics import NormalDist
 
 import pytest
 
-from engine.detect.aggregates import PEERS_WARM, UnusualShare, surprise
-from engine.detect.calls import Call
+from engine.core.events import CallEvent
+from engine.detect import snapshot
+from engine.detect.aggregates import PEERS_WARM, ShareState, UnusualShare, surprise
+from engine.detect.calls import Call, CallTracker
 from engine.detect.evaluate import CompiledRule
+from engine.detect.pipeline import Output, Pipeline
+from engine.detect.rules import RuleSet, load_rules
+from engine.detect.ruletest import TEST_EPOCH, expand
 from engine.detect.schema import RuleSpec
+from engine.detect.schema import TestCalls as Series
+from engine.detect.state import Position, Snapshot
 from engine.detect.windows import EntityState
 
 T0 = 1_790_000_000.0
+RULES = Path(__file__).resolve().parent.parent / "rules"
 
 
 def share_rule(**aggregate: object) -> CompiledRule:
@@ -178,6 +187,146 @@ def test_only_a_share_rule_dumps_the_share_keys_so_other_rules_keep_their_logic(
             "condition": {"threshold": 5},
         }
     )
-    assert not {"usual_over", "peer_weight", "min_excess"} & set(count.aggregate.model_dump())
+    assert not {"usual_over", "peer_weight", "min_excess", "numerator_behaviour"} & set(
+        count.aggregate.model_dump()
+    )
     share = share_rule(usual_over=7200).spec.aggregate.model_dump()
     assert share["usual_over"] == 7200 and share["min_excess"] == 8
+    # Nor does a share rule without numerator_behaviour: short-calls-menu's logic, and
+    # so its windows in a snapshot of the release before, are kept.
+    assert "numerator_behaviour" not in share
+    narrowed = share_rule(numerator_behaviour={"min_calls": 2, "short_share": {"gt": 0.99}})
+    assert narrowed.spec.aggregate.model_dump()["numerator_behaviour"]["min_calls"] == 2
+
+
+def test_numerator_behaviour_narrows_a_share_only() -> None:
+    with pytest.raises(ValueError, match="numerator_behaviour narrows an unusual_share"):
+        RuleSpec.model_validate(
+            {
+                "id": "count",
+                "title": "count",
+                "severity": "low",
+                "aggregate": {
+                    "type": "count",
+                    "group_by": "menu",
+                    "window": 300,
+                    "numerator_behaviour": {"calls": {"gt": 1}},
+                },
+                "condition": {"threshold": 5},
+            }
+        )
+
+
+def test_a_short_call_is_a_hit_only_when_its_callers_calls_have_all_been_short() -> None:
+    rule = share_rule(numerator_behaviour={"min_calls": 2, "short_share": {"gt": 0.99}})
+    rules = RuleSet([rule], {})
+    ledger = rules.conduct
+    assert ledger is not None, "a ledger of the callers' conduct is kept for the gate"
+    aggregate = rule.aggregate
+    assert isinstance(aggregate, UnusualShare)
+    state = aggregate.new_state(T0)
+    first_short = answered(1, T0, "1", 2.0)
+    first_short.caller = "8613900000001"
+    second_short = answered(2, T0 + 20, "1", 2.0)
+    second_short.caller = "8613900000001"
+    ordinary = answered(3, T0 + 30, "1", 60.0)
+    ordinary.caller = "8613900000002"
+    after_ordinary = answered(4, T0 + 40, "1", 2.0)
+    after_ordinary.caller = "8613900000002"
+    taken = []
+    for call in (first_short, second_short, ordinary, after_ordinary):
+        ledger.observe(call)  # before the rules, as the pipeline does
+        taken.append(aggregate.add(state, call, call.deadline))
+    assert taken == [False, True, False, False]
+    assert isinstance(state, ShareState) and sum(state.bucket_calls) == 4
+
+
+def test_buckets_leaving_the_window_after_a_gap_join_the_usual_decayed() -> None:
+    # One window of calls, then three quiet hours (usual_over: 1 h): what the menu did
+    # three hours ago is worth about e^-3 of what it does now, not all of it.
+    menu = Menu(share_rule(usual_over=3600), "1")
+    end = menu.traffic(T0, 300, 1.0, 20)
+    menu.call(end + 3 * 3600, False)
+    state = menu.states["1"]
+    assert isinstance(state, ShareState)
+    assert 300 * math.exp(-3.1) < state.usual_calls < 300 * math.exp(-2.8)
+    assert 15 * math.exp(-3.1) < state.usual_hits < 15 * math.exp(-2.8)
+
+
+def test_buckets_leaving_the_window_as_calls_come_join_the_usual_whole() -> None:
+    menu = Menu(share_rule(usual_over=3600), "1")
+    end = menu.traffic(T0, 600, 1.0, 20)
+    state = menu.states["1"]
+    assert isinstance(state, ShareState)
+    # The first five minutes have left the window, each bucket as it left.
+    assert 270 < state.usual_calls <= 300
+    assert sum(state.bucket_calls) + state.usual_calls == pytest.approx(600, abs=30)
+    assert end == T0 + 600
+
+
+def _busy_menu_then_a_burst_in_a_new_one() -> list[CallEvent]:
+    """Twenty minutes of menu 1 (5 % of its calls short), then 25 short calls into a
+    menu first seen after them: judged against the peers' share, it is a burst."""
+    series = [
+        Series(caller="8613800000009", menu_id="1", repeat=1200, every=1.0, talk=60.0),
+        Series(caller="8613800000008", menu_id="1", repeat=60, every=20.0, talk=2.0, at=0.5),
+        Series(caller="8613900000001", menu_id="9", repeat=25, every=3.0, talk=2.0, at=1300.0),
+    ]
+    events = [e for i, s in enumerate(series) for e in expand(s, "share", i)]
+    return sorted(events, key=lambda e: (e.ts, e.call_id, e.serial))
+
+
+def _share_rules() -> RuleSet:
+    return load_rules(RULES / "short-calls-menu.yaml").rules
+
+
+def _alerts(output: Output) -> list[tuple[str, str, float]]:
+    return sorted((a.rule_id, a.entity, a.raised_at) for a in output.alerts)
+
+
+def _run(pipeline: Pipeline, events: list[CallEvent]) -> list[tuple[str, str, float]]:
+    output = pipeline.feed(events)
+    output.extend(pipeline.advance(events[-1].ts + 3600))
+    return _alerts(output)
+
+
+def test_a_restart_from_a_snapshot_judges_as_a_run_that_never_stopped(tmp_path: Path) -> None:
+    events = _busy_menu_then_a_burst_in_a_new_one()
+    whole = _run(Pipeline(_share_rules(), CallTracker()), events)
+    assert [entity for _, entity, _ in whole] == ["9"], "the burst is found against peers"
+    cut = next(n for n, e in enumerate(events) if e.ts >= TEST_EPOCH + 1250)
+    first = Pipeline(_share_rules(), CallTracker())
+    alerts = _alerts(first.feed(events[:cut]))
+    path = tmp_path / "detection.snapshot"
+    snapshot.save(path, Snapshot(Position(1, cut), first.state(), 0.0))
+    loaded = snapshot.load(path)
+    assert loaded is not None
+    second = Pipeline(_share_rules(), CallTracker())
+    assert "short-calls-menu" in second.restore(loaded.state)
+    alerts += _run(second, events[cut:])
+    assert alerts == whole
+
+
+def test_a_snapshot_from_before_the_peers_were_kept_loads_and_they_start_cold() -> None:
+    events = _busy_menu_then_a_burst_in_a_new_one()
+    cut = next(n for n, e in enumerate(events) if e.ts >= TEST_EPOCH + 1250)
+    old = Pipeline(_share_rules(), CallTracker())
+    old.feed(events[:cut])
+    state = old.state()
+    del state["learned"]  # what a snapshot of the release before holds
+    decoded = snapshot.decode(snapshot.encode(Snapshot(Position(1, 1), state, 0.0)))
+    fresh = Pipeline(_share_rules(), CallTracker())
+    assert "short-calls-menu" in fresh.restore(decoded.state)
+    aggregate = fresh.rules.rules[0].aggregate
+    assert isinstance(aggregate, UnusualShare) and aggregate.peer_seen == 0
+
+
+def test_a_rule_reload_keeps_the_peers_share() -> None:
+    events = _busy_menu_then_a_burst_in_a_new_one()
+    whole = _run(Pipeline(_share_rules(), CallTracker()), events)
+    cut = next(n for n, e in enumerate(events) if e.ts >= TEST_EPOCH + 1250)
+    pipeline = Pipeline(_share_rules(), CallTracker())
+    alerts = _alerts(pipeline.feed(events[:cut]))
+    assert "short-calls-menu" in pipeline.swap_rules(_share_rules())
+    alerts += _run(pipeline, events[cut:])
+    assert alerts == whole

@@ -18,6 +18,8 @@ One small class per `type:` of the rule files, registered by that name in
   fold the older ones into time buckets (engine.detect.windows); a distinct count
   keeps each folded value's count, the others only counts and sums;
 - `keep_s`: how long an entity's state outlives its last call before it is dropped;
+- `learned()`, `take_learned(...)`: what it learns across entities (`unusual_share`'s
+  peers), for snapshots and rule reloads;
 - `started_at`: when the rule took its first call (the rule sets it).
 
 `Concurrent` is the one that keeps no window: calls in progress are the call
@@ -31,6 +33,7 @@ engine/detect/__init__.py), so it keeps no doctests.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Final, cast
 
 from engine.detect.calls import Call, CallTracker
@@ -145,6 +148,15 @@ class Aggregate:
 
     def fold(self, state: EntityState) -> None:
         state.fold(self.bucket_s, False)
+
+    def learned(self) -> tuple[float, ...] | None:
+        """What the aggregate learned across its entities, beyond their states (None:
+        nothing): a snapshot keeps it beside the rule's windows, and a rule reload
+        whose logic is unchanged hands it on (`take_learned`)."""
+        return None
+
+    def take_learned(self, learned: tuple[float, ...]) -> None:
+        """Carry on from what `learned` returned (of an aggregate of the same logic)."""
 
 
 class Count(Aggregate):
@@ -516,6 +528,9 @@ class UnusualShare(Aggregate):
         self.peer_hits = 0.0
         self.peer_at = 0.0
         self.peer_seen = 0
+        # `numerator_behaviour:` (the rule set puts its gate over the callers' conduct
+        # here): a call the numerator takes is a hit only if its caller passes it too.
+        self.hit_gate: Callable[[Call], bool] | None = None
 
     def new_state(self, now: float) -> EntityState:
         return ShareState()
@@ -524,6 +539,10 @@ class UnusualShare(Aggregate):
         share = cast(ShareState, state)
         now: float = ts
         hit = self.numerator.takes(call)
+        if hit:
+            gate = self.hit_gate
+            if gate is not None and not gate(call):
+                hit = False
         self._roll(share, now)
         self._learn_peers(now, hit)
         starts = share.bucket_start
@@ -548,20 +567,38 @@ class UnusualShare(Aggregate):
             gone += 1
         if not gone:
             return
-        calls = sum(share.bucket_calls[:gone])
-        hits = sum(share.bucket_hits[:gone])
-        del starts[:gone]
-        del share.bucket_calls[:gone]
-        del share.bucket_hits[:gone]
         kept = self._decay(share.usual_at, now)
-        share.usual_calls = share.usual_calls * kept + calls
-        share.usual_hits = share.usual_hits * kept + hits
+        calls = share.usual_calls * kept
+        hits = share.usual_hits * kept
+        # A bucket left the window this long after it began: after a quiet gap that
+        # was long before `now`, and it joins the usual decayed as if it had left then
+        # (an entity's usual is what it did, weighted by how long ago).
+        left_after = self.window_s + self.share_bucket_s
+        bucket_calls, bucket_hits = share.bucket_calls, share.bucket_hits
+        for index in range(gone):
+            weight = self._decay(starts[index] + left_after, now)
+            calls += bucket_calls[index] * weight
+            hits += bucket_hits[index] * weight
+        del starts[:gone]
+        del bucket_calls[:gone]
+        del bucket_hits[:gone]
+        share.usual_calls = calls
+        share.usual_hits = hits
         share.usual_at = now
 
     def _decay(self, since: float, now: float) -> float:
         if now <= since:
             return 1.0
         return math.exp((since - now) / self.usual_s)
+
+    def learned(self) -> tuple[float, ...] | None:
+        return (self.peer_calls, self.peer_hits, self.peer_at, float(self.peer_seen))
+
+    def take_learned(self, learned: tuple[float, ...]) -> None:
+        if len(learned) != 4:
+            return  # another aggregate's: the peers start cold
+        self.peer_calls, self.peer_hits, self.peer_at = learned[0], learned[1], learned[2]
+        self.peer_seen = int(learned[3])
 
     def _learn_peers(self, now: float, hit: bool) -> None:
         kept = self._decay(self.peer_at, now)

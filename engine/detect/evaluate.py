@@ -389,6 +389,9 @@ class CompiledRule:
         """Keep the window state of the rule this one replaces (its logic is unchanged)."""
         self.state = other.state
         self.started_at = other.started_at
+        learned = other.aggregate.learned()
+        if learned is not None:
+            self.aggregate.take_learned(learned)
 
     def except_entity(self, entity: str, until: float) -> None:
         """`entity` raises nothing before event time `until` (inf: ever)."""

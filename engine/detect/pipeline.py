@@ -84,12 +84,20 @@ class Pipeline:
 
     def state(self) -> dict[str, Any]:
         """Everything detection has learned, for a snapshot (see engine.detect.snapshot)."""
+        # What a rule learned across its entities (`unusual_share`'s peers), with its
+        # logic; snapshots from before have no such key, and that starts cold.
+        learned: dict[str, tuple[str, tuple[float, ...]]] = {}
+        for rule in self.rules.rules:
+            across = rule.aggregate.learned()
+            if across is not None:
+                learned[rule.id] = (rule.logic, across)
         return {
             "now": self.now,
             "last_housekeeping": self._last_housekeeping,
             "tracker": self.tracker,
             "alerts": self.alerts,
             "rules": {r.id: (r.logic, r.state, r.started_at) for r in self.rules.rules},
+            "learned": learned,
             "models": self.rules.models.state(),
             # Callers' conduct (None: no rule has `behaviour:`); snapshots from before
             # it have no such key, and the conduct starts cold.
@@ -125,6 +133,11 @@ class Pipeline:
                 kept.max_keys = rule.state.max_keys  # this run's setting applies
                 rule.state = kept
                 restored.append(rule.id)
+        saved_learned = state.get("learned", {})
+        for rule in self.rules.rules:
+            learned = saved_learned.get(rule.id)
+            if learned is not None and learned[0] == rule.logic:
+                rule.aggregate.take_learned(learned[1])
         restored.extend(self.rules.models.restore(state["models"]))
         conduct, saved_conduct = self.rules.conduct, state.get("conduct")
         if conduct is not None and isinstance(saved_conduct, ConductLedger):

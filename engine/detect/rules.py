@@ -13,6 +13,7 @@ from datetime import UTC, tzinfo
 from pathlib import Path
 
 from engine.core.yamlfile import YamlDocument, YamlFileError, parse_file, parse_files_with_ids
+from engine.detect.aggregates import UnusualShare
 from engine.detect.calls import Call
 from engine.detect.conduct import BOUNDS, MEASURES, BehaviourGate, BehaviourTest, ConductLedger
 from engine.detect.detectors import ModelCatalogue, Models, NoModels
@@ -59,7 +60,12 @@ class RuleSet:
     def __post_init__(self) -> None:
         by_id = self.by_id()
         self._model_until: dict[tuple[str, str], float] = {}
-        behaving = [rule for rule in self.rules if rule.spec.behaviour is not None]
+        behaving = [
+            rule
+            for rule in self.rules
+            if rule.spec.behaviour is not None
+            or rule.spec.aggregate.numerator_behaviour is not None
+        ]
         if behaving and self.conduct is None:
             self.conduct = ConductLedger(max(rule.state.max_keys for rule in behaving))
         for rule in self.rules:
@@ -75,6 +81,15 @@ class RuleSet:
                 else:
                     gates.append(behaviour)
             rule.gate = gates[0] if len(gates) == 1 else _all_of(gates) if gates else None
+            # `numerator_behaviour:` narrows an `unusual_share`'s hits to the calls of
+            # callers it passes (the ledger is made above for such a rule).
+            narrowing = rule.spec.aggregate.numerator_behaviour
+            if (
+                narrowing is not None
+                and self.conduct is not None
+                and isinstance(rule.aggregate, UnusualShare)
+            ):
+                rule.aggregate.hit_gate = behaviour_gate(narrowing, self.conduct)
         for exception in self.exceptions:
             if exception.detector == "rule":
                 excepted = by_id.get(exception.source)

@@ -221,6 +221,11 @@ class Aggregate(_Strict):
     usual_over: Duration = Field(default=3600.0, gt=0)
     peer_weight: int = Field(default=300, ge=0, le=1_000_000)
     min_excess: float = Field(default=8.0, ge=0, le=1_000_000)
+    # `unusual_share`: what a hit's caller's calls must also look like (a call the
+    # numerator takes counts as a hit only then, and as a call either way):
+    # `{min_calls: 2, short_share: {gt: 0.99}}` takes short calls of callers whose
+    # answered calls have all been short, from their second call on.
+    numerator_behaviour: Behaviour | None = None
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -232,6 +237,8 @@ class Aggregate(_Strict):
         if self.type != "unusual_share":
             for key in _SHARE_KEYS:
                 data.pop(key, None)
+        if data.get("numerator_behaviour") is None:
+            data.pop("numerator_behaviour", None)
         return data
 
     @property
@@ -269,6 +276,8 @@ class Aggregate(_Strict):
             raise ValueError(f"aggregate type {self.type} needs a numerator selection")
         if self.numerator:
             check_time_matchers(self.numerator)
+        if self.numerator_behaviour is not None and self.type != "unusual_share":
+            raise ValueError("numerator_behaviour narrows an unusual_share's hits only")
         if self.type == "first_seen" and not self.new_for:
             raise ValueError("aggregate type first_seen needs new_for (how long a key is new)")
         if self.type == "sequential" and self.entity_names != ("caller",):

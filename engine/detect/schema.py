@@ -221,6 +221,10 @@ class Aggregate(_Strict):
     usual_over: Duration = Field(default=3600.0, gt=0)
     peer_weight: int = Field(default=300, ge=0, le=1_000_000)
     min_excess: float = Field(default=8.0, ge=0, le=1_000_000)
+    # `concurrent` with `field`: the share of the caller's calls in progress (within the
+    # window) that must share the judged call's value for them to count at all (calls
+    # converging on one menu, not a busy caller's spread over the menus).
+    min_share: float | None = Field(default=None, gt=0, le=1)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -232,6 +236,8 @@ class Aggregate(_Strict):
         if self.type != "unusual_share":
             for key in _SHARE_KEYS:
                 data.pop(key, None)
+        if self.min_share is None:
+            data.pop("min_share", None)  # likewise: only the rules that set it
         return data
 
     @property
@@ -279,6 +285,8 @@ class Aggregate(_Strict):
         if self.type == "concurrent" and self.field in ("ring_s", "talk_s"):
             # `field` narrows the calls in progress to those sharing the call's value.
             raise ValueError("concurrent calls share a text field (menu_id, callee, ...)")
+        if self.min_share is not None and (self.type != "concurrent" or self.field is None):
+            raise ValueError("min_share is the share of a concurrent aggregate's field")
         return self
 
 

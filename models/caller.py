@@ -5,7 +5,9 @@ question with 100k callers. Each caller keeps a few numbers (`CallerState`, in
 models/caller_state.py, about 150 bytes): for the yes/no facts of its calls (short,
 unanswered, forwarded, to another callee than the last) the last `recent_calls`
 answers as bits, for ring and talk time an exponentially weighted mean, and a slow
-mean of each (its own history). One global River model (scaled HalfSpaceTrees) learns
+mean of each (its own history). A call counts as forwarded only where its menu
+seldom forwards: customer service forwarding everyone to the call centre makes
+being forwarded no fact about a caller. One global River model (scaled HalfSpaceTrees) learns
 what callers' recent mixes look like.
 
 How far a caller is from normal is measured as a surprise, not a raw share:
@@ -48,6 +50,15 @@ FLAG_WORDS = {
 FEATURES = FLAGS + MEANS
 # The population's flag rates move by this much per call.
 _RATE_ALPHA = 0.001
+# A menu's share of forwarded calls moves by this much per call of the menu (about its
+# last hundred calls). A menu that forwards at least `_MENU_FORWARDS` of its calls
+# (customer service to the call centre) forwards whoever chooses it: such a forward
+# is the menu's doing, not a fact about the caller, and is not counted as forwarded.
+# Menus are few; past `_MAX_MENUS` (menu ids are network text) further ones are not
+# learned and their forwards count, as any forward did before menus were told apart.
+_MENU_ALPHA = 0.01
+_MENU_FORWARDS = 0.5
+_MAX_MENUS = 4096
 _NORMAL = NormalDist()
 
 
@@ -102,6 +113,8 @@ class CallerModel:
         self.thresholds = AdaptiveThreshold(spec.threshold.quantiles())
         self.judged = 0
         self.learned = 0
+        # Each menu's share of forwarded calls (see `_MENU_FORWARDS`).
+        self.menu_forwards: dict[str, float] = {}
 
     def _derive(self) -> None:
         """What the per-call path looks up rather than works out (see `observe`)."""
@@ -144,7 +157,7 @@ class CallerModel:
             )
             self.state.put(caller, state)
         changed = state.calls > 0 and state.last_callee != callee_hash
-        forwarded = call.forward != ""
+        forwarded = self._forwarded_by_choice(call)
         # Bit i: flag i (FLAGS) of this call.
         flagged = short | (not answered) << 1 | forwarded << 2 | changed << 3
         state.learn(
@@ -162,6 +175,20 @@ class CallerModel:
             self._learn_rates(flagged)
             return None
         return self._judge(call, state, flagged, recent_calls, quiet)
+
+    def _forwarded_by_choice(self, call: Call) -> bool:
+        """Whether the call was forwarded where its menu seldom forwards (a forward in
+        a menu that forwards most of its calls tells nothing of the caller); the
+        menu's share learns the call."""
+        forwarded = call.forward != ""
+        menu = call.menu_id
+        share = self.menu_forwards.get(menu)
+        if share is None:
+            if len(self.menu_forwards) < _MAX_MENUS:
+                self.menu_forwards[menu] = float(forwarded)
+            return forwarded
+        self.menu_forwards[menu] = share + _MENU_ALPHA * (forwarded - share)
+        return forwarded and share < _MENU_FORWARDS
 
     def _hits(self, state: CallerState, flag: int) -> int:
         """How many of the caller's last calls had this flag."""

@@ -17,6 +17,9 @@ from models.scoring import AdaptiveThreshold, AnomalyModel, Baseline
 
 def _revive_caller_model(fields: dict[str, Any]) -> CallerModel:
     model = object.__new__(CallerModel)
+    # New state since the snapshots of 2026-12-05 (v2-v4): their menus' shares of
+    # forwarded calls are learned afresh.
+    model.menu_forwards = {}
     model.__dict__.update(fields)
     model._derive()
     return model

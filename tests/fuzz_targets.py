@@ -409,6 +409,29 @@ def share_rule_files(draw: st.DrawFn) -> bytes:
     return yaml.safe_dump(document, allow_unicode=True).encode()
 
 
+_CONCURRENT_RULE = RULES / "simultaneous-calls-new-caller.yaml"
+_CONCURRENT_KEYS = ["window", "field", "min_share", "unknown"]
+
+
+@st.composite
+def concurrent_rule_files(draw: st.DrawFn) -> bytes:
+    """The shipped `concurrent` rule with `min_share` beside its field, its aggregate's
+    keys drawn, and its inline tests (which open many calls at once) run."""
+    document = yaml.safe_load(_CONCURRENT_RULE.read_text(encoding="utf-8"))
+    aggregate = dict(document["aggregate"])
+    for key in draw(st.lists(st.sampled_from(_CONCURRENT_KEYS), min_size=1, max_size=3)):
+        if draw(st.booleans()):
+            aggregate.pop(key, None)
+        else:
+            aggregate[key] = draw(
+                _numbers
+                | _yaml_values
+                | st.sampled_from(["menu_id", "callee", "talk_s", "0s", "3m", 0.5, 1, 0])
+            )
+    document["aggregate"] = aggregate
+    return yaml.safe_dump(document, allow_unicode=True).encode()
+
+
 def load_and_run_rule_file(data: bytes) -> None:
     """A rule file loads or is refused with its file; one that loads runs its inline
     tests (a bound the schema let through must not fail at evaluation)."""
@@ -1337,6 +1360,7 @@ TARGETS = (
     Target("rule-yaml", rule_files(), load_rule_file),
     Target("rule-behaviour", behaviour_rule_files(), load_and_run_rule_file),
     Target("rule-unusual-share", share_rule_files(), load_and_run_rule_file),
+    Target("rule-concurrent", concurrent_rule_files(), load_and_run_rule_file),
     Target("list-yaml", list_files(), load_list_file),
     Target("scenario-yaml", scenario_files(), load_scenario_file),
     Target("model-yaml", model_files(), load_model_file),

@@ -307,6 +307,64 @@ def test_concurrent_with_a_field_counts_the_calls_in_progress_that_share_its_val
     assert [call.call_id for call in into_8] == ["c1"]
 
 
+def test_concurrent_with_min_share_counts_only_calls_converging_on_one_value() -> None:
+    # Six calls in progress: three into menu 7, two into menu 8, one into menu 9 (a
+    # busy caller's spread); with `min_share: 0.75` none count, as long as they are
+    # spread, and all of menu 7's once three in four of the calls are into it.
+    tracker = CallTracker()
+    menus = ("7", "8", "7", "9", "8", "7")
+    for n, menu in enumerate(menus):
+        tracker.observe(
+            CallEvent(T0 + n, f"c{n}", 1, CallState.RINGING, 180, "1", "2", "", menu, "M", "")
+        )
+    spec = RuleSpec.model_validate(
+        {
+            "id": "converging",
+            "title": "converging",
+            "severity": "low",
+            "on": "call_start",
+            "aggregate": {
+                "type": "concurrent",
+                "group_by": "caller",
+                "window": 60,
+                "field": "menu_id",
+                "min_share": 0.75,
+            },
+            "condition": {"op": ">=", "threshold": 3},
+        }
+    )
+    aggregate = CompiledRule(spec, {}, source="t", version="t", max_keys=10).aggregate
+    assert isinstance(aggregate, Concurrent)
+    assert aggregate.in_progress(tracker, "1", T0 + 5.0, tracker.open["c5"]) == []
+    for n in range(6, 12):
+        tracker.observe(
+            CallEvent(T0 + n, f"c{n}", 1, CallState.RINGING, 180, "1", "2", "", "7", "M", "")
+        )
+    into_7 = aggregate.in_progress(tracker, "1", T0 + 11.0, tracker.open["c11"])
+    assert len(into_7) == 9, "9 of 12 calls in progress go to menu 7"
+    # The bound is part of the rule's logic only where it is set.
+    assert "min_share" in spec.aggregate.model_dump()
+    assert "min_share" not in rule_for("concurrent").spec.aggregate.model_dump()
+
+
+def test_min_share_needs_a_concurrent_aggregate_with_a_field() -> None:
+    for aggregate in (
+        {"type": "concurrent", "group_by": "caller", "min_share": 0.5},
+        {"type": "count", "group_by": "caller", "window": 60, "min_share": 0.5},
+    ):
+        with pytest.raises(ValueError, match="min_share"):
+            RuleSpec.model_validate(
+                {
+                    "id": "bad",
+                    "title": "bad",
+                    "severity": "low",
+                    "on": "call_start",
+                    "aggregate": aggregate,
+                    "condition": {"op": ">=", "threshold": 3},
+                }
+            )
+
+
 def test_concurrent_calls_share_a_text_field_not_a_duration() -> None:
     with pytest.raises(ValueError, match="share a text field"):
         RuleSpec.model_validate(

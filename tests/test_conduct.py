@@ -259,3 +259,40 @@ def test_a_rule_reload_keeps_the_callers_conduct() -> None:
 def test_rules_without_behaviour_keep_no_conduct() -> None:
     rules = load_rules(RULES / "sequential-dialling.yaml").rules
     assert rules.conduct is None
+
+
+def test_a_callers_answered_calls_in_progress_count_as_answered(tmp_path: Path) -> None:
+    """Unanswered calls end within seconds and answered ones minutes later: a caller
+    first seen whose three answered calls are still going on is not judged by its
+    unanswered calls alone (the calls in progress are the pipeline's tracker's, after a
+    rule reload and a restore too)."""
+    events = _events(
+        [
+            Series(caller="8613800000002", repeat=600, every=2.0, talk=40.0),
+            Series(caller="8613800000003", repeat=3, every=20.0, talk=900.0, at=60.0),
+            Series(
+                caller="8613800000003",
+                callee="8613600000000",
+                callee_step=1,
+                repeat=8,
+                every=30.0,
+                ring=12.0,
+                answered=False,
+                at=90.0,
+            ),
+        ]
+    )
+    pipeline = Pipeline(_caller_rules(), CallTracker())
+    assert _run(pipeline, events) == []
+    # With none of its answered calls in progress the same unanswered ones alert.
+    unanswered_only = [e for e in events if not e.call_id.startswith("test-t-1-")]
+    assert len(unanswered_only) < len(events)
+    alerts = _run(Pipeline(_caller_rules(), CallTracker()), unanswered_only)
+    assert ("ringing-without-ok-caller", "8613800000003") in {(r, e) for r, e, _ in alerts}
+    pipeline.swap_rules(_caller_rules())
+    assert pipeline.rules.conduct is not None
+    assert pipeline.rules.conduct.tracker is pipeline.tracker
+    restored = Pipeline(_caller_rules(), CallTracker())
+    restored.restore(pipeline.state())
+    assert restored.rules.conduct is not None
+    assert restored.rules.conduct.tracker is restored.tracker

@@ -47,13 +47,14 @@ def call(
     ring: float = 4.0,
     menu: str = "1",
     callee: str = "4008001000",
+    forward: str = "",
 ) -> Call:
     end = at + ring + (talk if answered else 0.0)
     return Call(
         call_id=f"c{n}",
         caller=caller,
         callee=callee,
-        forward="",
+        forward=forward,
         menu_id=menu,
         menu_name="Main",
         started_at=at,
@@ -248,6 +249,46 @@ def test_caller_model_judges_a_caller_with_a_history_against_itself() -> None:
         if finding is not None:
             turned.append(finding)
     assert turned and "unlike its own history" in turned[0].summary
+
+
+def test_a_forward_counts_against_a_caller_only_where_its_menu_seldom_forwards() -> None:
+    """Customer service (menu 4) forwards nearly all its calls to the call centre: a
+    caller whose calls all went there is forwarded as anyone choosing it is. The same
+    forwards from a menu that never forwards are a caller's own."""
+    spec = caller_spec(features={"short_share": {}, "unanswered_share": {}, "forward_share": {}})
+    model = CallerModel(spec, "v1", max_keys=10_000)
+    n = 0
+    for round_ in range(10):
+        for c in range(200):
+            n += 1
+            menu = "4" if c % 5 == 0 else "1"
+            answered = n % 13 != 0
+            forward = "4008005010" if menu == "4" and answered and n % 7 != 0 else ""
+            model.observe(
+                call(
+                    n,
+                    T0 + round_ * 600 + c,
+                    f"86138{c:06d}",
+                    answered=answered,
+                    menu=menu,
+                    forward=forward,
+                ),
+                no_evidence,
+            )
+    findings = {}
+    for caller, menu, forward in (
+        ("8613900000001", "4", "4008005010"),
+        ("8613900000002", "1", "4008005099"),
+    ):
+        for k in range(12):
+            n += 1
+            finding = model.observe(
+                call(n, T0 + 7000 + k * 30, caller, menu=menu, forward=forward), no_evidence
+            )
+            if finding is not None:
+                findings.setdefault(caller, finding)
+    assert "8613900000001" not in findings, findings["8613900000001"].summary
+    assert "forwarded calls" in findings["8613900000002"].summary
 
 
 def test_caller_state_is_bounded_and_counts_evictions() -> None:

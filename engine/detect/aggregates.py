@@ -356,7 +356,10 @@ class Concurrent(Aggregate):
     it has one), from the call tracker's open calls: no window and no counters to
     drift. Measured on `call_start`. With `field` (a text field such as `menu_id`), only
     the calls in progress that share the judged call's value of it: calls converging
-    on one menu rather than spread as a PBX's users spread theirs."""
+    on one menu rather than spread as a PBX's users spread theirs; with `min_share`
+    too, none unless they are at least that share of the caller's calls in progress
+    (a busy caller's calls into its favourite menu are many, and still a third of
+    its calls)."""
 
     def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
         super().__init__(spec, condition, numerator)
@@ -364,6 +367,7 @@ class Concurrent(Aggregate):
         self.field: TextField | None = (
             cast(TextField, FIELDS[spec.field]) if spec.field is not None else None
         )
+        self.min_share: float = spec.min_share or 0.0
 
     def may_hold(self, tracker: CallTracker, caller: str) -> bool:
         """Whether the condition could hold: all of the caller's calls in progress are
@@ -384,7 +388,10 @@ class Concurrent(Aggregate):
         if not value:
             # A call with no value of the field (no menu) says nothing of what it shares.
             return []
-        return [c for c in live if field.text(c) == value]
+        same = [c for c in live if field.text(c) == value]
+        if len(same) < self.min_share * len(live):
+            return []  # spread over the values, as a busy caller's calls are
+        return same
 
 
 class NewValueState(CountState):

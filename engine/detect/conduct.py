@@ -12,7 +12,9 @@ engine.detect.schema.Behaviour), measured here:
   (`RECENT_ALPHA`) the share answered, the share of answered calls shorter than
   `SHORT_S`, the mean ring and talk time and the calling rate; and the same over
   about its last fifty (`OWN_ALPHA`): its own usual, trusted once it made
-  `OWN_AFTER` calls (a steady trunk is normal for itself);
+  `OWN_AFTER` calls (a steady trunk is normal for itself); when judged, the share
+  answered counts the caller's answered calls still in progress too (the call
+  tracker's), which end minutes after its unanswered ones;
 - over all callers (`Peers`): the share of calls answered and of answered calls that
   were short (decaying counts), and River's streaming quantiles (`stats.Quantile`,
   the P-squared estimator) of ring time, talk time and callers' rates, fed from every
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from engine.detect.calls import Call
+from engine.detect.calls import Call, CallTracker
 from engine.detect.windows import KeyedState, Snapshotted
 
 # The measures a rule's `behaviour:` may name, by index (schema.MeasureName spells them).
@@ -69,6 +71,8 @@ PEERS_WARM_SAMPLES: Final = 4
 KEEP_S: Final = 6 * 3600.0
 # How far a caller's place in the least-recently-seen order may lag its last call.
 TOUCH_S: Final = 60.0
+# At most this many of a caller's calls in progress are looked at for answered ones.
+OPEN_LOOKED_AT: Final = 50
 
 
 class Conduct(Snapshotted):
@@ -287,7 +291,7 @@ class ConductLedger(Snapshotted):
     """Every caller's conduct (at most `max_keys`, least recently seen let go first)
     and the peers'."""
 
-    __slots__ = ("callers", "peers")
+    __slots__ = ("callers", "peers", "tracker")
 
     def state_fields(self) -> tuple[str, ...]:
         return ("callers", "peers")
@@ -295,6 +299,8 @@ class ConductLedger(Snapshotted):
     def __init__(self, max_keys: int = 200_000) -> None:
         self.callers: KeyedState[Conduct] = KeyedState(max_keys)
         self.peers = Peers()
+        # The calls in progress (set by the pipeline that feeds this ledger; not state).
+        self.tracker: CallTracker | None = None
 
     def _conduct(self, caller: str, ts: float) -> Conduct:
         states = self.callers.states
@@ -331,6 +337,21 @@ class ConductLedger(Snapshotted):
 
     def of(self, caller: str) -> Conduct | None:
         return self.callers.states.get(caller)
+
+    def answered_share(self, conduct: Conduct, caller: str) -> float:
+        """The caller's recent answered share with its answered calls still in
+        progress counted in, as if each had just finished: its unanswered calls end
+        within seconds and its answered ones minutes later, so over finished calls
+        alone a caller's first calls (a busy one's first minutes when the engine
+        starts) look unanswered when they are not."""
+        value = conduct.answered
+        tracker = self.tracker
+        if tracker is None:
+            return value
+        for call in tracker.open_calls(caller, limit=OPEN_LOOKED_AT):
+            if call.answered_at is not None:
+                value += RECENT_ALPHA * (1.0 - value)
+        return value
 
     def usual(self, conduct: Conduct, measure: int) -> float | None:
         """The caller's own usual once it has made `OWN_AFTER` calls, its peers' before."""
@@ -412,6 +433,8 @@ class BehaviourGate:
                 return False
             if measure == SEEN:
                 value = call.started_at - conduct.first_start
+            elif measure == ANSWERED:
+                value = ledger.answered_share(conduct, call.caller)
             else:
                 value = conduct.recent(measure)
             kind = test.kind

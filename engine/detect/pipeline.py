@@ -74,6 +74,9 @@ class Pipeline:
     def _split_rules(self) -> None:
         self._on_call = RuleGroup([r for r in self.rules.rules if r.spec.on == "call"])
         self._on_start = RuleGroup([r for r in self.rules.rules if r.spec.on == "call_start"])
+        if self.rules.conduct is not None:
+            # `behaviour:` counts a caller's answered calls in progress (this tracker's).
+            self.rules.conduct.tracker = self.tracker
 
     def swap_rules(self, rules: RuleSet) -> list[str]:
         """Put a new rule set in place whole; rules whose logic is unchanged keep their state."""

@@ -226,6 +226,10 @@ class Aggregate(_Strict):
     # `{min_calls: 2, short_share: {gt: 0.99}}` takes short calls of callers whose
     # answered calls have all been short, from their second call on.
     numerator_behaviour: Behaviour | None = None
+    # `concurrent` with `field`: the share of the caller's calls in progress (within the
+    # window) that must share the judged call's value for them to count at all (calls
+    # converging on one menu, not a busy caller's spread over the menus).
+    min_share: float | None = Field(default=None, gt=0, le=1)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -239,6 +243,8 @@ class Aggregate(_Strict):
                 data.pop(key, None)
         if data.get("numerator_behaviour") is None:
             data.pop("numerator_behaviour", None)
+        if self.min_share is None:
+            data.pop("min_share", None)  # likewise: only the rules that set it
         return data
 
     @property
@@ -288,6 +294,8 @@ class Aggregate(_Strict):
         if self.type == "concurrent" and self.field in ("ring_s", "talk_s"):
             # `field` narrows the calls in progress to those sharing the call's value.
             raise ValueError("concurrent calls share a text field (menu_id, callee, ...)")
+        if self.min_share is not None and (self.type != "concurrent" or self.field is None):
+            raise ValueError("min_share is the share of a concurrent aggregate's field")
         return self
 
 

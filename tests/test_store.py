@@ -45,7 +45,7 @@ from engine.ingest.keyfile import (
 )
 from engine.ingest.store import EventStore, StoreError, codec_header
 from engine.lake import views as views_module
-from engine.lake.parquet import CALL_SCHEMA, Lake
+from engine.lake.parquet import CALL_SCHEMA, CompactionResult, Lake
 from engine.lake.views import ViewsFile
 from engine.lake.writer import LakeWriter, calls_frame
 from tests.conftest import make_settings, wait_for
@@ -709,6 +709,39 @@ def test_a_segment_across_midnight_is_split_by_day_each_file_in_order(tmp_path: 
     assert lake.compact(64 << 20).written_files == 2
     assert rows("events", "2026-11-28", "seq") == [10, 11, 132, 133, 136, 137]
     assert rows("events", "2026-11-29", "seq") == [12, 13, 134, 135, 138, 139]
+
+
+def test_files_in_order_are_merged_streamed_and_others_sorted_in_bounded_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Events come in seq order: merged into one file past the bound on what is sorted
+    # in memory (streamed, never held whole). Calls come in the order they end: each
+    # segment's call started before the one before's, so they are read and sorted, at
+    # most COMPACT_SORT_ROWS rows at once.
+    monkeypatch.setattr("engine.lake.parquet.COMPACT_SORT_ROWS", 4)
+    noon = 1_795_867_200.0  # 2026-11-28T12:00:00Z
+    lake = Lake(tmp_path / "data")
+    lake.prepare()
+    for segment in range(1, 7):
+        reports = [event(n, ts=noon + n) for n in range(2 * segment, 2 * segment + 2)]
+        call = Call(f"c{segment}", "100", "200", "", "7", "Main", noon - segment)
+        call.outcome, call.deadline = "unanswered", noon + 60
+        derived = {"calls": calls_frame(call_columns([call]))}
+        lake.write_segment(segment, [(10 * segment, reports)], derived)
+    assert lake.compact(64 << 20) == CompactionResult(merged_files=12, written_files=3)
+
+    def files(table: str) -> dict[str, list[object]]:
+        folder = lake.root / table / "day=2026-11-28"
+        column = {"events": "seq", "calls": "call_id"}[table]
+        return {f.name: pl.read_parquet(f)[column].to_list() for f in sorted(folder.iterdir())}
+
+    assert files("events") == {
+        "cmp-000000000001-000000000006.parquet": [10, 11, 20, 21, 30, 31, 40, 41, 50, 51, 60, 61]
+    }
+    assert files("calls") == {
+        "cmp-000000000001-000000000004.parquet": ["c4", "c3", "c2", "c1"],
+        "cmp-000000000005-000000000006.parquet": ["c6", "c5"],
+    }
 
 
 # -- preallocated journal segments ------------------------------------------------------

@@ -360,21 +360,37 @@ def _empty_select(schema: Mapping[str, Any]) -> str:
     return f"SELECT {columns} LIMIT 0"
 
 
-def _read_files(paths: list[Path], table: str) -> pl.DataFrame:
-    """The rows of a table's files as one frame in today's schema: a file written
-    before a column was added gets that column's default (ADDED_COLUMNS)."""
+def _scan_files(paths: list[Path], table: str) -> pl.LazyFrame:
+    """The rows of a table's files, in order, as one lazy frame in today's schema: a
+    file written before a column was added gets that column's default (ADDED_COLUMNS)."""
     schema = TABLES[table]
     added = ADDED_COLUMNS.get(table, {})
     frames = []
     for path in paths:
-        frame = pl.read_parquet(path, hive_partitioning=False)
-        missing = [name for name in added if name not in frame.columns]
+        frame = pl.scan_parquet(path, hive_partitioning=False)
+        names = frame.collect_schema().names()
+        missing = [name for name in added if name not in names]
         if missing:
             frame = frame.with_columns(
                 pl.lit(added[name], dtype=schema[name]).alias(name) for name in missing
             )
         frames.append(frame.select(list(schema)))
     return pl.concat(frames)
+
+
+def _in_order(paths: list[Path], column: str) -> bool:
+    """Whether the files, one after the other, hold `column` ascending with no null
+    (events by seq, as their segments were numbered): read for that column alone."""
+    last = None
+    for path in paths:
+        values = pl.read_parquet(path, columns=[column], hive_partitioning=False)[column]
+        if values.null_count() or not values.is_sorted():
+            return False
+        if values.len():
+            if last is not None and values[0] < last:
+                return False
+            last = values[-1]
+    return True
 
 
 def _days(frame: pl.DataFrame, column: str) -> list[tuple[str, pl.DataFrame]]:
@@ -404,10 +420,15 @@ def _sorted(frame: pl.DataFrame, column: str) -> pl.DataFrame:
     return frame.sort(column)
 
 
-# A merge reads its inputs whole and sorts them: at most this many rows at once (a
-# few hundred MiB in memory), so the lake writer's memory does not grow with a day's
-# traffic. A file with half as many or more is not merged again.
+# A merge of files already in order (each sorted, each beginning where the one before
+# ends: events by seq, nearly always) streams them into the merged file, in memory that
+# does not grow with their rows: at most COMPACT_MAX_ROWS rows to a merged file. Files
+# out of order (calls by start: a call ends in a later segment than one that started
+# after it) are read whole and sorted, at most COMPACT_SORT_ROWS rows at once, so the
+# lake writer's memory does not grow with a day's traffic (bench/README.md, "Memory
+# under many distinct callers"). A file with half its bound or more is not merged again.
 COMPACT_MAX_ROWS = 1_000_000
+COMPACT_SORT_ROWS = 250_000
 
 
 def _rows(path: Path) -> int:
@@ -416,17 +437,17 @@ def _rows(path: Path) -> int:
 
 
 def _merges(
-    small: list[tuple[tuple[int, int], Path]],
+    small: list[tuple[tuple[int, int], Path]], max_rows: int
 ) -> list[list[tuple[tuple[int, int], Path]]]:
     """The small files, in segment order, as runs of two or more to merge, each of at
-    most COMPACT_MAX_ROWS rows; files of half that or more are left as they are."""
+    most `max_rows` rows; files of half that or more are left as they are."""
     runs: list[list[tuple[tuple[int, int], Path]]] = [[]]
     rows = 0
     for entry in small:
         count = _rows(entry[1])
-        if count >= COMPACT_MAX_ROWS // 2:
+        if count >= max_rows // 2:
             continue
-        if rows + count > COMPACT_MAX_ROWS:
+        if rows + count > max_rows:
             runs.append([])
             rows = 0
         runs[-1].append(entry)
@@ -434,15 +455,25 @@ def _merges(
     return [run for run in runs if len(run) >= 2]
 
 
-def write_atomic(frame: pl.DataFrame, target: Path) -> None:
+def write_atomic(frame: pl.DataFrame | pl.LazyFrame, target: Path) -> None:
     """`frame` as the Parquet file `target`, whole or not at all: written beside it
-    under a name no `*.parquet` pattern matches, fsync'd, then renamed over it."""
+    under a name no `*.parquet` pattern matches, fsync'd, then renamed over it. A lazy
+    frame is streamed into it (polars' streaming engine), never held whole."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.parent / f".{target.name}.{uuid.uuid4().hex}.partial"
     # zstd at level 1 (polars' default is 3): on this data no larger and faster to
     # write (bench/README.md, "Parquet compression").
     try:
-        frame.write_parquet(partial, compression="zstd", compression_level=1, statistics=True)
+        if isinstance(frame, pl.LazyFrame):
+            frame.sink_parquet(
+                partial,
+                compression="zstd",
+                compression_level=1,
+                statistics=True,
+                engine="streaming",
+            )
+        else:
+            frame.write_parquet(partial, compression="zstd", compression_level=1, statistics=True)
         fd = os.open(partial, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -797,18 +828,35 @@ class Lake:
                 )
                 if len(small) < 2:
                     continue
-                for run in _merges(small):
-                    self._merge(table, folder, run)
-                    merged += len(run)
-                    written += 1
+                column = SORT_COLUMN.get(table, TIME_COLUMN[table])
+                for run in _merges(small, COMPACT_MAX_ROWS):
+                    paths = [path for _, path in run]
+                    if _in_order(paths, column):
+                        self._merge(folder, run, _scan_files(paths, table))
+                        merged += len(run)
+                        written += 1
+                        continue
+                    for part in _merges(run, COMPACT_SORT_ROWS):
+                        paths = [path for _, path in part]
+                        self._merge(
+                            folder, part, _sorted(_scan_files(paths, table).collect(), column)
+                        )
+                        merged += len(part)
+                        written += 1
         return CompactionResult(merged, written)
 
-    def _merge(self, table: str, folder: Path, run: list[tuple[tuple[int, int], Path]]) -> None:
+    def _merge(
+        self,
+        folder: Path,
+        run: list[tuple[tuple[int, int], Path]],
+        frame: pl.DataFrame | pl.LazyFrame,
+    ) -> None:
+        """`frame`, the rows of the files of `run`, written as their merged file, which
+        then replaces them."""
         first = min(rng[0] for rng, _ in run)
         last = max(rng[1] for rng, _ in run)
         inputs = [path for _, path in run]
         target = folder / f"cmp-{first:012d}-{last:012d}.parquet"
-        frame = _sorted(_read_files(inputs, table), SORT_COLUMN.get(table, TIME_COLUMN[table]))
         intent = folder / "compaction.intent.json"
         try:
             plan = {"target": target.name, "inputs": [p.name for p in inputs]}

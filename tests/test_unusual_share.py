@@ -356,7 +356,7 @@ def test_a_surge_is_judged_by_when_its_calls_were_answered_not_when_they_ended()
     assert [(entity, ts - TEST_EPOCH >= 4800) for _, entity, ts in alerts] == [("1", True)]
 
 
-def test_a_state_from_before_calls_were_counted_by_when_they_settled_takes_calls() -> None:
+def test_a_state_from_before_calls_were_counted_by_when_they_settled_judges_by_end() -> None:
     menu = Menu(share_rule(), "1")
     menu.traffic(T0, 120, 1.0, 20)
     state = menu.states["1"]
@@ -364,3 +364,8 @@ def test_a_state_from_before_calls_were_counted_by_when_they_settled_takes_calls
     state.settled_calls, state.settled_hits = [], []  # what such a snapshot restores
     menu.traffic(T0 + 120, 60, 1.0, 20)
     assert len(state.settled_calls) == len(state.settled_hits) == len(state.bucket_start)
+    # The buckets from before are unknown until they leave the window; the new ones count.
+    assert state.settled_calls[0] == -1 and state.settled_calls[-1] > 0
+    assert menu.aggregate.settled(state, 7.0, [], []) == 7.0
+    menu.traffic(T0 + 180, 360, 1.0, 20)
+    assert min(state.settled_calls) >= 0

@@ -576,9 +576,10 @@ class UnusualShare(Aggregate):
         starts = share.bucket_start
         settled_calls, settled_hits = share.settled_calls, share.settled_hits
         if len(settled_calls) != len(starts):
-            # Restored from a snapshot from before they were kept: none settled yet.
-            settled_calls[:] = [0] * len(starts)
-            settled_hits[:] = [0] * len(starts)
+            # Restored from a snapshot from before they were kept: the window's buckets
+            # so far are unknown so (-1), and `settled` judges nothing until they leave.
+            settled_calls[:] = [-1] * len(starts)
+            settled_hits[:] = [-1] * len(starts)
         if not starts or now >= starts[-1] + self.share_bucket_s:
             starts.append(now - math.fmod(now, self.share_bucket_s))
             share.bucket_calls.append(0)
@@ -593,7 +594,7 @@ class UnusualShare(Aggregate):
         place = last
         if answered_at is not None and answered_at < starts[last]:
             place = bisect.bisect_right(starts, answered_at) - 1
-        if place >= 0:
+        if place >= 0 and settled_calls[place] >= 0:
             settled_calls[place] += 1
             if hit:
                 settled_hits[place] += 1
@@ -729,7 +730,8 @@ class UnusualShare(Aggregate):
         share = cast(ShareState, state)
         known = self._usual(share)
         starts = share.bucket_start
-        if known is None or not starts or len(share.settled_calls) != len(starts):
+        settled_calls = share.settled_calls
+        if known is None or not starts or len(settled_calls) != len(starts) or settled_calls[0] < 0:
             return measured
         usual, behind = known
         oldest = starts[0]
@@ -755,7 +757,7 @@ class UnusualShare(Aggregate):
         calls.sort(reverse=True)
         hits.sort(reverse=True)
         value = self._most_surprising(
-            usual, behind, starts, share.settled_calls, share.settled_hits, calls, hits
+            usual, behind, starts, settled_calls, share.settled_hits, calls, hits
         )
         return min(measured, value)
 

@@ -459,7 +459,12 @@ class CompiledRule:
             return None
         selector = self.selector
         if selector is not None:
-            ended, talking = self._answered_in_progress(entity, now, tracker, selector)
+            # As of when the judged call ended: the calls finished before it ended then
+            # too, and what the switch reported since is not yet known in every run (a
+            # replay cut there and resumed from a snapshot judges as one that was not).
+            ended_at = call.ended_at
+            seen_until = ended_at if ended_at is not None and ended_at <= now else now
+            ended, talking = self._answered_in_progress(entity, seen_until, tracker, selector)
             measured = aggregate.settled(state, measured, ended, talking)
             if not self.condition.holds(measured):
                 return None
@@ -475,20 +480,21 @@ class CompiledRule:
     def _answered_in_progress(
         self, entity: str, now: float, tracker: CallTracker, selector: Selector
     ) -> tuple[list[Call], list[Call]]:
-        """The entity's answered calls not finished yet that the rule selects: those
-        whose Bye came, and those still going on, each as if it ended now. Asked only
-        when a measure holds, so a scan of the calls in progress is rare."""
+        """The entity's answered calls not finished yet that the rule selects, as the
+        reports up to `now` tell them: those whose Bye came, and those still going on,
+        each as if it ended now. Asked only when a measure holds, so a scan of the calls
+        in progress is rare."""
         since = now - self.window_s
         ended: list[Call] = []
         talking: list[Call] = []
         for ongoing in tracker.open.values():
             answered_at = ongoing.answered_at
-            if answered_at is None or answered_at < since:
+            if answered_at is None or answered_at < since or answered_at > now:
                 continue
             if self.entity_of(ongoing) != entity:
                 continue
             ended_at = ongoing.ended_at
-            over = ended_at is not None and ended_at >= answered_at
+            over = ended_at is not None and answered_at <= ended_at <= now
             as_ended = Call(
                 ongoing.call_id,
                 ongoing.caller,

@@ -88,7 +88,7 @@ def timed_run(argv: list[str], cwd: Path, env: dict[str, str], what: str) -> tup
 
 def _replay(build: Path, events: Path, data_dir: Path) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the process and its children)."""
-    env = {**os.environ, "CALLSENTRY_DETECTION__ALERTS_JSONL": '"off"'}
+    env = dict(os.environ)
     argv = [str(_python(build)), "-m", "engine", "replay", str(events), "--data-dir", str(data_dir)]
     return timed_run(argv, build, env, f"replay by {build}")
 

@@ -183,7 +183,6 @@ def main() -> int:
         **os.environ,
         # The one snapshot is the one taken at shutdown (see the docstring).
         "CALLSENTRY_DETECTION__SNAPSHOT_INTERVAL_S": "0",
-        "CALLSENTRY_DETECTION__ALERTS_JSONL": "off",
         "CALLSENTRY_METRICS__LISTEN": f"127.0.0.1:{metrics_port}",
     }
     with log_path.open("wb") as log:

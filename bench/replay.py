@@ -142,7 +142,6 @@ def replay_process(events_file: Path, data_dir: Path, models: bool) -> tuple[flo
     of the process and its detection process, alerts stored)."""
     env = {
         **os.environ,
-        "CALLSENTRY_DETECTION__ALERTS_JSONL": '"off"',
         "CALLSENTRY_DETECTION__MODELS_ENABLED": "true" if models else "false",
     }
     argv = [str(ROOT / ".venv" / "bin" / "callsentry"), "replay", str(events_file)]

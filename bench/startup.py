@@ -62,7 +62,7 @@ def main() -> int:
         parser.error("--rounds must be positive")
     builds = {"old": args.old.resolve(), "new": args.new.resolve()}
     work = Path(tempfile.mkdtemp(prefix="callsentry-startup-"))
-    env = {**os.environ, "CALLSENTRY_DETECTION__ALERTS_JSONL": '"off"'}
+    env = dict(os.environ)
     try:
         events = work / "events.csv"
         with SAMPLE.open(encoding="utf-8") as handle:

@@ -83,7 +83,7 @@ class TreePeak(threading.Thread):
 
 def run_replay(path: Path, data_dir: Path) -> tuple[float, int, int, str]:
     """(seconds, peak tree RSS, peak single-process RSS, last lines of output)."""
-    env = {**os.environ, "CALLSENTRY_DETECTION__ALERTS_JSONL": '"off"'}
+    env = dict(os.environ)
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "engine", "replay", str(path), "--data-dir", str(data_dir)],

@@ -330,3 +330,42 @@ def test_a_rule_reload_keeps_the_peers_share() -> None:
     assert "short-calls-menu" in pipeline.swap_rules(_share_rules())
     alerts += _run(pipeline, events[cut:])
     assert alerts == whole
+
+
+def _campaign_then_a_burst_in_it() -> list[CallEvent]:
+    """An hour of a menu at 5 % short; then ten times its calls at the same share, its
+    long calls three minutes long, for half an hour; twenty minutes in,
+    forty-five extra short calls within a minute."""
+    series = [
+        Series(caller="8613800000009", menu_id="1", repeat=1710, every=2.1, talk=60.0),
+        Series(caller="8613800000008", menu_id="1", repeat=90, every=40.0, talk=2.0, at=1.0),
+        Series(caller="8615000000001", menu_id="1", repeat=8570, every=0.21, talk=180.0, at=3600),
+        Series(caller="8615000000002", menu_id="1", repeat=450, every=4.0, talk=2.0, at=3601),
+        Series(caller="8613900000001", menu_id="1", repeat=15, every=4.0, talk=2.0, at=4800),
+        Series(caller="8613900000002", menu_id="1", repeat=15, every=4.0, talk=2.0, at=4801),
+        Series(caller="8613900000003", menu_id="1", repeat=15, every=4.0, talk=2.0, at=4802),
+    ]
+    events = [e for i, s in enumerate(series) for e in expand(s, "surge", i)]
+    return sorted(events, key=lambda e: (e.ts, e.call_id, e.serial))
+
+
+def test_a_surge_is_judged_by_when_its_calls_were_answered_not_when_they_ended() -> None:
+    # The campaign's short calls end minutes before its long ones: by when they ended,
+    # its first minutes are nearly all short; by when they were answered, at the usual.
+    alerts = _run(Pipeline(_share_rules(), CallTracker()), _campaign_then_a_burst_in_it())
+    assert [(entity, ts - TEST_EPOCH >= 4800) for _, entity, ts in alerts] == [("1", True)]
+
+
+def test_a_state_from_before_calls_were_counted_by_when_they_settled_judges_by_end() -> None:
+    menu = Menu(share_rule(), "1")
+    menu.traffic(T0, 120, 1.0, 20)
+    state = menu.states["1"]
+    assert isinstance(state, ShareState)
+    state.settled_calls, state.settled_hits = [], []  # what such a snapshot restores
+    menu.traffic(T0 + 120, 60, 1.0, 20)
+    assert len(state.settled_calls) == len(state.settled_hits) == len(state.bucket_start)
+    # The buckets from before are unknown until they leave the window; the new ones count.
+    assert state.settled_calls[0] == -1 and state.settled_calls[-1] > 0
+    assert menu.aggregate.settled(state, 7.0, [], []) == 7.0
+    menu.traffic(T0 + 180, 360, 1.0, 20)
+    assert min(state.settled_calls) >= 0

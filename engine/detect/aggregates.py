@@ -32,6 +32,7 @@ engine/detect/__init__.py), so it keeps no doctests.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 from typing import Final, cast
@@ -135,6 +136,8 @@ class Aggregate:
         # When the rule took its first call (None: not yet): an aggregate that learns
         # what is usual judges nothing from the time before (`first_seen`).
         self.started_at: float | None = None
+        # Whether `settled` may lower a measure that holds (`unusual_share`'s).
+        self.settles = False
 
     def new_state(self, now: float) -> EntityState:
         return CountState()
@@ -157,6 +160,14 @@ class Aggregate:
 
     def take_learned(self, learned: tuple[float, ...]) -> None:
         """Carry on from what `learned` returned (of an aggregate of the same logic)."""
+
+    def settled(
+        self, state: EntityState, measured: float, ended: list[Call], talking: list[Call]
+    ) -> float:
+        """The measure again, told of the entity's answered calls not finished yet: those
+        whose Bye came (`ended`, to finish within seconds) and those still going on
+        (`talking`, each as if it ended now); asked only when `measured` holds."""
+        return measured
 
 
 class Count(Aggregate):
@@ -455,13 +466,17 @@ class NewValue(Aggregate):
 class ShareState(CountState):
     """An `unusual_share` entity: its window of hits (the calls the numerator takes: the
     evidence), every call it takes counted in time buckets of the window (parallel
-    lists, oldest first: `bucket_start`, `bucket_calls`, `bucket_hits`), and its usual:
-    the calls and hits that have left its window, decayed to `usual_at`."""
+    lists, oldest first: `bucket_start`, `bucket_calls`, `bucket_hits`, by when each
+    call ended; `settled_calls`, `settled_hits`, by when it settled: answered, or
+    ended unanswered), and its usual: the calls and hits that have left its window,
+    decayed to `usual_at`."""
 
     __slots__ = (
         "bucket_calls",
         "bucket_hits",
         "bucket_start",
+        "settled_calls",
+        "settled_hits",
         "usual_at",
         "usual_calls",
         "usual_hits",
@@ -476,6 +491,9 @@ class ShareState(CountState):
             "usual_at",
             "usual_calls",
             "usual_hits",
+            # Last: a snapshot from before them leaves them empty (see `UnusualShare.add`).
+            "settled_calls",
+            "settled_hits",
         )
 
     def __init__(self) -> None:
@@ -483,6 +501,8 @@ class ShareState(CountState):
         self.bucket_start: list[float] = []
         self.bucket_calls: list[int] = []
         self.bucket_hits: list[int] = []
+        self.settled_calls: list[int] = []
+        self.settled_hits: list[int] = []
         self.usual_calls = 0.0
         self.usual_hits = 0.0
         self.usual_at = 0.0
@@ -538,6 +558,7 @@ class UnusualShare(Aggregate):
         # `numerator_behaviour:` (the rule set puts its gate over the callers' conduct
         # here): a call the numerator takes is a hit only if its caller passes it too.
         self.hit_gate: Callable[[Call], bool] | None = None
+        self.settles = True
 
     def new_state(self, now: float) -> EntityState:
         return ShareState()
@@ -553,12 +574,30 @@ class UnusualShare(Aggregate):
         self._roll(share, now)
         self._learn_peers(now, hit)
         starts = share.bucket_start
+        settled_calls, settled_hits = share.settled_calls, share.settled_hits
+        if len(settled_calls) != len(starts):
+            # Restored from a snapshot from before they were kept: the window's buckets
+            # so far are unknown so (-1), and `settled` judges nothing until they leave.
+            settled_calls[:] = [-1] * len(starts)
+            settled_hits[:] = [-1] * len(starts)
         if not starts or now >= starts[-1] + self.share_bucket_s:
             starts.append(now - math.fmod(now, self.share_bucket_s))
             share.bucket_calls.append(0)
             share.bucket_hits.append(0)
+            settled_calls.append(0)
+            settled_hits.append(0)
         last = len(starts) - 1
         share.bucket_calls[last] += 1
+        # An answered call settled when it was answered (the bucket then, if still in
+        # the window), any other when it ended.
+        answered_at = call.answered_at
+        place = last
+        if answered_at is not None and answered_at < starts[last]:
+            place = bisect.bisect_right(starts, answered_at) - 1
+        if place >= 0 and settled_calls[place] >= 0:
+            settled_calls[place] += 1
+            if hit:
+                settled_hits[place] += 1
         if not hit:
             return False
         share.bucket_hits[last] += 1
@@ -589,6 +628,8 @@ class UnusualShare(Aggregate):
         del starts[:gone]
         del bucket_calls[:gone]
         del bucket_hits[:gone]
+        del share.settled_calls[:gone]
+        del share.settled_hits[:gone]
         share.usual_calls = calls
         share.usual_hits = hits
         share.usual_at = now
@@ -615,8 +656,8 @@ class UnusualShare(Aggregate):
         if now > self.peer_at:
             self.peer_at = now
 
-    def measure(self, state: EntityState, call: Call) -> float | None:
-        share = cast(ShareState, state)
+    def _usual(self, share: ShareState) -> tuple[float, float] | None:
+        """The entity's usual share and the calls behind it (None: not known yet)."""
         kept = self._decay(share.usual_at, self.peer_at)
         calls = share.usual_calls * kept
         hits = share.usual_hits * kept
@@ -629,21 +670,96 @@ class UnusualShare(Aggregate):
         if calls <= 0.0:
             return None
         # Half a hit at least: a share never seen is small, not impossible.
-        usual = max(hits, 0.5) / calls
+        return max(hits, 0.5) / calls, calls
+
+    def _most_surprising(
+        self,
+        usual: float,
+        behind: float,
+        starts: list[float],
+        calls: list[int],
+        hits: list[int],
+        more_calls: list[float],
+        more_hits: list[float],
+    ) -> float:
+        """The most surprising stretch of the newest buckets (`calls`, `hits`, aligned
+        with `starts`), with `more_calls` and `more_hits` (times, newest first)
+        counted in the stretches they fall in."""
         best = 0.0
         n = k = 0
-        bucket_calls, bucket_hits = share.bucket_calls, share.bucket_hits
-        for index in range(len(bucket_calls) - 1, -1, -1):
-            n += bucket_calls[index]
-            k += bucket_hits[index]
-            expected = n * usual
-            if k - expected < self.min_excess:
+        extra_calls = extra_hits = 0
+        for index in range(len(calls) - 1, -1, -1):
+            begins = starts[index]
+            while extra_calls < len(more_calls) and more_calls[extra_calls] >= begins:
+                extra_calls += 1
+            while extra_hits < len(more_hits) and more_hits[extra_hits] >= begins:
+                extra_hits += 1
+            n += calls[index]
+            k += hits[index]
+            judged = n + extra_calls
+            struck = k + extra_hits
+            expected = judged * usual
+            if struck - expected < self.min_excess:
                 continue
-            # The usual's own uncertainty (from `calls` calls) widens the spread.
-            value = surprise(float(k), expected) / math.sqrt(1.0 + n / calls)
+            # The usual's own uncertainty (from `behind` calls) widens the spread.
+            value = surprise(float(struck), expected) / math.sqrt(1.0 + judged / behind)
             if value > best:
                 best = value
         return best
+
+    def measure(self, state: EntityState, call: Call) -> float | None:
+        share = cast(ShareState, state)
+        known = self._usual(share)
+        if known is None:
+            return None
+        usual, behind = known
+        return self._most_surprising(
+            usual, behind, share.bucket_start, share.bucket_calls, share.bucket_hits, [], []
+        )
+
+    def settled(
+        self, state: EntityState, measured: float, ended: list[Call], talking: list[Call]
+    ) -> float:
+        """The most surprising stretch again, each call counted by when it settled
+        rather than when it ended: an answered call is known not to be a hit once the
+        numerator would not take it were it to end now (a call past 5 s is no short
+        call), minutes before it ends, and one whose Bye came is known either way. A
+        surge of answered calls (a campaign's first minutes) ends its short calls
+        first, so by when they ended its hits come before its other calls; by when
+        they settled they come together. The lower of the two counts."""
+        share = cast(ShareState, state)
+        known = self._usual(share)
+        starts = share.bucket_start
+        settled_calls = share.settled_calls
+        if known is None or not starts or len(settled_calls) != len(starts) or settled_calls[0] < 0:
+            return measured
+        usual, behind = known
+        oldest = starts[0]
+        numerator = self.numerator
+        gate = self.hit_gate
+        calls: list[float] = []
+        hits: list[float] = []
+        for call in ended:
+            answered_at = call.answered_at
+            if answered_at is None or answered_at < oldest:
+                continue
+            if not numerator.takes(call):
+                calls.append(answered_at)
+            elif gate is None:
+                calls.append(answered_at)
+                hits.append(answered_at)
+            # else: a hit only if its caller's conduct, this call not yet in it, passes
+            # the gate: left out until it finishes.
+        for call in talking:
+            answered_at = call.answered_at
+            if answered_at is not None and answered_at >= oldest and not numerator.takes(call):
+                calls.append(answered_at)
+        calls.sort(reverse=True)
+        hits.sort(reverse=True)
+        value = self._most_surprising(
+            usual, behind, starts, settled_calls, share.settled_hits, calls, hits
+        )
+        return min(measured, value)
 
 
 AGGREGATES: dict[str, type[Aggregate]] = {

@@ -349,6 +349,11 @@ class CompiledRule:
         self.in_progress: Concurrent | None = (
             self.aggregate if isinstance(self.aggregate, Concurrent) else None
         )
+        # The rule's selection, for the calls in progress an aggregate that `settles`
+        # is told of (as if they ended now).
+        self.selector: Selector | None = (
+            compile_selection(spec.selection, lists, self.clock) if self.aggregate.settles else None
+        )
         self.window_s = self.aggregate.window_s
         # How far behind an entity's place in the least-recently-used order may fall
         # before a call moves it to the end (see `evaluate`).
@@ -452,6 +457,17 @@ class CompiledRule:
         measured = aggregate.measure(state, call)
         if measured is None or not self.condition.holds(measured):
             return None
+        selector = self.selector
+        if selector is not None:
+            # As of when the judged call ended: the calls finished before it ended then
+            # too, and what the switch reported since is not yet known in every run (a
+            # replay cut there and resumed from a snapshot judges as one that was not).
+            ended_at = call.ended_at
+            seen_until = ended_at if ended_at is not None and ended_at <= now else now
+            ended, talking = self._answered_in_progress(entity, seen_until, tracker, selector)
+            measured = aggregate.settled(state, measured, ended, talking)
+            if not self.condition.holds(measured):
+                return None
         critical_bar = self.critical
         critical = critical_bar is None or critical_bar.holds(measured)
         if quiet(self.id, entity, ts, critical) or self.excepted(entity, ts):
@@ -460,6 +476,48 @@ class CompiledRule:
             return None
         start = state.start() or ts
         return Finding(self, entity, ts, start, ts, measured, state.live_call_ids(), critical)
+
+    def _answered_in_progress(
+        self, entity: str, now: float, tracker: CallTracker, selector: Selector
+    ) -> tuple[list[Call], list[Call]]:
+        """The entity's answered calls not finished yet that the rule selects, as the
+        reports up to `now` tell them: those whose Bye came, and those still going on,
+        each as if it ended now. Asked only when a measure holds, so a scan of the calls
+        in progress is rare."""
+        since = now - self.window_s
+        ended: list[Call] = []
+        talking: list[Call] = []
+        for ongoing in tracker.open.values():
+            answered_at = ongoing.answered_at
+            if answered_at is None or answered_at < since or answered_at > now:
+                continue
+            if self.entity_of(ongoing) != entity:
+                continue
+            ended_at = ongoing.ended_at
+            over = ended_at is not None and answered_at <= ended_at <= now
+            as_ended = Call(
+                ongoing.call_id,
+                ongoing.caller,
+                ongoing.callee,
+                ongoing.forward,
+                ongoing.menu_id,
+                ongoing.menu_name,
+                ongoing.started_at,
+                ongoing.ringing_at,
+                ongoing.ring_code,
+                answered_at,
+                ongoing.answer_serial,
+                ended_at if over else now,
+                ongoing.end_serial,
+                ongoing.last_at,
+                ongoing.reports,
+                "answered",
+                ongoing.deadline,
+                ongoing.switch,
+            )
+            if selector.takes(as_ended):
+                (ended if over else talking).append(as_ended)
+        return ended, talking
 
     def _concurrent(
         self,

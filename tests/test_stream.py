@@ -122,6 +122,22 @@ def test_a_header_line_ends_in_every_part_where_it_ends_read_whole(
     assert [item for part in parts for item in part] == whole
 
 
+@pytest.mark.parametrize("part_bytes", [150, 200, 250])
+def test_a_header_ended_by_a_lone_cr_numbers_every_part_s_lines_as_read_whole(
+    tmp_path: Path, part_bytes: int
+) -> None:
+    # Joined to a part whose first line is empty, the header's CR and that line's LF
+    # read as one line end (CRLF), and the part's lines were numbered one short.
+    path = tmp_path / "events.csv"
+    header = HEADER.rstrip(b"\n") + b"\r"
+    path.write_bytes(header + b"".join(_line(n, n) + b"\n" * 30 for n in range(20)) + b"bad\n")
+    whole = read_event_file(path)
+    assert whole[-1].source == "events.csv:622"
+    parts = list(file_parts(path, part_bytes=part_bytes))
+    assert len(parts) > 2
+    assert [item for part in parts for item in part] == whole
+
+
 def test_a_time_the_row_parser_refuses_is_refused_column_wise_too(tmp_path: Path) -> None:
     # polars reads "2026-1-02" (a one-digit month) as a time; Python's fromisoformat,
     # the row parser's, does not: a clean file (read column-wise) and the same row in

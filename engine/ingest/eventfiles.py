@@ -873,6 +873,11 @@ def _csv_parts(
                 yield head + handle.read(), 2
                 return
             header = head[: newline + 1]
+            if header.endswith(b"\r"):
+                # Ended by a lone CR, the header is given an LF in each part instead:
+                # before a body whose first line is empty, CR and LF would read as one
+                # line end, and the part's lines would be numbered one short.
+                header = header[:-1] + b"\n"
             pending = head[newline + 1 :]
             line = 2
             at_end = False

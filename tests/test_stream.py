@@ -13,6 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.apps.replay import replay
+from engine.core.events import CallEvent
 from engine.ingest.eventfiles import (
     EventFileError,
     EventStream,
@@ -134,6 +135,24 @@ def test_a_header_ended_by_a_lone_cr_numbers_every_part_s_lines_as_read_whole(
     whole = read_event_file(path)
     assert whole[-1].source == "events.csv:622"
     parts = list(file_parts(path, part_bytes=part_bytes))
+    assert len(parts) > 2
+    assert [item for part in parts for item in part] == whole
+
+
+def test_a_quote_inside_an_unquoted_field_splits_the_row_as_the_row_reader_does(
+    tmp_path: Path,
+) -> None:
+    # To the row reader (csv) a quote opens a quoted field only at a field's start;
+    # polars, after a quoted field, may read on to the next quote. A row with such a
+    # quote and a comma after it has as many fields either way, so counting fields
+    # alone let polars read a part holding it, its last two fields as one.
+    path = tmp_path / "events.csv"
+    odd = b'1795860001,c2,1,ok,100,200,"",7$"Sales, desk"\n'
+    path.write_bytes(HEADER + b"bad\n" + (_line(5, 5) + odd + _line(6, 6)) * 8)
+    whole = read_event_file(path)
+    odd_rows = [item for item in whole if isinstance(item, CallEvent) and item.call_id == "c2"]
+    assert {(item.menu_id, item.menu_name) for item in odd_rows} == {('7$"Sales', 'desk"')}
+    parts = list(file_parts(path, part_bytes=200))
     assert len(parts) > 2
     assert [item for part in parts for item in part] == whole
 

@@ -257,6 +257,10 @@ def _one_line_rows(data: bytes, width: int, height: int) -> bool:
         return False
     if b'"' not in data:
         return data.count(b",") == (width - 1) * lines
+    if not all(map(_CLOSED_LINE.fullmatch, data.splitlines(keepends=True))):
+        # A quote inside an unquoted field is text to the row reader (csv) and opens a
+        # quoted field to polars: the two would split such a line differently.
+        return False
     try:
         reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""), strict=True)
         return all(len(row) == width for row in reader) and reader.line_num == lines

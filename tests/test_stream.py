@@ -157,6 +157,21 @@ def test_a_quote_inside_an_unquoted_field_splits_the_row_as_the_row_reader_does(
     assert [item for part in parts for item in part] == whole
 
 
+def test_a_header_quoted_as_the_readers_name_differently_reads_in_parts_as_whole(
+    tmp_path: Path,
+) -> None:
+    # `""ts` is `ts` to the row reader (an empty quoted field, then text) and another
+    # name to polars: a part read column-wise missed its ts column.
+    path = tmp_path / "events.csv"
+    header = HEADER.replace(b"ts,", b'""ts,', 1)
+    path.write_bytes(header + b"".join(_line(n, n) for n in range(20)))
+    whole = read_event_file(path)
+    assert len(whole) == 20 and all(isinstance(item, CallEvent) for item in whole)
+    parts = list(file_parts(path, part_bytes=200))
+    assert len(parts) > 2
+    assert [item for part in parts for item in part] == whole
+
+
 def test_a_time_the_row_parser_refuses_is_refused_column_wise_too(tmp_path: Path) -> None:
     # polars reads "2026-1-02" (a one-digit month) as a time; Python's fromisoformat,
     # the row parser's, does not: a clean file (read column-wise) and the same row in

@@ -223,6 +223,12 @@ def _csv_data(path: Path, data: bytes, first_line: int) -> tuple[pl.DataFrame, i
     line `first_line` on (a part of a long file is its header and some of its lines)."""
     if not data.strip():
         return iter(())  # no rows, as an empty JSON-lines file
+    end = _first_line_end(data)
+    header = data if end < 0 else data[: end + 1]
+    if b'"' in header and not _CLOSED_LINE.fullmatch(header):
+        # A header quoted as the two readers may name differently (`""ts`: an empty
+        # quoted field, then text): its names are the row reader's.
+        return _csv_rows(path, data, first_line - 2)
     try:
         # Everything as text: the row validator decides, so a bad cell is a quarantined
         # row, not a failed file.

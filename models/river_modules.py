@@ -16,8 +16,10 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import river
 
@@ -40,15 +42,24 @@ def module(name: str) -> ModuleType:
             raise ValueError(f"{name!r} is no module of River")
         path = Path(river.__file__).parent.joinpath(*parts[1:-1], parts[-1] + ".py")
         spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        loaded = importlib.util.module_from_spec(spec)
-        sys.modules[name] = loaded
-        try:
-            spec.loader.exec_module(loaded)
-        except BaseException:
-            del sys.modules[name]
-            raise
-        return loaded
+        assert spec is not None
+        return run_spec(spec)
+
+
+def run_spec(spec: ModuleSpec, names: dict[str, Any] | None = None) -> ModuleType:
+    """The module `spec` finds, run as an import runs it: in sys.modules under its name
+    while it runs (its own imports of itself find it), and out again if it fails.
+    `names`: set in the module's namespace before it runs."""
+    assert spec.loader is not None
+    loaded = importlib.util.module_from_spec(spec)
+    loaded.__dict__.update(names or {})
+    sys.modules[spec.name] = loaded
+    try:
+        spec.loader.exec_module(loaded)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return loaded
 
 
 # HalfSpaceTrees' module, and what it imports from river.tree (padded, which imports

@@ -23,6 +23,8 @@ import threading
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from models.river_modules import run_spec
+
 PACKAGE = "river.stats"
 # The statistics the models use, by the module that defines them.
 LOADED = {
@@ -65,18 +67,11 @@ def _load(package: ModuleType, leaf: str) -> None:
         importlib.import_module(name)
         return
     spec = importlib.util.find_spec(name)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
+    assert spec is not None
     # Its own builtins (exec uses a module's __builtins__ where it has one): its
     # `import numpy` only, and nothing outside the module, sees the stand-in.
-    module.__dict__["__builtins__"] = {**vars(builtins), "__import__": _import_numpy_on_use}
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    setattr(package, leaf, module)
+    own = {**vars(builtins), "__import__": _import_numpy_on_use}
+    setattr(package, leaf, run_spec(spec, {"__builtins__": own}))
 
 
 def _package() -> ModuleType:

@@ -223,11 +223,10 @@ def _csv_data(path: Path, data: bytes, first_line: int) -> tuple[pl.DataFrame, i
     line `first_line` on (a part of a long file is its header and some of its lines)."""
     if not data.strip():
         return iter(())  # no rows, as an empty JSON-lines file
-    end = _first_line_end(data)
-    header = data if end < 0 else data[: end + 1]
-    if b'"' in header and not _CLOSED_LINE.fullmatch(header):
-        # A header quoted as the two readers may name differently (`""ts`: an empty
-        # quoted field, then text): its names are the row reader's.
+    if b'"' in data and not all(map(_CLOSED_LINE.fullmatch, data.splitlines(keepends=True))):
+        # A line that is not closed (a quote inside an unquoted field, a quoted field
+        # running across lines, `""ts` in the header) may be split or named differently
+        # by polars and by the row reader (csv): such a part is read row by row.
         return _csv_rows(path, data, first_line - 2)
     try:
         # Everything as text: the row validator decides, so a bad cell is a quarantined
@@ -253,7 +252,7 @@ def _one_line_rows(data: bytes, width: int, height: int) -> bool:
     """Whether each of the `height` rows polars read is one line holding `width` fields
     (polars pads a short row and reads a quoted field across lines; line numbers and
     missing fields would then be wrong). Without quotes, separators are counted in C;
-    with them, the csv module counts each row's fields."""
+    with them (every line closed, `_csv_data`), the csv module counts each row's fields."""
     if b"\n\n" in data or b"\n\r\n" in data:
         return False  # blank lines: polars skips them, so its rows are not lines
     if data.count(b"\r") != data.count(b"\r\n"):
@@ -263,10 +262,6 @@ def _one_line_rows(data: bytes, width: int, height: int) -> bool:
         return False
     if b'"' not in data:
         return data.count(b",") == (width - 1) * lines
-    if not all(map(_CLOSED_LINE.fullmatch, data.splitlines(keepends=True))):
-        # A quote inside an unquoted field is text to the row reader (csv) and opens a
-        # quoted field to polars: the two would split such a line differently.
-        return False
     try:
         reader = csv.reader(io.StringIO(data.decode("utf-8"), newline=""), strict=True)
         return all(len(row) == width for row in reader) and reader.line_num == lines

@@ -68,6 +68,20 @@ def rule_for(
     return CompiledRule(spec, {}, source="t", version="t", max_keys=max_keys)
 
 
+def call_start_spec(aggregate: dict[str, object], rule_id: str = "converging") -> RuleSpec:
+    """A rule on call starts with this aggregate, firing at 3."""
+    return RuleSpec.model_validate(
+        {
+            "id": rule_id,
+            "title": rule_id,
+            "severity": "low",
+            "on": "call_start",
+            "aggregate": aggregate,
+            "condition": {"op": ">=", "threshold": 3},
+        }
+    )
+
+
 def a_call(n: int, ts: float, caller: str = "8613800000001", answered: bool = True) -> Call:
     # Callees step by one (a scan for `sequential`), every value of every field present.
     return Call(
@@ -284,20 +298,8 @@ def test_concurrent_with_a_field_counts_the_calls_in_progress_that_share_its_val
         tracker.observe(
             CallEvent(T0 + at, f"c{n}", 1, CallState.ANSWERED, 200, "1", "2", "", menu, "M", "")
         )
-    spec = RuleSpec.model_validate(
-        {
-            "id": "converging",
-            "title": "converging",
-            "severity": "low",
-            "on": "call_start",
-            "aggregate": {
-                "type": "concurrent",
-                "group_by": "caller",
-                "window": 60,
-                "field": "menu_id",
-            },
-            "condition": {"op": ">=", "threshold": 3},
-        }
+    spec = call_start_spec(
+        {"type": "concurrent", "group_by": "caller", "window": 60, "field": "menu_id"}
     )
     aggregate = CompiledRule(spec, {}, source="t", version="t", max_keys=10).aggregate
     assert isinstance(aggregate, Concurrent)
@@ -317,20 +319,13 @@ def test_concurrent_with_min_share_counts_only_calls_converging_on_one_value() -
         tracker.observe(
             CallEvent(T0 + n, f"c{n}", 1, CallState.RINGING, 180, "1", "2", "", menu, "M", "")
         )
-    spec = RuleSpec.model_validate(
+    spec = call_start_spec(
         {
-            "id": "converging",
-            "title": "converging",
-            "severity": "low",
-            "on": "call_start",
-            "aggregate": {
-                "type": "concurrent",
-                "group_by": "caller",
-                "window": 60,
-                "field": "menu_id",
-                "min_share": 0.75,
-            },
-            "condition": {"op": ">=", "threshold": 3},
+            "type": "concurrent",
+            "group_by": "caller",
+            "window": 60,
+            "field": "menu_id",
+            "min_share": 0.75,
         }
     )
     aggregate = CompiledRule(spec, {}, source="t", version="t", max_keys=10).aggregate
@@ -353,30 +348,12 @@ def test_min_share_needs_a_concurrent_aggregate_with_a_field() -> None:
         {"type": "count", "group_by": "caller", "window": 60, "min_share": 0.5},
     ):
         with pytest.raises(ValueError, match="min_share"):
-            RuleSpec.model_validate(
-                {
-                    "id": "bad",
-                    "title": "bad",
-                    "severity": "low",
-                    "on": "call_start",
-                    "aggregate": aggregate,
-                    "condition": {"op": ">=", "threshold": 3},
-                }
-            )
+            call_start_spec(aggregate, "bad")
 
 
 def test_concurrent_calls_share_a_text_field_not_a_duration() -> None:
     with pytest.raises(ValueError, match="share a text field"):
-        RuleSpec.model_validate(
-            {
-                "id": "bad",
-                "title": "bad",
-                "severity": "low",
-                "on": "call_start",
-                "aggregate": {"type": "concurrent", "group_by": "caller", "field": "talk_s"},
-                "condition": {"op": ">=", "threshold": 3},
-            }
-        )
+        call_start_spec({"type": "concurrent", "group_by": "caller", "field": "talk_s"}, "bad")
 
 
 @pytest.mark.parametrize("op", list(COMPARISONS))

@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.apps.lakewriter import make_pipeline
+from engine.apps.detectors import make_pipeline
 from engine.apps.settings import Settings
 from engine.simulator.scenario import Scenario, generate
 

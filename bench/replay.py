@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import duckdb  # noqa: E402
 
 from bench.builds import timed_run  # noqa: E402
-from engine.apps.lakewriter import load_detectors  # noqa: E402
+from engine.apps.detectors import load_detectors  # noqa: E402
 from engine.core.events import CallEvent, CallState  # noqa: E402
 from engine.core.runtime import tune_gc_for_detection  # noqa: E402
 from engine.detect.calls import CallTracker  # noqa: E402

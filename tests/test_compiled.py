@@ -324,7 +324,7 @@ def test_calls_due_at_the_same_moment_finish_in_call_id_order() -> None:
 _DETECT_EVENTS = """
 import dataclasses, json, pickle, sys
 import engine.detect
-from engine.apps.lakewriter import make_pipeline
+from engine.apps.detectors import make_pipeline
 from engine.apps.settings import DetectionSettings
 
 modules = [

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.apps.lakewriter import load_detectors, make_pipeline
+from engine.apps.detectors import load_detectors, make_pipeline
 from engine.apps.replay import replay
 from engine.core.events import CallEvent, CallState
 from engine.core.yamlfile import YamlFileError

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.apps.backtest import backtest, stored_span
-from engine.apps.lakewriter import check_detectors
+from engine.apps.detectors import check_detectors
 from engine.apps.replay import ReplayReport, replay
 from engine.console.accounts import session_secret
 from engine.console.lakeview import LakeView, RuleBook

@@ -20,7 +20,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from engine.apps.lakewriter import LakeWriterProcess, make_pipeline
+from engine.apps.detectors import make_pipeline
+from engine.apps.lakewriter import LakeWriterProcess
 from engine.core.events import CallEvent, CallState
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.journal import DATAGRAMS, datagram_payload, sealed_segments

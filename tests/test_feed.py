@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from engine.apps.lakewriter import feed_silence, make_pipeline
+from engine.apps.detectors import feed_silence, make_pipeline
 from engine.apps.replay import replay
 from engine.apps.settings import ConfigError, load_settings
 from engine.core.events import CallEvent, CallState

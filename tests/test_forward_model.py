@@ -287,7 +287,7 @@ def test_a_forward_model_file_is_checked_with_file_and_line(tmp_path: Path) -> N
     bad = text.replace("  slow: 2h", "  slow: 1m").replace("  min_growth: 1.5", "  min_growth: 0.5")
     (folder / "models" / "forward-ramp.yaml").write_text(bad + "surprise: 1\n", encoding="utf-8")
     (folder / "r.yaml").write_text((RULES / "forward-spike.yaml").read_text(), encoding="utf-8")
-    from engine.apps.lakewriter import load_detectors
+    from engine.apps.detectors import load_detectors
 
     with pytest.raises(YamlFileError) as raised:
         load_detectors(folder, 1000, models=True)

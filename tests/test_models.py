@@ -16,7 +16,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from engine.apps.lakewriter import load_detectors
+from engine.apps.detectors import load_detectors
 from engine.apps.replay import replay
 from engine.core.yamlfile import YamlFileError
 from engine.detect import migrations

@@ -30,7 +30,7 @@ from engine.alerts.notify import (
 )
 from engine.alerts.outbox import Courier, Dispatch, Outbox, RetryPolicy, outbox_path
 from engine.alerts.transports import SD_ID, AppriseTransport
-from engine.apps.lakewriter import make_durable_sinks, outbox_destinations
+from engine.apps.delivery import make_durable_sinks, outbox_destinations
 from engine.apps.settings import ConfigError, load_settings
 from engine.core.text import html_text, markdown_text, shown, syslog_param
 from engine.detect.alerts import Alert

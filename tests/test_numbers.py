@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.apps.lakewriter import make_pipeline
+from engine.apps.detectors import make_pipeline
 from engine.apps.settings import ConfigError, load_settings
 from engine.core.events import CallEvent, CallState
 from engine.core.yamlfile import YamlFileError

@@ -30,7 +30,7 @@ import polars as pl
 
 from engine.apps.detectfork import DetectionProcess
 from engine.apps.detectfork import available as detectfork_available
-from engine.apps.lakewriter import make_pipeline
+from engine.apps.detectors import make_pipeline
 from engine.apps.replay import Progress
 from engine.apps.settings import DetectionSettings
 from engine.core.events import CallEvent, Reject

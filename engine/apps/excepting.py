@@ -83,7 +83,7 @@ def except_alert(
     latest verdict already is one. Raises ExceptError."""
     from pydantic import ValidationError
 
-    from engine.apps.lakewriter import check_detectors
+    from engine.apps.detectors import check_detectors
     from engine.core.text import shown
     from engine.detect.exceptionfiles import (
         ExceptionSpec,

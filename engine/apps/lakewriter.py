@@ -1,14 +1,14 @@
 """The lake writer process: where its parts are wired together from the settings.
 
 `serve` starts it (LakeWriterProcess) beside the receiver; it loads the rules and
-models, builds the detection pipeline and the alert sinks, prepares the lake (key
-file, analysts' views), and drains sealed journal segments into the lake until told
-to stop.
+models (engine.apps.detectors), builds the detection pipeline and the alert sinks
+(engine.apps.delivery), prepares the lake (key file, analysts' views), and drains
+sealed journal segments into the lake until told to stop, reloading the rules when
+their files change.
 
 The receiver's process imports this module for LakeWriterProcess, and must not load
 DuckDB, polars, pyarrow, River or SciPy: everything that does is imported inside the
-functions that run in the lake writer's process. Checking the rules before serve starts
-(`check_rules`) reads the model files without building a model, so it loads no River.
+functions that run in the lake writer's process.
 """
 
 from __future__ import annotations
@@ -22,26 +22,19 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from engine.apps.delivery import NatsOutboxSink, load_action_set, make_durable_sinks, make_sinks
+from engine.apps.detectors import load_detectors, make_pipeline
 from engine.apps.settings import (
-    ChannelSettings,
     DetectionSettings,
     Settings,
-    parse_hours,
     time_zone,
 )
 from engine.core.runtime import tune_gc_for_detection
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.stats import RULES_INVALID, RULES_LOADING, SharedCounters
-
-# The store only where a process writes the lake: `rules validate` checks the rules
-# with this module's functions and opens no store.
-
-# Entities a rule keeps when it is only checked, never run.
-RULE_CHECK_MAX_KEYS = 100
 
 if TYPE_CHECKING:
     import multiprocessing.synchronize
@@ -49,289 +42,14 @@ if TYPE_CHECKING:
 
     from engine.alerts.actionbook import ActionBook
     from engine.alerts.actions import ActionSink
-    from engine.alerts.actionspec import ActionSet
-    from engine.alerts.outbox import Destination
-    from engine.alerts.transports import Transport
-    from engine.core.yamlfile import YamlDocument
     from engine.detect.alerts import Alert, AlertSink
-    from engine.detect.feed import FeedSilence
-    from engine.detect.pipeline import Pipeline
-    from engine.detect.rules import LoadedRules, RuleSet
+    from engine.detect.rules import RuleSet
     from engine.lake.parquet import Lake
     from engine.lake.writer import LakeWriter, Outage
-    from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def _read_detectors(
-    path: Path, max_keys: int, zone: tzinfo = UTC
-) -> tuple[LoadedRules, list[tuple[ModelSpec, YamlDocument]]]:
-    from engine.detect.rules import load_rules
-    from models.catalogue import catalogue, load_model_specs, models_dir
-
-    problems: list[str] = []
-    documents = load_model_specs(models_dir(path), problems)
-    loaded = load_rules(path, max_keys=max_keys, models=catalogue(documents, problems), zone=zone)
-    return loaded, documents
-
-
-def check_detectors(path: Path) -> LoadedRules:
-    """The rules under `path`, checked with the model files beside them, without building
-    a model (nothing here loads River); raises YamlFileError listing every problem."""
-    return _read_detectors(path, RULE_CHECK_MAX_KEYS)[0]
-
-
-def load_detectors(path: Path, max_keys: int, *, models: bool, zone: tzinfo = UTC) -> LoadedRules:
-    """Rules and models under `path` (the models in its `models/` folder); raises
-    YamlFileError listing every problem of both. `models`: whether the models run
-    (their files are checked either way). `zone`: the site's time zone the rules read
-    the hour and weekday in (`detection.timezone`)."""
-    # The models' state types, for snapshots, whether or not the models run now.
-    from models import state_types  # noqa: F401
-    from models.registry import build_models
-
-    loaded, documents = _read_detectors(path, max_keys, zone)
-    if not models:
-        # Rules that ask for a model's score then never fire; say so.
-        for rule in loaded.rules.rules:
-            if rule.spec.model is not None:
-                log.warning(
-                    "rule %s needs model %s, and models are off", rule.id, rule.spec.model.model
-                )
-        return loaded
-    return loaded.with_models(build_models(documents, max_keys))
-
-
-def feed_silence(detection: DetectionSettings) -> FeedSilence | None:
-    """The feed-silence check the settings ask for (None: off)."""
-    from engine.detect.feed import FeedSilence
-
-    if detection.feed_silence_s <= 0:
-        return None
-    return FeedSilence(
-        detection.feed_silence_s,
-        hours=tuple(parse_hours(text) for text in detection.feed_hours),
-        zone=time_zone(detection.feed_timezone),
-        zone_name=detection.feed_timezone,
-        severity=detection.feed_severity,
-    )
-
-
-def use_number_plan(detection: DetectionSettings) -> None:
-    """Read the numbers of this process's calls as the settings say (the destination
-    fields, engine.detect.numbers)."""
-    from engine.detect.numbers import DESTINATIONS
-
-    plan = detection.number_plan()
-    if plan != DESTINATIONS.plan or detection.number_cache_size != DESTINATIONS.cache_size:
-        DESTINATIONS.use(plan, detection.number_cache_size)
-
-
-def make_pipeline(detection: DetectionSettings, rules_dir: Path | None = None) -> Pipeline:
-    """The detection pipeline with the rules under `rules_dir` (by default the settings'
-    rule folder) and the feed-silence check, reading numbers by the settings' plan;
-    raises YamlFileError."""
-    from engine.detect.calls import CallTracker
-    from engine.detect.pipeline import Pipeline
-
-    use_number_plan(detection)
-
-    loaded = load_detectors(
-        rules_dir or detection.rules_folder,
-        detection.max_keys_per_rule,
-        models=detection.models_enabled,
-        zone=time_zone(detection.timezone),
-    )
-    tracker = CallTracker(
-        settle_s=detection.settle_s,
-        ring_timeout_s=detection.ring_timeout_s,
-        max_call_s=detection.max_call_s,
-        abandon_s=detection.abandon_s,
-        max_open_calls=detection.max_open_calls,
-    )
-    return Pipeline(loaded.rules, tracker, feed_silence(detection))
-
-
-def make_sinks(settings: Settings) -> list[AlertSink]:
-    """The sinks on this machine: the log and the JSON-lines file."""
-    from engine.alerts.sinks import JsonLinesSink, LogSink
-
-    detection = settings.detection
-    sinks: list[AlertSink] = [LogSink()]
-    if detection.alerts_jsonl != "off":
-        path = Path(detection.alerts_jsonl or settings.store.data_dir / "alerts.jsonl")
-        sinks.append(JsonLinesSink(path))
-    return sinks
-
-
-def make_durable_sinks(
-    settings: Settings,
-    pipeline: Pipeline | None = None,
-    *,
-    tags_of: Callable[[str], Sequence[str]] | None = None,
-) -> list[AlertSink]:
-    """What leaves the machine goes through the outbox (serve's couriers send it; the
-    relay's process publishes what is for NATS), and so do actions (decided here, done
-    by serve's couriers); only `serve`'s lake writer makes these: replay and backtest
-    never deliver, publish or act. The rules' tags route notifications and actions
-    (`tags_of`, by default those of the rules `pipeline` runs)."""
-    from engine.alerts.notify import NotifySink, Route
-    from engine.alerts.outbox import Outbox, OutboxSink
-
-    webhook = settings.detection.webhook_url
-    channels = settings.notify.channels
-    sinks: list[AlertSink] = []
-    if settings.relay.nats.enabled:
-        sinks.append(NatsOutboxSink(Outbox.of(settings.store.data_dir), settings))
-    if webhook:
-        sinks.append(OutboxSink(Outbox.of(settings.store.data_dir), ["webhook"]))
-    if channels:
-        routes = [
-            (
-                channel.label,
-                Route(
-                    severities=frozenset(channel.severities),
-                    levels=frozenset(channel.levels),
-                    rules=tuple(channel.rules),
-                    tags=frozenset(channel.tags),
-                ),
-            )
-            for channel in channels
-        ]
-        tags = tags_of if tags_of is not None else rule_tags(pipeline)
-        sinks.append(NotifySink(Outbox.of(settings.store.data_dir), routes, tags))
-    actions = make_action_sink(settings, pipeline)
-    if actions is not None:
-        sinks.append(actions)
-    return sinks
-
-
-class NatsOutboxSink:
-    """Alerts (not shadow ones) and finished calls enqueued for NATS (outbox destination
-    `nats`, key = Nats-Msg-Id), one transaction per segment: the relay's process
-    publishes them (engine.relay.nats)."""
-
-    def __init__(self, outbox: Any, settings: Settings) -> None:
-        from engine.relay.subjects import Subjects
-
-        self.outbox = outbox
-        self.subjects = Subjects(settings.relay.nats.subject_prefix)
-
-    def deliver(self, alerts: Sequence[Alert]) -> None:
-        from engine.relay.nats import alert_message, outbox_items
-
-        messages = [alert_message(a.as_json(), self.subjects) for a in alerts if a.mode == "alert"]
-        self.outbox.enqueue_many(outbox_items(messages))
-
-    def deliver_calls(self, columns: dict[str, Any]) -> None:
-        from engine.relay.nats import call_messages, outbox_items
-
-        self.outbox.enqueue_many(outbox_items(call_messages(columns, self.subjects)))
-
-    def close(self) -> None:
-        self.outbox.close()
-
-
-def load_action_set(detection: DetectionSettings) -> ActionSet:
-    """The actions beside the rules in use (`actions/` in the rule folder); raises
-    YamlFileError listing every problem."""
-    from engine.alerts.actionspec import actions_dir, load_actions
-
-    return load_actions(actions_dir(detection.rules_folder))
-
-
-def make_action_sink(settings: Settings, pipeline: Pipeline | None) -> ActionSink | None:
-    """The sink that decides actions, when detection runs and the rule folder has an
-    `actions/` folder. Action files that are invalid at the start are logged and none
-    acts until they are fixed (the rule watcher loads them again)."""
-    from engine.alerts.actionbook import ActionBook
-    from engine.alerts.actions import ActionSink
-    from engine.alerts.actionspec import ActionSet, actions_dir
-
-    if pipeline is None or not actions_dir(settings.detection.rules_folder).is_dir():
-        return None
-    try:
-        actions = load_action_set(settings.detection)
-    except YamlFileError as error:
-        log.error("actions are invalid, none will act:\n  %s", "\n  ".join(error.problems))
-        actions = ActionSet()
-
-    data_dir = settings.store.data_dir
-    return ActionSink(lambda: ActionBook.of(data_dir), actions, rule_tags(pipeline))
-
-
-def outbox_destinations(settings: Settings) -> list[Destination]:
-    """Where deliveries go, by name, as configured (the webhook, when set; each
-    notification channel as `notify.NAME`)."""
-    from engine.alerts.notify import NotifyDestination
-    from engine.alerts.webhook import WebhookDestination
-
-    detection = settings.detection
-    destinations: list[Destination] = []
-    if detection.webhook_url:
-        destinations.append(
-            WebhookDestination(
-                detection.webhook_url,
-                token=detection.webhook_token,
-                timeout_s=settings.outbox.timeout_s,
-            )
-        )
-    for channel in settings.notify.channels:
-        destinations.append(
-            NotifyDestination(
-                channel.label,
-                channel_transport(channel, settings.outbox.timeout_s),
-                settings.store.data_dir,
-                limit=channel.limit,
-                period_s=channel.rate_period_s,
-                public_url=settings.console.public_url,
-            )
-        )
-    return destinations
-
-
-def channel_transport(channel: ChannelSettings, timeout_s: float) -> Transport:
-    """How a notification channel's messages leave: its Apprise URL, or syslog."""
-    from engine.alerts.transports import AppriseTransport, SyslogTransport
-    from engine.apps.settings import syslog_target
-
-    if channel.syslog:
-        protocol, host, port = syslog_target(channel.syslog)
-        return SyslogTransport(protocol, host, port, facility=channel.facility, timeout_s=timeout_s)
-    return AppriseTransport(channel.expanded_url, secrets=channel.secrets, timeout_s=timeout_s)
-
-
-def rule_tags(pipeline: Pipeline | None) -> Callable[[str], Sequence[str]]:
-    """The tags of the rule with that id in the rules `pipeline` runs now (they may be
-    reloaded); none for a model or a system alert."""
-
-    def tags_of(rule_id: str) -> Sequence[str]:
-        rule = pipeline.rules.by_id().get(rule_id) if pipeline is not None else None
-        return list(rule.spec.tags) if rule is not None else ()
-
-    return tags_of
-
-
-def check_rules(rules_dir: Path) -> None:
-    """Raise YamlFileError listing every problem of the rule set under `rules_dir`, its
-    model files and its action files (the receiver's check before it starts: no model
-    is built)."""
-    from engine.alerts.actionspec import actions_dir, load_actions
-
-    problems: list[str] = []
-    try:
-        check_detectors(rules_dir)
-    except YamlFileError as error:
-        problems.extend(error.problems)
-    try:
-        load_actions(actions_dir(rules_dir))
-    except YamlFileError as error:
-        problems.extend(error.problems)
-    if problems:
-        raise YamlFileError(problems)
 
 
 class _RuleWatcher:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.apps.lakewriter import make_pipeline
+from engine.apps.detectors import make_pipeline
 from engine.apps.settings import Settings
 from engine.apps.stores import open_store, settings_codec
 from engine.core.events import CallEvent, Reject

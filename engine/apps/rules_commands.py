@@ -57,7 +57,7 @@ def rules_validate(path: Path | None) -> None:
     list every problem as file:line."""
     path = _rules_in_use(path)
     from engine.alerts.actionspec import actions_dir, load_actions
-    from engine.apps.lakewriter import check_detectors
+    from engine.apps.detectors import check_detectors
     from engine.core.yamlfile import YamlFileError
 
     problems: list[str] = []
@@ -89,7 +89,7 @@ def rules_test(path: Path | None) -> None:
     """Run each rule's inline tests through the pipeline in event time (default: the
     rules in use)."""
     path = _rules_in_use(path)
-    from engine.apps.lakewriter import check_detectors, load_detectors
+    from engine.apps.detectors import check_detectors, load_detectors
     from engine.core.yamlfile import YamlFileError
     from engine.detect.ruletest import run_rule_tests
 

@@ -24,8 +24,10 @@ from engine.alerts.actions import action_destinations
 from engine.alerts.actionspec import actions_dir
 from engine.alerts.outbox import Dispatch, Outbox, OutboxError, RetryPolicy, outbox_path
 from engine.apps.build import build_info, uncompiled_parts
+from engine.apps.delivery import outbox_destinations
+from engine.apps.detectors import check_rules
 from engine.apps.health import Health, OperatorEndpoint, ReportClock
-from engine.apps.lakewriter import LakeWriterProcess, check_rules, outbox_destinations
+from engine.apps.lakewriter import LakeWriterProcess
 from engine.apps.relay import RelayProcess, drop_held
 from engine.apps.settings import Settings
 from engine.apps.stores import open_store, settings_codec

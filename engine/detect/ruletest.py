@@ -130,7 +130,7 @@ def run_test(
 
 def run_rule_tests(rules: RuleSet) -> list[TestResult]:
     """Every inline test of every rule in `rules` (loaded with its models where the
-    process is wired: engine.apps.lakewriter.load_detectors)."""
+    process is wired: engine.apps.detectors.load_detectors)."""
     results = []
     for rule in rules.rules:
         for test in rule.spec.tests:

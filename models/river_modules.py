@@ -48,7 +48,8 @@ def module(name: str) -> ModuleType:
 
 def run_spec(spec: ModuleSpec, names: dict[str, Any] | None = None) -> ModuleType:
     """The module `spec` finds, run as an import runs it: in sys.modules under its name
-    while it runs (its own imports of itself find it), and out again if it fails.
+    while it runs (its own imports of itself find it), and out again if it fails (not
+    bound on its package: a caller that wants it there sets it).
     `names`: set in the module's namespace before it runs."""
     assert spec.loader is not None
     loaded = importlib.util.module_from_spec(spec)

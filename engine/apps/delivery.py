@@ -1,7 +1,11 @@
-"""Where alerts go, wired from the settings: the sinks on this machine (log, JSON
-lines), the outbox's deliveries (webhook, notification channels, NATS) and the actions
-decided beside the rules. Only `serve`'s lake writer makes the durable ones; replay
-and backtest never deliver, publish or act.
+"""Where alerts go, wired from the settings: the lake writer's sinks on this machine
+(log, JSON lines), what it queues in the outbox (webhook, notification channels, NATS)
+and the actions it decides beside the rules; the outbox's destinations that serve's
+couriers deliver to, and a channel's transport (`notify test`). Replay and backtest
+never deliver, publish or act.
+
+The receiver's process imports this module (serve's outbox destinations), and must not
+load DuckDB, polars, pyarrow, River or SciPy: what does is imported inside functions.
 """
 
 from __future__ import annotations

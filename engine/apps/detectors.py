@@ -3,9 +3,9 @@ pipeline that runs them. Every process that detects (the lake writer, replay,
 backtest) builds it here, and the checks that run before one starts (`rules
 validate`, serve's start) read the same files the same way.
 
-Nothing here loads DuckDB, polars or River at import: the receiver's process checks the
-rules with `check_rules` (which builds no model), and the modules that detect are
-imported inside the functions that build a pipeline.
+The receiver's process imports this module (serve checks the rules with `check_rules`,
+which builds no model), and must not load DuckDB, polars, pyarrow, River or SciPy: the
+modules that detect are imported inside the functions that build a pipeline.
 """
 
 from __future__ import annotations

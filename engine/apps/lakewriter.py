@@ -1,8 +1,8 @@
 """The lake writer process: where its parts are wired together from the settings.
 
 `serve` starts it (LakeWriterProcess) beside the receiver; it loads the rules and
-models (engine.apps.detectors), builds the detection pipeline and the alert sinks
-(engine.apps.delivery), prepares the lake (key file, analysts' views), and drains
+models and builds the detection pipeline (engine.apps.detectors), builds the alert
+sinks (engine.apps.delivery), prepares the lake (key file, analysts' views), and drains
 sealed journal segments into the lake until told to stop, reloading the rules when
 their files change.
 

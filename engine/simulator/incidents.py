@@ -176,6 +176,23 @@ class Wangiri(_Incident):
         ]
 
 
+def _forward_number(
+    ctx: Context,
+    named: str | None,
+    country: Country | None,
+    kind: NumberKind,
+    prefix: str,
+    digits: int,
+) -> str:
+    """An incident's forward number: the one it names, else a valid number of
+    `country`'s plan (of `kind`), else a fresh one of `digits` digits after `prefix`."""
+    if named:
+        return named
+    if country:
+        return ctx.number_of(country, kind)
+    return ctx.fresh_number(prefix, digits)
+
+
 class Irsf(_Incident):
     """A never-seen international forward number taking many long calls from many callers."""
 
@@ -195,12 +212,9 @@ class Irsf(_Incident):
         rng = ctx.rng
         # +882 16 and seven digits: a range the international networks' plan has (E.164),
         # so the number is a valid one, as the numbers IRSF leases are.
-        if self.forward:
-            forward = self.forward
-        elif self.forward_country:
-            forward = ctx.number_of(self.forward_country, self.forward_kind)
-        else:
-            forward = ctx.fresh_number("+88216", 7)
+        forward = _forward_number(
+            ctx, self.forward, self.forward_country, self.forward_kind, "+88216", 7
+        )
         menu = ctx.menu(self.menu_id)
         offsets = sorted(rng.uniform(0, self.over) for _ in range(self.calls_count))
         return [
@@ -347,12 +361,9 @@ class ForwardRamp(_Incident):
 
     def calls(self, start: float, ctx: Context) -> list[Call]:
         rng = ctx.rng
-        if self.forward:
-            forward = self.forward
-        elif self.forward_country:
-            forward = ctx.number_of(self.forward_country, self.forward_kind)
-        else:
-            forward = ctx.fresh_number("+37167", 6)
+        forward = _forward_number(
+            ctx, self.forward, self.forward_country, self.forward_kind, "+37167", 6
+        )
         menu = ctx.menu(self.menu_id)
         peak = max(self.rate_start_per_hour, self.rate_end_per_hour) / 3600
         times = [start + t for t in poisson_offsets(rng, self.rate_start_per_hour, self.history)]

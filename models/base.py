@@ -15,7 +15,7 @@ from engine.detect.detectors import ModelFinding, Quiet, RecentCalls, never_quie
 from models.scoring import AdaptiveThreshold
 from models.spec import ModelSpec
 
-__all__ = ["Model", "ModelFinding", "Quiet", "RecentCalls", "never_quiet"]
+__all__ = ["Model", "ModelFinding", "Quiet", "RecentCalls", "finding", "never_quiet"]
 
 
 class Model(Protocol):
@@ -43,3 +43,37 @@ class Model(Protocol):
         ...
 
     def drop_idle(self, now: float) -> int: ...
+
+
+def finding(
+    spec: ModelSpec,
+    version: str,
+    entity_type: str,
+    entity: str,
+    *,
+    raised_at: float,
+    window_start: float,
+    window_end: float,
+    value: float,
+    threshold: float,
+    summary: str,
+    evidence: list[str],
+) -> ModelFinding:
+    """A finding of the model `spec` describes, in its `version`: its id, severity,
+    mode and suppression come along for the alert manager."""
+    return ModelFinding(
+        model_id=spec.id,
+        version=version,
+        severity=spec.severity,
+        mode=spec.mode,
+        suppression=spec.suppression,
+        entity_type=entity_type,
+        entity=entity,
+        raised_at=raised_at,
+        window_start=window_start,
+        window_end=window_end,
+        value=value,
+        threshold=threshold,
+        summary=summary,
+        evidence=evidence,
+    )

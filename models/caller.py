@@ -31,7 +31,7 @@ from statistics import NormalDist
 
 from engine.detect.calls import Call
 from engine.detect.windows import KeyedState
-from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
+from models.base import ModelFinding, Quiet, RecentCalls, finding, never_quiet
 from models.caller_state import CallerState
 from models.running_stats import stats
 from models.scoring import AdaptiveThreshold, AnomalyModel
@@ -322,14 +322,11 @@ class CallerModel:
         evidence = recent_calls("caller", call.caller)
         if call.call_id not in evidence:
             evidence.append(call.call_id)
-        return ModelFinding(
-            model_id=spec.id,
-            version=self.version,
-            severity=spec.severity,
-            mode=spec.mode,
-            suppression=spec.suppression,
-            entity_type="caller",
-            entity=call.caller,
+        return finding(
+            spec,
+            self.version,
+            "caller",
+            call.caller,
             raised_at=call.deadline,
             window_start=state.first_ts,
             window_end=call.deadline,

@@ -35,7 +35,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from engine.detect.calls import Call
-from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
+from models.base import ModelFinding, Quiet, RecentCalls, finding, never_quiet
 from models.river_modules import module as river_module
 from models.running_stats import stats
 from models.scoring import AdaptiveThreshold
@@ -395,14 +395,11 @@ class ForwardModel:
             f"numbers' usual growth {population:.2f}, menu {number.menu}'s other calls' "
             f"and numbers' {menu:.2f})"
         )
-        return ModelFinding(
-            model_id=spec.id,
-            version=self.version,
-            severity=spec.severity,
-            mode=spec.mode,
-            suppression=spec.suppression,
-            entity_type="forward",
-            entity=forward,
+        return finding(
+            spec,
+            self.version,
+            "forward",
+            forward,
             raised_at=ended,
             window_start=ended - ramp.fast,
             window_end=ended,

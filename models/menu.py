@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from engine.detect.calls import Call
-from models.base import ModelFinding, Quiet, RecentCalls, never_quiet
+from models.base import ModelFinding, Quiet, RecentCalls, finding, never_quiet
 from models.menu_traffic import CALLER_BUCKETS, MenuTraffic
 from models.scoring import AdaptiveThreshold, AnomalyModel, Baseline, explain, strongest
 from models.spec import FEATURE_NAMES, ModelSpec
@@ -180,14 +180,11 @@ class MenuModel:
             f"{len(live)} calls: {explain(vector, deviations, state.usual)} (model score "
             f"{score:.2f}, threshold {threshold:.2f}; strongest: {FEATURE_NAMES[feature]})"
         )
-        return ModelFinding(
-            model_id=spec.id,
-            version=self.version,
-            severity=spec.severity,
-            mode=spec.mode,
-            suppression=spec.suppression,
-            entity_type="menu",
-            entity=menu_id,
+        return finding(
+            spec,
+            self.version,
+            "menu",
+            menu_id,
             raised_at=at,
             window_start=live.first_ts() if len(live) else at - spec.window,
             window_end=at,

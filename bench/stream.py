@@ -32,34 +32,18 @@ from pathlib import Path
 import polars as pl
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.memory import children, status  # noqa: E402
+
 OUT = ROOT / "bench" / "out"
 MONTH = OUT / "month" / "events.parquet"
 MiB = 2**20
 GiB = 2**30
 
 
-def status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of `pid` in bytes ({} once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as text:
-            lines = text.read().splitlines()
-    except OSError:
-        return {}
-    out = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            out[name] = int(value.split()[0]) * 1024
-    return out
-
-
 def descendants(pid: int) -> list[int]:
-    found = []
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as text:
-            found = [int(child) for child in text.read().split()]
-    except OSError:
-        return []
+    found = children(pid)
     return found + [grandchild for child in found for grandchild in descendants(child)]
 
 

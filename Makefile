@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard engine/ingest/_*.c) $(COMPILED)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet -e '.[dev]'
-	@echo "compiling the detection with mypyc (a minute or two)"
+	@echo "compiling the detection with mypyc (a few minutes)"
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	@# Bytecode for the sources, as pip writes it for an installed wheel: without it a
 	@# process started where PYTHONDONTWRITEBYTECODE is set (containers often set it)

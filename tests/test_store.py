@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -46,7 +49,7 @@ from engine.ingest.keyfile import (
 from engine.ingest.store import EventStore, StoreError, codec_header
 from engine.lake import views as views_module
 from engine.lake.parquet import CALL_SCHEMA, CompactionResult, Lake
-from engine.lake.views import ViewsFile
+from engine.lake.views import ViewsFile, analysts_command, write_views_file
 from engine.lake.writer import LakeWriter, calls_frame
 from tests.conftest import make_settings, wait_for
 
@@ -894,3 +897,27 @@ def test_a_spare_the_disk_has_no_room_for_is_not_made_and_said_once(
     said = [r.getMessage() for r in caplog.records if "spare" in r.getMessage()]
     assert len(said) == 1 and "MiB free" in said[0]
     assert spares.made == 0 and not list(tmp_path.glob("spare*"))
+
+
+def test_the_analysts_command_names_the_duckdb_cli_beside_this_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The venv's own CLI (the duckdb-cli dependency), which PATH seldom holds; it
+    # opens the views file it is given.
+    write_views_file(tmp_path, ["CREATE VIEW answer AS SELECT 42 AS n"])
+    program, flag, database = shlex.split(analysts_command(tmp_path))
+    assert Path(program) == Path(sys.executable).parent / "duckdb" and flag == "-readonly"
+    shown = subprocess.run(
+        [program, flag, database, "-csv", "SELECT n FROM answer"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout.split() == ["n", "42"]
+    # Without one beside the interpreter, PATH's; a path with a space stays one word.
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no cli" / "python"))
+    assert shlex.split(analysts_command(tmp_path / "a b")) == [
+        "duckdb",
+        "-readonly",
+        str(tmp_path / "a b" / "callsentry.duckdb"),
+    ]

@@ -267,7 +267,9 @@ def replay(
         click.echo(f"  [{alert.severity}/{alert.level}] {alert.rule_id}: {shown(alert.summary)}")
     if len(live) > show:
         click.echo(f"  ... and {len(live) - show} more (SELECT * FROM alerts)")
-    click.echo(f"query them: duckdb -readonly {settings.store.data_dir / 'callsentry.duckdb'}")
+    from engine.lake.views import analysts_command
+
+    click.echo(f"query them: {analysts_command(settings.store.data_dir)}")
     if not report.clean:
         unreadable = len(report.file_errors)
         fail(f"{len(report.rejects)} rows rejected, {unreadable} of {len(files)} files unreadable")

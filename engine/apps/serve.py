@@ -37,6 +37,7 @@ from engine.ingest.native import HELPERS
 from engine.ingest.receiver import AllowList, ReportServer
 from engine.ingest.stats import Stats
 from engine.ingest.store import EventStore
+from engine.lake.views import analysts_command
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ class Engine:
             self.allow.describe(),
             data_dir,
         )
-        log.info("analysts: duckdb -readonly %s", data_dir / "callsentry.duckdb")
+        log.info("analysts: %s", analysts_command(data_dir))
         receiver = self.settings.receiver
         if receiver.switches:
             log.info(

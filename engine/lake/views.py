@@ -33,6 +33,17 @@ def sql_text(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def analysts_command(data_dir: Path) -> str:
+    """The command an analyst runs to query `data_dir`'s lake read-only: the DuckDB CLI
+    installed beside this Python (the `duckdb-cli` package puts it in the venv's bin,
+    which is seldom on PATH), else `duckdb` as PATH finds it."""
+    import shlex
+
+    beside = Path(sys.executable).parent / "duckdb"
+    program = str(beside) if sys.executable and beside.is_file() else "duckdb"
+    return shlex.join([program, "-readonly", str(data_dir / DATABASE)])
+
+
 def write_views_file(data_dir: Path, statements: Sequence[str]) -> None:
     """Write `data_dir/callsentry.duckdb` holding what `statements` (CREATE VIEW ...)
     create, and swap it in atomically: renaming over the file never disturbs an

@@ -130,13 +130,11 @@ def loss(duration: str, work: Path) -> dict[str, int]:
 
     from engine.core.durations import parse_duration
     from engine.ingest.codec import Vos3000TextCodec
-    from engine.simulator.scenario import Scenario, generate, load_scenario
+    from engine.simulator.scenario import generate, load_scenario
     from engine.simulator.switch import SwitchSettings, SwitchStandIn
 
     spec = load_scenario(ROOT / "data" / "scenarios" / "sample.yaml")
-    spec = Scenario.model_validate(
-        {**spec.model_dump(by_alias=True), "duration": parse_duration(duration)}
-    )
+    spec = spec.lasting(parse_duration(duration))
     events = generate(spec).events
     data_dir = work / "loss" / "data"
     data_dir.parent.mkdir(parents=True)

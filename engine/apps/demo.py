@@ -21,6 +21,8 @@ from typing import Any
 
 import duckdb
 
+from engine.lake.views import analysts_command
+
 SCENARIO = Path("data/scenarios/demo.yaml")
 DATA_DIR = Path("data/demo")
 # Rows an event file may carry that are no reports: the quarantine has them to show.
@@ -292,10 +294,7 @@ def main() -> int:
         f"  .venv/bin/python -c \"import duckdb; print(duckdb.connect('{analysts_db}', "
         "read_only=True).sql('SELECT * FROM alerts_current'))\""
     )
-    print(
-        f"  .venv/bin/duckdb -readonly {analysts_db} "
-        '"SELECT state, count(*) FROM events GROUP BY ALL"'
-    )
+    print(f'  {analysts_command(analysts_dir)} "SELECT state, count(*) FROM events GROUP BY ALL"')
     print(f"the scenario's event file and incident labels: {data_dir / 'scenario'}/")
     return 0 if sent.returncode == 0 else 1
 

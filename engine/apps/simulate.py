@@ -21,7 +21,6 @@ from engine.ingest.eventfiles import EventFileError, read_event_file
 from engine.simulator.consumer import ConsumerStandIn
 from engine.simulator.scenario import (
     Parts,
-    Scenario,
     generate,
     load_scenario,
     write_files,
@@ -179,9 +178,7 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
             except ValueError as error:
                 raise SimulateError(f"--duration: {error}") from None
             try:
-                spec = Scenario.model_validate(
-                    {**spec.model_dump(by_alias=True), "duration": duration}
-                )
+                spec = spec.lasting(duration)
             except ValidationError as error:
                 problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())
                 raise SimulateError(f"--duration {options.duration}: {problems}") from None

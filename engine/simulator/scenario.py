@@ -64,6 +64,11 @@ class Scenario(BaseModel):
                 )
         return self
 
+    def lasting(self, duration: float) -> Scenario:
+        """This scenario cut or stretched to `duration` seconds, checked again (an
+        incident after its end is refused: ValidationError)."""
+        return Scenario.model_validate({**self.model_dump(by_alias=True), "duration": duration})
+
 
 @dataclass(frozen=True)
 class Label:

@@ -24,6 +24,8 @@ from typing import IO, TYPE_CHECKING
 if TYPE_CHECKING:
     import subprocess
 
+    import duckdb
+
 DATABASE = "callsentry.duckdb"
 
 
@@ -44,17 +46,20 @@ def analysts_command(data_dir: Path) -> str:
     return shlex.join([program, "-readonly", str(data_dir / DATABASE)])
 
 
-def write_views_file(data_dir: Path, statements: Sequence[str]) -> None:
+def write_views_file(
+    data_dir: Path, statements: Sequence[str], con: duckdb.DuckDBPyConnection | None = None
+) -> None:
     """Write `data_dir/callsentry.duckdb` holding what `statements` (CREATE VIEW ...)
     create, and swap it in atomically: renaming over the file never disturbs an
     analyst who has the old one open read-only; the next connection sees the new
-    views. Raises OSError or duckdb.Error."""
+    views. `con`: an in-memory connection to use (and close), else one is made.
+    Raises OSError or duckdb.Error."""
     import duckdb
 
     data_dir.mkdir(parents=True, exist_ok=True)
     partial = data_dir / f".callsentry.{uuid.uuid4().hex}.duckdb"
     try:
-        with duckdb.connect() as con:
+        with con if con is not None else duckdb.connect() as con:
             # The oldest storage format that has what we use, so analysts' DuckDB
             # CLIs and libraries from 1.0 on can open the file too.
             con.execute(f"ATTACH {sql_text(str(partial))} AS analytics (STORAGE_VERSION 'v1.0.0')")
@@ -154,16 +159,22 @@ def main() -> int:
     input (none: nothing to write), what went wrong on standard error (its last line),
     exit code 0 once the file is in place."""
     try:
-        import duckdb  # noqa: F401  (while the parent makes the request)
+        import duckdb
 
+        # Connected while the parent makes the request: a connection's start is a
+        # good part of writing the file.
+        con = duckdb.connect()
         data = sys.stdin.buffer.read()
         if not data:
             return 0
         request = json.loads(data)
-        write_views_file(Path(request["data_dir"]), request["statements"])
+        write_views_file(Path(request["data_dir"]), request["statements"], con)
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # said to the parent, which raises it
         print(f"{type(error).__name__}: {error}", file=sys.stderr)
         return 1
-    return 0
+    # The file is in place and closed, and nothing is left to flush: the parent waits
+    # for this process's end, which the interpreter's and DuckDB's teardown would delay.
+    sys.stderr.flush()
+    os._exit(0)

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -631,7 +632,8 @@ def test_a_long_replay_holds_a_bounded_number_of_rows_whatever_the_files_length(
     )
     assert report.stored == report.read > 8000
     assert len(held) > 10
-    bound = (2 + 1) * 500 + (replay_module.PARTS_IN_FLIGHT + 3) * 400
+    group = 2 + replay_module.SEGMENTS_AHEAD
+    bound = (group + 1) * 500 + (replay_module.PARTS_IN_FLIGHT + 3) * 400
     assert 0 < max(held) <= bound < report.read
 
 
@@ -759,6 +761,41 @@ def test_a_hung_detection_process_is_given_up_on(monkeypatch: pytest.MonkeyPatch
             process.result()
     finally:
         process.close()  # kills it: a stopped process does not take the request to stop
+
+
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+def test_segments_are_queued_for_the_detection_process_while_it_works() -> None:
+    # More than the pipe holds is handed over while the child cannot take any of it:
+    # the parent goes on reading and journaling rather than waiting for the child.
+    events = generate(load_scenario(Path("data/scenarios/demo.yaml"))).events
+    segments = [events[start : start + 2000] for start in range(0, 8000, 2000)]
+    packed = [pack_events(segment) for segment in segments]
+    assert sum(map(len, packed)) > 4 * 2**16
+    process = detectfork.DetectionProcess(_demo_pipeline(), None)
+    pid = process._process.pid
+    assert pid is not None
+    try:
+        os.kill(pid, signal.SIGSTOP)
+
+        def submit_all() -> None:
+            for n, data in enumerate(packed):
+                process.submit([(1 + 2000 * n, data)])
+
+        submitting = threading.Thread(target=submit_all)
+        submitting.start()
+        submitting.join(60)
+        assert not submitting.is_alive(), "a submit waited for the stopped child"
+        os.kill(pid, signal.SIGCONT)
+        answers = [process.result() for _ in packed]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        process.close()
+    # What the child found is what the same pipeline finds in process.
+    here = _demo_pipeline()
+    for segment, (columns, alerts) in zip(segments, answers, strict=True):
+        output = here.feed(segment)
+        assert columns["call_id"] == [call.call_id for call in output.calls]
+        assert alerts == output.alerts
 
 
 @given(

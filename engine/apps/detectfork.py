@@ -71,10 +71,13 @@ def available() -> bool:
 
 
 class _Outbox:
-    """The child's answers, written to the pipe by a thread of their own: a segment's
-    calls are about a megabyte, more than the pipe holds, and written from the main
-    thread they kept detection waiting until the parent, busy with the lake, read
-    them (a tenth of the child's time). Pickled here, in order; sent in order."""
+    """Messages written to the pipe by a thread of their own, so that the sender goes
+    on meanwhile: a segment's reports, and its calls, are megabytes, more than the
+    pipe holds. Written from the main thread, the child's answers kept detection
+    waiting until the parent, busy with the lake, read them; and the parent's
+    requests kept it waiting until the child had detected the segment before, so the
+    two went in step and the child had nothing to do while the parent wrote a group.
+    Pickled here, in order; sent in order."""
 
     def __init__(self, conn: mp.connection.Connection) -> None:
         self._conn = conn
@@ -202,6 +205,9 @@ class DetectionProcess:
             gc.unfreeze()
             raise
         child_conn.close()
+        # Requests are queued for the child, not written while it works on the one
+        # before: this process reads and journals the next segments meanwhile.
+        self._outbox = _Outbox(self._conn)
         self._submitted: deque[int] = deque()
         # The child's, as of its last answer (the replay's summary reports them).
         self.evictions = evictions(pipeline)
@@ -266,21 +272,23 @@ class DetectionProcess:
             self._send(None)
 
     def close(self) -> None:
-        if not self._finished:
-            with contextlib.suppress(OSError):  # the child may be gone already
-                self._conn.send(None)
-        self._conn.close()
-        self._process.join(_JOIN_TIMEOUT_S)
+        if self._finished:
+            self._process.join(_JOIN_TIMEOUT_S)
+        # Else the replay stopped: the child's state would be thrown away, and the
+        # segments queued for it are not worth the wait.
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
+        # The child is gone: whatever is still queued for it fails to be written.
+        self._outbox.close()
+        self._conn.close()
         gc.unfreeze()
 
     def _send(self, message: Any) -> None:
         if self._finished and message is not None:
             raise DetectionProcessError("asked for more after finish()")
         try:
-            self._conn.send(message)
+            self._outbox.send(message)
         except OSError as error:
             raise DetectionProcessError(self._why_gone(f"could not be reached ({error})")) from None
 

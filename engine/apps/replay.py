@@ -40,6 +40,9 @@ REPLAY_BATCH = 20_000
 # crash redoes at most that much, and their rows are held until then (with the
 # parts read ahead, most of what replay holds besides detection's state).
 GROUP_SEGMENTS = 10
+# ... once this many more have been handed to the detection process: it works on them
+# while this one writes the group, rather than waiting for the next segment after it.
+SEGMENTS_AHEAD = 2
 # Parts of the event files read ahead of the one being stored (EventStream parts).
 PARTS_IN_FLIGHT = 2
 PROGRESS_EVERY_S = 10.0
@@ -284,10 +287,10 @@ def _replay(
         # Segments handed to the detection process and not yet in the lake, in order.
         group: list[tuple[int, list[Step]]] = []
 
-        def write_group() -> None:
+        def write_group(segments: int) -> None:
             assert detection is not None
-            writer.write_group(group, detection.result, written)
-            group.clear()
+            writer.write_group(group[:segments], detection.result, written)
+            del group[:segments]
 
         def hand_over(segment: int | None, steps: list[Step]) -> None:
             if segment is None:
@@ -301,8 +304,8 @@ def _replay(
                 drain()
                 return
             group.append((segment, steps))
-            if len(group) >= GROUP_SEGMENTS:
-                write_group()
+            if len(group) >= GROUP_SEGMENTS + SEGMENTS_AHEAD:
+                write_group(GROUP_SEGMENTS)
 
         # Anything a crashed run left sealed goes first, as it would under serve.
         drain()
@@ -393,7 +396,7 @@ def _replay(
                 detection.begin_snapshot(writer.position_after(group))
             detection.finish()
             if group:
-                write_group()
+                write_group(len(group))
             views.wait()
             writer.compact()
             if writer.snapshot_file is not None:

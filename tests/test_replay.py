@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -764,32 +765,48 @@ def test_a_hung_detection_process_is_given_up_on(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
-def test_segments_are_queued_for_the_detection_process_while_it_works() -> None:
+def test_segments_are_queued_for_the_detection_process_while_it_works(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # More than the pipe holds is handed over while the child cannot take any of it:
     # the parent goes on reading and journaling rather than waiting for the child.
+    monkeypatch.setattr(detectfork, "ANSWER_TIMEOUT_S", 60.0)
     events = generate(load_scenario(Path("data/scenarios/demo.yaml"))).events
     segments = [events[start : start + 2000] for start in range(0, 8000, 2000)]
-    packed = [pack_events(segment) for segment in segments]
-    assert sum(map(len, packed)) > 4 * 2**16
     process = detectfork.DetectionProcess(_demo_pipeline(), None)
     pid = process._process.pid
     assert pid is not None
+    # The pipe is a socket pair: what its two ends buffer, four times over.
+    with socket.socket(fileno=os.dup(process._conn.fileno())) as end:
+        holds = end.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) + end.getsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF
+        )
+    rounds = 1
+    while rounds * sum(len(pack_events(segment)) for segment in segments) < 4 * holds:
+        rounds += 1
+    segments = segments * rounds
+    failed: list[BaseException] = []
+
+    def submit_all() -> None:
+        try:
+            for n, segment in enumerate(segments):
+                process.submit([(1 + 2000 * n, pack_events(segment))])
+        except BaseException as error:
+            failed.append(error)
+
+    submitting = threading.Thread(target=submit_all)
     try:
         os.kill(pid, signal.SIGSTOP)
-
-        def submit_all() -> None:
-            for n, data in enumerate(packed):
-                process.submit([(1 + 2000 * n, data)])
-
-        submitting = threading.Thread(target=submit_all)
         submitting.start()
-        submitting.join(60)
+        submitting.join(20)
         assert not submitting.is_alive(), "a submit waited for the stopped child"
+        assert failed == []
         os.kill(pid, signal.SIGCONT)
-        answers = [process.result() for _ in packed]
+        answers = [process.result() for _ in segments]
     finally:
         os.kill(pid, signal.SIGCONT)
         process.close()
+        submitting.join()
     # What the child found is what the same pipeline finds in process.
     here = _demo_pipeline()
     for segment, (columns, alerts) in zip(segments, answers, strict=True):

@@ -79,11 +79,11 @@ class _Outbox:
     two went in step and the child had nothing to do while the parent wrote a group.
     Pickled here, in order; sent in order."""
 
-    def __init__(self, conn: mp.connection.Connection) -> None:
+    def __init__(self, conn: mp.connection.Connection, name: str) -> None:
         self._conn = conn
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.error: OSError | None = None
-        self._thread = threading.Thread(target=self._send_all, name="answers", daemon=True)
+        self._thread = threading.Thread(target=self._send_all, name=name, daemon=True)
         self._thread.start()
 
     def send(self, message: Any) -> None:
@@ -92,7 +92,7 @@ class _Outbox:
         self._queue.put(bytes(ForkingPickler.dumps(message)))
 
     def close(self) -> None:
-        """Wait until everything posted is written (or the parent is gone)."""
+        """Wait until everything posted is written (or the other end is gone)."""
         self._queue.put(None)
         self._thread.join()
 
@@ -130,7 +130,7 @@ def _serve(
     _end_with(parent)
     # Ctrl-C reaches the whole process group; the parent decides, and closes the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    outbox = _Outbox(conn)
+    outbox = _Outbox(conn, "answers")
     try:
         _detect_segments(conn, outbox, pipeline, snapshot_file)
     except BaseException:
@@ -207,7 +207,7 @@ class DetectionProcess:
         child_conn.close()
         # Requests are queued for the child, not written while it works on the one
         # before: this process reads and journals the next segments meanwhile.
-        self._outbox = _Outbox(self._conn)
+        self._outbox = _Outbox(self._conn, "requests")
         self._submitted: deque[int] = deque()
         # The child's, as of its last answer (the replay's summary reports them).
         self.evictions = evictions(pipeline)
@@ -272,10 +272,11 @@ class DetectionProcess:
             self._send(None)
 
     def close(self) -> None:
-        if self._finished:
+        if self._finished and not self._submitted:
             self._process.join(_JOIN_TIMEOUT_S)
-        # Else the replay stopped: the child's state would be thrown away, and the
-        # segments queued for it are not worth the wait.
+        # Else the replay stopped: the child's state would be thrown away, the segments
+        # queued for it are not worth the wait, and its answers nobody reads would keep
+        # it from ending.
         if self._process.is_alive():
             self._process.kill()
             self._process.join()

@@ -36,12 +36,13 @@ log = logging.getLogger(__name__)
 # Replay commits in large batches: one fsync per this many rows.
 REPLAY_BATCH = 20_000
 # With detection in a second process, this many journal segments are written to the
-# lake as one group (LakeWriter.write_group): the journal keeps them until then, a
-# crash redoes at most that much, and their rows are held until then (with the
-# parts read ahead, most of what replay holds besides detection's state).
+# lake as one group (LakeWriter.write_group) ...
 GROUP_SEGMENTS = 10
 # ... once this many more have been handed to the detection process: it works on them
 # while this one writes the group, rather than waiting for the next segment after it.
+# The journal keeps the segments not written yet (a crash redoes at most these), and
+# their rows are held until then (with the parts read ahead, most of what replay holds
+# besides detection's state).
 SEGMENTS_AHEAD = 2
 # Parts of the event files read ahead of the one being stored (EventStream parts).
 PARTS_IN_FLIGHT = 2

@@ -56,10 +56,10 @@ def write_views_file(
     Raises OSError or duckdb.Error."""
     import duckdb
 
-    data_dir.mkdir(parents=True, exist_ok=True)
     partial = data_dir / f".callsentry.{uuid.uuid4().hex}.duckdb"
     try:
         with con if con is not None else duckdb.connect() as con:
+            data_dir.mkdir(parents=True, exist_ok=True)
             # The oldest storage format that has what we use, so analysts' DuckDB
             # CLIs and libraries from 1.0 on can open the file too.
             con.execute(f"ATTACH {sql_text(str(partial))} AS analytics (STORAGE_VERSION 'v1.0.0')")
@@ -156,25 +156,28 @@ class ViewsFile:
 
 def main() -> int:
     """The process ViewsFile starts: DuckDB loaded first, then the request on standard
-    input (none: nothing to write), what went wrong on standard error (its last line),
-    exit code 0 once the file is in place."""
+    input (none: nothing to write), what went wrong on standard error (one line, the
+    last), exit code 0 once the file is in place."""
     try:
         import duckdb
 
         # Connected while the parent makes the request: a connection's start is a
         # good part of writing the file.
-        con = duckdb.connect()
-        data = sys.stdin.buffer.read()
-        if not data:
-            return 0
-        request = json.loads(data)
-        write_views_file(Path(request["data_dir"]), request["statements"], con)
+        with duckdb.connect() as con:
+            data = sys.stdin.buffer.read()
+            if data:
+                request = json.loads(data)
+                write_views_file(Path(request["data_dir"]), request["statements"], con)
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # said to the parent, which raises it
-        print(f"{type(error).__name__}: {error}", file=sys.stderr)
+        # DuckDB's messages run over several lines (the statement, a caret under it):
+        # the first says what is wrong.
+        said = str(error).strip().splitlines()
+        print(f"{type(error).__name__}: {said[0] if said else ''}", file=sys.stderr)
         return 1
-    # The file is in place and closed, and nothing is left to flush: the parent waits
-    # for this process's end, which the interpreter's and DuckDB's teardown would delay.
+    # The file is in place (or none was asked for) and nothing is left to flush: the
+    # parent waits for this process's end, which the interpreter's and DuckDB's
+    # teardown would delay.
     sys.stderr.flush()
     os._exit(0)

@@ -122,6 +122,21 @@ def test_enqueue_is_durable_and_a_repeat_is_kept_once(tmp_path: Path) -> None:
     assert again.counts()["webhook"].pending == 1
 
 
+def test_deliveries_with_none_given_up_say_so_without_a_table(tmp_path: Path) -> None:
+    outbox = Outbox.of(tmp_path)
+    assert outbox.enqueue("webhook", "k1", b"{}")
+    outbox.close()
+    listed = subprocess.run(
+        [sys.executable, "-m", "engine", "alerts", "deliveries", "--data-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        "no given up deliveries",
+        "webhook: 0 delivered, 0 given up, 1 waiting, 0 failed attempts",
+    ]
+
+
 def test_an_outbox_that_is_not_one_is_refused_in_one_line(tmp_path: Path) -> None:
     path = outbox_path(tmp_path)
     path.parent.mkdir(parents=True)

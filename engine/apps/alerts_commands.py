@@ -392,11 +392,14 @@ def alerts_deliveries(
         ("error", "LAST ERROR", 0),
     ]
     keys = ["destination", "key", "state", "enqueued_at", "attempts", "done_at", "error"]
-    _emit(rows, keys, columns, file_format, zone)
     if file_format != "table":
+        _emit(rows, keys, columns, file_format, zone)
         return
-    if not rows:
-        click.echo(f"no {state.replace('_', ' ')} deliveries" if state != "all" else "none")
+    if rows:
+        _emit(rows, keys, columns, file_format, zone)
+    else:
+        which = "" if state == "all" else state.replace("_", " ") + " "
+        click.echo(f"no {which}deliveries")
     for name, count in counts.items():
         if destination is None or name == destination:
             click.echo(

@@ -185,6 +185,7 @@ def test_checks_from_a_check_sender_are_answered_kept_apart_and_never_detected(
         )  # fmt: skip
         assert sent.returncode == 0, sent.stdout + sent.stderr
         assert "OK: every report was answered" in sent.stdout
+        assert "`callsentry checks list` there" in sent.stdout
         wait_for(lambda: count(data_dir, "SELECT count(*) FROM checks") == 9, 60, "checks stored")
         # Then reports from a sender that may not send checks: once their calls and
         # alert are in, detection has run past the checks (the lake writes in order).

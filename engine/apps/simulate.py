@@ -252,4 +252,10 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         echo(f"FAILED: {summary.given_up} reports were never answered")
         return 1
     echo("OK: every report was answered")
+    if options.check:
+        # Answered is journaled; the checks table is the lake's, written moments later.
+        echo(
+            "the receiver lists them in its checks table once its lake writer has "
+            "written them, within seconds: `callsentry checks list` there"
+        )
     return 0

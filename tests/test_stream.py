@@ -3,6 +3,7 @@ replay stores and raises the same whatever the part sizes and however a file is 
 
 from __future__ import annotations
 
+import codecs
 from collections import Counter
 from pathlib import Path
 
@@ -59,21 +60,44 @@ _CSV_LINES = st.one_of(
 )
 
 
-@given(lines=st.lists(_CSV_LINES, max_size=40), part_bytes=st.integers(1, 400))
+@given(lines=st.lists(_CSV_LINES, max_size=40), part_bytes=st.integers(1, 400), bom=st.booleans())
 @settings(max_examples=300, deadline=None)
 def test_a_csv_file_read_in_parts_is_the_file_read_whole(
-    lines: list[bytes], part_bytes: int, tmp_path_factory: pytest.TempPathFactory
+    lines: list[bytes], part_bytes: int, bom: bool, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     # Each part is cut where a row ends as the row-by-row reader reads the whole file
     # (a quote may hold a row open across lines): rejects keep their true file:line,
-    # and a part with a bad row falls back to row by row alone.
-    path = tmp_path_factory.mktemp("csv") / "events.csv"
-    path.write_bytes(HEADER + b"".join(lines))
+    # and a part with a bad row falls back to row by row alone. A byte-order mark
+    # before the header (spreadsheets write one) changes nothing.
+    folder = tmp_path_factory.mktemp("csv")
+    path = folder / "events.csv"
+    path.write_bytes((codecs.BOM_UTF8 if bom else b"") + HEADER + b"".join(lines))
     whole = read_event_file(path)
+    if bom:
+        plain = folder / "plain" / "events.csv"
+        plain.parent.mkdir()
+        plain.write_bytes(HEADER + b"".join(lines))
+        assert whole == read_event_file(plain)
     parts = list(file_parts(path, part_bytes=part_bytes))
     assert [item for part in parts for item in part] == whole
     small = list(file_parts(path, part_bytes=part_bytes, first_small=True))
     assert [item for part in small for item in part] == whole
+
+
+def test_a_byte_order_mark_is_no_part_of_the_first_column_or_line(tmp_path: Path) -> None:
+    # Read row by row (a bad row), the BOM named the first column "\ufeffts" and the
+    # whole file was refused for want of a ts column; a JSON-lines file's first line
+    # was rejected as no JSON.
+    csv_file = tmp_path / "events.csv"
+    csv_file.write_bytes(codecs.BOM_UTF8 + HEADER + _line(0, 1) + b"1795860001,c2,1,ok\n")
+    first, bad = read_event_file(csv_file)
+    assert type(first) is CallEvent and first.call_id == "c1"
+    assert type(bad).__name__ == "Reject" and bad.source == "events.csv:3"
+    json_file = tmp_path / "events.jsonl"
+    json_file.write_bytes(codecs.BOM_UTF8 + b'{"ts": 1795860000, "call_id": "c1", "serial": 1, '
+                          b'"state": "ok", "caller": "100", "callee": "200"}\n')  # fmt: skip
+    (event,) = read_event_file(json_file)
+    assert type(event) is CallEvent and event.call_id == "c1"
 
 
 def test_a_bad_row_in_one_part_leaves_the_other_parts_on_the_fast_path(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ read at all raises `EventFileError` naming the file and why.
 from __future__ import annotations
 
 import bisect
+import codecs
 import contextlib
 import csv
 import functools
@@ -22,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import polars as pl
 
@@ -212,10 +213,19 @@ def _csv_frame(path: Path) -> tuple[pl.DataFrame, int] | Iterator[Row]:
     well-formed line; otherwise row by row (`_csv_rows`), so one bad row costs that
     row, each reported at its true line."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            _skip_bom(handle)
+            data = handle.read()
     except OSError as error:
         raise EventFileError(f"{path}: {error.strerror or error}") from None
     return _csv_data(path, data, 2)
+
+
+def _skip_bom(handle: BinaryIO) -> None:
+    """Past the UTF-8 byte-order mark that spreadsheets write before the header, where
+    the file has one: both readers then name the first column alike."""
+    if handle.read(len(codecs.BOM_UTF8)) != codecs.BOM_UTF8:
+        handle.seek(0)
 
 
 def _csv_data(path: Path, data: bytes, first_line: int) -> tuple[pl.DataFrame, int] | Iterator[Row]:
@@ -361,7 +371,8 @@ def _lone_surrogate(line: str, row: Mapping[str, Any]) -> str | None:
 
 def _json_rows(path: Path) -> Iterator[Row]:
     try:
-        with path.open("r", encoding="utf-8", errors="strict") as handle:
+        # utf-8-sig: a byte-order mark before the first line is no part of it.
+        with path.open("r", encoding="utf-8-sig", errors="strict") as handle:
             checked = False
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -868,6 +879,7 @@ def _csv_parts(
     target = first_bytes or part_bytes
     try:
         with path.open("rb") as handle:
+            _skip_bom(handle)
             head = handle.read(part_bytes + 1)
             if len(head) <= part_bytes:
                 yield head, 2

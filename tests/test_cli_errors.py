@@ -345,6 +345,22 @@ def test_an_error_is_one_line_naming_the_problem(
     assert outcome.stderr.count("\n") == 1, outcome.stderr
 
 
+def test_a_block_into_a_folder_with_no_lake_is_refused_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    # A checkout's data/ (samples and scenarios) or a mistyped --data-dir: an engine
+    # serving another data dir would never see the entry.
+    (tmp_path / "data").mkdir()
+    argv = ["blocklist", "add", "+88213000123", "--type", "forward", "--reviewer", "ana"]
+    outcome = _run(argv, "", tmp_path)
+    assert outcome.code == 1
+    assert (
+        outcome.stderr
+        == "callsentry: data has no lake (is it callsentry's data dir? serve or replay makes one)\n"
+    )
+    assert list((tmp_path / "data").iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("setting", "expected"),
     [

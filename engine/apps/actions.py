@@ -22,11 +22,16 @@ from engine.core.text import csv_cell, shown
 _STATES = ("pending", "queued", "done", "undo_queued", "undone", "rejected")
 
 
-def _data_dir(data_dir: Path | None, config: Path | None) -> Path:
+def _data_dir(data_dir: Path | None, config: Path | None, *, writes: bool = False) -> Path:
+    """The data dir the options or settings name. `writes`: the command may make the
+    outbox there, so a folder serve or replay has not made a lake in (a mistyped
+    --data-dir, a checkout's data/) is refused: an engine would never see the entry."""
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     data = settings.store.data_dir
     if not data.is_dir():
         fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
+    if writes and not (data / "lake").is_dir():
+        fail(f"{data} has no lake (is it callsentry's data dir? serve or replay makes one)")
     return data
 
 
@@ -375,7 +380,7 @@ def blocklist_add(
         if seconds <= 0:
             fail("--expire: give a duration longer than 0 (or never)", 2)
         expires_at = time.time() + seconds
-    data = _data_dir(data_dir, config)
+    data = _data_dir(data_dir, config, writes=True)
     try:
         book = ActionBook.of(data)
         try:

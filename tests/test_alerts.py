@@ -191,8 +191,14 @@ def test_alerts_list_as_a_table_with_a_header_and_zoned_times(reviewed_data: Pat
     assert f"{local:%Y-%m-%d %H:%M:%S} CST" in shanghai.stdout.splitlines()[1]
 
 
-def test_alerts_list_as_json_and_as_spreadsheet_safe_csv(reviewed_data: Path) -> None:
+def test_alerts_list_as_json_and_as_spreadsheet_safe_csv(
+    reviewed_data: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(reviewed_data, tmp_path / "data")
+    reviewed_data = tmp_path / "data"
     argv = ["alerts", "list", "--status", "all", "--severity", "high", "--severity", "critical"]
+    first = list_alerts(reviewed_data, "all", 1, severities=["high", "critical"])[0]
+    add_review(reviewed_data, first["alert_id"], "investigating", "called the customer", "ana")
     as_json = cli(*argv, "--format", "json", "--data-dir", str(reviewed_data))
     assert as_json.returncode == 0, as_json.stderr
     rows = [json.loads(line) for line in as_json.stdout.splitlines()]
@@ -207,6 +213,15 @@ def test_alerts_list_as_json_and_as_spreadsheet_safe_csv(reviewed_data: Path) ->
         assert cells[0] == row["alert_id"]
         assert cells[LISTED.index("summary")] == csv_cell(row["summary"])
         assert cells[LISTED.index("entity")] == csv_cell(row["entity"])
+        assert json.loads(cells[LISTED.index("evidence")]) == list(row["evidence"])
+    # Every column of alerts_current (its partition apart): the review's note too.
+    with duckdb.connect(str(reviewed_data / "callsentry.duckdb"), read_only=True) as con:
+        columns = [row[0] for row in con.execute("DESCRIBE alerts_current").fetchall()]
+    assert sorted(LISTED) == sorted(name for name in columns if name != "day")
+    assert all(list(row) == list(LISTED) for row in rows)
+    assert [r["review_note"] for r in rows] == [a["review_note"] for a in expected]
+    assert rows[0]["review_note"] == "called the customer"
+    assert [r["evidence"] for r in rows] == [list(a["evidence"]) for a in expected]
 
 
 def test_a_crafted_entity_is_no_formula_in_csv(tmp_path: Path) -> None:

@@ -86,6 +86,8 @@ def _cell_text(value: Any, zone: tzinfo) -> str:
         return value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S %Z")
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return json.dumps(value, ensure_ascii=False, default=str)  # the evidence's ids
     return str(value)
 
 

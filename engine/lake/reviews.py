@@ -38,7 +38,8 @@ def _query(lake: Lake, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
         ) from None
 
 
-# The columns `list_alerts` gives, in order (the CLI's JSON and CSV keep it).
+# The columns `list_alerts` gives, in order (the CLI's JSON and CSV keep it): every
+# column of `alerts_current` but its partition (`day`).
 LISTED = (
     "alert_id",
     "raised_at",
@@ -51,14 +52,19 @@ LISTED = (
     "escalated_at",
     "escalated_value",
     "rule_id",
+    "rule_version",
     "detector",
     "entity_type",
     "entity",
+    "window_start",
+    "window_end",
     "value",
     "threshold",
     "summary",
+    "evidence",
     "reviewer",
     "reviewed_at",
+    "review_note",
     "assignee",
 )
 

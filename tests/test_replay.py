@@ -250,9 +250,13 @@ def test_unreadable_files_are_named_with_the_reason(
 
 
 def test_cli_reports_a_missing_file_and_exits_non_zero(tmp_path: Path) -> None:
-    result = run_cli("replay", str(tmp_path / "nope.csv"), "--data-dir", str(tmp_path / "d"))
+    present = tmp_path / "a.csv"
+    present.write_text(HEADER + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n")
+    missing = tmp_path / "nope.csv"
+    result = run_cli("replay", str(present), str(missing), "--data-dir", str(tmp_path / "d"))
     assert result.returncode == 1
-    assert "nope.csv" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr == f"callsentry: no such file: {missing}; nothing was replayed\n"
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_replay_stopped_by_its_rules_touches_no_data_dir(tmp_path: Path) -> None:

@@ -198,6 +198,10 @@ def replay(
             overrides["store"] = {"data_dir": str(data_dir)}
         settings = settings_or_fail(config, overrides)
         setup_logging(log_level)
+        missing = [str(path) for path in files if not path.exists()]
+        if missing:
+            # A mistyped name: said before a data dir is made for nothing.
+            fail(f"no such file: {', '.join(missing)}; nothing was replayed")
 
         from engine.apps.progress import ProgressBar, on_terminal
         from engine.apps.replay import Progress

@@ -209,6 +209,7 @@ def test_the_command_says_what_is_wrong(sample: tuple[Path, ReplayReport], tmp_p
         ("--days", "0", "--days 0: must be more than 0"),
         ("--warmup", "soon", "--warmup: 'soon' is not a duration"),
         ("--until", "2020-01-01", "--until must be later than --since"),
+        ("--since", "2099-01-01", "--since 2099-01-01 is after the last stored report ("),
     ):
         args = [option, value] + (["--since", "2021-01-01"] if option == "--until" else [])
         done = run_cli("rules", "backtest", "--data-dir", str(data_dir), *args)

@@ -527,6 +527,8 @@ def test_hot_reload_swaps_whole_sets_and_keeps_state_of_unchanged_rules(
     assert reloaded is not None
     assert int(reloaded[1]) == len(after) and int(reloaded[3]) == len(after) - 1
     assert int(reloaded[2]) == len(pipeline.rules.models)
+    # Every model kept what it learned; the callers' conduct is said apart, not as one.
+    assert int(reloaded[4]) == int(reloaded[2])
 
 
 # -- the scenario library -------------------------------------------------------------

@@ -717,13 +717,16 @@ class LakeWriter:
             kept = self.pipeline.swap_rules(rules)
         rule_ids = {rule.id for rule in rules.rules}
         kept_rules = sum(1 for kept_id in kept if kept_id in rule_ids)
+        # The callers' conduct (`conduct` in `kept`) is neither a rule nor a model.
+        kept_conduct = "conduct" in kept and "conduct" not in rule_ids
         log.info(
             "rules reloaded: %d rules and %d models; unchanged, and keeping what they "
-            "learned: %d rules and %d models",
+            "learned: %d rules and %d models%s",
             len(rules.rules),
             len(rules.models),
             kept_rules,
-            len(kept) - kept_rules,
+            len(kept) - kept_rules - kept_conduct,
+            ", and the callers' conduct" if kept_conduct else "",
         )
         return True
 

@@ -269,6 +269,22 @@ def test_past_the_horizon_a_delivery_is_given_up_counted_and_listed(tmp_path: Pa
     assert outbox.counts()["webhook"].pending == 2
 
 
+def test_a_give_up_after_a_restart_names_the_error_the_deliveries_met(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [1000.0]
+    outbox = Outbox(outbox_path(tmp_path), clock=lambda: now[0])
+    policy = RetryPolicy(give_up_after_s=60, first_backoff_s=1, max_backoff_s=8)
+    outbox.enqueue("webhook", "a", b"{}")
+    Courier(outbox, Unreachable(), policy, clock=lambda: now[0]).work()
+    outbox.enqueue("webhook", "b", b"{}")  # never tried: the endpoint was down
+    now[0] += 61
+    # A restarted engine's courier has met no error yet: it gives up first.
+    Courier(outbox, Unreachable(), policy, clock=lambda: now[0]).work()
+    assert outbox.counts()["webhook"].given_up == 2
+    assert "gave up on 2 deliveries after 60 s (last error: connection refused)" in caplog.text
+
+
 def test_done_deliveries_are_forgotten_after_keep_s_and_their_counts_stay(
     tmp_path: Path,
 ) -> None:

@@ -607,13 +607,15 @@ class Courier:
             self.name, now - self.policy.give_up_after_s, untried if self._last_error else ""
         )
         if given:
+            # An error one of them met (one never tried may have none of its own).
+            errors = [d.last_error for d in given if d.last_error]
             log.error(
                 "%s: gave up on %d deliveries after %g s (last error: %s); "
                 "`callsentry alerts deliveries` lists them",
                 self.name,
                 len(given),
                 self.policy.give_up_after_s,
-                given[-1].last_error or "never tried",
+                errors[-1] if errors else self._last_error or "never tried",
             )
             # A destination that keeps state of its own about each delivery (actions)
             # is told, so that state does not wait for a delivery that will never come.

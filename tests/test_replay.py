@@ -249,6 +249,20 @@ def test_unreadable_files_are_named_with_the_reason(
         read_event_file(path)
 
 
+def test_cli_says_the_rejected_rows_in_the_order_of_the_file_s_lines(tmp_path: Path) -> None:
+    # A bad row's time is the last good row's before it: in a file out of time order
+    # the rejects are stored in another order than their lines.
+    rows = [
+        f"{1795860000 + 100 * (3 - n)},c{n},1,180,100,200,,7,Main\nbad row {n}\n" for n in range(3)
+    ]
+    csv = tmp_path / "events.csv"
+    csv.write_text(HEADER + "".join(rows))
+    result = run_cli("replay", str(csv), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 1
+    said = [line.split(":")[1] for line in result.stderr.splitlines() if "events.csv:" in line]
+    assert said == ["3", "5", "7"]
+
+
 def test_cli_reports_a_missing_file_and_exits_non_zero(tmp_path: Path) -> None:
     present = tmp_path / "a.csv"
     present.write_text(HEADER + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n")

@@ -35,7 +35,7 @@ from engine.core.text import shown
 # Each command imports what it needs when it runs: `--help` and the small commands
 # start without pydantic's models, asyncio or the store.
 if TYPE_CHECKING:
-    pass
+    from engine.core.events import Reject
 
 log = logging.getLogger("callsentry")
 
@@ -233,7 +233,14 @@ def replay(
         )
     for problem in report.file_errors:
         click.echo(f"{problem}", err=True)
-    for reject in report.rejects[:show]:
+
+    def file_line(reject: Reject) -> tuple[str, int]:
+        # Stored in event-time order (a bad row's time is the last good row's before
+        # it); said in the order of the file's lines.
+        name, _, line = reject.source.rpartition(":")
+        return (name, int(line)) if line.isdigit() else (reject.source, 0)
+
+    for reject in sorted(report.rejects, key=file_line)[:show]:
         click.echo(shown(f"{reject.source}: {reject.reason.value}: {reject.detail}"), err=True)
     if len(report.rejects) > show:
         click.echo(

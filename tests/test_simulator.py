@@ -164,6 +164,30 @@ def test_request_loss_gives_the_expected_retries_statistically() -> None:
     assert summary.answered + summary.given_up == 500
 
 
+def test_simulate_says_which_rows_of_an_events_file_it_skipped(
+    engine_factory: Callable[..., RunningEngine], tmp_path: Path
+) -> None:
+    running = engine_factory()
+    host, port = running.address
+    events = tmp_path / "events.csv"
+    events.write_text(
+        "ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
+        "1795860000,c1,1,180,100,200,,7,Main\n"
+        "not a row\n"
+        "1795860001,c1,2,Busy,100,200,,7,Main\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "engine", "simulate", "--events", str(events), "--send",
+         "--host", host, "--port", str(port)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{events}: 1 reports, 2 bad rows skipped"
+    assert lines[1].startswith("  events.csv:3: missing_fields: ")
+    assert lines[2].startswith("  events.csv:4: bad_state: ")
+
+
 def test_simulate_cli_sends_a_scenario_and_reports_everything_answered(
     engine_factory: Callable[..., RunningEngine], tmp_path: Path
 ) -> None:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from engine.core.durations import parse_duration
 from engine.core.events import CHECK_CALL_ID_PREFIX, MAX_CALL_ID_BYTES, CallEvent
 from engine.core.runtime import run_async
+from engine.core.text import shown
 from engine.core.yamlfile import YamlFileError
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.eventfiles import EventFileError, read_event_file
@@ -27,6 +28,9 @@ from engine.simulator.scenario import (
     write_parts,
 )
 from engine.simulator.switch import SwitchSettings, SwitchStandIn
+
+# Bad rows of an --events file said one by one; the rest are counted.
+_BAD_ROWS_SAID = 20
 
 
 class SimulateError(Exception):
@@ -210,12 +214,17 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         except EventFileError as error:
             raise SimulateError(str(error)) from None
         events = [item for item in items if isinstance(item, CallEvent)]
-        skipped = len(items) - len(events)
+        bad = [item for item in items if not isinstance(item, CallEvent)]
         events.sort(key=lambda e: e.ts)
         echo(
             f"{events_file}: {len(events)} reports"
-            + (f", {skipped} bad rows skipped" if skipped else "")
+            + (f", {len(bad)} bad rows skipped" if bad else "")
         )
+        # Which, and why, as replay says them (the first few).
+        for reject in bad[:_BAD_ROWS_SAID]:
+            echo(shown(f"  {reject.source}: {reject.reason.value}: {reject.detail}"))
+        if len(bad) > _BAD_ROWS_SAID:
+            echo(f"  ... and {len(bad) - _BAD_ROWS_SAID} more")
     if not send:
         return 0
     if options.check:

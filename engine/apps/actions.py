@@ -185,7 +185,8 @@ def actions_show(request_id: int, data_dir: Path | None, config: Path | None) ->
     if r.done_at is not None:
         lines.append(f"done      {_time(r.done_at)} UTC")
     if r.undo_at is not None:
-        lines.append(f"undo due  {_time(r.undo_at)} UTC")
+        # A dry run rehearses its undo too: logged then, nothing sent.
+        lines.append(f"undo due  {_time(r.undo_at)} UTC" + (" (dry run)" if r.dry_run else ""))
     if r.undone_at is not None:
         lines.append(f"undone    {_time(r.undone_at)} UTC")
     if r.last_error:

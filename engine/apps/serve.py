@@ -150,7 +150,7 @@ class Engine:
             folder = settings.detection.rules_folder
             check_rules(folder)
             where = (
-                "detection.rules_dir"
+                "--rules or detection.rules_dir"
                 if settings.detection.rules_dir is not None
                 else f"shipped with callsentry {build_info()['version']}; "
                 "set detection.rules_dir for your own"

@@ -150,30 +150,6 @@ def test_replaying_the_same_file_twice_stores_each_report_once(tmp_path: Path) -
     assert query(data_dir, "SELECT count(*) FROM events") == [(2,)]
 
 
-def test_a_file_s_bad_rows_are_quarantined_once_however_often_it_is_replayed(
-    tmp_path: Path,
-) -> None:
-    # Rows whose call id and serial could not be read have no key: each is the same
-    # reject when the same line of a file of that name holds the same bytes.
-    good = "1795860000,c1,1,180,100,200,,7,Main\n"
-    keyed_bad = "1795860001,c1,2,Busy,100,200,,7,Main\n"  # a bad state: still keyed
-    keyless = ["no fields here\n", "1795860002,c2,1,ok\n", "\ufffd,,,,,,,,\n"]
-    csv = tmp_path / "events.csv"
-    csv.write_text(HEADER + good + keyed_bad + "".join(keyless))
-    settings = make_settings(tmp_path / "data", detection={"alerts_jsonl": "off"})
-    first = replay([csv], settings)
-    assert (first.stored, len(first.rejects)) == (5, 4)
-    again = replay([csv], settings)
-    assert (again.stored, again.duplicates) == (0, 5)
-    assert query(tmp_path / "data", "SELECT count(*), count(call_id) FROM rejects") == [(4, 1)]
-    # Another file with a bad line of its own: that one is new.
-    other = tmp_path / "other.csv"
-    other.write_text(HEADER + good + keyless[0])
-    third = replay([other], settings)
-    assert (third.stored, third.duplicates) == (1, 1)
-    assert query(tmp_path / "data", "SELECT count(*) FROM rejects") == [(5,)]
-
-
 def test_a_replay_stores_nothing_the_lake_holds_however_long_ago(tmp_path: Path) -> None:
     # The store remembers keys for the dedup horizon (here a minute) before its
     # latest report; a replay reaches back to the start of its files.

@@ -176,26 +176,6 @@ def _remember_stored(held: HeldReports, intake: Intake, rows: list[Item], horizo
         intake.seen.add_batch([(call_id, serial) for call_id, serial, _ in run], run[-1][2])
 
 
-def _without_held_rejects(held: HeldReports, stats: Stats, rows: list[Item]) -> list[Item]:
-    """The rows but the keyless rejects the lake held before the replay (each counted
-    a duplicate): a report is stored once by its key, and a row with none is stored
-    once by its file's name, line and bytes, so a file replayed twice stores nothing
-    new."""
-    keyless = [row for row in rows if type(row) is Reject and row.key is None]
-    if held.empty or not keyless:
-        return rows
-    found = held.keyless_rejects({row.source for row in keyless}, keyless[0].ts, keyless[-1].ts)
-    if not found:
-        return rows
-    kept = [
-        row
-        for row in rows
-        if type(row) is not Reject or row.key is not None or (row.source, row.raw) not in found
-    ]
-    stats.duplicates += len(rows) - len(kept)
-    return kept
-
-
 def _detectfork_available() -> bool:
     from engine.apps.detectfork import available
 
@@ -377,11 +357,8 @@ def _replay(
             yield from parts
 
         for part in each_part():
-            last_ts = part[-1].ts if last_ts is None else max(last_ts, part[-1].ts)
-            part = _without_held_rejects(held, stats, part)
-            if not part:
-                continue
             _remember_stored(held, intake, part, settings.store.dedup_horizon_s)
+            last_ts = part[-1].ts if last_ts is None else max(last_ts, part[-1].ts)
             # Batches of `size` rows across parts: the same batches whatever the parts.
             if pending:
                 pending.extend(part)

@@ -931,44 +931,19 @@ class HeldReports:
         for table in ("events", "rejects"):
             if files[table]:
                 params += [files[table], first, last]
+        if self._con is None:
+            import duckdb
+
+            self._con = duckdb.connect()
         held = " UNION ALL ".join(selects)
-        con = self._connection()
         return cast(
             list[tuple[str, int, float]],
-            con.execute(
+            self._con.execute(
                 f"SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ({held}) "
                 "WHERE call_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY t",
                 [*params, sorted(set(call_ids))],
             ).fetchall(),
         )
-
-    def keyless_rejects(
-        self, sources: Iterable[str], first: float, last: float
-    ) -> set[tuple[str, bytes]]:
-        """(source, raw) of the rejects held from `first` to `last` with no key (rows
-        whose call id and serial could not be read) and one of `sources`: a file's row
-        is the same reject when the same line of a file of that name held the same
-        bytes (its time is the last good row's before it, so the same too)."""
-        paths: list[str] = []
-        for day in _days_between(first, last):
-            paths.extend(self._files.get(day, {}).get("rejects", []))
-        if not paths:
-            return set()
-        con = self._connection()
-        rows = con.execute(
-            "SELECT source, raw FROM read_parquet(?, hive_partitioning = false) "
-            "WHERE ts BETWEEN to_timestamp(?) AND to_timestamp(?) AND call_id IS NULL "
-            "AND source IN (SELECT unnest(?::VARCHAR[]))",
-            [paths, first, last, sorted(set(sources))],
-        ).fetchall()
-        return {(source, bytes(raw)) for source, raw in rows}
-
-    def _connection(self) -> duckdb.DuckDBPyConnection:
-        if self._con is None:
-            import duckdb
-
-            self._con = duckdb.connect()
-        return self._con
 
     def close(self) -> None:
         if self._con is not None:

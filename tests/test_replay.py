@@ -150,6 +150,19 @@ def test_replaying_the_same_file_twice_stores_each_report_once(tmp_path: Path) -
     assert query(data_dir, "SELECT count(*) FROM events") == [(2,)]
 
 
+def test_a_second_replay_says_the_file_s_keyless_bad_rows_again(tmp_path: Path) -> None:
+    # No call id and serial to know such a row by (README): quarantined and listed
+    # again, so a second run shows what is still wrong with the file.
+    csv = tmp_path / "events.csv"
+    csv.write_text(HEADER + "1795860000,c1,1,180,100,200,,7,Main\nno fields here\n")
+    data_dir = tmp_path / "data"
+    for stored in (1, 0):
+        done = run_cli("replay", str(csv), "--data-dir", str(data_dir))
+        assert done.returncode == 1, done.stderr
+        assert "events.csv:3: missing_fields: " in done.stderr
+        assert f"{stored} events stored, 1 rejected" in done.stdout
+
+
 def test_a_replay_stores_nothing_the_lake_holds_however_long_ago(tmp_path: Path) -> None:
     # The store remembers keys for the dedup horizon (here a minute) before its
     # latest report; a replay reaches back to the start of its files.
@@ -247,6 +260,11 @@ def test_cli_reports_a_missing_file_and_exits_non_zero(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr == f"callsentry: no such file: {missing}; nothing was replayed\n"
     assert not (tmp_path / "d").exists()
+    # A name the system refuses to look up is the reader's to say, as any unreadable file.
+    too_long = tmp_path / ("x" * 300 + ".csv")
+    result = run_cli("replay", str(present), str(too_long), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 1
+    assert "1 of 2 files unreadable" in result.stderr and "a bug" not in result.stderr
 
 
 def test_a_replay_stopped_by_its_rules_touches_no_data_dir(tmp_path: Path) -> None:

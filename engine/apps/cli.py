@@ -161,6 +161,18 @@ def _relay_overrides(
     return overrides
 
 
+def _missing(path: Path) -> bool:
+    """Whether no file is there; one that cannot be looked at for another reason (a
+    name too long, a folder not to be read) is the event files' reader's to say."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
 @config_option
@@ -198,7 +210,7 @@ def replay(
             overrides["store"] = {"data_dir": str(data_dir)}
         settings = settings_or_fail(config, overrides)
         setup_logging(log_level)
-        missing = [str(path) for path in files if not path.exists()]
+        missing = [str(path) for path in files if _missing(path)]
         if missing:
             # A mistyped name: said before a data dir is made for nothing.
             fail(f"no such file: {', '.join(missing)}; nothing was replayed")

@@ -98,6 +98,10 @@ def test_a_byte_order_mark_is_no_part_of_the_first_column_or_line(tmp_path: Path
                           b'"state": "ok", "caller": "100", "callee": "200"}\n')  # fmt: skip
     (event,) = read_event_file(json_file)
     assert type(event) is CallEvent and event.call_id == "c1"
+    # Bytes that only begin like a mark are no mark: not UTF-8, not an empty file.
+    json_file.write_bytes(codecs.BOM_UTF8[:2])
+    with pytest.raises(EventFileError, match="not UTF-8"):
+        read_event_file(json_file)
 
 
 def test_a_bad_row_in_one_part_leaves_the_other_parts_on_the_fast_path(tmp_path: Path) -> None:

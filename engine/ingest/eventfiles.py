@@ -371,8 +371,11 @@ def _lone_surrogate(line: str, row: Mapping[str, Any]) -> str | None:
 
 def _json_rows(path: Path) -> Iterator[Row]:
     try:
-        # utf-8-sig: a byte-order mark before the first line is no part of it.
-        with path.open("r", encoding="utf-8-sig", errors="strict") as handle:
+        # A byte-order mark before the first line is no part of it (utf-8-sig would
+        # also drop a file's first bytes that merely begin like one).
+        with path.open("rb") as binary:
+            _skip_bom(binary)
+            handle = io.TextIOWrapper(binary, encoding="utf-8", errors="strict")
             checked = False
             for number, line in enumerate(handle, start=1):
                 if not line.strip():

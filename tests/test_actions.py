@@ -497,6 +497,13 @@ def test_actions_cli_lists_shows_and_approves(tmp_path: Path) -> None:
     assert "approved by ana" in shown.stdout
     missing = cli("show", "999")
     assert (missing.returncode, missing.stderr.strip()) == (1, "callsentry: no action request 999")
+    huge = "99999999999999999999999"  # past SQLite's integers
+    for argv in (("show", huge), ("approve", huge, "--reviewer", "ana")):
+        refused = cli(*argv)
+        assert (refused.returncode, refused.stderr.strip()) == (
+            1,
+            f"callsentry: no action request {huge}",
+        )
 
 
 # -- replay ---------------------------------------------------------------------------

@@ -316,6 +316,14 @@ def test_api_lists_shows_and_reviews_with_a_token(tmp_path: Path) -> None:
         headers={"Authorization": f"Bearer {writer}"},
     )
     assert bad.status_code == 400 and "unknown status" in bad.json()["detail"]
+    # JSON's NaN is no text: refused where and why, without echoing it (it cannot be).
+    not_text = client.post(
+        f"/api/alerts/{alert_id}/review",
+        content=b'{"status": "closed", "note": NaN}',
+        headers={"Authorization": f"Bearer {writer}", "Content-Type": "application/json"},
+    )
+    assert not_text.status_code == 422, not_text.text
+    assert not_text.json()["detail"][0]["loc"] == ["body", "note"]
     missing = client.get("/api/alerts/nope", headers=as_reader)
     assert missing.status_code == 404
     assert client.get("/api/alerts", params={"severity": "x"}, headers=as_reader).status_code == 400
@@ -532,3 +540,10 @@ def test_a_reviewer_approves_a_waiting_action_in_the_console(tmp_path: Path) -> 
         follow_redirects=False,
     )
     assert again.status_code == 400  # no longer waiting
+    # An id past SQLite's integers names no request: a 400, not a failed query.
+    huge = reviewer.post(
+        "/actions/99999999999999999999999",
+        data={"csrf": csrf_of(listed.text), "decision": "approve"},
+        follow_redirects=False,
+    )
+    assert huge.status_code == 400 and "no action request 99999999999999999999999" in huge.text

@@ -274,6 +274,14 @@ def _delivery_payload(request: ActionRequest, step: str) -> bytes:
     return json.dumps(data, ensure_ascii=False).encode("utf-8")
 
 
+def _asked_id(request_id: int) -> int:
+    """A request id as asked for: one past SQLite's integers (a typed or crafted number)
+    names no request, rather than failing inside the query."""
+    if not 0 < request_id < 2**63:
+        raise ActionError(f"no action request {request_id}")
+    return request_id
+
+
 class ActionBook:
     """The actions' state in the outbox file (see the module's description)."""
 
@@ -482,7 +490,8 @@ class ActionBook:
 
     def _one(self, db: sqlite3.Connection, request_id: int) -> ActionRequest:
         row = db.execute(
-            f"SELECT {_REQUEST_COLUMNS} FROM action_requests WHERE id = ?", (request_id,)
+            f"SELECT {_REQUEST_COLUMNS} FROM action_requests WHERE id = ?",
+            (_asked_id(request_id),),
         ).fetchone()
         if row is None:
             raise ActionError(f"no action request {request_id}")
@@ -619,7 +628,8 @@ class ActionBook:
 
     def request(self, request_id: int) -> ActionRequest:
         rows = self._rows(
-            f"SELECT {_REQUEST_COLUMNS} FROM action_requests WHERE id = ?", (request_id,)
+            f"SELECT {_REQUEST_COLUMNS} FROM action_requests WHERE id = ?",
+            (_asked_id(request_id),),
         )
         if not rows:
             raise ActionError(f"no action request {request_id}")
@@ -643,6 +653,8 @@ class ActionBook:
 
     def trail(self, request_id: int | None = None, after_seq: int = 0) -> list[dict[str, Any]]:
         """Rows of the audit trail (of one request, or all), oldest first."""
+        if request_id is not None:
+            _asked_id(request_id)
         rows = self._rows(
             f"SELECT {', '.join(AUDIT_COLUMNS)} FROM actions WHERE seq > ? "
             "AND (? IS NULL OR request_id = ?) ORDER BY seq LIMIT 100000",

@@ -29,6 +29,7 @@ from urllib.parse import urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -323,6 +324,20 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
     env.filters["number"] = _number
     env.filters["money"] = _money
     env.filters["lines"] = _lines
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> Response:
+        """FastAPI's own answer echoes each refused input, which JSON cannot always
+        carry (NaN, Infinity: a 500 instead of the 422): where and why, not what."""
+        detail = [
+            {
+                "loc": [str(part) for part in problem.get("loc", ())],
+                "msg": str(problem.get("msg", "")),
+                "type": str(problem.get("type", "")),
+            }
+            for problem in error.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.middleware("http")
     async def safe_headers(

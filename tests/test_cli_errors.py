@@ -331,6 +331,10 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
             "callsentry: /no/such/rules: no such rules folder",
         ),
         (
+            ["rules", "validate", "--config", "/no/such.toml"],
+            "callsentry: configuration error: /no/such.toml: cannot read config file",
+        ),
+        (
             ["blocklist", "export", "--format", "xml"],
             "callsentry: blocklist export: Invalid value for '--format'",
         ),

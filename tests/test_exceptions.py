@@ -6,6 +6,7 @@ view of them and the console's."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import shutil
@@ -355,6 +356,13 @@ def test_alerts_except_stops_the_entitys_alerts_in_the_next_replay_and_no_others
     assert listed.returncode == 0 and listed.stdout.startswith("in force (2):")
     assert rule_alert.entity in listed.stdout and "benign by nature (ana" in listed.stdout
     assert run_cli("rules", "validate", str(folder)).returncode == 0
+    # The folder a settings file names, as `serve --config` would run it.
+    config = tmp_path / "callsentry.toml"
+    config.write_text(f"[detection]\nrules_dir = {json.dumps(str(folder))}\n")
+    by_config = run_cli("rules", "exceptions", "--config", str(config))
+    assert by_config.returncode == 0 and by_config.stdout == listed.stdout
+    validated = run_cli("rules", "validate", "--config", str(config))
+    assert validated.returncode == 0 and validated.stdout.startswith(f"{folder}: ")
 
     second = replay(
         [events], make_settings(tmp_path / "again", detection={"alerts_jsonl": "off"}), folder

@@ -44,18 +44,20 @@ rules_path_argument = click.argument(
 )
 
 
-def _rules_in_use(path: Path | None) -> Path:
-    """PATH as given, else the rule folder `serve` would run: detection.rules_dir from
-    the environment (CALLSENTRY_DETECTION__RULES_DIR), else the shipped rules."""
-    return path if path is not None else settings_or_fail(None, {}).detection.rules_folder
+def _rules_in_use(path: Path | None, config: Path | None) -> Path:
+    """PATH as given, else the rule folder `serve --config CONFIG` would run:
+    detection.rules_dir from the settings (the file, CALLSENTRY_DETECTION__RULES_DIR),
+    else the shipped rules."""
+    return path if path is not None else settings_or_fail(config, {}).detection.rules_folder
 
 
 @rules.command("validate")
 @rules_path_argument
-def rules_validate(path: Path | None) -> None:
+@config_option
+def rules_validate(path: Path | None, config: Path | None) -> None:
     """Check every rule file, list and model file under PATH (default: the rules in use);
     list every problem as file:line."""
-    path = _rules_in_use(path)
+    path = _rules_in_use(path, config)
     from engine.alerts.actionspec import actions_dir, load_actions
     from engine.apps.detectors import check_detectors
     from engine.core.yamlfile import YamlFileError
@@ -85,10 +87,11 @@ def rules_validate(path: Path | None) -> None:
 
 @rules.command("test")
 @rules_path_argument
-def rules_test(path: Path | None) -> None:
+@config_option
+def rules_test(path: Path | None, config: Path | None) -> None:
     """Run each rule's inline tests through the pipeline in event time (default: the
     rules in use)."""
-    path = _rules_in_use(path)
+    path = _rules_in_use(path, config)
     from engine.apps.detectors import check_detectors, load_detectors
     from engine.core.yamlfile import YamlFileError
     from engine.detect.ruletest import run_rule_tests
@@ -124,7 +127,8 @@ def rules_test(path: Path | None) -> None:
     default=None,
     help="The rules folder (default: detection.rules_dir, the rules in use).",
 )
-def rules_exceptions(rules_dir: Path | None) -> None:
+@config_option
+def rules_exceptions(rules_dir: Path | None, config: Path | None) -> None:
     """The exception files (rules/exceptions/): those in force now, then the expired ones,
     each with its rule or model, entity, expiry, reason and who made it."""
     import time
@@ -132,7 +136,7 @@ def rules_exceptions(rules_dir: Path | None) -> None:
     from engine.core.yamlfile import YamlFileError
     from engine.detect.exceptionfiles import EntityException, exceptions_dir, read_exception_files
 
-    folder = _rules_in_use(rules_dir)
+    folder = _rules_in_use(rules_dir, config)
     if not folder.is_dir():
         fail(f"{folder}: no such rules folder")
     problems: list[str] = []

@@ -341,6 +341,8 @@ def test_a_syslog_receiver_gets_a_valid_rfc5424_line(tmp_path: Path, protocol: s
     assert params["link"] == f"{CONSOLE}/alerts/{alert.alert_id}"
     assert params["tags"] == "irsf" and params["level"] == "critical"
     assert params["value"] == "40" and params["threshold"] == "12"
+    assert "escalated_at" not in params, "not escalated: no param, not the text None"
+    assert "None" not in params.values()
     assert match["msg"] == shown(f"menu {HOSTILE_MENU}")
 
 

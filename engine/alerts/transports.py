@@ -188,9 +188,10 @@ def syslog_line(
     params: dict[str, str] = {}
     if alert is not None:
         for name in _SD_FIELDS:
-            if name in alert:
-                value = alert[name]
-                params[name] = number_text(value) if name in ("value", "threshold") else str(value)
+            value = alert.get(name)
+            if value is None:
+                continue  # not there, or none (escalated_at of an alert not escalated)
+            params[name] = number_text(value) if name in ("value", "threshold") else str(value)
         tags = alert.get("tags")
         if isinstance(tags, list) and tags:
             params["tags"] = ",".join(str(tag) for tag in tags)

@@ -217,7 +217,8 @@ def _decision(
     said = {
         "approve": "approved: queued, a running serve does it",
         "reject": "rejected: it will not be done",
-        "lift": "lifted: its undo is queued, a running serve makes it",
+        "lift": "lifted: its undo is queued, a running serve makes it "
+        "(an action with no undo: records nothing to undo)",
     }[verb]
     click.echo(
         shown(

@@ -506,6 +506,30 @@ def test_actions_cli_lists_shows_and_approves(tmp_path: Path) -> None:
         )
 
 
+def test_blocking_a_blocked_entity_again_says_what_it_replaces(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "lake").mkdir(parents=True)
+
+    def block(expire: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "engine", "blocklist", "add", "+88213000123", "--type",
+             "forward", "--expire", expire, "--reviewer", "ana", "--data-dir", str(data)],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    first = block("7d")
+    assert first.returncode == 0, first.stderr
+    assert "was blocked" not in first.stdout
+    second = block("1d")
+    assert second.returncode == 0, second.stderr
+    until = first.stdout.split("blocked ")[1].strip()
+    assert f"(it was blocked {until}; that entry is replaced)" in second.stdout
+    book = ActionBook.of(data)
+    (entry,) = book.blocklist()
+    book.close()
+    assert entry.expires_at is not None and abs(entry.expires_at - entry.added_at - 86_400) < 60
+
+
 # -- replay ---------------------------------------------------------------------------
 
 

@@ -691,13 +691,24 @@ class ActionBook:
         expires_at: float | None,
         reason: str,
         added_by: str,
-    ) -> None:
+    ) -> tuple[bool, float | None]:
+        """Block `entity` until `expires_at` (None: for good), replacing its entry if it
+        has one: returns whether it had one in force, and that one's expiry."""
         now = self.clock()
+        before: list[tuple[float | None]] = []
 
         def add(db: sqlite3.Connection) -> None:
+            before.extend(
+                db.execute(
+                    "SELECT expires_at FROM blocklist WHERE entity_type = ? AND entity = ? "
+                    "AND (expires_at IS NULL OR expires_at > ?)",
+                    (entity_type, entity, now),
+                ).fetchall()
+            )
             write_block(db, entity_type, entity, now, expires_at, reason, added_by, "", "")
 
         self.outbox.transaction(add)
+        return (True, before[0][0]) if before else (False, None)
 
     def unblock(self, entity_type: str, entity: str) -> bool:
         removed: list[int] = []

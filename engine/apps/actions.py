@@ -386,12 +386,16 @@ def blocklist_add(
     try:
         book = ActionBook.of(data)
         try:
-            book.block(entity_type, entity, expires_at, reason, _reviewer(reviewer))
+            was, previous = book.block(entity_type, entity, expires_at, reason, _reviewer(reviewer))
         finally:
             book.close()
     except OutboxError as error:
         fail(str(error))
     until = "for good" if expires_at is None else f"until {_time(expires_at)} UTC"
+    if was:
+        # The entry is replaced whole, a shorter block too: said, not silent.
+        before = "for good" if previous is None else f"until {_time(previous)} UTC"
+        until += f" (it was blocked {before}; that entry is replaced)"
     click.echo(shown(f"{entity_type} {entity} blocked {until}"))
 
 

@@ -158,6 +158,9 @@ def test_a_critical_alert_reaches_a_real_smtp_server_with_its_text_escaped(
     assert "\\x1b[2J\\x0aALERT forged" in html
     assert f'href="{CONSOLE}/alerts/{critical.alert_id}"' in html
     assert "4008005001" in html and "threshold 12" in html
+    # The plain-text part the transport makes keeps the console's address.
+    text = parts["text/plain"].get_payload(decode=True).decode("utf-8")
+    assert f"{CONSOLE}/alerts/{critical.alert_id}" in text
     counts = dispatch.outbox.counts()["notify.fraud-mail"]
     assert (counts.delivered, counts.pending) == (1, 0)
 

@@ -80,7 +80,11 @@ def alert_message(alert: dict[str, Any], fmt: str, public_url: str) -> Message:
         rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
         parts = [f"<p>{esc(summary)}</p>", f"<table>{rows}</table>"]
         if link:
-            parts.append(f'<p><a href="{esc(link)}">Open the alert in the console</a></p>')
+            # The address as the link's text too: a mail's plain-text part (made from
+            # this by the transport) keeps the text of a link, not its target.
+            parts.append(
+                f'<p>Open the alert in the console: <a href="{esc(link)}">{esc(link)}</a></p>'
+            )
         return Message(title, "\n".join(parts))
     if fmt == "markdown":
         lines = [esc(summary), ""]
@@ -121,7 +125,7 @@ def digest_message(
         items.append((text, alert_link(public_url, _field(alert, "alert_id"))))
     if fmt == "html":
         entries = "".join(
-            f'<li>{esc(text)} <a href="{esc(link)}">open</a></li>'
+            f'<li>{esc(text)} <a href="{esc(link)}">{esc(link)}</a></li>'
             if link
             else f"<li>{esc(text)}</li>"
             for text, link in items

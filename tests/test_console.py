@@ -327,6 +327,11 @@ def test_api_lists_shows_and_reviews_with_a_token(tmp_path: Path) -> None:
     missing = client.get("/api/alerts/nope", headers=as_reader)
     assert missing.status_code == 404
     assert client.get("/api/alerts", params={"severity": "x"}, headers=as_reader).status_code == 400
+    for limit in ("0", "-1"):
+        refused = client.get("/api/alerts", params={"limit": limit}, headers=as_reader)
+        assert refused.status_code == 400 and "give 1 or more" in refused.json()["detail"]
+    huge = client.get("/api/alerts", params={"limit": "9" * 30, "status": "all"}, headers=as_reader)
+    assert huge.status_code == 200 and len(huge.json()["alerts"]) == len(listed["alerts"])
     schema = client.get("/api/openapi.json").json()
     assert {"/api/alerts", "/api/alerts/{alert_id}", "/api/alerts/{alert_id}/review"} <= set(
         schema["paths"]

@@ -811,7 +811,9 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
             order = queue_sort(request.query_params, console.view, "time", ("time", *SORTS))
         except BadRequest as error:
             return JSONResponse({"detail": str(error)}, status_code=400)
-        limit = max(1, min(API_LIMIT_MAX, limit))
+        if limit < 1:
+            return JSONResponse({"detail": f"limit {limit}: give 1 or more"}, status_code=400)
+        limit = min(API_LIMIT_MAX, limit)  # more than the most is the most (README)
         try:
             if order == "severity":
                 rows = console.view.queue(chosen, limit, order, columns=QUEUE_COLUMNS)

@@ -327,6 +327,14 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
         ),
         (["alerts", "except", "0f2c"], "callsentry: alerts except: Missing option '--reason'"),
         (
+            ["alerts", "except", "0f2c", "--reason", "a PBX", "--expires", "99999999d"],
+            "callsentry: --expires '99999999d': '99999999d' is longer than 3650 days",
+        ),
+        (
+            ["blocklist", "add", " ", "--type", "forward", "--reviewer", "a"],
+            "callsentry: ENTITY is empty: give a number or menu id",
+        ),
+        (
             ["rules", "exceptions", "--rules", "/no/such/rules"],
             "callsentry: /no/such/rules: no such rules folder",
         ),

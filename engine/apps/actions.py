@@ -371,7 +371,9 @@ def blocklist_add(
     from engine.alerts.outbox import OutboxError
     from engine.core.durations import parse_duration
 
-    if not entity.strip() or any(ord(c) < 32 for c in entity):
+    if not entity.strip():
+        fail("ENTITY is empty: give a number or menu id", 2)
+    if any(ord(c) < 32 for c in entity):
         fail("ENTITY: give a number or menu id without control characters", 2)
     expires_at = None
     if expire.strip().lower() != "never":

@@ -35,7 +35,10 @@ def parse_expiry(text: str, now: datetime) -> date | datetime | str:
     expires: date | datetime | str
     try:
         seconds: float | None = parse_duration(value)
-    except ValueError:
+    except ValueError as error:
+        if "is not a duration" not in str(error):
+            # A duration, but not one to take (longer than ten years): said as such.
+            raise ExceptError(f"--expires {text!r}: {error}") from None
         seconds = None
     try:
         if seconds is not None:  # at most 3650 days (parse_duration): within the years

@@ -339,6 +339,19 @@ def test_api_lists_shows_and_reviews_with_a_token(tmp_path: Path) -> None:
     assert "/login" not in schema["paths"]
 
 
+def test_signing_out_takes_the_page_s_csrf_token(tmp_path: Path) -> None:
+    data = make_console_data(tmp_path)
+    client = signed_in(data)
+    page = client.get("/")
+    # Another site's form (no token) signs nobody out, and says so.
+    forged = client.post("/logout", data={}, follow_redirects=False)
+    assert forged.status_code == 403 and "CSRF" in forged.text
+    assert client.get("/", follow_redirects=False).status_code == 200
+    done = client.post("/logout", data={"csrf": csrf_of(page.text)}, follow_redirects=False)
+    assert (done.status_code, done.headers["location"]) == (303, "/login")
+    assert client.get("/", follow_redirects=False).status_code == 303
+
+
 def test_a_new_password_signs_the_old_sessions_out(tmp_path: Path) -> None:
     data = make_console_data(tmp_path)
     client = signed_in(data)

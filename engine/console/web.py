@@ -476,8 +476,14 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
     @app.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
         form = await request.form()
-        if csrf_matches(request.session.get("csrf"), form.get("csrf")):
-            request.session.clear()
+        account = signed_in(request)
+        if account is not None and not csrf_matches(request.session.get("csrf"), form.get("csrf")):
+            # Another site's form may not sign anyone out; the user is told they still are
+            # signed in, rather than sent to the sign-in page as if they were not.
+            return problem(
+                request, account, "the form has no valid CSRF token; reload the page", 403
+            )
+        request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
     # -- the queue ----------------------------------------------------------------------

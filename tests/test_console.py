@@ -339,6 +339,18 @@ def test_api_lists_shows_and_reviews_with_a_token(tmp_path: Path) -> None:
     assert "/login" not in schema["paths"]
 
 
+def test_no_such_page_is_a_page_and_no_such_api_path_is_json(tmp_path: Path) -> None:
+    data = make_console_data(tmp_path)
+    client = signed_in(data)
+    missing = client.get("/no/such/page")
+    assert missing.status_code == 404 and "there is no such page" in missing.text
+    assert missing.headers["content-type"].startswith("text/html")
+    wrong = client.get("/logout")
+    assert wrong.status_code == 405 and "does not take that method" in wrong.text
+    api = client.get("/api/no/such")
+    assert api.status_code == 404 and api.json() == {"detail": "Not Found"}
+
+
 def test_signing_out_takes_the_page_s_csrf_token(tmp_path: Path) -> None:
     data = make_console_data(tmp_path)
     client = signed_in(data)

@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup, escape
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
 from engine.alerts.actionbook import ActionError, ActionRequest, NoActions, open_book
@@ -408,6 +409,17 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
 
     def problem(request: Request, account: Account | None, message: str, code: int) -> Response:
         return page(request, "problem.html", account, status_code=code, message=message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_problem(request: Request, error: StarletteHTTPException) -> Response:
+        """No such page, or not that method: the API answers JSON, the pages a page."""
+        if request.url.path.startswith("/api/") or error.status_code < 400:
+            return JSONResponse(
+                {"detail": error.detail}, status_code=error.status_code, headers=error.headers
+            )
+        said = {404: "there is no such page", 405: "that page does not take that method"}
+        message = said.get(error.status_code, str(error.detail))
+        return problem(request, signed_in(request), message, error.status_code)
 
     def unauthorized() -> JSONResponse:
         return JSONResponse(

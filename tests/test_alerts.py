@@ -50,6 +50,14 @@ def reviewed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "data"
 
 
+def test_a_review_needs_a_note_of_a_few_lines(reviewed_data: Path) -> None:
+    alert_id = list_alerts(reviewed_data, "all", 1)[0]["alert_id"]
+    with pytest.raises(ReviewError, match="needs a note"):
+        add_review(reviewed_data, alert_id, "closed", "  ", "ana")
+    with pytest.raises(ReviewError, match="holds at most 10,000"):
+        add_review(reviewed_data, alert_id, "closed", "x" * 10_001, "ana")
+
+
 def test_reviews_append_and_the_latest_one_counts(reviewed_data: Path) -> None:
     alert_id = list_alerts(reviewed_data, "open", 1)[0]["alert_id"]
     add_review(reviewed_data, alert_id[:8], "investigating", "looking at the CDRs", "ana")

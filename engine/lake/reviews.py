@@ -247,6 +247,11 @@ def full_alert_ids(lake: Lake, alert_ids: Sequence[str]) -> list[str]:
     return full_ids
 
 
+# A review's note: what was checked and found, in a few lines (every view of the alert
+# shows it; the lake keeps every review).
+MAX_NOTE_CHARS = 10_000
+
+
 def add_review(data_dir: Path, alert_id: str, status: str, note: str, reviewer: str) -> str:
     return add_reviews(data_dir, [alert_id], status, note, reviewer)[0][1]
 
@@ -263,6 +268,11 @@ def add_reviews(
         raise ReviewError(str(error)) from None
     if not note.strip():
         raise ReviewError("a review needs a note saying what was checked")
+    if len(note) > MAX_NOTE_CHARS:
+        raise ReviewError(
+            f"the note has {len(note):,} characters; a review's note holds at most "
+            f"{MAX_NOTE_CHARS:,} (put longer findings in a case and name it)"
+        )
     lake = _lake(data_dir)
     full_ids = full_alert_ids(lake, alert_ids)
     now = datetime.now(tz=UTC)

@@ -50,12 +50,17 @@ def reviewed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "data"
 
 
-def test_a_review_needs_a_note_of_a_few_lines(reviewed_data: Path) -> None:
-    alert_id = list_alerts(reviewed_data, "all", 1)[0]["alert_id"]
+def test_a_review_needs_a_note_of_a_few_lines(reviewed_data: Path, tmp_path: Path) -> None:
+    shutil.copytree(reviewed_data, tmp_path / "data")
+    data = tmp_path / "data"
+    alert_id = list_alerts(data, "all", 1)[0]["alert_id"]
     with pytest.raises(ReviewError, match="needs a note"):
-        add_review(reviewed_data, alert_id, "closed", "  ", "ana")
+        add_review(data, alert_id, "closed", "  ", "ana")
     with pytest.raises(ReviewError, match="holds at most 10,000"):
-        add_review(reviewed_data, alert_id, "closed", "x" * 10_001, "ana")
+        add_review(data, alert_id, "closed", "x" * 10_001, "ana")
+    # What is stored is the note stripped: that is what is measured.
+    add_review(data, alert_id, "closed", "x" * 10_000 + " " * 20, "ana")
+    assert list_alerts(data, "closed", 1)[0]["review_note"] == "x" * 10_000
 
 
 def test_reviews_append_and_the_latest_one_counts(reviewed_data: Path) -> None:

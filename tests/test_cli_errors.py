@@ -327,6 +327,10 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
         ),
         (["alerts", "except", "0f2c"], "callsentry: alerts except: Missing option '--reason'"),
         (
+            ["alerts", "except", "0f2c", "--reason", "x" * 9_001],
+            "callsentry: --reason has 9,001 characters; at most 9,000",
+        ),
+        (
             ["alerts", "except", "0f2c", "--reason", "a PBX", "--expires", "99999999d"],
             "callsentry: --expires '99999999d': '99999999d' is longer than 3650 days",
         ),

@@ -347,6 +347,13 @@ def test_no_such_page_is_a_page_and_no_such_api_path_is_json(tmp_path: Path) -> 
     assert missing.headers["content-type"].startswith("text/html")
     wrong = client.get("/logout")
     assert wrong.status_code == 405 and "does not take that method" in wrong.text
+    assert wrong.headers["allow"] == "POST"
+    # A page's request that does not validate gets the console's page too.
+    page = client.get("/")
+    not_an_id = client.post("/actions/abc", data={"csrf": csrf_of(page.text)})
+    assert not_an_id.status_code == 422 and "the request is not valid: path.request_id" in (
+        not_an_id.text
+    )
     api = client.get("/api/no/such")
     assert api.status_code == 404 and api.json() == {"detail": "Not Found"}
 

@@ -95,11 +95,16 @@ def except_alert(
         expiry_text,
         write_exception,
     )
-    from engine.lake.reviews import ReviewError, add_review, alert_subject
+    from engine.lake.reviews import MAX_NOTE_CHARS, ReviewError, add_review, alert_subject
 
     now = now or datetime.now(tz=UTC)
     if not reason.strip():
         raise ExceptError("--reason: say why this entity is no incident for this rule")
+    # The reason becomes the review's note too, after the exception's expiry and file:
+    # one too long for that is refused before anything is written, not after the file.
+    most = MAX_NOTE_CHARS - 1_000
+    if len(reason.strip()) > most:
+        raise ExceptError(f"--reason has {len(reason.strip()):,} characters; at most {most:,}")
     expires = parse_expiry(expires_text, now)
     if not rules_dir.is_dir():
         raise ExceptError(f"{rules_dir}: no such rules folder (--rules names it)")

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -329,16 +329,20 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> Response:
         """FastAPI's own answer echoes each refused input, which JSON cannot always
-        carry (NaN, Infinity: a 500 instead of the 422): where and why, not what."""
+        carry (NaN, Infinity: a 500 instead of the 422): where and why, not what. A
+        page's request gets the console's page saying the same."""
         detail = [
             {
-                "loc": [str(part) for part in problem.get("loc", ())],
-                "msg": str(problem.get("msg", "")),
-                "type": str(problem.get("type", "")),
+                "loc": [part if isinstance(part, int) else str(part) for part in e.get("loc", ())],
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
             }
-            for problem in error.errors()
+            for e in error.errors()
         ]
-        return JSONResponse({"detail": detail}, status_code=422)
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": detail}, status_code=422)
+        said = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)
+        return problem(request, signed_in(request), f"the request is not valid: {said}", 422)
 
     @app.middleware("http")
     async def safe_headers(
@@ -388,6 +392,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
         template: str,
         account: Account | None,
         status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
         **values: Any,
     ) -> HTMLResponse:
         html = env.get_template(template).render(
@@ -399,7 +404,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
             levels=LEVELS,
             **values,
         )
-        return HTMLResponse(html, status_code=status_code)
+        return HTMLResponse(html, status_code=status_code, headers=headers)
 
     def to_login(request: Request) -> RedirectResponse:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -407,8 +412,16 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
             target = "/"  # a form's target is no page to come back to
         return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
 
-    def problem(request: Request, account: Account | None, message: str, code: int) -> Response:
-        return page(request, "problem.html", account, status_code=code, message=message)
+    def problem(
+        request: Request,
+        account: Account | None,
+        message: str,
+        code: int,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        return page(
+            request, "problem.html", account, status_code=code, headers=headers, message=message
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_problem(request: Request, error: StarletteHTTPException) -> Response:
@@ -419,7 +432,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
             )
         said = {404: "there is no such page", 405: "that page does not take that method"}
         message = said.get(error.status_code, str(error.detail))
-        return problem(request, signed_in(request), message, error.status_code)
+        return problem(request, signed_in(request), message, error.status_code, error.headers)
 
     def unauthorized() -> JSONResponse:
         return JSONResponse(

@@ -268,9 +268,9 @@ def add_reviews(
         raise ReviewError(str(error)) from None
     if not note.strip():
         raise ReviewError("a review needs a note saying what was checked")
-    if len(note) > MAX_NOTE_CHARS:
+    if len(note.strip()) > MAX_NOTE_CHARS:
         raise ReviewError(
-            f"the note has {len(note):,} characters; a review's note holds at most "
+            f"the note has {len(note.strip()):,} characters; a review's note holds at most "
             f"{MAX_NOTE_CHARS:,} (put longer findings in a case and name it)"
         )
     lake = _lake(data_dir)

@@ -1327,6 +1327,9 @@ _CONSOLE_PAGES = (
     ("POST", "/actions/1"),
     ("POST", "/actions/x"),
     ("POST", "/login"),
+    ("POST", "/logout"),
+    ("POST", "/api/alerts/x/review"),
+    ("GET", "/no/such/page"),
 )
 console_requests = st.tuples(st.sampled_from(_CONSOLE_PAGES), console_forms)
 

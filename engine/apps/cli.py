@@ -23,6 +23,7 @@ from engine.apps.commandline import (
     fail_rules,
     fail_with_problems,
     log_level_option,
+    missing_files,
     os_error_text,
     settings_or_fail,
     setup_logging,
@@ -161,18 +162,6 @@ def _relay_overrides(
     return overrides
 
 
-def _missing(path: Path) -> bool:
-    """Whether no file is there; one that cannot be looked at for another reason (a
-    name too long, a folder not to be read) is the event files' reader's to say."""
-    try:
-        path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:
-        return False
-    return False
-
-
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
 @config_option
@@ -210,7 +199,7 @@ def replay(
             overrides["store"] = {"data_dir": str(data_dir)}
         settings = settings_or_fail(config, overrides)
         setup_logging(log_level)
-        missing = [str(path) for path in files if _missing(path)]
+        missing = missing_files(files)
         if missing:
             # A mistyped name: said before a data dir is made for nothing.
             fail(f"no such file: {', '.join(missing)}; nothing was replayed")
@@ -253,7 +242,7 @@ def replay(
         return (name, int(line)) if line.isdigit() else (reject.source, 0)
 
     for reject in sorted(report.rejects, key=file_line)[:show]:
-        click.echo(shown(f"{reject.source}: {reject.reason.value}: {reject.detail}"), err=True)
+        click.echo(shown(reject.said()), err=True)
     if len(report.rejects) > show:
         click.echo(
             f"... and {len(report.rejects) - show} more rejected rows (see the rejects table)",

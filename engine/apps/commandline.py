@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -20,6 +21,20 @@ if TYPE_CHECKING:
     from engine.apps.settings import Settings
 
 log = logging.getLogger("callsentry")
+
+
+def missing_files(paths: Iterable[Path]) -> list[str]:
+    """The paths no file is at. One that cannot be looked at for another reason (a name
+    too long, a folder not to be read) is not listed: its reader says why."""
+    missing = []
+    for path in paths:
+        try:
+            path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            missing.append(str(path))
+        except OSError:
+            pass
+    return missing
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -222,7 +222,7 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         )
         # Which, and why, as replay says them (the first few).
         for reject in bad[:_BAD_ROWS_SAID]:
-            echo(shown(f"  {reject.source}: {reject.reason.value}: {reject.detail}"))
+            echo(shown(f"  {reject.said()}"))
         if len(bad) > _BAD_ROWS_SAID:
             echo(f"  ... and {len(bad) - _BAD_ROWS_SAID} more")
     if not send:

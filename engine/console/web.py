@@ -302,6 +302,11 @@ class ReviewOut(BaseModel):
 # -- the application ----------------------------------------------------------------------
 
 
+def _for_the_api(request: Request) -> bool:
+    """Whether a request is the API's (answered in JSON), not a page's."""
+    return request.url.path.startswith("/api/")
+
+
 def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False) -> FastAPI:
     app = FastAPI(
         title="callsentry console API",
@@ -339,7 +344,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
             }
             for e in error.errors()
         ]
-        if request.url.path.startswith("/api/"):
+        if _for_the_api(request):
             return JSONResponse({"detail": detail}, status_code=422)
         said = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail)
         return problem(request, signed_in(request), f"the request is not valid: {said}", 422)
@@ -426,7 +431,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
     @app.exception_handler(StarletteHTTPException)
     async def http_problem(request: Request, error: StarletteHTTPException) -> Response:
         """No such page, or not that method: the API answers JSON, the pages a page."""
-        if request.url.path.startswith("/api/") or error.status_code < 400:
+        if _for_the_api(request) or error.status_code < 400:
             return JSONResponse(
                 {"detail": error.detail}, status_code=error.status_code, headers=error.headers
             )

@@ -99,3 +99,8 @@ class Reject(NamedTuple):
         if self.call_id is None or self.serial is None:
             return None
         return (self.call_id, self.serial)
+
+    def said(self) -> str:
+        """The reject as replay and simulate list it: where, its reason, why (network
+        text: escape it for where it is shown)."""
+        return f"{self.source}: {self.reason.value}: {self.detail}"

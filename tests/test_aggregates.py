@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.events import CallEvent, CallState
+from engine.core.positions import Position
 from engine.detect.aggregates import (
     AGGREGATES,
     COMPARISONS,
@@ -24,7 +25,7 @@ from engine.detect.evaluate import CompiledRule
 from engine.detect.schema import Aggregate as AggregateSpec
 from engine.detect.schema import RuleSpec
 from engine.detect.snapshot import decode, encode
-from engine.detect.state import Position, Snapshot
+from engine.detect.state import Snapshot
 from engine.detect.windows import FOLD_AT, EntityState
 
 WINDOW = 60.0

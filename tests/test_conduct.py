@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.core.events import CallEvent
+from engine.core.positions import Position
 from engine.core.yamlfile import YamlFileError
 from engine.detect import snapshot
 from engine.detect.calls import Call, CallTracker
@@ -26,7 +27,7 @@ from engine.detect.pipeline import Pipeline
 from engine.detect.rules import RuleSet, load_rules
 from engine.detect.ruletest import expand
 from engine.detect.schema import TestCalls as Series
-from engine.detect.state import Position, Snapshot
+from engine.detect.state import Snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "rules"

@@ -39,7 +39,7 @@ from engine.detect.numbers import DESTINATIONS
 from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
 from engine.detect.schema import Matcher, RuleSpec
-from engine.detect.snapshot import snapshot_path
+from engine.detect.snapshotfile import snapshot_path
 from engine.detect.windows import FOLD_AT, KEEP_EXACT, Entries, EwBaseline, Folded, ValueEntries
 from engine.ingest.codec import Vos3000TextCodec
 from engine.lake.writer import LakeWriter

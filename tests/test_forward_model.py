@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from engine.apps.replay import replay
+from engine.core.positions import Position
 from engine.core.yamlfile import YamlFileError
 from engine.detect.calls import Call
 from engine.detect.rules import load_rules
 from engine.detect.snapshot import decode, encode
-from engine.detect.state import Position, Snapshot
+from engine.detect.state import Snapshot
 from engine.simulator.scenario import generate, load_scenario, write_files
 from models import state_types  # noqa: F401  (how models are written in snapshots)
 from models.base import ModelFinding

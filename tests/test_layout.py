@@ -210,10 +210,22 @@ print(json.dumps([loaded, score, again, same]))
 
 
 # A small replay through the command line (models on, the shipped rules), then what its
-# process loaded.
+# processes loaded: this one, and the one forked for detection (written at its end).
 SMALL_REPLAY = """
 import json, sys
+from multiprocessing import util
 from engine.apps.cli import main
+
+def write():
+    with open(sys.argv[3], "w") as out:
+        json.dump(sorted(sys.modules), out)
+
+class Recorder:
+    pass
+
+# Run in a multiprocessing child once forked (its finalizers of the parent forgotten).
+RECORDER = Recorder()
+util.register_after_fork(RECORDER, lambda _: util.Finalize(None, write, exitpriority=100))
 try:
     main(["replay", sys.argv[1], "--data-dir", sys.argv[2]])
 except SystemExit as end:
@@ -222,18 +234,11 @@ print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 """
 # What River's `river.stats` package and river.utils would bring, and what only a large
 # replay or another command needs: DuckDB (a new data dir holds nothing to look up, and
-# the analysts' views file is written by a process of its own), multiprocessing (the
-# detection process of a replay of more than one batch).
-NOT_IN_A_SMALL_REPLAY = (
-    "numpy",
-    "scipy",
-    "narwhals",
-    "pandas",
-    "pyarrow",
-    "sklearn",
-    "duckdb",
-    "multiprocessing",
-)
+# the analysts' views file is written by a process of its own).
+NOT_IN_A_SMALL_REPLAY = ("numpy", "scipy", "narwhals", "pandas", "pyarrow", "sklearn", "duckdb")
+# Loaded by the detection process alone: the process that reads the files and writes the
+# lake does not wait for them.
+DETECTIONS_OWN = ("engine.detect.evaluate", "engine.detect.schema", "phonenumbers", "river")
 
 
 def sample_rows(tmp_path: Path, rows: int) -> Path:
@@ -253,8 +258,16 @@ def test_a_small_replay_loads_neither_numpy_nor_scipy_nor_narwhals(tmp_path: Pat
     parquet = tmp_path / "small.parquet"
     pl.read_csv(csv, infer_schema_length=0).write_parquet(parquet)
     for n, events in enumerate((csv, parquet)):
+        detection_modules = tmp_path / f"detection{n}.json"
         result = subprocess.run(
-            [sys.executable, "-c", SMALL_REPLAY, str(events), str(tmp_path / f"data{n}")],
+            [
+                sys.executable,
+                "-c",
+                SMALL_REPLAY,
+                str(events),
+                str(tmp_path / f"data{n}"),
+                str(detection_modules),
+            ],
             capture_output=True,
             text=True,
             timeout=120,
@@ -265,11 +278,16 @@ def test_a_small_replay_loads_neither_numpy_nor_scipy_nor_narwhals(tmp_path: Pat
         answer = json.loads(result.stdout.splitlines()[-1])
         assert answer["code"] == 0
         modules = answer["modules"]
+        detecting = json.loads(detection_modules.read_text())
         for made in ("river.stats.ewmean", "river.stats.quantile", "river.drift.page_hinkley"):
-            assert made in modules, f"the models did not run as expected: no {made}"
-        assert "river.stats.mean" in modules, "no forward number: PageHinkley not made"
+            assert made in detecting, f"the models did not run as expected: no {made}"
+        assert "river.stats.mean" in detecting, "no forward number: PageHinkley not made"
         assert "polars" in modules and "engine.lake.writer" in modules
         assert [m for m in modules if m.split(".")[0] in NOT_IN_A_SMALL_REPLAY] == []
+        assert [m for m in detecting if m.split(".")[0] in NOT_IN_A_SMALL_REPLAY] == []
+        assert [m for m in DETECTIONS_OWN if m in modules] == []
+        # Forked before this process loaded polars: the detection process never did.
+        assert "polars" not in detecting
         # The views file is in place when replay is done, and shows what it stored.
         views = tmp_path / f"data{n}" / "callsentry.duckdb"
         with duckdb.connect(str(views), read_only=True) as con:

@@ -22,7 +22,7 @@ from engine.core.yamlfile import YamlFileError
 from engine.detect import migrations
 from engine.detect.calls import Call
 from engine.detect.rules import load_rules
-from engine.detect.snapshot import snapshot_path
+from engine.detect.snapshotfile import snapshot_path
 from engine.detect.state import revive
 from engine.simulator.scenario import Generated, generate, load_scenario, write_files
 from models.base import ModelFinding, never_quiet
@@ -556,8 +556,9 @@ def test_an_anomaly_model_made_on_its_first_full_window_scores_as_one_made_at_on
 
     from river import anomaly, preprocessing
 
+    from engine.core.positions import Position
     from engine.detect.snapshot import decode, encode
-    from engine.detect.state import Position, Snapshot
+    from engine.detect.state import Snapshot
     from models.scoring import AnomalyModel
     from models.spec import HalfSpaceTreesSpec
 

@@ -247,10 +247,11 @@ def _events(caller: str, callee: str, at: float, n: int) -> list[CallEvent]:
 def test_a_known_caller_reaching_a_new_country_is_one_alert_and_survives_a_snapshot(
     default_plan: None,
 ) -> None:
+    from engine.core.positions import Position
     from engine.detect.calls import CallTracker
     from engine.detect.pipeline import Pipeline
     from engine.detect.snapshot import decode, encode
-    from engine.detect.state import Position, Snapshot
+    from engine.detect.state import Snapshot
 
     def run(pipeline: Pipeline, events: list[CallEvent]) -> list[str]:
         found = [alert.entity for alert in pipeline.feed(events).alerts]

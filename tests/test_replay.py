@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from engine.apps import detectfork
 from engine.apps import replay as replay_module
 from engine.apps.replay import replay
+from engine.apps.settings import Settings
 from engine.core.events import CallEvent, CallState, Reject, RejectReason
 from engine.detect.calls import CallTracker
 from engine.detect.pipeline import Pipeline
@@ -594,9 +596,18 @@ def test_offering_rows_read_at_once_is_offering_each(
 # -- detection in a forked process ------------------------------------------------------
 
 
-def _replay_in(data_dir: Path, files: list[Path], forked: bool) -> dict[str, object]:
+def _replay_in(data_dir: Path, files: list[Path], forked: bool | str) -> dict[str, object]:
+    """`forked`: detection in a process forked once it is loaded (True), in this one
+    (False), or ("loading") in one forked before it is, as the command line does."""
     settings = make_settings(data_dir, detection={"alerts_jsonl": "off"})
-    reports = [replay([path], settings, detect_in_child=forked) for path in files]
+    reports = []
+    for path in files:
+        if forked == "loading":
+            reports.append(
+                replay([path], settings, loading=detectfork.start_loading(settings, None))
+            )
+        else:
+            reports.append(replay([path], settings, detect_in_child=bool(forked)))
     calls = query(data_dir, "SELECT * EXCLUDE (day) FROM calls ORDER BY call_id")
     return {
         "alerts": [a.as_json() for report in reports for a in report.alerts],
@@ -636,10 +647,55 @@ def test_detection_in_a_forked_process_gives_what_detecting_in_process_gives(
 
     forked = _replay_in(tmp_path / "forked", [first, second], forked=True)
     in_process = _replay_in(tmp_path / "in-process", [first, second], forked=False)
+    loading = _replay_in(tmp_path / "loading", [first, second], forked="loading")
     assert forked == in_process
+    assert loading == in_process
     assert forked["alerts"], "the demo raises alerts"
     assert forked["rejects"] == [1, 0]
     assert forked["duplicates"] == [300, 400]
+
+
+def _alerts_of_replay(path: Path, settings: Settings, early: bool) -> list[dict[str, Any]]:
+    loading = detectfork.start_loading(settings, None) if early else None
+    report = replay([path], settings, detect_in_child=False, loading=loading)
+    return [a.as_json() for a in report.alerts]
+
+
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+def test_detection_loaded_before_a_lake_that_went_past_its_snapshot_is_loaded_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A snapshot older than the lake (a crash between snapshots) is caught up from the
+    # lake by the lake writer at its start: the state the early detection process
+    # restored from it alone is not whole, and replay loads detection again itself.
+    _small_groups(monkeypatch)
+    generated = generate(load_scenario(Path("data/scenarios/demo.yaml")))
+    events_path, _ = write_files(generated, tmp_path / "demo", "parquet")
+    frame = pl.read_parquet(events_path)
+    third = frame.height // 3
+    parts = [tmp_path / f"part{n}.parquet" for n in range(3)]
+    for n, part in enumerate(parts):
+        frame.slice(n * third, third if n < 2 else None).write_parquet(part)
+    outcomes = []
+    for way in ("loading", "in-process"):
+        data_dir = tmp_path / way
+        settings = make_settings(data_dir, detection={"alerts_jsonl": "off"})
+        early = way == "loading"
+        run = functools.partial(_alerts_of_replay, settings=settings, early=early)
+        run(parts[0])
+        snapshot = data_dir / "state" / "detection.snapshot"
+        older = snapshot.read_bytes()
+        run(parts[1])
+        snapshot.write_bytes(older)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="engine.apps.replay"):
+            alerts = run(parts[2])
+        calls = query(data_dir, "SELECT * EXCLUDE (day) FROM calls ORDER BY call_id")
+        outcomes.append((alerts, calls))
+        if way == "loading":
+            assert "the lake holds reports after the detection snapshot" in caplog.text
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][1], "the demo's calls are rebuilt"
 
 
 @pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")

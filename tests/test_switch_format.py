@@ -19,7 +19,7 @@ from engine.apps.replay import replay
 from engine.core.events import CHECK_CALL_ID_PREFIX, CallEvent, CallState
 from engine.detect.schema import RuleSpec
 from engine.detect.snapshot import FORMAT as SNAPSHOT_FORMAT
-from engine.detect.snapshot import snapshot_path
+from engine.detect.snapshotfile import snapshot_path
 from engine.ingest.codec import Vos3000TextCodec
 from engine.ingest.journal import JSON_RECORDS, Journal, json_payload
 from engine.ingest.records import item_of, record_of

@@ -12,6 +12,7 @@ from statistics import NormalDist
 import pytest
 
 from engine.core.events import CallEvent
+from engine.core.positions import Position
 from engine.detect import snapshot
 from engine.detect.aggregates import PEERS_WARM, ShareState, UnusualShare, surprise
 from engine.detect.calls import Call, CallTracker
@@ -21,7 +22,7 @@ from engine.detect.rules import RuleSet, load_rules
 from engine.detect.ruletest import TEST_EPOCH, expand
 from engine.detect.schema import RuleSpec
 from engine.detect.schema import TestCalls as Series
-from engine.detect.state import Position, Snapshot
+from engine.detect.state import Snapshot
 from engine.detect.windows import EntityState
 
 T0 = 1_790_000_000.0

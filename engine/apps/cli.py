@@ -193,6 +193,7 @@ def replay(
     # Started first, the process that writes the analysts' views file loads DuckDB
     # while this one loads the rest (run_replay tells it what to write, and closes it).
     views = ViewsFile()
+    loading = None
     try:
         overrides: dict[str, Any] = {}
         if data_dir is not None:
@@ -204,23 +205,34 @@ def replay(
             # A mistyped name: said before a data dir is made for nothing.
             fail(f"no such file: {', '.join(missing)}; nothing was replayed")
 
+        from engine.apps.detectfork import start_loading
+        from engine.core.runtime import tune_gc_for_detection
+
+        tune_gc_for_detection()
+        # Forked before the imports below: detection (its modules, rules, models and
+        # state) loads in a process of its own while this one loads polars and the
+        # lake's modules and opens the store (run_replay waits for it, and closes it).
+        loading = start_loading(settings, rules_dir)
+
         from engine.apps.progress import ProgressBar, on_terminal
         from engine.apps.replay import Progress
         from engine.apps.replay import replay as run_replay
-        from engine.core.runtime import tune_gc_for_detection
         from engine.core.yamlfile import YamlFileError
         from engine.ingest.eventfiles import parquet_rows
         from engine.ingest.store import StoreError
         from engine.lake.parquet import storage_errors
 
-        tune_gc_for_detection()
         total = parquet_rows(files)
         progress = ProgressBar(total) if on_terminal() else Progress(total)
     except BaseException:
+        if loading is not None:
+            loading.close()
         views.close()
         raise
     try:
-        report = run_replay(list(files), settings, rules_dir, progress=progress, views=views)
+        report = run_replay(
+            list(files), settings, rules_dir, progress=progress, views=views, loading=loading
+        )
     except StoreError as error:
         fail(str(error))
     except YamlFileError as error:

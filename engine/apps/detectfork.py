@@ -17,6 +17,11 @@ alerts do not depend on where detection ran (tests/test_replay.py compares both)
 The child touches no polars and no DuckDB (neither is safe to use after a fork
 from a process whose thread pools have started), only detection, pickle and files.
 Used on Linux only; elsewhere, and when detection is off, replay detects in process.
+
+The child can also be forked before detection is loaded (`DetectionProcess.loading`,
+`start_loading`): it imports detection, loads the rules and models and restores their
+state while the parent imports and prepares the rest (polars, the store, the lake).
+This module therefore imports nothing of detection's but the little the parent uses.
 """
 
 from __future__ import annotations
@@ -35,18 +40,21 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.detect.alerts import Alert
-from engine.detect.calls import call_columns
-from engine.detect.pipeline import Output, Pipeline
-from engine.detect.snapshot import prepare as snapshot_prepare
-from engine.detect.snapshot import put_in_place
-from engine.detect.state import Position, Snapshot
-from engine.ingest.records import unpack_events
-from engine.lake.writer import evictions
+from engine.core.positions import Position
+from engine.core.yamlfile import YamlFileError
+from engine.detect.bounds import Evictions, evictions
+from engine.detect.snapshotfile import put_in_place, snapshot_path
+
+if TYPE_CHECKING:
+    from engine.apps.settings import Settings
+    from engine.detect.alerts import Alert
+    from engine.detect.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -120,24 +128,73 @@ def _end_with(parent: int) -> None:
         os._exit(1)  # the parent ended before the above took effect
 
 
+@dataclass(frozen=True)
+class Restored:
+    """The state a loading child restored: up to `position`, `count` rules and models,
+    from the snapshot file as it was then (`identity`: inode, size, modification)."""
+
+    position: Position
+    count: int
+    identity: tuple[int, int, int] | None
+
+    def still_current(self, snapshot_file: Path) -> bool:
+        return self.identity is not None and _file_identity(snapshot_file) == self.identity
+
+
 def _serve(
     conn: mp.connection.Connection,
-    pipeline: Pipeline,
+    pipeline: Pipeline | Callable[[], Pipeline],
     snapshot_file: Path | None,
     parent: int,
 ) -> None:
-    """The child: detect segment after segment until told to stop (None) or orphaned."""
+    """The child: detect segment after segment until told to stop (None) or orphaned.
+    Given how to load detection rather than detection loaded, it first loads it and
+    restores its state from `snapshot_file`, and says so (`ready`)."""
     _end_with(parent)
     # Ctrl-C reaches the whole process group; the parent decides, and closes the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     outbox = _Outbox(conn, "answers")
     try:
-        _detect_segments(conn, outbox, pipeline, snapshot_file)
+        loaded = _load(outbox, pipeline, snapshot_file) if callable(pipeline) else pipeline
+        if loaded is not None:
+            _detect_segments(conn, outbox, loaded, snapshot_file)
     except BaseException:
         with contextlib.suppress(OSError):
             outbox.send(("failed", traceback.format_exc()))
     finally:
         outbox.close()
+
+
+def _load(
+    outbox: _Outbox, load: Callable[[], Pipeline], snapshot_file: Path | None
+) -> Pipeline | None:
+    """Detection loaded and its state restored (then `ready` is answered), or None when
+    the rules or models are invalid (`invalid`, with every problem)."""
+    from engine.detect.snapshot import restore_into
+
+    try:
+        pipeline = load()
+    except YamlFileError as error:
+        outbox.send(("invalid", error.problems))
+        return None
+    restored = None
+    if snapshot_file is not None:
+        # What the file was when read: the parent carries on from this state only if
+        # it is still the data dir's once the parent holds the lake writer's lock.
+        seen = _file_identity(snapshot_file)
+        found = restore_into(pipeline, snapshot_file)
+        if found is not None:
+            restored = Restored(found[0], found[1], seen)
+    outbox.send(("ready", restored, tuple(evictions(pipeline))))
+    return pipeline
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _detect_segments(
@@ -146,6 +203,12 @@ def _detect_segments(
     pipeline: Pipeline,
     snapshot_file: Path | None,
 ) -> None:
+    from engine.detect.calls import call_columns
+    from engine.detect.pipeline import Output
+    from engine.detect.snapshot import prepare as snapshot_prepare
+    from engine.detect.state import Snapshot
+    from engine.ingest.records import unpack_events
+
     while True:
         try:
             message = conn.recv()
@@ -182,10 +245,16 @@ def _detect_segments(
 
 class DetectionProcess:
     """The parent's handle: `submit` segments in order, take each one's `result` in
-    the same order, `snapshot`, then `close` (also after an error)."""
+    the same order, `snapshot`, then `close` (also after an error).
 
-    def __init__(self, pipeline: Pipeline, snapshot_file: Path | None) -> None:
-        self._snapshot_file = snapshot_file
+    `pipeline`: detection loaded, its state restored, forked as it is. Or how to load
+    it: the child loads it and restores its state from `snapshot_file` while this
+    process goes on, and `ready` waits for that."""
+
+    def __init__(
+        self, pipeline: Pipeline | Callable[[], Pipeline], snapshot_file: Path | None
+    ) -> None:
+        self.snapshot_file = snapshot_file
         context = mp.get_context("fork")
         self._conn, child_conn = context.Pipe(duplex=True)
         self._process = context.Process(
@@ -210,9 +279,27 @@ class DetectionProcess:
         self._outbox = _Outbox(self._conn, "requests")
         self._submitted: deque[int] = deque()
         # The child's, as of its last answer (the replay's summary reports them).
-        self.evictions = evictions(pipeline)
+        self.evictions = Evictions() if callable(pipeline) else evictions(pipeline)
+        self._loaded = not callable(pipeline)
         self._asked = 0
         self._finished = False
+        self._closed = False
+
+    def ready(self) -> Restored | None:
+        """Wait until the child has loaded detection (given how to): the state it
+        restored, or None (none to restore: detection starts cold). Raises
+        YamlFileError with every problem of invalid rules or models."""
+        if self._loaded:
+            return None
+        self._loaded = True
+        message = self._receive()
+        if message[0] == "invalid":
+            raise YamlFileError(message[1])
+        if message[0] != "ready":
+            raise DetectionProcessError(f"answered {message[0]!r} to loading detection")
+        self.evictions = Evictions(*message[2])
+        restored: Restored | None = message[1]
+        return restored
 
     @property
     def outstanding(self) -> int:
@@ -246,11 +333,11 @@ class DetectionProcess:
         if message[0] != "saved":
             raise DetectionProcessError(f"answered {message[0]!r} to a snapshot")
         _, size, detail = message
-        if size is None or self._snapshot_file is None:
+        if size is None or self.snapshot_file is None:
             log.error("detection snapshot failed: %s; the previous one stays", detail)
             return False
         try:
-            put_in_place(self._snapshot_file)
+            put_in_place(self.snapshot_file)
         except OSError as error:
             log.error("detection snapshot failed: %s; the previous one stays", error)
             return False
@@ -272,6 +359,9 @@ class DetectionProcess:
             self._send(None)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self._finished and not self._submitted:
             self._process.join(_JOIN_TIMEOUT_S)
         # Else the replay stopped: the child's state would be thrown away, the segments
@@ -310,3 +400,18 @@ class DetectionProcess:
         if code is not None and code < 0:
             return f"{what}: killed by signal {-code}"
         return f"{what} (exit code {code})"
+
+
+def start_loading(settings: Settings, rules_dir: Path | None) -> DetectionProcess | None:
+    """Replay's detection process, forked now to load detection (the settings' rules,
+    or those under `rules_dir`, and the models) and restore the data dir's detection
+    state while the caller loads the rest; None where replay detects in process
+    (detection off, or no fork here)."""
+    if not settings.detection.enabled or not available():
+        return None
+    from engine.apps.detectors import make_pipeline
+
+    def load() -> Pipeline:
+        return make_pipeline(settings.detection, rules_dir)
+
+    return DetectionProcess(load, snapshot_path(settings.store.data_dir))

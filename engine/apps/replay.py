@@ -17,18 +17,19 @@ from engine.apps.settings import Settings
 from engine.apps.stores import open_store, settings_codec
 from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert
+from engine.detect.bounds import Evictions, evictions
 from engine.ingest.eventfiles import PART_BYTES, PART_ROWS, EventStream, parquet_rows
 from engine.ingest.intake import Intake
-from engine.ingest.journal import JSON_RECORDS, TICK, json_payload, tick_payload
+from engine.ingest.journal import JSON_RECORDS, TICK, json_payload, sealed_segments, tick_payload
 from engine.ingest.records import Item, item_of, pack_events, record_of
 from engine.ingest.stats import Stats
 from engine.ingest.store import StoreError, lake_writer_lock
 from engine.lake.parquet import HeldReports
 from engine.lake.views import ViewsFile
-from engine.lake.writer import DrainResult, Evictions, LakeWriter, Step, evictions
+from engine.lake.writer import DrainResult, LakeWriter, Step
 
 if TYPE_CHECKING:
-    from engine.apps.detectfork import DetectionProcess
+    from engine.apps.detectfork import DetectionProcess, Restored
     from engine.detect.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,7 @@ def replay(
     part_bytes: int = PART_BYTES,
     progress: Progress | None = None,
     views: ViewsFile | None = None,
+    loading: DetectionProcess | None = None,
 ) -> ReplayReport:
     """Raises YamlFileError (before touching the store) when the rules are invalid.
 
@@ -201,13 +203,17 @@ def replay(
     process (see engine.apps.detectfork); by default wherever that is available and
     the files hold more than one batch. The alerts are the same either way.
     `views`: the process that writes the analysts' views file, started by the caller
-    before its imports (by default started here); closed here."""
+    before its imports (by default started here); closed here. `loading`: the
+    detection process the caller started before its imports (`start_loading`: it
+    loads detection meanwhile), for these settings and rules; closed here."""
     # Started first: it loads DuckDB while the rules load, and is told what to write
     # once the lake is prepared (nothing, if the replay stops before).
     views = views or ViewsFile()
     try:
-        pipeline = None
-        if settings.detection.enabled:
+        pipeline = restored = None
+        if loading is not None:
+            restored = loading.ready()
+        elif settings.detection.enabled:
             pipeline = make_pipeline(settings.detection, rules_dir)
         stream = EventStream(paths, part_rows, part_bytes)
         if progress is None:
@@ -216,19 +222,54 @@ def replay(
         # most of the time): nothing below needs the rows before the fork.
         reading = _ReadAhead(stream, PARTS_IN_FLIGHT)
         try:
-            return _replay(reading, stream, settings, pipeline, detect_in_child, progress, views)
+            plan = _Detection(rules_dir, pipeline, loading, restored)
+            return _replay(reading, stream, settings, plan, detect_in_child, progress, views)
         finally:
             reading.close()
             progress.close()
     finally:
+        if loading is not None:
+            loading.close()
         views.close()
+
+
+@dataclass
+class _Detection:
+    """Where replay's detection runs: in this process (`pipeline`), or in the process
+    started before the imports (`loading`, the state it `restored`), or nowhere."""
+
+    rules_dir: Path | None
+    pipeline: Pipeline | None
+    loading: DetectionProcess | None
+    restored: Restored | None
+
+
+def _why_not_carry_on(plan: _Detection, writer: LakeWriter) -> str | None:
+    """Why replay cannot carry on with the detection process started early from the
+    state it restored, now that this process holds the data dir (None: it can). It
+    can when nothing is to be fed again from the lake or the journal and the data dir's
+    snapshot is still the one it read; else detection is loaded here, restored and
+    caught up as the lake writer does at its start."""
+    assert plan.loading is not None and plan.loading.snapshot_file is not None
+    snapshot_file = plan.loading.snapshot_file
+    if next(iter(sealed_segments(writer.journal_dir)), None) is not None:
+        return "a run before this one left journal segments that are not in the lake"
+    if plan.restored is None:
+        if snapshot_file.exists():
+            return "a detection snapshot was written since it was looked for"
+        return None
+    if not plan.restored.still_current(snapshot_file):
+        return "the detection snapshot changed since it was read"
+    if writer.keys.max_seq > plan.restored.position.seq:
+        return "the lake holds reports after the detection snapshot"
+    return None
 
 
 def _replay(
     reading: _ReadAhead,
     stream: EventStream,
     settings: Settings,
-    pipeline: Pipeline | None,
+    plan: _Detection,
     detect_in_child: bool | None,
     progress: Progress,
     views: ViewsFile,
@@ -260,6 +301,7 @@ def _replay(
     writer_lock.acquire(wait_s=300)
     report = ReplayReport(stats, file_errors=stream.errors)
     written = DrainResult(rejects=[])
+    pipeline = plan.pipeline
     detection: DetectionProcess | None = None
     held: HeldReports | None = None
     try:
@@ -275,7 +317,26 @@ def _replay(
         # meanwhile (each whole, renamed into place), but none may go, so compaction,
         # which removes the files it merged, waits for it.
         views.publish(writer.lake.data_dir, writer.lake.view_statements())
-        evicted_before = evictions(pipeline) if pipeline is not None else Evictions()
+        if plan.loading is not None:
+            why_not = _why_not_carry_on(plan, writer)
+            if why_not is None:
+                detection = plan.loading
+                if plan.restored is not None:
+                    writer.position = plan.restored.position
+                    log.info(
+                        "detection state restored (up to report %d; %d rules and models)",
+                        plan.restored.position.seq,
+                        plan.restored.count,
+                    )
+            else:
+                log.info("detection loaded again in this process: %s", why_not)
+                plan.loading.close()
+                pipeline = make_pipeline(settings.detection, plan.rules_dir)
+                writer.attach(pipeline)
+        if detection is not None:
+            evicted_before = detection.evictions
+        else:
+            evicted_before = evictions(pipeline) if pipeline is not None else Evictions()
 
         def drain() -> None:
             result = writer.drain(collect_rejects=True)
@@ -393,14 +454,14 @@ def _replay(
         else:
             # The child writes its state once it has detected the last segment, while
             # this process writes the lake; it takes effect after (end_snapshot).
-            if writer.snapshot_file is not None:
+            if detection.snapshot_file is not None:
                 detection.begin_snapshot(writer.position_after(group))
             detection.finish()
             if group:
                 write_group(len(group))
             views.wait()
             writer.compact()
-            if writer.snapshot_file is not None:
+            if detection.snapshot_file is not None:
                 detection.end_snapshot()
     finally:
         if held is not None:

@@ -18,11 +18,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from engine.detect.detectors import ModelFinding
-from engine.detect.evaluate import Finding
-from engine.detect.rules import summary_of
+# Alert and AlertSink are all that processes which do not detect take from here (the
+# lake writer's parent in replay, the console, the outbox): what raises alerts is
+# imported by detection only (summary_of where an alert is made).
+if TYPE_CHECKING:
+    from engine.detect.detectors import ModelFinding
+    from engine.detect.evaluate import Finding
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +168,8 @@ class AlertManager:
         if not self._open(rule.id, finding.entity, finding.raised_at, spec.suppression.duration):
             return None
         condition = spec.condition
+        from engine.detect.rules import summary_of
+
         alert = _alert(
             finding,
             source=rule.id,
@@ -184,6 +189,8 @@ class AlertManager:
         return alert
 
     def _escalation(self, finding: Finding, alert_id: str, raised_at: float) -> Alert:
+        from engine.detect.rules import summary_of
+
         rule = finding.rule
         spec = rule.spec
         return Alert(

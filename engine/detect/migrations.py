@@ -36,8 +36,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from engine.core.positions import Position
 from engine.detect.state import (
-    Position,
     Snapshot,
     SnapshotError,
     allowed_global,

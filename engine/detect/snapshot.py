@@ -43,10 +43,11 @@ import io
 import logging
 import os
 import pickle
-import time
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+from engine.core.positions import Position
+from engine.detect.snapshotfile import partial_path, put_in_place, set_aside
 from engine.detect.state import (
     Snapshot,
     SnapshotError,
@@ -57,12 +58,14 @@ from engine.detect.state import (
     state_type_of,
 )
 
+if TYPE_CHECKING:
+    from engine.detect.pipeline import Pipeline
+
 log = logging.getLogger(__name__)
 
 MAGIC_PREFIX = b"CALLSENTRY-DETECTION-SNAPSHOT "
 FORMAT = 4
 MAGIC = MAGIC_PREFIX + f"v{FORMAT}\n".encode()
-SNAPSHOT_NAME = "detection.snapshot"
 # Formats this release reads: its own, and earlier ones through engine.detect.migrations.
 READABLE = ("v2", "v3", f"v{FORMAT}")
 
@@ -180,10 +183,6 @@ class _Digesting:
 # -- files --------------------------------------------------------------------------
 
 
-def snapshot_path(data_dir: Path) -> Path:
-    return data_dir / "state" / SNAPSHOT_NAME
-
-
 def save(path: Path, snapshot: Snapshot) -> int:
     """Write atomically; returns the size in bytes."""
     size = prepare(path, snapshot)
@@ -196,7 +195,7 @@ def prepare(path: Path, snapshot: Snapshot) -> int:
     `put_in_place` makes it the one a restart loads (replay prepares it while the
     lake is written, and puts it in place once the lake holds all it has seen)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = _partial(path)
+    partial = partial_path(path)
     try:
         with partial.open("wb") as out:
             out.write(MAGIC)
@@ -212,19 +211,6 @@ def prepare(path: Path, snapshot: Snapshot) -> int:
         partial.unlink(missing_ok=True)
         raise
     return len(MAGIC) + 32 + payload.size
-
-
-def put_in_place(path: Path) -> None:
-    os.replace(_partial(path), path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 def read(data: bytes) -> Snapshot:
@@ -272,11 +258,26 @@ def load(path: Path) -> Snapshot | None:
         return None
 
 
-def set_aside(path: Path) -> str:
-    """Move an unusable snapshot out of the way (kept for a look); returns its new name."""
-    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+def restore_into(pipeline: Pipeline, path: Path) -> tuple[Position, int] | None:
+    """Give `pipeline` the state of the snapshot at `path`: the position it goes up to
+    and how many rules and models it held; None when there is none, or none usable
+    (reported and set aside: `pipeline` stays cold)."""
+    snapshot = load(path)
+    if snapshot is None:
+        return None
+    fresh = pipeline.state()
     try:
-        os.replace(path, aside)
-    except OSError as error:
-        log.error("could not set the snapshot aside: %s", error)
-    return aside.name
+        restored = pipeline.restore(snapshot.state)
+    except Exception as error:  # state of an unexpected shape can fail in any way
+        aside = set_aside(path)
+        log.error(
+            "detection snapshot %s does not fit this release's detection "
+            "(%s: %s); starting detection cold (kept as %s)",
+            path,
+            type(error).__name__,
+            error,
+            aside,
+        )
+        pipeline.restore(fresh)
+        return None
+    return snapshot.position, len(restored)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine.core.positions import Position
 from engine.detect.aggregates import (
     FirstSeenState,
     NewValueState,
@@ -37,15 +38,8 @@ from engine.detect.windows import (
 
 
 @dataclass(frozen=True)
-class Position:
-    """How far the state goes: the last journal segment and report sequence fed to it."""
-
-    segment: int
-    seq: int
-
-
-@dataclass(frozen=True)
 class Snapshot:
+    # How far the state goes: the last journal segment and report fed to it.
     position: Position
     state: dict[str, Any]
     taken_at: float

@@ -22,20 +22,16 @@ from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import polars as pl
 
 from engine.core.events import CHECK_CALL_ID_PREFIX, CallEvent, CallState, Reject
+from engine.core.positions import Position
 from engine.core.yamlfile import YamlFileError
 from engine.detect.alerts import Alert, AlertSink
+from engine.detect.bounds import evictions
 from engine.detect.calls import call_columns
-from engine.detect.pipeline import Output, Pipeline
-from engine.detect.rules import RuleSet
-from engine.detect.snapshot import load as snapshot_load
-from engine.detect.snapshot import save as snapshot_save
-from engine.detect.snapshot import set_aside, snapshot_path
-from engine.detect.state import Position, Snapshot
 from engine.ingest.codec import Codec
 from engine.ingest.journal import (
     DATAGRAMS,
@@ -65,25 +61,13 @@ from engine.lake.parquet import (
 _TS = operator.attrgetter("ts")
 _KEY_AND_TS = operator.attrgetter("call_id", "serial", "ts")
 
+# Detection's rules, models and state are imported where a pipeline is given: replay's
+# parent process, whose detection runs in a process of its own, never loads them.
+if TYPE_CHECKING:
+    from engine.detect.pipeline import Output, Pipeline
+    from engine.detect.rules import RuleSet
+
 log = logging.getLogger(__name__)
-
-
-class Evictions(NamedTuple):
-    """What detection's bounds cost, so far: entities dropped from rule state at
-    `max_keys_per_rule`, and calls in progress finished early at `max_open_calls`."""
-
-    keys: int = 0
-    calls: int = 0
-
-    def since(self, before: Evictions) -> Evictions:
-        return Evictions(self.keys - before.keys, self.calls - before.calls)
-
-
-def evictions(pipeline: Pipeline) -> Evictions:
-    return Evictions(
-        sum(rule.state.evicted for rule in pipeline.rules.rules),
-        pipeline.tracker.stats.evicted_calls,
-    )
 
 
 class Outage:
@@ -297,7 +281,8 @@ class LakeWriter:
         # read them back from the journal.
         self._primed: dict[int, list[Step]] = {}
         self.position = Position(0, 0)
-        self.snapshot_file = snapshot_path(data_dir) if snapshots and pipeline else None
+        self._snapshots = snapshots
+        self.snapshot_file: Path | None = None
         self.lake.prepare()
         # Before the restore: its catch-up feeds detection what the lake holds already.
         self.settle()
@@ -309,7 +294,19 @@ class LakeWriter:
                 keys_ready()
             if publish_views:
                 self.lake.publish_views()
-            if self.snapshot_file is not None:
+            if pipeline is not None:
+                self.attach(pipeline)
+
+    def attach(self, pipeline: Pipeline) -> None:
+        """Detect with `pipeline`, its state restored from the data dir's snapshot (and
+        the lake's reports after it): at the start, or later where detection could not
+        run elsewhere as planned (replay)."""
+        from engine.detect.snapshotfile import snapshot_path
+
+        self.pipeline = pipeline
+        if self._snapshots:
+            self.snapshot_file = snapshot_path(self.data_dir)
+            with self.lake.sharing():
                 self._restore(self.snapshot_file)
 
     def _journaled(self) -> list[int]:
@@ -395,33 +392,20 @@ class LakeWriter:
         self.keys.add(segment, max_seq, max_ts, keys)
 
     def _restore(self, path: Path) -> None:
+        from engine.detect.snapshot import restore_into
+
         assert self.pipeline is not None
-        snapshot = snapshot_load(path)
-        if snapshot is None:
+        restored = restore_into(self.pipeline, path)
+        if restored is None:
             return
-        fresh = self.pipeline.state()
-        try:
-            restored = self.pipeline.restore(snapshot.state)
-        except Exception as error:  # state of an unexpected shape can fail in any way
-            aside = set_aside(path)
-            log.error(
-                "detection snapshot %s does not fit this release's detection "
-                "(%s: %s); starting detection cold (kept as %s)",
-                path,
-                type(error).__name__,
-                error,
-                aside,
-            )
-            self.pipeline.restore(fresh)
-            return
-        self.position = snapshot.position
-        caught_up = self._catch_up(snapshot.position.seq)
+        self.position, count = restored
+        caught_up = self._catch_up(self.position.seq)
         log.info(
             "detection state restored from %s (up to report %d; %d rules and models; "
             "%d later reports from the lake fed again)",
             path.name,
-            snapshot.position.seq,
-            len(restored),
+            restored[0].seq,
+            count,
             caught_up,
         )
 
@@ -455,6 +439,9 @@ class LakeWriter:
         """Save detection state between segments (see engine.detect.snapshot)."""
         if self.pipeline is None or self.snapshot_file is None:
             return False
+        from engine.detect.snapshot import save as snapshot_save
+        from engine.detect.state import Snapshot
+
         with self._lock:
             if self._decoded:
                 return False  # a segment is detected but not yet in the lake: next time
@@ -529,6 +516,8 @@ class LakeWriter:
         return items
 
     def _detect(self, steps: list[Step]) -> Output:
+        from engine.detect.pipeline import Output
+
         output = Output()
         if self.pipeline is None:
             return output

@@ -1,3 +1,3 @@
-from engine.apps.cli import main
+from engine.apps.cli import run
 
-main()
+run()

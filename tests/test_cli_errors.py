@@ -571,3 +571,49 @@ def test_simulate_with_a_bad_range_says_where_in_one_line(tmp_path: Path) -> Non
         "the low end is above the high end\n"
     )
     assert "Traceback" not in outcome.stdout + outcome.stderr
+
+
+# How the `callsentry` process ends once its command is over: after the threads it
+# left running and the exit handlers registered since (multiprocessing's), with its exit
+# code and all it wrote, but without the interpreter's teardown (the object below is
+# never freed).
+ENDS_AT_ONCE = """
+import atexit, sys, threading, time
+from pathlib import Path
+from engine.apps.commandline import command_ended, end_at_once_when_done
+
+end_at_once_when_done()
+folder = Path(sys.argv[1])
+
+class FreedAtTeardown:
+    def __del__(self) -> None:
+        (folder / "torn down").write_text("")
+
+KEPT = FreedAtTeardown()
+
+def late() -> None:
+    time.sleep(0.3)
+    (folder / "thread").write_text("")
+
+threading.Thread(target=late).start()
+atexit.register(lambda: (folder / "handler").write_text(""))
+print("said", end="")
+code = int(sys.argv[2]) if len(sys.argv) > 2 else "a reason"
+command_ended(code)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("code", ["3", None])
+def test_the_process_ends_once_its_threads_and_exit_handlers_are_done(
+    tmp_path: Path, code: str | None
+) -> None:
+    args = [sys.executable, "-c", ENDS_AT_ONCE, str(tmp_path), *([code] if code else [])]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.stdout == "said"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["handler", "thread"]
+    if code is None:
+        # As sys.exit says a reason: on stderr, exit code 1.
+        assert (result.returncode, result.stderr) == (1, "a reason\n")
+    else:
+        assert (result.returncode, result.stderr) == (3, "")

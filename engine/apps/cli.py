@@ -17,8 +17,10 @@ from engine.apps.alerts_commands import alerts
 from engine.apps.commandline import (
     UNEXPECTED,
     CommandLine,
+    command_ended,
     config_option,
     data_dir_option,
+    end_at_once_when_done,
     fail,
     fail_rules,
     fail_with_problems,
@@ -47,6 +49,19 @@ __all__ = ["UNEXPECTED", "main"]
 @click.version_option(package_name="callsentry")
 def main() -> None:
     """callsentry: fraud and anomaly detection for a VOS3000 IVR's call-state reports."""
+
+
+def run() -> None:
+    """The `callsentry` program (and `python -m engine`): `main`, and the process ends
+    at once when it is over (`end_at_once_when_done`). Whoever calls `main` in a
+    process of its own (a test) ends it as usual."""
+    end_at_once_when_done()
+    try:
+        main()
+    except SystemExit as end:
+        command_ended(end.code)
+        raise
+    command_ended(0)
 
 
 @main.command()

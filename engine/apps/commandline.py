@@ -5,6 +5,8 @@ and click at import time, so `--help` stays light."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -73,6 +75,39 @@ def settings_or_fail(config: Path | None, overrides: dict[str, Any]) -> Settings
         for problem in problems:
             click.echo(problem, err=True)
         fail(f"configuration error ({len(problems)} problems); nothing was run", 2)
+
+
+# The `callsentry` process's exit status once its command is over (`command_ended`).
+_exit_status: list[int] = []
+
+
+def end_at_once_when_done() -> None:
+    """Once the command is over, end the process without the interpreter's teardown,
+    which frees every object of every module loaded (polars, pydantic, River...) one
+    by one: about 60 ms after a small replay, a seventh of it. Registered as the first
+    exit handler, this runs last: after the interpreter has waited for the threads
+    still running, and after the exit handlers registered since (multiprocessing's
+    among them). What it skips loses nothing: the commands close what they open (no
+    engine code leaves a file or a connection to the teardown), and the logs and the
+    standard streams are flushed here."""
+    atexit.register(_end_at_once)
+
+
+def command_ended(code: object) -> None:
+    """The command ended with `code`, as `sys.exit(code)` says it (None: 0; a text is
+    said on stderr, and is 1)."""
+    _exit_status.append(0 if code is None else code if isinstance(code, int) else 1)
+
+
+def _end_at_once() -> None:
+    if not _exit_status:
+        return  # the command did not end (a traceback): the interpreter ends as usual
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        # A reader gone (`| head`) or a stream closed: nothing to keep.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(_exit_status[-1])
 
 
 def setup_logging(level: str) -> None:

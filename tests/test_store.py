@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.apps.stores import open_store
-from engine.core.events import CallEvent, CallState
+from engine.core.events import CallEvent, CallState, Reject, RejectReason
 from engine.detect.calls import CALL_COLUMNS, Call, call_columns
 from engine.ingest import journal as journal_module
 from engine.ingest.codec import Vos3000TextCodec
@@ -193,6 +193,68 @@ def test_a_key_file_missing_damaged_or_behind_the_lake_is_rebuilt_before_it_is_t
         assert [key[:2] for key in recovery.recent_keys] == [(f"call-{n}", 1) for n in range(3)]
         assert read_key_file(path) == kept, "rebuilt from the lake as it was kept"
     assert count(data_dir) == 3
+
+
+# What the lake writer read the keys with before polars did (DuckDB over the views).
+KEYS_BY_SQL = (
+    "SELECT max(seq), max(epoch_us(ts)) FROM (SELECT seq, ts FROM events "
+    "UNION ALL SELECT seq, ts FROM rejects UNION ALL SELECT seq, ts FROM checks)",
+    "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
+    "SELECT call_id, serial, ts FROM events WHERE ts >= to_timestamp(?) "
+    "UNION ALL SELECT call_id, serial, ts FROM checks WHERE ts >= to_timestamp(?) "
+    "UNION ALL SELECT call_id, serial, ts FROM rejects "
+    "WHERE ts >= to_timestamp(?) AND call_id IS NOT NULL "
+    "AND serial IS NOT NULL) ORDER BY t DESC, call_id DESC, serial DESC",
+)
+
+
+@pytest.mark.parametrize("max_keys", [None, 25])
+def test_the_key_file_is_rebuilt_with_the_keys_an_sql_query_of_the_lake_gives(
+    tmp_path: Path, max_keys: int | None
+) -> None:
+    # Events, checks and rejects (with a key, with a call id alone, with neither) in two
+    # segments 14 hours apart, the second longer than the dedup horizon; a reject's key
+    # is kept only when whole.
+    data_dir = tmp_path / "data"
+    lake = Lake(data_dir)
+    lake.prepare()
+    start = 1_790_000_000.123456
+    seq = 1
+    for segment in (1, 2):
+        items: list[Any] = []
+        for n in range(40):
+            ts = start + (segment - 1) * 50_000 + n * 97.000001
+            kind = n % 4
+            if kind == 3:
+                has_key = n % 8 == 3
+                items.append(
+                    Reject(
+                        ts, RejectReason.BAD_SERIAL, "x", b"raw",
+                        f"r-{segment}-{n}" if n % 8 in (3, 7) else None, n if has_key else None,
+                    )
+                )  # fmt: skip
+            else:
+                items.append(
+                    CallEvent(
+                        ts, f"c-{segment}-{n}", 1 + n % 3, CallState.ANSWERED, 200, "1", "2", "",
+                        "1", "M", check=kind == 2,
+                    )
+                )  # fmt: skip
+        lake.write_segment(segment, [(seq, items)])
+        seq += len(items)
+    LakeWriter(data_dir, dedup_horizon_s=3600.0, max_dedup_keys=max_keys)  # its start rebuilds
+    max_seq, max_us = lake.query(KEYS_BY_SQL[0])[0]
+    since = max_us / 1_000_000 - 3600.0
+    expected = [tuple(row) for row in lake.query(KEYS_BY_SQL[1], (since, since, since))]
+    if max_keys is not None:
+        expected = expected[:max_keys]
+    expected.reverse()
+    kept = read_key_file(key_file_path(data_dir))
+    assert kept is not None
+    assert (kept.max_seq, kept.max_ts) == (max_seq, max_us / 1_000_000)
+    assert [tuple(key) for key in kept.keys] == expected
+    # Segment 2 holds 35 keys, 33 of them within the horizon of its last.
+    assert len(expected) == (max_keys or 33)
 
 
 def test_a_key_file_made_for_a_shorter_dedup_horizon_is_rebuilt(tmp_path: Path) -> None:

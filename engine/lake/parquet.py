@@ -667,6 +667,10 @@ class Lake:
     def files(self, table: str) -> list[Path]:
         return sorted((self.root / table).glob("day=*/*.parquet"))
 
+    def report_keys(self) -> pl.LazyFrame | None:
+        """`report_keys` of every report stored (events, rejects, checks)."""
+        return report_keys({t: [str(p) for p in self.files(t)] for t in REPORT_TABLES})
+
     def glob(self, table: str) -> str:
         return str((self.root / table).resolve() / "day=*" / "*.parquet")
 
@@ -887,6 +891,22 @@ class Lake:
                 log.error("cannot finish compaction %s: %s", intent, error)
 
 
+def report_keys(files: Mapping[str, Sequence[str]]) -> pl.LazyFrame | None:
+    """`seq`, `call_id`, `serial` and `ts_us` (microseconds since the epoch) of the
+    reports in these files of the report tables (table -> paths), read by polars,
+    which a process writing the lake has loaded, where DuckDB would be loaded for a
+    few keys (bench/README.md, "Process weight"); None for no file. Files written
+    before a column was added lack it: only these four are read."""
+    scans = [
+        pl.scan_parquet(
+            list(paths), hive_partitioning=False, missing_columns="insert", extra_columns="ignore"
+        ).select("seq", "call_id", "serial", pl.col("ts").dt.epoch("us").alias("ts_us"))
+        for paths in files.values()
+        if paths
+    ]
+    return pl.concat(scans) if scans else None
+
+
 class HeldReports:
     """The keys of the reports a lake held when this was made, looked up a time span
     at a time (replay's de-duplication against what is stored): only the day
@@ -902,7 +922,6 @@ class HeldReports:
                     continue
                 day = path.parent.name.removeprefix("day=")
                 self._files.setdefault(day, {}).setdefault(table, []).append(str(path))
-        self._con: duckdb.DuckDBPyConnection | None = None
 
     @property
     def empty(self) -> bool:
@@ -914,41 +933,25 @@ class HeldReports:
         """(call_id, serial, time) of the reports held from `first` to `last` (epoch
         seconds, inclusive) with one of `call_ids`, oldest first."""
         days = _days_between(first, last)
-        files: dict[str, list[str]] = {"events": [], "rejects": []}
-        for day in days:
-            for table, paths in self._files.get(day, {}).items():
-                files[table].extend(paths)
-        if not files["events"] and not files["rejects"]:
-            return []
-        selects = [
-            f"SELECT call_id, serial, ts FROM read_parquet(?, hive_partitioning = false) "
-            f"WHERE ts BETWEEN to_timestamp(?) AND to_timestamp(?)"
-            f"{' AND call_id IS NOT NULL' if table == 'rejects' else ''}"
+        files = {
+            table: [path for day in days for path in self._files.get(day, {}).get(table, [])]
             for table in ("events", "rejects")
-            if files[table]
-        ]
-        params: list[Any] = []
-        for table in ("events", "rejects"):
-            if files[table]:
-                params += [files[table], first, last]
-        if self._con is None:
-            import duckdb
-
-            self._con = duckdb.connect()
-        held = " UNION ALL ".join(selects)
-        return cast(
-            list[tuple[str, int, float]],
-            self._con.execute(
-                f"SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ({held}) "
-                "WHERE call_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY t",
-                [*params, sorted(set(call_ids))],
-            ).fetchall(),
+        }
+        stored = report_keys(files)
+        if stored is None:
+            return []
+        # Times as stored, to the microsecond: a report at either end is in the span.
+        span = pl.col("ts_us").is_between(round(first * 1_000_000), round(last * 1_000_000))
+        held = (
+            stored.filter(span, pl.col("call_id").is_in(sorted(set(call_ids))))
+            .sort("ts_us")
+            .select("call_id", "serial", pl.col("ts_us") / 1_000_000)
+            .collect()
         )
+        return cast(list[tuple[str, int, float]], held.rows())
 
     def close(self) -> None:
-        if self._con is not None:
-            self._con.close()
-            self._con = None
+        """Nothing held open (kept for the callers' `finally`)."""
 
 
 def _days_between(first: float, last: float) -> list[str]:

@@ -343,27 +343,24 @@ class LakeWriter:
         then holds no segment that is still in the journal)."""
         max_seq = max_ts_us = None
         keys: list[StoredKey] = []
-        # A new data dir (its lake holding placeholders only) asks DuckDB nothing.
-        if self.lake.holds_reports():
-            max_seq, max_ts_us = self.lake.query(
-                "SELECT max(seq), max(epoch_us(ts)) FROM (SELECT seq, ts FROM events "
-                "UNION ALL SELECT seq, ts FROM rejects UNION ALL SELECT seq, ts FROM checks)"
-            )[0]
-            since = (max_ts_us or 0) / 1_000_000 - self.keys.horizon_s
+        # A new data dir (its lake holding placeholders only) reads no file.
+        stored = self.lake.report_keys() if self.lake.holds_reports() else None
+        if stored is not None:
+            max_seq, max_ts_us = stored.select(pl.max("seq"), pl.max("ts_us")).collect().row(0)
+            since_us = (max_ts_us or 0) - round(self.keys.horizon_s * 1_000_000)
+            newest = stored.filter(
+                pl.col("ts_us") >= since_us,
+                pl.col("call_id").is_not_null(),
+                pl.col("serial").is_not_null(),
+            ).sort("ts_us", descending=True)
             # The newest store.max_dedup_keys only: the receiver holds no more.
-            limit = self.keys.max_keys
-            newest = "" if limit is None else f" LIMIT {int(limit)}"
+            if self.keys.max_keys is not None:
+                newest = newest.head(self.keys.max_keys)
             keys = [
-                (call_id, serial, t)
-                for call_id, serial, t in self.lake.query(
-                    "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
-                    "SELECT call_id, serial, ts FROM events WHERE ts >= to_timestamp(?) "
-                    "UNION ALL SELECT call_id, serial, ts FROM checks WHERE ts >= to_timestamp(?) "
-                    "UNION ALL SELECT call_id, serial, ts FROM rejects "
-                    "WHERE ts >= to_timestamp(?) AND call_id IS NOT NULL "
-                    "AND serial IS NOT NULL) ORDER BY t DESC" + newest,
-                    (since, since, since),
-                )
+                (call_id, serial, us / 1_000_000)
+                for call_id, serial, us in newest.select("call_id", "serial", "ts_us")
+                .collect()
+                .iter_rows()
             ]
             keys.reverse()
         self.keys.reset(

@@ -40,8 +40,10 @@ from engine.ingest.eventfiles import (
     read_event_files,
 )
 from engine.ingest.records import Item, pack_events, unpack_events
+from engine.ingest.store import DataDirLock, StoreError
 from engine.lake import parquet as lake_module
 from engine.lake import writer as lakewriter_module
+from engine.lake.views import ViewsFile
 from engine.simulator.scenario import generate, load_scenario, write_files
 from tests.conftest import make_settings
 
@@ -696,6 +698,64 @@ def test_detection_loaded_before_a_lake_that_went_past_its_snapshot_is_loaded_ag
             assert "the lake holds reports after the detection snapshot" in caplog.text
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][1], "the demo's calls are rebuilt"
+
+
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+def test_the_views_file_is_written_while_the_detection_process_forked_early_runs(
+    tmp_path: Path,
+) -> None:
+    # The views process reads its request to the end of its input: the detection
+    # process, forked after it started, must not hold that input open.
+    settings = make_settings(tmp_path / "data")
+    views = ViewsFile()
+    loading = detectfork.start_loading(settings, None, views.pipe_ends())
+    assert loading is not None
+    try:
+        lake = lake_module.Lake(settings.store.data_dir)
+        lake.prepare()
+        views.publish(lake.data_dir, lake.view_statements())
+        waited = threading.Thread(target=views.wait, daemon=True)
+        waited.start()
+        waited.join(60)
+        assert not waited.is_alive(), "the views file waited for the detection process"
+        assert (lake.data_dir / "callsentry.duckdb").exists()
+    finally:
+        loading.close()
+        views.close()
+
+
+@pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")
+def test_an_unusable_snapshot_is_left_alone_until_replay_holds_the_data_dir(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    csv = tmp_path / "a.csv"
+    csv.write_text(
+        HEADER
+        + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n"
+        + "2026-11-28T10:00:05+00:00,c1,3,bye,100,200,,7,Main\n"
+    )
+    settings = make_settings(tmp_path / "data")
+    replay([csv], settings)
+    snapshot = settings.store.data_dir / "state" / "detection.snapshot"
+    snapshot.write_bytes(b"CALLSENTRY-DETECTION-SNAPSHOT v9\n")
+    # Another process holds the data dir: replay is refused, and the snapshot, which
+    # is that process's, stays where it is.
+    holder = DataDirLock(settings.store.data_dir)
+    holder.acquire()
+    try:
+        with pytest.raises(StoreError, match="in use"):
+            replay([csv], settings, loading=detectfork.start_loading(settings, None))
+    finally:
+        holder.release()
+    assert sorted(p.name for p in snapshot.parent.iterdir()) == ["detection.snapshot"]
+    # Held by replay, it is set aside there, and detection starts cold.
+    with caplog.at_level("INFO"):
+        report = replay([csv], settings, loading=detectfork.start_loading(settings, None))
+    assert report.duplicates == 2
+    assert "the detection snapshot could not be used" in caplog.text
+    assert "is unusable" in caplog.text
+    names = sorted(p.name for p in snapshot.parent.iterdir())
+    assert names[0] == "detection.snapshot" and names[1].startswith("detection.snapshot.corrupt-")
 
 
 @pytest.mark.skipif(not detectfork.available(), reason="fork is Linux-only here")

@@ -48,7 +48,7 @@ from engine.ingest.keyfile import (
 )
 from engine.ingest.store import EventStore, StoreError, codec_header
 from engine.lake import views as views_module
-from engine.lake.parquet import CALL_SCHEMA, CompactionResult, Lake
+from engine.lake.parquet import CALL_SCHEMA, CompactionResult, HeldReports, Lake
 from engine.lake.views import ViewsFile, analysts_command, write_views_file
 from engine.lake.writer import LakeWriter, calls_frame
 from tests.conftest import make_settings, wait_for
@@ -255,6 +255,21 @@ def test_the_key_file_is_rebuilt_with_the_keys_an_sql_query_of_the_lake_gives(
     assert [tuple(key) for key in kept.keys] == expected
     # Segment 2 holds 35 keys, 33 of them within the horizon of its last.
     assert len(expected) == (max_keys or 33)
+    # Replay's look-up of what is stored: as the SQL it replaced said it, to the last
+    # digit of each time (a reject with a call id alone among them).
+    first, last = start + 50_000 + 97.000001, start + 50_000 + 20 * 97.000001
+    asked = [f"{kind}-2-{n}" for kind in ("c", "r") for n in range(40)]
+    held = HeldReports(lake).keys(asked, first, last)
+    by_sql = lake.query(
+        "SELECT call_id, serial, epoch_us(ts) / 1e6 AS t FROM ("
+        "SELECT call_id, serial, ts FROM events WHERE ts BETWEEN to_timestamp(?) AND "
+        "to_timestamp(?) UNION ALL SELECT call_id, serial, ts FROM rejects WHERE ts BETWEEN "
+        "to_timestamp(?) AND to_timestamp(?) AND call_id IS NOT NULL) "
+        "WHERE call_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY t",
+        (first, last, first, last, asked),
+    )
+    assert held == [tuple(row) for row in by_sql]
+    assert ("r-2-7", None, pytest.approx(start + 50_000 + 7 * 97.000001)) in held
 
 
 def test_a_key_file_made_for_a_shorter_dedup_horizon_is_rebuilt(tmp_path: Path) -> None:

@@ -227,7 +227,7 @@ def replay(
         # Forked before the imports below: detection (its modules, rules, models and
         # state) loads in a process of its own while this one loads polars and the
         # lake's modules and opens the store (run_replay waits for it, and closes it).
-        loading = start_loading(settings, rules_dir)
+        loading = start_loading(settings, rules_dir, views.pipe_ends())
 
         from engine.apps.progress import ProgressBar, on_terminal
         from engine.apps.replay import Progress

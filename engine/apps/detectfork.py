@@ -40,7 +40,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
@@ -146,10 +146,15 @@ def _serve(
     pipeline: Pipeline | Callable[[], Pipeline],
     snapshot_file: Path | None,
     parent: int,
+    not_ours: Sequence[int],
 ) -> None:
     """The child: detect segment after segment until told to stop (None) or orphaned.
     Given how to load detection rather than detection loaded, it first loads it and
-    restores its state from `snapshot_file`, and says so (`ready`)."""
+    restores its state from `snapshot_file`, and says so (`ready`). `not_ours`: file
+    descriptors inherited from the parent that this process must not hold open."""
+    for fd in not_ours:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     _end_with(parent)
     # Ctrl-C reaches the whole process group; the parent decides, and closes the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -171,6 +176,7 @@ def _load(
     """Detection loaded and its state restored (then `ready` is answered), or None when
     the rules or models are invalid (`invalid`, with every problem)."""
     from engine.detect.snapshot import restore_into
+    from engine.detect.state import SnapshotError
 
     try:
         pipeline = load()
@@ -178,14 +184,19 @@ def _load(
         outbox.send(("invalid", error.problems))
         return None
     restored = None
+    unusable = False
     if snapshot_file is not None:
         # What the file was when read: the parent carries on from this state only if
         # it is still the data dir's once the parent holds the lake writer's lock.
+        # This process holds no lock: an unusable snapshot is left for the parent.
         seen = _file_identity(snapshot_file)
-        found = restore_into(pipeline, snapshot_file)
+        try:
+            found = restore_into(pipeline, snapshot_file, set_aside_unusable=False)
+        except SnapshotError:
+            found, unusable = None, True
         if found is not None:
             restored = Restored(found[0], found[1], seen)
-    outbox.send(("ready", restored, tuple(evictions(pipeline))))
+    outbox.send(("ready", restored, tuple(evictions(pipeline)), unusable))
     return pipeline
 
 
@@ -252,14 +263,17 @@ class DetectionProcess:
     process goes on, and `ready` waits for that."""
 
     def __init__(
-        self, pipeline: Pipeline | Callable[[], Pipeline], snapshot_file: Path | None
+        self,
+        pipeline: Pipeline | Callable[[], Pipeline],
+        snapshot_file: Path | None,
+        not_ours: Sequence[int] = (),
     ) -> None:
         self.snapshot_file = snapshot_file
         context = mp.get_context("fork")
         self._conn, child_conn = context.Pipe(duplex=True)
         self._process = context.Process(
             target=_serve,
-            args=(child_conn, pipeline, snapshot_file, os.getpid()),
+            args=(child_conn, pipeline, snapshot_file, os.getpid(), tuple(not_ours)),
             name="callsentry-replay-detection",
             daemon=True,
         )
@@ -281,6 +295,8 @@ class DetectionProcess:
         # The child's, as of its last answer (the replay's summary reports them).
         self.evictions = Evictions() if callable(pipeline) else evictions(pipeline)
         self._loaded = not callable(pipeline)
+        # Said by `ready`: the data dir's snapshot could not be used (left as it was).
+        self.snapshot_unusable = False
         self._asked = 0
         self._finished = False
         self._closed = False
@@ -298,6 +314,7 @@ class DetectionProcess:
         if message[0] != "ready":
             raise DetectionProcessError(f"answered {message[0]!r} to loading detection")
         self.evictions = Evictions(*message[2])
+        self.snapshot_unusable = bool(message[3])
         restored: Restored | None = message[1]
         return restored
 
@@ -402,11 +419,14 @@ class DetectionProcess:
         return f"{what} (exit code {code})"
 
 
-def start_loading(settings: Settings, rules_dir: Path | None) -> DetectionProcess | None:
+def start_loading(
+    settings: Settings, rules_dir: Path | None, not_ours: Sequence[int] = ()
+) -> DetectionProcess | None:
     """Replay's detection process, forked now to load detection (the settings' rules,
     or those under `rules_dir`, and the models) and restore the data dir's detection
     state while the caller loads the rest; None where replay detects in process
-    (detection off, or no fork here)."""
+    (detection off, or no fork here). `not_ours`: file descriptors the child closes
+    (the views process's pipes: `ViewsFile.pipe_ends`)."""
     if not settings.detection.enabled or not available():
         return None
     from engine.apps.detectors import make_pipeline
@@ -414,4 +434,4 @@ def start_loading(settings: Settings, rules_dir: Path | None) -> DetectionProces
     def load() -> Pipeline:
         return make_pipeline(settings.detection, rules_dir)
 
-    return DetectionProcess(load, snapshot_path(settings.store.data_dir))
+    return DetectionProcess(load, snapshot_path(settings.store.data_dir), not_ours)

@@ -205,7 +205,10 @@ def replay(
     `views`: the process that writes the analysts' views file, started by the caller
     before its imports (by default started here); closed here. `loading`: the
     detection process the caller started before its imports (`start_loading`: it
-    loads detection meanwhile), for these settings and rules; closed here."""
+    loads detection meanwhile), for these settings and rules; closed here. Given,
+    detection runs there whatever `detect_in_child` says, unless the data dir asks
+    for detection to be loaded again in this process (then as `detect_in_child`
+    says)."""
     # Started first: it loads DuckDB while the rules load, and is told what to write
     # once the lake is prepared (nothing, if the replay stops before).
     views = views or ViewsFile()
@@ -254,6 +257,8 @@ def _why_not_carry_on(plan: _Detection, writer: LakeWriter) -> str | None:
     snapshot_file = plan.loading.snapshot_file
     if next(iter(sealed_segments(writer.journal_dir)), None) is not None:
         return "a run before this one left journal segments that are not in the lake"
+    if plan.loading.snapshot_unusable:
+        return "the detection snapshot could not be used (it is set aside here)"
     if plan.restored is None:
         if snapshot_file.exists():
             return "a detection snapshot was written since it was looked for"

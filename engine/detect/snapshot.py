@@ -258,17 +258,32 @@ def load(path: Path) -> Snapshot | None:
         return None
 
 
-def restore_into(pipeline: Pipeline, path: Path) -> tuple[Position, int] | None:
+def restore_into(
+    pipeline: Pipeline, path: Path, *, set_aside_unusable: bool = True
+) -> tuple[Position, int] | None:
     """Give `pipeline` the state of the snapshot at `path`: the position it goes up to
     and how many rules and models it held; None when there is none, or none usable
-    (reported and set aside: `pipeline` stays cold)."""
-    snapshot = load(path)
+    (reported and set aside: `pipeline` stays cold). Without `set_aside_unusable`
+    (a process that does not hold the data dir), an unusable one is left as it is,
+    unreported, and SnapshotError raised (`pipeline` cold)."""
+    if not set_aside_unusable:
+        if not path.exists():
+            return None
+        try:
+            snapshot: Snapshot | None = read(path.read_bytes())
+        except OSError as error:
+            raise SnapshotError(str(error)) from None
+    else:
+        snapshot = load(path)
     if snapshot is None:
         return None
     fresh = pipeline.state()
     try:
         restored = pipeline.restore(snapshot.state)
     except Exception as error:  # state of an unexpected shape can fail in any way
+        pipeline.restore(fresh)
+        if not set_aside_unusable:
+            raise SnapshotError(f"does not fit this release's detection ({error})") from None
         aside = set_aside(path)
         log.error(
             "detection snapshot %s does not fit this release's detection "
@@ -278,6 +293,5 @@ def restore_into(pipeline: Pipeline, path: Path) -> tuple[Position, int] | None:
             error,
             aside,
         )
-        pipeline.restore(fresh)
         return None
     return snapshot.position, len(restored)

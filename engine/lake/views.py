@@ -113,6 +113,15 @@ class ViewsFile:
             )
             self._stdin = self._process.stdin
 
+    def pipe_ends(self) -> list[int]:
+        """This process's ends of the pipes to the views process: a process forked from
+        this one closes them first, or the views process, which reads its request to
+        the end of its input, would wait for that one to end too."""
+        process = self._process
+        if process is None:
+            return []
+        return [pipe.fileno() for pipe in (process.stdin, process.stderr) if pipe is not None]
+
     def publish(self, data_dir: Path, statements: Sequence[str]) -> None:
         """Have the process write `data_dir`'s views file from `statements`."""
         self.target = data_dir / DATABASE

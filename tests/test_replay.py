@@ -50,6 +50,17 @@ from tests.conftest import make_settings
 HEADER = "ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
 
 
+def one_call(tmp_path: Path) -> Path:
+    """A CSV of one call: it rings, and ends 5 s later."""
+    csv = tmp_path / "a.csv"
+    csv.write_text(
+        HEADER
+        + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n"
+        + "2026-11-28T10:00:05+00:00,c1,3,bye,100,200,,7,Main\n"
+    )
+    return csv
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=120
@@ -290,12 +301,7 @@ def test_a_views_file_that_cannot_be_written_is_said_after_the_rows_are_stored(
     tmp_path: Path,
 ) -> None:
     # The views file is written by a process of its own while replay stores the rows.
-    csv = tmp_path / "a.csv"
-    csv.write_text(
-        HEADER
-        + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n"
-        + "2026-11-28T10:00:05+00:00,c1,3,bye,100,200,,7,Main\n"
-    )
+    csv = one_call(tmp_path)
     data_dir = tmp_path / "d"
     (data_dir / "callsentry.duckdb").mkdir(parents=True)
     (data_dir / "callsentry.duckdb" / "in-the-way").write_text("")
@@ -728,12 +734,7 @@ def test_the_views_file_is_written_while_the_detection_process_forked_early_runs
 def test_an_unusable_snapshot_is_left_alone_until_replay_holds_the_data_dir(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    csv = tmp_path / "a.csv"
-    csv.write_text(
-        HEADER
-        + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n"
-        + "2026-11-28T10:00:05+00:00,c1,3,bye,100,200,,7,Main\n"
-    )
+    csv = one_call(tmp_path)
     settings = make_settings(tmp_path / "data")
     replay([csv], settings)
     snapshot = settings.store.data_dir / "state" / "detection.snapshot"

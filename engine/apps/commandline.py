@@ -84,10 +84,11 @@ _exit_status: list[int] = []
 def end_at_once_when_done() -> None:
     """Once the command is over, end the process without the interpreter's teardown,
     which frees every object of every module loaded (polars, pydantic, River...) one
-    by one: about 60 ms after a small replay, a seventh of it. Registered as the first
-    exit handler, this runs last: after the interpreter has waited for the threads
-    still running, and after the exit handlers registered since (multiprocessing's
-    among them). What it skips loses nothing: the commands close what they open (no
+    by one: about 60 ms after a small replay, a seventh of it. Registered before the
+    command runs, this exit handler runs after the interpreter has waited for the
+    threads still running and after every handler registered since (multiprocessing's
+    among them); of those registered before (only logging's), it does the work
+    itself. What it skips loses nothing: the commands close what they open (no
     engine code leaves a file or a connection to the teardown), and the logs and the
     standard streams are flushed here."""
     atexit.register(_end_at_once)

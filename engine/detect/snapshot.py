@@ -242,13 +242,17 @@ def read(data: bytes) -> Snapshot:
         ) from None
 
 
-def load(path: Path) -> Snapshot | None:
-    """The snapshot at `path`, or None (none yet, or unusable: reported and set aside)."""
+def load(path: Path, *, set_aside_unusable: bool = True) -> Snapshot | None:
+    """The snapshot at `path`, or None (none yet, or unusable: reported and set aside).
+    Without `set_aside_unusable` (a process that does not hold the data dir), an
+    unusable one is left as it is, unreported, and SnapshotError raised."""
     if not path.exists():
         return None
     try:
         return read(path.read_bytes())
     except (OSError, SnapshotError) as error:
+        if not set_aside_unusable:
+            raise SnapshotError(str(error)) from None
         log.error(
             "detection snapshot %s is unusable: %s; starting detection cold (kept as %s)",
             path,
@@ -263,18 +267,9 @@ def restore_into(
 ) -> tuple[Position, int] | None:
     """Give `pipeline` the state of the snapshot at `path`: the position it goes up to
     and how many rules and models it held; None when there is none, or none usable
-    (reported and set aside: `pipeline` stays cold). Without `set_aside_unusable`
-    (a process that does not hold the data dir), an unusable one is left as it is,
-    unreported, and SnapshotError raised (`pipeline` cold)."""
-    if not set_aside_unusable:
-        if not path.exists():
-            return None
-        try:
-            snapshot: Snapshot | None = read(path.read_bytes())
-        except OSError as error:
-            raise SnapshotError(str(error)) from None
-    else:
-        snapshot = load(path)
+    (reported and set aside: `pipeline` stays cold). Without `set_aside_unusable`,
+    an unusable one is left as it is and SnapshotError raised (`pipeline` cold)."""
+    snapshot = load(path, set_aside_unusable=set_aside_unusable)
     if snapshot is None:
         return None
     fresh = pipeline.state()

@@ -395,13 +395,14 @@ class LakeWriter:
         restored = restore_into(self.pipeline, path)
         if restored is None:
             return
-        self.position, count = restored
-        caught_up = self._catch_up(self.position.seq)
+        position, count = restored
+        self.position = position
+        caught_up = self._catch_up(position.seq)
         log.info(
             "detection state restored from %s (up to report %d; %d rules and models; "
             "%d later reports from the lake fed again)",
             path.name,
-            restored[0].seq,
+            position.seq,
             count,
             caught_up,
         )

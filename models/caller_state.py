@@ -8,6 +8,8 @@ own. It keeps no doctests for that reason.
 
 from __future__ import annotations
 
+from typing import Any
+
 from engine.detect.windows import Snapshotted
 
 # The own-history means move by this much per call (about the last 50 calls).
@@ -84,6 +86,41 @@ class CallerState(Snapshotted):
         self.own_change = own_change
         self.own_ring = ring
         self.own_talk = talk
+
+    def state_row(self) -> tuple[Any, ...]:
+        # Field by field, in `state_fields`' order: a snapshot writes every caller's.
+        return (
+            self.calls,
+            self.first_ts,
+            self.histories,
+            self.last_callee,
+            self.last_ts,
+            self.own_change,
+            self.own_forward,
+            self.own_ring,
+            self.own_short,
+            self.own_talk,
+            self.own_unanswered,
+            self.ring,
+            self.talk,
+        )
+
+    def set_row(self, row: tuple[Any, ...]) -> None:
+        (
+            self.calls,
+            self.first_ts,
+            self.histories,
+            self.last_callee,
+            self.last_ts,
+            self.own_change,
+            self.own_forward,
+            self.own_ring,
+            self.own_short,
+            self.own_talk,
+            self.own_unanswered,
+            self.ring,
+            self.talk,
+        ) = row
 
     def learn(
         self,

@@ -20,6 +20,7 @@ import pytest
 
 import engine.detect
 from engine.core.events import CallEvent, CallState
+from engine.core.positions import Position
 from engine.detect import (
     COMPILED,
     RECORD,
@@ -30,7 +31,11 @@ from engine.detect import (
     stale_reason,
     windows,
 )
+from engine.detect.calls import Call
+from engine.detect.conduct import Conduct, ConductLedger
 from engine.detect.migrations import tracker_fields
+from engine.detect.snapshot import decode, encode
+from engine.detect.state import STATE_TYPES, Snapshot, SnapshotError, revive
 from engine.ingest import native
 from models.caller_state import CallerState
 
@@ -173,6 +178,93 @@ def test_what_a_snapshot_keeps_is_every_attribute(kind: type[windows.Snapshotted
     slots = {name for klass in kind.__mro__ for name in getattr(klass, "__slots__", ())}
     attributes = set(getattr(kind, "__mypyc_attrs__", ())) - {"__dict__", "__weakref__"}
     assert set(kind().state_fields()) == (attributes or slots)
+
+
+def _snapshotted_types() -> list[type[windows.Snapshotted]]:
+    import models.state_types  # noqa: F401  (registers the models' state types)
+
+    return sorted(
+        {entry.cls for entry in STATE_TYPES.values() if entry.snapshotted},
+        key=lambda kind: kind.__qualname__,
+    )
+
+
+@pytest.mark.parametrize("kind", _snapshotted_types(), ids=lambda kind: kind.__qualname__)
+def test_a_row_holds_every_field_in_the_order_of_state_fields(
+    kind: type[windows.Snapshotted],
+) -> None:
+    # A snapshot writes many objects of one class as rows (engine.detect.state); a class
+    # that reads its fields directly (a caller's conduct, a caller's model state) must
+    # give them in `state_fields`' order, each number told apart from the others here.
+    made = kind()
+    for index, name in enumerate(made.state_fields()):
+        value = getattr(made, name)
+        if type(value) is int:
+            setattr(made, name, 1_000 + index)
+        elif type(value) is float:
+            setattr(made, name, 0.5 + index)
+    fields = made.__getstate__()
+    row = made.state_row()
+    assert row == tuple(fields[name] for name in made.state_fields())
+    again = kind()
+    again.set_row(row)
+    assert again.__getstate__() == fields
+
+
+def _call(caller: str, talk: float) -> Call:
+    """A finished call of `caller`: answered and `talk` s long, or unanswered (< 0)."""
+    answered = talk >= 0.0
+    ended = 3.0 + max(talk, 2.0)
+    return Call(
+        f"{caller}-{talk}",
+        caller,
+        "4008001000",
+        "",
+        "1",
+        "Main menu",
+        1.0,
+        ringing_at=1.0,
+        ring_code=180,
+        answered_at=3.0 if answered else None,
+        ended_at=ended,
+        outcome="answered" if answered else "no_answer",
+        deadline=ended,
+    )
+
+
+def test_many_objects_of_one_class_are_written_as_rows_and_read_back_in_order() -> None:
+    ledger = ConductLedger(10)
+    for number, talk in (("300", 2.0), ("100", 40.0), ("200", -1.0), ("100", 3.0)):
+        ledger.observe(_call(number, talk))
+    mixed: windows.KeyedState[windows.Entries] = windows.KeyedState(10)
+    mixed.put("a", windows.CountState())
+    mixed.put("b", windows.ValueState())
+    payload = encode(Snapshot(Position(1, 1), {"conduct": ledger.callers, "mixed": mixed}, 0.0))
+    assert payload.count(b"keyed-rows") == 1
+    state = decode(payload).state
+    restored = state["conduct"]
+    assert list(restored.states) == list(ledger.callers.states) == ["300", "100", "200"]
+    assert restored.max_keys == 10 and restored.evicted == ledger.callers.evicted
+    for number, conduct in ledger.callers.states.items():
+        assert restored.states[number].__getstate__() == conduct.__getstate__()
+    assert [type(value) for value in state["mixed"].states.values()] == [
+        windows.CountState,
+        windows.ValueState,
+    ]
+
+
+def test_rows_written_with_other_fields_are_read_by_name_and_damaged_ones_refused() -> None:
+    conduct = Conduct()
+    conduct.learn(True, 4.0, 2.0, 10.0)
+    names = list(reversed(conduct.state_fields()))
+    row = [conduct.__getstate__()[name] for name in names]
+    fields = {"max_keys": 5, "evicted": 0, "values": "caller-conduct", "fields": names}
+    keyed = revive("keyed-rows", {**fields, "keys": ["100"], "rows": row})
+    assert keyed.states["100"].__getstate__() == conduct.__getstate__()
+    with pytest.raises(SnapshotError, match="do not match their fields and keys"):
+        revive("keyed-rows", {**fields, "keys": ["100", "200"], "rows": row})
+    with pytest.raises(SnapshotError, match="not a snapshotted type"):
+        revive("keyed-rows", {**fields, "values": "call", "keys": [], "rows": []})
 
 
 _PICKLE_STATE = """

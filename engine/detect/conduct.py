@@ -140,6 +140,47 @@ class Conduct(Snapshotted):
         self.own_talk = 0.0
         self.own_gap = 0.0
 
+    def state_row(self) -> tuple[Any, ...]:
+        # Field by field, in `state_fields`' order: a snapshot writes every caller's.
+        return (
+            self.answered,
+            self.answers,
+            self.calls,
+            self.first_start,
+            self.gap,
+            self.last_start,
+            self.last_ts,
+            self.own_answered,
+            self.own_gap,
+            self.own_ring,
+            self.own_short,
+            self.own_talk,
+            self.ring,
+            self.short,
+            self.starts,
+            self.talk,
+        )
+
+    def set_row(self, row: tuple[Any, ...]) -> None:
+        (
+            self.answered,
+            self.answers,
+            self.calls,
+            self.first_start,
+            self.gap,
+            self.last_start,
+            self.last_ts,
+            self.own_answered,
+            self.own_gap,
+            self.own_ring,
+            self.own_short,
+            self.own_talk,
+            self.ring,
+            self.short,
+            self.starts,
+            self.talk,
+        ) = row
+
     def learn(self, answered: bool, ring: float, talk: float, ts: float) -> None:
         """Take one finished call (its deadline `ts`; `talk` negative: answered, but how
         long it lasted is not known, so it moves neither the short share nor the talk

@@ -23,7 +23,9 @@ compares a restored state's alerts with an uninterrupted run's). Every object of
 it is written by its *state type*, a stable name registered in engine.detect.state with the
 fields that type declares (`Snapshotted.state_fields`, or the attributes its
 registration keeps), never as a Python class path: classes can move, be renamed or
-change their internals, and a snapshot still says what it holds. Reading allows
+change their internals, and a snapshot still says what it holds. A keyed state whose
+values are all of one such class (every caller's conduct) is written as rows: the
+class's state type and fields once, then each value's fields in one list. Reading allows
 those state types, plain containers, and the third-party statistics the models
 keep (River's, and the few standard-library types they are made of); anything
 else in a file is refused, so a snapshot cannot run code.
@@ -38,11 +40,14 @@ event). Snapshots of an earlier format are read once through
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import io
 import logging
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
@@ -80,7 +85,7 @@ class _StatePickler(pickle.Pickler):
         # Called for objects of non-builtin types only: plain data costs nothing here.
         entry = state_type_of(type(obj))
         if entry is not None:
-            return revive, (entry.name, entry.state_of(obj))
+            return revive, entry.written(obj)
         module = getattr(type(obj), "__module__", "")
         if module.startswith(_OWN_PACKAGES):
             raise SnapshotError(
@@ -109,6 +114,25 @@ def _parts(state: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
 
 def write_payload(out: BinaryIO, snapshot: Snapshot) -> None:
     """The payload of `snapshot` (this format), written to `out` part by part."""
+    with _no_collection():
+        _write_payload(out, snapshot)
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """The cyclic collector held off: writing or reading a snapshot makes containers
+    that all live until it is done, and each collection would walk them (an older
+    generation's, the whole detection state), finding nothing to free."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _write_payload(out: BinaryIO, snapshot: Snapshot) -> None:
     parts = _parts(snapshot.state)
     header = {
         "format": FORMAT,
@@ -130,6 +154,11 @@ def encode(snapshot: Snapshot) -> bytes:
 
 def decode(payload: bytes) -> Snapshot:
     """A snapshot from a payload of this format; SnapshotError if it is not one."""
+    with _no_collection():
+        return _decode(payload)
+
+
+def _decode(payload: bytes) -> Snapshot:
     source = io.BytesIO(payload)
     try:
         header = _StateUnpickler(source).load()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 from engine.core.positions import Position
@@ -67,6 +68,9 @@ def snapshot_of(document: Any, version: int) -> Snapshot:
 
 StateOf = Callable[[Any], dict[str, Any]]
 Revive = Callable[[dict[str, Any]], Any]
+# The state type an object is written as, and its fields (for a class that has more
+# than one form: a keyed state of one class of values is written as rows).
+Written = Callable[[Any], tuple[str, dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,15 @@ class StateType:
     cls: type
     state_of: StateOf
     revive: Revive
+    chosen: Written | None = None
+    # Written as a `Snapshotted` class's `state_fields` (and so may be written as rows).
+    snapshotted: bool = False
+
+    def written(self, obj: Any) -> tuple[str, dict[str, Any]]:
+        """The state type `obj` is written as and its fields."""
+        if self.chosen is not None:
+            return self.chosen(obj)
+        return self.name, self.state_of(obj)
 
 
 STATE_TYPES: dict[str, StateType] = {}
@@ -121,12 +134,17 @@ def register_state_type(
     drop: tuple[str, ...] = (),
     state_of: StateOf | None = None,
     revive: Revive | None = None,
+    written: Written | None = None,
+    read_only: bool = False,
 ) -> None:
     """Name how `cls` is written in snapshots. A `Snapshotted` class writes its
     `state_fields`; another writes its attributes (`keep`, or all of them but `drop`:
     what is rebuilt from configuration, such as a model's spec, is dropped), unless
-    `state_of`/`revive` say otherwise. A name is never reused for another meaning:
-    a changed shape gets a new name and a migration (engine.detect.migrations)."""
+    `state_of`/`revive` say otherwise; `written` chooses among its names object by
+    object, and a `read_only` name is one `cls` is read from but not written as. A
+    name is never reused for another meaning: a changed shape gets a new name and a
+    migration (engine.detect.migrations)."""
+    snapshotted = issubclass(cls, Snapshotted) and state_of is None and revive is None
     if issubclass(cls, Snapshotted):
         state_of = state_of or _snapshotted_state
         revive = revive or _snapshotted_revive(cls)
@@ -136,9 +154,10 @@ def register_state_type(
     known = STATE_TYPES.get(name)
     if known is not None and known.cls is not cls:
         raise ValueError(f"state type {name!r} is already {known.cls.__qualname__}")
-    entry = StateType(name, cls, state_of, revive)
+    entry = StateType(name, cls, state_of, revive, written, snapshotted)
     STATE_TYPES[name] = entry
-    _BY_CLASS[cls] = entry
+    if not read_only:
+        _BY_CLASS[cls] = entry
 
 
 def _call_state(call: Call) -> dict[str, Any]:
@@ -165,7 +184,69 @@ register_state_type("call-tracker", CallTracker)
 register_state_type("call-tracker-stats", TrackerStats)
 register_state_type("deadline-queue", DeadlineQueue)
 register_state_type("alert-manager", AlertManager, revive=_alert_manager_revive)
-register_state_type("keyed-state", KeyedState)
+
+
+def _keyed_written(keyed: KeyedState[Any]) -> tuple[str, dict[str, Any]]:
+    """A keyed state whose values are all of one `Snapshotted` class is written as
+    rows ("keyed-rows"): the keys in their order, the class's state type and fields
+    once, and the values' fields in one list. Pickled as a dict of fields per value,
+    a million callers' states would cost a dict, a tuple and memo entries each."""
+    states = keyed.states
+    if states:
+        first = next(iter(states.values()))
+        cls = type(first)
+        entry = _BY_CLASS.get(cls)
+        if (
+            entry is not None
+            and entry.snapshotted
+            and all(type(value) is cls for value in states.values())
+        ):
+            return "keyed-rows", {
+                "max_keys": keyed.max_keys,
+                "evicted": keyed.evicted,
+                "values": entry.name,
+                "fields": first.state_fields(),
+                "keys": list(states),
+                # Every value's fields one after the other, in the keys' order.
+                "rows": list(chain.from_iterable(map(cls.state_row, states.values()))),
+            }
+    return "keyed-state", _snapshotted_state(keyed)
+
+
+def _keyed_rows_revive(fields: dict[str, Any]) -> KeyedState[Any]:
+    entry = STATE_TYPES.get(fields["values"])
+    if entry is None or not entry.snapshotted:
+        raise SnapshotError(f"keyed rows of {fields['values']!r}, not a snapshotted type")
+    names = tuple(fields["fields"])
+    keys = list(fields["keys"])
+    flat = fields["rows"]
+    width = len(names)
+    if type(flat) is not list or len(flat) != width * len(keys):
+        raise SnapshotError(f"keyed rows of {entry.name!r} do not match their fields and keys")
+    cls = entry.cls
+    rows = (tuple(flat[at * width : (at + 1) * width]) for at in range(len(keys)))
+    values: list[Any] = []
+    if names == cls().state_fields():
+        for row in rows:
+            value = cls()
+            value.set_row(row)
+            values.append(value)
+    else:
+        # Written with other fields than the class has now: field by field, by name.
+        values = [entry.revive(dict(zip(names, row, strict=True))) for row in rows]
+    keyed: KeyedState[Any] = KeyedState()
+    keyed.__setstate__(
+        {
+            "max_keys": fields["max_keys"],
+            "states": dict(zip(keys, values, strict=True)),
+            "evicted": fields["evicted"],
+        }
+    )
+    return keyed
+
+
+register_state_type("keyed-state", KeyedState, written=_keyed_written)
+register_state_type("keyed-rows", KeyedState, revive=_keyed_rows_revive, read_only=True)
 register_state_type("count-window", CountState)
 register_state_type("value-window", ValueState)
 register_state_type("spike-window", SpikeState)

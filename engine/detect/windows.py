@@ -78,6 +78,16 @@ class Snapshotted:
         for name, value in state.items():
             setattr(self, name, value)
 
+    def state_row(self) -> tuple[Any, ...]:
+        """The values of `state_fields`, in their order: how a snapshot writes many
+        objects of one class (`engine.detect.state`, "keyed-rows"). A class with
+        a million of them (a caller's) reads its fields directly instead."""
+        return tuple([getattr(self, name) for name in self.state_fields()])
+
+    def set_row(self, row: tuple[Any, ...]) -> None:
+        """The fields from a `state_row` (what `__setstate__` does with its dict)."""
+        self.__setstate__(dict(zip(self.state_fields(), row, strict=True)))
+
 
 class Bucket(Snapshotted):
     """Calls folded out of a window (`Folded`): how many, how many of their values were

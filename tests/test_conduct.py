@@ -24,7 +24,7 @@ from engine.detect.conduct import (
     ConductLedger,
 )
 from engine.detect.pipeline import Pipeline
-from engine.detect.rules import RuleSet, load_rules
+from engine.detect.rules import CONDUCT_KEPT, RuleSet, load_rules
 from engine.detect.ruletest import expand
 from engine.detect.schema import TestCalls as Series
 from engine.detect.state import Snapshot
@@ -252,7 +252,7 @@ def test_a_rule_reload_keeps_the_callers_conduct() -> None:
     before = pipeline.rules.conduct
     assert before is not None and len(before) > 0
     kept = pipeline.swap_rules(_caller_rules())
-    assert "conduct" in kept
+    assert CONDUCT_KEPT in kept
     after = pipeline.rules.conduct
     assert after is not None and after is not before and len(after) == len(before)
 

@@ -495,10 +495,15 @@ def test_hot_reload_swaps_whole_sets_and_keeps_state_of_unchanged_rules(
 ) -> None:
     folder = tmp_path / "rules"
     shutil.copytree(RULES, folder)
+    # A rule may be called `conduct`: it is counted once, as a rule, beside the
+    # callers' conduct.
+    renamed = folder / "wangiri-abroad-caller.yaml"
+    renamed.write_text(renamed.read_text().replace("id: wangiri-abroad-caller", "id: conduct"))
     settings = make_settings(tmp_path / "data")
     pipeline = make_pipeline(settings.detection, folder)
     writer = LakeWriter(tmp_path / "data", pipeline=pipeline)
     before = {rule.id: rule for rule in pipeline.rules.rules}
+    assert "conduct" in before and pipeline.rules.conduct is not None
     before["short-calls-caller"].state.put("someone", object())  # type: ignore[arg-type]
 
     (folder / "short-calls-caller.yaml").write_text("id: [broken\n")
@@ -529,6 +534,7 @@ def test_hot_reload_swaps_whole_sets_and_keeps_state_of_unchanged_rules(
     assert int(reloaded[2]) == len(pipeline.rules.models)
     # Every model kept what it learned; the callers' conduct is said apart, not as one.
     assert int(reloaded[4]) == int(reloaded[2])
+    assert "and the callers' conduct" in caplog.text
 
 
 # -- the scenario library -------------------------------------------------------------

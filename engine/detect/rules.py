@@ -46,6 +46,11 @@ def _list_references(spec: RuleSpec) -> list[str]:
     return names
 
 
+# What `adopt_state_from` says for the callers' conduct: no rule's id (ids are
+# lower-case letters, digits and `_.-`).
+CONDUCT_KEPT = "callers' conduct"
+
+
 @dataclass
 class RuleSet:
     rules: list[CompiledRule] = field(default_factory=list)
@@ -112,12 +117,13 @@ class RuleSet:
         return {rule.id: rule for rule in self.rules}
 
     def adopt_state_from(self, previous: RuleSet) -> list[str]:
-        """Keep window state for rules whose logic did not change; returns their ids."""
+        """Keep window state for rules whose logic did not change; returns their ids,
+        the models' that kept theirs, and CONDUCT_KEPT if the callers' conduct was."""
         old = previous.by_id()
         kept = self.models.restore(previous.models.state())
         if self.conduct is not None and previous.conduct is not None:
             self.conduct.take_over(previous.conduct)
-            kept.append("conduct")
+            kept.append(CONDUCT_KEPT)
         for rule in self.rules:
             before = old.get(rule.id)
             if before is not None and before.logic == rule.logic:

@@ -700,12 +700,14 @@ class LakeWriter:
                 "\n  ".join(error.problems),
             )
             return False
+        from engine.detect.rules import CONDUCT_KEPT
+
         with self._lock:
             kept = self.pipeline.swap_rules(rules)
         rule_ids = {rule.id for rule in rules.rules}
         kept_rules = sum(1 for kept_id in kept if kept_id in rule_ids)
-        # The callers' conduct (`conduct` in `kept`) is neither a rule nor a model.
-        kept_conduct = "conduct" in kept and "conduct" not in rule_ids
+        # The callers' conduct is neither a rule nor a model.
+        kept_conduct = CONDUCT_KEPT in kept
         log.info(
             "rules reloaded: %d rules and %d models; unchanged, and keeping what they "
             "learned: %d rules and %d models%s",

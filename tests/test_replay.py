@@ -282,6 +282,21 @@ def test_cli_reports_a_missing_file_and_exits_non_zero(tmp_path: Path) -> None:
     assert "1 of 2 files unreadable" in result.stderr and "a bug" not in result.stderr
 
 
+def test_cli_says_when_the_files_hold_no_rows(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    header = tmp_path / "header.csv"
+    header.write_text(HEADER)
+    result = run_cli("replay", str(empty), str(header), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 0, result.stderr
+    assert f"{empty}, {header}: no rows to replay (empty, or a header alone)" in result.stderr
+    assert "replayed 0 rows" in result.stdout
+    one = tmp_path / "one.csv"
+    one.write_text(HEADER + "2026-11-28T10:00:00Z,c1,1,180,100,200,,7,Main\n")
+    result = run_cli("replay", str(empty), str(one), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 0 and "no rows to replay" not in result.stderr
+
+
 def test_a_replay_stopped_by_its_rules_touches_no_data_dir(tmp_path: Path) -> None:
     # The views process is started before the rules are read: told nothing, it writes
     # nothing, and the data dir is not made.

@@ -261,6 +261,11 @@ def replay(
         )
     for problem in report.file_errors:
         click.echo(f"{problem}", err=True)
+    if report.read == 0 and not report.file_errors:
+        # Not an error (nothing was dropped), but seldom what was meant: an export
+        # that wrote no rows, or the wrong file.
+        said = ", ".join(str(path) for path in files)
+        click.echo(f"{shown(said)}: no rows to replay (empty, or a header alone)", err=True)
 
     def file_line(reject: Reject) -> tuple[str, int]:
         # Stored in event-time order (a bad row's time is the last good row's before

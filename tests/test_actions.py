@@ -29,7 +29,8 @@ import pytest
 from engine.alerts.actionbook import DESTINATIONS, ActionBook, ActionError, approve
 from engine.alerts.actions import ActionDestination, ActionSink
 from engine.alerts.actionspec import ActionSet, load_actions
-from engine.alerts.outbox import Courier, Outbox, RetryPolicy, outbox_path
+from engine.alerts.couriers import Courier, RetryPolicy
+from engine.alerts.outbox import Outbox, outbox_path
 from engine.alerts.webhook import IDEMPOTENCY_HEADER
 from engine.core.events import CallEvent, CallState
 from engine.core.yamlfile import YamlFileError

@@ -21,16 +21,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from engine.alerts.outbox import (
-    Courier,
-    DeliveryError,
-    Dispatch,
-    Outbox,
-    OutboxError,
-    OutboxSink,
-    RetryPolicy,
-    outbox_path,
-)
+from engine.alerts.couriers import Courier, DeliveryError, Dispatch, RetryPolicy
+from engine.alerts.outbox import Outbox, OutboxError, OutboxSink, outbox_path
 from engine.alerts.webhook import IDEMPOTENCY_HEADER, WebhookDestination
 from engine.detect.alerts import Alert
 from tests.conftest import make_settings, wait_for

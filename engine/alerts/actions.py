@@ -41,7 +41,8 @@ from engine.alerts.actionspec import (
     render_command,
     render_http,
 )
-from engine.alerts.outbox import Delivery, DeliveryError
+from engine.alerts.couriers import DeliveryError
+from engine.alerts.outbox import Delivery
 from engine.alerts.webhook import NoRedirect, send_http
 from engine.core.text import shown
 

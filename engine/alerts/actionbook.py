@@ -6,8 +6,8 @@ without the other, whatever is killed when.
 
     action_requests(id, key, action_id, alert_id, ..., state, hold, payload, ...)
         one per (action, alert); state: pending (waits for a reviewer: hold says
-        whether the action asks for approval or its budget ran out) -> queued -> done
-        -> undo_queued -> undone. Unique by key = "ACTION:ALERT:do".
+        whether the action asks for approval or its budget, engine.alerts.budget, ran out)
+        -> queued -> done -> undo_queued -> undone. Unique by key = "ACTION:ALERT:do".
     actions(seq, at, request_id, action_id, alert_id, ..., event, reviewer, request,
             status, undo_at, key)
         the audit trail: append-only (triggers refuse UPDATE and DELETE); the lake
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.alerts import budget
 from engine.alerts.actionspec import (
     ActionSpec,
 )
@@ -102,7 +103,7 @@ _SCHEMA = [
         undone_at REAL,
         last_error TEXT NOT NULL DEFAULT ''
     )""",
-    "CREATE INDEX IF NOT EXISTS budget ON action_requests (action_id, auto, created_at)",
+    budget.INDEX,
     "CREATE INDEX IF NOT EXISTS undo_due ON action_requests (state, undo_at)",
     """CREATE TABLE IF NOT EXISTS actions (
         seq INTEGER PRIMARY KEY,
@@ -317,21 +318,10 @@ class ActionBook:
                 state, hold, auto = "queued", "", True
                 if action.mode == "approve":
                     state, hold, auto = "pending", "approval", False
-                else:
-                    used = db.execute(
-                        "SELECT count(*) FROM action_requests WHERE action_id = ? AND auto = 1 "
-                        "AND created_at > ?",
-                        (action.id, now - 3600.0),
-                    ).fetchone()[0]
-                    if used >= action.budget.per_hour:
-                        state, hold, auto = "pending", "budget", False
-                        held = db.execute(
-                            "SELECT count(*) FROM action_requests WHERE action_id = ? "
-                            "AND hold = 'budget' AND created_at > ?",
-                            (action.id, now - 3600.0),
-                        ).fetchone()[0]
-                        if not held:
-                            first_holds.add(action.id)
+                elif budget.spent(db, action.id, now) >= action.budget.per_hour:
+                    state, hold, auto = "pending", "budget", False
+                    if not budget.held_before(db, action.id, now):
+                        first_holds.add(action.id)
                 payload = json.dumps(
                     {"action": action.as_data(), "alert": dict(alert)}, ensure_ascii=False
                 ).encode("utf-8")
@@ -385,7 +375,7 @@ class ActionBook:
                         "action %s: budget of %d per hour used up; what it would do now "
                         "waits for approval (callsentry actions list --state pending)",
                         request.action_id,
-                        _budget(request),
+                        budget.per_hour(request.payload),
                     )
                 log.info(
                     "action %s on alert %s (%s %s) held by its budget: "
@@ -662,13 +652,6 @@ class ActionBook:
             fired, approved, failed, holds = tallies.get(name, [0, 0, 0, 0])
             result[name] = ActionCounts(fired, approved, failed, holds, pending.get(name, 0))
         return result
-
-
-def _budget(request: ActionRequest) -> int:
-    try:
-        return int(json.loads(request.payload)["action"]["budget"]["per_hour"])
-    except (ValueError, KeyError, TypeError):
-        return 0
 
 
 def _book(data_dir: Path, *, read_only: bool) -> ActionBook:

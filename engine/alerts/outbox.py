@@ -8,6 +8,7 @@ fsync'd). One row per delivery, unique by (destination, key):
 
     deliveries(id, destination, key, payload, enqueued_at, attempts, next_at,
                last_error, state, done_at)      state: pending | delivered | given_up
+        last_error: the last failed attempt's error ('' once delivered)
     tallies(destination, delivered, failed, given_up)    counters, for the metrics
 
 Guarantees:
@@ -220,12 +221,14 @@ class Outbox:
         return [_delivery(row) for row in rows]
 
     def mark_delivered(self, delivery: Delivery) -> None:
+        """The endpoint took it: delivered, and an earlier attempt's error is cleared
+        (a delivered row lists no error)."""
         now = self.clock()
 
         def mark(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE deliveries SET state = 'delivered', done_at = ?, attempts = attempts + 1 "
-                "WHERE id = ? AND state = 'pending'",
+                "UPDATE deliveries SET state = 'delivered', done_at = ?, attempts = attempts + 1, "
+                "last_error = '' WHERE id = ? AND state = 'pending'",
                 (now, delivery.id),
             )
             _tally(db, delivery.destination, "delivered", 1)
@@ -244,7 +247,7 @@ class Outbox:
             for delivery in deliveries:
                 cursor = db.execute(
                     "UPDATE deliveries SET state = 'delivered', done_at = ?, "
-                    "attempts = attempts + 1 WHERE id = ? AND state = 'pending'",
+                    "attempts = attempts + 1, last_error = '' WHERE id = ? AND state = 'pending'",
                     (now, delivery.id),
                 )
                 if cursor.rowcount:

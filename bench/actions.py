@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.alerts.actionbook import DESTINATIONS, ActionBook
 from engine.alerts.actions import ActionSink, action_destinations
 from engine.alerts.actionspec import ActionSet, ActionSpec
-from engine.alerts.outbox import Courier, Dispatch, Outbox, OutboxSink, RetryPolicy
+from engine.alerts.couriers import Courier, Dispatch, RetryPolicy
+from engine.alerts.outbox import Outbox, OutboxSink
 from engine.detect.alerts import Alert
 
 POLICY = RetryPolicy(give_up_after_s=86_400, first_backoff_s=0.05, max_backoff_s=0.2)

@@ -29,7 +29,8 @@ import pytest
 from engine.alerts.actionbook import DESTINATIONS, ActionBook, ActionError, approve
 from engine.alerts.actions import ActionDestination, ActionSink
 from engine.alerts.actionspec import ActionSet, load_actions
-from engine.alerts.outbox import Courier, Outbox, RetryPolicy, outbox_path
+from engine.alerts.couriers import Courier, RetryPolicy
+from engine.alerts.outbox import Outbox, outbox_path
 from engine.alerts.webhook import IDEMPOTENCY_HEADER
 from engine.core.events import CallEvent, CallState
 from engine.core.yamlfile import YamlFileError
@@ -419,7 +420,7 @@ def test_a_block_puts_the_entity_on_the_blocklist_until_it_expires(tmp_path: Pat
     sink, book = rig(tmp_path, text, clock)
     sink.deliver([alert(1, "=HYPERLINK(1)")])
     run_couriers(book, lambda: book.requests()[0].state == "done")
-    (entry,) = book.blocklist()
+    (entry,) = book.blocklist.entries()
     assert (entry.entity_type, entry.entity) == ("forward", "=HYPERLINK(1)")
     assert entry.action_id == "block-it"
     assert entry.expires_at == clock.now + 3600
@@ -436,7 +437,7 @@ def test_a_block_puts_the_entity_on_the_blocklist_until_it_expires(tmp_path: Pat
     clock.now += 3600
     assert book.queue_due_undos() == 1
     run_couriers(book, lambda: book.requests()[0].state == "undone")
-    assert book.blocklist() == []
+    assert book.blocklist.entries() == []
     assert events(book, book.requests()[0].id) == ["queued", "fired", "undo_queued", "undone"]
 
 
@@ -445,7 +446,7 @@ def test_a_dry_run_block_says_what_it_would_do_and_blocks_nothing(tmp_path: Path
     sink, book = rig(tmp_path, text)
     sink.deliver([alert(1)])
     run_couriers(book, lambda: book.requests()[0].state == "done")
-    assert book.blocklist() == []
+    assert book.blocklist.entries() == []
     last = book.trail()[-1]
     assert (last["event"], last["status"]) == ("dry_run", "dry run: blocklist unchanged")
     assert last["request"] == "block forward +882130000001 for 1 d"
@@ -525,7 +526,7 @@ def test_blocking_a_blocked_entity_again_says_what_it_replaces(tmp_path: Path) -
     until = first.stdout.split("blocked ")[1].strip()
     assert f"(it was blocked {until}; that entry is replaced)" in second.stdout
     book = ActionBook.of(data)
-    (entry,) = book.blocklist()
+    (entry,) = book.blocklist.entries()
     book.close()
     assert entry.expires_at is not None and abs(entry.expires_at - entry.added_at - 86_400) < 60
 
@@ -743,10 +744,10 @@ def test_live_serve_blocks_a_risky_forward_number_in_dry_run(
         )  # fmt: skip
         if mode == "approve":
             assert (request.state, request.hold) == ("pending", "approval")
-            assert book.blocklist() == []
+            assert book.blocklist.entries() == []
             approve(data_dir, request.id, "ana")
         wait_for(lambda: book.request(request.id).state == "done", 60, "the block done")
-        assert book.blocklist() == []  # a dry run
+        assert book.blocklist.entries() == []  # a dry run
         expected = [
             ("block-risky-forward", "+882130000777", mode, "queued", "", ""),
             ("block-risky-forward", "+882130000777", mode, "dry_run", "",

@@ -20,6 +20,7 @@ from aiosmtpd.controller import Controller
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine.alerts.couriers import Courier, Dispatch, RetryPolicy
 from engine.alerts.notify import (
     DIGEST_PREFIX,
     ChannelState,
@@ -28,7 +29,7 @@ from engine.alerts.notify import (
     Route,
     notify_state_path,
 )
-from engine.alerts.outbox import Courier, Dispatch, Outbox, RetryPolicy, outbox_path
+from engine.alerts.outbox import Outbox, outbox_path
 from engine.alerts.transports import SD_ID, AppriseTransport
 from engine.apps.delivery import make_durable_sinks, outbox_destinations
 from engine.apps.settings import ConfigError, load_settings
@@ -451,7 +452,7 @@ def test_a_failing_service_says_why_without_its_secret(tmp_path: Path) -> None:
     transport = AppriseTransport(
         f"json://user:{secret}@127.0.0.1:{port}/hook", secrets=[secret], timeout_s=2
     )
-    from engine.alerts.outbox import DeliveryError
+    from engine.alerts.couriers import DeliveryError
 
     with pytest.raises(DeliveryError) as raised:
         transport.send_alert(json.loads(json.dumps(make_alert(1).as_json())), CONSOLE)

@@ -21,16 +21,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from engine.alerts.outbox import (
-    Courier,
-    DeliveryError,
-    Dispatch,
-    Outbox,
-    OutboxError,
-    OutboxSink,
-    RetryPolicy,
-    outbox_path,
-)
+from engine.alerts.couriers import Courier, DeliveryError, Dispatch, RetryPolicy
+from engine.alerts.outbox import Outbox, OutboxError, OutboxSink, outbox_path
 from engine.alerts.webhook import IDEMPOTENCY_HEADER, WebhookDestination
 from engine.detect.alerts import Alert
 from tests.conftest import make_settings, wait_for
@@ -303,6 +295,47 @@ def test_done_deliveries_are_forgotten_after_keep_s_and_their_counts_stay(
     assert outbox.counts()["webhook"].given_up == 1
     # Forgotten: the same key is a new delivery now.
     assert outbox.enqueue("webhook", "a", b"{}")
+
+
+class FailsOnce:
+    """An endpoint down for the first attempt, up for the next."""
+
+    name = "webhook"
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    def send(self, key: str, payload: bytes) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise DeliveryError("connection refused")
+
+
+def test_a_delivery_that_failed_then_went_through_is_listed_without_its_old_error(
+    tmp_path: Path,
+) -> None:
+    now = [1000.0]
+    outbox = Outbox(outbox_path(tmp_path), clock=lambda: now[0])
+    courier = Courier(outbox, FailsOnce(), FAST, clock=lambda: now[0])
+    outbox.enqueue("webhook", "a", b"{}")
+    courier.work()
+    [waiting] = outbox.listing(("pending",))
+    assert waiting.last_error == "connection refused"
+    now[0] += 1  # past the pause
+    courier.work()
+    [delivered] = outbox.listing(("delivered",))
+    assert (delivered.attempts, delivered.last_error) == (2, "")
+
+
+def test_a_batch_marked_delivered_keeps_no_old_error(tmp_path: Path) -> None:
+    # The relay's publisher marks NATS messages delivered many at a time.
+    outbox = Outbox(outbox_path(tmp_path))
+    outbox.enqueue("nats", "a", b"{}")
+    [message] = outbox.due("nats", now=2e9)
+    outbox.mark_failed(message, "no responders")
+    outbox.mark_delivered_many(outbox.due("nats", now=2e9))
+    [delivered] = outbox.listing(("delivered",))
+    assert (delivered.attempts, delivered.last_error) == (2, "")
 
 
 # -- replay and backtest never deliver ------------------------------------------------

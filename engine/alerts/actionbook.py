@@ -1,4 +1,4 @@
-"""The actions' book: their requests, approvals, the audit trail and the blocklist.
+"""The actions' book: their requests, approvals and the audit trail.
 
 State lives in the outbox's own file (`DATA_DIR/outbox/deliveries.sqlite3`), so that
 a decision and the delivery it enqueues are one transaction: neither is on disk
@@ -6,15 +6,15 @@ without the other, whatever is killed when.
 
     action_requests(id, key, action_id, alert_id, ..., state, hold, payload, ...)
         one per (action, alert); state: pending (waits for a reviewer: hold says
-        whether the action asks for approval or its budget ran out) -> queued -> done
-        -> undo_queued -> undone. Unique by key = "ACTION:ALERT:do".
+        whether the action asks for approval or its budget, engine.alerts.budget, ran out)
+        -> queued -> done -> undo_queued -> undone. Unique by key = "ACTION:ALERT:do".
     actions(seq, at, request_id, action_id, alert_id, ..., event, reviewer, request,
             status, undo_at, key)
         the audit trail: append-only (triggers refuse UPDATE and DELETE); the lake
         writer copies it into the lake, so `callsentry.duckdb` shows it as `actions`.
     action_tallies(action_id, fired, approved, failed, budget_holds)   for the metrics
-    blocklist(entity_type, entity, added_at, expires_at, reason, added_by, action_id,
-              alert_id)   callsentry's own blocklist (`callsentry blocklist`)
+    blocklist(...)   callsentry's own blocklist (engine.alerts.blocklist), made here
+        with the book's tables and opened as `ActionBook.blocklist`
 
 `approve`, `reject` and `lift` are a reviewer's decisions (the CLI's `actions` and
 the console call them); deciding and doing are in engine.alerts.actions.
@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.alerts import budget
 from engine.alerts.actionspec import (
     ActionSpec,
 )
+from engine.alerts.blocklist import SCHEMA as BLOCKLIST_SCHEMA
+from engine.alerts.blocklist import Blocklist
 from engine.alerts.outbox import (
     Outbox,
     OutboxError,
@@ -100,7 +103,7 @@ _SCHEMA = [
         undone_at REAL,
         last_error TEXT NOT NULL DEFAULT ''
     )""",
-    "CREATE INDEX IF NOT EXISTS budget ON action_requests (action_id, auto, created_at)",
+    budget.INDEX,
     "CREATE INDEX IF NOT EXISTS undo_due ON action_requests (state, undo_at)",
     """CREATE TABLE IF NOT EXISTS actions (
         seq INTEGER PRIMARY KEY,
@@ -134,17 +137,7 @@ _SCHEMA = [
         failed INTEGER NOT NULL DEFAULT 0,
         budget_holds INTEGER NOT NULL DEFAULT 0
     )""",
-    """CREATE TABLE IF NOT EXISTS blocklist (
-        entity_type TEXT NOT NULL,
-        entity TEXT NOT NULL,
-        added_at REAL NOT NULL,
-        expires_at REAL,
-        reason TEXT NOT NULL DEFAULT '',
-        added_by TEXT NOT NULL DEFAULT '',
-        action_id TEXT NOT NULL DEFAULT '',
-        alert_id TEXT NOT NULL DEFAULT '',
-        PRIMARY KEY (entity_type, entity)
-    )""",
+    BLOCKLIST_SCHEMA,
 ]
 
 _REQUEST_COLUMNS = (
@@ -195,18 +188,6 @@ class ActionCounts:
     failed: int = 0
     budget_holds: int = 0
     pending: int = 0
-
-
-@dataclass(frozen=True)
-class BlockEntry:
-    entity_type: str
-    entity: str
-    added_at: float
-    expires_at: float | None
-    reason: str
-    added_by: str
-    action_id: str
-    alert_id: str
 
 
 def request_key(action_id: str, alert_id: str, step: str) -> str:
@@ -288,6 +269,7 @@ class ActionBook:
     def __init__(self, outbox: Outbox, *, clock: Callable[[], float] = time.time) -> None:
         self.outbox = outbox
         self.clock = clock
+        self.blocklist = Blocklist(outbox, clock=clock)
 
         def create(db: sqlite3.Connection) -> None:
             for statement in _SCHEMA:
@@ -336,21 +318,10 @@ class ActionBook:
                 state, hold, auto = "queued", "", True
                 if action.mode == "approve":
                     state, hold, auto = "pending", "approval", False
-                else:
-                    used = db.execute(
-                        "SELECT count(*) FROM action_requests WHERE action_id = ? AND auto = 1 "
-                        "AND created_at > ?",
-                        (action.id, now - 3600.0),
-                    ).fetchone()[0]
-                    if used >= action.budget.per_hour:
-                        state, hold, auto = "pending", "budget", False
-                        held = db.execute(
-                            "SELECT count(*) FROM action_requests WHERE action_id = ? "
-                            "AND hold = 'budget' AND created_at > ?",
-                            (action.id, now - 3600.0),
-                        ).fetchone()[0]
-                        if not held:
-                            first_holds.add(action.id)
+                elif budget.spent(db, action.id, now) >= action.budget.per_hour:
+                    state, hold, auto = "pending", "budget", False
+                    if not budget.held_before(db, action.id, now):
+                        first_holds.add(action.id)
                 payload = json.dumps(
                     {"action": action.as_data(), "alert": dict(alert)}, ensure_ascii=False
                 ).encode("utf-8")
@@ -404,7 +375,7 @@ class ActionBook:
                         "action %s: budget of %d per hour used up; what it would do now "
                         "waits for approval (callsentry actions list --state pending)",
                         request.action_id,
-                        _budget(request),
+                        budget.per_hour(request.payload),
                     )
                 log.info(
                     "action %s on alert %s (%s %s) held by its budget: "
@@ -681,85 +652,6 @@ class ActionBook:
             fired, approved, failed, holds = tallies.get(name, [0, 0, 0, 0])
             result[name] = ActionCounts(fired, approved, failed, holds, pending.get(name, 0))
         return result
-
-    # -- the blocklist ----------------------------------------------------------------
-
-    def block(
-        self,
-        entity_type: str,
-        entity: str,
-        expires_at: float | None,
-        reason: str,
-        added_by: str,
-    ) -> tuple[bool, float | None]:
-        """Block `entity` until `expires_at` (None: for good), replacing its entry if it
-        has one: returns whether it had one in force, and that one's expiry."""
-        now = self.clock()
-        before: list[tuple[float | None]] = []
-
-        def add(db: sqlite3.Connection) -> None:
-            before.extend(
-                db.execute(
-                    "SELECT expires_at FROM blocklist WHERE entity_type = ? AND entity = ? "
-                    "AND (expires_at IS NULL OR expires_at > ?)",
-                    (entity_type, entity, now),
-                ).fetchall()
-            )
-            write_block(db, entity_type, entity, now, expires_at, reason, added_by, "", "")
-
-        self.outbox.transaction(add)
-        return (True, before[0][0]) if before else (False, None)
-
-    def unblock(self, entity_type: str, entity: str) -> bool:
-        removed: list[int] = []
-
-        def remove(db: sqlite3.Connection) -> None:
-            before = db.total_changes
-            db.execute(
-                "DELETE FROM blocklist WHERE entity_type = ? AND entity = ?", (entity_type, entity)
-            )
-            removed.append(db.total_changes - before)
-
-        self.outbox.transaction(remove)
-        return bool(removed[0])
-
-    def blocklist(self, *, include_expired: bool = False) -> list[BlockEntry]:
-        rows = self._rows(
-            "SELECT entity_type, entity, added_at, expires_at, reason, added_by, action_id, "
-            "alert_id FROM blocklist WHERE ? OR expires_at IS NULL OR expires_at > ? "
-            "ORDER BY entity_type, entity",
-            (int(include_expired), self.clock()),
-        )
-        return [BlockEntry(*row) for row in rows]  # type: ignore[arg-type]
-
-
-def _budget(request: ActionRequest) -> int:
-    try:
-        return int(json.loads(request.payload)["action"]["budget"]["per_hour"])
-    except (ValueError, KeyError, TypeError):
-        return 0
-
-
-def write_block(
-    db: sqlite3.Connection,
-    entity_type: str,
-    entity: str,
-    now: float,
-    expires_at: float | None,
-    reason: str,
-    added_by: str,
-    action_id: str,
-    alert_id: str,
-) -> None:
-    db.execute(
-        "INSERT INTO blocklist (entity_type, entity, added_at, expires_at, reason, added_by, "
-        "action_id, alert_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (entity_type, entity) DO UPDATE SET added_at = excluded.added_at, "
-        "expires_at = excluded.expires_at, reason = excluded.reason, "
-        "added_by = excluded.added_by, action_id = excluded.action_id, "
-        "alert_id = excluded.alert_id",
-        (entity_type, entity, now, expires_at, reason, added_by, action_id, alert_id),
-    )
 
 
 def _book(data_dir: Path, *, read_only: bool) -> ActionBook:

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 from engine.alerts.actionbook import (
     DESTINATIONS,
     ActionBook,
-    write_block,
 )
 from engine.alerts.actionspec import (
     ActionSet,
@@ -41,7 +40,9 @@ from engine.alerts.actionspec import (
     render_command,
     render_http,
 )
-from engine.alerts.outbox import Delivery, DeliveryError
+from engine.alerts.blocklist import lift_block, write_block
+from engine.alerts.couriers import DeliveryError
+from engine.alerts.outbox import Delivery
 from engine.alerts.webhook import NoRedirect, send_http
 from engine.core.text import shown
 
@@ -235,11 +236,7 @@ class ActionDestination:
                        f"action {action.id}", action.id, str(step.alert["alert_id"]))  # fmt: skip
             else:
                 # Only the entry this action made: a later one (a manual add) stays.
-                db.execute(
-                    "DELETE FROM blocklist WHERE entity_type = ? AND entity = ? "
-                    "AND action_id = ? AND alert_id = ?",
-                    (entity_type, entity, action.id, str(step.alert["alert_id"])),
-                )
+                lift_block(db, entity_type, entity, action.id, str(step.alert["alert_id"]))
 
         status = "blocked" if step.step == "do" else "lifted"
         self.book.record_done(step.request_id, step.step, summary, status, action.undo_after(),

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.alerts.outbox import DeliveryError, Outbox, OutboxError
+from engine.alerts.couriers import DeliveryError
+from engine.alerts.outbox import Outbox, OutboxError
 from engine.alerts.transports import Transport
 
 if TYPE_CHECKING:

@@ -1,27 +1,23 @@
-"""The outbox: whatever leaves the machine (an alert to a webhook today; notifications
-and actions later) is written here, durably, before anything tries to send it, and
-is delivered from here by one courier per destination.
+"""The outbox: whatever leaves the machine (an alert to a webhook, a notification, an
+action, a message for NATS) is written here, durably, before anything tries to send
+it, and is delivered from here by one courier per destination (engine.alerts.couriers;
+NATS: the relay's publisher).
 
 The file is `DATA_DIR/outbox/deliveries.sqlite3` (SQLite in WAL mode, every commit
 fsync'd). One row per delivery, unique by (destination, key):
 
     deliveries(id, destination, key, payload, enqueued_at, attempts, next_at,
                last_error, state, done_at)      state: pending | delivered | given_up
+        last_error: the last failed attempt's error ('' once delivered)
     tallies(destination, delivered, failed, given_up)    counters, for the metrics
 
 Guarantees:
 - `enqueue` returns once the delivery is on disk: a crash or kill -9 after it loses
   nothing. Enqueuing the same (destination, key) again is a no-op, so whoever
   enqueues may repeat itself after a crash (the lake writer does).
-- At least once: a delivery is marked delivered only after the endpoint said so; a
-  crash in between sends it again. The key travels with it (a webhook's
-  `Idempotency-Key` header) so the receiver can drop the second copy.
-- One courier per destination: a dead endpoint delays only its own deliveries.
-  While it fails, the courier pauses the whole destination (back-off doubling up to
-  `max_backoff_s`) instead of retrying each delivery in turn, so once the endpoint
-  is back everything waiting goes out oldest first within one pause.
-- What is still undelivered `give_up_after_s` after it was enqueued is given up:
-  counted, logged once per batch, and listed (`callsentry alerts deliveries`).
+- A delivery stays pending until a courier marks it delivered or gives it up; how
+  they deliver (at least once, a failing destination paused, the horizon after which
+  they give up) is said in engine.alerts.couriers.
 
 Any process may enqueue (the lake writer does, for alerts); the couriers run in
 `serve`'s main process and notice another process's enqueue within `poll_s`.
@@ -29,25 +25,19 @@ Any process may enqueue (the lake writer does, for alerts); the couriers run in
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-from engine.core.text import shown
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     # Only for types: serve's receiver process imports this module for its couriers
     # and need not load detection.
     from engine.detect.alerts import Alert
-
-log = logging.getLogger(__name__)
 
 STATES = ("pending", "delivered", "given_up")
 
@@ -231,12 +221,14 @@ class Outbox:
         return [_delivery(row) for row in rows]
 
     def mark_delivered(self, delivery: Delivery) -> None:
+        """The endpoint took it: delivered, and an earlier attempt's error is cleared
+        (a delivered row lists no error)."""
         now = self.clock()
 
         def mark(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE deliveries SET state = 'delivered', done_at = ?, attempts = attempts + 1 "
-                "WHERE id = ? AND state = 'pending'",
+                "UPDATE deliveries SET state = 'delivered', done_at = ?, attempts = attempts + 1, "
+                "last_error = '' WHERE id = ? AND state = 'pending'",
                 (now, delivery.id),
             )
             _tally(db, delivery.destination, "delivered", 1)
@@ -255,7 +247,7 @@ class Outbox:
             for delivery in deliveries:
                 cursor = db.execute(
                     "UPDATE deliveries SET state = 'delivered', done_at = ?, "
-                    "attempts = attempts + 1 WHERE id = ? AND state = 'pending'",
+                    "attempts = attempts + 1, last_error = '' WHERE id = ? AND state = 'pending'",
                     (now, delivery.id),
                 )
                 if cursor.rowcount:
@@ -435,241 +427,6 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, sqlite3.DatabaseError) and "not a database" in text:
         return "not an outbox (not an SQLite database)"
     return text or type(error).__name__
-
-
-# -- destinations ---------------------------------------------------------------------
-
-
-class DeliveryError(Exception):
-    """An attempt failed. `refused`: the endpoint answered and refused this delivery
-    (others may still go through); otherwise the endpoint is unreachable or failing."""
-
-    def __init__(self, message: str, *, refused: bool = False) -> None:
-        super().__init__(message)
-        self.refused = refused
-
-
-class Destination(Protocol):
-    """Where deliveries go: a webhook now; an Apprise URL or a switch's API later."""
-
-    name: str
-
-    def send(self, key: str, payload: bytes) -> None:
-        """Deliver `payload` (raise DeliveryError when not delivered)."""
-        ...
-
-
-# -- couriers -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    give_up_after_s: float = 86_400.0
-    first_backoff_s: float = 1.0
-    max_backoff_s: float = 60.0
-    # How soon a delivery enqueued by another process is noticed.
-    poll_s: float = 0.25
-    # Delivered and given-up rows are kept this long (listing, and de-duplication of
-    # a repeated enqueue), then dropped; their counts stay.
-    keep_s: float = 7 * 86_400.0
-
-    def backoff(self, failures: int) -> float:
-        return float(min(self.first_backoff_s * 2 ** max(0, failures - 1), self.max_backoff_s))
-
-
-# Deliveries a courier reads per pass.
-_BATCH = 100
-# How often a courier drops its destination's rows past RetryPolicy.keep_s.
-_FORGET_EVERY_S = 3600.0
-
-
-class Courier:
-    """Delivers one destination's deliveries, oldest first, from a thread of its own."""
-
-    def __init__(
-        self,
-        outbox: Outbox,
-        destination: Destination,
-        policy: RetryPolicy,
-        *,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.outbox = outbox
-        self.destination = destination
-        self.policy = policy
-        self.clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        # The endpoint's run of failures (0: working) and when to try it again.
-        self.failures = 0
-        self._resume_at = 0.0
-        self._failing_since: float | None = None
-        self._last_error = ""
-        self._forget_at = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.destination.name
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"courier-{self.name}", daemon=True)
-        self._thread.start()
-
-    def ask_to_stop(self) -> None:
-        """Stop after the attempt in progress (if any) ends."""
-        self._stop.set()
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                wait = self.work()
-            except OutboxError as error:
-                log.error("%s: %s; trying again", self.name, error)
-                wait = self.policy.max_backoff_s
-            except Exception:  # a bug must not end deliveries for good
-                log.exception("%s: courier failed; trying again", self.name)
-                wait = self.policy.max_backoff_s
-            self._stop.wait(wait)
-
-    def work(self) -> float:
-        """One pass: give up on what is past the horizon, then send what is due until the
-        endpoint fails. Returns how long to wait before the next pass."""
-        now = self.clock()
-        if now >= self._forget_at:
-            self.outbox.forget_done_before(now - self.policy.keep_s, self.name)
-            self._forget_at = now + _FORGET_EVERY_S
-        self._give_up(now)
-        if now < self._resume_at:
-            return min(self._resume_at - now, self.policy.poll_s)
-        batch = self.outbox.due(self.name, now, _BATCH)
-        for delivery in batch:
-            if self._stop.is_set():
-                return 0.0
-            try:
-                self.destination.send(delivery.key, delivery.payload)
-            except DeliveryError as error:
-                if error.refused:
-                    retry_at = self.clock() + self.policy.backoff(delivery.attempts + 1)
-                    self.outbox.mark_failed(delivery, str(error), retry_at)
-                    log.warning(
-                        "%s refused delivery %s: %s; trying it again later",
-                        self.name,
-                        shown(delivery.key),
-                        error,
-                    )
-                    continue
-                self.outbox.mark_failed(delivery, str(error))
-                self._endpoint_failed(str(error))
-                return min(self._resume_at - self.clock(), self.policy.poll_s)
-            self.outbox.mark_delivered(delivery)
-            self._endpoint_works()
-        # A full batch: more may be due at once.
-        return 0.0 if len(batch) == _BATCH else self.policy.poll_s
-
-    def _endpoint_failed(self, error: str) -> None:
-        now = self.clock()
-        self.failures += 1
-        self._last_error = error
-        self._resume_at = now + self.policy.backoff(self.failures)
-        if self._failing_since is None:
-            self._failing_since = now
-            waiting = self.outbox.counts().get(self.name, DestinationCounts()).pending
-            log.error(
-                "%s is failing (%s); %d deliveries wait in the outbox, tried again with "
-                "back-off up to %g s, given up after %g s",
-                self.name,
-                error,
-                waiting,
-                self.policy.max_backoff_s,
-                self.policy.give_up_after_s,
-            )
-
-    def _endpoint_works(self) -> None:
-        if self._failing_since is not None:
-            log.warning(
-                "%s works again after %.0f s of failures; sending what waited",
-                self.name,
-                self.clock() - self._failing_since,
-            )
-        self._failing_since = None
-        self.failures = 0
-        self._resume_at = 0.0
-
-    def _give_up(self, now: float) -> None:
-        untried = f"not tried: the endpoint was failing ({self._last_error})"
-        given = self.outbox.give_up_older_than(
-            self.name, now - self.policy.give_up_after_s, untried if self._last_error else ""
-        )
-        if given:
-            # An error one of them met (one never tried may have none of its own).
-            errors = [d.last_error for d in given if d.last_error]
-            log.error(
-                "%s: gave up on %d deliveries after %g s (last error: %s); "
-                "`callsentry alerts deliveries` lists them",
-                self.name,
-                len(given),
-                self.policy.give_up_after_s,
-                errors[-1] if errors else self._last_error or "never tried",
-            )
-            # A destination that keeps state of its own about each delivery (actions)
-            # is told, so that state does not wait for a delivery that will never come.
-            told = getattr(self.destination, "given_up", None)
-            if callable(told):
-                told(given)
-
-
-class Dispatch:
-    """The couriers of every destination, started and stopped together."""
-
-    def __init__(
-        self,
-        outbox: Outbox,
-        destinations: Sequence[Destination],
-        policy: RetryPolicy,
-        *,
-        clock: Callable[[], float] = time.time,
-        elsewhere: Sequence[str] = (),
-    ) -> None:
-        """`elsewhere`: destinations another process delivers (NATS: the relay's)."""
-        self.outbox = outbox
-        self.policy = policy
-        self.couriers = [Courier(outbox, d, policy, clock=clock) for d in destinations]
-        self.clock = clock
-        self.elsewhere = list(elsewhere)
-
-    @property
-    def destinations(self) -> list[str]:
-        return [courier.name for courier in self.couriers]
-
-    def start(self) -> None:
-        known = {*self.destinations, *self.elsewhere}
-        for name, counts in self.outbox.counts().items():
-            if counts.pending and name not in known:
-                log.warning(
-                    "outbox: %d deliveries wait for %s, which is not configured; they stay",
-                    counts.pending,
-                    name,
-                )
-        for courier in self.couriers:
-            courier.start()
-
-    def stop(self) -> None:
-        for courier in self.couriers:
-            courier.ask_to_stop()
-        for courier in self.couriers:
-            courier.stop()
-        with contextlib.suppress(OutboxError):
-            for name, counts in self.outbox.counts().items():
-                if counts.pending and name not in self.elsewhere:
-                    log.warning(
-                        "outbox: %d deliveries to %s wait for the next start", counts.pending, name
-                    )
 
 
 class OutboxSink:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from engine.alerts.couriers import DeliveryError
 from engine.alerts.messages import (
     FORMATS,
     Message,
@@ -24,7 +25,6 @@ from engine.alerts.messages import (
     escape_for,
     number_text,
 )
-from engine.alerts.outbox import DeliveryError
 from engine.core.text import shown, syslog_param
 
 

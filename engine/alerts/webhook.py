@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 
-from engine.alerts.outbox import DeliveryError
+from engine.alerts.couriers import DeliveryError
 from engine.core.text import shown
 
 # The header that carries a delivery's key to an HTTP endpoint (the IETF draft's name).

@@ -1,7 +1,8 @@
 """`callsentry actions` (the requests actions made, their trail, approving them) and
 `callsentry blocklist` (callsentry's own blocklist, for loading into the switch or a
 SIP proxy). What they do is in engine.alerts.actions, their state in
-engine.alerts.actionbook; this module only reads the arguments and prints."""
+engine.alerts.actionbook and engine.alerts.blocklist; this module only reads the
+arguments and prints."""
 
 from __future__ import annotations
 
@@ -291,7 +292,7 @@ def _entries(data: Path, include_expired: bool) -> list[dict[str, Any]]:
     except ActionError as error:
         fail(str(error))
     try:
-        entries = book.blocklist(include_expired=include_expired)
+        entries = book.blocklist.entries(include_expired=include_expired)
     except OutboxError as error:
         fail(str(error))
     finally:
@@ -388,7 +389,9 @@ def blocklist_add(
     try:
         book = ActionBook.of(data)
         try:
-            was, previous = book.block(entity_type, entity, expires_at, reason, _reviewer(reviewer))
+            was, previous = book.blocklist.block(
+                entity_type, entity, expires_at, reason, _reviewer(reviewer)
+            )
         finally:
             book.close()
     except OutboxError as error:
@@ -417,7 +420,7 @@ def blocklist_remove(
     try:
         book = open_book(data, read_only=False)
         try:
-            removed = book.unblock(entity_type, entity)
+            removed = book.blocklist.unblock(entity_type, entity)
         finally:
             book.close()
     except NoActions:

@@ -22,7 +22,7 @@ from engine.core.yamlfile import YamlFileError
 if TYPE_CHECKING:
     from engine.alerts.actions import ActionSink
     from engine.alerts.actionspec import ActionSet
-    from engine.alerts.outbox import Destination
+    from engine.alerts.couriers import Destination
     from engine.alerts.transports import Transport
     from engine.detect.alerts import Alert, AlertSink
     from engine.detect.pipeline import Pipeline

@@ -36,7 +36,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from engine.alerts.actionbook import ActionBook
-from engine.alerts.outbox import DestinationCounts, Dispatch, OutboxError
+from engine.alerts.couriers import Dispatch
+from engine.alerts.outbox import DestinationCounts, OutboxError
 from engine.apps.build import build_info
 from engine.apps.lakewriter import LakeWriterProcess
 from engine.apps.relay import RelayProcess

@@ -42,7 +42,7 @@ def notify() -> None:
 def notify_test(config: Path | None, names: tuple[str, ...]) -> None:
     """Send a test message to each channel now, directly (not through the outbox, outside
     the rate limit), and say which took it."""
-    from engine.alerts.outbox import DeliveryError
+    from engine.alerts.couriers import DeliveryError
     from engine.apps.delivery import channel_transport
 
     settings = settings_or_fail(config, {})

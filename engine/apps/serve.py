@@ -22,7 +22,8 @@ from engine.alerts.actionbook import DESTINATIONS as ACTION_DESTINATIONS
 from engine.alerts.actionbook import ActionBook
 from engine.alerts.actions import action_destinations
 from engine.alerts.actionspec import actions_dir
-from engine.alerts.outbox import Dispatch, Outbox, OutboxError, RetryPolicy, outbox_path
+from engine.alerts.couriers import Dispatch, RetryPolicy
+from engine.alerts.outbox import Outbox, OutboxError, outbox_path
 from engine.apps.build import build_info, uncompiled_parts
 from engine.apps.delivery import outbox_destinations
 from engine.apps.detectors import check_rules

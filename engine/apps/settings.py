@@ -356,7 +356,7 @@ class DetectionSettings(_Section):
 
 class OutboxSettings(_Section):
     """Deliveries that leave the machine (the webhook): DATA_DIR/outbox (see
-    engine.alerts.outbox)."""
+    engine.alerts.outbox), and how its couriers retry (engine.alerts.couriers)."""
 
     # Still undelivered this long after it was raised: given up, counted and listed
     # (`callsentry alerts deliveries`).

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.alerts import budget
 from engine.alerts.actionspec import (
@@ -46,9 +46,6 @@ from engine.alerts.outbox import (
     requeue_in,
 )
 from engine.core.text import shown
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,8 @@ class DeliveryError(Exception):
 
 
 class Destination(Protocol):
-    """Where deliveries go: a webhook now; an Apprise URL or a switch's API later."""
+    """Where deliveries go: the webhook, a notification channel, an action (an HTTP
+    call to the switch's API, a command, a block)."""
 
     name: str
 

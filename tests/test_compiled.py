@@ -5,6 +5,7 @@ and alerts compiled and as Python."""
 
 from __future__ import annotations
 
+import gc
 import importlib.machinery
 import json
 import os
@@ -233,9 +234,10 @@ def _call(caller: str, talk: float) -> Call:
 
 
 def test_many_objects_of_one_class_are_written_as_rows_and_read_back_in_order() -> None:
-    ledger = ConductLedger(10)
-    for number, talk in (("300", 2.0), ("100", 40.0), ("200", -1.0), ("100", 3.0)):
+    ledger = ConductLedger(4)
+    for number, talk in (("900", 9.0), ("800", 9.0), ("300", 2.0), ("100", 40.0), ("200", -1.0)):
         ledger.observe(_call(number, talk))
+    assert ledger.callers.evicted == 2  # "900" and "800", the least recently seen
     mixed: windows.KeyedState[windows.Entries] = windows.KeyedState(10)
     mixed.put("a", windows.CountState())
     mixed.put("b", windows.ValueState())
@@ -244,7 +246,7 @@ def test_many_objects_of_one_class_are_written_as_rows_and_read_back_in_order() 
     state = decode(payload).state
     restored = state["conduct"]
     assert list(restored.states) == list(ledger.callers.states) == ["300", "100", "200"]
-    assert restored.max_keys == 10 and restored.evicted == ledger.callers.evicted
+    assert restored.max_keys == 4 and restored.evicted == 2
     for number, conduct in ledger.callers.states.items():
         assert restored.states[number].__getstate__() == conduct.__getstate__()
     assert [type(value) for value in state["mixed"].states.values()] == [
@@ -267,11 +269,37 @@ def test_rows_written_with_other_fields_are_read_by_name_and_damaged_ones_refuse
         revive("keyed-rows", {**fields, "values": "call", "keys": [], "rows": []})
 
 
+def test_the_collector_is_held_off_while_a_snapshot_is_made_and_on_again_after_a_failure() -> None:
+    seen: list[bool] = []
+
+    class Probe:  # pickled by its own reduce (not ours: no state type needed)
+        def __reduce_ex__(self, protocol: object) -> tuple[type, tuple[str]]:
+            seen.append(gc.isenabled())
+            return float, ("1.5",)
+
+    class Unnamed:  # a class of ours with no state type
+        __module__ = "engine.detect.example"
+
+    assert gc.isenabled()
+    assert decode(encode(Snapshot(Position(1, 1), {"probe": Probe()}, 0.0))).state == {"probe": 1.5}
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(SnapshotError, match="has no state type"):
+        encode(Snapshot(Position(1, 1), {"unnamed": Unnamed()}, 0.0))
+    assert gc.isenabled()
+    with pytest.raises(SnapshotError):
+        decode(b"not a payload")
+    assert gc.isenabled()
+
+
 _PICKLE_STATE = """
 import pickle, sys
 from engine.detect import aggregates, calls, windows
 from engine.core.events import CallEvent, CallState
 from models.caller_state import CallerState
+import models.state_types
+from engine.core.positions import Position
+from engine.detect.snapshot import decode, encode
+from engine.detect.state import Snapshot
 if sys.argv[1] == "write":
     tracker = calls.CallTracker(settle_s=4.0)
     tracker.observe(CallEvent(1.0, "a", 1, CallState.RINGING, 183, "1", "2", "", "7", "M", ""))
@@ -284,10 +312,18 @@ if sys.argv[1] == "write":
     caller = CallerState(5.0, 1.0, 2.0)
     caller.learn(3, 8193, 0, 4.0, 1.5, 0.5, 77, 9.0)
     open(sys.argv[2], "wb").write(pickle.dumps((tracker, keyed, caller)))
+    callers = windows.KeyedState(4)  # written as rows
+    callers.put("9", CallerState())
+    callers.put("8", caller)
+    snapshot = encode(Snapshot(Position(1, 1), {"callers": callers}, 0.0))
+    assert b"keyed-rows" in snapshot
+    open(sys.argv[2] + ".snapshot", "wb").write(snapshot)
 tracker, keyed, caller = pickle.loads(open(sys.argv[2], "rb").read())
+rows = decode(open(sys.argv[2] + ".snapshot", "rb").read()).state["callers"]
 print(calls.__file__.endswith(".py"), tracker.open["a"].answered_at, tracker.settle_s,
       keyed.states["1"].baseline.alpha, keyed.states["1"].live_call_ids(),
-      caller.calls, caller.histories, caller.ring, caller.own_unanswered, caller.last_callee)
+      caller.calls, caller.histories, caller.ring, caller.own_unanswered, caller.last_callee,
+      "".join(rows.states), rows.states["8"].histories, rows.states["8"].own_unanswered)
 """
 
 
@@ -314,7 +350,9 @@ def test_compiled_and_python_builds_read_each_others_snapshots(
     read = run("read", not writer_as_python)
     assert written[0] == str(writer_as_python) and read[0] == str(not writer_as_python)
     assert (
-        written[1:] == read[1:] == ["2.0", "4.0", "0.4", "['a']", "1", "8193", "2.5", "0.02", "77"]
+        written[1:]
+        == read[1:]
+        == ["2.0", "4.0", "0.4", "['a']", "1", "8193", "2.5", "0.02", "77", "98", "8193", "0.02"]
     )
 
 

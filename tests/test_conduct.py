@@ -17,6 +17,7 @@ from engine.detect.calls import Call, CallTracker
 from engine.detect.conduct import (
     ANSWERED,
     CALLS,
+    CONDUCT_KEPT,
     OWN_AFTER,
     RATE,
     SHORT,
@@ -24,7 +25,7 @@ from engine.detect.conduct import (
     ConductLedger,
 )
 from engine.detect.pipeline import Pipeline
-from engine.detect.rules import CONDUCT_KEPT, RuleSet, load_rules
+from engine.detect.rules import RuleSet, load_rules
 from engine.detect.ruletest import expand
 from engine.detect.schema import TestCalls as Series
 from engine.detect.state import Snapshot
@@ -227,8 +228,12 @@ def test_conduct_is_restored_from_a_snapshot_and_gives_the_same_alerts(tmp_path:
     loaded = snapshot.load(path)
     assert loaded is not None
     second = Pipeline(_caller_rules(), CallTracker())
-    assert "conduct" in second.restore(loaded.state)
+    assert CONDUCT_KEPT in second.restore(loaded.state)
     assert second.rules.conduct is not None and len(second.rules.conduct) == 3
+    # What the restore says it held counts rules and models; the conduct is neither.
+    third = Pipeline(_caller_rules(), CallTracker())
+    assert snapshot.restore_into(third, path) == (Position(1, cut), len(third.rules.rules))
+    assert len(third.rules.models) == 0 and third.rules.conduct is not None
     alerts += _run(second, events[cut:])
     assert sorted(alerts) == whole
 
@@ -242,7 +247,7 @@ def test_a_snapshot_from_before_conduct_loads_and_conduct_starts_cold() -> None:
     decoded = snapshot.decode(snapshot.encode(Snapshot(Position(1, 1), state, 0.0)))
     fresh = Pipeline(_caller_rules(), CallTracker())
     restored = fresh.restore(decoded.state)
-    assert "conduct" not in restored and "fanout-callee-caller" in restored
+    assert CONDUCT_KEPT not in restored and "fanout-callee-caller" in restored
     assert fresh.rules.conduct is not None and len(fresh.rules.conduct) == 0
 
 

@@ -260,7 +260,7 @@ def replay(
             "stored stays, and the same replay again carries on"
         )
     for problem in report.file_errors:
-        click.echo(f"{problem}", err=True)
+        click.echo(shown(problem), err=True)
     if report.read == 0 and not report.file_errors:
         # Not an error (nothing was dropped), but seldom what was meant: an export
         # that wrote no rows, or the wrong file.

@@ -328,6 +328,12 @@ class Peers(Snapshotted):
         return None if value is None else float(value)
 
 
+# What a rule reload or a restore says for the callers' conduct in its list of what
+# kept its state beside rule and model ids: no rule's id (ids are lower-case letters,
+# digits and `_.-`), so a rule called `conduct` is not taken for it.
+CONDUCT_KEPT: Final = "callers' conduct"
+
+
 class ConductLedger(Snapshotted):
     """Every caller's conduct (at most `max_keys`, least recently seen let go first)
     and the peers'."""

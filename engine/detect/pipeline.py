@@ -14,7 +14,7 @@ from typing import Any, Final
 from engine.core.events import CallEvent, Reject
 from engine.detect.alerts import Alert, AlertManager
 from engine.detect.calls import Call, CallTracker
-from engine.detect.conduct import ConductLedger
+from engine.detect.conduct import CONDUCT_KEPT, ConductLedger
 from engine.detect.detectors import ModelFinding
 from engine.detect.evaluate import Quiet, RuleGroup
 from engine.detect.feed import FeedSilence
@@ -145,7 +145,7 @@ class Pipeline:
         conduct, saved_conduct = self.rules.conduct, state.get("conduct")
         if conduct is not None and isinstance(saved_conduct, ConductLedger):
             conduct.take_over(saved_conduct)
-            restored.append("conduct")
+            restored.append(CONDUCT_KEPT)
         self._split_rules()  # which rules have started changed
         return restored
 

@@ -15,7 +15,14 @@ from pathlib import Path
 from engine.core.yamlfile import YamlDocument, YamlFileError, parse_file, parse_files_with_ids
 from engine.detect.aggregates import UnusualShare
 from engine.detect.calls import Call
-from engine.detect.conduct import BOUNDS, MEASURES, BehaviourGate, BehaviourTest, ConductLedger
+from engine.detect.conduct import (
+    BOUNDS,
+    CONDUCT_KEPT,
+    MEASURES,
+    BehaviourGate,
+    BehaviourTest,
+    ConductLedger,
+)
 from engine.detect.detectors import ModelCatalogue, Models, NoModels
 from engine.detect.evaluate import CompiledRule, Finding, RuleGroup
 from engine.detect.exceptionfiles import (
@@ -44,11 +51,6 @@ def _list_references(spec: RuleSpec) -> list[str]:
                     names.append(ref)
     names.extend(e.list_ for e in spec.exceptions if e.list_)
     return names
-
-
-# What `adopt_state_from` says for the callers' conduct: no rule's id (ids are
-# lower-case letters, digits and `_.-`).
-CONDUCT_KEPT = "callers' conduct"
 
 
 @dataclass

@@ -120,9 +120,10 @@ def write_payload(out: BinaryIO, snapshot: Snapshot) -> None:
 
 @contextlib.contextmanager
 def _no_collection() -> Iterator[None]:
-    """The cyclic collector held off: writing or reading a snapshot makes containers
-    that all live until it is done, and each collection would walk them (an older
-    generation's, the whole detection state), finding nothing to free."""
+    """The cyclic collector held off: writing or reading a snapshot makes millions of
+    containers, most of which live until it is done (what is read, and what pickling
+    remembers of what it wrote), and each collection would walk them (an older
+    generation's, the whole detection state) finding little or nothing to free."""
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -295,9 +296,10 @@ def restore_into(
     pipeline: Pipeline, path: Path, *, set_aside_unusable: bool = True
 ) -> tuple[Position, int] | None:
     """Give `pipeline` the state of the snapshot at `path`: the position it goes up to
-    and how many rules and models it held; None when there is none, or none usable
-    (reported and set aside: `pipeline` stays cold). Without `set_aside_unusable`,
-    an unusable one is left as it is and SnapshotError raised (`pipeline` cold)."""
+    and how many rules and models it held (the callers' conduct is neither); None
+    when there is none, or none usable (reported and set aside: `pipeline` stays
+    cold). Without `set_aside_unusable`, an unusable one is left as it is and
+    SnapshotError raised (`pipeline` cold)."""
     snapshot = load(path, set_aside_unusable=set_aside_unusable)
     if snapshot is None:
         return None
@@ -318,4 +320,6 @@ def restore_into(
             aside,
         )
         return None
-    return snapshot.position, len(restored)
+    from engine.detect.conduct import CONDUCT_KEPT
+
+    return snapshot.position, sum(1 for kept in restored if kept != CONDUCT_KEPT)

@@ -190,7 +190,10 @@ def _keyed_written(keyed: KeyedState[Any]) -> tuple[str, dict[str, Any]]:
     """A keyed state whose values are all of one `Snapshotted` class is written as
     rows ("keyed-rows"): the keys in their order, the class's state type and fields
     once, and the values' fields in one list. Pickled as a dict of fields per value,
-    a million callers' states would cost a dict, a tuple and memo entries each."""
+    a million callers' states would cost a dict, a tuple and memo entries each.
+    Written so, a value is no object pickling remembers: it must be held by this keyed
+    state alone (true of every keyed state's values: the callers' conduct, a caller
+    model's states, a rule's windows), or it would be read back as two objects."""
     states = keyed.states
     if states:
         first = next(iter(states.values()))

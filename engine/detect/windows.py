@@ -61,7 +61,8 @@ Timestamp = Any
 
 class Snapshotted:
     """Written into detection snapshots as a dict of its `state_fields` (under its state
-    type, engine.detect.snapshot), whether this module runs compiled by mypyc (see
+    type, engine.detect.snapshot; many of one class under their keys as rows of them,
+    engine.detect.state), whether this module runs compiled by mypyc (see
     engine/detect/__init__.py) or as Python: compiled classes have no `__dict__`, and
     both must read one snapshot. A snapshot makes the object with no arguments and
     then sets its fields, so every argument of `__init__` has a default."""

@@ -700,7 +700,7 @@ class LakeWriter:
                 "\n  ".join(error.problems),
             )
             return False
-        from engine.detect.rules import CONDUCT_KEPT
+        from engine.detect.conduct import CONDUCT_KEPT
 
         with self._lock:
             kept = self.pipeline.swap_rules(rules)

@@ -269,6 +269,47 @@ def test_rows_written_with_other_fields_are_read_by_name_and_damaged_ones_refuse
         revive("keyed-rows", {**fields, "values": "call", "keys": [], "rows": []})
 
 
+class _Crafted:
+    """Pickles as the `keyed-rows` revive call with `fields`, whatever they are."""
+
+    def __init__(self, fields: object) -> None:
+        self.fields = fields
+
+    def __reduce__(self) -> tuple[object, tuple[str, object]]:
+        return revive, ("keyed-rows", self.fields)
+
+
+_ROW_OK = {"max_keys": 5, "evicted": 0, "values": "caller-conduct", "keys": ["1"]}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {**_ROW_OK, "fields": Conduct().state_fields(), "rows": {"a": 1}},
+        {**_ROW_OK, "fields": None, "rows": []},
+        {**_ROW_OK, "fields": Conduct().state_fields(), "rows": ["x"] * 16},
+        {**_ROW_OK, "fields": ("calls",), "rows": ["not a number"]},
+        {**_ROW_OK, "fields": ("__class__",), "rows": [dict]},
+        {**_ROW_OK, "keys": [["unhashable"]], "fields": (), "rows": []},
+        {**_ROW_OK, "values": "no-such-type", "fields": (), "rows": []},
+        {**_ROW_OK, "values": "keyed-rows", "fields": (), "rows": []},
+        {"rows": []},
+        ["not", "a", "mapping"],
+    ],
+    ids=lambda fields: str(fields)[-40:],
+)
+def test_crafted_rows_are_refused_as_a_damaged_snapshot(fields: object) -> None:
+    payload = encode(Snapshot(Position(1, 1), {"crafted": _Crafted(fields)}, 0.0))
+    try:
+        restored = decode(payload).state["crafted"]
+    except SnapshotError:
+        return
+    # As Python a field takes whatever it is given, as the dict form's always did; what
+    # is read is still only plain data on an object of a state type.
+    assert os.environ.get("CALLSENTRY_DETECTION_AS_PYTHON") == "1" or not compiled_modules()
+    assert isinstance(restored, windows.KeyedState)
+
+
 def test_the_collector_is_held_off_while_a_snapshot_is_made_and_on_again_after_a_failure() -> None:
     seen: list[bool] = []
 

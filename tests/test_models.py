@@ -141,6 +141,23 @@ def test_model_files_are_checked_like_rules_with_file_and_line(tmp_path: Path) -
     assert "gated.yaml:" in problems and "unknown model 'model.nowhere'" in problems
 
 
+def test_a_rule_may_not_take_a_models_id(tmp_path: Path) -> None:
+    # Alerts, suppression and exceptions name rules and models alike by their id.
+    folder = copy_rules(tmp_path)
+    (folder / "clash.yaml").write_text(
+        (folder / "short-calls-caller.yaml")
+        .read_text(encoding="utf-8")
+        .replace("id: short-calls-caller", "id: model.menu-traffic"),
+        encoding="utf-8",
+    )
+    with pytest.raises(YamlFileError) as caught:
+        load_detectors(folder, 1000, models=True)
+    assert caught.value.problems == [
+        f"{folder / 'clash.yaml'}:1: id: 'model.menu-traffic' is also the id of a model "
+        "file: give the rule another"
+    ]
+
+
 def test_a_rule_may_only_ask_for_a_quantile_the_model_tracks(tmp_path: Path) -> None:
     folder = copy_rules(tmp_path)
     (folder / "gated.yaml").write_text(

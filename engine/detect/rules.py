@@ -258,6 +258,12 @@ def load_rules(
         for spec, document in specs:
             if spec.model is not None:
                 problems.extend(_gate_problems(spec.model, document, models))
+            if spec.id in models.kinds:
+                # Alerts, suppression and exceptions name rules and models alike by id.
+                problems.append(
+                    f"{document.where(('id',))}: id: {spec.id!r} is also the id of a model "
+                    "file: give the rule another"
+                )
     if problems:
         raise YamlFileError(problems)
     compiled = []

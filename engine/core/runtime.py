@@ -52,6 +52,22 @@ def gc_for_start() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
+@contextlib.contextmanager
+def collector_held_off() -> Iterator[None]:
+    """No collection within: for work that makes millions of containers, most of which
+    live until it is done (a detection snapshot written or read: what is read, and
+    what pickling remembers of what it wrote). Each collection would walk them (an
+    older generation's, the whole detection state too) finding little to free. The
+    collector is on again after, if it was before."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def tune_gc_for_service() -> None:
     """CPython's own thresholds, with what starting made frozen out of sight: for a
     process that serves requests for hours, whose short-lived objects should go soon."""

@@ -40,18 +40,16 @@ event). Snapshots of an earlier format are read once through
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import io
 import logging
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from engine.core.positions import Position
+from engine.core.runtime import collector_held_off
 from engine.detect.snapshotfile import partial_path, put_in_place, set_aside
 from engine.detect.state import (
     Snapshot,
@@ -114,23 +112,8 @@ def _parts(state: dict[str, Any]) -> list[tuple[tuple[str, ...], Any]]:
 
 def write_payload(out: BinaryIO, snapshot: Snapshot) -> None:
     """The payload of `snapshot` (this format), written to `out` part by part."""
-    with _no_collection():
+    with collector_held_off():
         _write_payload(out, snapshot)
-
-
-@contextlib.contextmanager
-def _no_collection() -> Iterator[None]:
-    """The cyclic collector held off: writing or reading a snapshot makes millions of
-    containers, most of which live until it is done (what is read, and what pickling
-    remembers of what it wrote), and each collection would walk them (an older
-    generation's, the whole detection state) finding little or nothing to free."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def _write_payload(out: BinaryIO, snapshot: Snapshot) -> None:
@@ -155,7 +138,7 @@ def encode(snapshot: Snapshot) -> bytes:
 
 def decode(payload: bytes) -> Snapshot:
     """A snapshot from a payload of this format; SnapshotError if it is not one."""
-    with _no_collection():
+    with collector_held_off():
         return _decode(payload)
 
 

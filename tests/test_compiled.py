@@ -32,13 +32,13 @@ from engine.detect import (
     stale_reason,
     windows,
 )
-from engine.detect.calls import Call
 from engine.detect.conduct import Conduct, ConductLedger
 from engine.detect.migrations import tracker_fields
 from engine.detect.snapshot import decode, encode
 from engine.detect.state import STATE_TYPES, Snapshot, SnapshotError, revive
 from engine.ingest import native
 from models.caller_state import CallerState
+from tests.test_conduct import finished
 
 DETECT = Path(engine.detect.__file__).parent
 ROOT = DETECT.parent.parent
@@ -212,31 +212,10 @@ def test_a_row_holds_every_field_in_the_order_of_state_fields(
     assert again.__getstate__() == fields
 
 
-def _call(caller: str, talk: float) -> Call:
-    """A finished call of `caller`: answered and `talk` s long, or unanswered (< 0)."""
-    answered = talk >= 0.0
-    ended = 3.0 + max(talk, 2.0)
-    return Call(
-        f"{caller}-{talk}",
-        caller,
-        "4008001000",
-        "",
-        "1",
-        "Main menu",
-        1.0,
-        ringing_at=1.0,
-        ring_code=180,
-        answered_at=3.0 if answered else None,
-        ended_at=ended,
-        outcome="answered" if answered else "no_answer",
-        deadline=ended,
-    )
-
-
 def test_many_objects_of_one_class_are_written_as_rows_and_read_back_in_order() -> None:
     ledger = ConductLedger(4)
     for number, talk in (("900", 9.0), ("800", 9.0), ("300", 2.0), ("100", 40.0), ("200", -1.0)):
-        ledger.observe(_call(number, talk))
+        ledger.observe(finished(number, 1.0, answered=talk >= 0.0, talk=max(talk, 0.0)))
     assert ledger.callers.evicted == 2  # "900" and "800", the least recently seen
     mixed: windows.KeyedState[windows.Entries] = windows.KeyedState(10)
     mixed.put("a", windows.CountState())

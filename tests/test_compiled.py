@@ -22,6 +22,7 @@ import pytest
 import engine.detect
 from engine.core.events import CallEvent, CallState
 from engine.core.positions import Position
+from engine.core.runtime import collector_held_off
 from engine.detect import (
     COMPILED,
     RECORD,
@@ -309,6 +310,27 @@ def test_the_collector_is_held_off_while_a_snapshot_is_made_and_on_again_after_a
     with pytest.raises(SnapshotError):
         decode(b"not a payload")
     assert gc.isenabled()
+
+
+def test_the_collector_stays_off_until_the_last_of_two_overlapping_holds_leaves() -> None:
+    # Two threads writing snapshots at once: the first to finish must not turn the
+    # collector on under the other.
+    first, second = collector_held_off(), collector_held_off()
+    assert gc.isenabled()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not gc.isenabled()
+    second.__exit__(None, None, None)
+    assert gc.isenabled()
+    # Off before the first hold: off after the last.
+    gc.disable()
+    try:
+        with collector_held_off(), collector_held_off():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 _PICKLE_STATE = """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -52,20 +53,45 @@ def gc_for_start() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
+class _CollectorHold:
+    """Who holds the collector off: it is off while any holder is within, and as it
+    was before the first one came once the last one leaves (two threads writing
+    snapshots at once must not turn it on under each other)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.was_on = False
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.holders == 0:
+                self.was_on = gc.isenabled()
+                gc.disable()
+            self.holders += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.holders -= 1
+            if self.holders == 0 and self.was_on:
+                gc.enable()
+
+
+_HOLD = _CollectorHold()
+
+
 @contextlib.contextmanager
 def collector_held_off() -> Iterator[None]:
     """No collection within: for work that makes millions of containers, most of which
     live until it is done (a detection snapshot written or read: what is read, and
     what pickling remembers of what it wrote). Each collection would walk them (an
     older generation's, the whole detection state too) finding little to free. The
-    collector is on again after, if it was before."""
-    collecting = gc.isenabled()
-    gc.disable()
+    collector is on again once every holder has left, if it was before the first."""
+    _HOLD.enter()
     try:
         yield
     finally:
-        if collecting:
-            gc.enable()
+        _HOLD.leave()
 
 
 def tune_gc_for_service() -> None:

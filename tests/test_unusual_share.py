@@ -144,6 +144,24 @@ def test_a_new_menu_is_judged_against_its_peers_from_their_first_calls() -> None
     assert value is not None and value >= 5, "25 short calls where peers make 5 % short"
 
 
+def test_a_burst_in_the_first_minutes_is_judged_against_the_other_menus_not_itself() -> None:
+    # From a start: a busy menu and a quieter one, both at 5 % short, and forty short
+    # calls within a minute in the busy one a minute in. Counted among its own peers,
+    # they made the peers' share nearly twice the usual and hid in it (3.2).
+    rule = share_rule()
+    busy = Menu(rule, "1")
+    other = Menu(rule, "2")
+    other.states = busy.states
+    calls = [(T0 + 0.25 + 0.5 * n, busy, (n + 1) % 20 == 0) for n in range(600)]
+    calls += [(T0 + 1.0 * n, other, (n + 1) % 20 == 0) for n in range(300)]
+    calls += [(T0 + 60.0 + 1.5 * n, busy, True) for n in range(40)]
+    for ts, menu, short in sorted(calls, key=lambda call: call[0]):
+        menu.call(ts, short)
+    value = busy.most()
+    assert value is not None and value >= 5
+    assert not other.most()
+
+
 def test_nothing_is_judged_before_a_usual_or_peers_are_known() -> None:
     menu = Menu(share_rule(), "1")
     for n in range(int(PEERS_WARM) - 1):

@@ -536,9 +536,10 @@ class UnusualShare(Aggregate):
     among few calls or many is, once they are more than the count's own spread. The
     most surprising stretch of the window's newest buckets counts, with at least
     `min_excess` hits more than expected in it. The usual is the entity's calls that
-    have left its window, decayed over `usual_over`, with its peers' (every entity of
-    the rule) counted as `peer_weight` calls of it: a new entity is judged against its
-    peers, a known one against itself; its uncertainty widens the spread."""
+    have left its window, decayed over `usual_over`, with its peers' (every other
+    entity of the rule: its own window left out) counted as `peer_weight` calls of it:
+    a new entity is judged against its peers, a known one against itself; its
+    uncertainty widens the spread."""
 
     def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
         super().__init__(spec, condition, numerator)
@@ -662,15 +663,35 @@ class UnusualShare(Aggregate):
         calls = share.usual_calls * kept
         hits = share.usual_hits * kept
         if self.peer_seen >= PEERS_WARM and self.peer_calls > 0.0:
-            weight = self.peer_weight
-            calls += weight
-            hits += weight * self.peer_hits / self.peer_calls
+            peer_calls, peer_hits = self._others(share)
+            # As many of the others' calls as there are, up to `peer_weight`.
+            weight = min(self.peer_weight, peer_calls)
+            if weight > 0.0:
+                calls += weight
+                hits += weight * peer_hits / peer_calls
         elif calls < self.peer_weight:
             return None  # neither its own usual nor its peers' known yet
         if calls <= 0.0:
             return None
         # Half a hit at least: a share never seen is small, not impossible.
         return max(hits, 0.5) / calls, calls
+
+    def _others(self, share: ShareState) -> tuple[float, float]:
+        """The peers' calls and hits without the entity's window (decayed as the peers'
+        are, each bucket from its start): what it is judged by is what the others do.
+        A burst in the first minutes after a start would otherwise make much of the
+        peers' share itself and hide in it."""
+        own_calls = own_hits = 0.0
+        starts = share.bucket_start
+        bucket_calls, bucket_hits = share.bucket_calls, share.bucket_hits
+        for index in range(len(starts)):
+            weight = self._decay(starts[index], self.peer_at)
+            own_calls += bucket_calls[index] * weight
+            own_hits += bucket_hits[index] * weight
+        calls = self.peer_calls - own_calls
+        if calls <= 0.0:
+            return 0.0, 0.0
+        return calls, min(max(self.peer_hits - own_hits, 0.0), calls)
 
     def _most_surprising(
         self,

@@ -556,6 +556,29 @@ def test_a_bad_behaviour_is_one_line_with_its_file_and_line(
     assert f"{rules / 'r.yaml'}:6" in outcome.stderr and expected in outcome.stderr, outcome.stderr
 
 
+@pytest.mark.parametrize("send", [[], ["--send"]])
+@pytest.mark.parametrize("place", ["under a file", "events file a folder"])
+def test_simulate_into_a_folder_it_cannot_write_says_which_in_one_line(
+    tmp_path: Path, place: str, send: list[str]
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("a file, where a folder is expected\n")
+    if place == "under a file":
+        out, blocked = a_file / "out", a_file / "out"
+        why = "Not a directory"
+    else:
+        out = tmp_path / "out"
+        blocked = out / "events.csv"
+        blocked.mkdir(parents=True)
+        why = "Is a directory"
+    scenario = str(ROOT / "data" / "scenarios" / "sample.yaml")
+    # Written before anything is sent: no receiver is needed to fail.
+    argv = ["simulate", "--scenario", scenario, "--to-file", str(out), *send]
+    outcome = _run(argv, place, tmp_path)
+    assert outcome.code == 2, outcome
+    assert outcome.stderr == f"callsentry: --to-file {out}: cannot write {blocked}: {why}\n"
+
+
 def test_simulate_with_a_bad_range_says_where_in_one_line(tmp_path: Path) -> None:
     scenario = tmp_path / "ranged.yaml"
     scenario.write_text(

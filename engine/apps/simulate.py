@@ -151,6 +151,13 @@ class _Counted(Parts):
         self.labels = self._parts.labels
 
 
+def _cannot_write(to_file: Path, error: OSError) -> SimulateError:
+    """--to-file's folder or a file in it could not be made or written (a path under a
+    regular file, a read-only or full disk): which, and why, without Python's errno."""
+    where = error.filename if error.filename else to_file
+    return SimulateError(f"--to-file {to_file}: cannot write {where}: {error.strerror or error}")
+
+
 def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
     if options.consume:
         return run_consume(options, echo)
@@ -191,7 +198,10 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
             # Written a day of event time at a time: a month is never held at once.
             parts = Parts(spec)
             counted = _Counted(parts)
-            events_path, labels_path = write_parts(counted, to_file, options.file_format)
+            try:
+                events_path, labels_path = write_parts(counted, to_file, options.file_format)
+            except OSError as error:
+                raise _cannot_write(to_file, error) from None
             echo(
                 f"scenario {spec.name}: {parts.calls} calls, {counted.reports} reports, "
                 f"{len(parts.labels)} labelled incidents"
@@ -205,7 +215,10 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
             f"{len(generated.labels)} labelled incidents"
         )
         if to_file is not None:
-            events_path, labels_path = write_files(generated, to_file, options.file_format)
+            try:
+                events_path, labels_path = write_files(generated, to_file, options.file_format)
+            except OSError as error:
+                raise _cannot_write(to_file, error) from None
             echo(f"wrote {events_path} and {labels_path}")
     else:
         assert events_file is not None

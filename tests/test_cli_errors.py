@@ -579,6 +579,31 @@ def test_simulate_into_a_folder_it_cannot_write_says_which_in_one_line(
     assert outcome.stderr == f"callsentry: --to-file {out}: cannot write {blocked}: {why}\n"
 
 
+def test_simulate_in_an_encoding_that_cannot_hold_a_report_sends_nothing(
+    tmp_path: Path,
+) -> None:
+    events = tmp_path / "events.csv"
+    events.write_text(
+        "ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
+        "2026-12-05T10:00:00Z,enc-1,1,RINGING,8613800000001,4001,,1,Main\n"
+        "2026-12-05T10:00:01Z,enc-1,2,OK,8613800000001,4001,,1,主菜单\n",
+        encoding="utf-8",
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        port = str(receiver.getsockname()[1])
+        argv = ["simulate", "--events", str(events), "--send", "--port", port]
+        outcome = _run([*argv, "--encoding", "latin-1", "--retries", "0"], "latin-1", tmp_path)
+        receiver.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            receiver.recv(2048)  # not even the first report, which latin-1 holds
+    assert outcome.code == 2, outcome
+    assert outcome.stderr == (
+        "callsentry: --encoding latin-1 cannot encode '主菜单' in the report enc-1,2; "
+        "nothing was sent (utf-8 holds any text)\n"
+    )
+
+
 def test_simulate_with_a_bad_range_says_where_in_one_line(tmp_path: Path) -> None:
     scenario = tmp_path / "ranged.yaml"
     scenario.write_text(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import signal
 import socket
@@ -151,6 +152,23 @@ class _Counted(Parts):
         self.labels = self._parts.labels
 
 
+def _check_encodable(events: list[CallEvent], codec: Vos3000TextCodec, encoding: str) -> None:
+    """Every report can be sent in --encoding, or nothing is sent: a scenario's menu
+    names are Chinese, Spanish and more, which latin-1 or ascii cannot hold, and a
+    report found unencodable half-way through would leave a run half sent."""
+    if codecs.lookup(encoding).name == "utf-8":
+        return  # holds any text
+    for event in events:
+        try:
+            codec.encode(event)
+        except UnicodeEncodeError as error:
+            text = error.object[error.start : error.end]
+            raise SimulateError(
+                f"--encoding {encoding} cannot encode '{shown(text)}' in the report "
+                f"{shown(event.call_id)},{event.serial}; nothing was sent (utf-8 holds any text)"
+            ) from None
+
+
 def _cannot_write(to_file: Path, error: OSError) -> SimulateError:
     """--to-file's folder or a file in it could not be made or written (a path under a
     regular file, a read-only or full disk): which, and why, without Python's errno."""
@@ -249,6 +267,7 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         )
 
     _check_target(options.host, options.allow_remote)
+    _check_encodable(events, codec, options.encoding)
     try:
         settings = SwitchSettings(
             host=options.host,

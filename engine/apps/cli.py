@@ -407,7 +407,7 @@ def config_check(config: Path | None) -> None:
 @click.option(
     "--to-file",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Write events and labels to this folder; send nothing.",
+    help="Write events and labels to this folder (with --send, then send them too).",
 )
 @click.option(
     "--format",
@@ -438,8 +438,19 @@ def config_check(config: Path | None) -> None:
 @click.option("--retry-interval", type=click.FloatRange(min=0.001), default=3.0, show_default=True)
 @click.option("--request-loss", type=click.FloatRange(0, 1, max_open=True), default=0.0)
 @click.option("--answer-loss", type=click.FloatRange(0, 1, max_open=True), default=0.0)
-@click.option("--separator", type=click.Choice([",", "|", ";", "tab"]), default=",")
-@click.option("--encoding", default="utf-8", show_default=True)
+@click.option(
+    "--separator",
+    type=click.Choice([",", "|", ";", "tab"]),
+    default=",",
+    show_default=True,
+    help="Between a report's fields, as the receiver's codec.separator.",
+)
+@click.option(
+    "--encoding",
+    default="utf-8",
+    show_default=True,
+    help="Of the reports' text (the receiver reads its codec.encodings).",
+)
 @click.option("--seed", type=int, default=None, help="Override the scenario's seed.")
 @click.option("--duration", default=None, help="Override the scenario's duration (e.g. 10m, 2h).")
 @click.option(

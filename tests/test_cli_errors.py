@@ -350,6 +350,15 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
             ["blocklist", "export", "--format", "xml"],
             "callsentry: blocklist export: Invalid value for '--format'",
         ),
+        # A negative count listed all but the last alerts, then "... and 3 more" of two.
+        (
+            ["replay", "events.csv", "--show", "-1"],
+            "callsentry: replay: Invalid value for '--show': -1 is not in the range x>=0",
+        ),
+        (
+            ["rules", "backtest", "--show", "-1"],
+            "callsentry: rules backtest: Invalid value for '--show': -1 is not in the range",
+        ),
     ],
 )
 def test_an_error_is_one_line_naming_the_problem(

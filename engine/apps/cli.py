@@ -188,7 +188,13 @@ def _relay_overrides(
     default=None,
     help="Rule folder (default: detection.rules_dir, else the shipped rules).",
 )
-@click.option("--show", default=20, show_default=True, help="Rejected rows and alerts to list.")
+@click.option(
+    "--show",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Rejected rows and alerts to list.",
+)
 @log_level_option
 def replay(
     files: tuple[Path, ...],

@@ -191,7 +191,13 @@ def _exception_line(exception: EntityException) -> str:
     "counted, so windows, baselines, first-seen numbers and models start the span warm "
     "(e.g. 1d, 6h).",
 )
-@click.option("--show", default=20, show_default=True, help="Added and removed alerts to list.")
+@click.option(
+    "--show",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Added and removed alerts to list.",
+)
 @click.option(
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),

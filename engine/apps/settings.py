@@ -17,6 +17,7 @@ import codecs
 import ipaddress
 import os
 import re
+import stat
 import zoneinfo
 from collections.abc import Mapping
 from datetime import UTC, tzinfo
@@ -244,6 +245,22 @@ class StoreSettings(_Section):
     # detection fall behind and catch up after). "low": nice 10, for a machine
     # busy with other work, where "idle" could leave the lake behind for long.
     lake_writer_priority: Literal["idle", "low"] = "idle"
+
+    @field_validator("data_dir")
+    @classmethod
+    def _check_data_dir(cls, value: Path) -> Path:
+        """A folder, or a path where one can be made: a regular file there (a typo in
+        the settings) is said as such, not as whichever file under it each command
+        fails to open first. A folder that is missing is made by serve and replay."""
+        try:
+            mode = value.stat().st_mode
+        except NotADirectoryError:
+            raise ValueError(f"{value} is under a file, not in a folder") from None
+        except OSError:
+            return value  # missing (made later), or said by whoever opens it
+        if not stat.S_ISDIR(mode):
+            raise ValueError(f"{value} is a file, not a folder")
+        return value
 
 
 class DetectionSettings(_Section):

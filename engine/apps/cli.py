@@ -207,7 +207,8 @@ def replay(
     """Feed event files (CSV, JSONL, Parquet) through the pipeline in event time.
 
     Exit code 0: every row stored; 1: some rows were rejected (listed, and kept
-    in the rejects table) or a file could not be read.
+    in the rejects table) or a file could not be read; 2: the rules or the settings
+    are invalid (nothing was replayed).
     """
     from engine.lake.views import ViewsFile
 

@@ -68,6 +68,14 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
             "store.data_dir (from environment variable CALLSENTRY_STORE__DATA_DIR): "
             "{path} is a file, not a folder",
         ),
+        # Basic auth in the URL was never sent (the request went to a host named
+        # 'ops:s3cret@127.0.0.1', "Name or service not known"), and config check
+        # printed the password.
+        (
+            "[detection]\nwebhook_url = 'http://ops:s3cret@127.0.0.1:9000/alerts'\n",
+            {},
+            "detection.webhook_url (from {path}): a webhook URL carries no user or password",
+        ),
         (
             "[store]\ndata_dir = '{path}/data'\n",
             {},

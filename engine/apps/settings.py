@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -368,6 +369,13 @@ class DetectionSettings(_Section):
     def _check_url(cls, value: str) -> str:
         if value and not value.startswith(("http://", "https://")):
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        if "@" in urlsplit(value).netloc:
+            # Never sent as credentials (the request would go to a host named
+            # 'user:password@host'), and `config check` would print the password.
+            raise ValueError(
+                "a webhook URL carries no user or password: give a token in "
+                "detection.webhook_token (better: CALLSENTRY_DETECTION__WEBHOOK_TOKEN)"
+            )
         return value
 
 

@@ -355,6 +355,16 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
             ["replay", "events.csv", "--show", "-1"],
             "callsentry: replay: Invalid value for '--show': -1 is not in the range x>=0",
         ),
+        # NaN, inf or a span past the years a timestamp holds went on to DuckDB:
+        # "unexpected error ... ConversionException: Epoch seconds out of range".
+        (
+            ["rules", "backtest", "--days", "nan"],
+            "callsentry: --days nan: must be more than 0 and at most 3650",
+        ),
+        (
+            ["rules", "backtest", "--days", "1e12"],
+            "callsentry: --days 1e+12: must be more than 0 and at most 3650",
+        ),
         (
             ["rules", "backtest", "--show", "-1"],
             "callsentry: rules backtest: Invalid value for '--show': -1 is not in the range",

@@ -350,6 +350,25 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
             ["blocklist", "export", "--format", "xml"],
             "callsentry: blocklist export: Invalid value for '--format'",
         ),
+        # A negative count listed all but the last alerts, then "... and 3 more" of two.
+        (
+            ["replay", "events.csv", "--show", "-1"],
+            "callsentry: replay: Invalid value for '--show': -1 is not in the range x>=0",
+        ),
+        # NaN, inf or a span past the years a timestamp holds went on to DuckDB:
+        # "unexpected error ... ConversionException: Epoch seconds out of range".
+        (
+            ["rules", "backtest", "--days", "nan"],
+            "callsentry: --days nan: must be more than 0 and at most 3650",
+        ),
+        (
+            ["rules", "backtest", "--days", "1e12"],
+            "callsentry: --days 1e+12: must be more than 0 and at most 3650",
+        ),
+        (
+            ["rules", "backtest", "--show", "-1"],
+            "callsentry: rules backtest: Invalid value for '--show': -1 is not in the range",
+        ),
     ],
 )
 def test_an_error_is_one_line_naming_the_problem(
@@ -554,6 +573,54 @@ def test_a_bad_behaviour_is_one_line_with_its_file_and_line(
     outcome = _run([*command, str(rules)], "bad behaviour", tmp_path)
     assert outcome.code != 0 and "Traceback" not in outcome.stderr
     assert f"{rules / 'r.yaml'}:6" in outcome.stderr and expected in outcome.stderr, outcome.stderr
+
+
+@pytest.mark.parametrize("send", [[], ["--send"]])
+@pytest.mark.parametrize("place", ["under a file", "events file a folder"])
+def test_simulate_into_a_folder_it_cannot_write_says_which_in_one_line(
+    tmp_path: Path, place: str, send: list[str]
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("a file, where a folder is expected\n")
+    if place == "under a file":
+        out, blocked = a_file / "out", a_file / "out"
+        why = "Not a directory"
+    else:
+        out = tmp_path / "out"
+        blocked = out / "events.csv"
+        blocked.mkdir(parents=True)
+        why = "Is a directory"
+    scenario = str(ROOT / "data" / "scenarios" / "sample.yaml")
+    # Written before anything is sent: no receiver is needed to fail.
+    argv = ["simulate", "--scenario", scenario, "--to-file", str(out), *send]
+    outcome = _run(argv, place, tmp_path)
+    assert outcome.code == 2, outcome
+    assert outcome.stderr == f"callsentry: --to-file {out}: cannot write {blocked}: {why}\n"
+
+
+def test_simulate_in_an_encoding_that_cannot_hold_a_report_sends_nothing(
+    tmp_path: Path,
+) -> None:
+    events = tmp_path / "events.csv"
+    events.write_text(
+        "ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
+        "2026-12-05T10:00:00Z,enc-1,1,RINGING,8613800000001,4001,,1,Main\n"
+        "2026-12-05T10:00:01Z,enc-1,2,OK,8613800000001,4001,,1,主菜单\n",
+        encoding="utf-8",
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        port = str(receiver.getsockname()[1])
+        argv = ["simulate", "--events", str(events), "--send", "--port", port]
+        outcome = _run([*argv, "--encoding", "latin-1", "--retries", "0"], "latin-1", tmp_path)
+        receiver.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            receiver.recv(2048)  # not even the first report, which latin-1 holds
+    assert outcome.code == 2, outcome
+    assert outcome.stderr == (
+        "callsentry: --encoding latin-1 cannot encode '主菜单' in the report enc-1,2; "
+        "nothing was sent (utf-8 holds any text)\n"
+    )
 
 
 def test_simulate_with_a_bad_range_says_where_in_one_line(tmp_path: Path) -> None:

@@ -60,13 +60,35 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
             "store.fsync (from environment variable CALLSENTRY_STORE__FSYNC)",
         ),
         ("[store\n", {}, "{path}: Expected ']'"),
+        # A file where the data dir should be (here the settings file itself): said as
+        # such, not as the outbox or the journal that cannot be made under it.
+        (
+            "",
+            {"CALLSENTRY_STORE__DATA_DIR": "'{path}'"},
+            "store.data_dir (from environment variable CALLSENTRY_STORE__DATA_DIR): "
+            "{path} is a file, not a folder",
+        ),
+        # Basic auth in the URL was never sent (the request went to a host named
+        # 'ops:s3cret@127.0.0.1', "Name or service not known"), and config check
+        # printed the password.
+        (
+            "[detection]\nwebhook_url = 'http://ops:s3cret@127.0.0.1:9000/alerts'\n",
+            {},
+            "detection.webhook_url (from {path}): a webhook URL carries no user or password",
+        ),
+        (
+            "[store]\ndata_dir = '{path}/data'\n",
+            {},
+            "store.data_dir (from {path}): {path}/data is under a file, not in a folder",
+        ),
     ],
 )
 def test_errors_name_the_key_where_it_came_from_and_why(
     tmp_path: Path, text: str, environ: dict[str, str], message: str
 ) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(text)
+    path.write_text(text.replace("{path}", str(path)))
+    environ = {name: value.format(path=path) for name, value in environ.items()}
     with pytest.raises(ConfigError) as caught:
         load_settings(path, environ=environ)
     assert message.format(path=path) in str(caught.value)

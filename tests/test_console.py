@@ -102,6 +102,15 @@ def test_pages_and_the_api_want_a_session_or_a_token(console_data: Path) -> None
     assert wrong.status_code == 401
 
 
+def test_the_api_docs_read_as_prose_without_escaped_line_breaks(console_data: Path) -> None:
+    page = signed_in(console_data).get("/api/docs")
+    assert page.status_code == 200
+    # The endpoints' descriptions are docstrings wrapped over lines: read as written,
+    # not with each wrap shown as an escaped control character.
+    assert "\\x0a" not in page.text
+    assert "newest first; `status=all` for every alert;" in page.text
+
+
 def test_every_answer_has_the_safety_headers(console_data: Path) -> None:
     client = signed_in(console_data)
     for path in ("/login", "/", "/api/alerts", "/static/console.css"):

@@ -226,6 +226,33 @@ def _session_alive(session: int) -> bool:
     return False
 
 
+def test_nats_unreachable_from_the_start_is_said_in_the_log(tmp_path: Path) -> None:
+    # nats-py's connect tries a server that is down (or a wrong URL) for ever and tells
+    # only its error callback: the log said nothing, the operator saw no reason why.
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = probe.getsockname()[1]  # closed again: nothing listens there
+    config = tmp_path / "callsentry.toml"
+    config.write_text(f'[relay.nats]\nurls = ["nats://127.0.0.1:{nobody}"]\n')
+    port = free_port()
+    process = start_serve(tmp_path / "data", port, config)
+    log = tmp_path / "serve.log"
+    try:
+        wait_for(
+            lambda: "not reachable or not ready" in log.read_text(errors="replace"),
+            timeout=60,
+            what="the log saying NATS is not reachable",
+        )
+    finally:
+        stop_serve(process)
+    said = [line for line in log.read_text().splitlines() if "not reachable" in line]
+    assert len(said) == 1, said
+    assert f"NATS (nats://127.0.0.1:{nobody}) not reachable or not ready (" in said[0]
+    assert "reports wait in the journal" in said[0]
+
+
 def test_a_replay_into_the_same_data_dir_reaches_no_consumer(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     port = free_port()

@@ -307,9 +307,12 @@ def test_a_replay_stopped_by_its_rules_touches_no_data_dir(tmp_path: Path) -> No
     (rules / "bad.yaml").write_text("id: bad\nno_such_key: 1\n")
     data_dir = tmp_path / "d"
     result = run_cli("replay", str(csv), "--data-dir", str(data_dir), "--rules", str(rules))
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "bad.yaml" in result.stderr and "Traceback" not in result.stderr
     assert not data_dir.exists()
+    # ...as its help says, beside the exit codes of rows rejected and files unreadable.
+    said = " ".join(run_cli("replay", "--help").stdout.split())
+    assert "2: the rules or the settings are invalid (nothing was replayed)" in said
 
 
 def test_a_views_file_that_cannot_be_written_is_said_after_the_rows_are_stored(

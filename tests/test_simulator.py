@@ -218,6 +218,31 @@ def test_simulate_cli_sends_a_scenario_and_reports_everything_answered(
     assert running.engine.stats.stored == sent
 
 
+def test_simulate_to_file_with_send_writes_and_sends_as_its_help_says(tmp_path: Path) -> None:
+    import click
+
+    from engine.apps.cli import main
+
+    command = main.get_command(click.Context(main), "simulate")
+    assert command is not None
+    (to_file,) = (p for p in command.params if p.name == "to_file")
+    said = to_file.get_help_record(click.Context(command))
+    assert said is not None and "--send" in said[1] and "send nothing" not in said[1]
+    receiver = NthCopyReceiver(1)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "engine", "simulate", "--scenario",
+             "data/scenarios/sample.yaml", "--to-file", str(tmp_path / "out"), "--send",
+             "--port", str(receiver.port)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        receiver.close()
+    assert result.returncode == 0, result.stdout + result.stderr
+    written = pl.read_csv(tmp_path / "out" / "events.csv")
+    assert len(receiver.arrivals) == written.height > 0
+
+
 def test_scenario_at_twenty_percent_loss_each_way_is_stored_exactly_once(
     engine_factory: Callable[..., RunningEngine], tmp_path: Path
 ) -> None:

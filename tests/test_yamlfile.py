@@ -54,6 +54,33 @@ def test_bad_yaml_names_the_line(tmp_path: Path, text: str, line: int, reason: s
     assert reason in problem
 
 
+@pytest.mark.parametrize(
+    ("text", "line", "escape"),
+    [
+        # An ESC pasted from a terminal into an exception's entity or a list's value.
+        ('rule: "r"\nentity: "861\x1b[2J"\nreason: "r"\n', 2, "\\x1b"),
+        ("a: 1\n\nb: x\x00\n", 3, "\\x00"),
+        ("a: x\ufffe\n", 1, "\\ufffe"),
+    ],
+)
+def test_a_control_character_as_it_is_is_one_problem_at_its_line(
+    tmp_path: Path, text: str, line: int, escape: str
+) -> None:
+    path = tmp_path / "pasted.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(YamlFileError) as raised:
+        load_yaml(path)
+    (problem,) = raised.value.problems
+    assert problem == (
+        f"{path}:{line}: invalid YAML: character {escape} is not allowed as it is; "
+        f'write it as the escape {escape} in a double-quoted string ("...")'
+    )
+    # The escape it names is one YAML reads.
+    written = text.replace("\x1b", "\\x1b").replace("\x00", "\\x00").replace("\ufffe", "")
+    path.write_text(written, encoding="utf-8")
+    load_yaml(path)
+
+
 def test_unreadable_and_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(YamlFileError, match="cannot read"):
         load_yaml(tmp_path / "missing.yaml")

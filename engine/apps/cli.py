@@ -188,7 +188,13 @@ def _relay_overrides(
     default=None,
     help="Rule folder (default: detection.rules_dir, else the shipped rules).",
 )
-@click.option("--show", default=20, show_default=True, help="Rejected rows and alerts to list.")
+@click.option(
+    "--show",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Rejected rows and alerts to list.",
+)
 @log_level_option
 def replay(
     files: tuple[Path, ...],
@@ -201,7 +207,8 @@ def replay(
     """Feed event files (CSV, JSONL, Parquet) through the pipeline in event time.
 
     Exit code 0: every row stored; 1: some rows were rejected (listed, and kept
-    in the rejects table) or a file could not be read.
+    in the rejects table) or a file could not be read; 2: the rules or the settings
+    are invalid (nothing was replayed).
     """
     from engine.lake.views import ViewsFile
 
@@ -407,7 +414,7 @@ def config_check(config: Path | None) -> None:
 @click.option(
     "--to-file",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Write events and labels to this folder; send nothing.",
+    help="Write events and labels to this folder (with --send, then send them too).",
 )
 @click.option(
     "--format",
@@ -438,8 +445,19 @@ def config_check(config: Path | None) -> None:
 @click.option("--retry-interval", type=click.FloatRange(min=0.001), default=3.0, show_default=True)
 @click.option("--request-loss", type=click.FloatRange(0, 1, max_open=True), default=0.0)
 @click.option("--answer-loss", type=click.FloatRange(0, 1, max_open=True), default=0.0)
-@click.option("--separator", type=click.Choice([",", "|", ";", "tab"]), default=",")
-@click.option("--encoding", default="utf-8", show_default=True)
+@click.option(
+    "--separator",
+    type=click.Choice([",", "|", ";", "tab"]),
+    default=",",
+    show_default=True,
+    help="Between a report's fields, as the receiver's codec.separator.",
+)
+@click.option(
+    "--encoding",
+    default="utf-8",
+    show_default=True,
+    help="Of the reports' text (the receiver reads its codec.encodings).",
+)
 @click.option("--seed", type=int, default=None, help="Override the scenario's seed.")
 @click.option("--duration", default=None, help="Override the scenario's duration (e.g. 10m, 2h).")
 @click.option(

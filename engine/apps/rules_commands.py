@@ -39,6 +39,11 @@ def rules() -> None:
 # tests on fresh copies: no traffic to bound, so the bound on keys does not matter.
 RULE_TEST_MAX_KEYS = 10_000
 
+# The longest span --days gives: ten years, the bound of every duration a rule or an
+# option takes (engine.core.durations). Past it (or inf, or NaN) the span's start is
+# no time a timestamp holds.
+MAX_BACKTEST_DAYS = 3650
+
 rules_path_argument = click.argument(
     "path", required=False, default=None, type=click.Path(path_type=Path)
 )
@@ -191,7 +196,13 @@ def _exception_line(exception: EntityException) -> str:
     "counted, so windows, baselines, first-seen numbers and models start the span warm "
     "(e.g. 1d, 6h).",
 )
-@click.option("--show", default=20, show_default=True, help="Added and removed alerts to list.")
+@click.option(
+    "--show",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="Added and removed alerts to list.",
+)
 @click.option(
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -234,8 +245,10 @@ def rules_backtest(
     tune_gc_for_detection()
     against = current_dir or settings.detection.rules_folder
     try:
-        if days <= 0:
-            raise BacktestError(f"--days {days:g}: must be more than 0")
+        if not 0 < days <= MAX_BACKTEST_DAYS:  # NaN too: every comparison with it is false
+            raise BacktestError(
+                f"--days {days:g}: must be more than 0 and at most {MAX_BACKTEST_DAYS}"
+            )
         end = parse_time(until, "--until") if until else stored_span(settings.store.data_dir)[1]
         # The last stored report is in the span, not on its open end.
         end = end if until else end + 1e-6

@@ -17,11 +17,13 @@ import codecs
 import ipaddress
 import os
 import re
+import stat
 import zoneinfo
 from collections.abc import Mapping
 from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -245,6 +247,22 @@ class StoreSettings(_Section):
     # busy with other work, where "idle" could leave the lake behind for long.
     lake_writer_priority: Literal["idle", "low"] = "idle"
 
+    @field_validator("data_dir")
+    @classmethod
+    def _check_data_dir(cls, value: Path) -> Path:
+        """A folder, or a path where one can be made: a regular file there (a typo in
+        the settings) is said as such, not as whichever file under it each command
+        fails to open first. A folder that is missing is made by serve and replay."""
+        try:
+            mode = value.stat().st_mode
+        except NotADirectoryError:
+            raise ValueError(f"{value} is under a file, not in a folder") from None
+        except OSError:
+            return value  # missing (made later), or said by whoever opens it
+        if not stat.S_ISDIR(mode):
+            raise ValueError(f"{value} is a file, not a folder")
+        return value
+
 
 class DetectionSettings(_Section):
     enabled: bool = True
@@ -351,6 +369,13 @@ class DetectionSettings(_Section):
     def _check_url(cls, value: str) -> str:
         if value and not value.startswith(("http://", "https://")):
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        if "@" in urlsplit(value).netloc:
+            # Never sent as credentials (the request would go to a host named
+            # 'user:password@host'), and `config check` would print the password.
+            raise ValueError(
+                "a webhook URL carries no user or password: give a token in "
+                "detection.webhook_token (better: CALLSENTRY_DETECTION__WEBHOOK_TOKEN)"
+            )
         return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import signal
 import socket
@@ -151,6 +152,30 @@ class _Counted(Parts):
         self.labels = self._parts.labels
 
 
+def _check_encodable(events: list[CallEvent], codec: Vos3000TextCodec, encoding: str) -> None:
+    """Every report can be sent in --encoding, or nothing is sent: a scenario's menu
+    names are Chinese, Spanish and more, which latin-1 or ascii cannot hold, and a
+    report found unencodable half-way through would leave a run half sent."""
+    if codecs.lookup(encoding).name == "utf-8":
+        return  # holds any text
+    for event in events:
+        try:
+            codec.encode(event)
+        except UnicodeEncodeError as error:
+            text = error.object[error.start : error.end]
+            raise SimulateError(
+                f"--encoding {encoding} cannot encode '{shown(text)}' in the report "
+                f"{shown(event.call_id)},{event.serial}; nothing was sent (utf-8 holds any text)"
+            ) from None
+
+
+def _cannot_write(to_file: Path, error: OSError) -> SimulateError:
+    """--to-file's folder or a file in it could not be made or written (a path under a
+    regular file, a read-only or full disk): which, and why, without Python's errno."""
+    where = error.filename if error.filename else to_file
+    return SimulateError(f"--to-file {to_file}: cannot write {where}: {error.strerror or error}")
+
+
 def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
     if options.consume:
         return run_consume(options, echo)
@@ -191,7 +216,10 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
             # Written a day of event time at a time: a month is never held at once.
             parts = Parts(spec)
             counted = _Counted(parts)
-            events_path, labels_path = write_parts(counted, to_file, options.file_format)
+            try:
+                events_path, labels_path = write_parts(counted, to_file, options.file_format)
+            except OSError as error:
+                raise _cannot_write(to_file, error) from None
             echo(
                 f"scenario {spec.name}: {parts.calls} calls, {counted.reports} reports, "
                 f"{len(parts.labels)} labelled incidents"
@@ -205,7 +233,10 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
             f"{len(generated.labels)} labelled incidents"
         )
         if to_file is not None:
-            events_path, labels_path = write_files(generated, to_file, options.file_format)
+            try:
+                events_path, labels_path = write_files(generated, to_file, options.file_format)
+            except OSError as error:
+                raise _cannot_write(to_file, error) from None
             echo(f"wrote {events_path} and {labels_path}")
     else:
         assert events_file is not None
@@ -236,6 +267,7 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         )
 
     _check_target(options.host, options.allow_remote)
+    _check_encodable(events, codec, options.encoding)
     try:
         settings = SwitchSettings(
             host=options.host,

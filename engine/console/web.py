@@ -134,6 +134,13 @@ def _shown_text(value: Any) -> Any:
     return value
 
 
+def _prose(text: str) -> str:
+    """The console's own description of an endpoint (a docstring, wrapped over lines)
+    as one paragraph: its line breaks are where the source wrapped it, not text that
+    `shown` should write as `\\x0a`."""
+    return " ".join(text.split())
+
+
 def _lines(text: str) -> Markup:
     """A text of several lines (a rule file) for a <pre>: each line as `shown` gives it,
     escaped; the line breaks kept."""
@@ -330,6 +337,7 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
     env.filters["number"] = _number
     env.filters["money"] = _money
     env.filters["lines"] = _lines
+    env.filters["prose"] = _prose
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> Response:

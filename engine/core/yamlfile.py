@@ -184,12 +184,30 @@ def _check_shape(path: Path, text: str, limits: YamlLimits) -> None:
             raise YamlFileError([f"{path}:{line}: more than {limits.max_nodes:,} values"])
 
 
-def _invalid(path: Path, error: yaml.YAMLError) -> YamlFileError:
+def _invalid(path: Path, error: yaml.YAMLError, text: str) -> YamlFileError:
     if isinstance(error, yaml.MarkedYAMLError):
         mark = error.problem_mark
         line = mark.line + 1 if mark is not None else 1
         return YamlFileError([f"{path}:{line}: invalid YAML: {error.problem}"])
-    return YamlFileError([f"{path}: invalid YAML: {error}"])
+    if isinstance(error, yaml.reader.ReaderError):
+        # A control character written as it is (an ESC pasted from a terminal, a NUL):
+        # PyYAML says it at a character offset, over two lines; said here at its line,
+        # with the escape that writes it.
+        line = text.count("\n", 0, error.position) + 1
+        character = error.character
+        code = character if isinstance(character, int) else ord(character)
+        escape = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+        return YamlFileError(
+            [
+                f"{path}:{line}: invalid YAML: character {escape} is not allowed as it is; "
+                f'write it as the escape {escape} in a double-quoted string ("...")'
+            ]
+        )
+    return YamlFileError([f"{path}: invalid YAML: {_one_line(str(error))}"])
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def load_yaml(path: Path, limits: YamlLimits = DEFAULT_LIMITS) -> YamlDocument:
@@ -197,14 +215,14 @@ def load_yaml(path: Path, limits: YamlLimits = DEFAULT_LIMITS) -> YamlDocument:
     try:
         _check_shape(path, text, limits)
     except yaml.YAMLError as error:
-        raise _invalid(path, error) from None
+        raise _invalid(path, error, text) from None
     loader = _Loader(text)
     try:
         # One parse: the node tree gives the lines, and the data is built from it.
         node = loader.get_single_node()
         data = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as error:
-        raise _invalid(path, error) from None
+        raise _invalid(path, error, text) from None
     finally:
         loader.dispose()
     lines: dict[tuple[str | int, ...], int] = {}

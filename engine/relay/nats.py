@@ -287,6 +287,8 @@ class _Client:
         # relay's loop submits every owed report anew.
         self.restarted = threading.Event()
         self._check_stream = False
+        # Whether the log has said that NATS cannot be reached (once until it can).
+        self._said_unreachable = False
         # Published and not yet acknowledged, by token, in the order (last) sent.
         self._inflight: dict[str, _Publication] = {}
         self._outbox_done: list[Any] = []
@@ -362,7 +364,22 @@ class _Client:
         return await nats.connect(**options)
 
     async def _on_error(self, error: Exception) -> None:
+        if not self.connected:
+            # Not reachable at the start (a server down, a wrong URL): nats-py's connect
+            # tries again for ever and tells only this callback, never _main.
+            self._say_unreachable(error)
         log.debug("NATS: %s", shown(str(error)))
+
+    def _say_unreachable(self, error: Exception) -> None:
+        if self._said_unreachable:
+            return
+        log.error(
+            "NATS (%s) not reachable or not ready (%s); trying again every "
+            "second, reports wait in the journal",
+            self.spec.address,
+            shown(str(error) or type(error).__name__),
+        )
+        self._said_unreachable = True
 
     async def _on_disconnected(self) -> None:
         if self.connected:
@@ -371,11 +388,13 @@ class _Client:
                 self.spec.address,
             )
         self.connected = False
+        self._said_unreachable = True  # the warning above says it
         self.counters.down = True
 
     async def _on_reconnected(self) -> None:
         log.warning("NATS (%s) reconnected; publishing from the cursor", self.spec.address)
         self.connected = True
+        self._said_unreachable = False
         self.counters.down = False
         # A server that came back empty (a new machine, its store lost) has no stream.
         self._check_stream = True
@@ -442,7 +461,6 @@ class _Client:
                 )
 
     async def _main(self) -> None:
-        said = False
         nc: Any = None
         while not self._stopping:
             try:
@@ -450,14 +468,7 @@ class _Client:
                 await self._ensure_stream(nc)
                 break
             except Exception as error:  # nats-py raises many kinds; all mean "not yet"
-                if not said:
-                    log.error(
-                        "NATS (%s) not reachable or not ready (%s); trying again every "
-                        "second, reports wait in the journal",
-                        self.spec.address,
-                        shown(str(error) or type(error).__name__),
-                    )
-                    said = True
+                self._say_unreachable(error)
                 self.counters.down = True
                 if nc is not None:
                     await _close_quietly(nc)
@@ -479,6 +490,7 @@ class _Client:
         self._inbox = nc.new_inbox()
         await nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
         self.connected = True
+        self._said_unreachable = False
         self.counters.down = False
         tasks = [
             asyncio.create_task(self._reports(nc)),

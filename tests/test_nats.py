@@ -6,6 +6,7 @@ never publish."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -274,6 +275,44 @@ def test_a_consumer_sees_every_report_call_and_alert_exactly_once(
     line = next(line for line in status if line.startswith("NATS JetStream"))
     assert f"nats://127.0.0.1:{nats_server.port}: up" in line
     assert f"acked {len(keys)}, retried 0, given up 0" in line
+
+
+# A user's nkey seed (of the key bytes 0..31, no secret): a test that needs no nkeys.
+USER_SEED = "SUAAAAICAMCAKBQHBAEQUCYMBUHA6EARCIJRIFIWC4MBSGQ3DQOR4H776Y"
+
+
+def user_credentials(folder: Path) -> Path:
+    """A `.creds` file as `nsc` writes one: a user JWT and the user's nkey seed."""
+
+    def part(value: dict[str, str]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    jwt = f"{part({'typ': 'JWT', 'alg': 'ed25519-nkey'})}.{part({'sub': 'relay'})}.c2ln"
+    path = folder / "relay.creds"
+    path.write_text(
+        f"-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{USER_SEED}\n------END USER NKEY SEED------\n"
+    )
+    return path
+
+
+def test_a_creds_file_in_the_credentials_variable_connects_and_publishes(
+    tmp_path: Path, nats_server: NatsServer, stream: str
+) -> None:
+    # nats-py signs the server's nonce with the seed of a .creds file through nkeys,
+    # an extra it does not install: without it every connection failed with "No module
+    # named 'nkeys'". This server checks no signature; one in operator mode would.
+    creds = user_credentials(tmp_path)
+    port = free_port()
+    process = start_serve(tmp_path, port, nats_server.url, CALLSENTRY_NATS_CREDENTIALS=str(creds))
+    try:
+        events = calls("k", 10)
+        assert send(port, events).answered == len(events)
+        keys = {(e.call_id, e.serial) for e in events}
+        wait_for(lambda: set(report_keys(read_stream(nats_server.url))) >= keys, 30, "reports")
+    finally:
+        stop_serve(process)
+    assert "nkeys" not in (tmp_path / "serve.log").read_text()
 
 
 def test_nats_stopped_mid_run_and_started_again_publication_catches_up(

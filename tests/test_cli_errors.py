@@ -369,6 +369,21 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
             ["rules", "backtest", "--show", "-1"],
             "callsentry: rules backtest: Invalid value for '--show': -1 is not in the range",
         ),
+        # Every comparison with nan is false, so a range let it through: a retry
+        # interval of nan retried for ever, a speed or rate of nan was taken silently.
+        (
+            ["simulate", "--events", "e.csv", "--send", "--retry-interval", "nan"],
+            "callsentry: simulate: Invalid value for '--retry-interval': 'nan' is not a "
+            "finite number",
+        ),
+        (
+            ["simulate", "--events", "e.csv", "--send", "--speed", "inf"],
+            "callsentry: simulate: Invalid value for '--speed': 'inf' is not a finite number",
+        ),
+        (
+            ["simulate", "--consume", "--for", "NaN"],
+            "callsentry: simulate: Invalid value for '--for': 'NaN' is not a finite number",
+        ),
     ],
 )
 def test_an_error_is_one_line_naming_the_problem(

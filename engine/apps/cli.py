@@ -17,6 +17,7 @@ from engine.apps.alerts_commands import alerts
 from engine.apps.commandline import (
     UNEXPECTED,
     CommandLine,
+    FiniteFloatRange,
     command_ended,
     config_option,
     data_dir_option,
@@ -433,18 +434,18 @@ def config_check(config: Path | None) -> None:
 )
 @click.option(
     "--speed",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=0.0,
     show_default=True,
     help="Time compression: 60 sends an hour of events in a minute; 0 sends as fast as "
     "the window of unanswered reports allows.",
 )
-@click.option("--rate", type=click.FloatRange(min=0), default=0.0, help="Reports per second.")
+@click.option("--rate", type=FiniteFloatRange(min=0), default=0.0, help="Reports per second.")
 @click.option("--window", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--retries", type=click.IntRange(min=0), default=6, show_default=True)
-@click.option("--retry-interval", type=click.FloatRange(min=0.001), default=3.0, show_default=True)
-@click.option("--request-loss", type=click.FloatRange(0, 1, max_open=True), default=0.0)
-@click.option("--answer-loss", type=click.FloatRange(0, 1, max_open=True), default=0.0)
+@click.option("--retry-interval", type=FiniteFloatRange(min=0.001), default=3.0, show_default=True)
+@click.option("--request-loss", type=FiniteFloatRange(0, 1, max_open=True), default=0.0)
+@click.option("--answer-loss", type=FiniteFloatRange(0, 1, max_open=True), default=0.0)
 @click.option(
     "--separator",
     type=click.Choice([",", "|", ";", "tab"]),
@@ -476,13 +477,13 @@ def config_check(config: Path | None) -> None:
 @click.option(
     "--for",
     "consume_for",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=0.0,
     help="With --consume: stop after this many seconds (0: at Ctrl-C or SIGTERM).",
 )
 @click.option(
     "--drop",
-    type=click.FloatRange(0, 1, max_open=True),
+    type=FiniteFloatRange(0, 1, max_open=True),
     default=0.0,
     help="With --consume: leave this share of datagrams unanswered, as a lossy consumer.",
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterable
@@ -23,6 +24,19 @@ if TYPE_CHECKING:
     from engine.apps.settings import Settings
 
 log = logging.getLogger("callsentry")
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange refusing nan and inf: every comparison with nan is false, so
+    a range alone lets it through (`simulate --retry-interval nan` retried for ever)."""
+
+    name = "float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 def missing_files(paths: Iterable[Path]) -> list[str]:

@@ -14,7 +14,7 @@ import pytest
 
 from engine.apps import backtest as backtest_module
 from engine.apps import detectfork
-from engine.apps.backtest import BacktestReport, backtest, stored_span
+from engine.apps.backtest import BacktestReport, backtest, parse_time, stored_span
 from engine.apps.replay import ReplayReport, replay
 from engine.detect.alerts import Alert
 from engine.lake.reviews import add_review
@@ -165,6 +165,30 @@ def test_a_span_before_any_event_backtests_nothing(sample: tuple[Path, ReplayRep
     detection = make_settings(data_dir).detection
     report = backtest(data_dir, RULES, RULES, detection, first - 86_400 * 3, first)
     assert report.events == 0 and report.current == [] and report.rules == []
+
+
+def test_a_span_from_the_year_1_reads_only_the_stored_days(
+    sample: tuple[Path, ReplayReport],
+) -> None:
+    # It read every empty day from the year 1 (minutes), and a warm-up reaching before
+    # it ended in "year -8 is out of range".
+    data_dir, replayed = sample
+    detection = make_settings(data_dir).detection
+    _, last = stored_span(data_dir)
+    since = parse_time("0001-01-01", "--since")
+    report = backtest(data_dir, RULES, RULES, detection, since, last + 1e-6)
+    assert {a.alert_id for a in report.current} == {a.alert_id for a in replayed.alerts}
+    assert report.events == replayed.stored - len(replayed.rejects)
+    early = backtest(
+        data_dir,
+        RULES,
+        RULES,
+        detection,
+        parse_time("0002-01-01", "--since"),
+        parse_time("0002-02-01", "--until"),
+        3650 * 86_400.0,
+    )
+    assert early.events == 0 and early.current == []
 
 
 def test_the_command_prints_the_change_and_writes_every_alert(

@@ -295,11 +295,18 @@ def stored_count(data_dir: Path, since: float, until: float) -> int:
 def _stored_items(lake: Lake, since: float, until: float) -> Iterator[list[CallEvent | Reject]]:
     """The stored reports in [since, until), a day at a time in the order they were
     stored, in parts of at most PART_ROWS: what is held is a part's rows (and DuckDB's
-    columns of a day while it sorts them), however long the span."""
-    start = since
+    columns of a day while it sorts them), however long the span. The days read are
+    those from the first stored report in the span to the last: a span back to the
+    year 1 reads no empty day, and starts from no time Python's dates cannot hold."""
     with duckdb.connect() as con:
         lake.create_views(con)
-        while start < until:
+        first, last = con.sql(_STORED_SPAN, params=[since, until]).fetchall()[0]
+        if first is None:
+            return
+        # From the midnight before the first (not the first itself: a time read back
+        # through a float could fall a microsecond after it), as a span from then would.
+        start = max(since, _midnight_before(float(first)))
+        while start < until and start <= last:
             end = min(until, _next_midnight(start))
             # (duckdb's type stubs do not list a reader's batches as typed.)
             batches: Any = con.sql(_STORED_EVENTS, params=[start, end]).to_arrow_reader(PART_ROWS)
@@ -309,6 +316,18 @@ def _stored_items(lake: Lake, since: float, until: float) -> Iterator[list[CallE
                 if len(frame):
                     yield read_frame_items(frame, "events")
             start = end
+
+
+# The first and last stored report in [since, until), as epoch seconds.
+_STORED_SPAN = (
+    "SELECT epoch_us(min(ts)) / 1e6, epoch_us(max(ts)) / 1e6 FROM events "
+    "WHERE ts >= to_timestamp(?) AND ts < to_timestamp(?)"
+)
+
+
+def _midnight_before(ts: float) -> float:
+    day = datetime.fromtimestamp(ts, tz=UTC).date()
+    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
 
 
 def _next_midnight(ts: float) -> float:

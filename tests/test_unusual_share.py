@@ -162,6 +162,18 @@ def test_a_burst_in_the_first_minutes_is_judged_against_the_other_menus_not_itse
     assert not other.most()
 
 
+def test_a_menu_that_is_all_of_its_peers_is_judged_by_them_all() -> None:
+    # A site of one menu: left out of its peers it would have none (or what rounding
+    # leaves of its own calls, a share of 0.4). Eighty short calls in its first window.
+    menu = Menu(share_rule(), "1")
+    calls = [(T0 + 0.5 * n, (n + 1) % 20 == 0) for n in range(500)]
+    calls += [(T0 + 200.0 + 1.0 * n, True) for n in range(80)]
+    for ts, short in sorted(calls):
+        menu.call(ts, short)
+    value = menu.most()
+    assert value is not None and value >= 5
+
+
 def test_nothing_is_judged_before_a_usual_or_peers_are_known() -> None:
     menu = Menu(share_rule(), "1")
     for n in range(int(PEERS_WARM) - 1):

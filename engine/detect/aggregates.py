@@ -515,6 +515,9 @@ SHARE_BUCKETS: Final = 20
 # Calls every entity together must have taken (counted whole, not decayed: a quiet site
 # of fewer calls an hour than this warms up too) before their share is a usual to judge by.
 PEERS_WARM: Final = 200
+# Calls the other entities must have made (decayed) for an entity to be judged by
+# them alone: fewer, and it is nearly all of its peers (one menu), judged by them all.
+OTHERS_WARM: Final = 50.0
 
 
 def surprise(hits: float, expected: float) -> float:
@@ -664,11 +667,13 @@ class UnusualShare(Aggregate):
         hits = share.usual_hits * kept
         if self.peer_seen >= PEERS_WARM and self.peer_calls > 0.0:
             peer_calls, peer_hits = self._others(share)
-            # As many of the others' calls as there are, up to `peer_weight`.
+            if peer_calls < OTHERS_WARM:
+                # The judged entity is (nearly) all of its peers: a site of one menu,
+                # or one that carries nearly all the calls. Every entity's calls then.
+                peer_calls, peer_hits = self.peer_calls, self.peer_hits
             weight = min(self.peer_weight, peer_calls)
-            if weight > 0.0:
-                calls += weight
-                hits += weight * peer_hits / peer_calls
+            calls += weight
+            hits += weight * peer_hits / peer_calls
         elif calls < self.peer_weight:
             return None  # neither its own usual nor its peers' known yet
         if calls <= 0.0:
@@ -677,15 +682,18 @@ class UnusualShare(Aggregate):
         return max(hits, 0.5) / calls, calls
 
     def _others(self, share: ShareState) -> tuple[float, float]:
-        """The peers' calls and hits without the entity's window (decayed as the peers'
-        are, each bucket from its start): what it is judged by is what the others do.
-        A burst in the first minutes after a start would otherwise make much of the
-        peers' share itself and hide in it."""
+        """The peers' calls and hits without the entity's window: what it is judged by
+        is what the others do. A burst in the first minutes after a start would
+        otherwise make much of the peers' share itself and hide in it. Each bucket is
+        taken out decayed from its end, the latest any of its calls joined the peers:
+        never less than it added (what is left is the others', not a remainder of its
+        own), at most a bucket's decay (under 1 % of its calls) more."""
         own_calls = own_hits = 0.0
         starts = share.bucket_start
         bucket_calls, bucket_hits = share.bucket_calls, share.bucket_hits
+        width = self.share_bucket_s
         for index in range(len(starts)):
-            weight = self._decay(starts[index], self.peer_at)
+            weight = self._decay(starts[index] + width, self.peer_at)
             own_calls += bucket_calls[index] * weight
             own_hits += bucket_hits[index] * weight
         calls = self.peer_calls - own_calls

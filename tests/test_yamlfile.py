@@ -61,6 +61,8 @@ def test_bad_yaml_names_the_line(tmp_path: Path, text: str, line: int, reason: s
         ('rule: "r"\nentity: "861\x1b[2J"\nreason: "r"\n', 2, "\\x1b"),
         ("a: 1\n\nb: x\x00\n", 3, "\\x00"),
         ("a: x\ufffe\n", 1, "\\ufffe"),
+        # After lines of Chinese menu names: libyaml counts the place in UTF-8 bytes.
+        ('# 主菜单 账单查询\n# 主菜单 账单查询\n# 主菜单\nmenu: 1\nname: "a\x1bb"\n', 5, "\\x1b"),
     ],
 )
 def test_a_control_character_as_it_is_is_one_problem_at_its_line(

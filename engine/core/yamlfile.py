@@ -193,9 +193,11 @@ def _invalid(path: Path, error: yaml.YAMLError, text: str) -> YamlFileError:
         # A control character written as it is (an ESC pasted from a terminal, a NUL):
         # PyYAML says it at a character offset, over two lines; said here at its line,
         # with the escape that writes it.
-        line = text.count("\n", 0, error.position) + 1
         character = error.character
         code = character if isinstance(character, int) else ord(character)
+        # Its first place in the text is where the reader stopped: libyaml's position
+        # counts UTF-8 bytes, PyYAML's characters, so neither is used.
+        line = text.count("\n", 0, max(text.find(chr(code)), 0)) + 1
         escape = f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
         return YamlFileError(
             [

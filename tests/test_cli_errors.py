@@ -613,6 +613,29 @@ def test_simulate_into_a_folder_it_cannot_write_says_which_in_one_line(
     assert outcome.stderr == f"callsentry: --to-file {out}: cannot write {blocked}: {why}\n"
 
 
+@pytest.mark.parametrize("command", [["replay", "events.csv"], ["alerts", "list"]])
+def test_a_data_dir_inside_another_is_refused_and_nothing_is_written(
+    tmp_path: Path, command: list[str]
+) -> None:
+    # A --data-dir one folder too deep (a table folder of the lake): replay made a data
+    # dir of its own among the lake's files, and exited 0.
+    data_dir = tmp_path / "data"
+    (data_dir / "lake" / "events").mkdir(parents=True)
+    (data_dir / "callsentry.duckdb").write_bytes(b"")
+    (tmp_path / "events.csv").write_text(
+        "ts,call_id,serial,state,caller,callee,forward,menu_id,menu_name\n"
+        "2026-12-05T10:00:00Z,nest-1,1,RINGING,8613800000001,4001,,1,Main\n"
+    )
+    inner = data_dir / "lake" / "events"
+    outcome = _run([*command, "--data-dir", str(inner)], "nested", tmp_path)
+    assert outcome.code == 2, outcome
+    assert outcome.stderr == (
+        f"callsentry: configuration error: store.data_dir (from a flag): {inner} is "
+        f"inside the data dir {data_dir}: give {data_dir} itself, or a folder of its own\n"
+    )
+    assert list(inner.iterdir()) == []
+
+
 def test_simulate_in_an_encoding_that_cannot_hold_a_report_sends_nothing(
     tmp_path: Path,
 ) -> None:

@@ -252,7 +252,15 @@ class StoreSettings(_Section):
     def _check_data_dir(cls, value: Path) -> Path:
         """A folder, or a path where one can be made: a regular file there (a typo in
         the settings) is said as such, not as whichever file under it each command
-        fails to open first. A folder that is missing is made by serve and replay."""
+        fails to open first. A folder that is missing is made by serve and replay.
+        Not a folder inside another data dir (`DATA_DIR/lake/events` for `DATA_DIR`):
+        serve and replay would make a data dir of their own among its files."""
+        for parent in value.absolute().parents:
+            if (parent / "callsentry.duckdb").is_file() and (parent / "lake").is_dir():
+                raise ValueError(
+                    f"{value} is inside the data dir {parent}: give {parent} itself, or "
+                    "a folder of its own"
+                )
         try:
             mode = value.stat().st_mode
         except NotADirectoryError:

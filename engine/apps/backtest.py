@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -331,5 +331,5 @@ def _midnight_before(ts: float) -> float:
 
 
 def _next_midnight(ts: float) -> float:
-    day = datetime.fromtimestamp(ts, tz=UTC).date() + timedelta(days=1)
-    return datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp()
+    # A UTC day is 86,400 epoch seconds (epoch time has no leap seconds).
+    return _midnight_before(ts) + 86_400.0

@@ -255,8 +255,10 @@ class StoreSettings(_Section):
         fails to open first. A folder that is missing is made by serve and replay.
         Not a folder inside another data dir (`DATA_DIR/lake/events` for `DATA_DIR`):
         serve and replay would make a data dir of their own among its files."""
+        from engine.lake.views import DATABASE
+
         for parent in value.absolute().parents:
-            if (parent / "callsentry.duckdb").is_file() and (parent / "lake").is_dir():
+            if (parent / DATABASE).is_file() and (parent / "lake").is_dir():
                 raise ValueError(
                     f"{value} is inside the data dir {parent}: give {parent} itself, or "
                     "a folder of its own"

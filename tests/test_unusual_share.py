@@ -397,6 +397,76 @@ def test_a_state_from_before_calls_were_counted_by_when_they_settled_judges_by_e
     assert len(state.settled_calls) == len(state.settled_hits) == len(state.bucket_start)
     # The buckets from before are unknown until they leave the window; the new ones count.
     assert state.settled_calls[0] == -1 and state.settled_calls[-1] > 0
-    assert menu.aggregate.settled(state, 7.0, [], []) == 7.0
+    assert menu.aggregate.settled(state, answered(0, T0 + 180, "1", 2.0), 7.0, [], []) == 7.0
     menu.traffic(T0 + 180, 360, 1.0, 20)
     assert min(state.settled_calls) >= 0
+
+
+def _events(name: str, series: list[Series]) -> list[CallEvent]:
+    events = [e for i, s in enumerate(series) for e in expand(s, name, i)]
+    return sorted(events, key=lambda e: (e.ts, e.call_id, e.serial))
+
+
+def test_the_tracker_counts_each_menus_answered_calls_in_progress(tmp_path: Path) -> None:
+    events = _events(
+        "open",
+        [
+            Series(menu_id="1", repeat=3, every=10.0, talk=100.0),
+            # Answered and never hung up: in progress until they time out.
+            Series(caller="8613800000002", menu_id="2", repeat=2, every=10.0, hangup=False, at=5),
+            # Not answered: never counted.
+            Series(caller="8613800000003", menu_id="2", repeat=2, answered=False, at=6),
+        ],
+    )
+    pipeline = Pipeline(_share_rules(), CallTracker(max_call_s=600.0))
+    pipeline.feed([e for e in events if e.ts < TEST_EPOCH + 50])
+    tracker = pipeline.tracker
+    assert (tracker.answered_open, tracker.answered_open_all) == ({"1": 3, "2": 2}, 5)
+    # A retried OK counts once; a snapshot holds the calls, and the count is made again.
+    pipeline.feed([e for e in events if e.ts < TEST_EPOCH + 50 and e.serial == 2])
+    assert tracker.answered_open_all == 5
+    decoded = snapshot.decode(snapshot.encode(Snapshot(Position(1, 1), pipeline.state(), 0.0)))
+    restored = Pipeline(_share_rules(), CallTracker(max_call_s=600.0))
+    restored.restore(decoded.state)
+    assert (restored.tracker.answered_open, restored.tracker.answered_open_all) == (
+        {"1": 3, "2": 2},
+        5,
+    )
+    pipeline.feed([e for e in events if e.ts >= TEST_EPOCH + 50])
+    assert (tracker.answered_open, tracker.answered_open_all) == ({"2": 2}, 2)
+    # Timed out (no Bye within max_call_s): no longer in progress.
+    pipeline.advance(TEST_EPOCH + 700)
+    assert (tracker.answered_open, tracker.answered_open_all) == ({}, 0)
+
+
+def test_a_bye_before_its_ok_leaves_no_call_in_progress() -> None:
+    ringing, answer, bye = expand(Series(talk=30.0), "order", 0)
+    pipeline = Pipeline(_share_rules(), CallTracker())
+    pipeline.feed([ringing, bye, answer])
+    assert (pipeline.tracker.answered_open, pipeline.tracker.answered_open_all) == ({}, 0)
+
+
+def _first_minutes_with_a_burst() -> list[CallEvent]:
+    """From a start: two menus at 5 % short whose other calls last four minutes, and
+    twenty short calls from twenty callers into the quieter one five minutes in (6.5
+    standard deviations; 4.1 by the ended calls alone)."""
+    series = [
+        Series(caller="8613800000009", menu_id="1", repeat=2400, every=0.25, talk=240.0),
+        Series(caller="8613800000008", menu_id="1", repeat=120, every=5.0, talk=2.0, at=0.1),
+        Series(caller="8613800000007", menu_id="2", repeat=300, every=2.0, talk=240.0, at=0.2),
+        Series(caller="8613800000006", menu_id="2", repeat=15, every=40.0, talk=2.0, at=0.3),
+    ]
+    series += [
+        Series(caller=f"86139000000{n:02d}", menu_id="2", talk=2.0, at=300.0 + 2.5 * n)
+        for n in range(20)
+    ]
+    return _events("minutes", series)
+
+
+def test_the_peers_answered_calls_in_progress_count_in_their_share() -> None:
+    # Five minutes in, the peers' calls that have ended are their short ones and the
+    # first minute's long ones: by those, a sixth of their calls are short. Counted
+    # with the long ones still going on, a twentieth: the burst stands out.
+    alerts = _run(Pipeline(_share_rules(), CallTracker()), _first_minutes_with_a_burst())
+    assert [entity for _, entity, _ in alerts] == ["2"]
+    assert all(ts - TEST_EPOCH < 420 for _, _, ts in alerts)

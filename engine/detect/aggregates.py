@@ -162,7 +162,12 @@ class Aggregate:
         """Carry on from what `learned` returned (of an aggregate of the same logic)."""
 
     def settled(
-        self, state: EntityState, measured: float, ended: list[Call], talking: list[Call]
+        self,
+        state: EntityState,
+        call: Call,
+        measured: float,
+        ended: list[Call],
+        talking: list[Call],
     ) -> float:
         """The measure again, told of the entity's answered calls not finished yet: those
         whose Bye came (`ended`, to finish within seconds) and those still going on
@@ -563,6 +568,9 @@ class UnusualShare(Aggregate):
         # here): a call the numerator takes is a hit only if its caller passes it too.
         self.hit_gate: Callable[[Call], bool] | None = None
         self.settles = True
+        # The call tracker, for a rule whose peers' answered calls in progress count
+        # (`CompiledRule.watch_calls_in_progress`): set by the pipeline, None otherwise.
+        self.in_progress: CallTracker | None = None
 
     def new_state(self, now: float) -> EntityState:
         return ShareState()
@@ -660,17 +668,26 @@ class UnusualShare(Aggregate):
         if now > self.peer_at:
             self.peer_at = now
 
-    def _usual(self, share: ShareState) -> tuple[float, float] | None:
+    def _usual(self, share: ShareState, call: Call) -> tuple[float, float] | None:
         """The entity's usual share and the calls behind it (None: not known yet)."""
         kept = self._decay(share.usual_at, self.peer_at)
         calls = share.usual_calls * kept
         hits = share.usual_hits * kept
         if self.peer_seen >= PEERS_WARM and self.peer_calls > 0.0:
+            # The peers' answered calls in progress are not hits (see
+            # `CompiledRule.watch_calls_in_progress`): counted, in the first minutes after a start
+            # the peers' share is not that of the short calls that end first.
+            talking = own_talking = 0.0
+            tracker = self.in_progress
+            if tracker is not None:
+                talking = float(tracker.answered_open_all)
+                own_talking = float(tracker.answered_open.get(call.menu_id, 0))
             peer_calls, peer_hits = self._others(share)
+            peer_calls += talking - own_talking
             if peer_calls < OTHERS_WARM:
                 # The judged entity is (nearly) all of its peers: a site of one menu,
                 # or one that carries nearly all the calls. Every entity's calls then.
-                peer_calls, peer_hits = self.peer_calls, self.peer_hits
+                peer_calls, peer_hits = self.peer_calls + talking, self.peer_hits
             weight = min(self.peer_weight, peer_calls)
             calls += weight
             hits += weight * peer_hits / peer_calls
@@ -739,7 +756,7 @@ class UnusualShare(Aggregate):
 
     def measure(self, state: EntityState, call: Call) -> float | None:
         share = cast(ShareState, state)
-        known = self._usual(share)
+        known = self._usual(share, call)
         if known is None:
             return None
         usual, behind = known
@@ -748,7 +765,12 @@ class UnusualShare(Aggregate):
         )
 
     def settled(
-        self, state: EntityState, measured: float, ended: list[Call], talking: list[Call]
+        self,
+        state: EntityState,
+        call: Call,
+        measured: float,
+        ended: list[Call],
+        talking: list[Call],
     ) -> float:
         """The most surprising stretch again, each call counted by when it settled
         rather than when it ended: an answered call is known not to be a hit once the
@@ -758,7 +780,7 @@ class UnusualShare(Aggregate):
         first, so by when they ended its hits come before its other calls; by when
         they settled they come together. The lower of the two counts."""
         share = cast(ShareState, state)
-        known = self._usual(share)
+        known = self._usual(share, call)
         starts = share.bucket_start
         settled_calls = share.settled_calls
         if known is None or not starts or len(settled_calls) != len(starts) or settled_calls[0] < 0:
@@ -769,20 +791,20 @@ class UnusualShare(Aggregate):
         gate = self.hit_gate
         calls: list[float] = []
         hits: list[float] = []
-        for call in ended:
-            answered_at = call.answered_at
+        for finished in ended:
+            answered_at = finished.answered_at
             if answered_at is None or answered_at < oldest:
                 continue
-            if not numerator.takes(call):
+            if not numerator.takes(finished):
                 calls.append(answered_at)
             elif gate is None:
                 calls.append(answered_at)
                 hits.append(answered_at)
             # else: a hit only if its caller's conduct, this call not yet in it, passes
             # the gate: left out until it finishes.
-        for call in talking:
-            answered_at = call.answered_at
-            if answered_at is not None and answered_at >= oldest and not numerator.takes(call):
+        for ongoing in talking:
+            answered_at = ongoing.answered_at
+            if answered_at is not None and answered_at >= oldest and not numerator.takes(ongoing):
                 calls.append(answered_at)
         calls.sort(reverse=True)
         hits.sort(reverse=True)

@@ -378,6 +378,33 @@ class CallTracker(Snapshotted):
         # Calls finished early for the bound, handed out by the next `advance`.
         self.evicted: list[Call] = []
         self.now = 0.0
+        # Answered calls in progress (an OK, no Bye yet), per menu and in all: a call
+        # past its first seconds is known by then not to be a short one, minutes before
+        # its Bye. Worked out again from `open` when a snapshot is read, not kept in it.
+        self.answered_open: dict[str, int] = {}
+        self.answered_open_all = 0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._count_answered_open()
+
+    def _count_answered_open(self) -> None:
+        counts: dict[str, int] = {}
+        for call in self.open.values():
+            if call.answered_at is not None and call.ended_at is None:
+                counts[call.menu_id] = counts.get(call.menu_id, 0) + 1
+        self.answered_open = counts
+        self.answered_open_all = sum(counts.values())
+
+    def _answer_over(self, call: Call) -> None:
+        """An answered call in progress got its Bye or timed out."""
+        menu = call.menu_id
+        left = self.answered_open.get(menu, 0) - 1
+        if left > 0:
+            self.answered_open[menu] = left
+        else:
+            self.answered_open.pop(menu, None)
+        self.answered_open_all -= 1
 
     def open_calls(
         self, caller: str, since: float = float("-inf"), limit: int = 1000
@@ -444,10 +471,16 @@ class CallTracker(Snapshotted):
                 call.ringing_at = ts
                 call.ring_code = event.code
         elif state is _ANSWERED:
+            if call.answered_at is None and call.ended_at is None:
+                menu = call.menu_id
+                self.answered_open[menu] = self.answered_open.get(menu, 0) + 1
+                self.answered_open_all += 1
             if call.answered_at is None or ts < call.answered_at:
                 call.answered_at = ts
                 call.answer_serial = event.serial
         elif call.ended_at is None or ts < call.ended_at:
+            if call.ended_at is None and call.answered_at is not None:
+                self._answer_over(call)
             call.ended_at = ts
             call.end_serial = event.serial
             self._leave(call)
@@ -567,6 +600,8 @@ class CallTracker(Snapshotted):
     def _finish(self, call: Call) -> Call:
         del self.open[call.call_id]
         self._leave(call)
+        if call.ended_at is None and call.answered_at is not None:
+            self._answer_over(call)
         if call.ended_at is None:
             call.outcome = "timed_out"
         elif call.answered_at is not None:

@@ -77,6 +77,8 @@ class Pipeline:
         if self.rules.conduct is not None:
             # `behaviour:` counts a caller's answered calls in progress (this tracker's).
             self.rules.conduct.tracker = self.tracker
+        for rule in self.rules.rules:
+            rule.watch_calls_in_progress(self.tracker)
 
     def swap_rules(self, rules: RuleSet) -> list[str]:
         """Put a new rule set in place whole; rules whose logic is unchanged keep their state."""

@@ -19,8 +19,12 @@ from engine.alerts.sinks import JsonLinesSink
 from engine.apps.replay import replay
 from engine.core.text import csv_cell
 from engine.detect.alerts import Alert, AlertManager
+from engine.detect.calls import CallTracker
 from engine.detect.evaluate import Finding
+from engine.detect.pipeline import Pipeline
 from engine.detect.rules import load_rules
+from engine.detect.ruletest import TEST_EPOCH, expand
+from engine.detect.schema import TestCalls as Series
 from engine.lake.reviews import LISTED, ReviewError, add_review, list_alerts
 from tests.conftest import make_settings, wait_for
 
@@ -34,10 +38,34 @@ def test_one_alert_per_incident_then_quiet_for_the_suppression() -> None:
     manager = AlertManager()
     first = manager.offer(finding(1000.0))
     assert first is not None and first.evidence == ["a", "b"]
-    assert manager.offer(finding(1000.0 + 1799)) is None  # suppression: 30 min
+    # The incident goes on: a finding a minute, each window reaching back before the
+    # last finding. Suppression: 30 min.
+    for minute in range(1, 30):
+        assert manager.offer(finding(1000.0 + 60 * minute)) is None
+    assert manager.offer(finding(1000.0 + 1799)) is None
     assert manager.offer(finding(1005.0, entity="other")) is not None
     assert manager.offer(finding(1000.0 + 1800)) is not None
-    assert manager.suppressed == 1
+    assert manager.suppressed == 30
+
+
+def test_a_new_incident_within_the_suppression_raises_its_own_alert() -> None:
+    manager = AlertManager()
+    rule_id = "short-calls-caller"
+    entity = "8613900000001"
+    first = manager.offer(finding(1000.0))
+    assert first is not None
+    # A minute on, the window (from 960) holds calls from before the last finding.
+    assert manager.quiet(rule_id, entity, 1060.0, True, 960.0)
+    assert manager.offer(finding(1060.0)) is None
+    # Twenty minutes on, a window from 2100: every call in it came after the last
+    # finding (1060). A second burst, not the first one going on.
+    assert not manager.quiet(rule_id, entity, 2200.0, True, 2100.0)
+    second = manager.offer(finding(2200.0))
+    assert second is not None and second.alert_id != first.alert_id
+    # ... which holds its own suppression from then on.
+    assert manager.quiet(rule_id, entity, 2260.0, True, 2160.0)
+    assert manager.offer(finding(2260.0)) is None
+    assert manager.offer(finding(2200.0 + 1800)) is not None
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +375,31 @@ def test_an_alert_id_is_matched_as_text_not_as_a_pattern(
         assert refused.returncode == 1, (pattern, refused.stdout)
         assert "no alert" in refused.stderr and refused.stderr.count("\n") == 1
     assert list_alerts(data, "confirmed", 100) == []
+
+
+def _raised(series: list[Series]) -> list[float]:
+    """When the menu short-call rule raised its alerts for menu 1 (seconds from the
+    first call)."""
+    events = sorted(
+        (e for i, s in enumerate(series) for e in expand(s, "bursts", i)),
+        key=lambda e: (e.ts, e.call_id, e.serial),
+    )
+    pipeline = Pipeline(load_rules(Path("rules/short-calls-menu.yaml")).rules, CallTracker())
+    output = pipeline.feed(events)
+    output.extend(pipeline.advance(events[-1].ts + 3600))
+    return [a.raised_at - TEST_EPOCH for a in output.alerts if not a.escalation]
+
+
+def test_a_second_burst_after_the_first_ended_is_a_second_alert() -> None:
+    # Three quarters of an hour of a menu, 5 % of its calls short; thirty short calls
+    # 15 min in, and thirty more 20 min later, within the first alert's suppression
+    # (30 min). Before, the second burst was hidden in the first one's alert.
+    raised = _raised(
+        [
+            Series(caller="8613800000009", menu_id="1", repeat=2700, every=1.0, talk=60.0),
+            Series(caller="8613800000008", menu_id="1", repeat=135, every=20.0, talk=2.0, at=0.5),
+            Series(caller="8613900000001", menu_id="1", repeat=30, every=3.0, talk=2.0, at=900),
+            Series(caller="8613900000002", menu_id="1", repeat=30, every=3.0, talk=2.0, at=2100),
+        ]
+    )
+    assert len(raised) == 2 and 900 < raised[0] < 1000 and 2100 < raised[1] < 2200

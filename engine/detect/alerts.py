@@ -14,6 +14,7 @@ at most once; its suppression is not lengthened by it.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -120,10 +121,17 @@ def _alert(
 
 class AlertManager:
     """Suppression per (rule, entity): after an alert, the same rule stays quiet for that
-    entity for its suppression duration, so an incident is one alert, not one per event."""
+    entity for its suppression duration, so an incident is one alert, not one per event.
+    A rule's finding whose window holds nothing from before the last finding for that
+    entity (every call it counts came after the rule last found anything there) is a
+    new incident: it raises its own alert, suppression or not. A second burst twenty
+    minutes after the first one ended is not hidden in the first one's alert."""
 
     def __init__(self) -> None:
         self._quiet_until: dict[tuple[str, str], float] = {}
+        # The event time of the latest finding, raised or suppressed, by (rule, entity)
+        # while its suppression holds.
+        self._last_found: dict[tuple[str, str], float] = {}
         # The alerts raised at `warning` whose suppression holds, by (rule, entity):
         # (alert_id, raised_at), for their escalation.
         self._warned: dict[tuple[str, str], tuple[str, float]] = {}
@@ -138,20 +146,35 @@ class AlertManager:
         self._quiet_until[key] = raised_at + quiet_for
         return True
 
-    def quiet(self, source: str, entity: str, ts: float, critical: bool = True) -> bool:
+    def quiet(
+        self,
+        source: str,
+        entity: str,
+        ts: float,
+        critical: bool = True,
+        since: float = -math.inf,
+    ) -> bool:
         """Whether `source` is quiet for `entity` at `ts` (a finding then is suppressed,
         and counted as such): asked before a finding is made, so an incident that
         goes on for hours costs no evidence lists while it is suppressed. Not quiet
         for a `critical` finding while the alert holding the suppression is at
-        `warning`: that finding escalates it."""
+        `warning`: that finding escalates it; nor for a finding whose window begins
+        (`since`, its oldest call) after the last finding: a new incident."""
         key = (source, entity)
         until = self._quiet_until.get(key)
         if until is not None and ts < until:
+            if self._new_incident(key, since):
+                return False
             if critical and key in self._warned:
                 return False
+            self._last_found[key] = ts
             self.suppressed += 1
             return True
         return False
+
+    def _new_incident(self, key: tuple[str, str], since: float) -> bool:
+        last = self._last_found.get(key)
+        return last is not None and since > last
 
     def offer(self, finding: Finding) -> Alert | None:
         """The alert a rule's finding raises, the escalation of the rule's alert at
@@ -159,6 +182,16 @@ class AlertManager:
         rule = finding.rule
         spec = rule.spec
         key = (rule.id, finding.entity)
+        until = self._quiet_until.get(key)
+        if (
+            until is not None
+            and finding.raised_at < until
+            and self._new_incident(key, finding.window_start)
+        ):
+            # A new incident within the suppression of the last one: its own alert.
+            del self._quiet_until[key]
+            self._warned.pop(key, None)
+        self._last_found[key] = finding.raised_at
         warned = self._warned.get(key)
         if warned is not None and finding.critical:
             until = self._quiet_until.get(key)
@@ -235,6 +268,7 @@ class AlertManager:
         for key in expired:
             del self._quiet_until[key]
             self._warned.pop(key, None)
+            self._last_found.pop(key, None)
 
 
 class AlertSink(Protocol):

@@ -108,14 +108,16 @@ def _conditions(matcher: Matcher, lists: Mapping[str, frozenset[str]]) -> list[t
     return found
 
 
-def _never_quiet(rule_id: str, entity: str, ts: float, critical: bool) -> bool:
+def _never_quiet(rule_id: str, entity: str, ts: float, critical: bool, since: float) -> bool:
     return False
 
 
 # Asked before a finding is made: whether an alert of this rule for this entity would
 # be suppressed at that time (engine.detect.alerts.AlertManager.quiet); `critical`:
-# whether the value crossed the critical threshold (which escalates a warning alert).
-Quiet = Callable[[str, str, float, bool], bool]
+# whether the value crossed the critical threshold (which escalates a warning alert);
+# `since`: when the finding's window begins (after the last finding: a new incident).
+Quiet = Callable[[str, str, float, bool, float], bool]
+_NO_START: Final = -math.inf
 
 
 # One condition of a selection: the call's field, what is tested, and the constant.
@@ -436,8 +438,9 @@ class CompiledRule:
     ) -> Finding | None:
         """The finding a call this rule selects makes, if any (`RuleGroup.selected`
         says which rules select a call, and starts them). `quiet(rule_id, entity, ts,
-        critical)` says whether an alert would be suppressed: the window still takes the
-        call, but no finding (scan of open calls, evidence) is made for a quiet entity."""
+        critical, since)` says whether an alert would be suppressed: the window still
+        takes the call, but no finding (scan of open calls, evidence) is made for a
+        quiet entity."""
         entity = self.entity_of(call)
         if not entity:
             return None
@@ -490,11 +493,11 @@ class CompiledRule:
                 return None
         critical_bar = self.critical
         critical = critical_bar is None or critical_bar.holds(measured)
-        if quiet(self.id, entity, ts, critical) or self.excepted(entity, ts):
+        start = state.start() or ts
+        if quiet(self.id, entity, ts, critical, start) or self.excepted(entity, ts):
             return None
         if self.gate is not None and not self.gate(call):
             return None
-        start = state.start() or ts
         return Finding(self, entity, ts, start, ts, measured, state.live_call_ids(), critical)
 
     def _answered_in_progress(
@@ -559,14 +562,16 @@ class CompiledRule:
         could_escalate = critical_bar is None or critical_bar.may_hold_up_to(
             float(tracker.open_count(entity))
         )
-        if quiet(self.id, entity, ts, could_escalate):
+        # A burst of calls in progress is judged as one incident while suppressed:
+        # which calls it holds is known only once they are listed.
+        if quiet(self.id, entity, ts, could_escalate, _NO_START):
             return None
         live = in_progress.in_progress(tracker, entity, ts, call)
         value = float(len(live))
         if not self.condition.holds(value) or self.excepted(entity, ts):
             return None
         critical = critical_bar is None or critical_bar.holds(value)
-        if not critical and quiet(self.id, entity, ts, False):
+        if not critical and quiet(self.id, entity, ts, False, _NO_START):
             return None
         if self.gate is not None and not self.gate(call):
             return None

@@ -470,3 +470,28 @@ def test_the_peers_answered_calls_in_progress_count_in_their_share() -> None:
     alerts = _run(Pipeline(_share_rules(), CallTracker()), _first_minutes_with_a_burst())
     assert [entity for _, entity, _ in alerts] == ["2"]
     assert all(ts - TEST_EPOCH < 420 for _, _, ts in alerts)
+
+
+def test_the_calls_in_progress_are_counted_as_of_the_judged_calls_end() -> None:
+    # Cut anywhere in the burst, time moved on to the cut's last report and a few
+    # seconds (as a replay's last file closes), and resumed from a snapshot: the same
+    # alerts, at the same values, as a run that never stopped. The reports after a
+    # judged call's end are read before it is judged in one and not in the other.
+    events = _first_minutes_with_a_burst()
+
+    def raised(output: Output) -> list[tuple[str, float, float]]:
+        return [(a.entity, a.raised_at, round(a.value, 9)) for a in output.alerts]
+
+    whole = Pipeline(_share_rules(), CallTracker())
+    expected = raised(whole.feed(events)) + raised(whole.advance(events[-1].ts + 3600))
+    assert [entity for entity, _, _ in expected] == ["2"]
+    burst = [n for n, e in enumerate(events) if 300 <= e.ts - TEST_EPOCH <= 360]
+    for cut in burst[::7]:
+        first = Pipeline(_share_rules(), CallTracker())
+        got = raised(first.feed(events[:cut]))
+        got += raised(first.advance(events[cut - 1].ts + 6.0))
+        state = snapshot.decode(snapshot.encode(Snapshot(Position(1, cut), first.state(), 0.0)))
+        second = Pipeline(_share_rules(), CallTracker())
+        second.restore(state.state)
+        got += raised(second.feed(events[cut:])) + raised(second.advance(events[-1].ts + 3600))
+        assert got == expected, f"cut at report {cut}"

@@ -680,8 +680,14 @@ class UnusualShare(Aggregate):
             talking = own_talking = 0.0
             tracker = self.in_progress
             if tracker is not None:
-                talking = float(tracker.answered_open_all)
-                own_talking = float(tracker.answered_open.get(call.menu_id, 0))
+                # As of when the judged call ended (its deadline if it did not), as
+                # `CompiledRule.evaluate` asks the calls in progress for the second look.
+                ended_at = call.ended_at
+                deadline = call.deadline
+                at = ended_at if ended_at is not None and ended_at <= deadline else deadline
+                by_menu, in_all = tracker.answered_open_at(at)
+                talking = float(in_all)
+                own_talking = float(by_menu.get(call.menu_id, 0))
             peer_calls, peer_hits = self._others(share)
             peer_calls += talking - own_talking
             if peer_calls < OTHERS_WARM:

@@ -36,6 +36,11 @@ _heappop: Final = heapq.heappop
 # Every this many finished calls, the deadline entries are counted (and the stale
 # dropped if they far outnumber the open calls: `_forget_stale_deadlines`).
 _STALE_CHECK_EVERY: Final = 65_536
+# The answered calls in progress are marked every this many seconds of event time, the
+# last this many marks kept: a call is judged within `settle_s` of its Bye, a mark or
+# two later (CallTracker.answered_open_at).
+_MARK_S: Final = 5.0
+_MARKS_KEPT: Final = 16
 
 
 @dataclass(slots=True)
@@ -353,6 +358,7 @@ class CallTracker(Snapshotted):
             "_finished",
             "evicted",
             "now",
+            "answered_marks",
         )
 
     def __post_init__(self) -> None:
@@ -378,27 +384,60 @@ class CallTracker(Snapshotted):
         # Calls finished early for the bound, handed out by the next `advance`.
         self.evicted: list[Call] = []
         self.now = 0.0
-        # Answered calls in progress (an OK, no Bye yet), per menu and in all: a call
-        # past its first seconds is known by then not to be a short one, minutes before
-        # its Bye. Worked out again from `open` when a snapshot is read, not kept in it.
+        # Answered calls in progress (an OK, no Bye yet) through a menu, per menu and
+        # in all (`unusual_share` counts the other menus' as calls that are no short
+        # call: all but those answered in the last seconds are past 5 s). Worked out
+        # again from `open` when a snapshot is read, not kept in it.
         self.answered_open: dict[str, int] = {}
         self.answered_open_all = 0
+        # The counts as they stood before the first report at or after each
+        # `_MARK_S` boundary, the last `_MARKS_KEPT` of them (`answered_open_at`), and
+        # the next boundary.
+        self.answered_marks: list[tuple[float, dict[str, int], int]] = []
+        self._next_mark = 0.0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._count_answered_open()
+        marks = self.answered_marks
+        self._next_mark = marks[-1][0] + _MARK_S if marks else 0.0
 
     def _count_answered_open(self) -> None:
         counts: dict[str, int] = {}
         for call in self.open.values():
-            if call.answered_at is not None and call.ended_at is None:
+            if call.answered_at is not None and call.ended_at is None and call.menu_id:
                 counts[call.menu_id] = counts.get(call.menu_id, 0) + 1
         self.answered_open = counts
         self.answered_open_all = sum(counts.values())
 
+    def _mark(self, ts: float) -> None:
+        boundary = ts - math.fmod(ts, _MARK_S)
+        marks = self.answered_marks
+        marks.append((boundary, dict(self.answered_open), self.answered_open_all))
+        if len(marks) > _MARKS_KEPT:
+            del marks[0]
+        self._next_mark = boundary + _MARK_S
+
+    def answered_open_at(self, at: float) -> tuple[dict[str, int], int]:
+        """The answered calls in progress per menu, and in all, as of event time `at`:
+        as they stood before the first report at or after the last boundary by then.
+        The same in a run cut at any report and resumed from its snapshot as in one
+        that never stopped (the reports after `at` may or may not have been read when
+        a call that ended at `at` is judged); the counts now, when none is kept."""
+        marks = self.answered_marks
+        for index in range(len(marks) - 1, -1, -1):
+            mark = marks[index]
+            if mark[0] <= at:
+                return mark[1], mark[2]
+        if marks:
+            return marks[0][1], marks[0][2]
+        return self.answered_open, self.answered_open_all
+
     def _answer_over(self, call: Call) -> None:
         """An answered call in progress got its Bye or timed out."""
         menu = call.menu_id
+        if not menu:
+            return
         left = self.answered_open.get(menu, 0) - 1
         if left > 0:
             self.answered_open[menu] = left
@@ -432,6 +471,8 @@ class CallTracker(Snapshotted):
         """Take one report; returns the call if this report opened it."""
         ts = event.ts
         if ts > self.now:
+            if ts >= self._next_mark:
+                self._mark(ts)
             self.now = ts
         call = self.open.get(event.call_id)
         started: Call | None = None
@@ -471,7 +512,7 @@ class CallTracker(Snapshotted):
                 call.ringing_at = ts
                 call.ring_code = event.code
         elif state is _ANSWERED:
-            if call.answered_at is None and call.ended_at is None:
+            if call.answered_at is None and call.ended_at is None and call.menu_id:
                 menu = call.menu_id
                 self.answered_open[menu] = self.answered_open.get(menu, 0) + 1
                 self.answered_open_all += 1

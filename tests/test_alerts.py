@@ -29,43 +29,64 @@ from engine.lake.reviews import LISTED, ReviewError, add_review, list_alerts
 from tests.conftest import make_settings, wait_for
 
 
-def finding(raised_at: float, entity: str = "8613900000001") -> Finding:
-    rule = load_rules(Path("rules/short-calls-caller.yaml")).rules.rules[0]
-    return Finding(rule, entity, raised_at, raised_at - 100, raised_at, 20.0, ["a", "b"])
+def finding(
+    raised_at: float,
+    entity: str = "8613900000001",
+    rule_file: str = "short-calls-caller.yaml",
+    since: float | None = None,
+) -> Finding:
+    """A finding of a shipped rule at `raised_at`, its window from `since` (100 s
+    before by default)."""
+    rule = load_rules(Path("rules") / rule_file).rules.rules[0]
+    start = raised_at - 100 if since is None else since
+    return Finding(rule, entity, raised_at, start, raised_at, 20.0, ["a", "b"])
 
 
 def test_one_alert_per_incident_then_quiet_for_the_suppression() -> None:
     manager = AlertManager()
     first = manager.offer(finding(1000.0))
     assert first is not None and first.evidence == ["a", "b"]
-    # The incident goes on: a finding a minute, each window reaching back before the
-    # last finding. Suppression: 30 min.
-    for minute in range(1, 30):
-        assert manager.offer(finding(1000.0 + 60 * minute)) is None
-    assert manager.offer(finding(1000.0 + 1799)) is None
+    assert manager.offer(finding(1000.0 + 1799)) is None  # suppression: 30 min
     assert manager.offer(finding(1005.0, entity="other")) is not None
     assert manager.offer(finding(1000.0 + 1800)) is not None
-    assert manager.suppressed == 30
+    assert manager.suppressed == 1
 
 
-def test_a_new_incident_within_the_suppression_raises_its_own_alert() -> None:
+@pytest.mark.parametrize(
+    ("rule_file", "expected"),
+    [
+        ("short-calls-menu.yaml", [1000.0, 2000.0, 3800.0]),
+        ("short-calls-caller.yaml", [1000.0, 3800.0]),
+    ],
+    ids=["new_incident_after 10 min", "none"],
+)
+def test_a_new_incident_within_the_suppression_raises_its_own_alert(
+    rule_file: str, expected: list[float]
+) -> None:
     manager = AlertManager()
-    rule_id = "short-calls-caller"
-    entity = "8613900000001"
-    first = manager.offer(finding(1000.0))
-    assert first is not None
-    # A minute on, the window (from 960) holds calls from before the last finding.
-    assert manager.quiet(rule_id, entity, 1060.0, True, 960.0)
-    assert manager.offer(finding(1060.0)) is None
-    # Twenty minutes on, a window from 2100: every call in it came after the last
-    # finding (1060). A second burst, not the first one going on.
-    assert not manager.quiet(rule_id, entity, 2200.0, True, 2100.0)
-    second = manager.offer(finding(2200.0))
-    assert second is not None and second.alert_id != first.alert_id
-    # ... which holds its own suppression from then on.
-    assert manager.quiet(rule_id, entity, 2260.0, True, 2160.0)
-    assert manager.offer(finding(2260.0)) is None
-    assert manager.offer(finding(2200.0 + 1800)) is not None
+    rule = load_rules(Path("rules") / rule_file).rules.rules[0]
+    entity = "1"
+
+    def offer(ts: float, since: float) -> bool:
+        # As the rule asks: whether it is quiet, then the finding (if not quiet).
+        quiet = manager.quiet(rule.id, entity, ts, True, rule.incident_since(since, ts))
+        alert = manager.offer(finding(ts, entity, rule_file, since))
+        assert quiet == (alert is None)
+        return alert is not None
+
+    raised = [
+        ts
+        for ts, since in [
+            (1000.0, 900.0),  # the first incident
+            (1060.0, 960.0),  # a minute on: its calls still in the window
+            (1200.0, 1150.0),  # the rule reloaded, its window anew: within 10 min, the same
+            (2000.0, 1900.0),  # 13 min after the last finding, the window clear of it
+            (2060.0, 1960.0),  # its own suppression from then on
+            (3800.0, 3700.0),  # past the suppression
+        ]
+        if offer(ts, since)
+    ]
+    assert raised == expected
 
 
 @pytest.fixture(scope="module")

@@ -476,6 +476,33 @@ def test_suppression_shorter_than_the_window_is_refused(tmp_path: Path) -> None:
         load_rules(path)
 
 
+@pytest.mark.parametrize(
+    ("rule", "suppression", "message"),
+    [
+        (
+            "short-calls-menu.yaml",
+            "{duration: 30m, new_incident_after: 30m}",
+            r"new_incident_after \(1800 s\) must be shorter than the suppression's duration",
+        ),
+        (
+            "simultaneous-calls-caller.yaml",
+            "{duration: 30m, new_incident_after: 10m}",
+            "suppression.new_incident_after is not for concurrent calls",
+        ),
+    ],
+)
+def test_a_new_incident_after_the_suppression_or_for_calls_in_progress_is_refused(
+    tmp_path: Path, rule: str, suppression: str, message: str
+) -> None:
+    text = (RULES / rule).read_text()
+    line = next(line for line in text.splitlines() if line.startswith("suppression:"))
+    path = tmp_path / "r.yaml"
+    path.write_text(text.replace(line, f"suppression: {suppression}"))
+    (tmp_path / "lists").mkdir()
+    with pytest.raises(YamlFileError, match=message):
+        load_rules(path)
+
+
 def test_concurrent_calls_are_counted_per_caller_only(tmp_path: Path) -> None:
     # The call tracker knows calls in progress per caller: grouped otherwise, the
     # rule would never fire, so it is refused.

@@ -122,10 +122,12 @@ def _alert(
 class AlertManager:
     """Suppression per (rule, entity): after an alert, the same rule stays quiet for that
     entity for its suppression duration, so an incident is one alert, not one per event.
-    A rule's finding whose window holds nothing from before the last finding for that
-    entity (every call it counts came after the rule last found anything there) is a
-    new incident: it raises its own alert, suppression or not. A second burst twenty
-    minutes after the first one ended is not hidden in the first one's alert."""
+    With `suppression.new_incident_after`, a rule's finding whose window holds nothing
+    from before the last finding for that entity, and that comes that long or more
+    after it, is a new incident: it raises its own alert, suppression or not. A second
+    burst twenty minutes after the first one ended is not hidden in the first one's
+    alert; a rule reloaded with its window started anew judges an incident going on as
+    the same one."""
 
     def __init__(self) -> None:
         self._quiet_until: dict[tuple[str, str], float] = {}
@@ -158,8 +160,8 @@ class AlertManager:
         and counted as such): asked before a finding is made, so an incident that
         goes on for hours costs no evidence lists while it is suppressed. Not quiet
         for a `critical` finding while the alert holding the suppression is at
-        `warning`: that finding escalates it; nor for a finding whose window begins
-        (`since`, its oldest call) after the last finding: a new incident."""
+        `warning`: that finding escalates it; nor for a new incident, one that the last
+        finding came before `since` (`CompiledRule.incident_since`)."""
         key = (source, entity)
         until = self._quiet_until.get(key)
         if until is not None and ts < until:
@@ -183,11 +185,8 @@ class AlertManager:
         spec = rule.spec
         key = (rule.id, finding.entity)
         until = self._quiet_until.get(key)
-        if (
-            until is not None
-            and finding.raised_at < until
-            and self._new_incident(key, finding.window_start)
-        ):
+        since = rule.incident_since(finding.window_start, finding.raised_at)
+        if until is not None and finding.raised_at < until and self._new_incident(key, since):
             # A new incident within the suppression of the last one: its own alert.
             del self._quiet_until[key]
             self._warned.pop(key, None)

@@ -115,7 +115,8 @@ def _never_quiet(rule_id: str, entity: str, ts: float, critical: bool, since: fl
 # Asked before a finding is made: whether an alert of this rule for this entity would
 # be suppressed at that time (engine.detect.alerts.AlertManager.quiet); `critical`:
 # whether the value crossed the critical threshold (which escalates a warning alert);
-# `since`: when the finding's window begins (after the last finding: a new incident).
+# `since`: what the last finding must come before for this one to be a new incident
+# (`CompiledRule.incident_since`).
 Quiet = Callable[[str, str, float, bool, float], bool]
 _NO_START: Final = -math.inf
 
@@ -364,6 +365,7 @@ class CompiledRule:
             and spec.aggregate.entity_names == ("menu",)
             and self.tests == [("outcome", EQ, "answered")]
         )
+        self.new_incident_after: float | None = spec.suppression.new_incident_after
         self.window_s = self.aggregate.window_s
         # How far behind an entity's place in the least-recently-used order may fall
         # before a call moves it to the end (see `evaluate`).
@@ -396,6 +398,14 @@ class CompiledRule:
     @started_at.setter
     def started_at(self, ts: float | None) -> None:
         self.aggregate.started_at = ts
+
+    def incident_since(self, start: float, ts: float) -> float:
+        """What a finding at `ts` whose window begins at `start` must come after for
+        it to be a new incident (`suppression.new_incident_after`; -inf: never)."""
+        after = self.new_incident_after
+        if after is None:
+            return _NO_START
+        return min(start, ts - after)
 
     def watch_calls_in_progress(self, tracker: CallTracker) -> None:
         """A share of a menu's answered calls counts its peers' answered calls still in
@@ -494,7 +504,8 @@ class CompiledRule:
         critical_bar = self.critical
         critical = critical_bar is None or critical_bar.holds(measured)
         start = state.start() or ts
-        if quiet(self.id, entity, ts, critical, start) or self.excepted(entity, ts):
+        since = self.incident_since(start, ts)
+        if quiet(self.id, entity, ts, critical, since) or self.excepted(entity, ts):
             return None
         if self.gate is not None and not self.gate(call):
             return None
@@ -562,8 +573,8 @@ class CompiledRule:
         could_escalate = critical_bar is None or critical_bar.may_hold_up_to(
             float(tracker.open_count(entity))
         )
-        # A burst of calls in progress is judged as one incident while suppressed:
-        # which calls it holds is known only once they are listed.
+        # Calls in progress: no new incident within the suppression (which calls a
+        # finding holds is known only once they are listed; see the rule's schema).
         if quiet(self.id, entity, ts, could_escalate, _NO_START):
             return None
         live = in_progress.in_progress(tracker, entity, ts, call)

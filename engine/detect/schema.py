@@ -336,6 +336,20 @@ class Condition(_Strict):
 
 class Suppression(_Strict):
     duration: Duration = 1800.0
+    # A finding whose window holds only calls from after the last finding for the
+    # entity, this long or more after it, is a new incident: its own alert, within the
+    # suppression (engine.detect.alerts). None: the suppression holds whatever comes.
+    new_incident_after: Duration | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Suppression:
+        after = self.new_incident_after
+        if after is not None and after >= self.duration:
+            raise ValueError(
+                f"new_incident_after ({after:.0f} s) must be shorter than the "
+                f"suppression's duration ({self.duration:.0f} s)"
+            )
+        return self
 
 
 class ExceptionRule(_Strict):
@@ -509,6 +523,9 @@ class RuleSpec(_Strict):
         if self.behaviour is not None and self.aggregate.entity_names != ("caller",):
             # Conduct is kept per caller (engine.detect.conduct).
             raise ValueError("behaviour is judged per caller (group_by: caller)")
+        if self.aggregate.type == "concurrent" and self.suppression.new_incident_after:
+            # Its calls in progress are known only once listed, after suppression is asked.
+            raise ValueError("suppression.new_incident_after is not for concurrent calls")
         window = self.aggregate.window or 0.0
         if self.suppression.duration < window:
             raise ValueError(

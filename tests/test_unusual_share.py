@@ -472,11 +472,26 @@ def test_the_peers_answered_calls_in_progress_count_in_their_share() -> None:
     assert all(ts - TEST_EPOCH < 420 for _, _, ts in alerts)
 
 
+Mark = tuple[float, dict[str, int], int]
+
+
+def _marks(pipeline: Pipeline, events: list[CallEvent], made: list[Mark]) -> list[Mark]:
+    """`made` and each mark of the calls in progress the tracker makes after it, fed one
+    report at a time."""
+    for event in events:
+        pipeline.feed([event])
+        marks = pipeline.tracker.answered_marks
+        if marks and (not made or marks[-1][0] != made[-1][0]):
+            made.append(marks[-1])
+    return made
+
+
 def test_the_calls_in_progress_are_counted_as_of_the_judged_calls_end() -> None:
     # Cut anywhere in the burst, time moved on to the cut's last report and a few
-    # seconds (as a replay's last file closes), and resumed from a snapshot: the same
-    # alerts, at the same values, as a run that never stopped. The reports after a
-    # judged call's end are read before it is judged in one and not in the other.
+    # seconds (as a replay's end does), and resumed from a snapshot: the same marks
+    # of the calls in progress, and the same alerts at the same values, as a run that
+    # never stopped. The reports after a judged call's end are read before it is
+    # judged in one and not in the other.
     events = _first_minutes_with_a_burst()
 
     def raised(output: Output) -> list[tuple[str, float, float]]:
@@ -486,6 +501,7 @@ def test_the_calls_in_progress_are_counted_as_of_the_judged_calls_end() -> None:
     expected = raised(whole.feed(events)) + raised(whole.advance(events[-1].ts + 3600))
     assert [entity for entity, _, _ in expected] == ["2"]
     burst = [n for n, e in enumerate(events) if 300 <= e.ts - TEST_EPOCH <= 360]
+    never_cut = _marks(Pipeline(_share_rules(), CallTracker()), events, [])
     for cut in burst[::7]:
         first = Pipeline(_share_rules(), CallTracker())
         got = raised(first.feed(events[:cut]))
@@ -495,3 +511,11 @@ def test_the_calls_in_progress_are_counted_as_of_the_judged_calls_end() -> None:
         second.restore(state.state)
         got += raised(second.feed(events[cut:])) + raised(second.advance(events[-1].ts + 3600))
         assert got == expected, f"cut at report {cut}"
+    for cut in burst[::23]:
+        first = Pipeline(_share_rules(), CallTracker())
+        made = _marks(first, events[:cut], [])
+        first.advance(events[cut - 1].ts + 6.0)
+        state = snapshot.decode(snapshot.encode(Snapshot(Position(1, cut), first.state(), 0.0)))
+        second = Pipeline(_share_rules(), CallTracker())
+        second.restore(state.state)
+        assert _marks(second, events[cut:], made) == never_cut, f"cut at report {cut}"

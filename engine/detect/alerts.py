@@ -123,7 +123,7 @@ class AlertManager:
     """Suppression per (rule, entity): after an alert, the same rule stays quiet for that
     entity for its suppression duration, so an incident is one alert, not one per event.
     With `suppression.new_incident_after`, a rule's finding whose window holds nothing
-    from before the last finding for that entity, and that comes that long or more
+    from before the last finding for that entity, and that comes more than that long
     after it, is a new incident: it raises its own alert, suppression or not. A second
     burst twenty minutes after the first one ended is not hidden in the first one's
     alert; a rule reloaded with its window started anew judges an incident going on as

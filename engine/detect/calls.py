@@ -420,10 +420,12 @@ class CallTracker(Snapshotted):
 
     def answered_open_at(self, at: float) -> tuple[dict[str, int], int]:
         """The answered calls in progress per menu, and in all, as of event time `at`:
-        as they stood before the first report at or after the last boundary by then.
-        The same in a run cut at any report and resumed from its snapshot as in one
-        that never stopped (the reports after `at` may or may not have been read when
-        a call that ended at `at` is judged); the counts now, when none is kept."""
+        as they stood before the first report at or after the last boundary by then
+        (the oldest mark kept, for a time before it; the counts now, when none is
+        kept). The same in a run cut at any report, moved on a few seconds and resumed
+        from its snapshot as in one that never stopped (the reports after `at` may or
+        may not have been read when a call that ended at `at` is judged), but for
+        answered calls that time out within those seconds."""
         marks = self.answered_marks
         for index in range(len(marks) - 1, -1, -1):
             mark = marks[index]
@@ -470,9 +472,11 @@ class CallTracker(Snapshotted):
     def observe(self, event: CallEvent) -> Call | None:
         """Take one report; returns the call if this report opened it."""
         ts = event.ts
+        # Whatever `now` is: a report after `advance` moved time on (something was due
+        # by it, or a quiet switch's tick) marks too.
+        if ts >= self._next_mark:
+            self._mark(ts)
         if ts > self.now:
-            if ts >= self._next_mark:
-                self._mark(ts)
             self.now = ts
         call = self.open.get(event.call_id)
         started: Call | None = None

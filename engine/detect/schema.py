@@ -337,7 +337,7 @@ class Condition(_Strict):
 class Suppression(_Strict):
     duration: Duration = 1800.0
     # A finding whose window holds only calls from after the last finding for the
-    # entity, this long or more after it, is a new incident: its own alert, within the
+    # entity, more than this long after it, is a new incident: its own alert, within the
     # suppression (engine.detect.alerts). None: the suppression holds whatever comes.
     new_incident_after: Duration | None = Field(default=None, gt=0)
 

@@ -127,7 +127,7 @@ class AlertManager:
     after it, is a new incident: it raises its own alert, suppression or not. A second
     burst twenty minutes after the first one ended is not hidden in the first one's
     alert; a rule reloaded with its window started anew judges an incident going on as
-    the same one."""
+    the same one when it finds it again within that time."""
 
     def __init__(self) -> None:
         self._quiet_until: dict[tuple[str, str], float] = {}

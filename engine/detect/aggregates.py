@@ -37,7 +37,7 @@ import math
 from collections.abc import Callable
 from typing import Final, cast
 
-from engine.detect.calls import Call, CallTracker
+from engine.detect.calls import Call, CallTracker, reported_until
 from engine.detect.fields import FIELDS, CallField, TextField
 from engine.detect.schema import Aggregate as AggregateSpec
 from engine.detect.schema import Condition as ConditionSpec
@@ -680,12 +680,9 @@ class UnusualShare(Aggregate):
             talking = own_talking = 0.0
             tracker = self.in_progress
             if tracker is not None:
-                # As of when the judged call ended (its deadline if it did not), as
+                # As of when the judged call ended (judged at its deadline), as
                 # `CompiledRule.evaluate` asks the calls in progress for the second look.
-                ended_at = call.ended_at
-                deadline = call.deadline
-                at = ended_at if ended_at is not None and ended_at <= deadline else deadline
-                by_menu, in_all = tracker.answered_open_at(at)
+                by_menu, in_all = tracker.answered_open_at(reported_until(call, call.deadline))
                 talking = float(in_all)
                 own_talking = float(by_menu.get(call.menu_id, 0))
             peer_calls, peer_hits = self._others(share)

@@ -184,6 +184,14 @@ CALL_COLUMNS = (
 )
 
 
+def reported_until(call: Call, now: float) -> float:
+    """Up to when the reports a call judged at `now` is judged with go: its Bye, if it
+    came by then, else `now`. A replay cut there and resumed from a snapshot reads the
+    same reports up to then as one that was not cut; what came after may differ."""
+    ended_at = call.ended_at
+    return ended_at if ended_at is not None and ended_at <= now else now
+
+
 def _or_nan(value: float | None) -> float:
     return _NAN if value is None else value
 

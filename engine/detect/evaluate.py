@@ -25,7 +25,7 @@ from engine.detect.aggregates import (
     aggregate,
 )
 from engine.detect.aggregates import comparison as comparison_of
-from engine.detect.calls import Call, CallTracker
+from engine.detect.calls import Call, CallTracker, reported_until
 from engine.detect.fields import (
     CLOCK_FIELDS,
     DESTINATION_SUFFIXES,
@@ -358,13 +358,6 @@ class CompiledRule:
         self.selector: Selector | None = (
             compile_selection(spec.selection, lists, self.clock) if self.aggregate.settles else None
         )
-        # A share of a menu's answered calls: the peers' answered calls in progress are
-        # the call tracker's to count (`watch_calls_in_progress`).
-        self.counts_peers_in_progress = (
-            isinstance(self.aggregate, UnusualShare)
-            and spec.aggregate.entity_names == ("menu",)
-            and self.tests == [("outcome", EQ, "answered")]
-        )
         self.new_incident_after: float | None = spec.suppression.new_incident_after
         self.window_s = self.aggregate.window_s
         # How far behind an entity's place in the least-recently-used order may fall
@@ -416,7 +409,11 @@ class CompiledRule:
         in (0.29 at one minute, 0.07 at ten, 0.04 at an hour on one site). A spread
         burst then hid in it."""
         aggregate = self.aggregate
-        if self.counts_peers_in_progress and isinstance(aggregate, UnusualShare):
+        if (
+            isinstance(aggregate, UnusualShare)
+            and self.spec.aggregate.entity_names == ("menu",)
+            and self.tests == [("outcome", EQ, "answered")]
+        ):
             aggregate.in_progress = tracker
 
     def entity_of(self, call: Call) -> str:
@@ -495,9 +492,8 @@ class CompiledRule:
             # As of when the judged call ended: the calls finished before it ended then
             # too, and what the switch reported since is not yet known in every run (a
             # replay cut there and resumed from a snapshot judges as one that was not).
-            ended_at = call.ended_at
-            seen_until = ended_at if ended_at is not None and ended_at <= now else now
-            ended, talking = self._answered_in_progress(entity, seen_until, tracker, selector)
+            until = reported_until(call, now)
+            ended, talking = self._answered_in_progress(entity, until, tracker, selector)
             measured = aggregate.settled(state, call, measured, ended, talking)
             if not self.condition.holds(measured):
                 return None

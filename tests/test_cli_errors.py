@@ -307,7 +307,16 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
         ),
         (["alerts", "deliveries"], "callsentry: data dir data does not exist"),
         (["actions", "list"], "callsentry: data dir data does not exist"),
-        (["actions", "show", "x"], "callsentry: actions show: Invalid value for 'REQUEST_ID'"),
+        (
+            ["actions", "show", "x"],
+            "callsentry: actions show: Invalid value for 'REQUEST_ID': 'x' is not a request "
+            "number (the ID column of `actions list`: 1, 2, ...)",
+        ),
+        (
+            ["actions", "approve", "0", "--reviewer", "ana"],
+            "callsentry: actions approve: Invalid value for 'REQUEST_ID': '0' is not a "
+            "request number",
+        ),
         (
             ["actions", "approve", "1", "--reviewer", "ana"],
             "callsentry: data dir data does not exist",

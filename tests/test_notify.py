@@ -33,7 +33,14 @@ from engine.alerts.outbox import Outbox, outbox_path
 from engine.alerts.transports import SD_ID, AppriseTransport
 from engine.apps.delivery import make_durable_sinks, outbox_destinations
 from engine.apps.settings import ConfigError, load_settings
-from engine.core.text import html_text, markdown_text, shown, syslog_param
+from engine.core.text import (
+    display_width,
+    html_text,
+    markdown_text,
+    shown,
+    syslog_param,
+    terminal_table,
+)
 from engine.detect.alerts import Alert
 from tests.conftest import make_settings, wait_for
 from tests.test_outbox import Receiver, free_port, risky_events
@@ -460,6 +467,25 @@ def test_a_failing_service_says_why_without_its_secret(tmp_path: Path) -> None:
 
 
 # -- the escaping functions -------------------------------------------------------------
+
+
+@given(st.lists(st.lists(st.text(max_size=30), min_size=3, max_size=3), max_size=8))
+def test_a_terminal_table_lines_up_whatever_its_cells_hold(rows: list[list[str]]) -> None:
+    # Columns had fixed widths: a destination name over 12 characters pushed the rest of
+    # its row out of line (`alerts deliveries`).
+    titles = ["DESTINATION", "KEY", "STATE"]
+    lines = terminal_table(rows, titles)
+    cells = [titles, *[[shown(c) for c in row] for row in rows]]
+    assert len(lines) == len(cells)
+    first, second = (max(display_width(row[i]) for row in cells) for i in (0, 1))
+    for line, (a, b, c) in zip(lines, cells, strict=True):
+        # Every row's second and third cells begin at the same column of the screen.
+        assert line == (
+            a + " " * (first - display_width(a)) + "  " + b + " " * (second - display_width(b))
+            + "  " + c
+        )  # fmt: skip
+        assert "\x1b" not in line and "\n" not in line
+
 
 _MARKUP = re.compile(r"(?<!\\)(?:\\\\)*[`*_\[\]<>&|~]")
 

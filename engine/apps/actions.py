@@ -18,9 +18,30 @@ from typing import Any
 import click
 
 from engine.apps.commandline import config_option, data_dir_option, fail, settings_or_fail
-from engine.core.text import csv_cell, shown
+from engine.core.text import csv_cell, shown, terminal_table
 
 _STATES = ("pending", "queued", "done", "undo_queued", "undone", "rejected")
+
+
+class RequestNumber(click.ParamType[int]):
+    """An action request's number: the ID column of `actions list` (1, 2, ...)."""
+
+    name = "request_id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if text.isascii() and text.isdigit() and int(text) >= 1:
+            return int(text)
+        self.fail(
+            f"'{shown(text)}' is not a request number (the ID column of `actions list`: 1, 2, ...)",
+            param,
+            ctx,
+        )
+
+
+REQUEST_ID = RequestNumber()
 
 
 def _data_dir(data_dir: Path | None, config: Path | None, *, writes: bool = False) -> Path:
@@ -53,15 +74,8 @@ def _reviewer(value: str) -> str:
 
 
 def _table(rows: Sequence[Sequence[str]], titles: Sequence[str]) -> None:
-    """Columns as wide as their widest cell (the last one as it is); cells shown safely."""
-    cells = [[shown(str(c)) for c in row] for row in rows]
-    widths = [max([len(t), *(len(r[i]) for r in cells)]) for i, t in enumerate(titles)]
-    for row in [list(titles), *cells]:
-        click.echo(
-            "  ".join(c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True))
-            + "  "
-            + row[-1]
-        )
+    for line in terminal_table([[str(cell) for cell in row] for row in rows], titles):
+        click.echo(line)
 
 
 @click.group()
@@ -155,7 +169,7 @@ def actions_list(
 
 
 @actions.command("show")
-@click.argument("request_id", type=click.IntRange(min=1))
+@click.argument("request_id", type=REQUEST_ID)
 @data_dir_option
 @config_option
 def actions_show(request_id: int, data_dir: Path | None, config: Path | None) -> None:
@@ -233,7 +247,7 @@ reviewer_option = click.option("--reviewer", required=True, help="Who decides (r
 
 
 @actions.command("approve")
-@click.argument("request_id", type=click.IntRange(min=1))
+@click.argument("request_id", type=REQUEST_ID)
 @reviewer_option
 @data_dir_option
 @config_option
@@ -245,7 +259,7 @@ def actions_approve(
 
 
 @actions.command("reject")
-@click.argument("request_id", type=click.IntRange(min=1))
+@click.argument("request_id", type=REQUEST_ID)
 @reviewer_option
 @data_dir_option
 @config_option
@@ -257,7 +271,7 @@ def actions_reject(
 
 
 @actions.command("lift")
-@click.argument("request_id", type=click.IntRange(min=1))
+@click.argument("request_id", type=REQUEST_ID)
 @reviewer_option
 @data_dir_option
 @config_option

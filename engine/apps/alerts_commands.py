@@ -19,7 +19,7 @@ from engine.apps.commandline import (
     fail,
     settings_or_fail,
 )
-from engine.core.text import shown
+from engine.core.text import shown, terminal_table
 
 # Each command imports what it needs when it runs: `--help` and the small commands
 # start without pydantic's models, asyncio or the store.
@@ -100,11 +100,12 @@ def _json_value(value: Any, zone: tzinfo) -> Any:
 def _emit(
     rows: list[dict[str, Any]],
     keys: Sequence[str],
-    columns: list[tuple[str, str, int]],
+    columns: list[tuple[str, str]],
     file_format: str,
     zone: tzinfo,
 ) -> None:
-    """Rows as a table (a header, the last column unpadded; every cell through shown()),
+    """Rows as a table (engine.core.text.terminal_table: columns as wide as their widest
+    cell, every cell through shown()),
     JSON lines (every key, times ISO-8601 with their offset) or CSV (a header row, every
     cell through csv_cell(): no spreadsheet formulas)."""
     if file_format == "json":
@@ -132,11 +133,10 @@ def _emit(
             )
         click.echo(buffer.getvalue(), nl=False)
         return
-    *padded, (last_key, last_title, _) = columns
-    click.echo(" ".join(f"{title:<{width}}" for _, title, width in padded) + " " + last_title)
-    for row in rows:
-        cells = [f"{shown(_cell_text(row[key], zone)):<{width}}" for key, _, width in padded]
-        click.echo(" ".join(cells) + " " + shown(_cell_text(row[last_key], zone)))
+    titles = [title for _, title in columns]
+    cells = [[_cell_text(row[key], zone) for key, _ in columns] for row in rows]
+    for line in terminal_table(cells, titles):
+        click.echo(line)
 
 
 format_option = click.option(
@@ -238,14 +238,14 @@ def alerts_list(
         return
     zone_title = datetime.now(tz=zone).strftime("%Z")
     columns = [
-        ("alert_id", "ALERT", 36),
-        ("raised_at", f"RAISED ({zone_title})", 23),
-        ("status", "STATUS", 14),
-        ("severity", "SEVERITY", 8),
-        ("level_shown", "LEVEL", 9),
-        ("rule_id", "RULE", 26),
-        ("entity", "ENTITY", 16),
-        ("summary", "SUMMARY", 0),
+        ("alert_id", "ALERT"),
+        ("raised_at", f"RAISED ({zone_title})"),
+        ("status", "STATUS"),
+        ("severity", "SEVERITY"),
+        ("level_shown", "LEVEL"),
+        ("rule_id", "RULE"),
+        ("entity", "ENTITY"),
+        ("summary", "SUMMARY"),
     ]
     for row in rows:
         # In the table only: `escalated` is raised at warning, critical since.
@@ -386,12 +386,12 @@ def alerts_deliveries(
     ]
     zone_title = datetime.now(tz=zone).strftime("%Z")
     columns = [
-        ("destination", "DESTINATION", 12),
-        ("key", "KEY", 36),
-        ("state", "STATE", 9),
-        ("enqueued_at", f"ENQUEUED ({zone_title})", 23),
-        ("attempts", "ATTEMPTS", 8),
-        ("error", "LAST ERROR", 0),
+        ("destination", "DESTINATION"),
+        ("key", "KEY"),
+        ("state", "STATE"),
+        ("enqueued_at", f"ENQUEUED ({zone_title})"),
+        ("attempts", "ATTEMPTS"),
+        ("error", "LAST ERROR"),
     ]
     keys = ["destination", "key", "state", "enqueued_at", "attempts", "done_at", "error"]
     if file_format != "table":

@@ -43,7 +43,8 @@ from __future__ import annotations
 import html
 import re
 import string
-from collections.abc import Collection
+import unicodedata
+from collections.abc import Collection, Sequence
 
 # C0 controls, DEL, C1 controls; the Unicode line and paragraph separators; the
 # bidirectional marks, embeddings, overrides and isolates (they reorder what follows
@@ -62,6 +63,48 @@ def shown(text: str) -> str:
     """`text` for a terminal or a log line: every control or reordering character
     written as a visible escape (`\\x1b`, `\\x0a`, `\\u202e`), everything else as it is."""
     return _UNSAFE.sub(_escape, text)
+
+
+def display_width(text: str) -> int:
+    """The columns `text` takes on a terminal: two for a wide character (CJK), none
+    for a combining mark.
+
+    >>> display_width("Menu 1"), display_width("主菜单"), display_width("e\u0301")
+    (6, 6, 1)
+    """
+    width = 0
+    for char in text:
+        if unicodedata.combining(char):
+            continue
+        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    return width
+
+
+def terminal_table(rows: Sequence[Sequence[str]], titles: Sequence[str]) -> list[str]:
+    """Lines of a table for a terminal: a header, then the rows; each cell through
+    `shown`, each column as wide as its widest cell (the last one as it is).
+
+    >>> for line in terminal_table([["主菜单", "1"], ["x\x1b", "22"]], ["MENU", "N"]):
+    ...     print(line)
+    MENU    N
+    主菜单  1
+    x\\x1b   22
+    """
+    cells = [[shown(cell) for cell in row] for row in rows]
+    header = list(titles)
+    widths = [
+        max([display_width(title), *(display_width(row[i]) for row in cells)])
+        for i, title in enumerate(header)
+    ]
+    return [
+        "  ".join(
+            cell + " " * (width - display_width(cell))
+            for cell, width in zip(row[:-1], widths[:-1], strict=True)
+        )
+        + "  "
+        + row[-1]
+        for row in [header, *cells]
+    ]
 
 
 def csv_cell(text: str) -> str:

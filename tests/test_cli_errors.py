@@ -195,6 +195,15 @@ def cases(
             yield f"{option} {BAD_TEXT[option]!r}", run(option, BAD_TEXT[option])
 
 
+def _a_bad_value(why: str) -> bool:
+    """Whether a case of `cases` gives an option a value it cannot take."""
+    return (
+        why == "an unknown option"
+        or why.endswith(("not a number", "not a choice", "not an address"))
+        or any(why == f"{option} {text!r}" for option, text in BAD_TEXT.items())
+    )
+
+
 @dataclass
 class Outcome:
     argv: list[str]
@@ -277,6 +286,10 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
             problems.append(f"{shown}: exit {outcome.code} without one last line:\n{said}")
         elif any(UNEXPECTED in line for line in verdict):
             problems.append(f"{shown}: not caught by the command: {verdict[0]}")
+        elif _a_bad_value(outcome.why) and outcome.code != 2:
+            # A value that cannot be taken is exit code 2 whatever else is wrong, as
+            # click's own refusals: a service manager does not restart on it.
+            problems.append(f"{shown}: exit {outcome.code} for a bad value, not 2: {said}")
         failures += outcome.code != 0
     assert not problems, "\n\n".join(problems)
     # Most of these runs are failures: the test provokes them, and checks each one.
@@ -366,6 +379,15 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
         ),
         # NaN, inf or a span past the years a timestamp holds went on to DuckDB:
         # "unexpected error ... ConversionException: Epoch seconds out of range".
+        # Refused before the data is opened (the data dir here does not exist).
+        (
+            ["rules", "backtest", "--since", "2026-12-02", "--until", "2026-12-01"],
+            "callsentry: the span is empty: --until must be later than --since",
+        ),
+        (
+            ["alerts", "review", "0f2c", "--status", "fp", "--note", "n", "--reviewer", " "],
+            "callsentry: --reviewer: give the reviewer's name",
+        ),
         (
             ["rules", "backtest", "--days", "nan"],
             "callsentry: --days nan: must be more than 0 and at most 3650",

@@ -295,17 +295,24 @@ def alerts_review(
     from engine.lake.reviews import ReviewError, add_reviews
 
     status = _status_option(status, "--status", allow_all=False)
+    who = _reviewer_option(reviewer)
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:
-        recorded = add_reviews(
-            settings.store.data_dir, alert_ids, status, note, reviewer or getpass.getuser()
-        )
+        recorded = add_reviews(settings.store.data_dir, alert_ids, status, note, who)
     except ReviewError as error:
         fail(str(error))
     for alert_id, review_id in recorded:
         click.echo(f"review {review_id} recorded: {alert_id} is {status}")
     if settings.relay.nats.enabled:
-        _publish_reviews(settings, recorded, status, note, reviewer or getpass.getuser())
+        _publish_reviews(settings, recorded, status, note, who)
+
+
+def _reviewer_option(reviewer: str | None) -> str:
+    """--reviewer, or the login name when it is not given; a blank one is refused."""
+    who = getpass.getuser() if reviewer is None else reviewer.strip()
+    if not who:
+        fail("--reviewer: give the reviewer's name", 2)
+    return who
 
 
 def _publish_reviews(
@@ -442,7 +449,7 @@ def alerts_except(
     """Turn a false positive into an exception: the alert's rule (or model) raises nothing
     for its entity until the exception expires. Writes a YAML file in the rules folder
     (rules/exceptions/) to review and commit, and records a false_positive review."""
-    from engine.apps.excepting import ExceptError, except_alert
+    from engine.apps.excepting import ExceptError, ExceptOptionError, except_alert
 
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     folder = rules_dir if rules_dir is not None else settings.detection.rules_folder
@@ -457,14 +464,18 @@ def alerts_except(
             f"the rules in use are the ones shipped inside the package ({folder}); give "
             "--rules DIR or set detection.rules_dir to the team's own rules folder"
         )
-    who = reviewer or getpass.getuser()
+    who = _reviewer_option(reviewer)
     try:
         made = except_alert(settings.store.data_dir, folder, alert_id, reason, expires, who)
     except ExceptError as error:
         lines = str(error).splitlines()
         for line in lines[1:]:
             click.echo(line, err=True)
-        fail(lines[0] if lines else "the exception was not made")
+        # 2: what was asked cannot be taken as given; 1: the data or the rules refused.
+        fail(
+            lines[0] if lines else "the exception was not made",
+            2 if isinstance(error, ExceptOptionError) else 1,
+        )
     click.echo(
         f"exception written: {made.path}\n"
         f"  {made.source}, {made.entity_type} {shown(made.entity)}, until {made.expires}"

@@ -23,6 +23,10 @@ class ExceptError(Exception):
     """The exception cannot be made; the message says why (nothing was written)."""
 
 
+class ExceptOptionError(ExceptError):
+    """An option's value cannot be taken (`--reason`, `--expires`), whatever the data."""
+
+
 def parse_expiry(text: str, now: datetime) -> date | datetime | str:
     """--expires: a duration from now (30d, 12h), a date (through that day, UTC), a time
     (UTC unless it has an offset) or `never`; refused when it is not in the future."""
@@ -38,7 +42,7 @@ def parse_expiry(text: str, now: datetime) -> date | datetime | str:
     except ValueError as error:
         if "is not a duration" not in str(error):
             # A duration, but not one to take (longer than ten years): said as such.
-            raise ExceptError(f"--expires {text!r}: {error}") from None
+            raise ExceptOptionError(f"--expires {text!r}: {error}") from None
         seconds = None
     try:
         if seconds is not None:  # at most 3650 days (parse_duration): within the years
@@ -47,15 +51,15 @@ def parse_expiry(text: str, now: datetime) -> date | datetime | str:
             expires = parse_expires(value)
     except ValueError as error:
         if seconds is not None or "out of range" in str(error):
-            raise ExceptError(f"--expires {text!r}: {error}") from None
-        raise ExceptError(
+            raise ExceptOptionError(f"--expires {text!r}: {error}") from None
+        raise ExceptOptionError(
             f"--expires {text!r}: not a duration (30d, 12h), a date (2027-03-05), a time "
             "(2027-03-05T12:00:00Z) or never"
         ) from None
     if isinstance(expires, datetime):
         expires = expires.replace(microsecond=0)
     if expiry_time(expires) <= now.timestamp():
-        raise ExceptError(f"--expires {text!r}: that is not in the future")
+        raise ExceptOptionError(f"--expires {text!r}: that is not in the future")
     return expires
 
 
@@ -99,12 +103,14 @@ def except_alert(
 
     now = now or datetime.now(tz=UTC)
     if not reason.strip():
-        raise ExceptError("--reason: say why this entity is no incident for this rule")
+        raise ExceptOptionError("--reason: say why this entity is no incident for this rule")
     # The reason becomes the review's note too, after the exception's expiry and file:
     # one too long for that is refused before anything is written, not after the file.
     most = MAX_NOTE_CHARS - 1_000
     if len(reason.strip()) > most:
-        raise ExceptError(f"--reason has {len(reason.strip()):,} characters; at most {most:,}")
+        raise ExceptOptionError(
+            f"--reason has {len(reason.strip()):,} characters; at most {most:,}"
+        )
     expires = parse_expiry(expires_text, now)
     if not rules_dir.is_dir():
         raise ExceptError(f"{rules_dir}: no such rules folder (--rules names it)")

@@ -244,27 +244,35 @@ def rules_backtest(
 
     tune_gc_for_detection()
     against = current_dir or settings.detection.rules_folder
+    # What the options say is checked before the data is opened: a value that cannot
+    # be taken is exit code 2 (as a bad value click itself refuses), whatever the data.
     try:
         if not 0 < days <= MAX_BACKTEST_DAYS:  # NaN too: every comparison with it is false
             raise BacktestError(
                 f"--days {days:g}: must be more than 0 and at most {MAX_BACKTEST_DAYS}"
             )
-        end = parse_time(until, "--until") if until else stored_span(settings.store.data_dir)[1]
-        # The last stored report is in the span, not on its open end.
-        end = end if until else end + 1e-6
-        start = parse_time(since, "--since") if since else end - days * 86_400
-        if since and not until and start >= end:
-            # backtest() says an empty span in the options' terms; this one has no --until.
-            raise BacktestError(
-                f"the span is empty: --since {since} is after the last stored report "
-                f"({datetime.fromtimestamp(end, UTC):%Y-%m-%d %H:%M:%S} UTC)"
-            )
+        given_end = parse_time(until, "--until") if until else None
+        given_start = parse_time(since, "--since") if since else None
+        if given_start is not None and given_end is not None and given_start >= given_end:
+            raise BacktestError("the span is empty: --until must be later than --since")
         try:
             # A bare number is seconds, as in the rules' YAML.
             numeric = warmup.strip().replace(".", "", 1).isdigit()
             warmup_s = parse_duration(float(warmup) if numeric else warmup)
         except ValueError as error:
             raise BacktestError(f"--warmup: {error}") from None
+    except BacktestError as error:
+        fail(str(error), 2)
+    try:
+        # The last stored report is in the span, not on its open end.
+        end = given_end if given_end is not None else stored_span(settings.store.data_dir)[1] + 1e-6
+        start = given_start if given_start is not None else end - days * 86_400
+        if given_start is not None and given_end is None and start >= end:
+            # backtest() says an empty span in the options' terms; this one has no --until.
+            raise BacktestError(
+                f"the span is empty: --since {since} is after the last stored report "
+                f"({datetime.fromtimestamp(end, UTC):%Y-%m-%d %H:%M:%S} UTC)"
+            )
         total = stored_count(settings.store.data_dir, start - warmup_s, end)
         progress = ProgressBar(total, "backtest") if on_terminal() else Progress(total, "backtest")
         report = backtest(

@@ -143,3 +143,43 @@ def test_config_check_does_not_print_the_webhook_token() -> None:
     )
     assert 'webhook_token = "(set, not shown)"' in done.stdout
     assert "very-secret" not in done.stdout + done.stderr
+
+
+def test_config_check_prints_toml_that_reads_back_as_the_same_settings(tmp_path: Path) -> None:
+    # Tables and lists of tables were printed as JSON objects (`channels = [{"name": ...`),
+    # which TOML does not read: a printed configuration could not be kept as a file.
+    from engine.apps.settingstext import settings_lines
+
+    config = tmp_path / "callsentry.toml"
+    config.write_text(
+        '[receiver]\nlisten = ["127.0.0.1:7000", "[::1]:7000"]\n'
+        '[[relay.udp]]\ntarget = "127.0.0.1:9001"\nname = "billing"\n'
+        '[[relay.udp]]\ntarget = "127.0.0.1:9002"\nseparator = "|"\n'
+        '[relay.nats]\nurls = ["nats://127.0.0.1:4222"]\nwindow = 500\n'
+        '[detection]\nmodels_enabled = false\nfeed_hours = ["08:00-18:00"]\n'
+        'dial_prefixes = ["17951"]\n'
+        '[[notify.channels]]\nname = "soc"\nurl = "json://127.0.0.1:9/hook"\n'
+        'severities = ["high", "critical"]\nrules = ["short-calls-*"]\n'
+        '[[notify.channels]]\nname = "siem"\nsyslog = "udp://127.0.0.1:514"\n'
+    )
+    settings = load_settings(config, environ={})
+    printed = tmp_path / "printed.toml"
+    printed.write_text("\n".join(settings_lines(settings, {})) + "\n")
+    again = load_settings(printed, environ={})
+
+    def comparable(s: object) -> dict[str, object]:
+        assert hasattr(s, "model_dump")
+        data: dict[str, object] = s.model_dump(mode="json")
+        # A channel's URL is printed as Apprise's masked form of it, and its limit as
+        # the one in effect (unset: 20 for a URL, 0 for syslog): compared apart.
+        data["notify"] = [
+            {k: v for k, v in c.items() if k not in ("url", "rate_limit")}
+            for c in data["notify"]["channels"]  # type: ignore[index]
+        ]
+        return data
+
+    assert comparable(again) == comparable(settings)
+    assert [c.limit for c in again.notify.channels] == [c.limit for c in settings.notify.channels]
+    assert again.notify.channels[0].url.startswith("json://127.0.0.1:9/hook")
+    assert again.relay.nats.urls == ["nats://127.0.0.1:4222"] and again.relay.nats.window == 500
+    assert [t.target for t in again.relay.udp] == ["127.0.0.1:9001", "127.0.0.1:9002"]

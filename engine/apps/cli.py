@@ -3,7 +3,6 @@ an exit code, the common options, settings, logging) is in engine/apps/commandli
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -363,29 +362,11 @@ def config() -> None:
 @config_option
 def config_check(config: Path | None) -> None:
     """Validate settings (file, environment) and print the result."""
+    from engine.apps.settingstext import settings_lines
+
     settings = settings_or_fail(config, {})
-    for section, values in settings.model_dump(mode="json").items():
-        click.echo(f"[{section}]")
-        for key, value in values.items():
-            if key.endswith("_token") and value:
-                value = "(set, not shown)"  # secrets stay out of terminals and logs
-            if (section, key) == ("notify", "channels"):
-                # An Apprise URL carries tokens and passwords: shown masked.
-                value = [channel.shown() for channel in settings.notify.channels]
-            if (section, key) == ("relay", "nats") and value["credentials_env"]:
-                name = value["credentials_env"]
-                state = "set, not shown" if os.environ.get(name) else "not set"
-                click.echo(f"# relay.nats credentials: ${name} ({state})")
-            if value is None:
-                # TOML has no null: an unset key is said as a comment, with what it means.
-                meaning = (
-                    f": the shipped rules, {settings.detection.rules_folder}"
-                    if (section, key) == ("detection", "rules_dir")
-                    else ""
-                )
-                click.echo(f"# {key} unset{meaning}")
-                continue
-            click.echo(f"{key} = {json.dumps(value, ensure_ascii=False)}")
+    for line in settings_lines(settings, os.environ):
+        click.echo(line)
     if settings.console.tariffs is not None:
         from engine.console.tariffs import load_tariffs
         from engine.core.yamlfile import YamlFileError

@@ -274,7 +274,7 @@ def test_a_consumer_sees_every_report_call_and_alert_exactly_once(
     status = status_lines(data_dir, time.time())
     line = next(line for line in status if line.startswith("NATS JetStream"))
     assert f"nats://127.0.0.1:{nats_server.port}: up" in line
-    assert f"acked {len(keys)}, retried 0, given up 0" in line
+    assert f"acked by the stream {len(keys)}, retried 0, given up 0" in line
 
 
 # A user's nkey seed (of the key bytes 0..31, no secret): a test that needs no nkeys.

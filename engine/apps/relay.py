@@ -289,8 +289,11 @@ def status_lines(data_dir: Path, now: float) -> list[str]:
             lines.append(
                 f"NATS JetStream {shown(saved.address)}: "
                 f"{'DOWN (unreachable)' if c.down else 'up'}, cursor seq {saved.cursor}, "
-                f"lag {c.lag_reports} reports / {c.lag_seconds:.1f} s; reports published "
-                f"{c.sent}, acked {c.answered}, retried {c.retried}, given up {c.given_up} "
+                # `sent` counts what the client took, which it holds while the server is
+                # out of reach: only `acked` is stored in the stream.
+                f"lag {c.lag_reports} reports / {c.lag_seconds:.1f} s; reports handed to "
+                f"the client {c.sent}, acked by the stream {c.answered}, retried "
+                f"{c.retried}, given up {c.given_up} "
                 f"({c.given_up_horizon} past the horizon); calls, alerts and reviews: "
                 "`callsentry alerts deliveries --destination nats --state all`"
             )

@@ -325,6 +325,17 @@ def test_api_lists_shows_and_reviews_with_a_token(tmp_path: Path) -> None:
         headers={"Authorization": f"Bearer {writer}"},
     )
     assert bad.status_code == 400 and "unknown status" in bad.json()["detail"]
+    # The whole id, as the GET takes it: a cut one (a script's bug) names no alert,
+    # though it starts only this one, and nothing is recorded.
+    cut = client.post(
+        f"/api/alerts/{alert_id[:8]}/review",
+        json={"status": "confirmed", "note": "a cut id"},
+        headers={"Authorization": f"Bearer {writer}"},
+    )
+    assert cut.status_code == 404 and "give its whole id" in cut.json()["detail"]
+    assert client.get(f"/api/alerts/{alert_id[:8]}", headers=as_reader).status_code == 404
+    reviews = client.get(f"/api/alerts/{alert_id}", headers=as_reader).json()["reviews"]
+    assert [r["status"] for r in reviews] == ["false_positive"]
     # JSON's NaN is no text: refused where and why, without echoing it (it cannot be).
     not_text = client.post(
         f"/api/alerts/{alert_id}/review",

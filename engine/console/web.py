@@ -16,6 +16,7 @@ and throttled. The reviewer recorded is the account signed in, never a form fiel
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -587,8 +588,14 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
             return f"{len(ids)} alert(s) assigned to {who}"
         status = str(form.get("status", ""))
         note = str(form.get("note", ""))
+        # The page's own ids, whole: a forged or cut one names no alert.
         recorded = await run_in_threadpool(
-            add_reviews, console.data_dir, ids, status, note, account.name
+            functools.partial(add_reviews, whole=True),
+            console.data_dir,
+            ids,
+            status,
+            note,
+            account.name,
         )
         if console.on_reviews is not None:
             await run_in_threadpool(console.on_reviews, recorded, status, note, account.name)
@@ -916,8 +923,15 @@ def create_app(console: Console, secret: bytes, *, secure_cookies: bool = False)
             )
         reviewer = account.name if not token_used else f"{account.name} (API token)"
         try:
+            # The whole id, as GET /api/alerts/{alert_id} takes it: a program that sent a
+            # cut id would otherwise record its verdict on whichever alert it starts.
             ((full_id, review_id),) = await run_in_threadpool(
-                add_reviews, console.data_dir, [alert_id], review.status, review.note, reviewer
+                functools.partial(add_reviews, whole=True),
+                console.data_dir,
+                [alert_id],
+                review.status,
+                review.note,
+                reviewer,
             )
         except ReviewError as error:
             code = 404 if str(error).startswith("no alert") else 400

@@ -123,7 +123,9 @@ def list_alerts(
     return [dict(zip(LISTED, row, strict=True)) for row in rows]
 
 
-def _find(lake: Lake, alert_id: str) -> tuple[Any, ...]:
+def _find(lake: Lake, alert_id: str, *, whole: bool = False) -> tuple[Any, ...]:
+    """The alert `alert_id` names: its whole id, or (unless `whole`) an unambiguous
+    start of it."""
     rows = _query(
         lake,
         "SELECT alert_id, rule_id, rule_version, severity, entity_type, entity, window_start, "
@@ -137,6 +139,8 @@ def _find(lake: Lake, alert_id: str) -> tuple[Any, ...]:
     exact = [row for row in rows if row[0] == alert_id]
     if exact:
         return exact[0]
+    if whole:
+        raise ReviewError(f"no alert {alert_id!r} (give its whole id)")
     if len(rows) > 1:
         raise ReviewError(f"{alert_id!r} matches {len(rows)} alerts; give more of the id")
     return rows[0]
@@ -225,16 +229,16 @@ def show_alert(data_dir: Path, alert_id: str) -> list[str]:
     return lines
 
 
-def full_alert_ids(lake: Lake, alert_ids: Sequence[str]) -> list[str]:
-    """The alerts `alert_ids` (ids or unambiguous prefixes) name, each once, in order;
-    a ReviewError listing every id that names none or several."""
+def full_alert_ids(lake: Lake, alert_ids: Sequence[str], *, whole: bool = False) -> list[str]:
+    """The alerts `alert_ids` (ids or, unless `whole`, unambiguous prefixes) name, each
+    once, in order; a ReviewError listing every id that names none or several."""
     if not alert_ids:
         raise ReviewError("name at least one alert")
     full_ids: list[str] = []
     problems: list[str] = []
     for alert_id in alert_ids:
         try:
-            full_id = _find(lake, alert_id)[0]
+            full_id = _find(lake, alert_id, whole=whole)[0]
         except ReviewError as error:
             problems.append(str(error))
             continue
@@ -257,11 +261,18 @@ def add_review(data_dir: Path, alert_id: str, status: str, note: str, reviewer: 
 
 
 def add_reviews(
-    data_dir: Path, alert_ids: Sequence[str], status: str, note: str, reviewer: str
+    data_dir: Path,
+    alert_ids: Sequence[str],
+    status: str,
+    note: str,
+    reviewer: str,
+    *,
+    whole: bool = False,
 ) -> list[tuple[str, str]]:
-    """Record one verdict on several alerts (ids or unambiguous prefixes) in one file:
-    all of them or, when one id does not name an alert, none (the error lists each
-    such id). Returns (alert_id, review_id) per alert, in the order given."""
+    """Record one verdict on several alerts (ids or, unless `whole`, unambiguous
+    prefixes: a person types a start of an id, a program has the whole one) in one
+    file: all of them or, when one id does not name an alert, none (the error lists
+    each such id). Returns (alert_id, review_id) per alert, in the order given."""
     try:
         status = status_named(status)
     except ValueError as error:
@@ -274,7 +285,7 @@ def add_reviews(
             f"{MAX_NOTE_CHARS:,} (put longer findings in a case and name it)"
         )
     lake = _lake(data_dir)
-    full_ids = full_alert_ids(lake, alert_ids)
+    full_ids = full_alert_ids(lake, alert_ids, whole=whole)
     now = datetime.now(tz=UTC)
     review_ids = [str(uuid.uuid4()) for _ in full_ids]
     frame = pl.DataFrame(
@@ -302,10 +313,11 @@ def add_reviews(
 def assign_alerts(
     data_dir: Path, alert_ids: Sequence[str], assignee: str, assigned_by: str
 ) -> list[str]:
-    """Assign several alerts to `assignee` ("" hands them back to nobody) in one
-    append-only file, all or none as `add_reviews`. Returns the full alert ids."""
+    """Assign several alerts (whole ids: the console's) to `assignee` ("" hands them
+    back to nobody) in one append-only file, all or none as `add_reviews`. Returns
+    the alert ids."""
     lake = _lake(data_dir)
-    full_ids = full_alert_ids(lake, alert_ids)
+    full_ids = full_alert_ids(lake, alert_ids, whole=True)
     now = datetime.now(tz=UTC)
     ids = [str(uuid.uuid4()) for _ in full_ids]
     frame = pl.DataFrame(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
@@ -966,6 +968,87 @@ def load_relay_state(data: bytes) -> None:
             raise Escape(f"loading a relay state raised {error!r} on {data[:300]!r}") from error
 
 
+# -- the detection snapshot: a data dir's state/detection.snapshot -------------------
+
+
+@functools.cache
+def _snapshot_base() -> tuple[bytes, tuple[CallEvent, ...]]:
+    """A real snapshot (the shipped rules and models after the first half of the sample
+    scenario: calls in progress, rule windows, model state) and the reports after it."""
+    from engine.apps.detectors import load_detectors
+    from engine.core.positions import Position
+    from engine.detect.calls import CallTracker
+    from engine.detect.pipeline import Pipeline
+    from engine.detect.snapshot import MAGIC, encode
+    from engine.detect.state import Snapshot
+    from engine.simulator.scenario import generate
+
+    events = generate(load_scenario(ROOT / "data" / "scenarios" / "sample.yaml")).events
+    half = len(events) // 2
+    pipeline = Pipeline(load_detectors(RULES, 10_000, models=True).rules, CallTracker())
+    pipeline.feed(events[:half])
+    snapshot = Snapshot(Position(1, half), pipeline.state(), 0.0)
+    payload = encode(snapshot)  # the file: magic line, the payload's SHA-256, payload
+    return MAGIC + hashlib.sha256(payload).digest() + payload, tuple(events[half : half + 400])
+
+
+@st.composite
+def snapshot_files(draw: st.DrawFn) -> bytes:
+    """The real snapshot with its payload changed and its checksum made to match (what
+    only a bug or a hand could write: a damaged file fails the checksum first), or the
+    file itself changed."""
+    from engine.detect.snapshot import MAGIC_PREFIX
+
+    data, _ = _snapshot_base()
+    head_end = data.index(b"\n", len(MAGIC_PREFIX)) + 1
+    head, payload = data[:head_end], data[head_end + 32 :]
+    edited = bytearray(payload)
+    for _ in range(draw(st.integers(1, 4))):
+        at = draw(st.integers(0, len(edited)))
+        kind = draw(st.sampled_from(["flip", "replace", "insert", "cut"]))
+        if kind == "flip" and at < len(edited):
+            edited[at] ^= draw(st.integers(1, 255))
+        elif kind == "replace":
+            edited[at : at + draw(st.integers(1, 8))] = draw(st.binary(min_size=1, max_size=8))
+        elif kind == "insert":
+            edited[at:at] = draw(st.binary(min_size=1, max_size=8))
+        else:
+            del edited[at:]
+    if draw(st.integers(0, 4)) == 0:
+        whole = bytearray(data)
+        whole[draw(st.integers(0, len(whole) - 1))] ^= 0xFF
+        return bytes(whole)
+    return head + hashlib.sha256(bytes(edited)).digest() + bytes(edited)
+
+
+def restore_snapshot_file(data: bytes) -> None:
+    """The snapshot is taken up or set aside as unusable (detection then starts cold);
+    either way detection goes on with the reports after it."""
+    from engine.apps.detectors import load_detectors
+    from engine.detect.calls import CallTracker
+    from engine.detect.pipeline import Pipeline
+    from engine.detect.snapshot import restore_into
+
+    _, after = _snapshot_base()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "detection.snapshot"
+        path.write_bytes(data)
+        pipeline = Pipeline(load_detectors(RULES, 10_000, models=True).rules, CallTracker())
+        try:
+            restored = restore_into(pipeline, path)
+        except Exception as error:
+            raise Escape(f"restoring a snapshot raised {error!r}") from error
+        if restored is None and path.exists():
+            raise Escape("an unusable snapshot was neither taken up nor set aside")
+        try:
+            pipeline.feed(after)
+            pipeline.advance(after[-1].ts + 86_400.0)
+        except Exception as error:
+            raise Escape(
+                f"detection after {'a restored' if restored else 'no'} snapshot raised {error!r}"
+            ) from error
+
+
 # -- NATS: subject tokens and message ids from network text ----------------------------
 
 
@@ -1374,6 +1457,7 @@ TARGETS = (
     Target("relay-answer", _answers, read_answer),
     Target("nats-names", _answers, nats_names),
     Target("relay-state", relay_states(), load_relay_state),
+    Target("detection-snapshot", snapshot_files(), restore_snapshot_file),
     Target("action-yaml", action_files(), load_action_file),
     Target("exception-yaml", exception_files(), load_exception_file),
     Target("exception-entity", _entities, write_exception_files),

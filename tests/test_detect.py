@@ -472,8 +472,11 @@ def test_suppression_shorter_than_the_window_is_refused(tmp_path: Path) -> None:
         .replace("duration: 12h", "duration: 1h")
     )
     (tmp_path / "lists").mkdir()
-    with pytest.raises(YamlFileError, match=r"suppression .* is shorter than the window"):
+    with pytest.raises(YamlFileError, match=r"suppression .* is shorter than the window") as caught:
         load_rules(path)
+    lines = path.read_text().splitlines()
+    line = next(n for n, text in enumerate(lines, 1) if text.startswith("suppression:"))
+    assert caught.value.problems[0].startswith(f"{path}:{line}: suppression: "), caught.value
 
 
 @pytest.mark.parametrize(
@@ -487,7 +490,7 @@ def test_suppression_shorter_than_the_window_is_refused(tmp_path: Path) -> None:
         (
             "simultaneous-calls-caller.yaml",
             "{duration: 30m, new_incident_after: 10m}",
-            "suppression.new_incident_after is not for concurrent calls",
+            "new_incident_after is not for concurrent calls",
         ),
     ],
 )
@@ -499,8 +502,11 @@ def test_a_new_incident_after_the_suppression_or_for_calls_in_progress_is_refuse
     path = tmp_path / "r.yaml"
     path.write_text(text.replace(line, f"suppression: {suppression}"))
     (tmp_path / "lists").mkdir()
-    with pytest.raises(YamlFileError, match=message):
+    with pytest.raises(YamlFileError, match=message) as caught:
         load_rules(path)
+    # Each names the suppression's own line.
+    at = text.splitlines().index(line) + 1
+    assert caught.value.problems[0].startswith(f"{path}:{at}: suppression"), caught.value
 
 
 def test_concurrent_calls_are_counted_per_caller_only(tmp_path: Path) -> None:

@@ -523,16 +523,25 @@ class RuleSpec(_Strict):
         if self.behaviour is not None and self.aggregate.entity_names != ("caller",):
             # Conduct is kept per caller (engine.detect.conduct).
             raise ValueError("behaviour is judged per caller (group_by: caller)")
-        if self.aggregate.type == "concurrent" and self.suppression.new_incident_after:
+        return self
+
+    @field_validator("suppression")
+    @classmethod
+    def _check_suppression(cls, suppression: Suppression, info: ValidationInfo) -> Suppression:
+        # Here rather than on the whole rule, so a refusal names the suppression's line.
+        aggregate = info.data.get("aggregate")
+        if aggregate is None:
+            return suppression  # the aggregate's own error says what is wrong
+        if aggregate.type == "concurrent" and suppression.new_incident_after:
             # Its calls in progress are known only once listed, after suppression is asked.
-            raise ValueError("suppression.new_incident_after is not for concurrent calls")
-        window = self.aggregate.window or 0.0
-        if self.suppression.duration < window:
+            raise ValueError("new_incident_after is not for concurrent calls")
+        window = aggregate.window or 0.0
+        if suppression.duration < window:
             raise ValueError(
-                f"suppression ({self.suppression.duration:.0f} s) is shorter than the window "
+                f"suppression ({suppression.duration:.0f} s) is shorter than the window "
                 f"({window:.0f} s): one incident would raise several alerts"
             )
-        return self
+        return suppression
 
 
 class ListEntry(_Strict):

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from engine.alerts.actionspec import Match
 from engine.alerts.notify import NotifySink, Route
 from engine.alerts.outbox import Outbox, outbox_path
+from engine.alerts.sinks import AlertTally
 from engine.apps.cli import main
-from engine.apps.lakewriter import AlertTally
 from engine.apps.replay import replay
 from engine.core.events import CallEvent
 from engine.core.yamlfile import YamlFileError

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.core.text import shown
 from engine.detect.alerts import Alert
@@ -56,3 +58,25 @@ class JsonLinesSink:
 
     def close(self) -> None:
         pass
+
+
+class AlertTally:
+    """An alert sink that counts alerts by rule, severity and mode, and hands the counts
+    to the receiver's process (its metrics) once per drain pass, not once per alert."""
+
+    def __init__(self, outbox: Any) -> None:
+        self.outbox = outbox
+        self.counts: Counter[tuple[str, str, str]] = Counter()
+
+    def deliver(self, alerts: Sequence[Alert]) -> None:
+        # An escalation is the same alert at a higher level, not another one (as the
+        # lake writer's own alert count has it).
+        self.counts.update((a.rule_id, a.severity, a.mode) for a in alerts if not a.escalation)
+
+    def send(self) -> None:
+        if self.counts:
+            self.outbox.put(dict(self.counts))
+            self.counts.clear()
+
+    def close(self) -> None:
+        self.send()

@@ -21,10 +21,11 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from engine.alerts.sinks import AlertTally
+from engine.apps.actiontrail import TrailCopy
 from engine.apps.delivery import NatsOutboxSink, load_action_set, make_durable_sinks, make_sinks
 from engine.apps.detectors import load_detectors, make_pipeline
 from engine.apps.settings import (
@@ -40,9 +41,8 @@ if TYPE_CHECKING:
     import multiprocessing.synchronize
     from multiprocessing.connection import Connection
 
-    from engine.alerts.actionbook import ActionBook
     from engine.alerts.actions import ActionSink
-    from engine.detect.alerts import Alert, AlertSink
+    from engine.detect.alerts import AlertSink
     from engine.detect.rules import RuleSet
     from engine.lake.parquet import Lake
     from engine.lake.writer import LakeWriter, Outage
@@ -137,89 +137,6 @@ def count_rule_load(counters: SharedCounters, rules: int | None) -> None:
     counters.add("rule_loads")
     counters.set("rule_last_load_ms", int(time.time() * 1000))
     counters.set("rules_running", rules)
-
-
-class TrailCopy:
-    """Copies the actions' audit trail (kept in the outbox file by whoever acts) into the
-    lake, where `callsentry.duckdb` shows it as the `actions` table: the rows after the
-    last the lake holds, once per drain pass."""
-
-    def __init__(self, data_dir: Path, lake: Lake) -> None:
-        self.data_dir = data_dir
-        self.lake = lake
-        self.book: ActionBook | None = None
-        self.end: int | None = None
-        self.failing = False
-
-    def copy(self) -> int:
-        """Rows copied (0 also when there is no trail yet, or the copy failed: said once)."""
-        import polars as pl
-
-        from engine.alerts.actionbook import ActionBook
-        from engine.alerts.outbox import OutboxError, outbox_path
-        from engine.lake.parquet import ACTION_SCHEMA, storage_errors
-
-        try:
-            if self.book is None:
-                if not outbox_path(self.data_dir).exists():
-                    return 0
-                self.book = ActionBook.of(self.data_dir)
-            if self.end is None:
-                self.end = self.lake.trail_end()
-            rows = self.book.trail(after_seq=self.end)
-            if not rows:
-                return 0
-            columns = {name: [row[name] for row in rows] for name in ACTION_SCHEMA}
-            for name in ("recorded_at", "undo_at"):
-                columns[name] = [
-                    None if v is None else round(float(v) * 1_000_000) for v in columns[name]
-                ]
-            columns["dry_run"] = [bool(v) for v in columns["dry_run"]]
-            frame = pl.DataFrame(
-                {
-                    name: pl.Series(name, columns[name], pl.Int64).cast(dtype)
-                    if name in ("recorded_at", "undo_at")
-                    else pl.Series(name, columns[name], dtype)
-                    for name, dtype in ACTION_SCHEMA.items()
-                }
-            )
-            self.lake.write_trail(frame)
-        except Exception as error:
-            if not isinstance(error, (OutboxError, *storage_errors())):
-                raise
-            if not self.failing:
-                log.error("cannot copy the actions' trail into the lake (%s); retrying", error)
-            self.failing = True
-            return 0
-        self.failing = False
-        self.end = int(rows[-1]["seq"])
-        return len(rows)
-
-    def close(self) -> None:
-        if self.book is not None:
-            self.book.close()
-
-
-class AlertTally:
-    """An alert sink that counts alerts by rule, severity and mode, and hands the counts
-    to the receiver's process (its metrics) once per drain pass, not once per alert."""
-
-    def __init__(self, outbox: Any) -> None:
-        self.outbox = outbox
-        self.counts: Counter[tuple[str, str, str]] = Counter()
-
-    def deliver(self, alerts: Sequence[Alert]) -> None:
-        # An escalation is the same alert at a higher level, not another one (as the
-        # lake writer's own alert count has it).
-        self.counts.update((a.rule_id, a.severity, a.mode) for a in alerts if not a.escalation)
-
-    def send(self) -> None:
-        if self.counts:
-            self.outbox.put(dict(self.counts))
-            self.counts.clear()
-
-    def close(self) -> None:
-        self.send()
 
 
 def lower_priority(priority: str) -> None:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -253,3 +254,33 @@ def test_an_unknown_path_is_a_404_naming_the_ones_there_are(
     assert engine.operator is not None
     status, body = get("http://{}:{}/nothing".format(*engine.operator.address))
     assert status == 404 and "/readyz" in json.loads(body)["error"]
+
+
+def test_serve_stops_on_sigterm_after_its_lake_writer_was_killed_while_waiting(
+    served: tuple[str, str, subprocess.Popen[str], Path], tmp_path: Path
+) -> None:
+    # The writer spends its idle time waiting on the stop event; one killed there left
+    # a sleeper on it that never woke, and the stop's `set()` waited for it for ever:
+    # serve hung on SIGTERM until a SIGKILL, with no snapshot and the lake unwritten.
+    base, _, process, _ = served
+    wait_for(lambda: readyz(base)[0] == 200, 60, "ready")
+    for kill in (1, 2):
+        pid = readyz(base)[1]["checks"]["lake_writer"]["pid"]
+        time.sleep(1.0)  # nothing to write: the writer is waiting between its passes
+        os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda kills=kill: readyz(base)[1]["checks"]["lake_writer"]["restarts"] == kills,
+            60,
+            "the lake writer restarted",
+        )
+        wait_for(lambda: readyz(base)[0] == 200, 60, "ready after the restart")
+    process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise AssertionError("serve did not stop within 60 s of SIGTERM") from None
+    assert code == 0
+    log = (tmp_path / "serve.log").read_text()
+    assert "lake writer exited with code -9; restarting it" in log

@@ -385,10 +385,17 @@ class LakeWriterProcess:
         self.settings = settings
         self.poll_interval_s = poll_interval_s
         self._process: Any = None
+        self._stopping = False
         self.restarts = 0
         self.last_exitcode: int | None = None
 
     def start(self) -> None:
+        # Events of its own for each process: a process killed while it waited on one
+        # (the writer waits on `stop` between its passes) is a sleeper that never wakes,
+        # and `set()` would wait for it for ever.
+        self._stop = self._context.Event()
+        self._reload = self._context.Event()
+        self._stopping = False
         self._heard.clear()
         if self._progress is not None:
             self._progress.close()
@@ -471,7 +478,7 @@ class LakeWriterProcess:
     def check(self) -> None:
         """Restart the writer if it died; sealed segments wait for it meanwhile."""
         self.alert_counts()  # read now and then, so the counts never fill their pipe
-        if self._process is not None and not self._process.is_alive() and not self._stop.is_set():
+        if self._process is not None and not self._process.is_alive() and not self._stopping:
             log.error("lake writer exited with code %s; restarting it", self._process.exitcode)
             self.restarts += 1
             self.last_exitcode = self._process.exitcode
@@ -481,7 +488,9 @@ class LakeWriterProcess:
         if self._process is None or self._process.pid is None:
             self._process = None  # never started
             return
-        self._stop.set()
+        self._stopping = True
+        if self._process.is_alive():
+            self._stop.set()
         self._process.join(timeout)
         if self._process.is_alive():
             # The writer ignores SIGTERM (see `run`), so only SIGKILL bounds the stop.

@@ -203,6 +203,7 @@ class RelayProcess:
             "d", max(1, len(self.names)) * len(COUNTERS), lock=False
         )
         self._stop = self._context.Event()
+        self._stopping = False
         self._process: Any = None
         self.restarts = 0
         # The durable end when serve started: where a target new to the data dir begins.
@@ -214,6 +215,10 @@ class RelayProcess:
     def start(self) -> None:
         if self._start is None:
             self._start = self.mark.get()
+        # An event of its own for each process, as the lake writer's: one killed while
+        # it held the event's lock would leave `set()` waiting for it for ever.
+        self._stop = self._context.Event()
+        self._stopping = False
         self._process = self._context.Process(
             target=run,
             args=(
@@ -239,7 +244,7 @@ class RelayProcess:
 
     def check(self) -> None:
         """Restart the relay if it died; the journal keeps what it has not sent."""
-        if self._process is not None and not self._process.is_alive() and not self._stop.is_set():
+        if self._process is not None and not self._process.is_alive() and not self._stopping:
             log.error("relay exited with code %s; restarting it", self._process.exitcode)
             self.restarts += 1
             self.start()
@@ -255,7 +260,9 @@ class RelayProcess:
     def stop(self, timeout: float = 30.0) -> None:
         if self._process is None:
             return
-        self._stop.set()
+        self._stopping = True
+        if self._process.is_alive():
+            self._stop.set()
         self._process.join(timeout)
         if self._process.is_alive():
             log.error("relay did not stop in %.0f s; its cursors are as last saved", timeout)

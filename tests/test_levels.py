@@ -110,9 +110,21 @@ def test_a_warning_on_the_wrong_side_is_refused_at_its_line(
         ("{weekday: {in: [sat, sunday]}}", "weekday: 'sunday' is not a day of the week"),
         ("{weekday: {ge: 3}}", "weekday: ge does not apply to weekday"),
         ("{talk_s: {between: [0, 6]}}", "talk_s: `between` is for `hour` only"),
+        # A value no call can have made the rule match nothing, and `rules validate`
+        # said it was valid.
+        ("{outcome: answerd}", "outcome: 'answerd' is not an outcome (answered, "),
+        ("{outcome: {in: [answered, timedout]}}", "outcome: 'timedout' is not an outcome"),
+        ("{caller_type: mobil}", "caller_type: 'mobil' is not a number type (fixed_line, "),
+        ("{forward_country: ZZ}", "forward_country: 'ZZ' is not a region the numbering"),
+        ("{forward_country: {in: [GB, gb]}}", "forward_country: 'gb' is not a region"),
+        ("{answered: maybe}", "answered: 'maybe' is not true or false"),
+        ("{caller_valid: {ne: nope}}", "caller_valid: 'nope' is not true or false"),
+        ("{caller_abroad: 3}", "caller_abroad: 3 is not true or false"),
+        ("{ring_code: 999}", "ring_code: 999 is not a SIP status code"),
+        ("{talk_s: {in: [long]}}", "talk_s: 'long' is not a number"),
     ],
 )
-def test_a_bad_hour_or_weekday_selection_is_refused_naming_the_field(
+def test_a_selection_no_call_can_match_is_refused_naming_the_field(
     tmp_path: Path, selection: str, expected: str
 ) -> None:
     folder = rule_folder(tmp_path, BURST_RULE + f"selection: {selection}\n")

@@ -28,7 +28,8 @@ from pydantic import (
 
 from engine.core.durations import Duration
 from engine.core.text import check_template
-from engine.detect.numbers import check_region
+from engine.detect.calls import OUTCOMES
+from engine.detect.numbers import KIND_NAMES, REGIONS, check_region
 
 FieldName = Literal[
     "caller",
@@ -132,26 +133,58 @@ _TIME_KEYS = {
 }
 
 
+# Fields whose values are a closed set, and what each takes: a value outside it could
+# never match, so a misspelling (`outcome: answerd`) would make a rule blind without a
+# word; it is refused where the rule is read instead.
+_BOOLEAN_FIELDS = frozenset(
+    f"{which}_{fact}" for which in ("caller", "callee", "forward") for fact in ("valid", "abroad")
+) | {"answered"}
+_TYPE_FIELDS = frozenset({"caller_type", "callee_type", "forward_type"})
+_COUNTRY_FIELDS = frozenset({"caller_country", "callee_country", "forward_country"})
+_NUMBER_FIELDS = frozenset({"ring_s", "talk_s", "ring_code"})
+
+
+def _value_problem(name: str, value: object) -> str | None:
+    """Why `value` is no value of the field `name` (None: it may be one)."""
+    if name == "outcome" and value not in OUTCOMES:
+        return f"is not an outcome ({', '.join(OUTCOMES)})"
+    if name in _BOOLEAN_FIELDS and type(value) is not bool:
+        return "is not true or false"
+    if name in _TYPE_FIELDS and value not in KIND_NAMES:
+        return f"is not a number type ({', '.join(KIND_NAMES)})"
+    if name in _COUNTRY_FIELDS and value != "" and value not in REGIONS:
+        return (
+            "is not a region the numbering plans know (an ISO 3166 code in capitals, "
+            'such as CN or GB; 001 for the non-geographic plans; "" for none)'
+        )
+    if name in _NUMBER_FIELDS and (type(value) not in (int, float)):
+        return "is not a number"
+    if name == "ring_code" and not (type(value) is int and 100 <= value <= 699):
+        return "is not a SIP status code (100 to 699: 180 and 183 for ringing)"
+    return None
+
+
 def check_time_matchers(selection: Mapping[Any, Matcher]) -> None:
     """`hour` and `weekday` take only what fits them: hours 0-23 (or 24 as the end of a
     `between`), weekdays by their three-letter English names in lower case; and no
-    other field takes `between`. Raises ValueError naming the field."""
+    other field takes `between`. Fields of a closed set of values (outcomes, number
+    types, regions, yes or no) take only those. Raises ValueError naming the field."""
     for name, matcher in selection.items():
         given = {key for key in Matcher.model_fields if getattr(matcher, key) is not None}
         allowed = _TIME_KEYS.get(name)
         if allowed is None:
             if "between" in given:
                 raise ValueError(f"{name}: `between` is for `hour` only")
+            for value in _values(matcher):
+                problem = _value_problem(str(name), value)
+                if problem is not None:
+                    raise ValueError(f"{name}: {value!r} {problem}")
             continue
         wrong = sorted(given - allowed)
         if wrong:
             keys = ", ".join(k.rstrip("_") for k in wrong)
             raise ValueError(f"{name}: {keys} does not apply to {name}")
-        values: list[object] = [
-            *(matcher.in_ or ()),
-            *(matcher.not_in or ()),
-            *(v for v in (matcher.eq, matcher.ne) if v is not None),
-        ]
+        values = _values(matcher)
         if name == "weekday":
             for value in values:
                 if value not in WEEKDAYS:
@@ -169,6 +202,15 @@ def check_time_matchers(selection: Mapping[Any, Matcher]) -> None:
                     f"hour: between {matcher.between} is not a range of hours: from an hour "
                     "0-23 up to a different hour 0-24 (e.g. [22, 6] for 22:00 to 05:59)"
                 )
+
+
+def _values(matcher: Matcher) -> list[object]:
+    """The values a matcher compares a field with for (in)equality."""
+    return [
+        *(matcher.in_ or ()),
+        *(matcher.not_in or ()),
+        *(v for v in (matcher.eq, matcher.ne) if v is not None),
+    ]
 
 
 def _matcher(value: Any) -> Any:

@@ -126,7 +126,7 @@ class ActionDestination:
                 dict(data["alert"]),
             )
         except (ValueError, KeyError, TypeError) as error:
-            raise DeliveryError(f"not an action: {shown(str(error))[:200]}", refused=True) from None
+            raise DeliveryError(f"not an action: {shown(str(error))[:200]}", final=True) from None
         if self.book.step_done(step.request_id, step.step):
             return  # recorded done before a crash kept the delivery from being marked
         values = alert_values(step.alert, step.action.id)
@@ -142,7 +142,8 @@ class ActionDestination:
         except ActionSpecError as error:
             self.book.record_failure(step.request_id, step.step, summary, str(error),
                                      answered=True)  # fmt: skip
-            raise DeliveryError(str(error), refused=True) from None
+            # The same alert makes the same request every time: no attempt can succeed.
+            raise DeliveryError(str(error), final=True) from None
         except DeliveryError as error:
             self.book.record_failure(
                 step.request_id, step.step, summary, str(error), answered=error.refused

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.alerts.outbox import DestinationCounts, Outbox, OutboxError
+from engine.alerts.outbox import Delivery, DestinationCounts, Outbox, OutboxError
 from engine.core.text import shown
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,15 @@ log = logging.getLogger(__name__)
 
 class DeliveryError(Exception):
     """An attempt failed. `refused`: the endpoint answered and refused this delivery
-    (others may still go through); otherwise the endpoint is unreachable or failing."""
+    (others may still go through); otherwise the endpoint is unreachable or failing.
+    `final`: no attempt at this delivery can succeed (it is no alert or action, or the
+    action's request cannot be made from its alert): given up at once, not tried again
+    for a day."""
 
-    def __init__(self, message: str, *, refused: bool = False) -> None:
+    def __init__(self, message: str, *, refused: bool = False, final: bool = False) -> None:
         super().__init__(message)
-        self.refused = refused
+        self.refused = refused or final
+        self.final = final
 
 
 class Destination(Protocol):
@@ -151,6 +155,9 @@ class Courier:
             try:
                 self.destination.send(delivery.key, delivery.payload)
             except DeliveryError as error:
+                if error.final:
+                    self._give_up_one(delivery, str(error))
+                    continue
                 if error.refused:
                     retry_at = self.clock() + self.policy.backoff(delivery.attempts + 1)
                     self.outbox.mark_failed(delivery, str(error), retry_at)
@@ -197,6 +204,20 @@ class Courier:
         self._failing_since = None
         self.failures = 0
         self._resume_at = 0.0
+
+    def _give_up_one(self, delivery: Delivery, error: str) -> None:
+        given = self.outbox.give_up_now(delivery, error)
+        if given is None:
+            return
+        log.error(
+            "%s cannot deliver %s: %s; given up (`callsentry alerts deliveries` lists it)",
+            self.name,
+            shown(delivery.key),
+            error,
+        )
+        told = getattr(self.destination, "given_up", None)
+        if callable(told):
+            told([given])
 
     def _give_up(self, now: float) -> None:
         untried = f"not tried: the endpoint was failing ({self._last_error})"

@@ -312,7 +312,7 @@ def _alert_of(payload: bytes) -> dict[str, Any]:
     try:
         data = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
-        raise DeliveryError("not an alert (unreadable payload)", refused=True) from None
+        raise DeliveryError("not an alert (unreadable payload)", final=True) from None
     if not isinstance(data, dict):
-        raise DeliveryError("not an alert (payload is no JSON object)", refused=True)
+        raise DeliveryError("not an alert (payload is no JSON object)", final=True)
     return data

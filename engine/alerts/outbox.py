@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -272,6 +272,35 @@ class Outbox:
             _tally(db, delivery.destination, "failed", 1)
 
         self._write(mark)
+
+    def give_up_now(self, delivery: Delivery, error: str) -> Delivery | None:
+        """Give up on one pending delivery that no attempt can deliver (the attempt is
+        counted as failed, `error` kept); the delivery as given up, or None when it was
+        no longer pending."""
+        now = self.clock()
+        given: list[Delivery] = []
+
+        def mark(db: sqlite3.Connection) -> None:
+            changed = db.execute(
+                "UPDATE deliveries SET state = 'given_up', done_at = ?, attempts = attempts + 1, "
+                "last_error = ? WHERE id = ? AND state = 'pending'",
+                (now, error, delivery.id),
+            ).rowcount
+            if changed:
+                _tally(db, delivery.destination, "failed", 1)
+                _tally(db, delivery.destination, "given_up", 1)
+                given.append(
+                    replace(
+                        delivery,
+                        state="given_up",
+                        attempts=delivery.attempts + 1,
+                        last_error=error,
+                        done_at=now,
+                    )
+                )
+
+        self._write(mark)
+        return given[0] if given else None
 
     def give_up_older_than(
         self, destination: str, enqueued_before: float, reason: str = ""

@@ -221,6 +221,33 @@ def test_every_problem_of_every_file_is_listed_at_once(tmp_path: Path) -> None:
     assert f"{folder / 'b.yaml'}:2: match.colours: unknown key" in problems
 
 
+@pytest.mark.parametrize("kind", ["http", "htp"])
+def test_every_problem_of_one_file_is_listed_at_once(tmp_path: Path, kind: str) -> None:
+    # A line break in a header hid the credential and the unknown placeholder until it
+    # was mended, and a typo in `kind:` hid all three.
+    text = (
+        http_action("http://127.0.0.1:9/x")
+        .replace("kind: http", f"kind: {kind}")
+        .replace('rule: "{rule_id}"', 'rule: "{actionid}"')
+        .replace(
+            "  method: POST\n",
+            '  method: POST\n  headers:\n    X-Note: "a\\nb"\n    Authorization: "Bearer x"\n',
+        )
+    )
+    folder = write_action(tmp_path / "actions", "hook", text).parent
+    with pytest.raises(YamlFileError) as error:
+        load_actions(folder)
+    where = folder / "hook.yaml"
+    problems = error.value.problems
+    assert f"{where}:9: http.headers.X-Note: a header value cannot hold a line break" in "\n".join(
+        problems
+    )
+    assert any(p.startswith(f"{where}:10: http.headers.Authorization: ") for p in problems)
+    assert any(p.startswith(f"{where}:11: http.body.rule: unknown placeholder") for p in problems)
+    assert any(p.startswith(f"{where}:3: kind: ") for p in problems) == (kind == "htp")
+    assert len(problems) == (4 if kind == "htp" else 3), problems
+
+
 def test_the_shipped_actions_are_valid_and_switched_off() -> None:
     shipped = load_actions(ROOT / "rules" / "actions")
     ids = {action.id for action in shipped.actions}

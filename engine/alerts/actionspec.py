@@ -25,13 +25,26 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.core.durations import Duration
 from engine.core.text import check_template
-from engine.core.yamlfile import DEFAULT_LIMITS, YamlDocument, YamlFileError, parse_files_with_ids
+from engine.core.yamlfile import (
+    DEFAULT_LIMITS,
+    YamlDocument,
+    YamlFileError,
+    load_yaml,
+    parse_files_with_ids,
+)
 
 # The alert's fields a template may name (the `alerts` table's columns, as text), and
 # the action's own id.
@@ -100,13 +113,12 @@ def _no_line_break(value: str) -> str:
     return value
 
 
-HeaderText = Annotated[str, AfterValidator(_no_line_break)]
-
-
 class HttpSpec(_Strict):
     url: str
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
-    headers: dict[str, HeaderText] = Field(default_factory=dict)
+    # A value written with a line break is a problem of the file (`_header_problems`,
+    # beside the templates' and the credentials'), and refused when a request is made.
+    headers: dict[str, str] = Field(default_factory=dict)
     # JSON made from the YAML value; each text in it is a template.
     body: Any = None
     # Placeholder -> environment variable: read when the request is made.
@@ -248,58 +260,80 @@ def _walk_texts(value: Any, path: tuple[str | int, ...]) -> list[tuple[tuple[str
     return []
 
 
+Section = HttpSpec | CommandSpec | BlockSpec
+KeyPath = tuple[str | int, ...]
+
+
+def sections_of(spec: ActionSpec) -> list[tuple[KeyPath, Section]]:
+    """The sections of `spec` that make a request, a command or a block, by key path."""
+    found: list[tuple[KeyPath, Section]] = []
+    for name in ("http", "command", "block"):
+        section = getattr(spec, name)
+        if section is not None:
+            found.append(((name,), section))
+    if spec.undo is not None:
+        for name in ("http", "command"):
+            section = getattr(spec.undo, name)
+            if section is not None:
+                found.append((("undo", name), section))
+    return found
+
+
 def templates_of(spec: ActionSpec) -> list[tuple[tuple[str | int, ...], str, tuple[str, ...]]]:
     """Every template of `spec`: (key path, text, the names it may use)."""
+    return [found for at, section in sections_of(spec) for found in _section_templates(at, section)]
+
+
+def _section_templates(
+    at: KeyPath, section: Section
+) -> list[tuple[tuple[str | int, ...], str, tuple[str, ...]]]:
     found: list[tuple[tuple[str | int, ...], str, tuple[str, ...]]] = []
 
-    def http(section: HttpSpec, at: tuple[str | int, ...]) -> None:
+    if isinstance(section, HttpSpec):
         names = (*ALERT_FIELDS, *section.env)
         found.append(((*at, "url"), section.url, names))
         for name, value in section.headers.items():
             found.append(((*at, "headers", name), value, names))
         for path, text in _walk_texts(section.body, (*at, "body")):
             found.append((path, text, names))
-
-    def command(section: CommandSpec, at: tuple[str | int, ...]) -> None:
+    elif isinstance(section, CommandSpec):
         names = (*ALERT_FIELDS, *section.env)
         for index, text in enumerate(section.argv):
             found.append(((*at, "argv", index), text, names))
-
-    if spec.http is not None:
-        http(spec.http, ("http",))
-    if spec.command is not None:
-        command(spec.command, ("command",))
-    if spec.block is not None:
-        found.append((("block", "entity"), spec.block.entity, ALERT_FIELDS))
-        found.append((("block", "reason"), spec.block.reason, ALERT_FIELDS))
-    if spec.undo is not None:
-        if spec.undo.http is not None:
-            http(spec.undo.http, ("undo", "http"))
-        if spec.undo.command is not None:
-            command(spec.undo.command, ("undo", "command"))
+    else:
+        found.append(((*at, "entity"), section.entity, ALERT_FIELDS))
+        found.append(((*at, "reason"), section.reason, ALERT_FIELDS))
     return found
 
 
-def _secret_problems(spec: ActionSpec) -> list[tuple[tuple[str | int, ...], str]]:
-    """A credential header written out in the file: it belongs in the environment."""
-    problems = []
-    sections: list[tuple[tuple[str | int, ...], HttpSpec | None]] = [
-        (("http",), spec.http),
-        (("undo", "http"), spec.undo.http if spec.undo is not None else None),
-    ]
-    for at, section in sections:
-        if section is None:
+def _header_problems(at: KeyPath, section: Section) -> list[tuple[KeyPath, str]]:
+    """A header value with a line break (it would inject a header), and a credential
+    header written out in the file (it belongs in the environment)."""
+    problems: list[tuple[KeyPath, str]] = []
+    if not isinstance(section, HttpSpec):
+        return problems
+    for name, value in section.headers.items():
+        try:
+            _no_line_break(value)
+            value.encode("latin-1")
+        except ValueError as error:  # UnicodeEncodeError is one
+            reason = (
+                str(error)
+                if not isinstance(error, UnicodeEncodeError)
+                else "a header value holds characters HTTP headers cannot carry (beyond "
+                "Latin-1); put it in the body or the URL"
+            )
+            problems.append(((*at, "headers", name), reason))
             continue
-        for name, value in section.headers.items():
-            used = {n for _, n, _, _ in string.Formatter().parse(value) if n}
-            if _SECRET_HEADER.search(name) and not used & set(section.env):
-                problems.append(
-                    (
-                        (*at, "headers", name),
-                        f"header {name} carries a credential: put it in an environment "
-                        "variable and name it under env: (never in the file)",
-                    )
+        used = {n for _, n, _, _ in string.Formatter().parse(value) if n}
+        if _SECRET_HEADER.search(name) and not used & set(section.env):
+            problems.append(
+                (
+                    (*at, "headers", name),
+                    f"header {name} carries a credential: put it in an environment "
+                    "variable and name it under env: (never in the file)",
                 )
+            )
     return problems
 
 
@@ -380,7 +414,10 @@ def render_http(
     full = {**values, **secrets}
     masked = {**values, **dict.fromkeys(secrets, "***")}
     url = render(section.url, full, _url_part)
-    headers = {name: render(text, full, _header_part) for name, text in section.headers.items()}
+    headers = {
+        name: _header_part(render(text, full, _header_part))
+        for name, text in section.headers.items()
+    }
 
     def body(value: Any) -> Any:
         if isinstance(value, str):
@@ -455,17 +492,60 @@ class ActionSet:
         return [a for a in self.enabled if a.match.matches(alert, tags)]
 
 
-def _spec_problems(spec: ActionSpec, document: YamlDocument) -> list[str]:
-    problems = []
-    for path, text, names in templates_of(spec):
+def _section_problems(at: KeyPath, section: Section, document: YamlDocument) -> list[str]:
+    """A section's templates that name what they cannot, and its headers' problems."""
+    found: list[tuple[KeyPath, str]] = []
+    for path, text, names in _section_templates(at, section):
         try:
             check_template(text, names)
         except ValueError as error:
-            key = ".".join(str(p) for p in path)
-            problems.append(f"{document.where(path)}: {key}: {error}")
-    for path, message in _secret_problems(spec):
-        key = ".".join(str(p) for p in path)
-        problems.append(f"{document.where(path)}: {key}: {message}")
+            found.append((path, str(error)))
+    found.extend(_header_problems(at, section))
+    return [
+        f"{document.where(path)}: {'.'.join(str(p) for p in path)}: {message}"
+        for path, message in found
+    ]
+
+
+def _spec_problems(spec: ActionSpec, document: YamlDocument) -> list[str]:
+    return [
+        problem
+        for at, section in sections_of(spec)
+        for problem in _section_problems(at, section, document)
+    ]
+
+
+_SECTION_MODELS: dict[str, type[Section]] = {
+    "http": HttpSpec,
+    "command": CommandSpec,
+    "block": BlockSpec,
+}
+
+
+def _problems_of_an_invalid_file(path: Path) -> list[str]:
+    """The templates' and headers' problems of each section of a file that is no valid
+    action as a whole (a typo in `kind:`, a bad timeout): its pydantic errors are listed
+    already, and these would otherwise show only once those are mended."""
+    try:
+        document = load_yaml(path)
+    except YamlFileError:
+        return []  # unreadable: said already
+    data = document.data
+    if not isinstance(data, dict):
+        return []
+    places: list[tuple[KeyPath, Any]] = [((name,), data.get(name)) for name in _SECTION_MODELS]
+    undo = data.get("undo")
+    if isinstance(undo, dict):
+        places += [(("undo", name), undo.get(name)) for name in ("http", "command")]
+    problems: list[str] = []
+    for at, raw in places:
+        if not isinstance(raw, dict):
+            continue
+        try:
+            section = _SECTION_MODELS[str(at[-1])].model_validate(raw)
+        except ValidationError:
+            continue  # its errors are the file's, listed already
+        problems.extend(_section_problems(at, section, document))
     return problems
 
 
@@ -479,6 +559,10 @@ def load_actions(folder: Path) -> ActionSet:
     )
     problems: list[str] = []
     specs = parse_files_with_ids(paths, ActionSpec, problems, "action", DEFAULT_LIMITS)
+    valid = {document.path for _, document in specs}
+    for path in paths:
+        if path not in valid:
+            problems.extend(_problems_of_an_invalid_file(path))
     for spec, document in specs:
         problems.extend(_spec_problems(spec, document))
     if problems:

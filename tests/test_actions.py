@@ -489,6 +489,15 @@ def test_a_dry_run_block_says_what_it_would_do_and_blocks_nothing(tmp_path: Path
     last = book.trail()[-1]
     assert (last["event"], last["status"]) == ("dry_run", "dry run: blocklist unchanged")
     assert last["request"] == "block forward +882130000001 for 1 d"
+    # Lifted early: a block's undo is taking it off (it said "an action with no undo").
+    lifted = subprocess.run(
+        [sys.executable, "-m", "engine", "actions", "lift", str(book.requests()[0].id),
+         "--reviewer", "ana", "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert lifted.returncode == 0, lifted.stderr
+    assert lifted.stdout.strip().endswith("lifted: a running serve takes it off the blocklist now")
+    assert book.requests()[0].state == "undo_queued"
 
 
 def test_shadow_alerts_and_alerts_no_action_matches_decide_nothing(tmp_path: Path) -> None:

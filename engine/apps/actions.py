@@ -160,11 +160,22 @@ def actions_list(
                 f"{r.entity_type} {r.entity}",
                 _time(r.created_at),
                 r.approved_by or "-",
-                r.last_error or r.alert_id,
+                r.alert_id,
+                r.last_error or "-",
             )
             for r in requests
         ],
-        ("ID", "ACTION", "STATE", "MODE", "ENTITY", "DECIDED (UTC)", "APPROVED BY", "ALERT"),
+        (
+            "ID",
+            "ACTION",
+            "STATE",
+            "MODE",
+            "ENTITY",
+            "DECIDED (UTC)",
+            "APPROVED BY",
+            "ALERT",
+            "LAST ERROR",
+        ),
     )
 
 
@@ -232,8 +243,7 @@ def _decision(
     said = {
         "approve": "approved: queued, a running serve does it",
         "reject": "rejected: it will not be done",
-        "lift": "lifted: its undo is queued, a running serve makes it "
-        "(an action with no undo: records nothing to undo)",
+        "lift": _lifted(request),
     }[verb]
     click.echo(
         shown(
@@ -241,6 +251,21 @@ def _decision(
             f"{request.entity}) {said}"
         )
     )
+
+
+def _lifted(request: Any) -> str:
+    if request.kind == "block":
+        return "lifted: a running serve takes it off the blocklist now"
+    if request.undo_at is None and not _has_undo(request.payload):
+        return "lifted: the action has no undo, so nothing is undone (the trail says so)"
+    return "lifted: its undo is queued, a running serve makes it"
+
+
+def _has_undo(payload: bytes) -> bool:
+    try:
+        return bool(json.loads(payload)["action"].get("undo"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return True  # say what is usual rather than guess from an unreadable payload
 
 
 reviewer_option = click.option("--reviewer", required=True, help="Who decides (recorded).")

@@ -753,3 +753,26 @@ def test_the_process_ends_once_its_threads_and_exit_handlers_are_done(
         assert (result.returncode, result.stderr) == (1, "a reason\n")
     else:
         assert (result.returncode, result.stderr) == (3, "")
+
+
+def test_a_file_name_or_key_with_an_escape_sequence_reaches_no_terminal_as_one(
+    tmp_path: Path,
+) -> None:
+    # Values were escaped, but a rule file's name and an unknown key were printed raw:
+    # on a terminal, `\x1b[2J` cleared the screen of whoever ran `rules validate`.
+    folder = tmp_path / "rules\x1b[31m"
+    folder.mkdir()
+    # In YAML, an escape is written as one in a double-quoted string.
+    (folder / "evil\x1b[31mname.yaml").write_text('id: x\n"col\\x1b[2Jour": 1\n')
+    scenario = tmp_path / "s.yaml"
+    sample = (ROOT / "data" / "scenarios" / "sample.yaml").read_text()
+    name = next(line for line in sample.splitlines() if line.startswith("name:"))
+    scenario.write_text(sample.replace(name, 'name: "s2\\x1b[31m"'))
+    for argv in (
+        ["rules", "validate", str(folder)],
+        ["simulate", "--scenario", str(scenario), "--to-file", str(tmp_path / "out\x1b[1m")],
+    ):
+        outcome = _run(argv, "", tmp_path)
+        said = outcome.stdout + outcome.stderr
+        assert "\x1b" not in said, said
+        assert "\\x1b[31m" in said, said

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from engine.core.runtime import gc_for_start
+from engine.core.text import shown
 
 # Settings only for types: pydantic's models load when a command reads its settings.
 if TYPE_CHECKING:
@@ -54,7 +55,9 @@ def missing_files(paths: Iterable[Path]) -> list[str]:
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"callsentry: {message}", err=True)
+    # Through shown(): a message may quote a file name, a YAML key or a value, and an
+    # escape sequence in one must not reach the terminal as one.
+    click.echo(f"callsentry: {shown(message)}", err=True)
     sys.exit(code)
 
 
@@ -69,7 +72,7 @@ def fail_with_problems(error: Exception, message: str, code: int) -> NoReturn:
     """Each problem (file:line: key: reason) on its own line, then the verdict."""
     problems = getattr(error, "problems", [str(error)])
     for problem in problems:
-        click.echo(problem, err=True)
+        click.echo(shown(problem), err=True)
     fail(message.replace("{count}", str(len(problems))), code)
 
 
@@ -87,7 +90,7 @@ def settings_or_fail(config: Path | None, overrides: dict[str, Any]) -> Settings
         if len(problems) == 1:
             fail(f"configuration error: {problems[0]}", 2)
         for problem in problems:
-            click.echo(problem, err=True)
+            click.echo(shown(problem), err=True)
         fail(f"configuration error ({len(problems)} problems); nothing was run", 2)
 
 

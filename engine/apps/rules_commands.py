@@ -83,7 +83,7 @@ def rules_validate(path: Path | None, config: Path | None) -> None:
     enabled = len(models.tracked) if models is not None else 0
     total = enabled + (len(models.disabled) if models is not None else 0)
     click.echo(
-        f"{path}: {len(modes)} rules valid ({modes.count('alert')} alerting, "
+        f"{shown(str(path))}: {len(modes)} rules valid ({modes.count('alert')} alerting, "
         f"{modes.count('shadow')} shadow), {len(loaded.rules.lists)} lists, "
         f"{total} models ({enabled} enabled), {len(actions.actions)} actions "
         f"({len(actions.enabled)} enabled)"

@@ -221,15 +221,15 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
             except OSError as error:
                 raise _cannot_write(to_file, error) from None
             echo(
-                f"scenario {spec.name}: {parts.calls} calls, {counted.reports} reports, "
+                f"scenario {shown(spec.name)}: {parts.calls} calls, {counted.reports} reports, "
                 f"{len(parts.labels)} labelled incidents"
             )
-            echo(f"wrote {events_path} and {labels_path}")
+            echo(f"wrote {shown(str(events_path))} and {shown(str(labels_path))}")
             return 0
         generated = generate(spec)
         events = generated.events
         echo(
-            f"scenario {spec.name}: {generated.calls} calls, {len(events)} reports, "
+            f"scenario {shown(spec.name)}: {generated.calls} calls, {len(events)} reports, "
             f"{len(generated.labels)} labelled incidents"
         )
         if to_file is not None:
@@ -237,7 +237,7 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
                 events_path, labels_path = write_files(generated, to_file, options.file_format)
             except OSError as error:
                 raise _cannot_write(to_file, error) from None
-            echo(f"wrote {events_path} and {labels_path}")
+            echo(f"wrote {shown(str(events_path))} and {shown(str(labels_path))}")
     else:
         assert events_file is not None
         try:

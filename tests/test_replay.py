@@ -1082,3 +1082,38 @@ def test_the_progress_bar_draws_rows_rate_and_alerts(capsys: pytest.CaptureFixtu
     bar.close()
     drawn = capsys.readouterr().err
     assert "500/1000" in drawn and "rows/s" in drawn and "3 alerts" in drawn
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_a_row_longer_than_a_report_is_oversized_as_live_has_it(
+    tmp_path: Path, suffix: str
+) -> None:
+    # Live refused a 3,000-character menu name as an oversized datagram; replay stored it.
+    from engine.ingest.codec import MAX_DATAGRAM_BYTES, Vos3000TextCodec
+
+    rows = [
+        ("2026-12-05T10:00:00Z", "big-1", "1", "RINGING", "8613800000001", "4001", "", "12",
+         "M" * 3000),
+        ("2026-12-05T10:00:01Z", "ok-1", "1", "RINGING", "8613800000001", "4001", "", "12", "Main"),
+        # Spaces to strip: the row takes the slow path, and is refused there too.
+        ("2026-12-05T10:00:02Z", "big-2", "1", " ringing ", "8613800000001", "4001", "", "12",
+         "菜" * 700),
+    ]  # fmt: skip
+    columns = HEADER.strip().split(",")
+    frame = pl.DataFrame([dict(zip(columns, row, strict=True)) for row in rows])
+    path = tmp_path / f"events{suffix}"
+    if suffix == ".csv":
+        frame.write_csv(path)
+    elif suffix == ".jsonl":
+        frame.write_ndjson(path)
+    else:
+        frame.write_parquet(path)
+    items = read_event_file(path)
+    assert [type(item).__name__ for item in items] == ["Reject", "CallEvent", "Reject"]
+    for rejected in (items[0], items[2]):
+        assert isinstance(rejected, Reject)
+        assert rejected.reason is RejectReason.OVERSIZED
+        assert f"over the {MAX_DATAGRAM_BYTES}-byte limit" in rejected.detail
+        assert rejected.call_id in ("big-1", "big-2") and rejected.serial == 1
+    live = Vos3000TextCodec().decode(",".join(rows[0][1:]).encode(), 0.0)
+    assert isinstance(live.item, Reject) and live.item.reason is RejectReason.OVERSIZED

@@ -36,7 +36,13 @@ from engine.core.events import (
     RejectReason,
 )
 from engine.ingest import native
-from engine.ingest.codec import FieldError, make_event, parse_call_id, parse_serial
+from engine.ingest.codec import (
+    MAX_DATAGRAM_BYTES,
+    FieldError,
+    make_file_event,
+    parse_call_id,
+    parse_serial,
+)
 
 _TS = operator.itemgetter(0)
 
@@ -128,7 +134,7 @@ def row_to_item(row: Mapping[str, Any], source: str, fallback_ts: float) -> Call
         ts = parse_ts(row.get("ts"))
         fields = [_text(row.get(column)) for column in COLUMNS[1:]]
         fields[2] = _TABLE_STATES.get(fields[2].strip().lower(), fields[2])
-        return make_event(ts, fields, source, _text(row.get("switch")))
+        return make_file_event(ts, fields, source, _text(row.get("switch")))
     except FieldError as error:
         at = fallback_ts if ts is None else ts
         return _reject(row, source, at, error.reason, error.detail)
@@ -496,10 +502,14 @@ def _plain_rows(frame: pl.DataFrame, columns: list[str]) -> pl.Series:
             return pl.lit("")
         return pl.col(name).cast(pl.String).fill_null("")
 
+    report = COLUMNS[1:9]  # call_id ... menu_name: what a datagram carries
     checks = [
         text("call_id").str.contains(_PLAIN_CALL_ID),
         text("serial").str.contains(_PLAIN_SERIAL),
         *(~text(name).str.contains(_STRIPPED) for name in COLUMNS[4:]),
+        # Longer than a report may be: make_file_event refuses it, as the receiver does.
+        pl.sum_horizontal([text(name).str.len_bytes() for name in report])
+        <= MAX_DATAGRAM_BYTES - (len(report) - 1),
     ]
     return frame.select(pl.all_horizontal(checks).alias("plain"))["plain"]
 
@@ -638,7 +648,7 @@ def _closer_look(
         else:
             fields[2] = _TABLE_STATES.get(fields[2].strip().lower(), fields[2])
             try:
-                item = make_event(ts, fields, source, switch)
+                item = make_file_event(ts, fields, source, switch)
             except FieldError as error:
                 row = dict(zip(columns, frame.row(index), strict=True))
                 item = _reject(row, source, ts, error.reason, error.detail)

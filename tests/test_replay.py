@@ -1117,3 +1117,33 @@ def test_a_row_longer_than_a_report_is_oversized_as_live_has_it(
         assert rejected.call_id in ("big-1", "big-2") and rejected.serial == 1
     live = Vos3000TextCodec().decode(",".join(rows[0][1:]).encode(), 0.0)
     assert isinstance(live.item, Reject) and live.item.reason is RejectReason.OVERSIZED
+
+
+def test_a_field_that_is_no_text_or_number_is_refused_not_rewritten(tmp_path: Path) -> None:
+    # `menu_name: true` was stored as 'True', an object as Python's repr of it.
+    path = tmp_path / "events.jsonl"
+    rows = [
+        {"menu_name": True},
+        {"callee": 4001.0, "menu_id": 7},  # numbers: as they are written, whole without .0
+        {"caller": {"x": 1}},
+        {"forward": [1, 2]},
+    ]
+    lines = [
+        json.dumps(
+            {"ts": f"2026-12-05T10:00:0{n}Z", "call_id": f"c{n}", "serial": 1,
+             "state": "RINGING", "caller": "8613800000001", "callee": "4001",
+             "forward": "", "menu_id": "1", "menu_name": "Main", **changed}
+        )
+        for n, changed in enumerate(rows)
+    ]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    items = read_event_file(path)
+    assert [type(item).__name__ for item in items] == ["Reject", "CallEvent", "Reject", "Reject"]
+    said = [item.detail for item in items if isinstance(item, Reject)]
+    assert said == [
+        "menu_name: bool true is not text or a number",
+        'caller: dict {"x": 1} is not text or a number',
+        "forward: list [1, 2] is not text or a number",
+    ]
+    event = items[1]
+    assert isinstance(event, CallEvent) and (event.callee, event.menu_id) == ("4001", "7")

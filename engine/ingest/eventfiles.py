@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
@@ -113,12 +114,36 @@ def parse_ts(value: Any) -> float:
     return round(ts, 6)
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, column: str = "") -> str:
+    """A field's text: a number as it is written (a whole float without its `.0`: a
+    spreadsheet's or a float column's number); a yes/no, a list or an object is no
+    report's field and is refused, not stored as Python writes it ("True")."""
     if value is None:
         return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Decimal):  # a database export's NUMERIC column
+        value = float(value) if not value.is_finite() else value
+        if isinstance(value, Decimal):
+            value = int(value) if value == value.to_integral_value() else float(value)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise FieldError(
+            RejectReason.BAD_FIELD,
+            f"{column or 'a field'}: {type(value).__name__} {_shown_value(value)} is not "
+            "text or a number",
+        )
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def _shown_value(value: Any) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:40] + "…"
 
 
 # Besides the switch's tokens, files may use the `events` table's own state names,
@@ -132,9 +157,9 @@ def row_to_item(row: Mapping[str, Any], source: str, fallback_ts: float) -> Call
     ts: float | None = None
     try:
         ts = parse_ts(row.get("ts"))
-        fields = [_text(row.get(column)) for column in COLUMNS[1:]]
+        fields = [_text(row.get(column), column) for column in COLUMNS[1:]]
         fields[2] = _TABLE_STATES.get(fields[2].strip().lower(), fields[2])
-        return make_file_event(ts, fields, source, _text(row.get("switch")))
+        return make_file_event(ts, fields, source, _text(row.get("switch"), "switch"))
     except FieldError as error:
         at = fallback_ts if ts is None else ts
         return _reject(row, source, at, error.reason, error.detail)

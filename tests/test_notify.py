@@ -565,7 +565,7 @@ def test_serve_notifies_a_channel_through_the_outbox_and_counts_it(
         env={k: v for k, v in os.environ.items() if not k.startswith("CALLSENTRY_")},
     )  # fmt: skip
     assert listed.returncode == 0, listed.stderr
-    assert "notify.soc: 3 delivered, 0 given up, 0 waiting" in listed.stdout
+    assert "notify.soc: now 0 waiting, 0 given up; in all 3 delivered, 0 given up" in listed.stdout
     assert "notify.elsewhere" not in listed.stdout, "no alert was routed there"
 
 

@@ -125,8 +125,46 @@ def test_deliveries_with_none_given_up_say_so_without_a_table(tmp_path: Path) ->
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines() == [
         "no given up deliveries",
-        "webhook: 0 delivered, 0 given up, 1 waiting, 0 failed attempts",
+        "webhook: now 1 waiting, 0 given up; in all 0 delivered, 0 given up (a delivery "
+        "retried counts each time), 0 failed attempts",
     ]
+
+
+def test_deliveries_retried_and_given_up_again_are_counted_now_and_in_all(
+    tmp_path: Path,
+) -> None:
+    # After --retry and a second give-up the summary said "4 given up" beside a table of
+    # two; and a mistyped --destination answered "no deliveries", exit 0.
+    clock = [1000.0]
+    outbox = Outbox(outbox_path(tmp_path), clock=lambda: clock[0])
+    for key in ("a1", "a2"):
+        assert outbox.enqueue("webhook", key, b"{}")
+    for _ in range(2):
+        clock[0] += 100_000
+        assert len(outbox.give_up_older_than("webhook", clock[0])) == 2
+        if _ == 0:
+            assert outbox.retry_given_up("webhook") == 2
+    outbox.close()
+
+    def deliveries(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "engine", "alerts", "deliveries", "--data-dir",
+             str(tmp_path), *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    listed = deliveries()
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len([line for line in lines if " given_up " in line]) == 2
+    assert lines[-1].startswith("webhook: now 0 waiting, 2 given up; in all 0 delivered, 4 given")
+    typo = deliveries("--destination", "webhok")
+    assert typo.returncode == 2
+    assert typo.stderr.strip() == (
+        "callsentry: --destination 'webhok' is no destination here (known: actions-block, "
+        "actions-command, actions-http, webhook)"
+    )
+    assert deliveries("--destination", "actions-http").returncode == 0  # none yet, but known
 
 
 def test_an_outbox_that_is_not_one_is_refused_in_one_line(tmp_path: Path) -> None:

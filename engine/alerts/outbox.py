@@ -98,6 +98,9 @@ class DestinationCounts:
     given_up: int = 0
     pending: int = 0
     oldest_pending_at: float | None = None
+    # Given up and still listed now (the counter counts a delivery again each time it
+    # is retried and given up; `forget_done_before` drops old rows, not the counter).
+    given_up_now: int = 0
 
 
 class Outbox:
@@ -396,11 +399,20 @@ class Outbox:
                 "WHERE state = 'pending' GROUP BY destination"
             )
         }
+        given_up_now = {
+            str(d): int(n)  # type: ignore[call-overload]
+            for d, n in self._read(
+                "SELECT destination, count(*) FROM deliveries WHERE state = 'given_up' "
+                "GROUP BY destination"
+            )
+        }
         result: dict[str, DestinationCounts] = {}
         for name in sorted({*tallies, *pending}):
             delivered, failed, given_up = tallies.get(name, (0, 0, 0))
             waiting, oldest = pending.get(name, (0, None))
-            result[name] = DestinationCounts(delivered, failed, given_up, waiting, oldest)
+            result[name] = DestinationCounts(
+                delivered, failed, given_up, waiting, oldest, given_up_now.get(name, 0)
+            )
         return result
 
 

@@ -379,6 +379,15 @@ def alerts_deliveries(
         counts = outbox.counts()
     except OutboxError as error:
         fail(str(error))
+    if destination is not None and destination not in counts:
+        known = sorted({*counts, *_configured_destinations(settings)})
+        if destination not in known:
+            # A typo answered "no deliveries" and exit 0: it looked like all was well.
+            fail(
+                f"--destination {destination!r} is no destination here (known: "
+                f"{', '.join(known) or 'none yet'})",
+                2,
+            )
     rows = [
         {
             "destination": d.destination,
@@ -412,9 +421,23 @@ def alerts_deliveries(
     for name, count in counts.items():
         if destination is None or name == destination:
             click.echo(
-                f"{name}: {count.delivered} delivered, {count.given_up} given up, "
-                f"{count.pending} waiting, {count.failed} failed attempts"
+                f"{shown(name)}: now {count.pending} waiting, {count.given_up_now} given up; "
+                f"in all {count.delivered} delivered, {count.given_up} given up (a "
+                f"delivery retried counts each time), {count.failed} failed attempts"
             )
+
+
+def _configured_destinations(settings: Any) -> list[str]:
+    """The outbox destinations the settings name (engine.apps.delivery makes them)."""
+    from engine.alerts.actionbook import DESTINATIONS
+    from engine.relay.nats import OUTBOX_DESTINATION
+
+    names = [channel.label for channel in settings.notify.channels]
+    if settings.detection.webhook_url:
+        names.append("webhook")
+    if settings.relay.nats.enabled:
+        names.append(OUTBOX_DESTINATION)
+    return [*names, *DESTINATIONS.values()]
 
 
 @alerts.command("except")

@@ -640,7 +640,8 @@ def test_simulate_into_a_folder_it_cannot_write_says_which_in_one_line(
     # Written before anything is sent: no receiver is needed to fail.
     argv = ["simulate", "--scenario", scenario, "--to-file", str(out), *send]
     outcome = _run(argv, place, tmp_path)
-    assert outcome.code == 2, outcome
+    # A folder that lets it down, not what was asked: 1, as replay's and backtest's.
+    assert outcome.code == 1, outcome
     assert outcome.stderr == f"callsentry: --to-file {out}: cannot write {blocked}: {why}\n"
 
 
@@ -776,3 +777,30 @@ def test_a_file_name_or_key_with_an_escape_sequence_reaches_no_terminal_as_one(
         said = outcome.stdout + outcome.stderr
         assert "\x1b" not in said, said
         assert "\\x1b[31m" in said, said
+
+
+def test_simulate_says_1_for_a_file_or_address_and_takes_ipv6_in_brackets(
+    tmp_path: Path,
+) -> None:
+    # It exited 2 for a missing file or a port in use, where replay and serve say 1.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = str(taken.getsockname()[1])
+        for argv, said in (
+            (["--scenario", str(tmp_path / "nope.yaml"), "--to-file", str(tmp_path / "o")],
+             "nope.yaml: cannot read: No such file or directory"),
+            (["--events", str(tmp_path / "nope.csv"), "--send"], "nope.csv: No such file"),
+            (["--consume", "--port", port, "--for", "1"],
+             f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+        ):  # fmt: skip
+            outcome = _run(["simulate", *argv], "", tmp_path)
+            assert (outcome.code, said in outcome.stderr) == (1, True), outcome
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+        probe.bind(("::1", 0))
+        free = str(probe.getsockname()[1])
+    # As the README writes an IPv6 address for --listen: it was "Name or service not known".
+    outcome = _run(
+        ["simulate", "--consume", "--host", "[::1]", "--port", free, "--for", "0.2"], "", tmp_path
+    )
+    assert outcome.code == 0, outcome
+    assert f"consuming reports on udp ::1:{free}" in outcome.stdout

@@ -484,7 +484,7 @@ def simulate(**options: Any) -> None:
     try:
         code = run_simulate(SimulateOptions(**options), click.echo)
     except SimulateError as error:
-        fail(str(error), 2)
+        fail(str(error), error.code)
     sys.exit(code)
 
 

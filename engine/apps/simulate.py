@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import ipaddress
 import signal
 import socket
@@ -35,14 +36,28 @@ _BAD_ROWS_SAID = 20
 
 
 class SimulateError(Exception):
-    """Bad arguments or inputs for simulate; the message says which and why."""
+    """Bad arguments or inputs for simulate; the message says which and why. `code`:
+    the exit code, 2 for what the command line asks that cannot be taken as given, 1
+    for a file, an address or the network that let it down (README, "exit code")."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _host(host: str) -> str:
+    """`--host` as a resolver takes it: an IPv6 address may be written in brackets, as
+    the README writes it for `--listen`."""
+    if host.startswith("[") and host.endswith("]"):
+        return host[1:-1]
+    return host
 
 
 def _check_target(host: str, allow_remote: bool) -> None:
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)}
     except socket.gaierror as error:
-        raise SimulateError(f"--host {host!r}: {error.strerror}") from None
+        raise SimulateError(f"--host {host!r}: {error.strerror}", 1) from None
     if allow_remote:
         return
     for address in addresses:
@@ -109,7 +124,7 @@ def run_consume(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         raise SimulateError(str(error)) from None
     except OSError as error:
         raise SimulateError(
-            f"cannot listen on {options.host}:{options.port}: {error.strerror or error}"
+            f"cannot listen on {options.host}:{options.port}: {error.strerror or error}", 1
         ) from None
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -173,10 +188,11 @@ def _cannot_write(to_file: Path, error: OSError) -> SimulateError:
     """--to-file's folder or a file in it could not be made or written (a path under a
     regular file, a read-only or full disk): which, and why, without Python's errno."""
     where = error.filename if error.filename else to_file
-    return SimulateError(f"--to-file {to_file}: cannot write {where}: {error.strerror or error}")
+    return SimulateError(f"--to-file {to_file}: cannot write {where}: {error.strerror or error}", 1)
 
 
 def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
+    options = dataclasses.replace(options, host=_host(options.host))
     if options.consume:
         return run_consume(options, echo)
     scenario, events_file, to_file = options.scenario, options.events_file, options.to_file
@@ -200,7 +216,9 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
             # --seed draws the scenario's ranges too, not only its traffic.
             spec = load_scenario(scenario, seed)
         except YamlFileError as error:
-            raise SimulateError(str(error)) from None
+            # A file that is not there or cannot be read: 1; one that says what cannot
+            # be, as an invalid rule does: 2.
+            raise SimulateError(str(error), 2 if scenario.is_file() else 1) from None
         if options.duration is not None:
             try:
                 duration = parse_duration(options.duration)
@@ -243,7 +261,7 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         try:
             items = read_event_file(events_file)
         except EventFileError as error:
-            raise SimulateError(str(error)) from None
+            raise SimulateError(str(error), 1) from None
         events = [item for item in items if isinstance(item, CallEvent)]
         bad = [item for item in items if not isinstance(item, CallEvent)]
         events.sort(key=lambda e: e.ts)

@@ -150,3 +150,26 @@ def test_a_list_of_a_hundred_thousand_prefixes_is_within_the_default_limits(
     document = load_yaml(path)
     assert len(document.data["values"]) == 100_000
     assert document.line_of(("values", 99_999)) == 100_002
+
+
+def test_a_value_that_fits_no_member_of_a_union_is_one_problem_in_plain_words(
+    tmp_path: Path,
+) -> None:
+    # `group_by: calller` gave two lines naming pydantic's types
+    # (`aggregate.group_by.literal['caller',...]` and `...list[literal[...]]: Input
+    # should be a valid list`).
+    from engine.detect.rules import load_rules
+
+    text = (Path(__file__).parent.parent / "rules" / "short-calls-caller.yaml").read_text()
+    path = tmp_path / "rule.yaml"
+    path.write_text(text.replace("group_by: caller", "group_by: calller"))
+    (tmp_path / "lists").mkdir()
+    with pytest.raises(YamlFileError) as raised:
+        load_rules(path)
+    line = text.splitlines().index(
+        next(row for row in text.splitlines() if "group_by: caller" in row)
+    )
+    assert raised.value.problems == [
+        f"{path}:{line + 1}: aggregate.group_by: Input should be 'caller', 'menu', 'forward', "
+        "'callee', 'switch', 'caller_country', 'callee_country' or 'forward_country'"
+    ]

@@ -99,6 +99,8 @@ class YamlDocument:
         return path
 
     def _is_tag(self, path: tuple[str | int, ...], part: str | int) -> bool:
+        if isinstance(part, str) and _MEMBER_TAG.match(part):
+            return True  # a member of a union that is not tagged: its type, in pydantic's words
         node: Any = self.data
         for step in path:
             try:
@@ -233,10 +235,23 @@ def load_yaml(path: Path, limits: YamlLimits = DEFAULT_LIMITS) -> YamlDocument:
     return YamlDocument(path, data, lines)
 
 
+# How pydantic names the member of a union that an error is about, in its `loc`:
+# `literal['caller','menu']`, `list[literal[...]]`, `function-after[...]`, `str`...
+_MEMBER_TAG = re.compile(r"^(?:[a-z][a-z_-]*\[.*\]|str|int|float|bool|none)$", re.DOTALL)
+
+
 def validation_problems(document: YamlDocument, error: ValidationError) -> list[str]:
     problems = []
+    # A value that fits no member of a union fails each member; the first says what was
+    # wanted ("Input should be 'caller', 'menu' ..."), the others only how it failed
+    # that member ("Input should be a valid list"): one problem per place.
+    said_of_unions: set[tuple[str | int, ...]] = set()
     for problem in error.errors():
         loc = document.path_of(problem["loc"])
+        if any(isinstance(part, str) and _MEMBER_TAG.match(part) for part in problem["loc"]):
+            if loc in said_of_unions:
+                continue
+            said_of_unions.add(loc)
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key"

@@ -12,6 +12,7 @@ import re
 import stat
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -604,3 +605,24 @@ def test_a_reviewer_approves_a_waiting_action_in_the_console(tmp_path: Path) -> 
         follow_redirects=False,
     )
     assert huge.status_code == 400 and "no action request 99999999999999999999999" in huge.text
+
+
+def test_the_traffic_chart_draws_no_time_still_to_come(console_data: Path) -> None:
+    # Half the 36 steps come after the alert: for a recent alert those were drawn with
+    # the sliding count of the calls before them, bars for minutes not yet begun.
+    from datetime import timedelta
+
+    from engine.console.web import traffic_chart
+
+    view = LakeView(console_data)
+    alert = view.alert(alert_id_of(console_data, PLAIN_CALLER))
+    assert alert is not None
+
+    def bars(now: datetime | None) -> int:
+        return str(traffic_chart(view, alert, 300, now)).count('<rect class="bar"')
+
+    raised = alert["raised_at"]
+    assert bars(None) == 36  # the alert is long past: every step has begun
+    soon = bars(raised + timedelta(minutes=3))
+    assert 20 <= soon <= 22  # the 18 before the alert, and those begun in 3 min
+    assert bars(raised - timedelta(hours=1)) == 0

@@ -237,11 +237,15 @@ def _money(value: Any) -> str:
     return "" if value is None else f"{value:,.2f}"
 
 
-def traffic_chart(view: LakeView, alert: dict[str, Any], window_s: int | None) -> Any:
+def traffic_chart(
+    view: LakeView, alert: dict[str, Any], window_s: int | None, now: datetime | None = None
+) -> Any:
     """The entity's calls around the alert as the rule counts them: at each step, the
     calls started within the rule's window before it (a sliding count, in the unit of
     the rule's threshold when the rule counts calls), the alert's window shaded and
-    the threshold drawn."""
+    the threshold drawn. Steps that have not begun by `now` are not drawn: their
+    sliding count would carry the calls before them into times still to come."""
+    now = now or datetime.now(tz=UTC)
     start, end = alert["window_start"], alert["window_end"]
     window_s = window_s or max(60, int((end - start).total_seconds()))
     step_s = 60 if window_s <= 3600 else 3600
@@ -264,6 +268,8 @@ def traffic_chart(view: LakeView, alert: dict[str, Any], window_s: int | None) -
     band_first = band_last = -1
     for index in range(shown_steps):
         moment = first + timedelta(seconds=step_s * index)
+        if moment >= now:
+            break
         # Calls started in the window that ends at the end of this step.
         total = sum(
             counted.get(moment - timedelta(seconds=step_s * back), 0)

@@ -465,6 +465,31 @@ def test_adduser_and_token_create_from_the_command_line(tmp_path: Path) -> None:
     assert "cy" in Accounts.load(accounts_path(data)).users
 
 
+def test_a_token_revoked_and_a_user_removed_are_refused_at_once(tmp_path: Path) -> None:
+    # There was no way to list or revoke a token, or to remove a user: a leaked token
+    # could only be replaced by one of the same name.
+    data = make_console_data(tmp_path)
+    token = cli("console", "token", "create", "nightly", "--data-dir", str(data)).stdout.strip()
+    client = client_for(data)
+    as_token = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/alerts", headers=as_token).status_code == 200
+    ana = signed_in(data)
+    assert ana.get("/api/alerts").status_code == 200
+    listed = cli("console", "token", "list", "--data-dir", str(data))
+    assert listed.returncode == 0 and listed.stdout.split()[:3] == ["NAME", "ROLE", "CREATED"]
+    assert "nightly  viewer" in listed.stdout and token not in listed.stdout
+    users = cli("console", "users", "--data-dir", str(data)).stdout
+    assert "ana   reviewer" in users and "vic   viewer" in users
+    typo = cli("console", "token", "revoke", "nighly", "--data-dir", str(data))
+    assert typo.returncode == 1
+    assert typo.stderr == ("callsentry: no token 'nighly' (tokens: nightly); nothing was changed\n")
+    assert cli("console", "token", "revoke", "nightly", "--data-dir", str(data)).returncode == 0
+    assert client.get("/api/alerts", headers=as_token).status_code == 401
+    assert cli("console", "deluser", "ana", "--data-dir", str(data)).returncode == 0
+    assert ana.get("/api/alerts").status_code == 401
+    assert "ana" not in cli("console", "users", "--data-dir", str(data)).stdout
+
+
 def test_a_broken_accounts_file_is_one_line_from_every_console_command(tmp_path: Path) -> None:
     data = make_console_data(tmp_path)
     accounts_path(data).write_bytes(b"\x00\xff{not json")

@@ -24,6 +24,7 @@ from engine.apps.commandline import (
 )
 from engine.core.addresses import parse_hostport
 from engine.core.runtime import tune_gc_for_service
+from engine.core.text import shown, terminal_table
 
 if TYPE_CHECKING:
     from engine.apps.settings import Settings
@@ -272,6 +273,78 @@ def token_create(name: str, role: str, data_dir: Path | None, config: Path | Non
         fail(str(error))
     click.echo(secret)
     click.echo(f"({role} token {name}: shown once, stored hashed in {accounts.path})", err=True)
+
+
+def _change_accounts(
+    data_dir: Path | None, config: Path | None, change: Callable[[Any], None]
+) -> Any:
+    """Load the accounts, `change` them and save: a ValueError from `change` is the
+    command's one-line failure, and nothing is written."""
+    from engine.console.accounts import Accounts, AccountsFileError, accounts_path
+
+    data = _data_dir(data_dir, config)
+    try:
+        accounts = Accounts.load(accounts_path(data))
+        change(accounts)
+        accounts.save()
+    except ValueError as error:
+        fail(f"{error}; nothing was changed")
+    except AccountsFileError as error:
+        fail(str(error))
+    return accounts
+
+
+def _list_accounts(data_dir: Path | None, config: Path | None, kind: str) -> None:
+    from engine.console.accounts import Accounts, AccountsFileError, accounts_path
+
+    data = _data_dir(data_dir, config)
+    try:
+        accounts = Accounts.load(accounts_path(data))
+    except AccountsFileError as error:
+        fail(str(error))
+    entries = accounts.users if kind == "users" else accounts.tokens
+    if not entries:
+        click.echo(f"no {kind} in {accounts.path}")
+        return
+    rows = [(a.name, a.role, a.created_at) for a in sorted(entries.values(), key=lambda a: a.name)]
+    for line in terminal_table(rows, ("NAME", "ROLE", "CREATED")):
+        click.echo(line)
+
+
+@console.command("users")
+@data_dir_option
+@config_option
+def users(data_dir: Path | None, config: Path | None) -> None:
+    """The console's users: name, role and when each was added (no password is shown)."""
+    _list_accounts(data_dir, config, "users")
+
+
+@console.command("deluser")
+@click.argument("name")
+@data_dir_option
+@config_option
+def deluser(name: str, data_dir: Path | None, config: Path | None) -> None:
+    """Remove a console user: their sessions end at their next request."""
+    accounts = _change_accounts(data_dir, config, lambda a: a.remove_user(name))
+    click.echo(f"removed user {shown(name)} from {accounts.path}")
+
+
+@token.command("list")
+@data_dir_option
+@config_option
+def token_list(data_dir: Path | None, config: Path | None) -> None:
+    """The API tokens: name, role and when each was made (a token is never shown again)."""
+    _list_accounts(data_dir, config, "tokens")
+
+
+@token.command("revoke")
+@click.argument("name")
+@data_dir_option
+@config_option
+def token_revoke(name: str, data_dir: Path | None, config: Path | None) -> None:
+    """Revoke an API token: a request that carries it is refused from now on."""
+    accounts = _change_accounts(data_dir, config, lambda a: a.revoke_token(name))
+    click.echo(f"revoked token {shown(name)} in {accounts.path}")
 
 
 def review_publisher(

@@ -197,6 +197,17 @@ class Accounts:
         self.tokens[name] = Account(name, role, token_digest(token), _now())
         return token
 
+    def remove_user(self, name: str) -> None:
+        """Remove a user (their sessions end at their next request); ValueError if none."""
+        if self.users.pop(name, None) is None:
+            raise ValueError(f"no user {name!r} (users: {', '.join(sorted(self.users)) or 'none'})")
+
+    def revoke_token(self, name: str) -> None:
+        """Remove a token: a request with it is refused from now on; ValueError if none."""
+        if self.tokens.pop(name, None) is None:
+            known = ", ".join(sorted(self.tokens)) or "none"
+            raise ValueError(f"no token {name!r} (tokens: {known})")
+
     def check_password(self, name: str, password: str) -> Account | None:
         """The user, when `password` is theirs. An unknown name costs as much time as a
         wrong password, so the answer's time does not tell which names exist."""

@@ -299,7 +299,11 @@ def test_no_subcommand_prints_a_traceback(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["alerts", "list"], "callsentry: data has no alerts yet"),
+        (["alerts", "list"], "callsentry: data dir data does not exist"),
+        (
+            ["alerts", "list", "--since", "2026-12-02", "--until", "2026-12-01"],
+            "callsentry: the span is empty: --until must be later than --since",
+        ),
         (["alerts", "list", "--limit", "x"], "callsentry: alerts list: Invalid value"),
         (["nosuch"], "callsentry: No such command 'nosuch'"),
         (

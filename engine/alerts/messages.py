@@ -106,7 +106,7 @@ def digest_message(
     esc = escape_for(fmt)
     title = shown(
         f"[callsentry] {len(alerts)} alert{'s' if len(alerts) != 1 else ''} held by the "
-        f"rate limit ({limit} messages per {period_s:g} s)"
+        f"rate limit ({limit} message{'s' if limit != 1 else ''} per {period_s:g} s)"
     )
     counts: dict[str, int] = {}
     for alert in alerts:

@@ -213,8 +213,13 @@ def alerts_list(
     status = _status_option(status, "--status", allow_all=True)
     start = _moment(since, "--since") if since else None
     end = _moment(until, "--until") if until else None
+    if start is not None and end is not None and start >= end:
+        # "No alerts match" answered a span that holds no time at all.
+        fail("the span is empty: --until must be later than --since", 2)
     zone = _zone(zone_name)
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    if not settings.store.data_dir.is_dir():
+        fail(f"data dir {settings.store.data_dir} does not exist (is it callsentry's data dir?)")
     try:
         rows = list_alerts(
             settings.store.data_dir,

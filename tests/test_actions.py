@@ -480,6 +480,19 @@ def test_a_block_puts_the_entity_on_the_blocklist_until_it_expires(tmp_path: Pat
     assert events(book, book.requests()[0].id) == ["queued", "fired", "undo_queued", "undone"]
 
 
+def test_a_block_of_an_entity_with_control_characters_is_refused_as_blocklist_add_does(
+    tmp_path: Path,
+) -> None:
+    # Such an entry went on the blocklist, and its export wrote it escaped: another value.
+    text = "id: block-it\nmatch: {entity_types: [forward]}\nkind: block\n"
+    sink, book = rig(tmp_path, text)
+    sink.deliver([alert(1, "+8821\x1b[31m")])
+    request = book.requests()[0]
+    run_couriers(book, lambda: book.request(request.id).hold == "given_up")
+    assert book.blocklist.entries() == []
+    assert "without control characters, not '+8821\\x1b[31m'" in book.request(request.id).last_error
+
+
 def test_a_dry_run_block_says_what_it_would_do_and_blocks_nothing(tmp_path: Path) -> None:
     text = "id: block-it\nmatch: {}\nkind: block\ndry_run: true\n"
     sink, book = rig(tmp_path, text)

@@ -216,6 +216,13 @@ class ActionDestination:
         action = step.action
         assert action.block is not None
         entity = render(action.block.entity, values, str)
+        if not entity.strip() or any(ord(c) < 32 or ord(c) == 127 for c in entity):
+            # As `blocklist add` refuses it: no switch's list holds such an entry, and
+            # its export could only write it escaped, as another value.
+            raise ActionSpecError(
+                f"a block needs a number or menu id without control characters, not "
+                f"'{shown(entity)}'"
+            )
         entity_type = str(step.alert.get("entity_type", ""))
         reason = render(action.block.reason, values, str)
         if step.step == "do":

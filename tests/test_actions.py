@@ -409,6 +409,34 @@ def test_a_value_that_would_inject_a_header_is_not_sent(
     assert events(book, request.id)[-2:] == ["failed", "given_up"]
 
 
+def test_an_unset_secret_is_retried_and_the_action_made_once_it_is_set(
+    tmp_path: Path, stand_ins: list[StandIn]
+) -> None:
+    # What is missing is this machine's, not the alert's: not given up at once.
+    stand_in = StandIn()
+    stand_ins.append(stand_in)
+    text = (
+        http_action(stand_in.url())
+        .replace("  method: POST\n", "  method: POST\n  env: {password: CS_TEST_SECRET}\n")
+        .replace('alert: "{alert_id}"', 'alert: "{alert_id}", p: "{password}"')
+    )
+    clock = Clock()
+    sink, book = rig(tmp_path, text, clock)
+    sink.deliver([alert(1)])
+    unset = Courier(book.outbox, ActionDestination(book, "http", environ={}), FAST, clock=clock)
+    unset.work()
+    counts = book.outbox.counts()["actions-http"]
+    assert (counts.failed, counts.given_up, counts.pending) == (1, 0, 1)
+    assert "CS_TEST_SECRET" in book.requests()[0].last_error
+    clock.now += 60
+    environ = {"CS_TEST_SECRET": "s3cret"}
+    set_up = Courier(
+        book.outbox, ActionDestination(book, "http", environ=environ), FAST, clock=clock
+    )
+    set_up.work()
+    assert book.requests()[0].state == "done" and len(stand_in.requests) == 1
+
+
 def test_an_unreachable_endpoint_is_retried_and_counted(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -509,6 +509,18 @@ def test_a_new_incident_after_the_suppression_or_for_calls_in_progress_is_refuse
     assert caught.value.problems[0].startswith(f"{path}:{at}: suppression"), caught.value
 
 
+def test_a_window_longer_than_the_default_suppression_is_refused_when_it_is_left_out(
+    tmp_path: Path,
+) -> None:
+    # Checked on the `suppression:` field alone, the default was never checked.
+    text = (RULES / "short-calls-caller.yaml").read_text().replace("window: 5m", "window: 2h")
+    path = tmp_path / "r.yaml"
+    path.write_text("\n".join(t for t in text.splitlines() if not t.startswith("suppression:")))
+    (tmp_path / "lists").mkdir()
+    with pytest.raises(YamlFileError, match=r"suppression \(1800 s\) is shorter than the window"):
+        load_rules(path)
+
+
 def test_concurrent_calls_are_counted_per_caller_only(tmp_path: Path) -> None:
     # The call tracker knows calls in progress per caller: grouped otherwise, the
     # rule would never fire, so it is refused.

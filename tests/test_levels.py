@@ -135,6 +135,20 @@ def test_a_selection_no_call_can_match_is_refused_naming_the_field(
     assert expected in problem
 
 
+@pytest.mark.parametrize(
+    "selection",
+    [
+        '{forward_type: {ne: ""}}',  # "" is a call without a forward number's type
+        '{forward_country: {in: ["001", ""]}}',
+        "{answered: true, caller_valid: {ne: false}}",
+        "{ring_code: {in: [180, 183]}, talk_s: {lt: 5}}",
+        "{outcome: {in: [answered, timed_out]}}",
+    ],
+)
+def test_every_value_a_call_can_have_is_taken(tmp_path: Path, selection: str) -> None:
+    load_rules(rule_folder(tmp_path, BURST_RULE + f"selection: {selection}\n"))
+
+
 # -- levels and escalation in the pipeline ---------------------------------------------
 
 

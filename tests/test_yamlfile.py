@@ -173,3 +173,21 @@ def test_a_value_that_fits_no_member_of_a_union_is_one_problem_in_plain_words(
         f"{path}:{line + 1}: aggregate.group_by: Input should be 'caller', 'menu', 'forward', "
         "'callee', 'switch', 'caller_country', 'callee_country' or 'forward_country'"
     ]
+
+
+def test_every_member_of_a_union_that_names_its_values_is_heard(tmp_path: Path) -> None:
+    # Keeping the first member's error alone dropped `sum`'s own fields from the message.
+    from engine.detect.rules import load_rules
+
+    path = tmp_path / "rule.yaml"
+    path.write_text(
+        "id: r\ntitle: t\nseverity: low\n"
+        "aggregate: {type: sum, group_by: caller, window: 5m, field: talks}\n"
+        "condition: {threshold: 1}\n"
+    )
+    (tmp_path / "lists").mkdir()
+    with pytest.raises(YamlFileError) as raised:
+        load_rules(path)
+    (problem,) = raised.value.problems
+    assert problem.startswith(f"{path}:4: aggregate.field: Input should be 'caller', ")
+    assert problem.endswith("; Input should be 'ring_s' or 'talk_s'")

@@ -33,6 +33,7 @@ from engine.alerts.actionbook import (
 )
 from engine.alerts.actionspec import (
     ActionSet,
+    ActionSetupError,
     ActionSpec,
     ActionSpecError,
     alert_values,
@@ -142,8 +143,10 @@ class ActionDestination:
         except ActionSpecError as error:
             self.book.record_failure(step.request_id, step.step, summary, str(error),
                                      answered=True)  # fmt: skip
-            # The same alert makes the same request every time: no attempt can succeed.
-            raise DeliveryError(str(error), final=True) from None
+            # The same alert makes the same request every time: no attempt can succeed,
+            # unless what is missing is this machine's (a variable set at the next start).
+            setup = isinstance(error, ActionSetupError)
+            raise DeliveryError(str(error), refused=setup, final=not setup) from None
         except DeliveryError as error:
             self.book.record_failure(
                 step.request_id, step.step, summary, str(error), answered=error.refused

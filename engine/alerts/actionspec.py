@@ -81,6 +81,11 @@ class ActionSpecError(ValueError):
     option, an environment variable is not set); the message says which and why."""
 
 
+class ActionSetupError(ActionSpecError):
+    """A request cannot be rendered on this machine as it is set up (an environment
+    variable the action names is not set): another attempt, once it is, may succeed."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -389,7 +394,7 @@ def _secrets(env: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, st
     found = {}
     for name, variable in env.items():
         if variable not in environ:
-            raise ActionSpecError(f"environment variable {variable} (for {{{name}}}) is not set")
+            raise ActionSetupError(f"environment variable {variable} (for {{{name}}}) is not set")
         found[name] = environ[variable]
     return found
 

@@ -240,19 +240,28 @@ def load_yaml(path: Path, limits: YamlLimits = DEFAULT_LIMITS) -> YamlDocument:
 _MEMBER_TAG = re.compile(r"^(?:[a-z][a-z_-]*\[.*\]|str|int|float|bool|none)$", re.DOTALL)
 
 
+def _mismatch(kind: str) -> bool:
+    """A union member's error that says only that the value is not of its type."""
+    return kind.endswith(("_type", "_parsing"))
+
+
 def validation_problems(document: YamlDocument, error: ValidationError) -> list[str]:
-    problems = []
-    # A value that fits no member of a union fails each member; the first says what was
-    # wanted ("Input should be 'caller', 'menu' ..."), the others only how it failed
-    # that member ("Input should be a valid list"): one problem per place.
-    said_of_unions: set[tuple[str | int, ...]] = set()
+    problems: list[str] = []
+    # A value that fits no member of a union fails each member. Said once per place:
+    # what the members that name their values want ("Input should be 'caller', 'menu'
+    # ..."), each once, and only where every member fails on its type alone, those
+    # types together ("Input should be a valid string; Input should be a valid number").
+    unions: dict[tuple[str | int, ...], list[tuple[str, str]]] = {}
+    slots: dict[tuple[str | int, ...], int] = {}  # where each union's problem goes
     for problem in error.errors():
         loc = document.path_of(problem["loc"])
-        if any(isinstance(part, str) and _MEMBER_TAG.match(part) for part in problem["loc"]):
-            if loc in said_of_unions:
-                continue
-            said_of_unions.add(loc)
         message = problem["msg"].removeprefix("Value error, ")
+        if any(isinstance(part, str) and _MEMBER_TAG.match(part) for part in problem["loc"]):
+            if loc not in unions:
+                unions[loc], slots[loc] = [], len(problems)
+                problems.append("")  # filled in below, once every member has spoken
+            unions[loc].append((problem["type"], message))
+            continue
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
         elif problem["type"] == "union_tag_invalid":
@@ -262,6 +271,11 @@ def validation_problems(document: YamlDocument, error: ValidationError) -> list[
             message = f"unknown {tag} {ctx.get('tag')!r} (known: {ctx.get('expected_tags')})"
         key = ".".join(str(part) for part in loc) or "(top level)"
         problems.append(f"{document.where(loc)}: {key}: {message}")
+    for loc, members in unions.items():
+        telling = [message for kind, message in members if not _mismatch(kind)]
+        messages = list(dict.fromkeys(telling or [message for _, message in members]))
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        problems[slots[loc]] = f"{document.where(loc)}: {key}: {'; '.join(messages)}"
     return problems
 
 

@@ -150,8 +150,8 @@ def _value_problem(name: str, value: object) -> str | None:
         return f"is not an outcome ({', '.join(OUTCOMES)})"
     if name in _BOOLEAN_FIELDS and type(value) is not bool:
         return "is not true or false"
-    if name in _TYPE_FIELDS and value not in KIND_NAMES:
-        return f"is not a number type ({', '.join(KIND_NAMES)})"
+    if name in _TYPE_FIELDS and value != "" and value not in KIND_NAMES:
+        return f"is not a number type ({', '.join(KIND_NAMES)}; \"\" for no number)"
     if name in _COUNTRY_FIELDS and value != "" and value not in REGIONS:
         return (
             "is not a region the numbering plans know (an ISO 3166 code in capitals, "
@@ -540,7 +540,8 @@ class RuleSpec(_Strict):
     condition: Condition
     model: ModelGate | None = None
     behaviour: Behaviour | None = None
-    suppression: Suppression = Field(default_factory=Suppression)
+    # Checked when left out too: the default (30 min) may be shorter than the window.
+    suppression: Suppression = Field(default_factory=Suppression, validate_default=True)
     exceptions: list[ExceptionRule] = Field(default_factory=list)
     summary: str | None = None
     tests: list[RuleTest] = Field(default_factory=list)

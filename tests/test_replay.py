@@ -1095,9 +1095,12 @@ def test_a_row_longer_than_a_report_is_oversized_as_live_has_it(
         ("2026-12-05T10:00:00Z", "big-1", "1", "RINGING", "8613800000001", "4001", "", "12",
          "M" * 3000),
         ("2026-12-05T10:00:01Z", "ok-1", "1", "RINGING", "8613800000001", "4001", "", "12", "Main"),
-        # Spaces to strip: the row takes the slow path, and is refused there too.
-        ("2026-12-05T10:00:02Z", "big-2", "1", " ringing ", "8613800000001", "4001", "", "12",
+        # 2,100 bytes in UTF-8, 1,400 in GBK: a report a switch sending GBK could send.
+        ("2026-12-05T10:00:02Z", "gbk-1", "1", "RINGING", "8613800000001", "4001", "", "12",
          "菜" * 700),
+        # Spaces to strip: the row takes the slow path, and is refused there too.
+        ("2026-12-05T10:00:03Z", "big-2", "1", " ringing ", "8613800000001", "4001", "", "12",
+         "菜" * 1100),
     ]  # fmt: skip
     columns = HEADER.strip().split(",")
     frame = pl.DataFrame([dict(zip(columns, row, strict=True)) for row in rows])
@@ -1109,8 +1112,8 @@ def test_a_row_longer_than_a_report_is_oversized_as_live_has_it(
     else:
         frame.write_parquet(path)
     items = read_event_file(path)
-    assert [type(item).__name__ for item in items] == ["Reject", "CallEvent", "Reject"]
-    for rejected in (items[0], items[2]):
+    assert [type(item).__name__ for item in items] == ["Reject", "CallEvent", "CallEvent", "Reject"]
+    for rejected in (items[0], items[3]):
         assert isinstance(rejected, Reject)
         assert rejected.reason is RejectReason.OVERSIZED
         assert f"over the {MAX_DATAGRAM_BYTES}-byte limit" in rejected.detail

@@ -11,6 +11,7 @@ regular file.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +24,8 @@ import click
 import pytest
 
 from engine.apps.cli import UNEXPECTED, main
+from engine.lake.reviews import list_alerts
+from tests.console_data import console_data_dir as make_console_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -773,7 +776,16 @@ def test_a_file_name_or_key_with_an_escape_sequence_reaches_no_terminal_as_one(
     sample = (ROOT / "data" / "scenarios" / "sample.yaml").read_text()
     name = next(line for line in sample.splitlines() if line.startswith("name:"))
     scenario.write_text(sample.replace(name, 'name: "s2\\x1b[31m"'))
+    tested = tmp_path / "tested"
+    shutil.copytree(ROOT / "rules" / "lists", tested / "lists")
+    rule = (ROOT / "rules" / "short-calls-caller.yaml").read_text()
+    (tested / "r.yaml").write_text(
+        rule.replace(
+            "  - name: thirty short calls", '  - name: "thirty\\x1b[31m short calls'
+        ).replace("in two and a half minutes\n", 'in two and a half minutes"\n', 1)
+    )
     for argv in (
+        ["rules", "test", str(tested)],
         ["rules", "validate", str(folder)],
         ["simulate", "--scenario", str(scenario), "--to-file", str(tmp_path / "out\x1b[1m")],
     ):
@@ -808,3 +820,27 @@ def test_simulate_says_1_for_a_file_or_address_and_takes_ipv6_in_brackets(
     )
     assert outcome.code == 0, outcome
     assert f"consuming reports on udp ::1:{free}" in outcome.stdout
+
+
+def test_a_blank_note_or_invalid_rules_for_an_exception_are_exit_2(tmp_path: Path) -> None:
+    # A blank --note exited 1 beside a blank --reviewer's 2; `alerts except` on an invalid
+    # rules folder exited 1 where replay and backtest say 2.
+    blank = _run(["alerts", "review", "0f2c", "--status", "fp", "--note", " "], "", tmp_path)
+    assert (blank.code, blank.stderr) == (
+        2,
+        "callsentry: a review needs a note saying what was checked\n",
+    )
+    data = make_console_data(tmp_path / "c")
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "bad.yaml").write_text("id: bad\nseverity: huge\n")
+    alert_id = list_alerts(data, "all", 1)[0]["alert_id"]
+    argv = ["alerts", "except", alert_id, "--reason", "a PBX", "--rules", str(rules),
+            "--data-dir", str(data)]  # fmt: skip
+    refused = _run(argv, "", tmp_path)
+    assert refused.code == 2, refused
+    assert (
+        refused.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"callsentry: the rules in {rules} are invalid")
+    )

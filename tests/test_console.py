@@ -650,4 +650,5 @@ def test_the_traffic_chart_draws_no_time_still_to_come(console_data: Path) -> No
     assert bars(None) == 36  # the alert is long past: every step has begun
     soon = bars(raised + timedelta(minutes=3))
     assert 20 <= soon <= 22  # the 18 before the alert, and those begun in 3 min
-    assert bars(raised - timedelta(hours=1)) == 0
+    # A clock behind the alert's (a switch's clock ahead): up to the alert's own step.
+    assert bars(raised - timedelta(hours=1)) in (19, 20)

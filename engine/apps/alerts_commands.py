@@ -297,7 +297,7 @@ def alerts_review(
 ) -> None:
     """Record a verdict on one or more alerts (ids, or unambiguous starts of them): all
     of them, or none when one is not found. Earlier reviews are kept; the latest counts."""
-    from engine.lake.reviews import ReviewError, add_reviews
+    from engine.lake.reviews import ReviewError, ReviewValueError, add_reviews
 
     status = _status_option(status, "--status", allow_all=False)
     who = _reviewer_option(reviewer)
@@ -305,7 +305,7 @@ def alerts_review(
     try:
         recorded = add_reviews(settings.store.data_dir, alert_ids, status, note, who)
     except ReviewError as error:
-        fail(str(error))
+        fail(str(error), 2 if isinstance(error, ReviewValueError) else 1)
     for alert_id, review_id in recorded:
         click.echo(f"review {review_id} recorded: {alert_id} is {status}")
     if settings.relay.nats.enabled:
@@ -498,7 +498,7 @@ def alerts_except(
     except ExceptError as error:
         lines = str(error).splitlines()
         for line in lines[1:]:
-            click.echo(line, err=True)
+            click.echo(shown(line), err=True)
         # 2: what was asked cannot be taken as given; 1: the data or the rules refused.
         fail(
             lines[0] if lines else "the exception was not made",

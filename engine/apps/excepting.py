@@ -24,7 +24,8 @@ class ExceptError(Exception):
 
 
 class ExceptOptionError(ExceptError):
-    """An option's value cannot be taken (`--reason`, `--expires`), whatever the data."""
+    """An option's value cannot be taken (`--reason`, `--expires`), whatever the data;
+    or the rules folder is invalid (as `replay` and `backtest` refuse it, exit code 2)."""
 
 
 def parse_expiry(text: str, now: datetime) -> date | datetime | str:
@@ -133,7 +134,7 @@ def except_alert(
     try:
         loaded = check_detectors(rules_dir)
     except YamlFileError as error:
-        raise ExceptError(
+        raise ExceptOptionError(
             f"the rules in {rules_dir} are invalid ({len(error.problems)} problem(s) above); "
             "fix them first\n" + "\n".join(error.problems)
         ) from None

@@ -112,7 +112,7 @@ def rules_test(path: Path | None, config: Path | None) -> None:
     failed = [r for r in results if not r.passed]
     for result in results:
         mark = "ok  " if result.passed else "FAIL"
-        click.echo(f"{mark} {result.rule_id}: {result.test}")
+        click.echo(shown(f"{mark} {result.rule_id}: {result.test}"))
         if not result.passed:
             click.echo(f"       expected alerts per entity: {result.expected or 'none'}")
             click.echo(f"       actual alerts per entity:   {result.actual or 'none'}")
@@ -294,7 +294,8 @@ def rules_backtest(
         return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
     click.echo(
-        f"backtest of {path} against {against} on {report.events:,} stored events, "
+        f"backtest of {shown(str(path))} against {shown(str(against))} on "
+        f"{report.events:,} stored events, "
         f"{when(report.since)} to {when(report.until)} UTC "
         + (
             f"(both after a warm-up on the {report.warmup_events:,} stored events of the "

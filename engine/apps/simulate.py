@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import ipaddress
+import os
 import signal
 import socket
 import threading
@@ -218,7 +219,8 @@ def run_simulate(options: SimulateOptions, echo: Callable[[str], None]) -> int:
         except YamlFileError as error:
             # A file that is not there or cannot be read: 1; one that says what cannot
             # be, as an invalid rule does: 2.
-            raise SimulateError(str(error), 2 if scenario.is_file() else 1) from None
+            readable = scenario.is_file() and os.access(scenario, os.R_OK)
+            raise SimulateError(str(error), 2 if readable else 1) from None
         if options.duration is not None:
             try:
                 duration = parse_duration(options.duration)

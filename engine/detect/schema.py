@@ -151,7 +151,7 @@ def _value_problem(name: str, value: object) -> str | None:
     if name in _BOOLEAN_FIELDS and type(value) is not bool:
         return "is not true or false"
     if name in _TYPE_FIELDS and value != "" and value not in KIND_NAMES:
-        return f"is not a number type ({', '.join(KIND_NAMES)}; \"\" for no number)"
+        return f'is not a number type ({", ".join(KIND_NAMES)}; "" for no number)'
     if name in _COUNTRY_FIELDS and value != "" and value not in REGIONS:
         return (
             "is not a region the numbering plans know (an ISO 3166 code in capitals, "

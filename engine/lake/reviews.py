@@ -20,6 +20,10 @@ class ReviewError(Exception):
     """The alert or the data dir is not what the command needs; the message says why."""
 
 
+class ReviewValueError(ReviewError):
+    """A review's status or note cannot be taken as given, whatever the alerts."""
+
+
 def _lake(data_dir: Path) -> Lake:
     lake = Lake(data_dir)
     if not (lake.root / "alerts").is_dir():
@@ -276,11 +280,11 @@ def add_reviews(
     try:
         status = status_named(status)
     except ValueError as error:
-        raise ReviewError(str(error)) from None
+        raise ReviewValueError(str(error)) from None
     if not note.strip():
-        raise ReviewError("a review needs a note saying what was checked")
+        raise ReviewValueError("a review needs a note saying what was checked")
     if len(note.strip()) > MAX_NOTE_CHARS:
-        raise ReviewError(
+        raise ReviewValueError(
             f"the note has {len(note.strip()):,} characters; a review's note holds at most "
             f"{MAX_NOTE_CHARS:,} (put longer findings in a case and name it)"
         )

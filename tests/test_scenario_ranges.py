@@ -96,6 +96,7 @@ def test_different_seeds_draw_different_values_within_the_ranges(tmp_path: Path)
     assert len(rates) > 10 and len(zipfs) > 10
     assert all(300 <= r <= 900 and float(r).is_integer() for r in rates)
     assert all(z is not None and 0.5 <= z <= 0.9 for z in zipfs)
+    # Each scenario's drawn `duration` parameter (event time, `between: [20m, 40m]`).
     assert all(1200 <= s.duration <= 2400 for s in drawn)
     trunks = [sum(i.family == "busy_trunk" for i in s.incidents) for s in drawn]
     assert set(trunks) == {1, 2, 3}, trunks

@@ -319,16 +319,9 @@ def _header_problems(at: KeyPath, section: Section) -> list[tuple[KeyPath, str]]
         return problems
     for name, value in section.headers.items():
         try:
-            _no_line_break(value)
-            value.encode("latin-1")
-        except ValueError as error:  # UnicodeEncodeError is one
-            reason = (
-                str(error)
-                if not isinstance(error, UnicodeEncodeError)
-                else "a header value holds characters HTTP headers cannot carry (beyond "
-                "Latin-1); put it in the body or the URL"
-            )
-            problems.append(((*at, "headers", name), reason))
+            _header_value(value)  # what sending it would refuse, said at validation
+        except ActionSpecError as error:
+            problems.append(((*at, "headers", name), str(error)))
             continue
         used = {n for _, n, _, _ in string.Formatter().parse(value) if n}
         if _SECRET_HEADER.search(name) and not used & set(section.env):
@@ -357,7 +350,7 @@ def _url_part(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
-def _header_part(value: str) -> str:
+def _header_value(value: str) -> str:
     try:
         value = _no_line_break(value)
     except ValueError as error:
@@ -419,9 +412,10 @@ def render_http(
     full = {**values, **secrets}
     masked = {**values, **dict.fromkeys(secrets, "***")}
     url = render(section.url, full, _url_part)
+    # The whole value checked once filled in: a line break or a character beyond
+    # Latin-1 refuses the request, whether the file's text or an alert's value has it.
     headers = {
-        name: _header_part(render(text, full, _header_part))
-        for name, text in section.headers.items()
+        name: _header_value(render(text, full, _as_is)) for name, text in section.headers.items()
     }
 
     def body(value: Any) -> Any:

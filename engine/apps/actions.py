@@ -17,7 +17,14 @@ from typing import Any
 
 import click
 
-from engine.apps.commandline import config_option, data_dir_option, fail, settings_or_fail
+from engine.apps.commandline import (
+    config_option,
+    data_dir_option,
+    existing_data_dir,
+    fail,
+    reviewer_or_fail,
+    settings_or_fail,
+)
 from engine.core.text import csv_cell, shown, terminal_table
 
 _STATES = ("pending", "queued", "done", "undo_queued", "undone", "rejected")
@@ -49,12 +56,7 @@ def _data_dir(data_dir: Path | None, config: Path | None, *, writes: bool = Fals
     outbox there, so a folder serve or replay has not made a lake in (a mistyped
     --data-dir, a checkout's data/) is refused: an engine would never see the entry."""
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
-    data = settings.store.data_dir
-    if not data.is_dir():
-        fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
-    if writes and not (data / "lake").is_dir():
-        fail(f"{data} has no lake (is it callsentry's data dir? serve or replay makes one)")
-    return data
+    return existing_data_dir(settings, with_lake=writes)
 
 
 def _time(value: float | None) -> str:
@@ -65,12 +67,6 @@ def _time(value: float | None) -> str:
 
 def _iso(value: float | None) -> str | None:
     return None if value is None else datetime.fromtimestamp(value, tz=UTC).isoformat()
-
-
-def _reviewer(value: str) -> str:
-    if not value.strip():
-        fail("--reviewer: give the reviewer's name", 2)
-    return value.strip()
 
 
 def _table(rows: Sequence[Sequence[str]], titles: Sequence[str]) -> None:
@@ -237,7 +233,7 @@ def _decision(
     data = _data_dir(data_dir, config)
     do = {"approve": acting.approve, "reject": acting.reject, "lift": acting.lift}[verb]
     try:
-        request = do(data, request_id, _reviewer(reviewer))
+        request = do(data, request_id, reviewer_or_fail(reviewer))
     except acting.ActionError as error:
         fail(str(error))
     said = {
@@ -429,7 +425,7 @@ def blocklist_add(
         book = ActionBook.of(data)
         try:
             was, previous = book.blocklist.block(
-                entity_type, entity, expires_at, reason, _reviewer(reviewer)
+                entity_type, entity, expires_at, reason, reviewer_or_fail(reviewer)
             )
         finally:
             book.close()

@@ -3,7 +3,6 @@ and list the outbox's deliveries."""
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
 from collections.abc import Sequence
@@ -16,7 +15,9 @@ import click
 from engine.apps.commandline import (
     config_option,
     data_dir_option,
+    existing_data_dir,
     fail,
+    reviewer_or_fail,
     settings_or_fail,
 )
 from engine.core.text import shown, terminal_table
@@ -218,8 +219,7 @@ def alerts_list(
         fail("the span is empty: --until must be later than --since", 2)
     zone = _zone(zone_name)
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
-    if not settings.store.data_dir.is_dir():
-        fail(f"data dir {settings.store.data_dir} does not exist (is it callsentry's data dir?)")
+    existing_data_dir(settings)
     try:
         rows = list_alerts(
             settings.store.data_dir,
@@ -300,7 +300,7 @@ def alerts_review(
     from engine.lake.reviews import ReviewError, ReviewValueError, add_reviews
 
     status = _status_option(status, "--status", allow_all=False)
-    who = _reviewer_option(reviewer)
+    who = reviewer_or_fail(reviewer)
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
     try:
         recorded = add_reviews(settings.store.data_dir, alert_ids, status, note, who)
@@ -310,14 +310,6 @@ def alerts_review(
         click.echo(f"review {review_id} recorded: {alert_id} is {status}")
     if settings.relay.nats.enabled:
         _publish_reviews(settings, recorded, status, note, who)
-
-
-def _reviewer_option(reviewer: str | None) -> str:
-    """--reviewer, or the login name when it is not given; a blank one is refused."""
-    who = getpass.getuser() if reviewer is None else reviewer.strip()
-    if not who:
-        fail("--reviewer: give the reviewer's name", 2)
-    return who
 
 
 def _publish_reviews(
@@ -368,9 +360,7 @@ def alerts_deliveries(
 
     zone = _zone(zone_name)
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
-    data = settings.store.data_dir
-    if not data.is_dir():
-        fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
+    data = existing_data_dir(settings)
     if not outbox_path(data).exists():
         click.echo(f"no deliveries: {data} has no outbox (nothing was ever sent from it)")
         return
@@ -385,7 +375,9 @@ def alerts_deliveries(
     except OutboxError as error:
         fail(str(error))
     if destination is not None and destination not in counts:
-        known = sorted({*counts, *_configured_destinations(settings)})
+        from engine.apps.delivery import destination_names
+
+        known = sorted({*counts, *destination_names(settings)})
         if destination not in known:
             # A typo answered "no deliveries" and exit 0: it looked like all was well.
             fail(
@@ -430,19 +422,6 @@ def alerts_deliveries(
                 f"in all {count.delivered} delivered, {count.given_up} given up (a "
                 f"delivery retried counts each time), {count.failed} failed attempts"
             )
-
-
-def _configured_destinations(settings: Any) -> list[str]:
-    """The outbox destinations the settings name (engine.apps.delivery makes them)."""
-    from engine.alerts.actionbook import DESTINATIONS
-    from engine.relay.nats import OUTBOX_DESTINATION
-
-    names = [channel.label for channel in settings.notify.channels]
-    if settings.detection.webhook_url:
-        names.append("webhook")
-    if settings.relay.nats.enabled:
-        names.append(OUTBOX_DESTINATION)
-    return [*names, *DESTINATIONS.values()]
 
 
 @alerts.command("except")
@@ -492,7 +471,7 @@ def alerts_except(
             f"the rules in use are the ones shipped inside the package ({folder}); give "
             "--rules DIR or set detection.rules_dir to the team's own rules folder"
         )
-    who = _reviewer_option(reviewer)
+    who = reviewer_or_fail(reviewer)
     try:
         made = except_alert(settings.store.data_dir, folder, alert_id, reason, expires, who)
     except ExceptError as error:

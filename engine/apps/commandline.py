@@ -80,6 +80,28 @@ def fail_rules(error: Exception) -> NoReturn:
     fail_with_problems(error, "the rules are invalid ({count} problem(s)); nothing was run", 2)
 
 
+def existing_data_dir(settings: Settings, *, with_lake: bool = False) -> Path:
+    """The settings' data dir, or the command's one-line failure when it does not exist
+    (or, `with_lake`, has no lake: a mistyped --data-dir, a checkout's data/, where a
+    command that writes would leave stray files an engine never reads)."""
+    data = settings.store.data_dir
+    if not data.is_dir():
+        fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
+    if with_lake and not (data / "lake").is_dir():
+        fail(f"{data} has no lake (is it callsentry's data dir? serve or replay makes one)")
+    return data
+
+
+def reviewer_or_fail(reviewer: str | None) -> str:
+    """--reviewer, or the login name when it is not given; a blank one is refused."""
+    import getpass
+
+    who = getpass.getuser() if reviewer is None else reviewer.strip()
+    if not who:
+        fail("--reviewer: give the reviewer's name", 2)
+    return who
+
+
 def settings_or_fail(config: Path | None, overrides: dict[str, Any]) -> Settings:
     from engine.apps.settings import ConfigError, load_settings
 

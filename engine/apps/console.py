@@ -16,6 +16,7 @@ import click
 from engine.apps.commandline import (
     config_option,
     data_dir_option,
+    existing_data_dir,
     fail,
     fail_with_problems,
     log_level_option,
@@ -41,13 +42,7 @@ def _data_dir(data_dir: Path | None, config: Path | None) -> Path:
     data_dir = data_dir or given.get("data_dir")
     config = config or given.get("config")
     settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
-    data = settings.store.data_dir
-    if not data.is_dir():
-        fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
-    if not (data / "lake").is_dir():
-        # A mistyped --data-dir gets no stray accounts file.
-        fail(f"{data} has no lake (is it callsentry's data dir? serve or replay makes one)")
-    return data
+    return existing_data_dir(settings, with_lake=True)  # no stray accounts file elsewhere
 
 
 @click.group(invoke_without_command=True)
@@ -104,9 +99,7 @@ def console(
         overrides["console"] = {"tariffs": str(tariffs)}
     settings = settings_or_fail(config, overrides)
     priced = _tariff_list(settings)
-    data = settings.store.data_dir
-    if not data.is_dir():
-        fail(f"data dir {data} does not exist (is it callsentry's data dir?)")
+    data = existing_data_dir(settings)
     setup_logging(log_level)
 
     import socket

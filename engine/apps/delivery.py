@@ -168,6 +168,20 @@ def outbox_destinations(settings: Settings) -> list[Destination]:
     return destinations
 
 
+def destination_names(settings: Settings) -> list[str]:
+    """Every outbox destination the settings name, as the outbox does: those of
+    `outbox_destinations`, NATS when it is on, and the actions' (without making their
+    transports: for a command that only lists)."""
+    from engine.alerts.actionbook import DESTINATIONS
+    from engine.relay.nats import OUTBOX_DESTINATION
+
+    names = ["webhook"] if settings.detection.webhook_url else []
+    names += [channel.label for channel in settings.notify.channels]
+    if settings.relay.nats.enabled:
+        names.append(OUTBOX_DESTINATION)
+    return [*names, *DESTINATIONS.values()]
+
+
 def channel_transport(channel: ChannelSettings, timeout_s: float) -> Transport:
     """How a notification channel's messages leave: its Apprise URL, or syslog."""
     from engine.alerts.transports import AppriseTransport, SyslogTransport

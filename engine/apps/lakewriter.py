@@ -390,11 +390,13 @@ class LakeWriterProcess:
         self.last_exitcode: int | None = None
 
     def start(self) -> None:
-        # Events of its own for each process: a process killed while it waited on one
-        # (the writer waits on `stop` between its passes) is a sleeper that never wakes,
-        # and `set()` would wait for it for ever.
-        self._stop = self._context.Event()
-        self._reload = self._context.Event()
+        if self._process is not None or self._stopping:
+            # New events for a restart (or a start after a stop, which set them): a
+            # process killed while it waited on one (the writer waits on `stop` between
+            # its passes) is a sleeper that never wakes, and `set()` would wait for it
+            # for ever.
+            self._stop = self._context.Event()
+            self._reload = self._context.Event()
         self._stopping = False
         self._heard.clear()
         if self._progress is not None:

@@ -215,9 +215,10 @@ class RelayProcess:
     def start(self) -> None:
         if self._start is None:
             self._start = self.mark.get()
-        # An event of its own for each process, as the lake writer's: one killed while
-        # it held the event's lock would leave `set()` waiting for it for ever.
-        self._stop = self._context.Event()
+        if self._process is not None or self._stopping:
+            # A new event for a restart or after a stop, as the lake writer's: a process
+            # killed while it held the event's lock would leave `set()` waiting for ever.
+            self._stop = self._context.Event()
         self._stopping = False
         self._process = self._context.Process(
             target=run,

@@ -120,16 +120,11 @@ REPORT_ENCODINGS = ("utf-8", "gbk")
 def _report_bytes(fields: Sequence[str], encoding: str) -> int:
     """The bytes of the 8 fields joined by a one-byte separator in `encoding` (one
     it cannot write them in: more than any report may be)."""
+    errors = "surrogatepass" if encoding == "utf-8" else "strict"
     try:
-        return sum(len(field.encode(encoding)) for field in fields) + len(fields) - 1
+        return sum(len(field.encode(encoding, errors)) for field in fields) + len(fields) - 1
     except UnicodeEncodeError:
-        return (
-            MAX_DATAGRAM_BYTES + 1
-            if encoding != "utf-8"
-            else sum(len(field.encode("utf-8", "surrogatepass")) for field in fields)
-            + len(fields)
-            - 1
-        )
+        return MAX_DATAGRAM_BYTES + 1
 
 
 def make_file_event(ts: float, fields: Sequence[str], source: str, switch: str = "") -> CallEvent:
@@ -137,11 +132,11 @@ def make_file_event(ts: float, fields: Sequence[str], source: str, switch: str =
     longer than a report may be, in each of `REPORT_ENCODINGS`, is refused as
     `oversized`, as the receiver refuses such a datagram before reading its fields, so
     replay stores what live stores."""
-    # A bad key is said first, as the receiver keeps the key of an oversized report.
-    parse_call_id(fields[0])
-    parse_serial(fields[1])
     size = min(_report_bytes(fields, encoding) for encoding in REPORT_ENCODINGS)
     if size > MAX_DATAGRAM_BYTES:
+        # A bad key is said first, as the receiver keeps the key of an oversized report.
+        parse_call_id(fields[0])
+        parse_serial(fields[1])
         raise FieldError(
             RejectReason.OVERSIZED,
             f"report of {size} bytes (its fields joined as the switch sends them) is over "

@@ -31,15 +31,13 @@ from urllib.parse import urlencode
 import yaml
 from hypothesis import strategies as st
 
+from engine.alerts.actionrender import alert_values, render_command, render_http
 from engine.alerts.actionspec import (
     ALERT_FIELDS,
     ActionSpecError,
     CommandSpec,
     HttpSpec,
-    alert_values,
     load_actions,
-    render_command,
-    render_http,
 )
 from engine.apps.settings import ConfigError, load_settings
 from engine.core.events import CallEvent, Reject

@@ -31,16 +31,8 @@ from engine.alerts.actionbook import (
     DESTINATIONS,
     ActionBook,
 )
-from engine.alerts.actionspec import (
-    ActionSet,
-    ActionSetupError,
-    ActionSpec,
-    ActionSpecError,
-    alert_values,
-    render,
-    render_command,
-    render_http,
-)
+from engine.alerts.actionrender import alert_values, render, render_command, render_http
+from engine.alerts.actionspec import ActionSet, ActionSetupError, ActionSpec, ActionSpecError
 from engine.alerts.blocklist import lift_block, write_block
 from engine.alerts.couriers import DeliveryError
 from engine.alerts.outbox import Delivery

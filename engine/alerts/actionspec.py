@@ -1,5 +1,6 @@
 """Action definitions: the YAML files in `rules/actions/`, validated like rules (every
-problem as `file:line: key: reason`, all at once), and the requests they render.
+problem as `file:line: key: reason`, all at once). The requests they make are rendered
+by engine.alerts.actionrender.
 
 An action says which alerts it applies to (`match`), what it does (`kind`: `http`,
 `command` or `block`), whether it waits for a reviewer (`mode`), whether it only
@@ -17,12 +18,9 @@ and are read when the request is made: they are in neither the file nor the outb
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import string
-import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -319,7 +317,7 @@ def _header_problems(at: KeyPath, section: Section) -> list[tuple[KeyPath, str]]
         return problems
     for name, value in section.headers.items():
         try:
-            _header_value(value)  # what sending it would refuse, said at validation
+            header_value(value)  # what sending it would refuse, said at validation
         except ActionSpecError as error:
             problems.append(((*at, "headers", name), str(error)))
             continue
@@ -335,22 +333,7 @@ def _header_problems(at: KeyPath, section: Section) -> list[tuple[KeyPath, str]]
     return problems
 
 
-def render(template: str, values: Mapping[str, str], encode: Callable[[str], str]) -> str:
-    """`template` with each placeholder replaced by its value passed through `encode`
-    (the literal text between them is the file's, as written)."""
-    parts: list[str] = []
-    for literal, name, spec, _ in string.Formatter().parse(template):
-        parts.append(literal)
-        if name is not None:
-            parts.append(encode(format(values[name], spec or "")))
-    return "".join(parts)
-
-
-def _url_part(value: str) -> str:
-    return urllib.parse.quote(value, safe="")
-
-
-def _header_value(value: str) -> str:
+def header_value(value: str) -> str:
     try:
         value = _no_line_break(value)
     except ValueError as error:
@@ -365,106 +348,6 @@ def _header_value(value: str) -> str:
             "put that field in the body or the URL"
         ) from None
     return value
-
-
-def _as_is(value: str) -> str:
-    return value
-
-
-def alert_values(alert: Mapping[str, Any], action_id: str) -> dict[str, str]:
-    """The text of each field a template may name (numbers as %g, times in ISO 8601)."""
-    values: dict[str, str] = {}
-    for name in ALERT_FIELDS:
-        value = alert.get(name, "")
-        if isinstance(value, float):
-            value = f"{value:g}"
-        values[name] = str(value)
-    values["action_id"] = action_id
-    return values
-
-
-def _secrets(env: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
-    found = {}
-    for name, variable in env.items():
-        if variable not in environ:
-            raise ActionSetupError(f"environment variable {variable} (for {{{name}}}) is not set")
-        found[name] = environ[variable]
-    return found
-
-
-@dataclass(frozen=True)
-class HttpRequest:
-    method: str
-    url: str
-    headers: dict[str, str]
-    body: bytes | None
-    timeout_s: float
-    # What the audit trail keeps: the method and the URL, secrets masked.
-    summary: str
-
-
-def render_http(
-    section: HttpSpec,
-    values: Mapping[str, str],
-    environ: Mapping[str, str] | None = None,
-) -> HttpRequest:
-    secrets = _secrets(section.env, os.environ if environ is None else environ)
-    full = {**values, **secrets}
-    masked = {**values, **dict.fromkeys(secrets, "***")}
-    url = render(section.url, full, _url_part)
-    # The whole value checked once filled in: a line break or a character beyond
-    # Latin-1 refuses the request, whether the file's text or an alert's value has it.
-    headers = {
-        name: _header_value(render(text, full, _as_is)) for name, text in section.headers.items()
-    }
-
-    def body(value: Any) -> Any:
-        if isinstance(value, str):
-            return render(value, full, _as_is)
-        if isinstance(value, dict):
-            return {str(k): body(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [body(v) for v in value]
-        return value
-
-    data = None
-    if section.body is not None:
-        data = json.dumps(body(section.body), ensure_ascii=False).encode("utf-8")
-        headers.setdefault("Content-Type", "application/json")
-    summary = f"{section.method} {render(section.url, masked, _url_part)}"
-    return HttpRequest(section.method, url, headers, data, section.timeout, summary)
-
-
-@dataclass(frozen=True)
-class CommandRun:
-    argv: list[str]
-    timeout_s: float
-    summary: str
-
-
-def _argument(template: str, rendered: str) -> str:
-    if "\x00" in rendered:
-        raise ActionSpecError("an argument cannot hold a NUL byte")
-    if rendered.startswith("-") and not template.startswith("-"):
-        # The value itself is not quoted: it may be a secret from the environment.
-        raise ActionSpecError(
-            f"argument {template[:40]!r} would start an option once filled in; "
-            "write it as --name={field}"
-        )
-    return rendered
-
-
-def render_command(
-    section: CommandSpec,
-    values: Mapping[str, str],
-    environ: Mapping[str, str] | None = None,
-) -> CommandRun:
-    secrets = _secrets(section.env, os.environ if environ is None else environ)
-    full = {**values, **secrets}
-    masked = {**values, **dict.fromkeys(secrets, "***")}
-    argv = [_argument(text, render(text, full, _as_is)) for text in section.argv]
-    summary = " ".join(render(text, masked, _as_is) for text in section.argv)
-    return CommandRun(argv, section.timeout, summary)
 
 
 # -- loading --------------------------------------------------------------------------

@@ -418,17 +418,53 @@ def concurrent_rule_files(draw: st.DrawFn) -> bytes:
     """The shipped `concurrent` rule with `min_share` beside its field, its aggregate's
     keys drawn, and its inline tests (which open many calls at once) run."""
     document = yaml.safe_load(_CONCURRENT_RULE.read_text(encoding="utf-8"))
-    aggregate = dict(document["aggregate"])
-    for key in draw(st.lists(st.sampled_from(_CONCURRENT_KEYS), min_size=1, max_size=3)):
+    document["aggregate"] = _drawn_keys(
+        draw,
+        document["aggregate"],
+        _CONCURRENT_KEYS,
+        st.sampled_from(["menu_id", "callee", "talk_s", "0s", "3m", 0.5, 1, 0]),
+        3,
+    )
+    return yaml.safe_dump(document, allow_unicode=True).encode()
+
+
+def _drawn_keys(
+    draw: st.DrawFn,
+    aggregate: dict[str, Any],
+    keys: list[str],
+    values: st.SearchStrategy[Any],
+    most: int,
+) -> dict[str, Any]:
+    """`aggregate` with up to `most` of `keys` each left out or given a drawn value
+    (a number, a YAML value of any type, or one of `values`)."""
+    aggregate = dict(aggregate)
+    for key in draw(st.lists(st.sampled_from(keys), min_size=1, max_size=most)):
         if draw(st.booleans()):
             aggregate.pop(key, None)
         else:
-            aggregate[key] = draw(
-                _numbers
-                | _yaml_values
-                | st.sampled_from(["menu_id", "callee", "talk_s", "0s", "3m", 0.5, 1, 0])
-            )
-    document["aggregate"] = aggregate
+            aggregate[key] = draw(_numbers | _yaml_values | values)
+    return aggregate
+
+
+_PACED_RULE = RULES / "paced-short-calls-menu.yaml"
+_PACED_KEYS = ["window", "min_spacing", "max_spacing", "tolerance", "chance", "unknown"]
+
+
+@st.composite
+def paced_rule_files(draw: st.DrawFn) -> bytes:
+    """The shipped `paced` rule with its aggregate's keys drawn (durations tiny, huge,
+    out of order), and its inline tests run (paced bursts among other calls)."""
+    document = yaml.safe_load(_PACED_RULE.read_text(encoding="utf-8"))
+    document["aggregate"] = _drawn_keys(
+        draw,
+        document["aggregate"],
+        _PACED_KEYS,
+        st.sampled_from(["0s", "0.001s", "1s", "20s", "90d", "3m", 0.5, 1, 0]),
+        4,
+    )
+    document["condition"] = draw(
+        st.sampled_from([document["condition"], {"op": ">=", "threshold": 0}])
+    )
     return yaml.safe_dump(document, allow_unicode=True).encode()
 
 
@@ -1445,6 +1481,7 @@ TARGETS = (
     Target("rule-behaviour", behaviour_rule_files(), load_and_run_rule_file),
     Target("rule-unusual-share", share_rule_files(), load_and_run_rule_file),
     Target("rule-concurrent", concurrent_rule_files(), load_and_run_rule_file),
+    Target("rule-paced", paced_rule_files(), load_and_run_rule_file),
     Target("list-yaml", list_files(), load_list_file),
     Target("scenario-yaml", scenario_files(), load_scenario_file),
     Target("model-yaml", model_files(), load_model_file),

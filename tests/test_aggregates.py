@@ -43,6 +43,7 @@ SETTINGS: dict[str, dict[str, object]] = {
     "new_value": {"field": "callee", "known_for": 0},
     # Every call a hit (all are through menu 1): the window is its hits.
     "unusual_share": {"numerator": {"menu_id": "1"}},
+    "paced": {},
 }
 WINDOWED = [name for name, kind in AGGREGATES.items() if kind is not Concurrent]
 

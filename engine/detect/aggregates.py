@@ -43,6 +43,7 @@ from engine.detect.schema import Aggregate as AggregateSpec
 from engine.detect.schema import Condition as ConditionSpec
 from engine.detect.windows import (
     BUCKETS_PER_WINDOW,
+    EVIDENCE_CALLS,
     CountState,
     EntityState,
     EwBaseline,
@@ -173,6 +174,10 @@ class Aggregate:
         whose Bye came (`ended`, to finish within seconds) and those still going on
         (`talking`, each as if it ended now); asked only when `measured` holds."""
         return measured
+
+    def evidence(self, state: EntityState) -> list[str]:
+        """The calls a finding names: the window's newest."""
+        return state.live_call_ids()
 
 
 class Count(Aggregate):
@@ -466,6 +471,113 @@ class NewValue(Aggregate):
             return False
         state.add(ts, call.call_id, None)
         return True
+
+
+# The newest calls of a `paced` window that are looked at for a run: in a busy entity
+# (a call a second) the last four minutes, more than a run of ten at 15 s needs.
+PACED_CALLS: Final = 256
+
+
+class Paced(Aggregate):
+    """`paced`: the longest run of the window's calls, the judged call among them, each
+    starting one steady interval after the last: an interval from `min_spacing` to
+    `max_spacing`, every call within `tolerance` of where it says (the interval is
+    measured again as the run grows, so a slow drift of the pace stays one run). Calls
+    placed by a machine, from one caller or spread over many; people calling do not
+    keep a metronome's pace. Where the window's other calls come so close together
+    that one would fall within the tolerance by chance more than `chance` of the time
+    (a busy entity), the tolerance narrows until it would not: a run of chance stays
+    rare whatever the entity's volume. The evidence is the run's calls."""
+
+    def __init__(self, spec: AggregateSpec, condition: Comparison, numerator: Numerator) -> None:
+        super().__init__(spec, condition, numerator)
+        self.min_spacing: float = spec.min_spacing
+        self.max_spacing: float = spec.max_spacing
+        self.tolerance: float = spec.tolerance
+        self.chance: float = spec.chance
+        # The calls of the run the last measure found (its evidence, if it holds).
+        self.run_ids: list[str] = []
+
+    def new_state(self, now: float) -> EntityState:
+        return ValueState()
+
+    def add(self, state: EntityState, call: Call, ts: Timestamp) -> bool:
+        state.add(ts, call.call_id, call.started_at)
+        return True
+
+    def measure(self, state: EntityState, call: Call) -> float | None:
+        if not self.condition.may_hold_up_to(float(len(state))):
+            return None  # fewer calls in the window than the run must have
+        window = cast(ValueState, state)
+        # The window's newest calls, at most PACED_CALLS of them (a flood of calls into
+        # one entity costs a bounded sort and scan for each).
+        held = len(window.values) - (window.head >> 1)
+        judged = min(held, PACED_CALLS)
+        starts = cast(list[float], window.values[len(window.values) - judged :])
+        ids: list[str] = window.entries[len(window.entries) - 2 * judged + 1 :: 2]
+        order = sorted(range(len(starts)), key=starts.__getitem__)
+        times = [starts[i] for i in order]
+        anchor: float = call.started_at
+        best = self._longest_run(times, anchor, self.tolerance)
+        others = len(times) - len(best)
+        if others > 0:
+            # How often one of the other calls falls within the tolerance of a given
+            # moment by chance: about 2 * tolerance * their rate (over the span of the
+            # window's calls, so a window still filling is not taken for a quiet one).
+            span = max(times[-1] - times[0], self.max_spacing)
+            narrowed = self.chance * span / (2.0 * others)
+            if narrowed < self.tolerance:
+                best = self._longest_run(times, anchor, narrowed)
+        self.run_ids = [ids[order[i]] for i in best]
+        return float(len(best))
+
+    def _longest_run(self, times: list[float], anchor: float, tolerance: float) -> list[int]:
+        """The longest run through `anchor` (one of `times`, which are sorted)."""
+        at = bisect.bisect_left(times, anchor)
+        best: list[int] = [at]
+        first = bisect.bisect_left(times, anchor - self.max_spacing)
+        last = bisect.bisect_right(times, anchor + self.max_spacing)
+        for partner in range(first, last):
+            if abs(times[partner] - anchor) < self.min_spacing:
+                continue
+            run = _paced_run(times, min(at, partner), max(at, partner), tolerance)
+            if len(run) > len(best):
+                best = run
+        return best
+
+    def evidence(self, state: EntityState) -> list[str]:
+        return self.run_ids[-EVIDENCE_CALLS:]
+
+
+def _nearest(times: list[float], want: float, tolerance: float) -> int:
+    """The index of the time nearest `want` within `tolerance` of it (-1: none)."""
+    index = bisect.bisect_left(times, want - tolerance)
+    found = -1
+    while index < len(times) and times[index] <= want + tolerance:
+        if found < 0 or abs(times[index] - want) < abs(times[found] - want):
+            found = index
+        index += 1
+    return found
+
+
+def _paced_run(times: list[float], low: int, high: int, tolerance: float) -> list[int]:
+    """The run through `times[low]` and `times[high]` (one interval apart), grown later
+    and earlier by that interval, measured again over the run at each call."""
+    run = [low, high]
+    spacing = times[high] - times[low]
+    while True:
+        found = _nearest(times, times[run[-1]] + spacing, tolerance)
+        if found < 0 or found == run[-1]:
+            break
+        run.append(found)
+        spacing = (times[run[-1]] - times[run[0]]) / (len(run) - 1)
+    while True:
+        found = _nearest(times, times[run[0]] - spacing, tolerance)
+        if found < 0 or found == run[0]:
+            break
+        run.insert(0, found)
+        spacing = (times[run[-1]] - times[run[0]]) / (len(run) - 1)
+    return run
 
 
 class ShareState(CountState):
@@ -828,6 +940,7 @@ AGGREGATES: dict[str, type[Aggregate]] = {
     "concurrent": Concurrent,
     "new_value": NewValue,
     "unusual_share": UnusualShare,
+    "paced": Paced,
 }
 
 

@@ -505,7 +505,8 @@ class CompiledRule:
             return None
         if self.gate is not None and not self.gate(call):
             return None
-        return Finding(self, entity, ts, start, ts, measured, state.live_call_ids(), critical)
+        evidence = aggregate.evidence(state)
+        return Finding(self, entity, ts, start, ts, measured, evidence, critical)
 
     def _answered_in_progress(
         self, entity: str, now: float, tracker: CallTracker, selector: Selector

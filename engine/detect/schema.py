@@ -229,6 +229,7 @@ Selection = dict[
 
 
 _SHARE_KEYS = ("usual_over", "peer_weight", "min_excess")
+_PACED_KEYS = ("min_spacing", "max_spacing", "tolerance", "chance")
 
 
 class Aggregate(_Strict):
@@ -243,6 +244,7 @@ class Aggregate(_Strict):
         "concurrent",
         "new_value",
         "unusual_share",
+        "paced",
     ]
     group_by: GroupName | list[GroupName]
     window: Duration | None = None
@@ -272,6 +274,13 @@ class Aggregate(_Strict):
     # window) that must share the judged call's value for them to count at all (calls
     # converging on one menu, not a busy caller's spread over the menus).
     min_share: float | None = Field(default=None, gt=0, le=1)
+    # `paced`: the interval a run of calls keeps (`min_spacing` to `max_spacing`), how
+    # far from it each call may start (`tolerance`), and the most often a call may fall
+    # within the tolerance by chance (`chance`: a busy entity's tolerance narrows).
+    min_spacing: Duration = Field(default=2.0, gt=0)
+    max_spacing: Duration = Field(default=15.0, gt=0)
+    tolerance: Duration = Field(default=0.25, gt=0)
+    chance: float = Field(default=0.05, gt=0, lt=1)
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -282,6 +291,9 @@ class Aggregate(_Strict):
         data: dict[str, Any] = handler(self)
         if self.type != "unusual_share":
             for key in _SHARE_KEYS:
+                data.pop(key, None)
+        if self.type != "paced":
+            for key in _PACED_KEYS:
                 data.pop(key, None)
         if data.get("numerator_behaviour") is None:
             data.pop("numerator_behaviour", None)
@@ -338,7 +350,30 @@ class Aggregate(_Strict):
             raise ValueError("concurrent calls share a text field (menu_id, callee, ...)")
         if self.min_share is not None and (self.type != "concurrent" or self.field is None):
             raise ValueError("min_share is the share of a concurrent aggregate's field")
+        self._check_paced()
         return self
+
+    def _check_paced(self) -> None:
+        if self.type != "paced":
+            given = [key for key in _PACED_KEYS if key in self.model_fields_set]
+            if given:
+                raise ValueError(f"{', '.join(given)}: a paced aggregate's settings only")
+            return
+        if self.min_spacing >= self.max_spacing:
+            raise ValueError(
+                f"min_spacing ({self.min_spacing:g} s) must be shorter than max_spacing "
+                f"({self.max_spacing:g} s)"
+            )
+        if self.max_spacing > (self.window or 0.0):
+            raise ValueError(
+                f"max_spacing ({self.max_spacing:g} s) is longer than the window: no two "
+                "calls of a run would be in it together"
+            )
+        if 2 * self.tolerance >= self.min_spacing:
+            raise ValueError(
+                f"tolerance ({self.tolerance:g} s) must be under half of min_spacing "
+                f"({self.min_spacing:g} s): a run's calls would blur into one another"
+            )
 
 
 class Condition(_Strict):

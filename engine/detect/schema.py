@@ -364,10 +364,10 @@ class Aggregate(_Strict):
                 f"min_spacing ({self.min_spacing:g} s) must be shorter than max_spacing "
                 f"({self.max_spacing:g} s)"
             )
-        if self.max_spacing > (self.window or 0.0):
+        if self.max_spacing >= (self.window or 0.0):
             raise ValueError(
-                f"max_spacing ({self.max_spacing:g} s) is longer than the window: no two "
-                "calls of a run would be in it together"
+                f"max_spacing ({self.max_spacing:g} s) must be shorter than the window: "
+                "a call one window old has left it"
             )
         if 2 * self.tolerance >= self.min_spacing:
             raise ValueError(

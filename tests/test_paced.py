@@ -167,6 +167,7 @@ def test_a_jittered_dialler_shows_in_a_quiet_menu_and_not_in_a_busy_one() -> Non
         ({"type": "paced", "min_spacing": "10s", "max_spacing": "5s"}, "must be shorter than"),
         ({"type": "paced", "max_spacing": "10m"}, "shorter than the window"),
         ({"type": "paced", "max_spacing": "5m"}, "a call one window old has left it"),
+        ({"type": "paced", "window": "1m", "min_spacing": "7s"}, "could never fire"),
         ({"type": "paced", "tolerance": "1s", "min_spacing": "2s"}, "under half of min_spacing"),
         ({"type": "paced", "chance": 1.5}, "less than 1"),
         ({"type": "paced", "tolerance": "0s"}, "greater than 0"),

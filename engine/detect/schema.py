@@ -10,6 +10,7 @@ and which entities never alert (`exceptions`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import date
 from typing import Annotated, Any, Literal
@@ -601,7 +602,22 @@ class RuleSpec(_Strict):
         if self.behaviour is not None and self.aggregate.entity_names != ("caller",):
             # Conduct is kept per caller (engine.detect.conduct).
             raise ValueError("behaviour is judged per caller (group_by: caller)")
+        self._check_paced_reach()
         return self
+
+    def _check_paced_reach(self) -> None:
+        """A paced run long enough for the condition must fit in the window."""
+        aggregate, condition = self.aggregate, self.condition
+        if aggregate.type != "paced" or condition.op not in (">=", ">"):
+            return
+        bar = condition.entry
+        calls = math.ceil(bar) if condition.op == ">=" else math.floor(bar) + 1
+        window = aggregate.window or 0.0
+        if calls >= 2 and (calls - 1) * aggregate.min_spacing >= window:
+            raise ValueError(
+                f"a run of {calls} calls at least min_spacing ({aggregate.min_spacing:g} s) "
+                f"apart is longer than the window ({window:g} s): the rule could never fire"
+            )
 
     @field_validator("suppression")
     @classmethod

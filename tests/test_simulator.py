@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import subprocess
@@ -432,3 +433,27 @@ def test_the_month_scenario_draws_from_more_than_a_million_callers(tmp_path: Pat
     assert frame.height > 10_000
     assert frame["ts"].is_sorted()
     assert frame["caller"].str.len_chars().max() == len("86138") + 8
+
+
+def _burst_starts(tmp_path: Path, jitter: str) -> list[float]:
+    path = tmp_path / f"burst-{jitter}.yaml"
+    path.write_text(
+        "name: burst\nstart: 2026-11-02T00:00:00+00:00\nduration: 10m\n"
+        "benign: {calls_per_hour: 60}\n"
+        "incidents:\n"
+        "  - {id: cb, family: callback_abuse, at: 60s, calls: 20, spacing: 5s, callers: 10,"
+        f" jitter: {jitter}}}\n",
+        encoding="utf-8",
+    )
+    generated = generate(load_scenario(path))
+    wanted = set(next(label for label in generated.labels if label.incident == "cb").call_ids)
+    return sorted(e.ts for e in generated.events if e.call_id in wanted and e.serial == 1)
+
+
+def test_a_callback_burst_keeps_its_pace_to_within_its_jitter(tmp_path: Path) -> None:
+    exact = _burst_starts(tmp_path, "0s")
+    assert [round(b - a, 3) for a, b in itertools.pairwise(exact)] == [5.0] * 19
+    jittered = _burst_starts(tmp_path, "0.1s")
+    offsets = [t - (exact[0] + 5.0 * n) for n, t in enumerate(jittered)]
+    assert all(abs(o) <= 0.1 + 1e-3 for o in offsets)
+    assert len({round(o, 3) for o in offsets}) > 10, "drawn for each call"

@@ -568,15 +568,17 @@ def _paced_run(times: list[float], low: int, high: int, tolerance: float) -> lis
     and earlier by that interval, measured again over the run at each call."""
     run = [low, high]
     spacing = times[high] - times[low]
+    # Each call found lies strictly later (earlier) than the last: the run ends, however
+    # its measured interval has drifted.
     while True:
         found = _nearest(times, times[run[-1]] + spacing, tolerance)
-        if found < 0 or found == run[-1]:
+        if found < 0 or times[found] <= times[run[-1]]:
             break
         run.append(found)
         spacing = (times[run[-1]] - times[run[0]]) / (len(run) - 1)
     while True:
         found = _nearest(times, times[run[0]] - spacing, tolerance)
-        if found < 0 or found == run[0]:
+        if found < 0 or times[found] >= times[run[0]]:
             break
         run.insert(0, found)
         spacing = (times[run[-1]] - times[run[0]]) / (len(run) - 1)

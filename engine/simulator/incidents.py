@@ -110,6 +110,9 @@ class CallbackAbuse(_Incident):
     talk_min: Duration = 1.0
     talk_max: Duration = 4.0
     menu_id: str | None = None
+    # Each call starts up to this far before or after the dialler's pace (network and
+    # switch delays); 0: on the pace exactly.
+    jitter: Duration = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _menu_when_spread(self) -> CallbackAbuse:
@@ -123,11 +126,15 @@ class CallbackAbuse(_Incident):
         else:
             callers = [ctx.fresh_number("86139", 8) for _ in range(self.callers)]
         menu = ctx.menu(self.menu_id)
+        rng = ctx.rng
         return [
             _short_call(
                 ctx,
                 callers[n % len(callers)],
-                start + n * self.spacing,
+                # Drawn only when asked for: a scenario without jitter draws as before.
+                start
+                + n * self.spacing
+                + (rng.uniform(-self.jitter, self.jitter) if self.jitter else 0.0),
                 menu,
                 (self.talk_min, self.talk_max),
             )

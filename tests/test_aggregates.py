@@ -64,7 +64,8 @@ def rule_for(
                 **({} if window is None else {"window": window}),
                 **SETTINGS[kind],
             },
-            "condition": {"op": op, "threshold": 1_000_000},
+            # Never met (a paced run of 30 at 2 s fits the window; of more, it could not).
+            "condition": {"op": op, "threshold": 30 if kind == "paced" else 1_000_000},
         }
     )
     return CompiledRule(spec, {}, source="t", version="t", max_keys=max_keys)

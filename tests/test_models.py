@@ -734,6 +734,15 @@ def test_event_time_brings_a_models_step_and_housekeeping_when_no_call_is_due() 
 # older calls into buckets (new state types, the same fields: still format v4).
 EARLIER_SNAPSHOTS = Path(__file__).resolve().parent / "data"
 V2_CUT = "2026-11-02T14:11:00"
+# Shipped rules those releases did not have that fire on the sample's burst across the
+# cut. Such a rule starts cold on their snapshot, knowing none of its alerts before the
+# cut: here part 1 ran with it, so it raises again for the same burst; on a real upgrade
+# the earlier release's part 1 never raised it.
+RULES_SINCE_SNAPSHOTS = {"paced-short-calls-menu"}
+
+
+def alert_keys_but_newer_rules(alerts: list) -> list[tuple[str, str, float]]:  # type: ignore[type-arg]
+    return [key for key in alert_keys(alerts) if key[0] not in RULES_SINCE_SNAPSHOTS]
 
 
 @pytest.mark.parametrize("version", ["v2", "v3", "v4"])
@@ -761,7 +770,10 @@ def test_a_snapshot_written_by_an_earlier_release_carries_on_as_one_run(
         part2 = replay([second], make_settings(data, detection={"alerts_jsonl": "off"}))
     assert "detection state restored" in caplog.text and "unusable" not in caplog.text
     assert part2.alerts, "the incident that spans the cut is alerted after it"
-    assert alert_keys(part1.alerts + part2.alerts) == alert_keys(whole.alerts)
+    assert alert_keys_but_newer_rules(part1.alerts + part2.alerts) == alert_keys_but_newer_rules(
+        whole.alerts
+    )
+    assert {a.rule_id for a in whole.alerts} >= RULES_SINCE_SNAPSHOTS, "they fire on the sample"
     assert path.read_bytes().startswith(b"CALLSENTRY-DETECTION-SNAPSHOT v4\n")
 
 

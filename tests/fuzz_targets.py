@@ -653,9 +653,12 @@ def load_tariff_file(data: bytes) -> None:
                 raise Escape(f"a tariff list loaded {tariff!r} from {data[:300]!r}")
 
 
-_SCENARIOS = sorted((ROOT / "data" / "scenarios").glob("*.yaml")) + sorted(
-    (ROOT / "data" / "scenarios" / "variety").glob("*.yaml")
-)
+_SCENARIOS = [
+    *sorted((ROOT / "data" / "scenarios").glob("*.yaml")),
+    *sorted((ROOT / "data" / "scenarios" / "variety").glob("*.yaml")),
+    # A callback burst's `jitter`, as ranges.
+    ROOT / "bench" / "variety-jitter.yaml",
+]
 _range_ends = st.one_of(
     st.integers(-5, 10**6), st.floats(-10, 1e6), st.sampled_from(["5s", "1h", "-1", "x", ""])
 )

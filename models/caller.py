@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 from statistics import NormalDist
 
 from engine.detect.calls import Call
 from engine.detect.windows import KeyedState
 from models.base import ModelFinding, Quiet, RecentCalls, finding, never_quiet
-from models.caller_state import CallerState
+from models.caller_state import DONE, CallerPath, CallerState
 from models.running_stats import stats
 from models.scoring import AdaptiveThreshold, AnomalyModel
 from models.spec import FEATURE_NAMES, ModelSpec
@@ -48,17 +47,6 @@ FLAG_WORDS = {
     "callee_change_share": "calls to another callee than the last",
 }
 FEATURES = FLAGS + MEANS
-# The population's flag rates move by this much per call.
-_RATE_ALPHA = 0.001
-# A menu's share of forwarded calls moves by this much per call of the menu (about its
-# last hundred calls). A menu that forwards at least `_MENU_FORWARDS` of its calls
-# (customer service to the call centre) forwards whoever chooses it: such a forward
-# is the menu's doing, not a fact about the caller, and is not counted as forwarded.
-# Menus are few; past `_MAX_MENUS` (menu ids are network text) further ones are not
-# learned and their forwards count, as any forward did before menus were told apart.
-_MENU_ALPHA = 0.01
-_MENU_FORWARDS = 0.5
-_MAX_MENUS = 4096
 _NORMAL = NormalDist()
 
 
@@ -99,7 +87,6 @@ class CallerModel:
         self.lane = (1 << self.window) - 1
         self.keep = sum((self.lane >> 1) << (i * self.window) for i in range(len(FLAGS)))
         self.alpha = 2.0 / (spec.recent_calls + 1)
-        self._derive()
         self.state: KeyedState[CallerState] = KeyedState(max_keys)
         self.population = AnomalyModel(spec.trees)
         # How often each flag is set over all calls (plain floats: updated at every
@@ -111,10 +98,11 @@ class CallerModel:
         self.usual_means = {name: stats.EWMean(0.001) for name in MEANS}
         self.usual_spread = {name: stats.EWVar(0.001) for name in MEANS}
         self.thresholds = AdaptiveThreshold(spec.threshold.quantiles())
-        self.judged = 0
-        self.learned = 0
-        # Each menu's share of forwarded calls (see `_MENU_FORWARDS`).
+        # Each menu's share of forwarded calls (see models.caller_state.MENU_FORWARDS).
         self.menu_forwards: dict[str, float] = {}
+        self.path = CallerPath(self.state, self.rates, self.menu_forwards, surprise, 0, 0)
+        self._derive()
+        self._configure()
 
     def _derive(self) -> None:
         """What the per-call path looks up rather than works out (see `observe`)."""
@@ -126,91 +114,56 @@ class CallerModel:
             for flagged in range(1 << len(FLAGS))
         ]
 
+    def _configure(self) -> None:
+        """The compiled path takes the spec's settings (again, when a reloaded spec with
+        the same logic brings new thresholds)."""
+        spec = self.spec
+        self.path.configure(
+            (
+                float(spec.short_s),
+                spec.min_calls,
+                self.window,
+                self.alpha,
+                self.keep,
+                self.alone_mask,
+                float(spec.threshold.min_deviation),
+                spec.learn_every,
+                2 * spec.trees.window_size,
+                spec.own_history_calls,
+                bool(self.alone_means),
+            ),
+            self.lane_bits,
+            self.alone_flags,
+            self.floors,
+        )
+
+    @property
+    def judged(self) -> int:
+        """Calls judged so far (of callers with `min_calls` calls)."""
+        return self.path.judged
+
+    @property
+    def learned(self) -> int:
+        """Vectors the River model learned so far."""
+        return self.path.learned
+
     def observe(
         self, call: Call, recent_calls: RecentCalls, quiet: Quiet = never_quiet
     ) -> ModelFinding | None:
-        caller = call.caller
-        if not caller:
+        # Most calls end in the compiled path (models.caller_state.CallerPath.take); a
+        # call sampled for the River model, or unusual, is judged here.
+        path = self.path
+        flagged = path.take(call)
+        if flagged == DONE:
             return None
-        state = self.state.get(caller)
-        talk = call.talk_s
-        ring = call.ring_s
-        answered = call.answered_at is not None
-        # A stable checksum, not hash(): str hashes change from process to process, and
-        # a restored snapshot must compare equal to what this process computes.
-        callee_hash = zlib.crc32(call.callee.encode())
-        ring_value = 0.0 if ring is None else (60.0 if ring > 60.0 else ring)
-        if answered and talk is not None:
-            talk_value = math.log10(1.0 + talk)
-            short = talk < self.spec.short_s
-        else:
-            talk_value, short = 0.0, False
-        if state is None:
-            state = CallerState(
-                call.deadline,
-                ring_value,
-                talk_value,
-                self.rate(0),
-                self.rate(1),
-                self.rate(2),
-                self.rate(3),
-            )
-            self.state.put(caller, state)
-        changed = state.calls > 0 and state.last_callee != callee_hash
-        forwarded = self._forwarded_by_choice(call)
-        # Bit i: flag i (FLAGS) of this call.
-        flagged = short | (not answered) << 1 | forwarded << 2 | changed << 3
-        state.learn(
-            flagged,
-            self.lane_bits[flagged],
-            self.keep,
-            ring_value,
-            talk_value,
-            self.alpha,
-            callee_hash,
-            call.deadline,
-        )
-        n = state.calls
-        if n < self.spec.min_calls:
-            self._learn_rates(flagged)
-            return None
-        return self._judge(call, state, flagged, recent_calls, quiet)
-
-    def _forwarded_by_choice(self, call: Call) -> bool:
-        """Whether the call was forwarded where its menu seldom forwards (a forward in
-        a menu that forwards most of its calls tells nothing of the caller); the
-        menu's share learns the call."""
-        forwarded = call.forward != ""
-        menu = call.menu_id
-        share = self.menu_forwards.get(menu)
-        if share is None:
-            if len(self.menu_forwards) < _MAX_MENUS:
-                self.menu_forwards[menu] = float(forwarded)
-            return forwarded
-        self.menu_forwards[menu] = share + _MENU_ALPHA * (forwarded - share)
-        return forwarded and share < _MENU_FORWARDS
+        return self._judge(call, path.state, flagged, recent_calls, quiet)
 
     def _hits(self, state: CallerState, flag: int) -> int:
         """How many of the caller's last calls had this flag."""
         return state.hits(flag, self.window)
 
     def rate(self, flag: int) -> float:
-        value = self.rates[flag]
-        return 0.0 if value is None else value
-
-    def _learn_rates(self, flagged: int) -> None:
-        """The population's rates learn a call's flags (bit i: flag i)."""
-        rates = self.rates
-        r0, r1, r2, r3 = rates
-        if r0 is None or r1 is None or r2 is None or r3 is None:
-            for i, rate in enumerate(rates):
-                flag = flagged >> i & 1
-                rates[i] = float(flag) if rate is None else rate + _RATE_ALPHA * (flag - rate)
-            return
-        rates[0] = r0 + _RATE_ALPHA * ((flagged & 1) - r0)
-        rates[1] = r1 + _RATE_ALPHA * ((flagged >> 1 & 1) - r1)
-        rates[2] = r2 + _RATE_ALPHA * ((flagged >> 2 & 1) - r2)
-        rates[3] = r3 + _RATE_ALPHA * ((flagged >> 3) - r3)
+        return self.path.rate(flag)
 
     def _recent(self, state: CallerState) -> dict[str, float]:
         n = min(state.calls, self.window)
@@ -218,27 +171,6 @@ class CallerModel:
         for i in self.means:
             vector[MEANS[i]] = state.recent_mean(i)
         return vector
-
-    def _strongest(self, state: CallerState, own_history: bool) -> float:
-        """The largest deviation among the features that may alert alone (what
-        `_deviations` would give, without building it for every call)."""
-        n = min(state.calls, self.window)
-        bits, width, lane = state.histories, self.window, self.lane
-        best = 0.0
-        for i in self.alone_flags:
-            hits = ((bits >> (i * width)) & lane).bit_count()
-            if hits < 2:
-                continue
-            rate = self.rates[i] if not own_history else state.own_rate(i)
-            usual = rate if rate is not None else 0.0
-            z = surprise(hits, n, min(max(usual, self.floors[i] / 4), 0.95))
-            if z > best:
-                best = z
-        if self.alone_means:
-            deviations = self._deviations(state, own_history)
-            for i in self.alone_means:
-                best = max(best, abs(deviations[MEANS[i]]))
-        return best
 
     def _deviations(self, state: CallerState, own_history: bool) -> dict[str, float]:
         spec = self.spec
@@ -268,21 +200,21 @@ class CallerModel:
         recent_calls: RecentCalls,
         quiet: Quiet,
     ) -> ModelFinding | None:
-        spec = self.spec
+        spec, path = self.spec, self.path
         own_history = state.calls >= spec.own_history_calls
-        self.judged += 1
-        # A flag's surprise rises only with a call that has the flag: a call with none
-        # of the alerting flags (most calls) cannot make the caller newly unusual.
-        raised = self.alone_means or flagged & self.alone_mask
-        z = self._strongest(state, own_history) if raised else 0.0
+        z = path.z  # the flags' strongest surprise (CallerPath.take)
+        if self.alone_means:
+            deviations = self._deviations(state, own_history)
+            for i in self.alone_means:
+                z = max(z, abs(deviations[MEANS[i]]))
         unusual = z >= spec.threshold.min_deviation
-        # Once it has learned two windows' worth, the global model learns from a sample
-        # of the judged vectors (one in `learn_every`, by count, so replay and restarts
-        # sample the same ones): it learns a distribution, and scoring every call
-        # would cost more than all the rules.
-        sampled = self.learned < 2 * spec.trees.window_size or self.judged % spec.learn_every == 0
+        # Sampled: one in `learn_every` judged calls (by count, so replay and restarts
+        # sample the same ones) once two windows' worth are learned. The global model
+        # learns a distribution, and scoring every call would cost more than all the
+        # rules.
+        sampled = path.sampled
         if not (unusual or sampled):
-            self._learn_rates(flagged)
+            path.learn_rates(flagged)
             return None
         recent = self._recent(state)
         score = self.population.score_one(recent)
@@ -293,11 +225,11 @@ class CallerModel:
         # test against the caller's own rates already.
         alerting = (
             unusual
-            and self.judged >= spec.warmup
+            and path.judged >= spec.warmup
             and threshold is not None
             and (own_history or score >= threshold)
         )
-        if sampled and self.learned >= spec.trees.window_size:
+        if sampled and path.learned >= spec.trees.window_size:
             # HalfSpaceTrees scores 0 until its first window is full: not a score to learn.
             self.thresholds.learn(score)
         if alerting:
@@ -309,14 +241,14 @@ class CallerModel:
         else:
             # What is usual is learned from what is not alarming, so an incident does
             # not teach the model that it is normal while it goes on.
-            self._learn_rates(flagged)
+            path.learn_rates(flagged)
             if sampled:
                 self.population.learn_one(recent)
                 for name in MEANS:
                     if name in recent:
                         self.usual_means[name].update(recent[name])
                         self.usual_spread[name].update(recent[name])
-                self.learned += 1
+                path.learned += 1
             return None
         assert threshold is not None
         evidence = recent_calls("caller", call.caller)

@@ -1,19 +1,38 @@
-"""What the caller model keeps per caller (models/caller.py): a few numbers, by name.
+"""What the caller model keeps per caller (models/caller.py): a few numbers, by name;
+and what it does with every call up to judging it (`CallerPath`).
 
-With a million callers tracked, this is most of what the model costs in memory, so it
-is compiled by mypyc with the detection (engine/detect/__init__.py): compiled, each
-number is a field of the object, where as Python each would be a float object of its
-own. It keeps no doctests for that reason.
+With a million callers tracked, this is most of what the model costs in memory, and
+every finished call passes through `CallerPath.take`, so it is compiled by mypyc with
+the detection (engine/detect/__init__.py): compiled, each number is a field of the
+object, where as Python each would be a float object of its own, and a call's flags
+are worked out in C. It keeps no doctests for that reason.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import zlib
+from collections.abc import Callable
+from typing import Any, Final
 
-from engine.detect.windows import Snapshotted
+from engine.detect.calls import Call
+from engine.detect.windows import KeyedState, Snapshotted
 
 # The own-history means move by this much per call (about the last 50 calls).
 SLOW_ALPHA = 0.02
+# The population's flag rates move by this much per call.
+RATE_ALPHA: Final = 0.001
+# A menu's share of forwarded calls moves by this much per call of the menu (about its
+# last hundred calls). A menu that forwards at least `MENU_FORWARDS` of its calls
+# (customer service to the call centre) forwards whoever chooses it: such a forward
+# is the menu's doing, not a fact about the caller, and is not counted as forwarded.
+# Menus are few; past `MAX_MENUS` (menu ids are network text) further ones are not
+# learned and their forwards count, as any forward did before menus were told apart.
+MENU_ALPHA: Final = 0.01
+MENU_FORWARDS: Final = 0.5
+MAX_MENUS: Final = 4096
+# What `CallerPath.take` returns for a call it has finished with.
+DONE: Final = -1
 
 
 class CallerState(Snapshotted):
@@ -175,3 +194,177 @@ class CallerState(Snapshotted):
     def own_mean(self, mean: int) -> float:
         """Its own long-run mean `mean` (ring, talk)."""
         return self.own_ring if mean == 0 else self.own_talk
+
+
+# A flag's surprise: (hits, calls, rate) -> standard deviations (models.caller.surprise).
+Surprise = Callable[[int, int, float], float]
+
+
+class CallerPath:
+    """What the caller model does with every finished call, up to judging it: the
+    caller's state learns the call, the menus' forward shares and the population's
+    flag rates learn it, and a judged call's strongest surprise among the flags that
+    may alert alone is measured. Most calls end here (`take` returns DONE); the rest
+    (sampled for the River model, or unusual) go on in models/caller.py.
+
+    The model's state it works on (`states`, `rates`, `menu_forwards`) is the model's
+    own, shared; the counts `judged` and `learned` are kept here. The rest is the
+    model's settings, as `CallerModel._derive` works them out."""
+
+    def __init__(
+        self,
+        states: KeyedState[CallerState],
+        rates: list[float | None],
+        menu_forwards: dict[str, float],
+        surprise: Surprise,
+        judged: int,
+        learned: int,
+    ) -> None:
+        self.states = states
+        self.rates = rates
+        self.menu_forwards = menu_forwards
+        self.surprise = surprise
+        self.judged = judged
+        self.learned = learned
+        # Of the latest call `take` did not finish with: the caller's state, its
+        # strongest surprise so far, and whether the River model samples it.
+        self.state = CallerState()
+        self.z = 0.0
+        self.sampled = False
+        self.configure((5.0, 8, 12, 0.1, 0, 0, 5.0, 16, 400, 50, False), [], [], [])
+
+    def configure(
+        self,
+        settings: tuple[float, int, int, float, int, int, float, int, int, int, bool],
+        lane_bits: list[int],
+        alone_flags: list[int],
+        floors: list[float],
+    ) -> None:
+        """The model's settings (models.caller.CallerModel._configure)."""
+        (
+            self.short_s,
+            self.min_calls,
+            self.window,
+            self.alpha,
+            self.keep,
+            self.alone_mask,
+            self.min_deviation,
+            self.learn_every,
+            self.sample_until,
+            self.own_history_calls,
+            self.means_alone,
+        ) = settings
+        self.lane = (1 << self.window) - 1
+        self.lane_bits = lane_bits
+        self.alone_flags = alone_flags
+        self.floors = floors
+
+    def take(self, call: Call) -> int:
+        """The call's flags (bit i: flag i of models.caller.FLAGS) when it goes on to be
+        judged in Python (`state`, `z` and `sampled` then say the rest), else DONE."""
+        caller = call.caller
+        if not caller:
+            return DONE
+        states = self.states
+        found = states.get(caller)
+        answered = call.answered_at is not None
+        talk = call.talk_s
+        ring = call.ring_s
+        # A stable checksum, not hash(): str hashes change from process to process, and
+        # a restored snapshot must compare equal to what this process computes.
+        callee_hash = zlib.crc32(call.callee.encode())
+        ring_value = 0.0 if ring is None else (60.0 if ring > 60.0 else ring)
+        short = False
+        talk_value = 0.0
+        if answered and talk is not None:
+            talk_value = math.log10(1.0 + talk)
+            short = talk < self.short_s
+        if found is None:
+            state = CallerState(
+                call.deadline,
+                ring_value,
+                talk_value,
+                self.rate(0),
+                self.rate(1),
+                self.rate(2),
+                self.rate(3),
+            )
+            states.put(caller, state)
+        else:
+            state = found
+        changed = state.calls > 0 and state.last_callee != callee_hash
+        forwarded = self.forwarded_by_choice(call)
+        flagged = int(short) | int(not answered) << 1 | int(forwarded) << 2 | int(changed) << 3
+        state.learn(
+            flagged,
+            self.lane_bits[flagged],
+            self.keep,
+            ring_value,
+            talk_value,
+            self.alpha,
+            callee_hash,
+            call.deadline,
+        )
+        if state.calls < self.min_calls:
+            self.learn_rates(flagged)
+            return DONE
+        self.judged += 1
+        own_history = state.calls >= self.own_history_calls
+        # A flag's surprise rises only with a call that has the flag: a call with none
+        # of the alerting flags (most calls) cannot make the caller newly unusual.
+        z = 0.0
+        if self.means_alone or flagged & self.alone_mask:
+            z = self.strongest_flag(state, own_history)
+        # Once it has learned two windows' worth, the global model learns from a sample
+        # of the judged vectors (one in `learn_every`, by count, so replay and restarts
+        # sample the same ones).
+        sampled = self.learned < self.sample_until or self.judged % self.learn_every == 0
+        if not (sampled or self.means_alone or z >= self.min_deviation):
+            self.learn_rates(flagged)
+            return DONE
+        self.state = state
+        self.z = z
+        self.sampled = sampled
+        return flagged
+
+    def rate(self, flag: int) -> float:
+        value = self.rates[flag]
+        return 0.0 if value is None else value
+
+    def forwarded_by_choice(self, call: Call) -> bool:
+        """Whether the call was forwarded where its menu seldom forwards (a forward in
+        a menu that forwards most of its calls tells nothing of the caller); the
+        menu's share learns the call."""
+        forwarded = call.forward != ""
+        menu = call.menu_id
+        forward_shares = self.menu_forwards
+        share = forward_shares.get(menu)
+        if share is None:
+            if len(forward_shares) < MAX_MENUS:
+                forward_shares[menu] = float(forwarded)
+            return forwarded
+        forward_shares[menu] = share + MENU_ALPHA * (float(forwarded) - share)
+        return forwarded and share < MENU_FORWARDS
+
+    def learn_rates(self, flagged: int) -> None:
+        """The population's rates learn a call's flags (bit i: flag i)."""
+        rates = self.rates
+        for i in range(4):
+            flag = float(flagged >> i & 1)
+            rate = rates[i]
+            rates[i] = flag if rate is None else rate + RATE_ALPHA * (flag - rate)
+
+    def strongest_flag(self, state: CallerState, own_history: bool) -> float:
+        """The largest surprise among the flags that may alert alone."""
+        n = min(state.calls, self.window)
+        bits, width, lane = state.histories, self.window, self.lane
+        best = 0.0
+        for i in self.alone_flags:
+            hits = ((bits >> (i * width)) & lane).bit_count()
+            if hits < 2:
+                continue
+            usual = state.own_rate(i) if own_history else self.rate(i)
+            z = self.surprise(hits, n, min(max(usual, self.floors[i] / 4), 0.95))
+            if z > best:
+                best = z
+        return best

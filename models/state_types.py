@@ -7,12 +7,27 @@ from __future__ import annotations
 from typing import Any
 
 from engine.detect.state import register_state_type
-from models.caller import CallerModel
-from models.caller_state import CallerState
+from models.caller import CallerModel, surprise
+from models.caller_state import CallerPath, CallerState
 from models.forward import ForwardModel, ForwardNumber, Rates, detector_state, revive_detector
 from models.menu import MenuModel, MenuState, SeasonalVolume
 from models.menu_traffic import CallWindow, MenuTraffic
 from models.scoring import AdaptiveThreshold, AnomalyModel, Baseline
+
+# What `_derive` makes from the spec's features, and the compiled per-call path, are
+# made again, not written (the path's counts are written as the model's); the spec
+# comes from the model's file.
+_CALLER_DERIVED = ("alone_mask", "lane_bits", "path")
+
+
+def _caller_model_state(model: CallerModel) -> dict[str, Any]:
+    fields = {
+        name: value
+        for name, value in vars(model).items()
+        if name not in _CALLER_DERIVED and name != "spec"
+    }
+    fields["judged"], fields["learned"] = model.judged, model.learned
+    return fields
 
 
 def _revive_caller_model(fields: dict[str, Any]) -> CallerModel:
@@ -20,16 +35,24 @@ def _revive_caller_model(fields: dict[str, Any]) -> CallerModel:
     # New state since the snapshots of 2026-12-05 (v2-v4): their menus' shares of
     # forwarded calls are learned afresh.
     model.menu_forwards = {}
+    fields = {name: value for name, value in fields.items() if name not in _CALLER_DERIVED}
+    judged, learned = int(fields.pop("judged")), int(fields.pop("learned"))
     model.__dict__.update(fields)
+    model.path = CallerPath(
+        model.state, model.rates, model.menu_forwards, surprise, judged, learned
+    )
     model._derive()
+    if "spec" in fields:
+        model._configure()
+    # Otherwise the spec comes from the model's file (models.registry.carry_over), and
+    # the path takes its settings then.
     return model
 
 
-# What `_derive` makes from the spec's features is made again, not written.
 register_state_type(
     "model.caller",
     CallerModel,
-    drop=("spec", "alone_mask", "lane_bits"),
+    state_of=_caller_model_state,
     revive=_revive_caller_model,
 )
 register_state_type("model.caller-state", CallerState)

@@ -231,7 +231,39 @@ class CallerPath:
         self.state = CallerState()
         self.z = 0.0
         self.sampled = False
+        # Settings come from the model's spec (`configure`); until then `take` refuses
+        # calls rather than judge them by these stand-ins.
+        self.configured = False
         self.configure((5.0, 8, 12, 0.1, 0, 0, 5.0, 16, 400, 50, False), [], [], [])
+        self.configured = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Copied or pickled with its model (copy.deepcopy, pickle; snapshots write the
+        # model's fields instead): made again from the model's objects it shares (a
+        # copy's memo keeps them shared), then configured as it was.
+        made_with = (self.states, self.rates, self.menu_forwards, self.surprise)
+        return (CallerPath, (*made_with, self.judged, self.learned), self.settings())
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        settings, lane_bits, alone_flags, floors = state
+        self.configure(settings, lane_bits, alone_flags, floors)
+
+    def settings(self) -> tuple[Any, ...]:
+        """What `configure` was given, as its arguments."""
+        settings = (
+            self.short_s,
+            self.min_calls,
+            self.window,
+            self.alpha,
+            self.keep,
+            self.alone_mask,
+            self.min_deviation,
+            self.learn_every,
+            self.sample_until,
+            self.own_history_calls,
+            self.means_alone,
+        )
+        return (settings, self.lane_bits, self.alone_flags, self.floors)
 
     def configure(
         self,
@@ -258,10 +290,13 @@ class CallerPath:
         self.lane_bits = lane_bits
         self.alone_flags = alone_flags
         self.floors = floors
+        self.configured = True
 
     def take(self, call: Call) -> int:
         """The call's flags (bit i: flag i of models.caller.FLAGS) when it goes on to be
         judged in Python (`state`, `z` and `sampled` then say the rest), else DONE."""
+        if not self.configured:
+            raise RuntimeError("the caller model's path has no settings yet (configure)")
         caller = call.caller
         if not caller:
             return DONE

@@ -40,7 +40,7 @@ def carry_over(learned: Model, loaded: Model) -> Model:
     learned.thresholds.track(loaded.spec.threshold.quantiles())
     if isinstance(learned, CallerModel) and isinstance(loaded, CallerModel):
         learned.state.max_keys = loaded.state.max_keys  # the current setting applies
-        learned._configure()  # the spec's settings (its thresholds may be new)
+        learned._configure()  # min_deviation, learn_every... are not its logic
     return learned
 
 

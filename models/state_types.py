@@ -21,12 +21,16 @@ _CALLER_DERIVED = ("alone_mask", "lane_bits", "path")
 
 
 def _caller_model_state(model: CallerModel) -> dict[str, Any]:
-    fields = {
-        name: value
-        for name, value in vars(model).items()
-        if name not in _CALLER_DERIVED and name != "spec"
-    }
-    fields["judged"], fields["learned"] = model.judged, model.learned
+    fields: dict[str, Any] = {}
+    for name, value in vars(model).items():
+        if name not in _CALLER_DERIVED and name != "spec":
+            fields[name] = value
+        if name == "thresholds":
+            # Where the counts stood among the fields before the path kept them: the
+            # same state is written as the same bytes.
+            fields["judged"], fields["learned"] = model.judged, model.learned
+    fields.setdefault("judged", model.judged)
+    fields.setdefault("learned", model.learned)
     return fields
 
 

@@ -24,9 +24,11 @@ from engine.detect.calls import Call
 from engine.detect.rules import load_rules
 from engine.detect.snapshotfile import snapshot_path
 from engine.detect.state import revive
+from engine.detect.windows import KeyedState
 from engine.simulator.scenario import Generated, generate, load_scenario, write_files
 from models.base import ModelFinding, never_quiet
 from models.caller import CallerModel, surprise
+from models.caller_state import CallerPath
 from models.menu import MenuModel
 from models.menu_traffic import ANSWERED, FORWARDED, RANG, SHORT, TALKED, CallWindow
 from models.registry import ModelSet
@@ -620,6 +622,33 @@ def test_a_callers_flags_are_counted_over_exactly_its_last_calls() -> None:
         assert model._hits(state, 1) == sum(last), k  # unanswered
         assert model._hits(state, 0) == sum(shorts), k  # short
         assert model._hits(state, 2) == 0, k  # forwarded: never
+
+
+def test_a_caller_model_copied_whole_judges_as_the_original() -> None:
+    # The compiled per-call path shares the model's state: a deep copy or a pickle of
+    # the model must share the copy's, and go on judging as the original does.
+    model = CallerModel(caller_spec(), "v1", max_keys=1000)
+    benign_population(model, callers=60)
+    twins = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    for twin in twins:
+        assert twin.path.states is twin.state and twin.path.rates is twin.rates
+        assert twin.path.menu_forwards is twin.menu_forwards
+        assert (twin.judged, twin.learned) == (model.judged, model.learned) != (0, 0)
+    judged: list[list[str | None]] = [[], [], []]
+    for n in range(12):  # a new caller whose calls are all short
+        made = call(90_000 + n, T0 + 7000 + n * 30, "8613977777777", talk=1.0)
+        for found, each in zip(judged, (model, *twins), strict=True):
+            finding = each.observe(made, no_evidence)
+            found.append(None if finding is None else finding.summary)
+    assert judged[0] == judged[1] == judged[2] and any(judged[0])
+    assert model.state.states.keys() == twins[0].state.states.keys()
+
+
+def test_a_caller_path_without_settings_refuses_calls_before_learning_any() -> None:
+    path = CallerPath(KeyedState(10), [None] * 4, {}, surprise, 0, 0)
+    with pytest.raises(RuntimeError, match="no settings"):
+        path.take(call(1, T0, "8613900000001", talk=1.0))
+    assert not path.states.states and path.rates == [None] * 4 and not path.menu_forwards
 
 
 def test_models_restored_from_an_older_snapshot_judge_as_if_never_stopped() -> None:

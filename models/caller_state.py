@@ -240,30 +240,14 @@ class CallerPath:
     def __reduce__(self) -> tuple[Any, ...]:
         # Copied or pickled with its model (copy.deepcopy, pickle; snapshots write the
         # model's fields instead): made again from the model's objects it shares (a
-        # copy's memo keeps them shared), then configured as it was.
+        # copy's memo keeps them shared), then configured as it was (if it was).
         made_with = (self.states, self.rates, self.menu_forwards, self.surprise)
-        return (CallerPath, (*made_with, self.judged, self.learned), self.settings())
+        given = self.given if self.configured else None
+        return (CallerPath, (*made_with, self.judged, self.learned), given)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         settings, lane_bits, alone_flags, floors = state
         self.configure(settings, lane_bits, alone_flags, floors)
-
-    def settings(self) -> tuple[Any, ...]:
-        """What `configure` was given, as its arguments."""
-        settings = (
-            self.short_s,
-            self.min_calls,
-            self.window,
-            self.alpha,
-            self.keep,
-            self.alone_mask,
-            self.min_deviation,
-            self.learn_every,
-            self.sample_until,
-            self.own_history_calls,
-            self.means_alone,
-        )
-        return (settings, self.lane_bits, self.alone_flags, self.floors)
 
     def configure(
         self,
@@ -273,6 +257,7 @@ class CallerPath:
         floors: list[float],
     ) -> None:
         """The model's settings (models.caller.CallerModel._configure)."""
+        self.given: tuple[Any, ...] = (settings, lane_bits, alone_flags, floors)
         (
             self.short_s,
             self.min_calls,

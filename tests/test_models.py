@@ -26,6 +26,10 @@ from engine.detect.snapshotfile import snapshot_path
 from engine.detect.state import revive
 from engine.detect.windows import KeyedState
 from engine.simulator.scenario import Generated, generate, load_scenario, write_files
+
+# The models' state types (engine.apps.detectors imports them when it loads models;
+# a test here may revive a model without loading any).
+from models import state_types  # noqa: F401
 from models.base import ModelFinding, never_quiet
 from models.caller import CallerModel, surprise
 from models.caller_state import CallerPath
@@ -649,6 +653,8 @@ def test_a_caller_path_without_settings_refuses_calls_before_learning_any() -> N
     with pytest.raises(RuntimeError, match="no settings"):
         path.take(call(1, T0, "8613900000001", talk=1.0))
     assert not path.states.states and path.rates == [None] * 4 and not path.menu_forwards
+    with pytest.raises(RuntimeError, match="no settings"):  # a copy of it no less
+        copy.deepcopy(path).take(call(1, T0, "8613900000001", talk=1.0))
 
 
 def test_models_restored_from_an_older_snapshot_judge_as_if_never_stopped() -> None:

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from engine.apps.actions import actions, blocklist
+from engine.apps.actions import actions
 from engine.apps.alerts_commands import alerts
+from engine.apps.blocklist_commands import blocklist
 from engine.apps.commandline import (
     UNEXPECTED,
     CommandLine,

@@ -11,14 +11,15 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from engine.core.runtime import gc_for_start
-from engine.core.text import shown
+from engine.core.text import shown, terminal_table
 
 # Settings only for types: pydantic's models load when a command reads its settings.
 if TYPE_CHECKING:
@@ -247,3 +248,30 @@ def one_sentence(message: str) -> str:
         if line:
             text += (" " if text.endswith((":", ",")) else "; " if text else "") + line
     return text
+
+
+def data_dir_or_fail(data_dir: Path | None, config: Path | None, *, writes: bool = False) -> Path:
+    """The data dir the options or settings name. `writes`: the command may write there
+    (the actions' outbox, the console's accounts), so a folder serve or replay has not
+    made a lake in (a mistyped --data-dir, a checkout's data/) is refused: an engine
+    would never see what was written."""
+    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
+    return existing_data_dir(settings, with_lake=writes)
+
+
+def utc_time(value: float | None) -> str:
+    """An epoch time as `YYYY-MM-DD HH:MM:SS` in UTC, `-` for none."""
+    if value is None:
+        return "-"
+    return datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def utc_iso(value: float | None) -> str | None:
+    """An epoch time in ISO 8601, UTC (for JSON), None for none."""
+    return None if value is None else datetime.fromtimestamp(value, tz=UTC).isoformat()
+
+
+def echo_table(rows: Sequence[Sequence[str]], titles: Sequence[str]) -> None:
+    """Rows under their titles, as a table on the terminal."""
+    for line in terminal_table([[str(cell) for cell in row] for row in rows], titles):
+        click.echo(line)

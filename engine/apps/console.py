@@ -16,6 +16,7 @@ import click
 from engine.apps.commandline import (
     config_option,
     data_dir_option,
+    data_dir_or_fail,
     existing_data_dir,
     fail,
     fail_with_problems,
@@ -41,8 +42,7 @@ def _data_dir(data_dir: Path | None, config: Path | None) -> Path:
     given = click.get_current_context().find_object(dict) or {}
     data_dir = data_dir or given.get("data_dir")
     config = config or given.get("config")
-    settings = settings_or_fail(config, {"store": {"data_dir": str(data_dir)}} if data_dir else {})
-    return existing_data_dir(settings, with_lake=True)  # no stray accounts file elsewhere
+    return data_dir_or_fail(data_dir, config, writes=True)  # no stray accounts file elsewhere
 
 
 @click.group(invoke_without_command=True)

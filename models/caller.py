@@ -178,8 +178,7 @@ class CallerModel:
         deviations = {}
         for i in self.flags:
             name = FLAGS[i]
-            usual = state.own_rate(i) if own_history else self.rate(i)
-            rate = min(max(usual, self.floors[i] / 4), 0.95)
+            rate = self.path.tested_rate(state, i, own_history)
             deviations[name] = surprise(self._hits(state, i), n, rate)
         for i in self.means:
             name = MEANS[i]

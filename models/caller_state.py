@@ -351,6 +351,13 @@ class CallerPath:
         value = self.rates[flag]
         return 0.0 if value is None else value
 
+    def tested_rate(self, state: CallerState, flag: int, own_history: bool) -> float:
+        """The rate a flag's surprise is tested against: the caller's own once it has a
+        history, else the population's; at least a quarter of the flag's floor (a rate
+        of almost nothing would make any hit a surprise) and at most 0.95."""
+        usual = state.own_rate(flag) if own_history else self.rate(flag)
+        return min(max(usual, self.floors[flag] / 4), 0.95)
+
     def forwarded_by_choice(self, call: Call) -> bool:
         """Whether the call was forwarded where its menu seldom forwards (a forward in
         a menu that forwards most of its calls tells nothing of the caller); the
@@ -383,8 +390,7 @@ class CallerPath:
             hits = ((bits >> (i * width)) & lane).bit_count()
             if hits < 2:
                 continue
-            usual = state.own_rate(i) if own_history else self.rate(i)
-            z = self.surprise(hits, n, min(max(usual, self.floors[i] / 4), 0.95))
+            z = self.surprise(hits, n, self.tested_rate(state, i, own_history))
             if z > best:
                 best = z
         return best

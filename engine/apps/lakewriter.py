@@ -28,6 +28,7 @@ from engine.alerts.sinks import AlertTally
 from engine.apps.actiontrail import TrailCopy
 from engine.apps.delivery import NatsOutboxSink, load_action_set, make_durable_sinks, make_sinks
 from engine.apps.detectors import load_detectors, make_pipeline
+from engine.apps.flags import FlagReader, ProcessFlag
 from engine.apps.settings import (
     DetectionSettings,
     Settings,
@@ -38,7 +39,6 @@ from engine.core.yamlfile import YamlFileError
 from engine.ingest.stats import RULES_INVALID, RULES_LOADING, SharedCounters
 
 if TYPE_CHECKING:
-    import multiprocessing.synchronize
     from multiprocessing.connection import Connection
 
     from engine.alerts.actions import ActionSink
@@ -60,7 +60,7 @@ class _RuleWatcher:
         self,
         writer: LakeWriter,
         detection: DetectionSettings,
-        asked: Any,
+        asked: FlagReader,
         actions: ActionSink | None = None,
     ) -> None:
         self.writer = writer
@@ -165,8 +165,8 @@ def lower_priority(priority: str) -> None:
 def run(
     settings: Settings,
     poll_interval_s: float,
-    stop: multiprocessing.synchronize.Event,
-    reload: multiprocessing.synchronize.Event,
+    stop: FlagReader,
+    reload: FlagReader,
     counters_array: Any,
     log_level: int,
     receiver_pid: int,
@@ -336,7 +336,7 @@ def run(
 def _until_it_works(
     outage: Outage,
     attempt: Callable[[], T],
-    stop: multiprocessing.synchronize.Event,
+    stop: FlagReader,
     receiver_pid: int,
 ) -> T | None:
     """`attempt()`, again after each pause of `outage` while the file system fails it (a
@@ -358,8 +358,7 @@ def _until_it_works(
 
 
 def _say(progress: Connection, what: str) -> None:
-    # A pipe, not a multiprocessing Event: Event.set() waits for every process that
-    # waited on it to wake, forever if one of them was killed (kill -9 of the receiver).
+    # A pipe, not a multiprocessing Event, as engine.apps.flags says.
     with contextlib.suppress(OSError):  # the receiver is gone: nobody to tell
         progress.send(what)
 
@@ -377,8 +376,8 @@ class LakeWriterProcess:
         self._alert_counts = self._context.Queue()
         self._alerts: Counter[tuple[str, str, str]] = Counter()
         self._alerts_lock = threading.Lock()  # the scrape and the housekeeping both add
-        self._stop = self._context.Event()
-        self._reload = self._context.Event()
+        self._stop = ProcessFlag(self._context)
+        self._reload = ProcessFlag(self._context)
         # What the running process has said of its start (see `run`), and where it says it.
         self._heard: set[str] = set()
         self._progress: Connection | None = None
@@ -391,12 +390,12 @@ class LakeWriterProcess:
 
     def start(self) -> None:
         if self._process is not None or self._stopping:
-            # New events for a restart (or a start after a stop, which set them): a
-            # process killed while it waited on one (the writer waits on `stop` between
-            # its passes) is a sleeper that never wakes, and `set()` would wait for it
-            # for ever.
-            self._stop = self._context.Event()
-            self._reload = self._context.Event()
+            # New flags for a restart (or a start after a stop, which raised `stop`):
+            # each process is handed its own ends.
+            self._stop.close()
+            self._reload.close()
+            self._stop = ProcessFlag(self._context)
+            self._reload = ProcessFlag(self._context)
         self._stopping = False
         self._heard.clear()
         if self._progress is not None:
@@ -408,8 +407,8 @@ class LakeWriterProcess:
             args=(
                 self.settings,
                 self.poll_interval_s,
-                self._stop,
-                self._reload,
+                self._stop.reader,
+                self._reload.reader,
                 self.counters.array,
                 logging.getLogger().level,
                 os.getpid(),
@@ -421,6 +420,8 @@ class LakeWriterProcess:
         )
         self._process.start()
         progress.close()  # the child's end: once the child is gone, reading says so
+        self._stop.handed_over()
+        self._reload.handed_over()
 
     @property
     def started(self) -> bool:
@@ -491,8 +492,7 @@ class LakeWriterProcess:
             self._process = None  # never started
             return
         self._stopping = True
-        if self._process.is_alive():
-            self._stop.set()
+        self._stop.set()  # never waits, whether the process is alive or not
         self._process.join(timeout)
         if self._process.is_alive():
             # The writer ignores SIGTERM (see `run`), so only SIGKILL bounds the stop.

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import multiprocessing.synchronize
 import os
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine.apps.flags import FlagReader, ProcessFlag
 from engine.apps.lakewriter import lower_priority
 from engine.apps.settings import RelaySettings, Settings
 from engine.core.addresses import parse_hostport
@@ -116,7 +116,7 @@ def run(
     settings: Settings,
     mark_array: Any,
     counters_array: Any,
-    stop: multiprocessing.synchronize.Event,
+    stop: FlagReader,
     log_level: int,
     receiver_pid: int,
     start: Durable,
@@ -202,7 +202,7 @@ class RelayProcess:
         self.counters = self._context.Array(
             "d", max(1, len(self.names)) * len(COUNTERS), lock=False
         )
-        self._stop = self._context.Event()
+        self._stop = ProcessFlag(self._context)
         self._stopping = False
         self._process: Any = None
         self.restarts = 0
@@ -216,9 +216,10 @@ class RelayProcess:
         if self._start is None:
             self._start = self.mark.get()
         if self._process is not None or self._stopping:
-            # A new event for a restart or after a stop, as the lake writer's: a process
-            # killed while it held the event's lock would leave `set()` waiting for ever.
-            self._stop = self._context.Event()
+            # A new flag for a restart or after a stop, as the lake writer's: each
+            # process is handed its own end.
+            self._stop.close()
+            self._stop = ProcessFlag(self._context)
         self._stopping = False
         self._process = self._context.Process(
             target=run,
@@ -226,7 +227,7 @@ class RelayProcess:
                 self.settings,
                 self.mark.array,
                 self.counters,
-                self._stop,
+                self._stop.reader,
                 logging.getLogger().level,
                 os.getpid(),
                 self._start,
@@ -235,6 +236,7 @@ class RelayProcess:
             daemon=False,
         )
         self._process.start()
+        self._stop.handed_over()
 
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
@@ -262,8 +264,7 @@ class RelayProcess:
         if self._process is None:
             return
         self._stopping = True
-        if self._process.is_alive():
-            self._stop.set()
+        self._stop.set()  # never waits, whether the process is alive or not
         self._process.join(timeout)
         if self._process.is_alive():
             log.error("relay did not stop in %.0f s; its cursors are as last saved", timeout)

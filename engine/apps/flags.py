@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -27,17 +28,22 @@ _DRAIN = 4096
 class FlagReader:
     """The end of a `ProcessFlag` handed to the process it is raised for.
 
-    Raised once a byte came, or once the raising end is gone (the process that
-    started this one ended: it asks for no more, and the process should stop too)."""
+    Raised once a byte came. Once the raising end is gone (the process that started
+    this one ended), nothing more will be asked: a flag `raised_when_gone` (stop) is
+    up from then on, any other (reload) stays as it was."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, raised_when_gone: bool) -> None:
         self._conn = conn
         self._raised = False
         self._gone = False
+        self._raised_when_gone = raised_when_gone
+
+    def _up(self) -> bool:
+        return self._raised or (self._gone and self._raised_when_gone)
 
     def _look(self, timeout: float) -> None:
         if self._raised or self._gone:
-            return
+            return  # a gone end reads as ready at once: never polled again
         if self._conn.poll(timeout):
             data = os.read(self._conn.fileno(), _DRAIN)
             if data:
@@ -47,12 +53,13 @@ class FlagReader:
 
     def is_set(self) -> bool:
         self._look(0.0)
-        return self._raised or self._gone
+        return self._up()
 
     def wait(self, timeout: float) -> bool:
-        """Whether the flag is raised, waiting up to `timeout` seconds for it."""
+        """Whether the flag is raised, waiting up to `timeout` seconds for it (not at
+        all once the raising end is gone)."""
         self._look(timeout)
-        return self._raised or self._gone
+        return self._up()
 
     def clear(self) -> None:
         """Lower the flag: the raises so far are taken (a raise after this counts)."""
@@ -66,19 +73,28 @@ class FlagReader:
 
 
 class ProcessFlag:
-    """Raised here (`set`), read in the process its `reader` is handed to."""
+    """Raised here (`set`), read in the process its `reader` is handed to.
 
-    def __init__(self, context: Any) -> None:
+    `set` and `close` may come from different threads (serve raises `reload` on a
+    SIGHUP while its housekeeping replaces a writer that died): a raise is written
+    whole before the pipe closes, or not at all after, never to a pipe that took the
+    closed one's file descriptor number."""
+
+    def __init__(self, context: Any, *, raised_when_gone: bool) -> None:
         reader, writer = context.Pipe(duplex=False)
-        self.reader = FlagReader(reader)
+        self.reader = FlagReader(reader, raised_when_gone)
         self._writer: Connection = writer
         os.set_blocking(writer.fileno(), False)
+        self._lock = threading.Lock()
 
     def set(self) -> None:
         """Raise the flag; never waits. BlockingIOError: the pipe is full of raises
         not read yet, so the flag is up already. BrokenPipeError: nobody reads it."""
-        with contextlib.suppress(OSError):
-            os.write(self._writer.fileno(), b"!")
+        with self._lock:
+            if self._writer.closed:
+                return  # replaced: the process it was for has gone
+            with contextlib.suppress(OSError):
+                os.write(self._writer.fileno(), b"!")
 
     def handed_over(self) -> None:
         """The process was started with `reader`: this process's copy of that end goes,
@@ -86,4 +102,6 @@ class ProcessFlag:
         self.reader.close()
 
     def close(self) -> None:
-        self._writer.close()
+        with self._lock:
+            self._writer.close()
+        self.reader.close()

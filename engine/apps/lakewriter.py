@@ -376,8 +376,9 @@ class LakeWriterProcess:
         self._alert_counts = self._context.Queue()
         self._alerts: Counter[tuple[str, str, str]] = Counter()
         self._alerts_lock = threading.Lock()  # the scrape and the housekeeping both add
-        self._stop = ProcessFlag(self._context)
-        self._reload = ProcessFlag(self._context)
+        self._stop, self._reload = self._flags()
+        # Whether a process was started with the flags' ends: then a start makes new ones.
+        self._handed = False
         # What the running process has said of its start (see `run`), and where it says it.
         self._heard: set[str] = set()
         self._progress: Connection | None = None
@@ -389,13 +390,12 @@ class LakeWriterProcess:
         self.last_exitcode: int | None = None
 
     def start(self) -> None:
-        if self._process is not None or self._stopping:
-            # New flags for a restart (or a start after a stop, which raised `stop`):
-            # each process is handed its own ends.
+        if self._handed:
+            # Each process is handed ends of its own (a restart, a start after a stop,
+            # which raised `stop`, or after a start that failed).
             self._stop.close()
             self._reload.close()
-            self._stop = ProcessFlag(self._context)
-            self._reload = ProcessFlag(self._context)
+            self._stop, self._reload = self._flags()
         self._stopping = False
         self._heard.clear()
         if self._progress is not None:
@@ -422,6 +422,14 @@ class LakeWriterProcess:
         progress.close()  # the child's end: once the child is gone, reading says so
         self._stop.handed_over()
         self._reload.handed_over()
+        self._handed = True
+
+    def _flags(self) -> tuple[ProcessFlag, ProcessFlag]:
+        # Without serve (gone), the writer stops; nobody will ask it to reload.
+        return (
+            ProcessFlag(self._context, raised_when_gone=True),
+            ProcessFlag(self._context, raised_when_gone=False),
+        )
 
     @property
     def started(self) -> bool:

@@ -202,7 +202,9 @@ class RelayProcess:
         self.counters = self._context.Array(
             "d", max(1, len(self.names)) * len(COUNTERS), lock=False
         )
-        self._stop = ProcessFlag(self._context)
+        self._stop = ProcessFlag(self._context, raised_when_gone=True)
+        # Whether a process was started with the flag's end: then a start makes a new one.
+        self._handed = False
         self._stopping = False
         self._process: Any = None
         self.restarts = 0
@@ -215,11 +217,11 @@ class RelayProcess:
     def start(self) -> None:
         if self._start is None:
             self._start = self.mark.get()
-        if self._process is not None or self._stopping:
+        if self._handed:
             # A new flag for a restart or after a stop, as the lake writer's: each
             # process is handed its own end.
             self._stop.close()
-            self._stop = ProcessFlag(self._context)
+            self._stop = ProcessFlag(self._context, raised_when_gone=True)
         self._stopping = False
         self._process = self._context.Process(
             target=run,
@@ -237,6 +239,7 @@ class RelayProcess:
         )
         self._process.start()
         self._stop.handed_over()
+        self._handed = True
 
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()

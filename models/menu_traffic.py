@@ -63,6 +63,15 @@ class CallWindow(Snapshotted):
         self.ring.append(ring)
         self.talk.append(talk)
 
+    def extend(self, other: CallWindow, start: int, stop: int) -> None:
+        """`other`'s calls start to stop, after these: one block copy per column, the
+        columns' types being the same."""
+        self.ts.extend(other.ts[start:stop])
+        self.bucket.extend(other.bucket[start:stop])
+        self.flags.extend(other.flags[start:stop])
+        self.ring.extend(other.ring[start:stop])
+        self.talk.extend(other.talk[start:stop])
+
     def first_ts(self) -> float:
         return float(self.ts[self.head])
 
@@ -202,8 +211,10 @@ class MenuTraffic(Snapshotted):
 
     def move_to(self, at: float, window: float) -> None:
         """The window is now (at - window, at]: calls come in from `pending` and leave
-        `live`, each counted as it does (one loop each, the counts in locals: this runs
-        twice for every call a menu takes)."""
+        `live`, each counted as it does (the counts in locals: this runs twice for every
+        call a menu takes). A column is read as a list of the calls that move and copied
+        as one block: compiled, an array's items and `append` are generic calls, each
+        several hundred instructions (bench/README.md, "Long replays")."""
         pending, live = self.pending, self.live
         cutoff = at - window
         if not (len(pending) and pending.first_ts() <= at) and not (
@@ -213,68 +224,79 @@ class MenuTraffic(Snapshotted):
         total, answered, short, forwarded = self.total, self.answered, self.short, self.forwarded
         rings, talks, ring_sum, talk_sum = self.rings, self.talks, self.ring_sum, self.talk_sum
         callers, empty = self.callers, self.empty_buckets
-        ts, buckets, flag_column = pending.ts, pending.bucket, pending.flags
-        rings_in, talks_in = pending.ring, pending.talk
-        i, end = pending.head, len(ts)
-        ids, newest = self.pending_ids, self.newest_ids
-        while i < end:
-            at_i: float = ts[i]
-            if at_i > at:
+        head = pending.head
+        # The calls that come in: pending's from its head up to the first finished after
+        # `at` (in order as they finished, as they were taken).
+        stop = head
+        for finished in pending.ts[head:].tolist():
+            if finished > at:
                 break
-            flags: int = flag_column[i]
-            ring: float = rings_in[i]
-            talk: float = talks_in[i]
-            total += 1
-            if flags & ANSWERED:
-                answered += 1
-            if flags & TALKED:
-                talks += 1
-                talk_sum += talk
-            if flags & SHORT:
-                short += 1
-            if flags & FORWARDED:
-                forwarded += 1
-            if flags & RANG:
-                rings += 1
-                ring_sum += ring
-            bucket: int = buckets[i]
-            before: int = callers[bucket]
-            callers[bucket] = before + 1
-            if before == 0:
-                empty -= 1
-            live.append(at_i, bucket, flags, ring, talk)
-            newest.append(ids.popleft())
-            i += 1
-        pending.head = i
-        pending.forget_taken()
-        ts, buckets, flag_column = live.ts, live.bucket, live.flags
-        rings_out, talks_out = live.ring, live.talk
-        i, end = live.head, len(ts)
-        while i < end:
-            if ts[i] > cutoff:
-                break
-            flags = flag_column[i]
-            total -= 1
-            if flags & ANSWERED:
-                answered -= 1
-            if flags & TALKED:
-                talks -= 1
-                talk_sum -= talks_out[i]
-            if flags & SHORT:
-                short -= 1
-            if flags & FORWARDED:
-                forwarded -= 1
-            if flags & RANG:
-                rings -= 1
-                ring_sum -= rings_out[i]
-            bucket = buckets[i]
-            left: int = callers[bucket] - 1
-            callers[bucket] = left
-            if left == 0:
-                empty += 1
-            i += 1
-        live.head = i
-        live.forget_taken()
+            stop += 1
+        if stop > head:
+            flags_in: list[int] = pending.flags[head:stop].tolist()
+            rings_in: list[float] = pending.ring[head:stop].tolist()
+            talks_in: list[float] = pending.talk[head:stop].tolist()
+            buckets_in: list[int] = pending.bucket[head:stop].tolist()
+            for k in range(stop - head):
+                flags: int = flags_in[k]
+                total += 1
+                if flags & ANSWERED:
+                    answered += 1
+                if flags & TALKED:
+                    talks += 1
+                    talk_sum += talks_in[k]
+                if flags & SHORT:
+                    short += 1
+                if flags & FORWARDED:
+                    forwarded += 1
+                if flags & RANG:
+                    rings += 1
+                    ring_sum += rings_in[k]
+                bucket: int = buckets_in[k]
+                before: int = callers[bucket]
+                callers[bucket] = before + 1
+                if before == 0:
+                    empty -= 1
+            live.extend(pending, head, stop)
+            ids, newest = self.pending_ids, self.newest_ids
+            for _ in range(stop - head):
+                newest.append(ids.popleft())
+            pending.head = stop
+            pending.forget_taken()
+        # The calls that leave: live's from its head while they finished by `cutoff`.
+        ts = live.ts
+        first, end = live.head, len(ts)
+        gone = first
+        while gone < end and ts[gone] <= cutoff:
+            gone += 1
+        if gone > first:
+            flags_out: list[int] = live.flags[first:gone].tolist()
+            rings_out: list[float] = live.ring[first:gone].tolist()
+            talks_out: list[float] = live.talk[first:gone].tolist()
+            buckets_out: list[int] = live.bucket[first:gone].tolist()
+            for k in range(gone - first):
+                flags = flags_out[k]
+                total -= 1
+                if flags & ANSWERED:
+                    answered -= 1
+                if flags & TALKED:
+                    talks -= 1
+                    talk_sum -= talks_out[k]
+                if flags & SHORT:
+                    short -= 1
+                if flags & FORWARDED:
+                    forwarded -= 1
+                if flags & RANG:
+                    rings -= 1
+                    ring_sum -= rings_out[k]
+                bucket = buckets_out[k]
+                left: int = callers[bucket] - 1
+                callers[bucket] = left
+                if left == 0:
+                    empty += 1
+            live.head = gone
+            live.forget_taken()
+        newest = self.newest_ids
         while len(newest) > len(live):  # ids of calls that left the window
             newest.popleft()
         if not len(live):

@@ -906,3 +906,30 @@ def test_a_v2_snapshot_of_an_unexpected_shape_is_set_aside(
         result = replay_generated(generated, tmp_path / "events", data)
     assert "cannot be read as v2" in caplog.text and "starting detection cold" in caplog.text
     assert result.stored == len(generated.events)
+
+
+def test_a_menu_windows_calls_appended_or_copied_in_a_block_are_its_calls_throughout() -> None:
+    # A window's calls, appended one at a time or copied from another as a block of
+    # each column (as calls come into a menu's window at a step), are what its length,
+    # its calls, a copy, a pickle and a snapshot see, in order.
+    from engine.core.positions import Position
+    from engine.detect.snapshot import decode, encode
+    from engine.detect.state import Snapshot
+
+    def filled() -> CallWindow:
+        window = CallWindow()
+        for n in range(5):
+            window.append(T0 + n, n * 1000, ANSWERED | RANG, 2.5 + n, 0.0)
+        return window
+
+    expected = [(T0 + n, n * 1000, ANSWERED | RANG, 2.5 + n, 0.0) for n in range(5)]
+    assert len(filled()) == 5
+    assert filled().calls() == expected
+    assert filled().first_ts() == T0
+    assert copy.deepcopy(filled()).calls() == expected
+    assert pickle.loads(pickle.dumps(filled())).calls() == expected
+    state = decode(encode(Snapshot(Position(0, 0), {"window": filled()}, 0.0))).state
+    assert state["window"].calls() == expected
+    later = filled()
+    later.extend(filled(), 1, 3)
+    assert later.calls() == expected + expected[1:3]

@@ -212,9 +212,10 @@ class MenuTraffic(Snapshotted):
     def move_to(self, at: float, window: float) -> None:
         """The window is now (at - window, at]: calls come in from `pending` and leave
         `live`, each counted as it does (the counts in locals: this runs twice for every
-        call a menu takes). A column is read as a list of the calls that move and copied
-        as one block: compiled, an array's items and `append` are generic calls, each
-        several hundred instructions (bench/README.md, "Long replays")."""
+        call a menu takes). The columns of the calls that move are read as lists, and
+        copied into `live` as one block each: compiled, an array's items and `append`
+        are generic calls, each several hundred instructions (bench/README.md, "Long
+        replays")."""
         pending, live = self.pending, self.live
         cutoff = at - window
         if not (len(pending) and pending.first_ts() <= at) and not (
@@ -225,8 +226,9 @@ class MenuTraffic(Snapshotted):
         rings, talks, ring_sum, talk_sum = self.rings, self.talks, self.ring_sum, self.talk_sum
         callers, empty = self.callers, self.empty_buckets
         head = pending.head
-        # The calls that come in: pending's from its head up to the first finished after
-        # `at` (in order as they finished, as they were taken).
+        # The calls that come in: pending's from its head up to the first that finished
+        # after `at`. Pending is in the order the calls were taken, not always by time
+        # (a late report's call): one behind a later call waits for a later step.
         stop = head
         for finished in pending.ts[head:].tolist():
             if finished > at:
@@ -263,11 +265,12 @@ class MenuTraffic(Snapshotted):
                 newest.append(ids.popleft())
             pending.head = stop
             pending.forget_taken()
-        # The calls that leave: live's from its head while they finished by `cutoff`.
+        # The calls that leave: live's from its head up to the first that finished after
+        # `cutoff` (its times read one at a time: the window is longer than what leaves).
         ts = live.ts
         first, end = live.head, len(ts)
         gone = first
-        while gone < end and ts[gone] <= cutoff:
+        while gone < end and not ts[gone] > cutoff:
             gone += 1
         if gone > first:
             flags_out: list[int] = live.flags[first:gone].tolist()

@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 import pickle
+import random
 import re
 import shutil
 from collections import deque
@@ -34,7 +35,17 @@ from models.base import ModelFinding, never_quiet
 from models.caller import CallerModel, surprise
 from models.caller_state import CallerPath
 from models.menu import MenuModel
-from models.menu_traffic import ANSWERED, FORWARDED, RANG, SHORT, TALKED, CallWindow
+from models.menu_traffic import (
+    ANSWERED,
+    CALLER_BUCKETS,
+    EVIDENCE,
+    FORWARDED,
+    RANG,
+    SHORT,
+    TALKED,
+    CallWindow,
+    MenuTraffic,
+)
 from models.registry import ModelSet
 from models.spec import ModelSpec
 from tests.conftest import make_settings
@@ -933,3 +944,46 @@ def test_a_menu_windows_calls_appended_or_copied_in_a_block_are_its_calls_throug
     later = filled()
     later.extend(filled(), 1, 3)
     assert later.calls() == expected + expected[1:3]
+
+
+def test_a_menus_window_takes_calls_in_and_lets_them_go_as_a_plain_list_would() -> None:
+    # Against the plainest account of the window: calls taken in order (some behind a
+    # later one, as a late report's call is), moved in at each step up to the first
+    # that finished after it, and let go once they finished before the window. More
+    # than 4,096 calls, so that the columns are trimmed on the way.
+    for seed in range(3):
+        rng = random.Random(seed)
+        traffic = MenuTraffic()
+        pending: list[tuple[float, str, int, int, float, float]] = []
+        live: list[tuple[float, str, int, int, float, float]] = []
+        at, window, n = T0, 300.0, 0
+        for _ in range(400):
+            for _ in range(rng.randint(0, 30)):
+                n += 1
+                ts = at + rng.uniform(-40.0, 30.0)  # some before calls taken earlier
+                bucket = rng.randrange(64)
+                flags = rng.choice((0, ANSWERED, ANSWERED | SHORT, FORWARDED))
+                ring = rng.choice((None, rng.uniform(0.0, 30.0)))
+                talk = rng.choice((None, rng.uniform(0.0, 3.0)))
+                traffic.add(ts, f"c{n}", bucket, flags, ring, talk)
+                flags |= (RANG if ring is not None else 0) | (TALKED if talk is not None else 0)
+                pending.append((ts, f"c{n}", bucket, flags, ring or 0.0, talk or 0.0))
+            at += 30.0
+            traffic.move_to(at, window)
+            while pending and pending[0][0] <= at:
+                live.append(pending.pop(0))
+            while live and live[0][0] <= at - window:
+                live.pop(0)
+            assert traffic.live.calls() == [(t, b, f, r, k) for t, _, b, f, r, k in live]
+            assert traffic.pending.calls() == [(t, b, f, r, k) for t, _, b, f, r, k in pending]
+            assert traffic.evidence() == [i for _, i, *_ in live][-EVIDENCE:]
+            assert traffic.total == len(live)
+            assert traffic.answered == sum(1 for c in live if c[3] & ANSWERED)
+            assert traffic.short == sum(1 for c in live if c[3] & SHORT)
+            assert traffic.forwarded == sum(1 for c in live if c[3] & FORWARDED)
+            assert traffic.rings == sum(1 for c in live if c[3] & RANG)
+            assert traffic.talks == sum(1 for c in live if c[3] & TALKED)
+            assert traffic.ring_sum == pytest.approx(sum(c[4] for c in live), abs=1e-6)
+            assert traffic.talk_sum == pytest.approx(sum(c[5] for c in live), abs=1e-6)
+            assert traffic.empty_buckets == CALLER_BUCKETS - len({c[2] for c in live})
+        assert n > 4096

@@ -86,6 +86,8 @@ class ProcessFlag:
         self._writer: Connection = writer
         os.set_blocking(writer.fileno(), False)
         self._lock = threading.Lock()
+        # Whether a process was started with `reader`: then it is that process's alone.
+        self.handed = False
 
     def set(self) -> None:
         """Raise the flag; never waits. BlockingIOError: the pipe is full of raises
@@ -100,6 +102,7 @@ class ProcessFlag:
         """The process was started with `reader`: this process's copy of that end goes,
         so a raise once that process is gone meets a closed pipe."""
         self.reader.close()
+        self.handed = True
 
     def close(self) -> None:
         with self._lock:

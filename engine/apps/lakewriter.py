@@ -377,8 +377,6 @@ class LakeWriterProcess:
         self._alerts: Counter[tuple[str, str, str]] = Counter()
         self._alerts_lock = threading.Lock()  # the scrape and the housekeeping both add
         self._stop, self._reload = self._flags()
-        # Whether a process was started with the flags' ends: then a start makes new ones.
-        self._handed = False
         # What the running process has said of its start (see `run`), and where it says it.
         self._heard: set[str] = set()
         self._progress: Connection | None = None
@@ -390,7 +388,7 @@ class LakeWriterProcess:
         self.last_exitcode: int | None = None
 
     def start(self) -> None:
-        if self._handed:
+        if self._stop.handed:
             # Each process is handed ends of its own (a restart, a start after a stop,
             # which raised `stop`, or after a start that failed).
             self._stop.close()
@@ -422,7 +420,6 @@ class LakeWriterProcess:
         progress.close()  # the child's end: once the child is gone, reading says so
         self._stop.handed_over()
         self._reload.handed_over()
-        self._handed = True
 
     def _flags(self) -> tuple[ProcessFlag, ProcessFlag]:
         # Without serve (gone), the writer stops; nobody will ask it to reload.

@@ -203,8 +203,6 @@ class RelayProcess:
             "d", max(1, len(self.names)) * len(COUNTERS), lock=False
         )
         self._stop = ProcessFlag(self._context, raised_when_gone=True)
-        # Whether a process was started with the flag's end: then a start makes a new one.
-        self._handed = False
         self._stopping = False
         self._process: Any = None
         self.restarts = 0
@@ -217,7 +215,7 @@ class RelayProcess:
     def start(self) -> None:
         if self._start is None:
             self._start = self.mark.get()
-        if self._handed:
+        if self._stop.handed:
             # A new flag for a restart or after a stop, as the lake writer's: each
             # process is handed its own end.
             self._stop.close()
@@ -239,7 +237,6 @@ class RelayProcess:
         )
         self._process.start()
         self._stop.handed_over()
-        self._handed = True
 
     def alive(self) -> bool:
         return self._process is not None and self._process.is_alive()
